@@ -1,0 +1,156 @@
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::{PeerIdentity, PkiError, peer_identity};
+
+/// The one crypto provider of the workspace (ring).
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Makes ring the process-wide default provider, for libraries (reqwest)
+/// that look it up. Call once at the start of `main`; later calls are no-ops.
+pub fn install_crypto_provider() {
+    // An error only means a provider is already installed, which is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The CA certificates a peer must chain to.
+#[derive(Debug, Clone)]
+pub struct Roots(Arc<RootCertStore>);
+
+impl Roots {
+    pub fn load(path: &Path) -> Result<Self, PkiError> {
+        let pem = std::fs::read(path).map_err(PkiError::io(path))?;
+        Self::from_pem(&pem).map_err(|what| PkiError::Pem {
+            path: path.to_owned(),
+            what,
+        })
+    }
+
+    /// Roots from PEM text; the error says what is wrong with it.
+    pub fn from_pem(pem: &[u8]) -> Result<Self, String> {
+        let mut store = RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            let cert = cert.map_err(|e| format!("bad PEM: {e}"))?;
+            store
+                .add(cert)
+                .map_err(|e| format!("not a usable CA certificate: {e}"))?;
+        }
+        if store.is_empty() {
+            return Err("no CA certificate found".to_owned());
+        }
+        Ok(Roots(Arc::new(store)))
+    }
+}
+
+/// A certificate chain and its private key: what an endpoint presents.
+pub struct Identity {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        f.debug_struct("Identity")
+            .field("chain_len", &self.chain.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Clone for Identity {
+    fn clone(&self) -> Self {
+        Identity {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+impl Identity {
+    pub fn load(cert_path: &Path, key_path: &Path) -> Result<Self, PkiError> {
+        let cert_pem = std::fs::read(cert_path).map_err(PkiError::io(cert_path))?;
+        let key_pem = std::fs::read(key_path).map_err(PkiError::io(key_path))?;
+        let chain = certs_from_pem(&cert_pem).map_err(|what| PkiError::Pem {
+            path: cert_path.to_owned(),
+            what,
+        })?;
+        let key = key_from_pem(&key_pem).map_err(|what| PkiError::Pem {
+            path: key_path.to_owned(),
+            what,
+        })?;
+        Ok(Identity { chain, key })
+    }
+
+    /// An identity from PEM text; the error says what is wrong with it.
+    pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<Self, String> {
+        Ok(Identity {
+            chain: certs_from_pem(cert_pem)?,
+            key: key_from_pem(key_pem)?,
+        })
+    }
+
+    /// The role and name this identity's own certificate carries.
+    pub fn peer_identity(&self) -> Result<PeerIdentity, PkiError> {
+        let leaf = self.chain.first().ok_or(PkiError::NoName)?;
+        peer_identity(leaf)
+    }
+}
+
+fn certs_from_pem(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let chain = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("bad PEM: {e}"))?;
+    if chain.is_empty() {
+        return Err("no certificate found".to_owned());
+    }
+    Ok(chain)
+}
+
+fn key_from_pem(pem: &[u8]) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|e| format!("no usable private key: {e}"))
+}
+
+/// A server config that presents `identity` and requires every client to
+/// present a certificate chaining to `client_roots`.
+pub fn server_config(
+    identity: &Identity,
+    client_roots: &Roots,
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, PkiError> {
+    let provider = crypto_provider();
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(client_roots.0.clone(), provider.clone())
+            .build()?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+/// A client config that trusts only `roots` and, if given, presents
+/// `identity`. Server names are verified against the certificate's SANs.
+pub fn client_config(
+    roots: &Roots,
+    identity: Option<&Identity>,
+    alpn: &[&[u8]],
+) -> Result<Arc<ClientConfig>, PkiError> {
+    let builder = ClientConfig::builder_with_provider(crypto_provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots.0.clone());
+    let mut config = match identity {
+        Some(id) => builder.with_client_auth_cert(id.chain.clone(), id.key.clone_key())?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
