@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
 };
 use time::OffsetDateTime;
 
@@ -52,7 +52,8 @@ pub struct CertificateAuthority {
 impl std::fmt::Debug for CertificateAuthority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the key.
-        f.debug_struct("CertificateAuthority").finish_non_exhaustive()
+        f.debug_struct("CertificateAuthority")
+            .finish_non_exhaustive()
     }
 }
 
@@ -126,7 +127,9 @@ impl CertificateAuthority {
             return Err(PkiError::BadName(name.to_owned()));
         }
         let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
-        if name.parse::<std::net::IpAddr>().is_err() && rcgen::string::Ia5String::try_from(name).is_ok() {
+        if name.parse::<std::net::IpAddr>().is_err()
+            && rcgen::string::Ia5String::try_from(name).is_ok()
+        {
             names.push(name.to_owned());
         }
         for san in sans {

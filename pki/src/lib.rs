@@ -38,10 +38,16 @@ mod tests {
         let ca = CertificateAuthority::generate("test CA").unwrap();
         for role in Role::ALL {
             let issued = ca.issue(role, "w-1.example", &[]).unwrap();
-            let id = Identity::from_pem(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes())
-                .unwrap();
+            let id =
+                Identity::from_pem(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes()).unwrap();
             let peer = id.peer_identity().unwrap();
-            assert_eq!(peer, PeerIdentity { role, name: "w-1.example".into() });
+            assert_eq!(
+                peer,
+                PeerIdentity {
+                    role,
+                    name: "w-1.example".into()
+                }
+            );
         }
     }
 
@@ -70,7 +76,10 @@ mod tests {
             Err(PkiError::BadName(_))
         ));
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.join("w1-key.pem")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.join("w1-key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         // The worker certificate chains to the directory's CA.
         let roots = Roots::load(&dir.join("ca.pem")).unwrap();

@@ -127,7 +127,10 @@ impl PluginConfig {
                 .map(|e| {
                     let e = e.trim_start_matches('.');
                     if e.is_empty() || e.contains(['/', '\0']) {
-                        Err(PluginError::new("extensions", format!("invalid extension {e:?}")))
+                        Err(PluginError::new(
+                            "extensions",
+                            format!("invalid extension {e:?}"),
+                        ))
                     } else {
                         Ok(e.to_owned())
                     }
@@ -194,8 +197,13 @@ mod tests {
 
     #[test]
     fn python_runs_unbuffered() {
-        let plugin = parse("runner = \"python\"").unwrap().build("python").unwrap();
-        let line = plugin.runner.command_line(Path::new("/s/count.py"), &["3".into()]);
+        let plugin = parse("runner = \"python\"")
+            .unwrap()
+            .build("python")
+            .unwrap();
+        let line = plugin
+            .runner
+            .command_line(Path::new("/s/count.py"), &["3".into()]);
         assert!(line.args.contains(&"-u".into()), "{line:?}");
         assert_eq!(line.args.last().unwrap(), "3");
         assert!(line.env.contains(&("PYTHONUNBUFFERED".into(), "1".into())));
@@ -204,7 +212,10 @@ mod tests {
 
     #[test]
     fn interpreter_needs_an_interpreter() {
-        let err = parse("runner = \"interpreter\"").unwrap().build("ruby").unwrap_err();
+        let err = parse("runner = \"interpreter\"")
+            .unwrap()
+            .build("ruby")
+            .unwrap_err();
         assert_eq!(err.key, "interpreter");
         let err = parse("runner = \"interpreter\"\ninterpreter = \"/nonexistent/ruby\"")
             .unwrap()
@@ -218,7 +229,9 @@ mod tests {
     fn unknown_runner_and_unknown_keys_are_refused() {
         let err = parse("runner = \"cobol\"").unwrap_err().to_string();
         assert!(err.contains("cobol"), "{err}");
-        let err = parse("runner = \"bash\"\ninterpeter = \"/bin/sh\"").unwrap_err().to_string();
+        let err = parse("runner = \"bash\"\ninterpeter = \"/bin/sh\"")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("interpeter"), "{err}");
     }
 
@@ -228,8 +241,13 @@ mod tests {
             .unwrap()
             .build("bash")
             .unwrap();
-        let line = plugin.runner.command_line(Path::new("/s/a.sh"), &["x".into()]);
-        assert_eq!(line.args, vec![OsString::from("-e"), "/s/a.sh".into(), "x".into()]);
+        let line = plugin
+            .runner
+            .command_line(Path::new("/s/a.sh"), &["x".into()]);
+        assert_eq!(
+            line.args,
+            vec![OsString::from("-e"), "/s/a.sh".into(), "x".into()]
+        );
         assert_eq!(plugin.stop_grace, Duration::from_secs(2));
     }
 }

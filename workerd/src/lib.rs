@@ -1,0 +1,104 @@
+//! workerd: the worker daemon.
+//!
+//! Owns running jobs on this machine: validating a request against its
+//! scripts directory and plugins, spawning each job in its own process
+//! group, keeping its output log and record under `state_dir`, streaming
+//! output to any number of followers, and stopping whole process trees. It
+//! serves the Worker gRPC service over mutual TLS and accepts calls only from
+//! the scheduler's certificate.
+//!
+//! It must not decide placement or keep cluster state (that is schedulerd),
+//! and it is the only crate that spawns processes.
+//!
+//! # Layout
+//! - [`config`]: the TOML file and its validation.
+//! - `confine`: the path rules of SPEC §7.
+//! - [`job`]: spawning, supervising, stopping, the output log.
+//! - `service`: the gRPC surface.
+
+pub mod config;
+mod confine;
+mod job;
+mod service;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jobcluster_proto::pb::worker_server::WorkerServer;
+use jobcluster_proto::transport;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+/// How long open streams get to finish after the jobs have stopped.
+const SERVER_DRAIN: Duration = Duration::from_secs(5);
+
+/// The daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("tls: {0}")]
+    Tls(#[from] jobcluster_pki::PkiError),
+    #[error("grpc server: {0}")]
+    Server(#[from] tonic::transport::Error),
+}
+
+/// Runs the worker on `listener` until `shutdown` resolves, then stops
+/// taking jobs, stops the running ones with their grace period, records
+/// their final states and returns.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    let state_err = |source| Error::StateDir {
+        path: config.state_dir.display().to_string(),
+        source,
+    };
+    tokio::fs::create_dir_all(&config.state_dir)
+        .await
+        .map_err(state_err)?;
+    let jobs = Arc::new(
+        job::Jobs::open(
+            &config.state_dir,
+            config.scripts_dir.clone(),
+            config.name.clone(),
+            config.plugins,
+        )
+        .await
+        .map_err(state_err)?,
+    );
+    let server_config =
+        jobcluster_pki::server_config(&config.tls.identity, &config.tls.roots, &[b"h2"])?;
+    let (_config_tx, config_rx) = watch::channel(server_config);
+    let incoming = transport::tls_incoming(listener, config_rx);
+
+    let stop_server = CancellationToken::new();
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(WorkerServer::new(service::WorkerService::new(jobs.clone())))
+        .serve_with_incoming_shutdown(incoming, stop_server.clone().cancelled_owned());
+    let server = tokio::spawn(server);
+    tracing::info!(worker = %config.name, "worker ready");
+
+    shutdown.await;
+    tracing::info!("shutting down: no new jobs, stopping running ones");
+    jobs.shutdown().await;
+    stop_server.cancel();
+    match tokio::time::timeout(SERVER_DRAIN, server).await {
+        Ok(Ok(result)) => result?,
+        Ok(Err(join)) => tracing::error!(error = %join, "grpc server task failed"),
+        Err(_) => tracing::warn!("open streams did not finish in time; closing them"),
+    }
+    tracing::info!("worker stopped");
+    Ok(())
+}

@@ -1,0 +1,219 @@
+//! workerd's config file (SPEC §4) and its validation.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use jobcluster_pki::{Identity, Role, Roots};
+use jobcluster_plugins::{Plugin, PluginConfig};
+use jobcluster_proto::config::{self, ConfigError};
+use serde::Deserialize;
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub grpc_server: GrpcServer,
+    #[serde(default)]
+    pub scheduler: SchedulerSection,
+    pub worker: WorkerSection,
+    #[serde(default)]
+    pub plugins: BTreeMap<String, PluginConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcServer {
+    #[serde(default = "default_addr")]
+    pub addr: String,
+    /// What the scheduler dials; default: `addr`.
+    pub advertise_addr: Option<String>,
+    #[serde(default = "yes")]
+    pub use_tls: bool,
+    pub crt_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for GrpcServer {
+    fn default() -> Self {
+        GrpcServer {
+            addr: default_addr(),
+            advertise_addr: None,
+            use_tls: true,
+            crt_file: None,
+            key_file: None,
+            ca_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerSection {
+    #[serde(default = "default_scheduler_addr")]
+    pub addr: String,
+}
+
+impl Default for SchedulerSection {
+    fn default() -> Self {
+        SchedulerSection {
+            addr: default_scheduler_addr(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSection {
+    pub name: String,
+    pub scripts_dir: PathBuf,
+    pub state_dir: PathBuf,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn default_addr() -> String {
+    "127.0.0.1:30000".to_owned()
+}
+fn default_scheduler_addr() -> String {
+    "127.0.0.1:50000".to_owned()
+}
+fn yes() -> bool {
+    true
+}
+
+/// A validated config: every path resolved, every plugin built, the TLS
+/// material loaded.
+#[derive(Debug)]
+pub struct Config {
+    pub file: PathBuf,
+    pub listen_addr: String,
+    pub advertise_addr: Option<String>,
+    pub scheduler_addr: String,
+    pub name: String,
+    /// Canonical: symlinks resolved, so confinement compares real paths.
+    pub scripts_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub labels: BTreeMap<String, String>,
+    pub plugins: BTreeMap<String, Plugin>,
+    pub tls: TlsMaterial,
+}
+
+/// What the worker presents and trusts.
+#[derive(Debug, Clone)]
+pub struct TlsMaterial {
+    pub identity: Identity,
+    pub roots: Roots,
+}
+
+impl Config {
+    /// Reads and validates `path`. Relative paths in the file are relative
+    /// to the file's own directory, so a config works from any working
+    /// directory (systemd units included).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file: ConfigFile = config::load(path)?;
+        Self::validate(path, file)
+    }
+
+    fn validate(path: &Path, file: ConfigFile) -> Result<Config, ConfigError> {
+        let err = |key: &str, msg: String| ConfigError::new(path, key, msg);
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &Path| base.join(p);
+
+        let g = &file.grpc_server;
+        if !g.use_tls {
+            return Err(err(
+                "grpc_server.use_tls",
+                "plaintext is not supported: the cluster requires mutual TLS".into(),
+            ));
+        }
+        let need = |value: &Option<PathBuf>, key: &str| {
+            value
+                .as_deref()
+                .map(resolve)
+                .ok_or_else(|| err(key, "missing: mutual TLS needs it".into()))
+        };
+        let crt = need(&g.crt_file, "grpc_server.crt_file")?;
+        let key = need(&g.key_file, "grpc_server.key_file")?;
+        let ca = need(&g.ca_file, "grpc_server.ca_file")?;
+        let roots = Roots::load(&ca).map_err(|e| err("grpc_server.ca_file", e.to_string()))?;
+        let identity =
+            Identity::load(&crt, &key).map_err(|e| err("grpc_server.crt_file", e.to_string()))?;
+
+        let w = &file.worker;
+        if !jobcluster_pki::valid_name(&w.name) {
+            return Err(err(
+                "worker.name",
+                format!(
+                    "{:?} is not a valid name: use letters, digits, '.', '-' and '_'",
+                    w.name
+                ),
+            ));
+        }
+        let peer = identity
+            .peer_identity()
+            .map_err(|e| err("grpc_server.crt_file", e.to_string()))?;
+        if peer.role != Role::Worker {
+            return Err(err(
+                "grpc_server.crt_file",
+                format!(
+                    "certificate is for role {}, a worker needs role worker",
+                    peer.role
+                ),
+            ));
+        }
+        if peer.name != w.name {
+            return Err(err(
+                "worker.name",
+                format!(
+                    "{:?} differs from the certificate's name {:?}; issue one with `clusterctl pki issue DIR --role worker {}`",
+                    w.name, peer.name, w.name
+                ),
+            ));
+        }
+        let scripts_dir = resolve(&w.scripts_dir);
+        let scripts_dir = scripts_dir.canonicalize().map_err(|e| {
+            err(
+                "worker.scripts_dir",
+                format!("{}: {e}", scripts_dir.display()),
+            )
+        })?;
+        if !scripts_dir.is_dir() {
+            return Err(err(
+                "worker.scripts_dir",
+                format!("{} is not a directory", scripts_dir.display()),
+            ));
+        }
+        if file.plugins.is_empty() {
+            return Err(err(
+                "plugins",
+                "no [plugins.NAME] table: the worker would offer nothing to run".into(),
+            ));
+        }
+        let mut plugins = BTreeMap::new();
+        for (name, plugin) in &file.plugins {
+            let built = plugin.build(name).map_err(|e| {
+                let key = if e.key.is_empty() {
+                    format!("plugins.{name}")
+                } else {
+                    format!("plugins.{name}.{}", e.key)
+                };
+                err(&key, e.message)
+            })?;
+            plugins.insert(name.clone(), built);
+        }
+        Ok(Config {
+            file: path.to_owned(),
+            listen_addr: g.addr.clone(),
+            advertise_addr: g.advertise_addr.clone(),
+            scheduler_addr: file.scheduler.addr.clone(),
+            name: w.name.clone(),
+            scripts_dir,
+            state_dir: resolve(&w.state_dir),
+            labels: w.labels.clone(),
+            plugins,
+            tls: TlsMaterial { identity, roots },
+        })
+    }
+}

@@ -1,0 +1,673 @@
+//! Jobs: spawning, supervising, stopping, recording, and their output log.
+//!
+//! Each job runs in its own process group with stdout and stderr joined on
+//! one pipe, so the output log keeps the exact order the job wrote in. A
+//! pump task copies the pipe to `output.log` and publishes the new length on
+//! a `watch` channel; followers read the file from their own offset and wake
+//! on that channel, so a slow follower never slows the job or anyone else.
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jobcluster_plugins::Plugin;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+use tokio::net::unix::pipe;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::confine::PathError;
+
+/// Largest piece of output read or sent at once.
+pub(crate) const CHUNK: usize = 64 * 1024;
+/// After a job's main process is gone and its group killed, how long the
+/// pump may still drain the pipe (a process that left the group may hold
+/// it open forever).
+const STOP_WAIT: Duration = Duration::from_secs(5);
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Environment variables passed from the worker to every job.
+const INHERITED_ENV: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME"];
+const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum State {
+    Running,
+    Succeeded,
+    Failed,
+    Stopped,
+    Lost,
+}
+
+impl State {
+    pub(crate) fn is_done(self) -> bool {
+        self != State::Running
+    }
+}
+
+/// Everything known about a job; also its `job.json` on disk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct JobRecord {
+    pub(crate) id: Uuid,
+    pub(crate) command: String,
+    pub(crate) path: String,
+    pub(crate) args: Vec<String>,
+    pub(crate) state: State,
+    pub(crate) exit_code: Option<i32>,
+    pub(crate) signal: Option<i32>,
+    pub(crate) error_text: String,
+    pub(crate) created_at_ms: u64,
+    pub(crate) started_at_ms: u64,
+    pub(crate) finished_at_ms: u64,
+    /// Process group while running: what a restarted worker must clean up.
+    pub(crate) pgid: Option<i32>,
+    pub(crate) output_bytes: u64,
+}
+
+/// How far the output log has been written, and whether it is complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Progress {
+    pub(crate) len: u64,
+    pub(crate) done: bool,
+}
+
+/// Why a job request was refused.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum JobError {
+    #[error("invalid path: {0}")]
+    Path(#[from] PathError),
+    #[error("unknown plugin {name:?}: this worker offers {offered}")]
+    UnknownPlugin { name: String, offered: String },
+    #[error("no plugin runs {path:?}: name one with `command` (this worker offers {offered})")]
+    NoPluginForScript { path: String, offered: String },
+    #[error("invalid job id {0:?}: expected a UUID")]
+    BadJobId(String),
+    #[error("unknown job {0}")]
+    UnknownJob(String),
+    #[error("job {0} already exists")]
+    Exists(Uuid),
+    #[error("invalid {what}: {reason}")]
+    BadInput { what: &'static str, reason: String },
+    #[error("the worker is shutting down and takes no new jobs")]
+    ShuttingDown,
+    #[error("offset {offset} is past the end of the output ({len} bytes)")]
+    OffsetPastEnd { offset: u64, len: u64 },
+    #[error("worker storage: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// One job known to this worker, running or finished.
+#[derive(Debug)]
+pub(crate) struct Job {
+    record: Mutex<JobRecord>,
+    progress: watch::Sender<Progress>,
+    stop: CancellationToken,
+    log_path: PathBuf,
+}
+
+impl Job {
+    pub(crate) fn record(&self) -> JobRecord {
+        // Poisoning only follows a panic elsewhere; the record is still whole.
+        self.record
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn progress(&self) -> watch::Receiver<Progress> {
+        self.progress.subscribe()
+    }
+
+    pub(crate) fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    fn update(&self, f: impl FnOnce(&mut JobRecord)) -> JobRecord {
+        let mut record = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut record);
+        record.clone()
+    }
+}
+
+/// What a StartJob asks for, before validation.
+#[derive(Debug)]
+pub(crate) struct StartRequest {
+    pub(crate) job_id: String,
+    pub(crate) command: String,
+    pub(crate) path: String,
+    pub(crate) args: Vec<String>,
+    pub(crate) env: BTreeMap<String, String>,
+}
+
+/// The jobs of this worker.
+#[derive(Debug)]
+pub(crate) struct Jobs {
+    jobs_dir: PathBuf,
+    scripts_dir: PathBuf,
+    worker_name: String,
+    plugins: BTreeMap<String, Plugin>,
+    // std RwLock: lookups are short and never cross an await.
+    map: RwLock<HashMap<Uuid, Arc<Job>>>,
+    accepting: AtomicBool,
+    tracker: TaskTracker,
+}
+
+impl Jobs {
+    /// Opens the job store under `state_dir` and loads the records of
+    /// earlier runs. A job recorded as running belonged to a worker that
+    /// died: it is recorded `lost`.
+    pub(crate) async fn open(
+        state_dir: &Path,
+        scripts_dir: PathBuf,
+        worker_name: String,
+        plugins: BTreeMap<String, Plugin>,
+    ) -> Result<Self, std::io::Error> {
+        let jobs_dir = state_dir.join("jobs");
+        let dir = jobs_dir.clone();
+        let loaded = tokio::task::spawn_blocking(move || load_records(&dir))
+            .await
+            .map_err(std::io::Error::other)??;
+        let mut map = HashMap::new();
+        for (mut record, len) in loaded {
+            if record.state == State::Running {
+                record.state = State::Lost;
+                record.error_text = "the worker stopped while the job ran".into();
+                record.finished_at_ms = now_ms();
+                record.pgid = None;
+                record.output_bytes = len;
+                write_record(&jobs_dir, &record).await?;
+                tracing::warn!(job_id = %record.id, "job was running when the worker stopped; recorded lost");
+            }
+            let (progress, _) = watch::channel(Progress { len, done: true });
+            let id = record.id;
+            map.insert(
+                id,
+                Arc::new(Job {
+                    log_path: jobs_dir.join(id.to_string()).join("output.log"),
+                    record: Mutex::new(record),
+                    progress,
+                    stop: CancellationToken::new(),
+                }),
+            );
+        }
+        Ok(Jobs {
+            jobs_dir,
+            scripts_dir,
+            worker_name,
+            plugins,
+            map: RwLock::new(map),
+            accepting: AtomicBool::new(true),
+            tracker: TaskTracker::new(),
+        })
+    }
+
+    pub(crate) fn get(&self, id: &str) -> Result<Arc<Job>, JobError> {
+        let uuid = Uuid::parse_str(id).map_err(|_| JobError::BadJobId(id.to_owned()))?;
+        self.map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&uuid)
+            .cloned()
+            .ok_or_else(|| JobError::UnknownJob(id.to_owned()))
+    }
+
+    /// Validates the request, spawns the job and returns its first record:
+    /// `running`, or `failed` when the process could not be started.
+    pub(crate) async fn start(&self, req: StartRequest) -> Result<JobRecord, JobError> {
+        if !self.accepting.load(Ordering::Acquire) {
+            return Err(JobError::ShuttingDown);
+        }
+        let id = if req.job_id.is_empty() {
+            Uuid::new_v4()
+        } else {
+            Uuid::parse_str(&req.job_id).map_err(|_| JobError::BadJobId(req.job_id.clone()))?
+        };
+        let script = crate::confine::resolve_script(&self.scripts_dir, &req.path)?;
+        let plugin = self.plugin_for(&req.command, &req.path, &script)?;
+        validate_strings(&req.args, &req.env)?;
+
+        let dir = self.jobs_dir.join(id.to_string());
+        match tokio::fs::create_dir(&dir).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(JobError::Exists(id));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tokio::fs::create_dir_all(&dir).await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let log_path = dir.join("output.log");
+        let log_file = tokio::fs::File::create(&log_path).await?.into_std().await;
+
+        let now = now_ms();
+        let mut record = JobRecord {
+            id,
+            command: plugin.name.clone(),
+            path: req.path.clone(),
+            args: req.args.clone(),
+            state: State::Running,
+            exit_code: None,
+            signal: None,
+            error_text: String::new(),
+            created_at_ms: now,
+            started_at_ms: now,
+            finished_at_ms: 0,
+            pgid: None,
+            output_bytes: 0,
+        };
+
+        let spawned = self.spawn(plugin, &script, &req, id);
+        let (progress, _) = watch::channel(Progress {
+            len: 0,
+            done: false,
+        });
+        let job = Arc::new(Job {
+            record: Mutex::new(record.clone()),
+            progress,
+            stop: CancellationToken::new(),
+            log_path,
+        });
+        match spawned {
+            Ok((child, reader)) => {
+                let pgid = child.id().and_then(|p| i32::try_from(p).ok());
+                record = job.update(|r| r.pgid = pgid);
+                write_record(&self.jobs_dir, &record).await?;
+                self.insert(&job);
+                let pump = tokio::spawn(pump(reader, log_file, job.progress.clone()));
+                let grace = plugin.stop_grace;
+                let jobs_dir = self.jobs_dir.clone();
+                let supervised = job.clone();
+                self.tracker.spawn(async move {
+                    supervise(supervised, child, pgid, pump, grace, jobs_dir).await;
+                });
+                tracing::info!(job_id = %id, plugin = %record.command, path = %record.path, pgid, "job started");
+            }
+            Err(error) => {
+                record = job.update(|r| {
+                    r.state = State::Failed;
+                    r.error_text = format!("could not start: {error}");
+                    r.finished_at_ms = now_ms();
+                });
+                write_record(&self.jobs_dir, &record).await?;
+                job.progress.send_modify(|p| p.done = true);
+                self.insert(&job);
+                tracing::warn!(job_id = %id, %error, "job could not start");
+            }
+        }
+        Ok(record)
+    }
+
+    fn insert(&self, job: &Arc<Job>) {
+        let id = job.record().id;
+        self.map
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, job.clone());
+    }
+
+    fn plugin_for(&self, command: &str, path: &str, script: &Path) -> Result<&Plugin, JobError> {
+        let offered = || self.plugins.keys().cloned().collect::<Vec<_>>().join(", ");
+        if !command.is_empty() {
+            return self
+                .plugins
+                .get(command)
+                .ok_or_else(|| JobError::UnknownPlugin {
+                    name: command.to_owned(),
+                    offered: offered(),
+                });
+        }
+        // No plugin named: the one whose extensions match the script.
+        let ext = Path::new(path)
+            .extension()
+            .or_else(|| script.extension())
+            .and_then(|e| e.to_str())
+            .unwrap_or_default();
+        self.plugins
+            .values()
+            .find(|p| p.extensions.iter().any(|e| e == ext))
+            .ok_or_else(|| JobError::NoPluginForScript {
+                path: path.to_owned(),
+                offered: offered(),
+            })
+    }
+
+    fn spawn(
+        &self,
+        plugin: &Plugin,
+        script: &Path,
+        req: &StartRequest,
+        id: Uuid,
+    ) -> std::io::Result<(tokio::process::Child, pipe::Receiver)> {
+        let line = plugin.runner.command_line(script, &req.args);
+        // One pipe for stdout and stderr keeps their relative order exact.
+        let (reader, writer) = std::io::pipe()?;
+        let writer_err = writer.try_clone()?;
+        let mut cmd = tokio::process::Command::new(&line.program);
+        cmd.args(&line.args).env_clear().env("PATH", DEFAULT_PATH);
+        for key in INHERITED_ENV {
+            if let Some(value) = std::env::var_os(key) {
+                cmd.env(key, value);
+            }
+        }
+        cmd.env("JOB_ID", id.to_string())
+            .env("WORKER_NAME", &self.worker_name)
+            .envs(line.env.iter().map(|(k, v)| (k, v)))
+            .envs(&req.env)
+            .current_dir(script.parent().unwrap_or(&self.scripts_dir))
+            .stdin(Stdio::null())
+            .stdout(writer)
+            .stderr(writer_err)
+            .process_group(0)
+            .kill_on_drop(false);
+        let child = cmd.spawn()?;
+        // The command holds the parent's copies of the pipe's write end;
+        // dropping it lets the pump see EOF once the job's processes close theirs.
+        drop(cmd);
+        let reader = pipe::Receiver::from_owned_fd(OwnedFd::from(reader))?;
+        Ok((child, reader))
+    }
+
+    /// Asks a job to stop. Returns its record; a finished job is left as it was.
+    pub(crate) async fn stop(&self, id: &str) -> Result<JobRecord, JobError> {
+        let job = self.get(id)?;
+        let mut progress = job.progress();
+        if !progress.borrow().done {
+            tracing::info!(job_id = %id, "stop requested");
+            job.stop.cancel();
+            // The supervisor finishes the job; wait a little for it, so the
+            // answer usually carries the final state, but never longer than
+            // a caller's deadline can bear (a long grace period goes on).
+            let _ = tokio::time::timeout(STOP_WAIT, progress.wait_for(|p| p.done)).await;
+        }
+        Ok(job.record())
+    }
+
+    /// Stops taking jobs, stops every running job with its grace period and
+    /// waits for all of them to be recorded.
+    pub(crate) async fn shutdown(&self) {
+        self.accepting.store(false, Ordering::Release);
+        let running: Vec<_> = self
+            .map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|j| !j.progress.borrow().done)
+            .cloned()
+            .collect();
+        if !running.is_empty() {
+            tracing::info!(jobs = running.len(), "stopping running jobs");
+        }
+        for job in running {
+            job.stop.cancel();
+        }
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+fn validate_strings(args: &[String], env: &BTreeMap<String, String>) -> Result<(), JobError> {
+    if args.iter().any(|a| a.contains('\0')) {
+        return Err(JobError::BadInput {
+            what: "args",
+            reason: "an argument contains a NUL byte".into(),
+        });
+    }
+    for (key, value) in env {
+        if key.is_empty() || key.contains(['=', '\0']) || value.contains('\0') {
+            return Err(JobError::BadInput {
+                what: "env",
+                reason: format!("{key:?} is not a valid variable"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Copies the job's output pipe to its log and publishes each new length.
+/// Ends at EOF, that is when every process of the job has closed the pipe.
+async fn pump(
+    mut reader: pipe::Receiver,
+    file: std::fs::File,
+    progress: watch::Sender<Progress>,
+) -> u64 {
+    let file = Arc::new(file);
+    let mut buf = Vec::with_capacity(CHUNK);
+    let mut len = 0u64;
+    let mut write_failed = false;
+    loop {
+        buf.clear();
+        match reader.read_buf(&mut buf).await {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(%error, "reading job output failed");
+                break;
+            }
+        }
+        if write_failed {
+            // Keep draining so the job never blocks on a full pipe.
+            continue;
+        }
+        let f = file.clone();
+        let b = std::mem::take(&mut buf);
+        let offset = len;
+        // File writes block; they go to the blocking pool, one chunk at a time.
+        let result = tokio::task::spawn_blocking(move || {
+            let r = f.write_all_at(&b, offset);
+            (b, r)
+        })
+        .await;
+        match result {
+            Ok((b, Ok(()))) => {
+                len += b.len() as u64;
+                buf = b;
+                progress.send_modify(|p| p.len = len);
+            }
+            Ok((b, Err(error))) => {
+                tracing::error!(%error, "writing job output failed; dropping further output");
+                buf = b;
+                write_failed = true;
+            }
+            Err(error) => {
+                tracing::error!(%error, "output writer task failed");
+                write_failed = true;
+            }
+        }
+    }
+    len
+}
+
+async fn supervise(
+    job: Arc<Job>,
+    mut child: tokio::process::Child,
+    pgid: Option<i32>,
+    mut pump: JoinHandle<u64>,
+    grace: Duration,
+    jobs_dir: PathBuf,
+) {
+    let id = job.record().id;
+    let (status, stopped) = tokio::select! {
+        status = child.wait() => (status, false),
+        () = job.stop.cancelled() => {
+            signal_group(pgid, Signal::SIGTERM);
+            let status = match tokio::time::timeout(grace, child.wait()).await {
+                Ok(status) => status,
+                Err(_) => {
+                    tracing::info!(job_id = %id, ?grace, "grace period over; killing the job's process group");
+                    signal_group(pgid, Signal::SIGKILL);
+                    child.wait().await
+                }
+            };
+            (status, true)
+        }
+    };
+    // Nothing of the job outlives it: whatever stayed in its group goes now.
+    signal_group(pgid, Signal::SIGKILL);
+    let len = match tokio::time::timeout(DRAIN_TIMEOUT, &mut pump).await {
+        Ok(Ok(len)) => len,
+        Ok(Err(error)) => {
+            tracing::error!(job_id = %id, %error, "output pump failed");
+            job.progress.borrow().len
+        }
+        Err(_) => {
+            tracing::warn!(job_id = %id, "output pipe still open after the job ended; closing it");
+            pump.abort();
+            job.progress.borrow().len
+        }
+    };
+    let record = job.update(|r| {
+        r.finished_at_ms = now_ms();
+        r.output_bytes = len;
+        r.pgid = None;
+        finish(r, status, stopped);
+    });
+    if let Err(error) = write_record(&jobs_dir, &record).await {
+        tracing::error!(job_id = %id, %error, "could not record the job's final state");
+    }
+    job.progress.send_modify(|p| {
+        p.len = len;
+        p.done = true;
+    });
+    tracing::info!(job_id = %id, state = ?record.state, exit_code = record.exit_code, signal = record.signal, "job finished");
+}
+
+fn finish(r: &mut JobRecord, status: std::io::Result<ExitStatus>, stopped: bool) {
+    match status {
+        Ok(status) => {
+            r.exit_code = status.code();
+            r.signal = status.signal();
+            r.state = if stopped {
+                r.error_text = "stopped by request".into();
+                State::Stopped
+            } else {
+                match (status.code(), status.signal()) {
+                    (Some(0), _) => State::Succeeded,
+                    (Some(code), _) => {
+                        r.error_text = format!("exited with code {code}");
+                        State::Failed
+                    }
+                    (None, Some(sig)) => {
+                        r.error_text = format!("killed by signal {sig} ({})", signal_name(sig));
+                        State::Failed
+                    }
+                    (None, None) => {
+                        r.error_text = "ended without an exit status".into();
+                        State::Failed
+                    }
+                }
+            };
+        }
+        Err(error) => {
+            r.state = State::Failed;
+            r.error_text = format!("lost track of the process: {error}");
+        }
+    }
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    Signal::try_from(sig)
+        .map(|s| s.as_str())
+        .unwrap_or("unknown")
+}
+
+fn signal_group(pgid: Option<i32>, signal: Signal) {
+    let Some(pgid) = pgid else { return };
+    match killpg(Pid::from_raw(pgid), signal) {
+        // ESRCH: the group is already empty, which is what we want.
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+        Err(error) => {
+            tracing::warn!(pgid, %error, ?signal, "signalling the job's process group failed")
+        }
+    }
+}
+
+/// Reads up to `max` bytes of a log at `offset` on the blocking pool.
+pub(crate) async fn read_at(
+    file: Arc<std::fs::File>,
+    offset: u64,
+    max: usize,
+) -> std::io::Result<Vec<u8>> {
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0; max];
+        let mut filled = 0;
+        while filled < max {
+            match file.read_at(&mut buf[filled..], offset + filled as u64) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        buf.truncate(filled);
+        Ok(buf)
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Writes `job.json` atomically: a crash leaves the old record or the new
+/// one, never half of one.
+async fn write_record(jobs_dir: &Path, record: &JobRecord) -> std::io::Result<()> {
+    let dir = jobs_dir.join(record.id.to_string());
+    let json = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
+    tokio::task::spawn_blocking(move || {
+        let tmp = dir.join("job.json.tmp");
+        std::fs::write(&tmp, &json)?;
+        std::fs::File::open(&tmp)?.sync_all()?;
+        std::fs::rename(&tmp, dir.join("job.json"))
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+/// Loads every `jobs/<id>/job.json`, with the length of its output log.
+/// Unreadable records are skipped with a warning rather than stopping the
+/// worker.
+fn load_records(jobs_dir: &Path) -> std::io::Result<Vec<(JobRecord, u64)>> {
+    let entries = match std::fs::read_dir(jobs_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut records = Vec::new();
+    for entry in entries {
+        let dir = entry?.path();
+        let loaded = std::fs::read(dir.join("job.json"))
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| {
+                serde_json::from_slice::<JobRecord>(&bytes).map_err(|e| e.to_string())
+            });
+        match loaded {
+            Ok(record) => {
+                let len = std::fs::metadata(dir.join("output.log"))
+                    .map(|m| m.len())
+                    .unwrap_or(0);
+                records.push((record, len));
+            }
+            Err(error) => {
+                tracing::warn!(dir = %dir.display(), %error, "skipping unreadable job record")
+            }
+        }
+    }
+    Ok(records)
+}

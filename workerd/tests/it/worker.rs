@@ -1,0 +1,603 @@
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use jobcluster_pki::{Identity, Role, Roots};
+use jobcluster_proto::pb::worker_client::WorkerClient;
+use jobcluster_proto::pb::{
+    JobState, QueryJobRequest, QueryJobResponse, StartJobRequest, StopJobRequest, StreamJobRequest,
+};
+use nix::sys::signal::Signal;
+use sha2::{Digest, Sha256};
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::harness::{Daemon, Pki, eventually, job_processes};
+
+const WORKERD: &str = env!("CARGO_BIN_EXE_workerd");
+
+/// A workerd with its own PKI, scripts and state in a temporary directory.
+struct Worker {
+    tmp: tempfile::TempDir,
+    pki: Pki,
+    daemon: Daemon,
+}
+
+const TEST_SCRIPTS: &[(&str, &str)] = &[
+    (
+        "spawns.sh",
+        "sleep 300 &\nsleep 300 &\necho started\nwait\n",
+    ),
+    (
+        "ignores_term.sh",
+        "trap '' TERM\necho ignoring\nwhile true; do sleep 0.1; done\n",
+    ),
+    (
+        "blob.py",
+        "import sys\nchunk = bytes(range(256)) * 4096\nfor _ in range(50):\n    sys.stdout.buffer.write(chunk)\n",
+    ),
+    (
+        "slow_lines.sh",
+        "for i in $(seq 1 40); do echo \"line $i\"; sleep 0.05; done\n",
+    ),
+    ("env.sh", "echo \"$GREETING $1\"\n"),
+];
+
+impl Worker {
+    fn start() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let pki = Pki::new(&tmp.path().join("pki"));
+        pki.issue(Role::Worker, "w1");
+        let scripts = tmp.path().join("scripts");
+        std::fs::create_dir_all(&scripts).unwrap();
+        let repo_scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts");
+        for name in ["count.sh", "count.py", "fail.sh"] {
+            std::fs::copy(repo_scripts.join(name), scripts.join(name)).unwrap();
+        }
+        for (name, body) in TEST_SCRIPTS {
+            std::fs::write(scripts.join(name), body).unwrap();
+        }
+        // A script outside scripts_dir that leaves a mark if it ever runs.
+        let marker = tmp.path().join("outside-ran");
+        std::fs::write(
+            tmp.path().join("outside.sh"),
+            format!("touch {}\n", marker.display()),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("outside.sh"), scripts.join("link.sh")).unwrap();
+        let config = tmp.path().join("workerd.toml");
+        std::fs::write(
+            &config,
+            r#"
+[grpc_server]
+addr = "127.0.0.1:0"
+crt_file = "pki/w1.pem"
+key_file = "pki/w1-key.pem"
+ca_file = "pki/ca.pem"
+
+[worker]
+name = "w1"
+scripts_dir = "scripts"
+state_dir = "state"
+
+[plugins.bash]
+runner = "bash"
+stop_grace = "1s"
+
+[plugins.python]
+runner = "python"
+"#,
+        )
+        .unwrap();
+        let daemon = Daemon::spawn(Path::new(WORKERD), &["--config", config.to_str().unwrap()]);
+        Worker { tmp, pki, daemon }
+    }
+
+    /// Starts the daemon again, after stopping it with SIGTERM if it runs.
+    fn restart(&mut self) {
+        if self.daemon.child.try_wait().unwrap().is_none() {
+            self.daemon.signal(Signal::SIGTERM);
+            assert!(self.daemon.wait(Duration::from_secs(20)).success());
+        }
+        let config = self.tmp.path().join("workerd.toml");
+        self.daemon = Daemon::spawn(Path::new(WORKERD), &["--config", config.to_str().unwrap()]);
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.tmp.path().join("state")
+    }
+
+    fn client_as(&self, identity: Option<&Identity>, roots: &Roots) -> WorkerClient<Channel> {
+        let tls = jobcluster_pki::client_config(roots, identity, &[b"h2"]).unwrap();
+        let channel = jobcluster_proto::transport::tls_channel(
+            &self.daemon.addr,
+            tls,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        WorkerClient::new(channel)
+    }
+
+    fn client(&self) -> WorkerClient<Channel> {
+        let id = self.pki.identity(Role::Scheduler, "scheduler");
+        self.client_as(Some(&id), &self.pki.roots())
+    }
+}
+
+fn start_req(command: &str, path: &str, args: &[&str]) -> StartJobRequest {
+    StartJobRequest {
+        command: command.into(),
+        path: path.into(),
+        args: args.iter().map(|a| a.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// Follows a job from `offset` to its end; returns the bytes and the final status.
+async fn follow(
+    client: &mut WorkerClient<Channel>,
+    job_id: &str,
+    offset: u64,
+) -> (Vec<u8>, QueryJobResponse) {
+    let mut stream = client
+        .stream_job(StreamJobRequest {
+            job_id: job_id.into(),
+            offset,
+            follow: Some(true),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(msg) = stream.message().await.unwrap() {
+        assert_eq!(
+            msg.offset,
+            offset + out.len() as u64,
+            "offsets are contiguous"
+        );
+        out.extend_from_slice(&msg.output);
+        if let Some(status) = msg.final_status {
+            assert!(
+                stream.message().await.unwrap().is_none(),
+                "final status is last"
+            );
+            return (out, status);
+        }
+    }
+    panic!("stream ended without a final status");
+}
+
+async fn start(client: &mut WorkerClient<Channel>, req: StartJobRequest) -> String {
+    client.start_job(req).await.unwrap().into_inner().job_id
+}
+
+#[tokio::test]
+async fn bash_and_python_jobs_stream_every_line_and_succeed() {
+    let worker = Worker::start();
+    let mut client = worker.client();
+    for (plugin, script) in [("bash", "count.sh"), ("python", "count.py")] {
+        let job = start(&mut client, start_req(plugin, script, &["5", "0.05"])).await;
+        let (out, status) = follow(&mut client, &job, 0).await;
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "1\n2\n3\n4\n5\ndone\n",
+            "{script}"
+        );
+        assert_eq!(status.state(), JobState::Succeeded);
+        let q = client
+            .query_job(QueryJobRequest {
+                job_id: job.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(q.done && !q.error, "{q:?}");
+        assert_eq!(q.exit_code, Some(0));
+        assert_eq!(q.output_bytes, 15);
+        assert_eq!(q.command, plugin);
+    }
+    // No plugin named: the script's extension picks one.
+    let job = start(&mut client, start_req("", "count.py", &["1", "0"])).await;
+    let (_, status) = follow(&mut client, &job, 0).await;
+    assert_eq!(
+        (status.state(), status.command.as_str()),
+        (JobState::Succeeded, "python")
+    );
+}
+
+#[tokio::test]
+async fn a_failing_script_is_failed_with_its_exit_code_and_all_output() {
+    let worker = Worker::start();
+    let mut client = worker.client();
+    let job = start(&mut client, start_req("bash", "fail.sh", &[])).await;
+    let (out, status) = follow(&mut client, &job, 0).await;
+    assert_eq!(
+        out, b"about to fail\nfailing on purpose\n",
+        "stdout and stderr in order"
+    );
+    assert_eq!(status.state(), JobState::Failed);
+    assert!(status.done && status.error);
+    assert_eq!(status.exit_code, Some(3));
+    assert_eq!(status.error_text, "exited with code 3");
+}
+
+#[tokio::test]
+async fn stop_ends_the_whole_process_group_and_is_idempotent() {
+    let worker = Worker::start();
+    let mut client = worker.client();
+    let job = start(&mut client, start_req("bash", "spawns.sh", &[])).await;
+    assert!(
+        eventually(Duration::from_secs(10), || job_processes(&job).len() >= 3).await,
+        "job and its two children should run"
+    );
+    let state = client
+        .stop_job(StopJobRequest {
+            job_id: job.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .state();
+    assert_eq!(state, JobState::Stopped);
+    assert_eq!(
+        job_processes(&job),
+        Vec::<u32>::new(),
+        "no process of the job remains"
+    );
+    let q = client
+        .query_job(QueryJobRequest {
+            job_id: job.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(q.state(), JobState::Stopped);
+    // Stopping again succeeds and changes nothing.
+    let again = client
+        .stop_job(StopJobRequest {
+            job_id: job.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(again.into_inner().state(), JobState::Stopped);
+    let q2 = client
+        .query_job(QueryJobRequest { job_id: job })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(q, q2);
+}
+
+#[tokio::test]
+async fn a_job_ignoring_sigterm_is_killed_after_the_grace_period() {
+    let worker = Worker::start();
+    let mut client = worker.client();
+    let job = start(&mut client, start_req("bash", "ignores_term.sh", &[])).await;
+    let mut stream = client
+        .stream_job(StreamJobRequest {
+            job_id: job.clone(),
+            offset: 0,
+            follow: Some(true),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Wait until the trap is installed.
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(first.output, b"ignoring\n");
+    let state = client
+        .stop_job(StopJobRequest {
+            job_id: job.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(state.into_inner().state(), JobState::Stopped);
+    let q = client
+        .query_job(QueryJobRequest {
+            job_id: job.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(q.signal, Some(9), "killed with SIGKILL: {q:?}");
+    assert!(job_processes(&job).is_empty());
+}
+
+#[tokio::test]
+async fn paths_outside_scripts_dir_are_refused_before_anything_runs() {
+    let worker = Worker::start();
+    let mut client = worker.client();
+    let outside = worker.tmp.path().join("outside.sh");
+    for path in [
+        outside.to_str().unwrap(),
+        "../outside.sh",
+        "sub/../../outside.sh",
+        "count.sh\0",
+        "link.sh",
+        "",
+    ] {
+        let err = client
+            .start_job(start_req("bash", path, &[]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{path:?}: {err:?}");
+        assert_eq!(
+            err.metadata().get("jobcluster-code").unwrap(),
+            "invalid_path",
+            "{path:?}"
+        );
+    }
+    assert!(
+        !worker.tmp.path().join("outside-ran").exists(),
+        "no escaped script ran"
+    );
+    let jobs = std::fs::read_dir(worker.state_dir().join("jobs"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(jobs, 0, "no job was created");
+    // The worker still serves valid requests.
+    let job = start(&mut client, start_req("bash", "count.sh", &["1", "0"])).await;
+    assert_eq!(
+        follow(&mut client, &job, 0).await.1.state(),
+        JobState::Succeeded
+    );
+}
+
+#[tokio::test]
+async fn callers_without_the_scheduler_certificate_get_nothing() {
+    let worker = Worker::start();
+    let request = || QueryJobRequest {
+        job_id: uuid::Uuid::new_v4().to_string(),
+    };
+
+    // No client certificate: the handshake fails.
+    let mut anonymous = worker.client_as(None, &worker.pki.roots());
+    let err = anonymous.query_job(request()).await.unwrap_err();
+    assert_ne!(err.code(), Code::NotFound, "{err:?}");
+    assert_ne!(err.code(), Code::Ok);
+
+    // A certificate from another CA: refused too.
+    let other = Pki::new(&worker.tmp.path().join("other-pki"));
+    let stranger = other.identity(Role::Scheduler, "scheduler");
+    let mut foreign = worker.client_as(Some(&stranger), &worker.pki.roots());
+    let err = foreign.query_job(request()).await.unwrap_err();
+    assert_ne!(err.code(), Code::NotFound, "{err:?}");
+
+    // The right CA but the wrong role: permission denied.
+    let client_cert = worker.pki.identity(Role::Client, "someone");
+    let mut wrong_role = worker.client_as(Some(&client_cert), &worker.pki.roots());
+    let err = wrong_role.query_job(request()).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    // The scheduler gets a real answer.
+    let err = worker.client().query_job(request()).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn late_followers_get_identical_bytes() {
+    let worker = Worker::start();
+    let mut client = worker.client();
+    let job = start(&mut client, start_req("bash", "slow_lines.sh", &[])).await;
+    let mut early_client = client.clone();
+    let early_job = job.clone();
+    let early = tokio::spawn(async move { follow(&mut early_client, &early_job, 0).await });
+    // Join once part of the output exists.
+    let mut probe = client
+        .stream_job(StreamJobRequest {
+            job_id: job.clone(),
+            offset: 0,
+            follow: Some(true),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = 0;
+    while seen < 30 {
+        seen += probe.message().await.unwrap().unwrap().output.len();
+    }
+    let (late_out, late_status) = follow(&mut client, &job, 0).await;
+    let (early_out, early_status) = early.await.unwrap();
+    assert_eq!(early_out, late_out);
+    assert_eq!(early_status, late_status);
+    let expected: String = (1..=40).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(String::from_utf8(late_out).unwrap(), expected);
+    // Reading from an offset gives the suffix.
+    let (tail, _) = follow(&mut client, &job, 7).await;
+    assert_eq!(tail, &expected.as_bytes()[7..]);
+}
+
+#[tokio::test]
+async fn fifty_megabytes_of_binary_output_arrive_byte_exact() {
+    let worker = Worker::start();
+    let mut client = worker.client();
+    let job = start(&mut client, start_req("python", "blob.py", &[])).await;
+    let (out, status) = follow(&mut client, &job, 0).await;
+    assert_eq!(status.state(), JobState::Succeeded, "{status:?}");
+    let expected: Vec<u8> = (0..50 * 4096).flat_map(|_| 0..=255u8).collect();
+    assert_eq!(out.len(), expected.len());
+    assert_eq!(Sha256::digest(&out), Sha256::digest(&expected));
+    let on_disk = std::fs::read(
+        worker
+            .state_dir()
+            .join("jobs")
+            .join(&job)
+            .join("output.log"),
+    )
+    .unwrap();
+    assert_eq!(Sha256::digest(&on_disk), Sha256::digest(&expected));
+}
+
+#[tokio::test]
+async fn unknown_plugins_jobs_and_offsets_get_clear_errors() {
+    let worker = Worker::start();
+    let mut client = worker.client();
+    let err = client
+        .start_job(start_req("cobol", "count.sh", &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("unknown plugin \"cobol\""),
+        "{}",
+        err.message()
+    );
+    assert!(err.message().contains("bash, python"), "{}", err.message());
+
+    let unknown = uuid::Uuid::new_v4().to_string();
+    let err = client
+        .query_job(QueryJobRequest {
+            job_id: unknown.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains(&unknown));
+    let err = client
+        .stop_job(StopJobRequest { job_id: unknown })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = client
+        .query_job(QueryJobRequest {
+            job_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    let job = start(&mut client, start_req("bash", "count.sh", &["1", "0"])).await;
+    follow(&mut client, &job, 0).await;
+    let err = client
+        .stream_job(StreamJobRequest {
+            job_id: job,
+            offset: 1000,
+            follow: Some(false),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange);
+}
+
+#[tokio::test]
+async fn args_and_env_reach_the_script_and_the_scheduler_can_choose_the_id() {
+    let worker = Worker::start();
+    let mut client = worker.client();
+    let id = uuid::Uuid::new_v4().to_string();
+    let mut req = start_req("bash", "env.sh", &["world"]);
+    req.env = HashMap::from([("GREETING".to_owned(), "hello".to_owned())]);
+    req.job_id = id.clone();
+    assert_eq!(start(&mut client, req.clone()).await, id);
+    let (out, _) = follow(&mut client, &id, 0).await;
+    assert_eq!(out, b"hello world\n");
+    let err = client.start_job(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+}
+
+#[tokio::test]
+async fn sigterm_stops_running_jobs_and_records_survive_a_restart() {
+    let mut worker = Worker::start();
+    let mut client = worker.client();
+    let done = start(&mut client, start_req("bash", "count.sh", &["2", "0"])).await;
+    follow(&mut client, &done, 0).await;
+    let running = start(&mut client, start_req("bash", "spawns.sh", &[])).await;
+    assert!(
+        eventually(Duration::from_secs(10), || job_processes(&running).len()
+            >= 3)
+        .await
+    );
+
+    worker.daemon.signal(Signal::SIGTERM);
+    let status = worker.daemon.wait(Duration::from_secs(20));
+    assert!(
+        status.success(),
+        "workerd exits 0 on SIGTERM: {status:?}\n{}",
+        worker.daemon.log()
+    );
+    assert!(job_processes(&running).is_empty());
+
+    worker.restart();
+    let mut client = worker.client();
+    let q = client
+        .query_job(QueryJobRequest {
+            job_id: running.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(q.into_inner().state(), JobState::Stopped);
+    let (out, status) = follow(&mut client, &done, 0).await;
+    assert_eq!(
+        (out.as_slice(), status.state()),
+        (&b"1\n2\ndone\n"[..], JobState::Succeeded)
+    );
+}
+
+#[test]
+fn bad_configs_are_refused_with_file_and_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&tmp.path().join("pki"));
+    pki.issue(Role::Worker, "w1");
+    std::fs::create_dir(tmp.path().join("scripts")).unwrap();
+    let base = r#"
+[grpc_server]
+addr = "127.0.0.1:0"
+crt_file = "pki/w1.pem"
+key_file = "pki/w1-key.pem"
+ca_file = "pki/ca.pem"
+[worker]
+name = "w1"
+scripts_dir = "scripts"
+state_dir = "state"
+"#;
+    let cases = [
+        ("[plugins.bash]\nrunner = \"bash\"\n", None),
+        ("[plugins.x]\nrunner = \"cobol\"\n", Some("plugins.x")),
+        (
+            "[plugins.ruby]\nrunner = \"interpreter\"\ninterpreter = \"/no/ruby\"\n",
+            Some("plugins.ruby.interpreter"),
+        ),
+        (
+            "[plugins.bash]\nrunner = \"bash\"\nstop_grace = \"soon\"\n",
+            Some("plugins.bash"),
+        ),
+        (
+            "[plugins.bash]\nrunner = \"bash\"\n[extra]\nx = 1\n",
+            Some("extra"),
+        ),
+        ("", Some("plugins")),
+    ];
+    for (extra, key) in cases {
+        let config = tmp.path().join("w.toml");
+        std::fs::write(&config, format!("{base}{extra}")).unwrap();
+        let out = std::process::Command::new(WORKERD)
+            .args(["--config", config.to_str().unwrap(), "--check-config"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        match key {
+            None => assert!(out.status.success(), "{extra}: {stderr}"),
+            Some(key) => {
+                assert!(!out.status.success(), "{extra} should be refused");
+                assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+                assert!(stderr.contains("w.toml"), "{stderr}");
+                assert!(stderr.contains(key), "{key} in {stderr}");
+            }
+        }
+    }
+    // A worker certificate for another name is refused, naming the fix.
+    let config = tmp.path().join("w.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{}[plugins.bash]\nrunner = \"bash\"\n",
+            base.replace("name = \"w1\"", "name = \"w2\"")
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(WORKERD)
+        .args(["--config", config.to_str().unwrap(), "--check-config"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("worker.name"));
+}
