@@ -27,4 +27,5 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/jobscheduler_descriptor.bin"));
 
 pub mod config;
+pub mod http;
 pub mod transport;

@@ -19,12 +19,15 @@
 pub mod config;
 mod confine;
 mod job;
+mod membership;
 mod service;
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use jobcluster_proto::pb::RegisterWorkerRequest;
+use jobcluster_proto::pb::scheduler_client::SchedulerClient;
 use jobcluster_proto::pb::worker_server::WorkerServer;
 use jobcluster_proto::transport;
 use tokio::net::TcpListener;
@@ -35,6 +38,8 @@ pub use config::Config;
 
 /// How long open streams get to finish after the jobs have stopped.
 const SERVER_DRAIN: Duration = Duration::from_secs(5);
+/// Dialing the scheduler; registration retries after it.
+const REGISTER_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The daemon could not run.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +52,10 @@ pub enum Error {
     },
     #[error("tls: {0}")]
     Tls(#[from] jobcluster_pki::PkiError),
+    #[error("listener: {0}")]
+    Listener(#[source] std::io::Error),
+    #[error("scheduler.addr: {0}")]
+    SchedulerAddr(#[source] transport::AddressError),
     #[error("grpc server: {0}")]
     Server(#[from] tonic::transport::Error),
 }
@@ -63,6 +72,7 @@ pub async fn run(
         path: config.state_dir.display().to_string(),
         source,
     };
+    let plugin_names: Vec<String> = config.plugins.keys().cloned().collect();
     tokio::fs::create_dir_all(&config.state_dir)
         .await
         .map_err(state_err)?;
@@ -75,6 +85,29 @@ pub async fn run(
         )
         .await
         .map_err(state_err)?,
+    );
+    let local = listener.local_addr().map_err(Error::Listener)?;
+    let advertise = config
+        .advertise_addr
+        .clone()
+        .unwrap_or_else(|| local.to_string());
+    let scheduler_tls = jobcluster_pki::client_config(
+        &config.tls.roots,
+        Some(&config.tls.identity),
+        &[b"h2"],
+    )?;
+    let scheduler = transport::tls_channel(&config.scheduler_addr, scheduler_tls, REGISTER_CONNECT_TIMEOUT)
+        .map_err(Error::SchedulerAddr)?;
+    let membership = membership::Membership::new(
+        SchedulerClient::new(scheduler),
+        RegisterWorkerRequest {
+            address: advertise,
+            name: config.name.clone(),
+            plugins: plugin_names,
+            labels: config.labels.clone().into_iter().collect(),
+            previous_worker_id: String::new(),
+        },
+        &config.state_dir,
     );
     let server_config =
         jobcluster_pki::server_config(&config.tls.identity, &config.tls.roots, &[b"h2"])?;
@@ -89,10 +122,20 @@ pub async fn run(
         .serve_with_incoming_shutdown(incoming, stop_server.clone().cancelled_owned());
     let server = tokio::spawn(server);
     tracing::info!(worker = %config.name, "worker ready");
+    let stop_registering = CancellationToken::new();
+    let registering = {
+        let membership = membership.clone();
+        let cancel = stop_registering.clone();
+        tokio::spawn(async move { membership.register(&cancel).await })
+    };
 
     shutdown.await;
     tracing::info!("shutting down: no new jobs, stopping running ones");
     jobs.shutdown().await;
+    stop_registering.cancel();
+    if let Ok(Some(worker_id)) = registering.await {
+        membership.deregister(worker_id).await;
+    }
     stop_server.cancel();
     match tokio::time::timeout(SERVER_DRAIN, server).await {
         Ok(Ok(result)) => result?,

@@ -2,6 +2,7 @@
 //! spawned on ephemeral loopback ports and killed on drop, readiness taken
 //! from the address the daemon logs, never from a sleep.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -51,16 +52,26 @@ impl Pki {
 /// messages.
 pub struct Daemon {
     pub child: Child,
+    /// The first address it logged (its gRPC server).
     pub addr: String,
+    /// Every `<kind> server listening addr=...` it logged, by kind.
+    pub addrs: HashMap<String, String>,
     log: Arc<Mutex<String>>,
 }
 
 impl Daemon {
-    /// Spawns `bin args` and waits until it logs `listening addr=HOST:PORT`.
+    /// Spawns `bin args` and waits until it logs `grpc server listening addr=HOST:PORT`.
     pub fn spawn(bin: &Path, args: &[&str]) -> Self {
+        Self::spawn_with(bin, args, &["grpc"], &[])
+    }
+
+    /// Spawns `bin args` with extra environment and waits until it has
+    /// logged `<kind> server listening addr=...` for every kind in `kinds`.
+    pub fn spawn_with(bin: &Path, args: &[&str], kinds: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(bin)
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -73,28 +84,36 @@ impl Daemon {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if line.contains("listening")
-                    && let Some(addr) = line.split("addr=").nth(1)
-                {
-                    let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
+                if let Some((head, tail)) = line.split_once(" server listening addr=") {
+                    let kind = head.rsplit(' ').next().unwrap_or_default().to_owned();
+                    let addr = tail.split_whitespace().next().unwrap_or_default().to_owned();
+                    let _ = tx.send((kind, addr));
                 }
                 sink.lock().unwrap().push_str(&line);
                 sink.lock().unwrap().push('\n');
             }
         });
-        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(addr) => addr,
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "{} never logged its address:\n{}",
-                    bin.display(),
-                    log.lock().unwrap()
-                );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut addrs = HashMap::new();
+        while !kinds.iter().all(|k| addrs.contains_key(*k)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok((kind, addr)) => {
+                    addrs.insert(kind, addr);
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "{} never logged its addresses:\n{}",
+                        bin.display(),
+                        log.lock().unwrap()
+                    );
+                }
             }
-        };
-        Daemon { child, addr, log }
+        }
+        let addr = addrs.get(kinds[0]).cloned().unwrap_or_default();
+        Daemon { child, addr, addrs, log }
     }
 
     pub fn log(&self) -> String {

@@ -1,0 +1,135 @@
+//! JSON bodies of the scheduler's HTTP API (SPEC §6), shared by schedulerd
+//! (which serves them) and clusterctl (which reads them). Field names are
+//! part of the contract: scripts rely on them.
+//!
+//! Times are RFC 3339 UTC strings; ids are UUIDs.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Every error answer: `{"error": "...", "code": "snake_case"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    pub code: String,
+}
+
+/// A worker as the scheduler knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerInfo {
+    pub worker_id: String,
+    pub name: String,
+    pub address: String,
+    /// `ready`, `down` or `left`.
+    pub state: String,
+    pub plugins: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub running_jobs: u64,
+    pub last_seen: String,
+    pub registered_at: String,
+}
+
+/// `GET /v1/workers`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerList {
+    pub workers: Vec<WorkerInfo>,
+}
+
+/// `POST /v1/jobs` (and `POST /start`, where `worker_id` and `command` are
+/// required).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartJob {
+    /// Worker id or name.
+    pub worker_id: String,
+    /// Plugin name; absent: the worker picks the plugin by the script's
+    /// extension.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// Script path relative to the worker's scripts_dir.
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+}
+
+/// Answer to a start: `201 {"job_id", "worker_id"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobStarted {
+    pub job_id: String,
+    pub worker_id: String,
+}
+
+/// A job record. Also the answer of `POST /query`, whose original fields
+/// (`done`, `error`, `error_text`) are all here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobInfo {
+    pub job_id: String,
+    pub worker_id: String,
+    pub command: String,
+    pub path: String,
+    pub args: Vec<String>,
+    /// `running`, `succeeded`, `failed`, `stopped` or `lost`.
+    pub state: String,
+    pub done: bool,
+    pub error: bool,
+    pub error_text: String,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub output_bytes: u64,
+}
+
+/// `GET /v1/jobs`: newest first; `next_cursor` fetches the next page.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobList {
+    pub jobs: Vec<JobInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// Answer to a stop: `{"success": true, "state"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopResult {
+    pub success: bool,
+    pub state: String,
+}
+
+/// Body of the original `POST /stop`, `/query` and `/stream`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobRef {
+    pub worker_id: String,
+    pub job_id: String,
+}
+
+/// `GET /v1/jobs` query parameters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobFilter {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+}
+
+/// `GET /v1/jobs/{id}/logs` query parameters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogsQuery {
+    #[serde(default)]
+    pub follow: bool,
+    #[serde(default)]
+    pub offset: u64,
+}
+
+/// Job states, as they appear in JSON.
+pub const JOB_STATES: [&str; 5] = ["running", "succeeded", "failed", "stopped", "lost"];

@@ -1,0 +1,104 @@
+//! Every HTTP error as SPEC §6 wants it: a fitting status and
+//! `{"error", "code"}`. Worker errors map here, in one place.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use jobcluster_proto::http::ErrorBody;
+use tonic::Code;
+
+use crate::store::StoreError;
+
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    pub(crate) status: StatusCode,
+    pub(crate) code: String,
+    pub(crate) message: String,
+}
+
+impl ApiError {
+    pub(crate) fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code: code.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn bad_request(code: &str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub(crate) fn job_not_found(job_id: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "job_not_found", format!("unknown job {job_id}"))
+    }
+
+    pub(crate) fn worker_not_found(worker: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "worker_not_found",
+            format!("unknown worker {worker:?}"),
+        )
+    }
+
+    /// A worker's gRPC error. Workers put the API's code in metadata; a
+    /// status without one is a transport failure: the worker is unreachable.
+    pub(crate) fn from_worker(status: tonic::Status, worker: &str) -> Self {
+        let code = status
+            .metadata()
+            .get(jobcluster_proto::ERROR_CODE_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let http = match status.code() {
+            Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => {
+                StatusCode::BAD_REQUEST
+            }
+            Code::NotFound => StatusCode::NOT_FOUND,
+            Code::AlreadyExists => StatusCode::CONFLICT,
+            Code::Internal | Code::DataLoss if code.is_some() => StatusCode::BAD_GATEWAY,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        match code {
+            Some(code) => ApiError {
+                status: http,
+                code,
+                message: status.message().to_owned(),
+            },
+            None => {
+                let why = match status.code() {
+                    Code::DeadlineExceeded => "did not answer in time".to_owned(),
+                    Code::PermissionDenied | Code::Unauthenticated => {
+                        format!("refused the scheduler: {}", status.message())
+                    }
+                    _ => format!("is unreachable: {}", status.message()),
+                };
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "worker_unavailable",
+                    format!("worker {worker} {why}"),
+                )
+            }
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        tracing::error!(%error, "store failed");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "store_error",
+            format!("the scheduler could not use its database: {error}"),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: self.message,
+            code: self.code,
+        };
+        (self.status, Json(body)).into_response()
+    }
+}

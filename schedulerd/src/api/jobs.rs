@@ -1,0 +1,326 @@
+//! `/v1/jobs` routes, and the job operations the original routes share.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use jobcluster_proto::http::{JobFilter, JobInfo, JobList, JobStarted, LogsQuery, StartJob, StopResult, JOB_STATES};
+use jobcluster_proto::pb::{self, QueryJobRequest, StartJobRequest, StopJobRequest, StreamJobRequest};
+
+use super::extract::{JsonBody, QueryParams};
+use super::{ApiError, AppState, with_deadline};
+use crate::registry::WorkerEntry;
+use crate::store::{JobQuery, JobRow, Store};
+use crate::time::{now_ms, rfc3339, rfc3339_opt};
+
+const DEFAULT_PAGE: u32 = 100;
+const MAX_PAGE: u32 = 1000;
+
+pub(crate) async fn create(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<StartJob>,
+) -> Result<(StatusCode, Json<JobStarted>), ApiError> {
+    let started = start_job(&state, body).await?;
+    Ok((StatusCode::CREATED, Json(started)))
+}
+
+pub(crate) async fn show(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobInfo>, ApiError> {
+    let row = find_job(&state, &id, None).await?;
+    Ok(Json(job_info(&refresh(&state, row).await)))
+}
+
+pub(crate) async fn stop(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<StopResult>, ApiError> {
+    let row = find_job(&state, &id, None).await?;
+    Ok(Json(stop_job(&state, row).await?))
+}
+
+pub(crate) async fn logs(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    QueryParams(q): QueryParams<LogsQuery>,
+) -> Result<Response, ApiError> {
+    let row = find_job(&state, &id, None).await?;
+    stream_output(&state, row, q.offset, q.follow).await
+}
+
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    QueryParams(filter): QueryParams<JobFilter>,
+) -> Result<Json<JobList>, ApiError> {
+    let worker_id = match &filter.worker_id {
+        Some(w) => Some(
+            state
+                .registry
+                .get(w)
+                .ok_or_else(|| ApiError::worker_not_found(w))?
+                .id(),
+        ),
+        None => None,
+    };
+    if let Some(s) = &filter.state
+        && !JOB_STATES.contains(&s.as_str())
+    {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("state must be one of {}", JOB_STATES.join(", ")),
+        ));
+    }
+    let before = match &filter.cursor {
+        Some(c) => Some(
+            c.parse::<i64>()
+                .map_err(|_| ApiError::bad_request("invalid_query", "cursor is not one this API gave out"))?,
+        ),
+        None => None,
+    };
+    let limit = filter.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
+    let (rows, next) = state
+        .store
+        .jobs(JobQuery { worker_id, state: filter.state.clone(), before, limit })
+        .await?;
+    // Running jobs may have ended since they were recorded: ask their workers.
+    let refreshed = futures_util::future::join_all(rows.into_iter().map(|r| refresh(&state, r))).await;
+    Ok(Json(JobList {
+        jobs: refreshed.iter().map(job_info).collect(),
+        next_cursor: next.map(|n| n.to_string()),
+    }))
+}
+
+/// Starts a job on the named worker and records it before answering.
+pub(crate) async fn start_job(state: &AppState, body: StartJob) -> Result<JobStarted, ApiError> {
+    if body.worker_id.is_empty() {
+        return Err(ApiError::bad_request("invalid_request", "worker_id: must name a worker (id or name)"));
+    }
+    if body.path.is_empty() {
+        return Err(ApiError::bad_request("invalid_path", "path: must name a script"));
+    }
+    let worker = state
+        .registry
+        .get(&body.worker_id)
+        .ok_or_else(|| ApiError::worker_not_found(&body.worker_id))?;
+    let w = worker.row();
+    if w.state != "ready" {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "worker_unavailable",
+            format!("worker {} is {}, not ready", w.name, w.state),
+        ));
+    }
+    let job_id = uuid::Uuid::new_v4().to_string();
+    let created_at_ms = now_ms();
+    let request = StartJobRequest {
+        command: body.command.clone().unwrap_or_default(),
+        path: body.path.clone(),
+        args: body.args.clone(),
+        env: body.env.clone().into_iter().collect(),
+        job_id: job_id.clone(),
+    };
+    let mut client = worker.client();
+    let reply = with_deadline(state.call_timeout, client.start_job(request))
+        .await
+        .map_err(|s| ApiError::from_worker(s, &w.name))?
+        .into_inner();
+    let mut row = JobRow {
+        job_id: job_id.clone(),
+        worker_id: w.worker_id.clone(),
+        command: body.command.unwrap_or_default(),
+        path: body.path,
+        args: body.args,
+        state: "running".into(),
+        error_text: String::new(),
+        exit_code: None,
+        signal: None,
+        created_at_ms,
+        started_at_ms: 0,
+        finished_at_ms: 0,
+        output_bytes: 0,
+    };
+    if let Some(status) = &reply.status {
+        merge_status(&mut row, status);
+    }
+    state.store.insert_job(row.clone()).await?;
+    tracing::info!(job_id = %job_id, worker_id = %w.worker_id, worker = %w.name, path = %row.path, state = %row.state, "job started");
+    Ok(JobStarted { job_id, worker_id: w.worker_id })
+}
+
+/// The job's record; with `worker`, the job must belong to that worker.
+pub(crate) async fn find_job(state: &AppState, job_id: &str, worker: Option<&str>) -> Result<JobRow, ApiError> {
+    if uuid::Uuid::parse_str(job_id).is_err() {
+        return Err(ApiError::bad_request("invalid_job_id", format!("{job_id:?} is not a job id (a UUID)")));
+    }
+    let row = state.store.job(job_id).await?.ok_or_else(|| ApiError::job_not_found(job_id))?;
+    if let Some(worker) = worker {
+        let entry = state.registry.get(worker).ok_or_else(|| ApiError::worker_not_found(worker))?;
+        if entry.id() != row.worker_id {
+            return Err(ApiError::job_not_found(job_id));
+        }
+    }
+    Ok(row)
+}
+
+fn worker_of(state: &AppState, row: &JobRow) -> Result<Arc<WorkerEntry>, ApiError> {
+    state
+        .registry
+        .get(&row.worker_id)
+        .ok_or_else(|| ApiError::worker_not_found(&row.worker_id))
+}
+
+/// A running job's record brought up to date from its worker. If the
+/// worker cannot answer, the recorded state is what we know.
+pub(crate) async fn refresh(state: &AppState, row: JobRow) -> JobRow {
+    if row.state != "running" {
+        return row;
+    }
+    let Ok(worker) = worker_of(state, &row) else { return row };
+    let mut client = worker.client();
+    let request = QueryJobRequest { job_id: row.job_id.clone() };
+    match with_deadline(state.call_timeout, client.query_job(request)).await {
+        Ok(reply) => record_status(&state.store, row, &reply.into_inner()).await,
+        Err(status) => {
+            tracing::debug!(job_id = %row.job_id, %status, "could not refresh job from its worker");
+            row
+        }
+    }
+}
+
+async fn record_status(store: &Store, mut row: JobRow, status: &pb::QueryJobResponse) -> JobRow {
+    let before = row.clone();
+    merge_status(&mut row, status);
+    if row != before
+        && let Err(error) = store.update_job(row.clone()).await
+    {
+        tracing::error!(job_id = %row.job_id, %error, "could not record job status");
+    }
+    row
+}
+
+pub(crate) async fn stop_job(state: &AppState, row: JobRow) -> Result<StopResult, ApiError> {
+    let row = refresh(state, row).await;
+    if row.state != "running" {
+        return Ok(StopResult { success: true, state: row.state });
+    }
+    let worker = worker_of(state, &row)?;
+    let name = worker.row().name;
+    let mut client = worker.client();
+    let request = StopJobRequest { job_id: row.job_id.clone() };
+    with_deadline(state.call_timeout, client.stop_job(request))
+        .await
+        .map_err(|s| ApiError::from_worker(s, &name))?;
+    tracing::info!(job_id = %row.job_id, worker = %name, "job stop requested");
+    let row = refresh(state, row).await;
+    Ok(StopResult { success: true, state: row.state })
+}
+
+/// Passes the worker's output stream through as a chunked body. The body
+/// pulls from the gRPC stream only as the client reads, so a slow reader
+/// holds the worker back through flow control instead of filling memory,
+/// and a reader that leaves drops the stream, which cancels it on the worker.
+pub(crate) async fn stream_output(
+    state: &AppState,
+    row: JobRow,
+    offset: u64,
+    follow: bool,
+) -> Result<Response, ApiError> {
+    let worker = worker_of(state, &row)?;
+    let name = worker.row().name;
+    let mut client = worker.client();
+    let request = StreamJobRequest { job_id: row.job_id.clone(), offset, follow: Some(follow) };
+    let stream = with_deadline(state.call_timeout, client.stream_job(request))
+        .await
+        .map_err(|s| ApiError::from_worker(s, &name))?
+        .into_inner();
+    let store = state.store.clone();
+    let job_id = row.job_id.clone();
+    let body = futures_util::stream::unfold(
+        (stream, Some(row), store),
+        move |(mut stream, mut row, store)| async move {
+            let current = row.take()?;
+            loop {
+                match stream.message().await {
+                    Ok(Some(msg)) => {
+                        if let Some(status) = &msg.final_status {
+                            // Record the final state before the body ends, so a
+                            // client that asks right after sees it.
+                            record_status(&store, current.clone(), status).await;
+                            return (!msg.output.is_empty())
+                                .then(|| (Ok::<_, std::io::Error>(Bytes::from(msg.output)), (stream, None, store)));
+                        }
+                        if msg.output.is_empty() {
+                            continue; // keepalive
+                        }
+                        return Some((Ok(Bytes::from(msg.output)), (stream, Some(current), store)));
+                    }
+                    Ok(None) => return None,
+                    Err(status) => {
+                        tracing::info!(job_id = %current.job_id, %status, "output stream from worker broke");
+                        // An error ends the body without its last chunk, so the
+                        // client sees a cut stream and can resume from its offset.
+                        return Some((Err(std::io::Error::other(status.message().to_owned())), (stream, None, store)));
+                    }
+                }
+            }
+        },
+    );
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+            (header::HeaderName::from_static("x-job-id"), job_id),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response())
+}
+
+fn state_name(state: i32) -> &'static str {
+    match pb::JobState::try_from(state).unwrap_or(pb::JobState::Unspecified) {
+        pb::JobState::Running | pb::JobState::Unspecified => "running",
+        pb::JobState::Succeeded => "succeeded",
+        pb::JobState::Failed => "failed",
+        pb::JobState::Stopped => "stopped",
+        pb::JobState::Lost => "lost",
+    }
+}
+
+fn merge_status(row: &mut JobRow, s: &pb::QueryJobResponse) {
+    row.state = state_name(s.state).to_owned();
+    row.error_text = s.error_text.clone();
+    row.exit_code = s.exit_code;
+    row.signal = s.signal;
+    if s.started_at_ms != 0 {
+        row.started_at_ms = s.started_at_ms;
+    }
+    row.finished_at_ms = s.finished_at_ms;
+    row.output_bytes = s.output_bytes;
+    if row.command.is_empty() {
+        row.command = s.command.clone();
+    }
+}
+
+pub(crate) fn job_info(r: &JobRow) -> JobInfo {
+    JobInfo {
+        job_id: r.job_id.clone(),
+        worker_id: r.worker_id.clone(),
+        command: r.command.clone(),
+        path: r.path.clone(),
+        args: r.args.clone(),
+        state: r.state.clone(),
+        done: r.state != "running",
+        error: matches!(r.state.as_str(), "failed" | "lost"),
+        error_text: r.error_text.clone(),
+        exit_code: r.exit_code,
+        signal: r.signal,
+        created_at: rfc3339(r.created_at_ms),
+        started_at: rfc3339_opt(r.started_at_ms),
+        finished_at: rfc3339_opt(r.finished_at_ms),
+        output_bytes: r.output_bytes,
+    }
+}

@@ -1,0 +1,62 @@
+//! `/v1/workers` routes.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use jobcluster_proto::http::{WorkerInfo, WorkerList};
+use serde::Deserialize;
+
+use super::extract::QueryParams;
+use super::{ApiError, AppState};
+use crate::store::WorkerRow;
+use crate::time::rfc3339;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ListQuery {
+    /// Include workers that have left the cluster.
+    #[serde(default)]
+    all: bool,
+}
+
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    QueryParams(q): QueryParams<ListQuery>,
+) -> Result<Json<WorkerList>, ApiError> {
+    let running = state.store.running_counts().await?;
+    let workers = state
+        .registry
+        .all()
+        .into_iter()
+        .filter(|w| q.all || w.state != "left")
+        .map(|w| {
+            let n = running.get(&w.worker_id).copied().unwrap_or(0);
+            worker_info(w, n)
+        })
+        .collect();
+    Ok(Json(WorkerList { workers }))
+}
+
+pub(crate) async fn show(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<WorkerInfo>, ApiError> {
+    let worker = state.registry.get(&id).ok_or_else(|| ApiError::worker_not_found(&id))?;
+    let row = worker.row();
+    let running = state.store.running_counts().await?;
+    let n = running.get(&row.worker_id).copied().unwrap_or(0);
+    Ok(Json(worker_info(row, n)))
+}
+
+fn worker_info(w: WorkerRow, running_jobs: u64) -> WorkerInfo {
+    WorkerInfo {
+        worker_id: w.worker_id,
+        name: w.name,
+        address: w.address,
+        state: w.state,
+        plugins: w.plugins,
+        labels: w.labels,
+        running_jobs,
+        last_seen: rfc3339(w.last_seen_ms),
+        registered_at: rfc3339(w.registered_at_ms),
+    }
+}

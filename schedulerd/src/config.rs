@@ -1,0 +1,226 @@
+//! schedulerd's config file (SPEC §4) and its validation.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use jobcluster_pki::{Identity, Role, Roots};
+use jobcluster_proto::config::{self, ConfigError};
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub grpc_server: GrpcServer,
+    #[serde(default)]
+    pub http_server: HttpServer,
+    #[serde(default)]
+    pub store: StoreSection,
+    #[serde(default)]
+    pub workers: WorkersSection,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcServer {
+    #[serde(default = "default_grpc_addr")]
+    pub addr: String,
+    #[serde(default = "yes")]
+    pub use_tls: bool,
+    pub crt_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for GrpcServer {
+    fn default() -> Self {
+        GrpcServer {
+            addr: default_grpc_addr(),
+            use_tls: true,
+            crt_file: None,
+            key_file: None,
+            ca_file: None,
+        }
+    }
+}
+
+/// The HTTPS API; certificate and CA default to `[grpc_server]`'s.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpServer {
+    #[serde(default = "default_http_addr")]
+    pub addr: String,
+    pub crt_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for HttpServer {
+    fn default() -> Self {
+        HttpServer {
+            addr: default_http_addr(),
+            crt_file: None,
+            key_file: None,
+            ca_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    #[serde(default = "default_store_path")]
+    pub path: PathBuf,
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            path: default_store_path(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkersSection {
+    /// How long a call to a worker may take before the API answers 503.
+    #[serde(default = "default_call_timeout", with = "humantime_serde")]
+    pub call_timeout: Duration,
+    /// How long dialing a worker may take.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for WorkersSection {
+    fn default() -> Self {
+        WorkersSection {
+            call_timeout: default_call_timeout(),
+            connect_timeout: default_connect_timeout(),
+        }
+    }
+}
+
+fn default_grpc_addr() -> String {
+    "127.0.0.1:50000".to_owned()
+}
+fn default_http_addr() -> String {
+    "127.0.0.1:3000".to_owned()
+}
+fn default_store_path() -> PathBuf {
+    PathBuf::from("state/scheduler.db")
+}
+fn default_call_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(3)
+}
+fn yes() -> bool {
+    true
+}
+
+/// A validated config with its TLS material loaded.
+#[derive(Debug)]
+pub struct Config {
+    pub file: PathBuf,
+    pub grpc_addr: String,
+    pub http_addr: String,
+    pub store_path: PathBuf,
+    pub call_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Presented to workers (as server and as client) and trusted from them.
+    pub grpc_tls: Tls,
+    /// Presented to API clients and trusted from them.
+    pub http_tls: Tls,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub identity: Identity,
+    pub roots: Roots,
+}
+
+impl Config {
+    /// Reads and validates `path`. Relative paths are relative to the file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file: ConfigFile = config::load(path)?;
+        Self::validate(path, file)
+    }
+
+    fn validate(path: &Path, file: ConfigFile) -> Result<Config, ConfigError> {
+        let err = |key: &str, msg: String| ConfigError::new(path, key, msg);
+        let base = path.parent().unwrap_or(Path::new("."));
+        let g = &file.grpc_server;
+        if !g.use_tls {
+            return Err(err(
+                "grpc_server.use_tls",
+                "plaintext is not supported: the cluster requires mutual TLS".into(),
+            ));
+        }
+        let need = |value: &Option<PathBuf>, key: &str| {
+            value
+                .as_deref()
+                .map(|p| base.join(p))
+                .ok_or_else(|| err(key, "missing: mutual TLS needs it".into()))
+        };
+        let crt = need(&g.crt_file, "grpc_server.crt_file")?;
+        let key = need(&g.key_file, "grpc_server.key_file")?;
+        let ca = need(&g.ca_file, "grpc_server.ca_file")?;
+        let grpc_tls = load_tls(path, &crt, &key, &ca, "grpc_server")?;
+
+        let h = &file.http_server;
+        let http_tls = if h.crt_file.is_none() && h.key_file.is_none() && h.ca_file.is_none() {
+            grpc_tls.clone()
+        } else {
+            let pick = |value: &Option<PathBuf>, fallback: &Path| {
+                value.as_deref().map(|p| base.join(p)).unwrap_or_else(|| fallback.to_owned())
+            };
+            load_tls(
+                path,
+                &pick(&h.crt_file, &crt),
+                &pick(&h.key_file, &key),
+                &pick(&h.ca_file, &ca),
+                "http_server",
+            )?
+        };
+        if file.workers.call_timeout.is_zero() {
+            return Err(err("workers.call_timeout", "must be more than 0".into()));
+        }
+        if file.workers.connect_timeout.is_zero() {
+            return Err(err("workers.connect_timeout", "must be more than 0".into()));
+        }
+        Ok(Config {
+            file: path.to_owned(),
+            grpc_addr: g.addr.clone(),
+            http_addr: h.addr.clone(),
+            store_path: base.join(&file.store.path),
+            call_timeout: file.workers.call_timeout,
+            connect_timeout: file.workers.connect_timeout,
+            grpc_tls,
+            http_tls,
+        })
+    }
+}
+
+fn load_tls(
+    file: &Path,
+    crt: &Path,
+    key: &Path,
+    ca: &Path,
+    section: &str,
+) -> Result<Tls, ConfigError> {
+    let err = |k: &str, msg: String| ConfigError::new(file, format!("{section}.{k}"), msg);
+    let roots = Roots::load(ca).map_err(|e| err("ca_file", e.to_string()))?;
+    let identity = Identity::load(crt, key).map_err(|e| err("crt_file", e.to_string()))?;
+    let peer = identity
+        .peer_identity()
+        .map_err(|e| err("crt_file", e.to_string()))?;
+    if peer.role != Role::Scheduler {
+        return Err(err(
+            "crt_file",
+            format!("certificate is for role {}, the scheduler needs role scheduler", peer.role),
+        ));
+    }
+    Ok(Tls { identity, roots })
+}

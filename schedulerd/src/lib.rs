@@ -1,0 +1,139 @@
+//! schedulerd: the scheduler daemon.
+//!
+//! Owns the cluster's view: which workers exist (registered over the
+//! Scheduler gRPC service) and every job's record (embedded SQLite), and
+//! serves the HTTPS API, turning each request into gRPC calls on the worker
+//! that owns the job over one long-lived channel per worker.
+//!
+//! It must not run jobs or touch job processes (that is workerd), and it
+//! never holds a lock across a network call: requests about different jobs
+//! and workers never wait on one another.
+//!
+//! # Layout
+//! - [`config`]: the TOML file and its validation.
+//! - `store`: durable records (the only SQL in the workspace).
+//! - `registry`: known workers and their channels.
+//! - `grpc`: the Scheduler service workers call.
+//! - `api`: the HTTP routes, errors and the TLS listener.
+
+pub mod config;
+mod api;
+mod grpc;
+mod registry;
+pub mod store;
+mod time;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jobcluster_proto::pb::scheduler_server::SchedulerServer;
+use jobcluster_proto::transport;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+/// How long in-flight requests and open output streams get at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("tls: {0}")]
+    Tls(#[from] jobcluster_pki::PkiError),
+    #[error("http server: {0}")]
+    Http(#[source] std::io::Error),
+}
+
+/// The listeners the daemon serves on (bound by the caller, so tests and
+/// `main` choose the ports).
+#[derive(Debug)]
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub http: TcpListener,
+}
+
+/// Runs the scheduler until `shutdown` resolves, then stops accepting,
+/// lets in-flight requests finish (bounded), and closes the store.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    let path = config.store_path.clone();
+    let store = tokio::task::spawn_blocking(move || store::Store::open(&path))
+        .await
+        .map_err(|e| store::StoreError::Task(e.to_string()))??;
+
+    let worker_tls = jobcluster_pki::client_config(
+        &config.grpc_tls.roots,
+        Some(&config.grpc_tls.identity),
+        &[b"h2"],
+    )?;
+    let registry = Arc::new(registry::Registry::new(worker_tls, config.connect_timeout));
+    registry.load(store.workers().await?);
+
+    let stop = CancellationToken::new();
+
+    let grpc_tls =
+        jobcluster_pki::server_config(&config.grpc_tls.identity, &config.grpc_tls.roots, &[b"h2"])?;
+    let (_grpc_tls_tx, grpc_tls_rx) = watch::channel(grpc_tls);
+    let service = grpc::SchedulerService {
+        registry: registry.clone(),
+        store: store.clone(),
+    };
+    let grpc = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(SchedulerServer::new(service))
+        .serve_with_incoming_shutdown(
+            transport::tls_incoming(listeners.grpc, grpc_tls_rx),
+            stop.clone().cancelled_owned(),
+        );
+    let grpc = tokio::spawn(grpc);
+
+    let http_tls = jobcluster_pki::server_config(
+        &config.http_tls.identity,
+        &config.http_tls.roots,
+        &[b"h2", b"http/1.1"],
+    )?;
+    let (_http_tls_tx, http_tls_rx) = watch::channel(http_tls);
+    let listener = api::tls::TlsListener::new(listeners.http, http_tls_rx).map_err(Error::Http)?;
+    let app = api::router(api::AppState {
+        registry,
+        store,
+        call_timeout: config.call_timeout,
+    });
+    let http = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<api::tls::PeerInfo>(),
+    )
+    .with_graceful_shutdown(stop.clone().cancelled_owned());
+    let http = tokio::spawn(async move { http.await });
+    tracing::info!("scheduler ready");
+
+    shutdown.await;
+    tracing::info!("shutting down: no new connections, finishing in-flight requests");
+    stop.cancel();
+    let finished = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        let (grpc, http) = tokio::join!(grpc, http);
+        (grpc, http)
+    })
+    .await;
+    match finished {
+        Ok((grpc, http)) => {
+            if let Ok(Err(error)) = grpc {
+                tracing::error!(%error, "grpc server failed");
+            }
+            if let Ok(Err(error)) = http {
+                return Err(Error::Http(error));
+            }
+        }
+        Err(_) => tracing::warn!("requests still open after the shutdown grace; closing them"),
+    }
+    tracing::info!("scheduler stopped");
+    Ok(())
+}

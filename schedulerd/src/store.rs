@@ -1,0 +1,378 @@
+//! The scheduler's durable records: workers and jobs, in embedded SQLite.
+//!
+//! Every write is committed (WAL, `synchronous = FULL`) before the call
+//! returns, so what the API acknowledged survives a crash. SQLite calls
+//! block, so they run on the blocking pool: one writer connection (SQLite
+//! serializes writers anyway) and a few reader connections, each held only
+//! for one statement, never across a network call.
+//!
+//! The public methods are the whole storage interface of the scheduler; a
+//! PostgreSQL store would implement the same methods.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+const READERS: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("database: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("database task failed: {0}")]
+    Task(String),
+}
+
+/// A worker's durable record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerRow {
+    pub worker_id: String,
+    pub name: String,
+    pub address: String,
+    pub state: String,
+    pub plugins: Vec<String>,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub registered_at_ms: u64,
+    pub last_seen_ms: u64,
+}
+
+/// A job's durable record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRow {
+    pub job_id: String,
+    pub worker_id: String,
+    pub command: String,
+    pub path: String,
+    pub args: Vec<String>,
+    pub state: String,
+    pub error_text: String,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub created_at_ms: u64,
+    pub started_at_ms: u64,
+    pub finished_at_ms: u64,
+    pub output_bytes: u64,
+}
+
+/// Which jobs to list.
+#[derive(Debug, Clone, Default)]
+pub struct JobQuery {
+    pub worker_id: Option<String>,
+    pub state: Option<String>,
+    /// Only jobs older (in insertion order) than this cursor.
+    pub before: Option<i64>,
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    writer: Mutex<Connection>,
+    readers: Mutex<Vec<Connection>>,
+    path: PathBuf,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS workers (
+    worker_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    address TEXT NOT NULL,
+    state TEXT NOT NULL,
+    plugins TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    registered_at_ms INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL UNIQUE,
+    worker_id TEXT NOT NULL,
+    command TEXT NOT NULL,
+    path TEXT NOT NULL,
+    args TEXT NOT NULL,
+    state TEXT NOT NULL,
+    error_text TEXT NOT NULL,
+    exit_code INTEGER,
+    signal INTEGER,
+    created_at_ms INTEGER NOT NULL,
+    started_at_ms INTEGER NOT NULL,
+    finished_at_ms INTEGER NOT NULL,
+    output_bytes INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_worker ON jobs (worker_id, seq);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
+";
+
+fn connect(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let open_err = |source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)?;
+        }
+        let writer = connect(path).map_err(open_err)?;
+        writer.execute_batch(SCHEMA).map_err(open_err)?;
+        let readers = (0..READERS)
+            .map(|_| connect(path))
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(open_err)?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                writer: Mutex::new(writer),
+                readers: Mutex::new(readers),
+                path: path.to_owned(),
+            }),
+        })
+    }
+
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = inner.writer.lock().unwrap_or_else(|e| e.into_inner());
+            f(&mut conn).map_err(StoreError::from)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let pooled = inner.readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let conn = match pooled {
+                Some(conn) => conn,
+                None => connect(&inner.path)?,
+            };
+            let result = f(&conn);
+            inner.readers.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
+            result.map_err(StoreError::from)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    pub async fn upsert_worker(&self, w: WorkerRow) -> Result<(), StoreError> {
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO workers (worker_id, name, address, state, plugins, labels, registered_at_ms, last_seen_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT(worker_id) DO UPDATE SET name = ?2, address = ?3, state = ?4,
+                   plugins = ?5, labels = ?6, registered_at_ms = ?7, last_seen_ms = ?8",
+                params![
+                    w.worker_id,
+                    w.name,
+                    w.address,
+                    w.state,
+                    to_json(&w.plugins),
+                    to_json(&w.labels),
+                    w.registered_at_ms as i64,
+                    w.last_seen_ms as i64
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn set_worker_state(
+        &self,
+        worker_id: &str,
+        state: &str,
+        last_seen_ms: u64,
+    ) -> Result<(), StoreError> {
+        let (id, state) = (worker_id.to_owned(), state.to_owned());
+        self.write(move |c| {
+            c.execute(
+                "UPDATE workers SET state = ?2, last_seen_ms = ?3 WHERE worker_id = ?1",
+                params![id, state, last_seen_ms as i64],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare(
+                "SELECT worker_id, name, address, state, plugins, labels, registered_at_ms, last_seen_ms
+                 FROM workers ORDER BY name",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(WorkerRow {
+                    worker_id: r.get(0)?,
+                    name: r.get(1)?,
+                    address: r.get(2)?,
+                    state: r.get(3)?,
+                    plugins: from_json(&r.get::<_, String>(4)?),
+                    labels: from_json(&r.get::<_, String>(5)?),
+                    registered_at_ms: r.get::<_, i64>(6)? as u64,
+                    last_seen_ms: r.get::<_, i64>(7)? as u64,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    pub async fn insert_job(&self, j: JobRow) -> Result<(), StoreError> {
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO jobs (job_id, worker_id, command, path, args, state, error_text, exit_code,
+                   signal, created_at_ms, started_at_ms, finished_at_ms, output_bytes)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                params![
+                    j.job_id,
+                    j.worker_id,
+                    j.command,
+                    j.path,
+                    to_json(&j.args),
+                    j.state,
+                    j.error_text,
+                    j.exit_code,
+                    j.signal,
+                    j.created_at_ms as i64,
+                    j.started_at_ms as i64,
+                    j.finished_at_ms as i64,
+                    j.output_bytes as i64
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Records a job's latest status. A finished job's record is final: a
+    /// late or stale report never turns it back into `running`.
+    pub async fn update_job(&self, j: JobRow) -> Result<(), StoreError> {
+        self.write(move |c| {
+            c.execute(
+                "UPDATE jobs SET state = ?2, error_text = ?3, exit_code = ?4, signal = ?5,
+                   started_at_ms = ?6, finished_at_ms = ?7, output_bytes = ?8
+                 WHERE job_id = ?1 AND (state = 'running' OR ?2 != 'running')",
+                params![
+                    j.job_id,
+                    j.state,
+                    j.error_text,
+                    j.exit_code,
+                    j.signal,
+                    j.started_at_ms as i64,
+                    j.finished_at_ms as i64,
+                    j.output_bytes as i64
+                ],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn job(&self, job_id: &str) -> Result<Option<JobRow>, StoreError> {
+        let id = job_id.to_owned();
+        self.read(move |c| {
+            c.query_row(
+                &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = ?1"),
+                [id],
+                job_row,
+            )
+            .optional()
+        })
+        .await
+    }
+
+    /// Jobs newest first, and the cursor of the page after, if any.
+    pub async fn jobs(&self, q: JobQuery) -> Result<(Vec<JobRow>, Option<i64>), StoreError> {
+        self.read(move |c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT {JOB_COLUMNS}, seq FROM jobs
+                 WHERE (?1 IS NULL OR worker_id = ?1) AND (?2 IS NULL OR state = ?2)
+                   AND (?3 IS NULL OR seq < ?3)
+                 ORDER BY seq DESC LIMIT ?4"
+            ))?;
+            let limit = i64::from(q.limit) + 1;
+            let mut rows = stmt
+                .query_map(params![q.worker_id, q.state, q.before, limit], |r| {
+                    Ok((job_row(r)?, r.get::<_, i64>(13)?))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let more = rows.len() > q.limit as usize;
+            rows.truncate(q.limit as usize);
+            let next = if more { rows.last().map(|(_, seq)| *seq) } else { None };
+            Ok((rows.into_iter().map(|(j, _)| j).collect(), next))
+        })
+        .await
+    }
+
+    /// Number of jobs recorded as running, per worker id.
+    pub async fn running_counts(
+        &self,
+    ) -> Result<std::collections::HashMap<String, u64>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare(
+                "SELECT worker_id, COUNT(*) FROM jobs WHERE state = 'running' GROUP BY worker_id",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
+            rows.collect()
+        })
+        .await
+    }
+}
+
+const JOB_COLUMNS: &str = "job_id, worker_id, command, path, args, state, error_text, exit_code, signal,
+    created_at_ms, started_at_ms, finished_at_ms, output_bytes";
+
+fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
+    Ok(JobRow {
+        job_id: r.get(0)?,
+        worker_id: r.get(1)?,
+        command: r.get(2)?,
+        path: r.get(3)?,
+        args: from_json(&r.get::<_, String>(4)?),
+        state: r.get(5)?,
+        error_text: r.get(6)?,
+        exit_code: r.get(7)?,
+        signal: r.get(8)?,
+        created_at_ms: r.get::<_, i64>(9)? as u64,
+        started_at_ms: r.get::<_, i64>(10)? as u64,
+        finished_at_ms: r.get::<_, i64>(11)? as u64,
+        output_bytes: r.get::<_, i64>(12)? as u64,
+    })
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> String {
+    // Vec<String> and BTreeMap<String, String> always serialize.
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+fn from_json<T: serde::de::DeserializeOwned + Default>(text: &str) -> T {
+    serde_json::from_str(text).unwrap_or_default()
+}
