@@ -4,82 +4,55 @@
 //! printing tables, JSON or YAML, and exit codes a pipeline can trust. It
 //! speaks only the scheduler's HTTP API (never gRPC to workers), and its
 //! `pki` commands only call the pki crate.
+//!
+//! It must not build rustls configs itself (pki does), redefine the API's
+//! JSON types (proto's `http` module has them), or write anything but job
+//! output to stdout in `run` and `logs`. `main` only parses and reports.
+//!
+//! # Layout
+//!
+//! - `cli`: the clap types of SPEC §8.
+//! - `commands`: one function per subcommand.
+//! - `api`: the typed HTTPS client and its errors.
+//! - `explain`: transport errors turned into one line that says what to do.
+//! - `follow`: the resumable output reader shared by `run` and `logs`, and
+//!   the job-to-exit-code mapping.
+//! - `output`: JSON/YAML, tables, key: value blocks, relative times.
+//! - `progress`: the terminal-only spinner.
 
-use std::path::PathBuf;
+mod api;
+mod cli;
+mod commands;
+mod explain;
+mod follow;
+mod output;
+mod progress;
+#[cfg(test)]
+mod tests;
+
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use jobcluster_pki::Role;
-
-#[derive(Debug, Parser)]
-#[command(version, about = "Client of the job cluster", propagate_version = true)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Create and issue the cluster's certificates.
-    #[command(subcommand)]
-    Pki(PkiCommand),
-}
-
-#[derive(Debug, Subcommand)]
-enum PkiCommand {
-    /// Create DIR with a new CA and the scheduler and client certificates.
-    Init {
-        dir: PathBuf,
-        /// Extra host name or IP address for the certificates (repeatable).
-        #[arg(long = "san", value_name = "HOST")]
-        sans: Vec<String>,
-    },
-    /// Issue NAME.pem and NAME-key.pem in DIR, signed by DIR's CA.
-    Issue {
-        dir: PathBuf,
-        /// scheduler, worker or client.
-        #[arg(long, value_parser = parse_role)]
-        role: Role,
-        name: String,
-        /// Extra host name or IP address for the certificate (repeatable).
-        #[arg(long = "san", value_name = "HOST")]
-        sans: Vec<String>,
-    },
-}
-
-fn parse_role(s: &str) -> Result<Role, String> {
-    s.parse()
-        .map_err(|e: jobcluster_pki::PkiError| e.to_string())
-}
+use clap::Parser;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
+    let cli = cli::Cli::parse();
+    jobcluster_pki::install_crypto_provider();
+    match commands::run(cli) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("clusterctl: {error:#}");
+            // A closed stdout (`clusterctl logs -f JOB | head`) is the
+            // reader's choice, not something to complain about.
+            if !is_broken_pipe(&error) {
+                eprintln!("clusterctl: {error:#}");
+            }
             ExitCode::FAILURE
         }
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    match cli.command {
-        Command::Pki(PkiCommand::Init { dir, sans }) => {
-            for path in jobcluster_pki::init_dir(&dir, &sans)? {
-                eprintln!("wrote {}", path.display());
-            }
-        }
-        Command::Pki(PkiCommand::Issue {
-            dir,
-            role,
-            name,
-            sans,
-        }) => {
-            for path in jobcluster_pki::issue_in_dir(&dir, role, &name, &sans)? {
-                eprintln!("wrote {}", path.display());
-            }
-        }
-    }
-    Ok(ExitCode::SUCCESS)
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }

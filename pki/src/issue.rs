@@ -181,7 +181,13 @@ pub fn init_dir(dir: &Path, sans: &[String]) -> Result<Vec<PathBuf>, PkiError> {
         }
     }
     fs::create_dir_all(dir).map_err(PkiError::io(dir))?;
-    let ca = CertificateAuthority::generate("jobcluster CA")?;
+    // A distinct subject per CA: peers verifying against another cluster's
+    // CA then report an unknown issuer, not a confusing bad signature.
+    let nonce = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let ca = CertificateAuthority::generate(&format!("jobcluster CA {nonce:x}"))?;
     let mut written = write_pair(dir, "ca", ca.cert_pem(), ca.key_pem())?;
     written.extend(issue_in_dir(dir, Role::Scheduler, "scheduler", sans)?);
     written.extend(issue_in_dir(dir, Role::Client, "client", sans)?);

@@ -174,7 +174,10 @@ impl Config {
             grpc_tls.clone()
         } else {
             let pick = |value: &Option<PathBuf>, fallback: &Path| {
-                value.as_deref().map(|p| base.join(p)).unwrap_or_else(|| fallback.to_owned())
+                value
+                    .as_deref()
+                    .map(|p| base.join(p))
+                    .unwrap_or_else(|| fallback.to_owned())
             };
             load_tls(
                 path,
@@ -219,7 +222,10 @@ fn load_tls(
     if peer.role != Role::Scheduler {
         return Err(err(
             "crt_file",
-            format!("certificate is for role {}, the scheduler needs role scheduler", peer.role),
+            format!(
+                "certificate is for role {}, the scheduler needs role scheduler",
+                peer.role
+            ),
         ));
     }
     Ok(Tls { identity, roots })

@@ -30,8 +30,9 @@ fn authorize<T>(request: &Request<T>, rpc: &str) -> Result<PeerIdentity, Status>
         .peer_certs()
         .and_then(|certs| certs.first().cloned())
         .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-    let peer = jobcluster_pki::peer_identity(&leaf)
-        .map_err(|e| Status::permission_denied(format!("certificate has no cluster identity: {e}")))?;
+    let peer = jobcluster_pki::peer_identity(&leaf).map_err(|e| {
+        Status::permission_denied(format!("certificate has no cluster identity: {e}"))
+    })?;
     if peer.role != Role::Worker {
         tracing::warn!(peer = %peer.name, role = %peer.role, rpc, "refused a caller without the worker role");
         return Err(Status::permission_denied(format!(
@@ -77,7 +78,10 @@ impl Scheduler for SchedulerService {
             .registry
             .register(registration, now_ms())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        self.store.upsert_worker(row.clone()).await.map_err(internal)?;
+        self.store
+            .upsert_worker(row.clone())
+            .await
+            .map_err(internal)?;
         tracing::info!(worker_id = %row.worker_id, worker = %row.name, address = %row.address, plugins = ?row.plugins, "worker registered");
         Ok(Response::new(RegisterWorkerResponse {
             success: true,
@@ -98,7 +102,9 @@ impl Scheduler for SchedulerService {
             .filter(|e| e.id() == *id)
             .ok_or_else(|| Status::not_found(format!("unknown worker {id}")))?;
         if entry.row().name != peer.name {
-            return Err(Status::permission_denied("a worker may only deregister itself"));
+            return Err(Status::permission_denied(
+                "a worker may only deregister itself",
+            ));
         }
         let row = entry.update(|r| {
             r.state = "left".to_owned();

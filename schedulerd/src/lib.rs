@@ -16,8 +16,8 @@
 //! - `grpc`: the Scheduler service workers call.
 //! - `api`: the HTTP routes, errors and the TLS listener.
 
-pub mod config;
 mod api;
+pub mod config;
 mod grpc;
 mod registry;
 pub mod store;

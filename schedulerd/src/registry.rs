@@ -122,7 +122,11 @@ impl Registry {
     /// Registers a worker and returns its record. A worker keeps its id
     /// across restarts: the id recorded for its name, else the id it
     /// presents (the scheduler may have lost its records), else a new one.
-    pub(crate) fn register(&self, reg: Registration, now_ms: u64) -> Result<WorkerRow, AddressError> {
+    pub(crate) fn register(
+        &self,
+        reg: Registration,
+        now_ms: u64,
+    ) -> Result<WorkerRow, AddressError> {
         let existing = self.get(&reg.name).filter(|e| e.row().name == reg.name);
         let worker_id = match &existing {
             Some(entry) => entry.id(),

@@ -169,13 +169,21 @@ impl Store {
     ) -> Result<T, StoreError> {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
-            let pooled = inner.readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let pooled = inner
+                .readers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop();
             let conn = match pooled {
                 Some(conn) => conn,
                 None => connect(&inner.path)?,
             };
             let result = f(&conn);
-            inner.readers.lock().unwrap_or_else(|e| e.into_inner()).push(conn);
+            inner
+                .readers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(conn);
             result.map_err(StoreError::from)
         })
         .await
@@ -326,7 +334,11 @@ impl Store {
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             let more = rows.len() > q.limit as usize;
             rows.truncate(q.limit as usize);
-            let next = if more { rows.last().map(|(_, seq)| *seq) } else { None };
+            let next = if more {
+                rows.last().map(|(_, seq)| *seq)
+            } else {
+                None
+            };
             Ok((rows.into_iter().map(|(j, _)| j).collect(), next))
         })
         .await
@@ -347,7 +359,8 @@ impl Store {
     }
 }
 
-const JOB_COLUMNS: &str = "job_id, worker_id, command, path, args, state, error_text, exit_code, signal,
+const JOB_COLUMNS: &str =
+    "job_id, worker_id, command, path, args, state, error_text, exit_code, signal,
     created_at_ms, started_at_ms, finished_at_ms, output_bytes";
 
 fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {

@@ -91,13 +91,14 @@ pub async fn run(
         .advertise_addr
         .clone()
         .unwrap_or_else(|| local.to_string());
-    let scheduler_tls = jobcluster_pki::client_config(
-        &config.tls.roots,
-        Some(&config.tls.identity),
-        &[b"h2"],
-    )?;
-    let scheduler = transport::tls_channel(&config.scheduler_addr, scheduler_tls, REGISTER_CONNECT_TIMEOUT)
-        .map_err(Error::SchedulerAddr)?;
+    let scheduler_tls =
+        jobcluster_pki::client_config(&config.tls.roots, Some(&config.tls.identity), &[b"h2"])?;
+    let scheduler = transport::tls_channel(
+        &config.scheduler_addr,
+        scheduler_tls,
+        REGISTER_CONNECT_TIMEOUT,
+    )
+    .map_err(Error::SchedulerAddr)?;
     let membership = membership::Membership::new(
         SchedulerClient::new(scheduler),
         RegisterWorkerRequest {

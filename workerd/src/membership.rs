@@ -66,7 +66,7 @@ impl Membership {
                 Err(status) => {
                     // Say it loudly once, then quietly: a scheduler that
                     // starts after its workers is normal.
-                    if attempt == 1 || attempt % 10 == 0 {
+                    if attempt == 1 || attempt.is_multiple_of(10) {
                         tracing::warn!(attempt, code = ?status.code(), error = %status.message(), retry_in = ?delay, "scheduler registration failed; retrying");
                     } else {
                         tracing::debug!(attempt, error = %status.message(), "scheduler registration failed");

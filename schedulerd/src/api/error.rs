@@ -30,7 +30,11 @@ impl ApiError {
     }
 
     pub(crate) fn job_not_found(job_id: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "job_not_found", format!("unknown job {job_id}"))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "job_not_found",
+            format!("unknown job {job_id}"),
+        )
     }
 
     pub(crate) fn worker_not_found(worker: &str) -> Self {

@@ -2,14 +2,18 @@
 
 use std::sync::Arc;
 
+use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use bytes::Bytes;
-use jobcluster_proto::http::{JobFilter, JobInfo, JobList, JobStarted, LogsQuery, StartJob, StopResult, JOB_STATES};
-use jobcluster_proto::pb::{self, QueryJobRequest, StartJobRequest, StopJobRequest, StreamJobRequest};
+use jobcluster_proto::http::{
+    JOB_STATES, JobFilter, JobInfo, JobList, JobStarted, LogsQuery, StartJob, StopResult,
+};
+use jobcluster_proto::pb::{
+    self, QueryJobRequest, StartJobRequest, StopJobRequest, StreamJobRequest,
+};
 
 use super::extract::{JsonBody, QueryParams};
 use super::{ApiError, AppState, with_deadline};
@@ -76,19 +80,24 @@ pub(crate) async fn list(
         ));
     }
     let before = match &filter.cursor {
-        Some(c) => Some(
-            c.parse::<i64>()
-                .map_err(|_| ApiError::bad_request("invalid_query", "cursor is not one this API gave out"))?,
-        ),
+        Some(c) => Some(c.parse::<i64>().map_err(|_| {
+            ApiError::bad_request("invalid_query", "cursor is not one this API gave out")
+        })?),
         None => None,
     };
     let limit = filter.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
     let (rows, next) = state
         .store
-        .jobs(JobQuery { worker_id, state: filter.state.clone(), before, limit })
+        .jobs(JobQuery {
+            worker_id,
+            state: filter.state.clone(),
+            before,
+            limit,
+        })
         .await?;
     // Running jobs may have ended since they were recorded: ask their workers.
-    let refreshed = futures_util::future::join_all(rows.into_iter().map(|r| refresh(&state, r))).await;
+    let refreshed =
+        futures_util::future::join_all(rows.into_iter().map(|r| refresh(&state, r))).await;
     Ok(Json(JobList {
         jobs: refreshed.iter().map(job_info).collect(),
         next_cursor: next.map(|n| n.to_string()),
@@ -98,10 +107,16 @@ pub(crate) async fn list(
 /// Starts a job on the named worker and records it before answering.
 pub(crate) async fn start_job(state: &AppState, body: StartJob) -> Result<JobStarted, ApiError> {
     if body.worker_id.is_empty() {
-        return Err(ApiError::bad_request("invalid_request", "worker_id: must name a worker (id or name)"));
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "worker_id: must name a worker (id or name)",
+        ));
     }
     if body.path.is_empty() {
-        return Err(ApiError::bad_request("invalid_path", "path: must name a script"));
+        return Err(ApiError::bad_request(
+            "invalid_path",
+            "path: must name a script",
+        ));
     }
     let worker = state
         .registry
@@ -149,17 +164,34 @@ pub(crate) async fn start_job(state: &AppState, body: StartJob) -> Result<JobSta
     }
     state.store.insert_job(row.clone()).await?;
     tracing::info!(job_id = %job_id, worker_id = %w.worker_id, worker = %w.name, path = %row.path, state = %row.state, "job started");
-    Ok(JobStarted { job_id, worker_id: w.worker_id })
+    Ok(JobStarted {
+        job_id,
+        worker_id: w.worker_id,
+    })
 }
 
 /// The job's record; with `worker`, the job must belong to that worker.
-pub(crate) async fn find_job(state: &AppState, job_id: &str, worker: Option<&str>) -> Result<JobRow, ApiError> {
+pub(crate) async fn find_job(
+    state: &AppState,
+    job_id: &str,
+    worker: Option<&str>,
+) -> Result<JobRow, ApiError> {
     if uuid::Uuid::parse_str(job_id).is_err() {
-        return Err(ApiError::bad_request("invalid_job_id", format!("{job_id:?} is not a job id (a UUID)")));
+        return Err(ApiError::bad_request(
+            "invalid_job_id",
+            format!("{job_id:?} is not a job id (a UUID)"),
+        ));
     }
-    let row = state.store.job(job_id).await?.ok_or_else(|| ApiError::job_not_found(job_id))?;
+    let row = state
+        .store
+        .job(job_id)
+        .await?
+        .ok_or_else(|| ApiError::job_not_found(job_id))?;
     if let Some(worker) = worker {
-        let entry = state.registry.get(worker).ok_or_else(|| ApiError::worker_not_found(worker))?;
+        let entry = state
+            .registry
+            .get(worker)
+            .ok_or_else(|| ApiError::worker_not_found(worker))?;
         if entry.id() != row.worker_id {
             return Err(ApiError::job_not_found(job_id));
         }
@@ -180,9 +212,13 @@ pub(crate) async fn refresh(state: &AppState, row: JobRow) -> JobRow {
     if row.state != "running" {
         return row;
     }
-    let Ok(worker) = worker_of(state, &row) else { return row };
+    let Ok(worker) = worker_of(state, &row) else {
+        return row;
+    };
     let mut client = worker.client();
-    let request = QueryJobRequest { job_id: row.job_id.clone() };
+    let request = QueryJobRequest {
+        job_id: row.job_id.clone(),
+    };
     match with_deadline(state.call_timeout, client.query_job(request)).await {
         Ok(reply) => record_status(&state.store, row, &reply.into_inner()).await,
         Err(status) => {
@@ -206,18 +242,26 @@ async fn record_status(store: &Store, mut row: JobRow, status: &pb::QueryJobResp
 pub(crate) async fn stop_job(state: &AppState, row: JobRow) -> Result<StopResult, ApiError> {
     let row = refresh(state, row).await;
     if row.state != "running" {
-        return Ok(StopResult { success: true, state: row.state });
+        return Ok(StopResult {
+            success: true,
+            state: row.state,
+        });
     }
     let worker = worker_of(state, &row)?;
     let name = worker.row().name;
     let mut client = worker.client();
-    let request = StopJobRequest { job_id: row.job_id.clone() };
+    let request = StopJobRequest {
+        job_id: row.job_id.clone(),
+    };
     with_deadline(state.call_timeout, client.stop_job(request))
         .await
         .map_err(|s| ApiError::from_worker(s, &name))?;
     tracing::info!(job_id = %row.job_id, worker = %name, "job stop requested");
     let row = refresh(state, row).await;
-    Ok(StopResult { success: true, state: row.state })
+    Ok(StopResult {
+        success: true,
+        state: row.state,
+    })
 }
 
 /// Passes the worker's output stream through as a chunked body. The body
@@ -233,7 +277,11 @@ pub(crate) async fn stream_output(
     let worker = worker_of(state, &row)?;
     let name = worker.row().name;
     let mut client = worker.client();
-    let request = StreamJobRequest { job_id: row.job_id.clone(), offset, follow: Some(follow) };
+    let request = StreamJobRequest {
+        job_id: row.job_id.clone(),
+        offset,
+        follow: Some(follow),
+    };
     let stream = with_deadline(state.call_timeout, client.stream_job(request))
         .await
         .map_err(|s| ApiError::from_worker(s, &name))?
@@ -251,8 +299,12 @@ pub(crate) async fn stream_output(
                             // Record the final state before the body ends, so a
                             // client that asks right after sees it.
                             record_status(&store, current.clone(), status).await;
-                            return (!msg.output.is_empty())
-                                .then(|| (Ok::<_, std::io::Error>(Bytes::from(msg.output)), (stream, None, store)));
+                            return (!msg.output.is_empty()).then(|| {
+                                (
+                                    Ok::<_, std::io::Error>(Bytes::from(msg.output)),
+                                    (stream, None, store),
+                                )
+                            });
                         }
                         if msg.output.is_empty() {
                             continue; // keepalive
@@ -264,7 +316,10 @@ pub(crate) async fn stream_output(
                         tracing::info!(job_id = %current.job_id, %status, "output stream from worker broke");
                         // An error ends the body without its last chunk, so the
                         // client sees a cut stream and can resume from its offset.
-                        return Some((Err(std::io::Error::other(status.message().to_owned())), (stream, None, store)));
+                        return Some((
+                            Err(std::io::Error::other(status.message().to_owned())),
+                            (stream, None, store),
+                        ));
                     }
                 }
             }

@@ -16,7 +16,10 @@ pub(crate) async fn start(
     JsonBody(body): JsonBody<StartJob>,
 ) -> Result<(StatusCode, Json<JobStarted>), ApiError> {
     if body.command.as_deref().unwrap_or_default().is_empty() {
-        return Err(ApiError::bad_request("invalid_request", "command: must name a plugin (bash, python, ...)"));
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "command: must name a plugin (bash, python, ...)",
+        ));
     }
     Ok((StatusCode::CREATED, Json(start_job(&state, body).await?)))
 }

@@ -80,7 +80,10 @@ async fn require_client(
             Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "forbidden",
-                format!("{} certificates may not use the API; use a client certificate", id.role),
+                format!(
+                    "{} certificates may not use the API; use a client certificate",
+                    id.role
+                ),
             ))
         }
         None => Err(ApiError::new(

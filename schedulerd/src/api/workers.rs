@@ -40,7 +40,10 @@ pub(crate) async fn show(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<WorkerInfo>, ApiError> {
-    let worker = state.registry.get(&id).ok_or_else(|| ApiError::worker_not_found(&id))?;
+    let worker = state
+        .registry
+        .get(&id)
+        .ok_or_else(|| ApiError::worker_not_found(&id))?;
     let row = worker.row();
     let running = state.store.running_counts().await?;
     let n = running.get(&row.worker_id).copied().unwrap_or(0);

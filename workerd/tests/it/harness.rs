@@ -86,7 +86,11 @@ impl Daemon {
                 let Ok(line) = line else { break };
                 if let Some((head, tail)) = line.split_once(" server listening addr=") {
                     let kind = head.rsplit(' ').next().unwrap_or_default().to_owned();
-                    let addr = tail.split_whitespace().next().unwrap_or_default().to_owned();
+                    let addr = tail
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned();
                     let _ = tx.send((kind, addr));
                 }
                 sink.lock().unwrap().push_str(&line);
@@ -113,7 +117,12 @@ impl Daemon {
             }
         }
         let addr = addrs.get(kinds[0]).cloned().unwrap_or_default();
-        Daemon { child, addr, addrs, log }
+        Daemon {
+            child,
+            addr,
+            addrs,
+            log,
+        }
     }
 
     pub fn log(&self) -> String {

@@ -1,0 +1,480 @@
+//! The scheduler's HTTPS API (SPEC §6) as typed calls.
+//!
+//! [`Api`] holds one reqwest client whose TLS config comes from pki. Every
+//! call returns [`ApiError`], whose message is already the one line the user
+//! reads: what went wrong and what to do about it. JSON answers are kept as
+//! the API sent them ([`Answer::raw`]) so `-o json` and `-o yaml` print the
+//! API's objects unchanged, and parsed into the proto types for tables.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use jobcluster_proto::http::{
+    ErrorBody, JobFilter, JobInfo, JobList, JobStarted, LogsQuery, StartJob, StopResult,
+    WorkerInfo, WorkerList,
+};
+use reqwest::header::{AUTHORIZATION, HeaderValue};
+use reqwest::{RequestBuilder, Response, StatusCode, Url};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::explain;
+
+/// How to reach and authenticate to the scheduler, as the user gave it.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnectOptions {
+    pub(crate) scheduler: String,
+    pub(crate) ca: Option<PathBuf>,
+    pub(crate) cert: Option<PathBuf>,
+    pub(crate) key: Option<PathBuf>,
+    pub(crate) token: Option<String>,
+}
+
+/// A failed API call. Its `Display` is the complete message for the user.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ApiError {
+    /// The request or the answer's body did not make it (connect, TLS,
+    /// dropped connection).
+    #[error("{message}")]
+    Transport { message: String, retryable: bool },
+    /// The scheduler answered with an error status.
+    #[error("{}", status_message(*.status, .body.as_ref(), .text))]
+    Status {
+        status: StatusCode,
+        body: Option<ErrorBody>,
+        text: String,
+    },
+    /// The scheduler answered 2xx with something we cannot read.
+    #[error("unexpected answer from the scheduler to {what}: {detail}")]
+    Decode { what: String, detail: String },
+}
+
+impl ApiError {
+    /// Whether trying the same call again later may succeed.
+    pub(crate) fn is_retryable(&self) -> bool {
+        match self {
+            ApiError::Transport { retryable, .. } => *retryable,
+            ApiError::Status { status, .. } => matches!(
+                *status,
+                StatusCode::BAD_GATEWAY
+                    | StatusCode::SERVICE_UNAVAILABLE
+                    | StatusCode::GATEWAY_TIMEOUT
+            ),
+            ApiError::Decode { .. } => false,
+        }
+    }
+}
+
+fn status_message(status: StatusCode, body: Option<&ErrorBody>, text: &str) -> String {
+    let mut message = match body {
+        Some(body) => format!("{} ({})", body.error, body.code),
+        None if text.is_empty() => format!("the scheduler answered {status}"),
+        None => format!("the scheduler answered {status}: {text}"),
+    };
+    if status == StatusCode::UNAUTHORIZED {
+        message.push_str("; check --cert/--key (CLUSTERCTL_CERT/CLUSTERCTL_KEY) or --token");
+    }
+    message
+}
+
+/// A JSON answer: as sent, and parsed.
+#[derive(Debug)]
+pub(crate) struct Answer<T> {
+    pub(crate) raw: Value,
+    pub(crate) parsed: T,
+}
+
+/// A client of one scheduler.
+#[derive(Debug, Clone)]
+pub(crate) struct Api {
+    client: reqwest::Client,
+    base: Url,
+    /// The base URL as shown in messages.
+    shown: String,
+    authorization: Option<HeaderValue>,
+}
+
+/// How long to wait for a TCP connection and the TLS handshake.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Hint printed when the CA is missing.
+const CA_HINT: &str =
+    "pass --ca FILE or set CLUSTERCTL_CA (the ca.pem written by `clusterctl pki init`)";
+
+impl Api {
+    /// Loads certificates and builds the client. Fails with a message naming
+    /// the missing or unreadable file and the flag that sets it.
+    pub(crate) fn new(opts: &ConnectOptions) -> anyhow::Result<Api> {
+        let base = parse_scheduler_url(&opts.scheduler)?;
+        let shown = base.as_str().trim_end_matches('/').to_owned();
+
+        let Some(ca) = &opts.ca else {
+            anyhow::bail!("no CA certificate to verify the scheduler with: {CA_HINT}");
+        };
+        let roots = jobcluster_pki::Roots::load(ca)
+            .map_err(|e| file_error(e, ca, "--ca", "CLUSTERCTL_CA"))?;
+
+        let identity = match (&opts.cert, &opts.key) {
+            (Some(cert), Some(key)) => {
+                Some(jobcluster_pki::Identity::load(cert, key).map_err(|e| {
+                    if pki_error_path(&e) == Some(key.as_path()) {
+                        file_error(e, key, "--key", "CLUSTERCTL_KEY")
+                    } else {
+                        file_error(e, cert, "--cert", "CLUSTERCTL_CERT")
+                    }
+                })?)
+            }
+            (Some(_), None) => anyhow::bail!(
+                "--cert is set but --key is not: pass --key FILE or set CLUSTERCTL_KEY \
+                 (the private key of the client certificate)"
+            ),
+            (None, Some(_)) => anyhow::bail!(
+                "--key is set but --cert is not: pass --cert FILE or set CLUSTERCTL_CERT \
+                 (the client certificate)"
+            ),
+            (None, None) if opts.token.is_some() => None,
+            (None, None) => anyhow::bail!(
+                "no client certificate: pass --cert FILE --key FILE or set CLUSTERCTL_CERT and \
+                 CLUSTERCTL_KEY (a client certificate, e.g. client.pem and client-key.pem from \
+                 `clusterctl pki init`), or pass --token"
+            ),
+        };
+
+        let authorization = match &opts.token {
+            Some(token) => {
+                let mut value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+                    anyhow::anyhow!(
+                        "the token (--token / CLUSTERCTL_TOKEN) contains characters not allowed \
+                         in an HTTP header"
+                    )
+                })?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+            None => None,
+        };
+
+        let tls = jobcluster_pki::client_config(&roots, identity.as_ref(), &[b"h2", b"http/1.1"])?;
+        let client = reqwest::Client::builder()
+            .tls_backend_preconfigured(std::sync::Arc::unwrap_or_clone(tls))
+            .https_only(true)
+            .user_agent(concat!("clusterctl/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(CONNECT_TIMEOUT)
+            // A follower of a quiet job notices a dead link within seconds
+            // (SPEC §7): HTTP/2 pings, and TCP keepalives for HTTP/1.1.
+            .tcp_keepalive(Duration::from_secs(15))
+            .tcp_keepalive_interval(Duration::from_secs(5))
+            .tcp_keepalive_retries(3)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .http2_keep_alive_timeout(Duration::from_secs(20))
+            .http2_keep_alive_while_idle(true)
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot set up the HTTPS client: {e}"))?;
+
+        Ok(Api {
+            client,
+            base,
+            shown,
+            authorization,
+        })
+    }
+
+    /// `GET /v1/workers[?all=true]`: the list of workers.
+    pub(crate) async fn workers(&self, all: bool) -> Result<Answer<Vec<WorkerInfo>>, ApiError> {
+        let mut req = self.client.get(self.url(&["v1", "workers"]));
+        if all {
+            req = req.query(&[("all", "true")]);
+        }
+        let raw = self.json("the worker list", req).await?;
+        let list: WorkerList = parse("the worker list", &raw)?;
+        Ok(Answer {
+            raw: field(raw, "workers"),
+            parsed: list.workers,
+        })
+    }
+
+    /// `GET /v1/workers/{id-or-name}`.
+    pub(crate) async fn worker(&self, worker: &str) -> Result<Answer<WorkerInfo>, ApiError> {
+        let req = self.client.get(self.url(&["v1", "workers", worker]));
+        self.typed("the worker", req).await
+    }
+
+    /// `POST /v1/jobs`.
+    pub(crate) async fn start(&self, job: &StartJob) -> Result<Answer<JobStarted>, ApiError> {
+        let req = self.client.post(self.url(&["v1", "jobs"])).json(job);
+        self.typed("the start request", req).await
+    }
+
+    /// `GET /v1/jobs`: one page.
+    pub(crate) async fn jobs(&self, filter: &JobFilter) -> Result<Answer<JobList>, ApiError> {
+        let req = self.client.get(self.url(&["v1", "jobs"])).query(filter);
+        self.typed("the job list", req).await
+    }
+
+    /// `GET /v1/jobs/{id}`.
+    pub(crate) async fn job(&self, job: &str) -> Result<Answer<JobInfo>, ApiError> {
+        let req = self.client.get(self.url(&["v1", "jobs", job]));
+        self.typed("the job", req).await
+    }
+
+    /// `POST /v1/jobs/{id}/stop`.
+    pub(crate) async fn stop(&self, job: &str) -> Result<Answer<StopResult>, ApiError> {
+        let req = self.client.post(self.url(&["v1", "jobs", job, "stop"]));
+        self.typed("the stop request", req).await
+    }
+
+    /// `GET /v1/jobs/{id}/logs`: the output bytes from `offset`, as they
+    /// arrive. A stream error means the body was cut short.
+    pub(crate) async fn logs(
+        &self,
+        job: &str,
+        query: &LogsQuery,
+    ) -> Result<BoxStream<'static, Result<Bytes, ApiError>>, ApiError> {
+        let req = self
+            .client
+            .get(self.url(&["v1", "jobs", job, "logs"]))
+            .query(query);
+        let resp = self.send(req).await?;
+        let shown = self.shown.clone();
+        Ok(resp
+            .bytes_stream()
+            .map(move |item| {
+                item.map_err(|e| ApiError::Transport {
+                    message: format!(
+                        "the output stream from {shown} broke off: {}",
+                        explain::innermost(&e)
+                    ),
+                    // Whatever broke a started body, a new request may work.
+                    retryable: true,
+                })
+            })
+            .boxed())
+    }
+
+    fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        // `new` made sure the base URL can have path segments; each segment
+        // is percent-encoded, so an id cannot change the route.
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(segments);
+        }
+        url
+    }
+
+    /// Sends a request; any non-2xx answer becomes [`ApiError::Status`].
+    async fn send(&self, mut req: RequestBuilder) -> Result<Response, ApiError> {
+        if let Some(auth) = &self.authorization {
+            req = req.header(AUTHORIZATION, auth.clone());
+        }
+        let resp = req.send().await.map_err(|e| {
+            let (message, retryable) = explain::transport(&self.shown, &e);
+            ApiError::Transport { message, retryable }
+        })?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        // The error body is small; if it cannot be read, the status alone
+        // still says what happened.
+        let bytes = resp.bytes().await.unwrap_or_default();
+        let body = serde_json::from_slice::<ErrorBody>(&bytes).ok();
+        let text = String::from_utf8_lossy(&bytes);
+        let text = text.trim();
+        let text = match text.char_indices().nth(200) {
+            Some((cut, _)) => format!("{}...", &text[..cut]),
+            None => text.to_owned(),
+        };
+        Err(ApiError::Status { status, body, text })
+    }
+
+    async fn json(&self, what: &str, req: RequestBuilder) -> Result<Value, ApiError> {
+        let resp = self.send(req).await?;
+        let bytes = resp.bytes().await.map_err(|e| {
+            let (message, retryable) = explain::transport(&self.shown, &e);
+            ApiError::Transport { message, retryable }
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::Decode {
+            what: what.to_owned(),
+            detail: format!("not JSON: {e}"),
+        })
+    }
+
+    async fn typed<T: DeserializeOwned>(
+        &self,
+        what: &str,
+        req: RequestBuilder,
+    ) -> Result<Answer<T>, ApiError> {
+        let raw = self.json(what, req).await?;
+        let parsed = parse(what, &raw)?;
+        Ok(Answer { raw, parsed })
+    }
+}
+
+fn parse<T: DeserializeOwned>(what: &str, raw: &Value) -> Result<T, ApiError> {
+    T::deserialize(raw).map_err(|e| ApiError::Decode {
+        what: what.to_owned(),
+        detail: e.to_string(),
+    })
+}
+
+/// `raw[name]`, taken out of an object the caller already parsed.
+fn field(mut raw: Value, name: &str) -> Value {
+    raw.get_mut(name).map(Value::take).unwrap_or(Value::Null)
+}
+
+/// The scheduler URL; `HOST:PORT` alone means `https://HOST:PORT`.
+fn parse_scheduler_url(given: &str) -> anyhow::Result<Url> {
+    let with_scheme = if given.contains("://") {
+        given.to_owned()
+    } else {
+        format!("https://{given}")
+    };
+    let url = Url::parse(&with_scheme).map_err(|e| {
+        anyhow::anyhow!(
+            "invalid scheduler URL {given:?} (--scheduler / CLUSTERCTL_SCHEDULER): {e}; \
+             expected https://HOST:PORT"
+        )
+    })?;
+    if url.scheme() != "https" {
+        anyhow::bail!(
+            "the scheduler URL {given:?} (--scheduler / CLUSTERCTL_SCHEDULER) must start with \
+             https://: the scheduler serves only HTTPS"
+        );
+    }
+    if url.cannot_be_a_base() || url.host().is_none() {
+        anyhow::bail!(
+            "invalid scheduler URL {given:?} (--scheduler / CLUSTERCTL_SCHEDULER): expected \
+             https://HOST:PORT"
+        );
+    }
+    Ok(url)
+}
+
+fn pki_error_path(e: &jobcluster_pki::PkiError) -> Option<&Path> {
+    match e {
+        jobcluster_pki::PkiError::Io { path, .. } | jobcluster_pki::PkiError::Pem { path, .. } => {
+            Some(path)
+        }
+        _ => None,
+    }
+}
+
+/// A certificate or key file that cannot be used, named with its flag.
+fn file_error(e: jobcluster_pki::PkiError, path: &Path, flag: &str, env: &str) -> anyhow::Error {
+    match e {
+        jobcluster_pki::PkiError::Io { path, source } => anyhow::anyhow!(
+            "cannot read {} ({flag} / {env}): {}",
+            path.display(),
+            explain::io_reason(&source)
+        ),
+        jobcluster_pki::PkiError::Pem { path, what } => {
+            anyhow::anyhow!("{} ({flag} / {env}): {what}", path.display())
+        }
+        other => anyhow::anyhow!("{} ({flag} / {env}): {other}", path.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> ConnectOptions {
+        ConnectOptions {
+            scheduler: crate::cli::DEFAULT_SCHEDULER.to_owned(),
+            ca: None,
+            cert: None,
+            key: None,
+            token: None,
+        }
+    }
+
+    #[test]
+    fn scheduler_urls() {
+        assert_eq!(
+            parse_scheduler_url("10.0.0.1:3000").unwrap().as_str(),
+            "https://10.0.0.1:3000/"
+        );
+        let err = parse_scheduler_url("http://10.0.0.1:3000").unwrap_err();
+        assert!(
+            err.to_string().contains("must start with https://"),
+            "{err}"
+        );
+        assert!(parse_scheduler_url("https://").is_err());
+    }
+
+    #[test]
+    fn missing_files_name_the_flag() {
+        let err = Api::new(&opts()).unwrap_err().to_string();
+        assert!(
+            err.contains("--ca") && err.contains("CLUSTERCTL_CA"),
+            "{err}"
+        );
+
+        let dir = std::env::temp_dir().join(format!("clusterctl-api-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        jobcluster_pki::init_dir(&dir, &[]).unwrap();
+        let with_ca = ConnectOptions {
+            ca: Some(dir.join("ca.pem")),
+            ..opts()
+        };
+        let err = Api::new(&with_ca).unwrap_err().to_string();
+        assert!(err.contains("--cert FILE --key FILE"), "{err}");
+        assert!(err.contains("--token"), "{err}");
+
+        let missing_key = ConnectOptions {
+            cert: Some(dir.join("client.pem")),
+            key: Some(dir.join("nope-key.pem")),
+            ..with_ca.clone()
+        };
+        let err = Api::new(&missing_key).unwrap_err().to_string();
+        assert!(
+            err.contains("nope-key.pem") && err.contains("--key"),
+            "{err}"
+        );
+        assert!(err.contains("no such file"), "{err}");
+
+        let token_only = ConnectOptions {
+            token: Some("secret".into()),
+            ..with_ca.clone()
+        };
+        Api::new(&token_only).unwrap();
+        let full = ConnectOptions {
+            cert: Some(dir.join("client.pem")),
+            key: Some(dir.join("client-key.pem")),
+            ..with_ca
+        };
+        let api = Api::new(&full).unwrap();
+        assert_eq!(
+            api.url(&["v1", "jobs", "a/b?c", "logs"]).as_str(),
+            "https://127.0.0.1:3000/v1/jobs/a%2Fb%3Fc/logs"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn status_errors_print_the_error_body() {
+        let err = ApiError::Status {
+            status: StatusCode::NOT_FOUND,
+            body: Some(ErrorBody {
+                error: "unknown job 42".into(),
+                code: "job_not_found".into(),
+            }),
+            text: String::new(),
+        };
+        assert_eq!(err.to_string(), "unknown job 42 (job_not_found)");
+        assert!(!err.is_retryable());
+        let err = ApiError::Status {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            body: None,
+            text: "upstream down".into(),
+        };
+        assert_eq!(
+            err.to_string(),
+            "the scheduler answered 503 Service Unavailable: upstream down"
+        );
+        assert!(err.is_retryable());
+    }
+}

@@ -1,0 +1,245 @@
+//! The command line (SPEC §8) as clap types. No behaviour lives here.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use jobcluster_pki::Role;
+
+/// The default scheduler URL (SPEC §3).
+pub(crate) const DEFAULT_SCHEDULER: &str = "https://127.0.0.1:3000";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "clusterctl",
+    version,
+    about = "Client of the job cluster",
+    propagate_version = true
+)]
+pub(crate) struct Cli {
+    #[command(flatten)]
+    pub(crate) global: Global,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+/// Flags every API command takes, before or after the subcommand.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Global options")]
+pub(crate) struct Global {
+    /// Base URL of the scheduler's HTTPS API.
+    #[arg(
+        long,
+        global = true,
+        value_name = "URL",
+        env = "CLUSTERCTL_SCHEDULER",
+        default_value = DEFAULT_SCHEDULER
+    )]
+    pub(crate) scheduler: String,
+    /// CA certificate the scheduler's certificate must chain to (ca.pem).
+    #[arg(long, global = true, value_name = "FILE", env = "CLUSTERCTL_CA")]
+    pub(crate) ca: Option<PathBuf>,
+    /// Client certificate (client.pem).
+    #[arg(long, global = true, value_name = "FILE", env = "CLUSTERCTL_CERT")]
+    pub(crate) cert: Option<PathBuf>,
+    /// Private key of the client certificate (client-key.pem).
+    #[arg(long, global = true, value_name = "FILE", env = "CLUSTERCTL_KEY")]
+    pub(crate) key: Option<PathBuf>,
+    /// Bearer token; with it, --cert and --key are optional.
+    #[arg(
+        long,
+        global = true,
+        value_name = "TOKEN",
+        env = "CLUSTERCTL_TOKEN",
+        hide_env_values = true
+    )]
+    pub(crate) token: Option<String>,
+    /// Output format: tables for people, or the API's objects as JSON or YAML.
+    #[arg(
+        short,
+        long,
+        global = true,
+        value_enum,
+        value_name = "FORMAT",
+        default_value_t = Output::Table
+    )]
+    pub(crate) output: Output,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Output {
+    // No doc comments: they would turn `--help` into a page per value.
+    Table,
+    Json,
+    Yaml,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// List workers, or show one.
+    Workers(WorkersArgs),
+    /// Start a job and print its id.
+    Start(StartArgs),
+    /// Start a job, follow its output and exit with its exit code.
+    Run(StartArgs),
+    /// Stop a job (its whole process group).
+    Stop {
+        /// Job id.
+        job: String,
+    },
+    /// Show a job.
+    Status {
+        /// Job id.
+        job: String,
+    },
+    /// List jobs, newest first.
+    Jobs {
+        /// Only jobs of this worker (id or name).
+        #[arg(long, value_name = "WORKER")]
+        worker: Option<String>,
+        /// Only jobs in this state.
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(
+            jobcluster_proto::http::JOB_STATES
+        ))]
+        state: Option<String>,
+    },
+    /// Print a job's output; with -f, follow it and exit with the job's exit code.
+    Logs {
+        /// Follow the output until the job has ended.
+        #[arg(short, long)]
+        follow: bool,
+        /// Start at this byte of the output.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        offset: u64,
+        /// Job id.
+        job: String,
+    },
+    /// Create and issue the cluster's certificates.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+    /// Print a shell completion script.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub(crate) struct WorkersArgs {
+    /// Include workers that have left the cluster.
+    #[arg(long)]
+    pub(crate) all: bool,
+    #[command(subcommand)]
+    pub(crate) command: Option<WorkersCommand>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum WorkersCommand {
+    /// Show one worker.
+    Show {
+        /// Worker id or name.
+        worker: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct StartArgs {
+    /// Worker id or name.
+    #[arg(long, value_name = "WORKER")]
+    pub(crate) worker: String,
+    /// Runner plugin; default: the plugin whose extensions match SCRIPT.
+    #[arg(long, value_name = "PLUGIN")]
+    pub(crate) command: Option<String>,
+    /// Script path, relative to the worker's scripts_dir.
+    #[arg(value_name = "SCRIPT")]
+    pub(crate) script: String,
+    /// Arguments for the script, after `--`.
+    #[arg(last = true, value_name = "ARGS")]
+    pub(crate) args: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum PkiCommand {
+    /// Create DIR with a new CA and the scheduler and client certificates.
+    Init {
+        dir: PathBuf,
+        /// Extra host name or IP address for the certificates (repeatable).
+        #[arg(long = "san", value_name = "HOST")]
+        sans: Vec<String>,
+    },
+    /// Issue NAME.pem and NAME-key.pem in DIR, signed by DIR's CA.
+    Issue {
+        dir: PathBuf,
+        /// scheduler, worker or client.
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+        name: String,
+        /// Extra host name or IP address for the certificate (repeatable).
+        #[arg(long = "san", value_name = "HOST")]
+        sans: Vec<String>,
+    },
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    s.parse()
+        .map_err(|e: jobcluster_pki::PkiError| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("clusterctl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_flags_work_before_and_after_the_subcommand() {
+        let before = parse(&["-o", "json", "--ca", "ca.pem", "status", "j1"]).unwrap();
+        let after = parse(&["status", "j1", "--ca", "ca.pem", "-o", "json"]).unwrap();
+        for cli in [before, after] {
+            assert_eq!(cli.global.output, Output::Json);
+            assert_eq!(cli.global.ca, Some(PathBuf::from("ca.pem")));
+        }
+    }
+
+    #[test]
+    fn start_takes_script_args_after_double_dash() {
+        let cli = parse(&["start", "--worker", "w1", "count.sh", "--", "-n", "3"]).unwrap();
+        let Command::Start(start) = cli.command else {
+            panic!("not start")
+        };
+        assert_eq!(start.worker, "w1");
+        assert_eq!(start.command, None);
+        assert_eq!(start.script, "count.sh");
+        assert_eq!(start.args, ["-n", "3"]);
+    }
+
+    #[test]
+    fn workers_show_and_list() {
+        let cli = parse(&["workers", "--all"]).unwrap();
+        let Command::Workers(w) = cli.command else {
+            panic!("not workers")
+        };
+        assert!(w.all && w.command.is_none());
+        let cli = parse(&["workers", "show", "w1"]).unwrap();
+        let Command::Workers(w) = cli.command else {
+            panic!("not workers")
+        };
+        assert!(matches!(w.command, Some(WorkersCommand::Show { worker }) if worker == "w1"));
+    }
+
+    #[test]
+    fn bad_state_and_missing_worker_are_usage_errors() {
+        let err = parse(&["jobs", "--state", "sleeping"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        let err = parse(&["start", "count.sh"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+    }
+}

@@ -1,0 +1,496 @@
+//! Reading a job's output, resuming where a dropped connection left off,
+//! and the exit code a finished job maps to.
+//!
+//! [`stream_output`] is the only reader of `/v1/jobs/{id}/logs`; `run`,
+//! `logs` and `logs -f` all go through it. It counts the bytes it has
+//! written, so after a dropped connection it asks again from exactly that
+//! offset: no byte is lost and none is written twice.
+
+use std::io::Write;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use jobcluster_proto::http::{JobInfo, LogsQuery};
+use tokio::time::Instant;
+
+use crate::api::{Api, ApiError};
+
+/// Where output comes from: the scheduler, or a fake in tests.
+pub(crate) trait LogSource {
+    /// The output from byte `offset`; with `follow`, until the job ended.
+    async fn open(
+        &self,
+        offset: u64,
+        follow: bool,
+    ) -> Result<BoxStream<'static, Result<Bytes, ApiError>>, ApiError>;
+    /// The job's record.
+    async fn job(&self) -> Result<JobInfo, ApiError>;
+}
+
+/// One job's output on the scheduler.
+#[derive(Debug)]
+pub(crate) struct JobLogs<'a> {
+    pub(crate) api: &'a Api,
+    pub(crate) job_id: &'a str,
+}
+
+impl LogSource for JobLogs<'_> {
+    async fn open(
+        &self,
+        offset: u64,
+        follow: bool,
+    ) -> Result<BoxStream<'static, Result<Bytes, ApiError>>, ApiError> {
+        self.api
+            .logs(self.job_id, &LogsQuery { follow, offset })
+            .await
+    }
+
+    async fn job(&self) -> Result<JobInfo, ApiError> {
+        Ok(self.api.job(self.job_id).await?.parsed)
+    }
+}
+
+/// How hard to try after a dropped connection.
+#[derive(Debug, Clone)]
+pub(crate) struct Retry {
+    /// Wait before the first reconnect; doubled after each failure.
+    pub(crate) first_delay: Duration,
+    pub(crate) max_delay: Duration,
+    /// Reconnects in a row before giving up.
+    pub(crate) attempts: u32,
+    /// A connection that delivered bytes or lived this long was healthy:
+    /// the count of failures in a row starts again.
+    pub(crate) healthy_after: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            first_delay: Duration::from_millis(200),
+            max_delay: Duration::from_secs(5),
+            attempts: 10,
+            healthy_after: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why [`stream_output`] stopped early.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum FollowError {
+    /// The scheduler could not be reached (again), or refused.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error(
+        "{last}; gave up after {attempts} reconnects (resume with: clusterctl logs -f --offset {offset} {job})"
+    )]
+    GaveUp {
+        last: ApiError,
+        attempts: u32,
+        offset: u64,
+        job: String,
+    },
+    /// Writing the output failed (e.g. stdout was closed).
+    #[error("writing the job's output")]
+    Write(#[from] std::io::Error),
+}
+
+/// Writes the output of a job from byte `offset` to `out`, flushing each
+/// chunk as it arrives. With `follow`, keeps reading until the job has ended
+/// and returns its final record; without, returns `None` once the output so
+/// far is written.
+///
+/// Once the first request got an answer, a broken or refused connection is
+/// retried from the last byte written, after a growing delay, with one
+/// warning line on stderr each time.
+pub(crate) async fn stream_output<S: LogSource>(
+    source: &S,
+    job_id: &str,
+    mut offset: u64,
+    follow: bool,
+    out: &mut impl Write,
+    retry: &Retry,
+) -> Result<Option<JobInfo>, FollowError> {
+    let mut connected = false;
+    let mut failures = 0u32;
+    let mut delay = retry.first_delay;
+    // After the stream ended cleanly for a finished job, at most one more
+    // request to pick up bytes the job record says exist.
+    let mut tail_checked = false;
+
+    loop {
+        let opened_at = Instant::now();
+        let offset_before = offset;
+        let error = match source.open(offset, follow).await {
+            Err(e) => e,
+            Ok(mut body) => {
+                connected = true;
+                let mut broke = None;
+                while let Some(item) = body.next().await {
+                    match item {
+                        Ok(chunk) => {
+                            out.write_all(&chunk)?;
+                            out.flush()?;
+                            offset += chunk.len() as u64;
+                        }
+                        Err(e) => {
+                            broke = Some(e);
+                            break;
+                        }
+                    }
+                }
+                match broke {
+                    Some(e) => e,
+                    None if !follow => return Ok(None),
+                    None => match source.job().await {
+                        Ok(job) if job.done && (job.output_bytes <= offset || tail_checked) => {
+                            return Ok(Some(job));
+                        }
+                        Ok(job) => {
+                            tail_checked |= job.done;
+                            let message = if job.done {
+                                format!(
+                                    "the output stream ended at byte {offset} but the job wrote \
+                                     {} bytes",
+                                    job.output_bytes
+                                )
+                            } else {
+                                format!(
+                                    "the output stream ended at byte {offset} while the job is \
+                                     still {}",
+                                    job.state
+                                )
+                            };
+                            ApiError::Transport {
+                                message,
+                                retryable: true,
+                            }
+                        }
+                        Err(e) => e,
+                    },
+                }
+            }
+        };
+
+        if !connected || !error.is_retryable() {
+            return Err(error.into());
+        }
+        if offset > offset_before || opened_at.elapsed() >= retry.healthy_after {
+            failures = 0;
+            delay = retry.first_delay;
+        }
+        failures += 1;
+        if failures > retry.attempts {
+            return Err(FollowError::GaveUp {
+                last: error,
+                attempts: retry.attempts,
+                offset,
+                job: job_id.to_owned(),
+            });
+        }
+        eprintln!(
+            "clusterctl: {error}; resuming from byte {offset} in {} (attempt {failures}/{})",
+            humantime::format_duration(delay),
+            retry.attempts
+        );
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(retry.max_delay);
+    }
+}
+
+/// The exit code `run` and `logs -f` end with: the job's own exit code,
+/// 128+N when a signal N killed it, 1 when it was stopped or lost or failed
+/// without a code. A job that did not succeed never maps to 0.
+pub(crate) fn exit_code_of(job: &JobInfo) -> u8 {
+    match job.state.as_str() {
+        "succeeded" => 0,
+        "stopped" | "lost" => 1,
+        _ => match (job.exit_code, job.signal) {
+            (Some(code), _) if code != 0 => u8::try_from(code).unwrap_or(1),
+            (_, Some(signal)) if signal > 0 => u8::try_from(128 + signal).unwrap_or(255),
+            _ => 1,
+        },
+    }
+}
+
+/// One line for stderr about a job that did not succeed, or `None`.
+pub(crate) fn failure_summary(job: &JobInfo) -> Option<String> {
+    if job.state == "succeeded" {
+        return None;
+    }
+    let mut line = format!("job {} {}", job.job_id, job.state);
+    match (job.exit_code, job.signal) {
+        (Some(code), _) => line.push_str(&format!(" with exit code {code}")),
+        (None, Some(signal)) => line.push_str(&format!(" by signal {signal}")),
+        (None, None) => {}
+    }
+    // error_text says why a job could not run; with a code or signal it
+    // only repeats them.
+    if job.exit_code.is_none() && job.signal.is_none() && !job.error_text.is_empty() {
+        line.push_str(": ");
+        line.push_str(&job.error_text);
+    }
+    Some(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+    use std::collections::VecDeque;
+
+    use super::*;
+
+    fn job(state: &str, exit_code: Option<i32>, signal: Option<i32>) -> JobInfo {
+        JobInfo {
+            job_id: "j1".into(),
+            worker_id: "w1".into(),
+            command: "bash".into(),
+            path: "count.sh".into(),
+            args: vec![],
+            state: state.into(),
+            done: state != "running",
+            error: state == "failed",
+            error_text: String::new(),
+            exit_code,
+            signal,
+            created_at: "2025-01-01T00:00:00Z".into(),
+            started_at: None,
+            finished_at: None,
+            output_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(exit_code_of(&job("succeeded", Some(0), None)), 0);
+        assert_eq!(exit_code_of(&job("failed", Some(3), None)), 3);
+        assert_eq!(exit_code_of(&job("failed", None, Some(9))), 137);
+        assert_eq!(exit_code_of(&job("failed", None, None)), 1);
+        assert_eq!(exit_code_of(&job("failed", Some(0), None)), 1);
+        assert_eq!(exit_code_of(&job("failed", Some(300), None)), 1);
+        assert_eq!(exit_code_of(&job("stopped", None, Some(15))), 1);
+        assert_eq!(exit_code_of(&job("stopped", Some(0), None)), 1);
+        assert_eq!(exit_code_of(&job("lost", None, None)), 1);
+        assert_eq!(exit_code_of(&job("running", None, None)), 1);
+    }
+
+    #[test]
+    fn summaries() {
+        assert_eq!(failure_summary(&job("succeeded", Some(0), None)), None);
+        assert_eq!(
+            failure_summary(&job("failed", Some(3), None)).unwrap(),
+            "job j1 failed with exit code 3"
+        );
+        let mut cannot_run = job("failed", None, None);
+        cannot_run.error_text = "no plugin for .rb".into();
+        assert_eq!(
+            failure_summary(&cannot_run).unwrap(),
+            "job j1 failed: no plugin for .rb"
+        );
+    }
+
+    /// What one `open` answers: chunks, then maybe a break.
+    enum Answer {
+        Refuse(bool),
+        Body(Vec<&'static [u8]>, bool),
+    }
+
+    /// The whole output is `OUTPUT`; each answer serves from the offset it
+    /// was asked for, so a wrong offset shows up as lost or doubled bytes.
+    struct Fake {
+        answers: RefCell<VecDeque<Answer>>,
+        offsets: RefCell<Vec<u64>>,
+        final_job: JobInfo,
+    }
+
+    const OUTPUT: &[u8] = b"line 1\nline 2\nline 3\n";
+
+    fn dropped() -> ApiError {
+        ApiError::Transport {
+            message: "connection reset".into(),
+            retryable: true,
+        }
+    }
+
+    impl LogSource for Fake {
+        async fn open(
+            &self,
+            offset: u64,
+            _follow: bool,
+        ) -> Result<BoxStream<'static, Result<Bytes, ApiError>>, ApiError> {
+            self.offsets.borrow_mut().push(offset);
+            match self.answers.borrow_mut().pop_front() {
+                Some(Answer::Refuse(retryable)) => Err(ApiError::Transport {
+                    message: "connection refused".into(),
+                    retryable,
+                }),
+                Some(Answer::Body(sizes, breaks)) => {
+                    // Each element's length says how many bytes to serve.
+                    let mut at = offset as usize;
+                    let mut items: Vec<Result<Bytes, ApiError>> = Vec::new();
+                    for size in sizes {
+                        let end = (at + size.len()).min(OUTPUT.len());
+                        items.push(Ok(Bytes::from_static(&OUTPUT[at..end])));
+                        at = end;
+                    }
+                    if breaks {
+                        items.push(Err(dropped()));
+                    }
+                    Ok(futures_util::stream::iter(items).boxed())
+                }
+                None => Ok(futures_util::stream::iter(vec![Ok(Bytes::from_static(
+                    &OUTPUT[offset as usize..],
+                ))])
+                .boxed()),
+            }
+        }
+
+        async fn job(&self) -> Result<JobInfo, ApiError> {
+            Ok(self.final_job.clone())
+        }
+    }
+
+    fn fast() -> Retry {
+        Retry {
+            first_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(2),
+            attempts: 3,
+            healthy_after: Duration::from_secs(60),
+        }
+    }
+
+    fn finished() -> JobInfo {
+        let mut j = job("succeeded", Some(0), None);
+        j.output_bytes = OUTPUT.len() as u64;
+        j
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn resumes_after_drops_without_losing_or_repeating_bytes() {
+        let fake = Fake {
+            answers: RefCell::new(VecDeque::from([
+                Answer::Body(vec![b"1234567"], true),
+                Answer::Refuse(true),
+                Answer::Body(vec![b"12", b"12345"], true),
+                Answer::Body(vec![], true),
+            ])),
+            offsets: RefCell::new(vec![]),
+            final_job: finished(),
+        };
+        let mut out = Vec::new();
+        let job = rt()
+            .block_on(stream_output(&fake, "j1", 0, true, &mut out, &fast()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(out, OUTPUT);
+        assert_eq!(job.state, "succeeded");
+        assert_eq!(*fake.offsets.borrow(), [0, 7, 7, 14, 14]);
+    }
+
+    #[test]
+    fn starts_at_the_given_offset_and_without_follow_ends_with_the_body() {
+        let fake = Fake {
+            answers: RefCell::new(VecDeque::new()),
+            offsets: RefCell::new(vec![]),
+            final_job: job("running", None, None),
+        };
+        let mut out = Vec::new();
+        let job = rt()
+            .block_on(stream_output(&fake, "j1", 14, false, &mut out, &fast()))
+            .unwrap();
+        assert!(job.is_none());
+        assert_eq!(out, b"line 3\n");
+    }
+
+    #[test]
+    fn gives_up_after_the_attempts_and_says_how_to_resume() {
+        let fake = Fake {
+            answers: RefCell::new(VecDeque::from([
+                Answer::Body(vec![b"1234567"], true),
+                Answer::Refuse(true),
+                Answer::Refuse(true),
+                Answer::Refuse(true),
+            ])),
+            offsets: RefCell::new(vec![]),
+            final_job: finished(),
+        };
+        let mut out = Vec::new();
+        let err = rt()
+            .block_on(stream_output(&fake, "j1", 0, true, &mut out, &fast()))
+            .unwrap_err();
+        assert!(
+            matches!(err, FollowError::GaveUp { offset: 7, .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .ends_with("(resume with: clusterctl logs -f --offset 7 j1)"),
+            "{err}"
+        );
+        assert_eq!(out, b"line 1\n");
+    }
+
+    #[test]
+    fn the_first_request_and_lasting_errors_are_not_retried() {
+        let refused_first = Fake {
+            answers: RefCell::new(VecDeque::from([Answer::Refuse(true)])),
+            offsets: RefCell::new(vec![]),
+            final_job: finished(),
+        };
+        let err = rt()
+            .block_on(stream_output(
+                &refused_first,
+                "j1",
+                0,
+                true,
+                &mut Vec::new(),
+                &fast(),
+            ))
+            .unwrap_err();
+        assert!(matches!(err, FollowError::Api(_)), "{err}");
+
+        let lasting = Fake {
+            answers: RefCell::new(VecDeque::from([
+                Answer::Body(vec![b"1"], true),
+                Answer::Refuse(false),
+            ])),
+            offsets: RefCell::new(vec![]),
+            final_job: finished(),
+        };
+        let err = rt()
+            .block_on(stream_output(
+                &lasting,
+                "j1",
+                0,
+                true,
+                &mut Vec::new(),
+                &fast(),
+            ))
+            .unwrap_err();
+        assert!(matches!(err, FollowError::Api(_)), "{err}");
+        assert_eq!(*lasting.offsets.borrow(), [0, 1]);
+    }
+
+    #[test]
+    fn a_clean_end_before_the_job_ended_is_resumed() {
+        let fake = Fake {
+            answers: RefCell::new(VecDeque::from([Answer::Body(vec![b"1234567"], false)])),
+            offsets: RefCell::new(vec![]),
+            final_job: finished(),
+        };
+        let mut out = Vec::new();
+        rt().block_on(stream_output(&fake, "j1", 0, true, &mut out, &fast()))
+            .unwrap();
+        // The job says 21 bytes exist; the second request fetched the rest.
+        assert_eq!(out, OUTPUT);
+        assert_eq!(*fake.offsets.borrow(), [0, 7]);
+    }
+}

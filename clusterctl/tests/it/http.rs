@@ -1,0 +1,397 @@
+//! The HTTP API through a plain HTTPS client presenting the client certificate.
+
+use std::time::{Duration, Instant};
+
+use jobcluster_proto::http::{ErrorBody, JobInfo, JobStarted, WorkerList};
+use nix::sys::signal::Signal;
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::cluster::Cluster;
+use crate::harness::Daemon;
+
+async fn worker_id(cluster: &Cluster, name: &str) -> String {
+    let list: WorkerList = cluster
+        .http()
+        .get(format!("{}/v1/workers", cluster.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    list.workers
+        .into_iter()
+        .find(|w| w.name == name)
+        .unwrap()
+        .worker_id
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_original_routes_work_with_their_original_bodies() {
+    let cluster = Cluster::start(&["w1", "w2"]).await;
+    let http = cluster.http();
+    let url = cluster.url();
+    let w1 = worker_id(&cluster, "w1").await;
+
+    let reply = http
+        .post(format!("{url}/start"))
+        .json(&json!({"worker_id": w1, "command": "bash", "path": "count.sh"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), StatusCode::CREATED);
+    let started: JobStarted = reply.json().await.unwrap();
+
+    // /stream follows until the job ends.
+    let body = http
+        .post(format!("{url}/stream"))
+        .json(&json!({"worker_id": w1, "job_id": started.job_id}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(body.status(), StatusCode::OK);
+    assert_eq!(body.headers()["content-type"], "application/octet-stream");
+    let bytes = body.bytes().await.unwrap();
+    let expected: String = (1..=10).map(|i| format!("{i}\n")).collect::<String>() + "done\n";
+    assert_eq!(String::from_utf8_lossy(&bytes), expected);
+
+    let q: serde_json::Value = http
+        .post(format!("{url}/query"))
+        .json(&json!({"worker_id": w1, "job_id": started.job_id}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (q["done"].as_bool(), q["error"].as_bool()),
+        (Some(true), Some(false)),
+        "{q}"
+    );
+    assert_eq!(q["error_text"], "");
+
+    let stop: serde_json::Value = http
+        .post(format!("{url}/stop"))
+        .json(&json!({"worker_id": w1, "job_id": started.job_id}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stop["success"], true);
+
+    // The job belongs to w1: asking w2 about it is a 404.
+    let w2 = worker_id(&cluster, "w2").await;
+    let reply = http
+        .post(format!("{url}/query"))
+        .json(&json!({"worker_id": w2, "job_id": started.job_id}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), StatusCode::NOT_FOUND);
+
+    // And the v1 view of the same job.
+    let job: JobInfo = http
+        .get(format!("{url}/v1/jobs/{}", started.job_id))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (job.state.as_str(), job.exit_code, job.output_bytes),
+        ("succeeded", Some(0), 26)
+    );
+    assert!(job.finished_at.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_gets_a_documented_4xx_and_the_cluster_keeps_working() {
+    let cluster = Cluster::start(&["w1"]).await;
+    let http = cluster.http();
+    let url = cluster.url();
+    let w1 = worker_id(&cluster, "w1").await;
+    let unknown_job = uuid::Uuid::new_v4().to_string();
+    let cases: Vec<(&str, String, Option<String>, StatusCode, &str)> = vec![
+        (
+            "POST",
+            "/v1/jobs".into(),
+            Some("{not json".into()),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            "POST",
+            "/v1/jobs".into(),
+            Some("".into()),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            "POST",
+            "/v1/jobs".into(),
+            Some(json!({"worker_id": w1}).to_string()),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/jobs".into(),
+            Some(json!({"worker_id": w1, "path": 5}).to_string()),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/jobs".into(),
+            Some(json!({"worker_id": "nobody", "path": "count.sh"}).to_string()),
+            StatusCode::NOT_FOUND,
+            "worker_not_found",
+        ),
+        (
+            "POST",
+            "/v1/jobs".into(),
+            Some(json!({"worker_id": w1, "command": "cobol", "path": "count.sh"}).to_string()),
+            StatusCode::BAD_REQUEST,
+            "unknown_plugin",
+        ),
+        (
+            "POST",
+            "/v1/jobs".into(),
+            Some(json!({"worker_id": w1, "path": "../../etc/passwd"}).to_string()),
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+        ),
+        (
+            "POST",
+            "/v1/jobs".into(),
+            Some(json!({"worker_id": w1, "path": "/etc/passwd", "command": "bash"}).to_string()),
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+        ),
+        (
+            "POST",
+            "/v1/jobs".into(),
+            Some(json!({"worker_id": w1, "path": "missing.sh", "command": "bash"}).to_string()),
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+        ),
+        (
+            "POST",
+            "/start".into(),
+            Some(json!({"worker_id": w1, "path": "count.sh"}).to_string()),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "GET",
+            format!("/v1/jobs/{unknown_job}"),
+            None,
+            StatusCode::NOT_FOUND,
+            "job_not_found",
+        ),
+        (
+            "GET",
+            "/v1/jobs/not-a-uuid".into(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "invalid_job_id",
+        ),
+        (
+            "POST",
+            format!("/v1/jobs/{unknown_job}/stop"),
+            None,
+            StatusCode::NOT_FOUND,
+            "job_not_found",
+        ),
+        (
+            "GET",
+            format!("/v1/jobs/{unknown_job}/logs"),
+            None,
+            StatusCode::NOT_FOUND,
+            "job_not_found",
+        ),
+        (
+            "POST",
+            "/query".into(),
+            Some(json!({"worker_id": w1, "job_id": unknown_job}).to_string()),
+            StatusCode::NOT_FOUND,
+            "job_not_found",
+        ),
+        (
+            "POST",
+            "/stop".into(),
+            Some(json!({"worker_id": w1}).to_string()),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "GET",
+            "/v1/workers/nobody".into(),
+            None,
+            StatusCode::NOT_FOUND,
+            "worker_not_found",
+        ),
+        (
+            "GET",
+            "/v1/jobs?state=happy".into(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        (
+            "GET",
+            "/v1/jobs?limit=lots".into(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        (
+            "GET",
+            "/nowhere".into(),
+            None,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            "DELETE",
+            "/v1/jobs".into(),
+            None,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+        (
+            "POST",
+            "/v1/jobs".into(),
+            Some("x".repeat(2 << 20)),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+        ),
+    ];
+    for (method, path, body, status, code) in cases {
+        let mut request = http.request(method.parse().unwrap(), format!("{url}{path}"));
+        if let Some(body) = body {
+            request = request.body(body);
+        }
+        let reply = request.send().await.unwrap();
+        assert_eq!(reply.status(), status, "{method} {path}");
+        let error: ErrorBody = reply
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        assert_eq!(error.code, code, "{method} {path}: {}", error.error);
+        assert!(!error.error.is_empty());
+        // Still serving.
+        let ok = http.get(format!("{url}/v1/workers")).send().await.unwrap();
+        assert_eq!(ok.status(), StatusCode::OK);
+    }
+    // No escaped script ran and a valid job still works.
+    let reply = http
+        .post(format!("{url}/v1/jobs"))
+        .json(&json!({"worker_id": "w1", "path": "count.sh", "args": ["1", "0"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), StatusCode::CREATED);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_without_a_certificate_get_no_answer_and_other_roles_are_refused() {
+    let cluster = Cluster::start(&["w1"]).await;
+    let url = cluster.url();
+    let anonymous = cluster.http_as(None);
+    let err = anonymous
+        .get(format!("{url}/v1/workers"))
+        .send()
+        .await
+        .unwrap_err();
+    assert!(err.is_connect() || err.is_request(), "{err:?}");
+
+    // A worker certificate is from the right CA but not for the API.
+    let reply = cluster
+        .http_as(Some(("w1.pem", "w1-key.pem")))
+        .get(format!("{url}/v1/workers"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), StatusCode::FORBIDDEN);
+    let error: ErrorBody = reply.json().await.unwrap();
+    assert_eq!(error.code, "forbidden");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_with_a_certificate_from_another_ca_cannot_register() {
+    let mut cluster = Cluster::start(&["w1"]).await;
+    let other = cluster.tmp.path().join("other-pki");
+    crate::cluster::run_ok(&["pki", "init", other.to_str().unwrap()]);
+    crate::cluster::run_ok(&[
+        "pki",
+        "issue",
+        other.to_str().unwrap(),
+        "--role",
+        "worker",
+        "rogue",
+    ]);
+    let config =
+        cluster.write_worker_config("rogue", "other-pki/rogue.pem", "other-pki/rogue-key.pem");
+    let rogue = Daemon::spawn(
+        &crate::cluster::bin("workerd"),
+        &["--config", config.to_str().unwrap()],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !rogue.log().contains("registration failed") {
+        assert!(
+            Instant::now() < deadline,
+            "rogue never tried:\n{}",
+            rogue.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let list: WorkerList = cluster
+        .http()
+        .get(format!("{}/v1/workers?all=true", cluster.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(list.workers.iter().all(|w| w.name != "rogue"), "{list:?}");
+    cluster.workers.push(("rogue".into(), rogue));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dead_worker_answers_503_within_seconds() {
+    let mut cluster = Cluster::start(&["w1", "w2"]).await;
+    cluster.worker("w2").signal(Signal::SIGKILL);
+    cluster.worker("w2").wait(Duration::from_secs(10));
+    let started = Instant::now();
+    let reply = cluster
+        .http()
+        .post(format!("{}/v1/jobs", cluster.url()))
+        .json(&json!({"worker_id": "w2", "path": "count.sh"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let error: ErrorBody = reply.json().await.unwrap();
+    assert_eq!(error.code, "worker_unavailable");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
+    // w1 is unaffected.
+    let reply = cluster
+        .http()
+        .post(format!("{}/v1/jobs", cluster.url()))
+        .json(&json!({"worker_id": "w1", "path": "count.sh", "args": ["1", "0"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), StatusCode::CREATED);
+}

@@ -1,0 +1,11 @@
+//! End-to-end tests: the real `schedulerd`, two (or more) real `workerd`
+//! and the real `clusterctl`, on loopback with a PKI made by `clusterctl pki`.
+
+#![allow(unreachable_pub, clippy::unwrap_used, clippy::expect_used)]
+
+mod cli;
+mod cluster;
+#[allow(dead_code)]
+#[path = "../../../workerd/tests/it/harness.rs"]
+mod harness;
+mod http;
