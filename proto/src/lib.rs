@@ -28,4 +28,5 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 
 pub mod config;
 pub mod http;
+pub mod systemd;
 pub mod transport;

@@ -84,6 +84,12 @@ impl Default for StoreSection {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkersSection {
+    /// How often workers heartbeat (told to them at registration).
+    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// A worker not heard from for this long is `down`, its running jobs `lost`.
+    #[serde(default = "default_down_after", with = "humantime_serde")]
+    pub down_after: Duration,
     /// How long a call to a worker may take before the API answers 503.
     #[serde(default = "default_call_timeout", with = "humantime_serde")]
     pub call_timeout: Duration,
@@ -95,6 +101,8 @@ pub struct WorkersSection {
 impl Default for WorkersSection {
     fn default() -> Self {
         WorkersSection {
+            heartbeat_interval: default_heartbeat(),
+            down_after: default_down_after(),
             call_timeout: default_call_timeout(),
             connect_timeout: default_connect_timeout(),
         }
@@ -109,6 +117,12 @@ fn default_http_addr() -> String {
 }
 fn default_store_path() -> PathBuf {
     PathBuf::from("state/scheduler.db")
+}
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_down_after() -> Duration {
+    Duration::from_secs(15)
 }
 fn default_call_timeout() -> Duration {
     Duration::from_secs(10)
@@ -129,6 +143,8 @@ pub struct Config {
     pub store_path: PathBuf,
     pub call_timeout: Duration,
     pub connect_timeout: Duration,
+    pub heartbeat_interval: Duration,
+    pub down_after: Duration,
     /// Presented to workers (as server and as client) and trusted from them.
     pub grpc_tls: Tls,
     /// Presented to API clients and trusted from them.
@@ -193,7 +209,19 @@ impl Config {
         if file.workers.connect_timeout.is_zero() {
             return Err(err("workers.connect_timeout", "must be more than 0".into()));
         }
+        let w = &file.workers;
+        if w.heartbeat_interval < Duration::from_millis(100) {
+            return Err(err("workers.heartbeat_interval", "must be at least 100ms".into()));
+        }
+        if w.down_after <= w.heartbeat_interval {
+            return Err(err(
+                "workers.down_after",
+                "must be longer than workers.heartbeat_interval (a few intervals is usual)".into(),
+            ));
+        }
         Ok(Config {
+            heartbeat_interval: w.heartbeat_interval,
+            down_after: w.down_after,
             file: path.to_owned(),
             grpc_addr: g.addr.clone(),
             http_addr: h.addr.clone(),

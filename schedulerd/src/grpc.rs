@@ -6,22 +6,44 @@ use std::time::Duration;
 use jobcluster_pki::{PeerIdentity, Role};
 use jobcluster_proto::pb::scheduler_server::Scheduler;
 use jobcluster_proto::pb::{
-    DeregisterWorkerRequest, DeregisterWorkerResponse, RegisterWorkerRequest,
-    RegisterWorkerResponse,
+    DeregisterWorkerRequest, DeregisterWorkerResponse, HeartbeatRequest, HeartbeatResponse,
+    RegisterWorkerRequest, RegisterWorkerResponse,
 };
 use tonic::{Request, Response, Status};
 
-use crate::registry::{Registration, Registry};
+use crate::convert::row_from_report;
+use crate::registry::{RegisterError, Registration, Registry};
 use crate::store::Store;
 use crate::time::now_ms;
-
-/// How often workers should heartbeat (used from the next issue on).
-const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub(crate) struct SchedulerService {
     pub(crate) registry: Arc<Registry>,
     pub(crate) store: Store,
+    pub(crate) heartbeat_interval: Duration,
+    pub(crate) down_after: Duration,
+}
+
+impl SchedulerService {
+    async fn apply_reports(
+        &self,
+        worker_id: &str,
+        reports: &[jobcluster_proto::pb::QueryJobResponse],
+        complete: bool,
+    ) -> Result<(), Status> {
+        if reports.is_empty() && !complete {
+            return Ok(());
+        }
+        let rows = reports
+            .iter()
+            .filter(|r| uuid::Uuid::parse_str(&r.job_id).is_ok())
+            .map(|r| row_from_report(worker_id, r))
+            .collect();
+        self.store
+            .apply_reports(worker_id, rows, complete, now_ms())
+            .await
+            .map_err(internal)
+    }
 }
 
 /// Only workers may call the scheduler; returns the caller's identity.
@@ -73,20 +95,66 @@ impl Scheduler for SchedulerService {
             plugins: r.plugins,
             labels: r.labels.into_iter().collect(),
             previous_worker_id: r.previous_worker_id,
+            instance_id: r.instance_id,
         };
         let row = self
             .registry
-            .register(registration, now_ms())
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .register(registration, now_ms(), self.down_after)
+            .map_err(|e| match e {
+                RegisterError::Duplicate { .. } => {
+                    tracing::warn!(worker = %peer.name, error = %e, "refused a second worker with a taken name");
+                    Status::already_exists(e.to_string())
+                }
+                RegisterError::Address(e) => Status::invalid_argument(e.to_string()),
+            })?;
         self.store
             .upsert_worker(row.clone())
             .await
             .map_err(internal)?;
+        self.apply_reports(&row.worker_id, &r.jobs, true).await?;
         tracing::info!(worker_id = %row.worker_id, worker = %row.name, address = %row.address, plugins = ?row.plugins, "worker registered");
         Ok(Response::new(RegisterWorkerResponse {
             success: true,
             worker_id: row.worker_id,
-            heartbeat_interval_ms: HEARTBEAT_INTERVAL.as_millis() as u64,
+            heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u64,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let peer = authorize(&request, "Heartbeat")?;
+        let r = request.into_inner();
+        let known = self
+            .registry
+            .get(&r.worker_id)
+            .filter(|e| e.id() == r.worker_id)
+            .map(|e| e.row().name);
+        if let Some(name) = &known
+            && *name != peer.name
+        {
+            tracing::warn!(peer = %peer.name, worker_id = %r.worker_id, "refused a heartbeat for another worker's id");
+            return Err(Status::permission_denied("a worker may only heartbeat for itself"));
+        }
+        let Some((row, came_back)) = self.registry.heartbeat(&r.worker_id, &r.instance_id, now_ms())
+        else {
+            return Ok(Response::new(HeartbeatResponse {
+                known: false,
+                heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u64,
+            }));
+        };
+        if came_back {
+            tracing::info!(worker_id = %row.worker_id, worker = %row.name, "worker is back");
+            self.store
+                .set_worker_state(&row.worker_id, &row.state, row.last_seen_ms)
+                .await
+                .map_err(internal)?;
+        }
+        self.apply_reports(&row.worker_id, &r.jobs, false).await?;
+        Ok(Response::new(HeartbeatResponse {
+            known: true,
+            heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u64,
         }))
     }
 
@@ -116,5 +184,33 @@ impl Scheduler for SchedulerService {
             .map_err(internal)?;
         tracing::info!(worker_id = %row.worker_id, worker = %row.name, "worker deregistered");
         Ok(Response::new(DeregisterWorkerResponse { success: true }))
+    }
+}
+
+/// Marks workers that stopped heartbeating `down` and their running jobs
+/// `lost`, until `stop` fires.
+pub(crate) async fn watch_liveness(
+    registry: Arc<Registry>,
+    store: Store,
+    down_after: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    // Checking four times per timeout keeps detection within timeout + 25%.
+    let every = (down_after / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = stop.cancelled() => return,
+        }
+        let now = now_ms();
+        for row in registry.sweep(now, down_after) {
+            if let Err(error) = store.set_worker_state(&row.worker_id, "down", row.last_seen_ms).await {
+                tracing::error!(worker_id = %row.worker_id, %error, "could not record worker down");
+            }
+            match store.mark_lost(&row.worker_id, now).await {
+                Ok(lost) => tracing::warn!(worker_id = %row.worker_id, worker = %row.name, lost_jobs = lost.len(), "worker is down: no heartbeat"),
+                Err(error) => tracing::error!(worker_id = %row.worker_id, %error, "could not record lost jobs"),
+            }
+        }
     }
 }

@@ -18,6 +18,7 @@
 
 mod api;
 pub mod config;
+mod convert;
 mod grpc;
 mod registry;
 pub mod store;
@@ -74,7 +75,7 @@ pub async fn run(
         &[b"h2"],
     )?;
     let registry = Arc::new(registry::Registry::new(worker_tls, config.connect_timeout));
-    registry.load(store.workers().await?);
+    registry.load(store.workers().await?, time::now_ms());
 
     let stop = CancellationToken::new();
 
@@ -84,11 +85,20 @@ pub async fn run(
     let service = grpc::SchedulerService {
         registry: registry.clone(),
         store: store.clone(),
+        heartbeat_interval: config.heartbeat_interval,
+        down_after: config.down_after,
     };
+    let liveness = tokio::spawn(grpc::watch_liveness(
+        registry.clone(),
+        store.clone(),
+        config.down_after,
+        stop.clone(),
+    ));
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .add_service(SchedulerServer::new(service))
+        // A registration reports every job of the worker.
+        .add_service(SchedulerServer::new(service).max_decoding_message_size(64 << 20))
         .serve_with_incoming_shutdown(
             transport::tls_incoming(listeners.grpc, grpc_tls_rx),
             stop.clone().cancelled_owned(),
@@ -104,7 +114,7 @@ pub async fn run(
     let listener = api::tls::TlsListener::new(listeners.http, http_tls_rx).map_err(Error::Http)?;
     let app = api::router(api::AppState {
         registry,
-        store,
+        store: store.clone(),
         call_timeout: config.call_timeout,
     });
     let http = axum::serve(
@@ -114,8 +124,10 @@ pub async fn run(
     .with_graceful_shutdown(stop.clone().cancelled_owned());
     let http = tokio::spawn(async move { http.await });
     tracing::info!("scheduler ready");
+    jobcluster_proto::systemd::notify_ready();
 
     shutdown.await;
+    jobcluster_proto::systemd::notify_stopping();
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
     stop.cancel();
     let finished = tokio::time::timeout(SHUTDOWN_GRACE, async {
@@ -134,6 +146,8 @@ pub async fn run(
         }
         Err(_) => tracing::warn!("requests still open after the shutdown grace; closing them"),
     }
+    let _ = liveness.await;
+    store.close().await?;
     tracing::info!("scheduler stopped");
     Ok(())
 }

@@ -11,16 +11,37 @@ use tonic::transport::Channel;
 
 use crate::store::WorkerRow;
 
-/// One worker: its record and its channel.
+/// One worker: its record, the process instance that holds its name, and
+/// its channel.
 #[derive(Debug)]
 pub(crate) struct WorkerEntry {
     row: Mutex<WorkerRow>,
+    /// Empty until the worker has registered or heartbeated since this
+    /// scheduler started.
+    instance_id: Mutex<String>,
     client: WorkerClient<Channel>,
+}
+
+/// Why a registration was refused.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RegisterError {
+    #[error(transparent)]
+    Address(#[from] AddressError),
+    #[error("a worker named {name:?} is already registered from {address} and alive; a second worker with the same name is refused")]
+    Duplicate { name: String, address: String },
 }
 
 impl WorkerEntry {
     pub(crate) fn row(&self) -> WorkerRow {
         self.row.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn instance(&self) -> String {
+        self.instance_id.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_instance(&self, id: &str) {
+        *self.instance_id.lock().unwrap_or_else(|e| e.into_inner()) = id.to_owned();
     }
 
     pub(crate) fn id(&self) -> String {
@@ -62,6 +83,7 @@ pub(crate) struct Registration {
     pub(crate) plugins: Vec<String>,
     pub(crate) labels: BTreeMap<String, String>,
     pub(crate) previous_worker_id: String,
+    pub(crate) instance_id: String,
 }
 
 impl Registry {
@@ -77,14 +99,19 @@ impl Registry {
         let channel = transport::tls_channel(&row.address, self.tls.clone(), self.connect_timeout)?;
         Ok(Arc::new(WorkerEntry {
             row: Mutex::new(row),
+            instance_id: Mutex::new(String::new()),
             client: WorkerClient::new(channel),
         }))
     }
 
     /// Loads the workers recorded before a restart; their channels connect
-    /// on first use.
-    pub(crate) fn load(&self, rows: Vec<WorkerRow>) {
-        for row in rows {
+    /// on first use. Live workers count as seen now, so each gets a full
+    /// `down_after` to check in with this scheduler.
+    pub(crate) fn load(&self, rows: Vec<WorkerRow>, now_ms: u64) {
+        for mut row in rows {
+            if row.state != "left" {
+                row.last_seen_ms = now_ms;
+            }
             match self.entry(row.clone()) {
                 Ok(entry) => self.insert(entry),
                 Err(error) => {
@@ -126,8 +153,20 @@ impl Registry {
         &self,
         reg: Registration,
         now_ms: u64,
-    ) -> Result<WorkerRow, AddressError> {
+        down_after: Duration,
+    ) -> Result<WorkerRow, RegisterError> {
         let existing = self.get(&reg.name).filter(|e| e.row().name == reg.name);
+        if let Some(entry) = &existing {
+            let row = entry.row();
+            let holder = entry.instance();
+            let alive = now_ms.saturating_sub(row.last_seen_ms) < down_after.as_millis() as u64;
+            if row.state == "ready" && alive && !holder.is_empty() && holder != reg.instance_id {
+                return Err(RegisterError::Duplicate {
+                    name: row.name,
+                    address: row.address,
+                });
+            }
+        }
         let worker_id = match &existing {
             Some(entry) => entry.id(),
             None => match uuid::Uuid::parse_str(&reg.previous_worker_id) {
@@ -150,9 +189,72 @@ impl Registry {
             // Same address: keep the channel (and its live connection).
             Some(entry) if entry.row().address == row.address => {
                 entry.update(|r| *r = row.clone());
+                entry.set_instance(&reg.instance_id);
             }
-            _ => self.insert(self.entry(row.clone())?),
+            _ => {
+                let entry = self.entry(row.clone())?;
+                entry.set_instance(&reg.instance_id);
+                self.insert(entry);
+            }
         }
         Ok(row)
+    }
+
+    /// A heartbeat from `worker_id`. `None` when the scheduler does not
+    /// know this worker or this instance of it (it must register again).
+    /// Otherwise the updated record and whether the worker was down until now.
+    pub(crate) fn heartbeat(
+        &self,
+        worker_id: &str,
+        instance_id: &str,
+        now_ms: u64,
+    ) -> Option<(WorkerRow, bool)> {
+        let entry = self.get(worker_id).filter(|e| e.id() == worker_id)?;
+        let holder = entry.instance();
+        if holder.is_empty() {
+            // First word from this worker since the scheduler started.
+            entry.set_instance(instance_id);
+        } else if holder != instance_id {
+            return None;
+        }
+        if entry.row().state == "left" {
+            return None;
+        }
+        let mut came_back = false;
+        let row = entry.update(|r| {
+            came_back = r.state == "down";
+            if came_back {
+                r.state = "ready".to_owned();
+            }
+            r.last_seen_ms = now_ms;
+        });
+        Some((row, came_back))
+    }
+
+    /// Marks `ready` workers not heard from for `down_after` as `down` and
+    /// returns them.
+    pub(crate) fn sweep(&self, now_ms: u64, down_after: Duration) -> Vec<WorkerRow> {
+        let entries: Vec<_> = self
+            .maps
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_id
+            .values()
+            .cloned()
+            .collect();
+        let limit = down_after.as_millis() as u64;
+        entries
+            .iter()
+            .filter_map(|entry| {
+                let mut went_down = false;
+                let row = entry.update(|r| {
+                    if r.state == "ready" && now_ms.saturating_sub(r.last_seen_ms) > limit {
+                        r.state = "down".to_owned();
+                        went_down = true;
+                    }
+                });
+                went_down.then_some(row)
+            })
+            .collect()
     }
 }

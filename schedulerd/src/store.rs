@@ -254,54 +254,80 @@ impl Store {
     }
 
     pub async fn insert_job(&self, j: JobRow) -> Result<(), StoreError> {
+        self.write(move |c| insert_job(c, &j)).await
+    }
+
+    /// Records a job's latest status, as its worker reported it.
+    pub async fn update_job(&self, j: JobRow) -> Result<(), StoreError> {
+        self.write(move |c| update_job(c, &j).map(|_| ())).await
+    }
+
+    /// Applies a worker's reports about its jobs in one transaction: the
+    /// worker is the authority on its jobs. Jobs the scheduler never
+    /// recorded are added. With `complete` (a registration, which reports
+    /// every job), jobs recorded as running on this worker that it does not
+    /// know are recorded `lost`.
+    pub async fn apply_reports(
+        &self,
+        worker_id: &str,
+        reports: Vec<JobRow>,
+        complete: bool,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let worker_id = worker_id.to_owned();
         self.write(move |c| {
-            c.execute(
-                "INSERT INTO jobs (job_id, worker_id, command, path, args, state, error_text, exit_code,
-                   signal, created_at_ms, started_at_ms, finished_at_ms, output_bytes)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-                params![
-                    j.job_id,
-                    j.worker_id,
-                    j.command,
-                    j.path,
-                    to_json(&j.args),
-                    j.state,
-                    j.error_text,
-                    j.exit_code,
-                    j.signal,
-                    j.created_at_ms as i64,
-                    j.started_at_ms as i64,
-                    j.finished_at_ms as i64,
-                    j.output_bytes as i64
-                ],
-            )?;
-            Ok(())
+            let tx = c.transaction()?;
+            for row in &reports {
+                if update_job(&tx, row)? == 0 {
+                    let exists = tx
+                        .query_row("SELECT 1 FROM jobs WHERE job_id = ?1", [&row.job_id], |_| Ok(()))
+                        .optional()?
+                        .is_some();
+                    if !exists {
+                        insert_job(&tx, row)?;
+                    }
+                }
+            }
+            if complete {
+                let reported: std::collections::HashSet<&str> =
+                    reports.iter().map(|r| r.job_id.as_str()).collect();
+                let running: Vec<String> = tx
+                    .prepare("SELECT job_id FROM jobs WHERE worker_id = ?1 AND state = 'running'")?
+                    .query_map([&worker_id], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                for job_id in running.iter().filter(|id| !reported.contains(id.as_str())) {
+                    tx.execute(
+                        "UPDATE jobs SET state = 'lost', error_text = ?2, finished_at_ms = ?3
+                         WHERE job_id = ?1 AND state = 'running'",
+                        params![job_id, "its worker no longer knows the job", now_ms as i64],
+                    )?;
+                }
+            }
+            tx.commit()
         })
         .await
     }
 
-    /// Records a job's latest status. A finished job's record is final: a
-    /// late or stale report never turns it back into `running`.
-    pub async fn update_job(&self, j: JobRow) -> Result<(), StoreError> {
+    /// Records every running job of a worker that went down as `lost`;
+    /// returns their ids.
+    pub async fn mark_lost(&self, worker_id: &str, now_ms: u64) -> Result<Vec<String>, StoreError> {
+        let worker_id = worker_id.to_owned();
         self.write(move |c| {
-            c.execute(
-                "UPDATE jobs SET state = ?2, error_text = ?3, exit_code = ?4, signal = ?5,
-                   started_at_ms = ?6, finished_at_ms = ?7, output_bytes = ?8
-                 WHERE job_id = ?1 AND (state = 'running' OR ?2 != 'running')",
-                params![
-                    j.job_id,
-                    j.state,
-                    j.error_text,
-                    j.exit_code,
-                    j.signal,
-                    j.started_at_ms as i64,
-                    j.finished_at_ms as i64,
-                    j.output_bytes as i64
-                ],
+            let mut stmt = c.prepare(
+                "UPDATE jobs SET state = 'lost', error_text = 'its worker went down', finished_at_ms = ?2
+                 WHERE worker_id = ?1 AND state = 'running' RETURNING job_id",
             )?;
-            Ok(())
+            let ids = stmt
+                .query_map(params![worker_id, now_ms as i64], |r| r.get(0))?
+                .collect::<rusqlite::Result<Vec<String>>>();
+            ids
         })
         .await
+    }
+
+    /// Flushes the write-ahead log into the database file; call at shutdown.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        self.write(|c| c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")).await
     }
 
     pub async fn job(&self, job_id: &str) -> Result<Option<JobRow>, StoreError> {
@@ -357,6 +383,52 @@ impl Store {
         })
         .await
     }
+}
+
+fn insert_job(c: &Connection, j: &JobRow) -> rusqlite::Result<()> {
+    c.execute(
+        "INSERT INTO jobs (job_id, worker_id, command, path, args, state, error_text, exit_code,
+                   signal, created_at_ms, started_at_ms, finished_at_ms, output_bytes)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                params![
+                    j.job_id,
+                    j.worker_id,
+                    j.command,
+                    j.path,
+                    to_json(&j.args),
+                    j.state,
+                    j.error_text,
+                    j.exit_code,
+                    j.signal,
+                    j.created_at_ms as i64,
+                    j.started_at_ms as i64,
+                    j.finished_at_ms as i64,
+                    j.output_bytes as i64
+                ],
+    )?;
+    Ok(())
+}
+
+/// Updates a job from its worker's status. A job that ended never turns
+/// back into `running` (a stale answer racing the final one); `lost` may,
+/// when a worker that was cut off turns out to still run it.
+fn update_job(c: &Connection, j: &JobRow) -> rusqlite::Result<usize> {
+    c.execute(
+        "UPDATE jobs SET state = ?2, error_text = ?3, exit_code = ?4, signal = ?5,
+           started_at_ms = ?6, finished_at_ms = ?7, output_bytes = ?8
+         WHERE job_id = ?1
+           AND NOT (state IN ('succeeded', 'failed', 'stopped') AND ?2 = 'running')",
+        params![
+            j.job_id,
+            j.state,
+            j.error_text,
+            j.exit_code,
+            j.signal,
+            j.started_at_ms as i64,
+            j.finished_at_ms as i64,
+            j.output_bytes as i64
+        ],
+    )
 }
 
 const JOB_COLUMNS: &str =

@@ -19,6 +19,60 @@ pub struct ConfigFile {
     pub worker: WorkerSection,
     #[serde(default)]
     pub plugins: BTreeMap<String, PluginConfig>,
+    #[serde(default)]
+    pub retention: Retention,
+}
+
+/// Limits on kept output of finished jobs; none by default.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    /// Delete a finished job's output this long after it finished ("7d").
+    #[serde(default, with = "humantime_serde")]
+    pub max_age: Option<std::time::Duration>,
+    /// Keep at most this much finished output in total (bytes, or "10GiB").
+    #[serde(default, deserialize_with = "byte_size")]
+    pub max_bytes: Option<u64>,
+}
+
+/// A byte count: an integer, or a string with a unit (B, KB, MB, GB, TB,
+/// KiB, MiB, GiB, TiB).
+fn byte_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(u64),
+        Text(String),
+    }
+    match Option::<Raw>::deserialize(d)? {
+        None => Ok(None),
+        Some(Raw::Int(n)) => Ok(Some(n)),
+        Some(Raw::Text(text)) => parse_bytes(&text).map(Some).map_err(serde::de::Error::custom),
+    }
+}
+
+pub(crate) fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size: expected e.g. 500MiB or 10GB"))?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        other => return Err(format!("unknown size unit {other:?}: use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB")),
+    };
+    number
+        .checked_mul(factor)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 #[derive(Debug, Deserialize)]
@@ -97,6 +151,7 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub labels: BTreeMap<String, String>,
     pub plugins: BTreeMap<String, Plugin>,
+    pub retention: Retention,
     pub tls: TlsMaterial,
 }
 
@@ -213,7 +268,23 @@ impl Config {
             state_dir: resolve(&w.state_dir),
             labels: w.labels.clone(),
             plugins,
+            retention: file.retention,
             tls: TlsMaterial { identity, roots },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn sizes_take_units() {
+        assert_eq!(parse_bytes("512"), Ok(512));
+        assert_eq!(parse_bytes("10GiB"), Ok(10 << 30));
+        assert_eq!(parse_bytes("3 MB"), Ok(3_000_000));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("5 parsecs").is_err());
+        assert!(parse_bytes("99999999999TiB").is_err());
     }
 }

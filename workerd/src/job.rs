@@ -6,7 +6,7 @@
 //! a `watch` channel; followers read the file from their own offset and wake
 //! on that channel, so a slow follower never slows the job or anyone else.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::os::unix::process::ExitStatusExt;
@@ -22,7 +22,7 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -74,6 +74,9 @@ pub(crate) struct JobRecord {
     /// Process group while running: what a restarted worker must clean up.
     pub(crate) pgid: Option<i32>,
     pub(crate) output_bytes: u64,
+    /// The output log was deleted by the retention limits.
+    #[serde(default)]
+    pub(crate) output_expired: bool,
 }
 
 /// How far the output log has been written, and whether it is complete.
@@ -104,6 +107,8 @@ pub(crate) enum JobError {
     ShuttingDown,
     #[error("offset {offset} is past the end of the output ({len} bytes)")]
     OffsetPastEnd { offset: u64, len: u64 },
+    #[error("the output of job {0} was deleted by the worker's retention limits")]
+    OutputExpired(Uuid),
     #[error("worker storage: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -160,8 +165,23 @@ pub(crate) struct Jobs {
     plugins: BTreeMap<String, Plugin>,
     // std RwLock: lookups are short and never cross an await.
     map: RwLock<HashMap<Uuid, Arc<Job>>>,
+    changes: Arc<Changes>,
     accepting: AtomicBool,
     tracker: TaskTracker,
+}
+
+/// What the worker must tell others about: jobs whose state changed since
+/// the scheduler last heard of them, and a wake-up when one finishes.
+#[derive(Debug, Default)]
+struct Changes {
+    dirty: Mutex<HashSet<Uuid>>,
+    finished: Notify,
+}
+
+impl Changes {
+    fn mark(&self, ids: impl IntoIterator<Item = Uuid>) {
+        self.dirty.lock().unwrap_or_else(|e| e.into_inner()).extend(ids);
+    }
 }
 
 impl Jobs {
@@ -180,15 +200,28 @@ impl Jobs {
             .await
             .map_err(std::io::Error::other)??;
         let mut map = HashMap::new();
+        let mut dirty = HashSet::new();
         for (mut record, len) in loaded {
             if record.state == State::Running {
+                // The worker died under this job. Whatever is left of its
+                // process group must not live on unsupervised.
+                let id = record.id;
+                let pgid = record.pgid;
+                let killed = tokio::task::spawn_blocking(move || kill_leftovers(id, pgid))
+                    .await
+                    .unwrap_or(0);
                 record.state = State::Lost;
-                record.error_text = "the worker stopped while the job ran".into();
+                record.error_text = if killed > 0 {
+                    format!("the worker stopped while the job ran; {killed} leftover process(es) killed")
+                } else {
+                    "the worker stopped while the job ran".into()
+                };
                 record.finished_at_ms = now_ms();
                 record.pgid = None;
                 record.output_bytes = len;
                 write_record(&jobs_dir, &record).await?;
-                tracing::warn!(job_id = %record.id, "job was running when the worker stopped; recorded lost");
+                dirty.insert(record.id);
+                tracing::warn!(job_id = %record.id, killed, "job was running when the worker stopped; recorded lost");
             }
             let (progress, _) = watch::channel(Progress { len, done: true });
             let id = record.id;
@@ -208,9 +241,91 @@ impl Jobs {
             worker_name,
             plugins,
             map: RwLock::new(map),
+            changes: Arc::new(Changes {
+                dirty: Mutex::new(dirty),
+                finished: Notify::new(),
+            }),
             accepting: AtomicBool::new(true),
             tracker: TaskTracker::new(),
         })
+    }
+
+    /// Every job's record, newest first: what a (re-)registration reports.
+    pub(crate) fn all_records(&self) -> Vec<(JobRecord, u64)> {
+        let mut all: Vec<_> = self
+            .map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|j| (j.record(), j.progress.borrow().len))
+            .collect();
+        all.sort_by_key(|(r, _)| std::cmp::Reverse(r.created_at_ms));
+        all
+    }
+
+    /// Takes the jobs whose state changed since the last report. Give them
+    /// back with [`Jobs::mark_dirty`] if the report fails.
+    pub(crate) fn take_dirty(&self) -> Vec<(JobRecord, u64)> {
+        let ids: Vec<Uuid> = std::mem::take(&mut *self.changes.dirty.lock().unwrap_or_else(|e| e.into_inner()))
+            .into_iter()
+            .collect();
+        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        ids.iter()
+            .filter_map(|id| map.get(id))
+            .map(|j| (j.record(), j.progress.borrow().len))
+            .collect()
+    }
+
+    pub(crate) fn mark_dirty(&self, ids: impl IntoIterator<Item = Uuid>) {
+        self.changes.mark(ids);
+    }
+
+    /// Deletes the output of the oldest finished jobs until what is left is
+    /// younger than `max_age` and smaller than `max_bytes` in total. Their
+    /// records stay; their output reads as expired.
+    pub(crate) async fn apply_retention(&self, max_age: Option<Duration>, max_bytes: Option<u64>) {
+        let mut finished: Vec<Arc<Job>> = self
+            .map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|j| j.progress.borrow().done)
+            .filter(|j| !j.record().output_expired)
+            .cloned()
+            .collect();
+        finished.sort_by_key(|j| j.record().finished_at_ms);
+        let mut total: u64 = finished.iter().map(|j| j.progress.borrow().len).sum();
+        let now = now_ms();
+        for job in finished {
+            let record = job.record();
+            let too_old = max_age.is_some_and(|age| {
+                now.saturating_sub(record.finished_at_ms) > age.as_millis() as u64
+            });
+            let too_big = max_bytes.is_some_and(|max| total > max);
+            if !too_old && !too_big {
+                continue;
+            }
+            let len = job.progress.borrow().len;
+            match tokio::fs::remove_file(&job.log_path).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => {
+                    tracing::warn!(job_id = %record.id, %error, "could not delete expired output");
+                    continue;
+                }
+            }
+            total = total.saturating_sub(len);
+            let record = job.update(|r| r.output_expired = true);
+            if let Err(error) = write_record(&self.jobs_dir, &record).await {
+                tracing::warn!(job_id = %record.id, %error, "could not record expired output");
+            }
+            tracing::info!(job_id = %record.id, bytes = len, reason = if too_old { "age" } else { "size" }, "job output deleted by retention");
+        }
+    }
+
+    /// Resolves when some job has finished since the last call.
+    pub(crate) async fn job_finished(&self) {
+        self.changes.finished.notified().await;
     }
 
     pub(crate) fn get(&self, id: &str) -> Result<Arc<Job>, JobError> {
@@ -267,6 +382,7 @@ impl Jobs {
             finished_at_ms: 0,
             pgid: None,
             output_bytes: 0,
+            output_expired: false,
         };
 
         let spawned = self.spawn(plugin, &script, &req, id);
@@ -290,8 +406,11 @@ impl Jobs {
                 let grace = plugin.stop_grace;
                 let jobs_dir = self.jobs_dir.clone();
                 let supervised = job.clone();
+                let changes = self.changes.clone();
                 self.tracker.spawn(async move {
                     supervise(supervised, child, pgid, pump, grace, jobs_dir).await;
+                    changes.mark([id]);
+                    changes.finished.notify_one();
                 });
                 tracing::info!(job_id = %id, plugin = %record.command, path = %record.path, pgid, "job started");
             }
@@ -312,6 +431,7 @@ impl Jobs {
 
     fn insert(&self, job: &Arc<Job>) {
         let id = job.record().id;
+        self.mark_dirty([id]);
         self.map
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -592,6 +712,37 @@ fn signal_group(pgid: Option<i32>, signal: Signal) {
             tracing::warn!(pgid, %error, ?signal, "signalling the job's process group failed")
         }
     }
+}
+
+/// Kills what is left of a job whose worker died: every process in its
+/// recorded process group that still carries the job's id in its
+/// environment (a pid may have been reused by something else since).
+/// Returns how many processes were signalled.
+fn kill_leftovers(id: Uuid, pgid: Option<i32>) -> usize {
+    let Some(pgid) = pgid else { return 0 };
+    let needle = format!("JOB_ID={id}");
+    let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
+    let mut killed = 0;
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // Fields after the parenthesised command: state ppid pgrp ...
+        let in_group = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(2))
+            .and_then(|g| g.parse::<i32>().ok())
+            == Some(pgid);
+        if !in_group {
+            continue;
+        }
+        let ours = std::fs::read(entry.path().join("environ"))
+            .map(|env| env.split(|b| *b == 0).any(|v| v == needle.as_bytes()))
+            .unwrap_or(false);
+        if ours && nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
+            killed += 1;
+        }
+    }
+    killed
 }
 
 /// Reads up to `max` bytes of a log at `offset` on the blocking pool.

@@ -20,6 +20,7 @@ pub mod config;
 mod confine;
 mod job;
 mod membership;
+mod retention;
 mod service;
 
 use std::future::Future;
@@ -107,8 +108,11 @@ pub async fn run(
             plugins: plugin_names,
             labels: config.labels.clone().into_iter().collect(),
             previous_worker_id: String::new(),
+            instance_id: String::new(),
+            jobs: Vec::new(),
         },
         &config.state_dir,
+        jobs.clone(),
     );
     let server_config =
         jobcluster_pki::server_config(&config.tls.identity, &config.tls.roots, &[b"h2"])?;
@@ -123,19 +127,23 @@ pub async fn run(
         .serve_with_incoming_shutdown(incoming, stop_server.clone().cancelled_owned());
     let server = tokio::spawn(server);
     tracing::info!(worker = %config.name, "worker ready");
-    let stop_registering = CancellationToken::new();
-    let registering = {
+    jobcluster_proto::systemd::notify_ready();
+    let leave = CancellationToken::new();
+    let member = {
         let membership = membership.clone();
-        let cancel = stop_registering.clone();
-        tokio::spawn(async move { membership.register(&cancel).await })
+        let cancel = leave.clone();
+        tokio::spawn(async move { membership.run(cancel).await })
     };
+    let retention = tokio::spawn(retention::run(jobs.clone(), config.retention, leave.clone()));
 
     shutdown.await;
+    jobcluster_proto::systemd::notify_stopping();
     tracing::info!("shutting down: no new jobs, stopping running ones");
     jobs.shutdown().await;
-    stop_registering.cancel();
-    if let Ok(Some(worker_id)) = registering.await {
-        membership.deregister(worker_id).await;
+    leave.cancel();
+    let _ = retention.await;
+    if let Ok(Some(worker_id)) = member.await {
+        membership.leave(worker_id).await;
     }
     stop_server.cancel();
     match tokio::time::timeout(SERVER_DRAIN, server).await {

@@ -1,72 +1,150 @@
 //! The worker's membership in the cluster: registering with the scheduler
-//! (retrying with backoff while the worker already serves) and
-//! deregistering on a clean shutdown. The id the scheduler assigns is kept
-//! in `state_dir/worker_id` so the worker asks for it back after a restart.
+//! (retrying with backoff while the worker already serves), heartbeating
+//! with the jobs whose state changed, registering again when the scheduler
+//! no longer knows it, and leaving cleanly on shutdown. The id the
+//! scheduler assigns is kept in `state_dir/worker_id` so the worker asks
+//! for it back after a restart.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use jobcluster_proto::pb::scheduler_client::SchedulerClient;
-use jobcluster_proto::pb::{DeregisterWorkerRequest, RegisterWorkerRequest};
+use jobcluster_proto::pb::{DeregisterWorkerRequest, HeartbeatRequest, RegisterWorkerRequest};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
+
+use crate::job::{JobRecord, Jobs};
+use crate::service::to_pb_status;
 
 const FIRST_RETRY: Duration = Duration::from_millis(200);
 const MAX_RETRY: Duration = Duration::from_secs(10);
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub(crate) struct Membership {
     client: SchedulerClient<Channel>,
     request: RegisterWorkerRequest,
     id_file: PathBuf,
+    jobs: Arc<Jobs>,
+}
+
+fn reports(records: Vec<(JobRecord, u64)>) -> Vec<jobcluster_proto::pb::QueryJobResponse> {
+    records.iter().map(|(r, len)| to_pb_status(r, *len)).collect()
+}
+
+fn call<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(CALL_TIMEOUT);
+    request
 }
 
 impl Membership {
     pub(crate) fn new(
         client: SchedulerClient<Channel>,
-        request: RegisterWorkerRequest,
+        mut request: RegisterWorkerRequest,
         state_dir: &std::path::Path,
+        jobs: Arc<Jobs>,
     ) -> Self {
+        request.instance_id = uuid::Uuid::new_v4().to_string();
         Membership {
             client,
             request,
             id_file: state_dir.join("worker_id"),
+            jobs,
+        }
+    }
+
+    /// Stays a member until `cancel` fires; returns the worker id if the
+    /// worker was registered then.
+    pub(crate) async fn run(&self, cancel: CancellationToken) -> Option<String> {
+        loop {
+            let (worker_id, mut interval) = self.register(&cancel).await?;
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(interval) => {}
+                    () = cancel.cancelled() => return Some(worker_id),
+                }
+                match self.heartbeat(&worker_id).await {
+                    Ok(Some(next)) => interval = next,
+                    Ok(None) => {
+                        tracing::warn!(%worker_id, "the scheduler no longer knows this worker; registering again");
+                        break;
+                    }
+                    // The scheduler may be restarting: keep beating, and
+                    // register again once it answers that it forgot us.
+                    Err(status) => {
+                        tracing::warn!(%worker_id, code = ?status.code(), error = %status.message(), "heartbeat failed");
+                    }
+                }
+            }
+        }
+    }
+
+    /// One heartbeat with the jobs that changed. `Ok(None)`: unknown worker.
+    async fn heartbeat(&self, worker_id: &str) -> Result<Option<Duration>, tonic::Status> {
+        let changed = self.jobs.take_dirty();
+        let ids: Vec<_> = changed.iter().map(|(r, _)| r.id).collect();
+        let request = HeartbeatRequest {
+            worker_id: worker_id.to_owned(),
+            instance_id: self.request.instance_id.clone(),
+            jobs: reports(changed),
+        };
+        let mut client = self.client.clone();
+        match client.heartbeat(call(request)).await {
+            Ok(reply) => {
+                let reply = reply.into_inner();
+                if !reply.known {
+                    self.jobs.mark_dirty(ids);
+                    return Ok(None);
+                }
+                Ok(Some(interval(reply.heartbeat_interval_ms)))
+            }
+            Err(status) => {
+                self.jobs.mark_dirty(ids);
+                Err(status)
+            }
         }
     }
 
     /// Registers, retrying with exponential backoff until the scheduler
-    /// accepts or `cancel` fires. Returns the worker id.
-    pub(crate) async fn register(&self, cancel: &CancellationToken) -> Option<String> {
-        let mut request = self.request.clone();
-        request.previous_worker_id = tokio::fs::read_to_string(&self.id_file)
-            .await
-            .map(|s| s.trim().to_owned())
-            .unwrap_or_default();
+    /// accepts or `cancel` fires. Returns the worker id and heartbeat interval.
+    async fn register(&self, cancel: &CancellationToken) -> Option<(String, Duration)> {
         let mut delay = FIRST_RETRY;
         let mut attempt = 0u32;
         loop {
             attempt += 1;
+            let mut request = self.request.clone();
+            request.previous_worker_id = tokio::fs::read_to_string(&self.id_file)
+                .await
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default();
+            // A registration reports every job, so pending changes are included.
+            let pending: Vec<_> = self.jobs.take_dirty().iter().map(|(r, _)| r.id).collect();
+            request.jobs = reports(self.jobs.all_records());
             let mut client = self.client.clone();
-            let mut call = tonic::Request::new(request.clone());
-            call.set_timeout(CALL_TIMEOUT);
             let result = tokio::select! {
-                r = client.register_worker(call) => r,
-                () = cancel.cancelled() => return None,
+                r = client.register_worker(call(request)) => r,
+                () = cancel.cancelled() => {
+                    self.jobs.mark_dirty(pending);
+                    return None;
+                }
             };
             match result {
                 Ok(reply) => {
-                    let id = reply.into_inner().worker_id;
-                    if let Err(error) = tokio::fs::write(&self.id_file, &id).await {
+                    let reply = reply.into_inner();
+                    if let Err(error) = tokio::fs::write(&self.id_file, &reply.worker_id).await {
                         tracing::warn!(%error, file = %self.id_file.display(), "could not keep the worker id");
                     }
-                    tracing::info!(worker_id = %id, advertised = %self.request.address, "registered with the scheduler");
-                    return Some(id);
+                    tracing::info!(worker_id = %reply.worker_id, advertised = %self.request.address, "registered with the scheduler");
+                    return Some((reply.worker_id, interval(reply.heartbeat_interval_ms)));
                 }
                 Err(status) => {
-                    // Say it loudly once, then quietly: a scheduler that
-                    // starts after its workers is normal.
-                    if attempt == 1 || attempt.is_multiple_of(10) {
+                    self.jobs.mark_dirty(pending);
+                    // Say it loudly at first, then now and then: a scheduler
+                    // that starts after its workers is normal.
+                    if attempt <= 3 || attempt.is_multiple_of(10) {
                         tracing::warn!(attempt, code = ?status.code(), error = %status.message(), retry_in = ?delay, "scheduler registration failed; retrying");
                     } else {
                         tracing::debug!(attempt, error = %status.message(), "scheduler registration failed");
@@ -81,18 +159,30 @@ impl Membership {
         }
     }
 
-    pub(crate) async fn deregister(&self, worker_id: String) {
+    /// Reports the final states of the jobs stopped at shutdown, then
+    /// deregisters.
+    pub(crate) async fn leave(&self, worker_id: String) {
+        if let Err(status) = self.heartbeat(&worker_id).await {
+            tracing::warn!(%worker_id, error = %status.message(), "could not report final job states");
+        }
         let mut client = self.client.clone();
-        let mut call = tonic::Request::new(DeregisterWorkerRequest {
+        let request = DeregisterWorkerRequest {
             worker_id: worker_id.clone(),
-        });
-        call.set_timeout(CALL_TIMEOUT);
-        match tokio::time::timeout(CALL_TIMEOUT, client.deregister_worker(call)).await {
+        };
+        match tokio::time::timeout(CALL_TIMEOUT, client.deregister_worker(call(request))).await {
             Ok(Ok(_)) => tracing::info!(%worker_id, "deregistered from the scheduler"),
             Ok(Err(status)) => {
                 tracing::warn!(%worker_id, error = %status.message(), "deregistration failed")
             }
             Err(_) => tracing::warn!(%worker_id, "deregistration timed out"),
         }
+    }
+}
+
+fn interval(ms: u64) -> Duration {
+    if ms == 0 {
+        DEFAULT_HEARTBEAT
+    } else {
+        Duration::from_millis(ms).max(Duration::from_millis(100))
     }
 }

@@ -62,6 +62,7 @@ fn status(error: JobError) -> Status {
         JobError::Exists(_) => (Code::AlreadyExists, "job_exists"),
         JobError::ShuttingDown => (Code::Unavailable, "worker_unavailable"),
         JobError::OffsetPastEnd { .. } => (Code::OutOfRange, "offset_out_of_range"),
+        JobError::OutputExpired(_) => (Code::FailedPrecondition, "output_expired"),
         JobError::Io(_) => (Code::Internal, "worker_storage"),
     };
     if code == Code::Internal {
@@ -102,6 +103,7 @@ pub(crate) fn to_pb_status(r: &JobRecord, output_bytes: u64) -> QueryJobResponse
         command: r.command.clone(),
         path: r.path.clone(),
         args: r.args.clone(),
+        output_expired: r.output_expired,
     }
 }
 
@@ -171,6 +173,10 @@ impl Worker for WorkerService {
         let r = request.into_inner();
         let job = self.jobs.get(&r.job_id).map_err(status)?;
         let follow = r.follow.unwrap_or(true);
+        let record = job.record();
+        if record.output_expired {
+            return Err(status(JobError::OutputExpired(record.id)));
+        }
         let progress = *job.progress().borrow();
         if progress.done && r.offset > progress.len {
             return Err(status(JobError::OffsetPastEnd {

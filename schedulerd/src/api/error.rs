@@ -45,6 +45,20 @@ impl ApiError {
         )
     }
 
+    /// The worker cannot take requests: `down` (no heartbeat) or gone.
+    pub(crate) fn worker_not_ready(w: &crate::store::WorkerRow) -> Self {
+        let (code, why) = match w.state.as_str() {
+            "down" => ("worker_down", "is down (no heartbeat)".to_owned()),
+            "left" => ("worker_unavailable", "has left the cluster".to_owned()),
+            other => ("worker_unavailable", format!("is {other}, not ready")),
+        };
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            code,
+            format!("worker {} {why}", w.name),
+        )
+    }
+
     /// A worker's gRPC error. Workers put the API's code in metadata; a
     /// status without one is a transport failure: the worker is unreachable.
     pub(crate) fn from_worker(status: tonic::Status, worker: &str) -> Self {
@@ -54,6 +68,7 @@ impl ApiError {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let http = match status.code() {
+            _ if code.as_deref() == Some("output_expired") => StatusCode::GONE,
             Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => {
                 StatusCode::BAD_REQUEST
             }

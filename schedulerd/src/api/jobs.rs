@@ -19,7 +19,8 @@ use super::extract::{JsonBody, QueryParams};
 use super::{ApiError, AppState, with_deadline};
 use crate::registry::WorkerEntry;
 use crate::store::{JobQuery, JobRow, Store};
-use crate::time::{now_ms, rfc3339, rfc3339_opt};
+use crate::convert::{job_info, merge_status};
+use crate::time::now_ms;
 
 const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 1000;
@@ -124,11 +125,7 @@ pub(crate) async fn start_job(state: &AppState, body: StartJob) -> Result<JobSta
         .ok_or_else(|| ApiError::worker_not_found(&body.worker_id))?;
     let w = worker.row();
     if w.state != "ready" {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "worker_unavailable",
-            format!("worker {} is {}, not ready", w.name, w.state),
-        ));
+        return Err(ApiError::worker_not_ready(&w));
     }
     let job_id = uuid::Uuid::new_v4().to_string();
     let created_at_ms = now_ms();
@@ -199,11 +196,18 @@ pub(crate) async fn find_job(
     Ok(row)
 }
 
+/// The worker that owns a job, if it can be asked now. A `down` worker is
+/// answered for at once (503 `worker_down`) instead of after a timeout.
 fn worker_of(state: &AppState, row: &JobRow) -> Result<Arc<WorkerEntry>, ApiError> {
-    state
+    let worker = state
         .registry
         .get(&row.worker_id)
-        .ok_or_else(|| ApiError::worker_not_found(&row.worker_id))
+        .ok_or_else(|| ApiError::worker_not_found(&row.worker_id))?;
+    let w = worker.row();
+    if w.state == "down" {
+        return Err(ApiError::worker_not_ready(&w));
+    }
+    Ok(worker)
 }
 
 /// A running job's record brought up to date from its worker. If the
@@ -335,47 +339,3 @@ pub(crate) async fn stream_output(
         .into_response())
 }
 
-fn state_name(state: i32) -> &'static str {
-    match pb::JobState::try_from(state).unwrap_or(pb::JobState::Unspecified) {
-        pb::JobState::Running | pb::JobState::Unspecified => "running",
-        pb::JobState::Succeeded => "succeeded",
-        pb::JobState::Failed => "failed",
-        pb::JobState::Stopped => "stopped",
-        pb::JobState::Lost => "lost",
-    }
-}
-
-fn merge_status(row: &mut JobRow, s: &pb::QueryJobResponse) {
-    row.state = state_name(s.state).to_owned();
-    row.error_text = s.error_text.clone();
-    row.exit_code = s.exit_code;
-    row.signal = s.signal;
-    if s.started_at_ms != 0 {
-        row.started_at_ms = s.started_at_ms;
-    }
-    row.finished_at_ms = s.finished_at_ms;
-    row.output_bytes = s.output_bytes;
-    if row.command.is_empty() {
-        row.command = s.command.clone();
-    }
-}
-
-pub(crate) fn job_info(r: &JobRow) -> JobInfo {
-    JobInfo {
-        job_id: r.job_id.clone(),
-        worker_id: r.worker_id.clone(),
-        command: r.command.clone(),
-        path: r.path.clone(),
-        args: r.args.clone(),
-        state: r.state.clone(),
-        done: r.state != "running",
-        error: matches!(r.state.as_str(), "failed" | "lost"),
-        error_text: r.error_text.clone(),
-        exit_code: r.exit_code,
-        signal: r.signal,
-        created_at: rfc3339(r.created_at_ms),
-        started_at: rfc3339_opt(r.started_at_ms),
-        finished_at: rfc3339_opt(r.finished_at_ms),
-        output_bytes: r.output_bytes,
-    }
-}

@@ -8,7 +8,8 @@ use axum::response::Response;
 use jobcluster_proto::http::{JobInfo, JobRef, JobStarted, StartJob, StopResult};
 
 use super::extract::JsonBody;
-use super::jobs::{find_job, job_info, refresh, start_job, stop_job, stream_output};
+use super::jobs::{find_job, refresh, start_job, stop_job, stream_output};
+use crate::convert::job_info;
 use super::{ApiError, AppState};
 
 pub(crate) async fn start(
