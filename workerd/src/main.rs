@@ -51,27 +51,27 @@ fn run(args: Args) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
+        let shutdown = shutdown_signal()?;
         let (listener, addr) = jobcluster_proto::transport::bind(&config.listen_addr)
             .await
             .with_context(|| format!("binding grpc_server.addr {}", config.listen_addr))?;
         tracing::info!(%addr, "grpc server listening");
-        jobcluster_workerd::run(config, listener, shutdown_signal()).await?;
+        jobcluster_workerd::run(config, listener, shutdown).await?;
         Ok(())
     })
 }
 
-/// Resolves on the first SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Resolves on the first SIGTERM or SIGINT. The handlers are installed
+/// when this is called, not when the future is first polled, so a signal
+/// that arrives while the daemon starts is not lost (nor fatal).
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot listen for signals; stop the worker with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
+    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
 }

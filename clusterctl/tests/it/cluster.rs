@@ -83,25 +83,115 @@ impl Cluster {
 
     /// Issues a certificate for `name` and starts a worker with it.
     pub fn add_worker(&mut self, name: &str) {
+        self.add_worker_with(name, "");
+    }
+
+    /// Like [`add_worker`](Self::add_worker), with extra config appended.
+    pub fn add_worker_with(&mut self, name: &str, extra: &str) {
         let pki = self.pki();
-        run_ok(&[
-            "pki",
-            "issue",
-            pki.to_str().unwrap(),
-            "--role",
-            "worker",
-            name,
-        ]);
-        let config = self.write_worker_config(
+        run_ok(&["pki", "issue", pki.to_str().unwrap(), "--role", "worker", name]);
+        let config = self.write_worker_config_with(
             name,
             &format!("pki/{name}.pem"),
             &format!("pki/{name}-key.pem"),
+            extra,
         );
         let daemon = Daemon::spawn(&bin("workerd"), &["--config", config.to_str().unwrap()]);
         self.workers.push((name.to_owned(), daemon));
     }
 
+    /// Starts the worker `name` again from its existing config.
+    pub fn restart_worker(&mut self, name: &str) {
+        let config = self.tmp.path().join(format!("{name}.toml"));
+        let daemon = Daemon::spawn(&bin("workerd"), &["--config", config.to_str().unwrap()]);
+        *self.worker(name) = daemon;
+    }
+
+    /// Stops the scheduler with `signal` and starts it again on the same
+    /// ports with the same database.
+    pub fn restart_scheduler(&mut self, signal: nix::sys::signal::Signal) {
+        self.scheduler.signal(signal);
+        self.scheduler.wait(Duration::from_secs(20));
+        let config = SCHEDULER_CONFIG
+            .replacen("127.0.0.1:0", &self.grpc_addr, 1)
+            .replacen("127.0.0.1:0", &self.http_addr, 1);
+        let path = self.tmp.path().join("scheduler.toml");
+        std::fs::write(&path, config).unwrap();
+        self.scheduler = Daemon::spawn_with(
+            &bin("schedulerd"),
+            &["--config", path.to_str().unwrap()],
+            &["grpc", "http"],
+            &[],
+        );
+    }
+
+    /// The worker's own copy of a job's output.
+    pub fn worker_log(&self, worker: &str, job_id: &str) -> Vec<u8> {
+        let path = self.tmp.path().join("state").join(worker).join("jobs").join(job_id);
+        std::fs::read(path.join("output.log")).unwrap()
+    }
+
+    /// The worker's state, or "" while the scheduler does not know it.
+    pub async fn worker_state(&self, name: &str) -> String {
+        let reply = self
+            .http()
+            .get(format!("{}/v1/workers/{name}", self.url()))
+            .send()
+            .await
+            .unwrap();
+        if reply.status() != reqwest::StatusCode::OK {
+            return String::new();
+        }
+        reply.json::<WorkerInfo>().await.unwrap().state
+    }
+
+    pub async fn worker_info(&self, name: &str) -> WorkerInfo {
+        self.http()
+            .get(format!("{}/v1/workers/{name}", self.url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    pub async fn job(&self, job_id: &str) -> jobcluster_proto::http::JobInfo {
+        self.http()
+            .get(format!("{}/v1/jobs/{job_id}", self.url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Starts a job over HTTP; returns its id.
+    pub async fn start_job(&self, worker: &str, path: &str, args: &[&str]) -> String {
+        let reply = self
+            .http()
+            .post(format!("{}/v1/jobs", self.url()))
+            .json(&serde_json::json!({"worker_id": worker, "path": path, "args": args}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), reqwest::StatusCode::CREATED);
+        let started: jobcluster_proto::http::JobStarted = reply.json().await.unwrap();
+        started.job_id
+    }
+
     pub fn write_worker_config(&self, name: &str, crt: &str, key: &str) -> PathBuf {
+        self.write_worker_config_with(name, crt, key, "")
+    }
+
+    pub fn write_worker_config_with(
+        &self,
+        name: &str,
+        crt: &str,
+        key: &str,
+        extra: &str,
+    ) -> PathBuf {
         let config = self.tmp.path().join(format!("{name}.toml"));
         std::fs::write(
             &config,
@@ -127,6 +217,7 @@ stop_grace = "2s"
 
 [plugins.python]
 runner = "python"
+{extra}
 "#,
                 grpc = self.grpc_addr
             ),
@@ -209,6 +300,11 @@ addr = "127.0.0.1:0"
 
 [store]
 path = "state/scheduler.db"
+
+# Fast enough for tests to see a worker go down within seconds.
+[workers]
+heartbeat_interval = "250ms"
+down_after = "1500ms"
 "#;
 
 /// Runs clusterctl synchronously and asserts success.

@@ -8,4 +8,5 @@ mod cluster;
 #[allow(dead_code)]
 #[path = "../../../workerd/tests/it/harness.rs"]
 mod harness;
+mod faults;
 mod http;

@@ -1,0 +1,251 @@
+//! Membership and durability under crashes, restarts and shutdowns.
+
+use std::time::{Duration, Instant};
+
+use jobcluster_proto::http::{ErrorBody, JobList, WorkerList};
+use nix::sys::signal::Signal;
+use reqwest::StatusCode;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+
+use crate::cluster::{Cluster, stderr, stdout};
+use crate::harness::{Daemon, eventually, job_processes};
+
+/// Waits (without a fixed sleep) until `check` holds, asking the API.
+async fn until<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_worker_goes_down_its_jobs_are_lost_and_it_comes_back_clean() {
+    let mut cluster = Cluster::start(&["w1", "w2"]).await;
+    let w1_id = cluster.worker_info("w1").await.worker_id;
+    let finished = cluster.start_job("w1", "count.sh", &["2", "0"]).await;
+    until(Duration::from_secs(10), "first job to finish", || async {
+        cluster.job(&finished).await.state == "succeeded"
+    })
+    .await;
+    let running = cluster.start_job("w1", "count.sh", &["1000", "0.05"]).await;
+    assert!(eventually(Duration::from_secs(10), || !job_processes(&running).is_empty()).await);
+
+    cluster.worker("w1").signal(Signal::SIGKILL);
+    cluster.worker("w1").wait(Duration::from_secs(10));
+    let killed_at = Instant::now();
+    // down_after is 1.5 s in the test cluster: down and lost within it + 2 s.
+    until(Duration::from_millis(3500), "w1 down and its job lost", || async {
+        cluster.worker_info("w1").await.state == "down" && cluster.job(&running).await.state == "lost"
+    })
+    .await;
+    assert!(killed_at.elapsed() < Duration::from_millis(3500));
+
+    // A down worker is answered for at once.
+    let started = Instant::now();
+    let reply = cluster
+        .http()
+        .post(format!("{}/v1/jobs", cluster.url()))
+        .json(&serde_json::json!({"worker_id": "w1", "path": "count.sh"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.json::<ErrorBody>().await.unwrap().code, "worker_down");
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // w2 is not affected.
+    cluster.start_job("w2", "count.sh", &["1", "0"]).await;
+
+    cluster.restart_worker("w1");
+    until(Duration::from_secs(15), "w1 ready again", || async {
+        cluster.worker_state("w1").await == "ready"
+    })
+    .await;
+    assert_eq!(cluster.worker_info("w1").await.worker_id, w1_id, "same id after a restart");
+    assert!(job_processes(&running).is_empty(), "no process of the old job is left");
+    let job = cluster.job(&running).await;
+    assert_eq!(job.state, "lost");
+    let out = cluster.ctl_output(&["logs", &finished]).await;
+    assert_eq!((out.status.code(), stdout(&out).as_str()), (Some(0), "1\n2\ndone\n"));
+    // The lost job's output so far stays readable.
+    let out = cluster.ctl_output(&["logs", &running]).await;
+    assert!(stdout(&out).starts_with("1\n"), "{}", stderr(&out));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follower_survives_a_killed_scheduler_without_losing_a_byte() {
+    let mut cluster = Cluster::start(&["w1"]).await;
+    let job = cluster.start_job("w1", "count.sh", &["60", "0.05"]).await;
+    let mut follower = cluster
+        .ctl()
+        .args(["logs", "-f", &job])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = follower.stdout.take().unwrap();
+    let mut received = Vec::new();
+    let mut buf = [0u8; 64];
+    while !String::from_utf8_lossy(&received).contains("5\n") {
+        let n = out.read(&mut buf).await.unwrap();
+        assert!(n > 0);
+        received.extend_from_slice(&buf[..n]);
+    }
+    cluster.restart_scheduler(Signal::SIGKILL);
+    out.read_to_end(&mut received).await.unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), follower.wait()).await.unwrap().unwrap();
+    let mut err = String::new();
+    follower.stderr.take().unwrap().read_to_string(&mut err).await.unwrap();
+    assert_eq!(status.code(), Some(0), "follower: {err}");
+    let on_worker = cluster.worker_log("w1", &job);
+    assert_eq!(Sha256::digest(&received), Sha256::digest(&on_worker), "byte-identical to the worker's log");
+    assert!(received.ends_with(b"60\ndone\n"));
+    assert_eq!(cluster.job(&job).await.state, "succeeded");
+    until(Duration::from_secs(10), "w1 ready", || async {
+        cluster.worker_state("w1").await == "ready"
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_to_a_worker_stops_its_jobs_and_it_leaves() {
+    let mut cluster = Cluster::start(&["w1", "w2"]).await;
+    let a = cluster.start_job("w1", "count.sh", &["1000", "0.05"]).await;
+    let b = cluster.start_job("w1", "count.py", &["1000", "0.05"]).await;
+    assert!(eventually(Duration::from_secs(10), || !job_processes(&a).is_empty() && !job_processes(&b).is_empty()).await);
+    cluster.worker("w1").signal(Signal::SIGTERM);
+    let status = cluster.worker("w1").wait(Duration::from_secs(20));
+    assert!(status.success(), "exit 0: {status:?}");
+    for job in [&a, &b] {
+        assert_eq!(cluster.job(job).await.state, "stopped");
+        assert!(job_processes(job).is_empty());
+    }
+    assert_eq!(cluster.worker_info("w1").await.state, "left");
+    let listed: WorkerList = cluster
+        .http()
+        .get(format!("{}/v1/workers", cluster.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed.workers.iter().map(|w| w.name.as_str()).collect::<Vec<_>>(), ["w2"]);
+    let out = cluster.ctl_output(&["workers", "--all"]).await;
+    assert!(stdout(&out).contains("left"), "{}", stdout(&out));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_hundred_job_records_survive_a_killed_scheduler() {
+    let mut cluster = Cluster::start(&["w1", "w2"]).await;
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        let worker = if i % 2 == 0 { "w1" } else { "w2" };
+        ids.push(cluster.start_job(worker, "count.sh", &["1", "0.2"]).await);
+    }
+    // Some are still running when the scheduler dies.
+    cluster.restart_scheduler(Signal::SIGKILL);
+    until(Duration::from_secs(30), "every job recorded as succeeded", || async {
+        let list: JobList = cluster
+            .http()
+            .get(format!("{}/v1/jobs?limit=1000", cluster.url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        list.jobs.len() == 200 && list.jobs.iter().all(|j| j.state == "succeeded" && j.exit_code == Some(0))
+    })
+    .await;
+    let list: JobList = cluster
+        .http()
+        .get(format!("{}/v1/jobs?limit=1000", cluster.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut listed: Vec<_> = list.jobs.iter().map(|j| j.job_id.clone()).collect();
+    listed.sort();
+    ids.sort();
+    assert_eq!(listed, ids);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn expired_output_answers_410_and_the_record_stays() {
+    let mut cluster = Cluster::start(&["w1"]).await;
+    cluster.add_worker_with("w3", "[retention]\nmax_bytes = 20\n");
+    until(Duration::from_secs(10), "w3 ready", || async {
+        cluster.worker_state("w3").await == "ready"
+    })
+    .await;
+    let old = cluster.start_job("w3", "count.sh", &["5", "0"]).await;
+    until(Duration::from_secs(10), "first job done", || async { cluster.job(&old).await.done }).await;
+    let new = cluster.start_job("w3", "count.sh", &["5", "0"]).await;
+    until(Duration::from_secs(10), "second job done", || async { cluster.job(&new).await.done }).await;
+    until(Duration::from_secs(10), "old output expired", || async {
+        let reply = cluster
+            .http()
+            .get(format!("{}/v1/jobs/{old}/logs", cluster.url()))
+            .send()
+            .await
+            .unwrap();
+        reply.status() == StatusCode::GONE && reply.json::<ErrorBody>().await.unwrap().code == "output_expired"
+    })
+    .await;
+    assert_eq!(cluster.job(&old).await.state, "succeeded");
+    let out = cluster.ctl_output(&["logs", &new]).await;
+    assert_eq!(stdout(&out), "1\n2\n3\n4\n5\ndone\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_worker_with_a_taken_name_is_refused() {
+    let cluster = Cluster::start(&["w1"]).await;
+    let first = cluster.worker_info("w1").await;
+    let config = cluster.write_worker_config("w1-twin", "pki/w1.pem", "pki/w1-key.pem");
+    let text = std::fs::read_to_string(&config).unwrap().replace("name = \"w1-twin\"", "name = \"w1\"");
+    std::fs::write(&config, text).unwrap();
+    let twin = Daemon::spawn(&crate::cluster::bin("workerd"), &["--config", config.to_str().unwrap()]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !twin.log().contains("already registered") {
+        assert!(Instant::now() < deadline, "twin was not refused:\n{}", twin.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let now = cluster.worker_info("w1").await;
+    assert_eq!((now.worker_id, now.address), (first.worker_id, first.address));
+}
+
+#[test]
+fn the_daemons_tell_systemd_when_they_serve() {
+    let tmp = tempfile::tempdir().unwrap();
+    let socket_path = tmp.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let pki = tmp.path().join("pki");
+    crate::cluster::run_ok(&["pki", "init", pki.to_str().unwrap()]);
+    std::fs::write(
+        tmp.path().join("s.toml"),
+        "[grpc_server]\naddr = \"127.0.0.1:0\"\ncrt_file = \"pki/scheduler.pem\"\nkey_file = \"pki/scheduler-key.pem\"\nca_file = \"pki/ca.pem\"\n[http_server]\naddr = \"127.0.0.1:0\"\n[store]\npath = \"s.db\"\n",
+    )
+    .unwrap();
+    let mut daemon = Daemon::spawn_with(
+        &crate::cluster::bin("schedulerd"),
+        &["--config", tmp.path().join("s.toml").to_str().unwrap()],
+        &["grpc", "http"],
+        &[("NOTIFY_SOCKET", socket_path.to_str().unwrap())],
+    );
+    let mut buf = [0u8; 64];
+    let n = socket.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"READY=1");
+    daemon.signal(Signal::SIGTERM);
+    let n = socket.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    assert!(daemon.wait(Duration::from_secs(20)).success(), "schedulerd exits 0 on SIGTERM");
+}
