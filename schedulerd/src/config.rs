@@ -211,7 +211,10 @@ impl Config {
         }
         let w = &file.workers;
         if w.heartbeat_interval < Duration::from_millis(100) {
-            return Err(err("workers.heartbeat_interval", "must be at least 100ms".into()));
+            return Err(err(
+                "workers.heartbeat_interval",
+                "must be at least 100ms".into(),
+            ));
         }
         if w.down_after <= w.heartbeat_interval {
             return Err(err(

@@ -135,9 +135,13 @@ impl Scheduler for SchedulerService {
             && *name != peer.name
         {
             tracing::warn!(peer = %peer.name, worker_id = %r.worker_id, "refused a heartbeat for another worker's id");
-            return Err(Status::permission_denied("a worker may only heartbeat for itself"));
+            return Err(Status::permission_denied(
+                "a worker may only heartbeat for itself",
+            ));
         }
-        let Some((row, came_back)) = self.registry.heartbeat(&r.worker_id, &r.instance_id, now_ms())
+        let Some((row, came_back)) =
+            self.registry
+                .heartbeat(&r.worker_id, &r.instance_id, now_ms())
         else {
             return Ok(Response::new(HeartbeatResponse {
                 known: false,
@@ -204,12 +208,19 @@ pub(crate) async fn watch_liveness(
         }
         let now = now_ms();
         for row in registry.sweep(now, down_after) {
-            if let Err(error) = store.set_worker_state(&row.worker_id, "down", row.last_seen_ms).await {
+            if let Err(error) = store
+                .set_worker_state(&row.worker_id, "down", row.last_seen_ms)
+                .await
+            {
                 tracing::error!(worker_id = %row.worker_id, %error, "could not record worker down");
             }
             match store.mark_lost(&row.worker_id, now).await {
-                Ok(lost) => tracing::warn!(worker_id = %row.worker_id, worker = %row.name, lost_jobs = lost.len(), "worker is down: no heartbeat"),
-                Err(error) => tracing::error!(worker_id = %row.worker_id, %error, "could not record lost jobs"),
+                Ok(lost) => {
+                    tracing::warn!(worker_id = %row.worker_id, worker = %row.name, lost_jobs = lost.len(), "worker is down: no heartbeat")
+                }
+                Err(error) => {
+                    tracing::error!(worker_id = %row.worker_id, %error, "could not record lost jobs")
+                }
             }
         }
     }

@@ -27,7 +27,9 @@ pub(crate) struct WorkerEntry {
 pub(crate) enum RegisterError {
     #[error(transparent)]
     Address(#[from] AddressError),
-    #[error("a worker named {name:?} is already registered from {address} and alive; a second worker with the same name is refused")]
+    #[error(
+        "a worker named {name:?} is already registered from {address} and alive; a second worker with the same name is refused"
+    )]
     Duplicate { name: String, address: String },
 }
 
@@ -37,7 +39,10 @@ impl WorkerEntry {
     }
 
     fn instance(&self) -> String {
-        self.instance_id.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.instance_id
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn set_instance(&self, id: &str) {

@@ -280,7 +280,11 @@ impl Store {
             for row in &reports {
                 if update_job(&tx, row)? == 0 {
                     let exists = tx
-                        .query_row("SELECT 1 FROM jobs WHERE job_id = ?1", [&row.job_id], |_| Ok(()))
+                        .query_row(
+                            "SELECT 1 FROM jobs WHERE job_id = ?1",
+                            [&row.job_id],
+                            |_| Ok(()),
+                        )
                         .optional()?
                         .is_some();
                     if !exists {
@@ -319,15 +323,16 @@ impl Store {
             )?;
             let ids = stmt
                 .query_map(params![worker_id, now_ms as i64], |r| r.get(0))?
-                .collect::<rusqlite::Result<Vec<String>>>();
-            ids
+                .collect::<rusqlite::Result<Vec<String>>>()?;
+            Ok(ids)
         })
         .await
     }
 
     /// Flushes the write-ahead log into the database file; call at shutdown.
     pub async fn close(&self) -> Result<(), StoreError> {
-        self.write(|c| c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")).await
+        self.write(|c| c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);"))
+            .await
     }
 
     pub async fn job(&self, job_id: &str) -> Result<Option<JobRow>, StoreError> {
@@ -390,21 +395,21 @@ fn insert_job(c: &Connection, j: &JobRow) -> rusqlite::Result<()> {
         "INSERT INTO jobs (job_id, worker_id, command, path, args, state, error_text, exit_code,
                    signal, created_at_ms, started_at_ms, finished_at_ms, output_bytes)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-                params![
-                    j.job_id,
-                    j.worker_id,
-                    j.command,
-                    j.path,
-                    to_json(&j.args),
-                    j.state,
-                    j.error_text,
-                    j.exit_code,
-                    j.signal,
-                    j.created_at_ms as i64,
-                    j.started_at_ms as i64,
-                    j.finished_at_ms as i64,
-                    j.output_bytes as i64
-                ],
+        params![
+            j.job_id,
+            j.worker_id,
+            j.command,
+            j.path,
+            to_json(&j.args),
+            j.state,
+            j.error_text,
+            j.exit_code,
+            j.signal,
+            j.created_at_ms as i64,
+            j.started_at_ms as i64,
+            j.finished_at_ms as i64,
+            j.output_bytes as i64
+        ],
     )?;
     Ok(())
 }

@@ -47,13 +47,17 @@ fn byte_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::E
     match Option::<Raw>::deserialize(d)? {
         None => Ok(None),
         Some(Raw::Int(n)) => Ok(Some(n)),
-        Some(Raw::Text(text)) => parse_bytes(&text).map(Some).map_err(serde::de::Error::custom),
+        Some(Raw::Text(text)) => parse_bytes(&text)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
     }
 }
 
 pub(crate) fn parse_bytes(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let number: u64 = number
         .parse()
@@ -68,7 +72,11 @@ pub(crate) fn parse_bytes(text: &str) -> Result<u64, String> {
         "MiB" => 1 << 20,
         "GiB" => 1 << 30,
         "TiB" => 1 << 40,
-        other => return Err(format!("unknown size unit {other:?}: use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB")),
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?}: use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB"
+            ));
+        }
     };
     number
         .checked_mul(factor)

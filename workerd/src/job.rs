@@ -180,7 +180,10 @@ struct Changes {
 
 impl Changes {
     fn mark(&self, ids: impl IntoIterator<Item = Uuid>) {
-        self.dirty.lock().unwrap_or_else(|e| e.into_inner()).extend(ids);
+        self.dirty
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(ids);
     }
 }
 
@@ -212,7 +215,9 @@ impl Jobs {
                     .unwrap_or(0);
                 record.state = State::Lost;
                 record.error_text = if killed > 0 {
-                    format!("the worker stopped while the job ran; {killed} leftover process(es) killed")
+                    format!(
+                        "the worker stopped while the job ran; {killed} leftover process(es) killed"
+                    )
                 } else {
                     "the worker stopped while the job ran".into()
                 };
@@ -266,9 +271,10 @@ impl Jobs {
     /// Takes the jobs whose state changed since the last report. Give them
     /// back with [`Jobs::mark_dirty`] if the report fails.
     pub(crate) fn take_dirty(&self) -> Vec<(JobRecord, u64)> {
-        let ids: Vec<Uuid> = std::mem::take(&mut *self.changes.dirty.lock().unwrap_or_else(|e| e.into_inner()))
-            .into_iter()
-            .collect();
+        let ids: Vec<Uuid> =
+            std::mem::take(&mut *self.changes.dirty.lock().unwrap_or_else(|e| e.into_inner()))
+                .into_iter()
+                .collect();
         let map = self.map.read().unwrap_or_else(|e| e.into_inner());
         ids.iter()
             .filter_map(|id| map.get(id))
@@ -721,11 +727,17 @@ fn signal_group(pgid: Option<i32>, signal: Signal) {
 fn kill_leftovers(id: Uuid, pgid: Option<i32>) -> usize {
     let Some(pgid) = pgid else { return 0 };
     let needle = format!("JOB_ID={id}");
-    let Ok(entries) = std::fs::read_dir("/proc") else { return 0 };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
     let mut killed = 0;
     for entry in entries.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
         // Fields after the parenthesised command: state ppid pgrp ...
         let in_group = stat
             .rsplit_once(')')

@@ -134,7 +134,11 @@ pub async fn run(
         let cancel = leave.clone();
         tokio::spawn(async move { membership.run(cancel).await })
     };
-    let retention = tokio::spawn(retention::run(jobs.clone(), config.retention, leave.clone()));
+    let retention = tokio::spawn(retention::run(
+        jobs.clone(),
+        config.retention,
+        leave.clone(),
+    ));
 
     shutdown.await;
     jobcluster_proto::systemd::notify_stopping();

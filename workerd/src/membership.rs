@@ -31,7 +31,10 @@ pub(crate) struct Membership {
 }
 
 fn reports(records: Vec<(JobRecord, u64)>) -> Vec<jobcluster_proto::pb::QueryJobResponse> {
-    records.iter().map(|(r, len)| to_pb_status(r, *len)).collect()
+    records
+        .iter()
+        .map(|(r, len)| to_pb_status(r, *len))
+        .collect()
 }
 
 fn call<T>(message: T) -> tonic::Request<T> {

@@ -89,7 +89,14 @@ impl Cluster {
     /// Like [`add_worker`](Self::add_worker), with extra config appended.
     pub fn add_worker_with(&mut self, name: &str, extra: &str) {
         let pki = self.pki();
-        run_ok(&["pki", "issue", pki.to_str().unwrap(), "--role", "worker", name]);
+        run_ok(&[
+            "pki",
+            "issue",
+            pki.to_str().unwrap(),
+            "--role",
+            "worker",
+            name,
+        ]);
         let config = self.write_worker_config_with(
             name,
             &format!("pki/{name}.pem"),
@@ -127,7 +134,13 @@ impl Cluster {
 
     /// The worker's own copy of a job's output.
     pub fn worker_log(&self, worker: &str, job_id: &str) -> Vec<u8> {
-        let path = self.tmp.path().join("state").join(worker).join("jobs").join(job_id);
+        let path = self
+            .tmp
+            .path()
+            .join("state")
+            .join(worker)
+            .join("jobs")
+            .join(job_id);
         std::fs::read(path.join("output.log")).unwrap()
     }
 

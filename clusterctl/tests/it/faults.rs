@@ -34,15 +34,24 @@ async fn a_killed_worker_goes_down_its_jobs_are_lost_and_it_comes_back_clean() {
     })
     .await;
     let running = cluster.start_job("w1", "count.sh", &["1000", "0.05"]).await;
-    assert!(eventually(Duration::from_secs(10), || !job_processes(&running).is_empty()).await);
+    assert!(
+        eventually(Duration::from_secs(10), || !job_processes(&running)
+            .is_empty())
+        .await
+    );
 
     cluster.worker("w1").signal(Signal::SIGKILL);
     cluster.worker("w1").wait(Duration::from_secs(10));
     let killed_at = Instant::now();
     // down_after is 1.5 s in the test cluster: down and lost within it + 2 s.
-    until(Duration::from_millis(3500), "w1 down and its job lost", || async {
-        cluster.worker_info("w1").await.state == "down" && cluster.job(&running).await.state == "lost"
-    })
+    until(
+        Duration::from_millis(3500),
+        "w1 down and its job lost",
+        || async {
+            cluster.worker_info("w1").await.state == "down"
+                && cluster.job(&running).await.state == "lost"
+        },
+    )
     .await;
     assert!(killed_at.elapsed() < Duration::from_millis(3500));
 
@@ -66,12 +75,22 @@ async fn a_killed_worker_goes_down_its_jobs_are_lost_and_it_comes_back_clean() {
         cluster.worker_state("w1").await == "ready"
     })
     .await;
-    assert_eq!(cluster.worker_info("w1").await.worker_id, w1_id, "same id after a restart");
-    assert!(job_processes(&running).is_empty(), "no process of the old job is left");
+    assert_eq!(
+        cluster.worker_info("w1").await.worker_id,
+        w1_id,
+        "same id after a restart"
+    );
+    assert!(
+        job_processes(&running).is_empty(),
+        "no process of the old job is left"
+    );
     let job = cluster.job(&running).await;
     assert_eq!(job.state, "lost");
     let out = cluster.ctl_output(&["logs", &finished]).await;
-    assert_eq!((out.status.code(), stdout(&out).as_str()), (Some(0), "1\n2\ndone\n"));
+    assert_eq!(
+        (out.status.code(), stdout(&out).as_str()),
+        (Some(0), "1\n2\ndone\n")
+    );
     // The lost job's output so far stays readable.
     let out = cluster.ctl_output(&["logs", &running]).await;
     assert!(stdout(&out).starts_with("1\n"), "{}", stderr(&out));
@@ -98,12 +117,25 @@ async fn a_follower_survives_a_killed_scheduler_without_losing_a_byte() {
     }
     cluster.restart_scheduler(Signal::SIGKILL);
     out.read_to_end(&mut received).await.unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(30), follower.wait()).await.unwrap().unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), follower.wait())
+        .await
+        .unwrap()
+        .unwrap();
     let mut err = String::new();
-    follower.stderr.take().unwrap().read_to_string(&mut err).await.unwrap();
+    follower
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .await
+        .unwrap();
     assert_eq!(status.code(), Some(0), "follower: {err}");
     let on_worker = cluster.worker_log("w1", &job);
-    assert_eq!(Sha256::digest(&received), Sha256::digest(&on_worker), "byte-identical to the worker's log");
+    assert_eq!(
+        Sha256::digest(&received),
+        Sha256::digest(&on_worker),
+        "byte-identical to the worker's log"
+    );
     assert!(received.ends_with(b"60\ndone\n"));
     assert_eq!(cluster.job(&job).await.state, "succeeded");
     until(Duration::from_secs(10), "w1 ready", || async {
@@ -117,7 +149,11 @@ async fn sigterm_to_a_worker_stops_its_jobs_and_it_leaves() {
     let mut cluster = Cluster::start(&["w1", "w2"]).await;
     let a = cluster.start_job("w1", "count.sh", &["1000", "0.05"]).await;
     let b = cluster.start_job("w1", "count.py", &["1000", "0.05"]).await;
-    assert!(eventually(Duration::from_secs(10), || !job_processes(&a).is_empty() && !job_processes(&b).is_empty()).await);
+    assert!(
+        eventually(Duration::from_secs(10), || !job_processes(&a).is_empty()
+            && !job_processes(&b).is_empty())
+        .await
+    );
     cluster.worker("w1").signal(Signal::SIGTERM);
     let status = cluster.worker("w1").wait(Duration::from_secs(20));
     assert!(status.success(), "exit 0: {status:?}");
@@ -135,7 +171,14 @@ async fn sigterm_to_a_worker_stops_its_jobs_and_it_leaves() {
         .json()
         .await
         .unwrap();
-    assert_eq!(listed.workers.iter().map(|w| w.name.as_str()).collect::<Vec<_>>(), ["w2"]);
+    assert_eq!(
+        listed
+            .workers
+            .iter()
+            .map(|w| w.name.as_str())
+            .collect::<Vec<_>>(),
+        ["w2"]
+    );
     let out = cluster.ctl_output(&["workers", "--all"]).await;
     assert!(stdout(&out).contains("left"), "{}", stdout(&out));
 }
@@ -150,18 +193,26 @@ async fn two_hundred_job_records_survive_a_killed_scheduler() {
     }
     // Some are still running when the scheduler dies.
     cluster.restart_scheduler(Signal::SIGKILL);
-    until(Duration::from_secs(30), "every job recorded as succeeded", || async {
-        let list: JobList = cluster
-            .http()
-            .get(format!("{}/v1/jobs?limit=1000", cluster.url()))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        list.jobs.len() == 200 && list.jobs.iter().all(|j| j.state == "succeeded" && j.exit_code == Some(0))
-    })
+    until(
+        Duration::from_secs(30),
+        "every job recorded as succeeded",
+        || async {
+            let list: JobList = cluster
+                .http()
+                .get(format!("{}/v1/jobs?limit=1000", cluster.url()))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            list.jobs.len() == 200
+                && list
+                    .jobs
+                    .iter()
+                    .all(|j| j.state == "succeeded" && j.exit_code == Some(0))
+        },
+    )
     .await;
     let list: JobList = cluster
         .http()
@@ -187,9 +238,15 @@ async fn expired_output_answers_410_and_the_record_stays() {
     })
     .await;
     let old = cluster.start_job("w3", "count.sh", &["5", "0"]).await;
-    until(Duration::from_secs(10), "first job done", || async { cluster.job(&old).await.done }).await;
+    until(Duration::from_secs(10), "first job done", || async {
+        cluster.job(&old).await.done
+    })
+    .await;
     let new = cluster.start_job("w3", "count.sh", &["5", "0"]).await;
-    until(Duration::from_secs(10), "second job done", || async { cluster.job(&new).await.done }).await;
+    until(Duration::from_secs(10), "second job done", || async {
+        cluster.job(&new).await.done
+    })
+    .await;
     until(Duration::from_secs(10), "old output expired", || async {
         let reply = cluster
             .http()
@@ -197,7 +254,8 @@ async fn expired_output_answers_410_and_the_record_stays() {
             .send()
             .await
             .unwrap();
-        reply.status() == StatusCode::GONE && reply.json::<ErrorBody>().await.unwrap().code == "output_expired"
+        reply.status() == StatusCode::GONE
+            && reply.json::<ErrorBody>().await.unwrap().code == "output_expired"
     })
     .await;
     assert_eq!(cluster.job(&old).await.state, "succeeded");
@@ -210,16 +268,28 @@ async fn a_second_worker_with_a_taken_name_is_refused() {
     let cluster = Cluster::start(&["w1"]).await;
     let first = cluster.worker_info("w1").await;
     let config = cluster.write_worker_config("w1-twin", "pki/w1.pem", "pki/w1-key.pem");
-    let text = std::fs::read_to_string(&config).unwrap().replace("name = \"w1-twin\"", "name = \"w1\"");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("name = \"w1-twin\"", "name = \"w1\"");
     std::fs::write(&config, text).unwrap();
-    let twin = Daemon::spawn(&crate::cluster::bin("workerd"), &["--config", config.to_str().unwrap()]);
+    let twin = Daemon::spawn(
+        &crate::cluster::bin("workerd"),
+        &["--config", config.to_str().unwrap()],
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     while !twin.log().contains("already registered") {
-        assert!(Instant::now() < deadline, "twin was not refused:\n{}", twin.log());
+        assert!(
+            Instant::now() < deadline,
+            "twin was not refused:\n{}",
+            twin.log()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let now = cluster.worker_info("w1").await;
-    assert_eq!((now.worker_id, now.address), (first.worker_id, first.address));
+    assert_eq!(
+        (now.worker_id, now.address),
+        (first.worker_id, first.address)
+    );
 }
 
 #[test]
@@ -227,7 +297,9 @@ fn the_daemons_tell_systemd_when_they_serve() {
     let tmp = tempfile::tempdir().unwrap();
     let socket_path = tmp.path().join("notify.sock");
     let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
-    socket.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     let pki = tmp.path().join("pki");
     crate::cluster::run_ok(&["pki", "init", pki.to_str().unwrap()]);
     std::fs::write(
@@ -247,5 +319,8 @@ fn the_daemons_tell_systemd_when_they_serve() {
     daemon.signal(Signal::SIGTERM);
     let n = socket.recv(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"STOPPING=1");
-    assert!(daemon.wait(Duration::from_secs(20)).success(), "schedulerd exits 0 on SIGTERM");
+    assert!(
+        daemon.wait(Duration::from_secs(20)).success(),
+        "schedulerd exits 0 on SIGTERM"
+    );
 }

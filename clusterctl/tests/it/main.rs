@@ -5,8 +5,8 @@
 
 mod cli;
 mod cluster;
+mod faults;
 #[allow(dead_code)]
 #[path = "../../../workerd/tests/it/harness.rs"]
 mod harness;
-mod faults;
 mod http;

@@ -17,9 +17,9 @@ use jobcluster_proto::pb::{
 
 use super::extract::{JsonBody, QueryParams};
 use super::{ApiError, AppState, with_deadline};
+use crate::convert::{job_info, merge_status};
 use crate::registry::WorkerEntry;
 use crate::store::{JobQuery, JobRow, Store};
-use crate::convert::{job_info, merge_status};
 use crate::time::now_ms;
 
 const DEFAULT_PAGE: u32 = 100;
@@ -338,4 +338,3 @@ pub(crate) async fn stream_output(
     )
         .into_response())
 }
-

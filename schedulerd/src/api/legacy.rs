@@ -9,8 +9,8 @@ use jobcluster_proto::http::{JobInfo, JobRef, JobStarted, StartJob, StopResult};
 
 use super::extract::JsonBody;
 use super::jobs::{find_job, refresh, start_job, stop_job, stream_output};
-use crate::convert::job_info;
 use super::{ApiError, AppState};
+use crate::convert::job_info;
 
 pub(crate) async fn start(
     State(state): State<AppState>,
