@@ -13,6 +13,8 @@
 //! [`peer_identity`] reads exactly these two attributes; a certificate with
 //! no `OU`, or an `OU` that is not a known role, has no identity.
 
+#![forbid(unsafe_code)]
+
 mod error;
 mod identity;
 mod issue;
@@ -22,7 +24,8 @@ pub use error::PkiError;
 pub use identity::{PeerIdentity, Role, peer_identity};
 pub use issue::{CertificateAuthority, IssuedCert, Validity, init_dir, issue_in_dir, valid_name};
 pub use tls::{
-    Identity, Roots, client_config, crypto_provider, install_crypto_provider, server_config,
+    ClientAuth, Identity, Roots, client_config, crypto_provider, install_crypto_provider,
+    server_config, server_config_with,
 };
 
 /// The organisation every certificate of the cluster names in its subject.

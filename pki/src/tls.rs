@@ -118,6 +118,17 @@ fn key_from_pem(pem: &[u8]) -> Result<PrivateKeyDer<'static>, String> {
     PrivateKeyDer::from_pem_slice(pem).map_err(|e| format!("no usable private key: {e}"))
 }
 
+/// Whether clients must present a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// No certificate, no connection.
+    Required,
+    /// A certificate, if presented, must chain to the roots; clients without
+    /// one get through the handshake (and must authenticate otherwise, e.g.
+    /// with a bearer token).
+    Optional,
+}
+
 /// A server config that presents `identity` and requires every client to
 /// present a certificate chaining to `client_roots`.
 pub fn server_config(
@@ -125,10 +136,23 @@ pub fn server_config(
     client_roots: &Roots,
     alpn: &[&[u8]],
 ) -> Result<Arc<ServerConfig>, PkiError> {
+    server_config_with(identity, client_roots, alpn, ClientAuth::Required)
+}
+
+/// Like [`server_config`], choosing whether a client certificate is required.
+pub fn server_config_with(
+    identity: &Identity,
+    client_roots: &Roots,
+    alpn: &[&[u8]],
+    client_auth: ClientAuth,
+) -> Result<Arc<ServerConfig>, PkiError> {
     let provider = crypto_provider();
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(client_roots.0.clone(), provider.clone())
-            .build()?;
+    let builder =
+        WebPkiClientVerifier::builder_with_provider(client_roots.0.clone(), provider.clone());
+    let verifier = match client_auth {
+        ClientAuth::Required => builder.build()?,
+        ClientAuth::Optional => builder.allow_unauthenticated().build()?,
+    };
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)

@@ -8,6 +8,8 @@
 //! This crate never spawns a process and knows nothing about gRPC, HTTP or
 //! job state: workerd does all of that with the [`CommandLine`] it gets here.
 
+#![forbid(unsafe_code)]
+
 mod bash;
 mod interpreter;
 mod python;
@@ -56,6 +58,85 @@ pub struct RunnerSettings {
     /// Time between SIGTERM and SIGKILL when a job is stopped ("10s", "500ms").
     #[serde(default, with = "humantime_serde")]
     pub stop_grace: Option<Duration>,
+    /// A job running longer is stopped and recorded failed ("30m").
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    /// Output kept per job (bytes, or "100MiB"); past it the job is stopped
+    /// and recorded failed, and what it wrote up to the limit is kept.
+    #[serde(default, deserialize_with = "byte_size")]
+    pub max_output_bytes: Option<u64>,
+    /// Run this plugin's jobs as this user (when workerd runs as root).
+    pub user: Option<String>,
+    /// ... and this group (default: the user's primary group).
+    pub group: Option<String>,
+    /// Resource limits set on each job process (setrlimit).
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// Per-process resource limits (setrlimit), inherited by a job's children.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Address space (RLIMIT_AS), bytes or "2GiB".
+    #[serde(default, deserialize_with = "byte_size")]
+    pub memory: Option<u64>,
+    /// CPU time (RLIMIT_CPU), e.g. "10m"; rounded up to whole seconds.
+    #[serde(default, with = "humantime_serde")]
+    pub cpu_time: Option<Duration>,
+    /// Open file descriptors (RLIMIT_NOFILE).
+    pub open_files: Option<u64>,
+    /// Processes of the job's user (RLIMIT_NPROC; counts all the user's processes).
+    pub processes: Option<u64>,
+}
+
+/// A byte count: an integer, or a string with a unit (B, KB, MB, GB, TB,
+/// KiB, MiB, GiB, TiB). For `#[serde(deserialize_with)]` on `Option<u64>`.
+pub fn byte_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(u64),
+        Text(String),
+    }
+    match Option::<Raw>::deserialize(d)? {
+        None => Ok(None),
+        Some(Raw::Int(n)) => Ok(Some(n)),
+        Some(Raw::Text(text)) => parse_bytes(&text)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+    }
+}
+
+/// Parses "512", "10GiB", "3 MB".
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size: expected e.g. 500MiB or 10GB"))?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "TiB" => 1 << 40,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?}: use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB"
+            ));
+        }
+    };
+    number
+        .checked_mul(factor)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 /// A plugin's config was rejected. `key` is relative to the plugin's table.
@@ -95,6 +176,11 @@ pub struct Plugin {
     pub name: String,
     pub extensions: Vec<String>,
     pub stop_grace: Duration,
+    pub timeout: Option<Duration>,
+    pub max_output_bytes: Option<u64>,
+    pub user: Option<String>,
+    pub group: Option<String>,
+    pub limits: Limits,
     pub runner: Box<dyn Runner>,
 }
 
@@ -142,10 +228,24 @@ impl PluginConfig {
         if stop_grace > Duration::from_secs(3600) {
             return Err(PluginError::new("stop_grace", "must be at most 1h"));
         }
+        if settings.timeout.is_some_and(|t| t.is_zero()) {
+            return Err(PluginError::new("timeout", "must be more than 0"));
+        }
+        if settings.max_output_bytes == Some(0) {
+            return Err(PluginError::new("max_output_bytes", "must be more than 0"));
+        }
+        if settings.group.is_some() && settings.user.is_none() {
+            return Err(PluginError::new("group", "needs `user` too"));
+        }
         Ok(Plugin {
             name: name.to_owned(),
             extensions,
             stop_grace,
+            timeout: settings.timeout,
+            max_output_bytes: settings.max_output_bytes,
+            user: settings.user.clone(),
+            group: settings.group.clone(),
+            limits: settings.limits,
             runner,
         })
     }

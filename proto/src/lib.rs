@@ -6,6 +6,8 @@
 //! types, conversions and byte moving only: no policy, no job or worker
 //! logic, no decision about who may call what.
 
+#![forbid(unsafe_code)]
+
 /// Generated gRPC code for package `jobscheduler`.
 #[allow(
     missing_debug_implementations,

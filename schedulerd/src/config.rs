@@ -18,6 +18,36 @@ pub struct ConfigFile {
     pub store: StoreSection,
     #[serde(default)]
     pub workers: WorkersSection,
+    #[serde(default)]
+    pub auth: AuthSection,
+}
+
+/// Bearer tokens for API clients without certificates. Only their SHA-256
+/// is configured, never the token itself.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    #[serde(default)]
+    pub tokens: Vec<TokenEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenEntry {
+    /// Who holds the token, for logs ("ci", "dashboard").
+    pub name: String,
+    /// Lowercase hex SHA-256 of the token.
+    pub sha256: String,
+    pub role: TokenRole,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenRole {
+    /// Everything.
+    Operator,
+    /// Reads only.
+    Viewer,
 }
 
 #[derive(Debug, Deserialize)]
@@ -149,6 +179,7 @@ pub struct Config {
     pub grpc_tls: Tls,
     /// Presented to API clients and trusted from them.
     pub http_tls: Tls,
+    pub tokens: Vec<TokenEntry>,
 }
 
 #[derive(Debug, Clone)]
@@ -222,7 +253,27 @@ impl Config {
                 "must be longer than workers.heartbeat_interval (a few intervals is usual)".into(),
             ));
         }
+        for (i, token) in file.auth.tokens.iter().enumerate() {
+            let valid = token.sha256.len() == 64
+                && token
+                    .sha256
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+            if !valid {
+                return Err(err(
+                    &format!("auth.tokens[{i}].sha256"),
+                    "must be 64 lowercase hex digits: the SHA-256 of the token (printf %s TOKEN | sha256sum)".into(),
+                ));
+            }
+            if token.name.is_empty() {
+                return Err(err(
+                    &format!("auth.tokens[{i}].name"),
+                    "must not be empty".into(),
+                ));
+            }
+        }
         Ok(Config {
+            tokens: file.auth.tokens,
             heartbeat_interval: w.heartbeat_interval,
             down_after: w.down_after,
             file: path.to_owned(),

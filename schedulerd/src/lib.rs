@@ -16,6 +16,8 @@
 //! - `grpc`: the Scheduler service workers call.
 //! - `api`: the HTTP routes, errors and the TLS listener.
 
+#![forbid(unsafe_code)]
+
 mod api;
 pub mod config;
 mod convert;
@@ -105,10 +107,19 @@ pub async fn run(
         );
     let grpc = tokio::spawn(grpc);
 
-    let http_tls = jobcluster_pki::server_config(
+    let tokens = Arc::new(api::auth::Tokens::new(&config.tokens));
+    // Without tokens, a client without a certificate gets no answer at all;
+    // with tokens, it gets through the handshake and must show one.
+    let client_auth = if tokens.is_empty() {
+        jobcluster_pki::ClientAuth::Required
+    } else {
+        jobcluster_pki::ClientAuth::Optional
+    };
+    let http_tls = jobcluster_pki::server_config_with(
         &config.http_tls.identity,
         &config.http_tls.roots,
         &[b"h2", b"http/1.1"],
+        client_auth,
     )?;
     let (_http_tls_tx, http_tls_rx) = watch::channel(http_tls);
     let listener = api::tls::TlsListener::new(listeners.http, http_tls_rx).map_err(Error::Http)?;
@@ -116,6 +127,7 @@ pub async fn run(
         registry,
         store: store.clone(),
         call_timeout: config.call_timeout,
+        tokens,
     });
     let http = axum::serve(
         listener,

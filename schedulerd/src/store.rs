@@ -390,11 +390,17 @@ impl Store {
     }
 }
 
+/// Inserts a job. Its worker's first report may have arrived before the
+/// API recorded the start: then the report's state stays and the API's
+/// request fields fill in.
 fn insert_job(c: &Connection, j: &JobRow) -> rusqlite::Result<()> {
     c.execute(
         "INSERT INTO jobs (job_id, worker_id, command, path, args, state, error_text, exit_code,
                    signal, created_at_ms, started_at_ms, finished_at_ms, output_bytes)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+                 ON CONFLICT(job_id) DO UPDATE SET command = excluded.command,
+                   path = excluded.path, args = excluded.args,
+                   created_at_ms = excluded.created_at_ms",
         params![
             j.job_id,
             j.worker_id,

@@ -31,56 +31,8 @@ pub struct Retention {
     #[serde(default, with = "humantime_serde")]
     pub max_age: Option<std::time::Duration>,
     /// Keep at most this much finished output in total (bytes, or "10GiB").
-    #[serde(default, deserialize_with = "byte_size")]
+    #[serde(default, deserialize_with = "jobcluster_plugins::byte_size")]
     pub max_bytes: Option<u64>,
-}
-
-/// A byte count: an integer, or a string with a unit (B, KB, MB, GB, TB,
-/// KiB, MiB, GiB, TiB).
-fn byte_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Int(u64),
-        Text(String),
-    }
-    match Option::<Raw>::deserialize(d)? {
-        None => Ok(None),
-        Some(Raw::Int(n)) => Ok(Some(n)),
-        Some(Raw::Text(text)) => parse_bytes(&text)
-            .map(Some)
-            .map_err(serde::de::Error::custom),
-    }
-}
-
-pub(crate) fn parse_bytes(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size: expected e.g. 500MiB or 10GB"))?;
-    let factor: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KB" => 1_000,
-        "MB" => 1_000_000,
-        "GB" => 1_000_000_000,
-        "TB" => 1_000_000_000_000,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        "TiB" => 1 << 40,
-        other => {
-            return Err(format!(
-                "unknown size unit {other:?}: use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB"
-            ));
-        }
-    };
-    number
-        .checked_mul(factor)
-        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 #[derive(Debug, Deserialize)]
@@ -133,6 +85,13 @@ pub struct WorkerSection {
     pub state_dir: PathBuf,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Most jobs running at once; past it a start is refused (429 worker_busy).
+    pub max_jobs: Option<usize>,
+    /// When workerd runs as root, jobs run as this user unless their plugin
+    /// names another.
+    pub run_as_user: Option<String>,
+    /// ... and this group (default: the user's primary group).
+    pub run_as_group: Option<String>,
 }
 
 fn default_addr() -> String {
@@ -159,8 +118,38 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub labels: BTreeMap<String, String>,
     pub plugins: BTreeMap<String, Plugin>,
+    /// Uid and gid each plugin's jobs run as, when not the worker's own.
+    pub run_as: BTreeMap<String, RunAs>,
+    pub max_jobs: Option<usize>,
     pub retention: Retention,
     pub tls: TlsMaterial,
+}
+
+/// A user and group jobs run as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Looks up `user` (and `group`, else the user's primary group).
+fn resolve_run_as(user: &str, group: Option<&str>) -> Result<RunAs, String> {
+    let user_entry = nix::unistd::User::from_name(user)
+        .map_err(|e| format!("looking up user {user:?}: {e}"))?
+        .ok_or_else(|| format!("no such user {user:?}"))?;
+    let gid = match group {
+        Some(group) => {
+            nix::unistd::Group::from_name(group)
+                .map_err(|e| format!("looking up group {group:?}: {e}"))?
+                .ok_or_else(|| format!("no such group {group:?}"))?
+                .gid
+        }
+        None => user_entry.gid,
+    };
+    Ok(RunAs {
+        uid: user_entry.uid.as_raw(),
+        gid: gid.as_raw(),
+    })
 }
 
 /// What the worker presents and trusts.
@@ -266,7 +255,48 @@ impl Config {
             })?;
             plugins.insert(name.clone(), built);
         }
+        let root = nix::unistd::geteuid().is_root();
+        let mut run_as = BTreeMap::new();
+        for (name, plugin) in &plugins {
+            let (user, group, key) = match &plugin.user {
+                Some(user) => (
+                    user.as_str(),
+                    plugin.group.as_deref(),
+                    format!("plugins.{name}.user"),
+                ),
+                None => match &w.run_as_user {
+                    Some(user) => (
+                        user.as_str(),
+                        w.run_as_group.as_deref(),
+                        "worker.run_as_user".to_owned(),
+                    ),
+                    None => continue,
+                },
+            };
+            let resolved = resolve_run_as(user, group).map_err(|m| err(&key, m))?;
+            if !root && resolved.uid != nix::unistd::geteuid().as_raw() {
+                return Err(err(
+                    &key,
+                    "workerd is not root, so it cannot run jobs as another user".into(),
+                ));
+            }
+            if resolved.uid == 0 {
+                return Err(err(&key, "jobs must not run as root".into()));
+            }
+            run_as.insert(name.clone(), resolved);
+        }
+        if w.run_as_group.is_some() && w.run_as_user.is_none() {
+            return Err(err(
+                "worker.run_as_group",
+                "needs worker.run_as_user too".into(),
+            ));
+        }
+        if w.max_jobs == Some(0) {
+            return Err(err("worker.max_jobs", "must be more than 0".into()));
+        }
         Ok(Config {
+            run_as,
+            max_jobs: w.max_jobs,
             file: path.to_owned(),
             listen_addr: g.addr.clone(),
             advertise_addr: g.advertise_addr.clone(),
@@ -284,7 +314,7 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_bytes;
+    use jobcluster_plugins::parse_bytes;
 
     #[test]
     fn sizes_take_units() {

@@ -12,7 +12,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+use crate::config::RunAs;
 use crate::confine::PathError;
 
 /// Largest piece of output read or sent at once.
@@ -105,6 +106,8 @@ pub(crate) enum JobError {
     BadInput { what: &'static str, reason: String },
     #[error("the worker is shutting down and takes no new jobs")]
     ShuttingDown,
+    #[error("the worker already runs its maximum of {0} jobs; try later or another worker")]
+    Busy(usize),
     #[error("offset {offset} is past the end of the output ({len} bytes)")]
     OffsetPastEnd { offset: u64, len: u64 },
     #[error("the output of job {0} was deleted by the worker's retention limits")]
@@ -168,6 +171,25 @@ pub(crate) struct Jobs {
     changes: Arc<Changes>,
     accepting: AtomicBool,
     tracker: TaskTracker,
+    /// Jobs whose process runs now (for `max_jobs`).
+    running: Arc<AtomicUsize>,
+    policy: Policy,
+}
+
+/// How jobs may run on this worker.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Policy {
+    /// Uid and gid per plugin, when jobs run as another user.
+    pub(crate) run_as: BTreeMap<String, RunAs>,
+    pub(crate) max_jobs: Option<usize>,
+}
+
+/// Why the supervisor ended a job that was still running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    Stopped,
+    TimedOut(Duration),
+    OutputLimit(u64),
 }
 
 /// What the worker must tell others about: jobs whose state changed since
@@ -196,6 +218,7 @@ impl Jobs {
         scripts_dir: PathBuf,
         worker_name: String,
         plugins: BTreeMap<String, Plugin>,
+        policy: Policy,
     ) -> Result<Self, std::io::Error> {
         let jobs_dir = state_dir.join("jobs");
         let dir = jobs_dir.clone();
@@ -252,6 +275,8 @@ impl Jobs {
             }),
             accepting: AtomicBool::new(true),
             tracker: TaskTracker::new(),
+            running: Arc::new(AtomicUsize::new(0)),
+            policy,
         })
     }
 
@@ -358,6 +383,11 @@ impl Jobs {
         let script = crate::confine::resolve_script(&self.scripts_dir, &req.path)?;
         let plugin = self.plugin_for(&req.command, &req.path, &script)?;
         validate_strings(&req.args, &req.env)?;
+        if let Some(max) = self.policy.max_jobs
+            && self.running.load(Ordering::Acquire) >= max
+        {
+            return Err(JobError::Busy(max));
+        }
 
         let dir = self.jobs_dir.join(id.to_string());
         match tokio::fs::create_dir(&dir).await {
@@ -371,7 +401,14 @@ impl Jobs {
             Err(e) => return Err(e.into()),
         }
         let log_path = dir.join("output.log");
-        let log_file = tokio::fs::File::create(&log_path).await?.into_std().await;
+        let log_file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&log_path)
+            .await?
+            .into_std()
+            .await;
 
         let now = now_ms();
         let mut record = JobRecord {
@@ -392,6 +429,10 @@ impl Jobs {
         };
 
         let spawned = self.spawn(plugin, &script, &req, id);
+        if spawned.is_ok() {
+            // Counted from spawn to the end of supervision.
+            self.running.fetch_add(1, Ordering::AcqRel);
+        }
         let (progress, _) = watch::channel(Progress {
             len: 0,
             done: false,
@@ -408,13 +449,27 @@ impl Jobs {
                 record = job.update(|r| r.pgid = pgid);
                 write_record(&self.jobs_dir, &record).await?;
                 self.insert(&job);
-                let pump = tokio::spawn(pump(reader, log_file, job.progress.clone()));
-                let grace = plugin.stop_grace;
+                let over_limit = CancellationToken::new();
+                let pump = tokio::spawn(pump(
+                    reader,
+                    log_file,
+                    job.progress.clone(),
+                    plugin.max_output_bytes,
+                    over_limit.clone(),
+                ));
+                let limits = Supervision {
+                    grace: plugin.stop_grace,
+                    timeout: plugin.timeout,
+                    max_output: plugin.max_output_bytes,
+                    over_limit,
+                };
                 let jobs_dir = self.jobs_dir.clone();
                 let supervised = job.clone();
                 let changes = self.changes.clone();
+                let running = self.running.clone();
                 self.tracker.spawn(async move {
-                    supervise(supervised, child, pgid, pump, grace, jobs_dir).await;
+                    supervise(supervised, child, pgid, pump, limits, jobs_dir).await;
+                    running.fetch_sub(1, Ordering::AcqRel);
                     changes.mark([id]);
                     changes.finished.notify_one();
                 });
@@ -498,6 +553,11 @@ impl Jobs {
             .stderr(writer_err)
             .process_group(0)
             .kill_on_drop(false);
+        if let Some(run_as) = self.policy.run_as.get(&plugin.name) {
+            // std drops supplementary groups too when it switches user.
+            cmd.uid(run_as.uid).gid(run_as.gid);
+        }
+        crate::sys::set_limits(&mut cmd, plugin.limits);
         let child = cmd.spawn()?;
         // The command holds the parent's copies of the pipe's write end;
         // dropping it lets the pump see EOF once the job's processes close theirs.
@@ -564,10 +624,14 @@ fn validate_strings(args: &[String], env: &BTreeMap<String, String>) -> Result<(
 
 /// Copies the job's output pipe to its log and publishes each new length.
 /// Ends at EOF, that is when every process of the job has closed the pipe.
+/// With `limit`, at most that many bytes are kept; reaching it fires
+/// `over_limit` and the rest is drained and dropped until the job is gone.
 async fn pump(
     mut reader: pipe::Receiver,
     file: std::fs::File,
     progress: watch::Sender<Progress>,
+    limit: Option<u64>,
+    over_limit: CancellationToken,
 ) -> u64 {
     let file = Arc::new(file);
     let mut buf = Vec::with_capacity(CHUNK);
@@ -583,9 +647,15 @@ async fn pump(
                 break;
             }
         }
-        if write_failed {
+        if write_failed || over_limit.is_cancelled() {
             // Keep draining so the job never blocks on a full pipe.
             continue;
+        }
+        if let Some(limit) = limit
+            && len + buf.len() as u64 > limit
+        {
+            buf.truncate((limit - len) as usize);
+            over_limit.cancel();
         }
         let f = file.clone();
         let b = std::mem::take(&mut buf);
@@ -616,19 +686,42 @@ async fn pump(
     len
 }
 
+/// The plugin's limits on one job.
+#[derive(Debug)]
+struct Supervision {
+    grace: Duration,
+    timeout: Option<Duration>,
+    max_output: Option<u64>,
+    over_limit: CancellationToken,
+}
+
 async fn supervise(
     job: Arc<Job>,
     mut child: tokio::process::Child,
     pgid: Option<i32>,
     mut pump: JoinHandle<u64>,
-    grace: Duration,
+    limits: Supervision,
     jobs_dir: PathBuf,
 ) {
     let id = job.record().id;
-    let (status, stopped) = tokio::select! {
-        status = child.wait() => (status, false),
-        () = job.stop.cancelled() => {
+    let timeout = async {
+        match limits.timeout {
+            Some(t) => tokio::time::sleep(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    let ending = tokio::select! {
+        status = child.wait() => Err(status),
+        () = job.stop.cancelled() => Ok(Ending::Stopped),
+        () = timeout => Ok(Ending::TimedOut(limits.timeout.unwrap_or_default())),
+        () = limits.over_limit.cancelled() => Ok(Ending::OutputLimit(limits.max_output.unwrap_or_default())),
+    };
+    let (status, ending) = match ending {
+        Err(status) => (status, None),
+        Ok(ending) => {
+            tracing::info!(job_id = %id, ?ending, "ending the job");
             signal_group(pgid, Signal::SIGTERM);
+            let grace = limits.grace;
             let status = match tokio::time::timeout(grace, child.wait()).await {
                 Ok(status) => status,
                 Err(_) => {
@@ -637,7 +730,7 @@ async fn supervise(
                     child.wait().await
                 }
             };
-            (status, true)
+            (status, Some(ending))
         }
     };
     // Nothing of the job outlives it: whatever stayed in its group goes now.
@@ -658,7 +751,7 @@ async fn supervise(
         r.finished_at_ms = now_ms();
         r.output_bytes = len;
         r.pgid = None;
-        finish(r, status, stopped);
+        finish(r, status, ending);
     });
     if let Err(error) = write_record(&jobs_dir, &record).await {
         tracing::error!(job_id = %id, %error, "could not record the job's final state");
@@ -670,14 +763,29 @@ async fn supervise(
     tracing::info!(job_id = %id, state = ?record.state, exit_code = record.exit_code, signal = record.signal, "job finished");
 }
 
-fn finish(r: &mut JobRecord, status: std::io::Result<ExitStatus>, stopped: bool) {
+fn finish(r: &mut JobRecord, status: std::io::Result<ExitStatus>, ending: Option<Ending>) {
     match status {
         Ok(status) => {
             r.exit_code = status.code();
             r.signal = status.signal();
-            r.state = if stopped {
-                r.error_text = "stopped by request".into();
-                State::Stopped
+            r.state = if let Some(ending) = ending {
+                match ending {
+                    Ending::Stopped => {
+                        r.error_text = "stopped by request".into();
+                        State::Stopped
+                    }
+                    Ending::TimedOut(after) => {
+                        r.error_text =
+                            format!("timed out after {}", humantime::format_duration(after));
+                        State::Failed
+                    }
+                    Ending::OutputLimit(limit) => {
+                        r.error_text = format!(
+                            "output limit of {limit} bytes exceeded; the job was stopped and its output kept up to the limit"
+                        );
+                        State::Failed
+                    }
+                }
             } else {
                 match (status.code(), status.signal()) {
                     (Some(0), _) => State::Succeeded,

@@ -22,6 +22,7 @@ mod job;
 mod membership;
 mod retention;
 mod service;
+mod sys;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -74,15 +75,35 @@ pub async fn run(
         source,
     };
     let plugin_names: Vec<String> = config.plugins.keys().cloned().collect();
+    if nix::unistd::geteuid().is_root() {
+        for name in plugin_names
+            .iter()
+            .filter(|n| !config.run_as.contains_key(*n))
+        {
+            tracing::warn!(plugin = %name, "jobs of this plugin run as root; set worker.run_as_user or plugins.{name}.user");
+        }
+    }
     tokio::fs::create_dir_all(&config.state_dir)
         .await
         .map_err(state_err)?;
+    // Job records and output logs are the worker's: jobs running as another
+    // user must not read or rewrite them.
+    tokio::fs::set_permissions(
+        &config.state_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .await
+    .map_err(state_err)?;
     let jobs = Arc::new(
         job::Jobs::open(
             &config.state_dir,
             config.scripts_dir.clone(),
             config.name.clone(),
             config.plugins,
+            job::Policy {
+                run_as: config.run_as.clone(),
+                max_jobs: config.max_jobs,
+            },
         )
         .await
         .map_err(state_err)?,

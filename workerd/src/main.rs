@@ -1,6 +1,8 @@
 //! The `workerd` binary: flags, config, logging, binding, signals, exit code.
 //! Everything else lives in the library.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

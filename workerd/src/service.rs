@@ -61,6 +61,7 @@ fn status(error: JobError) -> Status {
         JobError::UnknownJob(_) => (Code::NotFound, "job_not_found"),
         JobError::Exists(_) => (Code::AlreadyExists, "job_exists"),
         JobError::ShuttingDown => (Code::Unavailable, "worker_unavailable"),
+        JobError::Busy(_) => (Code::ResourceExhausted, "worker_busy"),
         JobError::OffsetPastEnd { .. } => (Code::OutOfRange, "offset_out_of_range"),
         JobError::OutputExpired(_) => (Code::FailedPrecondition, "output_expired"),
         JobError::Io(_) => (Code::Internal, "worker_storage"),

@@ -2,6 +2,7 @@
 //! resolves the worker, calls it over its shared channel with a deadline,
 //! records what changed, and answers JSON (or streams output bytes).
 
+pub(crate) mod auth;
 mod error;
 mod extract;
 mod jobs;
@@ -13,12 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Request};
+use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
-use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::middleware;
 use axum::routing::{get, post};
-use jobcluster_pki::Role;
 
 pub(crate) use error::ApiError;
 
@@ -33,6 +32,7 @@ pub(crate) struct AppState {
     pub(crate) registry: Arc<Registry>,
     pub(crate) store: Store,
     pub(crate) call_timeout: Duration,
+    pub(crate) tokens: Arc<auth::Tokens>,
 }
 
 pub(crate) fn router(state: AppState) -> Router {
@@ -50,7 +50,10 @@ pub(crate) fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(middleware::from_fn(require_client))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ))
         .with_state(state)
 }
 
@@ -64,34 +67,6 @@ async fn method_not_allowed() -> ApiError {
         "method_not_allowed",
         "method not allowed on this route",
     )
-}
-
-/// The API is for `client` certificates; the TLS layer has already checked
-/// that the certificate chains to the cluster CA.
-async fn require_client(
-    ConnectInfo(peer): ConnectInfo<tls::PeerInfo>,
-    request: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    match &peer.identity {
-        Some(id) if id.role == Role::Client => Ok(next.run(request).await),
-        Some(id) => {
-            tracing::warn!(peer = %id.name, role = %id.role, addr = %peer.addr, "refused an API caller without the client role");
-            Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                format!(
-                    "{} certificates may not use the API; use a client certificate",
-                    id.role
-                ),
-            ))
-        }
-        None => Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthenticated",
-            "a client certificate from the cluster CA is required",
-        )),
-    }
 }
 
 /// Runs a worker call with the configured deadline.
