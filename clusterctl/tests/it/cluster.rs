@@ -34,6 +34,15 @@ impl Cluster {
 
     /// A scheduler and one worker per name, all registered.
     pub async fn start(worker_names: &[&str]) -> Cluster {
+        Self::start_with(worker_names, "", "").await
+    }
+
+    /// A cluster with extra scheduler config and extra config for every worker.
+    pub async fn start_with(
+        worker_names: &[&str],
+        scheduler_extra: &str,
+        worker_extra: &str,
+    ) -> Cluster {
         let tmp = tempfile::tempdir().unwrap();
         let pki = tmp.path().join("pki");
         run_ok(&["pki", "init", pki.to_str().unwrap()]);
@@ -43,7 +52,11 @@ impl Cluster {
         for name in ["count.sh", "count.py", "fail.sh"] {
             std::fs::copy(repo_scripts.join(name), scripts.join(name)).unwrap();
         }
-        std::fs::write(tmp.path().join("scheduler.toml"), SCHEDULER_CONFIG).unwrap();
+        std::fs::write(
+            tmp.path().join("scheduler.toml"),
+            format!("{SCHEDULER_CONFIG}{scheduler_extra}"),
+        )
+        .unwrap();
         let scheduler = Daemon::spawn_with(
             &bin("schedulerd"),
             &[
@@ -63,7 +76,7 @@ impl Cluster {
             grpc_addr,
         };
         for name in worker_names {
-            cluster.add_worker(name);
+            cluster.add_worker_with(name, worker_extra);
         }
         let names: Vec<String> = worker_names.iter().map(|s| s.to_string()).collect();
         let ready = eventually(Duration::from_secs(20), || {
@@ -81,12 +94,7 @@ impl Cluster {
         cluster
     }
 
-    /// Issues a certificate for `name` and starts a worker with it.
-    pub fn add_worker(&mut self, name: &str) {
-        self.add_worker_with(name, "");
-    }
-
-    /// Like [`add_worker`](Self::add_worker), with extra config appended.
+    /// Issues a certificate for `name` and starts a worker with it and `extra` config.
     pub fn add_worker_with(&mut self, name: &str, extra: &str) {
         let pki = self.pki();
         run_ok(&[
@@ -119,9 +127,12 @@ impl Cluster {
     pub fn restart_scheduler(&mut self, signal: nix::sys::signal::Signal) {
         self.scheduler.signal(signal);
         self.scheduler.wait(Duration::from_secs(20));
-        let config = SCHEDULER_CONFIG
-            .replacen("127.0.0.1:0", &self.grpc_addr, 1)
-            .replacen("127.0.0.1:0", &self.http_addr, 1);
+        let text = std::fs::read_to_string(self.tmp.path().join("scheduler.toml")).unwrap();
+        let config = text.replacen("127.0.0.1:0", &self.grpc_addr, 1).replacen(
+            "127.0.0.1:0",
+            &self.http_addr,
+            1,
+        );
         let path = self.tmp.path().join("scheduler.toml");
         std::fs::write(&path, config).unwrap();
         self.scheduler = Daemon::spawn_with(
@@ -205,6 +216,9 @@ impl Cluster {
         key: &str,
         extra: &str,
     ) -> PathBuf {
+        // Lines of `extra` before a `---` line go into [worker]; the rest
+        // (whole tables) goes at the end.
+        let (worker_keys, extra) = extra.split_once("---\n").unwrap_or(("", extra));
         let config = self.tmp.path().join(format!("{name}.toml"));
         std::fs::write(
             &config,
@@ -223,6 +237,7 @@ addr = "{grpc}"
 name = "{name}"
 scripts_dir = "scripts"
 state_dir = "state/{name}"
+{worker_keys}
 
 [plugins.bash]
 runner = "bash"

@@ -10,3 +10,4 @@ mod faults;
 #[path = "../../../workerd/tests/it/harness.rs"]
 mod harness;
 mod http;
+mod security;

@@ -1,0 +1,667 @@
+//! Who may do what, hostile input, and hard limits, through the real binaries.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use jobcluster_pki::{Identity, Role, Roots, Validity};
+use jobcluster_proto::http::{ErrorBody, JobInfo};
+use jobcluster_proto::pb::scheduler_client::SchedulerClient;
+use jobcluster_proto::pb::{DeregisterWorkerRequest, HeartbeatRequest, RegisterWorkerRequest};
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::cluster::{Cluster, stderr, stdout};
+
+const OPERATOR_TOKEN: &str = "op-7f1c2a9e4b";
+const VIEWER_TOKEN: &str = "view-3d8e5f0a1c";
+
+fn sha256_hex(text: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn auth_config() -> String {
+    format!(
+        "\n[[auth.tokens]]\nname = \"ci\"\nsha256 = \"{}\"\nrole = \"operator\"\n\n[[auth.tokens]]\nname = \"dashboard\"\nsha256 = \"{}\"\nrole = \"viewer\"\n",
+        sha256_hex(OPERATOR_TOKEN),
+        sha256_hex(VIEWER_TOKEN)
+    )
+}
+
+/// An HTTPS client trusting the cluster CA, without a certificate.
+fn anonymous(cluster: &Cluster) -> reqwest::Client {
+    cluster.http_as(None)
+}
+
+async fn status_and_code(reply: reqwest::Response) -> (StatusCode, String) {
+    let status = reply.status();
+    let code = reply
+        .json::<ErrorBody>()
+        .await
+        .map(|e| e.code)
+        .unwrap_or_default();
+    (status, code)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bearer_tokens_have_roles_and_never_show_up_in_logs() {
+    let cluster = Cluster::start_with(&["w1"], &auth_config(), "").await;
+    let url = cluster.url();
+    let http = anonymous(&cluster);
+
+    let reply = http.get(format!("{url}/v1/workers")).send().await.unwrap();
+    assert_eq!(
+        status_and_code(reply).await,
+        (StatusCode::UNAUTHORIZED, "unauthenticated".into())
+    );
+    let reply = http
+        .get(format!("{url}/v1/workers"))
+        .bearer_auth("wrong-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        status_and_code(reply).await,
+        (StatusCode::UNAUTHORIZED, "unauthenticated".into())
+    );
+    let reply = http
+        .get(format!("{url}/v1/workers"))
+        .header("authorization", "Basic Zm9vOmJhcg==")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), StatusCode::UNAUTHORIZED);
+
+    // A viewer reads, including the original read routes, but never writes.
+    let reply = http
+        .get(format!("{url}/v1/workers"))
+        .bearer_auth(VIEWER_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), StatusCode::OK);
+    let start = json!({"worker_id": "w1", "path": "count.sh", "args": ["1", "0"]});
+    let reply = http
+        .post(format!("{url}/v1/jobs"))
+        .bearer_auth(VIEWER_TOKEN)
+        .json(&start)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        status_and_code(reply).await,
+        (StatusCode::FORBIDDEN, "forbidden".into())
+    );
+
+    // An operator does everything.
+    let reply = http
+        .post(format!("{url}/v1/jobs"))
+        .bearer_auth(OPERATOR_TOKEN)
+        .json(&start)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), StatusCode::CREATED);
+    let job: serde_json::Value = reply.json().await.unwrap();
+    let job_id = job["job_id"].as_str().unwrap().to_owned();
+    let reply = http
+        .post(format!("{url}/query"))
+        .bearer_auth(VIEWER_TOKEN)
+        .json(&json!({"worker_id": "w1", "job_id": job_id}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), StatusCode::OK);
+    let reply = http
+        .post(format!("{url}/v1/jobs/{job_id}/stop"))
+        .bearer_auth(VIEWER_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), StatusCode::FORBIDDEN);
+
+    // clusterctl with a token and no certificate.
+    let out = cluster
+        .ctl()
+        .env_remove("CLUSTERCTL_CERT")
+        .env_remove("CLUSTERCTL_KEY")
+        .env("CLUSTERCTL_TOKEN", OPERATOR_TOKEN)
+        .args(["run", "--worker", "w1", "count.sh", "--", "2", "0"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        (out.status.code(), stdout(&out).as_str()),
+        (Some(0), "1\n2\ndone\n"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Client certificates still work beside tokens.
+    let reply = cluster
+        .http()
+        .get(format!("{url}/v1/workers"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), StatusCode::OK);
+
+    let log = cluster.scheduler.log();
+    for secret in [OPERATOR_TOKEN, VIEWER_TOKEN, "wrong-token"] {
+        assert!(!log.contains(secret), "a token leaked into the log");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plugin_limits_end_jobs_that_overstep_them() {
+    let worker_extra = r#"max_jobs = 2
+---
+[plugins.slow]
+runner = "bash"
+timeout = "1s"
+stop_grace = "1s"
+
+[plugins.capped]
+runner = "bash"
+max_output_bytes = 1000
+
+[plugins.narrow]
+runner = "bash"
+limits = { open_files = 17, cpu_time = "7s" }
+"#;
+    let cluster = Cluster::start_with(&["w1"], "", worker_extra).await;
+    let scripts = cluster.tmp.path().join("scripts");
+    std::fs::write(scripts.join("blast.sh"), "head -c \"$1\" /dev/zero\n").unwrap();
+    std::fs::write(scripts.join("limits.sh"), "ulimit -n\nulimit -t\n").unwrap();
+
+    let out = cluster
+        .ctl_output(&[
+            "run",
+            "--worker",
+            "w1",
+            "--command",
+            "slow",
+            "count.sh",
+            "--",
+            "100",
+            "0.1",
+        ])
+        .await;
+    // Ended by SIGTERM: 128 + 15.
+    assert_eq!(out.status.code(), Some(143), "{}", stderr(&out));
+    let jobs: Vec<JobInfo> =
+        serde_json::from_slice(&cluster.ctl_output(&["jobs", "-o", "json"]).await.stdout).unwrap();
+    assert_eq!(jobs[0].state, "failed");
+    assert_eq!(jobs[0].error_text, "timed out after 1s");
+
+    let out = cluster
+        .ctl_output(&[
+            "run",
+            "--worker",
+            "w1",
+            "--command",
+            "capped",
+            "blast.sh",
+            "--",
+            "100000",
+        ])
+        .await;
+    assert_ne!(out.status.code(), Some(0));
+    assert_eq!(out.stdout.len(), 1000, "output kept up to the limit");
+    let jobs: Vec<JobInfo> =
+        serde_json::from_slice(&cluster.ctl_output(&["jobs", "-o", "json"]).await.stdout).unwrap();
+    assert_eq!(
+        (jobs[0].state.as_str(), jobs[0].output_bytes),
+        ("failed", 1000)
+    );
+    assert!(
+        jobs[0].error_text.contains("output limit"),
+        "{}",
+        jobs[0].error_text
+    );
+    assert_eq!(cluster.worker_log("w1", &jobs[0].job_id).len(), 1000);
+
+    let out = cluster
+        .ctl_output(&["run", "--worker", "w1", "--command", "narrow", "limits.sh"])
+        .await;
+    assert_eq!(stdout(&out), "17\n7\n", "{}", stderr(&out));
+
+    // max_jobs = 2: a third concurrent job is refused with 429.
+    let a = cluster.start_job("w1", "count.sh", &["100", "0.1"]).await;
+    let b = cluster.start_job("w1", "count.sh", &["100", "0.1"]).await;
+    let reply = cluster
+        .http()
+        .post(format!("{}/v1/jobs", cluster.url()))
+        .json(&json!({"worker_id": "w1", "path": "count.sh"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        status_and_code(reply).await,
+        (StatusCode::TOO_MANY_REQUESTS, "worker_busy".into())
+    );
+    for job in [a, b] {
+        assert!(cluster.ctl_output(&["stop", &job]).await.status.success());
+    }
+    cluster.start_job("w1", "count.sh", &["1", "0"]).await;
+}
+
+fn grpc_as(cluster: &Cluster, identity: &Identity) -> SchedulerClient<tonic::transport::Channel> {
+    let roots = Roots::load(&cluster.pki().join("ca.pem")).unwrap();
+    let tls = jobcluster_pki::client_config(&roots, Some(identity), &[b"h2"]).unwrap();
+    let channel =
+        jobcluster_proto::transport::tls_channel(&cluster.grpc_addr, tls, Duration::from_secs(5))
+            .unwrap();
+    SchedulerClient::new(channel)
+}
+
+fn load_identity(cluster: &Cluster, name: &str) -> Identity {
+    let pki = cluster.pki();
+    Identity::load(
+        &pki.join(format!("{name}.pem")),
+        &pki.join(format!("{name}-key.pem")),
+    )
+    .unwrap()
+}
+
+/// Every case is sent through the real binaries; after each, the cluster
+/// must still serve a valid request.
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_input_gets_clear_refusals_and_the_cluster_keeps_serving() {
+    let cluster = Cluster::start_with(&["w1", "w2"], &auth_config(), "").await;
+    let url = cluster.url();
+    let scripts = cluster.tmp.path().join("scripts");
+    std::fs::create_dir_all(scripts.join("sub")).unwrap();
+    std::os::unix::fs::symlink("../../scheduler.toml", scripts.join("sub/hop1.sh")).unwrap();
+    std::os::unix::fs::symlink("sub/hop1.sh", scripts.join("chain.sh")).unwrap();
+    let w1_id = cluster.worker_info("w1").await.worker_id;
+
+    let still_serving = || async {
+        let reply = cluster
+            .http()
+            .get(format!("{url}/v1/workers"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), StatusCode::OK, "the API stopped serving");
+    };
+
+    // HTTP: identities.
+    let pki = cluster.pki();
+    let as_cert = |name: &str| {
+        cluster
+            .http_as(Some((&format!("{name}.pem"), &format!("{name}-key.pem"))))
+            .get(format!("{url}/v1/workers"))
+    };
+    let cases_identity = [
+        (as_cert("w1"), StatusCode::FORBIDDEN, "forbidden"),
+        (as_cert("scheduler"), StatusCode::FORBIDDEN, "forbidden"),
+        (
+            anonymous(&cluster).get(format!("{url}/v1/workers")),
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+        ),
+        (
+            anonymous(&cluster)
+                .get(format!("{url}/v1/workers"))
+                .bearer_auth(""),
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+        ),
+        (
+            anonymous(&cluster)
+                .get(format!("{url}/v1/workers"))
+                .bearer_auth("x".repeat(10_000)),
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+        ),
+        (
+            anonymous(&cluster).get(format!("{url}/v1/workers")).header(
+                "authorization",
+                reqwest::header::HeaderValue::from_bytes(b"Bearer \xfe\xff").unwrap(),
+            ),
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+        ),
+    ];
+    for (i, (request, status, code)) in cases_identity.into_iter().enumerate() {
+        let reply = request.send().await.unwrap();
+        assert_eq!(
+            status_and_code(reply).await,
+            (status, code.to_owned()),
+            "identity case {i}"
+        );
+        still_serving().await;
+    }
+
+    // HTTP: bodies and paths.
+    let long_path = "a/".repeat(3000) + "x.sh";
+    let body_cases: Vec<(&str, String, Vec<u8>, StatusCode, &str)> = vec![
+        (
+            "POST",
+            "/v1/jobs".into(),
+            b"{\"worker_id\": \"w1\", \"path\": \"\xff\xfe.sh\"}".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            "POST",
+            "/v1/jobs".into(),
+            b"[1, 2, 3]".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/jobs".into(),
+            b"null".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/jobs".into(),
+            b"{\"worker_id\": \"w1\", \"path\": \"count.sh\"} trailing".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            "POST",
+            "/v1/jobs".into(),
+            json!({"worker_id": "w1", "path": "count.sh", "args": "not-a-list"})
+                .to_string()
+                .into_bytes(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/jobs".into(),
+            json!({"worker_id": "w1", "path": "count.sh", "surprise": 1})
+                .to_string()
+                .into_bytes(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/jobs".into(),
+            json!({"worker_id": "w1", "path": "chain.sh", "command": "bash"})
+                .to_string()
+                .into_bytes(),
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+        ),
+        (
+            "POST",
+            "/v1/jobs".into(),
+            json!({"worker_id": "w1", "path": "sub/./../../x.sh", "command": "bash"})
+                .to_string()
+                .into_bytes(),
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+        ),
+        (
+            "POST",
+            "/v1/jobs".into(),
+            json!({"worker_id": "w1", "path": "count.sh/..", "command": "bash"})
+                .to_string()
+                .into_bytes(),
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+        ),
+        (
+            "POST",
+            "/v1/jobs".into(),
+            json!({"worker_id": "w1", "path": long_path, "command": "bash"})
+                .to_string()
+                .into_bytes(),
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+        ),
+        (
+            "POST",
+            "/v1/jobs".into(),
+            json!({"worker_id": "w1", "path": "count.sh\u{0}", "command": "bash"})
+                .to_string()
+                .into_bytes(),
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+        ),
+        (
+            "POST",
+            "/v1/jobs".into(),
+            json!({"worker_id": "w1", "path": "count.sh", "env": {"A=B": "c"}})
+                .to_string()
+                .into_bytes(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/jobs".into(),
+            json!({"worker_id": "w1", "path": "count.sh", "args": ["a\u{0}b"]})
+                .to_string()
+                .into_bytes(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+        (
+            "POST",
+            "/v1/jobs".into(),
+            vec![b'{'; 4 << 20],
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+        ),
+        (
+            "GET",
+            "/v1/jobs/%2e%2e%2f%2e%2e".into(),
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "invalid_job_id",
+        ),
+        (
+            "GET",
+            "/v1/jobs?limit=-1".into(),
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        (
+            "GET",
+            "/v1/jobs?cursor=abc".into(),
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        (
+            "GET",
+            format!("/v1/jobs/{}/logs?offset=nope", uuid::Uuid::new_v4()),
+            vec![],
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+        ),
+        (
+            "POST",
+            "/stream".into(),
+            json!({"worker_id": w1_id, "job_id": "../../etc"})
+                .to_string()
+                .into_bytes(),
+            StatusCode::BAD_REQUEST,
+            "invalid_job_id",
+        ),
+    ];
+    for (method, path, body, status, code) in body_cases {
+        let reply = cluster
+            .http()
+            .request(method.parse().unwrap(), format!("{url}{path}"))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let shown = &path[..path.len().min(60)];
+        assert_eq!(
+            status_and_code(reply).await,
+            (status, code.to_owned()),
+            "{method} {shown}"
+        );
+        still_serving().await;
+    }
+    assert!(
+        !cluster.tmp.path().join("state/w1/jobs").exists()
+            || std::fs::read_dir(cluster.tmp.path().join("state/w1/jobs"))
+                .unwrap()
+                .count()
+                == 0,
+        "no refused request started a job"
+    );
+
+    // gRPC: a worker may act only as itself; clients and the scheduler may not register.
+    let w2 = load_identity(&cluster, "w2");
+    let mut stolen = grpc_as(&cluster, &w2);
+    let err = stolen
+        .heartbeat(HeartbeatRequest {
+            worker_id: w1_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::PermissionDenied,
+        "heartbeat with a stolen id"
+    );
+    let err = stolen
+        .deregister_worker(DeregisterWorkerRequest {
+            worker_id: w1_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::PermissionDenied,
+        "deregister with a stolen id"
+    );
+    let err = stolen
+        .register_worker(RegisterWorkerRequest {
+            address: "127.0.0.1:1".into(),
+            name: "w1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::PermissionDenied,
+        "register under another name"
+    );
+    for name in ["client", "scheduler"] {
+        let mut wrong = grpc_as(&cluster, &load_identity(&cluster, name));
+        let err = wrong
+            .register_worker(RegisterWorkerRequest {
+                address: "127.0.0.1:1".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            tonic::Code::PermissionDenied,
+            "{name} registering"
+        );
+    }
+    assert_eq!(cluster.worker_info("w1").await.state, "ready");
+    still_serving().await;
+
+    // TLS: expired, not yet valid, self-signed and other-CA client certificates.
+    let ca = jobcluster_pki::CertificateAuthority::load(&pki).unwrap();
+    let now = std::time::SystemTime::now();
+    let day = Duration::from_secs(86_400);
+    let expired = ca
+        .issue_with_validity(
+            Role::Client,
+            "old",
+            &[],
+            Validity {
+                not_before: now - 10 * day,
+                not_after: now - day,
+            },
+        )
+        .unwrap();
+    let future = ca
+        .issue_with_validity(
+            Role::Client,
+            "early",
+            &[],
+            Validity {
+                not_before: now + day,
+                not_after: now + 10 * day,
+            },
+        )
+        .unwrap();
+    let stranger = jobcluster_pki::CertificateAuthority::generate("stranger")
+        .unwrap()
+        .issue(Role::Client, "client", &[])
+        .unwrap();
+    let roots = Roots::load(&pki.join("ca.pem")).unwrap();
+    for (what, cert) in [
+        ("expired", expired),
+        ("not yet valid", future),
+        ("other CA", stranger),
+    ] {
+        let id = Identity::from_pem(cert.cert_pem.as_bytes(), cert.key_pem.as_bytes()).unwrap();
+        let tls = jobcluster_pki::client_config(&roots, Some(&id), &[b"http/1.1"]).unwrap();
+        let client = reqwest::Client::builder()
+            .tls_backend_preconfigured((*tls).clone())
+            .build()
+            .unwrap();
+        let result = client.get(format!("{url}/v1/workers")).send().await;
+        assert!(result.is_err(), "{what} certificate was accepted");
+        still_serving().await;
+    }
+
+    // Plaintext to a TLS port gets no HTTP answer.
+    let addr = cluster.http_addr.clone();
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        tcp.write_all(b"GET /v1/workers HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut buf = Vec::new();
+        let _ = tcp.read_to_end(&mut buf);
+        buf
+    })
+    .await
+    .unwrap();
+    assert!(
+        !answer.starts_with(b"HTTP/"),
+        "plaintext got an HTTP answer"
+    );
+    still_serving().await;
+
+    // A flood of starts: every one answered, the cluster still serves.
+    let floods: Vec<_> = (0..60)
+        .map(|_| {
+            let http = cluster.http();
+            let url = url.clone();
+            tokio::spawn(async move {
+                http.post(format!("{url}/v1/jobs"))
+                    .json(&json!({"worker_id": "w2", "path": "count.sh", "args": ["1", "0"]}))
+                    .send()
+                    .await
+                    .map(|r| r.status())
+            })
+        })
+        .collect();
+    for flood in floods {
+        let status = flood.await.unwrap().unwrap();
+        assert!(
+            status == StatusCode::CREATED || status == StatusCode::TOO_MANY_REQUESTS,
+            "{status}"
+        );
+    }
+    still_serving().await;
+}
