@@ -83,11 +83,19 @@ pub struct HttpServer {
     pub crt_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
     pub ca_file: Option<PathBuf>,
+    /// Output streams open at once per job; more get 429.
+    #[serde(default = "default_max_followers")]
+    pub max_followers_per_job: usize,
+}
+
+fn default_max_followers() -> usize {
+    64
 }
 
 impl Default for HttpServer {
     fn default() -> Self {
         HttpServer {
+            max_followers_per_job: default_max_followers(),
             addr: default_http_addr(),
             crt_file: None,
             key_file: None,
@@ -180,6 +188,7 @@ pub struct Config {
     /// Presented to API clients and trusted from them.
     pub http_tls: Tls,
     pub tokens: Vec<TokenEntry>,
+    pub max_followers_per_job: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -272,7 +281,14 @@ impl Config {
                 ));
             }
         }
+        if h.max_followers_per_job == 0 {
+            return Err(err(
+                "http_server.max_followers_per_job",
+                "must be more than 0".into(),
+            ));
+        }
         Ok(Config {
+            max_followers_per_job: h.max_followers_per_job,
             tokens: file.auth.tokens,
             heartbeat_interval: w.heartbeat_interval,
             down_after: w.down_after,

@@ -128,13 +128,14 @@ pub async fn run(
         store: store.clone(),
         call_timeout: config.call_timeout,
         tokens,
+        followers: Arc::new(api::Followers::new(config.max_followers_per_job)),
     });
-    let http = axum::serve(
+    let http = tokio::spawn(api::serve::serve(
         listener,
-        app.into_make_service_with_connect_info::<api::tls::PeerInfo>(),
-    )
-    .with_graceful_shutdown(stop.clone().cancelled_owned());
-    let http = tokio::spawn(async move { http.await });
+        app,
+        stop.clone(),
+        SHUTDOWN_GRACE,
+    ));
     tracing::info!("scheduler ready");
     jobcluster_proto::systemd::notify_ready();
 
@@ -142,21 +143,15 @@ pub async fn run(
     jobcluster_proto::systemd::notify_stopping();
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
     stop.cancel();
-    let finished = tokio::time::timeout(SHUTDOWN_GRACE, async {
-        let (grpc, http) = tokio::join!(grpc, http);
-        (grpc, http)
-    })
-    .await;
-    match finished {
-        Ok((grpc, http)) => {
-            if let Ok(Err(error)) = grpc {
-                tracing::error!(%error, "grpc server failed");
-            }
-            if let Ok(Err(error)) = http {
-                return Err(Error::Http(error));
-            }
-        }
-        Err(_) => tracing::warn!("requests still open after the shutdown grace; closing them"),
+    // Both servers bound their own drain by the grace period.
+    let (grpc, http) = tokio::join!(tokio::time::timeout(SHUTDOWN_GRACE, grpc), http);
+    match grpc {
+        Ok(Ok(Err(error))) => tracing::error!(%error, "grpc server failed"),
+        Err(_) => tracing::warn!("grpc streams still open after the shutdown grace"),
+        _ => {}
+    }
+    if let Err(error) = http {
+        tracing::error!(%error, "http server task failed");
     }
     let _ = liveness.await;
     store.close().await?;

@@ -316,15 +316,13 @@ runner = "python"
     }
 }
 
+/// `[http_server]` comes last so that a test's extra lines may add keys to it.
 const SCHEDULER_CONFIG: &str = r#"
 [grpc_server]
 addr = "127.0.0.1:0"
 crt_file = "pki/scheduler.pem"
 key_file = "pki/scheduler-key.pem"
 ca_file = "pki/ca.pem"
-
-[http_server]
-addr = "127.0.0.1:0"
 
 [store]
 path = "state/scheduler.db"
@@ -333,6 +331,9 @@ path = "state/scheduler.db"
 [workers]
 heartbeat_interval = "250ms"
 down_after = "1500ms"
+
+[http_server]
+addr = "127.0.0.1:0"
 "#;
 
 /// Runs clusterctl synchronously and asserts success.

@@ -665,3 +665,83 @@ async fn hostile_input_gets_clear_refusals_and_the_cluster_keeps_serving() {
     }
     still_serving().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_clients_and_crowds_of_followers_starve_nobody() {
+    let cluster = Cluster::start_with(&["w1"], "max_followers_per_job = 2\n", "").await;
+    let url = cluster.url();
+
+    // Clients that never finish their request headers.
+    let roots = Roots::load(&cluster.pki().join("ca.pem")).unwrap();
+    let id = load_identity(&cluster, "client");
+    let tls = jobcluster_pki::client_config(&roots, Some(&id), &[b"http/1.1"]).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(tls);
+    let mut slow = Vec::new();
+    for _ in 0..5 {
+        let tcp = tokio::net::TcpStream::connect(&cluster.http_addr)
+            .await
+            .unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut tls = connector.connect(name, tcp).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut tls, b"GET /v1/workers HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        slow.push(tls);
+    }
+    let started = std::time::Instant::now();
+    let reply = cluster
+        .http()
+        .get(format!("{url}/v1/workers"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), StatusCode::OK);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a slow client held others up"
+    );
+    // The server gives up on them (header read timeout) rather than waiting forever.
+    for mut conn in slow {
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::io::AsyncReadExt::read_to_end(&mut conn, &mut buf),
+        )
+        .await;
+        assert!(read.is_ok(), "a half-sent request kept its connection open");
+    }
+
+    // At most two followers per job; the third is told to come back later.
+    let job = cluster.start_job("w1", "count.sh", &["100", "0.1"]).await;
+    let follow = || {
+        cluster
+            .http()
+            .get(format!("{url}/v1/jobs/{job}/logs?follow=true"))
+            .send()
+    };
+    let first = follow().await.unwrap();
+    let second = follow().await.unwrap();
+    assert_eq!(
+        (first.status(), second.status()),
+        (StatusCode::OK, StatusCode::OK)
+    );
+    let reply = follow().await.unwrap();
+    assert_eq!(
+        status_and_code(reply).await,
+        (StatusCode::TOO_MANY_REQUESTS, "too_many_followers".into())
+    );
+    // A follower that leaves frees its slot.
+    drop(first);
+    let mut freed = false;
+    for _ in 0..100 {
+        let reply = follow().await.unwrap();
+        if reply.status() == StatusCode::OK {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(freed, "a departed follower's slot was never freed");
+    drop(second);
+    assert!(cluster.ctl_output(&["stop", &job]).await.status.success());
+}

@@ -278,6 +278,7 @@ pub(crate) async fn stream_output(
     offset: u64,
     follow: bool,
 ) -> Result<Response, ApiError> {
+    let slot = state.followers.enter(&row.job_id)?;
     let worker = worker_of(state, &row)?;
     let name = worker.row().name;
     let mut client = worker.client();
@@ -293,8 +294,8 @@ pub(crate) async fn stream_output(
     let store = state.store.clone();
     let job_id = row.job_id.clone();
     let body = futures_util::stream::unfold(
-        (stream, Some(row), store),
-        move |(mut stream, mut row, store)| async move {
+        (stream, Some(row), store, slot),
+        move |(mut stream, mut row, store, slot)| async move {
             let current = row.take()?;
             loop {
                 match stream.message().await {
@@ -306,14 +307,17 @@ pub(crate) async fn stream_output(
                             return (!msg.output.is_empty()).then(|| {
                                 (
                                     Ok::<_, std::io::Error>(Bytes::from(msg.output)),
-                                    (stream, None, store),
+                                    (stream, None, store, slot),
                                 )
                             });
                         }
                         if msg.output.is_empty() {
                             continue; // keepalive
                         }
-                        return Some((Ok(Bytes::from(msg.output)), (stream, Some(current), store)));
+                        return Some((
+                            Ok(Bytes::from(msg.output)),
+                            (stream, Some(current), store, slot),
+                        ));
                     }
                     Ok(None) => return None,
                     Err(status) => {
@@ -322,7 +326,7 @@ pub(crate) async fn stream_output(
                         // client sees a cut stream and can resume from its offset.
                         return Some((
                             Err(std::io::Error::other(status.message().to_owned())),
-                            (stream, None, store),
+                            (stream, None, store, slot),
                         ));
                     }
                 }

@@ -7,6 +7,7 @@ mod error;
 mod extract;
 mod jobs;
 mod legacy;
+pub(crate) mod serve;
 pub(crate) mod tls;
 mod workers;
 
@@ -33,6 +34,67 @@ pub(crate) struct AppState {
     pub(crate) store: Store,
     pub(crate) call_timeout: Duration,
     pub(crate) tokens: Arc<auth::Tokens>,
+    pub(crate) followers: Arc<Followers>,
+}
+
+/// Output streams open per job, bounded so one job's audience cannot take
+/// every connection slot.
+#[derive(Debug)]
+pub(crate) struct Followers {
+    max_per_job: usize,
+    open: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+/// One open output stream; counted until dropped.
+#[derive(Debug)]
+pub(crate) struct FollowerSlot {
+    followers: Arc<Followers>,
+    job_id: String,
+}
+
+impl Followers {
+    pub(crate) fn new(max_per_job: usize) -> Self {
+        Followers {
+            max_per_job,
+            open: Default::default(),
+        }
+    }
+
+    pub(crate) fn enter(self: &Arc<Self>, job_id: &str) -> Result<FollowerSlot, ApiError> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(job_id.to_owned()).or_default();
+        if *n >= self.max_per_job {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_followers",
+                format!(
+                    "job {job_id} already has {} open output streams; try later",
+                    self.max_per_job
+                ),
+            ));
+        }
+        *n += 1;
+        Ok(FollowerSlot {
+            followers: self.clone(),
+            job_id: job_id.to_owned(),
+        })
+    }
+}
+
+impl Drop for FollowerSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .followers
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.job_id) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.job_id);
+            }
+        }
+    }
 }
 
 pub(crate) fn router(state: AppState) -> Router {

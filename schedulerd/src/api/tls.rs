@@ -3,8 +3,7 @@
 
 use std::net::SocketAddr;
 
-use axum::extract::connect_info::Connected;
-use axum::serve::{IncomingStream, Listener};
+use axum::serve::Listener;
 use jobcluster_pki::PeerIdentity;
 use jobcluster_proto::transport::{self, ServerConfigSource};
 use tokio::net::{TcpListener, TcpStream};
@@ -64,18 +63,15 @@ pub(crate) struct PeerInfo {
     pub(crate) identity: Option<PeerIdentity>,
 }
 
-impl Connected<IncomingStream<'_, TlsListener>> for PeerInfo {
-    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
+impl PeerInfo {
+    /// The identity in the connection's client certificate, if any.
+    pub(crate) fn of(stream: &TlsStream<TcpStream>, addr: SocketAddr) -> Self {
         let identity = stream
-            .io()
             .get_ref()
             .1
             .peer_certificates()
             .and_then(|certs| certs.first())
             .and_then(|leaf| jobcluster_pki::peer_identity(leaf).ok());
-        PeerInfo {
-            addr: *stream.remote_addr(),
-            identity,
-        }
+        PeerInfo { addr, identity }
     }
 }
