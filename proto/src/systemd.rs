@@ -1,5 +1,6 @@
-//! Telling systemd (`Type=notify`) that a daemon really serves, and that it
-//! is stopping. Without `$NOTIFY_SOCKET` (not under systemd) these do nothing.
+//! A daemon's life under an init system: telling systemd (`Type=notify`)
+//! that it really serves and that it is stopping (without `$NOTIFY_SOCKET`
+//! these do nothing), and reloading certificates on SIGHUP.
 
 use std::os::unix::net::UnixDatagram;
 
@@ -30,5 +31,28 @@ fn notify(state: &str) {
     });
     if let Err(error) = result {
         tracing::warn!(%error, state, "could not notify systemd");
+    }
+}
+
+/// Starts listening for SIGHUP now, so a hangup that arrives before the
+/// reload task runs is not fatal.
+pub fn hangups() -> std::io::Result<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+}
+
+/// Runs `reload` on every SIGHUP. New certificates apply to new
+/// connections; running jobs and open streams keep theirs. A failed reload
+/// keeps the material in force.
+pub async fn reload_on_hangup(
+    mut hangups: tokio::signal::unix::Signal,
+    mut reload: impl FnMut() -> Result<(), String>,
+) {
+    while hangups.recv().await.is_some() {
+        match reload() {
+            Ok(()) => tracing::info!("SIGHUP: certificates reloaded"),
+            Err(error) => {
+                tracing::error!(%error, "SIGHUP: reload failed; keeping the certificates in force")
+            }
+        }
     }
 }

@@ -76,6 +76,10 @@ pub struct AddressError {
     pub reason: String,
 }
 
+/// The client TLS config in force; each new connection takes the current
+/// value (certificate reload), established ones keep theirs.
+pub type ClientConfigSource = watch::Receiver<Arc<rustls::ClientConfig>>;
+
 /// A lazily connected channel to `addr` (`host:port`) over TLS with
 /// `config`. The server's certificate must name `addr`'s host. The channel
 /// reconnects by itself after a failure; calls on it fail fast while the
@@ -83,6 +87,17 @@ pub struct AddressError {
 pub fn tls_channel(
     addr: &str,
     config: Arc<rustls::ClientConfig>,
+    connect_timeout: Duration,
+) -> Result<Channel, AddressError> {
+    // The receiver keeps the value after the sender is gone.
+    let (_fixed, source) = watch::channel(config);
+    tls_channel_from(addr, source, connect_timeout)
+}
+
+/// Like [`tls_channel`], with the config taken from `source` at each dial.
+pub fn tls_channel_from(
+    addr: &str,
+    source: ClientConfigSource,
     connect_timeout: Duration,
 ) -> Result<Channel, AddressError> {
     let bad = |reason: &str| AddressError {
@@ -106,9 +121,8 @@ pub fn tls_channel(
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true);
-    let connector = TlsConnector::from(config);
     let dial = tower::service_fn(move |_uri| {
-        let connector = connector.clone();
+        let connector = TlsConnector::from(source.borrow().clone());
         let server_name = server_name.clone();
         let host = host.clone();
         async move {

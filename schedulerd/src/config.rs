@@ -195,6 +195,7 @@ pub struct Config {
 pub struct Tls {
     pub identity: Identity,
     pub roots: Roots,
+    pub files: TlsFiles,
 }
 
 impl Config {
@@ -223,7 +224,13 @@ impl Config {
         let crt = need(&g.crt_file, "grpc_server.crt_file")?;
         let key = need(&g.key_file, "grpc_server.key_file")?;
         let ca = need(&g.ca_file, "grpc_server.ca_file")?;
-        let grpc_tls = load_tls(path, &crt, &key, &ca, "grpc_server")?;
+        let grpc_tls = TlsFiles {
+            crt: crt.clone(),
+            key: key.clone(),
+            ca: ca.clone(),
+            section: "grpc_server",
+        }
+        .load(path)?;
 
         let h = &file.http_server;
         let http_tls = if h.crt_file.is_none() && h.key_file.is_none() && h.ca_file.is_none() {
@@ -235,13 +242,13 @@ impl Config {
                     .map(|p| base.join(p))
                     .unwrap_or_else(|| fallback.to_owned())
             };
-            load_tls(
-                path,
-                &pick(&h.crt_file, &crt),
-                &pick(&h.key_file, &key),
-                &pick(&h.ca_file, &ca),
-                "http_server",
-            )?
+            TlsFiles {
+                crt: pick(&h.crt_file, &crt),
+                key: pick(&h.key_file, &key),
+                ca: pick(&h.ca_file, &ca),
+                section: "http_server",
+            }
+            .load(path)?
         };
         if file.workers.call_timeout.is_zero() {
             return Err(err("workers.call_timeout", "must be more than 0".into()));
@@ -304,27 +311,40 @@ impl Config {
     }
 }
 
-fn load_tls(
-    file: &Path,
-    crt: &Path,
-    key: &Path,
-    ca: &Path,
-    section: &str,
-) -> Result<Tls, ConfigError> {
-    let err = |k: &str, msg: String| ConfigError::new(file, format!("{section}.{k}"), msg);
-    let roots = Roots::load(ca).map_err(|e| err("ca_file", e.to_string()))?;
-    let identity = Identity::load(crt, key).map_err(|e| err("crt_file", e.to_string()))?;
-    let peer = identity
-        .peer_identity()
-        .map_err(|e| err("crt_file", e.to_string()))?;
-    if peer.role != Role::Scheduler {
-        return Err(err(
-            "crt_file",
-            format!(
-                "certificate is for role {}, the scheduler needs role scheduler",
-                peer.role
-            ),
-        ));
+/// Where a TLS endpoint's material comes from, for loading and reloading.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub crt: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    /// The config section that named them, for error messages.
+    pub section: &'static str,
+}
+
+impl TlsFiles {
+    /// Loads the files; the certificate must be the scheduler's.
+    pub fn load(&self, file: &Path) -> Result<Tls, ConfigError> {
+        let section = self.section;
+        let err = |k: &str, msg: String| ConfigError::new(file, format!("{section}.{k}"), msg);
+        let roots = Roots::load(&self.ca).map_err(|e| err("ca_file", e.to_string()))?;
+        let identity =
+            Identity::load(&self.crt, &self.key).map_err(|e| err("crt_file", e.to_string()))?;
+        let peer = identity
+            .peer_identity()
+            .map_err(|e| err("crt_file", e.to_string()))?;
+        if peer.role != Role::Scheduler {
+            return Err(err(
+                "crt_file",
+                format!(
+                    "certificate is for role {}, the scheduler needs role scheduler",
+                    peer.role
+                ),
+            ));
+        }
+        Ok(Tls {
+            identity,
+            roots,
+            files: self.clone(),
+        })
     }
-    Ok(Tls { identity, roots })
 }

@@ -71,19 +71,22 @@ pub async fn run(
         .await
         .map_err(|e| store::StoreError::Task(e.to_string()))??;
 
-    let worker_tls = jobcluster_pki::client_config(
+    let (worker_tls_tx, worker_tls_rx) = watch::channel(jobcluster_pki::client_config(
         &config.grpc_tls.roots,
         Some(&config.grpc_tls.identity),
         &[b"h2"],
-    )?;
-    let registry = Arc::new(registry::Registry::new(worker_tls, config.connect_timeout));
+    )?);
+    let registry = Arc::new(registry::Registry::new(
+        worker_tls_rx,
+        config.connect_timeout,
+    ));
     registry.load(store.workers().await?, time::now_ms());
 
     let stop = CancellationToken::new();
 
     let grpc_tls =
         jobcluster_pki::server_config(&config.grpc_tls.identity, &config.grpc_tls.roots, &[b"h2"])?;
-    let (_grpc_tls_tx, grpc_tls_rx) = watch::channel(grpc_tls);
+    let (grpc_tls_tx, grpc_tls_rx) = watch::channel(grpc_tls);
     let service = grpc::SchedulerService {
         registry: registry.clone(),
         store: store.clone(),
@@ -121,7 +124,40 @@ pub async fn run(
         &[b"h2", b"http/1.1"],
         client_auth,
     )?;
-    let (_http_tls_tx, http_tls_rx) = watch::channel(http_tls);
+    let (http_tls_tx, http_tls_rx) = watch::channel(http_tls);
+    let reloader = {
+        let (file, grpc_files, http_files) = (
+            config.file.clone(),
+            config.grpc_tls.files.clone(),
+            config.http_tls.files.clone(),
+        );
+        let hangups = jobcluster_proto::systemd::hangups().map_err(Error::Http)?;
+        tokio::spawn(jobcluster_proto::systemd::reload_on_hangup(
+            hangups,
+            move || {
+                let grpc = grpc_files.load(&file).map_err(|e| e.to_string())?;
+                let http = http_files.load(&file).map_err(|e| e.to_string())?;
+                let text = |e: jobcluster_pki::PkiError| e.to_string();
+                let grpc_server =
+                    jobcluster_pki::server_config(&grpc.identity, &grpc.roots, &[b"h2"])
+                        .map_err(text)?;
+                let worker_client =
+                    jobcluster_pki::client_config(&grpc.roots, Some(&grpc.identity), &[b"h2"])
+                        .map_err(text)?;
+                let http_server = jobcluster_pki::server_config_with(
+                    &http.identity,
+                    &http.roots,
+                    &[b"h2", b"http/1.1"],
+                    client_auth,
+                )
+                .map_err(text)?;
+                grpc_tls_tx.send_replace(grpc_server);
+                worker_tls_tx.send_replace(worker_client);
+                http_tls_tx.send_replace(http_server);
+                Ok(())
+            },
+        ))
+    };
     let listener = api::tls::TlsListener::new(listeners.http, http_tls_rx).map_err(Error::Http)?;
     let app = api::router(api::AppState {
         registry,
@@ -140,6 +176,7 @@ pub async fn run(
     jobcluster_proto::systemd::notify_ready();
 
     shutdown.await;
+    reloader.abort();
     jobcluster_proto::systemd::notify_stopping();
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
     stop.cancel();

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use jobcluster_proto::pb::worker_client::WorkerClient;
-use jobcluster_proto::transport::{self, AddressError};
+use jobcluster_proto::transport::{self, AddressError, ClientConfigSource};
 use tonic::transport::Channel;
 
 use crate::store::WorkerRow;
@@ -76,7 +76,7 @@ struct Maps {
 pub(crate) struct Registry {
     // std RwLock: held for map lookups only, never across an await.
     maps: RwLock<Maps>,
-    tls: Arc<rustls::ClientConfig>,
+    tls: ClientConfigSource,
     connect_timeout: Duration,
 }
 
@@ -92,7 +92,7 @@ pub(crate) struct Registration {
 }
 
 impl Registry {
-    pub(crate) fn new(tls: Arc<rustls::ClientConfig>, connect_timeout: Duration) -> Self {
+    pub(crate) fn new(tls: ClientConfigSource, connect_timeout: Duration) -> Self {
         Registry {
             maps: RwLock::new(Maps::default()),
             tls,
@@ -101,7 +101,8 @@ impl Registry {
     }
 
     fn entry(&self, row: WorkerRow) -> Result<Arc<WorkerEntry>, AddressError> {
-        let channel = transport::tls_channel(&row.address, self.tls.clone(), self.connect_timeout)?;
+        let channel =
+            transport::tls_channel_from(&row.address, self.tls.clone(), self.connect_timeout)?;
         Ok(Arc::new(WorkerEntry {
             row: Mutex::new(row),
             instance_id: Mutex::new(String::new()),

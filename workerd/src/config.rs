@@ -123,6 +123,7 @@ pub struct Config {
     pub max_jobs: Option<usize>,
     pub retention: Retention,
     pub tls: TlsMaterial,
+    pub tls_files: TlsFiles,
 }
 
 /// A user and group jobs run as.
@@ -159,6 +160,47 @@ pub struct TlsMaterial {
     pub roots: Roots,
 }
 
+/// Where the TLS material comes from, for reloading it.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub crt: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+impl TlsMaterial {
+    /// Loads the files and checks the certificate is a worker's, for `name`.
+    pub fn load(file: &Path, files: &TlsFiles, name: &str) -> Result<TlsMaterial, ConfigError> {
+        let err = |key: &str, msg: String| ConfigError::new(file, key, msg);
+        let roots =
+            Roots::load(&files.ca).map_err(|e| err("grpc_server.ca_file", e.to_string()))?;
+        let identity = Identity::load(&files.crt, &files.key)
+            .map_err(|e| err("grpc_server.crt_file", e.to_string()))?;
+        let peer = identity
+            .peer_identity()
+            .map_err(|e| err("grpc_server.crt_file", e.to_string()))?;
+        if peer.role != Role::Worker {
+            return Err(err(
+                "grpc_server.crt_file",
+                format!(
+                    "certificate is for role {}, a worker needs role worker",
+                    peer.role
+                ),
+            ));
+        }
+        if peer.name != name {
+            return Err(err(
+                "worker.name",
+                format!(
+                    "{name:?} differs from the certificate's name {:?}; issue one with `clusterctl pki issue DIR --role worker {name}`",
+                    peer.name
+                ),
+            ));
+        }
+        Ok(TlsMaterial { identity, roots })
+    }
+}
+
 impl Config {
     /// Reads and validates `path`. Relative paths in the file are relative
     /// to the file's own directory, so a config works from any working
@@ -189,10 +231,6 @@ impl Config {
         let crt = need(&g.crt_file, "grpc_server.crt_file")?;
         let key = need(&g.key_file, "grpc_server.key_file")?;
         let ca = need(&g.ca_file, "grpc_server.ca_file")?;
-        let roots = Roots::load(&ca).map_err(|e| err("grpc_server.ca_file", e.to_string()))?;
-        let identity =
-            Identity::load(&crt, &key).map_err(|e| err("grpc_server.crt_file", e.to_string()))?;
-
         let w = &file.worker;
         if !jobcluster_pki::valid_name(&w.name) {
             return Err(err(
@@ -203,27 +241,8 @@ impl Config {
                 ),
             ));
         }
-        let peer = identity
-            .peer_identity()
-            .map_err(|e| err("grpc_server.crt_file", e.to_string()))?;
-        if peer.role != Role::Worker {
-            return Err(err(
-                "grpc_server.crt_file",
-                format!(
-                    "certificate is for role {}, a worker needs role worker",
-                    peer.role
-                ),
-            ));
-        }
-        if peer.name != w.name {
-            return Err(err(
-                "worker.name",
-                format!(
-                    "{:?} differs from the certificate's name {:?}; issue one with `clusterctl pki issue DIR --role worker {}`",
-                    w.name, peer.name, w.name
-                ),
-            ));
-        }
+        let tls_files = TlsFiles { crt, key, ca };
+        let tls = TlsMaterial::load(path, &tls_files, &w.name)?;
         let scripts_dir = resolve(&w.scripts_dir);
         let scripts_dir = scripts_dir.canonicalize().map_err(|e| {
             err(
@@ -307,7 +326,8 @@ impl Config {
             labels: w.labels.clone(),
             plugins,
             retention: file.retention,
-            tls: TlsMaterial { identity, roots },
+            tls,
+            tls_files,
         })
     }
 }

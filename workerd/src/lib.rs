@@ -113,14 +113,14 @@ pub async fn run(
         .advertise_addr
         .clone()
         .unwrap_or_else(|| local.to_string());
-    let scheduler_tls =
-        jobcluster_pki::client_config(&config.tls.roots, Some(&config.tls.identity), &[b"h2"])?;
-    let scheduler = transport::tls_channel(
-        &config.scheduler_addr,
-        scheduler_tls,
-        REGISTER_CONNECT_TIMEOUT,
-    )
-    .map_err(Error::SchedulerAddr)?;
+    let (client_tx, client_rx) = watch::channel(jobcluster_pki::client_config(
+        &config.tls.roots,
+        Some(&config.tls.identity),
+        &[b"h2"],
+    )?);
+    let scheduler =
+        transport::tls_channel_from(&config.scheduler_addr, client_rx, REGISTER_CONNECT_TIMEOUT)
+            .map_err(Error::SchedulerAddr)?;
     let membership = membership::Membership::new(
         SchedulerClient::new(scheduler),
         RegisterWorkerRequest {
@@ -137,8 +137,31 @@ pub async fn run(
     );
     let server_config =
         jobcluster_pki::server_config(&config.tls.identity, &config.tls.roots, &[b"h2"])?;
-    let (_config_tx, config_rx) = watch::channel(server_config);
-    let incoming = transport::tls_incoming(listener, config_rx);
+    let (server_tx, server_rx) = watch::channel(server_config);
+    let incoming = transport::tls_incoming(listener, server_rx);
+    let reloader = {
+        let (file, files, name) = (
+            config.file.clone(),
+            config.tls_files.clone(),
+            config.name.clone(),
+        );
+        let hangups = jobcluster_proto::systemd::hangups().map_err(Error::Listener)?;
+        tokio::spawn(jobcluster_proto::systemd::reload_on_hangup(
+            hangups,
+            move || {
+                let tls =
+                    config::TlsMaterial::load(&file, &files, &name).map_err(|e| e.to_string())?;
+                let server = jobcluster_pki::server_config(&tls.identity, &tls.roots, &[b"h2"])
+                    .map_err(|e| e.to_string())?;
+                let client =
+                    jobcluster_pki::client_config(&tls.roots, Some(&tls.identity), &[b"h2"])
+                        .map_err(|e| e.to_string())?;
+                server_tx.send_replace(server);
+                client_tx.send_replace(client);
+                Ok(())
+            },
+        ))
+    };
 
     let stop_server = CancellationToken::new();
     let server = tonic::transport::Server::builder()
@@ -162,6 +185,7 @@ pub async fn run(
     ));
 
     shutdown.await;
+    reloader.abort();
     jobcluster_proto::systemd::notify_stopping();
     tracing::info!("shutting down: no new jobs, stopping running ones");
     jobs.shutdown().await;

@@ -745,3 +745,86 @@ async fn slow_clients_and_crowds_of_followers_starve_nobody() {
     drop(second);
     assert!(cluster.ctl_output(&["stop", &job]).await.status.success());
 }
+
+/// The certificate a TLS server presents at `addr` now.
+async fn presented_cert(cluster: &Cluster, addr: &str, alpn: &[u8]) -> Vec<u8> {
+    let roots = Roots::load(&cluster.pki().join("ca.pem")).unwrap();
+    let id = load_identity(cluster, "client");
+    let tls = jobcluster_pki::client_config(&roots, Some(&id), &[alpn]).unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    stream.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+fn reissue(cluster: &Cluster, role: &str, name: &str) {
+    let pki = cluster.pki();
+    std::fs::remove_file(pki.join(format!("{name}.pem"))).unwrap();
+    std::fs::remove_file(pki.join(format!("{name}-key.pem"))).unwrap();
+    crate::cluster::run_ok(&["pki", "issue", pki.to_str().unwrap(), "--role", role, name]);
+}
+
+async fn wait_for_log(daemon: &crate::harness::Daemon, needle: &str, after: usize) {
+    for _ in 0..400 {
+        if daemon.log().matches(needle).count() > after {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("never logged {needle:?}:\n{}", daemon.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads_certificates_without_dropping_jobs_or_followers() {
+    let mut cluster = Cluster::start(&["w1"]).await;
+    let job = cluster.start_job("w1", "count.sh", &["60", "0.05"]).await;
+    let follower = cluster
+        .ctl()
+        .args(["logs", "-f", &job])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let worker_addr = cluster.worker_info("w1").await.address;
+    let before = presented_cert(&cluster, &worker_addr, b"h2").await;
+
+    reissue(&cluster, "worker", "w1");
+    cluster
+        .worker("w1")
+        .signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for_log(cluster.worker("w1"), "certificates reloaded", 0).await;
+    let after = presented_cert(&cluster, &worker_addr, b"h2").await;
+    assert_ne!(before, after, "new connections get the new certificate");
+
+    let before = presented_cert(&cluster, &cluster.http_addr.clone(), b"http/1.1").await;
+    reissue(&cluster, "scheduler", "scheduler");
+    cluster.scheduler.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for_log(&cluster.scheduler, "certificates reloaded", 0).await;
+    let after = presented_cert(&cluster, &cluster.http_addr.clone(), b"http/1.1").await;
+    assert_ne!(before, after);
+
+    // A broken file is refused and the material in force stays.
+    std::fs::write(cluster.pki().join("scheduler-key.pem"), "not a key").unwrap();
+    cluster.scheduler.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for_log(&cluster.scheduler, "reload failed", 0).await;
+    assert_eq!(
+        presented_cert(&cluster, &cluster.http_addr.clone(), b"http/1.1").await,
+        after
+    );
+
+    // The job ran on and the follower saw every line.
+    let out = tokio::time::timeout(Duration::from_secs(30), follower.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let expected: String = (1..=60).map(|i| format!("{i}\n")).collect::<String>() + "done\n";
+    assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
+    assert_eq!(cluster.job(&job).await.state, "succeeded");
+    // And the scheduler still reaches the worker over the new certificates.
+    let job = cluster.start_job("w1", "count.sh", &["1", "0"]).await;
+    let out = cluster.ctl_output(&["logs", "-f", &job]).await;
+    assert_eq!(stdout(&out), "1\ndone\n");
+}
