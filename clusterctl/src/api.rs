@@ -110,6 +110,26 @@ impl Api {
     pub(crate) fn new(opts: &ConnectOptions) -> anyhow::Result<Api> {
         let base = parse_scheduler_url(&opts.scheduler)?;
         let shown = base.as_str().trim_end_matches('/').to_owned();
+        let authorization = bearer(opts)?;
+
+        if base.scheme() == "http" {
+            // A scheduler in insecure mode (use_tls = false, insecure = true).
+            eprintln!(
+                "clusterctl: warning: plaintext connection to {shown}: nothing is encrypted or authenticated"
+            );
+            let client = reqwest::Client::builder()
+                .user_agent(concat!("clusterctl/", env!("CARGO_PKG_VERSION")))
+                .connect_timeout(CONNECT_TIMEOUT)
+                .tcp_keepalive(Duration::from_secs(15))
+                .build()
+                .map_err(|e| anyhow::anyhow!("cannot set up the HTTP client: {e}"))?;
+            return Ok(Api {
+                client,
+                base,
+                shown,
+                authorization,
+            });
+        }
 
         let Some(ca) = &opts.ca else {
             anyhow::bail!("no CA certificate to verify the scheduler with: {CA_HINT}");
@@ -141,20 +161,6 @@ impl Api {
                  CLUSTERCTL_KEY (a client certificate, e.g. client.pem and client-key.pem from \
                  `clusterctl pki init`), or pass --token"
             ),
-        };
-
-        let authorization = match &opts.token {
-            Some(token) => {
-                let mut value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
-                    anyhow::anyhow!(
-                        "the token (--token / CLUSTERCTL_TOKEN) contains characters not allowed \
-                         in an HTTP header"
-                    )
-                })?;
-                value.set_sensitive(true);
-                Some(value)
-            }
-            None => None,
         };
 
         let tls = jobcluster_pki::client_config(&roots, identity.as_ref(), &[b"h2", b"http/1.1"])?;
@@ -325,7 +331,24 @@ fn field(mut raw: Value, name: &str) -> Value {
     raw.get_mut(name).map(Value::take).unwrap_or(Value::Null)
 }
 
-/// The scheduler URL; `HOST:PORT` alone means `https://HOST:PORT`.
+/// The `Authorization` header for `--token`, marked sensitive so it is
+/// never printed.
+fn bearer(opts: &ConnectOptions) -> anyhow::Result<Option<HeaderValue>> {
+    let Some(token) = &opts.token else {
+        return Ok(None);
+    };
+    let mut value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+        anyhow::anyhow!(
+            "the token (--token / CLUSTERCTL_TOKEN) contains characters not allowed in an HTTP \
+             header"
+        )
+    })?;
+    value.set_sensitive(true);
+    Ok(Some(value))
+}
+
+/// The scheduler URL; `HOST:PORT` alone means `https://HOST:PORT`;
+/// `http://` is for a scheduler in insecure mode.
 fn parse_scheduler_url(given: &str) -> anyhow::Result<Url> {
     let with_scheme = if given.contains("://") {
         given.to_owned()
@@ -338,10 +361,10 @@ fn parse_scheduler_url(given: &str) -> anyhow::Result<Url> {
              expected https://HOST:PORT"
         )
     })?;
-    if url.scheme() != "https" {
+    if url.scheme() != "https" && url.scheme() != "http" {
         anyhow::bail!(
             "the scheduler URL {given:?} (--scheduler / CLUSTERCTL_SCHEDULER) must start with \
-             https://: the scheduler serves only HTTPS"
+             https:// (or http:// for a scheduler in insecure mode)"
         );
     }
     if url.cannot_be_a_base() || url.host().is_none() {
@@ -397,10 +420,16 @@ mod tests {
             parse_scheduler_url("10.0.0.1:3000").unwrap().as_str(),
             "https://10.0.0.1:3000/"
         );
-        let err = parse_scheduler_url("http://10.0.0.1:3000").unwrap_err();
+        let err = parse_scheduler_url("ftp://10.0.0.1:3000").unwrap_err();
         assert!(
             err.to_string().contains("must start with https://"),
             "{err}"
+        );
+        assert_eq!(
+            parse_scheduler_url("http://10.0.0.1:3000")
+                .unwrap()
+                .scheme(),
+            "http"
         );
         assert!(parse_scheduler_url("https://").is_err());
     }

@@ -25,6 +25,26 @@ impl ConfigError {
     }
 }
 
+/// Whether a daemon speaks TLS, from `[grpc_server] use_tls` and
+/// `insecure`. Plaintext needs both `use_tls = false` and `insecure = true`,
+/// so it is never the result of a typo; `insecure` alone is refused too.
+pub fn tls_enabled(file: &Path, use_tls: bool, insecure: bool) -> Result<bool, ConfigError> {
+    match (use_tls, insecure) {
+        (true, false) => Ok(true),
+        (false, true) => Ok(false),
+        (false, false) => Err(ConfigError::new(
+            file,
+            "grpc_server.use_tls",
+            "false needs grpc_server.insecure = true as well: without TLS nothing is authenticated or encrypted",
+        )),
+        (true, true) => Err(ConfigError::new(
+            file,
+            "grpc_server.insecure",
+            "true only goes with use_tls = false; remove it to keep TLS",
+        )),
+    }
+}
+
 /// Reads and deserializes `path`. Unknown keys are refused by the target
 /// types (`deny_unknown_fields`); this function puts the key's path into the
 /// error.

@@ -142,3 +142,24 @@ pub async fn bind(addr: &str) -> std::io::Result<(TcpListener, SocketAddr)> {
     let local = listener.local_addr()?;
     Ok((listener, local))
 }
+
+/// A lazily connected plaintext channel, for insecure mode only: nothing
+/// is authenticated or encrypted.
+pub fn plain_channel(addr: &str, connect_timeout: Duration) -> Result<Channel, AddressError> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| AddressError {
+            addr: addr.to_owned(),
+            reason: e.to_string(),
+        })?
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true);
+    Ok(endpoint.connect_lazy())
+}
+
+/// Accepted plaintext connections, for insecure mode only.
+pub fn plain_incoming(listener: TcpListener) -> tokio_stream::wrappers::TcpListenerStream {
+    tokio_stream::wrappers::TcpListenerStream::new(listener)
+}

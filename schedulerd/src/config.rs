@@ -57,6 +57,10 @@ pub struct GrpcServer {
     pub addr: String,
     #[serde(default = "yes")]
     pub use_tls: bool,
+    /// With `use_tls = false`: plaintext gRPC and HTTP, no authentication.
+    /// Development only.
+    #[serde(default)]
+    pub insecure: bool,
     pub crt_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
     pub ca_file: Option<PathBuf>,
@@ -67,6 +71,7 @@ impl Default for GrpcServer {
         GrpcServer {
             addr: default_grpc_addr(),
             use_tls: true,
+            insecure: false,
             crt_file: None,
             key_file: None,
             ca_file: None,
@@ -183,10 +188,11 @@ pub struct Config {
     pub connect_timeout: Duration,
     pub heartbeat_interval: Duration,
     pub down_after: Duration,
-    /// Presented to workers (as server and as client) and trusted from them.
-    pub grpc_tls: Tls,
-    /// Presented to API clients and trusted from them.
-    pub http_tls: Tls,
+    /// Presented to workers (as server and as client) and trusted from
+    /// them; `None` in insecure (plaintext) mode.
+    pub grpc_tls: Option<Tls>,
+    /// Presented to API clients and trusted from them; `None` in insecure mode.
+    pub http_tls: Option<Tls>,
     pub tokens: Vec<TokenEntry>,
     pub max_followers_per_job: usize,
 }
@@ -209,46 +215,46 @@ impl Config {
         let err = |key: &str, msg: String| ConfigError::new(path, key, msg);
         let base = path.parent().unwrap_or(Path::new("."));
         let g = &file.grpc_server;
-        if !g.use_tls {
-            return Err(err(
-                "grpc_server.use_tls",
-                "plaintext is not supported: the cluster requires mutual TLS".into(),
-            ));
-        }
+        let use_tls = config::tls_enabled(path, g.use_tls, g.insecure)?;
         let need = |value: &Option<PathBuf>, key: &str| {
             value
                 .as_deref()
                 .map(|p| base.join(p))
                 .ok_or_else(|| err(key, "missing: mutual TLS needs it".into()))
         };
-        let crt = need(&g.crt_file, "grpc_server.crt_file")?;
-        let key = need(&g.key_file, "grpc_server.key_file")?;
-        let ca = need(&g.ca_file, "grpc_server.ca_file")?;
-        let grpc_tls = TlsFiles {
-            crt: crt.clone(),
-            key: key.clone(),
-            ca: ca.clone(),
-            section: "grpc_server",
-        }
-        .load(path)?;
-
         let h = &file.http_server;
-        let http_tls = if h.crt_file.is_none() && h.key_file.is_none() && h.ca_file.is_none() {
-            grpc_tls.clone()
-        } else {
-            let pick = |value: &Option<PathBuf>, fallback: &Path| {
-                value
-                    .as_deref()
-                    .map(|p| base.join(p))
-                    .unwrap_or_else(|| fallback.to_owned())
-            };
-            TlsFiles {
-                crt: pick(&h.crt_file, &crt),
-                key: pick(&h.key_file, &key),
-                ca: pick(&h.ca_file, &ca),
-                section: "http_server",
+        let (grpc_tls, http_tls) = if use_tls {
+            let crt = need(&g.crt_file, "grpc_server.crt_file")?;
+            let key = need(&g.key_file, "grpc_server.key_file")?;
+            let ca = need(&g.ca_file, "grpc_server.ca_file")?;
+            let grpc_tls = TlsFiles {
+                crt: crt.clone(),
+                key: key.clone(),
+                ca: ca.clone(),
+                section: "grpc_server",
             }
-            .load(path)?
+            .load(path)?;
+
+            let http_tls = if h.crt_file.is_none() && h.key_file.is_none() && h.ca_file.is_none() {
+                grpc_tls.clone()
+            } else {
+                let pick = |value: &Option<PathBuf>, fallback: &Path| {
+                    value
+                        .as_deref()
+                        .map(|p| base.join(p))
+                        .unwrap_or_else(|| fallback.to_owned())
+                };
+                TlsFiles {
+                    crt: pick(&h.crt_file, &crt),
+                    key: pick(&h.key_file, &key),
+                    ca: pick(&h.ca_file, &ca),
+                    section: "http_server",
+                }
+                .load(path)?
+            };
+            (Some(grpc_tls), Some(http_tls))
+        } else {
+            (None, None)
         };
         if file.workers.call_timeout.is_zero() {
             return Err(err("workers.call_timeout", "must be more than 0".into()));

@@ -59,6 +59,22 @@ pub struct Listeners {
     pub http: TcpListener,
 }
 
+/// Where gRPC connections come from.
+enum Incoming {
+    Tls(
+        tokio_stream::wrappers::ReceiverStream<
+            Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
+        >,
+    ),
+    Plain(tokio_stream::wrappers::TcpListenerStream),
+}
+
+/// Where API connections come from.
+enum HttpListener {
+    Tls(api::tls::TlsListener),
+    Plain(TcpListener),
+}
+
 /// Runs the scheduler until `shutdown` resolves, then stops accepting,
 /// lets in-flight requests finish (bounded), and closes the store.
 pub async fn run(
@@ -71,27 +87,82 @@ pub async fn run(
         .await
         .map_err(|e| store::StoreError::Task(e.to_string()))??;
 
-    let (worker_tls_tx, worker_tls_rx) = watch::channel(jobcluster_pki::client_config(
-        &config.grpc_tls.roots,
-        Some(&config.grpc_tls.identity),
-        &[b"h2"],
-    )?);
-    let registry = Arc::new(registry::Registry::new(
-        worker_tls_rx,
-        config.connect_timeout,
-    ));
+    let stop = CancellationToken::new();
+    let tokens = Arc::new(api::auth::Tokens::new(&config.tokens));
+    let secure = config.grpc_tls.as_ref().zip(config.http_tls.as_ref());
+
+    // Mutual TLS everywhere, with every config behind a watch channel so
+    // SIGHUP can swap certificates; or, in insecure mode, plaintext.
+    let mut reloader = None;
+    let (worker_tls, grpc_incoming, http_listener) = match secure {
+        Some((grpc_tls, http_tls)) => {
+            // Without tokens, a client without a certificate gets no answer
+            // at all; with tokens, it gets through the handshake and must
+            // show one.
+            let client_auth = if tokens.is_empty() {
+                jobcluster_pki::ClientAuth::Required
+            } else {
+                jobcluster_pki::ClientAuth::Optional
+            };
+            let configs = move |grpc: &config::Tls, http: &config::Tls| {
+                Ok::<_, jobcluster_pki::PkiError>((
+                    jobcluster_pki::client_config(&grpc.roots, Some(&grpc.identity), &[b"h2"])?,
+                    jobcluster_pki::server_config(&grpc.identity, &grpc.roots, &[b"h2"])?,
+                    jobcluster_pki::server_config_with(
+                        &http.identity,
+                        &http.roots,
+                        &[b"h2", b"http/1.1"],
+                        client_auth,
+                    )?,
+                ))
+            };
+            let (worker_client, grpc_server, http_server) = configs(grpc_tls, http_tls)?;
+            let (worker_tx, worker_rx) = watch::channel(worker_client);
+            let (grpc_tx, grpc_rx) = watch::channel(grpc_server);
+            let (http_tx, http_rx) = watch::channel(http_server);
+            let (file, grpc_files, http_files) = (
+                config.file.clone(),
+                grpc_tls.files.clone(),
+                http_tls.files.clone(),
+            );
+            let hangups = jobcluster_proto::systemd::hangups().map_err(Error::Http)?;
+            reloader = Some(tokio::spawn(jobcluster_proto::systemd::reload_on_hangup(
+                hangups,
+                move || {
+                    let grpc = grpc_files.load(&file).map_err(|e| e.to_string())?;
+                    let http = http_files.load(&file).map_err(|e| e.to_string())?;
+                    let (worker_client, grpc_server, http_server) =
+                        configs(&grpc, &http).map_err(|e| e.to_string())?;
+                    worker_tx.send_replace(worker_client);
+                    grpc_tx.send_replace(grpc_server);
+                    http_tx.send_replace(http_server);
+                    Ok(())
+                },
+            )));
+            (
+                Some(worker_rx),
+                Incoming::Tls(transport::tls_incoming(listeners.grpc, grpc_rx)),
+                HttpListener::Tls(
+                    api::tls::TlsListener::new(listeners.http, http_rx).map_err(Error::Http)?,
+                ),
+            )
+        }
+        None => (
+            None,
+            Incoming::Plain(transport::plain_incoming(listeners.grpc)),
+            HttpListener::Plain(listeners.http),
+        ),
+    };
+
+    let registry = Arc::new(registry::Registry::new(worker_tls, config.connect_timeout));
     registry.load(store.workers().await?, time::now_ms());
 
-    let stop = CancellationToken::new();
-
-    let grpc_tls =
-        jobcluster_pki::server_config(&config.grpc_tls.identity, &config.grpc_tls.roots, &[b"h2"])?;
-    let (grpc_tls_tx, grpc_tls_rx) = watch::channel(grpc_tls);
     let service = grpc::SchedulerService {
         registry: registry.clone(),
         store: store.clone(),
         heartbeat_interval: config.heartbeat_interval,
         down_after: config.down_after,
+        insecure: secure.is_none(),
     };
     let liveness = tokio::spawn(grpc::watch_liveness(
         registry.clone(),
@@ -99,84 +170,55 @@ pub async fn run(
         config.down_after,
         stop.clone(),
     ));
-    let grpc = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         // A registration reports every job of the worker.
-        .add_service(SchedulerServer::new(service).max_decoding_message_size(64 << 20))
-        .serve_with_incoming_shutdown(
-            transport::tls_incoming(listeners.grpc, grpc_tls_rx),
-            stop.clone().cancelled_owned(),
-        );
-    let grpc = tokio::spawn(grpc);
+        .add_service(SchedulerServer::new(service).max_decoding_message_size(64 << 20));
+    let stopped = stop.clone().cancelled_owned();
+    let grpc = match grpc_incoming {
+        Incoming::Tls(incoming) => {
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
+        }
+        Incoming::Plain(incoming) => {
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
+        }
+    };
 
-    let tokens = Arc::new(api::auth::Tokens::new(&config.tokens));
-    // Without tokens, a client without a certificate gets no answer at all;
-    // with tokens, it gets through the handshake and must show one.
-    let client_auth = if tokens.is_empty() {
-        jobcluster_pki::ClientAuth::Required
-    } else {
-        jobcluster_pki::ClientAuth::Optional
-    };
-    let http_tls = jobcluster_pki::server_config_with(
-        &config.http_tls.identity,
-        &config.http_tls.roots,
-        &[b"h2", b"http/1.1"],
-        client_auth,
-    )?;
-    let (http_tls_tx, http_tls_rx) = watch::channel(http_tls);
-    let reloader = {
-        let (file, grpc_files, http_files) = (
-            config.file.clone(),
-            config.grpc_tls.files.clone(),
-            config.http_tls.files.clone(),
-        );
-        let hangups = jobcluster_proto::systemd::hangups().map_err(Error::Http)?;
-        tokio::spawn(jobcluster_proto::systemd::reload_on_hangup(
-            hangups,
-            move || {
-                let grpc = grpc_files.load(&file).map_err(|e| e.to_string())?;
-                let http = http_files.load(&file).map_err(|e| e.to_string())?;
-                let text = |e: jobcluster_pki::PkiError| e.to_string();
-                let grpc_server =
-                    jobcluster_pki::server_config(&grpc.identity, &grpc.roots, &[b"h2"])
-                        .map_err(text)?;
-                let worker_client =
-                    jobcluster_pki::client_config(&grpc.roots, Some(&grpc.identity), &[b"h2"])
-                        .map_err(text)?;
-                let http_server = jobcluster_pki::server_config_with(
-                    &http.identity,
-                    &http.roots,
-                    &[b"h2", b"http/1.1"],
-                    client_auth,
-                )
-                .map_err(text)?;
-                grpc_tls_tx.send_replace(grpc_server);
-                worker_tls_tx.send_replace(worker_client);
-                http_tls_tx.send_replace(http_server);
-                Ok(())
-            },
-        ))
-    };
-    let listener = api::tls::TlsListener::new(listeners.http, http_tls_rx).map_err(Error::Http)?;
     let app = api::router(api::AppState {
         registry,
         store: store.clone(),
         call_timeout: config.call_timeout,
         tokens,
         followers: Arc::new(api::Followers::new(config.max_followers_per_job)),
+        insecure: secure.is_none(),
     });
-    let http = tokio::spawn(api::serve::serve(
-        listener,
-        app,
-        stop.clone(),
-        SHUTDOWN_GRACE,
-    ));
+    let http = match http_listener {
+        HttpListener::Tls(listener) => tokio::spawn(api::serve::serve(
+            listener,
+            api::tls::PeerInfo::of,
+            app,
+            stop.clone(),
+            SHUTDOWN_GRACE,
+        )),
+        HttpListener::Plain(listener) => tokio::spawn(api::serve::serve(
+            listener,
+            |_, addr| api::tls::PeerInfo {
+                addr,
+                identity: None,
+            },
+            app,
+            stop.clone(),
+            SHUTDOWN_GRACE,
+        )),
+    };
     tracing::info!("scheduler ready");
     jobcluster_proto::systemd::notify_ready();
 
     shutdown.await;
-    reloader.abort();
+    if let Some(reloader) = reloader {
+        reloader.abort();
+    }
     jobcluster_proto::systemd::notify_stopping();
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
     stop.cancel();

@@ -48,6 +48,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         println!("{}: ok", args.config.display());
         return Ok(());
     }
+    if config.grpc_tls.is_none() {
+        tracing::warn!(
+            "INSECURE MODE (grpc_server.use_tls = false): gRPC and the HTTP API are plaintext and nothing is authenticated; never use this outside a development machine"
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

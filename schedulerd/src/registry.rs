@@ -76,7 +76,8 @@ struct Maps {
 pub(crate) struct Registry {
     // std RwLock: held for map lookups only, never across an await.
     maps: RwLock<Maps>,
-    tls: ClientConfigSource,
+    /// `None` in insecure (plaintext) mode.
+    tls: Option<ClientConfigSource>,
     connect_timeout: Duration,
 }
 
@@ -92,7 +93,7 @@ pub(crate) struct Registration {
 }
 
 impl Registry {
-    pub(crate) fn new(tls: ClientConfigSource, connect_timeout: Duration) -> Self {
+    pub(crate) fn new(tls: Option<ClientConfigSource>, connect_timeout: Duration) -> Self {
         Registry {
             maps: RwLock::new(Maps::default()),
             tls,
@@ -101,8 +102,12 @@ impl Registry {
     }
 
     fn entry(&self, row: WorkerRow) -> Result<Arc<WorkerEntry>, AddressError> {
-        let channel =
-            transport::tls_channel_from(&row.address, self.tls.clone(), self.connect_timeout)?;
+        let channel = match &self.tls {
+            Some(tls) => {
+                transport::tls_channel_from(&row.address, tls.clone(), self.connect_timeout)?
+            }
+            None => transport::plain_channel(&row.address, self.connect_timeout)?,
+        };
         Ok(Arc::new(WorkerEntry {
             row: Mutex::new(row),
             instance_id: Mutex::new(String::new()),

@@ -44,6 +44,9 @@ pub struct GrpcServer {
     pub advertise_addr: Option<String>,
     #[serde(default = "yes")]
     pub use_tls: bool,
+    /// With `use_tls = false`: plaintext, no authentication. Development only.
+    #[serde(default)]
+    pub insecure: bool,
     pub crt_file: Option<PathBuf>,
     pub key_file: Option<PathBuf>,
     pub ca_file: Option<PathBuf>,
@@ -55,6 +58,7 @@ impl Default for GrpcServer {
             addr: default_addr(),
             advertise_addr: None,
             use_tls: true,
+            insecure: false,
             crt_file: None,
             key_file: None,
             ca_file: None,
@@ -122,8 +126,9 @@ pub struct Config {
     pub run_as: BTreeMap<String, RunAs>,
     pub max_jobs: Option<usize>,
     pub retention: Retention,
-    pub tls: TlsMaterial,
-    pub tls_files: TlsFiles,
+    /// `None` in insecure (plaintext) mode.
+    pub tls: Option<TlsMaterial>,
+    pub tls_files: Option<TlsFiles>,
 }
 
 /// A user and group jobs run as.
@@ -216,21 +221,13 @@ impl Config {
         let resolve = |p: &Path| base.join(p);
 
         let g = &file.grpc_server;
-        if !g.use_tls {
-            return Err(err(
-                "grpc_server.use_tls",
-                "plaintext is not supported: the cluster requires mutual TLS".into(),
-            ));
-        }
+        let use_tls = config::tls_enabled(path, g.use_tls, g.insecure)?;
         let need = |value: &Option<PathBuf>, key: &str| {
             value
                 .as_deref()
                 .map(resolve)
                 .ok_or_else(|| err(key, "missing: mutual TLS needs it".into()))
         };
-        let crt = need(&g.crt_file, "grpc_server.crt_file")?;
-        let key = need(&g.key_file, "grpc_server.key_file")?;
-        let ca = need(&g.ca_file, "grpc_server.ca_file")?;
         let w = &file.worker;
         if !jobcluster_pki::valid_name(&w.name) {
             return Err(err(
@@ -241,8 +238,16 @@ impl Config {
                 ),
             ));
         }
-        let tls_files = TlsFiles { crt, key, ca };
-        let tls = TlsMaterial::load(path, &tls_files, &w.name)?;
+        let (tls, tls_files) = if use_tls {
+            let files = TlsFiles {
+                crt: need(&g.crt_file, "grpc_server.crt_file")?,
+                key: need(&g.key_file, "grpc_server.key_file")?,
+                ca: need(&g.ca_file, "grpc_server.ca_file")?,
+            };
+            (Some(TlsMaterial::load(path, &files, &w.name)?), Some(files))
+        } else {
+            (None, None)
+        };
         let scripts_dir = resolve(&w.scripts_dir);
         let scripts_dir = scripts_dir.canonicalize().map_err(|e| {
             err(

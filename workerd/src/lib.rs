@@ -113,14 +113,61 @@ pub async fn run(
         .advertise_addr
         .clone()
         .unwrap_or_else(|| local.to_string());
-    let (client_tx, client_rx) = watch::channel(jobcluster_pki::client_config(
-        &config.tls.roots,
-        Some(&config.tls.identity),
-        &[b"h2"],
-    )?);
-    let scheduler =
-        transport::tls_channel_from(&config.scheduler_addr, client_rx, REGISTER_CONNECT_TIMEOUT)
+    let stop_server = CancellationToken::new();
+    let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(WorkerServer::new(service::WorkerService::new(
+            jobs.clone(),
+            config.tls.is_none(),
+        )));
+    let stopped = stop_server.clone().cancelled_owned();
+    let (scheduler, server, reloader) = match (&config.tls, &config.tls_files) {
+        (Some(tls), Some(files)) => {
+            let (client_tx, client_rx) = watch::channel(jobcluster_pki::client_config(
+                &tls.roots,
+                Some(&tls.identity),
+                &[b"h2"],
+            )?);
+            let scheduler = transport::tls_channel_from(
+                &config.scheduler_addr,
+                client_rx,
+                REGISTER_CONNECT_TIMEOUT,
+            )
             .map_err(Error::SchedulerAddr)?;
+            let server_config = jobcluster_pki::server_config(&tls.identity, &tls.roots, &[b"h2"])?;
+            let (server_tx, server_rx) = watch::channel(server_config);
+            let incoming = transport::tls_incoming(listener, server_rx);
+            let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped));
+            let (file, files, name) = (config.file.clone(), files.clone(), config.name.clone());
+            let hangups = jobcluster_proto::systemd::hangups().map_err(Error::Listener)?;
+            let reloader = tokio::spawn(jobcluster_proto::systemd::reload_on_hangup(
+                hangups,
+                move || {
+                    let tls = config::TlsMaterial::load(&file, &files, &name)
+                        .map_err(|e| e.to_string())?;
+                    let text = |e: jobcluster_pki::PkiError| e.to_string();
+                    let server = jobcluster_pki::server_config(&tls.identity, &tls.roots, &[b"h2"])
+                        .map_err(text)?;
+                    let client =
+                        jobcluster_pki::client_config(&tls.roots, Some(&tls.identity), &[b"h2"])
+                            .map_err(text)?;
+                    server_tx.send_replace(server);
+                    client_tx.send_replace(client);
+                    Ok(())
+                },
+            ));
+            (scheduler, server, Some(reloader))
+        }
+        _ => {
+            let scheduler =
+                transport::plain_channel(&config.scheduler_addr, REGISTER_CONNECT_TIMEOUT)
+                    .map_err(Error::SchedulerAddr)?;
+            let incoming = transport::plain_incoming(listener);
+            let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped));
+            (scheduler, server, None)
+        }
+    };
     let membership = membership::Membership::new(
         SchedulerClient::new(scheduler),
         RegisterWorkerRequest {
@@ -135,41 +182,6 @@ pub async fn run(
         &config.state_dir,
         jobs.clone(),
     );
-    let server_config =
-        jobcluster_pki::server_config(&config.tls.identity, &config.tls.roots, &[b"h2"])?;
-    let (server_tx, server_rx) = watch::channel(server_config);
-    let incoming = transport::tls_incoming(listener, server_rx);
-    let reloader = {
-        let (file, files, name) = (
-            config.file.clone(),
-            config.tls_files.clone(),
-            config.name.clone(),
-        );
-        let hangups = jobcluster_proto::systemd::hangups().map_err(Error::Listener)?;
-        tokio::spawn(jobcluster_proto::systemd::reload_on_hangup(
-            hangups,
-            move || {
-                let tls =
-                    config::TlsMaterial::load(&file, &files, &name).map_err(|e| e.to_string())?;
-                let server = jobcluster_pki::server_config(&tls.identity, &tls.roots, &[b"h2"])
-                    .map_err(|e| e.to_string())?;
-                let client =
-                    jobcluster_pki::client_config(&tls.roots, Some(&tls.identity), &[b"h2"])
-                        .map_err(|e| e.to_string())?;
-                server_tx.send_replace(server);
-                client_tx.send_replace(client);
-                Ok(())
-            },
-        ))
-    };
-
-    let stop_server = CancellationToken::new();
-    let server = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .add_service(WorkerServer::new(service::WorkerService::new(jobs.clone())))
-        .serve_with_incoming_shutdown(incoming, stop_server.clone().cancelled_owned());
-    let server = tokio::spawn(server);
     tracing::info!(worker = %config.name, "worker ready");
     jobcluster_proto::systemd::notify_ready();
     let leave = CancellationToken::new();
@@ -185,7 +197,9 @@ pub async fn run(
     ));
 
     shutdown.await;
-    reloader.abort();
+    if let Some(reloader) = reloader {
+        reloader.abort();
+    }
     jobcluster_proto::systemd::notify_stopping();
     tracing::info!("shutting down: no new jobs, stopping running ones");
     jobs.shutdown().await;

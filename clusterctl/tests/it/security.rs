@@ -828,3 +828,95 @@ async fn sighup_reloads_certificates_without_dropping_jobs_or_followers() {
     let out = cluster.ctl_output(&["logs", "-f", &job]).await;
     assert_eq!(stdout(&out), "1\ndone\n");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plaintext_needs_an_explicit_insecure_and_warns_at_every_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::create_dir_all(dir.join("scripts")).unwrap();
+    std::fs::copy(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/count.sh"),
+        dir.join("scripts/count.sh"),
+    )
+    .unwrap();
+    let scheduler = |extra: &str| {
+        format!(
+            "[grpc_server]\naddr = \"127.0.0.1:0\"\nuse_tls = false\n{extra}\n[http_server]\naddr = \"127.0.0.1:0\"\n[store]\npath = \"s.db\"\n"
+        )
+    };
+    // use_tls = false alone is refused, naming the key to set.
+    std::fs::write(dir.join("s.toml"), scheduler("")).unwrap();
+    let out = std::process::Command::new(crate::cluster::bin("schedulerd"))
+        .args([
+            "--config",
+            dir.join("s.toml").to_str().unwrap(),
+            "--check-config",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("grpc_server.use_tls") && stderr(&out).contains("insecure"),
+        "{}",
+        stderr(&out)
+    );
+
+    std::fs::write(dir.join("s.toml"), scheduler("insecure = true")).unwrap();
+    let scheduler = crate::harness::Daemon::spawn_with(
+        &crate::cluster::bin("schedulerd"),
+        &["--config", dir.join("s.toml").to_str().unwrap()],
+        &["grpc", "http"],
+        &[],
+    );
+    assert!(scheduler.log().contains("INSECURE MODE"));
+    std::fs::write(
+        dir.join("w.toml"),
+        format!(
+            "[grpc_server]\naddr = \"127.0.0.1:0\"\nuse_tls = false\ninsecure = true\n[scheduler]\naddr = \"{}\"\n[worker]\nname = \"dev\"\nscripts_dir = \"scripts\"\nstate_dir = \"state\"\n[plugins.bash]\nrunner = \"bash\"\n",
+            scheduler.addrs["grpc"]
+        ),
+    )
+    .unwrap();
+    let worker = crate::harness::Daemon::spawn(
+        &crate::cluster::bin("workerd"),
+        &["--config", dir.join("w.toml").to_str().unwrap()],
+    );
+    let url = format!("http://{}", scheduler.addrs["http"]);
+    let ctl = || {
+        let mut cmd = tokio::process::Command::new(crate::cluster::bin("clusterctl"));
+        cmd.env("CLUSTERCTL_SCHEDULER", &url)
+            .env_remove("CLUSTERCTL_CA");
+        cmd
+    };
+    let mut registered = false;
+    for _ in 0..200 {
+        let out = ctl()
+            .args(["workers", "-o", "json"])
+            .output()
+            .await
+            .unwrap();
+        if stdout(&out).contains("\"ready\"") {
+            registered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(registered, "worker never registered:\n{}", worker.log());
+    assert!(worker.log().contains("INSECURE MODE"));
+    let out = ctl()
+        .args(["run", "--worker", "dev", "count.sh", "--", "2", "0"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        (out.status.code(), stdout(&out).as_str()),
+        (Some(0), "1\n2\ndone\n"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains("plaintext"),
+        "clusterctl warns too: {}",
+        stderr(&out)
+    );
+}

@@ -35,6 +35,8 @@ pub(crate) struct AppState {
     pub(crate) call_timeout: Duration,
     pub(crate) tokens: Arc<auth::Tokens>,
     pub(crate) followers: Arc<Followers>,
+    /// Plaintext mode: no identities to check.
+    pub(crate) insecure: bool,
 }
 
 /// Output streams open per job, bounded so one job's audience cannot take

@@ -17,7 +17,11 @@ use hyper_util::service::TowerToHyperService;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::tls::{PeerInfo, TlsListener};
+use std::net::SocketAddr;
+
+use axum::serve::Listener;
+
+use super::tls::PeerInfo;
 
 /// Connections served at once; more are closed on arrival.
 const MAX_CONNECTIONS: usize = 4096;
@@ -31,8 +35,9 @@ const H2_MAX_STREAMS: u32 = 256;
 
 /// Serves until `stop` fires, then lets open connections finish for up to
 /// `grace`.
-pub(crate) async fn serve(
-    mut listener: TlsListener,
+pub(crate) async fn serve<L: Listener<Addr = SocketAddr>>(
+    mut listener: L,
+    peer_of: impl Fn(&L::Io, SocketAddr) -> PeerInfo,
     router: Router,
     stop: CancellationToken,
     grace: Duration,
@@ -52,14 +57,14 @@ pub(crate) async fn serve(
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, addr) = tokio::select! {
-            accepted = axum::serve::Listener::accept(&mut listener) => accepted,
+            accepted = listener.accept() => accepted,
             () = stop.cancelled() => break,
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::warn!(%addr, limit = MAX_CONNECTIONS, "connection limit reached; closing a new connection");
             continue;
         };
-        let peer = PeerInfo::of(&stream, addr);
+        let peer = peer_of(&stream, addr);
         let service = tower::ServiceExt::map_request(
             router.clone(),
             move |mut request: Request<Incoming>| {
