@@ -75,10 +75,11 @@ pub struct RunnerSettings {
 }
 
 /// Per-process resource limits (setrlimit), inherited by a job's children.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
-    /// Address space (RLIMIT_AS), bytes or "2GiB".
+    /// Memory, bytes or "2GiB": `memory.max` of the job's cgroup where the
+    /// worker has a delegated cgroup v2, else the address space (RLIMIT_AS).
     #[serde(default, deserialize_with = "byte_size")]
     pub memory: Option<u64>,
     /// CPU time (RLIMIT_CPU), e.g. "10m"; rounded up to whole seconds.
@@ -86,8 +87,13 @@ pub struct Limits {
     pub cpu_time: Option<Duration>,
     /// Open file descriptors (RLIMIT_NOFILE).
     pub open_files: Option<u64>,
-    /// Processes of the job's user (RLIMIT_NPROC; counts all the user's processes).
+    /// Processes: `pids.max` of the job's cgroup where the worker has a
+    /// delegated cgroup v2, else RLIMIT_NPROC (which counts all the user's
+    /// processes).
     pub processes: Option<u64>,
+    /// CPUs the job may use (`cpu.max`, e.g. 0.5); only with a delegated
+    /// cgroup v2.
+    pub cpus: Option<f64>,
 }
 
 /// A byte count: an integer, or a string with a unit (B, KB, MB, GB, TB,
@@ -233,6 +239,16 @@ impl PluginConfig {
         }
         if settings.max_output_bytes == Some(0) {
             return Err(PluginError::new("max_output_bytes", "must be more than 0"));
+        }
+        if settings
+            .limits
+            .cpus
+            .is_some_and(|c| !(c > 0.0 && c.is_finite()))
+        {
+            return Err(PluginError::new(
+                "limits.cpus",
+                "must be a positive number of CPUs",
+            ));
         }
         if settings.group.is_some() && settings.user.is_none() {
             return Err(PluginError::new("group", "needs `user` too"));

@@ -28,6 +28,10 @@ pub struct WorkerInfo {
     pub running_jobs: u64,
     pub last_seen: String,
     pub registered_at: String,
+    /// Job memory, CPU and process limits are enforced through a delegated
+    /// cgroup v2 on this worker (else through setrlimit only).
+    #[serde(default)]
+    pub cgroup_limits: bool,
 }
 
 /// `GET /v1/workers`.

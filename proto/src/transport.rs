@@ -21,6 +21,9 @@ use tonic::transport::{Channel, Endpoint};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Accepted connections waiting for the server to take them.
 const ACCEPT_BACKLOG: usize = 64;
+/// TLS handshakes in progress at once; past it, accepting waits, so
+/// clients that never finish a handshake cannot pile up without bound.
+const MAX_HANDSHAKES: usize = 256;
 
 /// The server TLS config in force; a new value applies to new connections
 /// (certificate reload), established ones keep theirs.
@@ -35,8 +38,14 @@ pub fn tls_incoming(
     config: ServerConfigSource,
 ) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
     let (tx, rx) = mpsc::channel(ACCEPT_BACKLOG);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
+            let permit = tokio::select! {
+                permit = handshakes.clone().acquire_owned() => permit,
+                () = tx.closed() => return,
+            };
+            let Ok(permit) = permit else { return };
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
                 () = tx.closed() => return,
@@ -55,7 +64,9 @@ pub fn tls_incoming(
             let acceptor = TlsAcceptor::from(config.borrow().clone());
             let tx = tx.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                drop(permit);
+                match result {
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(tls)).await;
                     }

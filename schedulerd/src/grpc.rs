@@ -119,6 +119,7 @@ impl Scheduler for SchedulerService {
             labels: r.labels.into_iter().collect(),
             previous_worker_id: r.previous_worker_id,
             instance_id: r.instance_id,
+            cgroup_limits: r.cgroup_limits,
         };
         let row = self
             .registry

@@ -90,6 +90,7 @@ pub(crate) struct Registration {
     pub(crate) labels: BTreeMap<String, String>,
     pub(crate) previous_worker_id: String,
     pub(crate) instance_id: String,
+    pub(crate) cgroup_limits: bool,
 }
 
 impl Registry {
@@ -195,6 +196,7 @@ impl Registry {
             labels: reg.labels,
             registered_at_ms: now_ms,
             last_seen_ms: now_ms,
+            cgroup_limits: reg.cgroup_limits,
         };
         match existing {
             // Same address: keep the channel (and its live connection).

@@ -43,6 +43,8 @@ pub struct WorkerRow {
     pub labels: std::collections::BTreeMap<String, String>,
     pub registered_at_ms: u64,
     pub last_seen_ms: u64,
+    /// Its job limits go through a delegated cgroup v2.
+    pub cgroup_limits: bool,
 }
 
 /// A job's durable record.
@@ -94,7 +96,8 @@ CREATE TABLE IF NOT EXISTS workers (
     plugins TEXT NOT NULL,
     labels TEXT NOT NULL,
     registered_at_ms INTEGER NOT NULL,
-    last_seen_ms INTEGER NOT NULL
+    last_seen_ms INTEGER NOT NULL,
+    cgroup_limits INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -193,10 +196,11 @@ impl Store {
     pub async fn upsert_worker(&self, w: WorkerRow) -> Result<(), StoreError> {
         self.write(move |c| {
             c.execute(
-                "INSERT INTO workers (worker_id, name, address, state, plugins, labels, registered_at_ms, last_seen_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                "INSERT INTO workers (worker_id, name, address, state, plugins, labels, registered_at_ms, last_seen_ms, cgroup_limits)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
                  ON CONFLICT(worker_id) DO UPDATE SET name = ?2, address = ?3, state = ?4,
-                   plugins = ?5, labels = ?6, registered_at_ms = ?7, last_seen_ms = ?8",
+                   plugins = ?5, labels = ?6, registered_at_ms = ?7, last_seen_ms = ?8,
+                   cgroup_limits = ?9",
                 params![
                     w.worker_id,
                     w.name,
@@ -205,7 +209,8 @@ impl Store {
                     to_json(&w.plugins),
                     to_json(&w.labels),
                     w.registered_at_ms as i64,
-                    w.last_seen_ms as i64
+                    w.last_seen_ms as i64,
+                    w.cgroup_limits
                 ],
             )?;
             Ok(())
@@ -233,7 +238,8 @@ impl Store {
     pub async fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
         self.read(|c| {
             let mut stmt = c.prepare(
-                "SELECT worker_id, name, address, state, plugins, labels, registered_at_ms, last_seen_ms
+                "SELECT worker_id, name, address, state, plugins, labels, registered_at_ms, last_seen_ms,
+                   cgroup_limits
                  FROM workers ORDER BY name",
             )?;
             let rows = stmt.query_map([], |r| {
@@ -246,6 +252,7 @@ impl Store {
                     labels: from_json(&r.get::<_, String>(5)?),
                     registered_at_ms: r.get::<_, i64>(6)? as u64,
                     last_seen_ms: r.get::<_, i64>(7)? as u64,
+                    cgroup_limits: r.get(8)?,
                 })
             })?;
             rows.collect()
@@ -420,14 +427,15 @@ fn insert_job(c: &Connection, j: &JobRow) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Updates a job from its worker's status. A job that ended never turns
+/// Updates a job from its worker's status; only that worker's job (a
+/// worker reporting another worker's job id changes nothing). A job that ended never turns
 /// back into `running` (a stale answer racing the final one); `lost` may,
 /// when a worker that was cut off turns out to still run it.
 fn update_job(c: &Connection, j: &JobRow) -> rusqlite::Result<usize> {
     c.execute(
         "UPDATE jobs SET state = ?2, error_text = ?3, exit_code = ?4, signal = ?5,
            started_at_ms = ?6, finished_at_ms = ?7, output_bytes = ?8
-         WHERE job_id = ?1
+         WHERE job_id = ?1 AND worker_id = ?9
            AND NOT (state IN ('succeeded', 'failed', 'stopped') AND ?2 = 'running')",
         params![
             j.job_id,
@@ -437,7 +445,8 @@ fn update_job(c: &Connection, j: &JobRow) -> rusqlite::Result<usize> {
             j.signal,
             j.started_at_ms as i64,
             j.finished_at_ms as i64,
-            j.output_bytes as i64
+            j.output_bytes as i64,
+            j.worker_id
         ],
     )
 }

@@ -132,10 +132,13 @@ pub struct Config {
 }
 
 /// A user and group jobs run as.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunAs {
     pub uid: u32,
     pub gid: u32,
+    /// The user's name and home, for the job's USER, LOGNAME and HOME.
+    pub user: String,
+    pub home: PathBuf,
 }
 
 /// Looks up `user` (and `group`, else the user's primary group).
@@ -155,6 +158,8 @@ fn resolve_run_as(user: &str, group: Option<&str>) -> Result<RunAs, String> {
     Ok(RunAs {
         uid: user_entry.uid.as_raw(),
         gid: gid.as_raw(),
+        user: user_entry.name,
+        home: user_entry.dir,
     })
 }
 

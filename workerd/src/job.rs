@@ -176,12 +176,46 @@ pub(crate) struct Jobs {
     policy: Policy,
 }
 
+/// A reserved place among the running jobs, returned on drop unless kept.
+struct RunningSlot<'a> {
+    running: &'a AtomicUsize,
+    kept: bool,
+}
+
+impl<'a> RunningSlot<'a> {
+    fn take(running: &'a AtomicUsize, max: Option<usize>) -> Result<Self, JobError> {
+        let before = running.fetch_add(1, Ordering::AcqRel);
+        let slot = RunningSlot {
+            running,
+            kept: false,
+        };
+        match max {
+            Some(max) if before >= max => Err(JobError::Busy(max)),
+            _ => Ok(slot),
+        }
+    }
+
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for RunningSlot<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.running.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
 /// How jobs may run on this worker.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Policy {
     /// Uid and gid per plugin, when jobs run as another user.
     pub(crate) run_as: BTreeMap<String, RunAs>,
     pub(crate) max_jobs: Option<usize>,
+    /// The delegated cgroup v2 jobs get their groups in, if there is one.
+    pub(crate) cgroups: Option<crate::cgroup::Cgroups>,
 }
 
 /// Why the supervisor ended a job that was still running.
@@ -383,11 +417,9 @@ impl Jobs {
         let script = crate::confine::resolve_script(&self.scripts_dir, &req.path)?;
         let plugin = self.plugin_for(&req.command, &req.path, &script)?;
         validate_strings(&req.args, &req.env)?;
-        if let Some(max) = self.policy.max_jobs
-            && self.running.load(Ordering::Acquire) >= max
-        {
-            return Err(JobError::Busy(max));
-        }
+        // A slot is taken now, before any await, so concurrent starts cannot
+        // overshoot max_jobs; it is given back unless a process starts.
+        let slot = RunningSlot::take(&self.running, self.policy.max_jobs)?;
 
         let dir = self.jobs_dir.join(id.to_string());
         match tokio::fs::create_dir(&dir).await {
@@ -428,10 +460,27 @@ impl Jobs {
             output_expired: false,
         };
 
-        let spawned = self.spawn(plugin, &script, &req, id);
+        // The job's cgroup is made before the job exists, so it can join it
+        // before it runs anything.
+        let cgroup = match &self.policy.cgroups {
+            Some(cgroups) => {
+                let (cgroups, limits) = (cgroups.clone(), plugin.limits);
+                let created = tokio::task::spawn_blocking(move || {
+                    let dir = cgroups.create(id, &limits)?;
+                    let procs = crate::cgroup::Cgroups::procs_file(&dir)?;
+                    Ok::<_, std::io::Error>((dir, procs))
+                })
+                .await
+                .map_err(std::io::Error::other)??;
+                Some(created)
+            }
+            None => None,
+        };
+        let (cgroup_dir, cgroup_procs) = cgroup.map_or((None, None), |(d, p)| (Some(d), Some(p)));
+        let spawned = self.spawn(plugin, &script, &req, id, cgroup_procs);
         if spawned.is_ok() {
             // Counted from spawn to the end of supervision.
-            self.running.fetch_add(1, Ordering::AcqRel);
+            slot.keep();
         }
         let (progress, _) = watch::channel(Progress {
             len: 0,
@@ -469,6 +518,12 @@ impl Jobs {
                 let running = self.running.clone();
                 self.tracker.spawn(async move {
                     supervise(supervised, child, pgid, pump, limits, jobs_dir).await;
+                    if let Some(dir) = cgroup_dir {
+                        let _ = tokio::task::spawn_blocking(move || {
+                            crate::cgroup::Cgroups::remove(&dir)
+                        })
+                        .await;
+                    }
                     running.fetch_sub(1, Ordering::AcqRel);
                     changes.mark([id]);
                     changes.finished.notify_one();
@@ -531,6 +586,7 @@ impl Jobs {
         script: &Path,
         req: &StartRequest,
         id: Uuid,
+        cgroup_procs: Option<std::os::fd::OwnedFd>,
     ) -> std::io::Result<(tokio::process::Child, pipe::Receiver)> {
         let line = plugin.runner.command_line(script, &req.args);
         // One pipe for stdout and stderr keeps their relative order exact.
@@ -555,9 +611,13 @@ impl Jobs {
             .kill_on_drop(false);
         if let Some(run_as) = self.policy.run_as.get(&plugin.name) {
             // std drops supplementary groups too when it switches user.
-            cmd.uid(run_as.uid).gid(run_as.gid);
+            cmd.uid(run_as.uid)
+                .gid(run_as.gid)
+                .env("HOME", &run_as.home)
+                .env("USER", &run_as.user)
+                .env("LOGNAME", &run_as.user);
         }
-        crate::sys::set_limits(&mut cmd, plugin.limits);
+        crate::sys::set_limits(&mut cmd, plugin.limits, cgroup_procs);
         let child = cmd.spawn()?;
         // The command holds the parent's copies of the pipe's write end;
         // dropping it lets the pump see EOF once the job's processes close theirs.
@@ -618,8 +678,52 @@ fn validate_strings(args: &[String], env: &BTreeMap<String, String>) -> Result<(
                 reason: format!("{key:?} is not a valid variable"),
             });
         }
+        if reserved_variable(key) {
+            return Err(JobError::BadInput {
+                what: "env",
+                reason: format!(
+                    "{key} may not be set by a request: it would let a job load code from outside the scripts directory or change what the worker relies on"
+                ),
+            });
+        }
     }
     Ok(())
+}
+
+/// Variables a request may not set: the worker's own (`JOB_ID` finds a
+/// job's processes after a crash), and those that make an interpreter or
+/// the dynamic linker load code from elsewhere, which would get around the
+/// scripts directory. Plugins' own `env` may still set them.
+fn reserved_variable(key: &str) -> bool {
+    const EXACT: &[&str] = &[
+        "JOB_ID",
+        "WORKER_NAME",
+        "PATH",
+        "IFS",
+        "ENV",
+        "BASH_ENV",
+        "SHELLOPTS",
+        "BASHOPTS",
+        "PS4",
+        "PROMPT_COMMAND",
+        "PYTHONPATH",
+        "PYTHONHOME",
+        "PYTHONSTARTUP",
+        "PYTHONINSPECT",
+        "PERL5LIB",
+        "PERL5OPT",
+        "PERLLIB",
+        "RUBYLIB",
+        "RUBYOPT",
+        "NODE_OPTIONS",
+        "NODE_PATH",
+        "GCONV_PATH",
+        "HOSTALIASES",
+        "LOCPATH",
+        "TMPDIR",
+    ];
+    const PREFIXES: &[&str] = &["LD_", "DYLD_", "BASH_FUNC_"];
+    EXACT.contains(&key) || PREFIXES.iter().any(|p| key.starts_with(p))
 }
 
 /// Copies the job's output pipe to its log and publishes each new length.

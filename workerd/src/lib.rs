@@ -16,6 +16,7 @@
 //! - [`job`]: spawning, supervising, stopping, the output log.
 //! - `service`: the gRPC surface.
 
+mod cgroup;
 pub mod config;
 mod confine;
 mod job;
@@ -75,6 +76,20 @@ pub async fn run(
         source,
     };
     let plugin_names: Vec<String> = config.plugins.keys().cloned().collect();
+    let cgroups = match tokio::task::spawn_blocking(cgroup::Cgroups::setup).await {
+        Ok(Ok(cgroups)) => {
+            tracing::info!("job memory, CPU and process limits through a delegated cgroup v2");
+            Some(cgroups)
+        }
+        Ok(Err(why)) => {
+            tracing::info!(%why, "no delegated cgroup v2; job limits through setrlimit");
+            None
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cgroup setup failed; job limits through setrlimit");
+            None
+        }
+    };
     if nix::unistd::geteuid().is_root() {
         for name in plugin_names
             .iter()
@@ -103,6 +118,7 @@ pub async fn run(
             job::Policy {
                 run_as: config.run_as.clone(),
                 max_jobs: config.max_jobs,
+                cgroups: cgroups.clone(),
             },
         )
         .await
@@ -178,6 +194,7 @@ pub async fn run(
             previous_worker_id: String::new(),
             instance_id: String::new(),
             jobs: Vec::new(),
+            cgroup_limits: cgroups.is_some(),
         },
         &config.state_dir,
         jobs.clone(),

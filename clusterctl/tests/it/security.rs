@@ -920,3 +920,51 @@ async fn plaintext_needs_an_explicit_insecure_and_warns_at_every_start() {
         stderr(&out)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_run_as_the_configured_user_and_cannot_read_worker_records() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: switching users needs root");
+        return;
+    }
+    let cluster = Cluster::start_with(&["w1"], "", "run_as_user = \"nobody\"\n---\n").await;
+    // Let the job user reach the scripts (the temporary directory is 0700).
+    use std::os::unix::fs::PermissionsExt;
+    for dir in [
+        cluster.tmp.path().to_path_buf(),
+        cluster.tmp.path().join("scripts"),
+    ] {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let scripts = cluster.tmp.path().join("scripts");
+    std::fs::write(
+        scripts.join("whoami.sh"),
+        "id -un\necho \"$HOME\"\ncat \"$1/$JOB_ID/output.log\" >/dev/null 2>&1 && echo read-own-log || echo denied\nls \"$1\" >/dev/null 2>&1 && echo listed-records || echo denied\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        scripts.join("whoami.sh"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let state = cluster.tmp.path().join("state/w1");
+    let reply = cluster
+        .http()
+        .post(format!("{}/v1/jobs", cluster.url()))
+        .json(&json!({"worker_id": "w1", "path": "whoami.sh", "args": [state.join("jobs")]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), StatusCode::CREATED);
+    let started: jobcluster_proto::http::JobStarted = reply.json().await.unwrap();
+    let out = cluster.ctl_output(&["logs", "-f", &started.job_id]).await;
+    let home = nix::unistd::User::from_name("nobody").unwrap().unwrap().dir;
+    assert_eq!(
+        stdout(&out),
+        format!("nobody\n{}\ndenied\ndenied\n", home.display()),
+        "{}",
+        stderr(&out)
+    );
+    // The log exists and is the worker's (root reads it; the job could not).
+    assert!(!cluster.worker_log("w1", &started.job_id).is_empty());
+}

@@ -61,5 +61,6 @@ fn worker_info(w: WorkerRow, running_jobs: u64) -> WorkerInfo {
         running_jobs,
         last_seen: rfc3339(w.last_seen_ms),
         registered_at: rfc3339(w.registered_at_ms),
+        cgroup_limits: w.cgroup_limits,
     }
 }
