@@ -24,8 +24,8 @@ pub use error::PkiError;
 pub use identity::{PeerIdentity, Role, peer_identity};
 pub use issue::{CertificateAuthority, IssuedCert, Validity, init_dir, issue_in_dir, valid_name};
 pub use tls::{
-    ClientAuth, Identity, Roots, client_config, crypto_provider, install_crypto_provider,
-    server_config, server_config_with,
+    ClientAuth, ExpectedPeer, Identity, Roots, client_config, client_config_for, crypto_provider,
+    install_crypto_provider, server_config, server_config_with,
 };
 
 /// The organisation every certificate of the cluster names in its subject.

@@ -7,7 +7,7 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::{PeerIdentity, PkiError, peer_identity};
+use crate::{PeerIdentity, PkiError, Role, peer_identity};
 
 /// The one crypto provider of the workspace (ring).
 pub fn crypto_provider() -> Arc<CryptoProvider> {
@@ -157,6 +157,103 @@ pub fn server_config_with(
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
         .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
+/// Who a dialing daemon expects at the other end: not just any certificate
+/// of the cluster, but the scheduler's, or the worker with this name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpectedPeer {
+    pub role: Role,
+    /// `None`: any name with that role.
+    pub name: Option<String>,
+}
+
+/// Verifies the chain and host name as usual, then the role and name the
+/// server's certificate carries: a worker's key cannot stand in for the
+/// scheduler, nor for another worker.
+#[derive(Debug)]
+struct RoleVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    expected: ExpectedPeer,
+}
+
+impl rustls::client::danger::ServerCertVerifier for RoleVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verified = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        let peer = peer_identity(end_entity)
+            .map_err(|e| rustls::Error::General(format!("server certificate: {e}")))?;
+        let name_ok = self.expected.name.as_ref().is_none_or(|n| *n == peer.name);
+        if peer.role != self.expected.role || !name_ok {
+            return Err(rustls::Error::General(format!(
+                "server certificate is for {peer}, expected {} {}",
+                self.expected.role,
+                self.expected.name.as_deref().unwrap_or("(any name)")
+            )));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Like [`client_config`], and the server must also carry `expected`'s
+/// role (and name).
+pub fn client_config_for(
+    roots: &Roots,
+    identity: Option<&Identity>,
+    alpn: &[&[u8]],
+    expected: ExpectedPeer,
+) -> Result<Arc<ClientConfig>, PkiError> {
+    let provider = crypto_provider();
+    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        roots.0.clone(),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| PkiError::BadCertificate(e.to_string()))?;
+    let builder = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(RoleVerifier { inner, expected }));
+    let mut config = match identity {
+        Some(id) => builder.with_client_auth_cert(id.chain.clone(), id.key.clone_key())?,
+        None => builder.with_no_client_auth(),
+    };
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }

@@ -106,7 +106,17 @@ pub async fn run(
             };
             let configs = move |grpc: &config::Tls, http: &config::Tls| {
                 Ok::<_, jobcluster_pki::PkiError>((
-                    jobcluster_pki::client_config(&grpc.roots, Some(&grpc.identity), &[b"h2"])?,
+                    // Workers' certificates only: a client's or the
+                    // scheduler's own key cannot pose as a worker.
+                    jobcluster_pki::client_config_for(
+                        &grpc.roots,
+                        Some(&grpc.identity),
+                        &[b"h2"],
+                        jobcluster_pki::ExpectedPeer {
+                            role: jobcluster_pki::Role::Worker,
+                            name: None,
+                        },
+                    )?,
                     jobcluster_pki::server_config(&grpc.identity, &grpc.roots, &[b"h2"])?,
                     jobcluster_pki::server_config_with(
                         &http.identity,

@@ -140,10 +140,11 @@ pub async fn run(
     let stopped = stop_server.clone().cancelled_owned();
     let (scheduler, server, reloader) = match (&config.tls, &config.tls_files) {
         (Some(tls), Some(files)) => {
-            let (client_tx, client_rx) = watch::channel(jobcluster_pki::client_config(
+            let (client_tx, client_rx) = watch::channel(jobcluster_pki::client_config_for(
                 &tls.roots,
                 Some(&tls.identity),
                 &[b"h2"],
+                scheduler_peer(),
             )?);
             let scheduler = transport::tls_channel_from(
                 &config.scheduler_addr,
@@ -165,9 +166,13 @@ pub async fn run(
                     let text = |e: jobcluster_pki::PkiError| e.to_string();
                     let server = jobcluster_pki::server_config(&tls.identity, &tls.roots, &[b"h2"])
                         .map_err(text)?;
-                    let client =
-                        jobcluster_pki::client_config(&tls.roots, Some(&tls.identity), &[b"h2"])
-                            .map_err(text)?;
+                    let client = jobcluster_pki::client_config_for(
+                        &tls.roots,
+                        Some(&tls.identity),
+                        &[b"h2"],
+                        scheduler_peer(),
+                    )
+                    .map_err(text)?;
                     server_tx.send_replace(server);
                     client_tx.send_replace(client);
                     Ok(())
@@ -233,4 +238,12 @@ pub async fn run(
     }
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// The worker dials only the scheduler's certificate.
+fn scheduler_peer() -> jobcluster_pki::ExpectedPeer {
+    jobcluster_pki::ExpectedPeer {
+        role: jobcluster_pki::Role::Scheduler,
+        name: None,
+    }
 }

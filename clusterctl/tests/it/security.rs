@@ -968,3 +968,30 @@ async fn jobs_run_as_the_configured_user_and_cannot_read_worker_records() {
     // The log exists and is the worker's (root reads it; the job could not).
     assert!(!cluster.worker_log("w1", &started.job_id).is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_dials_only_the_schedulers_certificate() {
+    let cluster = Cluster::start(&["w1"]).await;
+    // Point a new worker at w1's port, where a worker certificate answers.
+    let w1_addr = cluster.worker_info("w1").await.address;
+    crate::cluster::run_ok(&[
+        "pki",
+        "issue",
+        cluster.pki().to_str().unwrap(),
+        "--role",
+        "worker",
+        "w9",
+    ]);
+    let config = cluster.write_worker_config("w9", "pki/w9.pem", "pki/w9-key.pem");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        &format!("addr = \"{}\"", cluster.grpc_addr),
+        &format!("addr = \"{w1_addr}\""),
+    );
+    std::fs::write(&config, text).unwrap();
+    let w9 = crate::harness::Daemon::spawn(
+        &crate::cluster::bin("workerd"),
+        &["--config", config.to_str().unwrap()],
+    );
+    wait_for_log(&w9, "registration failed", 0).await;
+    assert!(w9.log().contains("expected scheduler"), "{}", w9.log());
+}
