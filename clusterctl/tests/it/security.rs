@@ -995,3 +995,45 @@ async fn a_worker_dials_only_the_schedulers_certificate() {
     wait_for_log(&w9, "registration failed", 0).await;
     assert!(w9.log().contains("expected scheduler"), "{}", w9.log());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_scheduler_refuses_a_worker_whose_certificate_does_not_name_its_address() {
+    let mut cluster = Cluster::start(&["w1"]).await;
+    // 127.0.0.2 is loopback too, but not among the certificate's names.
+    crate::cluster::run_ok(&[
+        "pki",
+        "issue",
+        cluster.pki().to_str().unwrap(),
+        "--role",
+        "worker",
+        "w5",
+    ]);
+    let config = cluster.write_worker_config("w5", "pki/w5.pem", "pki/w5-key.pem");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replacen("127.0.0.1:0", "127.0.0.2:0", 1);
+    std::fs::write(&config, text).unwrap();
+    let w5 = crate::harness::Daemon::spawn(
+        &crate::cluster::bin("workerd"),
+        &["--config", config.to_str().unwrap()],
+    );
+    cluster.workers.push(("w5".into(), w5));
+    for _ in 0..200 {
+        if cluster.worker_state("w5").await == "ready" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let reply = cluster
+        .http()
+        .post(format!("{}/v1/jobs", cluster.url()))
+        .json(&json!({"worker_id": "w5", "path": "count.sh"}))
+        .send()
+        .await
+        .unwrap();
+    let (status, code) = status_and_code(reply).await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "worker_unavailable")
+    );
+}
