@@ -113,6 +113,9 @@ pub(crate) enum Command {
         /// Job id.
         job: String,
     },
+    /// Measure the cluster through the scheduler: job starts, output streaming.
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Create and issue the cluster's certificates.
     #[command(subcommand)]
     Pki(PkiCommand),
@@ -156,6 +159,71 @@ pub(crate) struct StartArgs {
     /// Arguments for the script, after `--`.
     #[arg(last = true, value_name = "ARGS")]
     pub(crate) args: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum BenchCommand {
+    /// Start many trivial jobs from concurrent clients; report starts per
+    /// second and request latency.
+    Start(BenchStartArgs),
+    /// Start one job writing S MiB and follow it with concurrent followers;
+    /// report MiB/s.
+    Follow(BenchFollowArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchStartArgs {
+    /// Worker id or name to start the jobs on.
+    #[arg(long, value_name = "WORKER")]
+    pub(crate) worker: String,
+    /// Concurrent clients, each with its own HTTPS connection.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 8,
+        value_parser = clap::value_parser!(u32).range(1..=10_000)
+    )]
+    pub(crate) clients: u32,
+    /// Jobs to start in all.
+    #[arg(
+        long,
+        value_name = "M",
+        default_value_t = 500,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub(crate) jobs: u32,
+    /// Script to start, relative to the worker's scripts_dir.
+    #[arg(long, value_name = "PATH", default_value = "true.sh")]
+    pub(crate) script: String,
+    /// Runner plugin; default: the plugin whose extensions match the script.
+    #[arg(long, value_name = "PLUGIN")]
+    pub(crate) command: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchFollowArgs {
+    /// Worker id or name to run the job on.
+    #[arg(long, value_name = "WORKER")]
+    pub(crate) worker: String,
+    /// MiB of output the job writes.
+    #[arg(
+        long,
+        value_name = "S",
+        default_value_t = 256,
+        value_parser = clap::value_parser!(u64).range(1..=1_048_576)
+    )]
+    pub(crate) mib: u64,
+    /// Concurrent followers, each with its own HTTPS connection.
+    #[arg(
+        long,
+        value_name = "F",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u32).range(1..=1_000)
+    )]
+    pub(crate) followers: u32,
+    /// Script that writes as many bytes as its first argument says.
+    #[arg(long, value_name = "PATH", default_value = "blast.sh")]
+    pub(crate) script: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -233,6 +301,35 @@ mod tests {
             panic!("not workers")
         };
         assert!(matches!(w.command, Some(WorkersCommand::Show { worker }) if worker == "w1"));
+    }
+
+    #[test]
+    fn bench_defaults_and_limits() {
+        let cli = parse(&["bench", "start", "--worker", "w1"]).unwrap();
+        let Command::Bench(BenchCommand::Start(start)) = cli.command else {
+            panic!("not bench start")
+        };
+        assert_eq!((start.clients, start.jobs), (8, 500));
+        assert_eq!(start.script, "true.sh");
+        assert_eq!(start.command, None);
+
+        let cli = parse(&["-o", "json", "bench", "follow", "--worker", "w2"]).unwrap();
+        assert_eq!(cli.global.output, Output::Json);
+        let Command::Bench(BenchCommand::Follow(follow)) = cli.command else {
+            panic!("not bench follow")
+        };
+        assert_eq!((follow.mib, follow.followers), (256, 1));
+        assert_eq!(follow.script, "blast.sh");
+
+        for bad in [
+            &["bench", "start", "--worker", "w1", "--clients", "0"][..],
+            &["bench", "start", "--worker", "w1", "--jobs", "0"],
+            &["bench", "follow", "--worker", "w1", "--followers", "0"],
+            &["bench", "follow", "--worker", "w1", "--mib", "0"],
+            &["bench", "follow"],
+        ] {
+            assert_eq!(parse(bad).unwrap_err().exit_code(), 2, "{bad:?}");
+        }
     }
 
     #[test]

@@ -33,6 +33,20 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Bench(bench) => {
+            // Many clients at once: their TLS and HTTP work has to spread
+            // over every core like that of separate clients would, or the
+            // bench measures its own single thread.
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
+            runtime.block_on(crate::bench::run(
+                connect_options(&cli.global),
+                cli.global.output,
+                bench,
+            ))
+        }
         command => {
             // One request at a time: a single-threaded runtime is enough.
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -60,14 +74,18 @@ fn pki(command: PkiCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn api_command(global: &Global, command: Command) -> anyhow::Result<ExitCode> {
-    let api = Api::new(&ConnectOptions {
+fn connect_options(global: &Global) -> ConnectOptions {
+    ConnectOptions {
         scheduler: global.scheduler.clone(),
         ca: global.ca.clone(),
         cert: global.cert.clone(),
         key: global.key.clone(),
         token: global.token.clone(),
-    })?;
+    }
+}
+
+async fn api_command(global: &Global, command: Command) -> anyhow::Result<ExitCode> {
+    let api = Api::new(&connect_options(global))?;
     let format = global.output;
     match command {
         Command::Workers(args) => match args.command {
@@ -84,7 +102,7 @@ async fn api_command(global: &Global, command: Command) -> anyhow::Result<ExitCo
             offset,
             job,
         } => logs(&api, &job, offset, follow).await,
-        Command::Pki(_) | Command::Completion { .. } => {
+        Command::Pki(_) | Command::Completion { .. } | Command::Bench(_) => {
             anyhow::bail!("internal error: not a scheduler command")
         }
     }

@@ -12,6 +12,7 @@
 //! # Layout
 //!
 //! - `cli`: the clap types of SPEC §8.
+//! - `bench`: `clusterctl bench`, a load tool (job starts, output streaming).
 //! - `commands`: one function per subcommand.
 //! - `api`: the typed HTTPS client and its errors.
 //! - `explain`: transport errors turned into one line that says what to do.
@@ -21,6 +22,7 @@
 //! - `progress`: the terminal-only spinner.
 
 mod api;
+mod bench;
 mod cli;
 mod commands;
 mod explain;

@@ -1,0 +1,672 @@
+//! `clusterctl bench`: load through the scheduler's HTTPS API, kept in the
+//! repository like redis-benchmark is in Redis.
+//!
+//! - `bench start` starts many trivial jobs from concurrent clients and
+//!   reports starts per second and the latency of `POST /v1/jobs`.
+//! - `bench follow` starts one job writing a known number of bytes, follows
+//!   it with concurrent followers through `GET /v1/jobs/{id}/logs?follow=true`
+//!   (counting the bytes, keeping none), checks that each follower got every
+//!   byte, and reports MiB/s.
+//!
+//! Only the report goes to stdout (a table for people, or `-o json|yaml`
+//! with the same figures); a progress line goes to stderr. Any failed
+//! request or follower makes the command exit 1.
+//!
+//! Every client (or follower) has its own [`Api`], so its own reqwest client
+//! and its own HTTPS connection. reqwest multiplexes every request of one
+//! client over a single HTTP/2 connection: a shared client would measure one
+//! TLS session and one connection task on each side, not N clients. Separate
+//! connections spread over the scheduler's threads as N users' would. Each
+//! connection is opened (and the worker looked up) before the clock starts,
+//! so the handshakes are not in the figures.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use jobcluster_proto::http::{JobInfo, StartJob};
+use serde::Serialize;
+use tokio::task::JoinSet;
+
+use crate::api::{Api, ConnectOptions};
+use crate::cli::{BenchCommand, BenchFollowArgs, BenchStartArgs, Output};
+use crate::follow::{self, JobLogs, Retry};
+use crate::output::{self, print_stdout, print_structured};
+
+const MIB: u64 = 1024 * 1024;
+
+/// Runs `clusterctl bench ...`. Needs a multi-thread runtime to be of use.
+pub(crate) async fn run(
+    opts: ConnectOptions,
+    format: Output,
+    command: BenchCommand,
+) -> anyhow::Result<ExitCode> {
+    match command {
+        BenchCommand::Start(args) => start(&opts, format, &args).await,
+        BenchCommand::Follow(args) => follow(&opts, format, &args).await,
+    }
+}
+
+/// `count` clients, each connected and having looked up `worker` once.
+async fn connect(opts: &ConnectOptions, count: u32, worker: &str) -> anyhow::Result<Vec<Api>> {
+    let mut tasks = JoinSet::new();
+    for _ in 0..count {
+        let api = Api::new(opts)?;
+        let worker = worker.to_owned();
+        tasks.spawn(async move { api.worker(&worker).await.map(|_| api) });
+    }
+    let mut clients = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        let api = joined
+            .map_err(|e| anyhow::anyhow!("a bench client failed: {e}"))?
+            .map_err(|e| anyhow::anyhow!("cannot look up worker {worker}: {e}"))?;
+        clients.push(api);
+    }
+    Ok(clients)
+}
+
+/// What one `bench start` client saw.
+#[derive(Debug, Default)]
+struct ClientOutcome {
+    /// Latency of each successful start.
+    latencies: Vec<Duration>,
+    failed: u64,
+    /// When the client's first failed request was sent, and its error.
+    first_error: Option<(Instant, String)>,
+}
+
+async fn start(
+    opts: &ConnectOptions,
+    format: Output,
+    args: &BenchStartArgs,
+) -> anyhow::Result<ExitCode> {
+    let clients = connect(opts, args.clients, &args.worker).await?;
+    eprintln!(
+        "clusterctl: starting {} ({}) on {} from {}",
+        plural(u64::from(args.jobs), "job"),
+        args.script,
+        args.worker,
+        plural(u64::from(args.clients), "client")
+    );
+    let request = Arc::new(StartJob {
+        worker_id: args.worker.clone(),
+        command: args.command.clone(),
+        path: args.script.clone(),
+        args: Vec::new(),
+        env: BTreeMap::new(),
+    });
+    // Clients take the next job number until all are taken: a slow client
+    // starts fewer jobs instead of holding the others back.
+    let next = Arc::new(AtomicU32::new(0));
+    let jobs = args.jobs;
+
+    let began = Instant::now();
+    let mut tasks = JoinSet::new();
+    for api in clients {
+        let request = Arc::clone(&request);
+        let next = Arc::clone(&next);
+        tasks.spawn(async move {
+            let mut outcome = ClientOutcome::default();
+            while next.fetch_add(1, Ordering::Relaxed) < jobs {
+                let sent = Instant::now();
+                match api.start(&request).await {
+                    Ok(_) => outcome.latencies.push(sent.elapsed()),
+                    Err(e) => {
+                        outcome.failed += 1;
+                        if outcome.first_error.is_none() {
+                            outcome.first_error = Some((sent, e.to_string()));
+                        }
+                    }
+                }
+            }
+            outcome
+        });
+    }
+    let mut latencies = Vec::with_capacity(usize::try_from(jobs).unwrap_or(0));
+    let mut failed = 0;
+    let mut first_error: Option<(Instant, String)> = None;
+    while let Some(joined) = tasks.join_next().await {
+        let outcome = joined.map_err(|e| anyhow::anyhow!("a bench client failed: {e}"))?;
+        latencies.extend(outcome.latencies);
+        failed += outcome.failed;
+        if let Some((at, error)) = outcome.first_error
+            && first_error.as_ref().is_none_or(|(first, _)| at < *first)
+        {
+            first_error = Some((at, error));
+        }
+    }
+    let total = began.elapsed();
+
+    let report = StartReport {
+        mode: "start",
+        worker: args.worker.clone(),
+        script: args.script.clone(),
+        clients: args.clients,
+        jobs: args.jobs,
+        started: latencies.len() as u64,
+        failed,
+        first_error: first_error.map(|(_, error)| error),
+        total_seconds: round(total.as_secs_f64(), 3),
+        starts_per_second: round(per_second(latencies.len() as f64, total), 1),
+        latency_ms: LatencySummary::of(latencies).map(|s| s.in_ms()),
+    };
+    if !print_structured(format, &serde_json::to_value(&report)?)? {
+        print_stdout(&report.text())?;
+    }
+    Ok(if report.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The figures of `bench start`.
+#[derive(Debug, Serialize)]
+struct StartReport {
+    mode: &'static str,
+    worker: String,
+    script: String,
+    clients: u32,
+    jobs: u32,
+    /// Jobs the scheduler answered 201 for.
+    started: u64,
+    failed: u64,
+    first_error: Option<String>,
+    /// From the first request sent to the last answer received.
+    total_seconds: f64,
+    /// Successful starts per second of `total_seconds`.
+    starts_per_second: f64,
+    /// Over the successful starts; absent if there was none.
+    latency_ms: Option<LatencyMs>,
+}
+
+impl StartReport {
+    fn text(&self) -> String {
+        let latency = match &self.latency_ms {
+            Some(l) => format!(
+                "p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                l.p50, l.p90, l.p99, l.max
+            ),
+            None => "-".to_owned(),
+        };
+        let mut failed = self.failed.to_string();
+        if let Some(error) = &self.first_error {
+            failed.push_str(&format!(" (first: {error})"));
+        }
+        let head = format!(
+            "bench start: {} ({}) on {} from {}\n",
+            plural(u64::from(self.jobs), "job"),
+            self.script,
+            self.worker,
+            plural(u64::from(self.clients), "client")
+        );
+        head + &output::key_values(&[
+            ("total", format!("{:.3} s", self.total_seconds)),
+            ("started", self.started.to_string()),
+            ("starts/s", format!("{:.1}", self.starts_per_second)),
+            ("latency", latency),
+            ("failed", failed),
+        ])
+    }
+}
+
+/// Counts the bytes written to it and remembers when the last ones came.
+#[derive(Debug, Default)]
+struct CountingSink {
+    bytes: u64,
+    last_write: Option<Instant>,
+}
+
+impl Write for CountingSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.bytes += buf.len() as u64;
+        self.last_write = Some(Instant::now());
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Whether a follower got the whole output of a job that succeeded.
+fn verify(outcome: Option<JobInfo>, received: u64, expected: u64) -> Result<(), String> {
+    let Some(job) = outcome else {
+        return Err("the output ended without the job's final state".to_owned());
+    };
+    if let Some(line) = follow::failure_summary(&job) {
+        return Err(line);
+    }
+    if received != expected {
+        return Err(format!(
+            "received {received} bytes, expected {expected} (the job wrote {})",
+            job.output_bytes
+        ));
+    }
+    Ok(())
+}
+
+async fn follow(
+    opts: &ConnectOptions,
+    format: Output,
+    args: &BenchFollowArgs,
+) -> anyhow::Result<ExitCode> {
+    let expected = args
+        .mib
+        .checked_mul(MIB)
+        .ok_or_else(|| anyhow::anyhow!("--mib {} is too large", args.mib))?;
+    let clients = connect(opts, args.followers, &args.worker).await?;
+    let Some(first) = clients.first() else {
+        anyhow::bail!("no followers");
+    };
+
+    let began = Instant::now();
+    let job_id = first
+        .start(&StartJob {
+            worker_id: args.worker.clone(),
+            command: None,
+            path: args.script.clone(),
+            args: vec![expected.to_string()],
+            env: BTreeMap::new(),
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot start {} on {}: {e}", args.script, args.worker))?
+        .parsed
+        .job_id;
+    eprintln!(
+        "clusterctl: started job {job_id} ({} writing {} MiB) on {}; following it with {}",
+        args.script,
+        args.mib,
+        args.worker,
+        plural(u64::from(args.followers), "follower")
+    );
+
+    let mut tasks = JoinSet::new();
+    for (index, api) in clients.into_iter().enumerate() {
+        let job_id = job_id.clone();
+        tasks.spawn(async move {
+            let source = JobLogs {
+                api: &api,
+                job_id: &job_id,
+            };
+            let mut sink = CountingSink::default();
+            let outcome =
+                follow::stream_output(&source, &job_id, 0, true, &mut sink, &Retry::default())
+                    .await
+                    .map_err(|e| e.to_string());
+            let ended = sink.last_write.unwrap_or_else(Instant::now);
+            let verdict = outcome.and_then(|job| verify(job, sink.bytes, expected));
+            (index, sink.bytes, ended, verdict)
+        });
+    }
+    let mut followers = Vec::new();
+    let mut last_byte = began;
+    while let Some(joined) = tasks.join_next().await {
+        let (index, bytes, ended, verdict) =
+            joined.map_err(|e| anyhow::anyhow!("a follower failed: {e}"))?;
+        last_byte = last_byte.max(ended);
+        let seconds = ended.duration_since(began);
+        followers.push(FollowerReport {
+            follower: index + 1,
+            bytes,
+            seconds: round(seconds.as_secs_f64(), 3),
+            mib_per_second: round(per_second(bytes as f64 / MIB as f64, seconds), 1),
+            error: verdict.err(),
+        });
+    }
+    followers.sort_by_key(|f| f.follower);
+    let total = last_byte.duration_since(began);
+    let received: u64 = followers.iter().map(|f| f.bytes).sum();
+    let failed = followers.iter().filter(|f| f.error.is_some()).count();
+
+    let report = FollowReport {
+        mode: "follow",
+        worker: args.worker.clone(),
+        script: args.script.clone(),
+        job_id,
+        mib: args.mib,
+        bytes_per_follower: expected,
+        failed,
+        first_error: followers.iter().find_map(|f| f.error.clone()),
+        total_seconds: round(total.as_secs_f64(), 3),
+        total_mib_per_second: round(per_second(received as f64 / MIB as f64, total), 1),
+        followers,
+    };
+    if !print_structured(format, &serde_json::to_value(&report)?)? {
+        print_stdout(&report.text())?;
+    }
+    Ok(if report.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The figures of `bench follow`. Times run from the start request to the
+/// last byte received.
+#[derive(Debug, Serialize)]
+struct FollowReport {
+    mode: &'static str,
+    worker: String,
+    script: String,
+    job_id: String,
+    mib: u64,
+    bytes_per_follower: u64,
+    failed: usize,
+    first_error: Option<String>,
+    /// Until the last byte of the last follower.
+    total_seconds: f64,
+    /// Bytes received by all followers over `total_seconds`.
+    total_mib_per_second: f64,
+    followers: Vec<FollowerReport>,
+}
+
+#[derive(Debug, Serialize)]
+struct FollowerReport {
+    /// 1, 2, ...
+    follower: usize,
+    bytes: u64,
+    seconds: f64,
+    mib_per_second: f64,
+    /// Why this follower did not get the whole output of a successful job.
+    error: Option<String>,
+}
+
+impl FollowReport {
+    fn text(&self) -> String {
+        let result = |error: &Option<String>| error.clone().unwrap_or_else(|| "ok".to_owned());
+        let mut rows: Vec<Vec<String>> = self
+            .followers
+            .iter()
+            .map(|f| {
+                vec![
+                    f.follower.to_string(),
+                    format!("{:.1}", f.bytes as f64 / MIB as f64),
+                    format!("{:.3}", f.seconds),
+                    format!("{:.1}", f.mib_per_second),
+                    result(&f.error),
+                ]
+            })
+            .collect();
+        let received: u64 = self.followers.iter().map(|f| f.bytes).sum();
+        rows.push(vec![
+            "total".to_owned(),
+            format!("{:.1}", received as f64 / MIB as f64),
+            format!("{:.3}", self.total_seconds),
+            format!("{:.1}", self.total_mib_per_second),
+            if self.failed == 0 {
+                "ok".to_owned()
+            } else {
+                format!("{} failed", self.failed)
+            },
+        ]);
+        let head = format!(
+            "bench follow: {} MiB ({}) on {}, job {}, {}\n",
+            self.mib,
+            self.script,
+            self.worker,
+            self.job_id,
+            plural(self.followers.len() as u64, "follower")
+        );
+        head + &output::table(&["FOLLOWER", "MiB", "SECONDS", "MiB/s", "RESULT"], &rows)
+    }
+}
+
+/// "1 client", "8 clients".
+fn plural(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+/// `count` per second of `elapsed`; 0 for no time at all.
+fn per_second(count: f64, elapsed: Duration) -> f64 {
+    let secs = elapsed.as_secs_f64();
+    if secs > 0.0 { count / secs } else { 0.0 }
+}
+
+fn round(value: f64, decimals: i32) -> f64 {
+    let scale = 10f64.powi(decimals);
+    (value * scale).round() / scale
+}
+
+/// The value at `percent` (1..=100) of sorted samples, by nearest rank: the
+/// smallest sample with at least `percent`% of all samples at or below it.
+/// `None` for no samples.
+fn percentile(sorted: &[Duration], percent: u32) -> Option<Duration> {
+    let n = sorted.len();
+    if n == 0 {
+        return None;
+    }
+    let percent = usize::try_from(percent.clamp(1, 100)).unwrap_or(100);
+    let rank = (n.saturating_mul(percent)).div_ceil(100).clamp(1, n);
+    sorted.get(rank - 1).copied()
+}
+
+/// p50, p90, p99 and max of a set of latencies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LatencySummary {
+    p50: Duration,
+    p90: Duration,
+    p99: Duration,
+    max: Duration,
+}
+
+impl LatencySummary {
+    fn of(mut samples: Vec<Duration>) -> Option<LatencySummary> {
+        samples.sort_unstable();
+        Some(LatencySummary {
+            p50: percentile(&samples, 50)?,
+            p90: percentile(&samples, 90)?,
+            p99: percentile(&samples, 99)?,
+            max: *samples.last()?,
+        })
+    }
+
+    fn in_ms(self) -> LatencyMs {
+        let ms = |d: Duration| round(d.as_secs_f64() * 1000.0, 3);
+        LatencyMs {
+            p50: ms(self.p50),
+            p90: ms(self.p90),
+            p99: ms(self.p99),
+            max: ms(self.max),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct LatencyMs {
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    max: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(values: impl IntoIterator<Item = u64>) -> Vec<Duration> {
+        values.into_iter().map(Duration::from_millis).collect()
+    }
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        let samples = ms(1..=100);
+        assert_eq!(percentile(&samples, 50), Some(Duration::from_millis(50)));
+        assert_eq!(percentile(&samples, 90), Some(Duration::from_millis(90)));
+        assert_eq!(percentile(&samples, 99), Some(Duration::from_millis(99)));
+        assert_eq!(percentile(&samples, 100), Some(Duration::from_millis(100)));
+        assert_eq!(percentile(&samples, 1), Some(Duration::from_millis(1)));
+
+        // 500 samples: p99 is the 495th.
+        let samples = ms(1..=500);
+        assert_eq!(percentile(&samples, 99), Some(Duration::from_millis(495)));
+        assert_eq!(percentile(&samples, 50), Some(Duration::from_millis(250)));
+
+        // Ranks round up: of 10 samples, p99 is the 10th, p50 the 5th.
+        let samples = ms(1..=10);
+        assert_eq!(percentile(&samples, 99), Some(Duration::from_millis(10)));
+        assert_eq!(percentile(&samples, 50), Some(Duration::from_millis(5)));
+        assert_eq!(percentile(&samples, 51), Some(Duration::from_millis(6)));
+    }
+
+    #[test]
+    fn percentiles_of_few_or_no_samples() {
+        assert_eq!(percentile(&[], 50), None);
+        let one = ms([7]);
+        for p in [1, 50, 90, 99, 100] {
+            assert_eq!(percentile(&one, p), Some(Duration::from_millis(7)));
+        }
+        let two = ms([3, 9]);
+        assert_eq!(percentile(&two, 50), Some(Duration::from_millis(3)));
+        assert_eq!(percentile(&two, 51), Some(Duration::from_millis(9)));
+        // Out-of-range percents are clamped, never out of bounds.
+        assert_eq!(percentile(&two, 0), Some(Duration::from_millis(3)));
+        assert_eq!(percentile(&two, 250), Some(Duration::from_millis(9)));
+    }
+
+    #[test]
+    fn the_summary_sorts_its_samples() {
+        let mut samples = ms(1..=200);
+        samples.reverse();
+        samples.swap(3, 150);
+        let summary = LatencySummary::of(samples).unwrap();
+        assert_eq!(
+            summary,
+            LatencySummary {
+                p50: Duration::from_millis(100),
+                p90: Duration::from_millis(180),
+                p99: Duration::from_millis(198),
+                max: Duration::from_millis(200),
+            }
+        );
+        assert_eq!(LatencySummary::of(Vec::new()), None);
+
+        let in_ms = LatencySummary::of(vec![Duration::from_micros(1_234_567)])
+            .unwrap()
+            .in_ms();
+        assert_eq!((in_ms.p50, in_ms.max), (1234.567, 1234.567));
+    }
+
+    #[test]
+    fn followers_must_get_every_byte_of_a_successful_job() {
+        let job = |state: &str, exit_code: i32| JobInfo {
+            job_id: "j1".into(),
+            worker_id: "w1".into(),
+            command: "bash".into(),
+            path: "blast.sh".into(),
+            args: vec![],
+            state: state.into(),
+            done: true,
+            error: state == "failed",
+            error_text: String::new(),
+            exit_code: Some(exit_code),
+            signal: None,
+            created_at: "2025-01-01T00:00:00Z".into(),
+            started_at: None,
+            finished_at: None,
+            output_bytes: 10,
+        };
+        assert_eq!(verify(Some(job("succeeded", 0)), 10, 10), Ok(()));
+        assert_eq!(
+            verify(Some(job("succeeded", 0)), 9, 10).unwrap_err(),
+            "received 9 bytes, expected 10 (the job wrote 10)"
+        );
+        assert_eq!(
+            verify(Some(job("failed", 127)), 10, 10).unwrap_err(),
+            "job j1 failed with exit code 127"
+        );
+        assert!(verify(None, 10, 10).is_err());
+    }
+
+    #[test]
+    fn sink_counts_and_rates_divide_safely() {
+        let mut sink = CountingSink::default();
+        sink.write_all(b"hello").unwrap();
+        sink.write_all(&[0; 1000]).unwrap();
+        assert_eq!(sink.bytes, 1005);
+        assert!(sink.last_write.is_some());
+        assert_eq!(per_second(10.0, Duration::ZERO), 0.0);
+        assert_eq!(per_second(10.0, Duration::from_millis(500)), 20.0);
+        assert_eq!(round(2.34567, 3), 2.346);
+        assert_eq!(plural(1, "follower"), "1 follower");
+        assert_eq!(plural(4, "follower"), "4 followers");
+    }
+
+    #[test]
+    fn reports_read_well() {
+        let report = StartReport {
+            mode: "start",
+            worker: "w1".into(),
+            script: "true.sh".into(),
+            clients: 8,
+            jobs: 500,
+            started: 499,
+            failed: 1,
+            first_error: Some("worker w1 is not ready (worker_unavailable)".into()),
+            total_seconds: 1.5,
+            starts_per_second: 332.7,
+            latency_ms: Some(LatencyMs {
+                p50: 20.0,
+                p90: 30.5,
+                p99: 41.25,
+                max: 50.0,
+            }),
+        };
+        assert_eq!(
+            report.text(),
+            "bench start: 500 jobs (true.sh) on w1 from 8 clients\n\
+             total:    1.500 s\n\
+             started:  499\n\
+             starts/s: 332.7\n\
+             latency:  p50 20.00 ms, p90 30.50 ms, p99 41.25 ms, max 50.00 ms\n\
+             failed:   1 (first: worker w1 is not ready (worker_unavailable))\n"
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["latency_ms"]["p99"], 41.25);
+        assert_eq!(json["starts_per_second"], 332.7);
+
+        let report = FollowReport {
+            mode: "follow",
+            worker: "w1".into(),
+            script: "blast.sh".into(),
+            job_id: "j1".into(),
+            mib: 2,
+            bytes_per_follower: 2 * MIB,
+            failed: 0,
+            first_error: None,
+            total_seconds: 0.5,
+            total_mib_per_second: 8.0,
+            followers: vec![
+                FollowerReport {
+                    follower: 1,
+                    bytes: 2 * MIB,
+                    seconds: 0.25,
+                    mib_per_second: 8.0,
+                    error: None,
+                },
+                FollowerReport {
+                    follower: 2,
+                    bytes: 2 * MIB,
+                    seconds: 0.5,
+                    mib_per_second: 4.0,
+                    error: None,
+                },
+            ],
+        };
+        assert_eq!(
+            report.text(),
+            "bench follow: 2 MiB (blast.sh) on w1, job j1, 2 followers\n\
+             FOLLOWER  MiB  SECONDS  MiB/s  RESULT\n\
+             1         2.0  0.250    8.0    ok\n\
+             2         2.0  0.500    4.0    ok\n\
+             total     4.0  0.500    8.0    ok\n"
+        );
+    }
+}
