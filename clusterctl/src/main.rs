@@ -21,6 +21,8 @@
 //! - `output`: JSON/YAML, tables, key: value blocks, relative times.
 //! - `progress`: the terminal-only spinner.
 
+#![forbid(unsafe_code)]
+
 mod api;
 mod bench;
 mod cli;
