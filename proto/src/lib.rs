@@ -29,6 +29,6 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/jobscheduler_descriptor.bin"));
 
 pub mod config;
+pub mod daemon;
 pub mod http;
-pub mod systemd;
 pub mod transport;

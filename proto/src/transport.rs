@@ -174,3 +174,27 @@ pub fn plain_channel(addr: &str, connect_timeout: Duration) -> Result<Channel, A
 pub fn plain_incoming(listener: TcpListener) -> tokio_stream::wrappers::TcpListenerStream {
     tokio_stream::wrappers::TcpListenerStream::new(listener)
 }
+
+/// The caller's identity from its client certificate, which must carry
+/// `role`; anything else is refused and logged with the caller's name.
+pub fn require_role<T>(
+    request: &tonic::Request<T>,
+    role: jobcluster_pki::Role,
+    rpc: &str,
+) -> Result<jobcluster_pki::PeerIdentity, tonic::Status> {
+    let leaf = request
+        .peer_certs()
+        .and_then(|certs| certs.first().cloned())
+        .ok_or_else(|| tonic::Status::unauthenticated("a client certificate is required"))?;
+    let peer = jobcluster_pki::peer_identity(&leaf).map_err(|e| {
+        tonic::Status::permission_denied(format!("certificate has no cluster identity: {e}"))
+    })?;
+    if peer.role != role {
+        tracing::warn!(peer = %peer.name, role = %peer.role, rpc, expected = %role, "refused a caller with the wrong role");
+        return Err(tonic::Status::permission_denied(format!(
+            "{} certificates may not call this service; it is for the {role} role",
+            peer.role
+        )));
+    }
+    Ok(peer)
+}

@@ -33,7 +33,7 @@ impl SchedulerService {
         if self.insecure {
             return Ok(None);
         }
-        authorize(request, rpc).map(Some)
+        jobcluster_proto::transport::require_role(request, Role::Worker, rpc).map(Some)
     }
 
     async fn apply_reports(
@@ -55,25 +55,6 @@ impl SchedulerService {
             .await
             .map_err(internal)
     }
-}
-
-/// Only workers may call the scheduler; returns the caller's identity.
-fn authorize<T>(request: &Request<T>, rpc: &str) -> Result<PeerIdentity, Status> {
-    let leaf = request
-        .peer_certs()
-        .and_then(|certs| certs.first().cloned())
-        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-    let peer = jobcluster_pki::peer_identity(&leaf).map_err(|e| {
-        Status::permission_denied(format!("certificate has no cluster identity: {e}"))
-    })?;
-    if peer.role != Role::Worker {
-        tracing::warn!(peer = %peer.name, role = %peer.role, rpc, "refused a caller without the worker role");
-        return Err(Status::permission_denied(format!(
-            "{} certificates may not call the scheduler's worker service",
-            peer.role
-        )));
-    }
-    Ok(peer)
 }
 
 fn internal(error: impl std::fmt::Display) -> Status {

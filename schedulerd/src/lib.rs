@@ -135,8 +135,8 @@ pub async fn run(
                 grpc_tls.files.clone(),
                 http_tls.files.clone(),
             );
-            let hangups = jobcluster_proto::systemd::hangups().map_err(Error::Http)?;
-            reloader = Some(tokio::spawn(jobcluster_proto::systemd::reload_on_hangup(
+            let hangups = jobcluster_proto::daemon::hangups().map_err(Error::Http)?;
+            reloader = Some(tokio::spawn(jobcluster_proto::daemon::reload_on_hangup(
                 hangups,
                 move || {
                     let grpc = grpc_files.load(&file).map_err(|e| e.to_string())?;
@@ -223,13 +223,13 @@ pub async fn run(
         )),
     };
     tracing::info!("scheduler ready");
-    jobcluster_proto::systemd::notify_ready();
+    jobcluster_proto::daemon::notify_ready();
 
     shutdown.await;
     if let Some(reloader) = reloader {
         reloader.abort();
     }
-    jobcluster_proto::systemd::notify_stopping();
+    jobcluster_proto::daemon::notify_stopping();
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
     stop.cancel();
     // Both servers bound their own drain by the grace period.

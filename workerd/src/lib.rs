@@ -157,8 +157,8 @@ pub async fn run(
             let incoming = transport::tls_incoming(listener, server_rx);
             let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped));
             let (file, files, name) = (config.file.clone(), files.clone(), config.name.clone());
-            let hangups = jobcluster_proto::systemd::hangups().map_err(Error::Listener)?;
-            let reloader = tokio::spawn(jobcluster_proto::systemd::reload_on_hangup(
+            let hangups = jobcluster_proto::daemon::hangups().map_err(Error::Listener)?;
+            let reloader = tokio::spawn(jobcluster_proto::daemon::reload_on_hangup(
                 hangups,
                 move || {
                     let tls = config::TlsMaterial::load(&file, &files, &name)
@@ -205,7 +205,7 @@ pub async fn run(
         jobs.clone(),
     );
     tracing::info!(worker = %config.name, "worker ready");
-    jobcluster_proto::systemd::notify_ready();
+    jobcluster_proto::daemon::notify_ready();
     let leave = CancellationToken::new();
     let member = {
         let membership = membership.clone();
@@ -222,7 +222,7 @@ pub async fn run(
     if let Some(reloader) = reloader {
         reloader.abort();
     }
-    jobcluster_proto::systemd::notify_stopping();
+    jobcluster_proto::daemon::notify_stopping();
     tracing::info!("shutting down: no new jobs, stopping running ones");
     jobs.shutdown().await;
     leave.cancel();

@@ -24,14 +24,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    jobcluster_proto::daemon::init_logging();
     jobcluster_pki::install_crypto_provider();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -58,27 +51,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
-        let shutdown = shutdown_signal()?;
+        let shutdown = jobcluster_proto::daemon::shutdown_signal()
+            .context("listening for SIGTERM and SIGINT")?;
         let (listener, addr) = jobcluster_proto::transport::bind(&config.listen_addr)
             .await
             .with_context(|| format!("binding grpc_server.addr {}", config.listen_addr))?;
         tracing::info!(%addr, "grpc server listening");
         jobcluster_workerd::run(config, listener, shutdown).await?;
         Ok(())
-    })
-}
-
-/// Resolves on the first SIGTERM or SIGINT. The handlers are installed
-/// when this is called, not when the future is first polled, so a signal
-/// that arrives while the daemon starts is not lost (nor fatal).
-fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
-        }
     })
 }

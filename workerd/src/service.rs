@@ -37,27 +37,8 @@ impl WorkerService {
         if self.insecure {
             return Ok(());
         }
-        authorize(request, rpc)
+        jobcluster_proto::transport::require_role(request, Role::Scheduler, rpc).map(|_| ())
     }
-}
-
-/// Only the scheduler may call a worker.
-fn authorize<T>(request: &Request<T>, rpc: &str) -> Result<(), Status> {
-    let leaf = request
-        .peer_certs()
-        .and_then(|certs| certs.first().cloned())
-        .ok_or_else(|| Status::unauthenticated("a client certificate is required"))?;
-    let peer = jobcluster_pki::peer_identity(&leaf).map_err(|e| {
-        Status::permission_denied(format!("certificate has no cluster identity: {e}"))
-    })?;
-    if peer.role != Role::Scheduler {
-        tracing::warn!(peer = %peer.name, role = %peer.role, rpc, "refused a caller without the scheduler role");
-        return Err(Status::permission_denied(format!(
-            "{} certificates may not call the worker; only the scheduler may",
-            peer.role
-        )));
-    }
-    Ok(())
 }
 
 fn status(error: JobError) -> Status {

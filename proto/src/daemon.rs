@@ -1,6 +1,7 @@
-//! A daemon's life under an init system: telling systemd (`Type=notify`)
-//! that it really serves and that it is stopping (without `$NOTIFY_SOCKET`
-//! these do nothing), and reloading certificates on SIGHUP.
+//! What both daemons share at their edges: logging set-up, the signals that
+//! stop them and reload their certificates, and telling systemd
+//! (`Type=notify`) that they serve and that they are stopping (without
+//! `$NOTIFY_SOCKET` that does nothing).
 
 use std::os::unix::net::UnixDatagram;
 
@@ -55,4 +56,32 @@ pub async fn reload_on_hangup(
             }
         }
     }
+}
+
+/// Logs to stderr, `RUST_LOG` filtering (default `info`), colours only on
+/// a terminal so journald and files get plain lines.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+/// Resolves on the first SIGTERM or SIGINT. The handlers are installed
+/// when this is called, not when the future is first polled, so a signal
+/// that arrives while the daemon starts is not lost (nor fatal).
+pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
 }
