@@ -1,10 +1,12 @@
 //! The wire contract of the job cluster.
 //!
 //! Owns the gRPC types generated from `jobscheduler.proto`, the JSON types
-//! of the HTTP API shared by schedulerd and clusterctl, and the transport
-//! that carries gRPC (mTLS listener and dialer, in [`transport`]). Holds wire
-//! types, conversions and byte moving only: no policy, no job or worker
-//! logic, no decision about who may call what.
+//! of the HTTP API shared by schedulerd and clusterctl ([`http`]), the
+//! config-file contract ([`config`]), the transport that carries gRPC
+//! (mTLS listener and dialer, [`transport`]), and the daemons' shared edges
+//! ([`daemon`]: logging, signals, systemd notify). Holds wire types,
+//! conversions and byte moving only: no job or worker logic, and no
+//! authorization policy (the daemons say which role a service wants).
 
 #![forbid(unsafe_code)]
 
