@@ -208,6 +208,19 @@ impl Api {
         self.typed("the worker", req).await
     }
 
+    /// `POST /v1/workers/{id-or-name}/drain` or `/undrain`.
+    pub(crate) async fn drain(
+        &self,
+        worker: &str,
+        draining: bool,
+    ) -> Result<Answer<WorkerInfo>, ApiError> {
+        let action = if draining { "drain" } else { "undrain" };
+        let req = self
+            .client
+            .post(self.url(&["v1", "workers", worker, action]));
+        self.typed("the worker", req).await
+    }
+
     /// `POST /v1/jobs`.
     pub(crate) async fn start(&self, job: &StartJob) -> Result<Answer<JobStarted>, ApiError> {
         let req = self.client.post(self.url(&["v1", "jobs"])).json(job);

@@ -93,6 +93,7 @@ async fn start(
     );
     let request = Arc::new(StartJob {
         worker_id: args.worker.clone(),
+        selector: Default::default(),
         command: args.command.clone(),
         path: args.script.clone(),
         args: Vec::new(),
@@ -267,6 +268,7 @@ async fn follow(
     let job_id = first
         .start(&StartJob {
             worker_id: args.worker.clone(),
+            selector: Default::default(),
             command: None,
             path: args.script.clone(),
             args: vec![expected.to_string()],

@@ -143,13 +143,26 @@ pub(crate) enum WorkersCommand {
         /// Worker id or name.
         worker: String,
     },
+    /// Stop giving the worker new jobs; its running jobs finish.
+    Drain {
+        /// Worker id or name.
+        worker: String,
+    },
+    /// Give the worker new jobs again.
+    Undrain {
+        /// Worker id or name.
+        worker: String,
+    },
 }
 
 #[derive(Debug, Args)]
 pub(crate) struct StartArgs {
-    /// Worker id or name.
+    /// Worker id or name; without it the scheduler picks a worker.
     #[arg(long, value_name = "WORKER")]
-    pub(crate) worker: String,
+    pub(crate) worker: Option<String>,
+    /// Only workers with this label (repeatable); the scheduler picks one.
+    #[arg(long = "selector", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub(crate) selector: Vec<(String, String)>,
     /// Runner plugin; default: the plugin whose extensions match SCRIPT.
     #[arg(long, value_name = "PLUGIN")]
     pub(crate) command: Option<String>,
@@ -253,6 +266,14 @@ fn parse_role(s: &str) -> Result<Role, String> {
         .map_err(|e: jobcluster_pki::PkiError| e.to_string())
 }
 
+/// `KEY=VALUE`, for `--selector`.
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,7 +304,7 @@ mod tests {
         let Command::Start(start) = cli.command else {
             panic!("not start")
         };
-        assert_eq!(start.worker, "w1");
+        assert_eq!(start.worker.as_deref(), Some("w1"));
         assert_eq!(start.command, None);
         assert_eq!(start.script, "count.sh");
         assert_eq!(start.args, ["-n", "3"]);

@@ -90,6 +90,8 @@ async fn api_command(global: &Global, command: Command) -> anyhow::Result<ExitCo
     match command {
         Command::Workers(args) => match args.command {
             Some(WorkersCommand::Show { worker }) => workers_show(&api, format, &worker).await,
+            Some(WorkersCommand::Drain { worker }) => drain(&api, format, &worker, true).await,
+            Some(WorkersCommand::Undrain { worker }) => drain(&api, format, &worker, false).await,
             None => workers(&api, format, args.all).await,
         },
         Command::Start(args) => start(&api, format, &args).await,
@@ -124,9 +126,39 @@ async fn workers_show(api: &Api, format: Output, worker: &str) -> anyhow::Result
     Ok(ExitCode::SUCCESS)
 }
 
+/// Where a start goes, for messages.
+fn target(args: &StartArgs) -> String {
+    match &args.worker {
+        Some(worker) => worker.clone(),
+        None if args.selector.is_empty() => "a worker the scheduler picks".to_owned(),
+        None => {
+            let labels: Vec<_> = args
+                .selector
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            format!("a worker with {}", labels.join(","))
+        }
+    }
+}
+
+async fn drain(
+    api: &Api,
+    format: Output,
+    worker: &str,
+    draining: bool,
+) -> anyhow::Result<ExitCode> {
+    let answer = api.drain(worker, draining).await?;
+    if !print_structured(format, &answer.raw)? {
+        eprintln!("worker {} is {}", answer.parsed.name, answer.parsed.state);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn start_request(args: &StartArgs) -> StartJob {
     StartJob {
-        worker_id: args.worker.clone(),
+        worker_id: args.worker.clone().unwrap_or_default(),
+        selector: args.selector.iter().cloned().collect(),
         // Absent: the worker picks the plugin by the script's extension.
         command: args.command.clone(),
         path: args.script.clone(),
@@ -137,7 +169,7 @@ fn start_request(args: &StartArgs) -> StartJob {
 
 async fn start(api: &Api, format: Output, args: &StartArgs) -> anyhow::Result<ExitCode> {
     let answer = {
-        let _spinner = Spinner::start(format!("starting {} on {}", args.script, args.worker));
+        let _spinner = Spinner::start(format!("starting {} on {}", args.script, target(args)));
         api.start(&start_request(args)).await?
     };
     if !print_structured(format, &answer.raw)? {
@@ -149,10 +181,10 @@ async fn start(api: &Api, format: Output, args: &StartArgs) -> anyhow::Result<Ex
 
 async fn run_job(api: &Api, args: &StartArgs) -> anyhow::Result<ExitCode> {
     let started = {
-        let _spinner = Spinner::start(format!("starting {} on {}", args.script, args.worker));
+        let _spinner = Spinner::start(format!("starting {} on {}", args.script, target(args)));
         api.start(&start_request(args)).await?.parsed
     };
-    eprintln!("started job {} on {}", started.job_id, args.worker);
+    eprintln!("started job {} on {}", started.job_id, started.worker_id);
     let job = follow_to_stdout(api, &started.job_id, 0, true).await?;
     Ok(job.map_or(ExitCode::SUCCESS, finished))
 }

@@ -15,13 +15,16 @@ pub struct ErrorBody {
     pub code: String,
 }
 
+/// Labels a worker must carry (all of them) to be chosen.
+pub type Selector = BTreeMap<String, String>;
+
 /// A worker as the scheduler knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerInfo {
     pub worker_id: String,
     pub name: String,
     pub address: String,
-    /// `ready`, `down` or `left`.
+    /// `ready`, `draining` (takes no new jobs), `down` or `left`.
     pub state: String,
     pub plugins: Vec<String>,
     pub labels: BTreeMap<String, String>,
@@ -45,8 +48,12 @@ pub struct WorkerList {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StartJob {
-    /// Worker id or name.
+    /// Worker id or name; empty or absent: the scheduler places the job.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub worker_id: String,
+    /// With placement: only workers carrying all these labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub selector: Selector,
     /// Plugin name; absent: the worker picks the plugin by the script's
     /// extension.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -101,6 +101,11 @@ impl Scheduler for SchedulerService {
             previous_worker_id: r.previous_worker_id,
             instance_id: r.instance_id,
             cgroup_limits: r.cgroup_limits,
+            extensions: r
+                .plugin_info
+                .into_iter()
+                .map(|p| (p.name, p.extensions))
+                .collect(),
         };
         let row = self
             .registry

@@ -22,6 +22,7 @@ mod api;
 pub mod config;
 mod convert;
 mod grpc;
+mod placement;
 mod registry;
 pub mod store;
 mod time;
@@ -202,6 +203,7 @@ pub async fn run(
         tokens,
         followers: Arc::new(api::Followers::new(config.max_followers_per_job)),
         insecure: secure.is_none(),
+        placement_turn: Default::default(),
     });
     let http = match http_listener {
         HttpListener::Tls(listener) => tokio::spawn(api::serve::serve(

@@ -91,6 +91,7 @@ pub(crate) struct Registration {
     pub(crate) previous_worker_id: String,
     pub(crate) instance_id: String,
     pub(crate) cgroup_limits: bool,
+    pub(crate) extensions: BTreeMap<String, Vec<String>>,
 }
 
 impl Registry {
@@ -197,6 +198,9 @@ impl Registry {
             registered_at_ms: now_ms,
             last_seen_ms: now_ms,
             cgroup_limits: reg.cgroup_limits,
+            extensions: reg.extensions,
+            // A drain outlives the worker's restarts; only undrain ends it.
+            draining: existing.as_ref().is_some_and(|e| e.row().draining),
         };
         match existing {
             // Same address: keep the channel (and its live connection).

@@ -45,6 +45,10 @@ pub struct WorkerRow {
     pub last_seen_ms: u64,
     /// Its job limits go through a delegated cgroup v2.
     pub cgroup_limits: bool,
+    /// Script extensions each plugin runs (for placement by extension).
+    pub extensions: std::collections::BTreeMap<String, Vec<String>>,
+    /// Set by an operator: the worker takes no new jobs.
+    pub draining: bool,
 }
 
 /// A job's durable record.
@@ -97,7 +101,9 @@ CREATE TABLE IF NOT EXISTS workers (
     labels TEXT NOT NULL,
     registered_at_ms INTEGER NOT NULL,
     last_seen_ms INTEGER NOT NULL,
-    cgroup_limits INTEGER NOT NULL DEFAULT 0
+    cgroup_limits INTEGER NOT NULL DEFAULT 0,
+    extensions TEXT NOT NULL DEFAULT '{}',
+    draining INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -196,11 +202,12 @@ impl Store {
     pub async fn upsert_worker(&self, w: WorkerRow) -> Result<(), StoreError> {
         self.write(move |c| {
             c.execute(
-                "INSERT INTO workers (worker_id, name, address, state, plugins, labels, registered_at_ms, last_seen_ms, cgroup_limits)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                "INSERT INTO workers (worker_id, name, address, state, plugins, labels, registered_at_ms,
+                   last_seen_ms, cgroup_limits, extensions, draining)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
                  ON CONFLICT(worker_id) DO UPDATE SET name = ?2, address = ?3, state = ?4,
                    plugins = ?5, labels = ?6, registered_at_ms = ?7, last_seen_ms = ?8,
-                   cgroup_limits = ?9",
+                   cgroup_limits = ?9, extensions = ?10, draining = ?11",
                 params![
                     w.worker_id,
                     w.name,
@@ -210,7 +217,9 @@ impl Store {
                     to_json(&w.labels),
                     w.registered_at_ms as i64,
                     w.last_seen_ms as i64,
-                    w.cgroup_limits
+                    w.cgroup_limits,
+                    to_json(&w.extensions),
+                    w.draining
                 ],
             )?;
             Ok(())
@@ -239,7 +248,7 @@ impl Store {
         self.read(|c| {
             let mut stmt = c.prepare(
                 "SELECT worker_id, name, address, state, plugins, labels, registered_at_ms, last_seen_ms,
-                   cgroup_limits
+                   cgroup_limits, extensions, draining
                  FROM workers ORDER BY name",
             )?;
             let rows = stmt.query_map([], |r| {
@@ -253,6 +262,8 @@ impl Store {
                     registered_at_ms: r.get::<_, i64>(6)? as u64,
                     last_seen_ms: r.get::<_, i64>(7)? as u64,
                     cgroup_limits: r.get(8)?,
+                    extensions: from_json(&r.get::<_, String>(9)?),
+                    draining: r.get(10)?,
                 })
             })?;
             rows.collect()

@@ -76,6 +76,14 @@ pub async fn run(
         source,
     };
     let plugin_names: Vec<String> = config.plugins.keys().cloned().collect();
+    let plugin_info: Vec<_> = config
+        .plugins
+        .values()
+        .map(|p| jobcluster_proto::pb::PluginInfo {
+            name: p.name.clone(),
+            extensions: p.extensions.clone(),
+        })
+        .collect();
     let cgroups = match tokio::task::spawn_blocking(cgroup::Cgroups::setup).await {
         Ok(Ok(cgroups)) => {
             tracing::info!("job memory, CPU and process limits through a delegated cgroup v2");
@@ -200,6 +208,7 @@ pub async fn run(
             instance_id: String::new(),
             jobs: Vec::new(),
             cgroup_limits: cgroups.is_some(),
+            plugin_info,
         },
         &config.state_dir,
         jobs.clone(),

@@ -10,4 +10,5 @@ mod faults;
 #[path = "../../../workerd/tests/it/harness.rs"]
 mod harness;
 mod http;
+mod placement;
 mod security;

@@ -106,27 +106,88 @@ pub(crate) async fn list(
 }
 
 /// Starts a job on the named worker and records it before answering.
+/// Starts a job on the named worker, or on one the scheduler picks, and
+/// records it before answering.
 pub(crate) async fn start_job(state: &AppState, body: StartJob) -> Result<JobStarted, ApiError> {
-    if body.worker_id.is_empty() {
-        return Err(ApiError::bad_request(
-            "invalid_request",
-            "worker_id: must name a worker (id or name)",
-        ));
-    }
     if body.path.is_empty() {
         return Err(ApiError::bad_request(
             "invalid_path",
             "path: must name a script",
         ));
     }
-    let worker = state
-        .registry
-        .get(&body.worker_id)
-        .ok_or_else(|| ApiError::worker_not_found(&body.worker_id))?;
-    let w = worker.row();
-    if w.state != "ready" {
-        return Err(ApiError::worker_not_ready(&w));
+    if !body.worker_id.is_empty() {
+        let worker = state
+            .registry
+            .get(&body.worker_id)
+            .ok_or_else(|| ApiError::worker_not_found(&body.worker_id))?;
+        let w = worker.row();
+        if w.state != "ready" {
+            return Err(ApiError::worker_not_ready(&w));
+        }
+        if w.draining {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "worker_draining",
+                format!("worker {} is draining and takes no new jobs", w.name),
+            ));
+        }
+        if body
+            .selector
+            .iter()
+            .any(|(k, v)| w.labels.get(k) != Some(v))
+        {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "no_eligible_worker",
+                format!("worker {} does not match the selector", w.name),
+            ));
+        }
+        return start_on(state, &worker, body).await;
     }
+    // Placement: try the eligible workers in order; one that is busy or
+    // unreachable passes the job on to the next.
+    let rows = state.registry.all();
+    let eligible =
+        crate::placement::eligible(&rows, body.command.as_deref(), &body.path, &body.selector)
+            .map_err(|why| ApiError::new(StatusCode::CONFLICT, "no_eligible_worker", why.0))?;
+    let running = state.store.running_counts().await?;
+    let turn = state
+        .placement_turn
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut passed_on = Vec::new();
+    for row in crate::placement::order(eligible, &running, turn) {
+        let Some(worker) = state.registry.get(&row.worker_id) else {
+            continue;
+        };
+        match start_on(state, &worker, body.clone()).await {
+            Err(e)
+                if matches!(
+                    e.code.as_str(),
+                    "worker_busy" | "worker_unavailable" | "worker_down"
+                ) =>
+            {
+                passed_on.push(format!("{}: {}", row.name, e.message));
+            }
+            result => return result,
+        }
+    }
+    Err(ApiError::new(
+        StatusCode::CONFLICT,
+        "no_eligible_worker",
+        format!(
+            "every eligible worker is busy or unreachable ({})",
+            passed_on.join("; ")
+        ),
+    ))
+}
+
+/// Starts the job on `worker` and records it.
+async fn start_on(
+    state: &AppState,
+    worker: &Arc<WorkerEntry>,
+    body: StartJob,
+) -> Result<JobStarted, ApiError> {
+    let w = worker.row();
     let job_id = uuid::Uuid::new_v4().to_string();
     let created_at_ms = now_ms();
     let request = StartJobRequest {

@@ -37,6 +37,8 @@ pub(crate) struct AppState {
     pub(crate) followers: Arc<Followers>,
     /// Plaintext mode: no identities to check.
     pub(crate) insecure: bool,
+    /// Round-robin position among equally loaded workers.
+    pub(crate) placement_turn: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Output streams open per job, bounded so one job's audience cannot take
@@ -107,6 +109,8 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/stream", post(legacy::stream))
         .route("/v1/workers", get(workers::list))
         .route("/v1/workers/{id}", get(workers::show))
+        .route("/v1/workers/{id}/drain", post(workers::drain))
+        .route("/v1/workers/{id}/undrain", post(workers::undrain))
         .route("/v1/jobs", post(jobs::create).get(jobs::list))
         .route("/v1/jobs/{id}", get(jobs::show))
         .route("/v1/jobs/{id}/stop", post(jobs::stop))

@@ -50,12 +50,51 @@ pub(crate) async fn show(
     Ok(Json(worker_info(row, n)))
 }
 
+pub(crate) async fn drain(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<WorkerInfo>, ApiError> {
+    set_draining(&state, &id, true).await
+}
+
+pub(crate) async fn undrain(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<WorkerInfo>, ApiError> {
+    set_draining(&state, &id, false).await
+}
+
+/// A draining worker takes no new jobs (placement and fan-out skip it, a
+/// start naming it gets 409); its running jobs finish. It stays draining
+/// across its restarts until undrained.
+async fn set_draining(
+    state: &AppState,
+    id: &str,
+    draining: bool,
+) -> Result<Json<WorkerInfo>, ApiError> {
+    let worker = state
+        .registry
+        .get(id)
+        .ok_or_else(|| ApiError::worker_not_found(id))?;
+    let row = worker.update(|r| r.draining = draining);
+    state.store.upsert_worker(row.clone()).await?;
+    tracing::info!(worker_id = %row.worker_id, worker = %row.name, draining, "worker drain changed");
+    let running = state.store.running_counts().await?;
+    let n = running.get(&row.worker_id).copied().unwrap_or(0);
+    Ok(Json(worker_info(row, n)))
+}
+
 fn worker_info(w: WorkerRow, running_jobs: u64) -> WorkerInfo {
+    let state = if w.state == "ready" && w.draining {
+        "draining".to_owned()
+    } else {
+        w.state
+    };
     WorkerInfo {
+        state,
         worker_id: w.worker_id,
         name: w.name,
         address: w.address,
-        state: w.state,
         plugins: w.plugins,
         labels: w.labels,
         running_jobs,
