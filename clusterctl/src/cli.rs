@@ -354,10 +354,18 @@ mod tests {
     }
 
     #[test]
-    fn bad_state_and_missing_worker_are_usage_errors() {
+    fn bad_state_and_bad_selector_are_usage_errors() {
         let err = parse(&["jobs", "--state", "sleeping"]).unwrap_err();
         assert_eq!(err.exit_code(), 2);
-        let err = parse(&["start", "count.sh"]).unwrap_err();
+        let err = parse(&["start", "--selector", "zone", "count.sh"]).unwrap_err();
         assert_eq!(err.exit_code(), 2);
+        let Command::Start(start) = parse(&["start", "--selector", "zone=a", "count.sh"])
+            .unwrap()
+            .command
+        else {
+            panic!("not a start");
+        };
+        assert_eq!(start.worker, None);
+        assert_eq!(start.selector, [("zone".to_owned(), "a".to_owned())]);
     }
 }
