@@ -13,8 +13,8 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use jobcluster_proto::http::{
-    ErrorBody, JobFilter, JobInfo, JobList, JobStarted, LogsQuery, StartJob, StopResult,
-    WorkerInfo, WorkerList,
+    ErrorBody, GroupInfo, GroupList, GroupLogsQuery, GroupStarted, JobFilter, JobInfo, JobList,
+    JobStarted, LogsQuery, StartGroup, StartJob, StopResult, WorkerInfo, WorkerList,
 };
 use reqwest::header::{AUTHORIZATION, HeaderValue};
 use reqwest::{RequestBuilder, Response, StatusCode, Url};
@@ -53,6 +53,31 @@ pub(crate) enum ApiError {
 }
 
 impl ApiError {
+    /// The `code` of the scheduler's error body, if it answered one.
+    pub(crate) fn code(&self) -> Option<&str> {
+        match self {
+            ApiError::Status {
+                body: Some(body), ..
+            } => Some(&body.code),
+            _ => None,
+        }
+    }
+
+    /// `404 job_not_found`: the id may be a group's.
+    pub(crate) fn is_job_not_found(&self) -> bool {
+        matches!(self, ApiError::Status { status, .. } if *status == StatusCode::NOT_FOUND)
+            && self.code() == Some("job_not_found")
+    }
+
+    /// A `400` or `404` answer: the id names nothing the route knows.
+    pub(crate) fn is_unknown_id(&self) -> bool {
+        matches!(
+            self,
+            ApiError::Status { status, .. }
+                if *status == StatusCode::NOT_FOUND || *status == StatusCode::BAD_REQUEST
+        )
+    }
+
     /// Whether trying the same call again later may succeed.
     pub(crate) fn is_retryable(&self) -> bool {
         match self {
@@ -257,9 +282,61 @@ impl Api {
             .get(self.url(&["v1", "jobs", job, "logs"]))
             .query(query);
         let resp = self.send(req).await?;
+        Ok(self.body_stream(resp))
+    }
+
+    /// `POST /v1/groups`.
+    pub(crate) async fn start_group(
+        &self,
+        group: &StartGroup,
+    ) -> Result<Answer<GroupStarted>, ApiError> {
+        let req = self.client.post(self.url(&["v1", "groups"])).json(group);
+        self.typed("the group start request", req).await
+    }
+
+    /// `GET /v1/groups`: the list of groups, newest first.
+    pub(crate) async fn groups(&self) -> Result<Answer<Vec<GroupInfo>>, ApiError> {
+        let req = self.client.get(self.url(&["v1", "groups"]));
+        let raw = self.json("the group list", req).await?;
+        let list: GroupList = parse("the group list", &raw)?;
+        Ok(Answer {
+            raw: field(raw, "groups"),
+            parsed: list.groups,
+        })
+    }
+
+    /// `GET /v1/groups/{id}`.
+    pub(crate) async fn group(&self, group: &str) -> Result<Answer<GroupInfo>, ApiError> {
+        let req = self.client.get(self.url(&["v1", "groups", group]));
+        self.typed("the group", req).await
+    }
+
+    /// `POST /v1/groups/{id}/stop`.
+    pub(crate) async fn stop_group(&self, group: &str) -> Result<Answer<StopResult>, ApiError> {
+        let req = self.client.post(self.url(&["v1", "groups", group, "stop"]));
+        self.typed("the stop request", req).await
+    }
+
+    /// `GET /v1/groups/{id}/logs`: every job's lines, prefixed with the
+    /// worker's name, as they arrive. A stream error means the body was cut
+    /// short; group output has no offsets to resume from.
+    pub(crate) async fn group_logs(
+        &self,
+        group: &str,
+        query: &GroupLogsQuery,
+    ) -> Result<BoxStream<'static, Result<Bytes, ApiError>>, ApiError> {
+        let req = self
+            .client
+            .get(self.url(&["v1", "groups", group, "logs"]))
+            .query(query);
+        let resp = self.send(req).await?;
+        Ok(self.body_stream(resp))
+    }
+
+    /// A streamed body whose errors are [`ApiError::Transport`].
+    fn body_stream(&self, resp: Response) -> BoxStream<'static, Result<Bytes, ApiError>> {
         let shown = self.shown.clone();
-        Ok(resp
-            .bytes_stream()
+        resp.bytes_stream()
             .map(move |item| {
                 item.map_err(|e| ApiError::Transport {
                     message: format!(
@@ -270,7 +347,7 @@ impl Api {
                     retryable: true,
                 })
             })
-            .boxed())
+            .boxed()
     }
 
     fn url(&self, segments: &[&str]) -> Url {

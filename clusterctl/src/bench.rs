@@ -574,6 +574,7 @@ mod tests {
             started_at: None,
             finished_at: None,
             output_bytes: 10,
+            group_id: None,
         };
         assert_eq!(verify(Some(job("succeeded", 0)), 10, 10), Ok(()));
         assert_eq!(

@@ -77,18 +77,21 @@ pub(crate) enum Output {
 pub(crate) enum Command {
     /// List workers, or show one.
     Workers(WorkersArgs),
-    /// Start a job and print its id.
+    /// Start a job (or, with --all, a fan-out group) and print its id.
     Start(StartArgs),
-    /// Start a job, follow its output and exit with its exit code.
+    /// Start a job (or, with --all, a fan-out group), follow its output and
+    /// exit with its exit code.
     Run(StartArgs),
-    /// Stop a job (its whole process group).
+    /// Stop a job (its whole process group), or every job of a group.
     Stop {
-        /// Job id.
+        /// Job id or group id.
+        #[arg(value_name = "ID")]
         job: String,
     },
-    /// Show a job.
+    /// Show a job or a group.
     Status {
-        /// Job id.
+        /// Job id or group id.
+        #[arg(value_name = "ID")]
         job: String,
     },
     /// List jobs, newest first.
@@ -102,17 +105,21 @@ pub(crate) enum Command {
         ))]
         state: Option<String>,
     },
-    /// Print a job's output; with -f, follow it and exit with the job's exit code.
+    /// Print a job's (or a group's) output; with -f, follow it and exit
+    /// with the job's exit code.
     Logs {
-        /// Follow the output until the job has ended.
+        /// Follow the output until the job (every job of the group) has ended.
         #[arg(short, long)]
         follow: bool,
-        /// Start at this byte of the output.
+        /// Start at this byte of the output (jobs only).
         #[arg(long, value_name = "N", default_value_t = 0)]
         offset: u64,
-        /// Job id.
+        /// Job id or group id.
+        #[arg(value_name = "ID")]
         job: String,
     },
+    /// List fan-out groups, newest first.
+    Groups,
     /// Measure the cluster through the scheduler: job starts, output streaming.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -160,7 +167,12 @@ pub(crate) struct StartArgs {
     /// Worker id or name; without it the scheduler picks a worker.
     #[arg(long, value_name = "WORKER")]
     pub(crate) worker: Option<String>,
-    /// Only workers with this label (repeatable); the scheduler picks one.
+    /// One job on every eligible worker (with --selector: every one carrying
+    /// the labels), as a fan-out group.
+    #[arg(long, conflicts_with = "worker")]
+    pub(crate) all: bool,
+    /// Only workers with this label (repeatable); the scheduler picks one
+    /// (with --all: every one).
     #[arg(long = "selector", value_name = "KEY=VALUE", value_parser = parse_label)]
     pub(crate) selector: Vec<(String, String)>,
     /// Runner plugin; default: the plugin whose extensions match SCRIPT.
@@ -367,5 +379,47 @@ mod tests {
         };
         assert_eq!(start.worker, None);
         assert_eq!(start.selector, [("zone".to_owned(), "a".to_owned())]);
+    }
+
+    #[test]
+    fn all_fans_out_and_conflicts_with_worker() {
+        for cmd in ["start", "run"] {
+            let err = parse(&[cmd, "--all", "--worker", "w1", "count.sh"]).unwrap_err();
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::ArgumentConflict,
+                "{cmd}"
+            );
+            assert_eq!(err.exit_code(), 2);
+        }
+        let cli = parse(&[
+            "run",
+            "--all",
+            "--selector",
+            "zone=a",
+            "count.sh",
+            "--",
+            "x",
+        ])
+        .unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert!(run.all);
+        assert_eq!(run.worker, None);
+        assert_eq!(run.selector, [("zone".to_owned(), "a".to_owned())]);
+        assert_eq!(run.args, ["x"]);
+        let Command::Start(start) = parse(&["start", "--worker", "w1", "count.sh"])
+            .unwrap()
+            .command
+        else {
+            panic!("not start")
+        };
+        assert!(!start.all);
+        assert!(matches!(
+            parse(&["groups"]).unwrap().command,
+            Command::Groups
+        ));
+        assert_eq!(parse(&["groups", "x"]).unwrap_err().exit_code(), 2);
     }
 }

@@ -5,13 +5,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::process::ExitCode;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use clap::CommandFactory;
-use jobcluster_proto::http::{JobFilter, JobInfo, StartJob};
+use jobcluster_proto::http::{
+    GroupFailure, GroupInfo, GroupLogsQuery, GroupStarted, JobFilter, JobInfo, StartGroup, StartJob,
+};
 use serde_json::Value;
 
-use crate::api::{Api, ConnectOptions};
+use crate::api::{Answer, Api, ApiError, ConnectOptions};
 use crate::cli::{Cli, Command, Global, Output, PkiCommand, StartArgs, WorkersCommand};
 use crate::follow::{self, JobLogs, Retry};
 use crate::output::{self, print_stdout, print_structured};
@@ -94,11 +96,14 @@ async fn api_command(global: &Global, command: Command) -> anyhow::Result<ExitCo
             Some(WorkersCommand::Undrain { worker }) => drain(&api, format, &worker, false).await,
             None => workers(&api, format, args.all).await,
         },
+        Command::Start(args) if args.all => start_group(&api, format, &args).await,
         Command::Start(args) => start(&api, format, &args).await,
+        Command::Run(args) if args.all => run_group(&api, &args).await,
         Command::Run(args) => run_job(&api, &args).await,
         Command::Stop { job } => stop(&api, format, &job).await,
         Command::Status { job } => status(&api, format, &job).await,
         Command::Jobs { worker, state } => jobs(&api, format, worker, state).await,
+        Command::Groups => groups(&api, format).await,
         Command::Logs {
             follow,
             offset,
@@ -128,6 +133,20 @@ async fn workers_show(api: &Api, format: Output, worker: &str) -> anyhow::Result
 
 /// Where a start goes, for messages.
 fn target(args: &StartArgs) -> String {
+    let labels = || {
+        args.selector
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    if args.all {
+        return if args.selector.is_empty() {
+            "every worker".to_owned()
+        } else {
+            format!("every worker with {}", labels())
+        };
+    }
     match &args.worker {
         Some(worker) => worker.clone(),
         None if args.selector.is_empty() => "a worker the scheduler picks".to_owned(),
@@ -189,9 +208,172 @@ async fn run_job(api: &Api, args: &StartArgs) -> anyhow::Result<ExitCode> {
     Ok(job.map_or(ExitCode::SUCCESS, finished))
 }
 
-async fn logs(api: &Api, job: &str, offset: u64, follow: bool) -> anyhow::Result<ExitCode> {
-    let job = follow_to_stdout(api, job, offset, follow).await?;
-    Ok(job.map_or(ExitCode::SUCCESS, finished))
+async fn logs(api: &Api, id: &str, offset: u64, follow: bool) -> anyhow::Result<ExitCode> {
+    let job_error = match follow_to_stdout(api, id, offset, follow).await {
+        Ok(job) => return Ok(job.map_or(ExitCode::SUCCESS, finished)),
+        // Refused before any byte was written: the id may be a group's.
+        Err(follow::FollowError::Api(e)) if e.is_job_not_found() => e,
+        Err(e) => return Err(e.into()),
+    };
+    let group = or_group(job_error, api.group(id).await)?.parsed;
+    if offset != 0 {
+        anyhow::bail!(
+            "{id} is a group: --offset applies only to a job's output (a group's output has no \
+             offsets)"
+        );
+    }
+    group_output_to_stdout(api, &group.group_id, follow).await?;
+    if !follow {
+        return Ok(ExitCode::SUCCESS);
+    }
+    group_finished(api, &group.group_id, 0).await
+}
+
+/// After `404 job_not_found` for an id, the answer of the group route for
+/// it; if that route knows no such group either (`400`/`404`), the job
+/// route's error, which is the one a user of job ids expects.
+fn or_group<T>(job_error: ApiError, group: Result<T, ApiError>) -> Result<T, ApiError> {
+    match group {
+        Err(e) if e.is_unknown_id() => Err(job_error),
+        other => other,
+    }
+}
+
+/// Worker ids to names, for messages and tables; empty if the list cannot
+/// be had (ids will do).
+async fn worker_names(api: &Api) -> HashMap<String, String> {
+    match api.workers(true).await {
+        Ok(workers) => workers
+            .parsed
+            .into_iter()
+            .map(|w| (w.worker_id, w.name))
+            .collect(),
+        Err(_) => HashMap::new(),
+    }
+}
+
+fn name_of(names: &HashMap<String, String>, worker_id: &str) -> String {
+    names
+        .get(worker_id)
+        .cloned()
+        .unwrap_or_else(|| worker_id.to_owned())
+}
+
+fn group_request(args: &StartArgs) -> StartGroup {
+    StartGroup {
+        all: true,
+        selector: args.selector.iter().cloned().collect(),
+        command: args.command.clone(),
+        path: args.script.clone(),
+        args: args.args.clone(),
+        env: BTreeMap::new(),
+    }
+}
+
+async fn post_group(api: &Api, args: &StartArgs) -> Result<Answer<GroupStarted>, ApiError> {
+    let _spinner = Spinner::start(format!("starting {} on {}", args.script, target(args)));
+    api.start_group(&group_request(args)).await
+}
+
+/// One warning line on stderr per worker that could not start its job.
+fn warn_failures(failed: &[GroupFailure], names: &HashMap<String, String>) {
+    for failure in failed {
+        eprintln!(
+            "clusterctl: warning: worker {} could not start the job: {}",
+            name_of(names, &failure.worker_id),
+            failure.error
+        );
+    }
+}
+
+async fn start_group(api: &Api, format: Output, args: &StartArgs) -> anyhow::Result<ExitCode> {
+    let answer = post_group(api, args).await?;
+    if !print_structured(format, &answer.raw)? {
+        // The id alone, so `GROUP=$(clusterctl start --all ...)` works.
+        print_stdout(&format!("{}\n", answer.parsed.group_id))?;
+    }
+    if !answer.parsed.failed.is_empty() {
+        warn_failures(&answer.parsed.failed, &worker_names(api).await);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_group(api: &Api, args: &StartArgs) -> anyhow::Result<ExitCode> {
+    let started = post_group(api, args).await?.parsed;
+    let names = worker_names(api).await;
+    let on: Vec<String> = started
+        .jobs
+        .iter()
+        .map(|j| name_of(&names, &j.worker_id))
+        .collect();
+    eprintln!(
+        "started group {}: {} job(s) on {}",
+        started.group_id,
+        started.jobs.len(),
+        on.join(", ")
+    );
+    warn_failures(&started.failed, &names);
+    group_output_to_stdout(api, &started.group_id, true).await?;
+    group_finished(api, &started.group_id, started.failed.len()).await
+}
+
+async fn group_output_to_stdout(api: &Api, group_id: &str, follow: bool) -> anyhow::Result<()> {
+    let body = api
+        .group_logs(
+            group_id,
+            &GroupLogsQuery {
+                follow,
+                format: None,
+            },
+        )
+        .await?;
+    let mut stdout = std::io::stdout().lock();
+    follow::copy_group_output(body, group_id, &mut stdout).await
+}
+
+/// After a followed group's output ended: its record, a line on stderr per
+/// job that did not succeed, and the exit code of [`follow::group_exit_code`].
+async fn group_finished(
+    api: &Api,
+    group_id: &str,
+    start_failures: usize,
+) -> anyhow::Result<ExitCode> {
+    // The output ends when the last job ends; the record may say so a
+    // moment later.
+    let mut group = api.group(group_id).await?.parsed;
+    for _ in 0..10 {
+        if group.done {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        group = api.group(group_id).await?.parsed;
+    }
+    if !group.done {
+        anyhow::bail!(
+            "the output of group {group_id} ended while the group is still {}",
+            group.state
+        );
+    }
+    report_group_failures(api, &group, start_failures).await;
+    Ok(ExitCode::from(follow::group_exit_code(
+        &group,
+        start_failures,
+    )))
+}
+
+async fn report_group_failures(api: &Api, group: &GroupInfo, start_failures: usize) {
+    if group.jobs.iter().all(|j| j.state == "succeeded") && start_failures == 0 {
+        return;
+    }
+    let names = worker_names(api).await;
+    for job in &group.jobs {
+        if let Some(line) = follow::failure_summary(job) {
+            eprintln!("clusterctl: {}: {line}", name_of(&names, &job.worker_id));
+        }
+    }
+    if start_failures > 0 {
+        eprintln!("clusterctl: {start_failures} worker(s) could not start the job");
+    }
 }
 
 async fn follow_to_stdout(
@@ -199,10 +381,10 @@ async fn follow_to_stdout(
     job_id: &str,
     offset: u64,
     follow: bool,
-) -> anyhow::Result<Option<JobInfo>> {
+) -> Result<Option<JobInfo>, follow::FollowError> {
     let source = JobLogs { api, job_id };
     let mut stdout = std::io::stdout().lock();
-    let job = follow::stream_output(
+    follow::stream_output(
         &source,
         job_id,
         offset,
@@ -210,8 +392,7 @@ async fn follow_to_stdout(
         &mut stdout,
         &Retry::default(),
     )
-    .await?;
-    Ok(job)
+    .await
 }
 
 /// The exit code of a followed job, with a line on stderr if it failed.
@@ -222,27 +403,54 @@ fn finished(job: JobInfo) -> ExitCode {
     ExitCode::from(follow::exit_code_of(&job))
 }
 
-async fn stop(api: &Api, format: Output, job: &str) -> anyhow::Result<ExitCode> {
-    let answer = {
-        let _spinner = Spinner::start(format!("stopping job {job}"));
-        api.stop(job).await?
+async fn stop(api: &Api, format: Output, id: &str) -> anyhow::Result<ExitCode> {
+    let (kind, answer) = {
+        let _spinner = Spinner::start(format!("stopping {id}"));
+        match api.stop(id).await {
+            Ok(answer) => ("job", answer),
+            Err(e) if e.is_job_not_found() => ("group", or_group(e, api.stop_group(id).await)?),
+            Err(e) => return Err(e.into()),
+        }
     };
     if !print_structured(format, &answer.raw)? {
-        print_stdout(&format!("job {job} {}\n", answer.parsed.state))?;
+        print_stdout(&format!("{kind} {id} {}\n", answer.parsed.state))?;
     }
     if !answer.parsed.success {
         anyhow::bail!(
-            "the scheduler could not stop job {job} (state: {})",
+            "the scheduler could not stop {kind} {id} (state: {})",
             answer.parsed.state
         );
     }
     Ok(ExitCode::SUCCESS)
 }
 
-async fn status(api: &Api, format: Output, job: &str) -> anyhow::Result<ExitCode> {
-    let answer = api.job(job).await?;
+async fn status(api: &Api, format: Output, id: &str) -> anyhow::Result<ExitCode> {
+    let job_error = match api.job(id).await {
+        Ok(answer) => {
+            if !print_structured(format, &answer.raw)? {
+                print_stdout(&output::job_block(SystemTime::now(), &answer.parsed))?;
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        Err(e) if e.is_job_not_found() => e,
+        Err(e) => return Err(e.into()),
+    };
+    let answer = or_group(job_error, api.group(id).await)?;
     if !print_structured(format, &answer.raw)? {
-        print_stdout(&output::job_block(SystemTime::now(), &answer.parsed))?;
+        let names = worker_names(api).await;
+        print_stdout(&output::group_block(
+            SystemTime::now(),
+            &answer.parsed,
+            |id| names.get(id).cloned(),
+        ))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn groups(api: &Api, format: Output) -> anyhow::Result<ExitCode> {
+    let answer = api.groups().await?;
+    if !print_structured(format, &answer.raw)? {
+        print_stdout(&output::groups_table(SystemTime::now(), &answer.parsed))?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -295,16 +503,96 @@ async fn jobs(
         return Ok(ExitCode::SUCCESS);
     }
     // Worker names read better than ids; without them, ids will do.
-    let names: HashMap<String, String> = match api.workers(true).await {
-        Ok(workers) => workers
-            .parsed
-            .into_iter()
-            .map(|w| (w.worker_id, w.name))
-            .collect(),
-        Err(_) => HashMap::new(),
-    };
+    let names = worker_names(api).await;
     print_stdout(&output::jobs_table(SystemTime::now(), &jobs, |id| {
         names.get(id).cloned()
     }))?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+    use jobcluster_proto::http::ErrorBody;
+    use reqwest::StatusCode;
+
+    use super::*;
+
+    fn status(status: StatusCode, code: &str) -> ApiError {
+        ApiError::Status {
+            status,
+            body: Some(ErrorBody {
+                error: format!("error {code}"),
+                code: code.into(),
+            }),
+            text: String::new(),
+        }
+    }
+
+    #[test]
+    fn only_job_not_found_falls_back_to_the_group_route() {
+        assert!(status(StatusCode::NOT_FOUND, "job_not_found").is_job_not_found());
+        assert!(!status(StatusCode::NOT_FOUND, "worker_not_found").is_job_not_found());
+        assert!(!status(StatusCode::BAD_REQUEST, "job_not_found").is_job_not_found());
+        assert!(
+            !ApiError::Transport {
+                message: "refused".into(),
+                retryable: true
+            }
+            .is_job_not_found()
+        );
+    }
+
+    #[test]
+    fn an_unknown_group_reports_the_job_error() {
+        let job_error = || status(StatusCode::NOT_FOUND, "job_not_found");
+        assert_eq!(or_group(job_error(), Ok::<u8, _>(7)).unwrap(), 7);
+        for unknown in [
+            status(StatusCode::NOT_FOUND, "group_not_found"),
+            status(StatusCode::BAD_REQUEST, "invalid_group_id"),
+        ] {
+            let err = or_group(job_error(), Err::<u8, _>(unknown)).unwrap_err();
+            assert_eq!(err.to_string(), "error job_not_found (job_not_found)");
+        }
+        // Anything else about the group is the group's error.
+        let err = or_group(
+            job_error(),
+            Err::<u8, _>(status(StatusCode::FORBIDDEN, "forbidden")),
+        )
+        .unwrap_err();
+        assert_eq!(err.code(), Some("forbidden"));
+    }
+
+    #[test]
+    fn group_requests_fan_out_with_the_selector() {
+        let Command::Run(args) = Cli::try_parse_from([
+            "clusterctl",
+            "run",
+            "--all",
+            "--selector",
+            "zone=a",
+            "--command",
+            "bash",
+            "sync.sh",
+            "--",
+            "-v",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not run")
+        };
+        let request = group_request(&args);
+        assert_eq!(
+            serde_json::to_value(&request).unwrap(),
+            serde_json::json!({
+                "all": true,
+                "selector": {"zone": "a"},
+                "command": "bash",
+                "path": "sync.sh",
+                "args": ["-v"],
+            })
+        );
+        assert_eq!(target(&args), "every worker with zone=a");
+    }
 }

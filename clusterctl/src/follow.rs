@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
-use jobcluster_proto::http::{JobInfo, LogsQuery};
+use jobcluster_proto::http::{GroupInfo, JobInfo, LogsQuery};
 use tokio::time::Instant;
 
 use crate::api::{Api, ApiError};
@@ -214,6 +214,40 @@ pub(crate) fn exit_code_of(job: &JobInfo) -> u8 {
     }
 }
 
+/// Writes a group's merged output (`GET /v1/groups/{id}/logs`) to `out`,
+/// flushing each chunk as it arrives. Group output has no offsets, so a
+/// broken stream is not resumed: it is an error that says so.
+pub(crate) async fn copy_group_output(
+    mut body: BoxStream<'static, Result<Bytes, ApiError>>,
+    group_id: &str,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    while let Some(item) = body.next().await {
+        match item {
+            Ok(chunk) => {
+                out.write_all(&chunk)?;
+                out.flush()?;
+            }
+            Err(e) => anyhow::bail!(
+                "{e}; a group's output cannot be resumed (see: clusterctl status {group_id})"
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// The exit code `run --all` and `logs -f GROUP` end with: 0 only if every
+/// job succeeded and no worker failed to start its job (`start_failures`);
+/// else the [`exit_code_of`] the first job (in the group's order) that did
+/// not succeed, or 1. A group without jobs never maps to 0.
+pub(crate) fn group_exit_code(group: &GroupInfo, start_failures: usize) -> u8 {
+    match group.jobs.iter().find(|j| j.state != "succeeded") {
+        Some(job) => exit_code_of(job),
+        None if group.jobs.is_empty() || start_failures > 0 => 1,
+        None => 0,
+    }
+}
+
 /// One line for stderr about a job that did not succeed, or `None`.
 pub(crate) fn failure_summary(job: &JobInfo) -> Option<String> {
     if job.state == "succeeded" {
@@ -258,6 +292,7 @@ mod tests {
             started_at: None,
             finished_at: None,
             output_bytes: 0,
+            group_id: None,
         }
     }
 
@@ -273,6 +308,77 @@ mod tests {
         assert_eq!(exit_code_of(&job("stopped", Some(0), None)), 1);
         assert_eq!(exit_code_of(&job("lost", None, None)), 1);
         assert_eq!(exit_code_of(&job("running", None, None)), 1);
+    }
+
+    fn group(jobs: Vec<JobInfo>) -> GroupInfo {
+        GroupInfo {
+            group_id: "g1".into(),
+            state: "failed".into(),
+            done: true,
+            created_at: "2025-01-01T00:00:00Z".into(),
+            command: "bash".into(),
+            path: "count.sh".into(),
+            args: vec![],
+            jobs,
+        }
+    }
+
+    #[test]
+    fn group_exit_codes() {
+        let ok = || job("succeeded", Some(0), None);
+        assert_eq!(group_exit_code(&group(vec![ok(), ok()]), 0), 0);
+        // The first job that did not succeed, in the group's order.
+        let jobs = vec![
+            ok(),
+            job("failed", Some(3), None),
+            job("failed", None, Some(9)),
+        ];
+        assert_eq!(group_exit_code(&group(jobs), 0), 3);
+        let jobs = vec![job("failed", None, Some(9)), job("failed", Some(3), None)];
+        assert_eq!(group_exit_code(&group(jobs), 0), 137);
+        assert_eq!(
+            group_exit_code(&group(vec![ok(), job("stopped", None, Some(15))]), 0),
+            1
+        );
+        assert_eq!(group_exit_code(&group(vec![job("lost", None, None)]), 0), 1);
+        // A worker that could not start its job fails the run.
+        assert_eq!(group_exit_code(&group(vec![ok()]), 1), 1);
+        assert_eq!(
+            group_exit_code(&group(vec![job("failed", Some(4), None)]), 2),
+            4
+        );
+        assert_eq!(group_exit_code(&group(vec![]), 0), 1);
+    }
+
+    #[test]
+    fn group_output_is_copied_and_a_break_is_an_error() {
+        let chunks: Vec<Result<Bytes, ApiError>> = vec![
+            Ok(Bytes::from_static(b"[w1] a\n")),
+            Ok(Bytes::from_static(b"[w2] b\n")),
+        ];
+        let mut out = Vec::new();
+        rt().block_on(copy_group_output(
+            futures_util::stream::iter(chunks).boxed(),
+            "g1",
+            &mut out,
+        ))
+        .unwrap();
+        assert_eq!(out, b"[w1] a\n[w2] b\n");
+
+        let chunks = vec![Ok(Bytes::from_static(b"[w1] a\n")), Err(dropped())];
+        let mut out = Vec::new();
+        let err = rt()
+            .block_on(copy_group_output(
+                futures_util::stream::iter(chunks).boxed(),
+                "g1",
+                &mut out,
+            ))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "connection reset; a group's output cannot be resumed (see: clusterctl status g1)"
+        );
+        assert_eq!(out, b"[w1] a\n");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::time::{Duration, SystemTime};
 
-use jobcluster_proto::http::{JobInfo, WorkerInfo};
+use jobcluster_proto::http::{GroupInfo, JobInfo, WorkerInfo};
 use serde_json::Value;
 
 use crate::cli::Output;
@@ -182,6 +182,66 @@ pub(crate) fn jobs_table(
     )
 }
 
+/// The JOBS cell of a group: `3`, or `3 (2 running)` while some run.
+fn group_jobs_cell(g: &GroupInfo) -> String {
+    let running = g.jobs.iter().filter(|j| j.state == "running").count();
+    if running == 0 {
+        g.jobs.len().to_string()
+    } else {
+        format!("{} ({running} running)", g.jobs.len())
+    }
+}
+
+/// The `groups` table.
+pub(crate) fn groups_table(now: SystemTime, groups: &[GroupInfo]) -> String {
+    let rows: Vec<Vec<String>> = groups
+        .iter()
+        .map(|g| {
+            vec![
+                g.group_id.clone(),
+                g.state.clone(),
+                group_jobs_cell(g),
+                g.path.clone(),
+                relative(now, &g.created_at),
+            ]
+        })
+        .collect();
+    table(&["GROUP", "STATE", "JOBS", "PATH", "CREATED"], &rows)
+}
+
+/// `status GROUP`: a key: value block, a blank line, and a table of the
+/// group's jobs; `worker_name` maps a worker id to its name if known.
+pub(crate) fn group_block(
+    now: SystemTime,
+    g: &GroupInfo,
+    worker_name: impl Fn(&str) -> Option<String>,
+) -> String {
+    let mut text = key_values(&[
+        ("group_id", g.group_id.clone()),
+        ("state", g.state.clone()),
+        ("command", g.command.clone()),
+        ("path", g.path.clone()),
+        ("args", dash_if_empty(g.args.join(" "))),
+        ("jobs", group_jobs_cell(g)),
+        ("created_at", absolute_and_relative(now, &g.created_at)),
+    ]);
+    let rows: Vec<Vec<String>> = g
+        .jobs
+        .iter()
+        .map(|j| {
+            vec![
+                j.job_id.clone(),
+                worker_name(&j.worker_id).unwrap_or_else(|| j.worker_id.clone()),
+                j.state.clone(),
+                exit_cell(j),
+            ]
+        })
+        .collect();
+    text.push('\n');
+    text.push_str(&table(&["JOB", "WORKER", "STATE", "EXIT"], &rows));
+    text
+}
+
 /// `workers show`.
 pub(crate) fn worker_block(now: SystemTime, w: &WorkerInfo) -> String {
     let labels = w
@@ -232,6 +292,9 @@ pub(crate) fn job_block(now: SystemTime, j: &JobInfo) -> String {
         ("finished_at", opt_time(&j.finished_at)),
         ("output_bytes", j.output_bytes.to_string()),
     ]);
+    if let Some(group_id) = &j.group_id {
+        pairs.push(("group_id", group_id.clone()));
+    }
     key_values(&pairs)
 }
 
@@ -256,6 +319,7 @@ mod tests {
             started_at: Some("2025-01-01T00:00:00.250Z".into()),
             finished_at: None,
             output_bytes: 12,
+            group_id: None,
         }
     }
 
@@ -316,6 +380,69 @@ mod tests {
             "JOB   WORKER  STATE   EXIT   COMMAND  PATH      CREATED\n\
              6f1c  w1      failed  3      bash     count.sh  2h ago\n\
              6f1c  w1      failed  sig 9  bash     count.sh  2h ago\n"
+        );
+    }
+
+    fn group(jobs: Vec<JobInfo>) -> GroupInfo {
+        GroupInfo {
+            group_id: "g-1".into(),
+            state: "running".into(),
+            done: false,
+            created_at: "2025-01-01T00:00:00Z".into(),
+            command: "bash".into(),
+            path: "count.sh".into(),
+            args: vec!["-n".into(), "3".into()],
+            jobs,
+        }
+    }
+
+    #[test]
+    fn groups_table_counts_running_jobs() {
+        let now = humantime::parse_rfc3339("2025-01-01T00:03:00Z").unwrap();
+        let mut running = job();
+        running.state = "running".into();
+        running.exit_code = None;
+        let mut done = group(vec![job()]);
+        done.group_id = "g-22".into();
+        done.state = "failed".into();
+        done.path = "sync.sh".into();
+        let text = groups_table(now, &[group(vec![running.clone(), running, job()]), done]);
+        assert_eq!(
+            text,
+            "GROUP  STATE    JOBS           PATH      CREATED\n\
+             g-1    running  3 (2 running)  count.sh  3m ago\n\
+             g-22   failed   1              sync.sh   3m ago\n"
+        );
+        assert_eq!(
+            groups_table(now, &[]),
+            "GROUP  STATE  JOBS  PATH  CREATED\n"
+        );
+    }
+
+    #[test]
+    fn group_status_block_lists_jobs_with_worker_names() {
+        let now = humantime::parse_rfc3339("2025-01-01T00:00:10Z").unwrap();
+        let mut other = job();
+        other.job_id = "7a2d".into();
+        other.worker_id = "w-other".into();
+        other.state = "running".into();
+        other.exit_code = None;
+        let text = group_block(now, &group(vec![job(), other]), |id| {
+            (id == "w-id").then(|| "w1".to_owned())
+        });
+        assert_eq!(
+            text,
+            "group_id:   g-1\n\
+             state:      running\n\
+             command:    bash\n\
+             path:       count.sh\n\
+             args:       -n 3\n\
+             jobs:       2 (1 running)\n\
+             created_at: 2025-01-01T00:00:00Z (10s ago)\n\
+             \n\
+             JOB   WORKER   STATE    EXIT\n\
+             6f1c  w1       failed   3\n\
+             7a2d  w-other  running  -\n"
         );
     }
 

@@ -93,6 +93,9 @@ pub struct JobInfo {
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
     pub output_bytes: u64,
+    /// The fan-out group the job belongs to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<String>,
 }
 
 /// `GET /v1/jobs`: newest first; `next_cursor` fetches the next page.
@@ -144,3 +147,85 @@ pub struct LogsQuery {
 
 /// Job states, as they appear in JSON.
 pub const JOB_STATES: [&str; 5] = ["running", "succeeded", "failed", "stopped", "lost"];
+
+/// `POST /v1/groups`: one job per matching ready worker.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartGroup {
+    /// Every eligible worker (with `selector`, every eligible one matching it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all: bool,
+    /// Workers carrying all these labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub selector: Selector,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+}
+
+/// A worker of a fan-out that could not start its job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupFailure {
+    pub worker_id: String,
+    pub error: String,
+}
+
+/// Answer to `POST /v1/groups`: `201`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupStarted {
+    pub group_id: String,
+    pub jobs: Vec<JobStarted>,
+    pub failed: Vec<GroupFailure>,
+}
+
+/// `GET /v1/groups/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupInfo {
+    pub group_id: String,
+    /// `running` while any job runs; then `succeeded` only if every job
+    /// succeeded, else `failed` (some job failed or was lost) or `stopped`.
+    pub state: String,
+    pub done: bool,
+    pub created_at: String,
+    pub command: String,
+    pub path: String,
+    pub args: Vec<String>,
+    pub jobs: Vec<JobInfo>,
+}
+
+/// `GET /v1/groups`: newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupList {
+    pub groups: Vec<GroupInfo>,
+}
+
+/// `GET /v1/groups/{id}/logs` query parameters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupLogsQuery {
+    #[serde(default)]
+    pub follow: bool,
+    /// `text` (default): `[worker] line`; `ndjson`: one [`GroupLogLine`] a line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+}
+
+/// One line of `GET /v1/groups/{id}/logs?format=ndjson`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupLogLine {
+    /// The worker's name.
+    pub worker: String,
+    pub job_id: String,
+    /// Byte offset of the line in the job's output.
+    pub offset: u64,
+    /// The line without its newline, when it is UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<String>,
+    /// The line, base64, when it is not UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line_base64: Option<String>,
+}

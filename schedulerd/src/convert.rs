@@ -24,6 +24,7 @@ pub(crate) fn row_from_report(worker_id: &str, s: &pb::QueryJobResponse) -> JobR
         started_at_ms: 0,
         finished_at_ms: 0,
         output_bytes: 0,
+        group_id: None,
     };
     merge_status(&mut row, s);
     row
@@ -71,5 +72,6 @@ pub(crate) fn job_info(r: &JobRow) -> JobInfo {
         started_at: rfc3339_opt(r.started_at_ms),
         finished_at: rfc3339_opt(r.finished_at_ms),
         output_bytes: r.output_bytes,
+        group_id: r.group_id.clone(),
     }
 }

@@ -67,6 +67,28 @@ pub struct JobRow {
     pub started_at_ms: u64,
     pub finished_at_ms: u64,
     pub output_bytes: u64,
+    /// The fan-out group the job belongs to.
+    pub group_id: Option<String>,
+}
+
+/// A fan-out group's durable record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupRow {
+    pub group_id: String,
+    pub command: String,
+    pub path: String,
+    pub args: Vec<String>,
+    pub created_at_ms: u64,
+}
+
+fn group_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<GroupRow> {
+    Ok(GroupRow {
+        group_id: r.get(0)?,
+        command: r.get(1)?,
+        path: r.get(2)?,
+        args: from_json(&r.get::<_, String>(3)?),
+        created_at_ms: r.get::<_, i64>(4)? as u64,
+    })
 }
 
 /// Which jobs to list.
@@ -119,10 +141,20 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at_ms INTEGER NOT NULL,
     started_at_ms INTEGER NOT NULL,
     finished_at_ms INTEGER NOT NULL,
-    output_bytes INTEGER NOT NULL
+    output_bytes INTEGER NOT NULL,
+    group_id TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_worker ON jobs (worker_id, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
+CREATE INDEX IF NOT EXISTS jobs_by_group ON jobs (group_id, seq);
+CREATE TABLE IF NOT EXISTS groups (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    group_id TEXT NOT NULL UNIQUE,
+    command TEXT NOT NULL,
+    path TEXT NOT NULL,
+    args TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL
+);
 ";
 
 fn connect(path: &Path) -> rusqlite::Result<Connection> {
@@ -347,6 +379,55 @@ impl Store {
         .await
     }
 
+    pub async fn insert_group(&self, g: GroupRow) -> Result<(), StoreError> {
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO groups (group_id, command, path, args, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![g.group_id, g.command, g.path, to_json(&g.args), g.created_at_ms as i64],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// A group and its jobs (in worker order of the fan-out).
+    pub async fn group(
+        &self,
+        group_id: &str,
+    ) -> Result<Option<(GroupRow, Vec<JobRow>)>, StoreError> {
+        let id = group_id.to_owned();
+        self.read(move |c| {
+            let Some(group) = c
+                .query_row(
+                    "SELECT group_id, command, path, args, created_at_ms FROM groups WHERE group_id = ?1",
+                    [&id],
+                    group_row,
+                )
+                .optional()?
+            else {
+                return Ok(None);
+            };
+            let mut stmt = c.prepare(&format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE group_id = ?1 ORDER BY seq"
+            ))?;
+            let jobs = stmt.query_map([&id], job_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(Some((group, jobs)))
+        })
+        .await
+    }
+
+    /// Groups newest first, at most `limit`.
+    pub async fn groups(&self, limit: u32) -> Result<Vec<GroupRow>, StoreError> {
+        self.read(move |c| {
+            let mut stmt = c.prepare(
+                "SELECT group_id, command, path, args, created_at_ms FROM groups ORDER BY seq DESC LIMIT ?1",
+            )?;
+            let rows = stmt.query_map([limit], group_row)?.collect::<rusqlite::Result<_>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
     /// Flushes the write-ahead log into the database file; call at shutdown.
     pub async fn close(&self) -> Result<(), StoreError> {
         self.write(|c| c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);"))
@@ -378,7 +459,7 @@ impl Store {
             let limit = i64::from(q.limit) + 1;
             let mut rows = stmt
                 .query_map(params![q.worker_id, q.state, q.before, limit], |r| {
-                    Ok((job_row(r)?, r.get::<_, i64>(13)?))
+                    Ok((job_row(r)?, r.get::<_, i64>(14)?))
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             let more = rows.len() > q.limit as usize;
@@ -414,11 +495,12 @@ impl Store {
 fn insert_job(c: &Connection, j: &JobRow) -> rusqlite::Result<()> {
     c.execute(
         "INSERT INTO jobs (job_id, worker_id, command, path, args, state, error_text, exit_code,
-                   signal, created_at_ms, started_at_ms, finished_at_ms, output_bytes)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+                   signal, created_at_ms, started_at_ms, finished_at_ms, output_bytes, group_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
                  ON CONFLICT(job_id) DO UPDATE SET command = excluded.command,
                    path = excluded.path, args = excluded.args,
-                   created_at_ms = excluded.created_at_ms",
+                   created_at_ms = excluded.created_at_ms,
+                   group_id = COALESCE(excluded.group_id, group_id)",
         params![
             j.job_id,
             j.worker_id,
@@ -432,7 +514,8 @@ fn insert_job(c: &Connection, j: &JobRow) -> rusqlite::Result<()> {
             j.created_at_ms as i64,
             j.started_at_ms as i64,
             j.finished_at_ms as i64,
-            j.output_bytes as i64
+            j.output_bytes as i64,
+            j.group_id
         ],
     )?;
     Ok(())
@@ -464,7 +547,7 @@ fn update_job(c: &Connection, j: &JobRow) -> rusqlite::Result<usize> {
 
 const JOB_COLUMNS: &str =
     "job_id, worker_id, command, path, args, state, error_text, exit_code, signal,
-    created_at_ms, started_at_ms, finished_at_ms, output_bytes";
+    created_at_ms, started_at_ms, finished_at_ms, output_bytes, group_id";
 
 fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
     Ok(JobRow {
@@ -481,6 +564,7 @@ fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
         started_at_ms: r.get::<_, i64>(10)? as u64,
         finished_at_ms: r.get::<_, i64>(11)? as u64,
         output_bytes: r.get::<_, i64>(12)? as u64,
+        group_id: r.get(13)?,
     })
 }
 

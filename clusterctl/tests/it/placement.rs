@@ -207,3 +207,283 @@ async fn placement_spreads_jobs_and_skips_draining_and_down_workers() {
         stderr(&out)
     );
 }
+
+async fn start_group(cluster: &Cluster, body: Value) -> jobcluster_proto::http::GroupStarted {
+    let reply = cluster
+        .http()
+        .post(format!("{}/v1/groups", cluster.url()))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), StatusCode::CREATED);
+    reply.json().await.unwrap()
+}
+
+async fn group(cluster: &Cluster, id: &str) -> jobcluster_proto::http::GroupInfo {
+    cluster
+        .http()
+        .get(format!("{}/v1/groups/{id}", cluster.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fan_out_streams_every_line_of_every_worker_and_stops_as_one() {
+    let mut cluster = three_workers().await;
+    let scripts = cluster.tmp.path().join("scripts");
+    std::fs::write(
+        scripts.join("picky.sh"),
+        "echo \"hello from $WORKER_NAME\"\nprintf 'no newline'\n[ \"$WORKER_NAME\" = w2 ] && exit 4\nexit 0\n",
+    )
+    .unwrap();
+
+    // Every line of every worker, prefixed, in each worker's order.
+    let started = start_group(
+        &cluster,
+        json!({"all": true, "path": "count.sh", "args": ["5", "0.02"]}),
+    )
+    .await;
+    assert_eq!((started.jobs.len(), started.failed.len()), (3, 0));
+    let text = cluster
+        .http()
+        .get(format!(
+            "{}/v1/groups/{}/logs?follow=true",
+            cluster.url(),
+            started.group_id
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for w in ["w1", "w2", "w3"] {
+        let lines: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("[{w}] ")))
+            .collect();
+        assert_eq!(lines, ["1", "2", "3", "4", "5", "done"], "{w} in:\n{text}");
+    }
+    assert_eq!(text.lines().count(), 18);
+    let info = group(&cluster, &started.group_id).await;
+    assert_eq!((info.state.as_str(), info.jobs.len()), ("succeeded", 3));
+    assert!(
+        info.jobs
+            .iter()
+            .all(|j| j.group_id.as_deref() == Some(started.group_id.as_str()))
+    );
+
+    // A selector picks the fan-out's workers; one failing member fails the
+    // group; a partial last line is completed; ndjson carries offsets.
+    let started = start_group(
+        &cluster,
+        json!({"selector": {"zone": "a"}, "path": "picky.sh"}),
+    )
+    .await;
+    assert_eq!(started.jobs.len(), 2);
+    let ndjson = cluster
+        .http()
+        .get(format!(
+            "{}/v1/groups/{}/logs?follow=true&format=ndjson",
+            cluster.url(),
+            started.group_id
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let lines: Vec<jobcluster_proto::http::GroupLogLine> = ndjson
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4, "{ndjson}");
+    for w in ["w1", "w2"] {
+        let mine: Vec<_> = lines.iter().filter(|l| l.worker == w).collect();
+        assert_eq!(
+            mine[0].line.as_deref(),
+            Some(format!("hello from {w}").as_str())
+        );
+        assert_eq!(
+            (mine[1].line.as_deref(), mine[1].offset),
+            (Some("no newline"), 14)
+        );
+    }
+    let info = group(&cluster, &started.group_id).await;
+    assert_eq!(info.state, "failed");
+    let w2_job = info
+        .jobs
+        .iter()
+        .find(|j| j.exit_code == Some(4))
+        .expect("w2's job exited 4");
+    assert_eq!(name_of(&cluster, &w2_job.worker_id).await, "w2");
+
+    // Stopping the group stops every member.
+    let started = start_group(
+        &cluster,
+        json!({"all": true, "path": "count.sh", "args": ["600", "0.1"]}),
+    )
+    .await;
+    let stop: Value = cluster
+        .http()
+        .post(format!(
+            "{}/v1/groups/{}/stop",
+            cluster.url(),
+            started.group_id
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (stop["success"].as_bool(), stop["state"].as_str()),
+        (Some(true), Some("stopped"))
+    );
+    let info = group(&cluster, &started.group_id).await;
+    assert!(info.jobs.iter().all(|j| j.state == "stopped"), "{info:?}");
+
+    // A worker going down mid-group: its member is lost, the group failed.
+    let started = start_group(
+        &cluster,
+        json!({"all": true, "path": "count.sh", "args": ["600", "0.1"]}),
+    )
+    .await;
+    cluster.worker("w3").signal(Signal::SIGKILL);
+    cluster.worker("w3").wait(Duration::from_secs(10));
+    let w3_id = cluster.worker_info("w3").await.worker_id;
+    let mut lost = false;
+    for _ in 0..200 {
+        let info = group(&cluster, &started.group_id).await;
+        if info
+            .jobs
+            .iter()
+            .any(|j| j.worker_id == w3_id && j.state == "lost")
+        {
+            assert_eq!(info.state, "running", "the others still run");
+            lost = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(lost, "w3's member was never marked lost");
+    cluster
+        .http()
+        .post(format!(
+            "{}/v1/groups/{}/stop",
+            cluster.url(),
+            started.group_id
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(group(&cluster, &started.group_id).await.state, "failed");
+    // Bring w3 back so it kills what was left of its job.
+    cluster.restart_worker("w3");
+    for _ in 0..400 {
+        if cluster.worker_state("w3").await == "ready" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+
+    // Bad fan-outs.
+    let reply = cluster
+        .http()
+        .post(format!("{}/v1/groups", cluster.url()))
+        .json(&json!({"path": "count.sh"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), StatusCode::BAD_REQUEST);
+    let reply = cluster
+        .http()
+        .post(format!("{}/v1/groups", cluster.url()))
+        .json(&json!({"selector": {"zone": "mars"}, "path": "count.sh"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), StatusCode::CONFLICT);
+    let reply = cluster
+        .http()
+        .get(format!(
+            "{}/v1/groups/{}",
+            cluster.url(),
+            uuid::Uuid::new_v4()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_all_streams_with_prefixes_and_exits_with_the_groups_code() {
+    let cluster = three_workers().await;
+    std::fs::write(
+        cluster.tmp.path().join("scripts/picky.sh"),
+        "echo \"hi from $WORKER_NAME\"\n[ \"$WORKER_NAME\" = w3 ] && exit 6\nexit 0\n",
+    )
+    .unwrap();
+    let out = cluster
+        .ctl_output(&["run", "--all", "count.sh", "--", "2", "0.01"])
+        .await;
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    for w in ["w1", "w2", "w3"] {
+        let lines: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("[{w}] ")))
+            .collect();
+        assert_eq!(lines, ["1", "2", "done"], "{w}:\n{text}");
+    }
+    let out = cluster
+        .ctl_output(&["run", "--all", "--selector", "zone=a", "picky.sh"])
+        .await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "w3 is not in zone a: {}",
+        stderr(&out)
+    );
+    let out = cluster.ctl_output(&["run", "--all", "picky.sh"]).await;
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert_eq!(stdout(&out).lines().count(), 3);
+
+    // start --all prints the group id; status, logs, stop and groups take it.
+    let out = cluster
+        .ctl_output(&["start", "--all", "count.sh", "--", "600", "0.1"])
+        .await;
+    let group = stdout(&out).trim().to_owned();
+    assert!(
+        uuid::Uuid::parse_str(&group).is_ok(),
+        "{group:?} {}",
+        stderr(&out)
+    );
+    let out = cluster.ctl_output(&["status", &group]).await;
+    assert!(stdout(&out).contains("running"), "{}", stdout(&out));
+    let out = cluster.ctl_output(&["stop", &group]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = cluster.ctl_output(&["status", "-o", "json", &group]).await;
+    let info: jobcluster_proto::http::GroupInfo = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((info.state.as_str(), info.jobs.len()), ("stopped", 3));
+    let out = cluster.ctl_output(&["logs", "-f", &group]).await;
+    assert_eq!(out.status.code(), Some(1), "a stopped group exits 1");
+    assert!(stdout(&out).contains("[w2] 1\n"), "{}", stdout(&out));
+    let out = cluster.ctl_output(&["groups", "-o", "json"]).await;
+    let groups: Vec<jobcluster_proto::http::GroupInfo> =
+        serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(groups.len(), 4);
+    assert_eq!(groups[0].group_id, group);
+    let out = cluster
+        .ctl_output(&["start", "--all", "--worker", "w1", "count.sh"])
+        .await;
+    assert_eq!(out.status.code(), Some(2), "--all and --worker conflict");
+}

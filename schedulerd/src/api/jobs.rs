@@ -142,7 +142,7 @@ pub(crate) async fn start_job(state: &AppState, body: StartJob) -> Result<JobSta
                 format!("worker {} does not match the selector", w.name),
             ));
         }
-        return start_on(state, &worker, body).await;
+        return start_on(state, &worker, body, None).await;
     }
     // Placement: try the eligible workers in order; one that is busy or
     // unreachable passes the job on to the next.
@@ -159,7 +159,7 @@ pub(crate) async fn start_job(state: &AppState, body: StartJob) -> Result<JobSta
         let Some(worker) = state.registry.get(&row.worker_id) else {
             continue;
         };
-        match start_on(state, &worker, body.clone()).await {
+        match start_on(state, &worker, body.clone(), None).await {
             Err(e)
                 if matches!(
                     e.code.as_str(),
@@ -181,11 +181,12 @@ pub(crate) async fn start_job(state: &AppState, body: StartJob) -> Result<JobSta
     ))
 }
 
-/// Starts the job on `worker` and records it.
-async fn start_on(
+/// Starts the job on `worker` and records it (as a member of `group_id`).
+pub(crate) async fn start_on(
     state: &AppState,
     worker: &Arc<WorkerEntry>,
     body: StartJob,
+    group_id: Option<&str>,
 ) -> Result<JobStarted, ApiError> {
     let w = worker.row();
     let job_id = uuid::Uuid::new_v4().to_string();
@@ -216,6 +217,7 @@ async fn start_on(
         started_at_ms: 0,
         finished_at_ms: 0,
         output_bytes: 0,
+        group_id: group_id.map(str::to_owned),
     };
     if let Some(status) = &reply.status {
         merge_status(&mut row, status);
@@ -259,7 +261,7 @@ pub(crate) async fn find_job(
 
 /// The worker that owns a job, if it can be asked now. A `down` worker is
 /// answered for at once (503 `worker_down`) instead of after a timeout.
-fn worker_of(state: &AppState, row: &JobRow) -> Result<Arc<WorkerEntry>, ApiError> {
+pub(crate) fn worker_of(state: &AppState, row: &JobRow) -> Result<Arc<WorkerEntry>, ApiError> {
     let worker = state
         .registry
         .get(&row.worker_id)
@@ -293,7 +295,11 @@ pub(crate) async fn refresh(state: &AppState, row: JobRow) -> JobRow {
     }
 }
 
-async fn record_status(store: &Store, mut row: JobRow, status: &pb::QueryJobResponse) -> JobRow {
+pub(crate) async fn record_status(
+    store: &Store,
+    mut row: JobRow,
+    status: &pb::QueryJobResponse,
+) -> JobRow {
     let before = row.clone();
     merge_status(&mut row, status);
     if row != before

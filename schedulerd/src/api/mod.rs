@@ -5,6 +5,7 @@
 pub(crate) mod auth;
 mod error;
 mod extract;
+mod groups;
 mod jobs;
 mod legacy;
 pub(crate) mod serve;
@@ -115,6 +116,10 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}", get(jobs::show))
         .route("/v1/jobs/{id}/stop", post(jobs::stop))
         .route("/v1/jobs/{id}/logs", get(jobs::logs))
+        .route("/v1/groups", post(groups::create).get(groups::list))
+        .route("/v1/groups/{id}", get(groups::show))
+        .route("/v1/groups/{id}/stop", post(groups::stop))
+        .route("/v1/groups/{id}/logs", get(groups::logs))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))

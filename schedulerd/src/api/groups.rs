@@ -1,0 +1,375 @@
+//! `/v1/groups`: one job per matching ready worker under one group id, the
+//! group's state, stopping all of it, and its outputs merged line by line.
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use bytes::Bytes;
+use jobcluster_proto::http::{
+    GroupFailure, GroupInfo, GroupList, GroupLogLine, GroupLogsQuery, GroupStarted, StartGroup,
+    StartJob, StopResult,
+};
+use jobcluster_proto::pb::StreamJobRequest;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::extract::{JsonBody, QueryParams};
+use super::jobs::{record_status, refresh, start_on, stop_job, worker_of};
+use super::{ApiError, AppState, FollowerSlot, with_deadline};
+use crate::convert::job_info;
+use crate::store::{GroupRow, JobRow, Store};
+use crate::time::{now_ms, rfc3339};
+
+/// Merged lines buffered for the reader: a slow reader holds every job's
+/// stream back through this bound, never memory.
+const MERGE_BUFFER: usize = 64;
+const LIST_LIMIT: u32 = 100;
+
+pub(crate) async fn create(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<StartGroup>,
+) -> Result<(StatusCode, Json<GroupStarted>), ApiError> {
+    if body.path.is_empty() {
+        return Err(ApiError::bad_request(
+            "invalid_path",
+            "path: must name a script",
+        ));
+    }
+    if !body.all && body.selector.is_empty() {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "say which workers: \"all\": true, or a \"selector\"",
+        ));
+    }
+    let rows = state.registry.all();
+    let targets =
+        crate::placement::eligible(&rows, body.command.as_deref(), &body.path, &body.selector)
+            .map_err(|why| ApiError::new(StatusCode::CONFLICT, "no_eligible_worker", why.0))?;
+    let group_id = uuid::Uuid::new_v4().to_string();
+    state
+        .store
+        .insert_group(GroupRow {
+            group_id: group_id.clone(),
+            command: body.command.clone().unwrap_or_default(),
+            path: body.path.clone(),
+            args: body.args.clone(),
+            created_at_ms: now_ms(),
+        })
+        .await?;
+    let starts = targets.iter().map(|row| {
+        let state = &state;
+        let group_id = &group_id;
+        let job = StartJob {
+            worker_id: row.worker_id.clone(),
+            selector: Default::default(),
+            command: body.command.clone(),
+            path: body.path.clone(),
+            args: body.args.clone(),
+            env: body.env.clone(),
+        };
+        async move {
+            let result = match state.registry.get(&row.worker_id) {
+                Some(worker) => start_on(state, &worker, job, Some(group_id)).await,
+                None => Err(ApiError::worker_not_found(&row.worker_id)),
+            };
+            (row.worker_id.clone(), result)
+        }
+    });
+    let mut started = GroupStarted {
+        group_id: group_id.clone(),
+        jobs: Vec::new(),
+        failed: Vec::new(),
+    };
+    // A worker that fails to start does not hide the others.
+    for (worker_id, result) in futures_util::future::join_all(starts).await {
+        match result {
+            Ok(job) => started.jobs.push(job),
+            Err(e) => started.failed.push(GroupFailure {
+                worker_id,
+                error: e.message,
+            }),
+        }
+    }
+    tracing::info!(group_id = %group_id, jobs = started.jobs.len(), failed = started.failed.len(), path = %body.path, "group started");
+    if started.jobs.is_empty() {
+        let why: Vec<_> = started.failed.iter().map(|f| f.error.as_str()).collect();
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "group_failed",
+            format!("no worker could start the job: {}", why.join("; ")),
+        ));
+    }
+    Ok((StatusCode::CREATED, Json(started)))
+}
+
+async fn find_group(state: &AppState, id: &str) -> Result<(GroupRow, Vec<JobRow>), ApiError> {
+    if uuid::Uuid::parse_str(id).is_err() {
+        return Err(ApiError::bad_request(
+            "invalid_group_id",
+            format!("{id:?} is not a group id (a UUID)"),
+        ));
+    }
+    state.store.group(id).await?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "group_not_found",
+            format!("unknown group {id}"),
+        )
+    })
+}
+
+/// `running` while any job runs; then `succeeded` only if all succeeded,
+/// else `failed` (a job failed or was lost) or `stopped`.
+fn group_state(jobs: &[JobRow]) -> &'static str {
+    let any = |s: &[&str]| jobs.iter().any(|j| s.contains(&j.state.as_str()));
+    if any(&["running"]) {
+        "running"
+    } else if any(&["failed", "lost"]) || jobs.is_empty() {
+        "failed"
+    } else if any(&["stopped"]) {
+        "stopped"
+    } else {
+        "succeeded"
+    }
+}
+
+fn group_info(group: GroupRow, jobs: &[JobRow]) -> GroupInfo {
+    let state = group_state(jobs);
+    GroupInfo {
+        group_id: group.group_id,
+        state: state.to_owned(),
+        done: state != "running",
+        created_at: rfc3339(group.created_at_ms),
+        command: group.command,
+        path: group.path,
+        args: group.args,
+        jobs: jobs.iter().map(job_info).collect(),
+    }
+}
+
+async fn refreshed(state: &AppState, jobs: Vec<JobRow>) -> Vec<JobRow> {
+    futures_util::future::join_all(jobs.into_iter().map(|j| refresh(state, j))).await
+}
+
+pub(crate) async fn show(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<GroupInfo>, ApiError> {
+    let (group, jobs) = find_group(&state, &id).await?;
+    let jobs = refreshed(&state, jobs).await;
+    Ok(Json(group_info(group, &jobs)))
+}
+
+pub(crate) async fn list(State(state): State<AppState>) -> Result<Json<GroupList>, ApiError> {
+    let mut groups = Vec::new();
+    for group in state.store.groups(LIST_LIMIT).await? {
+        if let Some((group, jobs)) = state.store.group(&group.group_id).await? {
+            groups.push(group_info(group, &jobs));
+        }
+    }
+    Ok(Json(GroupList { groups }))
+}
+
+pub(crate) async fn stop(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<StopResult>, ApiError> {
+    let (_, jobs) = find_group(&state, &id).await?;
+    let stops = jobs.into_iter().map(|job| stop_job(&state, job));
+    for result in futures_util::future::join_all(stops).await {
+        // A member on a worker that is gone is lost, not stoppable; the
+        // others are stopped regardless.
+        if let Err(error) = result {
+            tracing::warn!(group_id = %id, error = %error.message, "could not stop a group member");
+        }
+    }
+    let (_, jobs) = find_group(&state, &id).await?;
+    let jobs = refreshed(&state, jobs).await;
+    Ok(Json(StopResult {
+        success: true,
+        state: group_state(&jobs).to_owned(),
+    }))
+}
+
+/// Every member's output, line by line as lines complete, each line marked
+/// with its worker: `[w1] line` (text) or a [`GroupLogLine`] (ndjson). A
+/// member's partial last line is completed when its job ends.
+pub(crate) async fn logs(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    QueryParams(q): QueryParams<GroupLogsQuery>,
+) -> Result<Response, ApiError> {
+    let ndjson = match q.format.as_deref() {
+        None | Some("text") => false,
+        Some("ndjson") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("format {other:?}: use text or ndjson"),
+            ));
+        }
+    };
+    let (_, jobs) = find_group(&state, &id).await?;
+    let (tx, rx) = mpsc::channel(MERGE_BUFFER);
+    for job in jobs {
+        let Ok(worker) = worker_of(&state, &job) else {
+            continue; // its worker is down: the job is lost, nothing to stream
+        };
+        let slot = state.followers.enter(&job.job_id)?;
+        let name = worker.row().name;
+        let mut client = worker.client();
+        let request = StreamJobRequest {
+            job_id: job.job_id.clone(),
+            offset: 0,
+            follow: Some(q.follow),
+        };
+        match with_deadline(state.call_timeout, client.stream_job(request)).await {
+            Ok(stream) => {
+                let member = Member {
+                    worker: name,
+                    ndjson,
+                    tx: tx.clone(),
+                    store: state.store.clone(),
+                    _slot: slot,
+                };
+                tokio::spawn(member.forward(stream.into_inner(), job));
+            }
+            Err(status) => {
+                tracing::info!(job_id = %job.job_id, %status, "group member's output unavailable");
+            }
+        }
+    }
+    drop(tx);
+    let content_type = if ndjson {
+        "application/x-ndjson"
+    } else {
+        "text/plain; charset=utf-8"
+    };
+    Ok((
+        [(header::CONTENT_TYPE, content_type)],
+        Body::from_stream(ReceiverStream::new(rx)),
+    )
+        .into_response())
+}
+
+type Chunk = Result<Bytes, std::io::Error>;
+
+/// One member's share of a merged group stream.
+struct Member {
+    worker: String,
+    ndjson: bool,
+    tx: mpsc::Sender<Chunk>,
+    store: Store,
+    _slot: FollowerSlot,
+}
+
+impl Member {
+    async fn forward(
+        self,
+        mut stream: tonic::Streaming<jobcluster_proto::pb::StreamJobResponse>,
+        job: JobRow,
+    ) {
+        let mut pending: Vec<u8> = Vec::new();
+        let mut line_start = 0u64;
+        let mut pos = 0u64;
+        loop {
+            let msg = match stream.message().await {
+                Ok(Some(msg)) => msg,
+                Ok(None) => break,
+                Err(status) => {
+                    tracing::info!(job_id = %job.job_id, %status, "group member's stream broke");
+                    break;
+                }
+            };
+            let mut rest = msg.output.as_slice();
+            while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
+                pending.extend_from_slice(&rest[..nl]);
+                if !self.emit(&pending, line_start, &job.job_id).await {
+                    return;
+                }
+                pos += nl as u64 + 1;
+                line_start = pos;
+                pending.clear();
+                rest = &rest[nl + 1..];
+            }
+            pos += rest.len() as u64;
+            pending.extend_from_slice(rest);
+            if let Some(status) = &msg.final_status {
+                record_status(&self.store, job.clone(), status).await;
+                break;
+            }
+        }
+        if !pending.is_empty() {
+            self.emit(&pending, line_start, &job.job_id).await;
+        }
+    }
+
+    /// Sends one line (without its newline). False once the reader is gone.
+    async fn emit(&self, line: &[u8], offset: u64, job_id: &str) -> bool {
+        let bytes = if self.ndjson {
+            let (text, base64) = match std::str::from_utf8(line) {
+                Ok(text) => (Some(text.to_owned()), None),
+                Err(_) => (
+                    None,
+                    Some(base64::engine::general_purpose::STANDARD.encode(line)),
+                ),
+            };
+            let record = GroupLogLine {
+                worker: self.worker.clone(),
+                job_id: job_id.to_owned(),
+                offset,
+                line: text,
+                line_base64: base64,
+            };
+            let mut out = serde_json::to_vec(&record).unwrap_or_default();
+            out.push(b'\n');
+            out
+        } else {
+            let mut out = Vec::with_capacity(line.len() + self.worker.len() + 4);
+            out.push(b'[');
+            out.extend_from_slice(self.worker.as_bytes());
+            out.extend_from_slice(b"] ");
+            out.extend_from_slice(line);
+            out.push(b'\n');
+            out
+        };
+        self.tx.send(Ok(Bytes::from(bytes))).await.is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(state: &str) -> JobRow {
+        JobRow {
+            job_id: String::new(),
+            worker_id: String::new(),
+            command: String::new(),
+            path: String::new(),
+            args: Vec::new(),
+            state: state.into(),
+            error_text: String::new(),
+            exit_code: None,
+            signal: None,
+            created_at_ms: 0,
+            started_at_ms: 0,
+            finished_at_ms: 0,
+            output_bytes: 0,
+            group_id: None,
+        }
+    }
+
+    #[test]
+    fn a_group_succeeds_only_if_every_job_did() {
+        let states = |s: &[&str]| group_state(&s.iter().map(|s| job(s)).collect::<Vec<_>>());
+        assert_eq!(states(&["succeeded", "running"]), "running");
+        assert_eq!(states(&["succeeded", "succeeded"]), "succeeded");
+        assert_eq!(states(&["succeeded", "lost"]), "failed");
+        assert_eq!(states(&["stopped", "failed"]), "failed");
+        assert_eq!(states(&["stopped", "succeeded"]), "stopped");
+    }
+}
