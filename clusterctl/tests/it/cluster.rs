@@ -155,6 +155,17 @@ impl Cluster {
         std::fs::read(path.join("output.log")).unwrap()
     }
 
+    /// Waits until the scheduler reports `name` in `state` (at most 10 s).
+    pub async fn wait_state(&self, name: &str, state: &str) {
+        for _ in 0..400 {
+            if self.worker_state(name).await == state {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert_eq!(self.worker_state(name).await, state, "worker {name}");
+    }
+
     /// The worker's state, or "" while the scheduler does not know it.
     pub async fn worker_state(&self, name: &str) -> String {
         let reply = self

@@ -276,15 +276,7 @@ async fn a_second_worker_with_a_taken_name_is_refused() {
         &crate::cluster::bin("workerd"),
         &["--config", config.to_str().unwrap()],
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !twin.log().contains("already registered") {
-        assert!(
-            Instant::now() < deadline,
-            "twin was not refused:\n{}",
-            twin.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    twin.wait_for_log("already registered", 0).await;
     let now = cluster.worker_info("w1").await;
     assert_eq!(
         (now.worker_id, now.address),

@@ -16,12 +16,7 @@ async fn three_workers() -> Cluster {
         cluster.add_worker_with(name, &format!("labels = {{ zone = \"{zone}\" }}\n---\n"));
     }
     for name in ["w1", "w2", "w3"] {
-        for _ in 0..400 {
-            if cluster.worker_state(name).await == "ready" {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        cluster.wait_state(name, "ready").await;
         assert_eq!(cluster.worker_state(name).await, "ready", "{name}");
     }
     cluster
@@ -168,12 +163,7 @@ async fn placement_spreads_jobs_and_skips_draining_and_down_workers() {
     stop_all(&cluster, &all).await;
     cluster.worker("w3").signal(Signal::SIGKILL);
     cluster.worker("w3").wait(Duration::from_secs(10));
-    for _ in 0..200 {
-        if cluster.worker_state("w3").await == "down" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    cluster.wait_state("w3", "down").await;
     assert_eq!(cluster.worker_state("w3").await, "down");
     for _ in 0..4 {
         let (status, body) = place(&cluster, json!({"path": "count.sh", "args": ["1", "0"]})).await;
@@ -387,12 +377,7 @@ async fn a_fan_out_streams_every_line_of_every_worker_and_stops_as_one() {
     assert_eq!(group(&cluster, &started.group_id).await.state, "failed");
     // Bring w3 back so it kills what was left of its job.
     cluster.restart_worker("w3");
-    for _ in 0..400 {
-        if cluster.worker_state("w3").await == "ready" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    cluster.wait_state("w3", "ready").await;
 
     // Bad fan-outs.
     let reply = cluster

@@ -767,16 +767,6 @@ fn reissue(cluster: &Cluster, role: &str, name: &str) {
     crate::cluster::run_ok(&["pki", "issue", pki.to_str().unwrap(), "--role", role, name]);
 }
 
-async fn wait_for_log(daemon: &crate::harness::Daemon, needle: &str, after: usize) {
-    for _ in 0..400 {
-        if daemon.log().matches(needle).count() > after {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("never logged {needle:?}:\n{}", daemon.log());
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_reloads_certificates_without_dropping_jobs_or_followers() {
     let mut cluster = Cluster::start(&["w1"]).await;
@@ -794,21 +784,27 @@ async fn sighup_reloads_certificates_without_dropping_jobs_or_followers() {
     cluster
         .worker("w1")
         .signal(nix::sys::signal::Signal::SIGHUP);
-    wait_for_log(cluster.worker("w1"), "certificates reloaded", 0).await;
+    cluster
+        .worker("w1")
+        .wait_for_log("certificates reloaded", 0)
+        .await;
     let after = presented_cert(&cluster, &worker_addr, b"h2").await;
     assert_ne!(before, after, "new connections get the new certificate");
 
     let before = presented_cert(&cluster, &cluster.http_addr.clone(), b"http/1.1").await;
     reissue(&cluster, "scheduler", "scheduler");
     cluster.scheduler.signal(nix::sys::signal::Signal::SIGHUP);
-    wait_for_log(&cluster.scheduler, "certificates reloaded", 0).await;
+    cluster
+        .scheduler
+        .wait_for_log("certificates reloaded", 0)
+        .await;
     let after = presented_cert(&cluster, &cluster.http_addr.clone(), b"http/1.1").await;
     assert_ne!(before, after);
 
     // A broken file is refused and the material in force stays.
     std::fs::write(cluster.pki().join("scheduler-key.pem"), "not a key").unwrap();
     cluster.scheduler.signal(nix::sys::signal::Signal::SIGHUP);
-    wait_for_log(&cluster.scheduler, "reload failed", 0).await;
+    cluster.scheduler.wait_for_log("reload failed", 0).await;
     assert_eq!(
         presented_cert(&cluster, &cluster.http_addr.clone(), b"http/1.1").await,
         after
@@ -992,7 +988,7 @@ async fn a_worker_dials_only_the_schedulers_certificate() {
         &crate::cluster::bin("workerd"),
         &["--config", config.to_str().unwrap()],
     );
-    wait_for_log(&w9, "registration failed", 0).await;
+    w9.wait_for_log("registration failed", 0).await;
     assert!(w9.log().contains("expected scheduler"), "{}", w9.log());
 }
 
@@ -1018,12 +1014,7 @@ async fn the_scheduler_refuses_a_worker_whose_certificate_does_not_name_its_addr
         &["--config", config.to_str().unwrap()],
     );
     cluster.workers.push(("w5".into(), w5));
-    for _ in 0..200 {
-        if cluster.worker_state("w5").await == "ready" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    cluster.wait_state("w5", "ready").await;
     let reply = cluster
         .http()
         .post(format!("{}/v1/jobs", cluster.url()))

@@ -129,6 +129,20 @@ impl Daemon {
         self.log.lock().unwrap().clone()
     }
 
+    /// Waits until the daemon has logged `needle` more than `after` times
+    /// (at most 20 s).
+    pub async fn wait_for_log(&self, needle: &str, after: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.log().matches(needle).count() <= after {
+            assert!(
+                Instant::now() < deadline,
+                "never logged {needle:?}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal).unwrap();
     }
