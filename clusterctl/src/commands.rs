@@ -203,7 +203,13 @@ async fn run_job(api: &Api, args: &StartArgs) -> anyhow::Result<ExitCode> {
         let _spinner = Spinner::start(format!("starting {} on {}", args.script, target(args)));
         api.start(&start_request(args)).await?.parsed
     };
-    eprintln!("started job {} on {}", started.job_id, started.worker_id);
+    // The scheduler answers with the worker's id; a name reads better and
+    // costs one best-effort lookup.
+    let worker = match api.worker(&started.worker_id).await {
+        Ok(answer) => answer.parsed.name,
+        Err(_) => started.worker_id.clone(),
+    };
+    eprintln!("started job {} on {worker}", started.job_id);
     let job = follow_to_stdout(api, &started.job_id, 0, true).await?;
     Ok(job.map_or(ExitCode::SUCCESS, finished))
 }
