@@ -472,3 +472,47 @@ async fn run_all_streams_with_prefixes_and_exits_with_the_groups_code() {
         .await;
     assert_eq!(out.status.code(), Some(2), "--all and --worker conflict");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_merged_stream_survives_a_member_worker_restart_without_losing_lines() {
+    let mut cluster = three_workers().await;
+    let started = start_group(
+        &cluster,
+        json!({"all": true, "path": "count.sh", "args": ["40", "0.05"]}),
+    )
+    .await;
+    let url = format!(
+        "{}/v1/groups/{}/logs?follow=true",
+        cluster.url(),
+        started.group_id
+    );
+    let http = cluster.http();
+    let follower =
+        tokio::spawn(async move { http.get(url).send().await.unwrap().text().await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    cluster.worker("w2").signal(Signal::SIGKILL);
+    cluster.worker("w2").wait(Duration::from_secs(10));
+    cluster.restart_worker("w2");
+    let text = tokio::time::timeout(Duration::from_secs(60), follower)
+        .await
+        .unwrap()
+        .unwrap();
+    let w2_id = cluster.worker_info("w2").await.worker_id;
+    let w2_job = started.jobs.iter().find(|j| j.worker_id == w2_id).unwrap();
+    for (w, job) in [("w1", None), ("w3", None), ("w2", Some(&w2_job.job_id))] {
+        let got: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("[{w}] ")))
+            .collect();
+        match job {
+            None => assert_eq!(got.len(), 41, "{w}: {got:?}"),
+            Some(job) => {
+                let log = String::from_utf8(cluster.worker_log(w, job)).unwrap();
+                let expected: Vec<&str> = log.lines().collect();
+                assert_eq!(got, expected, "w2's lines are exactly its log");
+                assert!(got.len() < 41, "w2's job was cut short: {got:?}");
+            }
+        }
+    }
+    assert_eq!(group(&cluster, &started.group_id).await.state, "failed");
+}

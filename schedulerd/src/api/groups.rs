@@ -1,6 +1,8 @@
 //! `/v1/groups`: one job per matching ready worker under one group id, the
 //! group's state, stopping all of it, and its outputs merged line by line.
 
+use std::time::Duration;
+
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -20,7 +22,7 @@ use super::extract::{JsonBody, QueryParams};
 use super::jobs::{record_status, refresh, start_on, stop_job, worker_of};
 use super::{ApiError, AppState, FollowerSlot, with_deadline};
 use crate::convert::job_info;
-use crate::store::{GroupRow, JobRow, Store};
+use crate::store::{GroupRow, JobRow};
 use crate::time::{now_ms, rfc3339};
 
 /// Merged lines buffered for the reader: a slow reader holds every job's
@@ -231,8 +233,9 @@ pub(crate) async fn logs(
                 let member = Member {
                     worker: name,
                     ndjson,
+                    follow: q.follow,
                     tx: tx.clone(),
-                    store: state.store.clone(),
+                    state: state.clone(),
                     _slot: slot,
                 };
                 tokio::spawn(member.forward(stream.into_inner(), job));
@@ -261,10 +264,16 @@ type Chunk = Result<Bytes, std::io::Error>;
 struct Member {
     worker: String,
     ndjson: bool,
+    follow: bool,
     tx: mpsc::Sender<Chunk>,
-    store: Store,
+    state: AppState,
     _slot: FollowerSlot,
 }
+
+/// How often a member's broken stream is reopened (a restarting worker
+/// serves its logs again within seconds), and the first pause.
+const RECONNECTS: u32 = 8;
+const FIRST_PAUSE: Duration = Duration::from_millis(200);
 
 impl Member {
     async fn forward(
@@ -278,10 +287,20 @@ impl Member {
         loop {
             let msg = match stream.message().await {
                 Ok(Some(msg)) => msg,
-                Ok(None) => break,
-                Err(status) => {
-                    tracing::info!(job_id = %job.job_id, %status, "group member's stream broke");
-                    break;
+                Ok(None) if !self.follow => break,
+                // A followed stream that ends without the final status, or
+                // breaks, is reopened at the byte where it stopped, so no
+                // line is lost or repeated.
+                ended => {
+                    let why = ended.err().map(|s| s.to_string()).unwrap_or_default();
+                    tracing::info!(job_id = %job.job_id, error = %why, offset = pos, "group member's stream broke; reopening");
+                    match self.reopen(&job, pos).await {
+                        Some(reopened) => {
+                            stream = reopened;
+                            continue;
+                        }
+                        None => break,
+                    }
                 }
             };
             let mut rest = msg.output.as_slice();
@@ -298,13 +317,44 @@ impl Member {
             pos += rest.len() as u64;
             pending.extend_from_slice(rest);
             if let Some(status) = &msg.final_status {
-                record_status(&self.store, job.clone(), status).await;
+                record_status(&self.state.store, job.clone(), status).await;
                 break;
             }
         }
         if !pending.is_empty() {
             self.emit(&pending, line_start, &job.job_id).await;
         }
+    }
+
+    /// Reopens the member's stream at `offset`, with backoff; `None` once
+    /// the worker stays unreachable.
+    async fn reopen(
+        &self,
+        job: &JobRow,
+        offset: u64,
+    ) -> Option<tonic::Streaming<jobcluster_proto::pb::StreamJobResponse>> {
+        let mut pause = FIRST_PAUSE;
+        for _ in 0..RECONNECTS {
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = self.tx.closed() => return None,
+            }
+            pause = (pause * 2).min(Duration::from_secs(3));
+            let worker = self.state.registry.get(&job.worker_id)?;
+            let request = StreamJobRequest {
+                job_id: job.job_id.clone(),
+                offset,
+                follow: Some(true),
+            };
+            let mut client = worker.client();
+            if let Ok(reply) =
+                with_deadline(self.state.call_timeout, client.stream_job(request)).await
+            {
+                return Some(reply.into_inner());
+            }
+        }
+        tracing::warn!(job_id = %job.job_id, "gave up on a group member's output stream");
+        None
     }
 
     /// Sends one line (without its newline). False once the reader is gone.
