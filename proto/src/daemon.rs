@@ -85,3 +85,70 @@ pub fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()
         }
     })
 }
+
+/// The flags every daemon takes.
+#[derive(Debug, clap::Args)]
+pub struct Flags {
+    /// TOML config file.
+    #[arg(long, value_name = "FILE")]
+    pub config: std::path::PathBuf,
+    /// Validate the config (and the certificates it names) and exit.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+/// What a daemon's serving part returns.
+pub type ServeResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// A daemon's `main` around its own parts: logging and the crypto provider;
+/// `load` reads the config (`--check-config` stops there); `insecure` says
+/// what to warn about at every start in plaintext mode; `serve` binds and
+/// runs on a multi-threaded runtime until the shutdown signal it is given.
+/// Any error is printed as one line, `NAME: what went wrong: why`.
+pub fn main<C, Fut>(
+    name: &str,
+    flags: Flags,
+    load: impl FnOnce(&std::path::Path) -> Result<C, crate::config::ConfigError>,
+    insecure: impl FnOnce(&C) -> Option<&'static str>,
+    serve: impl FnOnce(C, std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Fut,
+) -> std::process::ExitCode
+where
+    Fut: std::future::Future<Output = ServeResult>,
+{
+    init_logging();
+    jobcluster_pki::install_crypto_provider();
+    let result = (|| -> ServeResult {
+        let config = load(&flags.config)?;
+        if flags.check_config {
+            println!("{}: ok", flags.config.display());
+            return Ok(());
+        }
+        if let Some(what) = insecure(&config) {
+            tracing::warn!(
+                "INSECURE MODE (grpc_server.use_tls = false): {what}; never use this outside a development machine"
+            );
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("starting the async runtime: {e}"))?;
+        runtime.block_on(async {
+            let shutdown =
+                shutdown_signal().map_err(|e| format!("listening for SIGTERM and SIGINT: {e}"))?;
+            serve(config, Box::pin(shutdown)).await
+        })
+    })();
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            let mut line = error.to_string();
+            let mut source = error.source();
+            while let Some(cause) = source {
+                line.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            eprintln!("{name}: {line}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
