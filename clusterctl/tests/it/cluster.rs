@@ -166,6 +166,17 @@ impl Cluster {
         assert_eq!(self.worker_state(name).await, state, "worker {name}");
     }
 
+    /// `GET path` on the API, decoded; panics (failing the test) otherwise.
+    pub async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
+        let reply = self
+            .http()
+            .get(format!("{}{path}", self.url()))
+            .send()
+            .await
+            .unwrap();
+        reply.json().await.unwrap()
+    }
+
     /// The worker's state, or "" while the scheduler does not know it.
     pub async fn worker_state(&self, name: &str) -> String {
         let reply = self

@@ -162,15 +162,7 @@ async fn sigterm_to_a_worker_stops_its_jobs_and_it_leaves() {
         assert!(job_processes(job).is_empty());
     }
     assert_eq!(cluster.worker_info("w1").await.state, "left");
-    let listed: WorkerList = cluster
-        .http()
-        .get(format!("{}/v1/workers", cluster.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: WorkerList = cluster.get_json("/v1/workers").await;
     assert_eq!(
         listed
             .workers
@@ -197,15 +189,7 @@ async fn two_hundred_job_records_survive_a_killed_scheduler() {
         Duration::from_secs(30),
         "every job recorded as succeeded",
         || async {
-            let list: JobList = cluster
-                .http()
-                .get(format!("{}/v1/jobs?limit=1000", cluster.url()))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let list: JobList = cluster.get_json("/v1/jobs?limit=1000").await;
             list.jobs.len() == 200
                 && list
                     .jobs
@@ -214,15 +198,7 @@ async fn two_hundred_job_records_survive_a_killed_scheduler() {
         },
     )
     .await;
-    let list: JobList = cluster
-        .http()
-        .get(format!("{}/v1/jobs?limit=1000", cluster.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: JobList = cluster.get_json("/v1/jobs?limit=1000").await;
     let mut listed: Vec<_> = list.jobs.iter().map(|j| j.job_id.clone()).collect();
     listed.sort();
     ids.sort();

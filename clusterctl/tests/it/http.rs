@@ -11,15 +11,7 @@ use crate::cluster::Cluster;
 use crate::harness::Daemon;
 
 async fn worker_id(cluster: &Cluster, name: &str) -> String {
-    let list: WorkerList = cluster
-        .http()
-        .get(format!("{}/v1/workers", cluster.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: WorkerList = cluster.get_json("/v1/workers").await;
     list.workers
         .into_iter()
         .find(|w| w.name == name)
@@ -343,15 +335,7 @@ async fn a_worker_with_a_certificate_from_another_ca_cannot_register() {
         &["--config", config.to_str().unwrap()],
     );
     rogue.wait_for_log("registration failed", 0).await;
-    let list: WorkerList = cluster
-        .http()
-        .get(format!("{}/v1/workers?all=true", cluster.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: WorkerList = cluster.get_json("/v1/workers?all=true").await;
     assert!(list.workers.iter().all(|w| w.name != "rogue"), "{list:?}");
     cluster.workers.push(("rogue".into(), rogue));
 }

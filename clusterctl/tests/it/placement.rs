@@ -124,17 +124,8 @@ async fn placement_spreads_jobs_and_skips_draining_and_down_workers() {
     .await;
     assert_eq!(status, StatusCode::CREATED, "w1 is still in zone a");
     let w2_running = cluster
-        .http()
-        .get(format!(
-            "{}/v1/jobs?worker_id=w2&state=running",
-            cluster.url()
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json::<Value>()
-        .await
-        .unwrap();
+        .get_json::<Value>("/v1/jobs?worker_id=w2&state=running")
+        .await;
     assert_eq!(
         w2_running["jobs"].as_array().unwrap().len(),
         10,
@@ -142,18 +133,7 @@ async fn placement_spreads_jobs_and_skips_draining_and_down_workers() {
     );
 
     // Stop everything, then take w3 down: placement avoids it too.
-    let running: Value = cluster
-        .http()
-        .get(format!(
-            "{}/v1/jobs?state=running&limit=1000",
-            cluster.url()
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let running: Value = cluster.get_json("/v1/jobs?state=running&limit=1000").await;
     let all: Vec<String> = running["jobs"]
         .as_array()
         .unwrap()
@@ -211,15 +191,7 @@ async fn start_group(cluster: &Cluster, body: Value) -> jobcluster_proto::http::
 }
 
 async fn group(cluster: &Cluster, id: &str) -> jobcluster_proto::http::GroupInfo {
-    cluster
-        .http()
-        .get(format!("{}/v1/groups/{id}", cluster.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    cluster.get_json(&format!("/v1/groups/{id}")).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
