@@ -159,11 +159,13 @@ impl Scheduler for SchedulerService {
             }));
         };
         if came_back {
-            tracing::info!(worker_id = %row.worker_id, worker = %row.name, "worker is back");
-            self.store
-                .set_worker_state(&row.worker_id, &row.state, row.last_seen_ms)
-                .await
-                .map_err(internal)?;
+            // Its jobs were recorded lost while it was silent; a fresh
+            // registration reports every job's true state and brings them back.
+            tracing::info!(worker_id = %row.worker_id, worker = %row.name, "worker is back; asking it to register again");
+            return Ok(Response::new(HeartbeatResponse {
+                known: false,
+                heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u64,
+            }));
         }
         self.apply_reports(&row.worker_id, &r.jobs, false).await?;
         Ok(Response::new(HeartbeatResponse {
@@ -218,6 +220,13 @@ pub(crate) async fn watch_liveness(
         }
         let now = now_ms();
         for row in registry.sweep(now, down_after) {
+            // It may have checked in since the sweep; then it is not down.
+            let still_down = registry
+                .get(&row.worker_id)
+                .is_some_and(|e| e.row().state == "down");
+            if !still_down {
+                continue;
+            }
             if let Err(error) = store
                 .set_worker_state(&row.worker_id, "down", row.last_seen_ms)
                 .await

@@ -276,6 +276,23 @@ impl Store {
         .await
     }
 
+    /// Sets only the drain flag, leaving the state the liveness check owns.
+    pub async fn set_worker_draining(
+        &self,
+        worker_id: &str,
+        draining: bool,
+    ) -> Result<(), StoreError> {
+        let id = worker_id.to_owned();
+        self.write(move |c| {
+            c.execute(
+                "UPDATE workers SET draining = ?2 WHERE worker_id = ?1",
+                params![id, draining],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
     pub async fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
         self.read(|c| {
             let mut stmt = c.prepare(

@@ -496,7 +496,11 @@ impl Jobs {
             Ok((child, reader)) => {
                 let pgid = child.id().and_then(|p| i32::try_from(p).ok());
                 record = job.update(|r| r.pgid = pgid);
-                write_record(&self.jobs_dir, &record).await?;
+                // The process runs now: whatever happens to its record, it
+                // must be supervised (the final write tries again).
+                if let Err(error) = write_record(&self.jobs_dir, &record).await {
+                    tracing::error!(job_id = %id, %error, "could not record the job's start");
+                }
                 self.insert(&job);
                 let over_limit = CancellationToken::new();
                 let pump = tokio::spawn(pump(
@@ -536,10 +540,15 @@ impl Jobs {
                     r.error_text = format!("could not start: {error}");
                     r.finished_at_ms = now_ms();
                 });
-                write_record(&self.jobs_dir, &record).await?;
+                if let Some(dir) = cgroup_dir {
+                    let _ =
+                        tokio::task::spawn_blocking(move || crate::cgroup::Cgroups::remove(&dir))
+                            .await;
+                }
                 job.progress.send_modify(|p| p.done = true);
                 self.insert(&job);
                 tracing::warn!(job_id = %id, %error, "job could not start");
+                write_record(&self.jobs_dir, &record).await?;
             }
         }
         Ok(record)
@@ -547,11 +556,12 @@ impl Jobs {
 
     fn insert(&self, job: &Arc<Job>) {
         let id = job.record().id;
-        self.mark_dirty([id]);
         self.map
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, job.clone());
+        // After the insert, so a report taken in between finds the job.
+        self.mark_dirty([id]);
     }
 
     fn plugin_for(&self, command: &str, path: &str, script: &Path) -> Result<&Plugin, JobError> {

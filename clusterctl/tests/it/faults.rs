@@ -292,3 +292,31 @@ fn the_daemons_tell_systemd_when_they_serve() {
         "schedulerd exits 0 on SIGTERM"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_cut_off_past_the_timeout_brings_its_running_jobs_back() {
+    let mut cluster = Cluster::start(&["w1"]).await;
+    let job = cluster.start_job("w1", "count.sh", &["600", "0.1"]).await;
+    // SIGSTOP: the worker neither heartbeats nor dies, like a partition.
+    cluster.worker("w1").signal(Signal::SIGSTOP);
+    until(
+        Duration::from_secs(10),
+        "w1 down and its job lost",
+        || async {
+            cluster.worker_info("w1").await.state == "down"
+                && cluster.job(&job).await.state == "lost"
+        },
+    )
+    .await;
+    cluster.worker("w1").signal(Signal::SIGCONT);
+    until(Duration::from_secs(15), "the job running again", || async {
+        cluster.worker_info("w1").await.state == "ready"
+            && cluster.job(&job).await.state == "running"
+    })
+    .await;
+    // And it is stoppable, as a running job is.
+    let out = cluster.ctl_output(&["stop", &job]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(cluster.job(&job).await.state, "stopped");
+    assert!(job_processes(&job).is_empty());
+}

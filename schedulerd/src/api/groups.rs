@@ -273,6 +273,8 @@ struct Member {
 /// How often a member's broken stream is reopened (a restarting worker
 /// serves its logs again within seconds), and the first pause.
 const RECONNECTS: u32 = 8;
+/// The longest line passed on whole; longer runs are split.
+const MAX_LINE: usize = 64 * 1024;
 const FIRST_PAUSE: Duration = Duration::from_millis(200);
 
 impl Member {
@@ -284,8 +286,15 @@ impl Member {
         let mut pending: Vec<u8> = Vec::new();
         let mut line_start = 0u64;
         let mut pos = 0u64;
+        let mut finished = false;
         loop {
-            let msg = match stream.message().await {
+            let next = tokio::select! {
+                next = stream.message() => next,
+                // The reader left: stop now, not at the next line, so its
+                // follower slot and the worker stream are freed at once.
+                () = self.tx.closed() => return,
+            };
+            let msg = match next {
                 Ok(Some(msg)) => msg,
                 Ok(None) if !self.follow => break,
                 // A followed stream that ends without the final status, or
@@ -299,7 +308,16 @@ impl Member {
                             stream = reopened;
                             continue;
                         }
-                        None => break,
+                        None => {
+                            // Cut the body short so the reader sees output
+                            // is missing instead of a clean end.
+                            let cut = std::io::Error::other(format!(
+                                "lost the output stream of job {} on {}",
+                                job.job_id, self.worker
+                            ));
+                            let _ = self.tx.send(Err(cut)).await;
+                            return;
+                        }
                     }
                 }
             };
@@ -316,12 +334,24 @@ impl Member {
             }
             pos += rest.len() as u64;
             pending.extend_from_slice(rest);
+            // A job that writes no newlines must not grow this without
+            // bound: a long run of bytes goes out as a line of its own.
+            if pending.len() >= MAX_LINE {
+                if !self.emit(&pending, line_start, &job.job_id).await {
+                    return;
+                }
+                line_start = pos;
+                pending.clear();
+            }
             if let Some(status) = &msg.final_status {
                 record_status(&self.state.store, job.clone(), status).await;
+                finished = true;
                 break;
             }
         }
-        if !pending.is_empty() {
+        // The partial last line of an ended job is completed; that of a
+        // job still running (without follow) is not a line yet.
+        if finished && !pending.is_empty() {
             self.emit(&pending, line_start, &job.job_id).await;
         }
     }

@@ -188,6 +188,30 @@ pub(crate) async fn start_on(
     body: StartJob,
     group_id: Option<&str>,
 ) -> Result<JobStarted, ApiError> {
+    // In a task of its own: a client that hangs up must not cancel this
+    // between the worker starting the job and the job being recorded.
+    let task = tokio::spawn(start_and_record(
+        state.clone(),
+        worker.clone(),
+        body,
+        group_id.map(str::to_owned),
+    ));
+    task.await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("starting the job failed: {e}"),
+        )
+    })?
+}
+
+async fn start_and_record(
+    state: AppState,
+    worker: Arc<WorkerEntry>,
+    body: StartJob,
+    group_id: Option<String>,
+) -> Result<JobStarted, ApiError> {
+    let state = &state;
     let w = worker.row();
     let job_id = uuid::Uuid::new_v4().to_string();
     let created_at_ms = now_ms();
@@ -201,7 +225,22 @@ pub(crate) async fn start_on(
     let mut client = worker.client();
     let reply = with_deadline(state.call_timeout, client.start_job(request))
         .await
-        .map_err(|s| ApiError::from_worker(s, &w.name))?
+        .map_err(|s| {
+            if s.code() == tonic::Code::DeadlineExceeded {
+                // The worker may have started it: say so, and never let
+                // placement try another worker (the job would run twice).
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "worker_timeout",
+                    format!(
+                        "worker {} did not answer in time; job {job_id} may have started there (see GET /v1/jobs?worker_id={})",
+                        w.name, w.name
+                    ),
+                )
+            } else {
+                ApiError::from_worker(s, &w.name)
+            }
+        })?
         .into_inner();
     let mut row = JobRow {
         job_id: job_id.clone(),
@@ -217,7 +256,7 @@ pub(crate) async fn start_on(
         started_at_ms: 0,
         finished_at_ms: 0,
         output_bytes: 0,
-        group_id: group_id.map(str::to_owned),
+        group_id,
     };
     if let Some(status) = &reply.status {
         merge_status(&mut row, status);

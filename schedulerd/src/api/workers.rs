@@ -77,7 +77,10 @@ async fn set_draining(
         .get(id)
         .ok_or_else(|| ApiError::worker_not_found(id))?;
     let row = worker.update(|r| r.draining = draining);
-    state.store.upsert_worker(row.clone()).await?;
+    state
+        .store
+        .set_worker_draining(&row.worker_id, draining)
+        .await?;
     tracing::info!(worker_id = %row.worker_id, worker = %row.name, draining, "worker drain changed");
     let running = state.store.running_counts().await?;
     let n = running.get(&row.worker_id).copied().unwrap_or(0);
