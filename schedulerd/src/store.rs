@@ -144,9 +144,6 @@ CREATE TABLE IF NOT EXISTS jobs (
     output_bytes INTEGER NOT NULL,
     group_id TEXT
 );
-CREATE INDEX IF NOT EXISTS jobs_by_worker ON jobs (worker_id, seq);
-CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
-CREATE INDEX IF NOT EXISTS jobs_by_group ON jobs (group_id, seq);
 CREATE TABLE IF NOT EXISTS groups (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     group_id TEXT NOT NULL UNIQUE,
@@ -156,6 +153,35 @@ CREATE TABLE IF NOT EXISTS groups (
     created_at_ms INTEGER NOT NULL
 );
 ";
+
+/// Columns added since the first schema, for databases made before them:
+/// (table, column, declaration).
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("workers", "cgroup_limits", "INTEGER NOT NULL DEFAULT 0"),
+    ("workers", "extensions", "TEXT NOT NULL DEFAULT '{}'"),
+    ("workers", "draining", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "group_id", "TEXT"),
+];
+
+const INDEXES: &str = "
+CREATE INDEX IF NOT EXISTS jobs_by_worker ON jobs (worker_id, seq);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
+CREATE INDEX IF NOT EXISTS jobs_by_group ON jobs (group_id, seq);
+";
+
+/// Brings a database of any earlier version up to this schema.
+fn migrate(c: &Connection) -> rusqlite::Result<()> {
+    c.execute_batch(SCHEMA)?;
+    for (table, column, declaration) in ADDED_COLUMNS {
+        let present: bool = c
+            .prepare(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"))?
+            .exists([column])?;
+        if !present {
+            c.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {declaration}"))?;
+        }
+    }
+    c.execute_batch(INDEXES)
+}
 
 fn connect(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
@@ -177,7 +203,7 @@ impl Store {
             std::fs::create_dir_all(parent)?;
         }
         let writer = connect(path).map_err(open_err)?;
-        writer.execute_batch(SCHEMA).map_err(open_err)?;
+        migrate(&writer).map_err(open_err)?;
         let readers = (0..READERS)
             .map(|_| connect(path))
             .collect::<rusqlite::Result<Vec<_>>>()
