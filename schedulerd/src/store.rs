@@ -174,10 +174,14 @@ fn migrate(c: &Connection) -> rusqlite::Result<()> {
     c.execute_batch(SCHEMA)?;
     for (table, column, declaration) in ADDED_COLUMNS {
         let present: bool = c
-            .prepare(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"))?
+            .prepare(&format!(
+                "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
+            ))?
             .exists([column])?;
         if !present {
-            c.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {declaration}"))?;
+            c.execute_batch(&format!(
+                "ALTER TABLE {table} ADD COLUMN {column} {declaration}"
+            ))?;
         }
     }
     c.execute_batch(INDEXES)
