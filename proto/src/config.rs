@@ -25,24 +25,58 @@ impl ConfigError {
     }
 }
 
-/// Whether a daemon speaks TLS, from `[grpc_server] use_tls` and
-/// `insecure`. Plaintext needs both `use_tls = false` and `insecure = true`,
-/// so it is never the result of a typo; `insecure` alone is refused too.
-pub fn tls_enabled(file: &Path, use_tls: bool, insecure: bool) -> Result<bool, ConfigError> {
-    match (use_tls, insecure) {
-        (true, false) => Ok(true),
-        (false, true) => Ok(false),
-        (false, false) => Err(ConfigError::new(
-            file,
-            "grpc_server.use_tls",
-            "false needs grpc_server.insecure = true as well: without TLS nothing is authenticated or encrypted",
-        )),
-        (true, true) => Err(ConfigError::new(
-            file,
-            "grpc_server.insecure",
-            "true only goes with use_tls = false; remove it to keep TLS",
-        )),
+/// The `[grpc_server]` TLS keys every daemon has, as written.
+#[derive(Debug, Clone, Copy)]
+pub struct TlsKeys<'a> {
+    pub use_tls: bool,
+    pub insecure: bool,
+    pub crt_file: Option<&'a Path>,
+    pub key_file: Option<&'a Path>,
+    pub ca_file: Option<&'a Path>,
+}
+
+/// Certificate, key and CA paths, resolved against the config's directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsPaths {
+    pub crt: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+/// The TLS paths a daemon must load, or `None` in insecure (plaintext)
+/// mode. Plaintext needs both `use_tls = false` and `insecure = true`, so it
+/// is never the result of a typo; `insecure` alone is refused too. With
+/// TLS, all three files are required.
+pub fn tls_paths(file: &Path, keys: TlsKeys<'_>) -> Result<Option<TlsPaths>, ConfigError> {
+    match (keys.use_tls, keys.insecure) {
+        (true, false) => {}
+        (false, true) => return Ok(None),
+        (false, false) => {
+            return Err(ConfigError::new(
+                file,
+                "grpc_server.use_tls",
+                "false needs grpc_server.insecure = true as well: without TLS nothing is authenticated or encrypted",
+            ));
+        }
+        (true, true) => {
+            return Err(ConfigError::new(
+                file,
+                "grpc_server.insecure",
+                "true only goes with use_tls = false; remove it to keep TLS",
+            ));
+        }
     }
+    let base = file.parent().unwrap_or(Path::new("."));
+    let need = |value: Option<&Path>, key: &str| {
+        value
+            .map(|p| base.join(p))
+            .ok_or_else(|| ConfigError::new(file, key, "missing: mutual TLS needs it"))
+    };
+    Ok(Some(TlsPaths {
+        crt: need(keys.crt_file, "grpc_server.crt_file")?,
+        key: need(keys.key_file, "grpc_server.key_file")?,
+        ca: need(keys.ca_file, "grpc_server.ca_file")?,
+    }))
 }
 
 /// Reads and deserializes `path`. Unknown keys are refused by the target

@@ -215,18 +215,18 @@ impl Config {
         let err = |key: &str, msg: String| ConfigError::new(path, key, msg);
         let base = path.parent().unwrap_or(Path::new("."));
         let g = &file.grpc_server;
-        let use_tls = config::tls_enabled(path, g.use_tls, g.insecure)?;
-        let need = |value: &Option<PathBuf>, key: &str| {
-            value
-                .as_deref()
-                .map(|p| base.join(p))
-                .ok_or_else(|| err(key, "missing: mutual TLS needs it".into()))
-        };
+        let tls_paths = config::tls_paths(
+            path,
+            config::TlsKeys {
+                use_tls: g.use_tls,
+                insecure: g.insecure,
+                crt_file: g.crt_file.as_deref(),
+                key_file: g.key_file.as_deref(),
+                ca_file: g.ca_file.as_deref(),
+            },
+        )?;
         let h = &file.http_server;
-        let (grpc_tls, http_tls) = if use_tls {
-            let crt = need(&g.crt_file, "grpc_server.crt_file")?;
-            let key = need(&g.key_file, "grpc_server.key_file")?;
-            let ca = need(&g.ca_file, "grpc_server.ca_file")?;
+        let (grpc_tls, http_tls) = if let Some(config::TlsPaths { crt, key, ca }) = tls_paths {
             let grpc_tls = TlsFiles {
                 crt: crt.clone(),
                 key: key.clone(),

@@ -52,6 +52,18 @@ pub struct GrpcServer {
     pub ca_file: Option<PathBuf>,
 }
 
+impl GrpcServer {
+    fn tls_keys(&self) -> config::TlsKeys<'_> {
+        config::TlsKeys {
+            use_tls: self.use_tls,
+            insecure: self.insecure,
+            crt_file: self.crt_file.as_deref(),
+            key_file: self.key_file.as_deref(),
+            ca_file: self.ca_file.as_deref(),
+        }
+    }
+}
+
 impl Default for GrpcServer {
     fn default() -> Self {
         GrpcServer {
@@ -171,12 +183,7 @@ pub struct TlsMaterial {
 }
 
 /// Where the TLS material comes from, for reloading it.
-#[derive(Debug, Clone)]
-pub struct TlsFiles {
-    pub crt: PathBuf,
-    pub key: PathBuf,
-    pub ca: PathBuf,
-}
+pub use jobcluster_proto::config::TlsPaths as TlsFiles;
 
 impl TlsMaterial {
     /// Loads the files and checks the certificate is a worker's, for `name`.
@@ -226,13 +233,7 @@ impl Config {
         let resolve = |p: &Path| base.join(p);
 
         let g = &file.grpc_server;
-        let use_tls = config::tls_enabled(path, g.use_tls, g.insecure)?;
-        let need = |value: &Option<PathBuf>, key: &str| {
-            value
-                .as_deref()
-                .map(resolve)
-                .ok_or_else(|| err(key, "missing: mutual TLS needs it".into()))
-        };
+        let tls_paths = config::tls_paths(path, g.tls_keys())?;
         let w = &file.worker;
         if !jobcluster_pki::valid_name(&w.name) {
             return Err(err(
@@ -243,15 +244,9 @@ impl Config {
                 ),
             ));
         }
-        let (tls, tls_files) = if use_tls {
-            let files = TlsFiles {
-                crt: need(&g.crt_file, "grpc_server.crt_file")?,
-                key: need(&g.key_file, "grpc_server.key_file")?,
-                ca: need(&g.ca_file, "grpc_server.ca_file")?,
-            };
-            (Some(TlsMaterial::load(path, &files, &w.name)?), Some(files))
-        } else {
-            (None, None)
+        let (tls, tls_files) = match tls_paths {
+            Some(files) => (Some(TlsMaterial::load(path, &files, &w.name)?), Some(files)),
+            None => (None, None),
         };
         let scripts_dir = resolve(&w.scripts_dir);
         let scripts_dir = scripts_dir.canonicalize().map_err(|e| {

@@ -96,11 +96,11 @@ pub(crate) async fn list(
             limit,
         })
         .await?;
-    // Running jobs may have ended since they were recorded: ask their workers.
-    let refreshed =
-        futures_util::future::join_all(rows.into_iter().map(|r| refresh(&state, r))).await;
+    // Records are as fresh as the workers' last heartbeat reports; asking
+    // every worker on every listing would put up to a page of worker calls
+    // on each request (GET /v1/jobs/{id} does ask).
     Ok(Json(JobList {
-        jobs: refreshed.iter().map(job_info).collect(),
+        jobs: rows.iter().map(job_info).collect(),
         next_cursor: next.map(|n| n.to_string()),
     }))
 }

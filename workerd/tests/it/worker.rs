@@ -16,6 +16,21 @@ use crate::harness::{Daemon, Pki, eventually, job_processes};
 
 const WORKERD: &str = env!("CARGO_BIN_EXE_workerd");
 
+/// The config every test worker starts from: w1's certificate, the
+/// scripts and state directories beside the file; plugins come after it.
+const BASE_CONFIG: &str = r#"
+[grpc_server]
+addr = "127.0.0.1:0"
+crt_file = "pki/w1.pem"
+key_file = "pki/w1-key.pem"
+ca_file = "pki/ca.pem"
+
+[worker]
+name = "w1"
+scripts_dir = "scripts"
+state_dir = "state"
+"#;
+
 /// A workerd with its own PKI, scripts and state in a temporary directory.
 struct Worker {
     tmp: tempfile::TempDir,
@@ -68,25 +83,9 @@ impl Worker {
         let config = tmp.path().join("workerd.toml");
         std::fs::write(
             &config,
-            r#"
-[grpc_server]
-addr = "127.0.0.1:0"
-crt_file = "pki/w1.pem"
-key_file = "pki/w1-key.pem"
-ca_file = "pki/ca.pem"
-
-[worker]
-name = "w1"
-scripts_dir = "scripts"
-state_dir = "state"
-
-[plugins.bash]
-runner = "bash"
-stop_grace = "1s"
-
-[plugins.python]
-runner = "python"
-"#,
+            format!(
+                "{BASE_CONFIG}\n[plugins.bash]\nrunner = \"bash\"\nstop_grace = \"1s\"\n\n[plugins.python]\nrunner = \"python\"\n"
+            ),
         )
         .unwrap();
         let daemon = Daemon::spawn(Path::new(WORKERD), &["--config", config.to_str().unwrap()]);
@@ -538,17 +537,7 @@ fn bad_configs_are_refused_with_file_and_key() {
     let pki = Pki::new(&tmp.path().join("pki"));
     pki.issue(Role::Worker, "w1");
     std::fs::create_dir(tmp.path().join("scripts")).unwrap();
-    let base = r#"
-[grpc_server]
-addr = "127.0.0.1:0"
-crt_file = "pki/w1.pem"
-key_file = "pki/w1-key.pem"
-ca_file = "pki/ca.pem"
-[worker]
-name = "w1"
-scripts_dir = "scripts"
-state_dir = "state"
-"#;
+    let base = BASE_CONFIG;
     let cases = [
         ("[plugins.bash]\nrunner = \"bash\"\n", None),
         ("[plugins.x]\nrunner = \"cobol\"\n", Some("plugins.x")),
