@@ -13,7 +13,7 @@
 //! # Layout
 //! - [`config`]: the TOML file and its validation.
 //! - `confine`: the path rules of SPEC §7.
-//! - [`job`]: spawning, supervising, stopping, the output log.
+//! - [`job`]: spawning, supervising, stopping, the output log (one file per concern).
 //! - `service`: the gRPC surface.
 
 mod cgroup;

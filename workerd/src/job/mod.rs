@@ -1,0 +1,126 @@
+//! Jobs: spawning, supervising, stopping, recording, and their output log.
+//!
+//! Each job runs in its own process group with stdout and stderr joined on
+//! one pipe, so the output log keeps the exact order the job wrote in. A
+//! pump task copies the pipe to `output.log` and publishes the new length on
+//! a `watch` channel; followers read the file from their own offset and wake
+//! on that channel, so a slow follower never slows the job or anyone else.
+//!
+//! - `record`: the job record (`job.json`), its states, writing and loading.
+//! - `spawn`: validating a start and spawning the process.
+//! - `output`: the pump from the job's pipe to its log, and reads of the log.
+//! - `supervise`: waiting for the end, stopping, killing what is left.
+//! - `registry`: [`Jobs`], the worker's jobs and what changed among them.
+
+mod output;
+mod record;
+mod registry;
+mod spawn;
+mod supervise;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::config::RunAs;
+use crate::confine::PathError;
+
+pub(crate) use output::read_at;
+pub(crate) use record::{JobRecord, State};
+pub(crate) use registry::Jobs;
+
+/// Largest piece of output read or sent at once.
+pub(crate) const CHUNK: usize = 64 * 1024;
+
+/// How far the output log has been written, and whether it is complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Progress {
+    pub(crate) len: u64,
+    pub(crate) done: bool,
+}
+
+/// Why a job request was refused.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum JobError {
+    #[error("invalid path: {0}")]
+    Path(#[from] PathError),
+    #[error("unknown plugin {name:?}: this worker offers {offered}")]
+    UnknownPlugin { name: String, offered: String },
+    #[error("no plugin runs {path:?}: name one with `command` (this worker offers {offered})")]
+    NoPluginForScript { path: String, offered: String },
+    #[error("invalid job id {0:?}: expected a UUID")]
+    BadJobId(String),
+    #[error("unknown job {0}")]
+    UnknownJob(String),
+    #[error("job {0} already exists")]
+    Exists(Uuid),
+    #[error("invalid {what}: {reason}")]
+    BadInput { what: &'static str, reason: String },
+    #[error("the worker is shutting down and takes no new jobs")]
+    ShuttingDown,
+    #[error("the worker already runs its maximum of {0} jobs; try later or another worker")]
+    Busy(usize),
+    #[error("offset {offset} is past the end of the output ({len} bytes)")]
+    OffsetPastEnd { offset: u64, len: u64 },
+    #[error("the output of job {0} was deleted by the worker's retention limits")]
+    OutputExpired(Uuid),
+    #[error("worker storage: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// One job known to this worker, running or finished.
+#[derive(Debug)]
+pub(crate) struct Job {
+    record: Mutex<JobRecord>,
+    progress: watch::Sender<Progress>,
+    stop: CancellationToken,
+    log_path: PathBuf,
+}
+
+impl Job {
+    pub(crate) fn record(&self) -> JobRecord {
+        // Poisoning only follows a panic elsewhere; the record is still whole.
+        self.record
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn progress(&self) -> watch::Receiver<Progress> {
+        self.progress.subscribe()
+    }
+
+    pub(crate) fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    fn update(&self, f: impl FnOnce(&mut JobRecord)) -> JobRecord {
+        let mut record = self.record.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut record);
+        record.clone()
+    }
+}
+
+/// What a StartJob asks for, before validation.
+#[derive(Debug)]
+pub(crate) struct StartRequest {
+    pub(crate) job_id: String,
+    pub(crate) command: String,
+    pub(crate) path: String,
+    pub(crate) args: Vec<String>,
+    pub(crate) env: BTreeMap<String, String>,
+}
+
+/// How jobs may run on this worker.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Policy {
+    /// Uid and gid per plugin, when jobs run as another user.
+    pub(crate) run_as: BTreeMap<String, RunAs>,
+    pub(crate) max_jobs: Option<usize>,
+    /// The delegated cgroup v2 jobs get their groups in, if there is one.
+    pub(crate) cgroups: Option<crate::cgroup::Cgroups>,
+}

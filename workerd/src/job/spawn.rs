@@ -1,0 +1,343 @@
+//! Starting a job: validating the request, taking a slot, creating its
+//! files and spawning its process.
+
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use jobcluster_plugins::Plugin;
+use tokio::net::unix::pipe;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::output::pump;
+use super::record::{now_ms, write_record};
+use super::supervise::{Supervision, supervise};
+use super::{Job, JobError, JobRecord, Jobs, Progress, StartRequest, State};
+
+/// Environment variables passed from the worker to every job.
+const INHERITED_ENV: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME"];
+const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// A reserved place among the running jobs, returned on drop unless kept.
+struct RunningSlot<'a> {
+    running: &'a AtomicUsize,
+    kept: bool,
+}
+
+impl<'a> RunningSlot<'a> {
+    fn take(running: &'a AtomicUsize, max: Option<usize>) -> Result<Self, JobError> {
+        let before = running.fetch_add(1, Ordering::AcqRel);
+        let slot = RunningSlot {
+            running,
+            kept: false,
+        };
+        match max {
+            Some(max) if before >= max => Err(JobError::Busy(max)),
+            _ => Ok(slot),
+        }
+    }
+
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for RunningSlot<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.running.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Jobs {
+    /// Validates the request, spawns the job and returns its first record:
+    /// `running`, or `failed` when the process could not be started.
+    pub(crate) async fn start(&self, req: StartRequest) -> Result<JobRecord, JobError> {
+        if !self.accepting.load(Ordering::Acquire) {
+            return Err(JobError::ShuttingDown);
+        }
+        let id = if req.job_id.is_empty() {
+            Uuid::new_v4()
+        } else {
+            Uuid::parse_str(&req.job_id).map_err(|_| JobError::BadJobId(req.job_id.clone()))?
+        };
+        let script = crate::confine::resolve_script(&self.scripts_dir, &req.path)?;
+        let plugin = self.plugin_for(&req.command, &req.path, &script)?;
+        validate_strings(&req.args, &req.env)?;
+        // A slot is taken now, before any await, so concurrent starts cannot
+        // overshoot max_jobs; it is given back unless a process starts.
+        let slot = RunningSlot::take(&self.running, self.policy.max_jobs)?;
+
+        let dir = self.jobs_dir.join(id.to_string());
+        match tokio::fs::create_dir(&dir).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(JobError::Exists(id));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tokio::fs::create_dir_all(&dir).await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let log_path = dir.join("output.log");
+        let log_file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&log_path)
+            .await?
+            .into_std()
+            .await;
+
+        let now = now_ms();
+        let mut record = JobRecord {
+            id,
+            command: plugin.name.clone(),
+            path: req.path.clone(),
+            args: req.args.clone(),
+            state: State::Running,
+            exit_code: None,
+            signal: None,
+            error_text: String::new(),
+            created_at_ms: now,
+            started_at_ms: now,
+            finished_at_ms: 0,
+            pgid: None,
+            output_bytes: 0,
+            output_expired: false,
+        };
+
+        // The job's cgroup is made before the job exists, so it can join it
+        // before it runs anything.
+        let cgroup = match &self.policy.cgroups {
+            Some(cgroups) => {
+                let (cgroups, limits) = (cgroups.clone(), plugin.limits);
+                let created = tokio::task::spawn_blocking(move || {
+                    let dir = cgroups.create(id, &limits)?;
+                    let procs = crate::cgroup::Cgroups::procs_file(&dir)?;
+                    Ok::<_, std::io::Error>((dir, procs))
+                })
+                .await
+                .map_err(std::io::Error::other)??;
+                Some(created)
+            }
+            None => None,
+        };
+        let (cgroup_dir, cgroup_procs) = cgroup.map_or((None, None), |(d, p)| (Some(d), Some(p)));
+        let spawned = self.spawn(plugin, &script, &req, id, cgroup_procs);
+        if spawned.is_ok() {
+            // Counted from spawn to the end of supervision.
+            slot.keep();
+        }
+        let (progress, _) = watch::channel(Progress {
+            len: 0,
+            done: false,
+        });
+        let job = Arc::new(Job {
+            record: Mutex::new(record.clone()),
+            progress,
+            stop: CancellationToken::new(),
+            log_path,
+        });
+        match spawned {
+            Ok((child, reader)) => {
+                let pgid = child.id().and_then(|p| i32::try_from(p).ok());
+                record = job.update(|r| r.pgid = pgid);
+                // The process runs now: whatever happens to its record, it
+                // must be supervised (the final write tries again).
+                if let Err(error) = write_record(&self.jobs_dir, &record).await {
+                    tracing::error!(job_id = %id, %error, "could not record the job's start");
+                }
+                self.insert(&job);
+                let over_limit = CancellationToken::new();
+                let pump = tokio::spawn(pump(
+                    reader,
+                    log_file,
+                    job.progress.clone(),
+                    plugin.max_output_bytes,
+                    over_limit.clone(),
+                ));
+                let limits = Supervision {
+                    grace: plugin.stop_grace,
+                    timeout: plugin.timeout,
+                    max_output: plugin.max_output_bytes,
+                    over_limit,
+                };
+                let jobs_dir = self.jobs_dir.clone();
+                let supervised = job.clone();
+                let changes = self.changes.clone();
+                let running = self.running.clone();
+                self.tracker.spawn(async move {
+                    supervise(supervised, child, pgid, pump, limits, jobs_dir).await;
+                    if let Some(dir) = cgroup_dir {
+                        let _ = tokio::task::spawn_blocking(move || {
+                            crate::cgroup::Cgroups::remove(&dir)
+                        })
+                        .await;
+                    }
+                    running.fetch_sub(1, Ordering::AcqRel);
+                    changes.mark([id]);
+                    changes.finished.notify_one();
+                });
+                tracing::info!(job_id = %id, plugin = %record.command, path = %record.path, pgid, "job started");
+            }
+            Err(error) => {
+                record = job.update(|r| {
+                    r.state = State::Failed;
+                    r.error_text = format!("could not start: {error}");
+                    r.finished_at_ms = now_ms();
+                });
+                if let Some(dir) = cgroup_dir {
+                    let _ =
+                        tokio::task::spawn_blocking(move || crate::cgroup::Cgroups::remove(&dir))
+                            .await;
+                }
+                job.progress.send_modify(|p| p.done = true);
+                self.insert(&job);
+                tracing::warn!(job_id = %id, %error, "job could not start");
+                write_record(&self.jobs_dir, &record).await?;
+            }
+        }
+        Ok(record)
+    }
+
+    fn plugin_for(&self, command: &str, path: &str, script: &Path) -> Result<&Plugin, JobError> {
+        let offered = || self.plugins.keys().cloned().collect::<Vec<_>>().join(", ");
+        if !command.is_empty() {
+            return self
+                .plugins
+                .get(command)
+                .ok_or_else(|| JobError::UnknownPlugin {
+                    name: command.to_owned(),
+                    offered: offered(),
+                });
+        }
+        // No plugin named: the one whose extensions match the script.
+        let ext = Path::new(path)
+            .extension()
+            .or_else(|| script.extension())
+            .and_then(|e| e.to_str())
+            .unwrap_or_default();
+        self.plugins
+            .values()
+            .find(|p| p.extensions.iter().any(|e| e == ext))
+            .ok_or_else(|| JobError::NoPluginForScript {
+                path: path.to_owned(),
+                offered: offered(),
+            })
+    }
+
+    fn spawn(
+        &self,
+        plugin: &Plugin,
+        script: &Path,
+        req: &StartRequest,
+        id: Uuid,
+        cgroup_procs: Option<std::os::fd::OwnedFd>,
+    ) -> std::io::Result<(tokio::process::Child, pipe::Receiver)> {
+        let line = plugin.runner.command_line(script, &req.args);
+        // One pipe for stdout and stderr keeps their relative order exact.
+        let (reader, writer) = std::io::pipe()?;
+        let writer_err = writer.try_clone()?;
+        let mut cmd = tokio::process::Command::new(&line.program);
+        cmd.args(&line.args).env_clear().env("PATH", DEFAULT_PATH);
+        for key in INHERITED_ENV {
+            if let Some(value) = std::env::var_os(key) {
+                cmd.env(key, value);
+            }
+        }
+        cmd.env("JOB_ID", id.to_string())
+            .env("WORKER_NAME", &self.worker_name)
+            .envs(line.env.iter().map(|(k, v)| (k, v)))
+            .envs(&req.env)
+            .current_dir(script.parent().unwrap_or(&self.scripts_dir))
+            .stdin(Stdio::null())
+            .stdout(writer)
+            .stderr(writer_err)
+            .process_group(0)
+            .kill_on_drop(false);
+        if let Some(run_as) = self.policy.run_as.get(&plugin.name) {
+            // std drops supplementary groups too when it switches user.
+            cmd.uid(run_as.uid)
+                .gid(run_as.gid)
+                .env("HOME", &run_as.home)
+                .env("USER", &run_as.user)
+                .env("LOGNAME", &run_as.user);
+        }
+        crate::sys::set_limits(&mut cmd, plugin.limits, cgroup_procs);
+        let child = cmd.spawn()?;
+        // The command holds the parent's copies of the pipe's write end;
+        // dropping it lets the pump see EOF once the job's processes close theirs.
+        drop(cmd);
+        let reader = pipe::Receiver::from_owned_fd(OwnedFd::from(reader))?;
+        Ok((child, reader))
+    }
+}
+
+fn validate_strings(args: &[String], env: &BTreeMap<String, String>) -> Result<(), JobError> {
+    if args.iter().any(|a| a.contains('\0')) {
+        return Err(JobError::BadInput {
+            what: "args",
+            reason: "an argument contains a NUL byte".into(),
+        });
+    }
+    for (key, value) in env {
+        if key.is_empty() || key.contains(['=', '\0']) || value.contains('\0') {
+            return Err(JobError::BadInput {
+                what: "env",
+                reason: format!("{key:?} is not a valid variable"),
+            });
+        }
+        if reserved_variable(key) {
+            return Err(JobError::BadInput {
+                what: "env",
+                reason: format!(
+                    "{key} may not be set by a request: it would let a job load code from outside the scripts directory or change what the worker relies on"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Variables a request may not set: the worker's own (`JOB_ID` finds a
+/// job's processes after a crash), and those that make an interpreter or
+/// the dynamic linker load code from elsewhere, which would get around the
+/// scripts directory. Plugins' own `env` may still set them.
+fn reserved_variable(key: &str) -> bool {
+    const EXACT: &[&str] = &[
+        "JOB_ID",
+        "WORKER_NAME",
+        "PATH",
+        "IFS",
+        "ENV",
+        "BASH_ENV",
+        "SHELLOPTS",
+        "BASHOPTS",
+        "PS4",
+        "PROMPT_COMMAND",
+        "PYTHONPATH",
+        "PYTHONHOME",
+        "PYTHONSTARTUP",
+        "PYTHONINSPECT",
+        "PERL5LIB",
+        "PERL5OPT",
+        "PERLLIB",
+        "RUBYLIB",
+        "RUBYOPT",
+        "NODE_OPTIONS",
+        "NODE_PATH",
+        "GCONV_PATH",
+        "HOSTALIASES",
+        "LOCPATH",
+        "TMPDIR",
+    ];
+    const PREFIXES: &[&str] = &["LD_", "DYLD_", "BASH_FUNC_"];
+    EXACT.contains(&key) || PREFIXES.iter().any(|p| key.starts_with(p))
+}

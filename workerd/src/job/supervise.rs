@@ -1,0 +1,212 @@
+//! Supervision: waiting for a job to end, ending it on stop, timeout or
+//! output limit, killing what is left of it, and recording the outcome.
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::record::{now_ms, write_record};
+use super::{Job, JobRecord, State};
+
+/// How long a stop request waits for the job to end before answering (a
+/// long grace period goes on after the answer).
+pub(super) const STOP_WAIT: Duration = Duration::from_secs(5);
+/// After a job's main process is gone and its group killed, how long the
+/// pump may still drain the pipe (a process that left the group may hold
+/// it open forever).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the supervisor ended a job that was still running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Ending {
+    Stopped,
+    TimedOut(Duration),
+    OutputLimit(u64),
+}
+
+/// The plugin's limits on one job.
+#[derive(Debug)]
+pub(super) struct Supervision {
+    pub(super) grace: Duration,
+    pub(super) timeout: Option<Duration>,
+    pub(super) max_output: Option<u64>,
+    pub(super) over_limit: CancellationToken,
+}
+
+pub(super) async fn supervise(
+    job: Arc<Job>,
+    mut child: tokio::process::Child,
+    pgid: Option<i32>,
+    mut pump: JoinHandle<u64>,
+    limits: Supervision,
+    jobs_dir: PathBuf,
+) {
+    let id = job.record().id;
+    let timeout = async {
+        match limits.timeout {
+            Some(t) => tokio::time::sleep(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    let ending = tokio::select! {
+        status = child.wait() => Err(status),
+        () = job.stop.cancelled() => Ok(Ending::Stopped),
+        () = timeout => Ok(Ending::TimedOut(limits.timeout.unwrap_or_default())),
+        () = limits.over_limit.cancelled() => Ok(Ending::OutputLimit(limits.max_output.unwrap_or_default())),
+    };
+    let (status, ending) = match ending {
+        Err(status) => (status, None),
+        Ok(ending) => {
+            tracing::info!(job_id = %id, ?ending, "ending the job");
+            signal_group(pgid, Signal::SIGTERM);
+            let grace = limits.grace;
+            let status = match tokio::time::timeout(grace, child.wait()).await {
+                Ok(status) => status,
+                Err(_) => {
+                    tracing::info!(job_id = %id, ?grace, "grace period over; killing the job's process group");
+                    signal_group(pgid, Signal::SIGKILL);
+                    child.wait().await
+                }
+            };
+            (status, Some(ending))
+        }
+    };
+    // Nothing of the job outlives it: whatever stayed in its group goes now.
+    signal_group(pgid, Signal::SIGKILL);
+    let len = match tokio::time::timeout(DRAIN_TIMEOUT, &mut pump).await {
+        Ok(Ok(len)) => len,
+        Ok(Err(error)) => {
+            tracing::error!(job_id = %id, %error, "output pump failed");
+            job.progress.borrow().len
+        }
+        Err(_) => {
+            tracing::warn!(job_id = %id, "output pipe still open after the job ended; closing it");
+            pump.abort();
+            job.progress.borrow().len
+        }
+    };
+    let record = job.update(|r| {
+        r.finished_at_ms = now_ms();
+        r.output_bytes = len;
+        r.pgid = None;
+        finish(r, status, ending);
+    });
+    if let Err(error) = write_record(&jobs_dir, &record).await {
+        tracing::error!(job_id = %id, %error, "could not record the job's final state");
+    }
+    job.progress.send_modify(|p| {
+        p.len = len;
+        p.done = true;
+    });
+    tracing::info!(job_id = %id, state = ?record.state, exit_code = record.exit_code, signal = record.signal, "job finished");
+}
+
+fn finish(r: &mut JobRecord, status: std::io::Result<ExitStatus>, ending: Option<Ending>) {
+    match status {
+        Ok(status) => {
+            r.exit_code = status.code();
+            r.signal = status.signal();
+            r.state = if let Some(ending) = ending {
+                match ending {
+                    Ending::Stopped => {
+                        r.error_text = "stopped by request".into();
+                        State::Stopped
+                    }
+                    Ending::TimedOut(after) => {
+                        r.error_text =
+                            format!("timed out after {}", humantime::format_duration(after));
+                        State::Failed
+                    }
+                    Ending::OutputLimit(limit) => {
+                        r.error_text = format!(
+                            "output limit of {limit} bytes exceeded; the job was stopped and its output kept up to the limit"
+                        );
+                        State::Failed
+                    }
+                }
+            } else {
+                match (status.code(), status.signal()) {
+                    (Some(0), _) => State::Succeeded,
+                    (Some(code), _) => {
+                        r.error_text = format!("exited with code {code}");
+                        State::Failed
+                    }
+                    (None, Some(sig)) => {
+                        r.error_text = format!("killed by signal {sig} ({})", signal_name(sig));
+                        State::Failed
+                    }
+                    (None, None) => {
+                        r.error_text = "ended without an exit status".into();
+                        State::Failed
+                    }
+                }
+            };
+        }
+        Err(error) => {
+            r.state = State::Failed;
+            r.error_text = format!("lost track of the process: {error}");
+        }
+    }
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    Signal::try_from(sig)
+        .map(|s| s.as_str())
+        .unwrap_or("unknown")
+}
+
+fn signal_group(pgid: Option<i32>, signal: Signal) {
+    let Some(pgid) = pgid else { return };
+    match killpg(Pid::from_raw(pgid), signal) {
+        // ESRCH: the group is already empty, which is what we want.
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+        Err(error) => {
+            tracing::warn!(pgid, %error, ?signal, "signalling the job's process group failed")
+        }
+    }
+}
+
+/// Kills what is left of a job whose worker died: every process in its
+/// recorded process group that still carries the job's id in its
+/// environment (a pid may have been reused by something else since).
+/// Returns how many processes were signalled.
+pub(super) fn kill_leftovers(id: Uuid, pgid: Option<i32>) -> usize {
+    let Some(pgid) = pgid else { return 0 };
+    let needle = format!("JOB_ID={id}");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut killed = 0;
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // Fields after the parenthesised command: state ppid pgrp ...
+        let in_group = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(2))
+            .and_then(|g| g.parse::<i32>().ok())
+            == Some(pgid);
+        if !in_group {
+            continue;
+        }
+        let ours = std::fs::read(entry.path().join("environ"))
+            .map(|env| env.split(|b| *b == 0).any(|v| v == needle.as_bytes()))
+            .unwrap_or(false);
+        if ours && nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
+            killed += 1;
+        }
+    }
+    killed
+}
