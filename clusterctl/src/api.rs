@@ -580,6 +580,7 @@ mod tests {
             body: Some(ErrorBody {
                 error: "unknown job 42".into(),
                 code: "job_not_found".into(),
+                job_id: None,
             }),
             text: String::new(),
         };

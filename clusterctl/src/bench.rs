@@ -575,6 +575,8 @@ mod tests {
             finished_at: None,
             output_bytes: 10,
             group_id: None,
+            stale: false,
+            recorded_at: None,
         };
         assert_eq!(verify(Some(job("succeeded", 0)), 10, 10), Ok(()));
         assert_eq!(

@@ -530,6 +530,7 @@ mod tests {
             body: Some(ErrorBody {
                 error: format!("error {code}"),
                 code: code.into(),
+                job_id: None,
             }),
             text: String::new(),
         }

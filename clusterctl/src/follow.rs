@@ -173,6 +173,29 @@ pub(crate) async fn stream_output<S: LogSource>(
             }
         };
 
+        // A job whose worker cannot be asked now is `unknown`, not over:
+        // wait for it as long as the scheduler has not given it up, and
+        // end with the real outcome.
+        let unavailable = matches!(
+            &error,
+            ApiError::Status { status, .. } if *status == reqwest::StatusCode::SERVICE_UNAVAILABLE
+        );
+        if unavailable && follow {
+            match source.job().await {
+                Ok(job) if job.state == "lost" => return Ok(Some(job)),
+                Ok(job) if job.state == "unknown" => {
+                    eprintln!(
+                        "clusterctl: job {job_id} is unknown ({}); waiting, from byte {offset}",
+                        job.error_text
+                    );
+                    failures = 0;
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(retry.max_delay);
+                    continue;
+                }
+                _ => {}
+            }
+        }
         if !connected || !error.is_retryable() {
             return Err(error.into());
         }
@@ -199,13 +222,19 @@ pub(crate) async fn stream_output<S: LogSource>(
     }
 }
 
+/// The exit code of a lost job: its outcome is not known (its worker
+/// vanished), so a retry may succeed; sysexits' EX_TEMPFAIL.
+pub(crate) const LOST_EXIT_CODE: u8 = 75;
+
 /// The exit code `run` and `logs -f` end with: the job's own exit code,
-/// 128+N when a signal N killed it, 1 when it was stopped or lost or failed
-/// without a code. A job that did not succeed never maps to 0.
+/// 128+N when a signal N killed it, [`LOST_EXIT_CODE`] when it was lost,
+/// 1 when it was stopped or failed without a code. A job that did not
+/// succeed never maps to 0.
 pub(crate) fn exit_code_of(job: &JobInfo) -> u8 {
     match job.state.as_str() {
         "succeeded" => 0,
-        "stopped" | "lost" => 1,
+        "lost" => LOST_EXIT_CODE,
+        "stopped" => 1,
         _ => match (job.exit_code, job.signal) {
             (Some(code), _) if code != 0 => u8::try_from(code).unwrap_or(1),
             (_, Some(signal)) if signal > 0 => u8::try_from(128 + signal).unwrap_or(255),
@@ -293,6 +322,8 @@ mod tests {
             finished_at: None,
             output_bytes: 0,
             group_id: None,
+            stale: false,
+            recorded_at: None,
         }
     }
 
@@ -306,7 +337,7 @@ mod tests {
         assert_eq!(exit_code_of(&job("failed", Some(300), None)), 1);
         assert_eq!(exit_code_of(&job("stopped", None, Some(15))), 1);
         assert_eq!(exit_code_of(&job("stopped", Some(0), None)), 1);
-        assert_eq!(exit_code_of(&job("lost", None, None)), 1);
+        assert_eq!(exit_code_of(&job("lost", None, None)), LOST_EXIT_CODE);
         assert_eq!(exit_code_of(&job("running", None, None)), 1);
     }
 
@@ -340,7 +371,10 @@ mod tests {
             group_exit_code(&group(vec![ok(), job("stopped", None, Some(15))]), 0),
             1
         );
-        assert_eq!(group_exit_code(&group(vec![job("lost", None, None)]), 0), 1);
+        assert_eq!(
+            group_exit_code(&group(vec![job("lost", None, None)]), 0),
+            LOST_EXIT_CODE
+        );
         // A worker that could not start its job fails the run.
         assert_eq!(group_exit_code(&group(vec![ok()]), 1), 1);
         assert_eq!(

@@ -320,6 +320,8 @@ mod tests {
             finished_at: None,
             output_bytes: 12,
             group_id: None,
+            stale: false,
+            recorded_at: None,
         }
     }
 

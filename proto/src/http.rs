@@ -13,6 +13,10 @@ use serde::{Deserialize, Serialize};
 pub struct ErrorBody {
     pub error: String,
     pub code: String,
+    /// The job the request concerned, when the answer leaves it in doubt
+    /// (a start whose outcome is not known yet: ask for this job later).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
 }
 
 /// Labels a worker must carry (all of them) to be chosen.
@@ -82,7 +86,9 @@ pub struct JobInfo {
     pub command: String,
     pub path: String,
     pub args: Vec<String>,
-    /// `running`, `succeeded`, `failed`, `stopped` or `lost`.
+    /// `running`, `unknown` (its worker cannot be asked now; not given
+    /// up), `succeeded`, `failed`, `stopped` or `lost`. The last four are
+    /// terminal and never change.
     pub state: String,
     pub done: bool,
     pub error: bool,
@@ -96,6 +102,13 @@ pub struct JobInfo {
     /// The fan-out group the job belongs to, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group_id: Option<String>,
+    /// The worker could not be asked in time: this is the scheduler's
+    /// record as of `recorded_at`.
+    #[serde(default)]
+    pub stale: bool,
+    /// When the scheduler last wrote this record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recorded_at: Option<String>,
 }
 
 /// `GET /v1/jobs`: newest first; `next_cursor` fetches the next page.
@@ -146,7 +159,14 @@ pub struct LogsQuery {
 }
 
 /// Job states, as they appear in JSON.
-pub const JOB_STATES: [&str; 5] = ["running", "succeeded", "failed", "stopped", "lost"];
+pub const JOB_STATES: [&str; 6] = [
+    "running",
+    "unknown",
+    "succeeded",
+    "failed",
+    "stopped",
+    "lost",
+];
 
 /// `POST /v1/groups`: one job per matching ready worker.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -130,9 +130,18 @@ pub struct WorkersSection {
     /// How often workers heartbeat (told to them at registration).
     #[serde(default = "default_heartbeat", with = "humantime_serde")]
     pub heartbeat_interval: Duration,
-    /// A worker not heard from for this long is `down`, its running jobs `lost`.
+    /// A worker not heard from for this long is `down`; its running jobs
+    /// read `unknown`.
     #[serde(default = "default_down_after", with = "humantime_serde")]
     pub down_after: Duration,
+    /// A worker not heard from for this long has its running and unknown
+    /// jobs recorded `lost` (a terminal state: they never come back).
+    #[serde(default = "default_lost_after", with = "humantime_serde")]
+    pub lost_after: Duration,
+    /// How long reading a job's status waits for its worker before
+    /// answering from the record (marked stale).
+    #[serde(default = "default_refresh_timeout", with = "humantime_serde")]
+    pub refresh_timeout: Duration,
     /// How long a call to a worker may take before the API answers 503.
     #[serde(default = "default_call_timeout", with = "humantime_serde")]
     pub call_timeout: Duration,
@@ -146,6 +155,8 @@ impl Default for WorkersSection {
         WorkersSection {
             heartbeat_interval: default_heartbeat(),
             down_after: default_down_after(),
+            lost_after: default_lost_after(),
+            refresh_timeout: default_refresh_timeout(),
             call_timeout: default_call_timeout(),
             connect_timeout: default_connect_timeout(),
         }
@@ -166,6 +177,12 @@ fn default_heartbeat() -> Duration {
 }
 fn default_down_after() -> Duration {
     Duration::from_secs(15)
+}
+fn default_lost_after() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_refresh_timeout() -> Duration {
+    Duration::from_secs(1)
 }
 fn default_call_timeout() -> Duration {
     Duration::from_secs(10)
@@ -188,6 +205,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     pub heartbeat_interval: Duration,
     pub down_after: Duration,
+    pub lost_after: Duration,
+    pub refresh_timeout: Duration,
     /// Presented to workers (as server and as client) and trusted from
     /// them; `None` in insecure (plaintext) mode.
     pub grpc_tls: Option<Tls>,
@@ -275,6 +294,19 @@ impl Config {
                 "must be longer than workers.heartbeat_interval (a few intervals is usual)".into(),
             ));
         }
+        if w.lost_after < w.down_after {
+            return Err(err(
+                "workers.lost_after",
+                "must be at least workers.down_after (jobs are unknown before they are lost)"
+                    .into(),
+            ));
+        }
+        if w.refresh_timeout.is_zero() || w.refresh_timeout > w.call_timeout {
+            return Err(err(
+                "workers.refresh_timeout",
+                "must be more than 0 and at most workers.call_timeout".into(),
+            ));
+        }
         for (i, token) in file.auth.tokens.iter().enumerate() {
             let valid = token.sha256.len() == 64
                 && token
@@ -305,6 +337,8 @@ impl Config {
             tokens: file.auth.tokens,
             heartbeat_interval: w.heartbeat_interval,
             down_after: w.down_after,
+            lost_after: w.lost_after,
+            refresh_timeout: w.refresh_timeout,
             file: path.to_owned(),
             grpc_addr: g.addr.clone(),
             http_addr: h.addr.clone(),

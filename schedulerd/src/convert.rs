@@ -4,6 +4,7 @@
 use jobcluster_proto::http::JobInfo;
 use jobcluster_proto::pb;
 
+use crate::state::JobState;
 use crate::store::JobRow;
 use crate::time::{rfc3339, rfc3339_opt};
 
@@ -16,7 +17,7 @@ pub(crate) fn row_from_report(worker_id: &str, s: &pb::QueryJobResponse) -> JobR
         command: s.command.clone(),
         path: s.path.clone(),
         args: s.args.clone(),
-        state: String::new(),
+        state: JobState::Running,
         error_text: String::new(),
         exit_code: None,
         signal: None,
@@ -25,23 +26,24 @@ pub(crate) fn row_from_report(worker_id: &str, s: &pb::QueryJobResponse) -> JobR
         finished_at_ms: 0,
         output_bytes: 0,
         group_id: None,
+        updated_at_ms: 0,
     };
     merge_status(&mut row, s);
     row
 }
 
-pub(crate) fn state_name(state: i32) -> &'static str {
+pub(crate) fn job_state(state: i32) -> JobState {
     match pb::JobState::try_from(state).unwrap_or(pb::JobState::Unspecified) {
-        pb::JobState::Running | pb::JobState::Unspecified => "running",
-        pb::JobState::Succeeded => "succeeded",
-        pb::JobState::Failed => "failed",
-        pb::JobState::Stopped => "stopped",
-        pb::JobState::Lost => "lost",
+        pb::JobState::Running | pb::JobState::Unspecified => JobState::Running,
+        pb::JobState::Succeeded => JobState::Succeeded,
+        pb::JobState::Failed => JobState::Failed,
+        pb::JobState::Stopped => JobState::Stopped,
+        pb::JobState::Lost => JobState::Lost,
     }
 }
 
 pub(crate) fn merge_status(row: &mut JobRow, s: &pb::QueryJobResponse) {
-    row.state = state_name(s.state).to_owned();
+    row.state = job_state(s.state);
     row.error_text = s.error_text.clone();
     row.exit_code = s.exit_code;
     row.signal = s.signal;
@@ -55,16 +57,18 @@ pub(crate) fn merge_status(row: &mut JobRow, s: &pb::QueryJobResponse) {
     }
 }
 
-pub(crate) fn job_info(r: &JobRow) -> JobInfo {
+/// The API's view of a job record; `stale` when its worker could not be
+/// asked in time and this is the record as it was last written.
+pub(crate) fn job_info(r: &JobRow, stale: bool) -> JobInfo {
     JobInfo {
         job_id: r.job_id.clone(),
         worker_id: r.worker_id.clone(),
         command: r.command.clone(),
         path: r.path.clone(),
         args: r.args.clone(),
-        state: r.state.clone(),
-        done: r.state != "running",
-        error: matches!(r.state.as_str(), "failed" | "lost"),
+        state: r.state.as_str().to_owned(),
+        done: r.state.is_terminal(),
+        error: r.state.is_error(),
         error_text: r.error_text.clone(),
         exit_code: r.exit_code,
         signal: r.signal,
@@ -73,5 +77,7 @@ pub(crate) fn job_info(r: &JobRow) -> JobInfo {
         finished_at: rfc3339_opt(r.finished_at_ms),
         output_bytes: r.output_bytes,
         group_id: r.group_id.clone(),
+        stale,
+        recorded_at: rfc3339_opt(r.updated_at_ms),
     }
 }

@@ -13,8 +13,9 @@ use tonic::{Request, Response, Status};
 
 use crate::convert::row_from_report;
 use crate::registry::{RegisterError, Registration, Registry};
+use crate::state::WorkerState;
 use crate::store::Store;
-use crate::time::now_ms;
+use crate::time::{now_ms, rfc3339};
 
 #[derive(Debug, Clone)]
 pub(crate) struct SchedulerService {
@@ -22,6 +23,9 @@ pub(crate) struct SchedulerService {
     pub(crate) store: Store,
     pub(crate) heartbeat_interval: Duration,
     pub(crate) down_after: Duration,
+    /// A registration's full report marks lost only the jobs created
+    /// longer ago than this (no start of theirs can still be in flight).
+    pub(crate) call_timeout: Duration,
     /// Plaintext mode: callers have no certificates to check.
     pub(crate) insecure: bool,
 }
@@ -36,26 +40,44 @@ impl SchedulerService {
         jobcluster_proto::transport::require_role(request, Role::Worker, rpc).map(Some)
     }
 
+    /// Applies a worker's reports; returns the jobs it must kill.
     async fn apply_reports(
         &self,
         worker_id: &str,
         reports: &[jobcluster_proto::pb::QueryJobResponse],
         complete: bool,
-    ) -> Result<(), Status> {
+    ) -> Result<Vec<String>, Status> {
+        if reports.len() > MAX_REPORTS {
+            return Err(Status::invalid_argument(format!(
+                "{} job reports in one message; at most {MAX_REPORTS}",
+                reports.len()
+            )));
+        }
         if reports.is_empty() && !complete {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let rows = reports
             .iter()
             .filter(|r| uuid::Uuid::parse_str(&r.job_id).is_ok())
             .map(|r| row_from_report(worker_id, r))
             .collect();
-        self.store
-            .apply_reports(worker_id, rows, complete, now_ms())
+        let settled_before = now_ms().saturating_sub(self.call_timeout.as_millis() as u64);
+        let kill = self
+            .store
+            .apply_reports(worker_id, rows, complete, settled_before)
             .await
-            .map_err(internal)
+            .map_err(internal)?;
+        if !kill.is_empty() {
+            tracing::warn!(%worker_id, jobs = ?kill, "the worker runs jobs already recorded as ended; telling it to kill them");
+        }
+        Ok(kill)
     }
 }
+
+/// Job reports in one registration or heartbeat. Workers send at most
+/// this many (their running jobs are bounded by `max_jobs`, and pending
+/// final states go in batches), so a message stays far below the size limit.
+pub(crate) const MAX_REPORTS: usize = 10_000;
 
 fn internal(error: impl std::fmt::Display) -> Status {
     tracing::error!(%error, "scheduler storage failed");
@@ -121,12 +143,13 @@ impl Scheduler for SchedulerService {
             .upsert_worker(row.clone())
             .await
             .map_err(internal)?;
-        self.apply_reports(&row.worker_id, &r.jobs, true).await?;
-        tracing::info!(worker_id = %row.worker_id, worker = %row.name, address = %row.address, plugins = ?row.plugins, "worker registered");
+        let kill_job_ids = self.apply_reports(&row.worker_id, &r.jobs, true).await?;
+        tracing::info!(worker_id = %row.worker_id, worker = %row.name, address = %row.address, plugins = ?row.plugins, jobs = r.jobs.len(), "worker registered");
         Ok(Response::new(RegisterWorkerResponse {
             success: true,
             worker_id: row.worker_id,
             heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u64,
+            kill_job_ids,
         }))
     }
 
@@ -156,21 +179,25 @@ impl Scheduler for SchedulerService {
             return Ok(Response::new(HeartbeatResponse {
                 known: false,
                 heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u64,
+                kill_job_ids: Vec::new(),
             }));
         };
         if came_back {
-            // Its jobs were recorded lost while it was silent; a fresh
-            // registration reports every job's true state and brings them back.
+            // Its jobs read `unknown` while it was silent; a fresh
+            // registration reports every running job's true state and
+            // settles them.
             tracing::info!(worker_id = %row.worker_id, worker = %row.name, "worker is back; asking it to register again");
             return Ok(Response::new(HeartbeatResponse {
                 known: false,
                 heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u64,
+                kill_job_ids: Vec::new(),
             }));
         }
-        self.apply_reports(&row.worker_id, &r.jobs, false).await?;
+        let kill_job_ids = self.apply_reports(&row.worker_id, &r.jobs, false).await?;
         Ok(Response::new(HeartbeatResponse {
             known: true,
             heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u64,
+            kill_job_ids,
         }))
     }
 
@@ -191,11 +218,11 @@ impl Scheduler for SchedulerService {
             ));
         }
         let row = entry.update(|r| {
-            r.state = "left".to_owned();
+            r.state = WorkerState::Left;
             r.last_seen_ms = now_ms();
         });
         self.store
-            .set_worker_state(&row.worker_id, &row.state, row.last_seen_ms)
+            .set_worker_state(&row.worker_id, row.state, row.last_seen_ms)
             .await
             .map_err(internal)?;
         tracing::info!(worker_id = %row.worker_id, worker = %row.name, "worker deregistered");
@@ -203,44 +230,107 @@ impl Scheduler for SchedulerService {
     }
 }
 
-/// Marks workers that stopped heartbeating `down` and their running jobs
-/// `lost`, until `stop` fires.
+/// The liveness rules, applied until `stop` fires:
+/// - a ready worker whose heartbeats are two intervals late is marked
+///   unresponsive (placement skips it; its running jobs read `unknown`)
+///   before it is declared down;
+/// - one not heard from for `down_after` is `down`;
+/// - one not heard from for `lost_after` has its running and unknown jobs
+///   recorded `lost` (then a final state: if it comes back, it kills them).
 pub(crate) async fn watch_liveness(
     registry: Arc<Registry>,
     store: Store,
-    down_after: Duration,
+    timing: Liveness,
     stop: tokio_util::sync::CancellationToken,
 ) {
     // Checking four times per timeout keeps detection within timeout + 25%.
-    let every = (down_after / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let every = (timing.down_after / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    // Late enough that a busy but healthy worker is not suspected.
+    let late = (timing.heartbeat_interval * 2 + Duration::from_secs(1)).as_millis() as u64;
     loop {
         tokio::select! {
             () = tokio::time::sleep(every) => {}
             () = stop.cancelled() => return,
         }
         let now = now_ms();
-        for row in registry.sweep(now, down_after) {
+        for entry in registry.entries() {
+            let row = entry.row();
+            if row.state == WorkerState::Ready
+                && now.saturating_sub(row.last_seen_ms) > late
+                && entry.mark_unresponsive(now)
+            {
+                let why = format!(
+                    "worker {} has sent no heartbeat since {}; not yet given up",
+                    row.name,
+                    rfc3339(row.last_seen_ms)
+                );
+                record_unknown(&store, &row, &why).await;
+            }
+        }
+        for row in registry.sweep(now, timing.down_after) {
             // It may have checked in since the sweep; then it is not down.
             let still_down = registry
                 .get(&row.worker_id)
-                .is_some_and(|e| e.row().state == "down");
+                .is_some_and(|e| e.row().state == WorkerState::Down);
             if !still_down {
                 continue;
             }
             if let Err(error) = store
-                .set_worker_state(&row.worker_id, "down", row.last_seen_ms)
+                .set_worker_state(&row.worker_id, WorkerState::Down, row.last_seen_ms)
                 .await
             {
                 tracing::error!(worker_id = %row.worker_id, %error, "could not record worker down");
             }
-            match store.mark_lost(&row.worker_id, now).await {
-                Ok(lost) => {
-                    tracing::warn!(worker_id = %row.worker_id, worker = %row.name, lost_jobs = lost.len(), "worker is down: no heartbeat")
+            tracing::warn!(worker_id = %row.worker_id, worker = %row.name, "worker is down: no heartbeat");
+            let why = format!(
+                "worker {} is down: no heartbeat since {}; not yet given up",
+                row.name,
+                rfc3339(row.last_seen_ms)
+            );
+            record_unknown(&store, &row, &why).await;
+        }
+        let lost_after = timing.lost_after.as_millis() as u64;
+        for row in registry.all() {
+            if row.state == WorkerState::Ready || now.saturating_sub(row.last_seen_ms) <= lost_after
+            {
+                continue;
+            }
+            let why = format!(
+                "no news from worker {} since {} (lost_after {})",
+                row.name,
+                rfc3339(row.last_seen_ms),
+                humantime::format_duration(timing.lost_after)
+            );
+            match store.mark_lost(&row.worker_id, &why).await {
+                Ok(lost) if !lost.is_empty() => {
+                    tracing::warn!(worker_id = %row.worker_id, worker = %row.name, jobs = ?lost, "jobs lost: no news from their worker")
                 }
+                Ok(_) => {}
                 Err(error) => {
                     tracing::error!(worker_id = %row.worker_id, %error, "could not record lost jobs")
                 }
             }
+        }
+    }
+}
+
+/// How the liveness rules are timed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Liveness {
+    pub(crate) heartbeat_interval: Duration,
+    pub(crate) down_after: Duration,
+    pub(crate) lost_after: Duration,
+}
+
+/// Records a worker's running jobs `unknown`, saying why.
+pub(crate) async fn record_unknown(store: &Store, row: &crate::store::WorkerRow, why: &str) {
+    match store.mark_unknown(&row.worker_id, why).await {
+        Ok(ids) if !ids.is_empty() => {
+            tracing::warn!(worker_id = %row.worker_id, worker = %row.name, jobs = ?ids, why, "jobs unknown until their worker answers")
+        }
+        Ok(_) => {}
+        Err(error) => {
+            tracing::error!(worker_id = %row.worker_id, %error, "could not record jobs unknown")
         }
     }
 }

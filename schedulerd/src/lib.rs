@@ -24,6 +24,7 @@ mod convert;
 mod grpc;
 mod placement;
 mod registry;
+pub mod state;
 pub mod store;
 mod time;
 
@@ -173,12 +174,17 @@ pub async fn run(
         store: store.clone(),
         heartbeat_interval: config.heartbeat_interval,
         down_after: config.down_after,
+        call_timeout: config.call_timeout,
         insecure: secure.is_none(),
     };
     let liveness = tokio::spawn(grpc::watch_liveness(
         registry.clone(),
         store.clone(),
-        config.down_after,
+        grpc::Liveness {
+            heartbeat_interval: config.heartbeat_interval,
+            down_after: config.down_after,
+            lost_after: config.lost_after,
+        },
         stop.clone(),
     ));
     let router = tonic::transport::Server::builder()
@@ -196,15 +202,18 @@ pub async fn run(
         }
     };
 
-    let app = api::router(api::AppState {
+    let app_state = api::AppState {
         registry,
         store: store.clone(),
         call_timeout: config.call_timeout,
+        refresh_timeout: config.refresh_timeout,
         tokens,
         followers: Arc::new(api::Followers::new(config.max_followers_per_job)),
         insecure: secure.is_none(),
         placement_turn: Default::default(),
-    });
+    };
+    let settler = tokio::spawn(api::jobs::settle_unknown(app_state.clone(), stop.clone()));
+    let app = api::router(app_state);
     let http = match http_listener {
         HttpListener::Tls(listener) => tokio::spawn(api::serve::serve(
             listener,
@@ -245,6 +254,7 @@ pub async fn run(
         tracing::error!(%error, "http server task failed");
     }
     let _ = liveness.await;
+    let _ = settler.await;
     store.close().await?;
     tracing::info!("scheduler stopped");
     Ok(())

@@ -12,6 +12,7 @@ use std::path::Path;
 
 use jobcluster_proto::http::Selector;
 
+use crate::state::WorkerState;
 use crate::store::WorkerRow;
 
 /// Why no worker can take the job, for a person.
@@ -33,7 +34,7 @@ fn matches(w: &WorkerRow, selector: &Selector) -> bool {
 }
 
 pub(crate) fn available(w: &WorkerRow) -> bool {
-    w.state == "ready" && !w.draining
+    w.state == WorkerState::Ready && !w.draining
 }
 
 fn show(selector: &Selector) -> String {
@@ -62,7 +63,7 @@ pub(crate) fn eligible(
     };
     let offering: Vec<_> = workers
         .iter()
-        .filter(|w| w.state != "left" && offers(w, command, extension))
+        .filter(|w| w.state != WorkerState::Left && offers(w, command, extension))
         .collect();
     if offering.is_empty() {
         return Err(NoEligibleWorker(format!("no worker offers {what}")));
@@ -118,12 +119,12 @@ pub(crate) fn order(
 mod tests {
     use super::*;
 
-    fn worker(name: &str, zone: &str, state: &str, draining: bool) -> WorkerRow {
+    fn worker(name: &str, zone: &str, state: WorkerState, draining: bool) -> WorkerRow {
         WorkerRow {
             worker_id: format!("id-{name}"),
             name: name.into(),
             address: String::new(),
-            state: state.into(),
+            state,
             plugins: vec!["bash".into()],
             labels: [("zone".to_owned(), zone.to_owned())].into(),
             registered_at_ms: 0,
@@ -137,9 +138,9 @@ mod tests {
     #[test]
     fn eligibility_and_reasons() {
         let ws = vec![
-            worker("a", "x", "ready", false),
-            worker("b", "y", "ready", true),
-            worker("c", "y", "down", false),
+            worker("a", "x", WorkerState::Ready, false),
+            worker("b", "y", WorkerState::Ready, true),
+            worker("c", "y", WorkerState::Down, false),
         ];
         let names = |r: Result<Vec<WorkerRow>, NoEligibleWorker>| {
             r.map(|v| v.into_iter().map(|w| w.name).collect::<Vec<_>>())
@@ -180,9 +181,9 @@ mod tests {
     #[test]
     fn fewest_running_first_then_round_robin() {
         let ws = vec![
-            worker("a", "x", "ready", false),
-            worker("b", "x", "ready", false),
-            worker("c", "x", "ready", false),
+            worker("a", "x", WorkerState::Ready, false),
+            worker("b", "x", WorkerState::Ready, false),
+            worker("c", "x", WorkerState::Ready, false),
         ];
         let running: HashMap<String, u64> = [("id-a".to_owned(), 2)].into();
         let first = |turn| order(ws.clone(), &running, turn)[0].name.clone();

@@ -9,6 +9,7 @@ use jobcluster_proto::pb::worker_client::WorkerClient;
 use jobcluster_proto::transport::{self, AddressError, ClientConfigSource};
 use tonic::transport::Channel;
 
+use crate::state::WorkerState;
 use crate::store::WorkerRow;
 
 /// One worker: its record, the process instance that holds its name, and
@@ -19,6 +20,9 @@ pub(crate) struct WorkerEntry {
     /// Empty until the worker has registered or heartbeated since this
     /// scheduler started.
     instance_id: Mutex<String>,
+    /// Since when (Unix ms) a call to this worker timed out, until it is
+    /// heard from again: placement skips it and calls that need it fail fast.
+    unresponsive_since: Mutex<Option<u64>>,
     client: WorkerClient<Channel>,
 }
 
@@ -47,6 +51,31 @@ impl WorkerEntry {
 
     fn set_instance(&self, id: &str) {
         *self.instance_id.lock().unwrap_or_else(|e| e.into_inner()) = id.to_owned();
+    }
+
+    /// Since when the worker has not answered in time, if it has not.
+    pub(crate) fn unresponsive_since(&self) -> Option<u64> {
+        *self
+            .unresponsive_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records that a call timed out. True if the worker was responsive
+    /// until now (the caller then records its running jobs `unknown`).
+    pub(crate) fn mark_unresponsive(&self, now_ms: u64) -> bool {
+        let mut since = self
+            .unresponsive_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let newly = since.is_none();
+        since.get_or_insert(now_ms);
+        newly
+    }
+
+    /// Ready and answering: placement may use it.
+    pub(crate) fn usable(&self) -> bool {
+        self.row().state == WorkerState::Ready && self.unresponsive_since().is_none()
     }
 
     pub(crate) fn id(&self) -> String {
@@ -113,6 +142,7 @@ impl Registry {
         Ok(Arc::new(WorkerEntry {
             row: Mutex::new(row),
             instance_id: Mutex::new(String::new()),
+            unresponsive_since: Mutex::new(None),
             client: WorkerClient::new(channel),
         }))
     }
@@ -122,7 +152,7 @@ impl Registry {
     /// `down_after` to check in with this scheduler.
     pub(crate) fn load(&self, rows: Vec<WorkerRow>, now_ms: u64) {
         for mut row in rows {
-            if row.state != "left" {
+            if row.state != WorkerState::Left {
                 row.last_seen_ms = now_ms;
             }
             match self.entry(row.clone()) {
@@ -152,6 +182,11 @@ impl Registry {
         })
     }
 
+    pub(crate) fn entries(&self) -> Vec<Arc<WorkerEntry>> {
+        let maps = self.maps.read().unwrap_or_else(|e| e.into_inner());
+        maps.by_id.values().cloned().collect()
+    }
+
     pub(crate) fn all(&self) -> Vec<WorkerRow> {
         let maps = self.maps.read().unwrap_or_else(|e| e.into_inner());
         let mut rows: Vec<_> = maps.by_id.values().map(|e| e.row()).collect();
@@ -173,7 +208,11 @@ impl Registry {
             let row = entry.row();
             let holder = entry.instance();
             let alive = now_ms.saturating_sub(row.last_seen_ms) < down_after.as_millis() as u64;
-            if row.state == "ready" && alive && !holder.is_empty() && holder != reg.instance_id {
+            if row.state == WorkerState::Ready
+                && alive
+                && !holder.is_empty()
+                && holder != reg.instance_id
+            {
                 return Err(RegisterError::Duplicate {
                     name: row.name,
                     address: row.address,
@@ -192,7 +231,7 @@ impl Registry {
             worker_id,
             name: reg.name,
             address: reg.address,
-            state: "ready".to_owned(),
+            state: WorkerState::Ready,
             plugins: reg.plugins,
             labels: reg.labels,
             registered_at_ms: now_ms,
@@ -207,6 +246,11 @@ impl Registry {
             Some(entry) if entry.row().address == row.address => {
                 entry.update(|r| *r = row.clone());
                 entry.set_instance(&reg.instance_id);
+                // It answered: a full report follows, so it is trusted again.
+                *entry
+                    .unresponsive_since
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = None;
             }
             _ => {
                 let entry = self.entry(row.clone())?;
@@ -219,7 +263,9 @@ impl Registry {
 
     /// A heartbeat from `worker_id`. `None` when the scheduler does not
     /// know this worker or this instance of it (it must register again).
-    /// Otherwise the updated record and whether the worker was down until now.
+    /// Otherwise the updated record and whether the worker was down or
+    /// unresponsive until now (its jobs' records may then be behind: it
+    /// must register again with a full report).
     pub(crate) fn heartbeat(
         &self,
         worker_id: &str,
@@ -234,14 +280,20 @@ impl Registry {
         } else if holder != instance_id {
             return None;
         }
-        if entry.row().state == "left" {
+        if entry.row().state == WorkerState::Left {
             return None;
         }
-        let mut came_back = false;
+        let was_unresponsive = entry
+            .unresponsive_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .is_some();
+        let mut came_back = was_unresponsive;
         let row = entry.update(|r| {
-            came_back = r.state == "down";
-            if came_back {
-                r.state = "ready".to_owned();
+            if r.state == WorkerState::Down {
+                came_back = true;
+                r.state = WorkerState::Ready;
             }
             r.last_seen_ms = now_ms;
         });
@@ -265,8 +317,10 @@ impl Registry {
             .filter_map(|entry| {
                 let mut went_down = false;
                 let row = entry.update(|r| {
-                    if r.state == "ready" && now_ms.saturating_sub(r.last_seen_ms) > limit {
-                        r.state = "down".to_owned();
+                    if r.state == WorkerState::Ready
+                        && now_ms.saturating_sub(r.last_seen_ms) > limit
+                    {
+                        r.state = WorkerState::Down;
                         went_down = true;
                     }
                 });

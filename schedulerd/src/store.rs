@@ -14,6 +14,9 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::state::{JobState, WorkerState};
+use crate::time::now_ms;
+
 const READERS: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +41,7 @@ pub struct WorkerRow {
     pub worker_id: String,
     pub name: String,
     pub address: String,
-    pub state: String,
+    pub state: WorkerState,
     pub plugins: Vec<String>,
     pub labels: std::collections::BTreeMap<String, String>,
     pub registered_at_ms: u64,
@@ -59,7 +62,7 @@ pub struct JobRow {
     pub command: String,
     pub path: String,
     pub args: Vec<String>,
-    pub state: String,
+    pub state: JobState,
     pub error_text: String,
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
@@ -69,6 +72,8 @@ pub struct JobRow {
     pub output_bytes: u64,
     /// The fan-out group the job belongs to.
     pub group_id: Option<String>,
+    /// When the scheduler last wrote this record (what a stale answer is as of).
+    pub updated_at_ms: u64,
 }
 
 /// A fan-out group's durable record.
@@ -95,7 +100,7 @@ fn group_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<GroupRow> {
 #[derive(Debug, Clone, Default)]
 pub struct JobQuery {
     pub worker_id: Option<String>,
-    pub state: Option<String>,
+    pub state: Option<JobState>,
     /// Only jobs older (in insertion order) than this cursor.
     pub before: Option<i64>,
     pub limit: u32,
@@ -142,7 +147,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at_ms INTEGER NOT NULL,
     finished_at_ms INTEGER NOT NULL,
     output_bytes INTEGER NOT NULL,
-    group_id TEXT
+    group_id TEXT,
+    updated_at_ms INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS groups (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -161,6 +167,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("workers", "extensions", "TEXT NOT NULL DEFAULT '{}'"),
     ("workers", "draining", "INTEGER NOT NULL DEFAULT 0"),
     ("jobs", "group_id", "TEXT"),
+    ("jobs", "updated_at_ms", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
 const INDEXES: &str = "
@@ -292,10 +299,10 @@ impl Store {
     pub async fn set_worker_state(
         &self,
         worker_id: &str,
-        state: &str,
+        state: WorkerState,
         last_seen_ms: u64,
     ) -> Result<(), StoreError> {
-        let (id, state) = (worker_id.to_owned(), state.to_owned());
+        let id = worker_id.to_owned();
         self.write(move |c| {
             c.execute(
                 "UPDATE workers SET state = ?2, last_seen_ms = ?3 WHERE worker_id = ?1",
@@ -354,74 +361,165 @@ impl Store {
         self.write(move |c| insert_job(c, &j)).await
     }
 
-    /// Records a job's latest status, as its worker reported it.
-    pub async fn update_job(&self, j: JobRow) -> Result<(), StoreError> {
-        self.write(move |c| update_job(c, &j).map(|_| ())).await
+    /// Records a job's latest status, as its worker reported it. A terminal
+    /// state never changes: returns false if the record kept its own.
+    pub async fn update_job(&self, j: JobRow) -> Result<bool, StoreError> {
+        self.write(move |c| update_job(c, &j).map(|n| n > 0)).await
+    }
+
+    /// Forgets a job whose start certainly started nothing (the worker
+    /// refused it), if it is still waiting for that outcome.
+    pub async fn delete_unstarted_job(&self, job_id: &str) -> Result<(), StoreError> {
+        let id = job_id.to_owned();
+        self.write(move |c| {
+            c.execute(
+                "DELETE FROM jobs WHERE job_id = ?1 AND state = 'unknown' AND started_at_ms = 0",
+                [id],
+            )?;
+            Ok(())
+        })
+        .await
     }
 
     /// Applies a worker's reports about its jobs in one transaction: the
-    /// worker is the authority on its jobs. Jobs the scheduler never
-    /// recorded are added. With `complete` (a registration, which reports
-    /// every job), jobs recorded as running on this worker that it does not
-    /// know are recorded `lost`.
+    /// worker is the authority on its running jobs, but a terminal state
+    /// the scheduler recorded wins over any report that disagrees. Jobs the
+    /// scheduler never recorded are added. With `complete` (a registration,
+    /// which reports every running job and every final state not yet
+    /// acknowledged), this worker's jobs that are running or unknown, were
+    /// created before `settled_before_ms` (so no start is still in flight)
+    /// and were not reported are recorded `lost`.
+    ///
+    /// Returns the jobs the worker reported running that the scheduler has
+    /// already recorded as ended: the worker must kill what is left of them.
     pub async fn apply_reports(
         &self,
         worker_id: &str,
         reports: Vec<JobRow>,
         complete: bool,
-        now_ms: u64,
-    ) -> Result<(), StoreError> {
+        settled_before_ms: u64,
+    ) -> Result<Vec<String>, StoreError> {
         let worker_id = worker_id.to_owned();
         self.write(move |c| {
             let tx = c.transaction()?;
+            let mut kill = Vec::new();
             for row in &reports {
-                if update_job(&tx, row)? == 0 {
-                    let exists = tx
-                        .query_row(
-                            "SELECT 1 FROM jobs WHERE job_id = ?1",
-                            [&row.job_id],
-                            |_| Ok(()),
-                        )
-                        .optional()?
-                        .is_some();
-                    if !exists {
-                        insert_job(&tx, row)?;
+                if update_job(&tx, row)? > 0 {
+                    continue;
+                }
+                let recorded: Option<(JobState, String)> = tx
+                    .query_row(
+                        "SELECT state, worker_id FROM jobs WHERE job_id = ?1",
+                        [&row.job_id],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?;
+                match recorded {
+                    None => insert_job(&tx, row)?,
+                    Some((state, owner)) if owner == worker_id && state != row.state => {
+                        tracing::warn!(job_id = %row.job_id, %worker_id, recorded = %state, reported = %row.state, "a report disagrees with the job's final state; the final state stays");
+                        if row.state == JobState::Running {
+                            kill.push(row.job_id.clone());
+                        }
                     }
+                    Some(_) => {}
                 }
             }
             if complete {
                 let reported: std::collections::HashSet<&str> =
                     reports.iter().map(|r| r.job_id.as_str()).collect();
-                let running: Vec<String> = tx
-                    .prepare("SELECT job_id FROM jobs WHERE worker_id = ?1 AND state = 'running'")?
-                    .query_map([&worker_id], |r| r.get(0))?
+                let open: Vec<String> = tx
+                    .prepare(
+                        "SELECT job_id FROM jobs WHERE worker_id = ?1
+                           AND state IN ('running', 'unknown') AND created_at_ms < ?2",
+                    )?
+                    .query_map(params![worker_id, settled_before_ms as i64], |r| r.get(0))?
                     .collect::<rusqlite::Result<_>>()?;
-                for job_id in running.iter().filter(|id| !reported.contains(id.as_str())) {
+                let now = now_ms() as i64;
+                for job_id in open.iter().filter(|id| !reported.contains(id.as_str())) {
                     tx.execute(
-                        "UPDATE jobs SET state = 'lost', error_text = ?2, finished_at_ms = ?3
-                         WHERE job_id = ?1 AND state = 'running'",
-                        params![job_id, "its worker no longer knows the job", now_ms as i64],
+                        "UPDATE jobs SET state = 'lost', error_text = ?2, finished_at_ms = ?3, updated_at_ms = ?3
+                         WHERE job_id = ?1 AND state IN ('running', 'unknown')",
+                        params![job_id, "its worker came back without the job", now],
                     )?;
+                    tracing::warn!(%job_id, %worker_id, "job lost: its worker came back without it");
                 }
             }
-            tx.commit()
+            tx.commit()?;
+            Ok(kill)
         })
         .await
     }
 
-    /// Records every running job of a worker that went down as `lost`;
-    /// returns their ids.
-    pub async fn mark_lost(&self, worker_id: &str, now_ms: u64) -> Result<Vec<String>, StoreError> {
-        let worker_id = worker_id.to_owned();
+    /// Records the running jobs of a worker that cannot be asked now as
+    /// `unknown` (with `why`, which says since when); returns their ids.
+    pub async fn mark_unknown(
+        &self,
+        worker_id: &str,
+        why: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        let (worker_id, why) = (worker_id.to_owned(), why.to_owned());
         self.write(move |c| {
             let mut stmt = c.prepare(
-                "UPDATE jobs SET state = 'lost', error_text = 'its worker went down', finished_at_ms = ?2
+                "UPDATE jobs SET state = 'unknown', error_text = ?2, updated_at_ms = ?3
                  WHERE worker_id = ?1 AND state = 'running' RETURNING job_id",
             )?;
             let ids = stmt
-                .query_map(params![worker_id, now_ms as i64], |r| r.get(0))?
+                .query_map(params![worker_id, why, now_ms() as i64], |r| r.get(0))?
                 .collect::<rusqlite::Result<Vec<String>>>()?;
             Ok(ids)
+        })
+        .await
+    }
+
+    /// Gives up on a worker's running and unknown jobs: they become `lost`
+    /// with `why`; returns their ids.
+    pub async fn mark_lost(&self, worker_id: &str, why: &str) -> Result<Vec<String>, StoreError> {
+        let (worker_id, why) = (worker_id.to_owned(), why.to_owned());
+        self.write(move |c| {
+            let mut stmt = c.prepare(
+                "UPDATE jobs SET state = 'lost', error_text = ?2, finished_at_ms = ?3, updated_at_ms = ?3
+                 WHERE worker_id = ?1 AND state IN ('running', 'unknown') RETURNING job_id",
+            )?;
+            let ids = stmt
+                .query_map(params![worker_id, why, now_ms() as i64], |r| r.get(0))?
+                .collect::<rusqlite::Result<Vec<String>>>()?;
+            Ok(ids)
+        })
+        .await
+    }
+
+    /// Gives up on one job (its worker answered that it does not know it).
+    pub async fn mark_job_lost(&self, job_id: &str, why: &str) -> Result<(), StoreError> {
+        let (job_id, why) = (job_id.to_owned(), why.to_owned());
+        self.write(move |c| {
+            c.execute(
+                "UPDATE jobs SET state = 'lost', error_text = ?2, finished_at_ms = ?3, updated_at_ms = ?3
+                 WHERE job_id = ?1 AND state IN ('running', 'unknown')",
+                params![job_id, why, now_ms() as i64],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// A worker's `unknown` jobs created before `before_ms`, at most `limit`.
+    pub async fn unknown_jobs(
+        &self,
+        worker_id: &str,
+        before_ms: u64,
+        limit: u32,
+    ) -> Result<Vec<JobRow>, StoreError> {
+        let worker_id = worker_id.to_owned();
+        self.read(move |c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT {JOB_COLUMNS} FROM jobs WHERE worker_id = ?1 AND state = 'unknown'
+                   AND created_at_ms < ?2 ORDER BY seq LIMIT ?3"
+            ))?;
+            let rows = stmt
+                .query_map(params![worker_id, before_ms as i64, limit], job_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
         })
         .await
     }
@@ -506,7 +604,7 @@ impl Store {
             let limit = i64::from(q.limit) + 1;
             let mut rows = stmt
                 .query_map(params![q.worker_id, q.state, q.before, limit], |r| {
-                    Ok((job_row(r)?, r.get::<_, i64>(14)?))
+                    Ok((job_row(r)?, r.get::<_, i64>(15)?))
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             let more = rows.len() > q.limit as usize;
@@ -521,13 +619,13 @@ impl Store {
         .await
     }
 
-    /// Number of jobs recorded as running, per worker id.
+    /// Number of jobs recorded as running (or unknown, which may be running), per worker id.
     pub async fn running_counts(
         &self,
     ) -> Result<std::collections::HashMap<String, u64>, StoreError> {
         self.read(|c| {
             let mut stmt = c.prepare(
-                "SELECT worker_id, COUNT(*) FROM jobs WHERE state = 'running' GROUP BY worker_id",
+                "SELECT worker_id, COUNT(*) FROM jobs WHERE state IN ('running', 'unknown') GROUP BY worker_id",
             )?;
             let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
             rows.collect()
@@ -537,13 +635,14 @@ impl Store {
 }
 
 /// Inserts a job. Its worker's first report may have arrived before the
-/// API recorded the start: then the report's state stays and the API's
-/// request fields fill in.
+/// API recorded the start (after a scheduler crash between the two): then
+/// the report's state stays and the API's request fields fill in.
 fn insert_job(c: &Connection, j: &JobRow) -> rusqlite::Result<()> {
     c.execute(
         "INSERT INTO jobs (job_id, worker_id, command, path, args, state, error_text, exit_code,
-                   signal, created_at_ms, started_at_ms, finished_at_ms, output_bytes, group_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                   signal, created_at_ms, started_at_ms, finished_at_ms, output_bytes, group_id,
+                   updated_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
                  ON CONFLICT(job_id) DO UPDATE SET command = excluded.command,
                    path = excluded.path, args = excluded.args,
                    created_at_ms = excluded.created_at_ms,
@@ -562,22 +661,23 @@ fn insert_job(c: &Connection, j: &JobRow) -> rusqlite::Result<()> {
             j.started_at_ms as i64,
             j.finished_at_ms as i64,
             j.output_bytes as i64,
-            j.group_id
+            j.group_id,
+            now_ms() as i64
         ],
     )?;
     Ok(())
 }
 
 /// Updates a job from its worker's status; only that worker's job (a
-/// worker reporting another worker's job id changes nothing). A job that ended never turns
-/// back into `running` (a stale answer racing the final one); `lost` may,
-/// when a worker that was cut off turns out to still run it.
+/// worker reporting another worker's job id changes nothing). A terminal
+/// state is a promise and never changes; `unknown` turns back into what
+/// the worker says.
 fn update_job(c: &Connection, j: &JobRow) -> rusqlite::Result<usize> {
     c.execute(
         "UPDATE jobs SET state = ?2, error_text = ?3, exit_code = ?4, signal = ?5,
-           started_at_ms = ?6, finished_at_ms = ?7, output_bytes = ?8
+           started_at_ms = ?6, finished_at_ms = ?7, output_bytes = ?8, updated_at_ms = ?10
          WHERE job_id = ?1 AND worker_id = ?9
-           AND NOT (state IN ('succeeded', 'failed', 'stopped') AND ?2 = 'running')",
+           AND state NOT IN ('succeeded', 'failed', 'stopped', 'lost')",
         params![
             j.job_id,
             j.state,
@@ -587,14 +687,15 @@ fn update_job(c: &Connection, j: &JobRow) -> rusqlite::Result<usize> {
             j.started_at_ms as i64,
             j.finished_at_ms as i64,
             j.output_bytes as i64,
-            j.worker_id
+            j.worker_id,
+            now_ms() as i64
         ],
     )
 }
 
 const JOB_COLUMNS: &str =
     "job_id, worker_id, command, path, args, state, error_text, exit_code, signal,
-    created_at_ms, started_at_ms, finished_at_ms, output_bytes, group_id";
+    created_at_ms, started_at_ms, finished_at_ms, output_bytes, group_id, updated_at_ms";
 
 fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
     Ok(JobRow {
@@ -612,6 +713,7 @@ fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
         finished_at_ms: r.get::<_, i64>(11)? as u64,
         output_bytes: r.get::<_, i64>(12)? as u64,
         group_id: r.get(13)?,
+        updated_at_ms: r.get::<_, i64>(14)? as u64,
     })
 }
 

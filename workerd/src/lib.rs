@@ -128,6 +128,7 @@ pub async fn run(
                 max_jobs: config.max_jobs,
                 cgroups: cgroups.clone(),
             },
+            membership::reported_until(&config.state_dir).await,
         )
         .await
         .map_err(state_err)?,
@@ -226,6 +227,7 @@ pub async fn run(
         config.retention,
         leave.clone(),
     ));
+    let pending = tokio::spawn(write_pending(jobs.clone(), leave.clone()));
 
     shutdown.await;
     if let Some(reloader) = reloader {
@@ -236,6 +238,9 @@ pub async fn run(
     jobs.shutdown().await;
     leave.cancel();
     let _ = retention.await;
+    let _ = pending.await;
+    // One last try for final states the disk refused so far.
+    jobs.write_pending().await;
     if let Ok(Some(worker_id)) = member.await {
         membership.leave(worker_id).await;
     }
@@ -247,6 +252,19 @@ pub async fn run(
     }
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// Retries writing the final records a full or failing disk refused, until
+/// `cancel` fires. Their states are served and reported from memory
+/// meanwhile.
+async fn write_pending(jobs: Arc<job::Jobs>, cancel: CancellationToken) {
+    const EVERY: Duration = Duration::from_secs(2);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(EVERY) => jobs.write_pending().await,
+            () = cancel.cancelled() => return,
+        }
+    }
 }
 
 /// The worker dials only the scheduler's certificate.

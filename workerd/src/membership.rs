@@ -3,7 +3,9 @@
 //! with the jobs whose state changed, registering again when the scheduler
 //! no longer knows it, and leaving cleanly on shutdown. The id the
 //! scheduler assigns is kept in `state_dir/worker_id` so the worker asks
-//! for it back after a restart.
+//! for it back after a restart; `state_dir/reported_until` keeps when the
+//! scheduler last acknowledged the job reports, so a restarted worker
+//! reports again only the final states that may not have reached it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,7 +16,7 @@ use jobcluster_proto::pb::{DeregisterWorkerRequest, HeartbeatRequest, RegisterWo
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::job::{JobRecord, Jobs};
+use crate::job::{JobRecord, Jobs, now_ms, write_durably};
 use crate::service::to_pb_status;
 
 const FIRST_RETRY: Duration = Duration::from_millis(200);
@@ -27,7 +29,18 @@ pub(crate) struct Membership {
     client: SchedulerClient<Channel>,
     request: RegisterWorkerRequest,
     id_file: PathBuf,
+    reported_file: PathBuf,
     jobs: Arc<Jobs>,
+}
+
+/// When the scheduler last acknowledged this worker's job reports, as kept
+/// in `state_dir` (0 if never).
+pub(crate) async fn reported_until(state_dir: &std::path::Path) -> u64 {
+    tokio::fs::read_to_string(state_dir.join("reported_until"))
+        .await
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn reports(records: Vec<(JobRecord, u64)>) -> Vec<jobcluster_proto::pb::QueryJobResponse> {
@@ -55,6 +68,7 @@ impl Membership {
             client,
             request,
             id_file: state_dir.join("worker_id"),
+            reported_file: state_dir.join("reported_until"),
             jobs,
         }
     }
@@ -70,6 +84,8 @@ impl Membership {
                     () = cancel.cancelled() => return Some(worker_id),
                 }
                 match self.heartbeat(&worker_id).await {
+                    // More changes than one message carries: the rest now.
+                    Ok(Some(_)) if self.jobs.has_dirty() => interval = Duration::ZERO,
                     Ok(Some(next)) => interval = next,
                     Ok(None) => {
                         tracing::warn!(%worker_id, "the scheduler no longer knows this worker; registering again");
@@ -87,6 +103,7 @@ impl Membership {
 
     /// One heartbeat with the jobs that changed. `Ok(None)`: unknown worker.
     async fn heartbeat(&self, worker_id: &str) -> Result<Option<Duration>, tonic::Status> {
+        let snapshot = now_ms();
         let changed = self.jobs.take_dirty();
         let ids: Vec<_> = changed.iter().map(|(r, _)| r.id).collect();
         let request = HeartbeatRequest {
@@ -101,6 +118,10 @@ impl Membership {
                 if !reply.known {
                     self.jobs.mark_dirty(ids);
                     return Ok(None);
+                }
+                self.jobs.give_up(&reply.kill_job_ids);
+                if !ids.is_empty() {
+                    self.acknowledged(snapshot).await;
                 }
                 Ok(Some(interval(reply.heartbeat_interval_ms)))
             }
@@ -123,9 +144,11 @@ impl Membership {
                 .await
                 .map(|s| s.trim().to_owned())
                 .unwrap_or_default();
-            // A registration reports every job, so pending changes are included.
-            let pending: Vec<_> = self.jobs.take_dirty().iter().map(|(r, _)| r.id).collect();
-            request.jobs = reports(self.jobs.all_records());
+            // A registration reports every running job and every change
+            // not yet acknowledged, never the whole history.
+            let snapshot = now_ms();
+            let (report, pending) = self.jobs.registration_report();
+            request.jobs = reports(report);
             let mut client = self.client.clone();
             let result = tokio::select! {
                 r = client.register_worker(call(request)) => r,
@@ -137,9 +160,17 @@ impl Membership {
             match result {
                 Ok(reply) => {
                     let reply = reply.into_inner();
-                    if let Err(error) = tokio::fs::write(&self.id_file, &reply.worker_id).await {
+                    let (file, id) = (self.id_file.clone(), reply.worker_id.clone());
+                    let kept =
+                        tokio::task::spawn_blocking(move || write_durably(&file, id.as_bytes()))
+                            .await
+                            .map_err(std::io::Error::other)
+                            .and_then(|r| r);
+                    if let Err(error) = kept {
                         tracing::warn!(%error, file = %self.id_file.display(), "could not keep the worker id");
                     }
+                    self.jobs.give_up(&reply.kill_job_ids);
+                    self.acknowledged(snapshot).await;
                     tracing::info!(worker_id = %reply.worker_id, advertised = %self.request.address, "registered with the scheduler");
                     return Some((reply.worker_id, interval(reply.heartbeat_interval_ms)));
                 }
@@ -159,6 +190,20 @@ impl Membership {
                 () = cancel.cancelled() => return None,
             }
             delay = (delay * 2).min(MAX_RETRY);
+        }
+    }
+
+    /// Keeps that every change queued before `snapshot_ms` reached the
+    /// scheduler (best effort: without it, a restart reports more).
+    async fn acknowledged(&self, snapshot_ms: u64) {
+        let file = self.reported_file.clone();
+        let text = snapshot_ms.to_string();
+        let kept = tokio::task::spawn_blocking(move || write_durably(&file, text.as_bytes()))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r);
+        if let Err(error) = kept {
+            tracing::debug!(%error, "could not keep when reports were acknowledged");
         }
     }
 

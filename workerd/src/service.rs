@@ -50,6 +50,8 @@ fn status(error: JobError) -> Status {
         JobError::BadInput { .. } => (Code::InvalidArgument, "invalid_request"),
         JobError::UnknownJob(_) => (Code::NotFound, "job_not_found"),
         JobError::Exists(_) => (Code::AlreadyExists, "job_exists"),
+        JobError::Starting(_) => (Code::Unavailable, "job_starting"),
+        JobError::StorageFull(_) => (Code::ResourceExhausted, "worker_storage_full"),
         JobError::ShuttingDown => (Code::Unavailable, "worker_unavailable"),
         JobError::Busy(_) => (Code::ResourceExhausted, "worker_busy"),
         JobError::OffsetPastEnd { .. } => (Code::OutOfRange, "offset_out_of_range"),

@@ -37,10 +37,37 @@ impl Cluster {
         Self::start_with(worker_names, "", "").await
     }
 
+    /// A cluster whose scheduler's `[workers]` timings are changed:
+    /// `("lost_after", "30s")` replaces that key's value.
+    pub async fn start_tuned(worker_names: &[&str], workers: &[(&str, &str)]) -> Cluster {
+        let mut config = SCHEDULER_CONFIG.to_owned();
+        for (key, value) in workers {
+            let line = config
+                .lines()
+                .find(|l| l.starts_with(&format!("{key} =")))
+                .map(str::to_owned);
+            let new = format!("{key} = \"{value}\"");
+            config = match line {
+                Some(line) => config.replacen(&line, &new, 1),
+                None => config.replacen("[workers]\n", &format!("[workers]\n{new}\n"), 1),
+            };
+        }
+        Self::start_from(worker_names, &config, "").await
+    }
+
     /// A cluster with extra scheduler config and extra config for every worker.
     pub async fn start_with(
         worker_names: &[&str],
         scheduler_extra: &str,
+        worker_extra: &str,
+    ) -> Cluster {
+        let config = format!("{SCHEDULER_CONFIG}{scheduler_extra}");
+        Self::start_from(worker_names, &config, worker_extra).await
+    }
+
+    async fn start_from(
+        worker_names: &[&str],
+        scheduler_config: &str,
         worker_extra: &str,
     ) -> Cluster {
         let tmp = tempfile::tempdir().unwrap();
@@ -52,11 +79,7 @@ impl Cluster {
         for name in ["count.sh", "count.py", "fail.sh"] {
             std::fs::copy(repo_scripts.join(name), scripts.join(name)).unwrap();
         }
-        std::fs::write(
-            tmp.path().join("scheduler.toml"),
-            format!("{SCHEDULER_CONFIG}{scheduler_extra}"),
-        )
-        .unwrap();
+        std::fs::write(tmp.path().join("scheduler.toml"), scheduler_config).unwrap();
         let scheduler = Daemon::spawn_with(
             &bin("schedulerd"),
             &[
@@ -353,6 +376,7 @@ path = "state/scheduler.db"
 [workers]
 heartbeat_interval = "250ms"
 down_after = "1500ms"
+lost_after = "3s"
 
 [http_server]
 addr = "127.0.0.1:0"

@@ -43,17 +43,24 @@ async fn a_killed_worker_goes_down_its_jobs_are_lost_and_it_comes_back_clean() {
     cluster.worker("w1").signal(Signal::SIGKILL);
     cluster.worker("w1").wait(Duration::from_secs(10));
     let killed_at = Instant::now();
-    // down_after is 1.5 s in the test cluster: down and lost within it + 2 s.
+    // down_after is 1.5 s in the test cluster: down within it + 2 s, its
+    // job unknown (not given up); lost_after is 3 s: lost within it + 2 s.
     until(
         Duration::from_millis(3500),
-        "w1 down and its job lost",
+        "w1 down and its job unknown",
         || async {
             cluster.worker_info("w1").await.state == "down"
-                && cluster.job(&running).await.state == "lost"
+                && cluster.job(&running).await.state == "unknown"
         },
     )
     .await;
-    assert!(killed_at.elapsed() < Duration::from_millis(3500));
+    let job = cluster.job(&running).await;
+    assert!(job.stale && !job.done, "{job:?}");
+    until(Duration::from_secs(5), "its job lost", || async {
+        cluster.job(&running).await.state == "lost"
+    })
+    .await;
+    assert!(killed_at.elapsed() < Duration::from_secs(5));
 
     // A down worker is answered for at once.
     let started = Instant::now();
@@ -295,16 +302,16 @@ fn the_daemons_tell_systemd_when_they_serve() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_cut_off_past_the_timeout_brings_its_running_jobs_back() {
-    let mut cluster = Cluster::start(&["w1"]).await;
+    let mut cluster = Cluster::start_tuned(&["w1"], &[("lost_after", "60s")]).await;
     let job = cluster.start_job("w1", "count.sh", &["600", "0.1"]).await;
     // SIGSTOP: the worker neither heartbeats nor dies, like a partition.
     cluster.worker("w1").signal(Signal::SIGSTOP);
     until(
         Duration::from_secs(10),
-        "w1 down and its job lost",
+        "w1 down and its job unknown",
         || async {
             cluster.worker_info("w1").await.state == "down"
-                && cluster.job(&job).await.state == "lost"
+                && cluster.job(&job).await.state == "unknown"
         },
     )
     .await;

@@ -322,7 +322,7 @@ async fn a_fan_out_streams_every_line_of_every_worker_and_stops_as_one() {
     cluster.worker("w3").wait(Duration::from_secs(10));
     let w3_id = cluster.worker_info("w3").await.worker_id;
     let mut lost = false;
-    for _ in 0..200 {
+    for _ in 0..400 {
         let info = group(&cluster, &started.group_id).await;
         if info
             .jobs

@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use jobcluster_proto::http::ErrorBody;
 use tonic::Code;
 
+use crate::state::WorkerState;
 use crate::store::StoreError;
 
 #[derive(Debug)]
@@ -14,6 +15,8 @@ pub(crate) struct ApiError {
     pub(crate) status: StatusCode,
     pub(crate) code: String,
     pub(crate) message: String,
+    /// Set when the answer leaves a job in doubt.
+    pub(crate) job_id: Option<String>,
 }
 
 impl ApiError {
@@ -22,7 +25,26 @@ impl ApiError {
             status,
             code: code.to_owned(),
             message: message.into(),
+            job_id: None,
         }
+    }
+
+    pub(crate) fn with_job(mut self, job_id: &str) -> Self {
+        self.job_id = Some(job_id.to_owned());
+        self
+    }
+
+    /// The worker did not answer a call in time; until it is heard from
+    /// again, calls that need it are refused at once.
+    pub(crate) fn worker_unresponsive(worker: &str, since_ms: u64) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "worker_unresponsive",
+            format!(
+                "worker {worker} has not answered in time since {}; try later or another worker",
+                crate::time::rfc3339(since_ms)
+            ),
+        )
     }
 
     pub(crate) fn bad_request(code: &str, message: impl Into<String>) -> Self {
@@ -47,10 +69,10 @@ impl ApiError {
 
     /// The worker cannot take requests: `down` (no heartbeat) or gone.
     pub(crate) fn worker_not_ready(w: &crate::store::WorkerRow) -> Self {
-        let (code, why) = match w.state.as_str() {
-            "down" => ("worker_down", "is down (no heartbeat)".to_owned()),
-            "left" => ("worker_unavailable", "has left the cluster".to_owned()),
-            other => ("worker_unavailable", format!("is {other}, not ready")),
+        let (code, why) = match w.state {
+            WorkerState::Down => ("worker_down", "is down (no heartbeat)"),
+            WorkerState::Left => ("worker_unavailable", "has left the cluster"),
+            WorkerState::Ready => ("worker_unavailable", "is not ready"),
         };
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -69,6 +91,7 @@ impl ApiError {
             .map(str::to_owned);
         let http = match status.code() {
             _ if code.as_deref() == Some("output_expired") => StatusCode::GONE,
+            _ if code.as_deref() == Some("worker_storage_full") => StatusCode::INSUFFICIENT_STORAGE,
             Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => {
                 StatusCode::BAD_REQUEST
             }
@@ -83,6 +106,7 @@ impl ApiError {
                 status: http,
                 code,
                 message: status.message().to_owned(),
+                job_id: None,
             },
             None => {
                 let why = match status.code() {
@@ -106,9 +130,9 @@ impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         tracing::error!(%error, "store failed");
         ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "store_error",
-            format!("the scheduler could not use its database: {error}"),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            format!("the scheduler could not use its database: {error}; try again later"),
         )
     }
 }
@@ -118,6 +142,7 @@ impl IntoResponse for ApiError {
         let body = ErrorBody {
             error: self.message,
             code: self.code,
+            job_id: self.job_id,
         };
         (self.status, Json(body)).into_response()
     }

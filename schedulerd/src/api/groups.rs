@@ -19,9 +19,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::extract::{JsonBody, QueryParams};
-use super::jobs::{record_status, refresh, start_on, stop_job, worker_of};
+use super::jobs::{Seen, record_status, refresh, start_on, stop_job, worker_of};
 use super::{ApiError, AppState, FollowerSlot, with_deadline};
-use crate::convert::job_info;
+use crate::state::JobState;
 use crate::store::{GroupRow, JobRow};
 use crate::time::{now_ms, rfc3339};
 
@@ -74,7 +74,9 @@ pub(crate) async fn create(
         };
         async move {
             let result = match state.registry.get(&row.worker_id) {
-                Some(worker) => start_on(state, &worker, job, Some(group_id)).await,
+                Some(worker) => start_on(state, &worker, job, Some(group_id))
+                    .await
+                    .map_err(|e| e.error),
                 None => Err(ApiError::worker_not_found(&row.worker_id)),
             };
             (row.worker_id.clone(), result)
@@ -123,23 +125,24 @@ async fn find_group(state: &AppState, id: &str) -> Result<(GroupRow, Vec<JobRow>
     })
 }
 
-/// `running` while any job runs; then `succeeded` only if all succeeded,
-/// else `failed` (a job failed or was lost) or `stopped`.
-fn group_state(jobs: &[JobRow]) -> &'static str {
-    let any = |s: &[&str]| jobs.iter().any(|j| s.contains(&j.state.as_str()));
-    if any(&["running"]) {
+/// `running` while any job runs (or may: `unknown`); then `succeeded` only
+/// if all succeeded, else `failed` (a job failed or was lost) or `stopped`.
+fn group_state<'a>(jobs: impl IntoIterator<Item = &'a JobRow>) -> &'static str {
+    let states: Vec<JobState> = jobs.into_iter().map(|j| j.state).collect();
+    let any = |s: &[JobState]| states.iter().any(|j| s.contains(j));
+    if any(&[JobState::Running, JobState::Unknown]) {
         "running"
-    } else if any(&["failed", "lost"]) || jobs.is_empty() {
+    } else if any(&[JobState::Failed, JobState::Lost]) || states.is_empty() {
         "failed"
-    } else if any(&["stopped"]) {
+    } else if any(&[JobState::Stopped]) {
         "stopped"
     } else {
         "succeeded"
     }
 }
 
-fn group_info(group: GroupRow, jobs: &[JobRow]) -> GroupInfo {
-    let state = group_state(jobs);
+fn group_info(group: GroupRow, jobs: &[Seen]) -> GroupInfo {
+    let state = group_state(jobs.iter().map(|s| &s.row));
     GroupInfo {
         group_id: group.group_id,
         state: state.to_owned(),
@@ -148,11 +151,11 @@ fn group_info(group: GroupRow, jobs: &[JobRow]) -> GroupInfo {
         command: group.command,
         path: group.path,
         args: group.args,
-        jobs: jobs.iter().map(job_info).collect(),
+        jobs: jobs.iter().map(Seen::info).collect(),
     }
 }
 
-async fn refreshed(state: &AppState, jobs: Vec<JobRow>) -> Vec<JobRow> {
+async fn refreshed(state: &AppState, jobs: Vec<JobRow>) -> Vec<Seen> {
     futures_util::future::join_all(jobs.into_iter().map(|j| refresh(state, j))).await
 }
 
@@ -169,6 +172,10 @@ pub(crate) async fn list(State(state): State<AppState>) -> Result<Json<GroupList
     let mut groups = Vec::new();
     for group in state.store.groups(LIST_LIMIT).await? {
         if let Some((group, jobs)) = state.store.group(&group.group_id).await? {
+            let jobs: Vec<Seen> = jobs
+                .into_iter()
+                .map(|row| Seen { row, stale: false })
+                .collect();
             groups.push(group_info(group, &jobs));
         }
     }
@@ -192,7 +199,7 @@ pub(crate) async fn stop(
     let jobs = refreshed(&state, jobs).await;
     Ok(Json(StopResult {
         success: true,
-        state: group_state(&jobs).to_owned(),
+        state: group_state(jobs.iter().map(|s| &s.row)).to_owned(),
     }))
 }
 
@@ -431,7 +438,7 @@ mod tests {
             command: String::new(),
             path: String::new(),
             args: Vec::new(),
-            state: state.into(),
+            state: JobState::parse(state).unwrap_or(JobState::Running),
             error_text: String::new(),
             exit_code: None,
             signal: None,
@@ -440,6 +447,7 @@ mod tests {
             finished_at_ms: 0,
             output_bytes: 0,
             group_id: None,
+            updated_at_ms: 0,
         }
     }
 
@@ -447,6 +455,7 @@ mod tests {
     fn a_group_succeeds_only_if_every_job_did() {
         let states = |s: &[&str]| group_state(&s.iter().map(|s| job(s)).collect::<Vec<_>>());
         assert_eq!(states(&["succeeded", "running"]), "running");
+        assert_eq!(states(&["succeeded", "unknown"]), "running");
         assert_eq!(states(&["succeeded", "succeeded"]), "succeeded");
         assert_eq!(states(&["succeeded", "lost"]), "failed");
         assert_eq!(states(&["stopped", "failed"]), "failed");

@@ -19,8 +19,9 @@ use super::extract::{JsonBody, QueryParams};
 use super::{ApiError, AppState, with_deadline};
 use crate::convert::{job_info, merge_status};
 use crate::registry::WorkerEntry;
+use crate::state::{JobState, WorkerState};
 use crate::store::{JobQuery, JobRow, Store};
-use crate::time::now_ms;
+use crate::time::{now_ms, rfc3339};
 
 const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 1000;
@@ -38,7 +39,7 @@ pub(crate) async fn show(
     Path(id): Path<String>,
 ) -> Result<Json<JobInfo>, ApiError> {
     let row = find_job(&state, &id, None).await?;
-    Ok(Json(job_info(&refresh(&state, row).await)))
+    Ok(Json(refresh(&state, row).await.info()))
 }
 
 pub(crate) async fn stop(
@@ -72,14 +73,15 @@ pub(crate) async fn list(
         ),
         None => None,
     };
-    if let Some(s) = &filter.state
-        && !JOB_STATES.contains(&s.as_str())
-    {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            format!("state must be one of {}", JOB_STATES.join(", ")),
-        ));
-    }
+    let wanted = match &filter.state {
+        Some(s) => Some(JobState::parse(s).ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_query",
+                format!("state must be one of {}", JOB_STATES.join(", ")),
+            )
+        })?),
+        None => None,
+    };
     let before = match &filter.cursor {
         Some(c) => Some(c.parse::<i64>().map_err(|_| {
             ApiError::bad_request("invalid_query", "cursor is not one this API gave out")
@@ -91,7 +93,7 @@ pub(crate) async fn list(
         .store
         .jobs(JobQuery {
             worker_id,
-            state: filter.state.clone(),
+            state: wanted,
             before,
             limit,
         })
@@ -100,14 +102,13 @@ pub(crate) async fn list(
     // every worker on every listing would put up to a page of worker calls
     // on each request (GET /v1/jobs/{id} does ask).
     Ok(Json(JobList {
-        jobs: rows.iter().map(job_info).collect(),
+        jobs: rows.iter().map(|r| job_info(r, false)).collect(),
         next_cursor: next.map(|n| n.to_string()),
     }))
 }
 
-/// Starts a job on the named worker and records it before answering.
-/// Starts a job on the named worker, or on one the scheduler picks, and
-/// records it before answering.
+/// Starts a job on the named worker, or on one the scheduler picks. The job
+/// is recorded before any worker is asked to start it.
 pub(crate) async fn start_job(state: &AppState, body: StartJob) -> Result<JobStarted, ApiError> {
     if body.path.is_empty() {
         return Err(ApiError::bad_request(
@@ -121,7 +122,7 @@ pub(crate) async fn start_job(state: &AppState, body: StartJob) -> Result<JobSta
             .get(&body.worker_id)
             .ok_or_else(|| ApiError::worker_not_found(&body.worker_id))?;
         let w = worker.row();
-        if w.state != "ready" {
+        if w.state != WorkerState::Ready {
             return Err(ApiError::worker_not_ready(&w));
         }
         if w.draining {
@@ -142,33 +143,57 @@ pub(crate) async fn start_job(state: &AppState, body: StartJob) -> Result<JobSta
                 format!("worker {} does not match the selector", w.name),
             ));
         }
-        return start_on(state, &worker, body, None).await;
+        return start_on(state, &worker, body, None)
+            .await
+            .map_err(|e| e.error);
     }
-    // Placement: try the eligible workers in order; one that is busy or
-    // unreachable passes the job on to the next.
+    // Placement: try the eligible workers in order. One that certainly
+    // started nothing (busy, full, unreachable, unresponsive before the
+    // call) passes the job on to the next; one whose answer is in doubt
+    // does not, or the job could run twice.
     let rows = state.registry.all();
     let eligible =
         crate::placement::eligible(&rows, body.command.as_deref(), &body.path, &body.selector)
             .map_err(|why| ApiError::new(StatusCode::CONFLICT, "no_eligible_worker", why.0))?;
+    // A worker whose calls time out is skipped at once, not waited for.
+    let mut skipped = Vec::new();
+    let eligible: Vec<_> = eligible
+        .into_iter()
+        .filter(|w| {
+            let since = state
+                .registry
+                .get(&w.worker_id)
+                .and_then(|e| e.unresponsive_since());
+            if let Some(since) = since {
+                skipped.push(format!("{}: unresponsive since {}", w.name, rfc3339(since)));
+            }
+            since.is_none()
+        })
+        .collect();
     let running = state.store.running_counts().await?;
     let turn = state
         .placement_turn
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut passed_on = Vec::new();
+    let mut passed_on = skipped;
     for row in crate::placement::order(eligible, &running, turn) {
         let Some(worker) = state.registry.get(&row.worker_id) else {
             continue;
         };
         match start_on(state, &worker, body.clone(), None).await {
             Err(e)
-                if matches!(
-                    e.code.as_str(),
-                    "worker_busy" | "worker_unavailable" | "worker_down"
-                ) =>
+                if e.nothing_started
+                    && matches!(
+                        e.error.code.as_str(),
+                        "worker_busy"
+                            | "worker_unavailable"
+                            | "worker_down"
+                            | "worker_unresponsive"
+                            | "worker_storage_full"
+                    ) =>
             {
-                passed_on.push(format!("{}: {}", row.name, e.message));
+                passed_on.push(format!("{}: {}", row.name, e.error.message));
             }
-            result => return result,
+            result => return result.map_err(|e| e.error),
         }
     }
     Err(ApiError::new(
@@ -181,27 +206,46 @@ pub(crate) async fn start_job(state: &AppState, body: StartJob) -> Result<JobSta
     ))
 }
 
+/// Why a start failed, and whether the job's process certainly did not
+/// start (then it is safe to try another worker).
+#[derive(Debug)]
+pub(crate) struct StartError {
+    pub(crate) error: ApiError,
+    pub(crate) nothing_started: bool,
+}
+
+impl StartError {
+    fn nothing_started(error: ApiError) -> Self {
+        StartError {
+            error,
+            nothing_started: true,
+        }
+    }
+}
+
 /// Starts the job on `worker` and records it (as a member of `group_id`).
 pub(crate) async fn start_on(
     state: &AppState,
     worker: &Arc<WorkerEntry>,
     body: StartJob,
     group_id: Option<&str>,
-) -> Result<JobStarted, ApiError> {
+) -> Result<JobStarted, StartError> {
     // In a task of its own: a client that hangs up must not cancel this
-    // between the worker starting the job and the job being recorded.
+    // between recording the job, the worker starting it, and the outcome
+    // being recorded.
     let task = tokio::spawn(start_and_record(
         state.clone(),
         worker.clone(),
         body,
         group_id.map(str::to_owned),
     ));
-    task.await.map_err(|e| {
-        ApiError::new(
+    task.await.map_err(|e| StartError {
+        error: ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
             format!("starting the job failed: {e}"),
-        )
+        ),
+        nothing_started: false,
     })?
 }
 
@@ -210,11 +254,38 @@ async fn start_and_record(
     worker: Arc<WorkerEntry>,
     body: StartJob,
     group_id: Option<String>,
-) -> Result<JobStarted, ApiError> {
+) -> Result<JobStarted, StartError> {
     let state = &state;
     let w = worker.row();
+    if let Some(since) = worker.unresponsive_since() {
+        return Err(StartError::nothing_started(ApiError::worker_unresponsive(
+            &w.name, since,
+        )));
+    }
     let job_id = uuid::Uuid::new_v4().to_string();
-    let created_at_ms = now_ms();
+    let mut row = JobRow {
+        job_id: job_id.clone(),
+        worker_id: w.worker_id.clone(),
+        command: body.command.clone().unwrap_or_default(),
+        path: body.path.clone(),
+        args: body.args.clone(),
+        state: JobState::Unknown,
+        error_text: format!("starting on worker {}; its answer is awaited", w.name),
+        exit_code: None,
+        signal: None,
+        created_at_ms: now_ms(),
+        started_at_ms: 0,
+        finished_at_ms: 0,
+        output_bytes: 0,
+        group_id,
+        updated_at_ms: 0,
+    };
+    // Recorded first: if the record cannot be written, nothing starts.
+    state
+        .store
+        .insert_job(row.clone())
+        .await
+        .map_err(|e| StartError::nothing_started(e.into()))?;
     let request = StartJobRequest {
         command: body.command.clone().unwrap_or_default(),
         path: body.path.clone(),
@@ -223,50 +294,90 @@ async fn start_and_record(
         job_id: job_id.clone(),
     };
     let mut client = worker.client();
-    let reply = with_deadline(state.call_timeout, client.start_job(request))
-        .await
-        .map_err(|s| {
-            if s.code() == tonic::Code::DeadlineExceeded {
-                // The worker may have started it: say so, and never let
-                // placement try another worker (the job would run twice).
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "worker_timeout",
-                    format!(
-                        "worker {} did not answer in time; job {job_id} may have started there (see GET /v1/jobs?worker_id={})",
-                        w.name, w.name
-                    ),
-                )
-            } else {
-                ApiError::from_worker(s, &w.name)
+    let reply = match with_deadline(state.call_timeout, client.start_job(request)).await {
+        Ok(reply) => reply.into_inner(),
+        Err(status) if answered(&status) || nothing_sent(&status) => {
+            // The worker refused, or was never reached: nothing started.
+            if let Err(error) = state.store.delete_unstarted_job(&job_id).await {
+                tracing::error!(%job_id, %error, "could not forget a job that did not start");
             }
-        })?
-        .into_inner();
-    let mut row = JobRow {
-        job_id: job_id.clone(),
-        worker_id: w.worker_id.clone(),
-        command: body.command.unwrap_or_default(),
-        path: body.path,
-        args: body.args,
-        state: "running".into(),
-        error_text: String::new(),
-        exit_code: None,
-        signal: None,
-        created_at_ms,
-        started_at_ms: 0,
-        finished_at_ms: 0,
-        output_bytes: 0,
-        group_id,
+            return Err(StartError::nothing_started(ApiError::from_worker(
+                status, &w.name,
+            )));
+        }
+        Err(status) => {
+            // The worker may have started it. The job stays `unknown`
+            // until the worker's reports settle it; it is never tried on
+            // another worker.
+            if status.code() == tonic::Code::DeadlineExceeded {
+                worker_timed_out(state, &worker).await;
+            }
+            tracing::warn!(%job_id, worker = %w.name, %status, "start outcome unknown");
+            let why = format!(
+                "worker {} did not confirm the start ({}); the job may be running there. It reads unknown until the worker's reports settle it: GET /v1/jobs/{job_id}",
+                w.name,
+                status.message()
+            );
+            return Err(StartError {
+                error: ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "start_unconfirmed", why)
+                    .with_job(&job_id),
+                nothing_started: false,
+            });
+        }
     };
     if let Some(status) = &reply.status {
         merge_status(&mut row, status);
     }
-    state.store.insert_job(row.clone()).await?;
+    if let Err(error) = state.store.update_job(row.clone()).await {
+        // The process runs: the answer says so; the worker's reports will
+        // bring the record up to date.
+        tracing::error!(%job_id, %error, "could not record the job's start");
+    }
     tracing::info!(job_id = %job_id, worker_id = %w.worker_id, worker = %w.name, path = %row.path, state = %row.state, "job started");
     Ok(JobStarted {
         job_id,
         worker_id: w.worker_id,
     })
+}
+
+/// The worker itself answered with an error (it carries the API code).
+fn answered(status: &tonic::Status) -> bool {
+    status
+        .metadata()
+        .contains_key(jobcluster_proto::ERROR_CODE_METADATA)
+}
+
+/// The call failed before any request reached the worker: the connection
+/// was refused or its TLS handshake failed. Anything else (a reset or a
+/// timeout mid-call) leaves the outcome in doubt.
+fn nothing_sent(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::InvalidData
+            );
+        }
+        source = error.source();
+    }
+    false
+}
+
+/// A call to `worker` timed out: from now on it is unresponsive until it
+/// is heard from, and its running jobs read `unknown`.
+pub(crate) async fn worker_timed_out(state: &AppState, worker: &WorkerEntry) {
+    let now = now_ms();
+    if worker.mark_unresponsive(now) {
+        let row = worker.row();
+        tracing::warn!(worker_id = %row.worker_id, worker = %row.name, "worker did not answer in time; marked unresponsive");
+        let why = format!(
+            "worker {} has not answered in time since {}; not yet given up",
+            row.name,
+            rfc3339(now)
+        );
+        crate::grpc::record_unknown(&state.store, &row, &why).await;
+    }
 }
 
 /// The job's record; with `worker`, the job must belong to that worker.
@@ -298,38 +409,88 @@ pub(crate) async fn find_job(
     Ok(row)
 }
 
-/// The worker that owns a job, if it can be asked now. A `down` worker is
-/// answered for at once (503 `worker_down`) instead of after a timeout.
+/// The worker that owns a job, if it can be asked now. A worker that is
+/// down, gone or unresponsive is answered for at once (503) instead of
+/// after a timeout.
 pub(crate) fn worker_of(state: &AppState, row: &JobRow) -> Result<Arc<WorkerEntry>, ApiError> {
     let worker = state
         .registry
         .get(&row.worker_id)
         .ok_or_else(|| ApiError::worker_not_found(&row.worker_id))?;
     let w = worker.row();
-    if w.state == "down" {
+    if w.state != WorkerState::Ready {
         return Err(ApiError::worker_not_ready(&w));
+    }
+    if let Some(since) = worker.unresponsive_since() {
+        return Err(ApiError::worker_unresponsive(&w.name, since));
     }
     Ok(worker)
 }
 
-/// A running job's record brought up to date from its worker. If the
-/// worker cannot answer, the recorded state is what we know.
-pub(crate) async fn refresh(state: &AppState, row: JobRow) -> JobRow {
-    if row.state != "running" {
-        return row;
+/// A job as the API shows it: its record, and whether that record could
+/// not be checked with the worker just now.
+#[derive(Debug, Clone)]
+pub(crate) struct Seen {
+    pub(crate) row: JobRow,
+    pub(crate) stale: bool,
+}
+
+impl Seen {
+    pub(crate) fn info(&self) -> JobInfo {
+        job_info(&self.row, self.stale)
+    }
+}
+
+/// A job that has not ended, brought up to date from its worker within
+/// `refresh_timeout`. If the worker cannot answer in time, the record is
+/// what we know, marked stale. A terminal record is final and not asked about.
+pub(crate) async fn refresh(state: &AppState, row: JobRow) -> Seen {
+    if row.state.is_terminal() {
+        return Seen { row, stale: false };
     }
     let Ok(worker) = worker_of(state, &row) else {
-        return row;
+        return Seen { row, stale: true };
     };
     let mut client = worker.client();
     let request = QueryJobRequest {
         job_id: row.job_id.clone(),
     };
-    match with_deadline(state.call_timeout, client.query_job(request)).await {
-        Ok(reply) => record_status(&state.store, row, &reply.into_inner()).await,
+    match with_deadline(state.refresh_timeout, client.query_job(request)).await {
+        Ok(reply) => Seen {
+            row: record_status(&state.store, row, &reply.into_inner()).await,
+            stale: false,
+        },
+        Err(status) if status.code() == tonic::Code::NotFound && answered(&status) => {
+            // A start still in flight may not have reached the worker yet.
+            let settled = row.created_at_ms + (state.call_timeout.as_millis() as u64) < now_ms();
+            if !settled {
+                return Seen { row, stale: false };
+            }
+            let why =
+                "its worker does not know the job (it never started there, or its record was lost)";
+            if let Err(error) = state.store.mark_job_lost(&row.job_id, why).await {
+                tracing::error!(job_id = %row.job_id, %error, "could not record a job lost");
+            }
+            tracing::warn!(job_id = %row.job_id, worker_id = %row.worker_id, "job lost: its worker does not know it");
+            let row = state
+                .store
+                .job(&row.job_id)
+                .await
+                .ok()
+                .flatten()
+                .unwrap_or(row);
+            Seen { row, stale: false }
+        }
         Err(status) => {
             tracing::debug!(job_id = %row.job_id, %status, "could not refresh job from its worker");
-            row
+            if status.code() == tonic::Code::DeadlineExceeded {
+                worker_timed_out(state, &worker).await;
+            }
+            let row = match state.store.job(&row.job_id).await {
+                Ok(Some(latest)) => latest,
+                _ => row,
+            };
+            Seen { row, stale: true }
         }
     }
 }
@@ -341,20 +502,30 @@ pub(crate) async fn record_status(
 ) -> JobRow {
     let before = row.clone();
     merge_status(&mut row, status);
-    if row != before
-        && let Err(error) = store.update_job(row.clone()).await
-    {
-        tracing::error!(job_id = %row.job_id, %error, "could not record job status");
+    if row == before {
+        return row;
     }
-    row
+    match store.update_job(row.clone()).await {
+        Ok(true) => row,
+        // The record holds a final state that wins; show that.
+        Ok(false) => match store.job(&row.job_id).await {
+            Ok(Some(kept)) => kept,
+            _ => before,
+        },
+        Err(error) => {
+            tracing::error!(job_id = %row.job_id, %error, "could not record job status");
+            row
+        }
+    }
 }
 
 pub(crate) async fn stop_job(state: &AppState, row: JobRow) -> Result<StopResult, ApiError> {
-    let row = refresh(state, row).await;
-    if row.state != "running" {
+    let seen = refresh(state, row).await;
+    let row = seen.row;
+    if row.state.is_terminal() {
         return Ok(StopResult {
             success: true,
-            state: row.state,
+            state: row.state.as_str().to_owned(),
         });
     }
     let worker = worker_of(state, &row)?;
@@ -363,15 +534,50 @@ pub(crate) async fn stop_job(state: &AppState, row: JobRow) -> Result<StopResult
     let request = StopJobRequest {
         job_id: row.job_id.clone(),
     };
-    with_deadline(state.call_timeout, client.stop_job(request))
-        .await
-        .map_err(|s| ApiError::from_worker(s, &name))?;
+    if let Err(status) = with_deadline(state.call_timeout, client.stop_job(request)).await {
+        if status.code() == tonic::Code::DeadlineExceeded {
+            worker_timed_out(state, &worker).await;
+        }
+        return Err(ApiError::from_worker(status, &name));
+    }
     tracing::info!(job_id = %row.job_id, worker = %name, "job stop requested");
-    let row = refresh(state, row).await;
+    let row = refresh(state, row).await.row;
     Ok(StopResult {
         success: true,
-        state: row.state,
+        state: row.state.as_str().to_owned(),
     })
+}
+
+/// Settles jobs left `unknown` on workers that answer again (a start whose
+/// outcome was in doubt, a scheduler restart mid-start): each is asked
+/// about once a second until its worker's answer makes it running or
+/// final. Runs until `stop` fires.
+pub(crate) async fn settle_unknown(state: AppState, stop: tokio_util::sync::CancellationToken) {
+    const BATCH: u32 = 100;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            () = stop.cancelled() => return,
+        }
+        let before = now_ms().saturating_sub(state.call_timeout.as_millis() as u64);
+        for entry in state.registry.entries() {
+            if !entry.usable() {
+                continue;
+            }
+            let rows = match state.store.unknown_jobs(&entry.id(), before, BATCH).await {
+                Ok(rows) => rows,
+                Err(error) => {
+                    tracing::error!(%error, "could not read unknown jobs");
+                    continue;
+                }
+            };
+            for row in rows {
+                if refresh(&state, row).await.stale {
+                    break; // its worker stopped answering; try later
+                }
+            }
+        }
+    }
 }
 
 /// Passes the worker's output stream through as a chunked body. The body
@@ -393,10 +599,15 @@ pub(crate) async fn stream_output(
         offset,
         follow: Some(follow),
     };
-    let stream = with_deadline(state.call_timeout, client.stream_job(request))
-        .await
-        .map_err(|s| ApiError::from_worker(s, &name))?
-        .into_inner();
+    let stream = match with_deadline(state.call_timeout, client.stream_job(request)).await {
+        Ok(stream) => stream.into_inner(),
+        Err(status) => {
+            if status.code() == tonic::Code::DeadlineExceeded {
+                worker_timed_out(state, &worker).await;
+            }
+            return Err(ApiError::from_worker(status, &name));
+        }
+    };
     let store = state.store.clone();
     let job_id = row.job_id.clone();
     let body = futures_util::stream::unfold(

@@ -10,7 +10,6 @@ use jobcluster_proto::http::{JobInfo, JobRef, JobStarted, StartJob, StopResult};
 use super::extract::JsonBody;
 use super::jobs::{find_job, refresh, start_job, stop_job, stream_output};
 use super::{ApiError, AppState};
-use crate::convert::job_info;
 
 pub(crate) async fn start(
     State(state): State<AppState>,
@@ -38,7 +37,7 @@ pub(crate) async fn query(
     JsonBody(body): JsonBody<JobRef>,
 ) -> Result<Json<JobInfo>, ApiError> {
     let row = find_job(&state, &body.job_id, Some(&body.worker_id)).await?;
-    Ok(Json(job_info(&refresh(&state, row).await)))
+    Ok(Json(refresh(&state, row).await.info()))
 }
 
 pub(crate) async fn stream(

@@ -6,7 +6,7 @@ pub(crate) mod auth;
 mod error;
 mod extract;
 mod groups;
-mod jobs;
+pub(crate) mod jobs;
 mod legacy;
 pub(crate) mod serve;
 pub(crate) mod tls;
@@ -34,6 +34,8 @@ pub(crate) struct AppState {
     pub(crate) registry: Arc<Registry>,
     pub(crate) store: Store,
     pub(crate) call_timeout: Duration,
+    /// Reading a job's status waits this long for its worker.
+    pub(crate) refresh_timeout: Duration,
     pub(crate) tokens: Arc<auth::Tokens>,
     pub(crate) followers: Arc<Followers>,
     /// Plaintext mode: no identities to check.

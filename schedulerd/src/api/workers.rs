@@ -7,6 +7,7 @@ use serde::Deserialize;
 
 use super::extract::QueryParams;
 use super::{ApiError, AppState};
+use crate::state::WorkerState;
 use crate::store::WorkerRow;
 use crate::time::rfc3339;
 
@@ -27,10 +28,14 @@ pub(crate) async fn list(
         .registry
         .all()
         .into_iter()
-        .filter(|w| q.all || w.state != "left")
+        .filter(|w| q.all || w.state != WorkerState::Left)
         .map(|w| {
             let n = running.get(&w.worker_id).copied().unwrap_or(0);
-            worker_info(w, n)
+            let unresponsive = state
+                .registry
+                .get(&w.worker_id)
+                .is_some_and(|e| e.unresponsive_since().is_some());
+            worker_info(w, n, unresponsive)
         })
         .collect();
     Ok(Json(WorkerList { workers }))
@@ -47,7 +52,11 @@ pub(crate) async fn show(
     let row = worker.row();
     let running = state.store.running_counts().await?;
     let n = running.get(&row.worker_id).copied().unwrap_or(0);
-    Ok(Json(worker_info(row, n)))
+    Ok(Json(worker_info(
+        row,
+        n,
+        worker.unresponsive_since().is_some(),
+    )))
 }
 
 pub(crate) async fn drain(
@@ -84,14 +93,20 @@ async fn set_draining(
     tracing::info!(worker_id = %row.worker_id, worker = %row.name, draining, "worker drain changed");
     let running = state.store.running_counts().await?;
     let n = running.get(&row.worker_id).copied().unwrap_or(0);
-    Ok(Json(worker_info(row, n)))
+    Ok(Json(worker_info(
+        row,
+        n,
+        worker.unresponsive_since().is_some(),
+    )))
 }
 
-fn worker_info(w: WorkerRow, running_jobs: u64) -> WorkerInfo {
-    let state = if w.state == "ready" && w.draining {
-        "draining".to_owned()
-    } else {
-        w.state
+/// A ready worker shows as `unresponsive` while its calls time out, and as
+/// `draining` while it takes no new jobs.
+fn worker_info(w: WorkerRow, running_jobs: u64, unresponsive: bool) -> WorkerInfo {
+    let state = match w.state {
+        WorkerState::Ready if unresponsive => "unresponsive".to_owned(),
+        WorkerState::Ready if w.draining => "draining".to_owned(),
+        other => other.as_str().to_owned(),
     };
     WorkerInfo {
         state,

@@ -30,7 +30,7 @@ use crate::config::RunAs;
 use crate::confine::PathError;
 
 pub(crate) use output::read_at;
-pub(crate) use record::{JobRecord, State};
+pub(crate) use record::{JobRecord, State, now_ms, write_durably};
 pub(crate) use registry::Jobs;
 
 /// Largest piece of output read or sent at once.
@@ -58,6 +58,8 @@ pub(crate) enum JobError {
     UnknownJob(String),
     #[error("job {0} already exists")]
     Exists(Uuid),
+    #[error("job {0} is being started by another request; ask for it in a moment")]
+    Starting(Uuid),
     #[error("invalid {what}: {reason}")]
     BadInput { what: &'static str, reason: String },
     #[error("the worker is shutting down and takes no new jobs")]
@@ -68,6 +70,10 @@ pub(crate) enum JobError {
     OffsetPastEnd { offset: u64, len: u64 },
     #[error("the output of job {0} was deleted by the worker's retention limits")]
     OutputExpired(Uuid),
+    #[error(
+        "the worker's storage is full; nothing was started ({0}). Free space in its state_dir or use another worker"
+    )]
+    StorageFull(#[source] std::io::Error),
     #[error("worker storage: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -77,7 +83,11 @@ pub(crate) enum JobError {
 pub(crate) struct Job {
     record: Mutex<JobRecord>,
     progress: watch::Sender<Progress>,
+    /// Ends the job as stopped; a child of the worker's shutdown token.
     stop: CancellationToken,
+    /// Ends the job as lost: the scheduler gave it up while this worker
+    /// was cut off.
+    given_up: CancellationToken,
     log_path: PathBuf,
 }
 
@@ -102,6 +112,19 @@ impl Job {
         let mut record = self.record.lock().unwrap_or_else(|e| e.into_inner());
         f(&mut record);
         record.clone()
+    }
+}
+
+impl JobError {
+    /// A storage error while creating a job's files: "full" when the disk
+    /// or quota is, so the caller knows to go elsewhere.
+    fn storage(error: std::io::Error) -> JobError {
+        match error.raw_os_error() {
+            Some(code) if code == nix::libc::ENOSPC || code == nix::libc::EDQUOT => {
+                JobError::StorageFull(error)
+            }
+            _ => JobError::Io(error),
+        }
     }
 }
 

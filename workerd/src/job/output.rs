@@ -10,21 +10,33 @@ use tokio_util::sync::CancellationToken;
 
 use super::{CHUNK, Progress};
 
+/// How a pump ended: the bytes kept in the log, and why writing stopped
+/// if it could not go on.
+#[derive(Debug)]
+pub(super) struct Pumped {
+    pub(super) len: u64,
+    pub(super) write_error: Option<String>,
+}
+
 /// Copies the job's output pipe to its log and publishes each new length.
 /// Ends at EOF, that is when every process of the job has closed the pipe.
 /// With `limit`, at most that many bytes are kept; reaching it fires
 /// `over_limit` and the rest is drained and dropped until the job is gone.
+/// If the log cannot be written (a full disk, an I/O error), the log is cut
+/// back to the last whole write, `write_failed` fires (the supervisor ends
+/// the job) and the rest is drained and dropped.
 pub(super) async fn pump(
     mut reader: pipe::Receiver,
     file: std::fs::File,
     progress: watch::Sender<Progress>,
     limit: Option<u64>,
     over_limit: CancellationToken,
-) -> u64 {
+    write_failed: CancellationToken,
+) -> Pumped {
     let file = Arc::new(file);
     let mut buf = Vec::with_capacity(CHUNK);
     let mut len = 0u64;
-    let mut write_failed = false;
+    let mut write_error = None;
     loop {
         buf.clear();
         match reader.read_buf(&mut buf).await {
@@ -35,7 +47,7 @@ pub(super) async fn pump(
                 break;
             }
         }
-        if write_failed || over_limit.is_cancelled() {
+        if write_error.is_some() || over_limit.is_cancelled() {
             // Keep draining so the job never blocks on a full pipe.
             continue;
         }
@@ -51,6 +63,11 @@ pub(super) async fn pump(
         // File writes block; they go to the blocking pool, one chunk at a time.
         let result = tokio::task::spawn_blocking(move || {
             let r = f.write_all_at(&b, offset);
+            if r.is_err() {
+                // A partial write leaves bytes no one was told of; the log
+                // keeps exactly what was published.
+                let _ = f.set_len(offset);
+            }
             (b, r)
         })
         .await;
@@ -61,17 +78,19 @@ pub(super) async fn pump(
                 progress.send_modify(|p| p.len = len);
             }
             Ok((b, Err(error))) => {
-                tracing::error!(%error, "writing job output failed; dropping further output");
+                tracing::error!(%error, kept = len, "writing job output failed; ending the job");
                 buf = b;
-                write_failed = true;
+                write_error = Some(error.to_string());
+                write_failed.cancel();
             }
             Err(error) => {
-                tracing::error!(%error, "output writer task failed");
-                write_failed = true;
+                tracing::error!(%error, "output writer task failed; ending the job");
+                write_error = Some(error.to_string());
+                write_failed.cancel();
             }
         }
     }
-    len
+    Pumped { len, write_error }
 }
 
 /// Reads up to `max` bytes of a log at `offset` on the blocking pool.

@@ -1,6 +1,7 @@
 //! The job record: what is known about a job, kept as `job.json` in its
 //! directory and written atomically.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -52,16 +53,89 @@ pub(crate) fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Writes `job.json` atomically: a crash leaves the old record or the new
-/// one, never half of one.
+/// Name of the file that holds disk space for a job's final record.
+const FINAL: &str = "job.json.final";
+
+/// Writes `job.json` atomically and durably: a crash leaves the old record
+/// or the new one, never half of one, and a written record survives a
+/// power loss (file and directory are synced).
 pub(super) async fn write_record(jobs_dir: &Path, record: &JobRecord) -> std::io::Result<()> {
     let dir = jobs_dir.join(record.id.to_string());
-    let json = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
+    let json = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+    tokio::task::spawn_blocking(move || replace(&dir, "job.json.tmp", &json))
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+/// Writes `json` into `dir/tmp_name` (reusing its blocks if it exists) and
+/// renames it over `job.json`, syncing file and directory.
+fn replace(dir: &Path, tmp_name: &str, json: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = dir.join(tmp_name);
+    // No truncation first: a reserved file's blocks are overwritten in
+    // place, so a full disk can still take the record.
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(json)?;
+    file.set_len(json.len() as u64)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, dir.join("job.json"))?;
+    sync_dir(dir)
+}
+
+/// Replaces the file at `path` with `bytes` atomically and durably.
+pub(crate) fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp_name = path.file_name().unwrap_or_default().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = dir.join(tmp_name);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    sync_dir(dir)
+}
+
+/// Makes a rename or a new file in `dir` durable.
+pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Holds disk space for the job's final record, so that a job whose disk
+/// fills while it runs can still be recorded as failed: the final record
+/// overwrites these blocks instead of asking for new ones. Best effort:
+/// without it, the final write asks for space like any other.
+pub(super) fn reserve_final(dir: &Path, record_len: usize) -> std::io::Result<()> {
+    let size = record_len * 2 + 4096;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dir.join(FINAL))?;
+    std::os::unix::fs::FileExt::write_all_at(&file, &vec![b' '; size], 0)
+}
+
+/// Writes a job's final record into the space [`reserve_final`] held (or
+/// like any record if there is none), durably.
+pub(super) async fn write_final(jobs_dir: &Path, record: &JobRecord) -> std::io::Result<()> {
+    let dir = jobs_dir.join(record.id.to_string());
+    let json = serde_json::to_vec(record).map_err(std::io::Error::other)?;
     tokio::task::spawn_blocking(move || {
-        let tmp = dir.join("job.json.tmp");
-        std::fs::write(&tmp, &json)?;
-        std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, dir.join("job.json"))
+        if dir.join(FINAL).exists() {
+            replace(&dir, FINAL, &json)
+        } else {
+            replace(&dir, "job.json.tmp", &json)
+        }
     })
     .await
     .map_err(std::io::Error::other)?

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use super::record::{load_records, now_ms, write_record};
+use super::record::{load_records, now_ms, write_final, write_record};
 use super::supervise::{STOP_WAIT, kill_leftovers};
 use super::{Job, JobError, JobRecord, Policy, Progress, State};
 
@@ -28,16 +28,24 @@ pub(crate) struct Jobs {
     pub(super) changes: Arc<Changes>,
     pub(super) accepting: AtomicBool,
     pub(super) tracker: TaskTracker,
+    /// Every job's stop token is a child of this one, so a shutdown
+    /// reaches jobs started at any moment.
+    pub(super) shutdown: CancellationToken,
+    /// Job ids whose start is under way.
+    pub(super) starting: Mutex<HashSet<Uuid>>,
     /// Jobs whose process runs now (for `max_jobs`).
     pub(super) running: Arc<AtomicUsize>,
     pub(super) policy: Policy,
 }
 
 /// What the worker must tell others about: jobs whose state changed since
-/// the scheduler last heard of them, and a wake-up when one finishes.
+/// the scheduler last acknowledged them, final records not yet on disk,
+/// and a wake-up when a job finishes.
 #[derive(Debug, Default)]
 pub(super) struct Changes {
     pub(super) dirty: Mutex<HashSet<Uuid>>,
+    /// Final states kept in memory because writing them failed; retried.
+    pub(super) unwritten: Mutex<HashSet<Uuid>>,
     pub(super) finished: Notify,
 }
 
@@ -48,18 +56,35 @@ impl Changes {
             .unwrap_or_else(|e| e.into_inner())
             .extend(ids);
     }
+
+    pub(super) fn unwritten(&self, id: Uuid) {
+        self.unwritten
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id);
+    }
 }
+
+/// Final states finished this long before the last acknowledged report
+/// are reported again after a restart: a job's end is recorded a moment
+/// before it is queued for reporting.
+const REPORT_MARGIN_MS: u64 = 60_000;
+/// Job reports in one heartbeat; the rest follow in the next ones.
+pub(crate) const REPORTS_PER_CALL: usize = 1000;
 
 impl Jobs {
     /// Opens the job store under `state_dir` and loads the records of
     /// earlier runs. A job recorded as running belonged to a worker that
-    /// died: it is recorded `lost`.
+    /// died: what is left of it is killed and it is recorded `lost`. Final
+    /// states the scheduler may not have acknowledged (finished after
+    /// `reported_until_ms`, less a margin) are queued for reporting.
     pub(crate) async fn open(
         state_dir: &Path,
         scripts_dir: PathBuf,
         worker_name: String,
         plugins: BTreeMap<String, Plugin>,
         policy: Policy,
+        reported_until_ms: u64,
     ) -> Result<Self, std::io::Error> {
         let jobs_dir = state_dir.join("jobs");
         let dir = jobs_dir.clone();
@@ -68,6 +93,8 @@ impl Jobs {
             .map_err(std::io::Error::other)??;
         let mut map = HashMap::new();
         let mut dirty = HashSet::new();
+        let mut unwritten = HashSet::new();
+        let report_from = reported_until_ms.saturating_sub(REPORT_MARGIN_MS);
         for (mut record, len) in loaded {
             if record.state == State::Running {
                 // The worker died under this job. Whatever is left of its
@@ -88,9 +115,14 @@ impl Jobs {
                 record.finished_at_ms = now_ms();
                 record.pgid = None;
                 record.output_bytes = len;
-                write_record(&jobs_dir, &record).await?;
+                if let Err(error) = write_final(&jobs_dir, &record).await {
+                    tracing::error!(job_id = %record.id, %error, "could not record a job lost; kept in memory and retried");
+                    unwritten.insert(record.id);
+                }
                 dirty.insert(record.id);
                 tracing::warn!(job_id = %record.id, killed, "job was running when the worker stopped; recorded lost");
+            } else if record.finished_at_ms >= report_from {
+                dirty.insert(record.id);
             }
             let (progress, _) = watch::channel(Progress { len, done: true });
             let id = record.id;
@@ -101,6 +133,7 @@ impl Jobs {
                     record: Mutex::new(record),
                     progress,
                     stop: CancellationToken::new(),
+                    given_up: CancellationToken::new(),
                 }),
             );
         }
@@ -112,44 +145,118 @@ impl Jobs {
             map: RwLock::new(map),
             changes: Arc::new(Changes {
                 dirty: Mutex::new(dirty),
+                unwritten: Mutex::new(unwritten),
                 finished: Notify::new(),
             }),
             accepting: AtomicBool::new(true),
             tracker: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+            starting: Mutex::new(HashSet::new()),
             running: Arc::new(AtomicUsize::new(0)),
             policy,
         })
     }
 
-    /// Every job's record, newest first: what a (re-)registration reports.
-    pub(crate) fn all_records(&self) -> Vec<(JobRecord, u64)> {
-        let mut all: Vec<_> = self
-            .map
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .map(|j| (j.record(), j.progress.borrow().len))
-            .collect();
-        all.sort_by_key(|(r, _)| std::cmp::Reverse(r.created_at_ms));
-        all
+    fn status(job: &Job) -> (JobRecord, u64) {
+        (job.record(), job.progress.borrow().len)
     }
 
-    /// Takes the jobs whose state changed since the last report. Give them
-    /// back with [`Jobs::mark_dirty`] if the report fails.
+    /// What a (re-)registration reports: every running job, and every job
+    /// whose change the scheduler has not acknowledged (taken: give them
+    /// back with [`Jobs::mark_dirty`] if the registration fails). Never the
+    /// whole history.
+    pub(crate) fn registration_report(&self) -> (Vec<(JobRecord, u64)>, Vec<Uuid>) {
+        let taken = self.take_dirty_ids(usize::MAX);
+        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        let mut ids: HashSet<Uuid> = taken.iter().copied().collect();
+        ids.extend(
+            map.iter()
+                .filter(|(_, j)| !j.progress.borrow().done)
+                .map(|(id, _)| *id),
+        );
+        let report = ids
+            .iter()
+            .filter_map(|id| map.get(id))
+            .map(|j| Self::status(j))
+            .collect();
+        (report, taken)
+    }
+
+    fn take_dirty_ids(&self, max: usize) -> Vec<Uuid> {
+        let mut dirty = self.changes.dirty.lock().unwrap_or_else(|e| e.into_inner());
+        if dirty.len() <= max {
+            return std::mem::take(&mut *dirty).into_iter().collect();
+        }
+        let ids: Vec<Uuid> = dirty.iter().take(max).copied().collect();
+        for id in &ids {
+            dirty.remove(id);
+        }
+        ids
+    }
+
+    /// Takes up to [`REPORTS_PER_CALL`] jobs whose state changed since the
+    /// last acknowledged report. Give them back with [`Jobs::mark_dirty`]
+    /// if the report fails.
     pub(crate) fn take_dirty(&self) -> Vec<(JobRecord, u64)> {
-        let ids: Vec<Uuid> =
-            std::mem::take(&mut *self.changes.dirty.lock().unwrap_or_else(|e| e.into_inner()))
-                .into_iter()
-                .collect();
+        let ids = self.take_dirty_ids(REPORTS_PER_CALL);
         let map = self.map.read().unwrap_or_else(|e| e.into_inner());
         ids.iter()
             .filter_map(|id| map.get(id))
-            .map(|j| (j.record(), j.progress.borrow().len))
+            .map(|j| Self::status(j))
             .collect()
     }
 
     pub(crate) fn mark_dirty(&self, ids: impl IntoIterator<Item = Uuid>) {
         self.changes.mark(ids);
+    }
+
+    /// Whether changes wait to be reported.
+    pub(crate) fn has_dirty(&self) -> bool {
+        !self
+            .changes
+            .dirty
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
+    /// The scheduler gave these jobs up as lost while this worker was cut
+    /// off: what is left of them is killed and they are recorded lost, so
+    /// worker and scheduler agree. Jobs already ended are left as they are.
+    pub(crate) fn give_up(&self, ids: &[String]) {
+        for id in ids {
+            match self.get(id) {
+                Ok(job) if !job.progress.borrow().done => {
+                    tracing::warn!(job_id = %id, "the scheduler recorded this job lost; killing what is left of it");
+                    job.given_up.cancel();
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Writes the final records that could not be written before (a full
+    /// or failing disk); those that fail again stay queued.
+    pub(crate) async fn write_pending(&self) {
+        let ids: Vec<Uuid> = std::mem::take(
+            &mut *self
+                .changes
+                .unwritten
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        )
+        .into_iter()
+        .collect();
+        for id in ids {
+            let Some(job) = self.find(id) else { continue };
+            match write_final(&self.jobs_dir, &job.record()).await {
+                Ok(()) => tracing::info!(job_id = %id, "final state written at last"),
+                Err(error) => {
+                    tracing::debug!(job_id = %id, %error, "final state still cannot be written");
+                    self.changes.unwritten(id);
+                }
+            }
+        }
     }
 
     /// Deletes the output of the oldest finished jobs until what is left is
@@ -202,12 +309,16 @@ impl Jobs {
 
     pub(crate) fn get(&self, id: &str) -> Result<Arc<Job>, JobError> {
         let uuid = Uuid::parse_str(id).map_err(|_| JobError::BadJobId(id.to_owned()))?;
+        self.find(uuid)
+            .ok_or_else(|| JobError::UnknownJob(id.to_owned()))
+    }
+
+    pub(super) fn find(&self, id: Uuid) -> Option<Arc<Job>> {
         self.map
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&uuid)
+            .get(&id)
             .cloned()
-            .ok_or_else(|| JobError::UnknownJob(id.to_owned()))
     }
 
     pub(super) fn insert(&self, job: &Arc<Job>) {
@@ -239,20 +350,13 @@ impl Jobs {
     /// waits for all of them to be recorded.
     pub(crate) async fn shutdown(&self) {
         self.accepting.store(false, Ordering::Release);
-        let running: Vec<_> = self
-            .map
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .filter(|j| !j.progress.borrow().done)
-            .cloned()
-            .collect();
-        if !running.is_empty() {
-            tracing::info!(jobs = running.len(), "stopping running jobs");
+        let running = self.running.load(Ordering::Acquire);
+        if running > 0 {
+            tracing::info!(jobs = running, "stopping running jobs");
         }
-        for job in running {
-            job.stop.cancel();
-        }
+        // Every job's stop token descends from this one, including a job
+        // whose start is under way right now.
+        self.shutdown.cancel();
         self.tracker.close();
         self.tracker.wait().await;
     }

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,13 +16,39 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::output::pump;
-use super::record::{now_ms, write_record};
+use super::record::{now_ms, reserve_final, sync_dir, write_final, write_record};
 use super::supervise::{Supervision, supervise};
 use super::{Job, JobError, JobRecord, Jobs, Progress, StartRequest, State};
 
 /// Environment variables passed from the worker to every job.
 const INHERITED_ENV: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME"];
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// A job id being started: a second start of the same id meanwhile is
+/// refused (the first one's outcome is the job's).
+struct Starting<'a> {
+    set: &'a Mutex<std::collections::HashSet<Uuid>>,
+    id: Uuid,
+}
+
+impl<'a> Starting<'a> {
+    fn claim(set: &'a Mutex<std::collections::HashSet<Uuid>>, id: Uuid) -> Result<Self, JobError> {
+        if set.lock().unwrap_or_else(|e| e.into_inner()).insert(id) {
+            Ok(Starting { set, id })
+        } else {
+            Err(JobError::Starting(id))
+        }
+    }
+}
+
+impl Drop for Starting<'_> {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
 
 /// A reserved place among the running jobs, returned on drop unless kept.
 struct RunningSlot<'a> {
@@ -56,9 +83,22 @@ impl Drop for RunningSlot<'_> {
 }
 
 impl Jobs {
-    /// Validates the request, spawns the job and returns its first record:
-    /// `running`, or `failed` when the process could not be started.
-    pub(crate) async fn start(&self, req: StartRequest) -> Result<JobRecord, JobError> {
+    /// Starts a job and returns its first record: `running`, or `failed`
+    /// when the process could not be started. Idempotent by job id: a
+    /// repeated start returns the existing job and starts nothing.
+    ///
+    /// The work runs in a task of its own: the caller's future may be
+    /// dropped (a deadline, a hang-up), but between spawning a process and
+    /// handing it to its supervisor nothing may be cancelled.
+    pub(crate) async fn start(self: &Arc<Self>, req: StartRequest) -> Result<JobRecord, JobError> {
+        let jobs = self.clone();
+        self.tracker
+            .spawn(async move { jobs.start_now(req).await })
+            .await
+            .map_err(|e| JobError::Io(std::io::Error::other(e)))?
+    }
+
+    async fn start_now(&self, req: StartRequest) -> Result<JobRecord, JobError> {
         if !self.accepting.load(Ordering::Acquire) {
             return Err(JobError::ShuttingDown);
         }
@@ -67,33 +107,17 @@ impl Jobs {
         } else {
             Uuid::parse_str(&req.job_id).map_err(|_| JobError::BadJobId(req.job_id.clone()))?
         };
+        if let Some(job) = self.find(id) {
+            tracing::info!(job_id = %id, "repeated start; the job exists");
+            return Ok(job.record());
+        }
+        let _starting = Starting::claim(&self.starting, id)?;
         let script = crate::confine::resolve_script(&self.scripts_dir, &req.path)?;
         let plugin = self.plugin_for(&req.command, &req.path, &script)?;
         validate_strings(&req.args, &req.env)?;
         // A slot is taken now, before any await, so concurrent starts cannot
         // overshoot max_jobs; it is given back unless a process starts.
         let slot = RunningSlot::take(&self.running, self.policy.max_jobs)?;
-
-        let dir = self.jobs_dir.join(id.to_string());
-        match tokio::fs::create_dir(&dir).await {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(JobError::Exists(id));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                tokio::fs::create_dir_all(&dir).await?;
-            }
-            Err(e) => return Err(e.into()),
-        }
-        let log_path = dir.join("output.log");
-        let log_file = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&log_path)
-            .await?
-            .into_std()
-            .await;
 
         let now = now_ms();
         let mut record = JobRecord {
@@ -112,6 +136,26 @@ impl Jobs {
             output_bytes: 0,
             output_expired: false,
         };
+        // The job's files and its record exist before its process does: a
+        // worker that cannot write them refuses the job and leaves nothing.
+        let dir = self.jobs_dir.join(id.to_string());
+        let log_file = match self.create_files(&dir, &record).await {
+            Ok(file) => file,
+            // A start of the same id may have finished since we looked.
+            Err(JobError::Exists(id)) => {
+                return match self.find(id) {
+                    Some(job) => Ok(job.record()),
+                    None => Err(JobError::Exists(id)),
+                };
+            }
+            Err(error) => {
+                let cleanup = dir.clone();
+                let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(cleanup)).await;
+                tracing::warn!(job_id = %id, %error, "job refused: its files could not be created");
+                return Err(error);
+            }
+        };
+        let log_path = dir.join("output.log");
 
         // The job's cgroup is made before the job exists, so it can join it
         // before it runs anything.
@@ -142,39 +186,43 @@ impl Jobs {
         let job = Arc::new(Job {
             record: Mutex::new(record.clone()),
             progress,
-            stop: CancellationToken::new(),
+            stop: self.shutdown.child_token(),
+            given_up: CancellationToken::new(),
             log_path,
         });
         match spawned {
             Ok((child, reader)) => {
                 let pgid = child.id().and_then(|p| i32::try_from(p).ok());
                 record = job.update(|r| r.pgid = pgid);
-                // The process runs now: whatever happens to its record, it
-                // must be supervised (the final write tries again).
-                if let Err(error) = write_record(&self.jobs_dir, &record).await {
-                    tracing::error!(job_id = %id, %error, "could not record the job's start");
-                }
                 self.insert(&job);
                 let over_limit = CancellationToken::new();
+                let write_failed = CancellationToken::new();
                 let pump = tokio::spawn(pump(
                     reader,
                     log_file,
                     job.progress.clone(),
                     plugin.max_output_bytes,
                     over_limit.clone(),
+                    write_failed.clone(),
                 ));
                 let limits = Supervision {
                     grace: plugin.stop_grace,
                     timeout: plugin.timeout,
                     max_output: plugin.max_output_bytes,
                     over_limit,
+                    write_failed,
                 };
                 let jobs_dir = self.jobs_dir.clone();
                 let supervised = job.clone();
                 let changes = self.changes.clone();
                 let running = self.running.clone();
                 self.tracker.spawn(async move {
-                    supervise(supervised, child, pgid, pump, limits, jobs_dir).await;
+                    // The process group is what a restarted worker cleans
+                    // up; recorded here, off the start's path.
+                    if let Err(error) = write_record(&jobs_dir, &supervised.record()).await {
+                        tracing::warn!(job_id = %id, %error, "could not record the job's process group");
+                    }
+                    supervise(supervised, child, pgid, pump, limits, jobs_dir, &changes).await;
                     if let Some(dir) = cgroup_dir {
                         let _ = tokio::task::spawn_blocking(move || {
                             crate::cgroup::Cgroups::remove(&dir)
@@ -201,10 +249,55 @@ impl Jobs {
                 job.progress.send_modify(|p| p.done = true);
                 self.insert(&job);
                 tracing::warn!(job_id = %id, %error, "job could not start");
-                write_record(&self.jobs_dir, &record).await?;
+                if let Err(error) = write_final(&self.jobs_dir, &record).await {
+                    tracing::error!(job_id = %id, %error, "could not record the job's final state; kept in memory and retried");
+                    self.changes.unwritten(id);
+                }
             }
         }
         Ok(record)
+    }
+
+    /// Creates the job's directory, its empty output log, its first record
+    /// and the space for its final record; returns the log for writing.
+    async fn create_files(
+        &self,
+        dir: &Path,
+        record: &JobRecord,
+    ) -> Result<std::fs::File, JobError> {
+        let (dir, jobs_dir) = (dir.to_owned(), self.jobs_dir.clone());
+        let json = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+        let id = record.id;
+        tokio::task::spawn_blocking(move || {
+            match std::fs::create_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return Err(JobError::Exists(id));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    std::fs::create_dir_all(&dir).map_err(JobError::storage)?;
+                }
+                Err(e) => return Err(JobError::storage(e)),
+            }
+            let log = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(dir.join("output.log"))
+                .map_err(JobError::storage)?;
+            reserve_final(&dir, json.len()).map_err(JobError::storage)?;
+            std::fs::write(dir.join("job.json.tmp"), &json).map_err(JobError::storage)?;
+            std::fs::File::open(dir.join("job.json.tmp"))
+                .and_then(|f| f.sync_all())
+                .map_err(JobError::storage)?;
+            std::fs::rename(dir.join("job.json.tmp"), dir.join("job.json"))
+                .map_err(JobError::storage)?;
+            sync_dir(&dir).map_err(JobError::storage)?;
+            sync_dir(&jobs_dir).map_err(JobError::storage)?;
+            Ok(log)
+        })
+        .await
+        .map_err(|e| JobError::Io(std::io::Error::other(e)))?
     }
 
     fn plugin_for(&self, command: &str, path: &str, script: &Path) -> Result<&Plugin, JobError> {

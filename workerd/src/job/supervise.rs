@@ -13,7 +13,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::record::{now_ms, write_record};
+use super::output::Pumped;
+use super::record::{now_ms, write_final};
+use super::registry::Changes;
 use super::{Job, JobRecord, State};
 
 /// How long a stop request waits for the job to end before answering (a
@@ -30,6 +32,10 @@ pub(super) enum Ending {
     Stopped,
     TimedOut(Duration),
     OutputLimit(u64),
+    /// Its output could not be written (the pump says why).
+    OutputFailed,
+    /// The scheduler recorded it lost while this worker was cut off.
+    GivenUp,
 }
 
 /// The plugin's limits on one job.
@@ -39,15 +45,18 @@ pub(super) struct Supervision {
     pub(super) timeout: Option<Duration>,
     pub(super) max_output: Option<u64>,
     pub(super) over_limit: CancellationToken,
+    /// Fired by the pump when the output log cannot be written.
+    pub(super) write_failed: CancellationToken,
 }
 
 pub(super) async fn supervise(
     job: Arc<Job>,
     mut child: tokio::process::Child,
     pgid: Option<i32>,
-    mut pump: JoinHandle<u64>,
+    mut pump: JoinHandle<Pumped>,
     limits: Supervision,
     jobs_dir: PathBuf,
+    changes: &Changes,
 ) {
     let id = job.record().id;
     let timeout = async {
@@ -61,6 +70,16 @@ pub(super) async fn supervise(
         () = job.stop.cancelled() => Ok(Ending::Stopped),
         () = timeout => Ok(Ending::TimedOut(limits.timeout.unwrap_or_default())),
         () = limits.over_limit.cancelled() => Ok(Ending::OutputLimit(limits.max_output.unwrap_or_default())),
+        () = limits.write_failed.cancelled() => Ok(Ending::OutputFailed),
+        () = job.given_up.cancelled() => Ok(Ending::GivenUp),
+    };
+    // When an exit and a stop (or the timeout) race, what really happened
+    // is recorded: a job that had already exited was not ended by them.
+    let ending = match ending {
+        Ok(Ending::Stopped | Ending::TimedOut(_)) if matches!(child.try_wait(), Ok(Some(_))) => {
+            Err(child.wait().await)
+        }
+        other => other,
     };
     let (status, ending) = match ending {
         Err(status) => (status, None),
@@ -81,26 +100,53 @@ pub(super) async fn supervise(
     };
     // Nothing of the job outlives it: whatever stayed in its group goes now.
     signal_group(pgid, Signal::SIGKILL);
-    let len = match tokio::time::timeout(DRAIN_TIMEOUT, &mut pump).await {
-        Ok(Ok(len)) => len,
+    let pumped = match tokio::time::timeout(DRAIN_TIMEOUT, &mut pump).await {
+        Ok(Ok(pumped)) => pumped,
         Ok(Err(error)) => {
             tracing::error!(job_id = %id, %error, "output pump failed");
-            job.progress.borrow().len
+            Pumped {
+                len: job.progress.borrow().len,
+                write_error: Some(format!("the output pump failed: {error}")),
+            }
         }
         Err(_) => {
             tracing::warn!(job_id = %id, "output pipe still open after the job ended; closing it");
             pump.abort();
-            job.progress.borrow().len
+            Pumped {
+                len: job.progress.borrow().len,
+                write_error: None,
+            }
         }
+    };
+    let len = pumped.len;
+    // Output cut at the limit fails the job even if it exited first.
+    let ending = match ending {
+        None if limits.over_limit.is_cancelled() => {
+            Some(Ending::OutputLimit(limits.max_output.unwrap_or_default()))
+        }
+        other => other,
     };
     let record = job.update(|r| {
         r.finished_at_ms = now_ms();
         r.output_bytes = len;
         r.pgid = None;
         finish(r, status, ending);
+        // Output that could not be kept fails the job, however it ended
+        // (unless the scheduler had already given it up).
+        if let Some(error) = &pumped.write_error
+            && ending != Some(Ending::GivenUp)
+        {
+            r.state = State::Failed;
+            r.error_text = format!(
+                "the worker could not write the job's output ({error}); the job was stopped and the first {len} bytes of its output were kept"
+            );
+        }
     });
-    if let Err(error) = write_record(&jobs_dir, &record).await {
-        tracing::error!(job_id = %id, %error, "could not record the job's final state");
+    if let Err(error) = write_final(&jobs_dir, &record).await {
+        // The state stands: it is served and reported from memory, and
+        // written when the disk allows.
+        tracing::error!(job_id = %id, %error, "could not record the job's final state; kept in memory and retried");
+        changes.unwritten(id);
     }
     job.progress.send_modify(|p| {
         p.len = len;
@@ -130,6 +176,12 @@ fn finish(r: &mut JobRecord, status: std::io::Result<ExitStatus>, ending: Option
                             "output limit of {limit} bytes exceeded; the job was stopped and its output kept up to the limit"
                         );
                         State::Failed
+                    }
+                    // The pump's error is filled in by the caller.
+                    Ending::OutputFailed => State::Failed,
+                    Ending::GivenUp => {
+                        r.error_text = "the scheduler recorded the job lost while this worker was cut off; what was left of it was killed".into();
+                        State::Lost
                     }
                 }
             } else {

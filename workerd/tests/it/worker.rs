@@ -479,7 +479,8 @@ async fn unknown_plugins_jobs_and_offsets_get_clear_errors() {
 }
 
 #[tokio::test]
-async fn args_and_env_reach_the_script_and_the_scheduler_can_choose_the_id() {
+async fn args_and_env_reach_the_script_and_the_scheduler_can_choose_the_id_and_starts_are_idempotent()
+ {
     let worker = Worker::start();
     let mut client = worker.client();
     let id = uuid::Uuid::new_v4().to_string();
@@ -489,8 +490,13 @@ async fn args_and_env_reach_the_script_and_the_scheduler_can_choose_the_id() {
     assert_eq!(start(&mut client, req.clone()).await, id);
     let (out, _) = follow(&mut client, &id, 0).await;
     assert_eq!(out, b"hello world\n");
-    let err = client.start_job(req).await.unwrap_err();
-    assert_eq!(err.code(), Code::AlreadyExists);
+    // A repeated start of the same id returns the job and starts nothing.
+    let again = client.start_job(req).await.unwrap().into_inner();
+    assert_eq!(again.job_id, id);
+    let status = again.status.unwrap();
+    assert_eq!(status.state, JobState::Succeeded as i32);
+    let (out, _) = follow(&mut client, &id, 0).await;
+    assert_eq!(out, b"hello world\n", "the script ran once");
 }
 
 #[tokio::test]
