@@ -10,8 +10,10 @@
 //! - `spawn`: validating a start and spawning the process.
 //! - `output`: the pump from the job's pipe to its log, and reads of the log.
 //! - `supervise`: waiting for the end, stopping, killing what is left.
+//! - `kill`: finding every process of a job, escaped ones too, and killing them.
 //! - `registry`: [`Jobs`], the worker's jobs and what changed among them.
 
+mod kill;
 mod output;
 mod record;
 mod registry;

@@ -168,6 +168,7 @@ impl Jobs {
                     timeout: plugin.timeout,
                     max_output: plugin.max_output_bytes,
                     over_limit,
+                    cgroup: cgroup_dir.clone(),
                 };
                 let jobs_dir = self.jobs_dir.clone();
                 let supervised = job.clone();
