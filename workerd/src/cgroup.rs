@@ -66,9 +66,14 @@ impl Cgroups {
         Ok(Cgroups { root: dir })
     }
 
+    /// The directory of the job's group (which may not exist).
+    pub(crate) fn group(&self, job: Uuid) -> PathBuf {
+        self.root.join(format!("job-{job}"))
+    }
+
     /// Creates the job's group with its limits; call before the job runs.
     pub(crate) fn create(&self, job: Uuid, limits: &Limits) -> std::io::Result<PathBuf> {
-        let dir = self.root.join(format!("job-{job}"));
+        let dir = self.group(job);
         std::fs::create_dir_all(&dir)?;
         if let Some(bytes) = limits.memory {
             std::fs::write(dir.join("memory.max"), bytes.to_string())?;

@@ -75,6 +75,10 @@ pub async fn run(
         path: config.state_dir.display().to_string(),
         source,
     };
+    // Before any job runs: orphans of jobs come to workerd, not init, so
+    // they stay within reach of stop and are reaped here.
+    job::become_subreaper();
+    let _reaper = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(job::reap_orphans()));
     let plugin_names: Vec<String> = config.plugins.keys().cloned().collect();
     let plugin_info: Vec<_> = config
         .plugins

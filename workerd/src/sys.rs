@@ -1,11 +1,15 @@
 //! The one place with `unsafe`: code that runs in a job's process between
-//! fork and exec, where only async-signal-safe calls are allowed.
+//! fork and exec, where only async-signal-safe calls are allowed, and the two
+//! pidfd system calls nix does not wrap.
 #![allow(unsafe_code)]
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use jobcluster_plugins::Limits;
+use nix::errno::Errno;
+use nix::libc;
 use nix::sys::resource::{Resource, setrlimit};
+use nix::sys::signal::Signal;
 
 /// Sets the plugin's resource limits on the job process just before it
 /// execs the interpreter; its children inherit them. With `cgroup_procs`
@@ -52,4 +56,33 @@ pub(crate) fn set_limits(
             Ok(())
         });
     }
+}
+
+/// A pidfd for `pid`: a handle on that one process, which a later reuse of
+/// the pid cannot redirect. `ENOSYS` before Linux 5.3.
+pub(crate) fn pidfd_open(pid: i32) -> nix::Result<OwnedFd> {
+    // SAFETY: pidfd_open(2) takes a pid and flags by value and touches no
+    // memory of ours; it returns a new descriptor or -1 with errno set.
+    let fd = Errno::result(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0u32) })?;
+    let fd = RawFd::try_from(fd).map_err(|_| Errno::EBADF)?;
+    // SAFETY: the kernel just created this descriptor for us and nothing
+    // else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sends `signal` to the process behind a pidfd.
+pub(crate) fn pidfd_send_signal(pidfd: &OwnedFd, signal: Signal) -> nix::Result<()> {
+    // SAFETY: pidfd_send_signal(2) gets a descriptor we own, a signal
+    // number, a null siginfo (the kernel then fills one as kill(2) does) and
+    // no flags; it writes no memory of ours.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal as libc::c_int,
+            std::ptr::null::<libc::siginfo_t>(),
+            0u32,
+        )
+    };
+    Errno::result(result).map(drop)
 }

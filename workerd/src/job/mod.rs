@@ -10,9 +10,13 @@
 //! - `spawn`: validating a start and spawning the process.
 //! - `output`: the pump from the job's pipe to its log, and reads of the log.
 //! - `supervise`: waiting for the end, stopping, killing what is left.
+//! - `kill`: finding every process of a job, escaped ones too, and killing them.
+//! - `reap`: workerd as a child subreaper, reaping orphaned job processes.
 //! - `registry`: [`Jobs`], the worker's jobs and what changed among them.
 
+mod kill;
 mod output;
+mod reap;
 mod record;
 mod registry;
 mod spawn;
@@ -30,6 +34,7 @@ use crate::config::RunAs;
 use crate::confine::PathError;
 
 pub(crate) use output::read_at;
+pub(crate) use reap::{become_subreaper, reap_orphans};
 pub(crate) use record::{JobRecord, State, now_ms, write_durably};
 pub(crate) use registry::Jobs;
 

@@ -12,8 +12,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+use super::kill::kill_leftovers;
 use super::record::{load_records, now_ms, write_final, write_record};
-use super::supervise::{STOP_WAIT, kill_leftovers};
+use super::supervise::STOP_WAIT;
 use super::{Job, JobError, JobRecord, Policy, Progress, State};
 
 /// The jobs of this worker.
@@ -97,13 +98,9 @@ impl Jobs {
         let report_from = reported_until_ms.saturating_sub(REPORT_MARGIN_MS);
         for (mut record, len) in loaded {
             if record.state == State::Running {
-                // The worker died under this job. Whatever is left of its
-                // process group must not live on unsupervised.
-                let id = record.id;
-                let pgid = record.pgid;
-                let killed = tokio::task::spawn_blocking(move || kill_leftovers(id, pgid))
-                    .await
-                    .unwrap_or(0);
+                // The worker died under this job. Whatever is left of it
+                // must not live on unsupervised.
+                let killed = kill_leftovers(&record, policy.cgroups.as_ref()).await;
                 record.state = State::Lost;
                 record.error_text = if killed > 0 {
                     format!(

@@ -211,6 +211,7 @@ impl Jobs {
                     max_output: plugin.max_output_bytes,
                     over_limit,
                     write_failed,
+                    cgroup: cgroup_dir.clone(),
                 };
                 let jobs_dir = self.jobs_dir.clone();
                 let supervised = job.clone();
@@ -364,7 +365,7 @@ impl Jobs {
                 .env("LOGNAME", &run_as.user);
         }
         crate::sys::set_limits(&mut cmd, plugin.limits, cgroup_procs);
-        let child = cmd.spawn()?;
+        let child = super::reap::spawn(&mut cmd)?;
         // The command holds the parent's copies of the pipe's write end;
         // dropping it lets the pump see EOF once the job's processes close theirs.
         drop(cmd);

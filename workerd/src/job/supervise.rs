@@ -11,8 +11,8 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
+use super::kill;
 use super::output::Pumped;
 use super::record::{now_ms, write_final};
 use super::registry::Changes;
@@ -21,9 +21,9 @@ use super::{Job, JobRecord, State};
 /// How long a stop request waits for the job to end before answering (a
 /// long grace period goes on after the answer).
 pub(super) const STOP_WAIT: Duration = Duration::from_secs(5);
-/// After a job's main process is gone and its group killed, how long the
-/// pump may still drain the pipe (a process that left the group may hold
-/// it open forever).
+/// After a job's main process is gone and its processes killed, how long
+/// the pump may still drain the pipe (a process the scan cannot find may
+/// hold it open forever).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the supervisor ended a job that was still running.
@@ -47,6 +47,8 @@ pub(super) struct Supervision {
     pub(super) over_limit: CancellationToken,
     /// Fired by the pump when the output log cannot be written.
     pub(super) write_failed: CancellationToken,
+    /// The job's cgroup, if it has one.
+    pub(super) cgroup: Option<PathBuf>,
 }
 
 pub(super) async fn supervise(
@@ -59,6 +61,7 @@ pub(super) async fn supervise(
     changes: &Changes,
 ) {
     let id = job.record().id;
+    let procs = kill::JobProcs::of(&job.record(), limits.cgroup.clone());
     let timeout = async {
         match limits.timeout {
             Some(t) => tokio::time::sleep(t).await,
@@ -86,6 +89,7 @@ pub(super) async fn supervise(
         Ok(ending) => {
             tracing::info!(job_id = %id, ?ending, "ending the job");
             signal_group(pgid, Signal::SIGTERM);
+            kill::signal_job(&procs, Signal::SIGTERM, pgid).await;
             let grace = limits.grace;
             let status = match tokio::time::timeout(grace, child.wait()).await {
                 Ok(status) => status,
@@ -98,8 +102,13 @@ pub(super) async fn supervise(
             (status, Some(ending))
         }
     };
-    // Nothing of the job outlives it: whatever stayed in its group goes now.
+    // Nothing of the job outlives it: whatever stayed in its group, or left
+    // it, goes now, and with it every holder of the pipe's write end.
     signal_group(pgid, Signal::SIGKILL);
+    let killed = kill::kill_job(&procs).await;
+    if killed > 0 {
+        tracing::info!(job_id = %id, killed, "killed processes the job left behind");
+    }
     let pumped = match tokio::time::timeout(DRAIN_TIMEOUT, &mut pump).await {
         Ok(Ok(pumped)) => pumped,
         Ok(Err(error)) => {
@@ -224,41 +233,4 @@ fn signal_group(pgid: Option<i32>, signal: Signal) {
             tracing::warn!(pgid, %error, ?signal, "signalling the job's process group failed")
         }
     }
-}
-
-/// Kills what is left of a job whose worker died: every process in its
-/// recorded process group that still carries the job's id in its
-/// environment (a pid may have been reused by something else since).
-/// Returns how many processes were signalled.
-pub(super) fn kill_leftovers(id: Uuid, pgid: Option<i32>) -> usize {
-    let Some(pgid) = pgid else { return 0 };
-    let needle = format!("JOB_ID={id}");
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    let mut killed = 0;
-    for entry in entries.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // Fields after the parenthesised command: state ppid pgrp ...
-        let in_group = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(2))
-            .and_then(|g| g.parse::<i32>().ok())
-            == Some(pgid);
-        if !in_group {
-            continue;
-        }
-        let ours = std::fs::read(entry.path().join("environ"))
-            .map(|env| env.split(|b| *b == 0).any(|v| v == needle.as_bytes()))
-            .unwrap_or(false);
-        if ours && nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
-            killed += 1;
-        }
-    }
-    killed
 }

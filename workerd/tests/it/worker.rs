@@ -56,6 +56,17 @@ const TEST_SCRIPTS: &[(&str, &str)] = &[
         "for i in $(seq 1 40); do echo \"line $i\"; sleep 0.05; done\n",
     ),
     ("env.sh", "echo \"$GREETING $1\"\n"),
+    // Leaves its process group and session: a setsid child whose own child
+    // is double-forked (re-parented), and a double-forked setsid grandchild.
+    (
+        "escape.sh",
+        "setsid bash -c '(sleep 300 &); exec sleep 300' &\n(setsid sleep 300 &)\necho started\nwait\n",
+    ),
+    // Leaves an orphan that exits on its own a little later.
+    (
+        "orphan.sh",
+        "(sleep 1 & echo \"orphan $!\")\necho ready\nexec sleep 300\n",
+    ),
 ];
 
 impl Worker {
@@ -595,4 +606,190 @@ fn bad_configs_are_refused_with_file_and_key() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("worker.name"));
+}
+
+/// State, parent, process group and session of a live (or zombie) process.
+fn proc_stat(pid: u32) -> Option<(char, u32, u32, u32)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = text.rsplit_once(')')?.1.split_whitespace().collect();
+    Some((
+        fields[0].chars().next()?,
+        fields[1].parse().ok()?,
+        fields[2].parse().ok()?,
+        fields[3].parse().ok()?,
+    ))
+}
+
+/// Zombies whose parent is `parent`: children it has not reaped.
+fn zombie_children(parent: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| matches!(proc_stat(*pid), Some(('Z', ppid, _, _)) if ppid == parent))
+        .collect()
+}
+
+/// Kills whatever is left of a job when a test ends, so a failing test
+/// leaves no `sleep 300` behind.
+struct KillOnDrop(String);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for pid in job_processes(&self.0) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Sessions of the job's live processes.
+fn job_sessions(job: &str) -> std::collections::BTreeSet<u32> {
+    job_processes(job)
+        .into_iter()
+        .filter_map(|pid| proc_stat(pid).map(|s| s.3))
+        .collect()
+}
+
+/// Starts escape.sh and waits until all four of its processes run, in three
+/// sessions (some processes come and go while it sets up).
+async fn start_escaping_job(client: &mut WorkerClient<Channel>) -> (String, KillOnDrop) {
+    let job = start(client, start_req("bash", "escape.sh", &[])).await;
+    let guard = KillOnDrop(job.clone());
+    assert!(
+        eventually(Duration::from_secs(10), || job_processes(&job).len() >= 4
+            && job_sessions(&job).len() >= 3)
+        .await,
+        "the job and its three escapees should run: {:?} in sessions {:?}",
+        job_processes(&job),
+        job_sessions(&job)
+    );
+    (job, guard)
+}
+
+#[tokio::test]
+async fn stop_kills_descendants_that_left_the_process_group() {
+    let worker = Worker::start();
+    let mut client = worker.client();
+    let (job, _guard) = start_escaping_job(&mut client).await;
+    let state = client
+        .stop_job(StopJobRequest {
+            job_id: job.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .state();
+    assert_eq!(state, JobState::Stopped, "{}", worker.daemon.log());
+    assert!(
+        eventually(Duration::from_secs(3), || job_processes(&job).is_empty()).await,
+        "left after stop: {:?}",
+        job_processes(&job)
+    );
+    // With every holder of the pipe gone, the log closes at once.
+    let (out, status) = tokio::time::timeout(Duration::from_secs(3), follow(&mut client, &job, 0))
+        .await
+        .expect("the output ends promptly");
+    assert_eq!(
+        (out.as_slice(), status.state()),
+        (&b"started\n"[..], JobState::Stopped)
+    );
+    let workerd = worker.daemon.child.id();
+    assert!(
+        eventually(Duration::from_secs(3), || zombie_children(workerd)
+            .is_empty())
+        .await,
+        "zombies of workerd: {:?}",
+        zombie_children(workerd)
+    );
+}
+
+#[tokio::test]
+async fn worker_sigterm_kills_descendants_that_left_the_process_group() {
+    let mut worker = Worker::start();
+    let mut client = worker.client();
+    let (job, _guard) = start_escaping_job(&mut client).await;
+    worker.daemon.signal(Signal::SIGTERM);
+    let status = worker.daemon.wait(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}\n{}", worker.daemon.log());
+    assert!(
+        eventually(Duration::from_secs(3), || job_processes(&job).is_empty()).await,
+        "left after the worker stopped: {:?}",
+        job_processes(&job)
+    );
+}
+
+#[tokio::test]
+async fn a_restart_after_kill_9_kills_escaped_descendants_and_records_the_job_lost() {
+    let mut worker = Worker::start();
+    let mut client = worker.client();
+    let (job, _guard) = start_escaping_job(&mut client).await;
+    worker.daemon.signal(Signal::SIGKILL);
+    worker.daemon.wait(Duration::from_secs(10));
+    assert!(
+        job_processes(&job).len() >= 4,
+        "the job outlives a killed worker"
+    );
+    worker.restart();
+    assert!(
+        eventually(Duration::from_secs(3), || job_processes(&job).is_empty()).await,
+        "left after the restart: {:?}",
+        job_processes(&job)
+    );
+    let q = worker
+        .client()
+        .query_job(QueryJobRequest { job_id: job })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(q.state(), JobState::Lost, "{q:?}");
+}
+
+#[tokio::test]
+async fn orphans_re_parented_to_the_worker_are_reaped() {
+    let worker = Worker::start();
+    let mut client = worker.client();
+    let job = start(&mut client, start_req("bash", "orphan.sh", &[])).await;
+    let _guard = KillOnDrop(job.clone());
+    let mut stream = client
+        .stream_job(StreamJobRequest {
+            job_id: job.clone(),
+            offset: 0,
+            follow: Some(true),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = String::new();
+    while !out.contains("ready\n") {
+        let msg = stream.message().await.unwrap().unwrap();
+        out.push_str(std::str::from_utf8(&msg.output).unwrap());
+    }
+    let orphan: u32 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("orphan "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let workerd = worker.daemon.child.id();
+    assert_eq!(
+        proc_stat(orphan).map(|s| s.1),
+        Some(workerd),
+        "the orphan is re-parented to workerd"
+    );
+    // It exits after a second; a zombie left unreaped would keep its entry.
+    assert!(
+        eventually(Duration::from_secs(5), || proc_stat(orphan)
+            .is_none_or(|s| s.1 != workerd))
+        .await,
+        "the orphan was not reaped: {:?}",
+        proc_stat(orphan)
+    );
+    assert_eq!(zombie_children(workerd), Vec::<u32>::new());
+    let state = client
+        .stop_job(StopJobRequest { job_id: job })
+        .await
+        .unwrap()
+        .into_inner()
+        .state();
+    assert_eq!(state, JobState::Stopped);
 }

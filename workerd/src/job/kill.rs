@@ -1,0 +1,428 @@
+//! Finding and killing every process of a job, wherever it went.
+//!
+//! A job's process group is not enough: a process can `setsid()` or
+//! `setpgid()` out of it and double-fork so that it is no longer even a
+//! descendant of the job's main process. What every job process does keep is
+//! what it was born with, so a process belongs to the job when it started no
+//! earlier than the job and either carries `JOB_ID=<id>` in its environment
+//! (spawn sets it and children inherit it), is in the job's cgroup, or
+//! descends (by live ppid links) from a process that does. Where the job has a
+//! cgroup, `cgroup.kill` reaches everything in it first; the scan follows in
+//! every case, for whatever left the cgroup.
+//!
+//! Processes can fork while they are being killed, so killing repeats the scan
+//! until a round finds nothing (bounded). Each process is signalled through a
+//! pidfd opened before its start time is checked again, so the signal reaches
+//! exactly the process that was found: a pid reused in between is never hit.
+//!
+//! The limit: a process that clears `JOB_ID` from its environment *and*
+//! leaves the tree (its ancestors up to a carrier exit, so it is re-parented)
+//! before a scan, outside any cgroup, is not found.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use uuid::Uuid;
+
+use super::JobRecord;
+use crate::cgroup::Cgroups;
+
+/// Scan-and-kill rounds before giving up on processes that will not die
+/// (uninterruptible sleep can outlast any bound).
+const MAX_ROUNDS: u32 = 40;
+/// Pause after the first round; it doubles up to `MAX_PAUSE` so a quick
+/// kill is quick and a slow one does not spin.
+const FIRST_PAUSE: Duration = Duration::from_millis(5);
+const MAX_PAUSE: Duration = Duration::from_millis(100);
+/// `btime` has whole seconds and the job's start is wall-clock time, so a
+/// process's start is only known to within a second or so of the job's.
+const START_SLACK_MS: u64 = 2_000;
+
+/// What identifies the processes of one job.
+#[derive(Debug, Clone)]
+pub(super) struct JobProcs {
+    pub(super) id: Uuid,
+    pub(super) started_at_ms: u64,
+    /// The job's cgroup, where it has one.
+    pub(super) cgroup: Option<PathBuf>,
+}
+
+impl JobProcs {
+    pub(super) fn of(record: &JobRecord, cgroup: Option<PathBuf>) -> Self {
+        JobProcs {
+            id: record.id,
+            started_at_ms: record.started_at_ms,
+            cgroup,
+        }
+    }
+}
+
+/// Sends `signal` once to every process of the job that is not in
+/// `signalled_group` (the caller already reached those with killpg, and a
+/// second SIGTERM could cut a script's own clean-up short). Returns how many
+/// processes were signalled.
+pub(super) async fn signal_job(
+    job: &JobProcs,
+    signal: Signal,
+    signalled_group: Option<i32>,
+) -> usize {
+    let job = job.clone();
+    let sent = tokio::task::spawn_blocking(move || {
+        find(&job)
+            .into_iter()
+            .filter(|p| Some(p.pgrp) != signalled_group)
+            .filter(|p| send(p, signal))
+            .count()
+    })
+    .await;
+    sent.unwrap_or(0)
+}
+
+/// Kills every process of the job and returns once none is left (or the
+/// rounds ran out). Returns how many processes were killed.
+pub(super) async fn kill_job(job: &JobProcs) -> usize {
+    let job = job.clone();
+    tokio::task::spawn_blocking(move || kill_blocking(&job))
+        .await
+        .unwrap_or(0)
+}
+
+/// Kills what is left of a job whose worker died under it, and removes its
+/// cgroup, which nobody else will.
+pub(super) async fn kill_leftovers(record: &JobRecord, cgroups: Option<&Cgroups>) -> usize {
+    let job = JobProcs::of(record, cgroups.map(|c| c.group(record.id)));
+    let killed = kill_job(&job).await;
+    if let Some(dir) = job.cgroup {
+        let _ = tokio::task::spawn_blocking(move || {
+            if dir.exists() {
+                Cgroups::remove(&dir);
+            }
+        })
+        .await;
+    }
+    killed
+}
+
+fn kill_blocking(job: &JobProcs) -> usize {
+    if let Some(dir) = &job.cgroup {
+        kill_cgroup(job.id, dir);
+    }
+    let mut killed = BTreeSet::new();
+    let mut pause = FIRST_PAUSE;
+    for _ in 0..MAX_ROUNDS {
+        let found = find(job);
+        if found.is_empty() {
+            return killed.len();
+        }
+        for process in &found {
+            if send(process, Signal::SIGKILL) {
+                killed.insert(process.pid);
+            }
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(MAX_PAUSE);
+    }
+    tracing::warn!(job_id = %job.id, rounds = MAX_ROUNDS, "processes of the job still alive after every kill round");
+    killed.len()
+}
+
+/// Kills everything in the job's cgroup and waits for it to empty.
+fn kill_cgroup(id: Uuid, dir: &Path) {
+    match std::fs::write(dir.join("cgroup.kill"), "1") {
+        Ok(()) => {}
+        // No such group, or a kernel before 5.14: the scan does it all.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+        Err(error) => {
+            tracing::warn!(job_id = %id, %error, "cgroup.kill failed; killing the job's processes one by one");
+            return;
+        }
+    }
+    let mut pause = FIRST_PAUSE;
+    for _ in 0..MAX_ROUNDS {
+        if cgroup_members(dir).is_empty() {
+            return;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(MAX_PAUSE);
+    }
+}
+
+fn cgroup_members(dir: &Path) -> BTreeSet<i32> {
+    std::fs::read_to_string(dir.join("cgroup.procs"))
+        .map(|text| text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// The fields of `/proc/<pid>/stat` this module needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct ProcStat {
+    pub(super) pid: i32,
+    pub(super) state: char,
+    pub(super) ppid: i32,
+    pub(super) pgrp: i32,
+    /// Field 22: clock ticks after boot.
+    pub(super) start_ticks: u64,
+}
+
+impl ProcStat {
+    /// Parses `/proc/<pid>/stat`. The command (field 2) may hold spaces and
+    /// parentheses, so the fields are counted from its last `)`.
+    pub(super) fn parse(text: &str) -> Option<ProcStat> {
+        let (head, rest) = text.rsplit_once(')')?;
+        let pid = head.split_once('(')?.0.trim().parse().ok()?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // rest starts at field 3 (state).
+        let field = |n: usize| fields.get(n - 3).copied();
+        Some(ProcStat {
+            pid,
+            state: field(3)?.chars().next()?,
+            ppid: field(4)?.parse().ok()?,
+            pgrp: field(5)?.parse().ok()?,
+            start_ticks: field(22)?.parse().ok()?,
+        })
+    }
+
+    pub(super) fn read(pid: i32) -> Option<ProcStat> {
+        ProcStat::parse(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+    }
+
+    /// Dead but not yet reaped, or dying: nothing left to signal.
+    pub(super) fn is_zombie(&self) -> bool {
+        matches!(self.state, 'Z' | 'X' | 'x')
+    }
+}
+
+/// Every process now on the machine (those that vanish mid-scan are left out).
+pub(super) fn all_processes() -> Vec<ProcStat> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(ProcStat::read)
+        .collect()
+}
+
+/// Boot time in seconds since the epoch, from the text of `/proc/stat`.
+fn parse_btime(proc_stat: &str) -> Option<u64> {
+    proc_stat
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Whether a `/proc/<pid>/environ` holds exactly `needle` (`NAME=value`).
+fn environ_has(environ: &[u8], needle: &[u8]) -> bool {
+    environ.split(|b| *b == 0).any(|var| var == needle)
+}
+
+/// Turns process start ticks into wall-clock milliseconds.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    btime_s: u64,
+    ticks_per_s: u64,
+}
+
+impl Clock {
+    fn read() -> Option<Clock> {
+        let btime_s = parse_btime(&std::fs::read_to_string("/proc/stat").ok()?)?;
+        let ticks_per_s = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()
+            .and_then(|t| u64::try_from(t).ok())
+            .filter(|t| *t > 0)
+            .unwrap_or(100);
+        Some(Clock {
+            btime_s,
+            ticks_per_s,
+        })
+    }
+
+    fn started_ms(&self, ticks: u64) -> u64 {
+        self.btime_s
+            .saturating_mul(1000)
+            .saturating_add(ticks.saturating_mul(1000) / self.ticks_per_s)
+    }
+}
+
+/// One process as seen by a scan, with what marks it as the job's.
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    stat: ProcStat,
+    /// Started no earlier than the job.
+    young: bool,
+    /// Carries the job's `JOB_ID` or sits in its cgroup.
+    marked: bool,
+}
+
+/// The job's processes among `candidates`: young ones that are marked or
+/// descend from a marked one through young ancestors.
+fn select(candidates: &[Candidate]) -> Vec<ProcStat> {
+    let by_pid: HashMap<i32, &Candidate> = candidates.iter().map(|c| (c.stat.pid, c)).collect();
+    let mut known: HashMap<i32, bool> = HashMap::new();
+    let mut chosen = Vec::new();
+    for c in candidates {
+        let mut chain = Vec::new();
+        let mut pid = c.stat.pid;
+        // A scan is not atomic, so links may be inconsistent; the length of
+        // the chain is bounded rather than trusted to end.
+        let verdict = loop {
+            if let Some(v) = known.get(&pid) {
+                break *v;
+            }
+            let Some(p) = by_pid.get(&pid) else {
+                break false;
+            };
+            if !p.young || chain.len() > by_pid.len() {
+                break false;
+            }
+            chain.push(pid);
+            if p.marked {
+                break true;
+            }
+            pid = p.stat.ppid;
+        };
+        for pid in chain {
+            known.insert(pid, verdict);
+        }
+        if verdict {
+            chosen.push(c.stat);
+        }
+    }
+    chosen
+}
+
+/// The job's live processes now.
+fn find(job: &JobProcs) -> Vec<ProcStat> {
+    let Some(clock) = Clock::read() else {
+        tracing::warn!(job_id = %job.id, "cannot read /proc/stat; the job's processes cannot be found");
+        return Vec::new();
+    };
+    let own = i32::try_from(std::process::id()).unwrap_or(0);
+    let needle = format!("JOB_ID={}", job.id);
+    let in_cgroup = job
+        .cgroup
+        .as_deref()
+        .map(cgroup_members)
+        .unwrap_or_default();
+    let candidates: Vec<Candidate> = all_processes()
+        .into_iter()
+        // Never workerd itself or init, whatever their environment says.
+        .filter(|s| !s.is_zombie() && s.pid > 1 && s.pid != own)
+        .map(|stat| {
+            let young = clock.started_ms(stat.start_ticks) + START_SLACK_MS >= job.started_at_ms;
+            // Only the young can be the job's; old ones need no environ read.
+            let marked = young
+                && (in_cgroup.contains(&stat.pid)
+                    || std::fs::read(format!("/proc/{}/environ", stat.pid))
+                        .is_ok_and(|env| environ_has(&env, needle.as_bytes())));
+            Candidate {
+                stat,
+                young,
+                marked,
+            }
+        })
+        .collect();
+    select(&candidates)
+}
+
+/// Signals the process found as `found`, and only it. Returns whether the
+/// signal was delivered.
+fn send(found: &ProcStat, signal: Signal) -> bool {
+    let same = || ProcStat::read(found.pid).is_some_and(|s| s.start_ticks == found.start_ticks);
+    match crate::sys::pidfd_open(found.pid) {
+        // The pidfd pins one process; if the pid still shows the start time
+        // that was checked, it is that process.
+        Ok(fd) => same() && crate::sys::pidfd_send_signal(&fd, signal).is_ok(),
+        // Kernels before 5.3: check and kill, with a window of microseconds
+        // in which the pid would have to be reused.
+        Err(Errno::ENOSYS) => {
+            same() && nix::sys::signal::kill(Pid::from_raw(found.pid), signal).is_ok()
+        }
+        Err(Errno::ESRCH) => false,
+        Err(error) => {
+            tracing::debug!(pid = found.pid, %error, "could not open a pidfd");
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_stat_even_with_odd_command_names() {
+        let text = "4242 (we ird) cmd)) S 17 4242 4242 0 -1 4194560 120 0 0 0 1 2 0 0 20 0 1 0 987654 10000 200 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0\n";
+        assert_eq!(
+            ProcStat::parse(text),
+            Some(ProcStat {
+                pid: 4242,
+                state: 'S',
+                ppid: 17,
+                pgrp: 4242,
+                start_ticks: 987654,
+            })
+        );
+        let zombie = "7 (sleep) Z 1 5 5 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 55 0 0 0";
+        assert!(ProcStat::parse(zombie).unwrap().is_zombie());
+        assert_eq!(ProcStat::parse("7 (sleep) S 1 5"), None, "truncated");
+        assert_eq!(ProcStat::parse("garbage"), None);
+    }
+
+    #[test]
+    fn reads_btime_and_environ() {
+        let stat = "cpu  1 2 3\nintr 5\nctxt 9\nbtime 1700000000\nprocesses 7\n";
+        assert_eq!(parse_btime(stat), Some(1_700_000_000));
+        assert_eq!(parse_btime("cpu 1\n"), None);
+        let env = b"PATH=/bin\0JOB_ID=abc\0X=JOB_ID=abcd\0";
+        assert!(environ_has(env, b"JOB_ID=abc"));
+        assert!(!environ_has(env, b"JOB_ID=ab"));
+        assert!(!environ_has(b"", b"JOB_ID=abc"));
+        let clock = Clock {
+            btime_s: 1000,
+            ticks_per_s: 100,
+        };
+        assert_eq!(clock.started_ms(250), 1_002_500);
+    }
+
+    fn candidate(pid: i32, ppid: i32, young: bool, marked: bool) -> Candidate {
+        Candidate {
+            stat: ProcStat {
+                pid,
+                state: 'S',
+                ppid,
+                pgrp: pid,
+                start_ticks: 0,
+            },
+            young,
+            marked,
+        }
+    }
+
+    #[test]
+    fn selects_marked_processes_and_their_young_descendants_only() {
+        let procs = [
+            candidate(10, 1, false, false), // workerd
+            candidate(20, 10, true, true),  // the job's main process
+            candidate(21, 20, true, false), // cleared JOB_ID, still a child
+            candidate(22, 21, true, false), // and its child
+            candidate(30, 1, true, true),   // double-forked, re-parented to init
+            candidate(31, 10, true, false), // re-parented, JOB_ID cleared: lost
+            candidate(40, 1, false, true),  // older than the job: not it
+            candidate(41, 40, true, false), // child of an old carrier
+            candidate(50, 51, true, false), // an inconsistent cycle
+            candidate(51, 50, true, false),
+        ];
+        let mut pids: Vec<i32> = select(&procs).iter().map(|s| s.pid).collect();
+        pids.sort();
+        assert_eq!(pids, [20, 21, 22, 30]);
+    }
+}
