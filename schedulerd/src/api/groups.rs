@@ -223,19 +223,36 @@ pub(crate) async fn logs(
     };
     let (_, jobs) = find_group(&state, &id).await?;
     let (tx, rx) = mpsc::channel(MERGE_BUFFER);
+    let mut opening = Vec::new();
     for job in jobs {
         let Ok(worker) = worker_of(&state, &job) else {
-            continue; // its worker is down: the job is lost, nothing to stream
+            continue; // its worker cannot be asked now: nothing to stream
         };
         let slot = state.followers.enter(&job.job_id)?;
-        let name = worker.row().name;
-        let mut client = worker.client();
-        let request = StreamJobRequest {
-            job_id: job.job_id.clone(),
-            offset: 0,
-            follow: Some(q.follow),
-        };
-        match with_deadline(state.call_timeout, client.stream_job(request)).await {
+        opening.push((job, worker, slot));
+    }
+    // All members' streams open at once: one slow worker does not hold
+    // back the others' first lines.
+    let opens = opening.into_iter().map(|(job, worker, slot)| {
+        let state = &state;
+        async move {
+            let mut client = worker.client();
+            let request = StreamJobRequest {
+                job_id: job.job_id.clone(),
+                offset: 0,
+                follow: Some(q.follow),
+            };
+            let opened = with_deadline(state.call_timeout, client.stream_job(request)).await;
+            if let Err(status) = &opened
+                && super::jobs::unreachable(status)
+            {
+                super::jobs::worker_unreachable(state, &worker).await;
+            }
+            (job, worker.row().name, slot, opened)
+        }
+    });
+    for (job, name, slot, opened) in futures_util::future::join_all(opens).await {
+        match opened {
             Ok(stream) => {
                 let member = Member {
                     worker: name,

@@ -298,6 +298,9 @@ async fn start_and_record(
         Ok(reply) => reply.into_inner(),
         Err(status) if answered(&status) || nothing_sent(&status) => {
             // The worker refused, or was never reached: nothing started.
+            if unreachable(&status) {
+                worker_unreachable(state, &worker).await;
+            }
             if let Err(error) = state.store.delete_unstarted_job(&job_id).await {
                 tracing::error!(%job_id, %error, "could not forget a job that did not start");
             }
@@ -310,7 +313,7 @@ async fn start_and_record(
             // until the worker's reports settle it; it is never tried on
             // another worker.
             if status.code() == tonic::Code::DeadlineExceeded {
-                worker_timed_out(state, &worker).await;
+                worker_unreachable(state, &worker).await;
             }
             tracing::warn!(%job_id, worker = %w.name, %status, "start outcome unknown");
             let why = format!(
@@ -364,15 +367,21 @@ fn nothing_sent(status: &tonic::Status) -> bool {
     false
 }
 
-/// A call to `worker` timed out: from now on it is unresponsive until it
-/// is heard from, and its running jobs read `unknown`.
-pub(crate) async fn worker_timed_out(state: &AppState, worker: &WorkerEntry) {
+/// Whether a failed call says the worker cannot answer now: it timed out,
+/// or nothing is listening at its address.
+pub(crate) fn unreachable(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::DeadlineExceeded || (!answered(status) && nothing_sent(status))
+}
+
+/// A call to `worker` timed out or found nobody: from now on it is
+/// unresponsive until it is heard from, and its running jobs read `unknown`.
+pub(crate) async fn worker_unreachable(state: &AppState, worker: &WorkerEntry) {
     let now = now_ms();
     if worker.mark_unresponsive(now) {
         let row = worker.row();
-        tracing::warn!(worker_id = %row.worker_id, worker = %row.name, "worker did not answer in time; marked unresponsive");
+        tracing::warn!(worker_id = %row.worker_id, worker = %row.name, "worker did not answer; marked unresponsive");
         let why = format!(
-            "worker {} has not answered in time since {}; not yet given up",
+            "worker {} has not answered since {}; not yet given up",
             row.name,
             rfc3339(now)
         );
@@ -483,8 +492,8 @@ pub(crate) async fn refresh(state: &AppState, row: JobRow) -> Seen {
         }
         Err(status) => {
             tracing::debug!(job_id = %row.job_id, %status, "could not refresh job from its worker");
-            if status.code() == tonic::Code::DeadlineExceeded {
-                worker_timed_out(state, &worker).await;
+            if unreachable(&status) {
+                worker_unreachable(state, &worker).await;
             }
             let row = match state.store.job(&row.job_id).await {
                 Ok(Some(latest)) => latest,
@@ -535,8 +544,8 @@ pub(crate) async fn stop_job(state: &AppState, row: JobRow) -> Result<StopResult
         job_id: row.job_id.clone(),
     };
     if let Err(status) = with_deadline(state.call_timeout, client.stop_job(request)).await {
-        if status.code() == tonic::Code::DeadlineExceeded {
-            worker_timed_out(state, &worker).await;
+        if unreachable(&status) {
+            worker_unreachable(state, &worker).await;
         }
         return Err(ApiError::from_worker(status, &name));
     }
@@ -602,8 +611,8 @@ pub(crate) async fn stream_output(
     let stream = match with_deadline(state.call_timeout, client.stream_job(request)).await {
         Ok(stream) => stream.into_inner(),
         Err(status) => {
-            if status.code() == tonic::Code::DeadlineExceeded {
-                worker_timed_out(state, &worker).await;
+            if unreachable(&status) {
+                worker_unreachable(state, &worker).await;
             }
             return Err(ApiError::from_worker(status, &name));
         }
