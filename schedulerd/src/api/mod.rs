@@ -3,6 +3,7 @@
 //! records what changed, and answers JSON (or streams output bytes).
 
 pub(crate) mod auth;
+mod body;
 mod error;
 mod extract;
 mod groups;
@@ -127,6 +128,9 @@ pub(crate) fn router(state: AppState) -> Router {
             state.clone(),
             auth::authenticate,
         ))
+        // Outermost, so that a request refused anywhere (authentication
+        // included) still has its body received before the answer goes out.
+        .layer(middleware::from_fn(body::answer_after_body))
         .with_state(state)
 }
 
