@@ -110,7 +110,10 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/query", post(legacy::query))
         .route("/stream", post(legacy::stream))
         .route("/v1/workers", get(workers::list))
-        .route("/v1/workers/{id}", get(workers::show))
+        .route(
+            "/v1/workers/{id}",
+            get(workers::show).delete(workers::remove),
+        )
         .route("/v1/workers/{id}/drain", post(workers::drain))
         .route("/v1/workers/{id}/undrain", post(workers::undrain))
         .route("/v1/jobs", post(jobs::create).get(jobs::list))
