@@ -14,7 +14,7 @@ use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use jobcluster_proto::http::{
     ErrorBody, GroupInfo, GroupList, GroupLogsQuery, GroupStarted, JobFilter, JobInfo, JobList,
-    JobStarted, LogsQuery, StartGroup, StartJob, StopResult, WorkerInfo, WorkerList,
+    JobStarted, LogsQuery, StartGroup, StartJob, StopResult, Success, WorkerInfo, WorkerList,
 };
 use reqwest::header::{AUTHORIZATION, HeaderValue};
 use reqwest::{RequestBuilder, Response, StatusCode, Url};
@@ -244,6 +244,12 @@ impl Api {
             .client
             .post(self.url(&["v1", "workers", worker, action]));
         self.typed("the worker", req).await
+    }
+
+    /// `DELETE /v1/workers/{id-or-name}`.
+    pub(crate) async fn remove_worker(&self, worker: &str) -> Result<Answer<Success>, ApiError> {
+        let req = self.client.delete(self.url(&["v1", "workers", worker]));
+        self.typed("the removal", req).await
     }
 
     /// `POST /v1/jobs`.

@@ -75,7 +75,7 @@ pub(crate) enum Output {
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
-    /// List workers, or show one.
+    /// List workers; show, drain, undrain or remove one.
     Workers(WorkersArgs),
     /// Start a job (or, with --all, a fan-out group) and print its id.
     Start(StartArgs),
@@ -157,6 +157,13 @@ pub(crate) enum WorkersCommand {
     },
     /// Give the worker new jobs again.
     Undrain {
+        /// Worker id or name.
+        worker: String,
+    },
+    /// Forget a worker that is down or has left; its jobs' records stay.
+    /// A live worker is refused: stop it first. If it starts again, it
+    /// registers with a new id.
+    Rm {
         /// Worker id or name.
         worker: String,
     },
@@ -334,6 +341,11 @@ mod tests {
             panic!("not workers")
         };
         assert!(matches!(w.command, Some(WorkersCommand::Show { worker }) if worker == "w1"));
+        let cli = parse(&["workers", "rm", "w2"]).unwrap();
+        let Command::Workers(w) = cli.command else {
+            panic!("not workers")
+        };
+        assert!(matches!(w.command, Some(WorkersCommand::Rm { worker }) if worker == "w2"));
     }
 
     #[test]

@@ -94,6 +94,7 @@ async fn api_command(global: &Global, command: Command) -> anyhow::Result<ExitCo
             Some(WorkersCommand::Show { worker }) => workers_show(&api, format, &worker).await,
             Some(WorkersCommand::Drain { worker }) => drain(&api, format, &worker, true).await,
             Some(WorkersCommand::Undrain { worker }) => drain(&api, format, &worker, false).await,
+            Some(WorkersCommand::Rm { worker }) => remove_worker(&api, format, &worker).await,
             None => workers(&api, format, args.all).await,
         },
         Command::Start(args) if args.all => start_group(&api, format, &args).await,
@@ -170,6 +171,14 @@ async fn drain(
     let answer = api.drain(worker, draining).await?;
     if !print_structured(format, &answer.raw)? {
         eprintln!("worker {} is {}", answer.parsed.name, answer.parsed.state);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn remove_worker(api: &Api, format: Output, worker: &str) -> anyhow::Result<ExitCode> {
+    let answer = api.remove_worker(worker).await?;
+    if !print_structured(format, &answer.raw)? {
+        eprintln!("worker {worker} removed");
     }
     Ok(ExitCode::SUCCESS)
 }

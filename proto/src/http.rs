@@ -47,6 +47,12 @@ pub struct WorkerList {
     pub workers: Vec<WorkerInfo>,
 }
 
+/// Answer to `DELETE /v1/workers/{id}`: `{"success": true}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Success {
+    pub success: bool,
+}
+
 /// `POST /v1/jobs` (and `POST /start`, where `worker_id` and `command` are
 /// required).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -168,6 +168,7 @@ pub async fn run(
 
     let registry = Arc::new(registry::Registry::new(worker_tls, config.connect_timeout));
     registry.load(store.workers().await?, time::now_ms());
+    registry.load_removed(store.removed_worker_ids().await?);
 
     let service = grpc::SchedulerService {
         registry: registry.clone(),

@@ -1,7 +1,7 @@
 //! The workers the scheduler knows, each with one long-lived gRPC channel
 //! that every request about that worker reuses.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -99,12 +99,27 @@ impl WorkerEntry {
 struct Maps {
     by_id: HashMap<String, Arc<WorkerEntry>>,
     by_name: HashMap<String, String>,
+    /// Ids of removed workers, never given out again.
+    removed: HashSet<String>,
+}
+
+/// Why a worker could not be removed.
+#[derive(Debug)]
+pub(crate) enum RemoveError {
+    NotFound,
+    /// It is `ready` (the worker's name): its record is still the truth
+    /// about a live process.
+    Alive(String),
 }
 
 #[derive(Debug)]
 pub(crate) struct Registry {
     // std RwLock: held for map lookups only, never across an await.
     maps: RwLock<Maps>,
+    /// Held through a whole registration or removal (never across an
+    /// await), so a removal cannot fall between a registration's lookup of
+    /// the name and its insert.
+    membership: Mutex<()>,
     /// `None` in insecure (plaintext) mode.
     tls: Option<ClientConfigSource>,
     connect_timeout: Duration,
@@ -127,6 +142,7 @@ impl Registry {
     pub(crate) fn new(tls: Option<ClientConfigSource>, connect_timeout: Duration) -> Self {
         Registry {
             maps: RwLock::new(Maps::default()),
+            membership: Mutex::new(()),
             tls,
             connect_timeout,
         }
@@ -162,6 +178,61 @@ impl Registry {
                 }
             }
         }
+    }
+
+    /// Loads the ids of workers removed before a restart.
+    pub(crate) fn load_removed(&self, ids: Vec<String>) {
+        let mut maps = self.maps.write().unwrap_or_else(|e| e.into_inner());
+        maps.removed.extend(ids);
+    }
+
+    /// Forgets a worker that is not `ready` (`down` or `left`). Its id is
+    /// never given out again: if the worker comes back, it registers anew
+    /// and gets a new id.
+    pub(crate) fn remove(&self, id_or_name: &str) -> Result<Arc<WorkerEntry>, RemoveError> {
+        let _membership = self.membership.lock().unwrap_or_else(|e| e.into_inner());
+        let mut maps = self.maps.write().unwrap_or_else(|e| e.into_inner());
+        let id = if maps.by_id.contains_key(id_or_name) {
+            id_or_name.to_owned()
+        } else {
+            maps.by_name
+                .get(id_or_name)
+                .cloned()
+                .ok_or(RemoveError::NotFound)?
+        };
+        let entry = maps.by_id.get(&id).cloned().ok_or(RemoveError::NotFound)?;
+        // A heartbeat racing this check revives only the detached entry; it
+        // is answered `known: false` (the worker was down), so the worker
+        // registers again, under a new id.
+        let row = entry.row();
+        if row.state == WorkerState::Ready {
+            return Err(RemoveError::Alive(row.name));
+        }
+        maps.by_id.remove(&id);
+        if maps.by_name.get(&row.name) == Some(&id) {
+            maps.by_name.remove(&row.name);
+        }
+        maps.removed.insert(id);
+        Ok(entry)
+    }
+
+    /// Undoes a removal whose recording failed, unless another worker has
+    /// taken the name since.
+    pub(crate) fn restore(&self, entry: Arc<WorkerEntry>) {
+        let _membership = self.membership.lock().unwrap_or_else(|e| e.into_inner());
+        let row = entry.row();
+        let mut maps = self.maps.write().unwrap_or_else(|e| e.into_inner());
+        if maps.by_name.contains_key(&row.name) {
+            return;
+        }
+        maps.removed.remove(&row.worker_id);
+        maps.by_name.insert(row.name.clone(), row.worker_id.clone());
+        maps.by_id.insert(row.worker_id, entry);
+    }
+
+    fn is_removed(&self, id: &str) -> bool {
+        let maps = self.maps.read().unwrap_or_else(|e| e.into_inner());
+        maps.removed.contains(id)
     }
 
     fn insert(&self, entry: Arc<WorkerEntry>) {
@@ -203,6 +274,7 @@ impl Registry {
         now_ms: u64,
         down_after: Duration,
     ) -> Result<WorkerRow, RegisterError> {
+        let _membership = self.membership.lock().unwrap_or_else(|e| e.into_inner());
         let existing = self.get(&reg.name).filter(|e| e.row().name == reg.name);
         if let Some(entry) = &existing {
             let row = entry.row();
@@ -222,8 +294,13 @@ impl Registry {
         let worker_id = match &existing {
             Some(entry) => entry.id(),
             None => match uuid::Uuid::parse_str(&reg.previous_worker_id) {
-                // Only if no other worker holds that id.
-                Ok(id) if self.get(&id.to_string()).is_none() => id.to_string(),
+                // Only if no other worker holds that id and it was not
+                // removed (the old records keep it).
+                Ok(id)
+                    if self.get(&id.to_string()).is_none() && !self.is_removed(&id.to_string()) =>
+                {
+                    id.to_string()
+                }
                 _ => uuid::Uuid::new_v4().to_string(),
             },
         };
@@ -327,5 +404,51 @@ impl Registry {
                 went_down.then_some(row)
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registration(name: &str, previous_worker_id: &str) -> Registration {
+        Registration {
+            name: name.to_owned(),
+            address: "127.0.0.1:1".to_owned(),
+            plugins: vec!["bash".to_owned()],
+            labels: BTreeMap::new(),
+            previous_worker_id: previous_worker_id.to_owned(),
+            instance_id: uuid::Uuid::new_v4().to_string(),
+            cgroup_limits: false,
+            extensions: BTreeMap::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn only_a_worker_that_is_not_ready_is_removed_and_its_id_is_never_reused() {
+        let registry = Registry::new(None, Duration::from_secs(1));
+        let down_after = Duration::from_secs(2);
+        let first = registry
+            .register(registration("w1", ""), 0, down_after)
+            .unwrap();
+        assert!(matches!(registry.remove("w1"), Err(RemoveError::Alive(name)) if name == "w1"));
+        assert!(matches!(registry.remove("w9"), Err(RemoveError::NotFound)));
+
+        assert_eq!(registry.sweep(10_000, down_after).len(), 1);
+        registry.remove(&first.worker_id).unwrap();
+        assert!(registry.get("w1").is_none());
+        assert!(registry.get(&first.worker_id).is_none());
+        assert!(
+            registry
+                .heartbeat(&first.worker_id, "any", 10_001)
+                .is_none()
+        );
+
+        // Back with the id it kept: a new one.
+        let again = registry
+            .register(registration("w1", &first.worker_id), 10_002, down_after)
+            .unwrap();
+        assert_ne!(again.worker_id, first.worker_id);
+        assert_eq!(registry.get("w1").map(|e| e.id()), Some(again.worker_id));
     }
 }

@@ -150,6 +150,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     group_id TEXT,
     updated_at_ms INTEGER NOT NULL DEFAULT 0
 );
+-- Workers an operator removed: a worker that comes back under a removed
+-- id is given a new one, so nothing it reports lands on the old records.
+CREATE TABLE IF NOT EXISTS removed_workers (
+    worker_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    removed_at_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS groups (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     group_id TEXT NOT NULL UNIQUE,
@@ -270,7 +277,15 @@ impl Store {
 
     pub async fn upsert_worker(&self, w: WorkerRow) -> Result<(), StoreError> {
         self.write(move |c| {
-            c.execute(
+            let tx = c.transaction()?;
+            // The registry gave this name to this id; a row left under
+            // another id (a removed worker whose deletion is still on its
+            // way) must not block it.
+            tx.execute(
+                "DELETE FROM workers WHERE name = ?1 AND worker_id <> ?2",
+                params![w.name, w.worker_id],
+            )?;
+            tx.execute(
                 "INSERT INTO workers (worker_id, name, address, state, plugins, labels, registered_at_ms,
                    last_seen_ms, cgroup_limits, extensions, draining)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
@@ -291,7 +306,49 @@ impl Store {
                     w.draining
                 ],
             )?;
-            Ok(())
+            tx.commit()
+        })
+        .await
+    }
+
+    /// Forgets a worker (its jobs' records stay) and remembers its id as
+    /// removed. Jobs still recorded running on it can never be settled by
+    /// it now, so they are recorded `lost`; returns their ids.
+    pub async fn delete_worker(
+        &self,
+        worker_id: &str,
+        name: &str,
+        now_ms: u64,
+    ) -> Result<Vec<String>, StoreError> {
+        let (id, name) = (worker_id.to_owned(), name.to_owned());
+        self.write(move |c| {
+            let tx = c.transaction()?;
+            tx.execute("DELETE FROM workers WHERE worker_id = ?1", [&id])?;
+            tx.execute(
+                "INSERT OR REPLACE INTO removed_workers (worker_id, name, removed_at_ms)
+                 VALUES (?1, ?2, ?3)",
+                params![id, name, now_ms as i64],
+            )?;
+            let lost = tx
+                .prepare(
+                    "UPDATE jobs SET state = 'lost', error_text = 'its worker was removed from the cluster',
+                       finished_at_ms = ?2, updated_at_ms = ?2
+                     WHERE worker_id = ?1 AND state IN ('running', 'unknown') RETURNING job_id",
+                )?
+                .query_map(params![id, now_ms as i64], |r| r.get(0))?
+                .collect::<rusqlite::Result<Vec<String>>>()?;
+            tx.commit()?;
+            Ok(lost)
+        })
+        .await
+    }
+
+    /// The ids of removed workers.
+    pub async fn removed_worker_ids(&self) -> Result<Vec<String>, StoreError> {
+        self.read(|c| {
+            c.prepare("SELECT worker_id FROM removed_workers")?
+                .query_map([], |r| r.get(0))?
+                .collect()
         })
         .await
     }

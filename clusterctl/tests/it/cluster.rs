@@ -346,6 +346,27 @@ runner = "python"
         self.http_as(Some(("client.pem", "client-key.pem")))
     }
 
+    /// A client with the client certificate that speaks only HTTP/1.1, or
+    /// only HTTP/2.
+    pub fn http_version(&self, http2: bool) -> reqwest::Client {
+        let pki = self.pki();
+        let roots = jobcluster_pki::Roots::load(&pki.join("ca.pem")).unwrap();
+        let identity =
+            jobcluster_pki::Identity::load(&pki.join("client.pem"), &pki.join("client-key.pem"))
+                .unwrap();
+        let alpn: &[&[u8]] = if http2 { &[b"h2"] } else { &[b"http/1.1"] };
+        let tls = jobcluster_pki::client_config(&roots, Some(&identity), alpn).unwrap();
+        let builder = reqwest::Client::builder()
+            .tls_backend_preconfigured((*tls).clone())
+            .timeout(Duration::from_secs(30));
+        let builder = if http2 {
+            builder.http2_prior_knowledge()
+        } else {
+            builder.http1_only()
+        };
+        builder.build().unwrap()
+    }
+
     pub fn http_as(&self, cert: Option<(&str, &str)>) -> reqwest::Client {
         let pki = self.pki();
         let roots = jobcluster_pki::Roots::load(&pki.join("ca.pem")).unwrap();

@@ -371,3 +371,121 @@ async fn a_dead_worker_answers_503_within_seconds() {
         .unwrap();
     assert_eq!(reply.status(), StatusCode::CREATED);
 }
+
+/// `(status, code)` of an answer that must be an error body.
+async fn refusal(reply: reqwest::Response) -> (StatusCode, String) {
+    let status = reply.status();
+    let body = reply.bytes().await.unwrap();
+    let error: ErrorBody = serde_json::from_slice(&body)
+        .unwrap_or_else(|e| panic!("{status}: not an error body ({e}): {body:?}"));
+    (status, error.code)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bodies_over_the_limit_get_413_over_http1_and_http2() {
+    let cluster = Cluster::start(&[]).await;
+    let url = cluster.url();
+    let too_large = (
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large".to_owned(),
+    );
+    for (http2, version) in [
+        (false, reqwest::Version::HTTP_11),
+        (true, reqwest::Version::HTTP_2),
+    ] {
+        let http = cluster.http_version(http2);
+        // Within the bound the rest is read and dropped; past it (20 MiB)
+        // the answer still arrives.
+        for size in [3 << 20, 20 << 20] {
+            let reply = http
+                .post(format!("{url}/v1/jobs"))
+                .body(vec![b'{'; size])
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{version:?}, {size} bytes: {e:?}"));
+            assert_eq!(reply.version(), version);
+            assert_eq!(refusal(reply).await, too_large, "{version:?}, {size} bytes");
+        }
+        // No Content-Length (chunked over HTTP/1.1): found out while reading.
+        let chunks = futures_util::stream::iter(
+            (0..48).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![b' '; 64 << 10]))),
+        );
+        let reply = http
+            .post(format!("{url}/v1/jobs"))
+            .body(reqwest::Body::wrap_stream(chunks))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{version:?}, streamed: {e:?}"));
+        assert_eq!(refusal(reply).await, too_large, "{version:?}, streamed");
+        // Refused before authentication or routing, too.
+        let reply = http
+            .post(format!("{url}/nowhere"))
+            .body(vec![b'x'; 2 << 20])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            refusal(reply).await,
+            (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large".to_owned()
+            )
+        );
+        let reply = http.get(format!("{url}/v1/workers")).send().await.unwrap();
+        assert_eq!(reply.status(), StatusCode::OK, "{version:?}: still serving");
+    }
+
+    // curl, which reports a stream reset after an early answer as an error
+    // (no status at all) over HTTP/2, and sends `Expect: 100-continue` for
+    // large bodies over HTTP/1.1.
+    if std::process::Command::new("curl")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!(
+            "skipping the curl checks of bodies_over_the_limit_get_413: curl is not installed"
+        );
+        return;
+    }
+    let body = cluster.tmp.path().join("big.json");
+    std::fs::write(&body, vec![b'{'; 4 << 20]).unwrap();
+    let pki = cluster.pki();
+    for (flag, expect) in [
+        ("--http2", "Expect: 100-continue"),
+        ("--http1.1", "Expect: 100-continue"),
+        ("--http1.1", "Expect:"),
+    ] {
+        let out = tokio::process::Command::new("curl")
+            .args([
+                "-sS",
+                flag,
+                "-H",
+                expect,
+                "-w",
+                "\n%{http_code} %{http_version}",
+            ])
+            .arg("--cacert")
+            .arg(pki.join("ca.pem"))
+            .arg("--cert")
+            .arg(pki.join("client.pem"))
+            .arg("--key")
+            .arg(pki.join("client-key.pem"))
+            .arg("--data-binary")
+            .arg(format!("@{}", body.display()))
+            .arg(format!("{url}/v1/jobs"))
+            .output()
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "curl {flag} ({expect}): {}{text}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (json, status) = text.rsplit_once('\n').unwrap();
+        let error: ErrorBody = serde_json::from_str(json).unwrap();
+        assert!(status.starts_with("413 "), "curl {flag} ({expect}): {text}");
+        assert_eq!(error.code, "payload_too_large");
+    }
+}

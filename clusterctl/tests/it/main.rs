@@ -11,4 +11,5 @@ mod faults;
 mod harness;
 mod http;
 mod placement;
+mod removal;
 mod security;

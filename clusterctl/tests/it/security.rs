@@ -12,8 +12,8 @@ use serde_json::json;
 
 use crate::cluster::{Cluster, stderr, stdout};
 
-const OPERATOR_TOKEN: &str = "op-7f1c2a9e4b";
-const VIEWER_TOKEN: &str = "view-3d8e5f0a1c";
+pub(crate) const OPERATOR_TOKEN: &str = "op-7f1c2a9e4b";
+pub(crate) const VIEWER_TOKEN: &str = "view-3d8e5f0a1c";
 
 fn sha256_hex(text: &str) -> String {
     use sha2::Digest;
@@ -23,7 +23,8 @@ fn sha256_hex(text: &str) -> String {
         .collect()
 }
 
-fn auth_config() -> String {
+/// Scheduler config with an operator and a viewer token.
+pub(crate) fn auth_config() -> String {
     format!(
         "\n[[auth.tokens]]\nname = \"ci\"\nsha256 = \"{}\"\nrole = \"operator\"\n\n[[auth.tokens]]\nname = \"dashboard\"\nsha256 = \"{}\"\nrole = \"viewer\"\n",
         sha256_hex(OPERATOR_TOKEN),

@@ -67,6 +67,17 @@ impl ApiError {
         )
     }
 
+    /// A request body over the limit; `announced` is the length the client
+    /// declared, when it did.
+    pub(crate) fn payload_too_large(announced: Option<u64>) -> Self {
+        let limit = super::BODY_LIMIT;
+        let message = match announced {
+            Some(n) => format!("request body is {n} bytes; the limit is {limit} bytes"),
+            None => format!("request body is over the limit of {limit} bytes"),
+        };
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
+    }
+
     /// The worker cannot take requests: `down` (no heartbeat) or gone.
     pub(crate) fn worker_not_ready(w: &crate::store::WorkerRow) -> Self {
         let (code, why) = match w.state {

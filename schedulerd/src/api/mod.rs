@@ -3,6 +3,7 @@
 //! records what changed, and answers JSON (or streams output bytes).
 
 pub(crate) mod auth;
+mod body;
 mod error;
 mod extract;
 mod groups;
@@ -111,7 +112,10 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/query", post(legacy::query))
         .route("/stream", post(legacy::stream))
         .route("/v1/workers", get(workers::list))
-        .route("/v1/workers/{id}", get(workers::show))
+        .route(
+            "/v1/workers/{id}",
+            get(workers::show).delete(workers::remove),
+        )
         .route("/v1/workers/{id}/drain", post(workers::drain))
         .route("/v1/workers/{id}/undrain", post(workers::undrain))
         .route("/v1/jobs", post(jobs::create).get(jobs::list))
@@ -129,6 +133,9 @@ pub(crate) fn router(state: AppState) -> Router {
             state.clone(),
             auth::authenticate,
         ))
+        // Outermost, so that a request refused anywhere (authentication
+        // included) still has its body received before the answer goes out.
+        .layer(middleware::from_fn(body::answer_after_body))
         .with_state(state)
 }
 

@@ -1,7 +1,8 @@
 //! Serving the router over mutual TLS with limits a hostile client cannot
 //! get around: a bounded number of connections, a deadline for request
 //! headers (no slowloris), an idle timeout, HTTP/2 keepalives and a stream
-//! cap, and a graceful shutdown that gives open requests a bounded time.
+//! cap, a lingering close, and a graceful shutdown that gives open requests
+//! a bounded time.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -123,7 +124,23 @@ impl http_body::Body for Guarded {
 struct Tracked<IO> {
     io: IO,
     activity: Arc<Activity>,
+    /// Set once our side is shut down.
+    linger: Option<Linger>,
 }
+
+/// A lingering close: after shutting down our side, the client's late
+/// bytes (the rest of a body we answered without reading it all) are read
+/// and dropped for a while. Closing a socket with unread bytes makes the
+/// kernel send a reset, which can destroy our answer before the client has
+/// read it.
+struct Linger {
+    until: Pin<Box<tokio::time::Sleep>>,
+    left: usize,
+}
+
+/// How long, and how many bytes, a closed connection keeps reading.
+const LINGER_TIMEOUT: Duration = Duration::from_secs(5);
+const LINGER_LIMIT: usize = 16 << 20;
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
     fn poll_read(
@@ -143,7 +160,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
     }
 }
 
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -157,7 +174,31 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        let this = self.get_mut();
+        if this.linger.is_none() {
+            std::task::ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
+        }
+        let linger = this.linger.get_or_insert_with(|| Linger {
+            until: Box::pin(tokio::time::sleep(LINGER_TIMEOUT)),
+            left: LINGER_LIMIT,
+        });
+        let mut scratch = [0u8; 8192];
+        loop {
+            if linger.left == 0 || linger.until.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.io).poll_read(cx, &mut buf) {
+                Poll::Pending => return Poll::Pending,
+                // The client has closed too (or the connection broke):
+                // nothing more can arrive.
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => {
+                    linger.left = linger.left.saturating_sub(buf.filled().len());
+                }
+            }
+        }
     }
 
     fn poll_write_vectored(
@@ -230,6 +271,7 @@ pub(crate) async fn serve<L: Listener<Addr = SocketAddr>>(
         let io = Tracked {
             io: stream,
             activity: activity.clone(),
+            linger: None,
         };
         let connection = builder
             .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service))

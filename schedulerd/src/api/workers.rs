@@ -2,14 +2,16 @@
 
 use axum::Json;
 use axum::extract::{Path, State};
-use jobcluster_proto::http::{WorkerInfo, WorkerList};
+use axum::http::StatusCode;
+use jobcluster_proto::http::{Success, WorkerInfo, WorkerList};
 use serde::Deserialize;
 
 use super::extract::QueryParams;
 use super::{ApiError, AppState};
+use crate::registry::RemoveError;
 use crate::state::WorkerState;
 use crate::store::WorkerRow;
-use crate::time::rfc3339;
+use crate::time::{now_ms, rfc3339};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -71,6 +73,42 @@ pub(crate) async fn undrain(
     Path(id): Path<String>,
 ) -> Result<Json<WorkerInfo>, ApiError> {
     set_draining(&state, &id, false).await
+}
+
+/// Forgets a worker that is `down` or `left`; its jobs' records stay. A
+/// live worker is refused: its record is the truth about a running
+/// process. If the worker comes back, it registers with a new id.
+pub(crate) async fn remove(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Success>, ApiError> {
+    let entry = state.registry.remove(&id).map_err(|e| match e {
+        RemoveError::NotFound => ApiError::worker_not_found(&id),
+        RemoveError::Alive(name) => ApiError::new(
+            StatusCode::CONFLICT,
+            "worker_alive",
+            format!(
+                "worker {name} is ready, so it cannot be removed: stop it (it then leaves) \
+                 or wait until it is down, then remove it"
+            ),
+        ),
+    })?;
+    let row = entry.row();
+    match state
+        .store
+        .delete_worker(&row.worker_id, &row.name, now_ms())
+        .await
+    {
+        Ok(lost) => {
+            tracing::info!(worker_id = %row.worker_id, worker = %row.name, state = %row.state, lost_jobs = lost.len(), "worker removed");
+            Ok(Json(Success { success: true }))
+        }
+        Err(error) => {
+            // Still recorded: keep it known, so that a retry can remove it.
+            state.registry.restore(entry);
+            Err(error.into())
+        }
+    }
 }
 
 /// A draining worker takes no new jobs (placement and fan-out skip it, a
