@@ -10,6 +10,7 @@ mod faults;
 #[path = "../../../workerd/tests/it/harness.rs"]
 mod harness;
 mod http;
+mod hung;
 mod placement;
 mod removal;
 mod security;

@@ -1,0 +1,226 @@
+//! A hung worker (SIGSTOP: alive to TCP, silent to everything else) and a
+//! killed one: their jobs read `unknown`, never a final state that later
+//! changes, and nobody else waits on them.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use jobcluster_proto::http::{ErrorBody, JobInfo, JobStarted};
+use nix::sys::signal::Signal;
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::cluster::Cluster;
+
+/// Every state the API ever answered for each job: a terminal state, once
+/// seen, must be the only state seen afterwards.
+#[derive(Debug, Default)]
+pub struct Promises {
+    seen: HashMap<String, Vec<String>>,
+}
+
+impl Promises {
+    pub fn record(&mut self, job: &JobInfo) {
+        let states = self.seen.entry(job.job_id.clone()).or_default();
+        if let Some(end) = states
+            .iter()
+            .find(|s| matches!(s.as_str(), "succeeded" | "failed" | "stopped" | "lost"))
+        {
+            assert_eq!(
+                &job.state, end,
+                "job {} was {end} and then {}: {states:?}",
+                job.job_id, job.state
+            );
+        }
+        assert_eq!(job.done, job.state != "running" && job.state != "unknown");
+        if states.last() != Some(&job.state) {
+            states.push(job.state.clone());
+        }
+    }
+
+    pub fn history(&self, job_id: &str) -> &[String] {
+        self.seen.get(job_id).map(Vec::as_slice).unwrap_or_default()
+    }
+}
+
+/// A job read through the API, timed.
+async fn read(cluster: &Cluster, job_id: &str, promises: &mut Promises) -> (JobInfo, Duration) {
+    let started = Instant::now();
+    let job = cluster.job(job_id).await;
+    let took = started.elapsed();
+    promises.record(&job);
+    (job, took)
+}
+
+async fn place(cluster: &Cluster) -> (StatusCode, serde_json::Value, Duration) {
+    let started = Instant::now();
+    let reply = cluster
+        .http()
+        .post(format!("{}/v1/jobs", cluster.url()))
+        .json(&json!({"path": "count.sh", "args": ["1", "0"]}))
+        .send()
+        .await
+        .unwrap();
+    let status = reply.status();
+    (status, reply.json().await.unwrap(), started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_worker_costs_nobody_else_and_its_job_is_unknown_until_it_answers() {
+    let mut cluster = Cluster::start_tuned(&["w1", "w2"], &[("lost_after", "60s")]).await;
+    let mut promises = Promises::default();
+    let on_w1 = cluster.start_job("w1", "count.sh", &["600", "0.1"]).await;
+    let on_w2 = cluster.start_job("w2", "count.sh", &["600", "0.1"]).await;
+    let mut normal = Duration::ZERO;
+    for _ in 0..10 {
+        normal = normal.max(read(&cluster, &on_w2, &mut promises).await.1);
+    }
+    read(&cluster, &on_w1, &mut promises).await;
+
+    cluster.worker("w1").signal(Signal::SIGSTOP);
+    // A read of the hung worker's job waits refresh_timeout (1 s) at most,
+    // then answers from the record, marked stale; soon the job is unknown.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (job, took) = read(&cluster, &on_w1, &mut promises).await;
+        assert!(took < Duration::from_secs(3), "a read took {took:?}");
+        if job.state == "unknown" {
+            assert!(job.stale, "{job:?}");
+            assert!(!job.done);
+            assert!(job.error_text.contains("w1"), "{}", job.error_text);
+            break;
+        }
+        assert!(Instant::now() < deadline, "never unknown: {job:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // From now on everything about w1 is answered at once.
+    let (_, took) = read(&cluster, &on_w1, &mut promises).await;
+    assert!(took < Duration::from_millis(900), "a read took {took:?}");
+    let started = Instant::now();
+    let reply = cluster
+        .http()
+        .post(format!("{}/v1/jobs/{on_w1}/stop", cluster.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let code = reply.json::<ErrorBody>().await.unwrap().code;
+    assert!(
+        matches!(code.as_str(), "worker_unresponsive" | "worker_down"),
+        "{code}"
+    );
+    assert!(started.elapsed() < Duration::from_millis(900));
+    // Placed starts go to the healthy worker, without waiting on w1.
+    let w2_id = cluster.worker_info("w2").await.worker_id;
+    for _ in 0..6 {
+        let (status, body, took) = place(&cluster).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        assert_eq!(body["worker_id"], w2_id.as_str(), "{body}");
+        assert!(
+            took < Duration::from_secs(3),
+            "a placed start took {took:?}"
+        );
+    }
+    // The healthy worker's calls are not slowed (a bound no healthy run
+    // misses, not a benchmark).
+    let bound = (normal * 5).max(Duration::from_secs(1));
+    for _ in 0..10 {
+        let (job, took) = read(&cluster, &on_w2, &mut promises).await;
+        assert_eq!(job.state, "running");
+        assert!(
+            took < bound,
+            "a read on w2 took {took:?} (normally {normal:?})"
+        );
+    }
+
+    // The worker comes back within lost_after: its job goes on, reported
+    // truthfully, and can be stopped.
+    cluster.worker("w1").signal(Signal::SIGCONT);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (job, _) = read(&cluster, &on_w1, &mut promises).await;
+        if job.state == "running" && !job.stale {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never running again: {job:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = cluster.ctl_output(&["stop", &on_w1]).await;
+    assert!(out.status.success(), "{out:?}");
+    let (job, _) = read(&cluster, &on_w1, &mut promises).await;
+    assert_eq!(job.state, "stopped");
+    assert_eq!(
+        promises.history(&on_w1),
+        ["running", "unknown", "running", "stopped"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_given_up_as_lost_is_killed_when_its_worker_comes_back() {
+    // lost_after 3 s: the partition outlasts it.
+    let mut cluster = Cluster::start(&["w1"]).await;
+    let mut promises = Promises::default();
+    let job_id = cluster.start_job("w1", "count.sh", &["600", "0.1"]).await;
+    cluster.worker("w1").signal(Signal::SIGSTOP);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (job, _) = read(&cluster, &job_id, &mut promises).await;
+        if job.state == "lost" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never lost: {job:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.worker("w1").signal(Signal::SIGCONT);
+    // The worker reports the job running; the scheduler keeps `lost` and
+    // the worker kills what is left of it.
+    let gone = crate::harness::eventually(Duration::from_secs(15), || {
+        crate::harness::job_processes(&job_id).is_empty()
+    })
+    .await;
+    assert!(gone, "the lost job still runs after its worker came back");
+    for _ in 0..20 {
+        let (job, _) = read(&cluster, &job_id, &mut promises).await;
+        assert_eq!(job.state, "lost");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // clusterctl run's exit code for lost is documented: 75.
+    let out = cluster.ctl_output(&["logs", "-f", &job_id]).await;
+    assert_eq!(out.status.code(), Some(75), "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_worker_s_job_reads_unknown_at_once_and_placement_moves_on() {
+    let mut cluster = Cluster::start_tuned(&["w1", "w2"], &[("lost_after", "60s")]).await;
+    let mut promises = Promises::default();
+    let job_id = cluster.start_job("w1", "count.sh", &["600", "0.1"]).await;
+    read(&cluster, &job_id, &mut promises).await;
+    cluster.worker("w1").signal(Signal::SIGKILL);
+    cluster.worker("w1").wait(Duration::from_secs(10));
+    // The first read finds nobody at w1's address: the answer is the record,
+    // stale, and the job unknown from then on.
+    let (job, took) = read(&cluster, &job_id, &mut promises).await;
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert!(job.stale, "{job:?}");
+    let (job, _) = read(&cluster, &job_id, &mut promises).await;
+    assert_eq!(job.state, "unknown", "{job:?}");
+    let w2_id = cluster.worker_info("w2").await.worker_id;
+    for _ in 0..4 {
+        let (status, body, _) = place(&cluster).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let started: JobStarted = serde_json::from_value(body).unwrap();
+        assert_eq!(started.worker_id, w2_id);
+    }
+    // A worker that comes back without the job (it died) settles it: lost.
+    cluster.restart_worker("w1");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (job, _) = read(&cluster, &job_id, &mut promises).await;
+        if job.state == "lost" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never settled: {job:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(promises.history(&job_id), ["running", "unknown", "lost"]);
+}
