@@ -114,14 +114,23 @@ impl Default for HttpServer {
 pub struct StoreSection {
     #[serde(default = "default_store_path")]
     pub path: PathBuf,
+    /// Finished jobs (and groups whose jobs are all gone) are forgotten
+    /// this long after they ended.
+    #[serde(default = "default_keep_finished", with = "humantime_serde")]
+    pub keep_finished: Duration,
 }
 
 impl Default for StoreSection {
     fn default() -> Self {
         StoreSection {
             path: default_store_path(),
+            keep_finished: default_keep_finished(),
         }
     }
+}
+
+fn default_keep_finished() -> Duration {
+    Duration::from_secs(30 * 24 * 3600)
 }
 
 #[derive(Debug, Deserialize)]
@@ -201,6 +210,7 @@ pub struct Config {
     pub grpc_addr: String,
     pub http_addr: String,
     pub store_path: PathBuf,
+    pub keep_finished: Duration,
     pub call_timeout: Duration,
     pub connect_timeout: Duration,
     pub heartbeat_interval: Duration,
@@ -294,6 +304,12 @@ impl Config {
                 "must be longer than workers.heartbeat_interval (a few intervals is usual)".into(),
             ));
         }
+        if file.store.keep_finished < Duration::from_secs(60) {
+            return Err(err(
+                "store.keep_finished",
+                "must be at least 1m (finished jobs must stay readable after they end)".into(),
+            ));
+        }
         if w.lost_after < w.down_after {
             return Err(err(
                 "workers.lost_after",
@@ -343,6 +359,7 @@ impl Config {
             grpc_addr: g.addr.clone(),
             http_addr: h.addr.clone(),
             store_path: base.join(&file.store.path),
+            keep_finished: file.store.keep_finished,
             call_timeout: file.workers.call_timeout,
             connect_timeout: file.workers.connect_timeout,
             grpc_tls,

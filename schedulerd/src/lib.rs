@@ -61,6 +61,42 @@ pub struct Listeners {
     pub http: TcpListener,
 }
 
+/// Forgets finished jobs older than `keep` (`[store] keep_finished`): at
+/// start and every ten minutes, in batches of a few hundred rows with a
+/// pause between them, so the store's writer is never held for long.
+async fn prune_history(store: store::Store, keep: Duration, stop: CancellationToken) {
+    const EVERY: Duration = Duration::from_secs(600);
+    const BATCH: u32 = 500;
+    loop {
+        let before = time::now_ms().saturating_sub(keep.as_millis() as u64);
+        let mut pruned = 0;
+        loop {
+            let n = match store.prune_finished(before, BATCH).await {
+                Ok(n) => n,
+                Err(error) => {
+                    tracing::error!(%error, "could not prune finished jobs");
+                    break;
+                }
+            };
+            pruned += n;
+            if n < BATCH as usize {
+                break;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(20)) => {}
+                () = stop.cancelled() => return,
+            }
+        }
+        if pruned > 0 {
+            tracing::info!(jobs = pruned, keep = %humantime::format_duration(keep), "finished jobs pruned");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(EVERY) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
 /// Where gRPC connections come from.
 enum Incoming {
     Tls(
@@ -214,6 +250,11 @@ pub async fn run(
         placement_turn: Default::default(),
     };
     let settler = tokio::spawn(api::jobs::settle_unknown(app_state.clone(), stop.clone()));
+    let pruner = tokio::spawn(prune_history(
+        store.clone(),
+        config.keep_finished,
+        stop.clone(),
+    ));
     let app = api::router(app_state);
     let http = match http_listener {
         HttpListener::Tls(listener) => tokio::spawn(api::serve::serve(
@@ -256,6 +297,7 @@ pub async fn run(
     }
     let _ = liveness.await;
     let _ = settler.await;
+    let _ = pruner.await;
     store.close().await?;
     tracing::info!("scheduler stopped");
     Ok(())

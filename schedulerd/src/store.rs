@@ -630,6 +630,33 @@ impl Store {
         .await
     }
 
+    /// Forgets up to `batch` jobs that ended before `before_ms`, and groups
+    /// created before then that have no jobs left. One short transaction
+    /// per call, so other writers wait little; returns how many jobs went.
+    pub async fn prune_finished(&self, before_ms: u64, batch: u32) -> Result<usize, StoreError> {
+        self.write(move |c| {
+            let tx = c.transaction()?;
+            let jobs = tx.execute(
+                "DELETE FROM jobs WHERE seq IN (
+                   SELECT seq FROM jobs
+                   WHERE state IN ('succeeded', 'failed', 'stopped', 'lost')
+                     AND finished_at_ms < ?1 AND finished_at_ms > 0
+                   LIMIT ?2)",
+                params![before_ms as i64, batch],
+            )?;
+            tx.execute(
+                "DELETE FROM groups WHERE seq IN (
+                   SELECT seq FROM groups g WHERE created_at_ms < ?1
+                     AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.group_id = g.group_id)
+                   LIMIT ?2)",
+                params![before_ms as i64, batch],
+            )?;
+            tx.commit()?;
+            Ok(jobs)
+        })
+        .await
+    }
+
     /// Flushes the write-ahead log into the database file; call at shutdown.
     pub async fn close(&self) -> Result<(), StoreError> {
         self.write(|c| c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);"))
@@ -781,4 +808,140 @@ fn to_json<T: serde::Serialize>(value: &T) -> String {
 
 fn from_json<T: serde::de::DeserializeOwned + Default>(text: &str) -> T {
     serde_json::from_str(text).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn job(id: &str, state: JobState, finished_at_ms: u64) -> JobRow {
+        JobRow {
+            job_id: id.into(),
+            worker_id: "w".into(),
+            command: "bash".into(),
+            path: "x.sh".into(),
+            args: vec!["1".into()],
+            state,
+            error_text: String::new(),
+            exit_code: None,
+            signal: None,
+            created_at_ms: 1,
+            started_at_ms: 1,
+            finished_at_ms,
+            output_bytes: 0,
+            group_id: None,
+            updated_at_ms: 0,
+        }
+    }
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn a_terminal_state_never_changes_and_a_report_of_a_lost_job_running_asks_for_a_kill() {
+        let (_dir, store) = store();
+        store
+            .insert_job(job("a", JobState::Running, 0))
+            .await
+            .unwrap();
+        store
+            .insert_job(job("b", JobState::Running, 0))
+            .await
+            .unwrap();
+        assert!(
+            store
+                .update_job(job("a", JobState::Succeeded, 5))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .update_job(job("a", JobState::Running, 0))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .update_job(job("a", JobState::Failed, 6))
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            store.job("a").await.unwrap().unwrap().state,
+            JobState::Succeeded
+        );
+
+        store.mark_unknown("w", "cut off").await.unwrap();
+        assert_eq!(
+            store.job("b").await.unwrap().unwrap().state,
+            JobState::Unknown
+        );
+        // Unknown is not final: the worker's word brings it back.
+        let kill = store
+            .apply_reports("w", vec![job("b", JobState::Running, 0)], false, 0)
+            .await
+            .unwrap();
+        assert!(kill.is_empty());
+        assert_eq!(
+            store.job("b").await.unwrap().unwrap().state,
+            JobState::Running
+        );
+        store.mark_lost("w", "gone").await.unwrap();
+        let kill = store
+            .apply_reports("w", vec![job("b", JobState::Running, 0)], true, 10)
+            .await
+            .unwrap();
+        assert_eq!(kill, ["b"]);
+        assert_eq!(store.job("b").await.unwrap().unwrap().state, JobState::Lost);
+    }
+
+    #[tokio::test]
+    async fn a_full_report_loses_only_settled_jobs_it_does_not_name() {
+        let (_dir, store) = store();
+        let mut old = job("old", JobState::Unknown, 0);
+        old.created_at_ms = 100;
+        let mut starting = job("starting", JobState::Unknown, 0);
+        starting.created_at_ms = 1000;
+        store.insert_job(old).await.unwrap();
+        store.insert_job(starting).await.unwrap();
+        store.apply_reports("w", vec![], true, 500).await.unwrap();
+        assert_eq!(
+            store.job("old").await.unwrap().unwrap().state,
+            JobState::Lost
+        );
+        assert_eq!(
+            store.job("starting").await.unwrap().unwrap().state,
+            JobState::Unknown,
+            "a start still in flight is not lost"
+        );
+    }
+
+    #[tokio::test]
+    async fn pruning_forgets_only_old_finished_jobs_in_batches() {
+        let (_dir, store) = store();
+        for i in 0..5 {
+            store
+                .insert_job(job(&format!("f{i}"), JobState::Succeeded, 10))
+                .await
+                .unwrap();
+        }
+        store
+            .insert_job(job("new", JobState::Failed, 1000))
+            .await
+            .unwrap();
+        store
+            .insert_job(job("run", JobState::Running, 0))
+            .await
+            .unwrap();
+        assert_eq!(store.prune_finished(500, 3).await.unwrap(), 3);
+        assert_eq!(store.prune_finished(500, 3).await.unwrap(), 2);
+        assert_eq!(store.prune_finished(500, 3).await.unwrap(), 0);
+        assert!(store.job("f0").await.unwrap().is_none());
+        assert!(store.job("new").await.unwrap().is_some());
+        assert!(store.job("run").await.unwrap().is_some());
+    }
 }
