@@ -23,8 +23,10 @@ pub struct ConfigFile {
     pub retention: Retention,
 }
 
-/// Limits on kept output of finished jobs; none by default.
-#[derive(Debug, Clone, Copy, Default, Deserialize)]
+/// Limits on what is kept of finished jobs: their output (none by
+/// default) and their records (30 days by default, like the scheduler's
+/// `keep_finished`).
+#[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Retention {
     /// Delete a finished job's output this long after it finished ("7d").
@@ -33,6 +35,24 @@ pub struct Retention {
     /// Keep at most this much finished output in total (bytes, or "10GiB").
     #[serde(default, deserialize_with = "jobcluster_plugins::byte_size")]
     pub max_bytes: Option<u64>,
+    /// Delete a finished job's whole record (and output) this long after
+    /// it finished.
+    #[serde(default = "default_max_record_age", with = "humantime_serde")]
+    pub max_record_age: std::time::Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_age: None,
+            max_bytes: None,
+            max_record_age: default_max_record_age(),
+        }
+    }
+}
+
+fn default_max_record_age() -> std::time::Duration {
+    std::time::Duration::from_secs(30 * 24 * 3600)
 }
 
 #[derive(Debug, Deserialize)]

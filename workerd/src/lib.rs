@@ -258,14 +258,18 @@ pub async fn run(
     Ok(())
 }
 
-/// Retries writing the final records a full or failing disk refused, until
-/// `cancel` fires. Their states are served and reported from memory
-/// meanwhile.
+/// Housekeeping until `cancel` fires: retries writing the final records a
+/// full or failing disk refused (their states are served and reported from
+/// memory meanwhile; no event says the disk has room again), and lets old
+/// finished jobs leave memory.
 async fn write_pending(jobs: Arc<job::Jobs>, cancel: CancellationToken) {
     const EVERY: Duration = Duration::from_secs(2);
     loop {
         tokio::select! {
-            () = tokio::time::sleep(EVERY) => jobs.write_pending().await,
+            () = tokio::time::sleep(EVERY) => {
+                jobs.write_pending().await;
+                jobs.evict_finished();
+            }
             () = cancel.cancelled() => return,
         }
     }

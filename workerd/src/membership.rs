@@ -43,10 +43,17 @@ pub(crate) async fn reported_until(state_dir: &std::path::Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// Job reports for the scheduler. They carry no arguments: the scheduler
+/// recorded those before the job started, and a report must stay small
+/// whatever the job was given.
 fn reports(records: Vec<(JobRecord, u64)>) -> Vec<jobcluster_proto::pb::QueryJobResponse> {
     records
         .iter()
-        .map(|(r, len)| to_pb_status(r, *len))
+        .map(|(r, len)| {
+            let mut status = to_pb_status(r, *len);
+            status.args = Vec::new();
+            status
+        })
         .collect()
 }
 

@@ -152,7 +152,11 @@ impl Worker for WorkerService {
         request: Request<QueryJobRequest>,
     ) -> Result<Response<QueryJobResponse>, Status> {
         self.authorize(&request, "QueryJob")?;
-        let job = self.jobs.get(&request.get_ref().job_id).map_err(status)?;
+        let job = self
+            .jobs
+            .get(&request.get_ref().job_id)
+            .await
+            .map_err(status)?;
         Ok(Response::new(job_status(&job)))
     }
 
@@ -164,7 +168,7 @@ impl Worker for WorkerService {
     ) -> Result<Response<Self::StreamJobStream>, Status> {
         self.authorize(&request, "StreamJob")?;
         let r = request.into_inner();
-        let job = self.jobs.get(&r.job_id).map_err(status)?;
+        let job = self.jobs.get(&r.job_id).await.map_err(status)?;
         let follow = r.follow.unwrap_or(true);
         let record = job.record();
         if record.output_expired {

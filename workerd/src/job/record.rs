@@ -141,34 +141,61 @@ pub(super) async fn write_final(jobs_dir: &Path, record: &JobRecord) -> std::io:
     .map_err(std::io::Error::other)?
 }
 
-/// Loads every `jobs/<id>/job.json`, with the length of its output log.
+/// Deletes a finished job's output and records that it is gone (record
+/// first: a crash in between leaves a log that the next sweep deletes,
+/// never a record that points at a missing log).
+pub(crate) fn expire_output(dir: &Path) -> std::io::Result<()> {
+    let (mut record, _) = load_record(dir).map_err(std::io::Error::other)?;
+    if !record.output_expired {
+        record.output_expired = true;
+        let json = serde_json::to_vec(&record).map_err(std::io::Error::other)?;
+        replace(dir, "job.json.tmp", &json)?;
+    }
+    match std::fs::remove_file(dir.join("output.log")) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads one job's record and the length of its output log.
+pub(super) fn load_record(dir: &Path) -> Result<(JobRecord, u64), String> {
+    let bytes = std::fs::read(dir.join("job.json")).map_err(|e| e.to_string())?;
+    let record = serde_json::from_slice::<JobRecord>(&bytes).map_err(|e| e.to_string())?;
+    let len = std::fs::metadata(dir.join("output.log"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    Ok((record, len))
+}
+
+/// Reads every `jobs/<id>/job.json` one at a time and keeps those `keep`
+/// wants, so memory follows what is kept, not the history on disk.
 /// Unreadable records are skipped with a warning rather than stopping the
 /// worker.
-pub(super) fn load_records(jobs_dir: &Path) -> std::io::Result<Vec<(JobRecord, u64)>> {
+pub(super) fn load_records(
+    jobs_dir: &Path,
+    mut keep: impl FnMut(&JobRecord) -> bool,
+) -> std::io::Result<(Vec<(JobRecord, u64)>, usize)> {
     let entries = match std::fs::read_dir(jobs_dir) {
         Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
         Err(e) => return Err(e),
     };
-    let mut records = Vec::new();
+    let mut kept = Vec::new();
+    let mut seen = 0;
     for entry in entries {
         let dir = entry?.path();
-        let loaded = std::fs::read(dir.join("job.json"))
-            .map_err(|e| e.to_string())
-            .and_then(|bytes| {
-                serde_json::from_slice::<JobRecord>(&bytes).map_err(|e| e.to_string())
-            });
-        match loaded {
-            Ok(record) => {
-                let len = std::fs::metadata(dir.join("output.log"))
-                    .map(|m| m.len())
-                    .unwrap_or(0);
-                records.push((record, len));
+        match load_record(&dir) {
+            Ok((record, len)) => {
+                seen += 1;
+                if keep(&record) {
+                    kept.push((record, len));
+                }
             }
             Err(error) => {
                 tracing::warn!(dir = %dir.display(), %error, "skipping unreadable job record")
             }
         }
     }
-    Ok(records)
+    Ok((kept, seen))
 }

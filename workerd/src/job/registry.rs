@@ -1,10 +1,9 @@
 //! The registry of the worker's jobs, and what changed among them.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
 
 use jobcluster_plugins::Plugin;
 use tokio::sync::{Notify, watch};
@@ -13,7 +12,7 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use super::kill::kill_leftovers;
-use super::record::{load_records, now_ms, write_final, write_record};
+use super::record::{load_record, load_records, now_ms, write_final};
 use super::supervise::STOP_WAIT;
 use super::{Job, JobError, JobRecord, Policy, Progress, State};
 
@@ -47,6 +46,10 @@ pub(super) struct Changes {
     pub(super) dirty: Mutex<HashSet<Uuid>>,
     /// Final states kept in memory because writing them failed; retried.
     pub(super) unwritten: Mutex<HashSet<Uuid>>,
+    /// Finished jobs still in memory, oldest first, with when they were
+    /// queued: they leave memory once [`FINISHED_IN_MEMORY_MS`] old (and
+    /// reported and written); later reads load them from disk.
+    pub(super) leaving: Mutex<VecDeque<(Uuid, u64)>>,
     pub(super) finished: Notify,
 }
 
@@ -56,6 +59,14 @@ impl Changes {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .extend(ids);
+    }
+
+    /// Queues a finished job for leaving memory.
+    pub(super) fn ended(&self, id: Uuid) {
+        self.leaving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_back((id, now_ms()));
     }
 
     pub(super) fn unwritten(&self, id: Uuid) {
@@ -70,6 +81,10 @@ impl Changes {
 /// are reported again after a restart: a job's end is recorded a moment
 /// before it is queued for reporting.
 const REPORT_MARGIN_MS: u64 = 60_000;
+/// How long a finished job stays in memory, for its followers and reports.
+const FINISHED_IN_MEMORY_MS: u64 = 5 * 60 * 1000;
+/// At most this many finished jobs stay in memory, however recent.
+const MAX_FINISHED_IN_MEMORY: usize = 10_000;
 /// Job reports in one heartbeat; the rest follow in the next ones.
 pub(crate) const REPORTS_PER_CALL: usize = 1000;
 
@@ -89,13 +104,22 @@ impl Jobs {
     ) -> Result<Self, std::io::Error> {
         let jobs_dir = state_dir.join("jobs");
         let dir = jobs_dir.clone();
-        let loaded = tokio::task::spawn_blocking(move || load_records(&dir))
-            .await
-            .map_err(std::io::Error::other)??;
+        let report_from = reported_until_ms.saturating_sub(REPORT_MARGIN_MS);
+        // Only what must be acted on or reported is kept in memory: jobs
+        // that were running, and final states the scheduler may not have.
+        let (loaded, on_disk) = tokio::task::spawn_blocking(move || {
+            load_records(&dir, |r| {
+                r.state == State::Running || r.finished_at_ms >= report_from
+            })
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        tracing::info!(on_disk, kept = loaded.len(), "job records read");
         let mut map = HashMap::new();
         let mut dirty = HashSet::new();
         let mut unwritten = HashSet::new();
-        let report_from = reported_until_ms.saturating_sub(REPORT_MARGIN_MS);
+        let mut finished = VecDeque::new();
+        let now = now_ms();
         for (mut record, len) in loaded {
             if record.state == State::Running {
                 // The worker died under this job. Whatever is left of it
@@ -118,9 +142,10 @@ impl Jobs {
                 }
                 dirty.insert(record.id);
                 tracing::warn!(job_id = %record.id, killed, "job was running when the worker stopped; recorded lost");
-            } else if record.finished_at_ms >= report_from {
+            } else {
                 dirty.insert(record.id);
             }
+            finished.push_back((record.id, now));
             let (progress, _) = watch::channel(Progress { len, done: true });
             let id = record.id;
             map.insert(
@@ -143,6 +168,7 @@ impl Jobs {
             changes: Arc::new(Changes {
                 dirty: Mutex::new(dirty),
                 unwritten: Mutex::new(unwritten),
+                leaving: Mutex::new(finished),
                 finished: Notify::new(),
             }),
             accepting: AtomicBool::new(true),
@@ -222,8 +248,10 @@ impl Jobs {
     /// worker and scheduler agree. Jobs already ended are left as they are.
     pub(crate) fn give_up(&self, ids: &[String]) {
         for id in ids {
-            match self.get(id) {
-                Ok(job) if !job.progress.borrow().done => {
+            // A running job is always in memory.
+            let job = Uuid::parse_str(id).ok().and_then(|id| self.find(id));
+            match job {
+                Some(job) if !job.progress.borrow().done => {
                     tracing::warn!(job_id = %id, "the scheduler recorded this job lost; killing what is left of it");
                     job.given_up.cancel();
                 }
@@ -256,46 +284,49 @@ impl Jobs {
         }
     }
 
-    /// Deletes the output of the oldest finished jobs until what is left is
-    /// younger than `max_age` and smaller than `max_bytes` in total. Their
-    /// records stay; their output reads as expired.
-    pub(crate) async fn apply_retention(&self, max_age: Option<Duration>, max_bytes: Option<u64>) {
-        let mut finished: Vec<Arc<Job>> = self
+    /// Applies the retention limits to finished jobs on disk: their output
+    /// is deleted, oldest first, once older than `max_age` or while the
+    /// total passes `max_bytes` (their records stay; output reads as
+    /// expired); their whole record goes once older than `max_record_age`.
+    /// Ages come from file times (the log's last write, the record's last
+    /// write), so the sweep reads no record it does not change.
+    pub(crate) async fn apply_retention(&self, limits: crate::config::Retention) {
+        let running: HashSet<Uuid> = self
             .map
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .filter(|j| j.progress.borrow().done)
-            .filter(|j| !j.record().output_expired)
-            .cloned()
+            .iter()
+            .filter(|(_, j)| !j.progress.borrow().done)
+            .map(|(id, _)| *id)
             .collect();
-        finished.sort_by_key(|j| j.record().finished_at_ms);
-        let mut total: u64 = finished.iter().map(|j| j.progress.borrow().len).sum();
-        let now = now_ms();
-        for job in finished {
-            let record = job.record();
-            let too_old = max_age.is_some_and(|age| {
-                now.saturating_sub(record.finished_at_ms) > age.as_millis() as u64
-            });
-            let too_big = max_bytes.is_some_and(|max| total > max);
-            if !too_old && !too_big {
-                continue;
+        let jobs_dir = self.jobs_dir.clone();
+        let swept = tokio::task::spawn_blocking(move || {
+            crate::retention::sweep(&jobs_dir, &running, limits, now_ms())
+        })
+        .await;
+        let swept = match swept {
+            Ok(Ok(swept)) => swept,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "retention sweep failed");
+                return;
             }
-            let len = job.progress.borrow().len;
-            match tokio::fs::remove_file(&job.log_path).await {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(error) => {
-                    tracing::warn!(job_id = %record.id, %error, "could not delete expired output");
-                    continue;
-                }
+            Err(error) => {
+                tracing::warn!(%error, "retention sweep failed");
+                return;
             }
-            total = total.saturating_sub(len);
-            let record = job.update(|r| r.output_expired = true);
-            if let Err(error) = write_record(&self.jobs_dir, &record).await {
-                tracing::warn!(job_id = %record.id, %error, "could not record expired output");
+        };
+        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        for id in &swept.expired {
+            if let Some(job) = map.get(id) {
+                job.update(|r| r.output_expired = true);
             }
-            tracing::info!(job_id = %record.id, bytes = len, reason = if too_old { "age" } else { "size" }, "job output deleted by retention");
+        }
+        drop(map);
+        if !swept.removed.is_empty() {
+            let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+            for id in &swept.removed {
+                map.remove(id);
+            }
         }
     }
 
@@ -304,10 +335,77 @@ impl Jobs {
         self.changes.finished.notified().await;
     }
 
-    pub(crate) fn get(&self, id: &str) -> Result<Arc<Job>, JobError> {
+    /// A job by id: from memory, or (a finished job) from its record on disk.
+    pub(crate) async fn get(&self, id: &str) -> Result<Arc<Job>, JobError> {
         let uuid = Uuid::parse_str(id).map_err(|_| JobError::BadJobId(id.to_owned()))?;
-        self.find(uuid)
-            .ok_or_else(|| JobError::UnknownJob(id.to_owned()))
+        if let Some(job) = self.find(uuid) {
+            return Ok(job);
+        }
+        let dir = self.jobs_dir.join(uuid.to_string());
+        let loaded = tokio::task::spawn_blocking(move || load_record(&dir))
+            .await
+            .map_err(|e| JobError::Io(std::io::Error::other(e)))?;
+        match loaded {
+            // A record on disk that says running belongs to a start under
+            // way: not a job yet.
+            Ok((record, len)) if record.state != State::Running => {
+                let (progress, _) = watch::channel(Progress { len, done: true });
+                Ok(Arc::new(Job {
+                    log_path: self.jobs_dir.join(id).join("output.log"),
+                    record: Mutex::new(record),
+                    progress,
+                    stop: CancellationToken::new(),
+                    given_up: CancellationToken::new(),
+                }))
+            }
+            _ => Err(JobError::UnknownJob(id.to_owned())),
+        }
+    }
+
+    /// Lets finished jobs leave memory once they are old enough (or too
+    /// many), reported and written: memory follows the running jobs, not
+    /// the history. Readers holding one keep it until they are done.
+    pub(crate) fn evict_finished(&self) {
+        let now = now_ms();
+        let mut queue = self
+            .changes
+            .leaving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut evict = Vec::new();
+        let mut busy = Vec::new();
+        while let Some(&(id, at)) = queue.front() {
+            let old = now.saturating_sub(at) > FINISHED_IN_MEMORY_MS;
+            if !old && queue.len() <= MAX_FINISHED_IN_MEMORY {
+                break;
+            }
+            queue.pop_front();
+            let pending = self
+                .changes
+                .dirty
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&id)
+                || self
+                    .changes
+                    .unwritten
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains(&id);
+            if pending {
+                busy.push((id, now));
+            } else {
+                evict.push(id);
+            }
+        }
+        queue.extend(busy);
+        drop(queue);
+        if !evict.is_empty() {
+            let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+            for id in &evict {
+                map.remove(id);
+            }
+        }
     }
 
     pub(super) fn find(&self, id: Uuid) -> Option<Arc<Job>> {
@@ -330,7 +428,7 @@ impl Jobs {
 
     /// Asks a job to stop. Returns its record; a finished job is left as it was.
     pub(crate) async fn stop(&self, id: &str) -> Result<JobRecord, JobError> {
-        let job = self.get(id)?;
+        let job = self.get(id).await?;
         let mut progress = job.progress();
         if !progress.borrow().done {
             tracing::info!(job_id = %id, "stop requested");

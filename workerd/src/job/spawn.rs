@@ -232,6 +232,7 @@ impl Jobs {
                     }
                     running.fetch_sub(1, Ordering::AcqRel);
                     changes.mark([id]);
+                    changes.ended(id);
                     changes.finished.notify_one();
                 });
                 tracing::info!(job_id = %id, plugin = %record.command, path = %record.path, pgid, "job started");
@@ -249,6 +250,7 @@ impl Jobs {
                 }
                 job.progress.send_modify(|p| p.done = true);
                 self.insert(&job);
+                self.changes.ended(id);
                 tracing::warn!(job_id = %id, %error, "job could not start");
                 if let Err(error) = write_final(&self.jobs_dir, &record).await {
                     tracing::error!(job_id = %id, %error, "could not record the job's final state; kept in memory and retried");
