@@ -55,6 +55,17 @@ impl Cluster {
         Self::start_from(worker_names, &config, "").await
     }
 
+    /// A cluster whose scheduler keeps its store in `store_dir` (a test may
+    /// put that on a small filesystem of its own).
+    pub async fn start_with_store(worker_names: &[&str], store_dir: &Path) -> Cluster {
+        let config = SCHEDULER_CONFIG.replacen(
+            "path = \"state/scheduler.db\"",
+            &format!("path = \"{}\"", store_dir.join("scheduler.db").display()),
+            1,
+        );
+        Self::start_from(worker_names, &config, "").await
+    }
+
     /// A cluster with extra scheduler config and extra config for every worker.
     pub async fn start_with(
         worker_names: &[&str],
@@ -119,6 +130,16 @@ impl Cluster {
 
     /// Issues a certificate for `name` and starts a worker with it and `extra` config.
     pub fn add_worker_with(&mut self, name: &str, extra: &str) {
+        self.add_worker_at(name, extra, None);
+    }
+
+    /// Starts a worker `name` whose `state_dir` is `state_dir` (a test may
+    /// put that on a small filesystem of its own).
+    pub fn add_worker_in(&mut self, name: &str, state_dir: &Path) {
+        self.add_worker_at(name, "", Some(state_dir));
+    }
+
+    fn add_worker_at(&mut self, name: &str, extra: &str, state_dir: Option<&Path>) {
         let pki = self.pki();
         run_ok(&[
             "pki",
@@ -134,6 +155,14 @@ impl Cluster {
             &format!("pki/{name}-key.pem"),
             extra,
         );
+        if let Some(dir) = state_dir {
+            let text = std::fs::read_to_string(&config).unwrap().replacen(
+                &format!("state_dir = \"state/{name}\""),
+                &format!("state_dir = \"{}\"", dir.display()),
+                1,
+            );
+            std::fs::write(&config, text).unwrap();
+        }
         let daemon = Daemon::spawn(&bin("workerd"), &["--config", config.to_str().unwrap()]);
         self.workers.push((name.to_owned(), daemon));
     }

@@ -2,7 +2,10 @@
 
 use std::time::{Duration, Instant};
 
-use jobcluster_proto::http::{ErrorBody, JobList, WorkerList};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use jobcluster_proto::http::{ErrorBody, JobInfo, JobList, WorkerList};
 use nix::sys::signal::Signal;
 use reqwest::StatusCode;
 use sha2::{Digest, Sha256};
@@ -12,7 +15,7 @@ use crate::cluster::{Cluster, stderr, stdout};
 use crate::harness::{Daemon, eventually, job_processes};
 
 /// Waits (without a fixed sleep) until `check` holds, asking the API.
-async fn until<F, Fut>(timeout: Duration, what: &str, mut check: F)
+pub async fn until<F, Fut>(timeout: Duration, what: &str, mut check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
@@ -21,6 +24,47 @@ where
     while !check().await {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every state the API answered for each job, in order; a terminal state,
+/// once answered, is a promise, so any later answer that differs panics.
+#[derive(Debug, Default)]
+pub struct Witness {
+    seen: Mutex<HashMap<String, Vec<String>>>,
+}
+
+impl Witness {
+    const TERMINAL: [&str; 4] = ["succeeded", "failed", "stopped", "lost"];
+
+    pub fn saw(&self, job_id: &str, state: &str) {
+        let mut seen = self.seen.lock().unwrap();
+        let states = seen.entry(job_id.to_owned()).or_default();
+        if let Some(first) = states.iter().find(|s| Self::TERMINAL.contains(&s.as_str())) {
+            assert_eq!(
+                state, first,
+                "job {job_id} was answered {first} and then {state} (answers so far: {states:?})"
+            );
+        }
+        if states.last().map(String::as_str) != Some(state) {
+            states.push(state.to_owned());
+        }
+    }
+
+    /// `GET /v1/jobs/{id}`, witnessed.
+    pub async fn job(&self, cluster: &Cluster, job_id: &str) -> JobInfo {
+        let job = cluster.job(job_id).await;
+        self.saw(&job.job_id, &job.state);
+        job
+    }
+
+    /// `GET /v1/jobs` (up to 1000), witnessed.
+    pub async fn jobs(&self, cluster: &Cluster) -> Vec<JobInfo> {
+        let list: JobList = cluster.get_json("/v1/jobs?limit=1000").await;
+        for job in &list.jobs {
+            self.saw(&job.job_id, &job.state);
+        }
+        list.jobs
     }
 }
 

@@ -5,6 +5,7 @@
 
 mod cli;
 mod cluster;
+mod disk;
 mod faults;
 #[allow(dead_code)]
 #[path = "../../../workerd/tests/it/harness.rs"]

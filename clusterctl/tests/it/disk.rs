@@ -1,0 +1,516 @@
+//! Full disks: a worker's `state_dir` that fills while a job writes, a start
+//! on a full worker, and a scheduler whose store fills. Each disk is a small
+//! tmpfs, so these tests need root; without it they say so and pass.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use jobcluster_proto::http::{ErrorBody, JobStarted};
+use nix::sys::signal::Signal;
+use reqwest::StatusCode;
+
+use crate::cluster::{Cluster, stderr};
+use crate::faults::{Witness, until};
+use crate::harness::job_processes;
+
+/// A tmpfs of a fixed size, unmounted when dropped (a failing test too).
+/// Declare it before the cluster that uses it: the cluster's daemons must
+/// be gone, their files closed, when it is unmounted.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (as `mount -o size=` takes it), or says
+    /// why the test is skipped and returns `None`.
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let uid = nix::unistd::geteuid();
+        if !uid.is_root() {
+            eprintln!("skipping: needs root to mount a tmpfs (running as uid {uid})");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output();
+        match mounted {
+            Ok(out) if out.status.success() => Some(Tmpfs { dir }),
+            Ok(out) => {
+                eprintln!(
+                    "skipping: needs root to mount a tmpfs (mount failed: {})",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+                None
+            }
+            Err(error) => {
+                eprintln!("skipping: needs root to mount a tmpfs (cannot run mount: {error})");
+                None
+            }
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes a file until the filesystem has no byte left; returns its path.
+    fn fill(&self) -> PathBuf {
+        let path = self.path().join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0xa5u8; 64 * 1024];
+        loop {
+            match file.write(&chunk) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::StorageFull => break,
+                Err(e) => panic!("filling {}: {e}", path.display()),
+            }
+        }
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let path = self.dir.path();
+        let unmounted = Command::new("umount")
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !unmounted {
+            // Something still holds a file there: detach it now, so the
+            // mount never outlives the test.
+            let _ = Command::new("umount").arg("-l").arg(path).status();
+        }
+    }
+}
+
+/// The job directories in `state_dir/jobs`.
+fn job_dirs(state_dir: &Path) -> BTreeSet<String> {
+    match std::fs::read_dir(state_dir.join("jobs")) {
+        Ok(entries) => entries
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeSet::new(),
+        Err(e) => panic!("reading {}: {e}", state_dir.display()),
+    }
+}
+
+/// Pids of live processes working in `dir`: every job process starts in
+/// its script's directory, which is unique to a test's cluster.
+fn processes_in(dir: &Path) -> Vec<u32> {
+    let dir = dir.canonicalize().unwrap();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == dir))
+        .collect()
+}
+
+/// `POST /v1/jobs` with `body`: the status, and the answer (a started job
+/// or an error).
+async fn post_job(
+    cluster: &Cluster,
+    body: serde_json::Value,
+) -> (StatusCode, Result<JobStarted, ErrorBody>) {
+    let reply = cluster
+        .http()
+        .post(format!("{}/v1/jobs", cluster.url()))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = reply.status();
+    let text = reply.bytes().await.unwrap();
+    let answer = if status.is_success() {
+        Ok(serde_json::from_slice(&text).unwrap())
+    } else {
+        Err(serde_json::from_slice(&text)
+            .unwrap_or_else(|e| panic!("{status}: {e}: {}", String::from_utf8_lossy(&text))))
+    };
+    (status, answer)
+}
+
+async fn wait_ready(cluster: &Cluster, name: &str) {
+    until(
+        Duration::from_secs(20),
+        &format!("{name} ready"),
+        || async { cluster.worker_state(name).await == "ready" },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn faults_disk_a_job_that_fills_its_workers_disk_fails_for_good() {
+    let Some(disk) = Tmpfs::mount("4m") else {
+        return;
+    };
+    let mut cluster = Cluster::start(&[]).await;
+    cluster.add_worker_in("w1", disk.path());
+    wait_ready(&cluster, "w1").await;
+    // About 20 MB in pieces, so that followers attach while it writes.
+    std::fs::write(
+        cluster.tmp.path().join("scripts").join("big.sh"),
+        "for i in $(seq 80); do head -c 262144 /dev/urandom; sleep 0.02; done\n",
+    )
+    .unwrap();
+    let witness = Witness::default();
+
+    let run = cluster
+        .ctl()
+        .args(["run", "--worker", "w1", "big.sh"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Attached once the worker has the job (a start still in flight reads
+    // `unknown` and its worker does not know it yet).
+    let id = loop {
+        if let Some(job) = witness.jobs(&cluster).await.first()
+            && job.state != "unknown"
+        {
+            break job.job_id.clone();
+        }
+        assert!(Instant::now() < deadline, "the job never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let live_follower = cluster
+        .ctl()
+        .args(["logs", "-f", &id])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let run = run.wait_with_output().await.unwrap();
+    let live_follower = live_follower.wait_with_output().await.unwrap();
+    assert_eq!(witness.jobs(&cluster).await.len(), 1);
+    assert!(
+        run.status.code().is_some_and(|c| c != 0),
+        "run exits non-zero: {:?} {}",
+        run.status,
+        stderr(&run)
+    );
+    assert!(
+        live_follower.status.code().is_some_and(|c| c != 0),
+        "logs -f exits non-zero: {:?} {}",
+        live_follower.status,
+        stderr(&live_follower)
+    );
+    let job = witness.job(&cluster, &id).await;
+    assert_eq!(job.state, "failed", "{job:?}");
+    assert!(job.done && job.error, "{job:?}");
+    assert!(
+        job.error_text.contains("No space left on device"),
+        "names the cause: {}",
+        job.error_text
+    );
+    assert!(
+        job.error_text
+            .contains(&format!("first {} bytes", job.output_bytes)),
+        "says how many bytes were kept: {}",
+        job.error_text
+    );
+    assert!(
+        job.output_bytes > 0 && job.output_bytes < 4 << 20,
+        "{}",
+        job.output_bytes
+    );
+    let on_disk = std::fs::read(disk.path().join("jobs").join(&id).join("output.log")).unwrap();
+    assert_eq!(on_disk.len() as u64, job.output_bytes);
+    let logs = cluster.ctl_output(&["logs", &id]).await;
+    assert!(logs.status.success(), "{}", stderr(&logs));
+    assert_eq!(logs.stdout.len() as u64, job.output_bytes);
+    assert!(logs.stdout == on_disk, "logs gives the kept bytes");
+    assert!(run.stdout == on_disk, "run printed the kept bytes");
+    assert!(
+        live_follower.stdout == on_disk,
+        "logs -f printed the kept bytes"
+    );
+    let follow = cluster.ctl_output(&["logs", "-f", &id]).await;
+    assert!(
+        follow.status.code().is_some_and(|c| c != 0),
+        "logs -f exits non-zero: {:?} {}",
+        follow.status,
+        stderr(&follow)
+    );
+    assert!(follow.stdout == on_disk);
+    assert!(
+        job_processes(&id).is_empty(),
+        "no process of the job is left"
+    );
+
+    let fields = |j: &jobcluster_proto::http::JobInfo| {
+        (
+            j.state.clone(),
+            j.error_text.clone(),
+            j.exit_code,
+            j.signal,
+            j.output_bytes,
+        )
+    };
+    let before = fields(&job);
+    for signal in [Signal::SIGTERM, Signal::SIGKILL] {
+        cluster.worker("w1").signal(signal);
+        cluster.worker("w1").wait(Duration::from_secs(20));
+        // Past lost_after (3 s in the test cluster) without its worker:
+        // a final state stays what it was.
+        let away = Instant::now();
+        while away.elapsed() < Duration::from_secs(4) {
+            assert_eq!(fields(&witness.job(&cluster, &id).await), before);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let registered = cluster.scheduler.log().matches("worker registered").count();
+        cluster.restart_worker("w1");
+        cluster
+            .scheduler
+            .wait_for_log("worker registered", registered)
+            .await;
+        wait_ready(&cluster, "w1").await;
+        for _ in 0..10 {
+            assert_eq!(
+                fields(&witness.job(&cluster, &id).await),
+                before,
+                "after {signal}"
+            );
+            witness.jobs(&cluster).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // The worker's own record agrees, and it never reported otherwise.
+        let record: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(disk.path().join("jobs").join(&id).join("job.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(record["state"], "failed", "after {signal}: {record}");
+        assert!(
+            !cluster.scheduler.log().contains("disagrees"),
+            "after {signal}:\n{}",
+            cluster.scheduler.log()
+        );
+        assert!(job_processes(&id).is_empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn faults_disk_a_start_on_a_full_worker_is_refused_and_placed_elsewhere() {
+    let Some(disk) = Tmpfs::mount("4m") else {
+        return;
+    };
+    let mut cluster = Cluster::start(&["w2"]).await;
+    cluster.add_worker_in("w1", disk.path());
+    wait_ready(&cluster, "w1").await;
+    let w2_id = cluster.worker_info("w2").await.worker_id;
+    let scripts = cluster.tmp.path().join("scripts");
+    let witness = Witness::default();
+
+    let first = cluster.start_job("w1", "count.sh", &["2", "0"]).await;
+    until(Duration::from_secs(10), "first job done", || async {
+        witness.job(&cluster, &first).await.done
+    })
+    .await;
+    assert_eq!(witness.job(&cluster, &first).await.state, "succeeded");
+
+    let filler = disk.fill();
+    let dirs = job_dirs(disk.path());
+    let refused_before = cluster.worker("w1").log().matches("job refused").count();
+    for _ in 0..3 {
+        let (status, answer) = post_job(
+            &cluster,
+            serde_json::json!({"worker_id": "w1", "path": "count.sh", "args": ["1000", "0.05"]}),
+        )
+        .await;
+        let error = answer.expect_err("refused");
+        assert_eq!(
+            (status, error.code.as_str()),
+            (StatusCode::INSUFFICIENT_STORAGE, "worker_storage_full"),
+            "{}",
+            error.error
+        );
+    }
+    assert_eq!(job_dirs(disk.path()), dirs, "nothing left behind");
+    assert_eq!(processes_in(&scripts), Vec::<u32>::new(), "nothing started");
+
+    // Placed starts go to w2; at least the ones that tried w1 first were
+    // refused there.
+    let mut placed = Vec::new();
+    for _ in 0..4 {
+        let (status, answer) = post_job(
+            &cluster,
+            serde_json::json!({"path": "count.sh", "args": ["1", "0"]}),
+        )
+        .await;
+        let started = answer.unwrap_or_else(|e| panic!("{status}: {e:?}"));
+        assert_eq!(status, StatusCode::CREATED);
+        assert_eq!(started.worker_id, w2_id, "placed on the worker with room");
+        placed.push(started.job_id);
+    }
+    let refused = cluster.worker("w1").log().matches("job refused").count() - refused_before;
+    assert!(refused >= 4, "w1 was asked and refused: {refused}");
+    assert_eq!(job_dirs(disk.path()), dirs, "nothing left behind");
+    for id in &placed {
+        until(Duration::from_secs(10), "placed job done", || async {
+            witness.job(&cluster, id).await.done
+        })
+        .await;
+        assert_eq!(witness.job(&cluster, id).await.state, "succeeded");
+    }
+    // The refused starts left no record either.
+    let recorded: BTreeSet<String> = witness
+        .jobs(&cluster)
+        .await
+        .into_iter()
+        .map(|j| j.job_id)
+        .collect();
+    let expected: BTreeSet<String> = placed.iter().cloned().chain([first.clone()]).collect();
+    assert_eq!(recorded, expected);
+
+    std::fs::remove_file(filler).unwrap();
+    let again = cluster.start_job("w1", "count.sh", &["3", "0"]).await;
+    until(Duration::from_secs(10), "job on w1 done", || async {
+        witness.job(&cluster, &again).await.done
+    })
+    .await;
+    assert_eq!(witness.job(&cluster, &again).await.state, "succeeded");
+    let out = cluster.ctl_output(&["logs", &again]).await;
+    assert_eq!(out.stdout, b"1\n2\n3\ndone\n");
+    assert_eq!(
+        job_dirs(disk.path()),
+        dirs.iter().cloned().chain([again.clone()]).collect()
+    );
+    witness.jobs(&cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn faults_disk_a_full_store_starts_nothing_without_a_record() {
+    let Some(disk) = Tmpfs::mount("4m") else {
+        return;
+    };
+    let cluster = Cluster::start_with_store(&["w1"], disk.path()).await;
+    let state_dir = cluster.tmp.path().join("state").join("w1");
+    let scripts = cluster.tmp.path().join("scripts");
+    let witness = Witness::default();
+
+    let mut earlier = Vec::new();
+    for _ in 0..3 {
+        earlier.push(cluster.start_job("w1", "count.sh", &["2", "0"]).await);
+    }
+    for id in &earlier {
+        until(Duration::from_secs(10), "earlier job done", || async {
+            witness.job(&cluster, id).await.done
+        })
+        .await;
+    }
+
+    // One job ends while the store is full: its end is recorded later.
+    let ending = cluster.start_job("w1", "count.sh", &["20", "0.1"]).await;
+
+    let filler = disk.fill();
+    let dirs = job_dirs(&state_dir);
+    let mut started = Vec::new();
+    let mut refused = 0;
+    for _ in 0..15 {
+        let (status, answer) = post_job(
+            &cluster,
+            serde_json::json!({"worker_id": "w1", "path": "count.sh", "args": ["20", "0.1"]}),
+        )
+        .await;
+        match answer {
+            // SQLite may still fit a small write into free pages of its
+            // log; then the job has its record, which is all that counts.
+            Ok(job) => {
+                assert_eq!(status, StatusCode::CREATED);
+                started.push(job.job_id);
+            }
+            Err(error) => {
+                assert_eq!(
+                    (status, error.code.as_str()),
+                    (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+                    "{}",
+                    error.error
+                );
+                refused += 1;
+            }
+        }
+    }
+    assert!(
+        refused > 0,
+        "the full store refused no start ({} started):\n{}",
+        started.len(),
+        cluster.scheduler.log()
+    );
+    // No job runs without a record: the worker holds exactly the jobs
+    // whose start was answered 201, and runs no other process.
+    let new: BTreeSet<String> = job_dirs(&state_dir).difference(&dirs).cloned().collect();
+    assert_eq!(new, started.iter().cloned().collect::<BTreeSet<_>>());
+    for pid in processes_in(&scripts) {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let environ = String::from_utf8_lossy(&environ);
+        assert!(
+            started
+                .iter()
+                .chain([&ending])
+                .any(|id| environ.contains(&format!("JOB_ID={id}"))),
+            "process {pid} belongs to no started job"
+        );
+    }
+
+    // What was recorded stays readable while nothing can be written.
+    let listed: BTreeSet<String> = witness
+        .jobs(&cluster)
+        .await
+        .into_iter()
+        .map(|j| j.job_id)
+        .collect();
+    assert_eq!(
+        listed,
+        earlier
+            .iter()
+            .chain(&started)
+            .chain([&ending])
+            .cloned()
+            .collect::<BTreeSet<_>>()
+    );
+    until(Duration::from_secs(10), "the running job done", || async {
+        witness.job(&cluster, &ending).await.done
+    })
+    .await;
+    for id in &earlier {
+        assert_eq!(witness.job(&cluster, id).await.state, "succeeded");
+    }
+    std::fs::remove_file(filler).unwrap();
+    let after = cluster.start_job("w1", "count.sh", &["2", "0"]).await;
+    let all: Vec<String> = earlier
+        .iter()
+        .chain(&started)
+        .chain([&ending, &after])
+        .cloned()
+        .collect();
+    for id in &all {
+        until(Duration::from_secs(20), "job done", || async {
+            witness.job(&cluster, id).await.done
+        })
+        .await;
+        assert_eq!(witness.job(&cluster, id).await.state, "succeeded", "{id}");
+    }
+    let listed: BTreeSet<String> = witness
+        .jobs(&cluster)
+        .await
+        .into_iter()
+        .map(|j| j.job_id)
+        .collect();
+    assert_eq!(listed, all.iter().cloned().collect::<BTreeSet<_>>());
+    for id in job_dirs(&state_dir) {
+        assert!(listed.contains(&id), "job {id} on the worker has a record");
+    }
+    let ended = witness.job(&cluster, &ending).await;
+    assert_eq!(
+        (ended.exit_code, ended.stale),
+        (Some(0), false),
+        "{ended:?}"
+    );
+}
