@@ -759,7 +759,8 @@ fn insert_job(c: &Connection, j: &JobRow) -> rusqlite::Result<()> {
 fn update_job(c: &Connection, j: &JobRow) -> rusqlite::Result<usize> {
     c.execute(
         "UPDATE jobs SET state = ?2, error_text = ?3, exit_code = ?4, signal = ?5,
-           started_at_ms = ?6, finished_at_ms = ?7, output_bytes = ?8, updated_at_ms = ?10
+           started_at_ms = ?6, finished_at_ms = ?7, output_bytes = ?8, updated_at_ms = ?10,
+           command = CASE WHEN command = '' THEN ?11 ELSE command END
          WHERE job_id = ?1 AND worker_id = ?9
            AND state NOT IN ('succeeded', 'failed', 'stopped', 'lost')",
         params![
@@ -772,7 +773,8 @@ fn update_job(c: &Connection, j: &JobRow) -> rusqlite::Result<usize> {
             j.finished_at_ms as i64,
             j.output_bytes as i64,
             j.worker_id,
-            now_ms() as i64
+            now_ms() as i64,
+            j.command
         ],
     )
 }

@@ -224,3 +224,78 @@ async fn a_killed_worker_s_job_reads_unknown_at_once_and_placement_moves_on() {
     }
     assert_eq!(promises.history(&job_id), ["running", "unknown", "lost"]);
 }
+
+/// Writes `n` finished jobs' records into a worker's state directory, as
+/// years of history would leave them; the first `big` carry 1 MB of
+/// arguments each.
+fn write_history(state_dir: &std::path::Path, n: usize, big: usize) {
+    let jobs = state_dir.join("jobs");
+    let long_ago = now_ms() - 2 * 24 * 3600 * 1000;
+    let large = "x".repeat(1 << 20);
+    for i in 0..n {
+        let id = uuid::Uuid::new_v4();
+        let dir = jobs.join(id.to_string());
+        std::fs::create_dir_all(&dir).unwrap();
+        let args = if i < big {
+            vec![large.as_str()]
+        } else {
+            vec!["1"]
+        };
+        let record = json!({
+            "id": id, "command": "bash", "path": "count.sh", "args": args,
+            "state": "succeeded", "exit_code": 0, "signal": null, "error_text": "",
+            "created_at_ms": long_ago, "started_at_ms": long_ago,
+            "finished_at_ms": long_ago, "pgid": null, "output_bytes": 2,
+        });
+        std::fs::write(dir.join("job.json"), serde_json::to_vec(&record).unwrap()).unwrap();
+        std::fs::write(dir.join("output.log"), "1\n").unwrap();
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_with_a_long_history_registers_in_seconds_and_does_not_hold_it_in_memory() {
+    let mut cluster = Cluster::start(&["w1"]).await;
+    let w1_id = cluster.worker_info("w1").await.worker_id;
+    cluster.worker("w1").signal(Signal::SIGTERM);
+    cluster.worker("w1").wait(Duration::from_secs(20));
+    // 20,000 finished jobs, 100 of them with 1 MB of arguments: together
+    // over 100 MB of records, more than one registration message may carry.
+    let state_dir = cluster.tmp.path().join("state/w1");
+    write_history(&state_dir, 20_000, 100);
+
+    let started = Instant::now();
+    cluster.restart_worker("w1");
+    cluster.wait_state("w1", "ready").await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(20), "registration took {took:?}");
+    assert_eq!(cluster.worker_info("w1").await.worker_id, w1_id);
+    // It works, and its history is on disk, not in memory.
+    let out = cluster
+        .ctl_output(&["run", "--worker", "w1", "count.sh", "--", "2", "0"])
+        .await;
+    assert!(out.status.success(), "{out:?}");
+    let rss = rss_kib(cluster.worker("w1").child.id());
+    assert!(
+        rss < 64 * 1024,
+        "workerd holds {rss} KiB after loading its history"
+    );
+    let log = cluster.worker("w1").log();
+    assert!(log.contains("on_disk=20000 kept=0"), "{log}");
+}

@@ -614,6 +614,19 @@ pub(crate) async fn stream_output(
             if unreachable(&status) {
                 worker_unreachable(state, &worker).await;
             }
+            // A job whose start is not settled yet is not unknown to us:
+            // the caller may wait for it (503), not give up on it (404).
+            if status.code() == tonic::Code::NotFound && row.state == JobState::Unknown {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "job_not_started",
+                    format!(
+                        "job {} is not running on worker {name} yet (its start is not settled); try again shortly",
+                        row.job_id
+                    ),
+                )
+                .with_job(&row.job_id));
+            }
             return Err(ApiError::from_worker(status, &name));
         }
     };

@@ -79,8 +79,9 @@ impl Changes {
 
 /// Final states finished this long before the last acknowledged report
 /// are reported again after a restart: a job's end is recorded a moment
-/// before it is queued for reporting.
-const REPORT_MARGIN_MS: u64 = 60_000;
+/// (one synced write) before it is queued for reporting. Small, so what a
+/// restart reports stays small however busy the worker was.
+const REPORT_MARGIN_MS: u64 = 10_000;
 /// How long a finished job stays in memory, for its followers and reports.
 const FINISHED_IN_MEMORY_MS: u64 = 5 * 60 * 1000;
 /// At most this many finished jobs stay in memory, however recent.
@@ -104,6 +105,12 @@ impl Jobs {
     ) -> Result<Self, std::io::Error> {
         let jobs_dir = state_dir.join("jobs");
         let dir = jobs_dir.clone();
+        // Never acknowledged (a new worker, or one from before this file
+        // was kept): only the latest ends can be news to the scheduler.
+        let reported_until_ms = match reported_until_ms {
+            0 => now_ms(),
+            ms => ms,
+        };
         let report_from = reported_until_ms.saturating_sub(REPORT_MARGIN_MS);
         // Only what must be acted on or reported is kept in memory: jobs
         // that were running, and final states the scheduler may not have.
