@@ -10,5 +10,6 @@ mod faults;
 #[path = "../../../workerd/tests/it/harness.rs"]
 mod harness;
 mod http;
+mod idempotency;
 mod placement;
 mod security;
