@@ -78,6 +78,45 @@ impl ApiError {
         )
     }
 
+    /// The job a `503 start_unconfirmed` names: the scheduler recorded it
+    /// but does not know whether its worker started it.
+    pub(crate) fn job_in_doubt(&self) -> Option<&str> {
+        match self {
+            ApiError::Status {
+                body: Some(body), ..
+            } => body.job_id.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Whether a start sent with an idempotency key may be sent again with
+    /// it: the request or its answer was lost on the way (connection
+    /// refused or reset, timeout), a proxy or a restarting scheduler
+    /// answered 502/503/504 without the API's error body, the scheduler's
+    /// store was briefly unavailable, or our own earlier attempt is still
+    /// being answered. Never a start in doubt: its job exists.
+    pub(crate) fn is_retryable_start(&self) -> bool {
+        if self.job_in_doubt().is_some() {
+            return false;
+        }
+        match self {
+            ApiError::Transport { retryable, .. } => *retryable,
+            ApiError::Status { status, body, .. } => match body {
+                None => matches!(
+                    *status,
+                    StatusCode::BAD_GATEWAY
+                        | StatusCode::SERVICE_UNAVAILABLE
+                        | StatusCode::GATEWAY_TIMEOUT
+                ),
+                Some(body) => matches!(
+                    body.code.as_str(),
+                    "store_unavailable" | "idempotency_key_in_use"
+                ),
+            },
+            ApiError::Decode { .. } => false,
+        }
+    }
+
     /// Whether trying the same call again later may succeed.
     pub(crate) fn is_retryable(&self) -> bool {
         match self {
@@ -124,6 +163,57 @@ pub(crate) struct Api {
 
 /// How long to wait for a TCP connection and the TLS handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The header that makes a start safe to send again.
+const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
+
+/// The pauses before each new attempt of a start that failed on the way
+/// (long enough together to ride out a scheduler restart).
+pub(crate) const START_RETRIES: [Duration; 5] = [
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+    Duration::from_secs(8),
+];
+
+/// A fresh idempotency key: one per invocation, shared by its retries.
+pub(crate) fn new_idempotency_key() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// Runs `call` (a start carrying one idempotency key) until it succeeds,
+/// fails in a way another attempt cannot fix, or `pauses` run out; one
+/// line on stderr per retry. The key makes a retry safe: the scheduler
+/// answers a start it already made with that job instead of a second one.
+pub(crate) async fn retry_start<T, F, Fut>(
+    what: &str,
+    pauses: &[Duration],
+    mut call: F,
+) -> Result<T, ApiError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ApiError>>,
+{
+    let total = pauses.len();
+    let mut pauses = pauses.iter().enumerate();
+    loop {
+        let error = match call().await {
+            Ok(answer) => return Ok(answer),
+            Err(error) => error,
+        };
+        let Some((n, pause)) = pauses.next().filter(|_| error.is_retryable_start()) else {
+            return Err(error);
+        };
+        eprintln!(
+            "clusterctl: {error}; sending {what} again in {} with the same idempotency key (retry {}/{})",
+            humantime::format_duration(*pause),
+            n + 1,
+            total
+        );
+        tokio::time::sleep(*pause).await;
+    }
+}
 
 /// Hint printed when the CA is missing.
 const CA_HINT: &str =
@@ -252,9 +342,16 @@ impl Api {
         self.typed("the removal", req).await
     }
 
-    /// `POST /v1/jobs`.
-    pub(crate) async fn start(&self, job: &StartJob) -> Result<Answer<JobStarted>, ApiError> {
-        let req = self.client.post(self.url(&["v1", "jobs"])).json(job);
+    /// `POST /v1/jobs`, with an `Idempotency-Key` if given.
+    pub(crate) async fn start(
+        &self,
+        job: &StartJob,
+        key: Option<&str>,
+    ) -> Result<Answer<JobStarted>, ApiError> {
+        let mut req = self.client.post(self.url(&["v1", "jobs"])).json(job);
+        if let Some(key) = key {
+            req = req.header(IDEMPOTENCY_KEY, key);
+        }
         self.typed("the start request", req).await
     }
 
@@ -291,12 +388,16 @@ impl Api {
         Ok(self.body_stream(resp))
     }
 
-    /// `POST /v1/groups`.
+    /// `POST /v1/groups`, with an `Idempotency-Key` if given.
     pub(crate) async fn start_group(
         &self,
         group: &StartGroup,
+        key: Option<&str>,
     ) -> Result<Answer<GroupStarted>, ApiError> {
-        let req = self.client.post(self.url(&["v1", "groups"])).json(group);
+        let mut req = self.client.post(self.url(&["v1", "groups"])).json(group);
+        if let Some(key) = key {
+            req = req.header(IDEMPOTENCY_KEY, key);
+        }
         self.typed("the group start request", req).await
     }
 
@@ -577,6 +678,101 @@ mod tests {
             "https://127.0.0.1:3000/v1/jobs/a%2Fb%3Fc/logs"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn answer(status: StatusCode, code: Option<&str>, job_id: Option<&str>) -> ApiError {
+        ApiError::Status {
+            status,
+            body: code.map(|code| ErrorBody {
+                error: format!("error {code}"),
+                code: code.into(),
+                job_id: job_id.map(str::to_owned),
+            }),
+            text: String::new(),
+        }
+    }
+
+    #[test]
+    fn starts_are_sent_again_only_after_failures_on_the_way() {
+        let retried = |e: ApiError| e.is_retryable_start();
+        assert!(retried(ApiError::Transport {
+            message: "connection refused".into(),
+            retryable: true
+        }));
+        assert!(!retried(ApiError::Transport {
+            message: "unknown CA".into(),
+            retryable: false
+        }));
+        for proxy in [
+            StatusCode::BAD_GATEWAY,
+            StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::GATEWAY_TIMEOUT,
+        ] {
+            assert!(retried(answer(proxy, None, None)), "{proxy}");
+        }
+        let unavailable = StatusCode::SERVICE_UNAVAILABLE;
+        assert!(retried(answer(
+            unavailable,
+            Some("store_unavailable"),
+            None
+        )));
+        assert!(retried(answer(
+            StatusCode::CONFLICT,
+            Some("idempotency_key_in_use"),
+            None
+        )));
+        // The scheduler answered: another attempt would get the same.
+        assert!(!retried(answer(unavailable, Some("worker_down"), None)));
+        assert!(!retried(answer(
+            StatusCode::BAD_REQUEST,
+            Some("unknown_plugin"),
+            None
+        )));
+        // The job exists; its start is in doubt.
+        let in_doubt = answer(unavailable, Some("start_unconfirmed"), Some("j1"));
+        assert_eq!(in_doubt.job_in_doubt(), Some("j1"));
+        assert!(!retried(in_doubt));
+    }
+
+    #[tokio::test]
+    async fn a_start_is_retried_with_its_pauses_then_gives_up() {
+        let no_wait = [Duration::ZERO; 3];
+        let calls = std::cell::Cell::new(0);
+        let refused = || ApiError::Transport {
+            message: "refused".into(),
+            retryable: true,
+        };
+        let result = retry_start("the start", &no_wait, || {
+            calls.set(calls.get() + 1);
+            let n = calls.get();
+            async move { if n < 3 { Err(refused()) } else { Ok(n) } }
+        })
+        .await;
+        assert_eq!((result.unwrap(), calls.get()), (3, 3));
+
+        calls.set(0);
+        let result: Result<(), _> = retry_start("the start", &no_wait, || {
+            calls.set(calls.get() + 1);
+            async { Err(refused()) }
+        })
+        .await;
+        assert!(result.is_err());
+        assert_eq!(calls.get(), 4);
+
+        calls.set(0);
+        let result: Result<(), _> = retry_start("the start", &no_wait, || {
+            calls.set(calls.get() + 1);
+            async {
+                Err(answer(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Some("start_unconfirmed"),
+                    Some("j1"),
+                ))
+            }
+        })
+        .await;
+        assert_eq!(result.unwrap_err().job_in_doubt(), Some("j1"));
+        assert_eq!(calls.get(), 1);
     }
 
     #[test]

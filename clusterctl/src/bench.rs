@@ -113,7 +113,7 @@ async fn start(
             let mut outcome = ClientOutcome::default();
             while next.fetch_add(1, Ordering::Relaxed) < jobs {
                 let sent = Instant::now();
-                match api.start(&request).await {
+                match api.start(&request, None).await {
                     Ok(_) => outcome.latencies.push(sent.elapsed()),
                     Err(e) => {
                         outcome.failed += 1;
@@ -266,14 +266,17 @@ async fn follow(
 
     let began = Instant::now();
     let job_id = first
-        .start(&StartJob {
-            worker_id: args.worker.clone(),
-            selector: Default::default(),
-            command: None,
-            path: args.script.clone(),
-            args: vec![expected.to_string()],
-            env: BTreeMap::new(),
-        })
+        .start(
+            &StartJob {
+                worker_id: args.worker.clone(),
+                selector: Default::default(),
+                command: None,
+                path: args.script.clone(),
+                args: vec![expected.to_string()],
+                env: BTreeMap::new(),
+            },
+            None,
+        )
         .await
         .map_err(|e| anyhow::anyhow!("cannot start {} on {}: {e}", args.script, args.worker))?
         .parsed

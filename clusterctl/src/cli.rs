@@ -73,14 +73,26 @@ pub(crate) enum Output {
     Yaml,
 }
 
+/// How `start` and `run` survive a broken connection (`--help`).
+const START_RETRY_HELP: &str = "\
+Each invocation sends its start with a fresh Idempotency-Key. A start that fails on the way \
+(connection refused or reset, a timeout, 502/503/504 from a proxy or a restarting scheduler) is \
+sent again with the same key, up to 5 times with growing pauses, with one line on stderr each: \
+the scheduler answers a start it already made with that job (or group) instead of starting a \
+second one. If the scheduler recorded the job but its worker did not confirm the start \
+(start_unconfirmed), `start` prints the job id and exits 75 (its state is unknown: check \
+`clusterctl status JOB` before starting it again), and `run` waits for that job and follows it.";
+
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
     /// List workers; show, drain, undrain or remove one.
     Workers(WorkersArgs),
     /// Start a job (or, with --all, a fan-out group) and print its id.
+    #[command(after_long_help = START_RETRY_HELP)]
     Start(StartArgs),
     /// Start a job (or, with --all, a fan-out group), follow its output and
     /// exit with its exit code.
+    #[command(after_long_help = START_RETRY_HELP)]
     Run(StartArgs),
     /// Stop a job (its whole process group), or every job of a group.
     Stop {

@@ -9,11 +9,12 @@ use std::time::{Duration, SystemTime};
 
 use clap::CommandFactory;
 use jobcluster_proto::http::{
-    GroupFailure, GroupInfo, GroupLogsQuery, GroupStarted, JobFilter, JobInfo, StartGroup, StartJob,
+    GroupFailure, GroupInfo, GroupLogsQuery, GroupStarted, JobFilter, JobInfo, JobStarted,
+    StartGroup, StartJob,
 };
 use serde_json::Value;
 
-use crate::api::{Answer, Api, ApiError, ConnectOptions};
+use crate::api::{self, Answer, Api, ApiError, ConnectOptions};
 use crate::cli::{Cli, Command, Global, Output, PkiCommand, StartArgs, WorkersCommand};
 use crate::follow::{self, JobLogs, Retry};
 use crate::output::{self, print_stdout, print_structured};
@@ -195,10 +196,60 @@ fn start_request(args: &StartArgs) -> StartJob {
     }
 }
 
+/// The exit code of `start` when the scheduler recorded the job but could
+/// not confirm that its worker started it (sysexits' EX_TEMPFAIL, as for a
+/// lost job: the outcome is not known).
+const UNCONFIRMED_EXIT_CODE: u8 = follow::LOST_EXIT_CODE;
+
+/// How a start ended: started, or recorded with its outcome in doubt.
+enum Started {
+    Job(Answer<JobStarted>),
+    InDoubt { job_id: String, error: ApiError },
+}
+
+/// `POST /v1/jobs` with a fresh idempotency key, sent again with the same
+/// key after failures on the way (see [`api::retry_start`]).
+async fn start_once(api: &Api, args: &StartArgs) -> Result<Started, ApiError> {
+    let _spinner = Spinner::start(format!("starting {} on {}", args.script, target(args)));
+    let request = start_request(args);
+    let key = api::new_idempotency_key();
+    let result = api::retry_start("the start", &api::START_RETRIES, || {
+        api.start(&request, Some(&key))
+    })
+    .await;
+    match result {
+        Ok(answer) => {
+            // Only an answer repeated for our key carries the state: an
+            // earlier attempt whose answer was lost had started the job.
+            if let Some(state) = &answer.parsed.state {
+                eprintln!(
+                    "clusterctl: an earlier attempt had started job {}; it is {state}",
+                    answer.parsed.job_id
+                );
+            }
+            Ok(Started::Job(answer))
+        }
+        Err(error) => match error.job_in_doubt().map(str::to_owned) {
+            Some(job_id) => Ok(Started::InDoubt { job_id, error }),
+            None => Err(error),
+        },
+    }
+}
+
 async fn start(api: &Api, format: Output, args: &StartArgs) -> anyhow::Result<ExitCode> {
-    let answer = {
-        let _spinner = Spinner::start(format!("starting {} on {}", args.script, target(args)));
-        api.start(&start_request(args)).await?
+    let answer = match start_once(api, args).await? {
+        Started::Job(answer) => answer,
+        Started::InDoubt { job_id, error } => {
+            let raw = serde_json::json!({"job_id": job_id, "state": "unknown"});
+            if !print_structured(format, &raw)? {
+                print_stdout(&format!("{job_id}\n"))?;
+            }
+            eprintln!(
+                "clusterctl: job {job_id} is unknown: {error}; check it with `clusterctl status \
+                 {job_id}` before starting it again"
+            );
+            return Ok(ExitCode::from(UNCONFIRMED_EXIT_CODE));
+        }
     };
     if !print_structured(format, &answer.raw)? {
         // The id alone, so `JOB=$(clusterctl start ...)` works.
@@ -208,19 +259,45 @@ async fn start(api: &Api, format: Output, args: &StartArgs) -> anyhow::Result<Ex
 }
 
 async fn run_job(api: &Api, args: &StartArgs) -> anyhow::Result<ExitCode> {
-    let started = {
-        let _spinner = Spinner::start(format!("starting {} on {}", args.script, target(args)));
-        api.start(&start_request(args)).await?.parsed
+    let job_id = match start_once(api, args).await? {
+        Started::Job(answer) => {
+            let started = answer.parsed;
+            // The scheduler answers with the worker's id; a name reads
+            // better and costs one best-effort lookup.
+            let worker = match api.worker(&started.worker_id).await {
+                Ok(answer) => answer.parsed.name,
+                Err(_) => started.worker_id.clone(),
+            };
+            eprintln!("started job {} on {worker}", started.job_id);
+            started.job_id
+        }
+        Started::InDoubt { job_id, error } => {
+            eprintln!("clusterctl: job {job_id} is unknown: {error}; following it");
+            wait_for_start(api, &job_id).await?;
+            job_id
+        }
     };
-    // The scheduler answers with the worker's id; a name reads better and
-    // costs one best-effort lookup.
-    let worker = match api.worker(&started.worker_id).await {
-        Ok(answer) => answer.parsed.name,
-        Err(_) => started.worker_id.clone(),
-    };
-    eprintln!("started job {} on {worker}", started.job_id);
-    let job = follow_to_stdout(api, &started.job_id, 0, true).await?;
+    let job = follow_to_stdout(api, &job_id, 0, true).await?;
     Ok(job.map_or(ExitCode::SUCCESS, finished))
+}
+
+/// Waits until the scheduler knows whether a start in doubt happened: the
+/// job has started (or ended, or was given up as lost).
+async fn wait_for_start(api: &Api, job_id: &str) -> Result<(), ApiError> {
+    let mut pause = Duration::from_millis(250);
+    let mut failures = 0;
+    loop {
+        match api.job(job_id).await {
+            Ok(job) if job.parsed.state != "unknown" || job.parsed.started_at.is_some() => {
+                return Ok(());
+            }
+            Ok(_) => failures = 0,
+            Err(e) if e.is_retryable() && failures < api::START_RETRIES.len() => failures += 1,
+            Err(e) => return Err(e),
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
 }
 
 async fn logs(api: &Api, id: &str, offset: u64, follow: bool) -> anyhow::Result<ExitCode> {
@@ -285,9 +362,16 @@ fn group_request(args: &StartArgs) -> StartGroup {
     }
 }
 
+/// `POST /v1/groups` with a fresh idempotency key, sent again with the
+/// same key after failures on the way (see [`api::retry_start`]).
 async fn post_group(api: &Api, args: &StartArgs) -> Result<Answer<GroupStarted>, ApiError> {
     let _spinner = Spinner::start(format!("starting {} on {}", args.script, target(args)));
-    api.start_group(&group_request(args)).await
+    let request = group_request(args);
+    let key = api::new_idempotency_key();
+    api::retry_start("the group start", &api::START_RETRIES, || {
+        api.start_group(&request, Some(&key))
+    })
+    .await
 }
 
 /// One warning line on stderr per worker that could not start its job.

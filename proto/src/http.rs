@@ -81,6 +81,11 @@ pub struct StartJob {
 pub struct JobStarted {
     pub job_id: String,
     pub worker_id: String,
+    /// The job's current state, in the answer to a request that repeated
+    /// an `Idempotency-Key` (header `Idempotent-Replayed: true`); absent
+    /// from a first answer, whose job has just started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
 }
 
 /// A job record. Also the answer of `POST /query`, whose original fields

@@ -248,6 +248,7 @@ pub async fn run(
         followers: Arc::new(api::Followers::new(config.max_followers_per_job)),
         insecure: secure.is_none(),
         placement_turn: Default::default(),
+        claims: Default::default(),
     };
     let settler = tokio::spawn(api::jobs::settle_unknown(app_state.clone(), stop.clone()));
     let pruner = tokio::spawn(prune_history(
@@ -255,6 +256,7 @@ pub async fn run(
         config.keep_finished,
         stop.clone(),
     ));
+    let key_pruner = tokio::spawn(api::idempotency::prune_expired(store.clone(), stop.clone()));
     let app = api::router(app_state);
     let http = match http_listener {
         HttpListener::Tls(listener) => tokio::spawn(api::serve::serve(
@@ -298,6 +300,7 @@ pub async fn run(
     let _ = liveness.await;
     let _ = settler.await;
     let _ = pruner.await;
+    let _ = key_pruner.await;
     store.close().await?;
     tracing::info!("scheduler stopped");
     Ok(())

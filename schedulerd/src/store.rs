@@ -33,6 +33,10 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
     #[error("database task failed: {0}")]
     Task(String),
+    /// The idempotency key is already bound (by a request that won a race
+    /// for it); nothing was written.
+    #[error("idempotency key {0:?} is already bound")]
+    KeyTaken(String),
 }
 
 /// A worker's durable record.
@@ -94,6 +98,33 @@ fn group_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<GroupRow> {
         args: from_json(&r.get::<_, String>(3)?),
         created_at_ms: r.get::<_, i64>(4)? as u64,
     })
+}
+
+/// An idempotency key to bind to the job or group being recorded, in the
+/// same transaction, so neither can exist without the other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewKey {
+    pub key: String,
+    /// The route it was used on (`/v1/jobs`, `/start`, `/v1/groups`).
+    pub route: String,
+    /// Hex SHA-256 of the route and the canonical request body.
+    pub body_sha256: String,
+    pub created_at_ms: u64,
+    /// A binding of the same key created before this has expired and is
+    /// replaced; a younger one makes the write fail with
+    /// [`StoreError::KeyTaken`].
+    pub expired_before_ms: u64,
+}
+
+/// An idempotency key and what it is bound to (a job or a group).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRow {
+    pub key: String,
+    pub route: String,
+    pub body_sha256: String,
+    pub job_id: Option<String>,
+    pub group_id: Option<String>,
+    pub created_at_ms: u64,
 }
 
 /// Which jobs to list.
@@ -165,6 +196,16 @@ CREATE TABLE IF NOT EXISTS groups (
     args TEXT NOT NULL,
     created_at_ms INTEGER NOT NULL
 );
+-- Whoever deletes a job or group (a start refused, pruning) drops its key
+-- with it: a key never names a record that is gone.
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    key TEXT PRIMARY KEY,
+    route TEXT NOT NULL,
+    body_sha256 TEXT NOT NULL,
+    job_id TEXT REFERENCES jobs (job_id) ON DELETE CASCADE,
+    group_id TEXT REFERENCES groups (group_id) ON DELETE CASCADE,
+    created_at_ms INTEGER NOT NULL
+);
 ";
 
 /// Columns added since the first schema, for databases made before them:
@@ -181,6 +222,9 @@ const INDEXES: &str = "
 CREATE INDEX IF NOT EXISTS jobs_by_worker ON jobs (worker_id, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_group ON jobs (group_id, seq);
+CREATE INDEX IF NOT EXISTS idempotency_keys_by_age ON idempotency_keys (created_at_ms);
+CREATE INDEX IF NOT EXISTS idempotency_keys_by_job ON idempotency_keys (job_id);
+CREATE INDEX IF NOT EXISTS idempotency_keys_by_group ON idempotency_keys (group_id);
 ";
 
 /// Brings a database of any earlier version up to this schema.
@@ -414,8 +458,29 @@ impl Store {
         .await
     }
 
-    pub async fn insert_job(&self, j: JobRow) -> Result<(), StoreError> {
-        self.write(move |c| insert_job(c, &j)).await
+    /// Records a job, and binds `key` to it in the same transaction: if
+    /// the key is taken, nothing is written ([`StoreError::KeyTaken`]).
+    pub async fn insert_job(&self, j: JobRow, key: Option<NewKey>) -> Result<(), StoreError> {
+        let Some(key) = key else {
+            return self.write(move |c| insert_job(c, &j)).await;
+        };
+        let name = key.key.clone();
+        let bound = self
+            .write(move |c| {
+                let tx = c.transaction()?;
+                insert_job(&tx, &j)?;
+                if !bind_key(&tx, &key, Some(&j.job_id), None)? {
+                    return Ok(false); // dropping `tx` rolls the job back
+                }
+                tx.commit()?;
+                Ok(true)
+            })
+            .await?;
+        if bound {
+            Ok(())
+        } else {
+            Err(StoreError::KeyTaken(name))
+        }
     }
 
     /// Records a job's latest status, as its worker reported it. A terminal
@@ -425,15 +490,22 @@ impl Store {
     }
 
     /// Forgets a job whose start certainly started nothing (the worker
-    /// refused it), if it is still waiting for that outcome.
+    /// refused it), if it is still waiting for that outcome, and the
+    /// idempotency key bound to it: a retry with that key tries again.
     pub async fn delete_unstarted_job(&self, job_id: &str) -> Result<(), StoreError> {
         let id = job_id.to_owned();
         self.write(move |c| {
-            c.execute(
+            let tx = c.transaction()?;
+            let deleted = tx.execute(
                 "DELETE FROM jobs WHERE job_id = ?1 AND state = 'unknown' AND started_at_ms = 0",
-                [id],
+                [&id],
             )?;
-            Ok(())
+            // Explicit, not left to the foreign key, so the key goes even
+            // on a connection without foreign key enforcement.
+            if deleted > 0 {
+                tx.execute("DELETE FROM idempotency_keys WHERE job_id = ?1", [&id])?;
+            }
+            tx.commit()
         })
         .await
     }
@@ -581,13 +653,88 @@ impl Store {
         .await
     }
 
-    pub async fn insert_group(&self, g: GroupRow) -> Result<(), StoreError> {
+    /// Records a group, and binds `key` to it in the same transaction: if
+    /// the key is taken, nothing is written ([`StoreError::KeyTaken`]).
+    pub async fn insert_group(&self, g: GroupRow, key: Option<NewKey>) -> Result<(), StoreError> {
+        let name = key.as_ref().map(|k| k.key.clone()).unwrap_or_default();
+        let bound = self
+            .write(move |c| {
+                let tx = c.transaction()?;
+                tx.execute(
+                    "INSERT INTO groups (group_id, command, path, args, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![g.group_id, g.command, g.path, to_json(&g.args), g.created_at_ms as i64],
+                )?;
+                if let Some(key) = &key
+                    && !bind_key(&tx, key, None, Some(&g.group_id))?
+                {
+                    return Ok(false);
+                }
+                tx.commit()?;
+                Ok(true)
+            })
+            .await?;
+        if bound {
+            Ok(())
+        } else {
+            Err(StoreError::KeyTaken(name))
+        }
+    }
+
+    /// Unbinds `key` from a group none of whose jobs started (the group's
+    /// record stays), so a retry with the key tries again.
+    pub async fn unbind_group_key(&self, key: &str, group_id: &str) -> Result<(), StoreError> {
+        let (key, group_id) = (key.to_owned(), group_id.to_owned());
         self.write(move |c| {
             c.execute(
-                "INSERT INTO groups (group_id, command, path, args, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![g.group_id, g.command, g.path, to_json(&g.args), g.created_at_ms as i64],
+                "DELETE FROM idempotency_keys WHERE key = ?1 AND group_id = ?2",
+                [key, group_id],
             )?;
             Ok(())
+        })
+        .await
+    }
+
+    /// The binding of `key`, unless it was created before `expired_before_ms`.
+    pub async fn idempotency_key(
+        &self,
+        key: &str,
+        expired_before_ms: u64,
+    ) -> Result<Option<KeyRow>, StoreError> {
+        let key = key.to_owned();
+        self.read(move |c| {
+            c.query_row(
+                "SELECT key, route, body_sha256, job_id, group_id, created_at_ms
+                 FROM idempotency_keys WHERE key = ?1 AND created_at_ms >= ?2",
+                params![key, expired_before_ms as i64],
+                |r| {
+                    Ok(KeyRow {
+                        key: r.get(0)?,
+                        route: r.get(1)?,
+                        body_sha256: r.get(2)?,
+                        job_id: r.get(3)?,
+                        group_id: r.get(4)?,
+                        created_at_ms: r.get::<_, i64>(5)? as u64,
+                    })
+                },
+            )
+            .optional()
+        })
+        .await
+    }
+
+    /// Deletes at most `limit` keys created before `expired_before_ms`;
+    /// returns how many. Small batches keep the writer free for starts.
+    pub async fn prune_idempotency_keys(
+        &self,
+        expired_before_ms: u64,
+        limit: u32,
+    ) -> Result<usize, StoreError> {
+        self.write(move |c| {
+            c.execute(
+                "DELETE FROM idempotency_keys WHERE rowid IN (
+                   SELECT rowid FROM idempotency_keys WHERE created_at_ms < ?1 LIMIT ?2)",
+                params![expired_before_ms as i64, limit],
+            )
         })
         .await
     }
@@ -752,6 +899,34 @@ fn insert_job(c: &Connection, j: &JobRow) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Binds `key` to a job or a group, replacing a binding that has expired
+/// (one not yet pruned). False if a live binding holds the key.
+fn bind_key(
+    c: &Connection,
+    key: &NewKey,
+    job_id: Option<&str>,
+    group_id: Option<&str>,
+) -> rusqlite::Result<bool> {
+    let written = c.execute(
+        "INSERT INTO idempotency_keys (key, route, body_sha256, job_id, group_id, created_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT(key) DO UPDATE SET route = excluded.route,
+           body_sha256 = excluded.body_sha256, job_id = excluded.job_id,
+           group_id = excluded.group_id, created_at_ms = excluded.created_at_ms
+         WHERE idempotency_keys.created_at_ms < ?7",
+        params![
+            key.key,
+            key.route,
+            key.body_sha256,
+            job_id,
+            group_id,
+            key.created_at_ms as i64,
+            key.expired_before_ms as i64
+        ],
+    )?;
+    Ok(written > 0)
+}
+
 /// Updates a job from its worker's status; only that worker's job (a
 /// worker reporting another worker's job id changes nothing). A terminal
 /// state is a promise and never changes; `unknown` turns back into what
@@ -829,11 +1004,18 @@ mod tests {
             exit_code: None,
             signal: None,
             created_at_ms: 1,
-            started_at_ms: 1,
+            // A job not yet confirmed by its worker has not started.
+            started_at_ms: u64::from(state != JobState::Unknown),
             finished_at_ms,
             output_bytes: 0,
             group_id: None,
             updated_at_ms: 0,
+        }
+    }
+
+    impl Store {
+        async fn insert_job_plain(&self, j: JobRow) -> Result<(), StoreError> {
+            self.insert_job(j, None).await
         }
     }
 
@@ -847,11 +1029,11 @@ mod tests {
     async fn a_terminal_state_never_changes_and_a_report_of_a_lost_job_running_asks_for_a_kill() {
         let (_dir, store) = store();
         store
-            .insert_job(job("a", JobState::Running, 0))
+            .insert_job_plain(job("a", JobState::Running, 0))
             .await
             .unwrap();
         store
-            .insert_job(job("b", JobState::Running, 0))
+            .insert_job_plain(job("b", JobState::Running, 0))
             .await
             .unwrap();
         assert!(
@@ -908,8 +1090,8 @@ mod tests {
         old.created_at_ms = 100;
         let mut starting = job("starting", JobState::Unknown, 0);
         starting.created_at_ms = 1000;
-        store.insert_job(old).await.unwrap();
-        store.insert_job(starting).await.unwrap();
+        store.insert_job_plain(old).await.unwrap();
+        store.insert_job_plain(starting).await.unwrap();
         store.apply_reports("w", vec![], true, 500).await.unwrap();
         assert_eq!(
             store.job("old").await.unwrap().unwrap().state,
@@ -927,16 +1109,16 @@ mod tests {
         let (_dir, store) = store();
         for i in 0..5 {
             store
-                .insert_job(job(&format!("f{i}"), JobState::Succeeded, 10))
+                .insert_job_plain(job(&format!("f{i}"), JobState::Succeeded, 10))
                 .await
                 .unwrap();
         }
         store
-            .insert_job(job("new", JobState::Failed, 1000))
+            .insert_job_plain(job("new", JobState::Failed, 1000))
             .await
             .unwrap();
         store
-            .insert_job(job("run", JobState::Running, 0))
+            .insert_job_plain(job("run", JobState::Running, 0))
             .await
             .unwrap();
         assert_eq!(store.prune_finished(500, 3).await.unwrap(), 3);
@@ -945,5 +1127,95 @@ mod tests {
         assert!(store.job("f0").await.unwrap().is_none());
         assert!(store.job("new").await.unwrap().is_some());
         assert!(store.job("run").await.unwrap().is_some());
+    }
+
+    fn key(created_at_ms: u64) -> NewKey {
+        NewKey {
+            key: "k".into(),
+            route: "/v1/jobs".into(),
+            body_sha256: "ab".into(),
+            created_at_ms,
+            expired_before_ms: 100,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_key_lives_and_dies_with_its_job() {
+        let (_dir, store) = store();
+        store
+            .insert_job(job("j1", JobState::Unknown, 0), Some(key(500)))
+            .await
+            .unwrap();
+        let bound = store.idempotency_key("k", 0).await.unwrap().unwrap();
+        assert_eq!(bound.job_id.as_deref(), Some("j1"));
+
+        // A live binding holds the key: the second job is not written.
+        let taken = store
+            .insert_job(job("j2", JobState::Unknown, 0), Some(key(600)))
+            .await;
+        assert!(matches!(taken, Err(StoreError::KeyTaken(_))), "{taken:?}");
+        assert!(store.job("j2").await.unwrap().is_none());
+
+        // A refused start forgets the job and its key together.
+        store.delete_unstarted_job("j1").await.unwrap();
+        assert!(store.job("j1").await.unwrap().is_none());
+        assert!(store.idempotency_key("k", 0).await.unwrap().is_none());
+        store
+            .insert_job(job("j2", JobState::Unknown, 0), Some(key(600)))
+            .await
+            .unwrap();
+        let bound = store.idempotency_key("k", 0).await.unwrap().unwrap();
+        assert_eq!(bound.job_id.as_deref(), Some("j2"));
+
+        // Expired: not answered, replaced by a new binding, then pruned.
+        assert!(store.idempotency_key("k", 601).await.unwrap().is_none());
+        let later = NewKey {
+            expired_before_ms: 700,
+            ..key(700)
+        };
+        store
+            .insert_job(job("j3", JobState::Unknown, 0), Some(later))
+            .await
+            .unwrap();
+        let bound = store.idempotency_key("k", 0).await.unwrap().unwrap();
+        assert_eq!(
+            (bound.job_id.as_deref(), bound.created_at_ms),
+            (Some("j3"), 700)
+        );
+        assert_eq!(store.prune_idempotency_keys(700, 10).await.unwrap(), 0);
+        assert_eq!(store.prune_idempotency_keys(701, 10).await.unwrap(), 1);
+        assert!(store.job("j3").await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_key_binds_a_group_and_can_be_unbound() {
+        let (_dir, store) = store();
+        let group = GroupRow {
+            group_id: "g1".into(),
+            command: String::new(),
+            path: "x.sh".into(),
+            args: Vec::new(),
+            created_at_ms: 1,
+        };
+        store
+            .insert_group(group.clone(), Some(key(500)))
+            .await
+            .unwrap();
+        let bound = store.idempotency_key("k", 0).await.unwrap().unwrap();
+        assert_eq!(
+            (bound.job_id, bound.group_id.as_deref()),
+            (None, Some("g1"))
+        );
+        let again = GroupRow {
+            group_id: "g2".into(),
+            ..group
+        };
+        let taken = store.insert_group(again.clone(), Some(key(500))).await;
+        assert!(matches!(taken, Err(StoreError::KeyTaken(_))), "{taken:?}");
+        assert!(store.group("g2").await.unwrap().is_none());
+        store.unbind_group_key("k", "g1").await.unwrap();
+        assert!(store.idempotency_key("k", 0).await.unwrap().is_none());
+        assert!(store.group("g1").await.unwrap().is_some());
+        store.insert_group(again, Some(key(500))).await.unwrap();
     }
 }

@@ -177,8 +177,18 @@ impl Cluster {
     /// Stops the scheduler with `signal` and starts it again on the same
     /// ports with the same database.
     pub fn restart_scheduler(&mut self, signal: nix::sys::signal::Signal) {
+        self.stop_scheduler(signal);
+        self.start_scheduler_again();
+    }
+
+    /// Stops the scheduler with `signal` and waits for it to exit.
+    pub fn stop_scheduler(&mut self, signal: nix::sys::signal::Signal) {
         self.scheduler.signal(signal);
         self.scheduler.wait(Duration::from_secs(20));
+    }
+
+    /// Starts a stopped scheduler again on the same ports with the same database.
+    pub fn start_scheduler_again(&mut self) {
         let text = std::fs::read_to_string(self.tmp.path().join("scheduler.toml")).unwrap();
         let config = text.replacen("127.0.0.1:0", &self.grpc_addr, 1).replacen(
             "127.0.0.1:0",

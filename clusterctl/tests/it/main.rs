@@ -12,6 +12,7 @@ mod faults;
 mod harness;
 mod http;
 mod hung;
+mod idempotency;
 mod placement;
 mod removal;
 mod security;

@@ -139,6 +139,15 @@ impl ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
+        if let StoreError::KeyTaken(_) = error {
+            // Another request bound the key first (it started, or is
+            // starting, the job this request asks for).
+            return ApiError::new(
+                StatusCode::CONFLICT,
+                "idempotency_key_in_use",
+                "another request with this Idempotency-Key started first; retry to get its job",
+            );
+        }
         tracing::error!(%error, "store failed");
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -11,18 +11,19 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use bytes::Bytes;
 use jobcluster_proto::http::{
-    GroupFailure, GroupInfo, GroupList, GroupLogLine, GroupLogsQuery, GroupStarted, StartGroup,
-    StartJob, StopResult,
+    GroupFailure, GroupInfo, GroupList, GroupLogLine, GroupLogsQuery, GroupStarted, JobStarted,
+    StartGroup, StartJob, StopResult,
 };
 use jobcluster_proto::pb::StreamJobRequest;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::extract::{JsonBody, QueryParams};
-use super::jobs::{Seen, record_status, refresh, start_on, stop_job, worker_of};
+use super::idempotency::{self, IdempotencyKey};
+use super::jobs::{Seen, StartError, record_status, refresh, start_on, stop_job, worker_of};
 use super::{ApiError, AppState, FollowerSlot, with_deadline};
 use crate::state::JobState;
-use crate::store::{GroupRow, JobRow};
+use crate::store::{GroupRow, JobRow, KeyRow};
 use crate::time::{now_ms, rfc3339};
 
 /// Merged lines buffered for the reader: a slow reader holds every job's
@@ -32,8 +33,80 @@ const LIST_LIMIT: u32 = 100;
 
 pub(crate) async fn create(
     State(state): State<AppState>,
+    IdempotencyKey(key): IdempotencyKey,
     JsonBody(body): JsonBody<StartGroup>,
-) -> Result<(StatusCode, Json<GroupStarted>), ApiError> {
+) -> Result<Response, ApiError> {
+    let (request, claim) = match key {
+        None => (None, None),
+        Some(key) => {
+            let request = idempotency::Request::new(key, "/v1/groups", &body);
+            match request.claim(&state.claims, &state.store).await? {
+                Ok(claim) => (Some(request), Some(claim)),
+                Err(bound) => return replay_group(&state, &bound).await,
+            }
+        }
+    };
+    // In a task of its own, holding the key's claim: a client that hangs
+    // up must not cut the fan-out short before its outcome is recorded.
+    let task = tokio::spawn(async move {
+        let _claim = claim;
+        start_group(&state, body, request).await
+    });
+    let started = task.await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("starting the group failed: {e}"),
+        )
+    })??;
+    Ok((StatusCode::CREATED, Json(started)).into_response())
+}
+
+/// The answer to a request that repeats the key of the fan-out that made
+/// `bound`'s group: the group's jobs as they are now (`failed` is not
+/// kept, and a member whose start is unconfirmed is listed, `unknown`).
+async fn replay_group(state: &AppState, bound: &KeyRow) -> Result<Response, ApiError> {
+    let group_id = bound.group_id.as_deref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency_key_reused",
+            "this Idempotency-Key was used within the last 24 h for a job; use a new key",
+        )
+    })?;
+    let (group, jobs) = find_group(state, group_id).await?;
+    let jobs = refreshed(state, jobs).await;
+    tracing::info!(group_id = %group.group_id, key = %bound.key, jobs = jobs.len(), "group start repeated with its idempotency key; answering its group");
+    if jobs.is_empty() {
+        return Ok(idempotency::replayed(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "group_failed",
+            "no worker could start the job",
+        )));
+    }
+    Ok(idempotency::replayed((
+        StatusCode::CREATED,
+        Json(GroupStarted {
+            group_id: group.group_id,
+            jobs: jobs
+                .into_iter()
+                .map(|seen| JobStarted {
+                    job_id: seen.row.job_id,
+                    worker_id: seen.row.worker_id,
+                    state: Some(seen.row.state.as_str().to_owned()),
+                })
+                .collect(),
+            failed: Vec::new(),
+        }),
+    )))
+}
+
+/// Starts one job per eligible worker under a new group, recorded with
+/// `request`'s key bound to it.
+async fn start_group(
+    state: &AppState,
+    body: StartGroup,
+    request: Option<idempotency::Request>,
+) -> Result<GroupStarted, ApiError> {
     if body.path.is_empty() {
         return Err(ApiError::bad_request(
             "invalid_path",
@@ -53,16 +126,18 @@ pub(crate) async fn create(
     let group_id = uuid::Uuid::new_v4().to_string();
     state
         .store
-        .insert_group(GroupRow {
-            group_id: group_id.clone(),
-            command: body.command.clone().unwrap_or_default(),
-            path: body.path.clone(),
-            args: body.args.clone(),
-            created_at_ms: now_ms(),
-        })
+        .insert_group(
+            GroupRow {
+                group_id: group_id.clone(),
+                command: body.command.clone().unwrap_or_default(),
+                path: body.path.clone(),
+                args: body.args.clone(),
+                created_at_ms: now_ms(),
+            },
+            request.as_ref().map(idempotency::Request::binding),
+        )
         .await?;
     let starts = targets.iter().map(|row| {
-        let state = &state;
         let group_id = &group_id;
         let job = StartJob {
             worker_id: row.worker_id.clone(),
@@ -74,10 +149,11 @@ pub(crate) async fn create(
         };
         async move {
             let result = match state.registry.get(&row.worker_id) {
-                Some(worker) => start_on(state, &worker, job, Some(group_id))
-                    .await
-                    .map_err(|e| e.error),
-                None => Err(ApiError::worker_not_found(&row.worker_id)),
+                Some(worker) => start_on(state, &worker, job, Some(group_id), None).await,
+                None => Err(StartError {
+                    error: ApiError::worker_not_found(&row.worker_id),
+                    nothing_started: true,
+                }),
             };
             (row.worker_id.clone(), result)
         }
@@ -87,18 +163,29 @@ pub(crate) async fn create(
         jobs: Vec::new(),
         failed: Vec::new(),
     };
+    let mut in_doubt = false;
     // A worker that fails to start does not hide the others.
     for (worker_id, result) in futures_util::future::join_all(starts).await {
         match result {
             Ok(job) => started.jobs.push(job),
-            Err(e) => started.failed.push(GroupFailure {
-                worker_id,
-                error: e.message,
-            }),
+            Err(e) => {
+                in_doubt |= !e.nothing_started;
+                started.failed.push(GroupFailure {
+                    worker_id,
+                    error: e.error.message,
+                });
+            }
         }
     }
     tracing::info!(group_id = %group_id, jobs = started.jobs.len(), failed = started.failed.len(), path = %body.path, "group started");
     if started.jobs.is_empty() {
+        // Nothing started: a retry with the key tries again. A member
+        // whose start is in doubt keeps the key on the group.
+        if let Some(request) = request.as_ref().filter(|_| !in_doubt)
+            && let Err(error) = state.store.unbind_group_key(&request.key, &group_id).await
+        {
+            tracing::error!(%group_id, %error, "could not unbind the idempotency key of a group that started nothing");
+        }
         let why: Vec<_> = started.failed.iter().map(|f| f.error.as_str()).collect();
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -106,7 +193,7 @@ pub(crate) async fn create(
             format!("no worker could start the job: {}", why.join("; ")),
         ));
     }
-    Ok((StatusCode::CREATED, Json(started)))
+    Ok(started)
 }
 
 async fn find_group(state: &AppState, id: &str) -> Result<(GroupRow, Vec<JobRow>), ApiError> {

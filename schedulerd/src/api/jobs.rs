@@ -16,11 +16,12 @@ use jobcluster_proto::pb::{
 };
 
 use super::extract::{JsonBody, QueryParams};
+use super::idempotency::{self, IdempotencyKey};
 use super::{ApiError, AppState, with_deadline};
 use crate::convert::{job_info, merge_status};
 use crate::registry::WorkerEntry;
 use crate::state::{JobState, WorkerState};
-use crate::store::{JobQuery, JobRow, Store};
+use crate::store::{JobQuery, JobRow, KeyRow, NewKey, Store};
 use crate::time::{now_ms, rfc3339};
 
 const DEFAULT_PAGE: u32 = 100;
@@ -28,10 +29,99 @@ const MAX_PAGE: u32 = 1000;
 
 pub(crate) async fn create(
     State(state): State<AppState>,
+    IdempotencyKey(key): IdempotencyKey,
     JsonBody(body): JsonBody<StartJob>,
-) -> Result<(StatusCode, Json<JobStarted>), ApiError> {
-    let started = start_job(&state, body).await?;
-    Ok((StatusCode::CREATED, Json(started)))
+) -> Result<Response, ApiError> {
+    start_once(&state, key, "/v1/jobs", body).await
+}
+
+/// A start, done at most once per `Idempotency-Key`: `201` with the job
+/// it started, or, for a key already bound, that job as it is now.
+pub(crate) async fn start_once(
+    state: &AppState,
+    key: Option<String>,
+    route: &'static str,
+    body: StartJob,
+) -> Result<Response, ApiError> {
+    let Some(key) = key else {
+        let started = start_job(state, body, None).await?;
+        return Ok((StatusCode::CREATED, Json(started)).into_response());
+    };
+    let request = idempotency::Request::new(key, route, &body);
+    let claim = match request.claim(&state.claims, &state.store).await? {
+        Ok(claim) => claim,
+        Err(bound) => return replay_job(state, &bound).await,
+    };
+    let binding = request.binding();
+    // In a task of its own, holding the claim: a client that hangs up must
+    // not free the key while the start is still being decided.
+    let task = tokio::spawn({
+        let state = state.clone();
+        async move {
+            let _claim = claim;
+            start_job(&state, body, Some(binding)).await
+        }
+    });
+    let started = task.await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("starting the job failed: {e}"),
+        )
+    })??;
+    Ok((StatusCode::CREATED, Json(started)).into_response())
+}
+
+/// The answer to a request that repeats the key of the start that made
+/// `bound`'s job: that job as it is now. A start whose outcome is still
+/// unknown gets the answer it got first, `503 start_unconfirmed`.
+async fn replay_job(state: &AppState, bound: &KeyRow) -> Result<Response, ApiError> {
+    let job_id = bound.job_id.as_deref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency_key_reused",
+            "this Idempotency-Key was used within the last 24 h for a group; use a new key",
+        )
+    })?;
+    let row = state
+        .store
+        .job(job_id)
+        .await?
+        .ok_or_else(|| ApiError::job_not_found(job_id))?;
+    let row = refresh(state, row).await.row;
+    tracing::info!(job_id = %row.job_id, key = %bound.key, state = %row.state, "start repeated with its idempotency key; answering its job");
+    if row.state == JobState::Unknown && row.started_at_ms == 0 {
+        let worker = state
+            .registry
+            .get(&row.worker_id)
+            .map_or_else(|| row.worker_id.clone(), |w| w.row().name);
+        return Ok(idempotency::replayed(start_unconfirmed(
+            &row.job_id,
+            &worker,
+            "its start has not been confirmed yet",
+        )));
+    }
+    Ok(idempotency::replayed((
+        StatusCode::CREATED,
+        Json(JobStarted {
+            job_id: row.job_id,
+            worker_id: row.worker_id,
+            state: Some(row.state.as_str().to_owned()),
+        }),
+    )))
+}
+
+/// `503 start_unconfirmed`: the job may be running on `worker`.
+fn start_unconfirmed(job_id: &str, worker: &str, why: &str) -> ApiError {
+    let message = format!(
+        "worker {worker} did not confirm the start ({why}); the job may be running there. It reads unknown until the worker's reports settle it: GET /v1/jobs/{job_id}"
+    );
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "start_unconfirmed",
+        message,
+    )
+    .with_job(job_id)
 }
 
 pub(crate) async fn show(
@@ -108,8 +198,14 @@ pub(crate) async fn list(
 }
 
 /// Starts a job on the named worker, or on one the scheduler picks. The job
-/// is recorded before any worker is asked to start it.
-pub(crate) async fn start_job(state: &AppState, body: StartJob) -> Result<JobStarted, ApiError> {
+/// is recorded before any worker is asked to start it, with `key` bound to
+/// it; each worker tried gets a new job id, and a refusal unbinds the key
+/// with the job, so it ends bound to the job that started (or to none).
+pub(crate) async fn start_job(
+    state: &AppState,
+    body: StartJob,
+    key: Option<NewKey>,
+) -> Result<JobStarted, ApiError> {
     if body.path.is_empty() {
         return Err(ApiError::bad_request(
             "invalid_path",
@@ -143,7 +239,7 @@ pub(crate) async fn start_job(state: &AppState, body: StartJob) -> Result<JobSta
                 format!("worker {} does not match the selector", w.name),
             ));
         }
-        return start_on(state, &worker, body, None)
+        return start_on(state, &worker, body, None, key)
             .await
             .map_err(|e| e.error);
     }
@@ -179,7 +275,7 @@ pub(crate) async fn start_job(state: &AppState, body: StartJob) -> Result<JobSta
         let Some(worker) = state.registry.get(&row.worker_id) else {
             continue;
         };
-        match start_on(state, &worker, body.clone(), None).await {
+        match start_on(state, &worker, body.clone(), None, key.clone()).await {
             Err(e)
                 if e.nothing_started
                     && matches!(
@@ -223,12 +319,14 @@ impl StartError {
     }
 }
 
-/// Starts the job on `worker` and records it (as a member of `group_id`).
+/// Starts the job on `worker` and records it (as a member of `group_id`,
+/// with `key` bound to it).
 pub(crate) async fn start_on(
     state: &AppState,
     worker: &Arc<WorkerEntry>,
     body: StartJob,
     group_id: Option<&str>,
+    key: Option<NewKey>,
 ) -> Result<JobStarted, StartError> {
     // In a task of its own: a client that hangs up must not cancel this
     // between recording the job, the worker starting it, and the outcome
@@ -238,6 +336,7 @@ pub(crate) async fn start_on(
         worker.clone(),
         body,
         group_id.map(str::to_owned),
+        key,
     ));
     task.await.map_err(|e| StartError {
         error: ApiError::new(
@@ -254,6 +353,7 @@ async fn start_and_record(
     worker: Arc<WorkerEntry>,
     body: StartJob,
     group_id: Option<String>,
+    key: Option<NewKey>,
 ) -> Result<JobStarted, StartError> {
     let state = &state;
     let w = worker.row();
@@ -280,10 +380,11 @@ async fn start_and_record(
         group_id,
         updated_at_ms: 0,
     };
-    // Recorded first: if the record cannot be written, nothing starts.
+    // Recorded first (with its key): if the record cannot be written,
+    // nothing starts.
     state
         .store
-        .insert_job(row.clone())
+        .insert_job(row.clone(), key)
         .await
         .map_err(|e| StartError::nothing_started(e.into()))?;
     let request = StartJobRequest {
@@ -316,14 +417,8 @@ async fn start_and_record(
                 worker_unreachable(state, &worker).await;
             }
             tracing::warn!(%job_id, worker = %w.name, %status, "start outcome unknown");
-            let why = format!(
-                "worker {} did not confirm the start ({}); the job may be running there. It reads unknown until the worker's reports settle it: GET /v1/jobs/{job_id}",
-                w.name,
-                status.message()
-            );
             return Err(StartError {
-                error: ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "start_unconfirmed", why)
-                    .with_job(&job_id),
+                error: start_unconfirmed(&job_id, &w.name, status.message()),
                 nothing_started: false,
             });
         }
@@ -340,6 +435,7 @@ async fn start_and_record(
     Ok(JobStarted {
         job_id,
         worker_id: w.worker_id,
+        state: None,
     })
 }
 

@@ -3,25 +3,26 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::response::Response;
-use jobcluster_proto::http::{JobInfo, JobRef, JobStarted, StartJob, StopResult};
+use jobcluster_proto::http::{JobInfo, JobRef, StartJob, StopResult};
 
 use super::extract::JsonBody;
-use super::jobs::{find_job, refresh, start_job, stop_job, stream_output};
+use super::idempotency::IdempotencyKey;
+use super::jobs::{find_job, refresh, start_once, stop_job, stream_output};
 use super::{ApiError, AppState};
 
 pub(crate) async fn start(
     State(state): State<AppState>,
+    IdempotencyKey(key): IdempotencyKey,
     JsonBody(body): JsonBody<StartJob>,
-) -> Result<(StatusCode, Json<JobStarted>), ApiError> {
+) -> Result<Response, ApiError> {
     if body.command.as_deref().unwrap_or_default().is_empty() {
         return Err(ApiError::bad_request(
             "invalid_request",
             "command: must name a plugin (bash, python, ...)",
         ));
     }
-    Ok((StatusCode::CREATED, Json(start_job(&state, body).await?)))
+    start_once(&state, key, "/start", body).await
 }
 
 pub(crate) async fn stop(

@@ -7,6 +7,7 @@ mod body;
 mod error;
 mod extract;
 mod groups;
+pub(crate) mod idempotency;
 pub(crate) mod jobs;
 mod legacy;
 pub(crate) mod serve;
@@ -43,6 +44,8 @@ pub(crate) struct AppState {
     pub(crate) insecure: bool,
     /// Round-robin position among equally loaded workers.
     pub(crate) placement_turn: Arc<std::sync::atomic::AtomicUsize>,
+    /// Idempotency keys of starts in flight.
+    pub(crate) claims: Arc<idempotency::Claims>,
 }
 
 /// Output streams open per job, bounded so one job's audience cannot take
