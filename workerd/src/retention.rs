@@ -131,7 +131,8 @@ pub(crate) fn sweep(
         }
         let dir = jobs_dir.join(id.to_string());
         match crate::job::expire_output(&dir) {
-            Ok(()) => {
+            Ok(false) => {}
+            Ok(true) => {
                 total = total.saturating_sub(len);
                 tracing::info!(job_id = %id, bytes = len, reason = if too_old { "age" } else { "size" }, "job output deleted by retention");
                 swept.expired.push(id);

@@ -143,17 +143,21 @@ pub(super) async fn write_final(jobs_dir: &Path, record: &JobRecord) -> std::io:
 
 /// Deletes a finished job's output and records that it is gone (record
 /// first: a crash in between leaves a log that the next sweep deletes,
-/// never a record that points at a missing log).
-pub(crate) fn expire_output(dir: &Path) -> std::io::Result<()> {
+/// never a record that points at a missing log). A job that runs (one
+/// started after the sweep looked) keeps its output: returns false.
+pub(crate) fn expire_output(dir: &Path) -> std::io::Result<bool> {
     let (mut record, _) = load_record(dir).map_err(std::io::Error::other)?;
+    if record.state == State::Running {
+        return Ok(false);
+    }
     if !record.output_expired {
         record.output_expired = true;
         let json = serde_json::to_vec(&record).map_err(std::io::Error::other)?;
         replace(dir, "job.json.tmp", &json)?;
     }
     match std::fs::remove_file(dir.join("output.log")) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
         Err(e) => Err(e),
     }
 }
