@@ -793,3 +793,60 @@ async fn orphans_re_parented_to_the_worker_are_reaped() {
         .state();
     assert_eq!(state, JobState::Stopped);
 }
+
+/// A caller that gives up on a start (its deadline passes mid-start) never
+/// leaves a process that nobody supervises: every job id either names a
+/// job the worker knows and sees through to its end, or started nothing
+/// and left nothing behind.
+#[tokio::test]
+async fn a_start_whose_caller_gives_up_is_supervised_or_leaves_nothing() {
+    let worker = Worker::start();
+    let mut client = worker.client();
+    let mut ids = Vec::new();
+    for i in 0..40u64 {
+        let id = uuid::Uuid::new_v4().to_string();
+        let mut req = start_req("bash", "count.sh", &["3", "0.5"]);
+        req.job_id = id.clone();
+        let mut request = tonic::Request::new(req);
+        // From well before the spawn to around it.
+        request.set_timeout(Duration::from_micros(200 + 150 * i));
+        let _ = client.start_job(request).await;
+        ids.push(id);
+    }
+    // A start the caller gave up on goes on in the worker: wait (bounded)
+    // until each id is either a job the worker knows or nothing at all.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let known = loop {
+        let mut known = Vec::new();
+        let mut unsettled = Vec::new();
+        for id in &ids {
+            match client
+                .query_job(QueryJobRequest { job_id: id.clone() })
+                .await
+            {
+                Ok(_) => known.push(id.clone()),
+                Err(status) => {
+                    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+                    let files = worker.state_dir().join("jobs").join(id).exists();
+                    if files || !job_processes(id).is_empty() {
+                        unsettled.push(id.clone());
+                    }
+                }
+            }
+        }
+        if unsettled.is_empty() {
+            break known;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "jobs {unsettled:?} run or left files, but their worker does not know them"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!known.is_empty(), "no start got far enough to spawn");
+    for id in &known {
+        let (_, status) = follow(&mut client, id, 0).await;
+        assert_eq!(status.state(), JobState::Succeeded, "{id}");
+        assert!(job_processes(id).is_empty());
+    }
+}
