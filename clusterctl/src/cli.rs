@@ -80,7 +80,7 @@ Each invocation sends its start with a fresh Idempotency-Key. A start that fails
 sent again with the same key, up to 5 times with growing pauses, with one line on stderr each: \
 the scheduler answers a start it already made with that job (or group) instead of starting a \
 second one. If the scheduler recorded the job but its worker did not confirm the start \
-(start_unconfirmed), `start` prints the job id and exits 75 (its state is unknown: check \
+(start_unconfirmed), `start` prints the job id and exits 69 (its state is unknown: check \
 `clusterctl status JOB` before starting it again), and `run` waits for that job and follows it.";
 
 #[derive(Debug, Subcommand)]

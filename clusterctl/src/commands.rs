@@ -197,9 +197,10 @@ fn start_request(args: &StartArgs) -> StartJob {
 }
 
 /// The exit code of `start` when the scheduler recorded the job but could
-/// not confirm that its worker started it (sysexits' EX_TEMPFAIL, as for a
-/// lost job: the outcome is not known).
-const UNCONFIRMED_EXIT_CODE: u8 = follow::LOST_EXIT_CODE;
+/// not confirm that its worker started it: the job may be running, so a
+/// blind retry could run it twice. Distinct from a lost job's 75, which a
+/// wrapper may retry (sysexits' EX_UNAVAILABLE).
+const UNCONFIRMED_EXIT_CODE: u8 = 69;
 
 /// How a start ended: started, or recorded with its outcome in doubt.
 enum Started {

@@ -183,6 +183,19 @@ pub(crate) async fn stream_output<S: LogSource>(
         if unavailable && follow {
             match source.job().await {
                 Ok(job) if job.state == "lost" => return Ok(Some(job)),
+                // Its end is known; its worker cannot serve the rest of its
+                // output now. The outcome is what callers wait for.
+                Ok(job) if job.done => {
+                    if job.output_bytes > offset {
+                        eprintln!(
+                            "clusterctl: job {job_id} is {}, but its output from byte {offset} \
+                             (of {}) cannot be read now: {error}; later: clusterctl logs \
+                             --offset {offset} {job_id}",
+                            job.state, job.output_bytes
+                        );
+                    }
+                    return Ok(Some(job));
+                }
                 Ok(job) if job.state == "unknown" => {
                     eprintln!(
                         "clusterctl: job {job_id} is unknown ({}); waiting, from byte {offset}",

@@ -304,10 +304,11 @@ impl Config {
                 "must be longer than workers.heartbeat_interval (a few intervals is usual)".into(),
             ));
         }
-        if file.store.keep_finished < Duration::from_secs(60) {
+        if file.store.keep_finished < Duration::from_secs(24 * 3600) {
             return Err(err(
                 "store.keep_finished",
-                "must be at least 1m (finished jobs must stay readable after they end)".into(),
+                "must be at least 1d: a job must outlive the Idempotency-Key that started it (24 h)"
+                    .into(),
             ));
         }
         if w.lost_after < w.down_after {

@@ -61,7 +61,7 @@ impl SchedulerService {
             .filter(|r| uuid::Uuid::parse_str(&r.job_id).is_ok())
             .map(|r| row_from_report(worker_id, r))
             .collect();
-        let settled_before = now_ms().saturating_sub(self.call_timeout.as_millis() as u64);
+        let settled_before = crate::api::jobs::settled_before(self.call_timeout);
         let kill = self
             .store
             .apply_reports(worker_id, rows, complete, settled_before)
@@ -143,7 +143,9 @@ impl Scheduler for SchedulerService {
             .upsert_worker(row.clone())
             .await
             .map_err(internal)?;
-        let kill_job_ids = self.apply_reports(&row.worker_id, &r.jobs, true).await?;
+        let kill_job_ids = self
+            .apply_reports(&row.worker_id, &r.jobs, !r.partial_report)
+            .await?;
         tracing::info!(worker_id = %row.worker_id, worker = %row.name, address = %row.address, plugins = ?row.plugins, jobs = r.jobs.len(), "worker registered");
         Ok(Response::new(RegisterWorkerResponse {
             success: true,
@@ -247,12 +249,29 @@ pub(crate) async fn watch_liveness(
     let every = (timing.down_after / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     // Late enough that a busy but healthy worker is not suspected.
     let late = (timing.heartbeat_interval * 2 + Duration::from_secs(1)).as_millis() as u64;
+    // Workers whose jobs were given up during their current absence.
+    let mut given_up = std::collections::HashSet::new();
+    let mut last_tick = (std::time::Instant::now(), now_ms());
     loop {
         tokio::select! {
             () = tokio::time::sleep(every) => {}
             () = stop.cancelled() => return,
         }
         let now = now_ms();
+        // This scheduler was paused (or its clock stepped): the silence it
+        // would see is its own. Every worker gets a fresh start instead.
+        let (mono, wall) = (last_tick.0.elapsed(), now.saturating_sub(last_tick.1));
+        last_tick = (std::time::Instant::now(), now);
+        let slack = every + timing.heartbeat_interval;
+        if mono > slack || Duration::from_millis(wall) > mono + slack {
+            tracing::warn!(
+                ?mono,
+                wall_ms = wall,
+                "the liveness check ran late or the clock jumped; every worker gets a fresh down_after"
+            );
+            registry.touch_all(now);
+            continue;
+        }
         for entry in registry.entries() {
             let row = entry.row();
             if row.state == WorkerState::Ready
@@ -291,7 +310,12 @@ pub(crate) async fn watch_liveness(
         }
         let lost_after = timing.lost_after.as_millis() as u64;
         for row in registry.all() {
-            if row.state == WorkerState::Ready || now.saturating_sub(row.last_seen_ms) <= lost_after
+            if row.state == WorkerState::Ready {
+                given_up.remove(&row.worker_id);
+                continue;
+            }
+            if now.saturating_sub(row.last_seen_ms) <= lost_after
+                || given_up.contains(&row.worker_id)
             {
                 continue;
             }
@@ -302,10 +326,12 @@ pub(crate) async fn watch_liveness(
                 humantime::format_duration(timing.lost_after)
             );
             match store.mark_lost(&row.worker_id, &why).await {
-                Ok(lost) if !lost.is_empty() => {
-                    tracing::warn!(worker_id = %row.worker_id, worker = %row.name, jobs = ?lost, "jobs lost: no news from their worker")
+                Ok(lost) => {
+                    given_up.insert(row.worker_id.clone());
+                    if !lost.is_empty() {
+                        tracing::warn!(worker_id = %row.worker_id, worker = %row.name, jobs = ?lost, "jobs lost: no news from their worker");
+                    }
                 }
-                Ok(_) => {}
                 Err(error) => {
                     tracing::error!(worker_id = %row.worker_id, %error, "could not record lost jobs")
                 }

@@ -253,6 +253,19 @@ impl Registry {
         })
     }
 
+    /// Counts every worker that has not left as seen now: after the
+    /// scheduler itself was paused or its clock jumped, silence says
+    /// nothing about the workers.
+    pub(crate) fn touch_all(&self, now_ms: u64) {
+        for entry in self.entries() {
+            entry.update(|r| {
+                if r.state != WorkerState::Left {
+                    r.last_seen_ms = now_ms;
+                }
+            });
+        }
+    }
+
     pub(crate) fn entries(&self) -> Vec<Arc<WorkerEntry>> {
         let maps = self.maps.read().unwrap_or_else(|e| e.into_inner());
         maps.by_id.values().cloned().collect()

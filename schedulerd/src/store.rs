@@ -222,6 +222,8 @@ const INDEXES: &str = "
 CREATE INDEX IF NOT EXISTS jobs_by_worker ON jobs (worker_id, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_group ON jobs (group_id, seq);
+CREATE INDEX IF NOT EXISTS jobs_by_worker_state ON jobs (worker_id, state);
+CREATE INDEX IF NOT EXISTS jobs_by_state_finished ON jobs (state, finished_at_ms);
 CREATE INDEX IF NOT EXISTS idempotency_keys_by_age ON idempotency_keys (created_at_ms);
 CREATE INDEX IF NOT EXISTS idempotency_keys_by_job ON idempotency_keys (job_id);
 CREATE INDEX IF NOT EXISTS idempotency_keys_by_group ON idempotency_keys (group_id);
@@ -544,9 +546,20 @@ impl Store {
                     )
                     .optional()?;
                 match recorded {
-                    None => insert_job(&tx, row)?,
-                    Some((state, owner)) if owner == worker_id && state != row.state => {
-                        tracing::warn!(job_id = %row.job_id, %worker_id, recorded = %state, reported = %row.state, "a report disagrees with the job's final state; the final state stays");
+                    // Every job is recorded before it starts: one the
+                    // scheduler has no record of was pruned (or its
+                    // database replaced), and nobody could stop it.
+                    None if row.state == JobState::Running => {
+                        tracing::warn!(job_id = %row.job_id, %worker_id, "a worker runs a job the scheduler has no record of; telling it to kill it");
+                        kill.push(row.job_id.clone());
+                    }
+                    None => {}
+                    // A final state wins over any report. A job ended here
+                    // that the worker still runs (lost while it was cut
+                    // off, or its worker removed and back under a new id)
+                    // is killed.
+                    Some((state, owner)) if state.is_terminal() && state != row.state => {
+                        tracing::warn!(job_id = %row.job_id, %worker_id, %owner, recorded = %state, reported = %row.state, "a report disagrees with the job's final state; the final state stays");
                         if row.state == JobState::Running {
                             kill.push(row.job_id.clone());
                         }
@@ -602,13 +615,16 @@ impl Store {
     }
 
     /// Gives up on a worker's running and unknown jobs: they become `lost`
-    /// with `why`; returns their ids.
+    /// with `why`; returns their ids. Only while the stored worker is not
+    /// `ready`: a registration that came in meanwhile wins.
     pub async fn mark_lost(&self, worker_id: &str, why: &str) -> Result<Vec<String>, StoreError> {
         let (worker_id, why) = (worker_id.to_owned(), why.to_owned());
         self.write(move |c| {
             let mut stmt = c.prepare(
                 "UPDATE jobs SET state = 'lost', error_text = ?2, finished_at_ms = ?3, updated_at_ms = ?3
-                 WHERE worker_id = ?1 AND state IN ('running', 'unknown') RETURNING job_id",
+                 WHERE worker_id = ?1 AND state IN ('running', 'unknown')
+                   AND EXISTS (SELECT 1 FROM workers w WHERE w.worker_id = ?1 AND w.state != 'ready')
+                 RETURNING job_id",
             )?;
             let ids = stmt
                 .query_map(params![worker_id, why, now_ms() as i64], |r| r.get(0))?
@@ -1074,7 +1090,25 @@ mod tests {
             store.job("b").await.unwrap().unwrap().state,
             JobState::Running
         );
-        store.mark_lost("w", "gone").await.unwrap();
+        // A worker registered meanwhile keeps its jobs; a down one loses them.
+        let mut worker = WorkerRow {
+            worker_id: "w".into(),
+            name: "w".into(),
+            address: "127.0.0.1:1".into(),
+            state: WorkerState::Ready,
+            plugins: Vec::new(),
+            labels: Default::default(),
+            registered_at_ms: 1,
+            last_seen_ms: 1,
+            cgroup_limits: false,
+            extensions: Default::default(),
+            draining: false,
+        };
+        store.upsert_worker(worker.clone()).await.unwrap();
+        assert!(store.mark_lost("w", "gone").await.unwrap().is_empty());
+        worker.state = WorkerState::Down;
+        store.upsert_worker(worker).await.unwrap();
+        assert_eq!(store.mark_lost("w", "gone").await.unwrap(), ["b"]);
         let kill = store
             .apply_reports("w", vec![job("b", JobState::Running, 0)], true, 10)
             .await

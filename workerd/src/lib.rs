@@ -214,6 +214,7 @@ pub async fn run(
             jobs: Vec::new(),
             cgroup_limits: cgroups.is_some(),
             plugin_info,
+            partial_report: false,
         },
         &config.state_dir,
         jobs.clone(),

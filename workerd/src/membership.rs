@@ -111,8 +111,7 @@ impl Membership {
     /// One heartbeat with the jobs that changed. `Ok(None)`: unknown worker.
     async fn heartbeat(&self, worker_id: &str) -> Result<Option<Duration>, tonic::Status> {
         let snapshot = now_ms();
-        let changed = self.jobs.take_dirty();
-        let ids: Vec<_> = changed.iter().map(|(r, _)| r.id).collect();
+        let (changed, ids) = self.jobs.take_dirty();
         let request = HeartbeatRequest {
             worker_id: worker_id.to_owned(),
             instance_id: self.request.instance_id.clone(),
@@ -126,8 +125,11 @@ impl Membership {
                     self.jobs.mark_dirty(ids);
                     return Ok(None);
                 }
+                self.jobs.acknowledge(&ids);
                 self.jobs.give_up(&reply.kill_job_ids);
-                if !ids.is_empty() {
+                // Everything queued before the snapshot has arrived, unless
+                // some still waits for the next message.
+                if !ids.is_empty() && !self.jobs.has_dirty() {
                     self.acknowledged(snapshot).await;
                 }
                 Ok(Some(interval(reply.heartbeat_interval_ms)))
@@ -151,11 +153,12 @@ impl Membership {
                 .await
                 .map(|s| s.trim().to_owned())
                 .unwrap_or_default();
-            // A registration reports every running job and every change
-            // not yet acknowledged, never the whole history.
+            // A registration reports every running job and the changes
+            // not yet acknowledged (in pages), never the whole history.
             let snapshot = now_ms();
-            let (report, pending) = self.jobs.registration_report();
+            let (report, pending, partial) = self.jobs.registration_report();
             request.jobs = reports(report);
+            request.partial_report = partial;
             let mut client = self.client.clone();
             let result = tokio::select! {
                 r = client.register_worker(call(request)) => r,
@@ -176,8 +179,11 @@ impl Membership {
                     if let Err(error) = kept {
                         tracing::warn!(%error, file = %self.id_file.display(), "could not keep the worker id");
                     }
+                    self.jobs.acknowledge(&pending);
                     self.jobs.give_up(&reply.kill_job_ids);
-                    self.acknowledged(snapshot).await;
+                    if !partial {
+                        self.acknowledged(snapshot).await;
+                    }
                     tracing::info!(worker_id = %reply.worker_id, advertised = %self.request.address, "registered with the scheduler");
                     return Some((reply.worker_id, interval(reply.heartbeat_interval_ms)));
                 }

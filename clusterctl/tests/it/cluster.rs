@@ -437,6 +437,8 @@ path = "state/scheduler.db"
 heartbeat_interval = "250ms"
 down_after = "1500ms"
 lost_after = "3s"
+# A healthy worker on a loaded test machine answers well within this.
+refresh_timeout = "3s"
 
 [http_server]
 addr = "127.0.0.1:0"

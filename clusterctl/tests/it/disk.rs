@@ -475,9 +475,17 @@ async fn faults_disk_a_full_store_starts_nothing_without_a_record() {
             .cloned()
             .collect::<BTreeSet<_>>()
     );
-    until(Duration::from_secs(10), "the running job done", || async {
-        witness.job(&cluster, &ending).await.done
-    })
+    // The job ends on its worker, but its end cannot be stored: the API
+    // shows the stored record, stale, never an end it could not keep.
+    until(
+        Duration::from_secs(10),
+        "the running job answered stale",
+        || async {
+            let job = witness.job(&cluster, &ending).await;
+            assert!(!job.done, "an end shown that was never stored: {job:?}");
+            job.stale
+        },
+    )
     .await;
     for id in &earlier {
         assert_eq!(witness.job(&cluster, id).await.state, "succeeded");

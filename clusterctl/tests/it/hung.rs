@@ -78,12 +78,13 @@ async fn a_hung_worker_costs_nobody_else_and_its_job_is_unknown_until_it_answers
     read(&cluster, &on_w1, &mut promises).await;
 
     cluster.worker("w1").signal(Signal::SIGSTOP);
-    // A read of the hung worker's job waits refresh_timeout (1 s) at most,
-    // then answers from the record, marked stale; soon the job is unknown.
+    // A read of the hung worker's job waits refresh_timeout (3 s in tests)
+    // at most, then answers from the record, marked stale; soon the job is
+    // unknown.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (job, took) = read(&cluster, &on_w1, &mut promises).await;
-        assert!(took < Duration::from_secs(3), "a read took {took:?}");
+        assert!(took < Duration::from_secs(6), "a read took {took:?}");
         if job.state == "unknown" {
             assert!(job.stale, "{job:?}");
             assert!(!job.done);
@@ -95,7 +96,7 @@ async fn a_hung_worker_costs_nobody_else_and_its_job_is_unknown_until_it_answers
     }
     // From now on everything about w1 is answered at once.
     let (_, took) = read(&cluster, &on_w1, &mut promises).await;
-    assert!(took < Duration::from_millis(900), "a read took {took:?}");
+    assert!(took < Duration::from_secs(2), "a read took {took:?}");
     let started = Instant::now();
     let reply = cluster
         .http()
@@ -109,7 +110,7 @@ async fn a_hung_worker_costs_nobody_else_and_its_job_is_unknown_until_it_answers
         matches!(code.as_str(), "worker_unresponsive" | "worker_down"),
         "{code}"
     );
-    assert!(started.elapsed() < Duration::from_millis(900));
+    assert!(started.elapsed() < Duration::from_secs(2));
     // Placed starts go to the healthy worker, without waiting on w1.
     let w2_id = cluster.worker_info("w2").await.worker_id;
     for _ in 0..6 {
@@ -117,13 +118,13 @@ async fn a_hung_worker_costs_nobody_else_and_its_job_is_unknown_until_it_answers
         assert_eq!(status, StatusCode::CREATED, "{body}");
         assert_eq!(body["worker_id"], w2_id.as_str(), "{body}");
         assert!(
-            took < Duration::from_secs(3),
+            took < Duration::from_secs(5),
             "a placed start took {took:?}"
         );
     }
     // The healthy worker's calls are not slowed (a bound no healthy run
     // misses, not a benchmark).
-    let bound = (normal * 5).max(Duration::from_secs(1));
+    let bound = (normal * 5).max(Duration::from_secs(2));
     for _ in 0..10 {
         let (job, took) = read(&cluster, &on_w2, &mut promises).await;
         assert_eq!(job.state, "running");
@@ -200,7 +201,7 @@ async fn a_killed_worker_s_job_reads_unknown_at_once_and_placement_moves_on() {
     // The first read finds nobody at w1's address: the answer is the record,
     // stale, and the job unknown from then on.
     let (job, took) = read(&cluster, &job_id, &mut promises).await;
-    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert!(took < Duration::from_secs(4), "{took:?}");
     assert!(job.stale, "{job:?}");
     let (job, _) = read(&cluster, &job_id, &mut promises).await;
     assert_eq!(job.state, "unknown", "{job:?}");

@@ -270,6 +270,7 @@ async fn a_start_in_doubt_keeps_its_key_and_clusterctl_names_its_job() {
         &["w1"],
         &[
             ("call_timeout", "1s"),
+            ("refresh_timeout", "1s"),
             ("down_after", "30s"),
             ("lost_after", "60s"),
         ],
@@ -344,7 +345,7 @@ async fn a_start_in_doubt_keeps_its_key_and_clusterctl_names_its_job() {
         .ctl_output(&["start", "--worker", "w1", "count.sh", "--", "1", "0"])
         .await;
     cluster.worker("w1").signal(Signal::SIGCONT);
-    assert_eq!(out.status.code(), Some(75), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(69), "{}", stderr(&out));
     let printed = stdout(&out).trim().to_owned();
     assert!(uuid::Uuid::parse_str(&printed).is_ok(), "{printed:?}");
     assert!(stderr(&out).contains("is unknown"), "{}", stderr(&out));

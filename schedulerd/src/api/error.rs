@@ -125,7 +125,7 @@ impl ApiError {
                     Code::PermissionDenied | Code::Unauthenticated => {
                         format!("refused the scheduler: {}", status.message())
                     }
-                    _ => format!("is unreachable: {}", status.message()),
+                    _ => format!("is unreachable: {}", with_causes(&status)),
                 };
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -135,6 +135,22 @@ impl ApiError {
             }
         }
     }
+}
+
+/// A status's message with the chain of errors behind it ("transport
+/// error: tcp connect error: Connection refused"), for an operator.
+fn with_causes(status: &tonic::Status) -> String {
+    let mut text = status.message().to_owned();
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        let cause = error.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+        source = error.source();
+    }
+    text
 }
 
 impl From<StoreError> for ApiError {

@@ -426,10 +426,16 @@ async fn start_and_record(
     if let Some(status) = &reply.status {
         merge_status(&mut row, status);
     }
-    if let Err(error) = state.store.update_job(row.clone()).await {
+    match state.store.update_job(row.clone()).await {
+        Ok(true) => {}
+        // Given up meanwhile (its worker was cut off for lost_after): the
+        // final state stands, and the worker is told to kill the job.
+        Ok(false) => {
+            tracing::warn!(%job_id, worker = %w.name, "job started after it was recorded as ended")
+        }
         // The process runs: the answer says so; the worker's reports will
         // bring the record up to date.
-        tracing::error!(%job_id, %error, "could not record the job's start");
+        Err(error) => tracing::error!(%job_id, %error, "could not record the job's start"),
     }
     tracing::info!(job_id = %job_id, worker_id = %w.worker_id, worker = %w.name, path = %row.path, state = %row.state, "job started");
     Ok(JobStarted {
@@ -437,6 +443,15 @@ async fn start_and_record(
         worker_id: w.worker_id,
         state: None,
     })
+}
+
+/// Jobs created before this time have no start in flight any more: the
+/// record was written (the store may wait up to 5 s for its writer), then
+/// the worker was called with `call_timeout`. Only such jobs may be given
+/// up when their worker does not know them.
+pub(crate) fn settled_before(call_timeout: std::time::Duration) -> u64 {
+    const MARGIN: std::time::Duration = std::time::Duration::from_secs(10);
+    now_ms().saturating_sub((call_timeout + MARGIN).as_millis() as u64)
 }
 
 /// The worker itself answered with an error (it carries the API code).
@@ -453,9 +468,16 @@ fn nothing_sent(status: &tonic::Status) -> bool {
     let mut source = std::error::Error::source(status);
     while let Some(error) = source {
         if let Some(io) = error.downcast_ref::<std::io::Error>() {
+            // Connecting failed (refused, timed out, no route) or the TLS
+            // handshake did: no request was sent.
             return matches!(
                 io.kind(),
-                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::InvalidData
+                std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::TimedOut
+                    | std::io::ErrorKind::HostUnreachable
+                    | std::io::ErrorKind::NetworkUnreachable
+                    | std::io::ErrorKind::AddrNotAvailable
+                    | std::io::ErrorKind::InvalidData
             );
         }
         source = error.source();
@@ -561,14 +583,10 @@ pub(crate) async fn refresh(state: &AppState, row: JobRow) -> Seen {
         job_id: row.job_id.clone(),
     };
     match with_deadline(state.refresh_timeout, client.query_job(request)).await {
-        Ok(reply) => Seen {
-            row: record_status(&state.store, row, &reply.into_inner()).await,
-            stale: false,
-        },
+        Ok(reply) => record_status(&state.store, row, &reply.into_inner()).await,
         Err(status) if status.code() == tonic::Code::NotFound && answered(&status) => {
             // A start still in flight may not have reached the worker yet.
-            let settled = row.created_at_ms + (state.call_timeout.as_millis() as u64) < now_ms();
-            if !settled {
+            if row.created_at_ms >= settled_before(state.call_timeout) {
                 return Seen { row, stale: false };
             }
             let why =
@@ -600,26 +618,38 @@ pub(crate) async fn refresh(state: &AppState, row: JobRow) -> Seen {
     }
 }
 
+/// Records a worker's answer about a job and returns what the API may
+/// show: what was stored. A state that could not be stored is not shown
+/// (it could not be kept as a promise): the stored record is, marked stale.
 pub(crate) async fn record_status(
     store: &Store,
     mut row: JobRow,
     status: &pb::QueryJobResponse,
-) -> JobRow {
+) -> Seen {
     let before = row.clone();
     merge_status(&mut row, status);
     if row == before {
-        return row;
+        return Seen { row, stale: false };
     }
     match store.update_job(row.clone()).await {
-        Ok(true) => row,
+        Ok(true) => Seen { row, stale: false },
         // The record holds a final state that wins; show that.
         Ok(false) => match store.job(&row.job_id).await {
-            Ok(Some(kept)) => kept,
-            _ => before,
+            Ok(Some(kept)) => Seen {
+                row: kept,
+                stale: false,
+            },
+            _ => Seen {
+                row: before,
+                stale: true,
+            },
         },
         Err(error) => {
             tracing::error!(job_id = %row.job_id, %error, "could not record job status");
-            row
+            Seen {
+                row: before,
+                stale: true,
+            }
         }
     }
 }
@@ -664,7 +694,7 @@ pub(crate) async fn settle_unknown(state: AppState, stop: tokio_util::sync::Canc
             () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
             () = stop.cancelled() => return,
         }
-        let before = now_ms().saturating_sub(state.call_timeout.as_millis() as u64);
+        let before = settled_before(state.call_timeout);
         for entry in state.registry.entries() {
             if !entry.usable() {
                 continue;

@@ -146,7 +146,7 @@ pub(super) async fn write_final(jobs_dir: &Path, record: &JobRecord) -> std::io:
 /// never a record that points at a missing log). A job that runs (one
 /// started after the sweep looked) keeps its output: returns false.
 pub(crate) fn expire_output(dir: &Path) -> std::io::Result<bool> {
-    let (mut record, _) = load_record(dir).map_err(std::io::Error::other)?;
+    let (mut record, _) = load_record(dir)?;
     if record.state == State::Running {
         return Ok(false);
     }
@@ -163,9 +163,10 @@ pub(crate) fn expire_output(dir: &Path) -> std::io::Result<bool> {
 }
 
 /// Reads one job's record and the length of its output log.
-pub(super) fn load_record(dir: &Path) -> Result<(JobRecord, u64), String> {
-    let bytes = std::fs::read(dir.join("job.json")).map_err(|e| e.to_string())?;
-    let record = serde_json::from_slice::<JobRecord>(&bytes).map_err(|e| e.to_string())?;
+pub(super) fn load_record(dir: &Path) -> std::io::Result<(JobRecord, u64)> {
+    let bytes = std::fs::read(dir.join("job.json"))?;
+    let record = serde_json::from_slice::<JobRecord>(&bytes)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     let len = std::fs::metadata(dir.join("output.log"))
         .map(|m| m.len())
         .unwrap_or(0);

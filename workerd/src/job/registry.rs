@@ -44,6 +44,8 @@ pub(crate) struct Jobs {
 #[derive(Debug, Default)]
 pub(super) struct Changes {
     pub(super) dirty: Mutex<HashSet<Uuid>>,
+    /// Taken for a report not yet acknowledged: given back if it fails.
+    pub(super) in_flight: Mutex<HashSet<Uuid>>,
     /// Final states kept in memory because writing them failed; retried.
     pub(super) unwritten: Mutex<HashSet<Uuid>>,
     /// Finished jobs still in memory, oldest first, with when they were
@@ -174,6 +176,7 @@ impl Jobs {
             map: RwLock::new(map),
             changes: Arc::new(Changes {
                 dirty: Mutex::new(dirty),
+                in_flight: Mutex::new(HashSet::new()),
                 unwritten: Mutex::new(unwritten),
                 leaving: Mutex::new(finished),
                 finished: Notify::new(),
@@ -191,12 +194,14 @@ impl Jobs {
         (job.record(), job.progress.borrow().len)
     }
 
-    /// What a (re-)registration reports: every running job, and every job
-    /// whose change the scheduler has not acknowledged (taken: give them
-    /// back with [`Jobs::mark_dirty`] if the registration fails). Never the
-    /// whole history.
-    pub(crate) fn registration_report(&self) -> (Vec<(JobRecord, u64)>, Vec<Uuid>) {
-        let taken = self.take_dirty_ids(usize::MAX);
+    /// What a (re-)registration reports: every running job, and up to
+    /// [`REPORTS_PER_CALL`] jobs whose change the scheduler has not
+    /// acknowledged (taken: give them back with [`Jobs::mark_dirty`] if the
+    /// registration fails, or [`Jobs::acknowledge`] them). Never the whole
+    /// history. The flag says whether more changes wait (the report is then
+    /// partial, and heartbeats carry the rest).
+    pub(crate) fn registration_report(&self) -> (Vec<(JobRecord, u64)>, Vec<Uuid>, bool) {
+        let taken = self.take_dirty_ids(REPORTS_PER_CALL);
         let map = self.map.read().unwrap_or_else(|e| e.into_inner());
         let mut ids: HashSet<Uuid> = taken.iter().copied().collect();
         ids.extend(
@@ -209,34 +214,59 @@ impl Jobs {
             .filter_map(|id| map.get(id))
             .map(|j| Self::status(j))
             .collect();
-        (report, taken)
+        drop(map);
+        (report, taken, self.has_dirty())
     }
 
     fn take_dirty_ids(&self, max: usize) -> Vec<Uuid> {
         let mut dirty = self.changes.dirty.lock().unwrap_or_else(|e| e.into_inner());
-        if dirty.len() <= max {
-            return std::mem::take(&mut *dirty).into_iter().collect();
-        }
-        let ids: Vec<Uuid> = dirty.iter().take(max).copied().collect();
-        for id in &ids {
-            dirty.remove(id);
-        }
+        let ids: Vec<Uuid> = if dirty.len() <= max {
+            std::mem::take(&mut *dirty).into_iter().collect()
+        } else {
+            let ids: Vec<Uuid> = dirty.iter().take(max).copied().collect();
+            for id in &ids {
+                dirty.remove(id);
+            }
+            ids
+        };
+        // Still pending until acknowledged: such a job stays in memory.
+        self.changes
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(ids.iter().copied());
         ids
+    }
+
+    /// The scheduler acknowledged the reports of these jobs.
+    pub(crate) fn acknowledge(&self, ids: &[Uuid]) {
+        let mut in_flight = self
+            .changes
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for id in ids {
+            in_flight.remove(id);
+        }
     }
 
     /// Takes up to [`REPORTS_PER_CALL`] jobs whose state changed since the
     /// last acknowledged report. Give them back with [`Jobs::mark_dirty`]
     /// if the report fails.
-    pub(crate) fn take_dirty(&self) -> Vec<(JobRecord, u64)> {
+    pub(crate) fn take_dirty(&self) -> (Vec<(JobRecord, u64)>, Vec<Uuid>) {
         let ids = self.take_dirty_ids(REPORTS_PER_CALL);
         let map = self.map.read().unwrap_or_else(|e| e.into_inner());
-        ids.iter()
+        let records = ids
+            .iter()
             .filter_map(|id| map.get(id))
             .map(|j| Self::status(j))
-            .collect()
+            .collect();
+        (records, ids)
     }
 
-    pub(crate) fn mark_dirty(&self, ids: impl IntoIterator<Item = Uuid>) {
+    /// Gives back reports that failed (or marks new changes).
+    pub(crate) fn mark_dirty(&self, ids: impl IntoIterator<Item = Uuid> + Clone) {
+        self.acknowledge(&ids.clone().into_iter().collect::<Vec<_>>());
         self.changes.mark(ids);
     }
 
@@ -348,6 +378,14 @@ impl Jobs {
         if let Some(job) = self.find(uuid) {
             return Ok(job);
         }
+        if self
+            .starting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&uuid)
+        {
+            return Err(JobError::Starting(uuid));
+        }
         let dir = self.jobs_dir.join(uuid.to_string());
         let loaded = tokio::task::spawn_blocking(move || load_record(&dir))
             .await
@@ -365,7 +403,12 @@ impl Jobs {
                     given_up: CancellationToken::new(),
                 }))
             }
-            _ => Err(JobError::UnknownJob(id.to_owned())),
+            Ok(_) => Err(JobError::UnknownJob(id.to_owned())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(JobError::UnknownJob(id.to_owned()))
+            }
+            // Not "unknown": the scheduler would give the job up.
+            Err(e) => Err(JobError::Io(e)),
         }
     }
 
@@ -393,6 +436,12 @@ impl Jobs {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .contains(&id)
+                || self
+                    .changes
+                    .in_flight
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains(&id)
                 || self
                     .changes
                     .unwritten

@@ -107,9 +107,14 @@ impl Jobs {
         } else {
             Uuid::parse_str(&req.job_id).map_err(|_| JobError::BadJobId(req.job_id.clone()))?
         };
-        if let Some(job) = self.find(id) {
-            tracing::info!(job_id = %id, "repeated start; the job exists");
-            return Ok(job.record());
+        // From memory, or from disk for a job that ended long ago.
+        match self.get(&id.to_string()).await {
+            Ok(job) => {
+                tracing::info!(job_id = %id, "repeated start; the job exists");
+                return Ok(job.record());
+            }
+            Err(JobError::UnknownJob(_)) => {}
+            Err(error) => return Err(error),
         }
         let _starting = Starting::claim(&self.starting, id)?;
         let script = crate::confine::resolve_script(&self.scripts_dir, &req.path)?;
@@ -168,8 +173,20 @@ impl Jobs {
                     Ok::<_, std::io::Error>((dir, procs))
                 })
                 .await
-                .map_err(std::io::Error::other)??;
-                Some(created)
+                .map_err(std::io::Error::other)
+                .and_then(|r| r);
+                match created {
+                    Ok(created) => Some(created),
+                    Err(error) => {
+                        // Refused: nothing of the job may stay behind.
+                        let cleanup = dir.clone();
+                        let _ =
+                            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(cleanup))
+                                .await;
+                        tracing::warn!(job_id = %id, %error, "job refused: its cgroup could not be made");
+                        return Err(JobError::Io(error));
+                    }
+                }
             }
             None => None,
         };
@@ -212,6 +229,7 @@ impl Jobs {
                     over_limit,
                     write_failed,
                     cgroup: cgroup_dir.clone(),
+                    worker_shutdown: self.shutdown.clone(),
                 };
                 let jobs_dir = self.jobs_dir.clone();
                 let supervised = job.clone();

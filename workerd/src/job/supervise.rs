@@ -49,6 +49,8 @@ pub(super) struct Supervision {
     pub(super) write_failed: CancellationToken,
     /// The job's cgroup, if it has one.
     pub(super) cgroup: Option<PathBuf>,
+    /// The worker's shutdown token: a stop it caused says so.
+    pub(super) worker_shutdown: CancellationToken,
 }
 
 pub(super) async fn supervise(
@@ -140,6 +142,9 @@ pub(super) async fn supervise(
         r.output_bytes = len;
         r.pgid = None;
         finish(r, status, ending);
+        if ending == Some(Ending::Stopped) && limits.worker_shutdown.is_cancelled() {
+            r.error_text = "stopped: the worker was shut down".into();
+        }
         // Output that could not be kept fails the job, however it ended
         // (unless the scheduler had already given it up).
         if let Some(error) = &pumped.write_error
