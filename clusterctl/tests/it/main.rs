@@ -6,6 +6,7 @@
 mod cli;
 mod cluster;
 mod disk;
+mod escape;
 mod faults;
 #[allow(dead_code)]
 #[path = "../../../workerd/tests/it/harness.rs"]
