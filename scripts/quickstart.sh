@@ -14,6 +14,10 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 dir="$root/.cluster"
 bin="$root/target/debug"
 
+# Where the workers' scripts are copied when the job user cannot read the
+# checkout (see below); remembered so that `down` can remove the copy.
+copy_record="$dir/scripts-copy"
+
 down() {
   local stopped=0
   for pidfile in "$dir"/run/*.pid; do
@@ -26,6 +30,11 @@ down() {
     fi
     rm -f "$pidfile"
   done
+  if [ -f "$copy_record" ]; then
+    copy=$(cat "$copy_record")
+    case "$copy" in /tmp/jobcluster-scripts.*) rm -rf "$copy" ;; esac
+    rm -f "$copy_record"
+  fi
   echo "stopped $stopped process(es)" >&2
 }
 
@@ -60,9 +69,10 @@ addr = "127.0.0.1:3000"
 [store]
 path = "state/scheduler.db"
 TOML
-port=30001
-for w in w1 w2; do
-  cat > "$dir/$w.toml" <<TOML
+write_worker_configs() { # scripts_dir
+  local port=30001
+  for w in w1 w2; do
+    cat > "$dir/$w.toml" <<TOML
 [grpc_server]
 addr = "127.0.0.1:$port"
 use_tls = true
@@ -75,7 +85,7 @@ addr = "127.0.0.1:50000"
 
 [worker]
 name = "$w"
-scripts_dir = "$root/scripts"
+scripts_dir = "$1"
 state_dir = "state/$w"
 labels = { zone = "local" }
 
@@ -87,8 +97,29 @@ extensions = ["sh"]
 runner = "python"
 extensions = ["py"]
 TOML
-  port=$((port + 1))
-done
+    port=$((port + 1))
+  done
+}
+
+# Run as root, workerd runs jobs as nobody, who must be able to read
+# scripts_dir. A checkout under a private home (/root is 0700) is out of
+# its reach: then the sample scripts are copied to a directory it can read
+# (refreshed at every start, removed by `down`), rather than running the
+# jobs as root.
+write_worker_configs "$root/scripts"
+checked=$("$bin/workerd" --config "$dir/w1.toml" --check-config 2>&1 || true)
+if [ "$(id -u)" -eq 0 ] && [[ $checked == *"cannot read scripts_dir"* ]]; then
+  copy=$(cat "$copy_record" 2>/dev/null || true)
+  if [ -z "$copy" ] || [ ! -d "$copy" ]; then
+    copy=$(mktemp -d /tmp/jobcluster-scripts.XXXXXX)
+    echo "$copy" >"$copy_record"
+  fi
+  chmod 0755 "$copy"
+  cp "$root"/scripts/*.sh "$root"/scripts/*.py "$copy"/
+  chmod -R a+rX "$copy"
+  echo "== nobody cannot read $root/scripts: jobs run the copy in $copy" >&2
+  write_worker_configs "$copy"
+fi
 
 start() { # name binary config
   local pidfile="$dir/run/$1.pid"

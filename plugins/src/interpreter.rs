@@ -1,7 +1,7 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use crate::{CommandLine, PluginError, Runner, RunnerSettings, resolve_program};
+use crate::{CanRun, CommandLine, PluginError, Runner, RunnerSettings, resolve_program};
 
 /// Runs `interpreter [args...] SCRIPT [job args...]`. The built-in runners
 /// are this with different defaults.
@@ -18,14 +18,15 @@ impl InterpreterRunner {
         default_interpreter: Option<&str>,
         extra_args: &[&str],
         extra_env: &[(&str, &str)],
+        can_run: CanRun<'_>,
     ) -> Result<Self, PluginError> {
         let interpreter = settings
             .interpreter
             .as_deref()
             .or(default_interpreter)
             .ok_or_else(|| PluginError::new("interpreter", "missing: this runner needs one"))?;
-        let program =
-            resolve_program(interpreter).map_err(|m| PluginError::new("interpreter", m))?;
+        let program = resolve_program(interpreter, can_run)
+            .map_err(|m| PluginError::new("interpreter", m))?;
         let args = extra_args
             .iter()
             .map(|a| (*a).to_owned())
@@ -53,8 +54,15 @@ impl Runner for InterpreterRunner {
             env: self.env.clone(),
         }
     }
+
+    fn program(&self) -> &Path {
+        &self.program
+    }
 }
 
-pub(crate) fn build(settings: &RunnerSettings) -> Result<InterpreterRunner, PluginError> {
-    InterpreterRunner::new(settings, None, &[], &[])
+pub(crate) fn build(
+    settings: &RunnerSettings,
+    can_run: CanRun<'_>,
+) -> Result<InterpreterRunner, PluginError> {
+    InterpreterRunner::new(settings, None, &[], &[], can_run)
 }

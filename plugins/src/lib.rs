@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 mod bash;
+mod env;
 mod interpreter;
 mod python;
 
@@ -22,11 +23,21 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use env::{AllowEnv, EnvRefused};
 pub use interpreter::InterpreterRunner;
 
 /// How long a stopped job gets between SIGTERM and SIGKILL, unless its
 /// plugin says otherwise.
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
+/// Output kept per job unless the plugin says otherwise (`0`: no limit):
+/// one job must not fill the worker's disk by default.
+pub const DEFAULT_MAX_OUTPUT_BYTES: u64 = 1 << 30;
+/// Processes per job unless the plugin says otherwise (`0`: no limit): a
+/// fork bomb stops here rather than at the machine's limit.
+pub const DEFAULT_PROCESSES: u64 = 512;
+/// Open files per process unless the plugin says otherwise (`0`: what
+/// workerd itself has).
+pub const DEFAULT_OPEN_FILES: u64 = 1024;
 
 /// One `[plugins.NAME]` table. The `runner` key picks the arm.
 #[derive(Debug, Clone, Deserialize)]
@@ -52,6 +63,10 @@ pub struct RunnerSettings {
     /// Environment variables set for every job of this plugin.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Request `env` variables this plugin's jobs may receive: names, or
+    /// `PREFIX_*` patterns. Default: none.
+    #[serde(default)]
+    pub allow_env: Vec<String>,
     /// File extensions (without the dot) this plugin is chosen for when a
     /// job names no plugin.
     pub extensions: Option<Vec<String>>,
@@ -61,15 +76,17 @@ pub struct RunnerSettings {
     /// A job running longer is stopped and recorded failed ("30m").
     #[serde(default, with = "humantime_serde")]
     pub timeout: Option<Duration>,
-    /// Output kept per job (bytes, or "100MiB"); past it the job is stopped
-    /// and recorded failed, and what it wrote up to the limit is kept.
+    /// Output kept per job (bytes, or "100MiB"; default 1 GiB, 0: no
+    /// limit); past it the job is stopped and recorded failed, and what it
+    /// wrote up to the limit is kept.
     #[serde(default, deserialize_with = "byte_size")]
     pub max_output_bytes: Option<u64>,
-    /// Run this plugin's jobs as this user (when workerd runs as root).
+    /// Run this plugin's jobs as this user (when workerd runs as root;
+    /// default `worker.run_as_user`). Root only when named.
     pub user: Option<String>,
     /// ... and this group (default: the user's primary group).
     pub group: Option<String>,
-    /// Resource limits set on each job process (setrlimit).
+    /// Resource limits set on each job (cgroup or setrlimit).
     #[serde(default)]
     pub limits: Limits,
 }
@@ -85,11 +102,11 @@ pub struct Limits {
     /// CPU time (RLIMIT_CPU), e.g. "10m"; rounded up to whole seconds.
     #[serde(default, with = "humantime_serde")]
     pub cpu_time: Option<Duration>,
-    /// Open file descriptors (RLIMIT_NOFILE).
+    /// Open file descriptors (RLIMIT_NOFILE). Default 1024; 0: none set.
     pub open_files: Option<u64>,
     /// Processes: `pids.max` of the job's cgroup where the worker has a
     /// delegated cgroup v2, else RLIMIT_NPROC (which counts all the user's
-    /// processes).
+    /// processes). Default 512; 0: none set.
     pub processes: Option<u64>,
     /// CPUs the job may use (`cpu.max`, e.g. 0.5); only with a delegated
     /// cgroup v2.
@@ -171,9 +188,16 @@ pub struct CommandLine {
     pub env: Vec<(String, String)>,
 }
 
+/// Whether the user a plugin's jobs run as may run a program; an error
+/// says why not. Interpreters are looked up with it, so a name in `PATH`
+/// finds one the jobs can run.
+pub type CanRun<'a> = &'a dyn Fn(&Path) -> Result<(), String>;
+
 /// Turns a script and its arguments into a command line.
 pub trait Runner: fmt::Debug + Send + Sync {
     fn command_line(&self, script: &Path, args: &[String]) -> CommandLine;
+    /// The program every command line starts, for checks at start.
+    fn program(&self) -> &Path;
 }
 
 /// A validated plugin, ready to run jobs.
@@ -183,17 +207,33 @@ pub struct Plugin {
     pub extensions: Vec<String>,
     pub stop_grace: Duration,
     pub timeout: Option<Duration>,
+    /// `None`: no limit (set with 0).
     pub max_output_bytes: Option<u64>,
     pub user: Option<String>,
     pub group: Option<String>,
+    /// With the defaults filled in; `None` where no limit is set.
     pub limits: Limits,
+    pub allow_env: AllowEnv,
     pub runner: Box<dyn Runner>,
 }
 
 impl PluginConfig {
+    /// The table's settings, whichever the runner.
+    pub fn settings(&self) -> &RunnerSettings {
+        match self {
+            PluginConfig::Bash(s) | PluginConfig::Python(s) | PluginConfig::Interpreter(s) => s,
+        }
+    }
+
     /// Validates the table and builds the plugin. Fails if the interpreter
     /// cannot be found or a value is out of range.
     pub fn build(&self, name: &str) -> Result<Plugin, PluginError> {
+        self.build_with(name, &|_| Ok(()))
+    }
+
+    /// [`build`](Self::build), with the interpreter one that `can_run`
+    /// accepts.
+    pub fn build_with(&self, name: &str, can_run: CanRun<'_>) -> Result<Plugin, PluginError> {
         if !valid_plugin_name(name) {
             return Err(PluginError::new(
                 "",
@@ -201,9 +241,11 @@ impl PluginConfig {
             ));
         }
         let (settings, runner, default_extensions): (_, Box<dyn Runner>, &[&str]) = match self {
-            PluginConfig::Bash(s) => (s, Box::new(bash::build(s)?), bash::EXTENSIONS),
-            PluginConfig::Python(s) => (s, Box::new(python::build(s)?), python::EXTENSIONS),
-            PluginConfig::Interpreter(s) => (s, Box::new(interpreter::build(s)?), &[]),
+            PluginConfig::Bash(s) => (s, Box::new(bash::build(s, can_run)?), bash::EXTENSIONS),
+            PluginConfig::Python(s) => {
+                (s, Box::new(python::build(s, can_run)?), python::EXTENSIONS)
+            }
+            PluginConfig::Interpreter(s) => (s, Box::new(interpreter::build(s, can_run)?), &[]),
         };
         for key in settings.env.keys() {
             if key.is_empty() || key.contains(['=', '\0']) {
@@ -213,6 +255,8 @@ impl PluginConfig {
                 ));
             }
         }
+        let allow_env =
+            AllowEnv::parse(&settings.allow_env).map_err(|m| PluginError::new("allow_env", m))?;
         let extensions = match &settings.extensions {
             Some(exts) => exts
                 .iter()
@@ -237,9 +281,6 @@ impl PluginConfig {
         if settings.timeout.is_some_and(|t| t.is_zero()) {
             return Err(PluginError::new("timeout", "must be more than 0"));
         }
-        if settings.max_output_bytes == Some(0) {
-            return Err(PluginError::new("max_output_bytes", "must be more than 0"));
-        }
         if settings
             .limits
             .cpus
@@ -258,12 +299,26 @@ impl PluginConfig {
             extensions,
             stop_grace,
             timeout: settings.timeout,
-            max_output_bytes: settings.max_output_bytes,
+            max_output_bytes: or_default(settings.max_output_bytes, DEFAULT_MAX_OUTPUT_BYTES),
             user: settings.user.clone(),
             group: settings.group.clone(),
-            limits: settings.limits,
+            limits: Limits {
+                processes: or_default(settings.limits.processes, DEFAULT_PROCESSES),
+                open_files: or_default(settings.limits.open_files, DEFAULT_OPEN_FILES),
+                ..settings.limits
+            },
+            allow_env,
             runner,
         })
+    }
+}
+
+/// A bound with a default, where 0 says "no limit" explicitly.
+fn or_default(value: Option<u64>, default: u64) -> Option<u64> {
+    match value {
+        None => Some(default),
+        Some(0) => None,
+        Some(n) => Some(n),
     }
 }
 
@@ -276,24 +331,42 @@ fn valid_plugin_name(name: &str) -> bool {
 }
 
 /// Finds `program`: a path is checked as it is, a bare name is looked up in
-/// `PATH`. The result must be an executable file.
-pub fn resolve_program(program: &str) -> Result<PathBuf, String> {
+/// `PATH`, skipping what `can_run` refuses (a `PATH` entry under a private
+/// home that the job user cannot reach, say). The result must be an
+/// executable file.
+pub fn resolve_program(program: &str, can_run: CanRun<'_>) -> Result<PathBuf, String> {
     if program.is_empty() {
         return Err("must not be empty".to_owned());
     }
     if program.contains('/') {
         let path = PathBuf::from(program);
-        return if is_executable(&path) {
-            Ok(path)
-        } else {
-            Err(format!("{program} is not an executable file"))
-        };
+        if !is_executable(&path) {
+            return Err(format!("{program} is not an executable file"));
+        }
+        return can_run(&path)
+            .map(|()| path)
+            .map_err(|why| format!("{program}: {why}"));
     }
     let path_var = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path_var)
-        .map(|dir| dir.join(program))
-        .find(|candidate| is_executable(candidate))
-        .ok_or_else(|| format!("{program} not found in PATH"))
+    let mut refused = None;
+    for candidate in std::env::split_paths(&path_var).map(|dir| dir.join(program)) {
+        if !is_executable(&candidate) {
+            continue;
+        }
+        match can_run(&candidate) {
+            Ok(()) => return Ok(candidate),
+            Err(why) => {
+                refused.get_or_insert((candidate, why));
+            }
+        }
+    }
+    Err(match refused {
+        Some((first, why)) => format!(
+            "no {program} in PATH that the jobs' user can run ({}: {why}); name one by its path",
+            first.display()
+        ),
+        None => format!("{program} not found in PATH"),
+    })
 }
 
 fn is_executable(path: &Path) -> bool {
@@ -320,7 +393,7 @@ mod tests {
         let line = plugin
             .runner
             .command_line(Path::new("/s/count.py"), &["3".into()]);
-        assert!(line.args.contains(&"-u".into()), "{line:?}");
+        assert_eq!(line.args[..2], ["-E", "-u"], "{line:?}");
         assert_eq!(line.args.last().unwrap(), "3");
         assert!(line.env.contains(&("PYTHONUNBUFFERED".into(), "1".into())));
         assert_eq!(plugin.extensions, vec!["py"]);
@@ -362,8 +435,57 @@ mod tests {
             .command_line(Path::new("/s/a.sh"), &["x".into()]);
         assert_eq!(
             line.args,
-            vec![OsString::from("-e"), "/s/a.sh".into(), "x".into()]
+            vec![
+                OsString::from("--noprofile"),
+                "--norc".into(),
+                "-e".into(),
+                "/s/a.sh".into(),
+                "x".into()
+            ]
         );
         assert_eq!(plugin.stop_grace, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn limits_have_defaults_and_zero_means_none() {
+        let plugin = parse("runner = \"bash\"").unwrap().build("bash").unwrap();
+        assert_eq!(plugin.max_output_bytes, Some(DEFAULT_MAX_OUTPUT_BYTES));
+        assert_eq!(plugin.limits.processes, Some(DEFAULT_PROCESSES));
+        assert_eq!(plugin.limits.open_files, Some(DEFAULT_OPEN_FILES));
+        assert!(plugin.allow_env.is_empty());
+        let plugin = parse(
+            "runner = \"bash\"\nmax_output_bytes = 0\nlimits = { processes = 0, open_files = 0 }",
+        )
+        .unwrap()
+        .build("bash")
+        .unwrap();
+        assert_eq!(plugin.max_output_bytes, None);
+        assert_eq!(plugin.limits, Limits::default());
+        let plugin =
+            parse("runner = \"bash\"\nmax_output_bytes = \"5MiB\"\nlimits = { processes = 9 }")
+                .unwrap()
+                .build("bash")
+                .unwrap();
+        assert_eq!(plugin.max_output_bytes, Some(5 << 20));
+        assert_eq!(plugin.limits.processes, Some(9));
+    }
+
+    #[test]
+    fn allow_env_is_checked_at_load() {
+        let plugin = parse("runner = \"bash\"\nallow_env = [\"GREETING\", \"APP_*\"]")
+            .unwrap()
+            .build("bash")
+            .unwrap();
+        assert!(plugin.allow_env.allows("APP_MODE"));
+        let err = parse("runner = \"python\"\nallow_env = [\"PYTHON*\"]")
+            .unwrap()
+            .build("python")
+            .unwrap_err();
+        assert_eq!(err.key, "allow_env");
+        let err = parse("runner = \"python\"\nallow_env = [\"PYTHONWARNINGS\"]")
+            .unwrap()
+            .build("python")
+            .unwrap_err();
+        assert!(err.message.contains("no request may set"), "{err}");
     }
 }

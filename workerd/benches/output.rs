@@ -59,10 +59,14 @@ async fn main() {
     let scripts = tmp.path().join("scripts");
     std::fs::create_dir_all(&scripts).unwrap();
     std::fs::write(scripts.join("blast.sh"), "head -c \"$1\" /dev/zero\n").unwrap();
+    // A root workerd runs jobs as nobody, who must reach the script.
+    for dir in [tmp.path(), scripts.as_path()] {
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
     let config = tmp.path().join("w.toml");
     std::fs::write(
         &config,
-        "[grpc_server]\naddr = \"127.0.0.1:0\"\ncrt_file = \"pki/w1.pem\"\nkey_file = \"pki/w1-key.pem\"\nca_file = \"pki/ca.pem\"\n[worker]\nname = \"w1\"\nscripts_dir = \"scripts\"\nstate_dir = \"state\"\n[plugins.bash]\nrunner = \"bash\"\n",
+        "[grpc_server]\naddr = \"127.0.0.1:0\"\ncrt_file = \"pki/w1.pem\"\nkey_file = \"pki/w1-key.pem\"\nca_file = \"pki/ca.pem\"\n[worker]\nname = \"w1\"\nscripts_dir = \"scripts\"\nstate_dir = \"state\"\n[plugins.bash]\nrunner = \"bash\"\nmax_output_bytes = 0\n",
     )
     .unwrap();
     let daemon = Daemon::spawn(

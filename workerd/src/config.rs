@@ -124,11 +124,14 @@ pub struct WorkerSection {
     /// Most jobs running at once; past it a start is refused (429 worker_busy).
     pub max_jobs: Option<usize>,
     /// When workerd runs as root, jobs run as this user unless their plugin
-    /// names another.
+    /// names another; default `nobody`. Root only when named.
     pub run_as_user: Option<String>,
     /// ... and this group (default: the user's primary group).
     pub run_as_group: Option<String>,
 }
+
+/// Whom jobs run as when workerd is root and the config names nobody else.
+pub const DEFAULT_RUN_AS_USER: &str = "nobody";
 
 fn default_addr() -> String {
     "127.0.0.1:30000".to_owned()
@@ -154,7 +157,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub labels: BTreeMap<String, String>,
     pub plugins: BTreeMap<String, Plugin>,
-    /// Uid and gid each plugin's jobs run as, when not the worker's own.
+    /// Uid and gid each plugin's jobs run as, when not the worker's own
+    /// (always, when workerd runs as root).
     pub run_as: BTreeMap<String, RunAs>,
     pub max_jobs: Option<usize>,
     pub retention: Retention,
@@ -193,6 +197,174 @@ fn resolve_run_as(user: &str, group: Option<&str>) -> Result<RunAs, String> {
         user: user_entry.name,
         home: user_entry.dir,
     })
+}
+
+/// Whom a plugin's jobs run as, or `None` for workerd's own user.
+fn job_user(
+    name: &str,
+    settings: &jobcluster_plugins::RunnerSettings,
+    w: &WorkerSection,
+    own: (u32, u32),
+) -> Result<Option<RunAs>, (String, String)> {
+    let root = own.0 == 0;
+    let (user, group, key) = match (&settings.user, &w.run_as_user) {
+        (Some(user), _) => (
+            user.as_str(),
+            settings.group.as_deref(),
+            format!("plugins.{name}.user"),
+        ),
+        (None, Some(user)) => (
+            user.as_str(),
+            w.run_as_group.as_deref(),
+            "worker.run_as_user".to_owned(),
+        ),
+        // Root's jobs could do anything to the machine and to the worker:
+        // they run as root only where a config says so.
+        (None, None) if root => (DEFAULT_RUN_AS_USER, None, "worker.run_as_user".to_owned()),
+        // Not root: jobs can only run as workerd's own user.
+        (None, None) => return Ok(None),
+    };
+    let resolved = resolve_run_as(user, group).map_err(|m| {
+        let default = if settings.user.is_none() && w.run_as_user.is_none() {
+            format!(
+                " (jobs run as {DEFAULT_RUN_AS_USER} when workerd is root and no user is named)"
+            )
+        } else {
+            String::new()
+        };
+        (key.clone(), format!("{m}{default}"))
+    })?;
+    if !root && resolved.uid != own.0 {
+        return Err((
+            key,
+            "workerd is not root, so it cannot run jobs as another user".into(),
+        ));
+    }
+    Ok(Some(resolved))
+}
+
+/// Checks that each plugin's job user can read `scripts_dir` (and pass
+/// through every parent), so that a worker that starts can run its jobs.
+/// Errors name the key that chose the user.
+fn check_scripts_access(
+    scripts_dir: &Path,
+    plugins: &BTreeMap<String, Plugin>,
+    run_as: &BTreeMap<String, RunAs>,
+    no_worker_user: bool,
+) -> Result<(), (String, String)> {
+    use crate::sys::{Access, access_as};
+    let own = (
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    );
+    // Each check runs once per user, however many plugins share it.
+    let mut seen = std::collections::HashSet::new();
+    for (name, plugin) in plugins {
+        let job = run_as.get(name);
+        let identity = job.map(|r| (r.uid, r.gid)).filter(|ids| *ids != own);
+        let (who, key, fix) = match (job, &plugin.user) {
+            (None, _) => (
+                "workerd's own user".to_owned(),
+                "worker.scripts_dir".to_owned(),
+                "give workerd's user access to it".to_owned(),
+            ),
+            (Some(r), Some(_)) => (
+                format!("user {}", r.user),
+                format!("plugins.{name}.user"),
+                format!("give {} access to it, or name another user", r.user),
+            ),
+            (Some(r), None) => (
+                if no_worker_user {
+                    format!("user {} (the default when workerd is root)", r.user)
+                } else {
+                    format!("user {}", r.user)
+                },
+                "worker.run_as_user".to_owned(),
+                format!("give {} access to it, or name another user", r.user),
+            ),
+        };
+        let fail = |m: String| {
+            (
+                key.clone(),
+                format!("plugin {name}: jobs run as {who}, who {m}; {fix}"),
+            )
+        };
+        if seen.insert(identity)
+            && let Err(error) = access_as(identity, scripts_dir, Access::ReadDir)
+        {
+            // Name the directory in the way, the first from the root.
+            let parents: Vec<&Path> = scripts_dir.ancestors().skip(1).collect();
+            let blocked = parents
+                .into_iter()
+                .rev()
+                .find(|dir| access_as(identity, dir, Access::Search).is_err());
+            let why = match blocked {
+                Some(dir) => format!("may not pass through {} ({})", dir.display(), describe(dir)),
+                None => format!("{error} ({})", describe(scripts_dir)),
+            };
+            return Err(fail(format!(
+                "cannot read scripts_dir {}: {why}",
+                scripts_dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// "mode 0700, owner root:root", for messages about permissions.
+fn describe(path: &Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(path) {
+        Ok(m) => {
+            let name = |uid: u32| {
+                nix::unistd::User::from_uid(uid.into())
+                    .ok()
+                    .flatten()
+                    .map_or_else(|| uid.to_string(), |u| u.name)
+            };
+            let group = nix::unistd::Group::from_gid(m.gid().into())
+                .ok()
+                .flatten()
+                .map_or_else(|| m.gid().to_string(), |g| g.name);
+            format!(
+                "mode {:04o}, owner {}:{group}",
+                m.mode() & 0o7777,
+                name(m.uid())
+            )
+        }
+        Err(e) => e.to_string(),
+    }
+}
+
+/// A job cannot raise a hard limit (its rlimits are set after it left
+/// root), so a limit above workerd's own would fail every job: refused
+/// here instead. Only open files: processes may be a cgroup's `pids.max`.
+fn check_hard_limits(
+    name: &str,
+    plugin: &Plugin,
+    table: &PluginConfig,
+) -> Result<(), (String, String)> {
+    use nix::sys::resource::{RLIM_INFINITY, Resource, getrlimit};
+    let Some(wanted) = plugin.limits.open_files else {
+        return Ok(());
+    };
+    let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return Ok(());
+    };
+    if hard == RLIM_INFINITY || wanted <= hard {
+        return Ok(());
+    }
+    let default = if table.settings().limits.open_files.is_none() {
+        " (the default)"
+    } else {
+        ""
+    };
+    Err((
+        format!("plugins.{name}.limits.open_files"),
+        format!(
+            "{wanted}{default} is above workerd's own hard limit of {hard} open files, which a job cannot raise; set a lower value (0 for workerd's own) or raise workerd's limit (LimitNOFILE=)"
+        ),
+    ))
 }
 
 /// What the worker presents and trusts.
@@ -287,9 +459,34 @@ impl Config {
                 "no [plugins.NAME] table: the worker would offer nothing to run".into(),
             ));
         }
+        if w.run_as_group.is_some() && w.run_as_user.is_none() {
+            return Err(err(
+                "worker.run_as_group",
+                "needs worker.run_as_user too".into(),
+            ));
+        }
+        let own = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
+        let mut run_as = BTreeMap::new();
         let mut plugins = BTreeMap::new();
-        for (name, plugin) in &file.plugins {
-            let built = plugin.build(name).map_err(|e| {
+        for (name, table) in &file.plugins {
+            let job = job_user(name, table.settings(), w, own).map_err(|(key, m)| err(&key, m))?;
+            // The interpreter is one the job's user can run (a name is
+            // looked up in PATH as that user would need it).
+            let identity = job
+                .as_ref()
+                .map(|r| (r.uid, r.gid))
+                .filter(|ids| *ids != own);
+            let who = job
+                .as_ref()
+                .map_or_else(|| "workerd's user".to_owned(), |r| r.user.clone());
+            let can_run = |program: &Path| {
+                crate::sys::access_as(identity, program, crate::sys::Access::Execute)
+                    .map_err(|e| format!("{who} cannot run it: {e}"))
+            };
+            let built = table.build_with(name, &can_run).map_err(|e| {
                 let key = if e.key.is_empty() {
                     format!("plugins.{name}")
                 } else {
@@ -297,44 +494,14 @@ impl Config {
                 };
                 err(&key, e.message)
             })?;
+            check_hard_limits(name, &built, table).map_err(|(key, m)| err(&key, m))?;
             plugins.insert(name.clone(), built);
-        }
-        let root = nix::unistd::geteuid().is_root();
-        let mut run_as = BTreeMap::new();
-        for (name, plugin) in &plugins {
-            let (user, group, key) = match &plugin.user {
-                Some(user) => (
-                    user.as_str(),
-                    plugin.group.as_deref(),
-                    format!("plugins.{name}.user"),
-                ),
-                None => match &w.run_as_user {
-                    Some(user) => (
-                        user.as_str(),
-                        w.run_as_group.as_deref(),
-                        "worker.run_as_user".to_owned(),
-                    ),
-                    None => continue,
-                },
-            };
-            let resolved = resolve_run_as(user, group).map_err(|m| err(&key, m))?;
-            if !root && resolved.uid != nix::unistd::geteuid().as_raw() {
-                return Err(err(
-                    &key,
-                    "workerd is not root, so it cannot run jobs as another user".into(),
-                ));
+            if let Some(job) = job {
+                run_as.insert(name.clone(), job);
             }
-            if resolved.uid == 0 {
-                return Err(err(&key, "jobs must not run as root".into()));
-            }
-            run_as.insert(name.clone(), resolved);
         }
-        if w.run_as_group.is_some() && w.run_as_user.is_none() {
-            return Err(err(
-                "worker.run_as_group",
-                "needs worker.run_as_user too".into(),
-            ));
-        }
+        check_scripts_access(&scripts_dir, &plugins, &run_as, w.run_as_user.is_none())
+            .map_err(|(key, m)| err(&key, m))?;
         if w.max_jobs == Some(0) {
             return Err(err("worker.max_jobs", "must be more than 0".into()));
         }

@@ -102,13 +102,13 @@ pub async fn run(
             None
         }
     };
-    if nix::unistd::geteuid().is_root() {
-        for name in plugin_names
-            .iter()
-            .filter(|n| !config.run_as.contains_key(*n))
-        {
-            tracing::warn!(plugin = %name, "jobs of this plugin run as root; set worker.run_as_user or plugins.{name}.user");
-        }
+    // Only a config that names root gets here (the default is nobody).
+    for (name, run_as) in config.run_as.iter().filter(|(_, r)| r.uid == 0) {
+        tracing::warn!(
+            plugin = %name,
+            user = %run_as.user,
+            "jobs of this plugin run as root, as the config says: they can do anything on this machine, including reading the worker's key and rewriting its records"
+        );
     }
     tokio::fs::create_dir_all(&config.state_dir)
         .await

@@ -1,9 +1,14 @@
-//! The one place with `unsafe`: code that runs in a job's process between
-//! fork and exec, where only async-signal-safe calls are allowed, and the two
-//! pidfd system calls nix does not wrap.
+//! The one place with `unsafe`: code that runs in a child process between
+//! fork and exec, where only async-signal-safe calls are allowed, and the
+//! system calls nix does not wrap (or wraps only behind features we do not
+//! otherwise need).
 #![allow(unsafe_code)]
 
+use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
 
 use jobcluster_plugins::Limits;
 use nix::errno::Errno;
@@ -55,6 +60,78 @@ pub(crate) fn set_limits(
             }
             Ok(())
         });
+    }
+}
+
+/// What [`access_as`] asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Access {
+    /// List and pass through a directory.
+    ReadDir,
+    /// Pass through a directory.
+    Search,
+    /// Run a program.
+    Execute,
+}
+
+/// Asks the kernel whether a job running as `uid`/`gid` could `access`
+/// `path`; `None` asks for workerd's own user.
+///
+/// Another user's permissions cannot be asked for in-process (access(2)
+/// answers for our own real ids), and a model of them from mode bits would
+/// miss ACLs, `noexec` mounts and security modules: a wrong "yes" fails
+/// every job later, a wrong "no" refuses a working setup with no way
+/// around it. So a short-lived child takes the job's credentials exactly
+/// as a job does (std's `uid`/`gid`: supplementary groups dropped, then
+/// setgid, setuid), calls access(2) and exits without exec; its errno comes
+/// back through std's spawn error pipe. Used at start only, a few times per
+/// job user.
+pub(crate) fn access_as(
+    identity: Option<(u32, u32)>,
+    path: &Path,
+    access: Access,
+) -> std::io::Result<()> {
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let mode = match access {
+        Access::ReadDir => libc::R_OK | libc::X_OK,
+        Access::Search | Access::Execute => libc::X_OK,
+    };
+    let Some((uid, gid)) = identity else {
+        // SAFETY: access(2) reads a NUL-terminated path we own for the
+        // duration of the call and writes nothing of ours.
+        return match unsafe { libc::access(c_path.as_ptr(), mode) } {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error()),
+        };
+    };
+    // The program is never executed: the hook ends the child first.
+    let mut cmd = std::process::Command::new("/");
+    cmd.uid(uid)
+        .gid(gid)
+        .env_clear()
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: the closure runs in the forked child after std switched its
+    // user. It calls access(2) on a path allocated before the fork, reads
+    // errno, and _exit(2)s, all async-signal-safe; it allocates nothing
+    // and touches no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::access(c_path.as_ptr(), mode) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::_exit(0)
+        });
+    }
+    let status = cmd.spawn()?.wait()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "the access check ended with {status}"
+        )))
     }
 }
 

@@ -90,6 +90,7 @@ impl Cluster {
         for name in ["count.sh", "count.py", "fail.sh"] {
             std::fs::copy(repo_scripts.join(name), scripts.join(name)).unwrap();
         }
+        open_to_jobs(tmp.path());
         std::fs::write(tmp.path().join("scheduler.toml"), scheduler_config).unwrap();
         let scheduler = Daemon::spawn_with(
             &bin("schedulerd"),
@@ -443,6 +444,15 @@ refresh_timeout = "3s"
 [http_server]
 addr = "127.0.0.1:0"
 "#;
+
+/// Lets jobs reach `dir/scripts` as a user other than root (a root
+/// workerd runs them as nobody): temporary directories are made 0700.
+pub fn open_to_jobs(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for dir in [dir.to_owned(), dir.join("scripts")] {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+}
 
 /// Runs clusterctl synchronously and asserts success.
 pub fn run_ok(args: &[&str]) -> Output {

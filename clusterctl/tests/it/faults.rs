@@ -78,9 +78,12 @@ async fn a_killed_worker_goes_down_its_jobs_are_lost_and_it_comes_back_clean() {
     })
     .await;
     let running = cluster.start_job("w1", "count.sh", &["1000", "0.05"]).await;
+    // Running, and its first line in the log (a loaded machine may take a
+    // while to get the interpreter going).
     assert!(
         eventually(Duration::from_secs(10), || !job_processes(&running)
-            .is_empty())
+            .is_empty()
+            && cluster.worker_log("w1", &running).starts_with(b"1\n"))
         .await
     );
 

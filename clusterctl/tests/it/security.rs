@@ -441,6 +441,37 @@ async fn hostile_input_gets_clear_refusals_and_the_cluster_keeps_serving() {
             StatusCode::BAD_REQUEST,
             "invalid_request",
         ),
+        // Request env passes only a plugin's allow list (none here).
+        (
+            "POST",
+            "/v1/jobs".into(),
+            json!({"worker_id": "w1", "path": "count.py", "env": {
+                "PYTHONWARNINGS": "all:0:antigravity.x:0:0",
+                "BROWSER": "/bin/sh -c 'kill -9 $PPID' %s",
+            }})
+            .to_string()
+            .into_bytes(),
+            StatusCode::BAD_REQUEST,
+            "env_not_allowed",
+        ),
+        (
+            "POST",
+            "/v1/jobs".into(),
+            json!({"worker_id": "w1", "path": "count.sh", "env": {"GREETING": "hi"}})
+                .to_string()
+                .into_bytes(),
+            StatusCode::BAD_REQUEST,
+            "env_not_allowed",
+        ),
+        (
+            "POST",
+            "/v1/jobs".into(),
+            json!({"path": "count.sh", "env": {"LD_PRELOAD": "/tmp/evil.so"}})
+                .to_string()
+                .into_bytes(),
+            StatusCode::BAD_REQUEST,
+            "env_not_allowed",
+        ),
         (
             "POST",
             "/v1/jobs".into(),
@@ -836,6 +867,7 @@ async fn plaintext_needs_an_explicit_insecure_and_warns_at_every_start() {
         dir.join("scripts/count.sh"),
     )
     .unwrap();
+    crate::cluster::open_to_jobs(dir);
     let scheduler = |extra: &str| {
         format!(
             "[grpc_server]\naddr = \"127.0.0.1:0\"\nuse_tls = false\n{extra}\n[http_server]\naddr = \"127.0.0.1:0\"\n[store]\npath = \"s.db\"\n"
@@ -925,23 +957,10 @@ async fn jobs_run_as_the_configured_user_and_cannot_read_worker_records() {
         return;
     }
     let cluster = Cluster::start_with(&["w1"], "", "run_as_user = \"nobody\"\n---\n").await;
-    // Let the job user reach the scripts (the temporary directory is 0700).
-    use std::os::unix::fs::PermissionsExt;
-    for dir in [
-        cluster.tmp.path().to_path_buf(),
-        cluster.tmp.path().join("scripts"),
-    ] {
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
     let scripts = cluster.tmp.path().join("scripts");
     std::fs::write(
         scripts.join("whoami.sh"),
         "id -un\necho \"$HOME\"\ncat \"$1/$JOB_ID/output.log\" >/dev/null 2>&1 && echo read-own-log || echo denied\nls \"$1\" >/dev/null 2>&1 && echo listed-records || echo denied\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        scripts.join("whoami.sh"),
-        std::fs::Permissions::from_mode(0o755),
     )
     .unwrap();
     let state = cluster.tmp.path().join("state/w1");
@@ -964,6 +983,188 @@ async fn jobs_run_as_the_configured_user_and_cannot_read_worker_records() {
     );
     // The log exists and is the worker's (root reads it; the job could not).
     assert!(!cluster.worker_log("w1", &started.job_id).is_empty());
+}
+
+/// Request environments that would run code outside the scripts, and the
+/// users jobs run as: every refusal is `400 env_not_allowed` naming the
+/// variables and what the plugin allows, nothing runs, and the cluster
+/// keeps serving; what is allowed arrives; jobs of a root worker run as
+/// nobody unless a plugin names root, which is warned at start.
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_environments_are_refused_and_jobs_run_as_nobody_by_default() {
+    let root = nix::unistd::geteuid().is_root();
+    let rooted = if root {
+        "\n[plugins.rooted]\nrunner = \"bash\"\nextensions = []\nuser = \"root\"\n"
+    } else {
+        ""
+    };
+    let extra = format!(
+        "---\n[plugins.greet]\nrunner = \"bash\"\nextensions = []\nallow_env = [\"GREETING\", \"APP_*\"]\n{rooted}"
+    );
+    let cluster = Cluster::start_with(&["w1"], "", &extra).await;
+    let url = cluster.url();
+    let scripts = cluster.tmp.path().join("scripts");
+    // Whatever user a job runs as, it could leave a mark here.
+    let marks = cluster.tmp.path().join("marks");
+    std::fs::create_dir(&marks).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&marks, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    }
+    let mark = |name: &str| marks.join(name).display().to_string();
+    std::fs::write(
+        scripts.join("mark.sh"),
+        format!("touch {}\n", mark("script")),
+    )
+    .unwrap();
+    std::fs::write(scripts.join("hook.sh"), format!("touch {}\n", mark("hook"))).unwrap();
+    std::fs::write(
+        scripts.join("mark.py"),
+        format!("open('{}', 'w').close()\n", mark("python")),
+    )
+    .unwrap();
+    std::fs::write(
+        scripts.join("env.sh"),
+        "echo \"${GREETING-unset} ${APP_MODE-unset} ${OTHER-unset}\"\n",
+    )
+    .unwrap();
+    std::fs::write(scripts.join("who.sh"), "id -u\nulimit -n\n").unwrap();
+
+    let browser = format!("/bin/sh -c 'touch {}' %s", mark("browser"));
+    let hook = scripts.join("hook.sh").display().to_string();
+    let cases: Vec<(&str, &str, serde_json::Value, &[&str])> = vec![
+        // The reported attack: PYTHONWARNINGS makes python import a module
+        // that runs BROWSER through a shell.
+        (
+            "python",
+            "mark.py",
+            json!({"PYTHONWARNINGS": "all:0:antigravity.x:0:0", "BROWSER": browser}),
+            &["never allowed", "PYTHONWARNINGS", "BROWSER", "allows none"],
+        ),
+        // An allow list does not open the deny list.
+        (
+            "greet",
+            "mark.sh",
+            json!({"BASH_ENV": hook, "GREETING": "hi"}),
+            &["never allowed: BASH_ENV", "allows GREETING, APP_*"],
+        ),
+        (
+            "greet",
+            "mark.sh",
+            json!({"BASH_FUNC_touch%%": "() { :; }"}),
+            &["never allowed", "BASH_FUNC_touch%%"],
+        ),
+        (
+            "greet",
+            "mark.sh",
+            json!({"LD_PRELOAD": "/tmp/evil.so", "PATH": "/tmp"}),
+            &["LD_PRELOAD", "PATH"],
+        ),
+        (
+            "greet",
+            "mark.sh",
+            json!({"PERL5OPT": "-d", "RUBYOPT": "-rx", "NODE_OPTIONS": "--require x", "GIT_SSH_COMMAND": "x"}),
+            &["PERL5OPT", "RUBYOPT", "NODE_OPTIONS", "GIT_SSH_COMMAND"],
+        ),
+        // Not allowed, named with what is.
+        (
+            "greet",
+            "mark.sh",
+            json!({"GREETING": "hi", "OTHER": "x"}),
+            &["not allowed: OTHER", "allows GREETING, APP_*"],
+        ),
+        (
+            "greet",
+            "mark.sh",
+            json!({"APP_\nX": "x"}),
+            &["not allowed", "APP_\\nX"],
+        ),
+        (
+            "bash",
+            "mark.sh",
+            json!({"GREETING": "hi"}),
+            &["not allowed: GREETING", "allows none"],
+        ),
+    ];
+    for (i, (command, path, env, parts)) in cases.into_iter().enumerate() {
+        let reply = cluster
+            .http()
+            .post(format!("{url}/v1/jobs"))
+            .json(&json!({"worker_id": "w1", "command": command, "path": path, "env": env}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), StatusCode::BAD_REQUEST, "case {i}");
+        let body: ErrorBody = reply.json().await.unwrap();
+        assert_eq!(body.code, "env_not_allowed", "case {i}: {}", body.error);
+        for part in parts {
+            assert!(
+                body.error.contains(part),
+                "case {i}: {part} in {}",
+                body.error
+            );
+        }
+        let reply = cluster
+            .http()
+            .get(format!("{url}/v1/workers"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), StatusCode::OK, "the API stopped serving");
+    }
+    let left: Vec<String> = std::fs::read_dir(&marks)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(left.is_empty(), "refused jobs ran: {left:?}");
+    let jobs: Vec<JobInfo> =
+        serde_json::from_slice(&cluster.ctl_output(&["jobs", "-o", "json"]).await.stdout).unwrap();
+    assert!(jobs.is_empty(), "refused starts left jobs: {jobs:?}");
+
+    // What the plugin allows reaches the script.
+    let reply = cluster
+        .http()
+        .post(format!("{url}/v1/jobs"))
+        .json(
+            &json!({"worker_id": "w1", "command": "greet", "path": "env.sh",
+            "env": {"GREETING": "hello", "APP_MODE": "fast"}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), StatusCode::CREATED);
+    let started: jobcluster_proto::http::JobStarted = reply.json().await.unwrap();
+    let out = cluster.ctl_output(&["logs", "-f", &started.job_id]).await;
+    assert_eq!(stdout(&out), "hello fast unset\n", "{}", stderr(&out));
+
+    if !root {
+        eprintln!("skipped the job users: they need a root worker");
+        return;
+    }
+    // A root worker's jobs run as nobody, with the default limits, unless
+    // a plugin names root; that is warned at start.
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap().uid;
+    let out = cluster
+        .ctl_output(&["run", "--worker", "w1", "who.sh"])
+        .await;
+    assert_eq!(
+        stdout(&out),
+        format!("{nobody}\n1024\n"),
+        "{}",
+        stderr(&out)
+    );
+    let out = cluster
+        .ctl_output(&["run", "--worker", "w1", "--command", "rooted", "who.sh"])
+        .await;
+    assert_eq!(stdout(&out), "0\n1024\n", "{}", stderr(&out));
+    let log = cluster.workers[0].1.log();
+    let warned: Vec<&str> = log.lines().filter(|l| l.contains("run as root")).collect();
+    assert_eq!(warned.len(), 1, "{log}");
+    assert!(
+        warned[0].contains("WARN") && warned[0].contains("rooted"),
+        "{}",
+        warned[0]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

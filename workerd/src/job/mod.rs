@@ -67,6 +67,11 @@ pub(crate) enum JobError {
     Starting(Uuid),
     #[error("invalid {what}: {reason}")]
     BadInput { what: &'static str, reason: String },
+    #[error("plugin {plugin} refuses these request env variables: {refused}")]
+    EnvNotAllowed {
+        plugin: String,
+        refused: jobcluster_plugins::EnvRefused,
+    },
     #[error("the worker is shutting down and takes no new jobs")]
     ShuttingDown,
     #[error("the worker already runs its maximum of {0} jobs; try later or another worker")]

@@ -120,6 +120,15 @@ impl Jobs {
         let script = crate::confine::resolve_script(&self.scripts_dir, &req.path)?;
         let plugin = self.plugin_for(&req.command, &req.path, &script)?;
         validate_strings(&req.args, &req.env)?;
+        // The plugin's allow list, with the deny list under it: a refused
+        // variable refuses the whole request, so nothing runs half-configured.
+        if let Err(refused) = plugin.allow_env.check(req.env.keys().map(String::as_str)) {
+            tracing::info!(job_id = %id, plugin = %plugin.name, %refused, "start refused: request env");
+            return Err(JobError::EnvNotAllowed {
+                plugin: plugin.name.clone(),
+                refused,
+            });
+        }
         // A slot is taken now, before any await, so concurrent starts cannot
         // overshoot max_jobs; it is given back unless a process starts.
         let slot = RunningSlot::take(&self.running, self.policy.max_jobs)?;
@@ -408,50 +417,6 @@ fn validate_strings(args: &[String], env: &BTreeMap<String, String>) -> Result<(
                 reason: format!("{key:?} is not a valid variable"),
             });
         }
-        if reserved_variable(key) {
-            return Err(JobError::BadInput {
-                what: "env",
-                reason: format!(
-                    "{key} may not be set by a request: it would let a job load code from outside the scripts directory or change what the worker relies on"
-                ),
-            });
-        }
     }
     Ok(())
-}
-
-/// Variables a request may not set: the worker's own (`JOB_ID` finds a
-/// job's processes after a crash), and those that make an interpreter or
-/// the dynamic linker load code from elsewhere, which would get around the
-/// scripts directory. Plugins' own `env` may still set them.
-fn reserved_variable(key: &str) -> bool {
-    const EXACT: &[&str] = &[
-        "JOB_ID",
-        "WORKER_NAME",
-        "PATH",
-        "IFS",
-        "ENV",
-        "BASH_ENV",
-        "SHELLOPTS",
-        "BASHOPTS",
-        "PS4",
-        "PROMPT_COMMAND",
-        "PYTHONPATH",
-        "PYTHONHOME",
-        "PYTHONSTARTUP",
-        "PYTHONINSPECT",
-        "PERL5LIB",
-        "PERL5OPT",
-        "PERLLIB",
-        "RUBYLIB",
-        "RUBYOPT",
-        "NODE_OPTIONS",
-        "NODE_PATH",
-        "GCONV_PATH",
-        "HOSTALIASES",
-        "LOCPATH",
-        "TMPDIR",
-    ];
-    const PREFIXES: &[&str] = &["LD_", "DYLD_", "BASH_FUNC_"];
-    EXACT.contains(&key) || PREFIXES.iter().any(|p| key.starts_with(p))
 }

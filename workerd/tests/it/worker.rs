@@ -69,13 +69,37 @@ const TEST_SCRIPTS: &[(&str, &str)] = &[
     ),
 ];
 
+/// Lets a job user other than root (jobs of a root workerd run as nobody)
+/// reach the scripts: temporary directories are made 0700.
+fn open_to_jobs(tmp: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    for dir in [tmp.to_owned(), tmp.join("scripts")] {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+}
+
+/// A directory any job may write its marks to, whichever user it runs as.
+fn marks_dir(tmp: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let marks = tmp.join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    std::fs::set_permissions(&marks, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    marks
+}
+
 impl Worker {
     fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// A worker whose config ends with `extra` (whole tables).
+    fn start_with(extra: &str) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let pki = Pki::new(&tmp.path().join("pki"));
         pki.issue(Role::Worker, "w1");
         let scripts = tmp.path().join("scripts");
         std::fs::create_dir_all(&scripts).unwrap();
+        open_to_jobs(tmp.path());
         let repo_scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts");
         for name in ["count.sh", "count.py", "fail.sh"] {
             std::fs::copy(repo_scripts.join(name), scripts.join(name)).unwrap();
@@ -84,7 +108,7 @@ impl Worker {
             std::fs::write(scripts.join(name), body).unwrap();
         }
         // A script outside scripts_dir that leaves a mark if it ever runs.
-        let marker = tmp.path().join("outside-ran");
+        let marker = marks_dir(tmp.path()).join("outside-ran");
         std::fs::write(
             tmp.path().join("outside.sh"),
             format!("touch {}\n", marker.display()),
@@ -95,7 +119,7 @@ impl Worker {
         std::fs::write(
             &config,
             format!(
-                "{BASE_CONFIG}\n[plugins.bash]\nrunner = \"bash\"\nstop_grace = \"1s\"\n\n[plugins.python]\nrunner = \"python\"\n"
+                "{BASE_CONFIG}\n[plugins.bash]\nrunner = \"bash\"\nstop_grace = \"1s\"\nallow_env = [\"GREETING\"]\n\n[plugins.python]\nrunner = \"python\"\n{extra}"
             ),
         )
         .unwrap();
@@ -338,7 +362,7 @@ async fn paths_outside_scripts_dir_are_refused_before_anything_runs() {
         );
     }
     assert!(
-        !worker.tmp.path().join("outside-ran").exists(),
+        !worker.tmp.path().join("marks/outside-ran").exists(),
         "no escaped script ran"
     );
     let jobs = std::fs::read_dir(worker.state_dir().join("jobs"))
@@ -554,6 +578,7 @@ fn bad_configs_are_refused_with_file_and_key() {
     let pki = Pki::new(&tmp.path().join("pki"));
     pki.issue(Role::Worker, "w1");
     std::fs::create_dir(tmp.path().join("scripts")).unwrap();
+    open_to_jobs(tmp.path());
     let base = BASE_CONFIG;
     let cases = [
         ("[plugins.bash]\nrunner = \"bash\"\n", None),
@@ -571,6 +596,22 @@ fn bad_configs_are_refused_with_file_and_key() {
             Some("extra"),
         ),
         ("", Some("plugins")),
+        (
+            "[plugins.bash]\nrunner = \"bash\"\nallow_env = [\"LD_PRELOAD\"]\n",
+            Some("plugins.bash.allow_env"),
+        ),
+        (
+            "[plugins.bash]\nrunner = \"bash\"\nallow_env = [\"*\"]\n",
+            Some("plugins.bash.allow_env"),
+        ),
+        (
+            "[plugins.bash]\nrunner = \"bash\"\nmax_output_bytes = 0\nlimits = { processes = 0, open_files = 0 }\n",
+            None,
+        ),
+        (
+            "[plugins.bash]\nrunner = \"bash\"\nlimits = { open_files = 99999999999 }\n",
+            Some("plugins.bash.limits.open_files"),
+        ),
     ];
     for (extra, key) in cases {
         let config = tmp.path().join("w.toml");
@@ -606,6 +647,123 @@ fn bad_configs_are_refused_with_file_and_key() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("worker.name"));
+
+    if nix::unistd::geteuid().is_root() {
+        // Jobs of a root worker run as nobody, who cannot pass through a
+        // private directory: refused at start, in one line naming the way out.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        let check = |extra: &str| {
+            std::fs::write(
+                &config,
+                format!("{base}{extra}[plugins.bash]\nrunner = \"bash\"\n"),
+            )
+            .unwrap();
+            std::process::Command::new(WORKERD)
+                .args(["--config", config.to_str().unwrap(), "--check-config"])
+                .output()
+                .unwrap()
+        };
+        let out = check("");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        for part in [
+            "worker.run_as_user",
+            "nobody",
+            "cannot read scripts_dir",
+            "(mode 0700",
+        ] {
+            assert!(stderr.contains(part), "{part} in {stderr}");
+        }
+        // Naming root is the operator's call (warned at start).
+        let out = check("run_as_user = \"root\"\n");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[tokio::test]
+async fn request_env_passes_only_what_the_plugin_allows() {
+    let worker = Worker::start_with(
+        "\n[plugins.app]\nrunner = \"bash\"\nextensions = []\nallow_env = [\"APP_*\"]\n",
+    );
+    let marks = worker.tmp.path().join("marks");
+    std::fs::write(
+        worker.tmp.path().join("scripts/mark.py"),
+        format!("open('{}/ran', 'w').close()\n", marks.display()),
+    )
+    .unwrap();
+    std::fs::write(
+        worker.tmp.path().join("scripts/app.sh"),
+        "echo \"$APP_MODE $APP_LEVEL ${GREETING-unset}\"\n",
+    )
+    .unwrap();
+    let mut client = worker.client();
+    let refused = [
+        // The reported attack: PYTHONWARNINGS imports a module that runs
+        // BROWSER as a shell command.
+        (
+            "python",
+            "mark.py",
+            vec![
+                ("PYTHONWARNINGS", "all:0:antigravity.x:0:0"),
+                ("BROWSER", "/bin/sh -c 'touch /tmp/pwned' %s"),
+            ],
+            vec!["PYTHONWARNINGS", "BROWSER", "allows none"],
+        ),
+        (
+            "bash",
+            "env.sh",
+            vec![("OTHER", "x")],
+            vec!["not allowed: OTHER", "allows GREETING"],
+        ),
+        (
+            "app",
+            "app.sh",
+            vec![("APP_MODE", "x"), ("LD_PRELOAD", "/x.so")],
+            vec!["never allowed: LD_PRELOAD", "allows APP_*"],
+        ),
+        (
+            "app",
+            "app.sh",
+            vec![("GREETING", "hi")],
+            vec!["not allowed: GREETING"],
+        ),
+    ];
+    for (plugin, script, env, parts) in refused {
+        let mut req = start_req(plugin, script, &[]);
+        req.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let err = client.start_job(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{plugin}: {err:?}");
+        assert_eq!(
+            err.metadata().get("jobcluster-code").unwrap(),
+            "env_not_allowed",
+            "{plugin}"
+        );
+        for part in parts {
+            assert!(err.message().contains(part), "{part} in {}", err.message());
+        }
+    }
+    assert!(!marks.join("ran").exists(), "a refused job ran");
+    let jobs = std::fs::read_dir(worker.state_dir().join("jobs"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(jobs, 0, "no job was created");
+
+    let mut req = start_req("app", "app.sh", &[]);
+    req.env = HashMap::from([
+        ("APP_MODE".to_owned(), "fast".to_owned()),
+        ("APP_LEVEL".to_owned(), "3".to_owned()),
+    ]);
+    let job = start(&mut client, req).await;
+    assert_eq!(follow(&mut client, &job, 0).await.0, b"fast 3 unset\n");
 }
 
 /// State, parent, process group and session of a live (or zombie) process.
