@@ -755,7 +755,8 @@ impl Store {
         .await
     }
 
-    /// A group and its jobs (in worker order of the fan-out).
+    /// A group and its jobs (in worker order of the fan-out), the jobs
+    /// without their `args` (they are the group's).
     pub async fn group(
         &self,
         group_id: &str,
@@ -773,7 +774,7 @@ impl Store {
                 return Ok(None);
             };
             let mut stmt = c.prepare(&format!(
-                "SELECT {JOB_COLUMNS} FROM jobs WHERE group_id = ?1 ORDER BY seq"
+                "SELECT {JOB_COLUMNS_WITHOUT_ARGS} FROM jobs WHERE group_id = ?1 ORDER BY seq"
             ))?;
             let jobs = stmt.query_map([&id], job_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(Some((group, jobs)))
@@ -781,11 +782,11 @@ impl Store {
         .await
     }
 
-    /// Groups newest first, at most `limit`.
+    /// Groups newest first, at most `limit`, without their `args`.
     pub async fn groups(&self, limit: u32) -> Result<Vec<GroupRow>, StoreError> {
         self.read(move |c| {
             let mut stmt = c.prepare(
-                "SELECT group_id, command, path, args, created_at_ms FROM groups ORDER BY seq DESC LIMIT ?1",
+                "SELECT group_id, command, path, '[]', created_at_ms FROM groups ORDER BY seq DESC LIMIT ?1",
             )?;
             let rows = stmt.query_map([limit], group_row)?.collect::<rusqlite::Result<_>>()?;
             Ok(rows)
@@ -839,11 +840,13 @@ impl Store {
         .await
     }
 
-    /// Jobs newest first, and the cursor of the page after, if any.
+    /// Jobs newest first, without their `args` (a page of them would hold
+    /// up to 256 KiB per job in memory), and the cursor of the page after,
+    /// if any.
     pub async fn jobs(&self, q: JobQuery) -> Result<(Vec<JobRow>, Option<i64>), StoreError> {
         self.read(move |c| {
             let mut stmt = c.prepare(&format!(
-                "SELECT {JOB_COLUMNS}, seq FROM jobs
+                "SELECT {JOB_COLUMNS_WITHOUT_ARGS}, seq FROM jobs
                  WHERE (?1 IS NULL OR worker_id = ?1) AND (?2 IS NULL OR state = ?2)
                    AND (?3 IS NULL OR seq < ?3)
                  ORDER BY seq DESC LIMIT ?4"
@@ -972,6 +975,11 @@ fn update_job(c: &Connection, j: &JobRow) -> rusqlite::Result<usize> {
 
 const JOB_COLUMNS: &str =
     "job_id, worker_id, command, path, args, state, error_text, exit_code, signal,
+    created_at_ms, started_at_ms, finished_at_ms, output_bytes, group_id, updated_at_ms";
+
+/// As [`JOB_COLUMNS`], with `args` read as empty.
+const JOB_COLUMNS_WITHOUT_ARGS: &str =
+    "job_id, worker_id, command, path, '[]', state, error_text, exit_code, signal,
     created_at_ms, started_at_ms, finished_at_ms, output_bytes, group_id, updated_at_ms";
 
 fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {

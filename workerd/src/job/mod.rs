@@ -67,6 +67,8 @@ pub(crate) enum JobError {
     Starting(Uuid),
     #[error("invalid {what}: {reason}")]
     BadInput { what: &'static str, reason: String },
+    #[error("request too large: {0}")]
+    TooLarge(String),
     #[error("the worker is shutting down and takes no new jobs")]
     ShuttingDown,
     #[error("the worker already runs its maximum of {0} jobs; try later or another worker")]
