@@ -247,6 +247,31 @@ fn migrate(c: &Connection) -> rusqlite::Result<()> {
     c.execute_batch(INDEXES)
 }
 
+/// Makes the database file, and its journals if present, readable and
+/// writable by this user only: they hold every job's arguments, which may
+/// carry secrets. The file is created here, before SQLite opens it,
+/// because SQLite creates files by the umask (often 0644) and gives its
+/// `-wal` and `-shm` files the database file's mode.
+fn owner_only(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        match std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 fn connect(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
@@ -266,6 +291,12 @@ impl Store {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)?;
         }
+        owner_only(path).map_err(|e| {
+            StoreError::Io(std::io::Error::new(
+                e.kind(),
+                format!("{}: {e}", path.display()),
+            ))
+        })?;
         let writer = connect(path).map_err(open_err)?;
         migrate(&writer).map_err(open_err)?;
         let readers = (0..READERS)
@@ -1015,6 +1046,46 @@ fn from_json<T: serde::de::DeserializeOwned + Default>(text: &str) -> T {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[tokio::test]
+    async fn the_database_and_its_journals_are_the_owners_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |name: &str| {
+            std::fs::metadata(dir.path().join(name))
+                .map(|m| m.permissions().mode() & 0o777)
+                .ok()
+        };
+        // A new database.
+        let store = Store::open(&dir.path().join("new.db")).unwrap();
+        store
+            .insert_job(job("j1", JobState::Running, 0), None)
+            .await
+            .unwrap();
+        for name in ["new.db", "new.db-wal", "new.db-shm"] {
+            assert_eq!(mode(name), Some(0o600), "{name}");
+        }
+        // One an earlier version left readable by everyone.
+        let old = dir.path().join("old.db");
+        drop(Store::open(&old).unwrap());
+        for suffix in ["", "-wal"] {
+            let file = format!("{}{suffix}", old.display());
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(&file)
+                .unwrap();
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        let store = Store::open(&old).unwrap();
+        store
+            .insert_job(job("j2", JobState::Running, 0), None)
+            .await
+            .unwrap();
+        for name in ["old.db", "old.db-wal", "old.db-shm"] {
+            assert_eq!(mode(name), Some(0o600), "{name}");
+        }
+    }
 
     fn job(id: &str, state: JobState, finished_at_ms: u64) -> JobRow {
         JobRow {
