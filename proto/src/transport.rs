@@ -309,12 +309,43 @@ pub fn tls_channel_from(
     Ok(endpoint.connect_with_connector_lazy(dial))
 }
 
+/// Connections the kernel completes and queues for `accept` (capped by
+/// `net.core.somaxconn`). The default of 128 fills in an instant under a
+/// burst of connections, and every client past it retransmits its SYN for
+/// seconds, however fast the accept loop is.
+const LISTEN_BACKLOG: u32 = 4096;
+
 /// Binds `addr`, returning the listener and the address it actually bound
 /// (port 0 picks a free port).
 pub async fn bind(addr: &str) -> std::io::Result<(TcpListener, SocketAddr)> {
-    let listener = TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
-    Ok((listener, local))
+    let mut last = None;
+    for candidate in tokio::net::lookup_host(addr).await? {
+        let bound = (|| {
+            let socket = if candidate.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            // As std and tokio do: a restarted daemon rebinds its port at
+            // once.
+            socket.set_reuseaddr(true)?;
+            socket.bind(candidate)?;
+            socket.listen(LISTEN_BACKLOG)
+        })();
+        match bound {
+            Ok(listener) => {
+                let local = listener.local_addr()?;
+                return Ok((listener, local));
+            }
+            Err(error) => last = Some(error),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{addr} names no address"),
+        )
+    }))
 }
 
 /// A lazily connected plaintext channel, for insecure mode only: nothing

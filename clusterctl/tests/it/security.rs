@@ -1054,12 +1054,21 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
-/// `n` TCP connections to `addr` that never send a byte.
+/// `n` TCP connections to `addr`, opened all at once, that never send a
+/// byte. Each must be accepted within [`QUICK`]: a server that stops
+/// accepting leaves them (and everyone after them) waiting in its listen
+/// backlog, then retransmitting their SYNs for seconds.
 async fn silent_connections(addr: &str, n: usize) -> Vec<tokio::net::TcpStream> {
+    let started = std::time::Instant::now();
+    let connects: Vec<_> = (0..n)
+        .map(|_| tokio::spawn(tokio::net::TcpStream::connect(addr.to_owned())))
+        .collect();
     let mut crowd = Vec::with_capacity(n);
-    for _ in 0..n {
-        crowd.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    for connect in connects {
+        crowd.push(connect.await.unwrap().unwrap());
     }
+    let took = started.elapsed();
+    assert!(took < QUICK, "{n} connections to {addr} took {took:?}");
     crowd
 }
 
