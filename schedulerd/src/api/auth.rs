@@ -79,8 +79,8 @@ pub(crate) async fn authenticate(
     check(&state, &peer, &request)?;
     // The connection has shown an identity: it leaves the limits of
     // connections without one (serve.rs).
-    if let Some(admission) = request.extensions().get::<ConnectionControl>() {
-        admission.admit();
+    if let Some(control) = request.extensions().get::<ConnectionControl>() {
+        control.admit();
     }
     Ok(next.run(request).await)
 }

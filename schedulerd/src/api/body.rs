@@ -87,9 +87,12 @@ pub(crate) async fn answer_after_body(request: Request, next: Next) -> Response 
                 "a request body did not arrive in time; closing its connection"
             );
             let mut response = ApiError::body_timeout(BODY_TIMEOUT).into_response();
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            if http1 {
+                // HTTP/2 has no such header; its connection ends with GOAWAY.
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
             if let Some(control) = control {
                 control.close();
             }

@@ -236,7 +236,7 @@ impl http_body::Body for Guarded {
 }
 
 /// The connection's stream, closing with a linger.
-struct Tracked<IO> {
+struct Lingering<IO> {
     io: IO,
     /// Set once our side is shut down.
     linger: Option<Linger>,
@@ -256,7 +256,7 @@ struct Linger {
 const LINGER_TIMEOUT: Duration = Duration::from_secs(5);
 const LINGER_LIMIT: usize = 16 << 20;
 
-impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
+impl<IO: AsyncRead + Unpin> AsyncRead for Lingering<IO> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -266,7 +266,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
     }
 }
 
-impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Lingering<IO> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -363,7 +363,7 @@ pub(crate) async fn serve<L: Listener<Addr = SocketAddr>>(
             Standing::Unauthenticated(place)
         };
         let activity = Arc::new(Activity::new());
-        let admission = ConnectionControl(activity.clone());
+        let control = ConnectionControl(activity.clone());
         let (on_request, on_response) = (activity.clone(), activity.clone());
         let service = tower::ServiceExt::map_response(
             tower::ServiceExt::map_request(
@@ -376,7 +376,7 @@ pub(crate) async fn serve<L: Listener<Addr = SocketAddr>>(
                         speaker.spoke();
                     }
                     request.extensions_mut().insert(ConnectInfo(peer.clone()));
-                    request.extensions_mut().insert(admission.clone());
+                    request.extensions_mut().insert(control.clone());
                     request
                 },
             ),
@@ -391,7 +391,7 @@ pub(crate) async fn serve<L: Listener<Addr = SocketAddr>>(
                 })
             },
         );
-        let io = Tracked {
+        let io = Lingering {
             io: stream,
             linger: None,
         };
