@@ -139,7 +139,10 @@ fn status_message(status: StatusCode, body: Option<&ErrorBody>, text: &str) -> S
         None => format!("the scheduler answered {status}: {text}"),
     };
     if status == StatusCode::UNAUTHORIZED {
-        message.push_str("; check --cert/--key (CLUSTERCTL_CERT/CLUSTERCTL_KEY) or --token");
+        message.push_str(
+            "; check --cert/--key (CLUSTERCTL_CERT/CLUSTERCTL_KEY) or the token (--token-file, \
+             CLUSTERCTL_TOKEN_FILE or CLUSTERCTL_TOKEN)",
+        );
     }
     message
 }
@@ -274,7 +277,8 @@ impl Api {
             (None, None) => anyhow::bail!(
                 "no client certificate: pass --cert FILE --key FILE or set CLUSTERCTL_CERT and \
                  CLUSTERCTL_KEY (a client certificate, e.g. client.pem and client-key.pem from \
-                 `clusterctl pki init`), or pass --token"
+                 `clusterctl pki init`), or a token with --token-file FILE (or CLUSTERCTL_TOKEN_FILE \
+                 or CLUSTERCTL_TOKEN)"
             ),
         };
 
@@ -536,7 +540,7 @@ fn bearer(opts: &ConnectOptions) -> anyhow::Result<Option<HeaderValue>> {
     };
     let mut value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
         anyhow::anyhow!(
-            "the token (--token / CLUSTERCTL_TOKEN) contains characters not allowed in an HTTP \
+            "the token contains characters not allowed in an HTTP \
              header"
         )
     })?;

@@ -566,7 +566,7 @@ mod tests {
             worker_id: "w1".into(),
             command: "bash".into(),
             path: "blast.sh".into(),
-            args: vec![],
+            args: Some(vec![]),
             state: state.into(),
             done: true,
             error: state == "failed",

@@ -44,15 +44,15 @@ pub(crate) struct Global {
     /// Private key of the client certificate (client-key.pem).
     #[arg(long, global = true, value_name = "FILE", env = "CLUSTERCTL_KEY")]
     pub(crate) key: Option<PathBuf>,
-    /// Bearer token; with it, --cert and --key are optional.
-    #[arg(
-        long,
-        global = true,
-        value_name = "TOKEN",
-        env = "CLUSTERCTL_TOKEN",
-        hide_env_values = true
-    )]
+    /// Bearer token; with it, --cert and --key are optional. Any user of
+    /// the machine can read it in `ps`: prefer --token-file, or the
+    /// environment (CLUSTERCTL_TOKEN_FILE, or CLUSTERCTL_TOKEN).
+    #[arg(long, global = true, value_name = "TOKEN")]
     pub(crate) token: Option<String>,
+    /// File whose content is the bearer token (surrounding whitespace is
+    /// ignored; `-` reads standard input). Also CLUSTERCTL_TOKEN_FILE.
+    #[arg(long, global = true, value_name = "FILE", conflicts_with = "token")]
+    pub(crate) token_file: Option<PathBuf>,
     /// Output format: tables for people, or the API's objects as JSON or YAML.
     #[arg(
         short,

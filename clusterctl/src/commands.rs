@@ -45,7 +45,7 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .build()
                 .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;
             runtime.block_on(crate::bench::run(
-                connect_options(&cli.global),
+                connect_options(&cli.global)?,
                 cli.global.output,
                 bench,
             ))
@@ -77,18 +77,75 @@ fn pki(command: PkiCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn connect_options(global: &Global) -> ConnectOptions {
-    ConnectOptions {
+fn connect_options(global: &Global) -> anyhow::Result<ConnectOptions> {
+    Ok(ConnectOptions {
         scheduler: global.scheduler.clone(),
         ca: global.ca.clone(),
         cert: global.cert.clone(),
         key: global.key.clone(),
-        token: global.token.clone(),
+        token: token(global, |name| std::env::var_os(name))?,
+    })
+}
+
+/// The bearer token, from the first of `--token` (with a warning: every
+/// user of the machine sees it in `ps`), `--token-file`,
+/// `CLUSTERCTL_TOKEN_FILE` and `CLUSTERCTL_TOKEN`.
+fn token(
+    global: &Global,
+    env: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> anyhow::Result<Option<String>> {
+    if let Some(token) = &global.token {
+        eprintln!(
+            "clusterctl: warning: a token given with --token is visible to every user of this \
+             machine (ps, /proc) and stays in shell history; use --token-file FILE or \
+             CLUSTERCTL_TOKEN instead"
+        );
+        return Ok(Some(token.clone()));
+    }
+    let env = |name: &str| env(name).filter(|v| !v.is_empty());
+    let file = global
+        .token_file
+        .clone()
+        .map(|f| (f, "--token-file"))
+        .or_else(|| env("CLUSTERCTL_TOKEN_FILE").map(|f| (f.into(), "CLUSTERCTL_TOKEN_FILE")));
+    if let Some((file, given_by)) = file {
+        return read_token_file(&file, given_by).map(Some);
+    }
+    match env("CLUSTERCTL_TOKEN") {
+        None => Ok(None),
+        Some(token) => token
+            .into_string()
+            .map(Some)
+            .map_err(|_| anyhow::anyhow!("CLUSTERCTL_TOKEN is not valid UTF-8")),
     }
 }
 
+/// A token file's content without surrounding whitespace; `-` is stdin.
+fn read_token_file(file: &std::path::Path, given_by: &str) -> anyhow::Result<String> {
+    use std::io::Read;
+    // A token is short; a bound keeps `--token-file /dev/zero` harmless.
+    const LIMIT: u64 = 64 << 10;
+    let mut text = String::new();
+    let read = if file.as_os_str() == "-" {
+        std::io::stdin().take(LIMIT).read_to_string(&mut text)
+    } else {
+        std::fs::File::open(file).and_then(|f| f.take(LIMIT).read_to_string(&mut text))
+    };
+    read.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read the token file {} ({given_by}): {e}",
+            file.display()
+        )
+    })?;
+    let token = text.trim();
+    if token.is_empty() {
+        anyhow::bail!("the token file {} ({given_by}) is empty", file.display());
+    }
+    Ok(token.to_owned())
+}
+
 async fn api_command(global: &Global, command: Command) -> anyhow::Result<ExitCode> {
-    let api = Api::new(&connect_options(global))?;
+    let api = Api::new(&connect_options(global)?)?;
     let format = global.output;
     match command {
         Command::Workers(args) => match args.command {
@@ -695,5 +752,57 @@ mod tests {
             })
         );
         assert_eq!(target(&args), "every worker with zone=a");
+    }
+
+    #[test]
+    fn the_token_comes_from_the_flag_the_file_or_the_environment_in_that_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "  from-file\n").unwrap();
+        let global = |args: &[&str]| {
+            Cli::try_parse_from(["clusterctl"].iter().chain(args).chain(&["workers"]))
+                .unwrap()
+                .global
+        };
+        let no_env = |_: &str| None;
+        let env = |name: &str| match name {
+            "CLUSTERCTL_TOKEN" => Some("from-env".into()),
+            "CLUSTERCTL_TOKEN_FILE" => Some(file.clone().into_os_string()),
+            _ => None,
+        };
+        let only_token = |name: &str| (name == "CLUSTERCTL_TOKEN").then(|| "from-env".into());
+        let file_arg = file.to_str().unwrap();
+        type Env<'a> = &'a dyn Fn(&str) -> Option<std::ffi::OsString>;
+        let cases: [(&[&str], Env<'_>, Option<&str>); 5] = [
+            (&[], &no_env, None),
+            (&["--token", "flag"], &env, Some("flag")),
+            (&["--token-file", file_arg], &no_env, Some("from-file")),
+            (&[], &env, Some("from-file")),
+            (&[], &only_token, Some("from-env")),
+        ];
+        for (args, env, want) in cases {
+            let got = token(&global(args), env).unwrap();
+            assert_eq!(got.as_deref(), want, "{args:?}");
+        }
+        assert!(
+            Cli::try_parse_from(["clusterctl", "--token", "a", "--token-file", "f", "workers"])
+                .is_err(),
+            "--token and --token-file together"
+        );
+
+        std::fs::write(&file, "\n").unwrap();
+        let err = token(&global(&["--token-file", file_arg]), no_env).unwrap_err();
+        assert!(err.to_string().contains("is empty"), "{err}");
+        let missing = dir.path().join("missing");
+        let err = token(
+            &global(&["--token-file", missing.to_str().unwrap()]),
+            no_env,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("missing") && err.contains("--token-file"),
+            "{err}"
+        );
     }
 }

@@ -12,7 +12,7 @@ use rustls::{AlertDescription, CertificateError};
 const SCHEDULER_HINT: &str = "is schedulerd running? set --scheduler or CLUSTERCTL_SCHEDULER";
 const CA_HINT: &str = "check --ca / CLUSTERCTL_CA";
 const CLIENT_CERT_HINT: &str = "pass a client certificate of the cluster's CA with --cert/--key \
-    or CLUSTERCTL_CERT/CLUSTERCTL_KEY, or a --token";
+    or CLUSTERCTL_CERT/CLUSTERCTL_KEY, or a token (--token-file)";
 
 /// The message for a failed request to the scheduler at `base`, and whether
 /// trying again later may help.

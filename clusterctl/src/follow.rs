@@ -323,7 +323,7 @@ mod tests {
             worker_id: "w1".into(),
             command: "bash".into(),
             path: "count.sh".into(),
-            args: vec![],
+            args: Some(vec![]),
             state: state.into(),
             done: state != "running",
             error: state == "failed",
@@ -362,7 +362,7 @@ mod tests {
             created_at: "2025-01-01T00:00:00Z".into(),
             command: "bash".into(),
             path: "count.sh".into(),
-            args: vec![],
+            args: Some(vec![]),
             jobs,
         }
     }

@@ -221,7 +221,10 @@ pub(crate) fn group_block(
         ("state", g.state.clone()),
         ("command", g.command.clone()),
         ("path", g.path.clone()),
-        ("args", dash_if_empty(g.args.join(" "))),
+        (
+            "args",
+            dash_if_empty(g.args.as_deref().unwrap_or_default().join(" ")),
+        ),
         ("jobs", group_jobs_cell(g)),
         ("created_at", absolute_and_relative(now, &g.created_at)),
     ]);
@@ -279,7 +282,10 @@ pub(crate) fn job_block(now: SystemTime, j: &JobInfo) -> String {
         ("state", j.state.clone()),
         ("command", j.command.clone()),
         ("path", j.path.clone()),
-        ("args", dash_if_empty(j.args.join(" "))),
+        (
+            "args",
+            dash_if_empty(j.args.as_deref().unwrap_or_default().join(" ")),
+        ),
         ("exit_code", opt_num(j.exit_code)),
         ("signal", opt_num(j.signal)),
     ];
@@ -308,7 +314,7 @@ mod tests {
             worker_id: "w-id".into(),
             command: "bash".into(),
             path: "count.sh".into(),
-            args: vec![],
+            args: Some(vec![]),
             state: "failed".into(),
             done: true,
             error: false,
@@ -393,7 +399,7 @@ mod tests {
             created_at: "2025-01-01T00:00:00Z".into(),
             command: "bash".into(),
             path: "count.sh".into(),
-            args: vec!["-n".into(), "3".into()],
+            args: Some(vec!["-n".into(), "3".into()]),
             jobs,
         }
     }

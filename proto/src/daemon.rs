@@ -35,6 +35,28 @@ fn notify(state: &str) {
     }
 }
 
+/// Raises this process's soft limit on open files to its hard limit: a
+/// server facing the network needs a descriptor per connection, and the
+/// usual soft limit (1024) would let a thousand idle connections make
+/// `accept` fail for everyone. Returns the limit in force.
+pub fn raise_open_files_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(error) => {
+                tracing::warn!(%error, soft, hard, "could not raise the open files limit");
+                soft
+            }
+        },
+        Ok((soft, _)) => soft,
+        Err(error) => {
+            tracing::warn!(%error, "could not read the open files limit");
+            0
+        }
+    }
+}
+
 /// Starts listening for SIGHUP now, so a hangup that arrives before the
 /// reload task runs is not fatal.
 pub fn hangups() -> std::io::Result<tokio::signal::unix::Signal> {

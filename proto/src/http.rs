@@ -96,7 +96,11 @@ pub struct JobInfo {
     pub worker_id: String,
     pub command: String,
     pub path: String,
-    pub args: Vec<String>,
+    /// Present when one job is shown (`GET /v1/jobs/{id}`, `/query`);
+    /// left out of listings (`GET /v1/jobs`, a group's jobs), which would
+    /// otherwise carry up to 256 KiB per job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Vec<String>>,
     /// `running`, `unknown` (its worker cannot be asked now; not given
     /// up), `succeeded`, `failed`, `stopped` or `lost`. The last four are
     /// terminal and never change.
@@ -224,7 +228,10 @@ pub struct GroupInfo {
     pub created_at: String,
     pub command: String,
     pub path: String,
-    pub args: Vec<String>,
+    /// Present when one group is shown (`GET /v1/groups/{id}`); left out
+    /// of `GET /v1/groups`. Its jobs never carry them: they are these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Vec<String>>,
     pub jobs: Vec<JobInfo>,
 }
 
@@ -259,4 +266,101 @@ pub struct GroupLogLine {
     /// The line, base64, when it is not UTF-8.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub line_base64: Option<String>,
+}
+
+/// Bounds on the `args` and `env` of a start (`POST /v1/jobs`, `/start`,
+/// `/v1/groups`, and the gRPC `StartJob`). They keep every request
+/// runnable (Linux refuses a longer single argument or variable in
+/// `execve`) and every job record small, so neither the worker's reports
+/// nor the scheduler's listings grow with what a client sends.
+pub mod limits {
+    /// One argument, or one environment entry as `NAME=value`: Linux's
+    /// limit for one string (128 KiB) with its terminating NUL.
+    pub const MAX_ITEM_BYTES: usize = 128 * 1024 - 1;
+    /// All arguments and all `NAME=value` entries together.
+    pub const MAX_TOTAL_BYTES: usize = 256 * 1024;
+    /// Arguments in one request.
+    pub const MAX_ARGS: usize = 1024;
+    /// Environment entries in one request.
+    pub const MAX_ENV: usize = 256;
+
+    /// Why `args` and `env` are over a bound, naming it, or `Ok`.
+    pub fn check<'a>(
+        args: &[String],
+        env: impl IntoIterator<Item = (&'a String, &'a String)>,
+    ) -> Result<(), String> {
+        if args.len() > MAX_ARGS {
+            return Err(format!(
+                "{} arguments; the limit is {MAX_ARGS} arguments",
+                args.len()
+            ));
+        }
+        let mut total = 0usize;
+        for (i, arg) in args.iter().enumerate() {
+            if arg.len() > MAX_ITEM_BYTES {
+                return Err(format!(
+                    "args[{i}] is {} bytes; the limit for one argument is {MAX_ITEM_BYTES} bytes (128 KiB with its terminating NUL)",
+                    arg.len()
+                ));
+            }
+            total += arg.len();
+        }
+        let mut entries = 0usize;
+        for (name, value) in env {
+            entries += 1;
+            if entries > MAX_ENV {
+                return Err(format!(
+                    "more than {MAX_ENV} environment variables; the limit is {MAX_ENV}"
+                ));
+            }
+            let len = name.len() + 1 + value.len();
+            if len > MAX_ITEM_BYTES {
+                return Err(format!(
+                    "env {name:.64} is {len} bytes as NAME=value; the limit for one variable is {MAX_ITEM_BYTES} bytes (128 KiB with its terminating NUL)"
+                ));
+            }
+            total += len;
+        }
+        if total > MAX_TOTAL_BYTES {
+            return Err(format!(
+                "args and env are {total} bytes together; the limit is {MAX_TOTAL_BYTES} bytes (256 KiB)"
+            ));
+        }
+        Ok(())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #![allow(clippy::unwrap_used)]
+        use super::*;
+        use std::collections::BTreeMap;
+
+        #[test]
+        fn each_bound_is_enforced_at_its_edge_and_named() {
+            let env = BTreeMap::<String, String>::new();
+            let big = "x".repeat(MAX_ITEM_BYTES);
+            assert_eq!(check(std::slice::from_ref(&big), &env), Ok(()));
+            let over = "x".repeat(MAX_ITEM_BYTES + 1);
+            let why = check(&[over], &env).unwrap_err();
+            assert!(why.contains("131071"), "{why}");
+
+            let many = vec![String::new(); MAX_ARGS];
+            assert_eq!(check(&many, &env), Ok(()));
+            let too_many = vec![String::new(); MAX_ARGS + 1];
+            assert!(check(&too_many, &env).unwrap_err().contains("1024"));
+
+            let two = vec![big.clone(), big.clone()];
+            assert_eq!(check(&two, &env), Ok(()));
+            let three = vec![big.clone(), big.clone(), "xxx".into()];
+            assert!(check(&three, &env).unwrap_err().contains("262144"));
+
+            let vars: BTreeMap<String, String> = (0..=MAX_ENV)
+                .map(|i| (format!("V{i}"), String::new()))
+                .collect();
+            assert!(check(&[], &vars).unwrap_err().contains("256"));
+            let fat: BTreeMap<String, String> =
+                [("A".to_owned(), "x".repeat(MAX_ITEM_BYTES - 1))].into();
+            assert!(check(&[], &fat).unwrap_err().contains("env A"));
+        }
+    }
 }

@@ -4,48 +4,196 @@
 //! it accepts and handshakes connections for a tonic server, and dials
 //! channels for tonic clients. It decides nothing about who may do what.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-/// A slow or silent peer must not hold a handshake slot for long.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A peer must finish its TLS handshake within this, or be closed.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Accepted connections waiting for the server to take them.
 const ACCEPT_BACKLOG: usize = 64;
-/// TLS handshakes in progress at once; past it, accepting waits, so
-/// clients that never finish a handshake cannot pile up without bound.
-const MAX_HANDSHAKES: usize = 256;
+/// TLS handshakes in progress at once. A new connection past it pushes out
+/// the oldest one still handshaking: accepting never waits for a slot, so
+/// peers that connect and say nothing cannot keep anyone else out (when the
+/// accept loop waited for a free slot instead, every connection behind them
+/// queued unseen in the kernel's backlog until theirs timed out).
+pub const MAX_HANDSHAKES: usize = 512;
 
 /// The server TLS config in force; a new value applies to new connections
 /// (certificate reload), established ones keep theirs.
 pub type ServerConfigSource = watch::Receiver<Arc<rustls::ServerConfig>>;
 
+/// A bounded crowd of connections that have not proven anything yet: when
+/// it is full, a newcomer takes the place of the member that has been in
+/// it longest, among those that have not spoken yet (sent a byte, or a
+/// request: what counts is the caller's) if there are any. A legitimate
+/// peer speaks at once and needs its place for milliseconds, so silent
+/// floods never push it out and others would have to turn over the whole
+/// crowd within that time; refusing newcomers instead would let any flood
+/// keep everyone out for as long as it stays.
+#[derive(Debug)]
+pub struct Crowd {
+    what: &'static str,
+    max: usize,
+    inner: Mutex<CrowdInner>,
+}
+
+#[derive(Debug, Default)]
+struct CrowdInner {
+    next: u64,
+    /// By arrival; dropping a sender tells its member it was pushed out.
+    silent: BTreeMap<u64, oneshot::Sender<()>>,
+    spoken: BTreeMap<u64, oneshot::Sender<()>>,
+    pushed_out: u64,
+    last_warned: Option<std::time::Instant>,
+}
+
+impl CrowdInner {
+    fn len(&self) -> usize {
+        self.silent.len() + self.spoken.len()
+    }
+}
+
+/// A member's place in a [`Crowd`], given up when dropped.
+#[derive(Debug)]
+pub struct Place {
+    speaker: Speaker,
+    pushed_out: oneshot::Receiver<()>,
+}
+
+/// Marks a [`Place`]'s member as having spoken; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Speaker {
+    crowd: Arc<Crowd>,
+    id: u64,
+}
+
+/// How often a crowd that keeps pushing members out says so in the log.
+const CROWD_WARN_EVERY: Duration = Duration::from_secs(10);
+
+impl Crowd {
+    /// A crowd of at most `max` (at least one); `what` names its members
+    /// in the log.
+    pub fn new(what: &'static str, max: usize) -> Arc<Crowd> {
+        Arc::new(Crowd {
+            what,
+            max: max.max(1),
+            inner: Mutex::new(CrowdInner::default()),
+        })
+    }
+
+    /// A place for a newcomer, pushing out the oldest silent member, or
+    /// else the oldest, if full.
+    pub fn enter(self: &Arc<Self>) -> Place {
+        let (tx, rx) = oneshot::channel();
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pushed = 0;
+        while inner.len() >= self.max {
+            // Dropping the sender wakes the member's `pushed_out`.
+            if inner.silent.pop_first().is_none() {
+                inner.spoken.pop_first();
+            }
+            pushed += 1;
+        }
+        if pushed > 0 {
+            inner.pushed_out += pushed;
+            let now = std::time::Instant::now();
+            if inner
+                .last_warned
+                .is_none_or(|t| now.duration_since(t) >= CROWD_WARN_EVERY)
+            {
+                inner.last_warned = Some(now);
+                tracing::warn!(
+                    limit = self.max,
+                    pushed_out = inner.pushed_out,
+                    "too many {} at once; closing the oldest (a flood of connections?)",
+                    self.what
+                );
+            }
+        }
+        let id = inner.next;
+        inner.next += 1;
+        inner.silent.insert(id, tx);
+        Place {
+            speaker: Speaker {
+                crowd: self.clone(),
+                id,
+            },
+            pushed_out: rx,
+        }
+    }
+
+    /// Members now.
+    pub fn len(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Place {
+    /// Resolves when a newcomer has pushed this member out.
+    pub async fn pushed_out(&mut self) {
+        let _ = (&mut self.pushed_out).await;
+    }
+
+    pub fn speaker(&self) -> Speaker {
+        self.speaker.clone()
+    }
+}
+
+impl Speaker {
+    /// The member has spoken: silent members are pushed out before it.
+    pub fn spoke(&self) {
+        let mut inner = self.crowd.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = inner.silent.remove(&self.id) {
+            inner.spoken.insert(self.id, tx);
+        }
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut inner = self
+            .speaker
+            .crowd
+            .inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let id = self.speaker.id;
+        if inner.silent.remove(&id).is_none() {
+            inner.spoken.remove(&id);
+        }
+    }
+}
+
 /// Accepts TCP connections on `listener` and completes the TLS handshake of
-/// each in its own task, so one slow client never delays the others. The
-/// returned stream feeds `tonic::transport::Server::serve_with_incoming*`;
-/// when it is dropped the accept loop ends.
+/// each in its own task, so one slow client never delays the others: the
+/// loop only accepts, whatever the handshakes in progress do. A handshake
+/// ends within [`HANDSHAKE_TIMEOUT`], and at most [`MAX_HANDSHAKES`] are in
+/// progress (a newcomer closes the oldest). The returned stream feeds
+/// `tonic::transport::Server::serve_with_incoming*`; when it is dropped the
+/// accept loop ends.
 pub fn tls_incoming(
     listener: TcpListener,
     config: ServerConfigSource,
 ) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
     let (tx, rx) = mpsc::channel(ACCEPT_BACKLOG);
-    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let handshaking = Crowd::new("unfinished TLS handshakes", MAX_HANDSHAKES);
     tokio::spawn(async move {
         loop {
-            let permit = tokio::select! {
-                permit = handshakes.clone().acquire_owned() => permit,
-                () = tx.closed() => return,
-            };
-            let Ok(permit) = permit else { return };
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
                 () = tx.closed() => return,
@@ -63,15 +211,30 @@ pub fn tls_incoming(
             let _ = tcp.set_nodelay(true);
             let acceptor = TlsAcceptor::from(config.borrow().clone());
             let tx = tx.clone();
+            let mut place = handshaking.enter();
             tokio::spawn(async move {
-                let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
-                drop(permit);
+                let speaker = place.speaker();
+                let handshake = async move {
+                    // A peer that connects and sends nothing is the first
+                    // to go when the crowd is full.
+                    tcp.readable().await?;
+                    speaker.spoke();
+                    acceptor.accept(tcp).await
+                };
+                let result = tokio::select! {
+                    result = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake) => result,
+                    () = place.pushed_out() => {
+                        tracing::debug!(%peer, "unfinished tls handshake closed for a newer connection");
+                        return;
+                    }
+                };
+                drop(place);
                 match result {
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(tls)).await;
                     }
                     Ok(Err(error)) => tracing::info!(%peer, %error, "tls handshake refused"),
-                    Err(_) => tracing::info!(%peer, "tls handshake timed out"),
+                    Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
                 }
             });
         }
@@ -146,12 +309,43 @@ pub fn tls_channel_from(
     Ok(endpoint.connect_with_connector_lazy(dial))
 }
 
+/// Connections the kernel completes and queues for `accept` (capped by
+/// `net.core.somaxconn`). The default of 128 fills in an instant under a
+/// burst of connections, and every client past it retransmits its SYN for
+/// seconds, however fast the accept loop is.
+const LISTEN_BACKLOG: u32 = 4096;
+
 /// Binds `addr`, returning the listener and the address it actually bound
 /// (port 0 picks a free port).
 pub async fn bind(addr: &str) -> std::io::Result<(TcpListener, SocketAddr)> {
-    let listener = TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
-    Ok((listener, local))
+    let mut last = None;
+    for candidate in tokio::net::lookup_host(addr).await? {
+        let bound = (|| {
+            let socket = if candidate.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            // As std and tokio do: a restarted daemon rebinds its port at
+            // once.
+            socket.set_reuseaddr(true)?;
+            socket.bind(candidate)?;
+            socket.listen(LISTEN_BACKLOG)
+        })();
+        match bound {
+            Ok(listener) => {
+                let local = listener.local_addr()?;
+                return Ok((listener, local));
+            }
+            Err(error) => last = Some(error),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{addr} names no address"),
+        )
+    }))
 }
 
 /// A lazily connected plaintext channel, for insecure mode only: nothing
@@ -197,4 +391,40 @@ pub fn require_role<T>(
         )));
     }
     Ok(peer)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_full_crowd_pushes_out_its_oldest_silent_member_for_a_newcomer() {
+        let pushed = |place: &mut Place| {
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            std::pin::pin!(place.pushed_out()).poll(&mut cx).is_ready()
+        };
+        let crowd = Crowd::new("test members", 3);
+        let mut first = crowd.enter();
+        let mut second = crowd.enter();
+        let mut third = crowd.enter();
+        first.speaker().spoke();
+        // Full: the oldest silent member (second) goes, not the first.
+        let mut fourth = crowd.enter();
+        assert_eq!(crowd.len(), 3);
+        assert!(!pushed(&mut first));
+        assert!(pushed(&mut second));
+        assert!(!pushed(&mut third));
+        // With everyone speaking, the oldest goes.
+        third.speaker().spoke();
+        fourth.speaker().spoke();
+        let _fifth = crowd.enter();
+        assert!(pushed(&mut first));
+        assert!(!pushed(&mut third));
+        // A member that leaves makes room: nobody is pushed out for the next.
+        drop(third);
+        let _sixth = crowd.enter();
+        assert!(!pushed(&mut fourth));
+        assert_eq!(crowd.len(), 3);
+    }
 }

@@ -65,7 +65,7 @@ pub(crate) fn job_info(r: &JobRow, stale: bool) -> JobInfo {
         worker_id: r.worker_id.clone(),
         command: r.command.clone(),
         path: r.path.clone(),
-        args: r.args.clone(),
+        args: Some(r.args.clone()),
         state: r.state.as_str().to_owned(),
         done: r.state.is_terminal(),
         error: r.state.is_error(),
@@ -79,5 +79,14 @@ pub(crate) fn job_info(r: &JobRow, stale: bool) -> JobInfo {
         group_id: r.group_id.clone(),
         stale,
         recorded_at: rfc3339_opt(r.updated_at_ms),
+    }
+}
+
+/// A job as listings show it: without `args` (each job may carry 256 KiB
+/// of them, so a page of a thousand could take hundreds of MB).
+pub(crate) fn job_summary(r: &JobRow, stale: bool) -> JobInfo {
+    JobInfo {
+        args: None,
+        ..job_info(r, stale)
     }
 }

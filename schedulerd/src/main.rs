@@ -31,6 +31,8 @@ fn main() -> ExitCode {
                 .then_some("gRPC and the HTTP API are plaintext and nothing is authenticated")
         },
         |config, shutdown| async move {
+            let open_files = daemon::raise_open_files_limit();
+            tracing::debug!(open_files, "open files limit");
             let bind = |addr: String, key: &'static str| async move {
                 jobcluster_proto::transport::bind(&addr)
                     .await

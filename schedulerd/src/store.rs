@@ -247,6 +247,31 @@ fn migrate(c: &Connection) -> rusqlite::Result<()> {
     c.execute_batch(INDEXES)
 }
 
+/// Makes the database file, and its journals if present, readable and
+/// writable by this user only: they hold every job's arguments, which may
+/// carry secrets. The file is created here, before SQLite opens it,
+/// because SQLite creates files by the umask (often 0644) and gives its
+/// `-wal` and `-shm` files the database file's mode.
+fn owner_only(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        match std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 fn connect(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
@@ -266,6 +291,12 @@ impl Store {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)?;
         }
+        owner_only(path).map_err(|e| {
+            StoreError::Io(std::io::Error::new(
+                e.kind(),
+                format!("{}: {e}", path.display()),
+            ))
+        })?;
         let writer = connect(path).map_err(open_err)?;
         migrate(&writer).map_err(open_err)?;
         let readers = (0..READERS)
@@ -755,7 +786,8 @@ impl Store {
         .await
     }
 
-    /// A group and its jobs (in worker order of the fan-out).
+    /// A group and its jobs (in worker order of the fan-out), the jobs
+    /// without their `args` (they are the group's).
     pub async fn group(
         &self,
         group_id: &str,
@@ -773,7 +805,7 @@ impl Store {
                 return Ok(None);
             };
             let mut stmt = c.prepare(&format!(
-                "SELECT {JOB_COLUMNS} FROM jobs WHERE group_id = ?1 ORDER BY seq"
+                "SELECT {JOB_COLUMNS_WITHOUT_ARGS} FROM jobs WHERE group_id = ?1 ORDER BY seq"
             ))?;
             let jobs = stmt.query_map([&id], job_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(Some((group, jobs)))
@@ -781,11 +813,11 @@ impl Store {
         .await
     }
 
-    /// Groups newest first, at most `limit`.
+    /// Groups newest first, at most `limit`, without their `args`.
     pub async fn groups(&self, limit: u32) -> Result<Vec<GroupRow>, StoreError> {
         self.read(move |c| {
             let mut stmt = c.prepare(
-                "SELECT group_id, command, path, args, created_at_ms FROM groups ORDER BY seq DESC LIMIT ?1",
+                "SELECT group_id, command, path, '[]', created_at_ms FROM groups ORDER BY seq DESC LIMIT ?1",
             )?;
             let rows = stmt.query_map([limit], group_row)?.collect::<rusqlite::Result<_>>()?;
             Ok(rows)
@@ -839,11 +871,13 @@ impl Store {
         .await
     }
 
-    /// Jobs newest first, and the cursor of the page after, if any.
+    /// Jobs newest first, without their `args` (a page of them would hold
+    /// up to 256 KiB per job in memory), and the cursor of the page after,
+    /// if any.
     pub async fn jobs(&self, q: JobQuery) -> Result<(Vec<JobRow>, Option<i64>), StoreError> {
         self.read(move |c| {
             let mut stmt = c.prepare(&format!(
-                "SELECT {JOB_COLUMNS}, seq FROM jobs
+                "SELECT {JOB_COLUMNS_WITHOUT_ARGS}, seq FROM jobs
                  WHERE (?1 IS NULL OR worker_id = ?1) AND (?2 IS NULL OR state = ?2)
                    AND (?3 IS NULL OR seq < ?3)
                  ORDER BY seq DESC LIMIT ?4"
@@ -974,6 +1008,11 @@ const JOB_COLUMNS: &str =
     "job_id, worker_id, command, path, args, state, error_text, exit_code, signal,
     created_at_ms, started_at_ms, finished_at_ms, output_bytes, group_id, updated_at_ms";
 
+/// As [`JOB_COLUMNS`], with `args` read as empty.
+const JOB_COLUMNS_WITHOUT_ARGS: &str =
+    "job_id, worker_id, command, path, '[]', state, error_text, exit_code, signal,
+    created_at_ms, started_at_ms, finished_at_ms, output_bytes, group_id, updated_at_ms";
+
 fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
     Ok(JobRow {
         job_id: r.get(0)?,
@@ -1007,6 +1046,46 @@ fn from_json<T: serde::de::DeserializeOwned + Default>(text: &str) -> T {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[tokio::test]
+    async fn the_database_and_its_journals_are_the_owners_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |name: &str| {
+            std::fs::metadata(dir.path().join(name))
+                .map(|m| m.permissions().mode() & 0o777)
+                .ok()
+        };
+        // A new database.
+        let store = Store::open(&dir.path().join("new.db")).unwrap();
+        store
+            .insert_job(job("j1", JobState::Running, 0), None)
+            .await
+            .unwrap();
+        for name in ["new.db", "new.db-wal", "new.db-shm"] {
+            assert_eq!(mode(name), Some(0o600), "{name}");
+        }
+        // One an earlier version left readable by everyone.
+        let old = dir.path().join("old.db");
+        drop(Store::open(&old).unwrap());
+        for suffix in ["", "-wal"] {
+            let file = format!("{}{suffix}", old.display());
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(&file)
+                .unwrap();
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        let store = Store::open(&old).unwrap();
+        store
+            .insert_job(job("j2", JobState::Running, 0), None)
+            .await
+            .unwrap();
+        for name in ["old.db", "old.db-wal", "old.db-shm"] {
+            assert_eq!(mode(name), Some(0o600), "{name}");
+        }
+    }
 
     fn job(id: &str, state: JobState, finished_at_ms: u64) -> JobRow {
         JobRow {

@@ -49,6 +49,7 @@ fn status(error: JobError) -> Status {
         JobError::BadJobId(_) => (Code::InvalidArgument, "invalid_job_id"),
         JobError::BadInput { .. } => (Code::InvalidArgument, "invalid_request"),
         JobError::EnvNotAllowed { .. } => (Code::InvalidArgument, "env_not_allowed"),
+        JobError::TooLarge(_) => (Code::InvalidArgument, "request_too_large"),
         JobError::UnknownJob(_) => (Code::NotFound, "job_not_found"),
         JobError::Exists(_) => (Code::AlreadyExists, "job_exists"),
         JobError::Starting(_) => (Code::Unavailable, "job_starting"),

@@ -1,8 +1,10 @@
 //! Who may do what, hostile input, and hard limits, through the real binaries.
 
 use std::io::{Read, Write};
+use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use jobcluster_pki::{Identity, Role, Roots, Validity};
 use jobcluster_proto::http::{ErrorBody, JobInfo};
 use jobcluster_proto::pb::scheduler_client::SchedulerClient;
@@ -1229,4 +1231,580 @@ async fn the_scheduler_refuses_a_worker_whose_certificate_does_not_name_its_addr
         (status, code.as_str()),
         (StatusCode::SERVICE_UNAVAILABLE, "worker_unavailable")
     );
+}
+
+// ---- Issue 10: nothing before authentication holds the server; bounded
+// bodies and requests; tokens out of `ps`; a private store. ----
+
+/// The hostile crowds below need a descriptor each in this process too.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    }
+}
+
+/// A process's resident memory, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// `n` TCP connections to `addr`, opened all at once, that never send a
+/// byte. Each must be accepted within [`QUICK`]: a server that stops
+/// accepting leaves them (and everyone after them) waiting in its listen
+/// backlog, then retransmitting their SYNs for seconds.
+async fn silent_connections(addr: &str, n: usize) -> Vec<tokio::net::TcpStream> {
+    let started = std::time::Instant::now();
+    let connects: Vec<_> = (0..n)
+        .map(|_| tokio::spawn(tokio::net::TcpStream::connect(addr.to_owned())))
+        .collect();
+    let mut crowd = Vec::with_capacity(n);
+    for connect in connects {
+        crowd.push(connect.await.unwrap().unwrap());
+    }
+    let took = started.elapsed();
+    assert!(took < QUICK, "{n} connections to {addr} took {took:?}");
+    crowd
+}
+
+/// One HTTP/2 frame.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut frame = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// A `GET path` HEADERS frame on stream 1, without credentials (HPACK
+/// literals only, so no encoder is needed).
+fn h2_get(path: &str) -> Vec<u8> {
+    let mut block = Vec::new();
+    for (name, value) in [
+        (":method", "GET"),
+        (":scheme", "https"),
+        (":authority", "127.0.0.1"),
+        (":path", path),
+    ] {
+        block.push(0);
+        block.push(name.len() as u8);
+        block.extend_from_slice(name.as_bytes());
+        block.push(value.len() as u8);
+        block.extend_from_slice(value.as_bytes());
+    }
+    // END_STREAM | END_HEADERS
+    h2_frame(1, 0x5, 1, &block)
+}
+
+/// An HTTP/2 client without a certificate that (after one request without
+/// credentials, if `ask_first`) only pings, every 500 ms, and answers the
+/// server's pings. Resolves to how long the server kept it open after the
+/// handshake, or `None` if it was still open after `give_up`.
+async fn pinger(
+    addr: String,
+    tls: Arc<rustls::ClientConfig>,
+    ask_first: bool,
+    give_up: Duration,
+) -> Option<Duration> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let opened = std::time::Instant::now();
+    // More handshakes at once than the server's handshake slots: the
+    // oldest are closed for the newest.
+    let Ok(tls) = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+    else {
+        return Some(opened.elapsed());
+    };
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(h2_frame(4, 0, 0, &[]));
+    if ask_first {
+        hello.extend(h2_get("/v1/workers"));
+    }
+    if wr.write_all(&hello).await.is_err() {
+        return Some(opened.elapsed());
+    }
+    let (pongs_tx, mut pongs) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let reader = async move {
+        let mut head = [0u8; 9];
+        loop {
+            if rd.read_exact(&mut head).await.is_err() {
+                return;
+            }
+            let len =
+                (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+            let mut payload = vec![0u8; len];
+            if rd.read_exact(&mut payload).await.is_err() {
+                return;
+            }
+            match (head[3], head[4] & 1) {
+                // SETTINGS: acknowledged, as a real client would.
+                (4, 0) => {
+                    let _ = pongs_tx.send(h2_frame(4, 1, 0, &[]));
+                }
+                // A PING from the server: answered.
+                (6, 0) => {
+                    let _ = pongs_tx.send(h2_frame(6, 1, 0, &payload));
+                }
+                _ => {}
+            }
+        }
+    };
+    let writer = async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            let frame = tokio::select! {
+                _ = tick.tick() => h2_frame(6, 0, 0, b"hostile!"),
+                Some(pong) = pongs.recv() => pong,
+            };
+            if wr.write_all(&frame).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        () = reader => Some(opened.elapsed()),
+        () = writer => Some(opened.elapsed()),
+        () = tokio::time::sleep(give_up) => None,
+    }
+}
+
+/// Generous for a loaded test machine; a request takes milliseconds.
+const QUICK: Duration = Duration::from_secs(3);
+
+/// A request with a client certificate and one with a token, each answered
+/// within [`QUICK`].
+async fn legit_requests(cluster: &Cluster) {
+    let url = cluster.url();
+    let cases = [
+        (
+            "client certificate",
+            cluster.http().get(format!("{url}/v1/workers")),
+        ),
+        (
+            "operator token",
+            anonymous(cluster)
+                .get(format!("{url}/v1/workers"))
+                .bearer_auth(OPERATOR_TOKEN),
+        ),
+    ];
+    for (who, request) in cases {
+        let started = std::time::Instant::now();
+        let reply = request.send().await.unwrap();
+        let took = started.elapsed();
+        assert_eq!(reply.status(), StatusCode::OK, "{who}");
+        assert!(took < QUICK, "a request with a {who} took {took:?}");
+        eprintln!("request with a {who}: {took:?}");
+    }
+}
+
+/// Under a thousand and more connections that never authenticate (silent
+/// TCP on every port, HTTP/2 without credentials that only pings) a
+/// certificate holder, a token holder and a worker still get through at
+/// once; the crowds are closed by their deadlines, and the scheduler's
+/// memory stays bounded (the figures are in docs/SECURITY.md).
+#[tokio::test(flavor = "multi_thread")]
+async fn crowds_that_never_authenticate_lock_nobody_out_and_are_closed_in_time() {
+    raise_open_files_limit();
+    let mut cluster = Cluster::start_with(&["w1"], &auth_config(), "").await;
+    let scheduler_pid = cluster.scheduler.child.id();
+    let w1_addr = cluster.worker_info("w1").await.address;
+    legit_requests(&cluster).await;
+    let baseline = rss_kib(scheduler_pid);
+
+    // Silent TCP connections on the API, the scheduler's gRPC port and the
+    // worker's gRPC port: more than the handshake slots of each.
+    let mut silent = Vec::new();
+    for (addr, n) in [
+        (cluster.http_addr.clone(), 600),
+        (cluster.grpc_addr.clone(), 600),
+        (w1_addr.clone(), 600),
+    ] {
+        silent.extend(silent_connections(&addr, n).await);
+    }
+    legit_requests(&cluster).await;
+    // Through the worker's crowded port.
+    let started = std::time::Instant::now();
+    cluster.start_job("w1", "count.sh", &["1", "0"]).await;
+    assert!(
+        started.elapsed() < QUICK,
+        "a start took {:?}",
+        started.elapsed()
+    );
+    // Through the scheduler's crowded gRPC port.
+    cluster.add_worker_with("w2", "");
+    cluster.wait_state("w2", "ready").await;
+    drop(silent);
+
+    // HTTP/2 without credentials that only pings; some ask once first
+    // (401) and then only ping.
+    let roots = Roots::load(&cluster.pki().join("ca.pem")).unwrap();
+    let tls = jobcluster_pki::client_config(&roots, None, &[b"h2"]).unwrap();
+    let give_up = Duration::from_secs(60);
+    let mut pingers = Vec::new();
+    for i in 0..1000 {
+        let ask_first = i % 9 == 0;
+        pingers.push((
+            ask_first,
+            tokio::spawn(pinger(
+                cluster.http_addr.clone(),
+                tls.clone(),
+                ask_first,
+                give_up,
+            )),
+        ));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let crowded = rss_kib(scheduler_pid);
+    assert!(
+        crowded < baseline + 80 * 1024,
+        "the crowd took the scheduler from {baseline} KiB to {crowded} KiB"
+    );
+    legit_requests(&cluster).await;
+    for (ask_first, pinger) in pingers {
+        let open = pinger.await.unwrap();
+        // Silent ones: no request within 10 s. The others: 30 s at most
+        // without an identity. Both with room for a loaded machine.
+        let bound = if ask_first { 40 } else { 20 };
+        assert!(
+            open.is_some_and(|o| o < Duration::from_secs(bound)),
+            "a pinging connection without credentials (asked first: {ask_first}) stayed open {open:?}"
+        );
+    }
+    legit_requests(&cluster).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_kib(scheduler_pid);
+    eprintln!(
+        "scheduler VmRSS: {baseline} KiB before, {crowded} KiB with 1000 pinging connections, {after} KiB after"
+    );
+    assert!(
+        after < baseline + 40 * 1024,
+        "the scheduler kept {} KiB after the crowd left ({baseline} KiB before)",
+        after - baseline
+    );
+}
+
+/// gRPC ports (the scheduler's and a worker's) close a peer without a
+/// certificate of the cluster's CA at the handshake.
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_ports_close_peers_without_a_cluster_certificate_at_the_handshake() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cluster = Cluster::start(&["w1"]).await;
+    let w1_addr = cluster.worker_info("w1").await.address;
+    let roots = Roots::load(&cluster.pki().join("ca.pem")).unwrap();
+    let stranger = jobcluster_pki::CertificateAuthority::generate("stranger")
+        .unwrap()
+        .issue(Role::Scheduler, "scheduler", &[])
+        .unwrap();
+    let stranger =
+        Identity::from_pem(stranger.cert_pem.as_bytes(), stranger.key_pem.as_bytes()).unwrap();
+    for (port, addr) in [("scheduler", &cluster.grpc_addr), ("worker", &w1_addr)] {
+        for (who, identity) in [("no certificate", None), ("another CA's", Some(&stranger))] {
+            let tls = jobcluster_pki::client_config(&roots, identity, &[b"h2"]).unwrap();
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            let refused = tokio::time::timeout(Duration::from_secs(10), async {
+                // With TLS 1.3 the client may finish before the server has
+                // judged its certificate: the refusal then comes on read.
+                let Ok(mut tls) = tokio_rustls::TlsConnector::from(tls)
+                    .connect(name, tcp)
+                    .await
+                else {
+                    return true;
+                };
+                let _ = tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+                let mut buf = [0u8; 64];
+                matches!(tls.read(&mut buf).await, Err(_) | Ok(0))
+            })
+            .await;
+            assert_eq!(refused, Ok(true), "{port} port, {who}");
+        }
+    }
+}
+
+/// A body that does not arrive within 30 s gets 408 `body_timeout` and
+/// its connection closed (HTTP/1.1 and HTTP/2); `args` and `env` over
+/// their bounds get 413 `request_too_large` on every start route, naming
+/// the bound; listings leave `args` out.
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_bodies_get_408_oversized_starts_413_and_listings_leave_args_out() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cluster = Cluster::start(&["w1"]).await;
+    let url = cluster.url();
+    std::fs::write(cluster.tmp.path().join("scripts/nargs.sh"), "echo $#\n").unwrap();
+
+    // 12 of 1,000 announced bytes, over HTTP/1.1.
+    let roots = Roots::load(&cluster.pki().join("ca.pem")).unwrap();
+    let id = load_identity(&cluster, "client");
+    let tls = jobcluster_pki::client_config(&roots, Some(&id), &[b"http/1.1"]).unwrap();
+    let addr = cluster.http_addr.clone();
+    let slow_h1 = tokio::spawn(async move {
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut conn = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        conn.write_all(
+            b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"path\": \"c",
+        )
+        .await
+        .unwrap();
+        let mut answer = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(60), conn.read_to_end(&mut answer)).await;
+        (
+            started.elapsed(),
+            closed.is_ok(),
+            String::from_utf8_lossy(&answer).into_owned(),
+        )
+    });
+    // A body that never ends, over HTTP/2.
+    let pki = cluster.pki();
+    let identity = Identity::load(&pki.join("client.pem"), &pki.join("client-key.pem")).unwrap();
+    let tls = jobcluster_pki::client_config(&roots, Some(&identity), &[b"h2"]).unwrap();
+    let h2 = reqwest::Client::builder()
+        .tls_backend_preconfigured((*tls).clone())
+        .http2_prior_knowledge()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let slow_h2 = tokio::spawn({
+        let url = url.clone();
+        async move {
+            let body = futures_util::stream::iter([Ok::<_, std::io::Error>(
+                bytes::Bytes::from_static(b"{\"path\": \"c"),
+            )])
+            .chain(futures_util::stream::pending());
+            let started = std::time::Instant::now();
+            let reply = h2
+                .post(format!("{url}/v1/jobs"))
+                .body(reqwest::Body::wrap_stream(body))
+                .send()
+                .await
+                .unwrap();
+            (started.elapsed(), status_and_code(reply).await)
+        }
+    });
+
+    let big = "x".repeat(130 * 1024);
+    let third = "x".repeat(100 * 1024);
+    let many_args: Vec<String> = (0..1025).map(|i| i.to_string()).collect();
+    let many_env: serde_json::Map<String, serde_json::Value> =
+        (0..257).map(|i| (format!("V{i}"), json!("1"))).collect();
+    let cases = [
+        (
+            "/v1/jobs",
+            json!({"worker_id": "w1", "path": "nargs.sh", "args": [big]}),
+            "131071",
+        ),
+        (
+            "/v1/jobs",
+            json!({"path": "nargs.sh", "args": [third, third, third]}),
+            "262144",
+        ),
+        (
+            "/v1/jobs",
+            json!({"worker_id": "w1", "path": "nargs.sh", "args": many_args}),
+            "1024",
+        ),
+        (
+            "/v1/jobs",
+            json!({"worker_id": "w1", "path": "nargs.sh", "env": many_env}),
+            "256",
+        ),
+        (
+            "/v1/jobs",
+            json!({"worker_id": "w1", "path": "nargs.sh", "env": {"BIG": big}}),
+            "131071",
+        ),
+        (
+            "/start",
+            json!({"worker_id": "w1", "command": "bash", "path": "nargs.sh", "args": [big]}),
+            "131071",
+        ),
+        (
+            "/v1/groups",
+            json!({"all": true, "path": "nargs.sh", "args": [third, third, third]}),
+            "262144",
+        ),
+    ];
+    for (i, (route, body, limit)) in cases.into_iter().enumerate() {
+        let reply = cluster
+            .http()
+            .post(format!("{url}{route}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), StatusCode::PAYLOAD_TOO_LARGE, "case {i}");
+        let error: ErrorBody = reply.json().await.unwrap();
+        assert_eq!(error.code, "request_too_large", "case {i}");
+        assert!(error.error.contains(limit), "case {i}: {}", error.error);
+    }
+
+    // Within the bounds: started; shown with its args, listed without.
+    let arg = "y".repeat(120 * 1024);
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let reply = cluster
+            .http()
+            .post(format!("{url}/v1/jobs"))
+            .json(&json!({"worker_id": "w1", "path": "nargs.sh", "args": [arg, arg]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), StatusCode::CREATED);
+        let started: jobcluster_proto::http::JobStarted = reply.json().await.unwrap();
+        ids.push(started.job_id);
+    }
+    let out = cluster.ctl_output(&["logs", "-f", &ids[0]]).await;
+    assert_eq!(stdout(&out), "2\n", "{}", stderr(&out));
+    let job = cluster.job(&ids[0]).await;
+    assert_eq!(job.args, Some(vec![arg.clone(), arg.clone()]));
+    let listing = cluster
+        .http()
+        .get(format!("{url}/v1/jobs?limit=1000"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let listed: serde_json::Value = serde_json::from_slice(&listing).unwrap();
+    assert_eq!(listed["jobs"].as_array().unwrap().len(), 4);
+    assert!(
+        listed["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|j| j.get("args").is_none()),
+        "a listing carried args"
+    );
+    assert!(listing.len() < 16 * 1024, "{} bytes listed", listing.len());
+
+    let (took, answered) = slow_h2.await.unwrap();
+    assert_eq!(
+        answered,
+        (StatusCode::REQUEST_TIMEOUT, "body_timeout".to_owned()),
+        "HTTP/2 after {took:?}"
+    );
+    let (took, closed, answer) = slow_h1.await.unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 408") && answer.contains("body_timeout"),
+        "after {took:?}: {answer}"
+    );
+    assert!(closed, "the connection of a slow body stayed open");
+    assert!(
+        took >= Duration::from_secs(25) && took < Duration::from_secs(45),
+        "answered after {took:?}"
+    );
+    still_serves(&cluster).await;
+}
+
+async fn still_serves(cluster: &Cluster) {
+    let reply = cluster
+        .http()
+        .get(format!("{}/v1/workers", cluster.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), StatusCode::OK, "the API stopped serving");
+}
+
+/// `--token-file` and the environment keep a token out of `ps`; `--token`
+/// still works but says it is visible there. The scheduler's database is
+/// its owner's alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_stay_out_of_ps_and_the_store_is_the_schedulers_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let cluster = Cluster::start_with(&["w1"], &auth_config(), "").await;
+    let file = cluster.tmp.path().join("operator.token");
+    std::fs::write(&file, format!("{OPERATOR_TOKEN}\n")).unwrap();
+    let file = file.to_str().unwrap();
+    let missing = cluster.tmp.path().join("missing.token");
+    let missing = missing.to_str().unwrap();
+    type Case<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, &'a str)>, bool, bool);
+    let cases: Vec<Case<'_>> = vec![
+        (
+            "--token-file",
+            vec!["--token-file", file],
+            vec![],
+            true,
+            false,
+        ),
+        (
+            "CLUSTERCTL_TOKEN_FILE",
+            vec![],
+            vec![("CLUSTERCTL_TOKEN_FILE", file)],
+            true,
+            false,
+        ),
+        (
+            "CLUSTERCTL_TOKEN",
+            vec![],
+            vec![("CLUSTERCTL_TOKEN", OPERATOR_TOKEN)],
+            true,
+            false,
+        ),
+        (
+            "--token",
+            vec!["--token", OPERATOR_TOKEN],
+            vec![],
+            true,
+            true,
+        ),
+        (
+            "missing file",
+            vec!["--token-file", missing],
+            vec![],
+            false,
+            false,
+        ),
+    ];
+    for (what, args, env, works, warns) in cases {
+        let out = cluster
+            .ctl()
+            .env_remove("CLUSTERCTL_CERT")
+            .env_remove("CLUSTERCTL_KEY")
+            .envs(env)
+            .args(args)
+            .args(["workers", "-o", "json"])
+            .output()
+            .await
+            .unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.success(), works, "{what}: {err}");
+        assert_eq!(
+            err.contains("visible to every user"),
+            warns,
+            "{what}: {err}"
+        );
+        if works {
+            assert!(stdout(&out).contains("\"ready\""), "{what}: {err}");
+        } else {
+            assert!(err.contains("missing.token"), "{what}: {err}");
+        }
+        assert!(
+            !err.contains(OPERATOR_TOKEN),
+            "{what}: the token was echoed"
+        );
+    }
+
+    let db = cluster.tmp.path().join("state/scheduler.db");
+    for suffix in ["", "-wal", "-shm"] {
+        let path = format!("{}{suffix}", db.display());
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{path}");
+    }
 }

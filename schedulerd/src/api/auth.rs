@@ -12,6 +12,7 @@ use axum::response::Response;
 use jobcluster_pki::Role;
 use sha2::{Digest, Sha256};
 
+use super::serve::ConnectionControl;
 use super::{ApiError, AppState, tls::PeerInfo};
 use crate::config::{TokenEntry, TokenRole};
 
@@ -75,9 +76,20 @@ pub(crate) async fn authenticate(
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
+    check(&state, &peer, &request)?;
+    // The connection has shown an identity: it leaves the limits of
+    // connections without one (serve.rs).
+    if let Some(control) = request.extensions().get::<ConnectionControl>() {
+        control.admit();
+    }
+    Ok(next.run(request).await)
+}
+
+/// Whether `request` may go through.
+fn check(state: &AppState, peer: &PeerInfo, request: &Request) -> Result<(), ApiError> {
     if let Some(id) = &peer.identity {
         if id.role == Role::Client {
-            return Ok(next.run(request).await);
+            return Ok(());
         }
         tracing::warn!(peer = %id.name, role = %id.role, addr = %peer.addr, "refused an API caller without the client role");
         return Err(ApiError::new(
@@ -91,7 +103,7 @@ pub(crate) async fn authenticate(
     }
     let tokens: &Arc<Tokens> = &state.tokens;
     if state.insecure && !request.headers().contains_key(header::AUTHORIZATION) {
-        return Ok(next.run(request).await);
+        return Ok(());
     }
     let Some(value) = request.headers().get(header::AUTHORIZATION) else {
         return Err(unauthenticated(
@@ -109,7 +121,7 @@ pub(crate) async fn authenticate(
         tracing::warn!(addr = %peer.addr, "refused an unknown bearer token");
         return Err(unauthenticated("invalid token"));
     };
-    if role == TokenRole::Viewer && writes(&request) {
+    if role == TokenRole::Viewer && writes(request) {
         tracing::warn!(token = name, addr = %peer.addr, path = %request.uri().path(), "refused a write with a viewer token");
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -117,5 +129,5 @@ pub(crate) async fn authenticate(
             "this token may only read (role viewer)",
         ));
     }
-    Ok(next.run(request).await)
+    Ok(())
 }

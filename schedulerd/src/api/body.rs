@@ -1,5 +1,12 @@
-//! Request bodies nobody read to the end: a body over the limit, or one
-//! sent with a request refused before its handler read it.
+//! Request bodies: the deadline for the whole body, and bodies nobody read
+//! to the end (one over the limit, or one sent with a request refused
+//! before its handler read it).
+//!
+//! A body must arrive within [`BODY_TIMEOUT`] of its headers: a client
+//! that announces a body and sends it slowly (or not at all) would
+//! otherwise hold its connection, and a handler waiting for it, forever.
+//! Past the deadline the request is answered `408 body_timeout` and the
+//! connection is closed once that answer is out.
 //!
 //! Answering while the client is still sending loses the answer: over
 //! HTTP/2 the server then resets the stream (`RST_STREAM(NO_ERROR)`, which
@@ -10,9 +17,12 @@
 //! discarded, up to a bound, before the answer goes out.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
+
+use tokio::time::{Instant, Sleep};
 
 use axum::body::Body;
 use axum::extract::Request;
@@ -21,7 +31,11 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 
+use super::serve::ConnectionControl;
 use super::{ApiError, BODY_LIMIT};
+
+/// A request's whole body must arrive within this of its headers.
+pub(crate) const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How much of an unwanted body is read and thrown away so that the client
 /// hears the answer; past it the connection (HTTP/1.1) or the stream
@@ -31,10 +45,12 @@ const DRAIN_LIMIT: u64 = 16 << 20;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Answers every request only after its body has been received in full
-/// (within the bounds above), and refuses a body announced as over the
-/// limit before reading any of it.
+/// (within the bounds above), refuses a body announced as over the limit
+/// before reading any of it, and one that is late with 408.
 pub(crate) async fn answer_after_body(request: Request, next: Next) -> Response {
+    let deadline = Instant::now() + BODY_TIMEOUT;
     let (parts, body) = request.into_parts();
+    let control = parts.extensions.get::<ConnectionControl>().cloned();
     let http1 = parts.version <= Version::HTTP_11;
     let expects_continue = parts
         .headers
@@ -52,16 +68,36 @@ pub(crate) async fn answer_after_body(request: Request, next: Next) -> Response 
         )
     } else {
         let slot = Arc::new(Mutex::new(None));
+        let late = Arc::new(AtomicBool::new(false));
         let watched = Watched {
             body: Some(body),
             polled: false,
             ended: false,
             slot: slot.clone(),
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            late: late.clone(),
         };
         let response = next
             .run(Request::from_parts(parts, Body::new(watched)))
             .await;
         let rest = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if late.load(Ordering::Acquire) {
+            tracing::info!(
+                timeout = ?BODY_TIMEOUT,
+                "a request body did not arrive in time; closing its connection"
+            );
+            let mut response = ApiError::body_timeout(BODY_TIMEOUT).into_response();
+            if http1 {
+                // HTTP/2 has no such header; its connection ends with GOAWAY.
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            if let Some(control) = control {
+                control.close();
+            }
+            return response;
+        }
         (response, rest)
     };
     let Some(rest) = rest else {
@@ -72,7 +108,7 @@ pub(crate) async fn answer_after_body(request: Request, next: Next) -> Response 
         // will send nothing once it reads the final answer instead.
         false
     } else {
-        drain(rest.body).await
+        drain(rest.body, deadline).await
     };
     if !drained && http1 {
         // Unread bytes may follow, so the connection cannot carry another
@@ -85,8 +121,8 @@ pub(crate) async fn answer_after_body(request: Request, next: Next) -> Response 
 }
 
 /// Reads and discards the rest of a body; whether it ended within the
-/// bounds.
-async fn drain(body: Body) -> bool {
+/// bounds (and before the body's `deadline`).
+async fn drain(body: Body, deadline: Instant) -> bool {
     if http_body::Body::size_hint(&body).lower() > DRAIN_LIMIT {
         return false;
     }
@@ -104,9 +140,8 @@ async fn drain(body: Body) -> bool {
         }
         true
     };
-    let drained = tokio::time::timeout(DRAIN_TIMEOUT, read)
-        .await
-        .unwrap_or(false);
+    let until = deadline.min(Instant::now() + DRAIN_TIMEOUT);
+    let drained = tokio::time::timeout_at(until, read).await.unwrap_or(false);
     if !drained {
         tracing::debug!(
             limit = DRAIN_LIMIT,
@@ -124,12 +159,15 @@ struct Unread {
     polled: bool,
 }
 
-/// A request body that, dropped before its end, leaves the rest in `slot`.
+/// A request body that, dropped before its end, leaves the rest in `slot`,
+/// and that fails (setting `late`) if it has not ended by `deadline`.
 struct Watched {
     body: Option<Body>,
     polled: bool,
     ended: bool,
     slot: Arc<Mutex<Option<Unread>>>,
+    deadline: Pin<Box<Sleep>>,
+    late: Arc<AtomicBool>,
 }
 
 impl http_body::Body for Watched {
@@ -148,6 +186,13 @@ impl http_body::Body for Watched {
         let polled = Pin::new(body).poll_frame(cx);
         if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
             this.ended = true;
+        }
+        if polled.is_pending() && this.deadline.as_mut().poll(cx).is_ready() {
+            this.late.store(true, Ordering::Release);
+            return Poll::Ready(Some(Err(axum::Error::new(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the request body did not arrive in time",
+            )))));
         }
         polled
     }

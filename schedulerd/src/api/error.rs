@@ -78,6 +78,23 @@ impl ApiError {
         Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
     }
 
+    /// A start whose `args` or `env` are over a bound (`why` names it).
+    pub(crate) fn request_too_large(why: String) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large", why)
+    }
+
+    /// A request body that did not arrive within `limit` of its headers.
+    pub(crate) fn body_timeout(limit: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!(
+                "the request body did not arrive within {} s of its headers; the connection is closed",
+                limit.as_secs()
+            ),
+        )
+    }
+
     /// The worker cannot take requests: `down` (no heartbeat) or gone.
     pub(crate) fn worker_not_ready(w: &crate::store::WorkerRow) -> Self {
         let (code, why) = match w.state {
@@ -103,6 +120,7 @@ impl ApiError {
         let http = match status.code() {
             _ if code.as_deref() == Some("output_expired") => StatusCode::GONE,
             _ if code.as_deref() == Some("worker_storage_full") => StatusCode::INSUFFICIENT_STORAGE,
+            _ if code.as_deref() == Some("request_too_large") => StatusCode::PAYLOAD_TOO_LARGE,
             Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => {
                 StatusCode::BAD_REQUEST
             }

@@ -12,7 +12,7 @@ use base64::Engine;
 use bytes::Bytes;
 use jobcluster_proto::http::{
     GroupFailure, GroupInfo, GroupList, GroupLogLine, GroupLogsQuery, GroupStarted, JobStarted,
-    StartGroup, StartJob, StopResult,
+    StartGroup, StartJob, StopResult, limits,
 };
 use jobcluster_proto::pb::StreamJobRequest;
 use tokio::sync::mpsc;
@@ -36,6 +36,7 @@ pub(crate) async fn create(
     IdempotencyKey(key): IdempotencyKey,
     JsonBody(body): JsonBody<StartGroup>,
 ) -> Result<Response, ApiError> {
+    limits::check(&body.args, &body.env).map_err(ApiError::request_too_large)?;
     let (request, claim) = match key {
         None => (None, None),
         Some(key) => {
@@ -228,7 +229,9 @@ fn group_state<'a>(jobs: impl IntoIterator<Item = &'a JobRow>) -> &'static str {
     }
 }
 
-fn group_info(group: GroupRow, jobs: &[Seen]) -> GroupInfo {
+/// A group, with its `args` when `with_args` (one group shown) and never
+/// its jobs' (they are the group's).
+fn group_info(group: GroupRow, jobs: &[Seen], with_args: bool) -> GroupInfo {
     let state = group_state(jobs.iter().map(|s| &s.row));
     GroupInfo {
         group_id: group.group_id,
@@ -237,8 +240,8 @@ fn group_info(group: GroupRow, jobs: &[Seen]) -> GroupInfo {
         created_at: rfc3339(group.created_at_ms),
         command: group.command,
         path: group.path,
-        args: group.args,
-        jobs: jobs.iter().map(Seen::info).collect(),
+        args: with_args.then_some(group.args),
+        jobs: jobs.iter().map(Seen::summary).collect(),
     }
 }
 
@@ -252,7 +255,7 @@ pub(crate) async fn show(
 ) -> Result<Json<GroupInfo>, ApiError> {
     let (group, jobs) = find_group(&state, &id).await?;
     let jobs = refreshed(&state, jobs).await;
-    Ok(Json(group_info(group, &jobs)))
+    Ok(Json(group_info(group, &jobs, true)))
 }
 
 pub(crate) async fn list(State(state): State<AppState>) -> Result<Json<GroupList>, ApiError> {
@@ -263,7 +266,7 @@ pub(crate) async fn list(State(state): State<AppState>) -> Result<Json<GroupList
                 .into_iter()
                 .map(|row| Seen { row, stale: false })
                 .collect();
-            groups.push(group_info(group, &jobs));
+            groups.push(group_info(group, &jobs, false));
         }
     }
     Ok(Json(GroupList { groups }))

@@ -9,7 +9,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use jobcluster_proto::http::{
-    JOB_STATES, JobFilter, JobInfo, JobList, JobStarted, LogsQuery, StartJob, StopResult,
+    JOB_STATES, JobFilter, JobInfo, JobList, JobStarted, LogsQuery, StartJob, StopResult, limits,
 };
 use jobcluster_proto::pb::{
     self, QueryJobRequest, StartJobRequest, StopJobRequest, StreamJobRequest,
@@ -18,7 +18,7 @@ use jobcluster_proto::pb::{
 use super::extract::{JsonBody, QueryParams};
 use super::idempotency::{self, IdempotencyKey};
 use super::{ApiError, AppState, with_deadline};
-use crate::convert::{job_info, merge_status};
+use crate::convert::{job_info, job_summary, merge_status};
 use crate::registry::WorkerEntry;
 use crate::state::{JobState, WorkerState};
 use crate::store::{JobQuery, JobRow, KeyRow, NewKey, Store};
@@ -43,6 +43,7 @@ pub(crate) async fn start_once(
     route: &'static str,
     body: StartJob,
 ) -> Result<Response, ApiError> {
+    limits::check(&body.args, &body.env).map_err(ApiError::request_too_large)?;
     let Some(key) = key else {
         let started = start_job(state, body, None).await?;
         return Ok((StatusCode::CREATED, Json(started)).into_response());
@@ -192,7 +193,7 @@ pub(crate) async fn list(
     // every worker on every listing would put up to a page of worker calls
     // on each request (GET /v1/jobs/{id} does ask).
     Ok(Json(JobList {
-        jobs: rows.iter().map(|r| job_info(r, false)).collect(),
+        jobs: rows.iter().map(|r| job_summary(r, false)).collect(),
         next_cursor: next.map(|n| n.to_string()),
     }))
 }
@@ -565,6 +566,11 @@ pub(crate) struct Seen {
 impl Seen {
     pub(crate) fn info(&self) -> JobInfo {
         job_info(&self.row, self.stale)
+    }
+
+    /// As listings show it, without `args`.
+    pub(crate) fn summary(&self) -> JobInfo {
+        job_summary(&self.row, self.stale)
     }
 }
 

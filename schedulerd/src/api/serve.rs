@@ -1,12 +1,13 @@
 //! Serving the router over mutual TLS with limits a hostile client cannot
-//! get around: a bounded number of connections, a deadline for request
-//! headers (no slowloris), an idle timeout, HTTP/2 keepalives and a stream
-//! cap, a lingering close, and a graceful shutdown that gives open requests
-//! a bounded time.
+//! get around: connections without an identity kept apart from (and
+//! unable to crowd out) authenticated ones, a deadline for the first
+//! request, an idle timeout that only requests reset, HTTP/2 keepalives and
+//! a stream cap, a lingering close, and a graceful shutdown that gives open
+//! requests a bounded time.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -20,11 +21,12 @@ use axum::response::Response;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use jobcluster_proto::transport::{Crowd, Place};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use std::net::SocketAddr;
 
@@ -32,25 +34,46 @@ use axum::serve::Listener;
 
 use super::tls::PeerInfo;
 
-/// Connections served at once; more are closed on arrival.
-const MAX_CONNECTIONS: usize = 4096;
-/// A client must send its request headers within this.
+/// Connections of authenticated peers (a cluster certificate, or a request
+/// that passed authentication) served at once; more are closed on arrival.
+const MAX_AUTHENTICATED: usize = 4096;
+/// Connections without an identity yet (no certificate, and no request
+/// that authenticated). A newcomer past it closes the oldest, so a flood
+/// neither takes the authenticated peers' slots nor keeps a token holder
+/// from getting in.
+const MAX_UNAUTHENTICATED: usize = 512;
+/// How long a connection without an identity may stay open at all, however
+/// busy it keeps itself (requests refused for bad tokens, pings).
+const UNAUTHENTICATED_LIFETIME: Duration = Duration::from_secs(30);
+/// A connection must deliver the headers of its first request within this
+/// (from the end of its TLS handshake), or it is closed.
+const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client must send each request's headers within this.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 pings keep idle followers' links alive through proxies and
 /// detect dead ones.
 const H2_KEEPALIVE: Duration = Duration::from_secs(15);
 /// Requests in flight on one HTTP/2 connection.
 const H2_MAX_STREAMS: u32 = 256;
-/// A connection with no request in flight and nothing received for this
-/// long is closed, so idle connections cannot hold every slot.
+/// A connection with no request in flight, and none started or finished
+/// for this long, is closed, so idle connections cannot hold every slot.
+/// Only requests count: pings and other HTTP/2 control frames a client
+/// sends would otherwise keep a connection that does nothing open forever.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// What a connection is doing: requests whose response is not fully sent,
-/// and when it last received bytes.
+/// What a connection is doing, in requests: how many have their response
+/// not fully sent, when one last started or ended, and whether one has
+/// passed authentication.
 #[derive(Debug)]
 struct Activity {
     in_flight: AtomicUsize,
-    last_read_ms: AtomicU64,
+    last_active_ms: AtomicU64,
+    requested: AtomicBool,
+    admitted: AtomicBool,
+    on_admitted: Notify,
+    /// Set by a request that leaves the connection unusable (a body that
+    /// did not arrive in time).
+    close: CancellationToken,
     epoch: Instant,
 }
 
@@ -58,7 +81,11 @@ impl Activity {
     fn new() -> Self {
         Activity {
             in_flight: AtomicUsize::new(0),
-            last_read_ms: AtomicU64::new(0),
+            last_active_ms: AtomicU64::new(0),
+            requested: AtomicBool::new(false),
+            admitted: AtomicBool::new(false),
+            on_admitted: Notify::new(),
+            close: CancellationToken::new(),
             epoch: Instant::now(),
         }
     }
@@ -67,13 +94,24 @@ impl Activity {
         self.epoch.elapsed().as_millis() as u64
     }
 
+    fn touch(&self) {
+        self.last_active_ms.store(self.now_ms(), Ordering::Release);
+    }
+
+    /// Counts a request in; whether it is the connection's first.
+    fn request_started(&self) -> bool {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.touch();
+        !self.requested.swap(true, Ordering::AcqRel)
+    }
+
     /// Resolves once the connection has been idle for `limit`.
     async fn idle(&self, limit: Duration) {
         let limit_ms = limit.as_millis() as u64;
         loop {
             let quiet = self
                 .now_ms()
-                .saturating_sub(self.last_read_ms.load(Ordering::Acquire));
+                .saturating_sub(self.last_active_ms.load(Ordering::Acquire));
             if self.in_flight.load(Ordering::Acquire) == 0 && quiet >= limit_ms {
                 return;
             }
@@ -82,6 +120,82 @@ impl Activity {
             tokio::time::sleep(Duration::from_millis(wait)).await;
         }
     }
+
+    /// Resolves if no request has arrived within `limit`; never otherwise.
+    async fn no_request_within(&self, limit: Duration) {
+        tokio::time::sleep(limit).await;
+        if self.requested.load(Ordering::Acquire) {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    async fn close_requested(&self) {
+        self.close.cancelled().await;
+    }
+
+    /// Resolves once a request on the connection passed authentication.
+    async fn admitted(&self) {
+        if !self.admitted.load(Ordering::Acquire) {
+            // `notify_one` keeps a permit when nobody waits yet, so an
+            // admission between the check and the wait is not lost.
+            self.on_admitted.notified().await;
+        }
+    }
+}
+
+/// Put in every request's extensions, for what a request learns about its
+/// connection: authentication calls [`admit`] when it lets a request
+/// through, which moves the connection among the authenticated ones, and
+/// [`close`] ends a connection that cannot carry another request.
+///
+/// [`admit`]: ConnectionControl::admit
+/// [`close`]: ConnectionControl::close
+#[derive(Debug, Clone)]
+pub(crate) struct ConnectionControl(Arc<Activity>);
+
+impl ConnectionControl {
+    pub(crate) fn admit(&self) {
+        if !self.0.admitted.swap(true, Ordering::AcqRel) {
+            self.0.on_admitted.notify_one();
+        }
+    }
+
+    /// Closes the connection once the requests on it are answered.
+    pub(crate) fn close(&self) {
+        self.0.close.cancel();
+    }
+}
+
+/// Where a connection stands: counted among the authenticated, or in the
+/// crowd without an identity (from which a newcomer may push it out).
+enum Standing {
+    Authenticated(#[allow(dead_code)] OwnedSemaphorePermit),
+    Unauthenticated(Place),
+}
+
+impl Standing {
+    fn is_authenticated(&self) -> bool {
+        matches!(self, Standing::Authenticated(_))
+    }
+
+    /// Resolves when a newer unauthenticated connection took this one's
+    /// place; never for an authenticated one.
+    async fn pushed_out(&mut self) {
+        match self {
+            Standing::Unauthenticated(place) => place.pushed_out().await,
+            Standing::Authenticated(_) => std::future::pending().await,
+        }
+    }
+}
+
+/// What ended a connection's wait.
+enum Event {
+    Ended,
+    /// Closed at once.
+    Close(&'static str),
+    /// Closed once its open requests are answered.
+    Finish,
+    Admitted,
 }
 
 /// Holds a request's place in `in_flight` until dropped.
@@ -90,6 +204,7 @@ struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        self.0.touch();
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -120,10 +235,9 @@ impl http_body::Body for Guarded {
     }
 }
 
-/// The connection's stream, noting when bytes arrive.
-struct Tracked<IO> {
+/// The connection's stream, closing with a linger.
+struct Lingering<IO> {
     io: IO,
-    activity: Arc<Activity>,
     /// Set once our side is shut down.
     linger: Option<Linger>,
 }
@@ -142,25 +256,17 @@ struct Linger {
 const LINGER_TIMEOUT: Duration = Duration::from_secs(5);
 const LINGER_LIMIT: usize = 16 << 20;
 
-impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
+impl<IO: AsyncRead + Unpin> AsyncRead for Lingering<IO> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            this.activity
-                .last_read_ms
-                .store(this.activity.now_ms(), Ordering::Release);
-        }
-        polled
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
     }
 }
 
-impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
+impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Lingering<IO> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -234,26 +340,43 @@ pub(crate) async fn serve<L: Listener<Addr = SocketAddr>>(
         .keep_alive_interval(H2_KEEPALIVE)
         .keep_alive_timeout(H2_KEEPALIVE * 2)
         .max_concurrent_streams(H2_MAX_STREAMS);
-    let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let connections = TaskTracker::new();
+    let authenticated = Arc::new(Semaphore::new(MAX_AUTHENTICATED));
+    let unauthenticated = Crowd::new("API connections without an identity", MAX_UNAUTHENTICATED);
     loop {
         let (stream, addr) = tokio::select! {
             accepted = listener.accept() => accepted,
             () = stop.cancelled() => break,
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%addr, limit = MAX_CONNECTIONS, "connection limit reached; closing a new connection");
-            continue;
-        };
         let peer = peer_of(&stream, addr);
+        let mut speaker = None;
+        let standing = if peer.identity.is_some() {
+            // The TLS layer checked the certificate chains to the cluster CA.
+            let Ok(permit) = authenticated.clone().try_acquire_owned() else {
+                tracing::warn!(%addr, limit = MAX_AUTHENTICATED, "connection limit reached; closing a new connection");
+                continue;
+            };
+            Standing::Authenticated(permit)
+        } else {
+            let place = unauthenticated.enter();
+            speaker = Some(place.speaker());
+            Standing::Unauthenticated(place)
+        };
         let activity = Arc::new(Activity::new());
+        let control = ConnectionControl(activity.clone());
         let (on_request, on_response) = (activity.clone(), activity.clone());
         let service = tower::ServiceExt::map_response(
             tower::ServiceExt::map_request(
                 router.clone(),
                 move |mut request: Request<Incoming>| {
-                    on_request.in_flight.fetch_add(1, Ordering::AcqRel);
+                    if on_request.request_started()
+                        && let Some(speaker) = &speaker
+                    {
+                        // Connections that never ask are pushed out first.
+                        speaker.spoke();
+                    }
                     request.extensions_mut().insert(ConnectInfo(peer.clone()));
+                    request.extensions_mut().insert(control.clone());
                     request
                 },
             ),
@@ -268,30 +391,66 @@ pub(crate) async fn serve<L: Listener<Addr = SocketAddr>>(
                 })
             },
         );
-        let io = Tracked {
+        let io = Lingering {
             io: stream,
-            activity: activity.clone(),
             linger: None,
         };
         let connection = builder
             .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service))
             .into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            tokio::select! {
-                result = connection => {
-                    if let Err(error) = result {
-                        tracing::debug!(%addr, %error, "connection ended with an error");
+        let authenticated = authenticated.clone();
+        let stop = stop.clone();
+        connections.spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            let mut standing = standing;
+            let mut closing = false;
+            let first_request = activity.no_request_within(FIRST_REQUEST_TIMEOUT);
+            let mut first_request = std::pin::pin!(first_request);
+            let lifetime = tokio::time::sleep(UNAUTHENTICATED_LIFETIME);
+            let mut lifetime = std::pin::pin!(lifetime);
+            loop {
+                let unknown = !standing.is_authenticated();
+                let event = tokio::select! {
+                    result = connection.as_mut() => {
+                        if let Err(error) = result {
+                            tracing::debug!(%addr, %error, "connection ended with an error");
+                        }
+                        Event::Ended
                     }
-                }
-                () = activity.idle(IDLE_TIMEOUT) => {
-                    tracing::debug!(%addr, "closing an idle connection");
+                    () = stop.cancelled(), if !closing => Event::Finish,
+                    () = activity.close_requested(), if !closing => Event::Finish,
+                    () = activity.idle(IDLE_TIMEOUT) => Event::Close("idle"),
+                    () = &mut first_request => Event::Close("no request in time"),
+                    () = &mut lifetime, if unknown => Event::Close("unauthenticated for too long"),
+                    () = standing.pushed_out(), if unknown => Event::Close("pushed out by newer unauthenticated connections"),
+                    () = activity.admitted(), if unknown => Event::Admitted,
+                };
+                match event {
+                    Event::Ended => break,
+                    Event::Close(why) => {
+                        tracing::debug!(%addr, why, "closing a connection");
+                        break;
+                    }
+                    Event::Finish => {
+                        // Open requests finish; nothing new is taken.
+                        connection.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                    Event::Admitted => match authenticated.clone().try_acquire_owned() {
+                        Ok(permit) => standing = Standing::Authenticated(permit),
+                        Err(_) => {
+                            // Stays among the unauthenticated, with their
+                            // limits, rather than exceed the bound.
+                            tracing::warn!(%addr, limit = MAX_AUTHENTICATED, "connection limit reached; an authenticated connection keeps the limits of unauthenticated ones");
+                            activity.admitted.store(false, Ordering::Release);
+                        }
+                    },
                 }
             }
-            drop(slot);
         });
     }
-    if tokio::time::timeout(grace, graceful.shutdown())
+    connections.close();
+    if tokio::time::timeout(grace, connections.wait())
         .await
         .is_err()
     {
@@ -304,20 +463,67 @@ mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
-    async fn a_connection_is_idle_only_without_requests_and_reads() {
+    async fn a_connection_is_idle_only_without_requests() {
         let activity = Arc::new(Activity::new());
         // A request in flight (a followed log of a quiet job) is not idle.
-        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        activity.request_started();
         let idle =
             tokio::time::timeout(Duration::from_secs(600), activity.idle(IDLE_TIMEOUT)).await;
         assert!(
             idle.is_err(),
             "a connection with a request in flight was called idle"
         );
-        // Once the response is sent, a minute of silence makes it idle.
+        // Once the response is sent, a minute without requests makes it
+        // idle, whatever else the client sends (nothing else is counted).
         drop(InFlight(activity.clone()));
         let started = tokio::time::Instant::now();
         activity.idle(IDLE_TIMEOUT).await;
-        assert!(started.elapsed() <= IDLE_TIMEOUT + Duration::from_secs(1));
+        let waited = started.elapsed();
+        assert!(
+            waited >= IDLE_TIMEOUT && waited <= IDLE_TIMEOUT + Duration::from_secs(1),
+            "{waited:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_without_a_request_in_time_is_closed_and_one_with_it_is_not() {
+        let silent = Activity::new();
+        let started = tokio::time::Instant::now();
+        silent.no_request_within(FIRST_REQUEST_TIMEOUT).await;
+        assert_eq!(started.elapsed(), FIRST_REQUEST_TIMEOUT);
+
+        let asking = Activity::new();
+        asking.request_started();
+        let closed = tokio::time::timeout(
+            Duration::from_secs(600),
+            asking.no_request_within(FIRST_REQUEST_TIMEOUT),
+        )
+        .await;
+        assert!(
+            closed.is_err(),
+            "a connection that asked in time was closed"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_admission_is_seen_whether_it_comes_before_or_during_the_wait() {
+        let early = Arc::new(Activity::new());
+        ConnectionControl(early.clone()).admit();
+        tokio::time::timeout(Duration::from_secs(1), early.admitted())
+            .await
+            .unwrap();
+
+        let late = Arc::new(Activity::new());
+        let admission = ConnectionControl(late.clone());
+        let waiter = tokio::spawn({
+            let late = late.clone();
+            async move { late.admitted().await }
+        });
+        tokio::task::yield_now().await;
+        admission.admit();
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }

@@ -72,6 +72,8 @@ pub(crate) enum JobError {
         plugin: String,
         refused: jobcluster_plugins::EnvRefused,
     },
+    #[error("request too large: {0}")]
+    TooLarge(String),
     #[error("the worker is shutting down and takes no new jobs")]
     ShuttingDown,
     #[error("the worker already runs its maximum of {0} jobs; try later or another worker")]

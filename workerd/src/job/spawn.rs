@@ -102,6 +102,8 @@ impl Jobs {
         if !self.accepting.load(Ordering::Acquire) {
             return Err(JobError::ShuttingDown);
         }
+        // The scheduler checks these too; a worker holds to them whoever calls.
+        jobcluster_proto::http::limits::check(&req.args, &req.env).map_err(JobError::TooLarge)?;
         let id = if req.job_id.is_empty() {
             Uuid::new_v4()
         } else {
