@@ -509,11 +509,7 @@ impl Store {
                 Ok(true)
             })
             .await?;
-        if bound {
-            Ok(())
-        } else {
-            Err(StoreError::KeyTaken(name))
-        }
+        bound_or_taken(bound, name)
     }
 
     /// Records a job's latest status, as its worker reported it. A terminal
@@ -720,11 +716,7 @@ impl Store {
                 Ok(true)
             })
             .await?;
-        if bound {
-            Ok(())
-        } else {
-            Err(StoreError::KeyTaken(name))
-        }
+        bound_or_taken(bound, name)
     }
 
     /// Unbinds `key` from a group none of whose jobs started (the group's
@@ -912,6 +904,16 @@ impl Store {
             rows.collect()
         })
         .await
+    }
+}
+
+/// A write that had to bind an idempotency key: done, or refused because a
+/// live binding holds the key.
+fn bound_or_taken(bound: bool, key: String) -> Result<(), StoreError> {
+    if bound {
+        Ok(())
+    } else {
+        Err(StoreError::KeyTaken(key))
     }
 }
 
