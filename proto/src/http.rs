@@ -39,6 +39,13 @@ pub struct WorkerInfo {
     /// cgroup v2 on this worker (else through setrlimit only).
     #[serde(default)]
     pub cgroup_limits: bool,
+    /// Most jobs it runs at once; 0: unlimited.
+    #[serde(default)]
+    pub max_jobs: u32,
+    /// Slots not taken by a running, starting or unknown job; absent when
+    /// unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_slots: Option<u64>,
 }
 
 /// `GET /v1/workers`.

@@ -123,6 +123,7 @@ impl Scheduler for SchedulerService {
             previous_worker_id: r.previous_worker_id,
             instance_id: r.instance_id,
             cgroup_limits: r.cgroup_limits,
+            max_jobs: r.max_jobs,
             extensions: r
                 .plugin_info
                 .into_iter()

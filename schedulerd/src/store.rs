@@ -56,6 +56,15 @@ pub struct WorkerRow {
     pub extensions: std::collections::BTreeMap<String, Vec<String>>,
     /// Set by an operator: the worker takes no new jobs.
     pub draining: bool,
+    /// Its slots: most jobs it runs at once; 0: unlimited.
+    pub max_jobs: u32,
+}
+
+impl WorkerRow {
+    /// Slots left when `taken` jobs hold one; `None`: unlimited.
+    pub fn free_slots(&self, taken: u64) -> Option<u64> {
+        (self.max_jobs > 0).then(|| u64::from(self.max_jobs).saturating_sub(taken))
+    }
 }
 
 /// A job's durable record.
@@ -161,7 +170,8 @@ CREATE TABLE IF NOT EXISTS workers (
     last_seen_ms INTEGER NOT NULL,
     cgroup_limits INTEGER NOT NULL DEFAULT 0,
     extensions TEXT NOT NULL DEFAULT '{}',
-    draining INTEGER NOT NULL DEFAULT 0
+    draining INTEGER NOT NULL DEFAULT 0,
+    max_jobs INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -214,6 +224,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("workers", "cgroup_limits", "INTEGER NOT NULL DEFAULT 0"),
     ("workers", "extensions", "TEXT NOT NULL DEFAULT '{}'"),
     ("workers", "draining", "INTEGER NOT NULL DEFAULT 0"),
+    ("workers", "max_jobs", "INTEGER NOT NULL DEFAULT 0"),
     ("jobs", "group_id", "TEXT"),
     ("jobs", "updated_at_ms", "INTEGER NOT NULL DEFAULT 0"),
 ];
@@ -333,11 +344,11 @@ impl Store {
             )?;
             tx.execute(
                 "INSERT INTO workers (worker_id, name, address, state, plugins, labels, registered_at_ms,
-                   last_seen_ms, cgroup_limits, extensions, draining)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                   last_seen_ms, cgroup_limits, extensions, draining, max_jobs)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
                  ON CONFLICT(worker_id) DO UPDATE SET name = ?2, address = ?3, state = ?4,
                    plugins = ?5, labels = ?6, registered_at_ms = ?7, last_seen_ms = ?8,
-                   cgroup_limits = ?9, extensions = ?10, draining = ?11",
+                   cgroup_limits = ?9, extensions = ?10, draining = ?11, max_jobs = ?12",
                 params![
                     w.worker_id,
                     w.name,
@@ -349,7 +360,8 @@ impl Store {
                     w.last_seen_ms as i64,
                     w.cgroup_limits,
                     to_json(&w.extensions),
-                    w.draining
+                    w.draining,
+                    w.max_jobs
                 ],
             )?;
             tx.commit()
@@ -437,7 +449,7 @@ impl Store {
         self.read(|c| {
             let mut stmt = c.prepare(
                 "SELECT worker_id, name, address, state, plugins, labels, registered_at_ms, last_seen_ms,
-                   cgroup_limits, extensions, draining
+                   cgroup_limits, extensions, draining, max_jobs
                  FROM workers ORDER BY name",
             )?;
             let rows = stmt.query_map([], |r| {
@@ -453,6 +465,7 @@ impl Store {
                     cgroup_limits: r.get(8)?,
                     extensions: from_json(&r.get::<_, String>(9)?),
                     draining: r.get(10)?,
+                    max_jobs: r.get(11)?,
                 })
             })?;
             rows.collect()
@@ -1103,6 +1116,7 @@ mod tests {
             cgroup_limits: false,
             extensions: Default::default(),
             draining: false,
+            max_jobs: 0,
         };
         store.upsert_worker(worker.clone()).await.unwrap();
         assert!(store.mark_lost("w", "gone").await.unwrap().is_empty());
