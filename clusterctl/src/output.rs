@@ -322,6 +322,9 @@ mod tests {
             group_id: None,
             stale: false,
             recorded_at: None,
+            position: None,
+            reason: None,
+            queued_at: None,
         }
     }
 

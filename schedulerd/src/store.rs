@@ -136,6 +136,24 @@ pub struct KeyRow {
     pub created_at_ms: u64,
 }
 
+/// What a queued job needs to be started later, beside its job record
+/// (which holds path, arguments and plugin, with state `queued`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct QueueEntry {
+    pub job_id: String,
+    pub priority: i32,
+    pub queued_at_ms: u64,
+    /// The worker the request named; empty: any eligible worker.
+    pub worker_id: String,
+    pub selector: std::collections::BTreeMap<String, String>,
+    /// The request's environment, kept only until the job is dispatched.
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Still queued then: `failed`. 0: no timeout.
+    pub deadline_ms: u64,
+    /// Why it waits, as last seen by whoever queued or skipped it.
+    pub reason: String,
+}
+
 /// Which jobs to list.
 #[derive(Debug, Clone, Default)]
 pub struct JobQuery {
@@ -206,6 +224,20 @@ CREATE TABLE IF NOT EXISTS groups (
     args TEXT NOT NULL,
     created_at_ms INTEGER NOT NULL
 );
+-- Jobs waiting for a slot, and jobs being dispatched (their record is no
+-- longer `queued`; the row keeps what a start needs until the worker's
+-- answer settles it). Only these rows are ever scanned by the dispatcher.
+CREATE TABLE IF NOT EXISTS queue (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL UNIQUE REFERENCES jobs (job_id) ON DELETE CASCADE,
+    priority INTEGER NOT NULL,
+    queued_at_ms INTEGER NOT NULL,
+    worker_id TEXT NOT NULL,
+    selector TEXT NOT NULL,
+    env TEXT NOT NULL,
+    deadline_ms INTEGER NOT NULL,
+    reason TEXT NOT NULL
+);
 -- Whoever deletes a job or group (a start refused, pruning) drops its key
 -- with it: a key never names a record that is gone.
 CREATE TABLE IF NOT EXISTS idempotency_keys (
@@ -235,6 +267,8 @@ CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_group ON jobs (group_id, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_worker_state ON jobs (worker_id, state);
 CREATE INDEX IF NOT EXISTS jobs_by_state_finished ON jobs (state, finished_at_ms);
+CREATE INDEX IF NOT EXISTS queue_order ON queue (priority DESC, seq);
+CREATE INDEX IF NOT EXISTS queue_by_deadline ON queue (deadline_ms) WHERE deadline_ms > 0;
 CREATE INDEX IF NOT EXISTS idempotency_keys_by_age ON idempotency_keys (created_at_ms);
 CREATE INDEX IF NOT EXISTS idempotency_keys_by_job ON idempotency_keys (job_id);
 CREATE INDEX IF NOT EXISTS idempotency_keys_by_group ON idempotency_keys (group_id);
@@ -586,7 +620,8 @@ impl Store {
                 let open: Vec<String> = tx
                     .prepare(
                         "SELECT job_id FROM jobs WHERE worker_id = ?1
-                           AND state IN ('running', 'unknown') AND created_at_ms < ?2",
+                           AND state IN ('running', 'unknown') AND created_at_ms < ?2
+                           AND job_id NOT IN (SELECT job_id FROM queue)",
                     )?
                     .query_map(params![worker_id, settled_before_ms as i64], |r| r.get(0))?
                     .collect::<rusqlite::Result<_>>()?;
@@ -653,7 +688,8 @@ impl Store {
         self.write(move |c| {
             c.execute(
                 "UPDATE jobs SET state = 'lost', error_text = ?2, finished_at_ms = ?3, updated_at_ms = ?3
-                 WHERE job_id = ?1 AND state IN ('running', 'unknown')",
+                 WHERE job_id = ?1 AND state IN ('running', 'unknown')
+                   AND job_id NOT IN (SELECT job_id FROM queue)",
                 params![job_id, why, now_ms() as i64],
             )?;
             Ok(())
@@ -672,7 +708,8 @@ impl Store {
         self.read(move |c| {
             let mut stmt = c.prepare(&format!(
                 "SELECT {JOB_COLUMNS} FROM jobs WHERE worker_id = ?1 AND state = 'unknown'
-                   AND created_at_ms < ?2 ORDER BY seq LIMIT ?3"
+                   AND created_at_ms < ?2 AND job_id NOT IN (SELECT job_id FROM queue)
+                   ORDER BY seq LIMIT ?3"
             ))?;
             let rows = stmt
                 .query_map(params![worker_id, before_ms as i64, limit], job_row)?
@@ -879,6 +916,260 @@ impl Store {
         .await
     }
 
+    /// Records a queued job with what starting it later needs (and binds
+    /// `key` to it), unless `max_queued` jobs wait already: then nothing is
+    /// written and the answer is `None`. Otherwise its position.
+    pub async fn enqueue_job(
+        &self,
+        j: JobRow,
+        q: QueueEntry,
+        key: Option<NewKey>,
+        max_queued: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let name = key.as_ref().map(|k| k.key.clone()).unwrap_or_default();
+        let outcome = self
+            .write(move |c| {
+                let tx = c.transaction()?;
+                let waiting: i64 = tx.query_row("SELECT COUNT(*) FROM queue", [], |r| r.get(0))?;
+                if waiting as u64 >= max_queued {
+                    return Ok(Err(false));
+                }
+                insert_job(&tx, &j)?;
+                tx.execute(
+                    "INSERT INTO queue (job_id, priority, queued_at_ms, worker_id, selector, env,
+                       deadline_ms, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    params![
+                        q.job_id,
+                        q.priority,
+                        q.queued_at_ms as i64,
+                        q.worker_id,
+                        to_json(&q.selector),
+                        to_json(&q.env),
+                        q.deadline_ms as i64,
+                        q.reason
+                    ],
+                )?;
+                if let Some(key) = &key
+                    && !bind_key(&tx, key, Some(&j.job_id), None)?
+                {
+                    return Ok(Err(true));
+                }
+                let position = position(&tx, &q.job_id)?.unwrap_or(0);
+                tx.commit()?;
+                Ok(Ok(position))
+            })
+            .await?;
+        match outcome {
+            Ok(position) => Ok(Some(position)),
+            Err(false) => Ok(None),
+            Err(true) => Err(StoreError::KeyTaken(name)),
+        }
+    }
+
+    /// Whether a queued job of `priority` or higher waits: a new job of
+    /// `priority` must then queue behind it rather than start first.
+    pub async fn queued_at_or_above(&self, priority: i32) -> Result<bool, StoreError> {
+        self.read(move |c| {
+            c.prepare(
+                "SELECT 1 FROM queue q JOIN jobs j ON j.job_id = q.job_id
+                 WHERE q.priority >= ?1 AND j.state = 'queued' LIMIT 1",
+            )?
+            .exists([priority])
+        })
+        .await
+    }
+
+    /// A queued job's entry and position (how many queued jobs go first).
+    pub async fn queue_entry(&self, job_id: &str) -> Result<Option<(QueueEntry, u64)>, StoreError> {
+        let id = job_id.to_owned();
+        self.read(move |c| {
+            let Some(entry) = c
+                .query_row(
+                    &format!("SELECT {QUEUE_COLUMNS} FROM queue q WHERE q.job_id = ?1"),
+                    [&id],
+                    queue_row,
+                )
+                .optional()?
+            else {
+                return Ok(None);
+            };
+            Ok(position(c, &id)?.map(|p| (entry, p)))
+        })
+        .await
+    }
+
+    /// Queued jobs in queue order (priority, then arrival), skipping the
+    /// first `skip`, at most `limit`.
+    pub async fn queued(
+        &self,
+        skip: u64,
+        limit: u32,
+    ) -> Result<Vec<(JobRow, QueueEntry)>, StoreError> {
+        self.read(move |c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT {QUEUED_JOB_COLUMNS} FROM queue q JOIN jobs j ON j.job_id = q.job_id
+                 WHERE j.state = 'queued' ORDER BY q.priority DESC, q.seq LIMIT ?1 OFFSET ?2"
+            ))?;
+            let rows = stmt
+                .query_map(params![limit, skip as i64], queued_job_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// Jobs taken from the queue whose start has not been settled (a start
+    /// in flight, or one cut off by a scheduler restart).
+    pub async fn dispatching(&self) -> Result<Vec<(JobRow, QueueEntry)>, StoreError> {
+        self.read(move |c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT {QUEUED_JOB_COLUMNS} FROM queue q JOIN jobs j ON j.job_id = q.job_id
+                 WHERE j.state <> 'queued' ORDER BY q.seq"
+            ))?;
+            let rows = stmt
+                .query_map([], queued_job_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// Takes a queued job for `worker_id`: the one step that makes dispatch
+    /// exactly once. Only a job still `queued` is taken (a stop or a
+    /// timeout may have ended it); it becomes `unknown` on that worker, as
+    /// any job whose start is in flight, and its record is returned.
+    pub async fn claim_queued(
+        &self,
+        job_id: &str,
+        worker_id: &str,
+        why: &str,
+    ) -> Result<Option<JobRow>, StoreError> {
+        let (id, worker, why) = (job_id.to_owned(), worker_id.to_owned(), why.to_owned());
+        self.write(move |c| {
+            // created_at_ms becomes the start's time, so the settling of
+            // unknown jobs waits for this start like any other.
+            c.query_row(
+                &format!(
+                    "UPDATE jobs SET state = 'unknown', worker_id = ?2, error_text = ?3,
+                       created_at_ms = ?4, updated_at_ms = ?4
+                     WHERE job_id = ?1 AND state = 'queued' RETURNING {JOB_COLUMNS}"
+                ),
+                params![id, worker, why, now_ms() as i64],
+                job_row,
+            )
+            .optional()
+        })
+        .await
+    }
+
+    /// Puts a job whose start certainly started nothing back in the queue,
+    /// in the place it had; returns false if it was settled otherwise.
+    pub async fn requeue(&self, job_id: &str, reason: &str) -> Result<bool, StoreError> {
+        let (id, reason) = (job_id.to_owned(), reason.to_owned());
+        self.write(move |c| {
+            let tx = c.transaction()?;
+            let n = tx.execute(
+                "UPDATE jobs SET state = 'queued', error_text = '',
+                   worker_id = (SELECT worker_id FROM queue WHERE job_id = ?1),
+                   created_at_ms = (SELECT queued_at_ms FROM queue WHERE job_id = ?1),
+                   updated_at_ms = ?2
+                 WHERE job_id = ?1 AND state = 'unknown' AND started_at_ms = 0
+                   AND EXISTS (SELECT 1 FROM queue WHERE job_id = ?1)",
+                params![id, now_ms() as i64],
+            )?;
+            tx.execute(
+                "UPDATE queue SET reason = ?2 WHERE job_id = ?1",
+                params![id, reason],
+            )?;
+            tx.commit()?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    /// Forgets a job's queue entry (and with it the request's environment)
+    /// once its start is settled or in doubt: it is never dispatched again.
+    pub async fn dequeue(&self, job_id: &str) -> Result<(), StoreError> {
+        let id = job_id.to_owned();
+        self.write(move |c| {
+            c.execute("DELETE FROM queue WHERE job_id = ?1", [&id])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Records why a queued job still waits.
+    pub async fn set_queue_reason(&self, job_id: &str, reason: &str) -> Result<(), StoreError> {
+        let (id, reason) = (job_id.to_owned(), reason.to_owned());
+        self.write(move |c| {
+            c.execute(
+                "UPDATE queue SET reason = ?2 WHERE job_id = ?1",
+                params![id, reason],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Ends a job that is still queued `stopped`, without it ever starting;
+    /// false if it is not queued (any more).
+    pub async fn stop_queued(&self, job_id: &str) -> Result<bool, StoreError> {
+        let id = job_id.to_owned();
+        self.write(move |c| {
+            let tx = c.transaction()?;
+            let n = tx.execute(
+                "UPDATE jobs SET state = 'stopped', error_text = 'stopped while queued; it never started',
+                   finished_at_ms = ?2, updated_at_ms = ?2
+                 WHERE job_id = ?1 AND state = 'queued'",
+                params![id, now_ms() as i64],
+            )?;
+            if n > 0 {
+                tx.execute("DELETE FROM queue WHERE job_id = ?1", [&id])?;
+            }
+            tx.commit()?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    /// Fails the queued jobs whose queue timeout passed by `now`; returns
+    /// their ids.
+    pub async fn expire_queued(&self, now: u64) -> Result<Vec<String>, StoreError> {
+        self.write(move |c| {
+            let tx = c.transaction()?;
+            let due: Vec<(String, u64, u64)> = tx
+                .prepare(
+                    "SELECT q.job_id, q.queued_at_ms, q.deadline_ms FROM queue q
+                     JOIN jobs j ON j.job_id = q.job_id
+                     WHERE q.deadline_ms > 0 AND q.deadline_ms <= ?1 AND j.state = 'queued'",
+                )?
+                .query_map([now as i64], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get::<_, i64>(1)? as u64,
+                        r.get::<_, i64>(2)? as u64,
+                    ))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            for (id, queued_at, deadline) in &due {
+                let waited = std::time::Duration::from_millis(deadline.saturating_sub(*queued_at));
+                let why = format!(
+                    "still queued after its queue_timeout of {}; it never started",
+                    humantime::format_duration(waited)
+                );
+                tx.execute(
+                    "UPDATE jobs SET state = 'failed', error_text = ?2, finished_at_ms = ?3,
+                       updated_at_ms = ?3 WHERE job_id = ?1 AND state = 'queued'",
+                    params![id, why, now as i64],
+                )?;
+                tx.execute("DELETE FROM queue WHERE job_id = ?1", [id])?;
+            }
+            tx.commit()?;
+            Ok(due.into_iter().map(|(id, _, _)| id).collect())
+        })
+        .await
+    }
+
     /// Number of jobs recorded as running (or unknown, which may be running), per worker id.
     pub async fn running_counts(
         &self,
@@ -966,7 +1257,7 @@ fn update_job(c: &Connection, j: &JobRow) -> rusqlite::Result<usize> {
            started_at_ms = ?6, finished_at_ms = ?7, output_bytes = ?8, updated_at_ms = ?10,
            command = CASE WHEN command = '' THEN ?11 ELSE command END
          WHERE job_id = ?1 AND worker_id = ?9
-           AND state NOT IN ('succeeded', 'failed', 'stopped', 'lost')",
+           AND state NOT IN ('queued', 'succeeded', 'failed', 'stopped', 'lost')",
         params![
             j.job_id,
             j.state,
@@ -981,6 +1272,49 @@ fn update_job(c: &Connection, j: &JobRow) -> rusqlite::Result<usize> {
             j.command
         ],
     )
+}
+
+/// How many queued jobs go before `job_id` (None: it is not queued).
+fn position(c: &Connection, job_id: &str) -> rusqlite::Result<Option<u64>> {
+    c.query_row(
+        "SELECT (SELECT COUNT(*) FROM queue q2 JOIN jobs j2 ON j2.job_id = q2.job_id
+                  WHERE j2.state = 'queued'
+                    AND (q2.priority > q.priority OR (q2.priority = q.priority AND q2.seq < q.seq)))
+         FROM queue q JOIN jobs j ON j.job_id = q.job_id
+         WHERE q.job_id = ?1 AND j.state = 'queued'",
+        [job_id],
+        |r| r.get::<_, i64>(0).map(|n| n as u64),
+    )
+    .optional()
+}
+
+const QUEUE_COLUMNS: &str =
+    "q.job_id, q.priority, q.queued_at_ms, q.worker_id, q.selector, q.env, q.deadline_ms, q.reason";
+
+fn queue_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<QueueEntry> {
+    queue_row_at(r, 0)
+}
+
+fn queue_row_at(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<QueueEntry> {
+    Ok(QueueEntry {
+        job_id: r.get(at)?,
+        priority: r.get(at + 1)?,
+        queued_at_ms: r.get::<_, i64>(at + 2)? as u64,
+        worker_id: r.get(at + 3)?,
+        selector: from_json(&r.get::<_, String>(at + 4)?),
+        env: from_json(&r.get::<_, String>(at + 5)?),
+        deadline_ms: r.get::<_, i64>(at + 6)? as u64,
+        reason: r.get(at + 7)?,
+    })
+}
+
+const QUEUED_JOB_COLUMNS: &str = "j.job_id, j.worker_id, j.command, j.path, j.args, j.state,
+    j.error_text, j.exit_code, j.signal, j.created_at_ms, j.started_at_ms, j.finished_at_ms,
+    j.output_bytes, j.group_id, j.updated_at_ms, q.job_id, q.priority, q.queued_at_ms,
+    q.worker_id, q.selector, q.env, q.deadline_ms, q.reason";
+
+fn queued_job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(JobRow, QueueEntry)> {
+    Ok((job_row(r)?, queue_row_at(r, 15)?))
 }
 
 const JOB_COLUMNS: &str =

@@ -129,6 +129,9 @@ async fn set_draining(
         .set_worker_draining(&row.worker_id, draining)
         .await?;
     tracing::info!(worker_id = %row.worker_id, worker = %row.name, draining, "worker drain changed");
+    if !draining {
+        state.queue.wake();
+    }
     let running = state.store.running_counts().await?;
     let n = running.get(&row.worker_id).copied().unwrap_or(0);
     Ok(Json(worker_info(
