@@ -226,7 +226,9 @@ async fn start_once(api: &Api, args: &StartArgs) -> Result<Started, ApiError> {
         Ok(answer) => {
             // Only an answer repeated for our key carries the state: an
             // earlier attempt whose answer was lost had started the job.
-            if let Some(state) = &answer.parsed.state {
+            // A queued job's first answer (202) carries it too; a
+            // repeated one says no more than that.
+            if let Some(state) = answer.parsed.state.as_ref().filter(|s| *s != "queued") {
                 eprintln!(
                     "clusterctl: an earlier attempt had started job {}; it is {state}",
                     answer.parsed.job_id
@@ -278,7 +280,7 @@ async fn run_job(api: &Api, args: &StartArgs) -> anyhow::Result<ExitCode> {
                         .unwrap_or("waiting for a free slot")
                 );
                 let job = wait_for_dispatch(api, &started.job_id).await?;
-                if job.done {
+                if job.done && job.started_at.is_none() {
                     // Ended while queued (stopped, timed out): nothing ran.
                     eprintln!(
                         "clusterctl: job {} {} without starting: {}",

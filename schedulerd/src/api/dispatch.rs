@@ -50,6 +50,9 @@ async fn pass(state: &AppState) -> Result<(), StoreError> {
     resume_cut_off(state).await?;
     let workers = state.registry.all();
     let mut taken = state.store.running_counts().await?;
+    if !workers.iter().any(|w| has_slot(state, w, &taken)) {
+        return Ok(()); // a full cluster does not read the queue at all
+    }
     for (row, entry) in state.store.queued(0, BATCH).await? {
         if !workers.iter().any(|w| has_slot(state, w, &taken)) {
             break; // nothing can start until a slot frees up
