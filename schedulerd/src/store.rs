@@ -1600,4 +1600,137 @@ mod tests {
         assert!(store.group("g1").await.unwrap().is_some());
         store.insert_group(again, Some(key(500))).await.unwrap();
     }
+
+    fn queued(id: &str, priority: i32, worker: &str, deadline_ms: u64) -> (JobRow, QueueEntry) {
+        let mut row = job(id, JobState::Queued, 0);
+        row.started_at_ms = 0;
+        row.worker_id = worker.into();
+        let entry = QueueEntry {
+            job_id: id.into(),
+            priority,
+            queued_at_ms: 1,
+            worker_id: worker.into(),
+            env: [("SECRET".to_owned(), "x".to_owned())].into(),
+            deadline_ms,
+            reason: "no free slot".into(),
+            ..Default::default()
+        };
+        (row, entry)
+    }
+
+    #[tokio::test]
+    async fn the_queue_keeps_its_order_and_a_job_is_taken_once() {
+        let (_dir, store) = store();
+        for (id, priority) in [("a", 0), ("b", 5), ("c", 0)] {
+            let (row, entry) = queued(id, priority, "", 0);
+            store
+                .enqueue_job(row, entry, None, 3)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let (row, entry) = queued("d", 9, "", 0);
+        assert_eq!(
+            store.enqueue_job(row, entry, None, 3).await.unwrap(),
+            None,
+            "full"
+        );
+        let order = |store: Store| async move {
+            let rows = store.queued(0, 10).await.unwrap();
+            rows.into_iter().map(|(j, _)| j.job_id).collect::<Vec<_>>()
+        };
+        assert_eq!(order(store.clone()).await, ["b", "a", "c"]);
+        assert_eq!(store.queue_entry("c").await.unwrap().unwrap().1, 2);
+        assert!(store.queued_at_or_above(5).await.unwrap());
+        assert!(!store.queued_at_or_above(6).await.unwrap());
+
+        // Taken once: a second claim, and a stop, find it gone from the queue.
+        let claimed = store
+            .claim_queued("b", "w", "starting")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (claimed.state, claimed.worker_id.as_str()),
+            (JobState::Unknown, "w")
+        );
+        assert!(
+            store
+                .claim_queued("b", "w2", "starting")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(!store.stop_queued("b").await.unwrap());
+        assert_eq!(order(store.clone()).await, ["a", "c"]);
+        // Its start is cut off: settling leaves it to the dispatcher.
+        assert_eq!(store.dispatching().await.unwrap().len(), 1);
+        store
+            .apply_reports("w", Vec::new(), true, u64::MAX)
+            .await
+            .unwrap();
+        store.mark_job_lost("b", "gone").await.unwrap();
+        assert_eq!(
+            store.job("b").await.unwrap().unwrap().state,
+            JobState::Unknown
+        );
+        // Refused by the worker: back in its place, with its record as queued.
+        assert!(store.requeue("b", "worker busy").await.unwrap());
+        assert_eq!(order(store.clone()).await, ["b", "a", "c"]);
+        let back = store.job("b").await.unwrap().unwrap();
+        assert_eq!(
+            (back.state, back.worker_id.as_str()),
+            (JobState::Queued, "")
+        );
+        // Started: the entry (and the env in it) goes.
+        store
+            .claim_queued("b", "w", "starting")
+            .await
+            .unwrap()
+            .unwrap();
+        store.dequeue("b").await.unwrap();
+        assert!(store.dispatching().await.unwrap().is_empty());
+
+        // Stopped while queued: never taken.
+        assert!(store.stop_queued("a").await.unwrap());
+        assert!(
+            store
+                .claim_queued("a", "w", "starting")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(
+            store.job("a").await.unwrap().unwrap().state,
+            JobState::Stopped
+        );
+        assert_eq!(order(store.clone()).await, ["c"]);
+    }
+
+    #[tokio::test]
+    async fn a_queue_timeout_fails_only_jobs_still_queued() {
+        let (_dir, store) = store();
+        for (id, deadline) in [("a", 100), ("b", 100), ("c", 0)] {
+            let (row, entry) = queued(id, 0, "w", deadline);
+            store.enqueue_job(row, entry, None, 10).await.unwrap();
+        }
+        store
+            .claim_queued("b", "w", "starting")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(store.expire_queued(99).await.unwrap(), Vec::<String>::new());
+        assert_eq!(store.expire_queued(100).await.unwrap(), ["a"]);
+        let a = store.job("a").await.unwrap().unwrap();
+        assert_eq!(a.state, JobState::Failed);
+        assert!(a.error_text.contains("queue_timeout"), "{}", a.error_text);
+        assert_eq!(
+            store.job("b").await.unwrap().unwrap().state,
+            JobState::Unknown
+        );
+        assert_eq!(
+            store.job("c").await.unwrap().unwrap().state,
+            JobState::Queued
+        );
+    }
 }
