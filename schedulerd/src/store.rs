@@ -429,6 +429,19 @@ impl Store {
                 )?
                 .query_map(params![id, now_ms as i64], |r| r.get(0))?
                 .collect::<rusqlite::Result<Vec<String>>>()?;
+            // Jobs queued for this worker could never start: its id is gone.
+            tx.execute(
+                "UPDATE jobs SET state = 'failed',
+                   error_text = 'the worker it was queued for was removed from the cluster; it never started',
+                   finished_at_ms = ?2, updated_at_ms = ?2
+                 WHERE state = 'queued' AND job_id IN (SELECT job_id FROM queue WHERE worker_id = ?1)",
+                params![id, now_ms as i64],
+            )?;
+            tx.execute(
+                "DELETE FROM queue WHERE worker_id = ?1
+                   AND job_id IN (SELECT job_id FROM jobs WHERE state = 'failed')",
+                [&id],
+            )?;
             tx.commit()?;
             Ok(lost)
         })
@@ -966,15 +979,24 @@ impl Store {
         }
     }
 
-    /// Whether a queued job of `priority` or higher waits: a new job of
-    /// `priority` must then queue behind it rather than start first.
-    pub async fn queued_at_or_above(&self, priority: i32) -> Result<bool, StoreError> {
+    /// Whether a queued job of `priority` or higher waits that a new job
+    /// of `priority` competes with (for `worker_id`: jobs placed or named
+    /// to that worker; else placed jobs): the new job must then queue
+    /// behind it rather than start first. Jobs waiting for other workers
+    /// do not hold it back.
+    pub async fn queued_at_or_above(
+        &self,
+        priority: i32,
+        worker_id: &str,
+    ) -> Result<bool, StoreError> {
+        let worker_id = worker_id.to_owned();
         self.read(move |c| {
             c.prepare(
                 "SELECT 1 FROM queue q JOIN jobs j ON j.job_id = q.job_id
-                 WHERE q.priority >= ?1 AND j.state = 'queued' LIMIT 1",
+                 WHERE q.priority >= ?1 AND j.state = 'queued'
+                   AND (q.worker_id = '' OR q.worker_id = ?2) LIMIT 1",
             )?
-            .exists([priority])
+            .exists(params![priority, worker_id])
         })
         .await
     }
@@ -1641,8 +1663,8 @@ mod tests {
         };
         assert_eq!(order(store.clone()).await, ["b", "a", "c"]);
         assert_eq!(store.queue_entry("c").await.unwrap().unwrap().1, 2);
-        assert!(store.queued_at_or_above(5).await.unwrap());
-        assert!(!store.queued_at_or_above(6).await.unwrap());
+        assert!(store.queued_at_or_above(5, "").await.unwrap());
+        assert!(!store.queued_at_or_above(6, "w").await.unwrap());
 
         // Taken once: a second claim, and a stop, find it gone from the queue.
         let claimed = store

@@ -310,7 +310,11 @@ pub(crate) async fn start_job(
             let reason = error.message.clone();
             return enqueue(state, body, w.worker_id, reason, key, queue_timeout).await;
         }
-        if state.store.queued_at_or_above(body.priority).await? {
+        if state
+            .store
+            .queued_at_or_above(body.priority, &w.worker_id)
+            .await?
+        {
             let reason = "jobs queued before it wait for worker slots".to_owned();
             return enqueue(state, body, w.worker_id, reason, key, queue_timeout).await;
         }
@@ -360,7 +364,7 @@ pub(crate) async fn start_job(
             ));
         }
     };
-    if state.store.queued_at_or_above(body.priority).await? {
+    if state.store.queued_at_or_above(body.priority, "").await? {
         let reason = "jobs queued before it wait for worker slots".to_owned();
         return enqueue(state, body, String::new(), reason, key, queue_timeout).await;
     }
