@@ -270,7 +270,7 @@ async fn run_job(api: &Api, args: &StartArgs) -> anyhow::Result<ExitCode> {
         Started::Job(answer) => {
             let mut started = answer.parsed;
             if started.state.as_deref() == Some("queued") {
-                eprintln!(
+                let line = format!(
                     "queued job {} (position {}: {})",
                     started.job_id,
                     started.position.unwrap_or(0),
@@ -279,7 +279,14 @@ async fn run_job(api: &Api, args: &StartArgs) -> anyhow::Result<ExitCode> {
                         .as_deref()
                         .unwrap_or("waiting for a free slot")
                 );
-                let job = wait_for_dispatch(api, &started.job_id).await?;
+                // On a terminal a spinner keeps the position current; in a
+                // pipe, one line now and one when it starts.
+                let spinner = Spinner::start(line.clone());
+                if !spinner.shown() {
+                    eprintln!("{line}");
+                }
+                let job = wait_for_dispatch(api, &started.job_id, &spinner).await?;
+                drop(spinner);
                 if job.done && job.started_at.is_none() {
                     // Ended while queued (stopped, timed out): nothing ran.
                     eprintln!(
@@ -311,13 +318,27 @@ async fn run_job(api: &Api, args: &StartArgs) -> anyhow::Result<ExitCode> {
 
 /// Waits until a queued job leaves the queue: dispatched to a worker, or
 /// ended without starting. Its record then.
-pub(crate) async fn wait_for_dispatch(api: &Api, job_id: &str) -> Result<JobInfo, ApiError> {
+pub(crate) async fn wait_for_dispatch(
+    api: &Api,
+    job_id: &str,
+    spinner: &Spinner,
+) -> Result<JobInfo, ApiError> {
     let mut pause = Duration::from_millis(100);
     let mut failures = 0;
     loop {
         match api.job(job_id).await {
             Ok(job) if job.parsed.state != "queued" => return Ok(job.parsed),
-            Ok(_) => failures = 0,
+            Ok(job) => {
+                failures = 0;
+                spinner.set_message(format!(
+                    "job {job_id} queued: position {} ({})",
+                    job.parsed.position.unwrap_or(0),
+                    job.parsed
+                        .reason
+                        .as_deref()
+                        .unwrap_or("waiting for a free slot")
+                ));
+            }
             Err(e) if e.is_retryable() && failures < api::START_RETRIES.len() => failures += 1,
             Err(e) => return Err(e),
         }
