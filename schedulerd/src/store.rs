@@ -236,7 +236,10 @@ CREATE TABLE IF NOT EXISTS queue (
     selector TEXT NOT NULL,
     env TEXT NOT NULL,
     deadline_ms INTEGER NOT NULL,
-    reason TEXT NOT NULL
+    reason TEXT NOT NULL,
+    -- Taken by the dispatcher, its start not settled: kept apart so that
+    -- finding these never reads the waiting jobs.
+    dispatching INTEGER NOT NULL DEFAULT 0
 );
 -- Whoever deletes a job or group (a start refused, pruning) drops its key
 -- with it: a key never names a record that is gone.
@@ -259,6 +262,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("workers", "max_jobs", "INTEGER NOT NULL DEFAULT 0"),
     ("jobs", "group_id", "TEXT"),
     ("jobs", "updated_at_ms", "INTEGER NOT NULL DEFAULT 0"),
+    ("queue", "dispatching", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
 const INDEXES: &str = "
@@ -268,6 +272,7 @@ CREATE INDEX IF NOT EXISTS jobs_by_group ON jobs (group_id, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_worker_state ON jobs (worker_id, state);
 CREATE INDEX IF NOT EXISTS jobs_by_state_finished ON jobs (state, finished_at_ms);
 CREATE INDEX IF NOT EXISTS queue_order ON queue (priority DESC, seq);
+CREATE INDEX IF NOT EXISTS queue_dispatching ON queue (seq) WHERE dispatching = 1;
 CREATE INDEX IF NOT EXISTS queue_by_deadline ON queue (deadline_ms) WHERE deadline_ms > 0;
 CREATE INDEX IF NOT EXISTS idempotency_keys_by_age ON idempotency_keys (created_at_ms);
 CREATE INDEX IF NOT EXISTS idempotency_keys_by_job ON idempotency_keys (job_id);
@@ -1046,7 +1051,7 @@ impl Store {
         self.read(move |c| {
             let mut stmt = c.prepare(&format!(
                 "SELECT {QUEUED_JOB_COLUMNS} FROM queue q JOIN jobs j ON j.job_id = q.job_id
-                 WHERE j.state <> 'queued' ORDER BY q.seq"
+                 WHERE q.dispatching = 1 ORDER BY q.seq"
             ))?;
             let rows = stmt
                 .query_map([], queued_job_row)?
@@ -1068,18 +1073,25 @@ impl Store {
     ) -> Result<Option<JobRow>, StoreError> {
         let (id, worker, why) = (job_id.to_owned(), worker_id.to_owned(), why.to_owned());
         self.write(move |c| {
+            let tx = c.transaction()?;
             // created_at_ms becomes the start's time, so the settling of
             // unknown jobs waits for this start like any other.
-            c.query_row(
-                &format!(
-                    "UPDATE jobs SET state = 'unknown', worker_id = ?2, error_text = ?3,
-                       created_at_ms = ?4, updated_at_ms = ?4
-                     WHERE job_id = ?1 AND state = 'queued' RETURNING {JOB_COLUMNS}"
-                ),
-                params![id, worker, why, now_ms() as i64],
-                job_row,
-            )
-            .optional()
+            let claimed = tx
+                .query_row(
+                    &format!(
+                        "UPDATE jobs SET state = 'unknown', worker_id = ?2, error_text = ?3,
+                           created_at_ms = ?4, updated_at_ms = ?4
+                         WHERE job_id = ?1 AND state = 'queued' RETURNING {JOB_COLUMNS}"
+                    ),
+                    params![id, worker, why, now_ms() as i64],
+                    job_row,
+                )
+                .optional()?;
+            if claimed.is_some() {
+                tx.execute("UPDATE queue SET dispatching = 1 WHERE job_id = ?1", [&id])?;
+            }
+            tx.commit()?;
+            Ok(claimed)
         })
         .await
     }
@@ -1100,8 +1112,8 @@ impl Store {
                 params![id, now_ms() as i64],
             )?;
             tx.execute(
-                "UPDATE queue SET reason = ?2 WHERE job_id = ?1",
-                params![id, reason],
+                "UPDATE queue SET reason = ?2, dispatching = 0 WHERE job_id = ?1 AND ?3",
+                params![id, reason, n > 0],
             )?;
             tx.commit()?;
             Ok(n > 0)

@@ -398,3 +398,85 @@ async fn run_waits_through_the_queue_then_follows() {
     assert!(err.contains("is queued"), "{err}");
     assert!(err.contains("started"), "{err}");
 }
+
+/// Not a test: with 10,000 jobs queued, how long a freed slot takes to
+/// start the next job and how fast the API answers. Run with
+/// `cargo test -p jobcluster-clusterctl --test it queue::bench -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a benchmark"]
+async fn bench_ten_thousand_queued() {
+    let cluster = Cluster::start_with(&["w1"], "", "max_jobs = 1\n---\n").await;
+    let blocker = submit(
+        &cluster,
+        json!({"worker_id": "w1", "path": "count.sh", "args": ["1000", "1"]}),
+    )
+    .await;
+    let began = std::time::Instant::now();
+    let cluster = std::sync::Arc::new(cluster);
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let cluster = cluster.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for _ in 0..625 {
+                let started = submit(
+                    &cluster,
+                    json!({"worker_id": "w1", "path": "count.sh", "args": ["1", "0"]}),
+                )
+                .await;
+                ids.push(started.job_id);
+            }
+            ids
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.extend(t.await.unwrap());
+    }
+    println!("queued 10,000 jobs in {:?}", began.elapsed());
+    for path in [
+        "/v1/jobs?limit=100",
+        "/v1/jobs?state=queued&limit=100",
+        "/v1/workers",
+    ] {
+        let t = std::time::Instant::now();
+        for _ in 0..20 {
+            let _: Value = cluster.get_json(path).await;
+        }
+        println!("GET {path}: {:?} per request", t.elapsed() / 20);
+    }
+    let head: JobList = cluster.get_json("/v1/jobs?state=queued&limit=1").await;
+    let first = head.jobs[0].job_id.clone();
+    let t = std::time::Instant::now();
+    let _ = cluster.job(&ids[9_999]).await;
+    println!("GET /v1/jobs/{{last queued}}: {:?}", t.elapsed());
+    assert!(
+        cluster
+            .ctl_output(&["stop", &blocker.job_id])
+            .await
+            .status
+            .success()
+    );
+    let done = all_done(
+        &cluster,
+        std::slice::from_ref(&blocker.job_id),
+        Duration::from_secs(30),
+    )
+    .await;
+    let mut next = None;
+    for _ in 0..200 {
+        let job = cluster.job(&first).await;
+        if job.started_at.is_some() {
+            next = Some(job);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let next = next.expect("the first queued job started");
+    let freed = ms(done[0].finished_at.as_deref().unwrap());
+    let started = ms(next.started_at.as_deref().unwrap());
+    println!(
+        "slot freed -> next queued job started: {} ms (worker clock)",
+        started.saturating_sub(freed)
+    );
+}

@@ -25,8 +25,12 @@ use crate::store::{JobRow, QueueEntry, StoreError, WorkerRow};
 /// jobs a busy or unreachable worker handed back (retried no faster).
 const TICK: Duration = Duration::from_secs(1);
 
-/// Queued jobs looked at per pass; the rest wait for the next one.
+/// Waiting jobs looked past per pass (ones that cannot start now); the
+/// rest wait for the next pass.
 const BATCH: u32 = 1000;
+
+/// Queued jobs read at once.
+const PAGE: u32 = 32;
 
 pub(crate) async fn run(state: AppState, stop: CancellationToken) {
     let mut tick = tokio::time::interval(TICK);
@@ -53,30 +57,42 @@ async fn pass(state: &AppState) -> Result<(), StoreError> {
     if !workers.iter().any(|w| has_slot(state, w, &taken)) {
         return Ok(()); // a full cluster does not read the queue at all
     }
-    for (row, entry) in state.store.queued(0, BATCH).await? {
-        if !workers.iter().any(|w| has_slot(state, w, &taken)) {
-            break; // nothing can start until a slot frees up
-        }
-        let worker = match choose(state, &workers, &taken, &row, &entry) {
-            Ok(worker) => worker,
-            Err(reason) => {
-                if reason != entry.reason {
-                    state.store.set_queue_reason(&row.job_id, &reason).await?;
-                }
-                continue;
+    // Read in pages, so a pass that fills the free slots from the head of
+    // a long queue reads little of it. Taken jobs leave the queued set;
+    // only the ones left waiting count towards the next page's offset.
+    let mut waiting = 0u64;
+    'pages: while waiting < u64::from(BATCH) {
+        let page = state.store.queued(waiting, PAGE).await?;
+        let last_page = page.len() < PAGE as usize;
+        for (row, entry) in page {
+            if !workers.iter().any(|w| has_slot(state, w, &taken)) {
+                break 'pages; // nothing can start until a slot frees up
             }
-        };
-        let why = format!("starting on worker {}; its answer is awaited", worker.name);
-        let Some(claimed) = state
-            .store
-            .claim_queued(&row.job_id, &worker.worker_id, &why)
-            .await?
-        else {
-            continue; // stopped or timed out meanwhile
-        };
-        *taken.entry(worker.worker_id.clone()).or_default() += 1;
-        tracing::info!(job_id = %row.job_id, worker_id = %worker.worker_id, worker = %worker.name, priority = entry.priority, "dispatching queued job");
-        start(state, claimed, entry.env);
+            let worker = match choose(state, &workers, &taken, &row, &entry) {
+                Ok(worker) => worker,
+                Err(reason) => {
+                    waiting += 1;
+                    if reason != entry.reason {
+                        state.store.set_queue_reason(&row.job_id, &reason).await?;
+                    }
+                    continue;
+                }
+            };
+            let why = format!("starting on worker {}; its answer is awaited", worker.name);
+            let Some(claimed) = state
+                .store
+                .claim_queued(&row.job_id, &worker.worker_id, &why)
+                .await?
+            else {
+                continue; // stopped or timed out meanwhile
+            };
+            *taken.entry(worker.worker_id.clone()).or_default() += 1;
+            tracing::info!(job_id = %row.job_id, worker_id = %worker.worker_id, worker = %worker.name, priority = entry.priority, "dispatching queued job");
+            start(state, claimed, entry.env);
+        }
+        if last_page {
+            break;
+        }
     }
     Ok(())
 }
