@@ -480,3 +480,60 @@ async fn bench_ten_thousand_queued() {
         started.saturating_sub(freed)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wait_for_worker_queues_for_a_draining_worker_or_one_yet_to_come() {
+    let mut cluster = Cluster::start(&["w1"]).await;
+    // No worker carries zone=eu: refused at once, unless the job may wait.
+    let eu = json!({"path": "count.sh", "args": ["1", "0"], "selector": {"zone": "eu"}});
+    let (status, answer) = post(&cluster, eu.clone()).await;
+    assert_eq!(
+        (status, answer["code"].as_str()),
+        (StatusCode::CONFLICT, Some("no_eligible_worker"))
+    );
+    let mut waiting = eu;
+    waiting["wait_for_worker"] = json!(true);
+    let placed = submit(&cluster, waiting).await;
+    assert_eq!(placed.state.as_deref(), Some("queued"));
+
+    // A draining worker: the same.
+    cluster
+        .http()
+        .post(format!("{}/v1/workers/w1/drain", cluster.url()))
+        .send()
+        .await
+        .unwrap();
+    let named = submit(
+        &cluster,
+        json!({"worker_id": "w1", "path": "count.sh", "args": ["1", "0"], "wait_for_worker": true}),
+    )
+    .await;
+    assert_eq!(named.state.as_deref(), Some("queued"));
+    let info = cluster.job(&named.job_id).await;
+    assert!(
+        info.reason.as_deref().unwrap().contains("draining"),
+        "{:?}",
+        info.reason
+    );
+
+    cluster.add_worker_with("w2", "labels = { zone = \"eu\" }\n---\n");
+    cluster
+        .http()
+        .post(format!("{}/v1/workers/w1/undrain", cluster.url()))
+        .send()
+        .await
+        .unwrap();
+    let jobs = all_done(
+        &cluster,
+        &[placed.job_id, named.job_id],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(jobs.iter().all(|j| j.state == "succeeded"), "{jobs:?}");
+    let w2 = cluster.worker_info("w2").await.worker_id;
+    let w1 = cluster.worker_info("w1").await.worker_id;
+    assert_eq!(
+        (jobs[0].worker_id.as_str(), jobs[1].worker_id.as_str()),
+        (w2.as_str(), w1.as_str())
+    );
+}
