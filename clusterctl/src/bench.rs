@@ -98,6 +98,7 @@ async fn start(
         path: args.script.clone(),
         args: Vec::new(),
         env: BTreeMap::new(),
+        ..Default::default()
     });
     // Clients take the next job number until all are taken: a slow client
     // starts fewer jobs instead of holding the others back.
@@ -274,6 +275,7 @@ async fn follow(
                 path: args.script.clone(),
                 args: vec![expected.to_string()],
                 env: BTreeMap::new(),
+                ..Default::default()
             },
             None,
         )
@@ -580,6 +582,9 @@ mod tests {
             group_id: None,
             stale: false,
             recorded_at: None,
+            position: None,
+            reason: None,
+            queued_at: None,
         };
         assert_eq!(verify(Some(job("succeeded", 0)), 10, 10), Ok(()));
         assert_eq!(

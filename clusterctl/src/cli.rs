@@ -197,6 +197,26 @@ pub(crate) struct StartArgs {
     /// Runner plugin; default: the plugin whose extensions match SCRIPT.
     #[arg(long, value_name = "PLUGIN")]
     pub(crate) command: Option<String>,
+    /// Queue priority: higher starts first when jobs wait for slots.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    pub(crate) priority: i32,
+    /// Never wait in the queue: without a free slot now, the start is
+    /// refused (429 worker_busy or 409).
+    #[arg(long)]
+    pub(crate) no_queue: bool,
+    /// Give up on the job (it ends failed) if it is still queued after
+    /// this long (e.g. 90s, 10m).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub(crate) queue_timeout: Option<String>,
+    /// Queue even if the named worker is down, unresponsive or draining,
+    /// or no worker could run the job now.
+    #[arg(long)]
+    pub(crate) wait_for_worker: bool,
     /// Script path, relative to the worker's scripts_dir.
     #[arg(value_name = "SCRIPT")]
     pub(crate) script: String,
@@ -298,6 +318,12 @@ fn parse_role(s: &str) -> Result<Role, String> {
 }
 
 /// `KEY=VALUE`, for `--selector`.
+fn parse_duration(s: &str) -> Result<String, String> {
+    humantime::parse_duration(s)
+        .map(|_| s.to_owned())
+        .map_err(|e| format!("{s:?} is not a duration such as 90s or 10m: {e}"))
+}
+
 fn parse_label(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),

@@ -250,6 +250,10 @@ fn start_request(args: &StartArgs) -> StartJob {
         path: args.script.clone(),
         args: args.args.clone(),
         env: BTreeMap::new(),
+        priority: args.priority,
+        queue: args.no_queue.then_some(false),
+        wait_for_worker: args.wait_for_worker,
+        queue_timeout: args.queue_timeout.clone(),
     }
 }
 
@@ -279,7 +283,9 @@ async fn start_once(api: &Api, args: &StartArgs) -> Result<Started, ApiError> {
         Ok(answer) => {
             // Only an answer repeated for our key carries the state: an
             // earlier attempt whose answer was lost had started the job.
-            if let Some(state) = &answer.parsed.state {
+            // A queued job's first answer (202) carries it too; a
+            // repeated one says no more than that.
+            if let Some(state) = answer.parsed.state.as_ref().filter(|s| *s != "queued") {
                 eprintln!(
                     "clusterctl: an earlier attempt had started job {}; it is {state}",
                     answer.parsed.job_id
@@ -319,7 +325,35 @@ async fn start(api: &Api, format: Output, args: &StartArgs) -> anyhow::Result<Ex
 async fn run_job(api: &Api, args: &StartArgs) -> anyhow::Result<ExitCode> {
     let job_id = match start_once(api, args).await? {
         Started::Job(answer) => {
-            let started = answer.parsed;
+            let mut started = answer.parsed;
+            if started.state.as_deref() == Some("queued") {
+                let line = format!(
+                    "queued job {} (position {}: {})",
+                    started.job_id,
+                    started.position.unwrap_or(0),
+                    started
+                        .reason
+                        .as_deref()
+                        .unwrap_or("waiting for a free slot")
+                );
+                // On a terminal a spinner keeps the position current; in a
+                // pipe, one line now and one when it starts.
+                let spinner = Spinner::start(line.clone());
+                if !spinner.shown() {
+                    eprintln!("{line}");
+                }
+                let job = wait_for_dispatch(api, &started.job_id, &spinner).await?;
+                drop(spinner);
+                if job.done && job.started_at.is_none() {
+                    // Ended while queued (stopped, timed out): nothing ran.
+                    eprintln!(
+                        "clusterctl: job {} {} without starting: {}",
+                        job.job_id, job.state, job.error_text
+                    );
+                    return Ok(finished(job));
+                }
+                started.worker_id = job.worker_id;
+            }
             // The scheduler answers with the worker's id; a name reads
             // better and costs one best-effort lookup.
             let worker = match api.worker(&started.worker_id).await {
@@ -337,6 +371,37 @@ async fn run_job(api: &Api, args: &StartArgs) -> anyhow::Result<ExitCode> {
     };
     let job = follow_to_stdout(api, &job_id, 0, true).await?;
     Ok(job.map_or(ExitCode::SUCCESS, finished))
+}
+
+/// Waits until a queued job leaves the queue: dispatched to a worker, or
+/// ended without starting. Its record then.
+pub(crate) async fn wait_for_dispatch(
+    api: &Api,
+    job_id: &str,
+    spinner: &Spinner,
+) -> Result<JobInfo, ApiError> {
+    let mut pause = Duration::from_millis(100);
+    let mut failures = 0;
+    loop {
+        match api.job(job_id).await {
+            Ok(job) if job.parsed.state != "queued" => return Ok(job.parsed),
+            Ok(job) => {
+                failures = 0;
+                spinner.set_message(format!(
+                    "job {job_id} queued: position {} ({})",
+                    job.parsed.position.unwrap_or(0),
+                    job.parsed
+                        .reason
+                        .as_deref()
+                        .unwrap_or("waiting for a free slot")
+                ));
+            }
+            Err(e) if e.is_retryable() && failures < api::START_RETRIES.len() => failures += 1,
+            Err(e) => return Err(e),
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
+    }
 }
 
 /// Waits until the scheduler knows whether a start in doubt happened: the

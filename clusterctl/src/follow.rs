@@ -118,6 +118,8 @@ pub(crate) async fn stream_output<S: LogSource>(
     // After the stream ended cleanly for a finished job, at most one more
     // request to pick up bytes the job record says exist.
     let mut tail_checked = false;
+    // Said that the job waits in the queue; say so once when it starts.
+    let mut was_queued = false;
 
     loop {
         let opened_at = Instant::now();
@@ -126,6 +128,9 @@ pub(crate) async fn stream_output<S: LogSource>(
             Err(e) => e,
             Ok(mut body) => {
                 connected = true;
+                if std::mem::take(&mut was_queued) {
+                    eprintln!("clusterctl: job {job_id} started");
+                }
                 let mut broke = None;
                 while let Some(item) = body.next().await {
                     match item {
@@ -195,6 +200,20 @@ pub(crate) async fn stream_output<S: LogSource>(
                         );
                     }
                     return Ok(Some(job));
+                }
+                // Not started yet: waits, quietly after one line.
+                Ok(job) if job.state == "queued" => {
+                    if !was_queued {
+                        eprintln!(
+                            "clusterctl: job {job_id} is queued (position {}: {}); waiting",
+                            job.position.unwrap_or(0),
+                            job.reason.as_deref().unwrap_or("waiting for a free slot")
+                        );
+                    }
+                    was_queued = true;
+                    failures = 0;
+                    tokio::time::sleep(retry.first_delay).await;
+                    continue;
                 }
                 Ok(job) if job.state == "unknown" => {
                     eprintln!(
@@ -337,6 +356,9 @@ mod tests {
             group_id: None,
             stale: false,
             recorded_at: None,
+            position: None,
+            reason: None,
+            queued_at: None,
         }
     }
 

@@ -124,6 +124,14 @@ fn exit_cell(job: &JobInfo) -> String {
     }
 }
 
+/// Free and total slots (`3/4`); `unlimited` without a `max_jobs`.
+fn slots(w: &WorkerInfo) -> String {
+    match w.free_slots {
+        Some(free) if w.max_jobs > 0 => format!("{free}/{}", w.max_jobs),
+        _ => "unlimited".to_owned(),
+    }
+}
+
 /// The `workers` table.
 pub(crate) fn workers_table(now: SystemTime, workers: &[WorkerInfo]) -> String {
     let rows: Vec<Vec<String>> = workers
@@ -136,6 +144,7 @@ pub(crate) fn workers_table(now: SystemTime, workers: &[WorkerInfo]) -> String {
                 w.address.clone(),
                 dash_if_empty(w.plugins.join(",")),
                 w.running_jobs.to_string(),
+                slots(w),
                 relative(now, &w.last_seen),
             ]
         })
@@ -148,6 +157,7 @@ pub(crate) fn workers_table(now: SystemTime, workers: &[WorkerInfo]) -> String {
             "ADDRESS",
             "PLUGINS",
             "RUNNING",
+            "FREE/SLOTS",
             "LAST SEEN",
         ],
         &rows,
@@ -261,6 +271,7 @@ pub(crate) fn worker_block(now: SystemTime, w: &WorkerInfo) -> String {
         ("plugins", dash_if_empty(w.plugins.join(","))),
         ("labels", dash_if_empty(labels)),
         ("running_jobs", w.running_jobs.to_string()),
+        ("slots", slots(w)),
         ("last_seen", absolute_and_relative(now, &w.last_seen)),
         (
             "registered_at",
@@ -328,6 +339,9 @@ mod tests {
             group_id: None,
             stale: false,
             recorded_at: None,
+            position: None,
+            reason: None,
+            queued_at: None,
         }
     }
 

@@ -21,6 +21,17 @@ impl Spinner {
         bar.enable_steady_tick(Duration::from_millis(100));
         Spinner(Some(bar))
     }
+
+    /// Whether it shows (stderr is a terminal).
+    pub(crate) fn shown(&self) -> bool {
+        self.0.is_some()
+    }
+
+    pub(crate) fn set_message(&self, message: String) {
+        if let Some(bar) = &self.0 {
+            bar.set_message(message);
+        }
+    }
 }
 
 impl Drop for Spinner {

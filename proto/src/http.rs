@@ -39,6 +39,13 @@ pub struct WorkerInfo {
     /// cgroup v2 on this worker (else through setrlimit only).
     #[serde(default)]
     pub cgroup_limits: bool,
+    /// Most jobs it runs at once; 0: unlimited.
+    #[serde(default)]
+    pub max_jobs: u32,
+    /// Slots not taken by a running, starting or unknown job; absent when
+    /// unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub free_slots: Option<u64>,
 }
 
 /// `GET /v1/workers`.
@@ -74,10 +81,29 @@ pub struct StartJob {
     pub args: Vec<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// Queue order: higher first, then first come first served.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub priority: i32,
+    /// `false`: no waiting; a start that finds no free slot is refused as
+    /// it was before the queue (429 `worker_busy`, 409). Absent: `true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<bool>,
+    /// Queue even if the named worker is down, unresponsive or draining,
+    /// or no worker could run the job now.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub wait_for_worker: bool,
+    /// A job still queued this long after it was submitted ends `failed`
+    /// (a duration: `90s`, `10m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_timeout: Option<String>,
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
 }
 
 /// Answer to a start: `201 {"job_id", "worker_id"}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobStarted {
     pub job_id: String,
     pub worker_id: String,
@@ -86,6 +112,12 @@ pub struct JobStarted {
     /// from a first answer, whose job has just started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<String>,
+    /// A queued job (`202`): how many queued jobs go before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<u64>,
+    /// A queued job: why it waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// A job record. Also the answer of `POST /query`, whose original fields
@@ -124,6 +156,15 @@ pub struct JobInfo {
     /// When the scheduler last wrote this record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recorded_at: Option<String>,
+    /// A queued job: how many queued jobs go before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<u64>,
+    /// A queued job: why it waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// A queued job: when it was submitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued_at: Option<String>,
 }
 
 /// `GET /v1/jobs`: newest first; `next_cursor` fetches the next page.
@@ -174,7 +215,8 @@ pub struct LogsQuery {
 }
 
 /// Job states, as they appear in JSON.
-pub const JOB_STATES: [&str; 6] = [
+pub const JOB_STATES: [&str; 7] = [
+    "queued",
     "running",
     "unknown",
     "succeeded",

@@ -20,6 +20,29 @@ pub struct ConfigFile {
     pub workers: WorkersSection,
     #[serde(default)]
     pub auth: AuthSection,
+    #[serde(default)]
+    pub scheduler: SchedulerSection,
+}
+
+/// The job queue.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerSection {
+    /// Most jobs waiting at once; a start past it gets 429 `queue_full`.
+    #[serde(default = "default_max_queued")]
+    pub max_queued: u64,
+}
+
+impl Default for SchedulerSection {
+    fn default() -> Self {
+        SchedulerSection {
+            max_queued: default_max_queued(),
+        }
+    }
+}
+
+fn default_max_queued() -> u64 {
+    10_000
 }
 
 /// Bearer tokens for API clients without certificates. Only their SHA-256
@@ -224,6 +247,8 @@ pub struct Config {
     pub http_tls: Option<Tls>,
     pub tokens: Vec<TokenEntry>,
     pub max_followers_per_job: usize,
+    /// `[scheduler] max_queued`.
+    pub max_queued: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -350,6 +375,7 @@ impl Config {
             ));
         }
         Ok(Config {
+            max_queued: file.scheduler.max_queued,
             max_followers_per_job: h.max_followers_per_job,
             tokens: file.auth.tokens,
             heartbeat_interval: w.heartbeat_interval,

@@ -79,6 +79,9 @@ pub(crate) fn job_info(r: &JobRow, stale: bool) -> JobInfo {
         group_id: r.group_id.clone(),
         stale,
         recorded_at: rfc3339_opt(r.updated_at_ms),
+        position: None,
+        reason: None,
+        queued_at: None,
     }
 }
 

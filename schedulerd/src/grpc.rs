@@ -19,6 +19,7 @@ use crate::time::{now_ms, rfc3339};
 
 #[derive(Debug, Clone)]
 pub(crate) struct SchedulerService {
+    pub(crate) queue: Arc<crate::queue::Queue>,
     pub(crate) registry: Arc<Registry>,
     pub(crate) store: Store,
     pub(crate) heartbeat_interval: Duration,
@@ -123,6 +124,7 @@ impl Scheduler for SchedulerService {
             previous_worker_id: r.previous_worker_id,
             instance_id: r.instance_id,
             cgroup_limits: r.cgroup_limits,
+            max_jobs: r.max_jobs,
             extensions: r
                 .plugin_info
                 .into_iter()
@@ -146,7 +148,9 @@ impl Scheduler for SchedulerService {
         let kill_job_ids = self
             .apply_reports(&row.worker_id, &r.jobs, !r.partial_report)
             .await?;
-        tracing::info!(worker_id = %row.worker_id, worker = %row.name, address = %row.address, plugins = ?row.plugins, jobs = r.jobs.len(), "worker registered");
+        tracing::info!(worker_id = %row.worker_id, worker = %row.name, address = %row.address, plugins = ?row.plugins, max_jobs = row.max_jobs, jobs = r.jobs.len(), "worker registered");
+        // New or returning slots, and reports that may have ended jobs.
+        self.queue.wake();
         Ok(Response::new(RegisterWorkerResponse {
             success: true,
             worker_id: row.worker_id,
@@ -196,6 +200,10 @@ impl Scheduler for SchedulerService {
             }));
         }
         let kill_job_ids = self.apply_reports(&row.worker_id, &r.jobs, false).await?;
+        // A report may say a job ended, freeing its slot.
+        if !r.jobs.is_empty() {
+            self.queue.wake();
+        }
         Ok(Response::new(HeartbeatResponse {
             known: true,
             heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u64,

@@ -23,6 +23,7 @@ pub mod config;
 mod convert;
 mod grpc;
 mod placement;
+mod queue;
 mod registry;
 pub mod state;
 pub mod store;
@@ -206,7 +207,9 @@ pub async fn run(
     registry.load(store.workers().await?, time::now_ms());
     registry.load_removed(store.removed_worker_ids().await?);
 
+    let queue = Arc::new(queue::Queue::new(config.max_queued));
     let service = grpc::SchedulerService {
+        queue: queue.clone(),
         registry: registry.clone(),
         store: store.clone(),
         heartbeat_interval: config.heartbeat_interval,
@@ -249,7 +252,9 @@ pub async fn run(
         insecure: secure.is_none(),
         placement_turn: Default::default(),
         claims: Default::default(),
+        queue,
     };
+    let dispatcher = tokio::spawn(api::dispatch::run(app_state.clone(), stop.clone()));
     let settler = tokio::spawn(api::jobs::settle_unknown(app_state.clone(), stop.clone()));
     let pruner = tokio::spawn(prune_history(
         store.clone(),
@@ -299,6 +304,7 @@ pub async fn run(
     }
     let _ = liveness.await;
     let _ = settler.await;
+    let _ = dispatcher.await;
     let _ = pruner.await;
     let _ = key_pruner.await;
     store.close().await?;

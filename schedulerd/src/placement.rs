@@ -132,6 +132,7 @@ mod tests {
             cgroup_limits: false,
             extensions: [("bash".to_owned(), vec!["sh".to_owned()])].into(),
             draining,
+            max_jobs: 0,
         }
     }
 

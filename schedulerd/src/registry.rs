@@ -136,6 +136,7 @@ pub(crate) struct Registration {
     pub(crate) instance_id: String,
     pub(crate) cgroup_limits: bool,
     pub(crate) extensions: BTreeMap<String, Vec<String>>,
+    pub(crate) max_jobs: u32,
 }
 
 impl Registry {
@@ -330,6 +331,7 @@ impl Registry {
             extensions: reg.extensions,
             // A drain outlives the worker's restarts; only undrain ends it.
             draining: existing.as_ref().is_some_and(|e| e.row().draining),
+            max_jobs: reg.max_jobs,
         };
         match existing {
             // Same address: keep the channel (and its live connection).
@@ -434,6 +436,7 @@ mod tests {
             instance_id: uuid::Uuid::new_v4().to_string(),
             cgroup_limits: false,
             extensions: BTreeMap::new(),
+            max_jobs: 0,
         }
     }
 

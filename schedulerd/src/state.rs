@@ -7,6 +7,9 @@ use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, 
 /// A job's state (SPEC §7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum JobState {
+    /// Waiting in the scheduler's queue for a free slot; no worker has
+    /// been asked to start it.
+    Queued,
     Running,
     /// Its worker is down or unresponsive, or the outcome of its start is
     /// not known yet; not given up.
@@ -18,7 +21,8 @@ pub enum JobState {
 }
 
 impl JobState {
-    pub const ALL: [JobState; 6] = [
+    pub const ALL: [JobState; 7] = [
+        JobState::Queued,
         JobState::Running,
         JobState::Unknown,
         JobState::Succeeded,
@@ -29,6 +33,7 @@ impl JobState {
 
     pub fn as_str(self) -> &'static str {
         match self {
+            JobState::Queued => "queued",
             JobState::Running => "running",
             JobState::Unknown => "unknown",
             JobState::Succeeded => "succeeded",
@@ -131,7 +136,7 @@ mod tests {
         for s in JobState::ALL {
             assert_eq!(JobState::parse(s.as_str()), Some(s));
         }
-        assert_eq!(JobState::parse("queued"), None);
+        assert_eq!(JobState::parse("dispatching"), None);
         let terminal: Vec<_> = JobState::ALL
             .into_iter()
             .filter(|s| s.is_terminal())

@@ -56,6 +56,15 @@ pub struct WorkerRow {
     pub extensions: std::collections::BTreeMap<String, Vec<String>>,
     /// Set by an operator: the worker takes no new jobs.
     pub draining: bool,
+    /// Its slots: most jobs it runs at once; 0: unlimited.
+    pub max_jobs: u32,
+}
+
+impl WorkerRow {
+    /// Slots left when `taken` jobs hold one; `None`: unlimited.
+    pub fn free_slots(&self, taken: u64) -> Option<u64> {
+        (self.max_jobs > 0).then(|| u64::from(self.max_jobs).saturating_sub(taken))
+    }
 }
 
 /// A job's durable record.
@@ -127,6 +136,24 @@ pub struct KeyRow {
     pub created_at_ms: u64,
 }
 
+/// What a queued job needs to be started later, beside its job record
+/// (which holds path, arguments and plugin, with state `queued`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct QueueEntry {
+    pub job_id: String,
+    pub priority: i32,
+    pub queued_at_ms: u64,
+    /// The worker the request named; empty: any eligible worker.
+    pub worker_id: String,
+    pub selector: std::collections::BTreeMap<String, String>,
+    /// The request's environment, kept only until the job is dispatched.
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Still queued then: `failed`. 0: no timeout.
+    pub deadline_ms: u64,
+    /// Why it waits, as last seen by whoever queued or skipped it.
+    pub reason: String,
+}
+
 /// Which jobs to list.
 #[derive(Debug, Clone, Default)]
 pub struct JobQuery {
@@ -161,7 +188,8 @@ CREATE TABLE IF NOT EXISTS workers (
     last_seen_ms INTEGER NOT NULL,
     cgroup_limits INTEGER NOT NULL DEFAULT 0,
     extensions TEXT NOT NULL DEFAULT '{}',
-    draining INTEGER NOT NULL DEFAULT 0
+    draining INTEGER NOT NULL DEFAULT 0,
+    max_jobs INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -196,6 +224,23 @@ CREATE TABLE IF NOT EXISTS groups (
     args TEXT NOT NULL,
     created_at_ms INTEGER NOT NULL
 );
+-- Jobs waiting for a slot, and jobs being dispatched (their record is no
+-- longer `queued`; the row keeps what a start needs until the worker's
+-- answer settles it). Only these rows are ever scanned by the dispatcher.
+CREATE TABLE IF NOT EXISTS queue (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL UNIQUE REFERENCES jobs (job_id) ON DELETE CASCADE,
+    priority INTEGER NOT NULL,
+    queued_at_ms INTEGER NOT NULL,
+    worker_id TEXT NOT NULL,
+    selector TEXT NOT NULL,
+    env TEXT NOT NULL,
+    deadline_ms INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    -- Taken by the dispatcher, its start not settled: kept apart so that
+    -- finding these never reads the waiting jobs.
+    dispatching INTEGER NOT NULL DEFAULT 0
+);
 -- Whoever deletes a job or group (a start refused, pruning) drops its key
 -- with it: a key never names a record that is gone.
 CREATE TABLE IF NOT EXISTS idempotency_keys (
@@ -214,8 +259,10 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("workers", "cgroup_limits", "INTEGER NOT NULL DEFAULT 0"),
     ("workers", "extensions", "TEXT NOT NULL DEFAULT '{}'"),
     ("workers", "draining", "INTEGER NOT NULL DEFAULT 0"),
+    ("workers", "max_jobs", "INTEGER NOT NULL DEFAULT 0"),
     ("jobs", "group_id", "TEXT"),
     ("jobs", "updated_at_ms", "INTEGER NOT NULL DEFAULT 0"),
+    ("queue", "dispatching", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
 const INDEXES: &str = "
@@ -224,6 +271,9 @@ CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_group ON jobs (group_id, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_worker_state ON jobs (worker_id, state);
 CREATE INDEX IF NOT EXISTS jobs_by_state_finished ON jobs (state, finished_at_ms);
+CREATE INDEX IF NOT EXISTS queue_order ON queue (priority DESC, seq);
+CREATE INDEX IF NOT EXISTS queue_dispatching ON queue (seq) WHERE dispatching = 1;
+CREATE INDEX IF NOT EXISTS queue_by_deadline ON queue (deadline_ms) WHERE deadline_ms > 0;
 CREATE INDEX IF NOT EXISTS idempotency_keys_by_age ON idempotency_keys (created_at_ms);
 CREATE INDEX IF NOT EXISTS idempotency_keys_by_job ON idempotency_keys (job_id);
 CREATE INDEX IF NOT EXISTS idempotency_keys_by_group ON idempotency_keys (group_id);
@@ -364,11 +414,11 @@ impl Store {
             )?;
             tx.execute(
                 "INSERT INTO workers (worker_id, name, address, state, plugins, labels, registered_at_ms,
-                   last_seen_ms, cgroup_limits, extensions, draining)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                   last_seen_ms, cgroup_limits, extensions, draining, max_jobs)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
                  ON CONFLICT(worker_id) DO UPDATE SET name = ?2, address = ?3, state = ?4,
                    plugins = ?5, labels = ?6, registered_at_ms = ?7, last_seen_ms = ?8,
-                   cgroup_limits = ?9, extensions = ?10, draining = ?11",
+                   cgroup_limits = ?9, extensions = ?10, draining = ?11, max_jobs = ?12",
                 params![
                     w.worker_id,
                     w.name,
@@ -380,7 +430,8 @@ impl Store {
                     w.last_seen_ms as i64,
                     w.cgroup_limits,
                     to_json(&w.extensions),
-                    w.draining
+                    w.draining,
+                    w.max_jobs
                 ],
             )?;
             tx.commit()
@@ -414,6 +465,19 @@ impl Store {
                 )?
                 .query_map(params![id, now_ms as i64], |r| r.get(0))?
                 .collect::<rusqlite::Result<Vec<String>>>()?;
+            // Jobs queued for this worker could never start: its id is gone.
+            tx.execute(
+                "UPDATE jobs SET state = 'failed',
+                   error_text = 'the worker it was queued for was removed from the cluster; it never started',
+                   finished_at_ms = ?2, updated_at_ms = ?2
+                 WHERE state = 'queued' AND job_id IN (SELECT job_id FROM queue WHERE worker_id = ?1)",
+                params![id, now_ms as i64],
+            )?;
+            tx.execute(
+                "DELETE FROM queue WHERE worker_id = ?1
+                   AND job_id IN (SELECT job_id FROM jobs WHERE state = 'failed')",
+                [&id],
+            )?;
             tx.commit()?;
             Ok(lost)
         })
@@ -468,7 +532,7 @@ impl Store {
         self.read(|c| {
             let mut stmt = c.prepare(
                 "SELECT worker_id, name, address, state, plugins, labels, registered_at_ms, last_seen_ms,
-                   cgroup_limits, extensions, draining
+                   cgroup_limits, extensions, draining, max_jobs
                  FROM workers ORDER BY name",
             )?;
             let rows = stmt.query_map([], |r| {
@@ -484,6 +548,7 @@ impl Store {
                     cgroup_limits: r.get(8)?,
                     extensions: from_json(&r.get::<_, String>(9)?),
                     draining: r.get(10)?,
+                    max_jobs: r.get(11)?,
                 })
             })?;
             rows.collect()
@@ -600,7 +665,8 @@ impl Store {
                 let open: Vec<String> = tx
                     .prepare(
                         "SELECT job_id FROM jobs WHERE worker_id = ?1
-                           AND state IN ('running', 'unknown') AND created_at_ms < ?2",
+                           AND state IN ('running', 'unknown') AND created_at_ms < ?2
+                           AND job_id NOT IN (SELECT job_id FROM queue)",
                     )?
                     .query_map(params![worker_id, settled_before_ms as i64], |r| r.get(0))?
                     .collect::<rusqlite::Result<_>>()?;
@@ -667,7 +733,8 @@ impl Store {
         self.write(move |c| {
             c.execute(
                 "UPDATE jobs SET state = 'lost', error_text = ?2, finished_at_ms = ?3, updated_at_ms = ?3
-                 WHERE job_id = ?1 AND state IN ('running', 'unknown')",
+                 WHERE job_id = ?1 AND state IN ('running', 'unknown')
+                   AND job_id NOT IN (SELECT job_id FROM queue)",
                 params![job_id, why, now_ms() as i64],
             )?;
             Ok(())
@@ -686,7 +753,8 @@ impl Store {
         self.read(move |c| {
             let mut stmt = c.prepare(&format!(
                 "SELECT {JOB_COLUMNS} FROM jobs WHERE worker_id = ?1 AND state = 'unknown'
-                   AND created_at_ms < ?2 ORDER BY seq LIMIT ?3"
+                   AND created_at_ms < ?2 AND job_id NOT IN (SELECT job_id FROM queue)
+                   ORDER BY seq LIMIT ?3"
             ))?;
             let rows = stmt
                 .query_map(params![worker_id, before_ms as i64, limit], job_row)?
@@ -892,6 +960,276 @@ impl Store {
         .await
     }
 
+    /// Records a queued job with what starting it later needs (and binds
+    /// `key` to it), unless `max_queued` jobs wait already: then nothing is
+    /// written and the answer is `None`. Otherwise its position.
+    pub async fn enqueue_job(
+        &self,
+        j: JobRow,
+        q: QueueEntry,
+        key: Option<NewKey>,
+        max_queued: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let name = key.as_ref().map(|k| k.key.clone()).unwrap_or_default();
+        let outcome = self
+            .write(move |c| {
+                let tx = c.transaction()?;
+                let waiting: i64 = tx.query_row("SELECT COUNT(*) FROM queue", [], |r| r.get(0))?;
+                if waiting as u64 >= max_queued {
+                    return Ok(Err(false));
+                }
+                insert_job(&tx, &j)?;
+                tx.execute(
+                    "INSERT INTO queue (job_id, priority, queued_at_ms, worker_id, selector, env,
+                       deadline_ms, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    params![
+                        q.job_id,
+                        q.priority,
+                        q.queued_at_ms as i64,
+                        q.worker_id,
+                        to_json(&q.selector),
+                        to_json(&q.env),
+                        q.deadline_ms as i64,
+                        q.reason
+                    ],
+                )?;
+                if let Some(key) = &key
+                    && !bind_key(&tx, key, Some(&j.job_id), None)?
+                {
+                    return Ok(Err(true));
+                }
+                let position = position(&tx, &q.job_id)?.unwrap_or(0);
+                tx.commit()?;
+                Ok(Ok(position))
+            })
+            .await?;
+        match outcome {
+            Ok(position) => Ok(Some(position)),
+            Err(false) => Ok(None),
+            Err(true) => Err(StoreError::KeyTaken(name)),
+        }
+    }
+
+    /// Whether a queued job of `priority` or higher waits that a new job
+    /// of `priority` competes with (for `worker_id`: jobs placed or named
+    /// to that worker; else placed jobs): the new job must then queue
+    /// behind it rather than start first. Jobs waiting for other workers
+    /// do not hold it back.
+    pub async fn queued_at_or_above(
+        &self,
+        priority: i32,
+        worker_id: &str,
+    ) -> Result<bool, StoreError> {
+        let worker_id = worker_id.to_owned();
+        self.read(move |c| {
+            c.prepare(
+                "SELECT 1 FROM queue q JOIN jobs j ON j.job_id = q.job_id
+                 WHERE q.priority >= ?1 AND j.state = 'queued'
+                   AND (q.worker_id = '' OR q.worker_id = ?2) LIMIT 1",
+            )?
+            .exists(params![priority, worker_id])
+        })
+        .await
+    }
+
+    /// A queued job's entry and position (how many queued jobs go first).
+    pub async fn queue_entry(&self, job_id: &str) -> Result<Option<(QueueEntry, u64)>, StoreError> {
+        let id = job_id.to_owned();
+        self.read(move |c| {
+            let Some(entry) = c
+                .query_row(
+                    &format!("SELECT {QUEUE_COLUMNS} FROM queue q WHERE q.job_id = ?1"),
+                    [&id],
+                    queue_row,
+                )
+                .optional()?
+            else {
+                return Ok(None);
+            };
+            Ok(position(c, &id)?.map(|p| (entry, p)))
+        })
+        .await
+    }
+
+    /// Queued jobs in queue order (priority, then arrival), skipping the
+    /// first `skip`, at most `limit`.
+    pub async fn queued(
+        &self,
+        skip: u64,
+        limit: u32,
+    ) -> Result<Vec<(JobRow, QueueEntry)>, StoreError> {
+        self.read(move |c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT {QUEUED_JOB_COLUMNS} FROM queue q JOIN jobs j ON j.job_id = q.job_id
+                 WHERE j.state = 'queued' ORDER BY q.priority DESC, q.seq LIMIT ?1 OFFSET ?2"
+            ))?;
+            let rows = stmt
+                .query_map(params![limit, skip as i64], queued_job_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// Jobs taken from the queue whose start has not been settled (a start
+    /// in flight, or one cut off by a scheduler restart).
+    pub async fn dispatching(&self) -> Result<Vec<(JobRow, QueueEntry)>, StoreError> {
+        self.read(move |c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT {QUEUED_JOB_COLUMNS} FROM queue q JOIN jobs j ON j.job_id = q.job_id
+                 WHERE q.dispatching = 1 ORDER BY q.seq"
+            ))?;
+            let rows = stmt
+                .query_map([], queued_job_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// Takes a queued job for `worker_id`: the one step that makes dispatch
+    /// exactly once. Only a job still `queued` is taken (a stop or a
+    /// timeout may have ended it); it becomes `unknown` on that worker, as
+    /// any job whose start is in flight, and its record is returned.
+    pub async fn claim_queued(
+        &self,
+        job_id: &str,
+        worker_id: &str,
+        why: &str,
+    ) -> Result<Option<JobRow>, StoreError> {
+        let (id, worker, why) = (job_id.to_owned(), worker_id.to_owned(), why.to_owned());
+        self.write(move |c| {
+            let tx = c.transaction()?;
+            // created_at_ms becomes the start's time, so the settling of
+            // unknown jobs waits for this start like any other.
+            let claimed = tx
+                .query_row(
+                    &format!(
+                        "UPDATE jobs SET state = 'unknown', worker_id = ?2, error_text = ?3,
+                           created_at_ms = ?4, updated_at_ms = ?4
+                         WHERE job_id = ?1 AND state = 'queued' RETURNING {JOB_COLUMNS}"
+                    ),
+                    params![id, worker, why, now_ms() as i64],
+                    job_row,
+                )
+                .optional()?;
+            if claimed.is_some() {
+                tx.execute("UPDATE queue SET dispatching = 1 WHERE job_id = ?1", [&id])?;
+            }
+            tx.commit()?;
+            Ok(claimed)
+        })
+        .await
+    }
+
+    /// Puts a job whose start certainly started nothing back in the queue,
+    /// in the place it had; returns false if it was settled otherwise.
+    pub async fn requeue(&self, job_id: &str, reason: &str) -> Result<bool, StoreError> {
+        let (id, reason) = (job_id.to_owned(), reason.to_owned());
+        self.write(move |c| {
+            let tx = c.transaction()?;
+            let n = tx.execute(
+                "UPDATE jobs SET state = 'queued', error_text = '',
+                   worker_id = (SELECT worker_id FROM queue WHERE job_id = ?1),
+                   created_at_ms = (SELECT queued_at_ms FROM queue WHERE job_id = ?1),
+                   updated_at_ms = ?2
+                 WHERE job_id = ?1 AND state = 'unknown' AND started_at_ms = 0
+                   AND EXISTS (SELECT 1 FROM queue WHERE job_id = ?1)",
+                params![id, now_ms() as i64],
+            )?;
+            tx.execute(
+                "UPDATE queue SET reason = ?2, dispatching = 0 WHERE job_id = ?1 AND ?3",
+                params![id, reason, n > 0],
+            )?;
+            tx.commit()?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    /// Forgets a job's queue entry (and with it the request's environment)
+    /// once its start is settled or in doubt: it is never dispatched again.
+    pub async fn dequeue(&self, job_id: &str) -> Result<(), StoreError> {
+        let id = job_id.to_owned();
+        self.write(move |c| {
+            c.execute("DELETE FROM queue WHERE job_id = ?1", [&id])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Records why a queued job still waits.
+    pub async fn set_queue_reason(&self, job_id: &str, reason: &str) -> Result<(), StoreError> {
+        let (id, reason) = (job_id.to_owned(), reason.to_owned());
+        self.write(move |c| {
+            c.execute(
+                "UPDATE queue SET reason = ?2 WHERE job_id = ?1",
+                params![id, reason],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Ends a job that is still queued `stopped`, without it ever starting;
+    /// false if it is not queued (any more).
+    pub async fn stop_queued(&self, job_id: &str) -> Result<bool, StoreError> {
+        let id = job_id.to_owned();
+        self.write(move |c| {
+            let tx = c.transaction()?;
+            let n = tx.execute(
+                "UPDATE jobs SET state = 'stopped', error_text = 'stopped while queued; it never started',
+                   finished_at_ms = ?2, updated_at_ms = ?2
+                 WHERE job_id = ?1 AND state = 'queued'",
+                params![id, now_ms() as i64],
+            )?;
+            if n > 0 {
+                tx.execute("DELETE FROM queue WHERE job_id = ?1", [&id])?;
+            }
+            tx.commit()?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    /// Fails the queued jobs whose queue timeout passed by `now`; returns
+    /// their ids.
+    pub async fn expire_queued(&self, now: u64) -> Result<Vec<String>, StoreError> {
+        self.write(move |c| {
+            let tx = c.transaction()?;
+            let due: Vec<(String, u64, u64)> = tx
+                .prepare(
+                    "SELECT q.job_id, q.queued_at_ms, q.deadline_ms FROM queue q
+                     JOIN jobs j ON j.job_id = q.job_id
+                     WHERE q.deadline_ms > 0 AND q.deadline_ms <= ?1 AND j.state = 'queued'",
+                )?
+                .query_map([now as i64], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get::<_, i64>(1)? as u64,
+                        r.get::<_, i64>(2)? as u64,
+                    ))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            for (id, queued_at, deadline) in &due {
+                let waited = std::time::Duration::from_millis(deadline.saturating_sub(*queued_at));
+                let why = format!(
+                    "still queued after its queue_timeout of {}; it never started",
+                    humantime::format_duration(waited)
+                );
+                tx.execute(
+                    "UPDATE jobs SET state = 'failed', error_text = ?2, finished_at_ms = ?3,
+                       updated_at_ms = ?3 WHERE job_id = ?1 AND state = 'queued'",
+                    params![id, why, now as i64],
+                )?;
+                tx.execute("DELETE FROM queue WHERE job_id = ?1", [id])?;
+            }
+            tx.commit()?;
+            Ok(due.into_iter().map(|(id, _, _)| id).collect())
+        })
+        .await
+    }
+
     /// Number of jobs recorded as running (or unknown, which may be running), per worker id.
     pub async fn running_counts(
         &self,
@@ -989,7 +1327,7 @@ fn update_job(c: &Connection, j: &JobRow) -> rusqlite::Result<usize> {
            started_at_ms = ?6, finished_at_ms = ?7, output_bytes = ?8, updated_at_ms = ?10,
            command = CASE WHEN command = '' THEN ?11 ELSE command END
          WHERE job_id = ?1 AND worker_id = ?9
-           AND state NOT IN ('succeeded', 'failed', 'stopped', 'lost')",
+           AND state NOT IN ('queued', 'succeeded', 'failed', 'stopped', 'lost')",
         params![
             j.job_id,
             j.state,
@@ -1004,6 +1342,49 @@ fn update_job(c: &Connection, j: &JobRow) -> rusqlite::Result<usize> {
             j.command
         ],
     )
+}
+
+/// How many queued jobs go before `job_id` (None: it is not queued).
+fn position(c: &Connection, job_id: &str) -> rusqlite::Result<Option<u64>> {
+    c.query_row(
+        "SELECT (SELECT COUNT(*) FROM queue q2 JOIN jobs j2 ON j2.job_id = q2.job_id
+                  WHERE j2.state = 'queued'
+                    AND (q2.priority > q.priority OR (q2.priority = q.priority AND q2.seq < q.seq)))
+         FROM queue q JOIN jobs j ON j.job_id = q.job_id
+         WHERE q.job_id = ?1 AND j.state = 'queued'",
+        [job_id],
+        |r| r.get::<_, i64>(0).map(|n| n as u64),
+    )
+    .optional()
+}
+
+const QUEUE_COLUMNS: &str =
+    "q.job_id, q.priority, q.queued_at_ms, q.worker_id, q.selector, q.env, q.deadline_ms, q.reason";
+
+fn queue_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<QueueEntry> {
+    queue_row_at(r, 0)
+}
+
+fn queue_row_at(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<QueueEntry> {
+    Ok(QueueEntry {
+        job_id: r.get(at)?,
+        priority: r.get(at + 1)?,
+        queued_at_ms: r.get::<_, i64>(at + 2)? as u64,
+        worker_id: r.get(at + 3)?,
+        selector: from_json(&r.get::<_, String>(at + 4)?),
+        env: from_json(&r.get::<_, String>(at + 5)?),
+        deadline_ms: r.get::<_, i64>(at + 6)? as u64,
+        reason: r.get(at + 7)?,
+    })
+}
+
+const QUEUED_JOB_COLUMNS: &str = "j.job_id, j.worker_id, j.command, j.path, j.args, j.state,
+    j.error_text, j.exit_code, j.signal, j.created_at_ms, j.started_at_ms, j.finished_at_ms,
+    j.output_bytes, j.group_id, j.updated_at_ms, q.job_id, q.priority, q.queued_at_ms,
+    q.worker_id, q.selector, q.env, q.deadline_ms, q.reason";
+
+fn queued_job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(JobRow, QueueEntry)> {
+    Ok((job_row(r)?, queue_row_at(r, 15)?))
 }
 
 const JOB_COLUMNS: &str =
@@ -1184,6 +1565,7 @@ mod tests {
             cgroup_limits: false,
             extensions: Default::default(),
             draining: false,
+            max_jobs: 0,
         };
         store.upsert_worker(worker.clone()).await.unwrap();
         assert!(store.mark_lost("w", "gone").await.unwrap().is_empty());
@@ -1332,5 +1714,138 @@ mod tests {
         assert!(store.idempotency_key("k", 0).await.unwrap().is_none());
         assert!(store.group("g1").await.unwrap().is_some());
         store.insert_group(again, Some(key(500))).await.unwrap();
+    }
+
+    fn queued(id: &str, priority: i32, worker: &str, deadline_ms: u64) -> (JobRow, QueueEntry) {
+        let mut row = job(id, JobState::Queued, 0);
+        row.started_at_ms = 0;
+        row.worker_id = worker.into();
+        let entry = QueueEntry {
+            job_id: id.into(),
+            priority,
+            queued_at_ms: 1,
+            worker_id: worker.into(),
+            env: [("SECRET".to_owned(), "x".to_owned())].into(),
+            deadline_ms,
+            reason: "no free slot".into(),
+            ..Default::default()
+        };
+        (row, entry)
+    }
+
+    #[tokio::test]
+    async fn the_queue_keeps_its_order_and_a_job_is_taken_once() {
+        let (_dir, store) = store();
+        for (id, priority) in [("a", 0), ("b", 5), ("c", 0)] {
+            let (row, entry) = queued(id, priority, "", 0);
+            store
+                .enqueue_job(row, entry, None, 3)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let (row, entry) = queued("d", 9, "", 0);
+        assert_eq!(
+            store.enqueue_job(row, entry, None, 3).await.unwrap(),
+            None,
+            "full"
+        );
+        let order = |store: Store| async move {
+            let rows = store.queued(0, 10).await.unwrap();
+            rows.into_iter().map(|(j, _)| j.job_id).collect::<Vec<_>>()
+        };
+        assert_eq!(order(store.clone()).await, ["b", "a", "c"]);
+        assert_eq!(store.queue_entry("c").await.unwrap().unwrap().1, 2);
+        assert!(store.queued_at_or_above(5, "").await.unwrap());
+        assert!(!store.queued_at_or_above(6, "w").await.unwrap());
+
+        // Taken once: a second claim, and a stop, find it gone from the queue.
+        let claimed = store
+            .claim_queued("b", "w", "starting")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (claimed.state, claimed.worker_id.as_str()),
+            (JobState::Unknown, "w")
+        );
+        assert!(
+            store
+                .claim_queued("b", "w2", "starting")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(!store.stop_queued("b").await.unwrap());
+        assert_eq!(order(store.clone()).await, ["a", "c"]);
+        // Its start is cut off: settling leaves it to the dispatcher.
+        assert_eq!(store.dispatching().await.unwrap().len(), 1);
+        store
+            .apply_reports("w", Vec::new(), true, u64::MAX)
+            .await
+            .unwrap();
+        store.mark_job_lost("b", "gone").await.unwrap();
+        assert_eq!(
+            store.job("b").await.unwrap().unwrap().state,
+            JobState::Unknown
+        );
+        // Refused by the worker: back in its place, with its record as queued.
+        assert!(store.requeue("b", "worker busy").await.unwrap());
+        assert_eq!(order(store.clone()).await, ["b", "a", "c"]);
+        let back = store.job("b").await.unwrap().unwrap();
+        assert_eq!(
+            (back.state, back.worker_id.as_str()),
+            (JobState::Queued, "")
+        );
+        // Started: the entry (and the env in it) goes.
+        store
+            .claim_queued("b", "w", "starting")
+            .await
+            .unwrap()
+            .unwrap();
+        store.dequeue("b").await.unwrap();
+        assert!(store.dispatching().await.unwrap().is_empty());
+
+        // Stopped while queued: never taken.
+        assert!(store.stop_queued("a").await.unwrap());
+        assert!(
+            store
+                .claim_queued("a", "w", "starting")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(
+            store.job("a").await.unwrap().unwrap().state,
+            JobState::Stopped
+        );
+        assert_eq!(order(store.clone()).await, ["c"]);
+    }
+
+    #[tokio::test]
+    async fn a_queue_timeout_fails_only_jobs_still_queued() {
+        let (_dir, store) = store();
+        for (id, deadline) in [("a", 100), ("b", 100), ("c", 0)] {
+            let (row, entry) = queued(id, 0, "w", deadline);
+            store.enqueue_job(row, entry, None, 10).await.unwrap();
+        }
+        store
+            .claim_queued("b", "w", "starting")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(store.expire_queued(99).await.unwrap(), Vec::<String>::new());
+        assert_eq!(store.expire_queued(100).await.unwrap(), ["a"]);
+        let a = store.job("a").await.unwrap().unwrap();
+        assert_eq!(a.state, JobState::Failed);
+        assert!(a.error_text.contains("queue_timeout"), "{}", a.error_text);
+        assert_eq!(
+            store.job("b").await.unwrap().unwrap().state,
+            JobState::Unknown
+        );
+        assert_eq!(
+            store.job("c").await.unwrap().unwrap().state,
+            JobState::Queued
+        );
     }
 }

@@ -122,6 +122,7 @@ pub struct WorkerSection {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     /// Most jobs running at once; past it a start is refused (429 worker_busy).
+    /// Absent: the host's CPU count; `0`: unlimited.
     pub max_jobs: Option<usize>,
     /// When workerd runs as root, jobs run as this user unless their plugin
     /// names another; default `nobody`. Root only when named.
@@ -502,12 +503,16 @@ impl Config {
         }
         check_scripts_access(&scripts_dir, &plugins, &run_as, w.run_as_user.is_none())
             .map_err(|(key, m)| err(&key, m))?;
-        if w.max_jobs == Some(0) {
-            return Err(err("worker.max_jobs", "must be more than 0".into()));
-        }
+        // One job per CPU unless told otherwise: the scheduler queues the
+        // rest instead of overloading the host.
+        let max_jobs = match w.max_jobs {
+            Some(0) => None,
+            Some(n) => Some(n),
+            None => Some(std::thread::available_parallelism().map_or(1, usize::from)),
+        };
         Ok(Config {
             run_as,
-            max_jobs: w.max_jobs,
+            max_jobs,
             file: path.to_owned(),
             listen_addr: g.addr.clone(),
             advertise_addr: g.advertise_addr.clone(),

@@ -215,6 +215,9 @@ pub async fn run(
             cgroup_limits: cgroups.is_some(),
             plugin_info,
             partial_report: false,
+            max_jobs: config
+                .max_jobs
+                .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX)),
         },
         &config.state_dir,
         jobs.clone(),

@@ -88,6 +88,8 @@ impl Membership {
             loop {
                 tokio::select! {
                     () = tokio::time::sleep(interval) => {}
+                    // A freed slot reaches the scheduler's queue at once.
+                    () = self.jobs.report_wanted() => {}
                     () = cancel.cancelled() => return Some(worker_id),
                 }
                 match self.heartbeat(&worker_id).await {

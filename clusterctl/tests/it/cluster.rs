@@ -304,6 +304,13 @@ impl Cluster {
         // Lines of `extra` before a `---` line go into [worker]; the rest
         // (whole tables) goes at the end.
         let (worker_keys, extra) = extra.split_once("---\n").unwrap_or(("", extra));
+        // Unlimited unless a test sets it: the default (one slot per CPU)
+        // would queue the parallel jobs of tests that are not about slots.
+        let worker_keys = if worker_keys.contains("max_jobs") {
+            worker_keys.to_owned()
+        } else {
+            format!("max_jobs = 0\n{worker_keys}")
+        };
         let config = self.tmp.path().join(format!("{name}.toml"));
         std::fs::write(
             &config,

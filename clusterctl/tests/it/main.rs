@@ -15,5 +15,6 @@ mod http;
 mod hung;
 mod idempotency;
 mod placement;
+mod queue;
 mod removal;
 mod security;

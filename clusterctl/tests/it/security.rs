@@ -232,13 +232,14 @@ limits = { open_files = 17, cpu_time = "7s" }
         .await;
     assert_eq!(stdout(&out), "17\n7\n", "{}", stderr(&out));
 
-    // max_jobs = 2: a third concurrent job is refused with 429.
+    // max_jobs = 2: a third concurrent job that may not wait is refused
+    // with 429.
     let a = cluster.start_job("w1", "count.sh", &["100", "0.1"]).await;
     let b = cluster.start_job("w1", "count.sh", &["100", "0.1"]).await;
     let reply = cluster
         .http()
         .post(format!("{}/v1/jobs", cluster.url()))
-        .json(&json!({"worker_id": "w1", "path": "count.sh"}))
+        .json(&json!({"worker_id": "w1", "path": "count.sh", "queue": false}))
         .send()
         .await
         .unwrap();
@@ -249,7 +250,12 @@ limits = { open_files = 17, cpu_time = "7s" }
     for job in [a, b] {
         assert!(cluster.ctl_output(&["stop", &job]).await.status.success());
     }
-    cluster.start_job("w1", "count.sh", &["1", "0"]).await;
+    // The slots come back: a job waiting for one (if the stopped jobs have
+    // not ended yet) starts and runs.
+    let out = cluster
+        .ctl_output(&["run", "--worker", "w1", "count.sh", "--", "1", "0"])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
 }
 
 fn grpc_as(cluster: &Cluster, identity: &Identity) -> SchedulerClient<tonic::transport::Channel> {

@@ -94,6 +94,7 @@ async fn replay_group(state: &AppState, bound: &KeyRow) -> Result<Response, ApiE
                     job_id: seen.row.job_id,
                     worker_id: seen.row.worker_id,
                     state: Some(seen.row.state.as_str().to_owned()),
+                    ..Default::default()
                 })
                 .collect(),
             failed: Vec::new(),
@@ -147,6 +148,8 @@ async fn start_group(
             path: body.path.clone(),
             args: body.args.clone(),
             env: body.env.clone(),
+            queue: Some(false),
+            ..Default::default()
         };
         async move {
             let result = match state.registry.get(&row.worker_id) {

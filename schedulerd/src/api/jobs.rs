@@ -21,7 +21,7 @@ use super::{ApiError, AppState, with_deadline};
 use crate::convert::{job_info, job_summary, merge_status};
 use crate::registry::WorkerEntry;
 use crate::state::{JobState, WorkerState};
-use crate::store::{JobQuery, JobRow, KeyRow, NewKey, Store};
+use crate::store::{JobQuery, JobRow, KeyRow, NewKey, QueueEntry, Store};
 use crate::time::{now_ms, rfc3339};
 
 const DEFAULT_PAGE: u32 = 100;
@@ -46,7 +46,7 @@ pub(crate) async fn start_once(
     limits::check(&body.args, &body.env).map_err(ApiError::request_too_large)?;
     let Some(key) = key else {
         let started = start_job(state, body, None).await?;
-        return Ok((StatusCode::CREATED, Json(started)).into_response());
+        return Ok((started_status(&started), Json(started)).into_response());
     };
     let request = idempotency::Request::new(key, route, &body);
     let claim = match request.claim(&state.claims, &state.store).await? {
@@ -70,7 +70,16 @@ pub(crate) async fn start_once(
             format!("starting the job failed: {e}"),
         )
     })??;
-    Ok((StatusCode::CREATED, Json(started)).into_response())
+    Ok((started_status(&started), Json(started)).into_response())
+}
+
+/// `201` for a job that started, `202` for one that waits in the queue.
+fn started_status(started: &JobStarted) -> StatusCode {
+    if started.state.as_deref() == Some(JobState::Queued.as_str()) {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::CREATED
+    }
 }
 
 /// The answer to a request that repeats the key of the start that made
@@ -102,13 +111,20 @@ async fn replay_job(state: &AppState, bound: &KeyRow) -> Result<Response, ApiErr
             "its start has not been confirmed yet",
         )));
     }
+    let queued = match row.state {
+        JobState::Queued => state.store.queue_entry(&row.job_id).await?,
+        _ => None,
+    };
+    let started = JobStarted {
+        job_id: row.job_id,
+        worker_id: row.worker_id,
+        state: Some(row.state.as_str().to_owned()),
+        position: queued.as_ref().map(|(_, p)| *p),
+        reason: queued.map(|(q, _)| q.reason),
+    };
     Ok(idempotency::replayed((
-        StatusCode::CREATED,
-        Json(JobStarted {
-            job_id: row.job_id,
-            worker_id: row.worker_id,
-            state: Some(row.state.as_str().to_owned()),
-        }),
+        started_status(&started),
+        Json(started),
     )))
 }
 
@@ -130,7 +146,19 @@ pub(crate) async fn show(
     Path(id): Path<String>,
 ) -> Result<Json<JobInfo>, ApiError> {
     let row = find_job(&state, &id, None).await?;
-    Ok(Json(refresh(&state, row).await.info()))
+    let mut info = refresh(&state, row).await.info();
+    if info.state == JobState::Queued.as_str()
+        && let Some((entry, position)) = state.store.queue_entry(&info.job_id).await?
+    {
+        with_queue(&mut info, &entry, position);
+    }
+    Ok(Json(info))
+}
+
+fn with_queue(info: &mut JobInfo, entry: &QueueEntry, position: u64) {
+    info.position = Some(position);
+    info.reason = Some(entry.reason.clone());
+    info.queued_at = Some(rfc3339(entry.queued_at_ms));
 }
 
 pub(crate) async fn stop(
@@ -180,6 +208,27 @@ pub(crate) async fn list(
         None => None,
     };
     let limit = filter.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
+    if wanted == Some(JobState::Queued) {
+        // In queue order; the cursor is how many queued jobs to skip.
+        let skip = before.unwrap_or(0).max(0) as u64;
+        let rows = state.store.queued(skip, limit + 1).await?;
+        let more = rows.len() > limit as usize;
+        let jobs = rows
+            .iter()
+            .take(limit as usize)
+            .enumerate()
+            .filter(|(_, (row, _))| worker_id.as_ref().is_none_or(|w| *w == row.worker_id))
+            .map(|(i, (row, entry))| {
+                let mut info = job_info(row, false);
+                with_queue(&mut info, entry, skip + i as u64);
+                info
+            })
+            .collect();
+        return Ok(Json(JobList {
+            jobs,
+            next_cursor: more.then(|| (skip + u64::from(limit)).to_string()),
+        }));
+    }
     let (rows, next) = state
         .store
         .jobs(JobQuery {
@@ -198,10 +247,9 @@ pub(crate) async fn list(
     }))
 }
 
-/// Starts a job on the named worker, or on one the scheduler picks. The job
-/// is recorded before any worker is asked to start it, with `key` bound to
-/// it; each worker tried gets a new job id, and a refusal unbinds the key
-/// with the job, so it ends bound to the job that started (or to none).
+/// Starts a job on the named worker, or on one the scheduler picks, or,
+/// when no slot is free for it, queues it (`state: queued`). With
+/// `"queue": false` nothing waits: the answer is as before the queue.
 pub(crate) async fn start_job(
     state: &AppState,
     body: StartJob,
@@ -213,6 +261,275 @@ pub(crate) async fn start_job(
             "path: must name a script",
         ));
     }
+    let queue_timeout = match &body.queue_timeout {
+        Some(text) => Some(
+            humantime::parse_duration(text)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    ApiError::bad_request(
+                        "invalid_queue_timeout",
+                        format!("queue_timeout: {text:?} is not a duration such as 90s or 10m"),
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    if body.queue == Some(false) {
+        return start_now(state, body, key).await;
+    }
+    if !body.worker_id.is_empty() {
+        let worker = state
+            .registry
+            .get(&body.worker_id)
+            .ok_or_else(|| ApiError::worker_not_found(&body.worker_id))?;
+        let w = worker.row();
+        if body
+            .selector
+            .iter()
+            .any(|(k, v)| w.labels.get(k) != Some(v))
+        {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "no_eligible_worker",
+                format!("worker {} does not match the selector", w.name),
+            ));
+        }
+        let unusable = if w.state != WorkerState::Ready {
+            Some(ApiError::worker_not_ready(&w))
+        } else if w.draining {
+            Some(draining(&w.name))
+        } else {
+            worker
+                .unresponsive_since()
+                .map(|since| ApiError::worker_unresponsive(&w.name, since))
+        };
+        if let Some(error) = unusable {
+            if !body.wait_for_worker {
+                return Err(error);
+            }
+            let reason = error.message.clone();
+            return enqueue(state, body, w.worker_id, reason, key, queue_timeout).await;
+        }
+        if state
+            .store
+            .queued_at_or_above(body.priority, &w.worker_id)
+            .await?
+        {
+            let reason = "jobs queued before it wait for worker slots".to_owned();
+            return enqueue(state, body, w.worker_id, reason, key, queue_timeout).await;
+        }
+        let taken = state
+            .store
+            .running_counts()
+            .await?
+            .get(&w.worker_id)
+            .copied()
+            .unwrap_or(0);
+        if w.free_slots(taken) == Some(0) {
+            let reason = no_slot_on(&w.name, w.max_jobs);
+            return enqueue(state, body, w.worker_id, reason, key, queue_timeout).await;
+        }
+        return match start_on(state, &worker, body.clone(), None, key.clone()).await {
+            Err(e) if e.nothing_started && e.error.code == "worker_busy" => {
+                let reason = no_slot_on(&w.name, w.max_jobs);
+                enqueue(state, body, w.worker_id, reason, key, queue_timeout).await
+            }
+            Err(e)
+                if e.nothing_started
+                    && body.wait_for_worker
+                    && PASS_ON.contains(&e.error.code.as_str()) =>
+            {
+                let reason = e.error.message.clone();
+                enqueue(state, body, w.worker_id, reason, key, queue_timeout).await
+            }
+            result => result.map_err(|e| e.error),
+        };
+    }
+    let rows = state.registry.all();
+    let eligible = match crate::placement::eligible(
+        &rows,
+        body.command.as_deref(),
+        &body.path,
+        &body.selector,
+    ) {
+        Ok(eligible) => eligible,
+        Err(why) if body.wait_for_worker => {
+            return enqueue(state, body, String::new(), why.0, key, queue_timeout).await;
+        }
+        Err(why) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "no_eligible_worker",
+                why.0,
+            ));
+        }
+    };
+    if state.store.queued_at_or_above(body.priority, "").await? {
+        let reason = "jobs queued before it wait for worker slots".to_owned();
+        return enqueue(state, body, String::new(), reason, key, queue_timeout).await;
+    }
+    let taken = state.store.running_counts().await?;
+    let free: Vec<_> = eligible
+        .into_iter()
+        .filter(|w| {
+            let slots = w.free_slots(taken.get(&w.worker_id).copied().unwrap_or(0));
+            slots != Some(0)
+                && state
+                    .registry
+                    .get(&w.worker_id)
+                    .is_some_and(|e| e.unresponsive_since().is_none())
+        })
+        .collect();
+    if free.is_empty() {
+        let reason = no_slot_matching(&body.selector);
+        return enqueue(state, body, String::new(), reason, key, queue_timeout).await;
+    }
+    match try_in_order(state, &body, key.clone(), free, Vec::new(), &taken).await {
+        Err(Refused::AllPassedOn(passed_on)) => {
+            let reason = format!(
+                "{} ({})",
+                no_slot_matching(&body.selector),
+                passed_on.join("; ")
+            );
+            enqueue(state, body, String::new(), reason, key, queue_timeout).await
+        }
+        Err(Refused::Failed(error)) => Err(error),
+        Ok(started) => Ok(started),
+    }
+}
+
+/// Errors of a start that certainly started nothing for a reason of the
+/// worker's, not the job's: another worker, or a later try, may take it.
+const PASS_ON: [&str; 5] = [
+    "worker_busy",
+    "worker_unavailable",
+    "worker_down",
+    "worker_unresponsive",
+    "worker_storage_full",
+];
+
+fn draining(name: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "worker_draining",
+        format!("worker {name} is draining and takes no new jobs"),
+    )
+}
+
+pub(crate) fn no_slot_on(name: &str, max_jobs: u32) -> String {
+    format!("no free slot on worker {name} ({max_jobs} of {max_jobs} taken)")
+}
+
+pub(crate) fn no_slot_matching(selector: &jobcluster_proto::http::Selector) -> String {
+    if selector.is_empty() {
+        return "no free slot on any eligible worker".to_owned();
+    }
+    let labels: Vec<String> = selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!("no free slot on workers matching {}", labels.join(","))
+}
+
+/// Records a job in the queue and wakes the dispatcher: `202 queued`, or
+/// `429 queue_full` when `[scheduler] max_queued` jobs wait already.
+async fn enqueue(
+    state: &AppState,
+    body: StartJob,
+    worker_id: String,
+    reason: String,
+    key: Option<NewKey>,
+    queue_timeout: Option<std::time::Duration>,
+) -> Result<JobStarted, ApiError> {
+    let job_id = uuid::Uuid::new_v4().to_string();
+    let now = now_ms();
+    let row = JobRow {
+        job_id: job_id.clone(),
+        worker_id: worker_id.clone(),
+        command: body.command.clone().unwrap_or_default(),
+        path: body.path.clone(),
+        args: body.args.clone(),
+        state: JobState::Queued,
+        error_text: String::new(),
+        exit_code: None,
+        signal: None,
+        created_at_ms: now,
+        started_at_ms: 0,
+        finished_at_ms: 0,
+        output_bytes: 0,
+        group_id: None,
+        updated_at_ms: 0,
+    };
+    let entry = QueueEntry {
+        job_id: job_id.clone(),
+        priority: body.priority,
+        queued_at_ms: now,
+        worker_id: worker_id.clone(),
+        selector: body.selector.clone(),
+        env: body.env.clone(),
+        deadline_ms: queue_timeout.map_or(0, |t| now.saturating_add(t.as_millis() as u64)),
+        reason: reason.clone(),
+    };
+    let max = state.queue.max_queued;
+    let Some(position) = state.store.enqueue_job(row, entry, key, max).await? else {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "queue_full",
+            format!("{max} jobs are queued already ([scheduler] max_queued); try later"),
+        ));
+    };
+    state.queue.wake();
+    tracing::info!(%job_id, %worker_id, priority = body.priority, position, %reason, "job queued");
+    Ok(JobStarted {
+        job_id,
+        worker_id,
+        state: Some(JobState::Queued.as_str().to_owned()),
+        position: Some(position),
+        reason: Some(reason),
+    })
+}
+
+/// How placement over several workers ended without a start.
+enum Refused {
+    /// Each worker certainly started nothing (busy, unreachable, ...).
+    AllPassedOn(Vec<String>),
+    Failed(ApiError),
+}
+
+/// Tries `workers` in placement order. One that certainly started nothing
+/// (busy, full, unreachable, unresponsive before the call) passes the job
+/// on to the next; one whose answer is in doubt does not, or the job could
+/// run twice.
+async fn try_in_order(
+    state: &AppState,
+    body: &StartJob,
+    key: Option<NewKey>,
+    workers: Vec<crate::store::WorkerRow>,
+    mut passed_on: Vec<String>,
+    running: &std::collections::HashMap<String, u64>,
+) -> Result<JobStarted, Refused> {
+    let turn = state
+        .placement_turn
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    for row in crate::placement::order(workers, running, turn) {
+        let Some(worker) = state.registry.get(&row.worker_id) else {
+            continue;
+        };
+        match start_on(state, &worker, body.clone(), None, key.clone()).await {
+            Err(e) if e.nothing_started && PASS_ON.contains(&e.error.code.as_str()) => {
+                passed_on.push(format!("{}: {}", row.name, e.error.message));
+            }
+            result => return result.map_err(|e| Refused::Failed(e.error)),
+        }
+    }
+    Err(Refused::AllPassedOn(passed_on))
+}
+
+/// A start that never waits: refused at once when no worker can take the
+/// job now (the answers from before the queue).
+async fn start_now(
+    state: &AppState,
+    body: StartJob,
+    key: Option<NewKey>,
+) -> Result<JobStarted, ApiError> {
     if !body.worker_id.is_empty() {
         let worker = state
             .registry
@@ -223,11 +540,7 @@ pub(crate) async fn start_job(
             return Err(ApiError::worker_not_ready(&w));
         }
         if w.draining {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "worker_draining",
-                format!("worker {} is draining and takes no new jobs", w.name),
-            ));
+            return Err(draining(&w.name));
         }
         if body
             .selector
@@ -244,10 +557,6 @@ pub(crate) async fn start_job(
             .await
             .map_err(|e| e.error);
     }
-    // Placement: try the eligible workers in order. One that certainly
-    // started nothing (busy, full, unreachable, unresponsive before the
-    // call) passes the job on to the next; one whose answer is in doubt
-    // does not, or the job could run twice.
     let rows = state.registry.all();
     let eligible =
         crate::placement::eligible(&rows, body.command.as_deref(), &body.path, &body.selector)
@@ -268,39 +577,18 @@ pub(crate) async fn start_job(
         })
         .collect();
     let running = state.store.running_counts().await?;
-    let turn = state
-        .placement_turn
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut passed_on = skipped;
-    for row in crate::placement::order(eligible, &running, turn) {
-        let Some(worker) = state.registry.get(&row.worker_id) else {
-            continue;
-        };
-        match start_on(state, &worker, body.clone(), None, key.clone()).await {
-            Err(e)
-                if e.nothing_started
-                    && matches!(
-                        e.error.code.as_str(),
-                        "worker_busy"
-                            | "worker_unavailable"
-                            | "worker_down"
-                            | "worker_unresponsive"
-                            | "worker_storage_full"
-                    ) =>
-            {
-                passed_on.push(format!("{}: {}", row.name, e.error.message));
-            }
-            result => return result.map_err(|e| e.error),
-        }
+    match try_in_order(state, &body, key, eligible, skipped, &running).await {
+        Ok(started) => Ok(started),
+        Err(Refused::Failed(error)) => Err(error),
+        Err(Refused::AllPassedOn(passed_on)) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "no_eligible_worker",
+            format!(
+                "every eligible worker is busy or unreachable ({})",
+                passed_on.join("; ")
+            ),
+        )),
     }
-    Err(ApiError::new(
-        StatusCode::CONFLICT,
-        "no_eligible_worker",
-        format!(
-            "every eligible worker is busy or unreachable ({})",
-            passed_on.join("; ")
-        ),
-    ))
 }
 
 /// Why a start failed, and whether the job's process certainly did not
@@ -364,7 +652,7 @@ async fn start_and_record(
         )));
     }
     let job_id = uuid::Uuid::new_v4().to_string();
-    let mut row = JobRow {
+    let row = JobRow {
         job_id: job_id.clone(),
         worker_id: w.worker_id.clone(),
         command: body.command.clone().unwrap_or_default(),
@@ -388,11 +676,35 @@ async fn start_and_record(
         .insert_job(row.clone(), key)
         .await
         .map_err(|e| StartError::nothing_started(e.into()))?;
+    call_start(state, &worker, row, body.env, Refusal::Forget).await
+}
+
+/// What becomes of a recorded job whose start certainly started nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Its record goes (with its key): the caller may try elsewhere.
+    Forget,
+    /// It goes back to its place in the queue.
+    Requeue,
+}
+
+/// Asks `worker` to start the job `row` records (`unknown` on that worker,
+/// written before this call) and records the outcome. The worker's start
+/// is idempotent by job id, so asking again about the same job is safe.
+pub(crate) async fn call_start(
+    state: &AppState,
+    worker: &Arc<WorkerEntry>,
+    mut row: JobRow,
+    env: std::collections::BTreeMap<String, String>,
+    refusal: Refusal,
+) -> Result<JobStarted, StartError> {
+    let w = worker.row();
+    let job_id = row.job_id.clone();
     let request = StartJobRequest {
-        command: body.command.clone().unwrap_or_default(),
-        path: body.path.clone(),
-        args: body.args.clone(),
-        env: body.env.clone().into_iter().collect(),
+        command: row.command.clone(),
+        path: row.path.clone(),
+        args: row.args.clone(),
+        env: env.into_iter().collect(),
         job_id: job_id.clone(),
     };
     let mut client = worker.client();
@@ -401,23 +713,32 @@ async fn start_and_record(
         Err(status) if answered(&status) || nothing_sent(&status) => {
             // The worker refused, or was never reached: nothing started.
             if unreachable(&status) {
-                worker_unreachable(state, &worker).await;
+                worker_unreachable(state, worker).await;
             }
-            if let Err(error) = state.store.delete_unstarted_job(&job_id).await {
-                tracing::error!(%job_id, %error, "could not forget a job that did not start");
+            let error = ApiError::from_worker(status, &w.name);
+            let undone = match refusal {
+                Refusal::Forget => state.store.delete_unstarted_job(&job_id).await,
+                Refusal::Requeue => {
+                    let reason = format!("worker {}: {}", w.name, error.message);
+                    state.store.requeue(&job_id, &reason).await.map(|_| ())
+                }
+            };
+            if let Err(error) = undone {
+                tracing::error!(%job_id, %error, ?refusal, "could not undo the record of a job that did not start");
             }
-            return Err(StartError::nothing_started(ApiError::from_worker(
-                status, &w.name,
-            )));
+            return Err(StartError::nothing_started(error));
         }
         Err(status) => {
             // The worker may have started it. The job stays `unknown`
             // until the worker's reports settle it; it is never tried on
             // another worker.
             if status.code() == tonic::Code::DeadlineExceeded {
-                worker_unreachable(state, &worker).await;
+                worker_unreachable(state, worker).await;
             }
             tracing::warn!(%job_id, worker = %w.name, %status, "start outcome unknown");
+            if refusal == Refusal::Requeue {
+                dequeue(state, &job_id).await;
+            }
             return Err(StartError {
                 error: start_unconfirmed(&job_id, &w.name, status.message()),
                 nothing_started: false,
@@ -438,12 +759,25 @@ async fn start_and_record(
         // bring the record up to date.
         Err(error) => tracing::error!(%job_id, %error, "could not record the job's start"),
     }
+    if refusal == Refusal::Requeue {
+        dequeue(state, &job_id).await;
+    }
     tracing::info!(job_id = %job_id, worker_id = %w.worker_id, worker = %w.name, path = %row.path, state = %row.state, "job started");
     Ok(JobStarted {
         job_id,
         worker_id: w.worker_id,
-        state: None,
+        ..Default::default()
     })
+}
+
+/// A dispatched job's start is settled (or in doubt, then the worker's
+/// reports settle it): it leaves the queue, and its environment with it.
+async fn dequeue(state: &AppState, job_id: &str) {
+    if let Err(error) = state.store.dequeue(job_id).await {
+        // The row only keeps the environment longer; a dispatch pass
+        // retries the removal.
+        tracing::error!(%job_id, %error, "could not remove a dispatched job from the queue");
+    }
 }
 
 /// Jobs created before this time have no start in flight any more: the
@@ -578,7 +912,8 @@ impl Seen {
 /// `refresh_timeout`. If the worker cannot answer in time, the record is
 /// what we know, marked stale. A terminal record is final and not asked about.
 pub(crate) async fn refresh(state: &AppState, row: JobRow) -> Seen {
-    if row.state.is_terminal() {
+    // A queued job is on no worker yet: the record is all there is.
+    if row.state.is_terminal() || row.state == JobState::Queued {
         return Seen { row, stale: false };
     }
     let Ok(worker) = worker_of(state, &row) else {
@@ -661,6 +996,22 @@ pub(crate) async fn record_status(
 }
 
 pub(crate) async fn stop_job(state: &AppState, row: JobRow) -> Result<StopResult, ApiError> {
+    // Unless the dispatcher took it meanwhile, it ends without starting.
+    if row.state == JobState::Queued && state.store.stop_queued(&row.job_id).await? {
+        tracing::info!(job_id = %row.job_id, "queued job stopped; it never started");
+        return Ok(StopResult {
+            success: true,
+            state: JobState::Stopped.as_str().to_owned(),
+        });
+    }
+    let row = match row.state {
+        JobState::Queued => state
+            .store
+            .job(&row.job_id)
+            .await?
+            .ok_or_else(|| ApiError::job_not_found(&row.job_id))?,
+        _ => row,
+    };
     let seen = refresh(state, row).await;
     let row = seen.row;
     if row.state.is_terminal() {
@@ -731,6 +1082,17 @@ pub(crate) async fn stream_output(
     offset: u64,
     follow: bool,
 ) -> Result<Response, ApiError> {
+    if row.state == JobState::Queued {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "job_not_started",
+            format!(
+                "job {} is queued: no worker runs it yet; try again once it started",
+                row.job_id
+            ),
+        )
+        .with_job(&row.job_id));
+    }
     let slot = state.followers.enter(&row.job_id)?;
     let worker = worker_of(state, &row)?;
     let name = worker.row().name;

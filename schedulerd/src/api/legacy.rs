@@ -22,6 +22,11 @@ pub(crate) async fn start(
             "command: must name a plugin (bash, python, ...)",
         ));
     }
+    // The original contract has no 202: this route queues only when asked.
+    let body = StartJob {
+        queue: Some(body.queue.unwrap_or(false)),
+        ..body
+    };
     start_once(&state, key, "/start", body).await
 }
 

@@ -4,6 +4,7 @@
 
 pub(crate) mod auth;
 mod body;
+pub(crate) mod dispatch;
 mod error;
 mod extract;
 mod groups;
@@ -46,6 +47,7 @@ pub(crate) struct AppState {
     pub(crate) placement_turn: Arc<std::sync::atomic::AtomicUsize>,
     /// Idempotency keys of starts in flight.
     pub(crate) claims: Arc<idempotency::Claims>,
+    pub(crate) queue: Arc<crate::queue::Queue>,
 }
 
 /// Output streams open per job, bounded so one job's audience cannot take

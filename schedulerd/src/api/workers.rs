@@ -129,6 +129,9 @@ async fn set_draining(
         .set_worker_draining(&row.worker_id, draining)
         .await?;
     tracing::info!(worker_id = %row.worker_id, worker = %row.name, draining, "worker drain changed");
+    if !draining {
+        state.queue.wake();
+    }
     let running = state.store.running_counts().await?;
     let n = running.get(&row.worker_id).copied().unwrap_or(0);
     Ok(Json(worker_info(
@@ -146,6 +149,7 @@ fn worker_info(w: WorkerRow, running_jobs: u64, unresponsive: bool) -> WorkerInf
         WorkerState::Ready if w.draining => "draining".to_owned(),
         other => other.as_str().to_owned(),
     };
+    let free_slots = w.free_slots(running_jobs);
     WorkerInfo {
         state,
         worker_id: w.worker_id,
@@ -157,5 +161,7 @@ fn worker_info(w: WorkerRow, running_jobs: u64, unresponsive: bool) -> WorkerInf
         last_seen: rfc3339(w.last_seen_ms),
         registered_at: rfc3339(w.registered_at_ms),
         cgroup_limits: w.cgroup_limits,
+        max_jobs: w.max_jobs,
+        free_slots,
     }
 }

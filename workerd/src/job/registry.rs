@@ -53,6 +53,9 @@ pub(super) struct Changes {
     /// reported and written); later reads load them from disk.
     pub(super) leaving: Mutex<VecDeque<(Uuid, u64)>>,
     pub(super) finished: Notify,
+    /// A job ended: the scheduler should hear of it now, not at the next
+    /// heartbeat, as its slot may start a queued job.
+    pub(super) report: Notify,
 }
 
 impl Changes {
@@ -180,6 +183,7 @@ impl Jobs {
                 unwritten: Mutex::new(unwritten),
                 leaving: Mutex::new(finished),
                 finished: Notify::new(),
+                report: Notify::new(),
             }),
             accepting: AtomicBool::new(true),
             tracker: TaskTracker::new(),
@@ -365,6 +369,11 @@ impl Jobs {
                 map.remove(id);
             }
         }
+    }
+
+    /// Resolves when a job has ended since the last call (for reporting).
+    pub(crate) async fn report_wanted(&self) {
+        self.changes.report.notified().await;
     }
 
     /// Resolves when some job has finished since the last call.

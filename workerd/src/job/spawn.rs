@@ -263,6 +263,7 @@ impl Jobs {
                     changes.mark([id]);
                     changes.ended(id);
                     changes.finished.notify_one();
+                    changes.report.notify_one();
                 });
                 tracing::info!(job_id = %id, plugin = %record.command, path = %record.path, pgid, "job started");
             }

@@ -29,6 +29,8 @@ ca_file = "pki/ca.pem"
 name = "w1"
 scripts_dir = "scripts"
 state_dir = "state"
+# The default (one slot per CPU) would refuse the tests' parallel jobs.
+max_jobs = 0
 "#;
 
 /// A workerd with its own PKI, scripts and state in a temporary directory.

@@ -1,0 +1,539 @@
+//! The durable queue: jobs wait for a free slot instead of being refused,
+//! in order (priority, then arrival), each started exactly once, across a
+//! scheduler killed with SIGKILL.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use jobcluster_proto::http::{JobInfo, JobList, JobStarted, StopResult};
+use nix::sys::signal::Signal;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::cluster::Cluster;
+
+async fn post(cluster: &Cluster, body: Value) -> (StatusCode, Value) {
+    let reply = cluster
+        .http()
+        .post(format!("{}/v1/jobs", cluster.url()))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (reply.status(), reply.json().await.unwrap())
+}
+
+/// A start that the scheduler accepted (started or queued).
+async fn submit(cluster: &Cluster, body: Value) -> JobStarted {
+    let (status, answer) = post(cluster, body).await;
+    assert!(
+        status == StatusCode::CREATED || status == StatusCode::ACCEPTED,
+        "{status}: {answer}"
+    );
+    let started: JobStarted = serde_json::from_value(answer).unwrap();
+    assert_eq!(
+        status == StatusCode::ACCEPTED,
+        started.state.as_deref() == Some("queued")
+    );
+    started
+}
+
+async fn all_done(cluster: &Cluster, ids: &[String], timeout: Duration) -> Vec<JobInfo> {
+    let ended = tokio::time::Instant::now() + timeout;
+    loop {
+        let mut jobs = Vec::new();
+        for id in ids {
+            jobs.push(cluster.job(id).await);
+        }
+        if jobs.iter().all(|j| j.done) {
+            return jobs;
+        }
+        assert!(
+            tokio::time::Instant::now() < ended,
+            "jobs not done in time: {:?}",
+            jobs.iter()
+                .filter(|j| !j.done)
+                .map(|j| (&j.job_id, &j.state))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn ms(rfc3339: &str) -> u128 {
+    humantime::parse_rfc3339(rfc3339)
+        .unwrap()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+}
+
+/// Most jobs that ran at once on each worker, from the workers' own start
+/// and end times.
+fn most_at_once(jobs: &[JobInfo]) -> HashMap<String, usize> {
+    let mut events: HashMap<String, Vec<(u128, i32)>> = HashMap::new();
+    for j in jobs {
+        let start = ms(j.started_at.as_deref().unwrap());
+        let end = ms(j.finished_at.as_deref().unwrap());
+        let e = events.entry(j.worker_id.clone()).or_default();
+        e.push((start, 1));
+        e.push((end, -1));
+    }
+    events
+        .into_iter()
+        .map(|(w, mut e)| {
+            // An end and a start at the same millisecond: the end first.
+            e.sort();
+            let (mut now, mut most) = (0i32, 0i32);
+            for (_, d) in e {
+                now += d;
+                most = most.max(now);
+            }
+            (w, most as usize)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_jobs_on_four_slots_all_run_in_queue_order_and_priority_overtakes() {
+    let cluster = Cluster::start_with(&["w1", "w2"], "", "max_jobs = 2\n---\n").await;
+    let queued: JobList = cluster.get_json("/v1/jobs?state=queued").await;
+    assert!(queued.jobs.is_empty());
+    let w1 = cluster.worker_info("w1").await;
+    assert_eq!((w1.max_jobs, w1.free_slots), (2, Some(2)));
+
+    let mut ids = Vec::new();
+    let mut queued = 0;
+    for _ in 0..50 {
+        let started = submit(
+            &cluster,
+            json!({"path": "count.sh", "args": ["2", "0.1"], "priority": 0}),
+        )
+        .await;
+        queued += usize::from(started.state.is_some());
+        ids.push(started.job_id);
+    }
+    assert!(queued >= 40, "only {queued} of 50 jobs queued on 4 slots");
+    let urgent = submit(
+        &cluster,
+        json!({"path": "count.sh", "args": ["2", "0.1"], "priority": 10}),
+    )
+    .await;
+    // Ahead of every queued job: started at once if a slot was free, or
+    // first in the queue.
+    if urgent.state.is_some() {
+        assert_eq!(urgent.position, Some(0), "a higher priority goes first");
+    }
+
+    let info = cluster.job(&ids[49]).await;
+    if info.state == "queued" {
+        assert!(info.position.unwrap() > 0);
+        assert!(info.queued_at.is_some());
+        assert!(
+            info.reason.as_deref().unwrap().contains("slot"),
+            "{:?}",
+            info.reason
+        );
+    }
+    let list: JobList = cluster.get_json("/v1/jobs?state=queued&limit=1000").await;
+    let order: Vec<&str> = list.jobs.iter().map(|j| j.job_id.as_str()).collect();
+    let expected: Vec<&str> = std::iter::once(urgent.job_id.as_str())
+        .chain(ids.iter().map(String::as_str))
+        .filter(|id| order.contains(id))
+        .collect();
+    assert_eq!(
+        order, expected,
+        "GET /v1/jobs?state=queued is in queue order"
+    );
+
+    let mut all = ids.clone();
+    all.push(urgent.job_id.clone());
+    let jobs = all_done(&cluster, &all, Duration::from_secs(120)).await;
+    for j in &jobs {
+        assert_eq!(j.state, "succeeded", "{j:?}");
+        assert!(j.position.is_none());
+    }
+    for (worker, most) in most_at_once(&jobs) {
+        assert!(most <= 2, "worker {worker} ran {most} jobs at once");
+    }
+    // Dispatch order is the order of the start records (created_at is
+    // written when the dispatcher takes a job).
+    let taken: Vec<u128> = jobs.iter().map(|j| ms(&j.created_at)).collect();
+    for pair in taken[..50].windows(2) {
+        assert!(pair[0] <= pair[1], "first come, first served");
+    }
+    let urgent_taken = taken[50];
+    assert!(
+        urgent_taken <= taken[45],
+        "the urgent job overtook the jobs queued before it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn queued_jobs_survive_a_killed_scheduler_and_run_exactly_once_in_order() {
+    let mut cluster = Cluster::start_with(&["w1"], "", "max_jobs = 1\n---\n").await;
+    let mut ids = Vec::new();
+    for _ in 0..31 {
+        ids.push(
+            submit(
+                &cluster,
+                json!({"worker_id": "w1", "path": "count.sh", "args": ["1", "0"]}),
+            )
+            .await
+            .job_id,
+        );
+    }
+    let list: JobList = cluster.get_json("/v1/jobs?state=queued&limit=1000").await;
+    assert!(list.jobs.len() >= 20, "{} queued", list.jobs.len());
+    cluster.restart_scheduler(Signal::SIGKILL);
+
+    let jobs = all_done(&cluster, &ids, Duration::from_secs(120)).await;
+    for j in &jobs {
+        assert_eq!(j.state, "succeeded", "{j:?}");
+        assert_eq!(cluster.worker_log("w1", &j.job_id), b"1\ndone\n");
+    }
+    // One job at a time, so start times follow the queue.
+    let starts: Vec<u128> = jobs
+        .iter()
+        .map(|j| ms(j.started_at.as_deref().unwrap()))
+        .collect();
+    for pair in starts.windows(2) {
+        assert!(pair[0] <= pair[1], "started out of order: {starts:?}");
+    }
+    // Exactly once: the worker has one directory per job, no more.
+    let dirs = std::fs::read_dir(cluster.tmp.path().join("state/w1/jobs"))
+        .unwrap()
+        .count();
+    assert_eq!(dirs, 31);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_queued_job_can_be_stopped_or_time_out_and_the_queue_has_a_bound() {
+    let mut cluster = Cluster::start_with(
+        &["w1"],
+        "[scheduler]\nmax_queued = 2\n",
+        "max_jobs = 1\n---\n",
+    )
+    .await;
+    let long = submit(
+        &cluster,
+        json!({"worker_id": "w1", "path": "count.sh", "args": ["100", "0.1"]}),
+    )
+    .await;
+    assert_eq!(long.state, None, "started: 201");
+
+    // Without the queue: refused as before.
+    let (status, answer) = post(
+        &cluster,
+        json!({"worker_id": "w1", "path": "count.sh", "queue": false}),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["code"].as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, Some("worker_busy"))
+    );
+    let (status, answer) = post(&cluster, json!({"path": "count.sh", "queue": false})).await;
+    assert_eq!(
+        (status, answer["code"].as_str()),
+        (StatusCode::CONFLICT, Some("no_eligible_worker"))
+    );
+
+    // Stopped while queued: ends stopped, never started.
+    let waiting = submit(
+        &cluster,
+        json!({"worker_id": "w1", "path": "count.sh", "args": ["1", "0"]}),
+    )
+    .await;
+    let info = cluster.job(&waiting.job_id).await;
+    assert_eq!(
+        (info.state.as_str(), info.done, info.position),
+        ("queued", false, Some(0))
+    );
+    let out = cluster
+        .ctl_output(&["jobs", "--state", "queued", "-o", "json"])
+        .await;
+    let listed: Vec<JobInfo> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed.len(), 1);
+    let stopped: StopResult = cluster
+        .http()
+        .post(format!("{}/v1/jobs/{}/stop", cluster.url(), waiting.job_id))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stopped.state, "stopped");
+    let info = cluster.job(&waiting.job_id).await;
+    assert_eq!(
+        (info.state.as_str(), info.started_at.as_deref()),
+        ("stopped", None)
+    );
+
+    // A queue timeout fails a job that waited too long.
+    let late = submit(
+        &cluster,
+        json!({"worker_id": "w1", "path": "count.sh", "queue_timeout": "1s"}),
+    )
+    .await;
+    let info = all_done(
+        &cluster,
+        std::slice::from_ref(&late.job_id),
+        Duration::from_secs(10),
+    )
+    .await
+    .remove(0);
+    assert_eq!(info.state, "failed");
+    assert!(
+        info.error_text.contains("queue_timeout"),
+        "{}",
+        info.error_text
+    );
+    assert!(info.started_at.is_none());
+
+    // max_queued = 2.
+    let a = submit(
+        &cluster,
+        json!({"worker_id": "w1", "path": "count.sh", "args": ["1", "0"]}),
+    )
+    .await;
+    let b = submit(
+        &cluster,
+        json!({"worker_id": "w1", "path": "count.sh", "args": ["1", "0"]}),
+    )
+    .await;
+    let (status, answer) = post(&cluster, json!({"worker_id": "w1", "path": "count.sh"})).await;
+    assert_eq!(
+        (status, answer["code"].as_str()),
+        (StatusCode::TOO_MANY_REQUESTS, Some("queue_full"))
+    );
+
+    // A draining worker: refused at once unless the job may wait for it.
+    cluster
+        .http()
+        .post(format!("{}/v1/workers/w1/drain", cluster.url()))
+        .send()
+        .await
+        .unwrap();
+    let (status, answer) = post(&cluster, json!({"worker_id": "w1", "path": "count.sh"})).await;
+    assert_eq!(
+        (status, answer["code"].as_str()),
+        (StatusCode::CONFLICT, Some("worker_draining"))
+    );
+
+    // The long job ends; the queued ones run, once the worker is undrained.
+    assert!(
+        cluster
+            .ctl_output(&["stop", &long.job_id])
+            .await
+            .status
+            .success()
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        cluster.job(&a.job_id).await.state,
+        "queued",
+        "not on a draining worker"
+    );
+    cluster
+        .http()
+        .post(format!("{}/v1/workers/w1/undrain", cluster.url()))
+        .send()
+        .await
+        .unwrap();
+    let jobs = all_done(&cluster, &[a.job_id, b.job_id], Duration::from_secs(30)).await;
+    assert!(jobs.iter().all(|j| j.state == "succeeded"), "{jobs:?}");
+    let _ = &mut cluster;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_waits_through_the_queue_then_follows() {
+    let cluster = Cluster::start_with(&["w1"], "", "max_jobs = 1\n---\n").await;
+    let long = submit(
+        &cluster,
+        json!({"worker_id": "w1", "path": "count.sh", "args": ["10", "0.1"]}),
+    )
+    .await;
+    let out = cluster
+        .ctl_output(&[
+            "run",
+            "--worker",
+            "w1",
+            "--priority",
+            "3",
+            "count.sh",
+            "--",
+            "2",
+            "0",
+        ])
+        .await;
+    assert!(out.status.success(), "{}", crate::cluster::stderr(&out));
+    assert_eq!(
+        crate::cluster::stdout(&out),
+        "1\n2\ndone\n",
+        "{}",
+        crate::cluster::stderr(&out)
+    );
+    let err = crate::cluster::stderr(&out);
+    assert!(err.contains("queued job"), "{err}");
+    assert!(err.contains("started job"), "{err}");
+    let _ = long;
+
+    // logs -f on a queued job waits for it to start, then follows it.
+    let _long = submit(
+        &cluster,
+        json!({"worker_id": "w1", "path": "count.sh", "args": ["10", "0.1"]}),
+    )
+    .await;
+    let waiting = submit(
+        &cluster,
+        json!({"worker_id": "w1", "path": "count.sh", "args": ["1", "0"]}),
+    )
+    .await;
+    assert_eq!(waiting.state.as_deref(), Some("queued"));
+    let out = cluster.ctl_output(&["logs", "-f", &waiting.job_id]).await;
+    let err = crate::cluster::stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(crate::cluster::stdout(&out), "1\ndone\n", "{err}");
+    assert!(err.contains("is queued"), "{err}");
+    assert!(err.contains("started"), "{err}");
+}
+
+/// Not a test: with 10,000 jobs queued, how long a freed slot takes to
+/// start the next job and how fast the API answers. Run with
+/// `cargo test -p jobcluster-clusterctl --test it queue::bench -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a benchmark"]
+async fn bench_ten_thousand_queued() {
+    let cluster = Cluster::start_with(&["w1"], "", "max_jobs = 1\n---\n").await;
+    let blocker = submit(
+        &cluster,
+        json!({"worker_id": "w1", "path": "count.sh", "args": ["1000", "1"]}),
+    )
+    .await;
+    let began = std::time::Instant::now();
+    let cluster = std::sync::Arc::new(cluster);
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let cluster = cluster.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for _ in 0..625 {
+                let started = submit(
+                    &cluster,
+                    json!({"worker_id": "w1", "path": "count.sh", "args": ["1", "0"]}),
+                )
+                .await;
+                ids.push(started.job_id);
+            }
+            ids
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.extend(t.await.unwrap());
+    }
+    println!("queued 10,000 jobs in {:?}", began.elapsed());
+    for path in [
+        "/v1/jobs?limit=100",
+        "/v1/jobs?state=queued&limit=100",
+        "/v1/workers",
+    ] {
+        let t = std::time::Instant::now();
+        for _ in 0..20 {
+            let _: Value = cluster.get_json(path).await;
+        }
+        println!("GET {path}: {:?} per request", t.elapsed() / 20);
+    }
+    let head: JobList = cluster.get_json("/v1/jobs?state=queued&limit=1").await;
+    let first = head.jobs[0].job_id.clone();
+    let t = std::time::Instant::now();
+    let _ = cluster.job(&ids[9_999]).await;
+    println!("GET /v1/jobs/{{last queued}}: {:?}", t.elapsed());
+    assert!(
+        cluster
+            .ctl_output(&["stop", &blocker.job_id])
+            .await
+            .status
+            .success()
+    );
+    let done = all_done(
+        &cluster,
+        std::slice::from_ref(&blocker.job_id),
+        Duration::from_secs(30),
+    )
+    .await;
+    let mut next = None;
+    for _ in 0..200 {
+        let job = cluster.job(&first).await;
+        if job.started_at.is_some() {
+            next = Some(job);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let next = next.expect("the first queued job started");
+    let freed = ms(done[0].finished_at.as_deref().unwrap());
+    let started = ms(next.started_at.as_deref().unwrap());
+    println!(
+        "slot freed -> next queued job started: {} ms (worker clock)",
+        started.saturating_sub(freed)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wait_for_worker_queues_for_a_draining_worker_or_one_yet_to_come() {
+    let mut cluster = Cluster::start(&["w1"]).await;
+    // No worker carries zone=eu: refused at once, unless the job may wait.
+    let eu = json!({"path": "count.sh", "args": ["1", "0"], "selector": {"zone": "eu"}});
+    let (status, answer) = post(&cluster, eu.clone()).await;
+    assert_eq!(
+        (status, answer["code"].as_str()),
+        (StatusCode::CONFLICT, Some("no_eligible_worker"))
+    );
+    let mut waiting = eu;
+    waiting["wait_for_worker"] = json!(true);
+    let placed = submit(&cluster, waiting).await;
+    assert_eq!(placed.state.as_deref(), Some("queued"));
+
+    // A draining worker: the same.
+    cluster
+        .http()
+        .post(format!("{}/v1/workers/w1/drain", cluster.url()))
+        .send()
+        .await
+        .unwrap();
+    let named = submit(
+        &cluster,
+        json!({"worker_id": "w1", "path": "count.sh", "args": ["1", "0"], "wait_for_worker": true}),
+    )
+    .await;
+    assert_eq!(named.state.as_deref(), Some("queued"));
+    let info = cluster.job(&named.job_id).await;
+    assert!(
+        info.reason.as_deref().unwrap().contains("draining"),
+        "{:?}",
+        info.reason
+    );
+
+    cluster.add_worker_with("w2", "labels = { zone = \"eu\" }\n---\n");
+    cluster
+        .http()
+        .post(format!("{}/v1/workers/w1/undrain", cluster.url()))
+        .send()
+        .await
+        .unwrap();
+    let jobs = all_done(
+        &cluster,
+        &[placed.job_id, named.job_id],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(jobs.iter().all(|j| j.state == "succeeded"), "{jobs:?}");
+    let w2 = cluster.worker_info("w2").await.worker_id;
+    let w1 = cluster.worker_info("w1").await.worker_id;
+    assert_eq!(
+        (jobs[0].worker_id.as_str(), jobs[1].worker_id.as_str()),
+        (w2.as_str(), w1.as_str())
+    );
+}

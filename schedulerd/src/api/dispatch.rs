@@ -1,0 +1,206 @@
+//! The dispatcher: the one task that takes jobs out of the queue.
+//!
+//! A pass fails the jobs whose queue timeout passed, sends again the starts
+//! a scheduler restart cut off, then walks the queue in order (priority,
+//! then arrival) and gives each job a worker with a free slot. Taking a job
+//! is a conditional update (`queued` → `unknown` on that worker, only if
+//! still `queued`), made by this task alone; from there the job goes
+//! through the same start path as a direct one, whose record is already
+//! written. A start that certainly started nothing puts the job back in
+//! its place; one in doubt leaves it `unknown` for the worker's reports to
+//! settle. So each job is started at most once by the scheduler, and the
+//! worker's start, idempotent by job id, makes a repeated ask harmless.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::AppState;
+use super::jobs::{Refusal, call_start, no_slot_matching, no_slot_on};
+use crate::state::{JobState, WorkerState};
+use crate::store::{JobRow, QueueEntry, StoreError, WorkerRow};
+
+/// How often a pass runs without being woken: for queue timeouts, and for
+/// jobs a busy or unreachable worker handed back (retried no faster).
+const TICK: Duration = Duration::from_secs(1);
+
+/// Waiting jobs looked past per pass (ones that cannot start now); the
+/// rest wait for the next pass.
+const BATCH: u32 = 1000;
+
+/// Queued jobs read at once.
+const PAGE: u32 = 32;
+
+pub(crate) async fn run(state: AppState, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        if let Err(error) = pass(&state).await {
+            tracing::error!(%error, "dispatching queued jobs failed; retrying");
+        }
+        tokio::select! {
+            () = state.queue.woken() => {}
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+async fn pass(state: &AppState) -> Result<(), StoreError> {
+    for job_id in state.store.expire_queued(crate::time::now_ms()).await? {
+        tracing::info!(%job_id, "queued job failed: its queue timeout passed");
+    }
+    resume_cut_off(state).await?;
+    let workers = state.registry.all();
+    let mut taken = state.store.running_counts().await?;
+    if !workers.iter().any(|w| has_slot(state, w, &taken)) {
+        return Ok(()); // a full cluster does not read the queue at all
+    }
+    // Read in pages, so a pass that fills the free slots from the head of
+    // a long queue reads little of it. Taken jobs leave the queued set;
+    // only the ones left waiting count towards the next page's offset.
+    let mut waiting = 0u64;
+    'pages: while waiting < u64::from(BATCH) {
+        let page = state.store.queued(waiting, PAGE).await?;
+        let last_page = page.len() < PAGE as usize;
+        for (row, entry) in page {
+            if !workers.iter().any(|w| has_slot(state, w, &taken)) {
+                break 'pages; // nothing can start until a slot frees up
+            }
+            let worker = match choose(state, &workers, &taken, &row, &entry) {
+                Ok(worker) => worker,
+                Err(reason) => {
+                    waiting += 1;
+                    if reason != entry.reason {
+                        state.store.set_queue_reason(&row.job_id, &reason).await?;
+                    }
+                    continue;
+                }
+            };
+            let why = format!("starting on worker {}; its answer is awaited", worker.name);
+            let Some(claimed) = state
+                .store
+                .claim_queued(&row.job_id, &worker.worker_id, &why)
+                .await?
+            else {
+                continue; // stopped or timed out meanwhile
+            };
+            *taken.entry(worker.worker_id.clone()).or_default() += 1;
+            tracing::info!(job_id = %row.job_id, worker_id = %worker.worker_id, worker = %worker.name, priority = entry.priority, "dispatching queued job");
+            start(state, claimed, entry.env);
+        }
+        if last_page {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Jobs taken from the queue whose start is not settled and not in
+/// flight: the scheduler stopped between taking them and the worker's
+/// answer. Their worker is asked again (the same job id, so a job that did
+/// start is not started twice).
+async fn resume_cut_off(state: &AppState) -> Result<(), StoreError> {
+    for (row, entry) in state.store.dispatching().await? {
+        if row.state != JobState::Unknown || row.started_at_ms != 0 {
+            // Settled by a report or a status query; only the entry is left.
+            state.store.dequeue(&row.job_id).await?;
+            continue;
+        }
+        let usable = state
+            .registry
+            .get(&row.worker_id)
+            .is_some_and(|w| w.usable());
+        if usable && !state.queue.is_in_flight(&row.job_id) {
+            tracing::info!(job_id = %row.job_id, worker_id = %row.worker_id, "asking again about a dispatch cut off by a restart");
+            start(state, row, entry.env);
+        }
+    }
+    Ok(())
+}
+
+/// Starts a taken job in a task of its own, so a slow worker holds up
+/// only its own jobs.
+fn start(state: &AppState, row: JobRow, env: std::collections::BTreeMap<String, String>) {
+    if !state.queue.begin(&row.job_id) {
+        return;
+    }
+    let state = state.clone();
+    tokio::spawn(async move {
+        let job_id = row.job_id.clone();
+        let Some(worker) = state.registry.get(&row.worker_id) else {
+            if let Err(error) = state.store.requeue(&job_id, "its worker is gone").await {
+                tracing::error!(%job_id, %error, "could not put a job back in the queue");
+            }
+            state.queue.end(&job_id);
+            return;
+        };
+        let result = call_start(&state, &worker, row, env, Refusal::Requeue).await;
+        state.queue.end(&job_id);
+        if let Err(e) = result {
+            if e.nothing_started {
+                // Back in its place; the next tick tries again, not this
+                // instant, so a worker that keeps refusing is not hammered.
+                tracing::info!(%job_id, worker_id = %worker.id(), error = %e.error.message, "queued job not started; back in the queue");
+            } else {
+                tracing::warn!(%job_id, worker_id = %worker.id(), error = %e.error.message, "dispatched job's start is in doubt; it stays unknown");
+            }
+        }
+    });
+}
+
+fn usable(state: &AppState, w: &WorkerRow) -> bool {
+    w.state == WorkerState::Ready
+        && !w.draining
+        && state
+            .registry
+            .get(&w.worker_id)
+            .is_some_and(|e| e.unresponsive_since().is_none())
+}
+
+fn has_slot(state: &AppState, w: &WorkerRow, taken: &HashMap<String, u64>) -> bool {
+    usable(state, w) && w.free_slots(taken.get(&w.worker_id).copied().unwrap_or(0)) != Some(0)
+}
+
+/// The worker a queued job starts on now, or why it keeps waiting.
+fn choose(
+    state: &AppState,
+    workers: &[WorkerRow],
+    taken: &HashMap<String, u64>,
+    row: &JobRow,
+    entry: &QueueEntry,
+) -> Result<WorkerRow, String> {
+    if !entry.worker_id.is_empty() {
+        let Some(w) = workers.iter().find(|w| w.worker_id == entry.worker_id) else {
+            return Err(format!("worker {} is not registered", entry.worker_id));
+        };
+        if w.state != WorkerState::Ready {
+            return Err(format!("worker {} is {}", w.name, w.state));
+        }
+        if w.draining {
+            return Err(format!("worker {} is draining", w.name));
+        }
+        if !usable(state, w) {
+            return Err(format!("worker {} is unresponsive", w.name));
+        }
+        if !has_slot(state, w, taken) {
+            return Err(no_slot_on(&w.name, w.max_jobs));
+        }
+        return Ok(w.clone());
+    }
+    let command = (!row.command.is_empty()).then_some(row.command.as_str());
+    let eligible = crate::placement::eligible(workers, command, &row.path, &entry.selector)
+        .map_err(|why| why.0)?;
+    let free: Vec<WorkerRow> = eligible
+        .into_iter()
+        .filter(|w| has_slot(state, w, taken))
+        .collect();
+    let turn = state
+        .placement_turn
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    crate::placement::order(free, taken, turn)
+        .into_iter()
+        .next()
+        .ok_or_else(|| no_slot_matching(&entry.selector))
+}
