@@ -54,10 +54,6 @@ impl Runner for InterpreterRunner {
             env: self.env.clone(),
         }
     }
-
-    fn program(&self) -> &Path {
-        &self.program
-    }
 }
 
 pub(crate) fn build(

@@ -196,8 +196,6 @@ pub type CanRun<'a> = &'a dyn Fn(&Path) -> Result<(), String>;
 /// Turns a script and its arguments into a command line.
 pub trait Runner: fmt::Debug + Send + Sync {
     fn command_line(&self, script: &Path, args: &[String]) -> CommandLine;
-    /// The program every command line starts, for checks at start.
-    fn program(&self) -> &Path;
 }
 
 /// A validated plugin, ready to run jobs.

@@ -1057,14 +1057,16 @@ impl Store {
         &self,
         skip: u64,
         limit: u32,
+        worker_id: Option<String>,
     ) -> Result<Vec<(JobRow, QueueEntry)>, StoreError> {
         self.read(move |c| {
             let mut stmt = c.prepare(&format!(
                 "SELECT {QUEUED_JOB_COLUMNS} FROM queue q JOIN jobs j ON j.job_id = q.job_id
-                 WHERE j.state = 'queued' ORDER BY q.priority DESC, q.seq LIMIT ?1 OFFSET ?2"
+                 WHERE j.state = 'queued' AND (?3 IS NULL OR j.worker_id = ?3)
+                 ORDER BY q.priority DESC, q.seq LIMIT ?1 OFFSET ?2"
             ))?;
             let rows = stmt
-                .query_map(params![limit, skip as i64], queued_job_row)?
+                .query_map(params![limit, skip as i64, worker_id], queued_job_row)?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
         })
@@ -1751,7 +1753,7 @@ mod tests {
             "full"
         );
         let order = |store: Store| async move {
-            let rows = store.queued(0, 10).await.unwrap();
+            let rows = store.queued(0, 10, None).await.unwrap();
             rows.into_iter().map(|(j, _)| j.job_id).collect::<Vec<_>>()
         };
         assert_eq!(order(store.clone()).await, ["b", "a", "c"]);

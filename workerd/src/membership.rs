@@ -48,11 +48,10 @@ pub(crate) async fn reported_until(state_dir: &std::path::Path) -> u64 {
 /// whatever the job was given.
 fn reports(records: Vec<(JobRecord, u64)>) -> Vec<jobcluster_proto::pb::QueryJobResponse> {
     records
-        .iter()
-        .map(|(r, len)| {
-            let mut status = to_pb_status(r, *len);
-            status.args = Vec::new();
-            status
+        .into_iter()
+        .map(|(mut r, len)| {
+            r.args = Vec::new();
+            to_pb_status(&r, len)
         })
         .collect()
 }

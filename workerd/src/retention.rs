@@ -82,6 +82,8 @@ pub(crate) fn sweep(
         Err(e) => return Err(e),
     };
     let record_limit = limits.max_record_age.as_millis() as u64;
+    // Without output limits (the default) no log needs looking at.
+    let output_limits = limits.max_age.is_some() || limits.max_bytes.is_some();
     // (age of the output, its length, the job), for the output limits.
     let mut outputs = Vec::new();
     for entry in entries {
@@ -111,11 +113,14 @@ pub(crate) fn sweep(
             }
             continue;
         }
+        if !output_limits {
+            continue;
+        }
         if let Some((age, len)) = age_and_len(&dir.join("output.log"), now_ms) {
             outputs.push((age, len, id));
         }
     }
-    if limits.max_age.is_none() && limits.max_bytes.is_none() {
+    if !output_limits {
         return Ok(swept);
     }
     // Oldest first.

@@ -230,6 +230,22 @@ impl Cluster {
     }
 
     /// `GET path` on the API, decoded; panics (failing the test) otherwise.
+    /// `POST path` with a JSON body: the status and the JSON answer.
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> (reqwest::StatusCode, serde_json::Value) {
+        let reply = self
+            .http()
+            .post(format!("{}{path}", self.url()))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        (reply.status(), reply.json().await.unwrap())
+    }
+
     pub async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
         let reply = self
             .http()

@@ -54,15 +54,10 @@ async fn read(cluster: &Cluster, job_id: &str, promises: &mut Promises) -> (JobI
 
 async fn place(cluster: &Cluster) -> (StatusCode, serde_json::Value, Duration) {
     let started = Instant::now();
-    let reply = cluster
-        .http()
-        .post(format!("{}/v1/jobs", cluster.url()))
-        .json(&json!({"path": "count.sh", "args": ["1", "0"]}))
-        .send()
-        .await
-        .unwrap();
-    let status = reply.status();
-    (status, reply.json().await.unwrap(), started.elapsed())
+    let (status, body) = cluster
+        .post_json("/v1/jobs", &json!({"path": "count.sh", "args": ["1", "0"]}))
+        .await;
+    (status, body, started.elapsed())
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -306,4 +301,25 @@ async fn a_worker_with_a_long_history_registers_in_seconds_and_does_not_hold_it_
     );
     let log = cluster.worker("w1").log();
     assert!(log.contains(&format!("on_disk={n} kept=0")), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_scheduler_gives_up_no_job_when_it_wakes() {
+    // lost_after is 3 s in tests: the scheduler sleeps longer than that.
+    let cluster = Cluster::start(&["w1"]).await;
+    let mut promises = Promises::default();
+    let job_id = cluster.start_job("w1", "count.sh", &["600", "0.1"]).await;
+    read(&cluster, &job_id, &mut promises).await;
+    cluster.scheduler.signal(Signal::SIGSTOP);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    cluster.scheduler.signal(Signal::SIGCONT);
+    // Its own silence is not the workers': nothing is down, unknown or lost.
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        let (job, _) = read(&cluster, &job_id, &mut promises).await;
+        assert_eq!(job.state, "running", "{job:?}");
+        assert_eq!(cluster.worker_state("w1").await, "ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!crate::harness::job_processes(&job_id).is_empty());
 }

@@ -23,14 +23,7 @@ async fn three_workers() -> Cluster {
 }
 
 async fn place(cluster: &Cluster, body: Value) -> (StatusCode, Value) {
-    let reply = cluster
-        .http()
-        .post(format!("{}/v1/jobs", cluster.url()))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    (reply.status(), reply.json().await.unwrap())
+    cluster.post_json("/v1/jobs", &body).await
 }
 
 async fn name_of(cluster: &Cluster, worker_id: &str) -> String {

@@ -13,14 +13,7 @@ use serde_json::{Value, json};
 use crate::cluster::Cluster;
 
 async fn post(cluster: &Cluster, body: Value) -> (StatusCode, Value) {
-    let reply = cluster
-        .http()
-        .post(format!("{}/v1/jobs", cluster.url()))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    (reply.status(), reply.json().await.unwrap())
+    cluster.post_json("/v1/jobs", &body).await
 }
 
 /// A start that the scheduler accepted (started or queued).

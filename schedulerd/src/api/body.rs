@@ -48,6 +48,10 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// (within the bounds above), refuses a body announced as over the limit
 /// before reading any of it, and one that is late with 408.
 pub(crate) async fn answer_after_body(request: Request, next: Next) -> Response {
+    // Most requests (GETs, log streams) have no body: nothing to watch.
+    if http_body::Body::is_end_stream(request.body()) {
+        return next.run(request).await;
+    }
     let deadline = Instant::now() + BODY_TIMEOUT;
     let (parts, body) = request.into_parts();
     let control = parts.extensions.get::<ConnectionControl>().cloned();

@@ -62,7 +62,7 @@ async fn pass(state: &AppState) -> Result<(), StoreError> {
     // only the ones left waiting count towards the next page's offset.
     let mut waiting = 0u64;
     'pages: while waiting < u64::from(BATCH) {
-        let page = state.store.queued(waiting, PAGE).await?;
+        let page = state.store.queued(waiting, PAGE, None).await?;
         let last_page = page.len() < PAGE as usize;
         for (row, entry) in page {
             if !workers.iter().any(|w| has_slot(state, w, &taken)) {
@@ -88,7 +88,7 @@ async fn pass(state: &AppState) -> Result<(), StoreError> {
             };
             *taken.entry(worker.worker_id.clone()).or_default() += 1;
             tracing::info!(job_id = %row.job_id, worker_id = %worker.worker_id, worker = %worker.name, priority = entry.priority, "dispatching queued job");
-            start(state, claimed, entry.env);
+            let _ = start(state, claimed, entry.env);
         }
         if last_page {
             break;
@@ -112,19 +112,21 @@ async fn resume_cut_off(state: &AppState) -> Result<(), StoreError> {
             .registry
             .get(&row.worker_id)
             .is_some_and(|w| w.usable());
-        if usable && !state.queue.is_in_flight(&row.job_id) {
-            tracing::info!(job_id = %row.job_id, worker_id = %row.worker_id, "asking again about a dispatch cut off by a restart");
-            start(state, row, entry.env);
+        if usable {
+            let (job_id, worker_id) = (row.job_id.clone(), row.worker_id.clone());
+            if start(state, row, entry.env) {
+                tracing::info!(%job_id, %worker_id, "asking again about a dispatch cut off by a restart");
+            }
         }
     }
     Ok(())
 }
 
 /// Starts a taken job in a task of its own, so a slow worker holds up
-/// only its own jobs.
-fn start(state: &AppState, row: JobRow, env: std::collections::BTreeMap<String, String>) {
+/// only its own jobs. False if its start is already under way.
+fn start(state: &AppState, row: JobRow, env: std::collections::BTreeMap<String, String>) -> bool {
     if !state.queue.begin(&row.job_id) {
-        return;
+        return false;
     }
     let state = state.clone();
     tokio::spawn(async move {
@@ -148,6 +150,7 @@ fn start(state: &AppState, row: JobRow, env: std::collections::BTreeMap<String, 
             }
         }
     });
+    true
 }
 
 fn usable(state: &AppState, w: &WorkerRow) -> bool {

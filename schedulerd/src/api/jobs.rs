@@ -209,15 +209,15 @@ pub(crate) async fn list(
     };
     let limit = filter.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
     if wanted == Some(JobState::Queued) {
-        // In queue order; the cursor is how many queued jobs to skip.
+        // In queue order; the cursor is how many queued jobs (of this
+        // listing) to skip, and positions count within the listing.
         let skip = before.unwrap_or(0).max(0) as u64;
-        let rows = state.store.queued(skip, limit + 1).await?;
+        let rows = state.store.queued(skip, limit + 1, worker_id).await?;
         let more = rows.len() > limit as usize;
         let jobs = rows
             .iter()
             .take(limit as usize)
             .enumerate()
-            .filter(|(_, (row, _))| worker_id.as_ref().is_none_or(|w| *w == row.worker_id))
             .map(|(i, (row, entry))| {
                 let mut info = job_info(row, false);
                 with_queue(&mut info, entry, skip + i as u64);
@@ -279,31 +279,7 @@ pub(crate) async fn start_job(
         return start_now(state, body, key).await;
     }
     if !body.worker_id.is_empty() {
-        let worker = state
-            .registry
-            .get(&body.worker_id)
-            .ok_or_else(|| ApiError::worker_not_found(&body.worker_id))?;
-        let w = worker.row();
-        if body
-            .selector
-            .iter()
-            .any(|(k, v)| w.labels.get(k) != Some(v))
-        {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "no_eligible_worker",
-                format!("worker {} does not match the selector", w.name),
-            ));
-        }
-        let unusable = if w.state != WorkerState::Ready {
-            Some(ApiError::worker_not_ready(&w))
-        } else if w.draining {
-            Some(draining(&w.name))
-        } else {
-            worker
-                .unresponsive_since()
-                .map(|since| ApiError::worker_unresponsive(&w.name, since))
-        };
+        let (worker, w, unusable) = named_worker(state, &body)?;
         if let Some(error) = unusable {
             if !body.wait_for_worker {
                 return Err(error);
@@ -319,14 +295,13 @@ pub(crate) async fn start_job(
             let reason = "jobs queued before it wait for worker slots".to_owned();
             return enqueue(state, body, w.worker_id, reason, key, queue_timeout).await;
         }
-        let taken = state
-            .store
-            .running_counts()
-            .await?
-            .get(&w.worker_id)
-            .copied()
-            .unwrap_or(0);
-        if w.free_slots(taken) == Some(0) {
+        // Only a worker with a slot count can be full: no count to read
+        // for an unlimited one.
+        let full = w.max_jobs > 0 && {
+            let taken = state.store.running_counts().await?;
+            w.free_slots(taken.get(&w.worker_id).copied().unwrap_or(0)) == Some(0)
+        };
+        if full {
             let reason = no_slot_on(&w.name, w.max_jobs);
             return enqueue(state, body, w.worker_id, reason, key, queue_timeout).await;
         }
@@ -408,6 +383,41 @@ const PASS_ON: [&str; 5] = [
     "worker_unresponsive",
     "worker_storage_full",
 ];
+
+/// The worker a start names: it must exist and carry the selector's
+/// labels; the third value says why it cannot take a job now (not ready,
+/// draining, unresponsive), if it cannot.
+fn named_worker(
+    state: &AppState,
+    body: &StartJob,
+) -> Result<(Arc<WorkerEntry>, crate::store::WorkerRow, Option<ApiError>), ApiError> {
+    let worker = state
+        .registry
+        .get(&body.worker_id)
+        .ok_or_else(|| ApiError::worker_not_found(&body.worker_id))?;
+    let w = worker.row();
+    if body
+        .selector
+        .iter()
+        .any(|(k, v)| w.labels.get(k) != Some(v))
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "no_eligible_worker",
+            format!("worker {} does not match the selector", w.name),
+        ));
+    }
+    let unusable = if w.state != WorkerState::Ready {
+        Some(ApiError::worker_not_ready(&w))
+    } else if w.draining {
+        Some(draining(&w.name))
+    } else {
+        worker
+            .unresponsive_since()
+            .map(|since| ApiError::worker_unresponsive(&w.name, since))
+    };
+    Ok((worker, w, unusable))
+}
 
 fn draining(name: &str) -> ApiError {
     ApiError::new(
@@ -531,27 +541,9 @@ async fn start_now(
     key: Option<NewKey>,
 ) -> Result<JobStarted, ApiError> {
     if !body.worker_id.is_empty() {
-        let worker = state
-            .registry
-            .get(&body.worker_id)
-            .ok_or_else(|| ApiError::worker_not_found(&body.worker_id))?;
-        let w = worker.row();
-        if w.state != WorkerState::Ready {
-            return Err(ApiError::worker_not_ready(&w));
-        }
-        if w.draining {
-            return Err(draining(&w.name));
-        }
-        if body
-            .selector
-            .iter()
-            .any(|(k, v)| w.labels.get(k) != Some(v))
-        {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "no_eligible_worker",
-                format!("worker {} does not match the selector", w.name),
-            ));
+        let (worker, _, unusable) = named_worker(state, &body)?;
+        if let Some(error) = unusable {
+            return Err(error);
         }
         return start_on(state, &worker, body, None, key)
             .await

@@ -38,8 +38,6 @@ pub(crate) struct JobRecord {
     pub(crate) created_at_ms: u64,
     pub(crate) started_at_ms: u64,
     pub(crate) finished_at_ms: u64,
-    /// Process group while running: what a restarted worker must clean up.
-    pub(crate) pgid: Option<i32>,
     pub(crate) output_bytes: u64,
     /// The output log was deleted by the retention limits.
     #[serde(default)]
@@ -56,20 +54,11 @@ pub(crate) fn now_ms() -> u64 {
 /// Name of the file that holds disk space for a job's final record.
 const FINAL: &str = "job.json.final";
 
-/// Writes `job.json` atomically and durably: a crash leaves the old record
-/// or the new one, never half of one, and a written record survives a
-/// power loss (file and directory are synced).
-pub(super) async fn write_record(jobs_dir: &Path, record: &JobRecord) -> std::io::Result<()> {
-    let dir = jobs_dir.join(record.id.to_string());
-    let json = serde_json::to_vec(record).map_err(std::io::Error::other)?;
-    tokio::task::spawn_blocking(move || replace(&dir, "job.json.tmp", &json))
-        .await
-        .map_err(std::io::Error::other)?
-}
-
-/// Writes `json` into `dir/tmp_name` (reusing its blocks if it exists) and
-/// renames it over `job.json`, syncing file and directory.
-fn replace(dir: &Path, tmp_name: &str, json: &[u8]) -> std::io::Result<()> {
+/// Writes `bytes` into `dir/tmp_name` (reusing its blocks if it exists)
+/// and renames it over `dir/target`, syncing file and directory: a crash
+/// leaves the old file or the new one, never half of one, and a written
+/// one survives a power loss.
+fn replace_file(dir: &Path, tmp_name: &str, target: &str, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let tmp = dir.join(tmp_name);
     // No truncation first: a reserved file's blocks are overwritten in
@@ -80,30 +69,23 @@ fn replace(dir: &Path, tmp_name: &str, json: &[u8]) -> std::io::Result<()> {
         .truncate(false)
         .mode(0o600)
         .open(&tmp)?;
-    file.write_all(json)?;
-    file.set_len(json.len() as u64)?;
+    file.write_all(bytes)?;
+    file.set_len(bytes.len() as u64)?;
     file.sync_all()?;
-    std::fs::rename(&tmp, dir.join("job.json"))?;
+    std::fs::rename(&tmp, dir.join(target))?;
     sync_dir(dir)
+}
+
+/// Replaces a job's `job.json` in `dir` through `dir/tmp_name`.
+pub(super) fn replace(dir: &Path, tmp_name: &str, json: &[u8]) -> std::io::Result<()> {
+    replace_file(dir, tmp_name, "job.json", json)
 }
 
 /// Replaces the file at `path` with `bytes` atomically and durably.
 pub(crate) fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp_name = path.file_name().unwrap_or_default().to_owned();
-    tmp_name.push(".tmp");
-    let tmp = dir.join(tmp_name);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    sync_dir(dir)
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    replace_file(dir, &format!("{name}.tmp"), &name, bytes)
 }
 
 /// Makes a rename or a new file in `dir` durable.
@@ -153,7 +135,14 @@ pub(crate) fn expire_output(dir: &Path) -> std::io::Result<bool> {
     if !record.output_expired {
         record.output_expired = true;
         let json = serde_json::to_vec(&record).map_err(std::io::Error::other)?;
+        // The record's age (what `max_record_age` counts) is when the job
+        // ended, not when its output went: keep its time.
+        let written = std::fs::metadata(dir.join("job.json"))?.modified()?;
         replace(dir, "job.json.tmp", &json)?;
+        std::fs::File::options()
+            .write(true)
+            .open(dir.join("job.json"))?
+            .set_modified(written)?;
     }
     match std::fs::remove_file(dir.join("output.log")) {
         Ok(()) => Ok(true),

@@ -146,7 +146,6 @@ impl Jobs {
                     "the worker stopped while the job ran".into()
                 };
                 record.finished_at_ms = now_ms();
-                record.pgid = None;
                 record.output_bytes = len;
                 if let Err(error) = write_final(&jobs_dir, &record).await {
                     tracing::error!(job_id = %record.id, %error, "could not record a job lost; kept in memory and retried");

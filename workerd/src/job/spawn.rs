@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::output::pump;
-use super::record::{now_ms, reserve_final, sync_dir, write_final, write_record};
+use super::record::{now_ms, replace, reserve_final, sync_dir, write_final};
 use super::supervise::{Supervision, supervise};
 use super::{Job, JobError, JobRecord, Jobs, Progress, StartRequest, State};
 
@@ -148,7 +148,6 @@ impl Jobs {
             created_at_ms: now,
             started_at_ms: now,
             finished_at_ms: 0,
-            pgid: None,
             output_bytes: 0,
             output_expired: false,
         };
@@ -221,7 +220,6 @@ impl Jobs {
         match spawned {
             Ok((child, reader)) => {
                 let pgid = child.id().and_then(|p| i32::try_from(p).ok());
-                record = job.update(|r| r.pgid = pgid);
                 self.insert(&job);
                 let over_limit = CancellationToken::new();
                 let write_failed = CancellationToken::new();
@@ -247,11 +245,6 @@ impl Jobs {
                 let changes = self.changes.clone();
                 let running = self.running.clone();
                 self.tracker.spawn(async move {
-                    // The process group is what a restarted worker cleans
-                    // up; recorded here, off the start's path.
-                    if let Err(error) = write_record(&jobs_dir, &supervised.record()).await {
-                        tracing::warn!(job_id = %id, %error, "could not record the job's process group");
-                    }
                     supervise(supervised, child, pgid, pump, limits, jobs_dir, &changes).await;
                     if let Some(dir) = cgroup_dir {
                         let _ = tokio::task::spawn_blocking(move || {
@@ -319,13 +312,7 @@ impl Jobs {
                 .open(dir.join("output.log"))
                 .map_err(JobError::storage)?;
             reserve_final(&dir, json.len()).map_err(JobError::storage)?;
-            std::fs::write(dir.join("job.json.tmp"), &json).map_err(JobError::storage)?;
-            std::fs::File::open(dir.join("job.json.tmp"))
-                .and_then(|f| f.sync_all())
-                .map_err(JobError::storage)?;
-            std::fs::rename(dir.join("job.json.tmp"), dir.join("job.json"))
-                .map_err(JobError::storage)?;
-            sync_dir(&dir).map_err(JobError::storage)?;
+            replace(&dir, "job.json.tmp", &json).map_err(JobError::storage)?;
             sync_dir(&jobs_dir).map_err(JobError::storage)?;
             Ok(log)
         })

@@ -140,7 +140,6 @@ pub(super) async fn supervise(
     let record = job.update(|r| {
         r.finished_at_ms = now_ms();
         r.output_bytes = len;
-        r.pgid = None;
         finish(r, status, ending);
         if ending == Some(Ending::Stopped) && limits.worker_shutdown.is_cancelled() {
             r.error_text = "stopped: the worker was shut down".into();

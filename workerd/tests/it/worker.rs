@@ -169,13 +169,13 @@ fn start_req(command: &str, path: &str, args: &[&str]) -> StartJobRequest {
     }
 }
 
-/// Follows a job from `offset` to its end; returns the bytes and the final status.
-async fn follow(
+/// A followed output stream of `job_id` from `offset`.
+async fn open_followed(
     client: &mut WorkerClient<Channel>,
     job_id: &str,
     offset: u64,
-) -> (Vec<u8>, QueryJobResponse) {
-    let mut stream = client
+) -> tonic::Streaming<jobcluster_proto::pb::StreamJobResponse> {
+    client
         .stream_job(StreamJobRequest {
             job_id: job_id.into(),
             offset,
@@ -183,7 +183,16 @@ async fn follow(
         })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+}
+
+/// Follows a job from `offset` to its end; returns the bytes and the final status.
+async fn follow(
+    client: &mut WorkerClient<Channel>,
+    job_id: &str,
+    offset: u64,
+) -> (Vec<u8>, QueryJobResponse) {
+    let mut stream = open_followed(client, job_id, offset).await;
     let mut out = Vec::new();
     while let Some(msg) = stream.message().await.unwrap() {
         assert_eq!(
@@ -309,15 +318,7 @@ async fn a_job_ignoring_sigterm_is_killed_after_the_grace_period() {
     let worker = Worker::start();
     let mut client = worker.client();
     let job = start(&mut client, start_req("bash", "ignores_term.sh", &[])).await;
-    let mut stream = client
-        .stream_job(StreamJobRequest {
-            job_id: job.clone(),
-            offset: 0,
-            follow: Some(true),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = open_followed(&mut client, &job, 0).await;
     // Wait until the trap is installed.
     let first = stream.message().await.unwrap().unwrap();
     assert_eq!(first.output, b"ignoring\n");
@@ -419,15 +420,7 @@ async fn late_followers_get_identical_bytes() {
     let early_job = job.clone();
     let early = tokio::spawn(async move { follow(&mut early_client, &early_job, 0).await });
     // Join once part of the output exists.
-    let mut probe = client
-        .stream_job(StreamJobRequest {
-            job_id: job.clone(),
-            offset: 0,
-            follow: Some(true),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut probe = open_followed(&mut client, &job, 0).await;
     let mut seen = 0;
     while seen < 30 {
         seen += probe.message().await.unwrap().unwrap().output.len();
@@ -910,15 +903,7 @@ async fn orphans_re_parented_to_the_worker_are_reaped() {
     let mut client = worker.client();
     let job = start(&mut client, start_req("bash", "orphan.sh", &[])).await;
     let _guard = KillOnDrop(job.clone());
-    let mut stream = client
-        .stream_job(StreamJobRequest {
-            job_id: job.clone(),
-            offset: 0,
-            follow: Some(true),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = open_followed(&mut client, &job, 0).await;
     let mut out = String::new();
     while !out.contains("ready\n") {
         let msg = stream.message().await.unwrap().unwrap();
