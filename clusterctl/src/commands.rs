@@ -528,8 +528,18 @@ async fn run_group(api: &Api, args: &StartArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|j| name_of(&names, &j.worker_id))
         .collect();
+    let queued = started
+        .jobs
+        .iter()
+        .filter(|j| j.state.as_deref() == Some("queued"))
+        .count();
+    let waiting = if queued > 0 {
+        format!(" ({queued} queued for a free slot)")
+    } else {
+        String::new()
+    };
     eprintln!(
-        "started group {}: {} job(s) on {}",
+        "started group {}: {} job(s) on {}{waiting}",
         started.group_id,
         started.jobs.len(),
         on.join(", ")

@@ -10,6 +10,9 @@ use tokio::sync::Notify;
 #[derive(Debug)]
 pub(crate) struct Queue {
     wake: Notify,
+    /// A queued job left the queue (started, or ended without starting):
+    /// for readers waiting to follow one.
+    left: Notify,
     /// `[scheduler] max_queued`.
     pub(crate) max_queued: u64,
     /// Jobs taken from the queue whose start task runs now. Held for set
@@ -21,6 +24,7 @@ impl Queue {
     pub(crate) fn new(max_queued: u64) -> Self {
         Queue {
             wake: Notify::new(),
+            left: Notify::new(),
             max_queued,
             in_flight: Mutex::new(HashSet::new()),
         }
@@ -35,6 +39,17 @@ impl Queue {
 
     pub(crate) async fn woken(&self) {
         self.wake.notified().await;
+    }
+
+    /// Wakes every reader waiting for a queued job to leave the queue.
+    pub(crate) fn left(&self) {
+        self.left.notify_waiters();
+    }
+
+    /// Resolves at the next [`Queue::left`] after it was enabled (pin it
+    /// and call `enable` before checking the job, so no wake is missed).
+    pub(crate) fn leaving(&self) -> tokio::sync::futures::Notified<'_> {
+        self.left.notified()
     }
 
     /// Marks a start in flight; false if it already was.

@@ -530,3 +530,81 @@ async fn wait_for_worker_queues_for_a_draining_worker_or_one_yet_to_come() {
         (w2.as_str(), w1.as_str())
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_queues_its_member_on_a_full_worker_and_follows_it_once_started() {
+    let cluster = Cluster::start_with(&["w1", "w2"], "", "max_jobs = 1\n---\n").await;
+    let busy = json!({"worker_id": "w1", "path": "count.sh", "args": ["10", "0.1"]});
+    submit(&cluster, busy.clone()).await;
+
+    let (status, answer) = cluster
+        .post_json(
+            "/v1/groups",
+            &json!({"all": true, "path": "count.sh", "args": ["2", "0"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let group: jobcluster_proto::http::GroupStarted = serde_json::from_value(answer).unwrap();
+    assert!(group.failed.is_empty(), "{:?}", group.failed);
+    // The member on the full worker waits; the other starts.
+    let queued: Vec<_> = group
+        .jobs
+        .iter()
+        .filter(|j| j.state.as_deref() == Some("queued"))
+        .collect();
+    assert_eq!((group.jobs.len(), queued.len()), (2, 1), "{:?}", group.jobs);
+    assert!(
+        queued[0]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("w1")),
+        "{:?}",
+        queued[0]
+    );
+    let info: jobcluster_proto::http::GroupInfo = cluster
+        .get_json(&format!("/v1/groups/{}", group.group_id))
+        .await;
+    assert_eq!((info.state.as_str(), info.done), ("running", false));
+
+    // The merged followed output waits for the queued member and carries
+    // every line of both.
+    let out = cluster.ctl_output(&["logs", "-f", &group.group_id]).await;
+    let err = crate::cluster::stderr(&out);
+    assert!(out.status.success(), "{err}");
+    let mut lines: Vec<String> = crate::cluster::stdout(&out)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        [
+            "[w1] 1",
+            "[w1] 2",
+            "[w1] done",
+            "[w2] 1",
+            "[w2] 2",
+            "[w2] done"
+        ],
+        "{err}"
+    );
+
+    // clusterctl run --all says a member is queued, then follows both.
+    submit(&cluster, busy).await;
+    let out = cluster
+        .ctl_output(&["run", "--all", "count.sh", "--", "1", "0"])
+        .await;
+    let err = crate::cluster::stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("1 queued"), "{err}");
+    let mut lines: Vec<String> = crate::cluster::stdout(&out)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        ["[w1] 1", "[w1] done", "[w2] 1", "[w2] done"],
+        "{err}"
+    );
+}

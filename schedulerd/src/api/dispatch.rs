@@ -48,8 +48,12 @@ pub(crate) async fn run(state: AppState, stop: CancellationToken) {
 }
 
 async fn pass(state: &AppState) -> Result<(), StoreError> {
-    for job_id in state.store.expire_queued(crate::time::now_ms()).await? {
+    let expired = state.store.expire_queued(crate::time::now_ms()).await?;
+    for job_id in &expired {
         tracing::info!(%job_id, "queued job failed: its queue timeout passed");
+    }
+    if !expired.is_empty() {
+        state.queue.left();
     }
     resume_cut_off(state).await?;
     let workers = state.registry.all();
@@ -140,6 +144,7 @@ fn start(state: &AppState, row: JobRow, env: std::collections::BTreeMap<String, 
         };
         let result = call_start(&state, &worker, row, env, Refusal::Requeue).await;
         state.queue.end(&job_id);
+        state.queue.left();
         if let Err(e) = result {
             if e.nothing_started {
                 // Back in its place; the next tick tries again, not this

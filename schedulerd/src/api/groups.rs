@@ -20,7 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::extract::{JsonBody, QueryParams};
 use super::idempotency::{self, IdempotencyKey};
-use super::jobs::{Seen, StartError, record_status, refresh, start_on, stop_job, worker_of};
+use super::jobs::{Seen, record_status, refresh, start_job, started_status, stop_job, worker_of};
 use super::{ApiError, AppState, FollowerSlot, with_deadline};
 use crate::state::JobState;
 use crate::store::{GroupRow, JobRow, KeyRow};
@@ -60,7 +60,7 @@ pub(crate) async fn create(
             format!("starting the group failed: {e}"),
         )
     })??;
-    Ok((StatusCode::CREATED, Json(started)).into_response())
+    Ok((group_status(&started.jobs), Json(started)).into_response())
 }
 
 /// The answer to a request that repeats the key of the fan-out that made
@@ -84,22 +84,31 @@ async fn replay_group(state: &AppState, bound: &KeyRow) -> Result<Response, ApiE
             "no worker could start the job",
         )));
     }
+    let jobs: Vec<JobStarted> = jobs
+        .into_iter()
+        .map(|seen| JobStarted {
+            job_id: seen.row.job_id,
+            worker_id: seen.row.worker_id,
+            state: Some(seen.row.state.as_str().to_owned()),
+            ..Default::default()
+        })
+        .collect();
     Ok(idempotency::replayed((
-        StatusCode::CREATED,
+        group_status(&jobs),
         Json(GroupStarted {
             group_id: group.group_id,
-            jobs: jobs
-                .into_iter()
-                .map(|seen| JobStarted {
-                    job_id: seen.row.job_id,
-                    worker_id: seen.row.worker_id,
-                    state: Some(seen.row.state.as_str().to_owned()),
-                    ..Default::default()
-                })
-                .collect(),
+            jobs,
             failed: Vec::new(),
         }),
     )))
+}
+
+/// `202` while any member waits in the queue, else `201`, as for a job.
+fn group_status(jobs: &[JobStarted]) -> StatusCode {
+    jobs.iter()
+        .map(started_status)
+        .max()
+        .unwrap_or(StatusCode::CREATED)
 }
 
 /// Starts one job per eligible worker under a new group, recorded with
@@ -139,6 +148,9 @@ async fn start_group(
             request.as_ref().map(idempotency::Request::binding),
         )
         .await?;
+    // Each member is a start on its worker: it starts now, or waits in
+    // the queue for a slot there (a full worker queues it, like any job
+    // that names its worker).
     let starts = targets.iter().map(|row| {
         let group_id = &group_id;
         let job = StartJob {
@@ -148,17 +160,10 @@ async fn start_group(
             path: body.path.clone(),
             args: body.args.clone(),
             env: body.env.clone(),
-            queue: Some(false),
             ..Default::default()
         };
         async move {
-            let result = match state.registry.get(&row.worker_id) {
-                Some(worker) => start_on(state, &worker, job, Some(group_id), None).await,
-                None => Err(StartError {
-                    error: ApiError::worker_not_found(&row.worker_id),
-                    nothing_started: true,
-                }),
-            };
+            let result = start_job(state, job, None, Some(group_id)).await;
             (row.worker_id.clone(), result)
         }
     });
@@ -173,10 +178,10 @@ async fn start_group(
         match result {
             Ok(job) => started.jobs.push(job),
             Err(e) => {
-                in_doubt |= !e.nothing_started;
+                in_doubt |= e.code == "start_unconfirmed";
                 started.failed.push(GroupFailure {
                     worker_id,
-                    error: e.error.message,
+                    error: e.message,
                 });
             }
         }
@@ -216,12 +221,13 @@ async fn find_group(state: &AppState, id: &str) -> Result<(GroupRow, Vec<JobRow>
     })
 }
 
-/// `running` while any job runs (or may: `unknown`); then `succeeded` only
+/// `running` while any job runs (or may: `unknown`) or waits to
+/// (`queued`); then `succeeded` only
 /// if all succeeded, else `failed` (a job failed or was lost) or `stopped`.
 fn group_state<'a>(jobs: impl IntoIterator<Item = &'a JobRow>) -> &'static str {
     let states: Vec<JobState> = jobs.into_iter().map(|j| j.state).collect();
     let any = |s: &[JobState]| states.iter().any(|j| s.contains(j));
-    if any(&[JobState::Running, JobState::Unknown]) {
+    if any(&[JobState::Running, JobState::Unknown, JobState::Queued]) {
         "running"
     } else if any(&[JobState::Failed, JobState::Lost]) || states.is_empty() {
         "failed"
@@ -318,49 +324,26 @@ pub(crate) async fn logs(
     let (tx, rx) = mpsc::channel(MERGE_BUFFER);
     let mut opening = Vec::new();
     for job in jobs {
-        let Ok(worker) = worker_of(&state, &job) else {
-            continue; // its worker cannot be asked now: nothing to stream
-        };
+        // A member still queued has no output yet: a follower waits for
+        // it to start; a reader of what there is now skips it.
+        if job.state == JobState::Queued && !q.follow {
+            continue;
+        }
         let slot = state.followers.enter(&job.job_id)?;
-        opening.push((job, worker, slot));
+        opening.push((job, slot));
     }
-    // All members' streams open at once: one slow worker does not hold
-    // back the others' first lines.
-    let opens = opening.into_iter().map(|(job, worker, slot)| {
-        let state = &state;
-        async move {
-            let mut client = worker.client();
-            let request = StreamJobRequest {
-                job_id: job.job_id.clone(),
-                offset: 0,
-                follow: Some(q.follow),
-            };
-            let opened = with_deadline(state.call_timeout, client.stream_job(request)).await;
-            if let Err(status) = &opened
-                && super::jobs::unreachable(status)
-            {
-                super::jobs::worker_unreachable(state, &worker).await;
-            }
-            (job, worker.row().name, slot, opened)
-        }
-    });
-    for (job, name, slot, opened) in futures_util::future::join_all(opens).await {
-        match opened {
-            Ok(stream) => {
-                let member = Member {
-                    worker: name,
-                    ndjson,
-                    follow: q.follow,
-                    tx: tx.clone(),
-                    state: state.clone(),
-                    _slot: slot,
-                };
-                tokio::spawn(member.forward(stream.into_inner(), job));
-            }
-            Err(status) => {
-                tracing::info!(job_id = %job.job_id, %status, "group member's output unavailable");
-            }
-        }
+    // All members' streams open at once: one slow worker, or a member
+    // waiting for a slot, does not hold back the others' lines.
+    for (job, slot) in opening {
+        let member = Member {
+            worker: String::new(),
+            ndjson,
+            follow: q.follow,
+            tx: tx.clone(),
+            state: state.clone(),
+            _slot: slot,
+        };
+        tokio::spawn(member.open_and_forward(job));
     }
     drop(tx);
     let content_type = if ndjson {
@@ -395,6 +378,64 @@ const MAX_LINE: usize = 64 * 1024;
 const FIRST_PAUSE: Duration = Duration::from_millis(200);
 
 impl Member {
+    /// Waits for a queued member to start, opens its stream and forwards
+    /// it; a member whose output cannot be opened adds nothing.
+    async fn open_and_forward(mut self, job: JobRow) {
+        let job = match job.state {
+            JobState::Queued => match self.started(job).await {
+                Some(job) => job,
+                None => return,
+            },
+            _ => job,
+        };
+        let Ok(worker) = worker_of(&self.state, &job) else {
+            return; // its worker cannot be asked now: nothing to stream
+        };
+        self.worker = worker.row().name;
+        let mut client = worker.client();
+        let request = StreamJobRequest {
+            job_id: job.job_id.clone(),
+            offset: 0,
+            follow: Some(self.follow),
+        };
+        match with_deadline(self.state.call_timeout, client.stream_job(request)).await {
+            Ok(stream) => self.forward(stream.into_inner(), job).await,
+            Err(status) => {
+                if super::jobs::unreachable(&status) {
+                    super::jobs::worker_unreachable(&self.state, &worker).await;
+                }
+                tracing::info!(job_id = %job.job_id, %status, "group member's output unavailable");
+            }
+        }
+    }
+
+    /// The member's record once it left the queue; `None` if it ended
+    /// without starting, or the reader left first.
+    async fn started(&self, job: JobRow) -> Option<JobRow> {
+        loop {
+            let leaving = self.state.queue.leaving();
+            tokio::pin!(leaving);
+            leaving.as_mut().enable();
+            let row = match self.state.store.job(&job.job_id).await {
+                Ok(Some(row)) => row,
+                Ok(None) => return None,
+                Err(error) => {
+                    tracing::warn!(job_id = %job.job_id, %error, "could not read a queued group member");
+                    return None;
+                }
+            };
+            match row.state {
+                JobState::Queued => {}
+                state if state.is_terminal() && row.started_at_ms == 0 => return None,
+                _ => return Some(row),
+            }
+            tokio::select! {
+                () = &mut leaving => {}
+                () = self.tx.closed() => return None,
+            }
+        }
+    }
+
     async fn forward(
         self,
         mut stream: tonic::Streaming<jobcluster_proto::pb::StreamJobResponse>,
@@ -566,6 +607,7 @@ mod tests {
         let states = |s: &[&str]| group_state(&s.iter().map(|s| job(s)).collect::<Vec<_>>());
         assert_eq!(states(&["succeeded", "running"]), "running");
         assert_eq!(states(&["succeeded", "unknown"]), "running");
+        assert_eq!(states(&["succeeded", "queued"]), "running");
         assert_eq!(states(&["succeeded", "succeeded"]), "succeeded");
         assert_eq!(states(&["succeeded", "lost"]), "failed");
         assert_eq!(states(&["stopped", "failed"]), "failed");

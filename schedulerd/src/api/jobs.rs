@@ -45,7 +45,7 @@ pub(crate) async fn start_once(
 ) -> Result<Response, ApiError> {
     limits::check(&body.args, &body.env).map_err(ApiError::request_too_large)?;
     let Some(key) = key else {
-        let started = start_job(state, body, None).await?;
+        let started = start_job(state, body, None, None).await?;
         return Ok((started_status(&started), Json(started)).into_response());
     };
     let request = idempotency::Request::new(key, route, &body);
@@ -60,7 +60,7 @@ pub(crate) async fn start_once(
         let state = state.clone();
         async move {
             let _claim = claim;
-            start_job(&state, body, Some(binding)).await
+            start_job(&state, body, Some(binding), None).await
         }
     });
     let started = task.await.map_err(|e| {
@@ -74,7 +74,7 @@ pub(crate) async fn start_once(
 }
 
 /// `201` for a job that started, `202` for one that waits in the queue.
-fn started_status(started: &JobStarted) -> StatusCode {
+pub(crate) fn started_status(started: &JobStarted) -> StatusCode {
     if started.state.as_deref() == Some(JobState::Queued.as_str()) {
         StatusCode::ACCEPTED
     } else {
@@ -249,11 +249,13 @@ pub(crate) async fn list(
 
 /// Starts a job on the named worker, or on one the scheduler picks, or,
 /// when no slot is free for it, queues it (`state: queued`). With
-/// `"queue": false` nothing waits: the answer is as before the queue.
+/// `"queue": false` nothing waits: the answer is as before the queue. The
+/// job is a member of `group`, if one is given.
 pub(crate) async fn start_job(
     state: &AppState,
     body: StartJob,
     key: Option<NewKey>,
+    group: Option<&str>,
 ) -> Result<JobStarted, ApiError> {
     if body.path.is_empty() {
         return Err(ApiError::bad_request(
@@ -276,7 +278,7 @@ pub(crate) async fn start_job(
         None => None,
     };
     if body.queue == Some(false) {
-        return start_now(state, body, key).await;
+        return start_now(state, body, key, group).await;
     }
     if !body.worker_id.is_empty() {
         let (worker, w, unusable) = named_worker(state, &body)?;
@@ -285,7 +287,7 @@ pub(crate) async fn start_job(
                 return Err(error);
             }
             let reason = error.message.clone();
-            return enqueue(state, body, w.worker_id, reason, key, queue_timeout).await;
+            return enqueue(state, body, w.worker_id, reason, key, queue_timeout, group).await;
         }
         if state
             .store
@@ -293,7 +295,7 @@ pub(crate) async fn start_job(
             .await?
         {
             let reason = "jobs queued before it wait for worker slots".to_owned();
-            return enqueue(state, body, w.worker_id, reason, key, queue_timeout).await;
+            return enqueue(state, body, w.worker_id, reason, key, queue_timeout, group).await;
         }
         // Only a worker with a slot count can be full: no count to read
         // for an unlimited one.
@@ -303,12 +305,12 @@ pub(crate) async fn start_job(
         };
         if full {
             let reason = no_slot_on(&w.name, w.max_jobs);
-            return enqueue(state, body, w.worker_id, reason, key, queue_timeout).await;
+            return enqueue(state, body, w.worker_id, reason, key, queue_timeout, group).await;
         }
-        return match start_on(state, &worker, body.clone(), None, key.clone()).await {
+        return match start_on(state, &worker, body.clone(), group, key.clone()).await {
             Err(e) if e.nothing_started && e.error.code == "worker_busy" => {
                 let reason = no_slot_on(&w.name, w.max_jobs);
-                enqueue(state, body, w.worker_id, reason, key, queue_timeout).await
+                enqueue(state, body, w.worker_id, reason, key, queue_timeout, group).await
             }
             Err(e)
                 if e.nothing_started
@@ -316,7 +318,7 @@ pub(crate) async fn start_job(
                     && PASS_ON.contains(&e.error.code.as_str()) =>
             {
                 let reason = e.error.message.clone();
-                enqueue(state, body, w.worker_id, reason, key, queue_timeout).await
+                enqueue(state, body, w.worker_id, reason, key, queue_timeout, group).await
             }
             result => result.map_err(|e| e.error),
         };
@@ -330,7 +332,7 @@ pub(crate) async fn start_job(
     ) {
         Ok(eligible) => eligible,
         Err(why) if body.wait_for_worker => {
-            return enqueue(state, body, String::new(), why.0, key, queue_timeout).await;
+            return enqueue(state, body, String::new(), why.0, key, queue_timeout, group).await;
         }
         Err(why) => {
             return Err(ApiError::new(
@@ -342,7 +344,16 @@ pub(crate) async fn start_job(
     };
     if state.store.queued_at_or_above(body.priority, "").await? {
         let reason = "jobs queued before it wait for worker slots".to_owned();
-        return enqueue(state, body, String::new(), reason, key, queue_timeout).await;
+        return enqueue(
+            state,
+            body,
+            String::new(),
+            reason,
+            key,
+            queue_timeout,
+            group,
+        )
+        .await;
     }
     let taken = state.store.running_counts().await?;
     let free: Vec<_> = eligible
@@ -358,16 +369,34 @@ pub(crate) async fn start_job(
         .collect();
     if free.is_empty() {
         let reason = no_slot_matching(&body.selector);
-        return enqueue(state, body, String::new(), reason, key, queue_timeout).await;
+        return enqueue(
+            state,
+            body,
+            String::new(),
+            reason,
+            key,
+            queue_timeout,
+            group,
+        )
+        .await;
     }
-    match try_in_order(state, &body, key.clone(), free, Vec::new(), &taken).await {
+    match try_in_order(state, &body, key.clone(), group, free, Vec::new(), &taken).await {
         Err(Refused::AllPassedOn(passed_on)) => {
             let reason = format!(
                 "{} ({})",
                 no_slot_matching(&body.selector),
                 passed_on.join("; ")
             );
-            enqueue(state, body, String::new(), reason, key, queue_timeout).await
+            enqueue(
+                state,
+                body,
+                String::new(),
+                reason,
+                key,
+                queue_timeout,
+                group,
+            )
+            .await
         }
         Err(Refused::Failed(error)) => Err(error),
         Ok(started) => Ok(started),
@@ -448,6 +477,7 @@ async fn enqueue(
     reason: String,
     key: Option<NewKey>,
     queue_timeout: Option<std::time::Duration>,
+    group: Option<&str>,
 ) -> Result<JobStarted, ApiError> {
     let job_id = uuid::Uuid::new_v4().to_string();
     let now = now_ms();
@@ -465,7 +495,7 @@ async fn enqueue(
         started_at_ms: 0,
         finished_at_ms: 0,
         output_bytes: 0,
-        group_id: None,
+        group_id: group.map(str::to_owned),
         updated_at_ms: 0,
     };
     let entry = QueueEntry {
@@ -512,6 +542,7 @@ async fn try_in_order(
     state: &AppState,
     body: &StartJob,
     key: Option<NewKey>,
+    group: Option<&str>,
     workers: Vec<crate::store::WorkerRow>,
     mut passed_on: Vec<String>,
     running: &std::collections::HashMap<String, u64>,
@@ -523,7 +554,7 @@ async fn try_in_order(
         let Some(worker) = state.registry.get(&row.worker_id) else {
             continue;
         };
-        match start_on(state, &worker, body.clone(), None, key.clone()).await {
+        match start_on(state, &worker, body.clone(), group, key.clone()).await {
             Err(e) if e.nothing_started && PASS_ON.contains(&e.error.code.as_str()) => {
                 passed_on.push(format!("{}: {}", row.name, e.error.message));
             }
@@ -539,13 +570,14 @@ async fn start_now(
     state: &AppState,
     body: StartJob,
     key: Option<NewKey>,
+    group: Option<&str>,
 ) -> Result<JobStarted, ApiError> {
     if !body.worker_id.is_empty() {
         let (worker, _, unusable) = named_worker(state, &body)?;
         if let Some(error) = unusable {
             return Err(error);
         }
-        return start_on(state, &worker, body, None, key)
+        return start_on(state, &worker, body, group, key)
             .await
             .map_err(|e| e.error);
     }
@@ -569,7 +601,7 @@ async fn start_now(
         })
         .collect();
     let running = state.store.running_counts().await?;
-    match try_in_order(state, &body, key, eligible, skipped, &running).await {
+    match try_in_order(state, &body, key, group, eligible, skipped, &running).await {
         Ok(started) => Ok(started),
         Err(Refused::Failed(error)) => Err(error),
         Err(Refused::AllPassedOn(passed_on)) => Err(ApiError::new(
@@ -991,6 +1023,7 @@ pub(crate) async fn stop_job(state: &AppState, row: JobRow) -> Result<StopResult
     // Unless the dispatcher took it meanwhile, it ends without starting.
     if row.state == JobState::Queued && state.store.stop_queued(&row.job_id).await? {
         tracing::info!(job_id = %row.job_id, "queued job stopped; it never started");
+        state.queue.left();
         return Ok(StopResult {
             success: true,
             state: JobState::Stopped.as_str().to_owned(),
