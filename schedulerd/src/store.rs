@@ -227,6 +227,9 @@ CREATE TABLE IF NOT EXISTS groups (
 -- Jobs waiting for a slot, and jobs being dispatched (their record is no
 -- longer `queued`; the row keeps what a start needs until the worker's
 -- answer settles it). Only these rows are ever scanned by the dispatcher.
+-- A row with dispatching = 0 is exactly a job recorded `queued` (every
+-- change of one changes the other in the same transaction), so queue
+-- order is read from the queue's own index, never by sorting jobs.
 CREATE TABLE IF NOT EXISTS queue (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id TEXT NOT NULL UNIQUE REFERENCES jobs (job_id) ON DELETE CASCADE,
@@ -271,7 +274,8 @@ CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_group ON jobs (group_id, seq);
 CREATE INDEX IF NOT EXISTS jobs_by_worker_state ON jobs (worker_id, state);
 CREATE INDEX IF NOT EXISTS jobs_by_state_finished ON jobs (state, finished_at_ms);
-CREATE INDEX IF NOT EXISTS queue_order ON queue (priority DESC, seq);
+DROP INDEX IF EXISTS queue_order;
+CREATE INDEX IF NOT EXISTS queue_waiting ON queue (priority DESC, seq, worker_id) WHERE dispatching = 0;
 CREATE INDEX IF NOT EXISTS queue_dispatching ON queue (seq) WHERE dispatching = 1;
 CREATE INDEX IF NOT EXISTS queue_by_deadline ON queue (deadline_ms) WHERE deadline_ms > 0;
 CREATE INDEX IF NOT EXISTS idempotency_keys_by_age ON idempotency_keys (created_at_ms);
@@ -1023,8 +1027,8 @@ impl Store {
         let worker_id = worker_id.to_owned();
         self.read(move |c| {
             c.prepare(
-                "SELECT 1 FROM queue q JOIN jobs j ON j.job_id = q.job_id
-                 WHERE q.priority >= ?1 AND j.state = 'queued'
+                "SELECT 1 FROM queue q CROSS JOIN jobs j ON j.job_id = q.job_id
+                 WHERE q.dispatching = 0 AND q.priority >= ?1 AND j.state = 'queued'
                    AND (q.worker_id = '' OR q.worker_id = ?2) LIMIT 1",
             )?
             .exists(params![priority, worker_id])
@@ -1061,8 +1065,9 @@ impl Store {
     ) -> Result<Vec<(JobRow, QueueEntry)>, StoreError> {
         self.read(move |c| {
             let mut stmt = c.prepare(&format!(
-                "SELECT {QUEUED_JOB_COLUMNS} FROM queue q JOIN jobs j ON j.job_id = q.job_id
-                 WHERE j.state = 'queued' AND (?3 IS NULL OR j.worker_id = ?3)
+                "SELECT {QUEUED_JOB_COLUMNS} FROM queue q CROSS JOIN jobs j ON j.job_id = q.job_id
+                 WHERE q.dispatching = 0 AND (?3 IS NULL OR q.worker_id = ?3)
+                   AND j.state = 'queued'
                  ORDER BY q.priority DESC, q.seq LIMIT ?1 OFFSET ?2"
             ))?;
             let rows = stmt
@@ -1202,7 +1207,7 @@ impl Store {
             let due: Vec<(String, u64, u64)> = tx
                 .prepare(
                     "SELECT q.job_id, q.queued_at_ms, q.deadline_ms FROM queue q
-                     JOIN jobs j ON j.job_id = q.job_id
+                     CROSS JOIN jobs j ON j.job_id = q.job_id
                      WHERE q.deadline_ms > 0 AND q.deadline_ms <= ?1 AND j.state = 'queued'",
                 )?
                 .query_map([now as i64], |r| {
@@ -1349,11 +1354,12 @@ fn update_job(c: &Connection, j: &JobRow) -> rusqlite::Result<usize> {
 /// How many queued jobs go before `job_id` (None: it is not queued).
 fn position(c: &Connection, job_id: &str) -> rusqlite::Result<Option<u64>> {
     c.query_row(
-        "SELECT (SELECT COUNT(*) FROM queue q2 JOIN jobs j2 ON j2.job_id = q2.job_id
-                  WHERE j2.state = 'queued'
-                    AND (q2.priority > q.priority OR (q2.priority = q.priority AND q2.seq < q.seq)))
-         FROM queue q JOIN jobs j ON j.job_id = q.job_id
-         WHERE q.job_id = ?1 AND j.state = 'queued'",
+        // Two range counts on the queue's index, not one scan with an OR.
+        "SELECT (SELECT COUNT(*) FROM queue q2 WHERE q2.dispatching = 0 AND q2.priority > q.priority)
+              + (SELECT COUNT(*) FROM queue q3
+                 WHERE q3.dispatching = 0 AND q3.priority = q.priority AND q3.seq < q.seq)
+         FROM queue q CROSS JOIN jobs j ON j.job_id = q.job_id
+         WHERE q.job_id = ?1 AND q.dispatching = 0 AND j.state = 'queued'",
         [job_id],
         |r| r.get::<_, i64>(0).map(|n| n as u64),
     )

@@ -472,6 +472,27 @@ async fn bench_ten_thousand_queued() {
         "slot freed -> next queued job started: {} ms (worker clock)",
         started.saturating_sub(freed)
     );
+    // Hop by hop, from the daemons' own logs: the worker's end recorded
+    // (its final state durable), the scheduler's dispatch, the worker's
+    // spawn of the next job.
+    let logged_at = |log: &str, needle: &str, job: &str| {
+        log.lines()
+            .find(|l| l.contains(needle) && l.contains(job))
+            .and_then(|l| l.split_whitespace().next())
+            .map(ms)
+    };
+    let (scheduler, worker) = (cluster.scheduler.log(), cluster.workers[0].1.log());
+    if let (Some(ended), Some(dispatched), Some(spawned)) = (
+        logged_at(&worker, "job finished", &blocker.job_id),
+        logged_at(&scheduler, "dispatching queued job", &first),
+        logged_at(&worker, "job started", &first),
+    ) {
+        println!(
+            "end recorded on the worker -> dispatched: {} ms; -> next job spawned: {} ms",
+            dispatched.saturating_sub(ended),
+            spawned.saturating_sub(ended)
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
