@@ -629,3 +629,88 @@ async fn a_group_queues_its_member_on_a_full_worker_and_follows_it_once_started(
         "{err}"
     );
 }
+
+/// A burst far above capacity with the scheduler killed twice in the
+/// middle: every start that was answered ran exactly once, on one worker,
+/// and no worker ran more than its slots at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_through_two_scheduler_kills_runs_every_accepted_job_exactly_once() {
+    let mut cluster = Cluster::start_with(&["w1", "w2"], "", "max_jobs = 2\n---\n").await;
+    let (http, url) = (cluster.http(), cluster.url());
+    let submitters: Vec<_> = (0..4)
+        .map(|_| {
+            let (http, url) = (http.clone(), url.clone());
+            tokio::spawn(async move {
+                let mut accepted = Vec::new();
+                for _ in 0..30 {
+                    // Sent again with its key until answered: a start whose
+                    // answer a killed scheduler never sent is not lost, nor
+                    // made twice.
+                    let key = uuid::Uuid::new_v4().to_string();
+                    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+                    let started: JobStarted = loop {
+                        let sent = http
+                            .post(format!("{url}/v1/jobs"))
+                            .header("Idempotency-Key", &key)
+                            .json(&json!({"path": "count.sh", "args": ["1", "0.05"]}))
+                            .send()
+                            .await;
+                        if let Ok(reply) = sent {
+                            let status = reply.status();
+                            if status == StatusCode::CREATED || status == StatusCode::ACCEPTED {
+                                break reply.json().await.unwrap();
+                            }
+                            assert!(
+                                status == StatusCode::SERVICE_UNAVAILABLE,
+                                "{status}: {:?}",
+                                reply.text().await
+                            );
+                        }
+                        assert!(tokio::time::Instant::now() < deadline, "never accepted");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    };
+                    accepted.push(started.job_id);
+                }
+                accepted
+            })
+        })
+        .collect();
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(
+            submitters.iter().any(|s| !s.is_finished()),
+            "the burst ended before the scheduler was killed"
+        );
+        tokio::task::block_in_place(|| cluster.restart_scheduler(Signal::SIGKILL));
+    }
+    let mut ids = Vec::new();
+    for s in submitters {
+        ids.extend(s.await.unwrap());
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 120, "a key answered with two jobs, or one twice");
+    let jobs = all_done(&cluster, &ids, Duration::from_secs(180)).await;
+    for j in &jobs {
+        assert_eq!(j.state, "succeeded", "{j:?}");
+    }
+    // Exactly once: each job has one directory, on one worker.
+    let mut on_worker: HashMap<String, usize> = HashMap::new();
+    for w in ["w1", "w2"] {
+        for dir in std::fs::read_dir(cluster.tmp.path().join(format!("state/{w}/jobs"))).unwrap() {
+            let name = dir.unwrap().file_name().to_string_lossy().into_owned();
+            *on_worker.entry(name).or_default() += 1;
+        }
+    }
+    for id in &ids {
+        assert_eq!(
+            on_worker.get(id),
+            Some(&1),
+            "job {id} ran on {:?} workers",
+            on_worker.get(id)
+        );
+    }
+    for (w, most) in most_at_once(&jobs) {
+        assert!(most <= 2, "worker {w} ran {most} jobs at once");
+    }
+}
