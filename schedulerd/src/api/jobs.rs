@@ -280,6 +280,17 @@ pub(crate) async fn start_job(
     if body.queue == Some(false) {
         return start_now(state, body, key, group).await;
     }
+    let wait = |body, worker_id, reason| {
+        enqueue(
+            state,
+            body,
+            worker_id,
+            reason,
+            key.clone(),
+            queue_timeout,
+            group,
+        )
+    };
     if !body.worker_id.is_empty() {
         let (worker, w, unusable) = named_worker(state, &body)?;
         if let Some(error) = unusable {
@@ -287,7 +298,7 @@ pub(crate) async fn start_job(
                 return Err(error);
             }
             let reason = error.message.clone();
-            return enqueue(state, body, w.worker_id, reason, key, queue_timeout, group).await;
+            return wait(body, w.worker_id, reason).await;
         }
         if state
             .store
@@ -295,7 +306,7 @@ pub(crate) async fn start_job(
             .await?
         {
             let reason = "jobs queued before it wait for worker slots".to_owned();
-            return enqueue(state, body, w.worker_id, reason, key, queue_timeout, group).await;
+            return wait(body, w.worker_id, reason).await;
         }
         // Only a worker with a slot count can be full: no count to read
         // for an unlimited one.
@@ -305,12 +316,12 @@ pub(crate) async fn start_job(
         };
         if full {
             let reason = no_slot_on(&w.name, w.max_jobs);
-            return enqueue(state, body, w.worker_id, reason, key, queue_timeout, group).await;
+            return wait(body, w.worker_id, reason).await;
         }
         return match start_on(state, &worker, body.clone(), group, key.clone()).await {
             Err(e) if e.nothing_started && e.error.code == "worker_busy" => {
                 let reason = no_slot_on(&w.name, w.max_jobs);
-                enqueue(state, body, w.worker_id, reason, key, queue_timeout, group).await
+                wait(body, w.worker_id, reason).await
             }
             Err(e)
                 if e.nothing_started
@@ -318,7 +329,7 @@ pub(crate) async fn start_job(
                     && PASS_ON.contains(&e.error.code.as_str()) =>
             {
                 let reason = e.error.message.clone();
-                enqueue(state, body, w.worker_id, reason, key, queue_timeout, group).await
+                wait(body, w.worker_id, reason).await
             }
             result => result.map_err(|e| e.error),
         };
@@ -332,7 +343,7 @@ pub(crate) async fn start_job(
     ) {
         Ok(eligible) => eligible,
         Err(why) if body.wait_for_worker => {
-            return enqueue(state, body, String::new(), why.0, key, queue_timeout, group).await;
+            return wait(body, String::new(), why.0).await;
         }
         Err(why) => {
             return Err(ApiError::new(
@@ -344,16 +355,7 @@ pub(crate) async fn start_job(
     };
     if state.store.queued_at_or_above(body.priority, "").await? {
         let reason = "jobs queued before it wait for worker slots".to_owned();
-        return enqueue(
-            state,
-            body,
-            String::new(),
-            reason,
-            key,
-            queue_timeout,
-            group,
-        )
-        .await;
+        return wait(body, String::new(), reason).await;
     }
     let taken = state.store.running_counts().await?;
     let free: Vec<_> = eligible
@@ -369,16 +371,7 @@ pub(crate) async fn start_job(
         .collect();
     if free.is_empty() {
         let reason = no_slot_matching(&body.selector);
-        return enqueue(
-            state,
-            body,
-            String::new(),
-            reason,
-            key,
-            queue_timeout,
-            group,
-        )
-        .await;
+        return wait(body, String::new(), reason).await;
     }
     match try_in_order(state, &body, key.clone(), group, free, Vec::new(), &taken).await {
         Err(Refused::AllPassedOn(passed_on)) => {
@@ -387,16 +380,7 @@ pub(crate) async fn start_job(
                 no_slot_matching(&body.selector),
                 passed_on.join("; ")
             );
-            enqueue(
-                state,
-                body,
-                String::new(),
-                reason,
-                key,
-                queue_timeout,
-                group,
-            )
-            .await
+            wait(body, String::new(), reason).await
         }
         Err(Refused::Failed(error)) => Err(error),
         Ok(started) => Ok(started),
