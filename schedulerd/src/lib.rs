@@ -15,6 +15,7 @@
 //! - `registry`: known workers and their channels.
 //! - `grpc`: the Scheduler service workers call.
 //! - `api`: the HTTP routes, errors and the TLS listener.
+//! - `metrics`: Prometheus metrics and the `[metrics] addr` listener.
 
 #![forbid(unsafe_code)]
 

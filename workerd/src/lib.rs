@@ -15,6 +15,7 @@
 //! - `confine`: the path rules of SPEC §7.
 //! - [`job`]: spawning, supervising, stopping, the output log (one file per concern).
 //! - `service`: the gRPC surface.
+//! - `metrics`: Prometheus metrics and the `[metrics] addr` listener.
 
 mod cgroup;
 pub mod config;

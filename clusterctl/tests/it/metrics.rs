@@ -536,3 +536,38 @@ async fn metrics_on_the_api_need_viewer_credentials_or_better() {
         ) >= 2.0
     );
 }
+
+#[test]
+fn a_metrics_addr_that_is_not_an_ip_and_port_is_refused_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir(tmp.path().join("scripts")).unwrap();
+    let insecure = "[grpc_server]\nuse_tls = false\ninsecure = true\n";
+    let configs = [
+        ("schedulerd", insecure.to_owned()),
+        (
+            "workerd",
+            format!(
+                "{insecure}\n[worker]\nname = \"w1\"\nscripts_dir = \"scripts\"\nstate_dir = \"state\"\n\n[plugins.bash]\nrunner = \"bash\"\n"
+            ),
+        ),
+    ];
+    for (daemon, config) in configs {
+        let path = tmp.path().join(format!("{daemon}.toml"));
+        for (addr, ok) in [
+            ("127.0.0.1:9464", true),
+            ("localhost:9464", false),
+            ("9464", false),
+        ] {
+            std::fs::write(&path, format!("{config}\n[metrics]\naddr = \"{addr}\"\n")).unwrap();
+            let out = std::process::Command::new(crate::cluster::bin(daemon))
+                .args(["--config", path.to_str().unwrap(), "--check-config"])
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.success(), ok, "{daemon} with {addr}: {stderr}");
+            if !ok {
+                assert!(stderr.contains("metrics.addr"), "{daemon}: {stderr}");
+            }
+        }
+    }
+}
