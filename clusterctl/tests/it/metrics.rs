@@ -571,3 +571,85 @@ fn a_metrics_addr_that_is_not_an_ip_and_port_is_refused_at_start() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_follow_the_queue_slots_and_open_streams() {
+    let cluster = Cluster::start_with(
+        &["w1"],
+        METRICS_LISTENER,
+        &format!("max_jobs = 1\n---{METRICS_LISTENER}"),
+    )
+    .await;
+    let url = format!("{}/metrics", cluster.url());
+    let worker_id = cluster.worker_info("w1").await.worker_id;
+    let w = worker_id.as_str();
+    let plain = cluster.http_as(None);
+    let worker_url = format!(
+        "http://{}/metrics",
+        metrics_addr(&cluster.workers[0].1.log())
+    );
+
+    // The only slot is taken by a job that waits for its stream to be read
+    // (count.sh pauses), so the second one queues.
+    let running = cluster.start_job("w1", "count.sh", &["30", "0.2"]).await;
+    let (status, answer) = cluster
+        .post_json(
+            "/v1/jobs",
+            &serde_json::json!({"worker_id": "w1", "path": "count.sh", "args": ["1", "0"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let queued = answer["job_id"].as_str().unwrap().to_owned();
+    let follower = cluster
+        .http()
+        .get(format!(
+            "{}/v1/jobs/{running}/logs?follow=true",
+            cluster.url()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(follower.status(), StatusCode::OK);
+
+    let during = scrape_with(&cluster.http(), &url).await;
+    assert_eq!(value(&during, "schedulerd_queued_jobs", &[]), 1.0);
+    let slot = [("worker", w)];
+    assert_eq!(value(&during, "schedulerd_worker_slots", &slot), 1.0);
+    assert_eq!(value(&during, "schedulerd_worker_slots_used", &slot), 1.0);
+    assert_eq!(value(&during, "schedulerd_followers", &[]), 1.0);
+    let worker_during = scrape_with(&plain, &worker_url).await;
+    assert_eq!(value(&worker_during, "workerd_job_slots", &[]), 1.0);
+    assert_eq!(value(&worker_during, "workerd_job_slots_used", &[]), 1.0);
+    assert_eq!(value(&worker_during, "workerd_followers", &[]), 1.0);
+
+    // Reading the stream to its end closes it on both daemons.
+    let streamed = follower.bytes().await.unwrap().len() as f64;
+    assert_eq!(wait_ended(&cluster, &running).await, "succeeded");
+    assert_eq!(wait_ended(&cluster, &queued).await, "succeeded");
+    let after = scrape_with(&cluster.http(), &url).await;
+    assert_eq!(value(&after, "schedulerd_queued_jobs", &[]), 0.0);
+    assert_eq!(value(&after, "schedulerd_followers", &[]), 0.0);
+    assert_eq!(
+        value(&after, "schedulerd_output_streamed_bytes_total", &[]),
+        streamed
+    );
+    assert_eq!(
+        value(
+            &after,
+            "schedulerd_jobs_started_total",
+            &[("worker", w), ("plugin", "bash")]
+        ),
+        2.0
+    );
+    let latency = |queued| {
+        observations(
+            &after,
+            "schedulerd_job_start_latency_seconds",
+            &[("queued", queued)],
+        )
+    };
+    assert_eq!((latency("false"), latency("true")), (1.0, 1.0));
+    let worker_after = scrape_with(&plain, &worker_url).await;
+    assert_eq!(value(&worker_after, "workerd_followers", &[]), 0.0);
+    assert_eq!(value(&worker_after, "workerd_job_slots_used", &[]), 0.0);
+}
