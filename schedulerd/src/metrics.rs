@@ -10,6 +10,7 @@
 //! workers are the registered ones, plugins are the names workers declared
 //! (anything else is `other`), states and methods are closed sets.
 
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::sync::{LazyLock, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -254,14 +255,31 @@ pub(crate) fn job_started(worker_id: &str, command: &str, created_at_ms: u64, qu
         .observe(waited as f64 / 1000.0);
 }
 
-/// A started job's record reached a final state.
+thread_local! {
+    /// Jobs a store write in progress on this thread recorded as ended.
+    static ENDED: RefCell<Vec<FinishedLabels>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A started job's record reached a final state, in a store write on this
+/// thread: counted by [`store_write_done`] once that write succeeded, so a
+/// transaction rolled back ends nothing.
 pub(crate) fn job_finished(state: JobState, worker_id: &str, command: &str) {
     let labels = FinishedLabels {
         state: state.as_str(),
         worker: worker_id.to_owned(),
         plugin: METRICS.plugin(command),
     };
-    METRICS.jobs_finished.get_or_create(&labels).inc();
+    ENDED.with_borrow_mut(|ended| ended.push(labels));
+}
+
+/// The store write on this thread is over; `ok`: it was committed.
+pub(crate) fn store_write_done(ok: bool) {
+    let ended = ENDED.take();
+    if ok {
+        for labels in &ended {
+            METRICS.jobs_finished.get_or_create(labels).inc();
+        }
+    }
 }
 
 /// An output stream to a client opened; [`follower_closed`] when it ends.

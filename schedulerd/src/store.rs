@@ -370,7 +370,9 @@ impl Store {
         let started = std::time::Instant::now();
         let result = tokio::task::spawn_blocking(move || {
             let mut conn = inner.writer.lock().unwrap_or_else(|e| e.into_inner());
-            f(&mut conn).map_err(StoreError::from)
+            let result = f(&mut conn).map_err(StoreError::from);
+            crate::metrics::store_write_done(result.is_ok());
+            result
         })
         .await;
         crate::metrics::store_operation::<F>(started);

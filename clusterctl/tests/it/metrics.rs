@@ -653,3 +653,34 @@ async fn metrics_follow_the_queue_slots_and_open_streams() {
     assert_eq!(value(&worker_after, "workerd_followers", &[]), 0.0);
     assert_eq!(value(&worker_after, "workerd_job_slots_used", &[]), 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_given_up_with_its_worker_is_counted_lost_and_the_worker_down() {
+    let mut cluster = Cluster::start(&["w1"]).await;
+    let url = format!("{}/metrics", cluster.url());
+    let worker_id = cluster.worker_info("w1").await.worker_id;
+    // Ends by itself within seconds once its worker is gone (its output
+    // pipe closes), so nothing outlives the test.
+    let running = cluster.start_job("w1", "count.sh", &["100", "0.05"]).await;
+    cluster
+        .worker("w1")
+        .signal(nix::sys::signal::Signal::SIGKILL);
+    cluster.worker("w1").wait(Duration::from_secs(10));
+    // lost_after is 3 s in the test cluster.
+    assert_eq!(wait_ended(&cluster, &running).await, "lost");
+    let scrape = scrape_with(&cluster.http(), &url).await;
+    let lost = [
+        ("state", "lost"),
+        ("worker", worker_id.as_str()),
+        ("plugin", "bash"),
+    ];
+    assert_eq!(value(&scrape, "schedulerd_jobs_finished_total", &lost), 1.0);
+    assert_eq!(
+        value(&scrape, "schedulerd_workers", &[("state", "down")]),
+        1.0
+    );
+    assert_eq!(
+        value(&scrape, "schedulerd_workers", &[("state", "ready")]),
+        0.0
+    );
+}
