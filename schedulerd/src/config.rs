@@ -22,6 +22,18 @@ pub struct ConfigFile {
     pub auth: AuthSection,
     #[serde(default)]
     pub scheduler: SchedulerSection,
+    #[serde(default)]
+    pub metrics: MetricsSection,
+}
+
+/// A second listener for Prometheus scrapers.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Serves `GET /metrics` in plaintext without credentials (meant for
+    /// loopback, like `127.0.0.1:9464`); absent: no such listener (the
+    /// HTTPS API serves `/metrics` either way).
+    pub addr: Option<String>,
 }
 
 /// The job queue.
@@ -249,6 +261,8 @@ pub struct Config {
     pub max_followers_per_job: usize,
     /// `[scheduler] max_queued`.
     pub max_queued: u64,
+    /// `[metrics] addr`.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -374,7 +388,17 @@ impl Config {
                 "must be more than 0".into(),
             ));
         }
+        let metrics_addr = match &file.metrics.addr {
+            None => None,
+            Some(addr) => Some(addr.parse().map_err(|_| {
+                err(
+                    "metrics.addr",
+                    format!("{addr:?} must be an IP address and port, like 127.0.0.1:9464"),
+                )
+            })?),
+        };
         Ok(Config {
+            metrics_addr,
             max_queued: file.scheduler.max_queued,
             max_followers_per_job: h.max_followers_per_job,
             tokens: file.auth.tokens,

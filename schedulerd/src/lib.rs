@@ -15,6 +15,7 @@
 //! - `registry`: known workers and their channels.
 //! - `grpc`: the Scheduler service workers call.
 //! - `api`: the HTTP routes, errors and the TLS listener.
+//! - `metrics`: Prometheus metrics and the `[metrics] addr` listener.
 
 #![forbid(unsafe_code)]
 
@@ -22,6 +23,7 @@ mod api;
 pub mod config;
 mod convert;
 mod grpc;
+mod metrics;
 mod placement;
 mod queue;
 mod registry;
@@ -52,6 +54,12 @@ pub enum Error {
     Tls(#[from] jobcluster_pki::PkiError),
     #[error("http server: {0}")]
     Http(#[source] std::io::Error),
+    #[error("binding metrics.addr {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The listeners the daemon serves on (bound by the caller, so tests and
@@ -125,6 +133,14 @@ pub async fn run(
     let store = tokio::task::spawn_blocking(move || store::Store::open(&path))
         .await
         .map_err(|e| store::StoreError::Task(e.to_string()))??;
+    let metrics_listener = match config.metrics_addr {
+        Some(addr) => Some(
+            transport::bind(&addr.to_string())
+                .await
+                .map_err(|source| Error::Metrics { addr, source })?,
+        ),
+        None => None,
+    };
 
     let stop = CancellationToken::new();
     let tokens = Arc::new(api::auth::Tokens::new(&config.tokens));
@@ -262,6 +278,22 @@ pub async fn run(
         stop.clone(),
     ));
     let key_pruner = tokio::spawn(api::idempotency::prune_expired(store.clone(), stop.clone()));
+    let metrics_server = metrics_listener.map(|(listener, addr)| {
+        if !addr.ip().is_loopback() {
+            tracing::warn!(%addr, "metrics.addr is not a loopback address: anyone who reaches it reads the metrics, without credentials");
+        }
+        tracing::info!(%addr, "metrics server listening");
+        tokio::spawn(api::serve::serve(
+            listener,
+            |_, addr| api::tls::PeerInfo {
+                addr,
+                identity: None,
+            },
+            metrics::plain_router(app_state.clone()),
+            stop.clone(),
+            SHUTDOWN_GRACE,
+        ))
+    });
     let app = api::router(app_state);
     let http = match http_listener {
         HttpListener::Tls(listener) => tokio::spawn(api::serve::serve(
@@ -301,6 +333,9 @@ pub async fn run(
     }
     if let Err(error) = http {
         tracing::error!(%error, "http server task failed");
+    }
+    if let Some(metrics_server) = metrics_server {
+        let _ = metrics_server.await;
     }
     let _ = liveness.await;
     let _ = settler.await;

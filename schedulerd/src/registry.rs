@@ -169,6 +169,7 @@ impl Registry {
     /// `down_after` to check in with this scheduler.
     pub(crate) fn load(&self, rows: Vec<WorkerRow>, now_ms: u64) {
         for mut row in rows {
+            crate::metrics::plugins_declared(&row.plugins);
             if row.state != WorkerState::Left {
                 row.last_seen_ms = now_ms;
             }
@@ -333,6 +334,7 @@ impl Registry {
             draining: existing.as_ref().is_some_and(|e| e.row().draining),
             max_jobs: reg.max_jobs,
         };
+        crate::metrics::plugins_declared(&row.plugins);
         match existing {
             // Same address: keep the channel (and its live connection).
             Some(entry) if entry.row().address == row.address => {

@@ -366,25 +366,30 @@ impl Store {
         })
     }
 
-    async fn write<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
-    ) -> Result<T, StoreError> {
+    async fn write<T: Send + 'static, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let result = tokio::task::spawn_blocking(move || {
             let mut conn = inner.writer.lock().unwrap_or_else(|e| e.into_inner());
-            f(&mut conn).map_err(StoreError::from)
+            let result = f(&mut conn).map_err(StoreError::from);
+            crate::metrics::store_write_done(result.is_ok());
+            result
         })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))?
+        .await;
+        crate::metrics::store_operation::<F>(started);
+        result.map_err(|e| StoreError::Task(e.to_string()))?
     }
 
-    async fn read<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
-    ) -> Result<T, StoreError> {
+    async fn read<T: Send + 'static, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let result = tokio::task::spawn_blocking(move || {
             let pooled = inner
                 .readers
                 .lock()
@@ -402,8 +407,9 @@ impl Store {
                 .push(conn);
             result.map_err(StoreError::from)
         })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))?
+        .await;
+        crate::metrics::store_operation::<F>(started);
+        result.map_err(|e| StoreError::Task(e.to_string()))?
     }
 
     pub async fn upsert_worker(&self, w: WorkerRow) -> Result<(), StoreError> {
@@ -465,9 +471,12 @@ impl Store {
                 .prepare(
                     "UPDATE jobs SET state = 'lost', error_text = 'its worker was removed from the cluster',
                        finished_at_ms = ?2, updated_at_ms = ?2
-                     WHERE worker_id = ?1 AND state IN ('running', 'unknown') RETURNING job_id",
+                     WHERE worker_id = ?1 AND state IN ('running', 'unknown') RETURNING job_id, command",
                 )?
-                .query_map(params![id, now_ms as i64], |r| r.get(0))?
+                .query_map(params![id, now_ms as i64], |r| {
+                    lost_metric(&id, r.get(1).ok());
+                    r.get(0)
+                })?
                 .collect::<rusqlite::Result<Vec<String>>>()?;
             // Jobs queued for this worker could never start: its id is gone.
             tx.execute(
@@ -676,11 +685,13 @@ impl Store {
                     .collect::<rusqlite::Result<_>>()?;
                 let now = now_ms() as i64;
                 for job_id in open.iter().filter(|id| !reported.contains(id.as_str())) {
-                    tx.execute(
+                    let command: Option<String> = tx.query_row(
                         "UPDATE jobs SET state = 'lost', error_text = ?2, finished_at_ms = ?3, updated_at_ms = ?3
-                         WHERE job_id = ?1 AND state IN ('running', 'unknown')",
+                         WHERE job_id = ?1 AND state IN ('running', 'unknown') RETURNING command",
                         params![job_id, "its worker came back without the job", now],
-                    )?;
+                        |r| r.get(0),
+                    ).optional()?;
+                    lost_metric(&worker_id, command);
                     tracing::warn!(%job_id, %worker_id, "job lost: its worker came back without it");
                 }
             }
@@ -721,10 +732,13 @@ impl Store {
                 "UPDATE jobs SET state = 'lost', error_text = ?2, finished_at_ms = ?3, updated_at_ms = ?3
                  WHERE worker_id = ?1 AND state IN ('running', 'unknown')
                    AND EXISTS (SELECT 1 FROM workers w WHERE w.worker_id = ?1 AND w.state != 'ready')
-                 RETURNING job_id",
+                 RETURNING job_id, command",
             )?;
             let ids = stmt
-                .query_map(params![worker_id, why, now_ms() as i64], |r| r.get(0))?
+                .query_map(params![worker_id, why, now_ms() as i64], |r| {
+                    lost_metric(&worker_id, r.get(1).ok());
+                    r.get(0)
+                })?
                 .collect::<rusqlite::Result<Vec<String>>>()?;
             Ok(ids)
         })
@@ -735,12 +749,18 @@ impl Store {
     pub async fn mark_job_lost(&self, job_id: &str, why: &str) -> Result<(), StoreError> {
         let (job_id, why) = (job_id.to_owned(), why.to_owned());
         self.write(move |c| {
-            c.execute(
-                "UPDATE jobs SET state = 'lost', error_text = ?2, finished_at_ms = ?3, updated_at_ms = ?3
-                 WHERE job_id = ?1 AND state IN ('running', 'unknown')
-                   AND job_id NOT IN (SELECT job_id FROM queue)",
-                params![job_id, why, now_ms() as i64],
-            )?;
+            let ended: Option<(String, String)> = c
+                .query_row(
+                    "UPDATE jobs SET state = 'lost', error_text = ?2, finished_at_ms = ?3, updated_at_ms = ?3
+                     WHERE job_id = ?1 AND state IN ('running', 'unknown')
+                       AND job_id NOT IN (SELECT job_id FROM queue) RETURNING worker_id, command",
+                    params![job_id, why, now_ms() as i64],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            if let Some((worker_id, command)) = ended {
+                lost_metric(&worker_id, Some(command));
+            }
             Ok(())
         })
         .await
@@ -1237,6 +1257,19 @@ impl Store {
         .await
     }
 
+    /// Jobs waiting in the queue (not those being dispatched).
+    pub async fn queue_length(&self) -> Result<u64, StoreError> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT COUNT(*) FROM queue q JOIN jobs j ON j.job_id = q.job_id
+                 WHERE j.state = 'queued'",
+                [],
+                |r| r.get::<_, i64>(0).map(|n| n as u64),
+            )
+        })
+        .await
+    }
+
     /// Number of jobs recorded as running (or unknown, which may be running), per worker id.
     pub async fn running_counts(
         &self,
@@ -1249,6 +1282,13 @@ impl Store {
             rows.collect()
         })
         .await
+    }
+}
+
+/// Counts a job recorded `lost` (a final state) for the metrics.
+fn lost_metric(worker_id: &str, command: Option<String>) {
+    if let Some(command) = command {
+        crate::metrics::job_finished(JobState::Lost, worker_id, &command);
     }
 }
 
@@ -1329,7 +1369,7 @@ fn bind_key(
 /// state is a promise and never changes; `unknown` turns back into what
 /// the worker says.
 fn update_job(c: &Connection, j: &JobRow) -> rusqlite::Result<usize> {
-    c.execute(
+    let n = c.execute(
         "UPDATE jobs SET state = ?2, error_text = ?3, exit_code = ?4, signal = ?5,
            started_at_ms = ?6, finished_at_ms = ?7, output_bytes = ?8, updated_at_ms = ?10,
            command = CASE WHEN command = '' THEN ?11 ELSE command END
@@ -1348,7 +1388,12 @@ fn update_job(c: &Connection, j: &JobRow) -> rusqlite::Result<usize> {
             now_ms() as i64,
             j.command
         ],
-    )
+    )?;
+    // Final records are never updated: this one just ended.
+    if n > 0 && j.state.is_terminal() {
+        crate::metrics::job_finished(j.state, &j.worker_id, &j.command);
+    }
+    Ok(n)
 }
 
 /// How many queued jobs go before `job_id` (None: it is not queued).

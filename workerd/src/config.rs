@@ -21,6 +21,17 @@ pub struct ConfigFile {
     pub plugins: BTreeMap<String, PluginConfig>,
     #[serde(default)]
     pub retention: Retention,
+    #[serde(default)]
+    pub metrics: MetricsSection,
+}
+
+/// A listener for Prometheus scrapers.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Serves `GET /metrics` in plaintext without credentials (meant for
+    /// loopback, like `127.0.0.1:9465`); absent: no metrics listener.
+    pub addr: Option<String>,
 }
 
 /// Limits on what is kept of finished jobs: their output (none by
@@ -163,6 +174,8 @@ pub struct Config {
     pub run_as: BTreeMap<String, RunAs>,
     pub max_jobs: Option<usize>,
     pub retention: Retention,
+    /// `[metrics] addr`.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// `None` in insecure (plaintext) mode.
     pub tls: Option<TlsMaterial>,
     pub tls_files: Option<TlsFiles>,
@@ -510,7 +523,17 @@ impl Config {
             Some(n) => Some(n),
             None => Some(std::thread::available_parallelism().map_or(1, usize::from)),
         };
+        let metrics_addr = match &file.metrics.addr {
+            None => None,
+            Some(addr) => Some(addr.parse().map_err(|_| {
+                err(
+                    "metrics.addr",
+                    format!("{addr:?} must be an IP address and port, like 127.0.0.1:9465"),
+                )
+            })?),
+        };
         Ok(Config {
+            metrics_addr,
             run_as,
             max_jobs,
             file: path.to_owned(),

@@ -15,12 +15,14 @@
 //! - `confine`: the path rules of SPEC §7.
 //! - [`job`]: spawning, supervising, stopping, the output log (one file per concern).
 //! - `service`: the gRPC surface.
+//! - `metrics`: Prometheus metrics and the `[metrics] addr` listener.
 
 mod cgroup;
 pub mod config;
 mod confine;
 mod job;
 mod membership;
+mod metrics;
 mod retention;
 mod service;
 mod sys;
@@ -57,6 +59,12 @@ pub enum Error {
     Tls(#[from] jobcluster_pki::PkiError),
     #[error("listener: {0}")]
     Listener(#[source] std::io::Error),
+    #[error("binding metrics.addr {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("scheduler.addr: {0}")]
     SchedulerAddr(#[source] transport::AddressError),
     #[error("grpc server: {0}")]
@@ -137,6 +145,26 @@ pub async fn run(
         .await
         .map_err(state_err)?,
     );
+    let metrics_server = match config.metrics_addr {
+        Some(addr) => {
+            let (metrics_listener, bound) = transport::bind(&addr.to_string())
+                .await
+                .map_err(|source| Error::Metrics { addr, source })?;
+            if !bound.ip().is_loopback() {
+                tracing::warn!(addr = %bound, "metrics.addr is not a loopback address: anyone who reaches it reads the metrics, without credentials");
+            }
+            tracing::info!(addr = %bound, "metrics server listening");
+            let stop = CancellationToken::new();
+            let server = tokio::spawn(metrics::serve(
+                metrics_listener,
+                jobs.clone(),
+                config.max_jobs,
+                stop.clone(),
+            ));
+            Some((server, stop))
+        }
+        None => None,
+    };
     let local = listener.local_addr().map_err(Error::Listener)?;
     let advertise = config
         .advertise_addr
@@ -257,6 +285,10 @@ pub async fn run(
         Ok(Ok(result)) => result?,
         Ok(Err(join)) => tracing::error!(error = %join, "grpc server task failed"),
         Err(_) => tracing::warn!("open streams did not finish in time; closing them"),
+    }
+    if let Some((server, stop)) = metrics_server {
+        stop.cancel();
+        let _ = server.await;
     }
     tracing::info!("worker stopped");
     Ok(())

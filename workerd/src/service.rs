@@ -204,6 +204,7 @@ async fn send_output(
     follow: bool,
     tx: mpsc::Sender<StreamItem>,
 ) {
+    let _follower = crate::metrics::Follower::open();
     let mut progress = job.progress();
     let mut pos = offset;
     loop {
@@ -234,6 +235,7 @@ async fn send_output(
             if tx.send(Ok(message)).await.is_err() {
                 return; // the reader left
             }
+            crate::metrics::output_streamed(n as usize);
             pos += n;
         }
         if now.done {

@@ -771,6 +771,12 @@ pub(crate) async fn call_start(
         dequeue(state, &job_id).await;
     }
     tracing::info!(job_id = %job_id, worker_id = %w.worker_id, worker = %w.name, path = %row.path, state = %row.state, "job started");
+    crate::metrics::job_started(
+        &w.worker_id,
+        &row.command,
+        row.created_at_ms,
+        refusal == Refusal::Requeue,
+    );
     Ok(JobStarted {
         job_id,
         worker_id: w.worker_id,
@@ -1142,6 +1148,7 @@ pub(crate) async fn stream_output(
             loop {
                 match stream.message().await {
                     Ok(Some(msg)) => {
+                        crate::metrics::output_streamed(msg.output.len());
                         if let Some(status) = &msg.final_status {
                             // Record the final state before the body ends, so a
                             // client that asks right after sees it.

@@ -87,6 +87,7 @@ impl Followers {
             ));
         }
         *n += 1;
+        crate::metrics::follower_opened();
         Ok(FollowerSlot {
             followers: self.clone(),
             job_id: job_id.to_owned(),
@@ -96,6 +97,7 @@ impl Followers {
 
 impl Drop for FollowerSlot {
     fn drop(&mut self) {
+        crate::metrics::follower_closed();
         let mut open = self
             .followers
             .open
@@ -131,6 +133,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/groups/{id}", get(groups::show))
         .route("/v1/groups/{id}/stop", post(groups::stop))
         .route("/v1/groups/{id}/logs", get(groups::logs))
+        .route("/metrics", get(crate::metrics::scrape))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
@@ -141,6 +144,7 @@ pub(crate) fn router(state: AppState) -> Router {
         // Outermost, so that a request refused anywhere (authentication
         // included) still has its body received before the answer goes out.
         .layer(middleware::from_fn(body::answer_after_body))
+        .layer(middleware::from_fn(crate::metrics::track_http))
         .with_state(state)
 }
 

@@ -73,6 +73,7 @@ pub(super) async fn pump(
         .await;
         match result {
             Ok((b, Ok(()))) => {
+                crate::metrics::output_written(b.len());
                 len += b.len() as u64;
                 buf = b;
                 progress.send_modify(|p| p.len = len);

@@ -193,6 +193,11 @@ impl Jobs {
         })
     }
 
+    /// Jobs whose process runs now (each holds a `max_jobs` slot).
+    pub(crate) fn running_count(&self) -> usize {
+        self.running.load(Ordering::Acquire)
+    }
+
     fn status(job: &Job) -> (JobRecord, u64) {
         (job.record(), job.progress.borrow().len)
     }

@@ -259,6 +259,7 @@ impl Jobs {
                     changes.report.notify_one();
                 });
                 tracing::info!(job_id = %id, plugin = %record.command, path = %record.path, pgid, "job started");
+                crate::metrics::job_started(&record.command);
             }
             Err(error) => {
                 record = job.update(|r| {

@@ -166,6 +166,7 @@ pub(super) async fn supervise(
         p.done = true;
     });
     tracing::info!(job_id = %id, state = ?record.state, exit_code = record.exit_code, signal = record.signal, "job finished");
+    crate::metrics::job_finished(record.state, &record.command);
 }
 
 fn finish(r: &mut JobRecord, status: std::io::Result<ExitStatus>, ending: Option<Ending>) {
