@@ -479,6 +479,7 @@ impl Member {
                     }
                 }
             };
+            crate::metrics::output_streamed(msg.output.len());
             let mut rest = msg.output.as_slice();
             while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
                 pending.extend_from_slice(&rest[..nl]);
