@@ -14,6 +14,8 @@
 //! - `store`: durable records (the only SQL in the workspace).
 //! - `registry`: known workers and their channels.
 //! - `grpc`: the Scheduler service workers call.
+//! - `seed`: workers of the original design (named by address, checked on
+//!   instead of heartbeating).
 //! - `api`: the HTTP routes, errors and the TLS listener.
 
 #![forbid(unsafe_code)]
@@ -25,6 +27,7 @@ mod grpc;
 mod placement;
 mod queue;
 mod registry;
+mod seed;
 pub mod state;
 pub mod store;
 mod time;
@@ -227,6 +230,13 @@ pub async fn run(
         },
         stop.clone(),
     ));
+    let seed_checks = tokio::spawn(seed::check_workers(
+        registry.clone(),
+        store.clone(),
+        config.heartbeat_interval,
+        config.call_timeout,
+        stop.clone(),
+    ));
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -303,6 +313,7 @@ pub async fn run(
         tracing::error!(%error, "http server task failed");
     }
     let _ = liveness.await;
+    let _ = seed_checks.await;
     let _ = settler.await;
     let _ = dispatcher.await;
     let _ = pruner.await;
