@@ -18,3 +18,4 @@ mod placement;
 mod queue;
 mod removal;
 mod security;
+mod seed;
