@@ -1786,6 +1786,26 @@ mod tests {
         assert!(store.queue_entry("theirs").await.unwrap().is_some());
         let bound = store.idempotency_key("k", 0).await.unwrap().unwrap();
         assert_eq!(bound.job_id.as_deref(), Some("theirs"));
+
+        // That the worker speaks the original contract outlives a restart:
+        // it will not register again to say so.
+        let seed = WorkerRow {
+            worker_id: "w".into(),
+            name: "seed-127.0.0.1-1".into(),
+            address: "127.0.0.1:1".into(),
+            state: WorkerState::Ready,
+            plugins: Vec::new(),
+            labels: Default::default(),
+            registered_at_ms: 1,
+            last_seen_ms: 1,
+            cgroup_limits: false,
+            extensions: Default::default(),
+            draining: false,
+            max_jobs: 0,
+            seed: true,
+        };
+        store.upsert_worker(seed.clone()).await.unwrap();
+        assert_eq!(store.workers().await.unwrap(), [seed]);
     }
 
     fn queued(id: &str, priority: i32, worker: &str, deadline_ms: u64) -> (JobRow, QueueEntry) {
