@@ -43,6 +43,20 @@ pub(crate) fn job_state(state: i32) -> JobState {
 }
 
 pub(crate) fn merge_status(row: &mut JobRow, s: &pb::QueryJobResponse) {
+    if s.state == pb::JobState::Unspecified as i32 {
+        // The original contract's answer: `done`, `error`, `error_text`.
+        row.state = match (s.done, s.error) {
+            (false, _) => JobState::Running,
+            (true, false) => JobState::Succeeded,
+            (true, true) => JobState::Failed,
+        };
+        row.error_text = s.error_text.clone();
+        if row.state.is_terminal() && row.finished_at_ms == 0 {
+            // It says nothing of when: the scheduler learned it now.
+            row.finished_at_ms = crate::time::now_ms();
+        }
+        return;
+    }
     row.state = job_state(s.state);
     row.error_text = s.error_text.clone();
     row.exit_code = s.exit_code;

@@ -93,11 +93,19 @@ impl Scheduler for SchedulerService {
     ) -> Result<Response<RegisterWorkerResponse>, Status> {
         let caller = self.caller(&request, "RegisterWorker")?;
         let r = request.into_inner();
+        // The original contract's registration carries only an address:
+        // such a worker (no instance id either) is named after its address
+        // and checked on instead of heartbeating (see `seed`).
+        let seed = caller.is_none() && r.instance_id.is_empty();
         let peer = match caller {
             Some(peer) => peer,
             None if jobcluster_pki::valid_name(&r.name) => PeerIdentity {
                 role: Role::Worker,
                 name: r.name.clone(),
+            },
+            None if r.name.is_empty() && !r.address.is_empty() => PeerIdentity {
+                role: Role::Worker,
+                name: crate::seed::name_for(&r.address),
             },
             None => {
                 return Err(Status::invalid_argument(
@@ -130,6 +138,7 @@ impl Scheduler for SchedulerService {
                 .into_iter()
                 .map(|p| (p.name, p.extensions))
                 .collect(),
+            seed,
         };
         let row = self
             .registry
@@ -148,7 +157,7 @@ impl Scheduler for SchedulerService {
         let kill_job_ids = self
             .apply_reports(&row.worker_id, &r.jobs, !r.partial_report)
             .await?;
-        tracing::info!(worker_id = %row.worker_id, worker = %row.name, address = %row.address, plugins = ?row.plugins, max_jobs = row.max_jobs, jobs = r.jobs.len(), "worker registered");
+        tracing::info!(worker_id = %row.worker_id, worker = %row.name, address = %row.address, plugins = ?row.plugins, max_jobs = row.max_jobs, jobs = r.jobs.len(), seed = row.seed, "worker registered");
         // New or returning slots, and reports that may have ended jobs.
         self.queue.wake();
         Ok(Response::new(RegisterWorkerResponse {

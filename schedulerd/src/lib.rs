@@ -14,6 +14,8 @@
 //! - `store`: durable records (the only SQL in the workspace).
 //! - `registry`: known workers and their channels.
 //! - `grpc`: the Scheduler service workers call.
+//! - `seed`: workers of the original design (named by address, checked on
+//!   instead of heartbeating).
 //! - `api`: the HTTP routes, errors and the TLS listener.
 //! - `metrics`: Prometheus metrics and the `[metrics] addr` listener.
 
@@ -27,6 +29,7 @@ mod metrics;
 mod placement;
 mod queue;
 mod registry;
+mod seed;
 pub mod state;
 pub mod store;
 mod time;
@@ -243,6 +246,13 @@ pub async fn run(
         },
         stop.clone(),
     ));
+    let seed_checks = tokio::spawn(seed::check_workers(
+        registry.clone(),
+        store.clone(),
+        config.heartbeat_interval,
+        config.call_timeout,
+        stop.clone(),
+    ));
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -338,6 +348,7 @@ pub async fn run(
         let _ = metrics_server.await;
     }
     let _ = liveness.await;
+    let _ = seed_checks.await;
     let _ = settler.await;
     let _ = dispatcher.await;
     let _ = pruner.await;

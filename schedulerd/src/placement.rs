@@ -133,6 +133,7 @@ mod tests {
             extensions: [("bash".to_owned(), vec!["sh".to_owned()])].into(),
             draining,
             max_jobs: 0,
+            seed: false,
         }
     }
 

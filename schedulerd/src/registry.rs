@@ -137,6 +137,8 @@ pub(crate) struct Registration {
     pub(crate) cgroup_limits: bool,
     pub(crate) extensions: BTreeMap<String, Vec<String>>,
     pub(crate) max_jobs: u32,
+    /// A worker of the original contract: checked on, not heartbeating.
+    pub(crate) seed: bool,
 }
 
 impl Registry {
@@ -333,6 +335,7 @@ impl Registry {
             // A drain outlives the worker's restarts; only undrain ends it.
             draining: existing.as_ref().is_some_and(|e| e.row().draining),
             max_jobs: reg.max_jobs,
+            seed: reg.seed,
         };
         crate::metrics::plugins_declared(&row.plugins);
         match existing {
@@ -394,6 +397,28 @@ impl Registry {
         Some((row, came_back))
     }
 
+    /// A worker of the original contract answered the scheduler's check:
+    /// as good as a heartbeat. `None` if it has left; else whether it was
+    /// `down` until now (its state is then `ready` again, to be recorded).
+    pub(crate) fn checked(&self, entry: &WorkerEntry, now_ms: u64) -> Option<bool> {
+        if entry.row().state == WorkerState::Left {
+            return None;
+        }
+        *entry
+            .unresponsive_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
+        let mut came_back = false;
+        entry.update(|r| {
+            if r.state == WorkerState::Down {
+                came_back = true;
+                r.state = WorkerState::Ready;
+            }
+            r.last_seen_ms = now_ms;
+        });
+        Some(came_back)
+    }
+
     /// Marks `ready` workers not heard from for `down_after` as `down` and
     /// returns them.
     pub(crate) fn sweep(&self, now_ms: u64, down_after: Duration) -> Vec<WorkerRow> {
@@ -439,6 +464,7 @@ mod tests {
             cgroup_limits: false,
             extensions: BTreeMap::new(),
             max_jobs: 0,
+            seed: false,
         }
     }
 

@@ -58,6 +58,9 @@ pub struct WorkerRow {
     pub draining: bool,
     /// Its slots: most jobs it runs at once; 0: unlimited.
     pub max_jobs: u32,
+    /// Registered through the original design's contract (no instance id):
+    /// it sends no heartbeats, so the scheduler checks on it instead.
+    pub seed: bool,
 }
 
 impl WorkerRow {
@@ -189,7 +192,8 @@ CREATE TABLE IF NOT EXISTS workers (
     cgroup_limits INTEGER NOT NULL DEFAULT 0,
     extensions TEXT NOT NULL DEFAULT '{}',
     draining INTEGER NOT NULL DEFAULT 0,
-    max_jobs INTEGER NOT NULL DEFAULT 0
+    max_jobs INTEGER NOT NULL DEFAULT 0,
+    seed INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -263,6 +267,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("workers", "extensions", "TEXT NOT NULL DEFAULT '{}'"),
     ("workers", "draining", "INTEGER NOT NULL DEFAULT 0"),
     ("workers", "max_jobs", "INTEGER NOT NULL DEFAULT 0"),
+    ("workers", "seed", "INTEGER NOT NULL DEFAULT 0"),
     ("jobs", "group_id", "TEXT"),
     ("jobs", "updated_at_ms", "INTEGER NOT NULL DEFAULT 0"),
     ("queue", "dispatching", "INTEGER NOT NULL DEFAULT 0"),
@@ -424,11 +429,12 @@ impl Store {
             )?;
             tx.execute(
                 "INSERT INTO workers (worker_id, name, address, state, plugins, labels, registered_at_ms,
-                   last_seen_ms, cgroup_limits, extensions, draining, max_jobs)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                   last_seen_ms, cgroup_limits, extensions, draining, max_jobs, seed)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
                  ON CONFLICT(worker_id) DO UPDATE SET name = ?2, address = ?3, state = ?4,
                    plugins = ?5, labels = ?6, registered_at_ms = ?7, last_seen_ms = ?8,
-                   cgroup_limits = ?9, extensions = ?10, draining = ?11, max_jobs = ?12",
+                   cgroup_limits = ?9, extensions = ?10, draining = ?11, max_jobs = ?12,
+                   seed = ?13",
                 params![
                     w.worker_id,
                     w.name,
@@ -441,7 +447,8 @@ impl Store {
                     w.cgroup_limits,
                     to_json(&w.extensions),
                     w.draining,
-                    w.max_jobs
+                    w.max_jobs,
+                    w.seed
                 ],
             )?;
             tx.commit()
@@ -545,7 +552,7 @@ impl Store {
         self.read(|c| {
             let mut stmt = c.prepare(
                 "SELECT worker_id, name, address, state, plugins, labels, registered_at_ms, last_seen_ms,
-                   cgroup_limits, extensions, draining, max_jobs
+                   cgroup_limits, extensions, draining, max_jobs, seed
                  FROM workers ORDER BY name",
             )?;
             let rows = stmt.query_map([], |r| {
@@ -562,6 +569,7 @@ impl Store {
                     extensions: from_json(&r.get::<_, String>(9)?),
                     draining: r.get(10)?,
                     max_jobs: r.get(11)?,
+                    seed: r.get(12)?,
                 })
             })?;
             rows.collect()
@@ -599,6 +607,42 @@ impl Store {
     /// Forgets a job whose start certainly started nothing (the worker
     /// refused it), if it is still waiting for that outcome, and the
     /// idempotency key bound to it: a retry with that key tries again.
+    /// Gives a job the id its worker chose (a worker of the original
+    /// contract names its jobs itself): the record, its queue entry and its
+    /// idempotency key move to `new_id` in one transaction. False, changing
+    /// nothing, when `new_id` already names another job.
+    pub async fn rekey_job(&self, job_id: &str, new_id: &str) -> Result<bool, StoreError> {
+        let (old, new) = (job_id.to_owned(), new_id.to_owned());
+        self.write(move |c| {
+            let tx = c.transaction()?;
+            let taken = tx
+                .prepare("SELECT 1 FROM jobs WHERE job_id = ?1")?
+                .exists([&new])?;
+            if taken {
+                return Ok(false);
+            }
+            // The queue and key rows reference the job's id without ON
+            // UPDATE CASCADE: checking is deferred to the commit, by which
+            // time all three point at the new id.
+            tx.pragma_update(None, "defer_foreign_keys", "ON")?;
+            let moved = tx.execute(
+                "UPDATE jobs SET job_id = ?2 WHERE job_id = ?1",
+                params![old, new],
+            )?;
+            tx.execute(
+                "UPDATE queue SET job_id = ?2 WHERE job_id = ?1",
+                params![old, new],
+            )?;
+            tx.execute(
+                "UPDATE idempotency_keys SET job_id = ?2 WHERE job_id = ?1",
+                params![old, new],
+            )?;
+            tx.commit()?;
+            Ok(moved == 1)
+        })
+        .await
+    }
+
     pub async fn delete_unstarted_job(&self, job_id: &str) -> Result<(), StoreError> {
         let id = job_id.to_owned();
         self.write(move |c| {
@@ -1619,6 +1663,7 @@ mod tests {
             extensions: Default::default(),
             draining: false,
             max_jobs: 0,
+            seed: false,
         };
         store.upsert_worker(worker.clone()).await.unwrap();
         assert!(store.mark_lost("w", "gone").await.unwrap().is_empty());
@@ -1767,6 +1812,51 @@ mod tests {
         assert!(store.idempotency_key("k", 0).await.unwrap().is_none());
         assert!(store.group("g1").await.unwrap().is_some());
         store.insert_group(again, Some(key(500))).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_job_takes_its_workers_id_with_its_queue_entry_and_key() {
+        let (_dir, store) = store();
+        let (row, entry) = queued("ours", 0, "w", 0);
+        store
+            .enqueue_job(row, entry, Some(key(500)), 10)
+            .await
+            .unwrap()
+            .unwrap();
+        store
+            .insert_job(job("other", JobState::Running, 0), None)
+            .await
+            .unwrap();
+        // An id that names another job is refused, and nothing moves.
+        assert!(!store.rekey_job("ours", "other").await.unwrap());
+        assert!(store.job("ours").await.unwrap().is_some());
+
+        assert!(store.rekey_job("ours", "theirs").await.unwrap());
+        assert!(store.job("ours").await.unwrap().is_none());
+        assert_eq!(store.job("theirs").await.unwrap().unwrap().job_id, "theirs");
+        assert!(store.queue_entry("theirs").await.unwrap().is_some());
+        let bound = store.idempotency_key("k", 0).await.unwrap().unwrap();
+        assert_eq!(bound.job_id.as_deref(), Some("theirs"));
+
+        // That the worker speaks the original contract outlives a restart:
+        // it will not register again to say so.
+        let seed = WorkerRow {
+            worker_id: "w".into(),
+            name: "seed-127.0.0.1-1".into(),
+            address: "127.0.0.1:1".into(),
+            state: WorkerState::Ready,
+            plugins: Vec::new(),
+            labels: Default::default(),
+            registered_at_ms: 1,
+            last_seen_ms: 1,
+            cgroup_limits: false,
+            extensions: Default::default(),
+            draining: false,
+            max_jobs: 0,
+            seed: true,
+        };
+        store.upsert_worker(seed.clone()).await.unwrap();
+        assert_eq!(store.workers().await.unwrap(), [seed]);
     }
 
     fn queued(id: &str, priority: i32, worker: &str, deadline_ms: u64) -> (JobRow, QueueEntry) {

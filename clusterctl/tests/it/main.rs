@@ -19,3 +19,4 @@ mod placement;
 mod queue;
 mod removal;
 mod security;
+mod seed;

@@ -420,6 +420,9 @@ fn named_worker(
             format!("worker {} does not match the selector", w.name),
         ));
     }
+    if w.plugins.is_empty() {
+        original_start_shape(&w.name, body)?;
+    }
     let unusable = if w.state != WorkerState::Ready {
         Some(ApiError::worker_not_ready(&w))
     } else if w.draining {
@@ -430,6 +433,24 @@ fn named_worker(
             .map(|since| ApiError::worker_unresponsive(&w.name, since))
     };
     Ok((worker, w, unusable))
+}
+
+/// A worker that names no plugins (one of the original design) is sent
+/// the request's `command` as it is, with `path`, and nothing else: the
+/// original `StartJob` has no arguments or environment, so a start that
+/// needs them, or names no command, is refused rather than run without.
+fn original_start_shape(worker: &str, body: &StartJob) -> Result<(), ApiError> {
+    let why = if body.command.as_deref().unwrap_or_default().is_empty() {
+        "names no plugins: the command to run it with (bash, python3, ...) is required"
+    } else if !body.args.is_empty() || !body.env.is_empty() {
+        "runs the original design's jobs, which take no args or env"
+    } else {
+        return Ok(());
+    };
+    Err(ApiError::bad_request(
+        "invalid_request",
+        format!("worker {worker} {why}"),
+    ))
 }
 
 fn draining(name: &str) -> ApiError {
@@ -716,14 +737,24 @@ pub(crate) async fn call_start(
         job_id: job_id.clone(),
     };
     let mut client = worker.client();
+    // A worker of the original contract refuses with a plain error of its
+    // own (its start failed to spawn anything).
+    let seed_refused = |status: &tonic::Status| w.seed && crate::seed::from_peer(status);
     let reply = match with_deadline(state.call_timeout, client.start_job(request)).await {
         Ok(reply) => reply.into_inner(),
-        Err(status) if answered(&status) || nothing_sent(&status) => {
+        Err(status) if answered(&status) || nothing_sent(&status) || seed_refused(&status) => {
             // The worker refused, or was never reached: nothing started.
             if unreachable(&status) {
                 worker_unreachable(state, worker).await;
             }
-            let error = ApiError::from_worker(status, &w.name);
+            let error = if seed_refused(&status) {
+                ApiError::bad_request(
+                    "start_refused",
+                    format!("worker {} refused the start: {}", w.name, status.message()),
+                )
+            } else {
+                ApiError::from_worker(status, &w.name)
+            };
             let undone = match refusal {
                 Refusal::Forget => state.store.delete_unstarted_job(&job_id).await,
                 Refusal::Requeue => {
@@ -753,9 +784,29 @@ pub(crate) async fn call_start(
             });
         }
     };
-    if let Some(status) = &reply.status {
-        merge_status(&mut row, status);
+    match &reply.status {
+        Some(status) => merge_status(&mut row, status),
+        None => {
+            // The original contract's answer is the job id alone: the
+            // process was spawned.
+            row.state = JobState::Running;
+            row.error_text.clear();
+            row.started_at_ms = now_ms();
+        }
     }
+    let job_id = if reply.job_id.is_empty() || reply.job_id == job_id {
+        job_id
+    } else {
+        match adopt_job_id(state, &w, &mut row, &reply.job_id, refusal).await {
+            Ok(()) => row.job_id.clone(),
+            Err(error) => {
+                return Err(StartError {
+                    error,
+                    nothing_started: false,
+                });
+            }
+        }
+    };
     match state.store.update_job(row.clone()).await {
         Ok(true) => {}
         // Given up meanwhile (its worker was cut off for lost_after): the
@@ -782,6 +833,53 @@ pub(crate) async fn call_start(
         worker_id: w.worker_id,
         ..Default::default()
     })
+}
+
+/// The worker started the job under an id of its own (a worker of the
+/// original design chooses its job ids and ignores ours): from now on that
+/// id is the job's, in the record, the queue and the idempotency key,
+/// moved in one transaction; the id proposed to the worker names nothing
+/// any more. An id the API could not take (not a UUID, or one that already
+/// names another job) leaves the job unreachable on its worker: it is
+/// recorded `lost`, saying why, and the start is answered with an error.
+async fn adopt_job_id(
+    state: &AppState,
+    w: &crate::store::WorkerRow,
+    row: &mut JobRow,
+    theirs: &str,
+    refusal: Refusal,
+) -> Result<(), ApiError> {
+    let ours = row.job_id.clone();
+    let refused = if uuid::Uuid::parse_str(theirs).is_err() || theirs.len() > 64 {
+        format!(
+            "worker {} named the job {theirs:?}, which is not a UUID",
+            w.name
+        )
+    } else {
+        match state.store.rekey_job(&ours, theirs).await {
+            Ok(true) => {
+                tracing::info!(job_id = %theirs, proposed = %ours, worker_id = %w.worker_id, worker = %w.name, "the worker named the job itself; its id is the job's id");
+                row.job_id = theirs.to_owned();
+                return Ok(());
+            }
+            Ok(false) => format!(
+                "worker {} named the job {theirs}, which already names another job",
+                w.name
+            ),
+            Err(error) => {
+                format!("the scheduler could not record the worker's job id {theirs}: {error}")
+            }
+        }
+    };
+    tracing::error!(job_id = %ours, worker_id = %w.worker_id, why = %refused, "the job runs under an id the scheduler cannot take; recorded lost");
+    if refusal == Refusal::Requeue {
+        dequeue(state, &ours).await;
+    }
+    let why = format!("{refused}; it may run there, but cannot be followed");
+    if let Err(error) = state.store.mark_job_lost(&ours, &why).await {
+        tracing::error!(job_id = %ours, %error, "could not record a job lost");
+    }
+    Err(ApiError::new(StatusCode::BAD_GATEWAY, "worker_job_id_refused", why).with_job(&ours))
 }
 
 /// A dispatched job's start is settled (or in doubt, then the worker's
@@ -937,9 +1035,15 @@ pub(crate) async fn refresh(state: &AppState, row: JobRow) -> Seen {
     let request = QueryJobRequest {
         job_id: row.job_id.clone(),
     };
+    // A worker of the original contract answers a query with an error only
+    // when it does not know the job.
+    let seed = worker.row().seed;
     match with_deadline(state.refresh_timeout, client.query_job(request)).await {
         Ok(reply) => record_status(&state.store, row, &reply.into_inner()).await,
-        Err(status) if status.code() == tonic::Code::NotFound && answered(&status) => {
+        Err(status)
+            if (status.code() == tonic::Code::NotFound && answered(&status))
+                || (seed && crate::seed::from_peer(&status)) =>
+        {
             // A start still in flight may not have reached the worker yet.
             if row.created_at_ms >= settled_before(state.call_timeout) {
                 return Seen { row, stale: false };
@@ -1048,6 +1152,24 @@ pub(crate) async fn stop_job(state: &AppState, row: JobRow) -> Result<StopResult
         return Err(ApiError::from_worker(status, &name));
     }
     tracing::info!(job_id = %row.job_id, worker = %name, "job stop requested");
+    if worker.row().seed {
+        // A worker of the original contract kills the process and then
+        // only says it ended with an error; the stop is what ended it.
+        let stopped = JobRow {
+            state: JobState::Stopped,
+            error_text: "stopped by a request".to_owned(),
+            finished_at_ms: now_ms(),
+            ..row.clone()
+        };
+        if let Err(error) = state.store.update_job(stopped).await {
+            tracing::error!(job_id = %row.job_id, %error, "could not record a job stopped");
+        }
+        let row = state.store.job(&row.job_id).await?.unwrap_or(row);
+        return Ok(StopResult {
+            success: true,
+            state: row.state.as_str().to_owned(),
+        });
+    }
     let row = refresh(state, row).await.row;
     Ok(StopResult {
         success: true,
@@ -1111,6 +1233,16 @@ pub(crate) async fn stream_output(
     let slot = state.followers.enter(&row.job_id)?;
     let worker = worker_of(state, &row)?;
     let name = worker.row().name;
+    if worker.row().seed {
+        return Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "output_unavailable",
+            format!(
+                "worker {name} speaks the original design's contract, which has no output stream"
+            ),
+        )
+        .with_job(&row.job_id));
+    }
     let mut client = worker.client();
     let request = StreamJobRequest {
         job_id: row.job_id.clone(),
