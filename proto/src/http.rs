@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 /// Every error answer: `{"error": "...", "code": "snake_case"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     pub error: String,
     pub code: String,
@@ -24,6 +25,7 @@ pub type Selector = BTreeMap<String, String>;
 
 /// A worker as the scheduler knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkerInfo {
     pub worker_id: String,
     pub name: String,
@@ -50,12 +52,14 @@ pub struct WorkerInfo {
 
 /// `GET /v1/workers`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkerList {
     pub workers: Vec<WorkerInfo>,
 }
 
 /// Answer to `DELETE /v1/workers/{id}`: `{"success": true}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Success {
     pub success: bool,
 }
@@ -64,6 +68,7 @@ pub struct Success {
 /// required).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StartJob {
     /// Worker id or name; empty or absent: the scheduler places the job.
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -104,6 +109,7 @@ fn is_zero(n: &i32) -> bool {
 
 /// Answer to a start: `201 {"job_id", "worker_id"}`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobStarted {
     pub job_id: String,
     pub worker_id: String,
@@ -123,6 +129,7 @@ pub struct JobStarted {
 /// A job record. Also the answer of `POST /query`, whose original fields
 /// (`done`, `error`, `error_text`) are all here.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobInfo {
     pub job_id: String,
     pub worker_id: String,
@@ -169,6 +176,7 @@ pub struct JobInfo {
 
 /// `GET /v1/jobs`: newest first; `next_cursor` fetches the next page.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobList {
     pub jobs: Vec<JobInfo>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -177,6 +185,7 @@ pub struct JobList {
 
 /// Answer to a stop: `{"success": true, "state"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StopResult {
     pub success: bool,
     pub state: String,
@@ -185,6 +194,7 @@ pub struct StopResult {
 /// Body of the original `POST /stop`, `/query` and `/stream`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobRef {
     pub worker_id: String,
     pub job_id: String,
@@ -193,6 +203,8 @@ pub struct JobRef {
 /// `GET /v1/jobs` query parameters.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
 pub struct JobFilter {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker_id: Option<String>,
@@ -207,6 +219,8 @@ pub struct JobFilter {
 /// `GET /v1/jobs/{id}/logs` query parameters.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
 pub struct LogsQuery {
     #[serde(default)]
     pub follow: bool,
@@ -228,6 +242,7 @@ pub const JOB_STATES: [&str; 7] = [
 /// `POST /v1/groups`: one job per matching ready worker.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StartGroup {
     /// Every eligible worker (with `selector`, every eligible one matching it).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -246,6 +261,7 @@ pub struct StartGroup {
 
 /// A worker of a fan-out that could not start its job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GroupFailure {
     pub worker_id: String,
     pub error: String,
@@ -253,6 +269,7 @@ pub struct GroupFailure {
 
 /// Answer to `POST /v1/groups`: `201`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GroupStarted {
     pub group_id: String,
     pub jobs: Vec<JobStarted>,
@@ -261,6 +278,7 @@ pub struct GroupStarted {
 
 /// `GET /v1/groups/{id}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GroupInfo {
     pub group_id: String,
     /// `running` while any job runs; then `succeeded` only if every job
@@ -279,6 +297,7 @@ pub struct GroupInfo {
 
 /// `GET /v1/groups`: newest first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GroupList {
     pub groups: Vec<GroupInfo>,
 }
@@ -286,6 +305,8 @@ pub struct GroupList {
 /// `GET /v1/groups/{id}/logs` query parameters.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
 pub struct GroupLogsQuery {
     #[serde(default)]
     pub follow: bool,
@@ -296,6 +317,7 @@ pub struct GroupLogsQuery {
 
 /// One line of `GET /v1/groups/{id}/logs?format=ndjson`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GroupLogLine {
     /// The worker's name.
     pub worker: String,
