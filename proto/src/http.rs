@@ -30,7 +30,8 @@ pub struct WorkerInfo {
     pub worker_id: String,
     pub name: String,
     pub address: String,
-    /// `ready`, `draining` (takes no new jobs), `down` or `left`.
+    /// `ready`, `draining` (takes no new jobs), `unresponsive` (its calls
+    /// time out; not yet down), `down` or `left`.
     pub state: String,
     pub plugins: Vec<String>,
     pub labels: BTreeMap<String, String>,
@@ -196,7 +197,9 @@ pub struct StopResult {
 #[serde(deny_unknown_fields)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobRef {
+    /// Worker id or name.
     pub worker_id: String,
+    #[cfg_attr(feature = "openapi", schema(format = Uuid))]
     pub job_id: String,
 }
 

@@ -115,10 +115,19 @@ async fn the_openapi_document_lists_every_route_of_the_router() {
     let doc: Value = reply.json().await.unwrap();
 
     // The skeleton OpenAPI 3.1 asks for, and every reference resolving.
-    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1."), "{doc}");
+    assert!(
+        doc["openapi"].as_str().unwrap().starts_with("3.1."),
+        "{doc}"
+    );
     assert!(doc["info"]["title"].is_string() && doc["info"]["version"].is_string());
     let schemas = doc["components"]["schemas"].as_object().unwrap();
-    for name in ["ErrorBody", "StartJob", "JobInfo", "WorkerInfo", "GroupInfo"] {
+    for name in [
+        "ErrorBody",
+        "StartJob",
+        "JobInfo",
+        "WorkerInfo",
+        "GroupInfo",
+    ] {
         assert!(schemas.contains_key(name), "no schema {name}");
     }
     check_refs(&doc, &doc);
@@ -179,9 +188,64 @@ async fn the_openapi_document_lists_every_route_of_the_router() {
     // any other route.
     let anonymous = cluster.http_as(None);
     let url = format!("{}/v1/openapi.json", cluster.url());
-    let reply = anonymous.get(&url).bearer_auth(VIEWER_TOKEN).send().await.unwrap();
+    let reply = anonymous
+        .get(&url)
+        .bearer_auth(VIEWER_TOKEN)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(reply.status(), reqwest::StatusCode::OK);
     assert_eq!(reply.json::<Value>().await.unwrap(), doc);
     let reply = anonymous.get(&url).send().await.unwrap();
     assert_eq!(reply.status(), reqwest::StatusCode::UNAUTHORIZED);
+}
+
+/// What the fuzzer found answered 5xx: the output of a queued job, and a
+/// fan-out every worker refused for what it asked. Both are the request's
+/// doing, so 4xx, as the document says.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_queued_jobs_output_and_a_group_every_worker_refuses_are_client_errors() {
+    let cluster = Cluster::start(&["w1", "w2"]).await;
+    let http = cluster.http();
+    let url = cluster.url();
+    let error_of = |body: &[u8]| -> (String, Option<String>) {
+        let e: jobcluster_proto::http::ErrorBody = serde_json::from_slice(body).unwrap();
+        (e.code, e.job_id)
+    };
+
+    let reply = http
+        .post(format!("{url}/v1/jobs"))
+        .json(&serde_json::json!({
+            "path": "count.sh",
+            "selector": {"zone": "nowhere"},
+            "wait_for_worker": true,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), reqwest::StatusCode::ACCEPTED);
+    let queued: jobcluster_proto::http::JobStarted = reply.json().await.unwrap();
+    let reply = http
+        .get(format!("{url}/v1/jobs/{}/logs", queued.job_id))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), reqwest::StatusCode::CONFLICT);
+    let (code, job_id) = error_of(&reply.bytes().await.unwrap());
+    assert_eq!(
+        (code.as_str(), job_id.as_deref()),
+        ("job_not_started", Some(queued.job_id.as_str()))
+    );
+
+    let reply = http
+        .post(format!("{url}/v1/groups"))
+        .json(&serde_json::json!({"all": true, "path": "no-such-script.sh"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), reqwest::StatusCode::BAD_REQUEST);
+    let body = reply.bytes().await.unwrap();
+    assert_eq!(error_of(&body).0, "invalid_path");
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.contains("no worker could start the job"), "{text}");
 }

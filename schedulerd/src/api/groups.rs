@@ -40,12 +40,13 @@ const LIST_LIMIT: u32 = 100;
     request_body = StartGroup,
     responses(
         (status = 201, description = "Started on at least one worker; `failed` lists the workers that could not start it.", body = GroupStarted, headers(("Idempotent-Replayed" = String, description = "`true` when this repeats an earlier request's outcome (same Idempotency-Key)."))),
-        (status = 400, description = "`invalid_json`, `invalid_request` (a field is wrong, or neither `all` nor a `selector`), `invalid_body`, `invalid_idempotency_key`, `invalid_path`.", body = jobcluster_proto::http::ErrorBody),
+        (status = 400, description = "`invalid_json`, `invalid_request` (a field is wrong, or neither `all` nor a `selector`), `invalid_body`, `invalid_idempotency_key`, `invalid_path`, or every worker's same refusal: `invalid_path`, `unknown_plugin`, `env_not_allowed`, `invalid_request`.", body = jobcluster_proto::http::ErrorBody),
         (status = 409, description = "`no_eligible_worker` (no ready worker has the plugin or matches the selector), `idempotency_key_in_use`.", body = jobcluster_proto::http::ErrorBody),
         (status = 413, description = "`request_too_large` (args or env over a bound) or `payload_too_large` (body over 1 MiB).", body = jobcluster_proto::http::ErrorBody),
         (status = 422, description = "`idempotency_key_reused`: the key was used for another request within 24 h.", body = jobcluster_proto::http::ErrorBody),
+        (status = 429, description = "`worker_busy`: every worker refused, each running its `max_jobs`.", body = jobcluster_proto::http::ErrorBody),
         (status = 500, description = "`internal`: the fan-out's task failed (a bug).", body = jobcluster_proto::http::ErrorBody),
-        (status = 503, description = "`group_failed` (no worker could start the job; the message says why for each), `store_unavailable`.", body = jobcluster_proto::http::ErrorBody),
+        (status = 503, description = "`group_failed` (no worker could start the job, not all for the same fault of the request; the message says why for each), `store_unavailable`.", body = jobcluster_proto::http::ErrorBody),
     ),
 )]
 pub(crate) async fn create(
@@ -185,12 +186,14 @@ async fn start_group(
         failed: Vec::new(),
     };
     let mut in_doubt = false;
+    let mut refusals = Vec::new();
     // A worker that fails to start does not hide the others.
     for (worker_id, result) in futures_util::future::join_all(starts).await {
         match result {
             Ok(job) => started.jobs.push(job),
             Err(e) => {
                 in_doubt |= !e.nothing_started;
+                refusals.push((e.error.status, e.error.code.clone()));
                 started.failed.push(GroupFailure {
                     worker_id,
                     error: e.error.message,
@@ -208,9 +211,25 @@ async fn start_group(
             tracing::error!(%group_id, %error, "could not unbind the idempotency key of a group that started nothing");
         }
         let why: Vec<_> = started.failed.iter().map(|f| f.error.as_str()).collect();
+        // Every worker refused the request alike for what it asks (a
+        // script or plugin none has, a bad env, all busy): that is the
+        // answer, not a failure of the scheduler's.
+        let (status, code) = match refusals.first() {
+            Some((status, code))
+                if matches!(
+                    *status,
+                    StatusCode::BAD_REQUEST
+                        | StatusCode::PAYLOAD_TOO_LARGE
+                        | StatusCode::TOO_MANY_REQUESTS
+                ) && refusals.iter().all(|r| r == &refusals[0]) =>
+            {
+                (*status, code.as_str())
+            }
+            _ => (StatusCode::SERVICE_UNAVAILABLE, "group_failed"),
+        };
         return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "group_failed",
+            status,
+            code,
             format!("no worker could start the job: {}", why.join("; ")),
         ));
     }
@@ -274,7 +293,7 @@ async fn refreshed(state: &AppState, jobs: Vec<JobRow>) -> Vec<Seen> {
     path = "/v1/groups/{id}",
     operation_id = "show_group",
     tag = "groups",
-    params(("id" = String, Path, description = "The group id (a UUID).")),
+    params(("id" = uuid::Uuid, Path, description = "The group id.")),
     responses(
         (status = 200, description = "The group and its jobs, asked of their workers first.", body = GroupInfo),
         (status = 400, description = "`invalid_group_id`: not a UUID.", body = jobcluster_proto::http::ErrorBody),
@@ -320,7 +339,7 @@ pub(crate) async fn list(State(state): State<AppState>) -> Result<Json<GroupList
     path = "/v1/groups/{id}/stop",
     operation_id = "stop_group",
     tag = "groups",
-    params(("id" = String, Path, description = "The group id (a UUID).")),
+    params(("id" = uuid::Uuid, Path, description = "The group id.")),
     responses(
         (status = 200, description = "Every member that could be stopped is; `state` is the group's.", body = StopResult),
         (status = 400, description = "`invalid_group_id`: not a UUID.", body = jobcluster_proto::http::ErrorBody),
@@ -357,7 +376,7 @@ pub(crate) async fn stop(
     path = "/v1/groups/{id}/logs",
     operation_id = "group_logs",
     tag = "groups",
-    params(("id" = String, Path, description = "The group id (a UUID)."), GroupLogsQuery),
+    params(("id" = uuid::Uuid, Path, description = "The group id."), GroupLogsQuery),
     responses(
         (status = 200, description = "Every member's output merged line by line as lines complete (chunked): `[worker] line` (text), or one GroupLogLine a line (`format=ndjson`).", content(
             (String = "text/plain"),

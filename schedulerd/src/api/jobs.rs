@@ -168,7 +168,7 @@ fn start_unconfirmed(job_id: &str, worker: &str, why: &str) -> ApiError {
     path = "/v1/jobs/{id}",
     operation_id = "show_job",
     tag = "jobs",
-    params(("id" = String, Path, description = "The job id (a UUID).")),
+    params(("id" = uuid::Uuid, Path, description = "The job id.")),
     responses(
         (status = 200, description = "The job, asked of its worker first (`stale: true` when the worker could not answer in time).", body = JobInfo),
         (status = 400, description = "`invalid_job_id`: not a UUID.", body = jobcluster_proto::http::ErrorBody),
@@ -201,7 +201,7 @@ fn with_queue(info: &mut JobInfo, entry: &QueueEntry, position: u64) {
     path = "/v1/jobs/{id}/stop",
     operation_id = "stop_job",
     tag = "jobs",
-    params(("id" = String, Path, description = "The job id (a UUID).")),
+    params(("id" = uuid::Uuid, Path, description = "The job id.")),
     responses(
         (status = 200, description = "The job is stopped, or had ended: its state (a queued job ends `stopped` without starting).", body = StopResult),
         (status = 400, description = "`invalid_job_id`: not a UUID.", body = jobcluster_proto::http::ErrorBody),
@@ -223,7 +223,7 @@ pub(crate) async fn stop(
     path = "/v1/jobs/{id}/logs",
     operation_id = "job_logs",
     tag = "jobs",
-    params(("id" = String, Path, description = "The job id (a UUID)."), LogsQuery),
+    params(("id" = uuid::Uuid, Path, description = "The job id."), LogsQuery),
     responses(
         (status = 200, description = "The job's output bytes from `offset` (chunked); with `follow`, until the job ends. A stream cut by a failure ends without its last chunk: resume from the bytes received.", content_type = "application/octet-stream", body = [u8], headers(("X-Job-Id" = String, description = "The job."))),
         (status = 400, description = "`invalid_job_id`, `invalid_query` (unknown or malformed parameter), `offset_out_of_range`.", body = jobcluster_proto::http::ErrorBody),
@@ -231,7 +231,8 @@ pub(crate) async fn stop(
         (status = 410, description = "`output_expired`: the worker no longer keeps this output.", body = jobcluster_proto::http::ErrorBody),
         (status = 429, description = "`too_many_followers`: the job has as many open output streams as allowed.", body = jobcluster_proto::http::ErrorBody),
         (status = 502, description = "The worker failed (`worker_storage`).", body = jobcluster_proto::http::ErrorBody),
-        (status = 503, description = "`job_not_started` (queued, or its start is not settled: try again), `worker_down`, `worker_unavailable`, `worker_unresponsive`, `store_unavailable`.", body = jobcluster_proto::http::ErrorBody),
+        (status = 409, description = "`job_not_started`: the job is queued, or its start is not settled yet; try again once it runs (`job_id` says which).", body = jobcluster_proto::http::ErrorBody),
+        (status = 503, description = "`worker_down`, `worker_unavailable`, `worker_unresponsive`, `store_unavailable`.", body = jobcluster_proto::http::ErrorBody),
     ),
 )]
 pub(crate) async fn logs(
@@ -1152,9 +1153,11 @@ pub(crate) async fn stream_output(
     offset: u64,
     follow: bool,
 ) -> Result<Response, ApiError> {
+    // 409, not 503: the job's state, not the scheduler, is why there is
+    // no output yet.
     if row.state == JobState::Queued {
         return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::CONFLICT,
             "job_not_started",
             format!(
                 "job {} is queued: no worker runs it yet; try again once it started",
@@ -1182,7 +1185,7 @@ pub(crate) async fn stream_output(
             // the caller may wait for it (503), not give up on it (404).
             if status.code() == tonic::Code::NotFound && row.state == JobState::Unknown {
                 return Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
+                    StatusCode::CONFLICT,
                     "job_not_started",
                     format!(
                         "job {} is not running on worker {name} yet (its start is not settled); try again shortly",

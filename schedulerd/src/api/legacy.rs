@@ -108,7 +108,8 @@ pub(crate) async fn query(
         (status = 410, description = "`output_expired`: the worker no longer keeps this output.", body = jobcluster_proto::http::ErrorBody),
         (status = 429, description = "`too_many_followers`: the job has as many open output streams as allowed.", body = jobcluster_proto::http::ErrorBody),
         (status = 502, description = "The worker failed (`worker_storage`).", body = jobcluster_proto::http::ErrorBody),
-        (status = 503, description = "`job_not_started` (queued, or its start is not settled: try again), `worker_down`, `worker_unavailable`, `worker_unresponsive`, `store_unavailable`.", body = jobcluster_proto::http::ErrorBody),
+        (status = 409, description = "`job_not_started`: the job is queued, or its start is not settled yet; try again once it runs (`job_id` says which).", body = jobcluster_proto::http::ErrorBody),
+        (status = 503, description = "`worker_down`, `worker_unavailable`, `worker_unresponsive`, `store_unavailable`.", body = jobcluster_proto::http::ErrorBody),
     ),
 )]
 pub(crate) async fn stream(
