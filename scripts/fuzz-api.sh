@@ -15,7 +15,7 @@
 # budget of the run; default 120), FUZZ_SEED (a seed, to repeat a run).
 #
 # The fuzzer really starts jobs: the worker's scripts_dir holds only
-# true.sh (which exits at once), it runs at most 4 jobs at a time, and the
+# true.sh (which exits at once; also as count.sh), it runs at most 4 jobs at a time, and the
 # scheduler queues at most 100; jobs end with the cluster.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -55,9 +55,12 @@ worker_port=$(free_port)
 "$bin/clusterctl" pki issue "$dir/pki" --role worker w1 >/dev/null 2>&1
 mkdir -p "$dir/scripts" "$dir/state"
 cp "$root/scripts/true.sh" "$dir/scripts/"
+# The document's examples name count.sh; here it is true.sh too, so that
+# the fuzzer's jobs run a real script and end at once whatever their args.
+cp "$root/scripts/true.sh" "$dir/scripts/count.sh"
 # A root workerd runs jobs as nobody, who must reach the script.
 chmod 0755 "$dir" "$dir/scripts"
-chmod 0644 "$dir/scripts/true.sh"
+chmod 0644 "$dir/scripts/true.sh" "$dir/scripts/count.sh"
 
 cat >"$dir/scheduler.toml" <<TOML
 [grpc_server]

@@ -82,6 +82,7 @@ pub struct StartJob {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<String>,
     /// Script path relative to the worker's scripts_dir.
+    #[cfg_attr(feature = "openapi", schema(example = "count.sh"))]
     pub path: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
@@ -255,6 +256,7 @@ pub struct StartGroup {
     pub selector: Selector,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<String>,
+    #[cfg_attr(feature = "openapi", schema(example = "count.sh"))]
     pub path: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
@@ -315,6 +317,7 @@ pub struct GroupLogsQuery {
     pub follow: bool,
     /// `text` (default): `[worker] line`; `ndjson`: one [`GroupLogLine`] a line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", param(pattern = "^(text|ndjson)$"))]
     pub format: Option<String>,
 }
 
