@@ -11,7 +11,8 @@
 #   FUZZ_SECONDS=60 scripts/fuzz-api.sh
 #
 # Environment: BIN (where the binaries are; default target/debug),
-# SCHEMATHESIS (the command; default `schemathesis`), FUZZ_SECONDS (time
+# SCHEMATHESIS (the command; default `schemathesis`), PYTHON (a python3
+# with openapi-spec-validator, if any; default python3), FUZZ_SECONDS (time
 # budget of the run; default 120), FUZZ_SEED (a seed, to repeat a run).
 #
 # The fuzzer really starts jobs: the worker's scripts_dir holds only
@@ -122,6 +123,25 @@ for i in $(seq 1 150); do
   fi
   sleep 0.2
 done
+
+# The document itself, checked by an OpenAPI validator of its own when
+# one is installed (.ci/run installs openapi-spec-validator).
+"${PYTHON:-python3}" - "$dir" "$http_port" <<'PY'
+import json, ssl, sys, urllib.request
+d, port = sys.argv[1], sys.argv[2]
+ctx = ssl.create_default_context(cafile=f"{d}/pki/ca.pem")
+ctx.load_cert_chain(f"{d}/pki/client.pem", f"{d}/pki/client-key.pem")
+url = f"https://127.0.0.1:{port}/v1/openapi.json"
+with urllib.request.urlopen(url, context=ctx, timeout=10) as reply:
+    doc = json.load(reply)
+try:
+    from openapi_spec_validator import validate
+except ImportError:
+    print("fuzz-api: openapi-spec-validator is not installed: the document is not validated", file=sys.stderr)
+    sys.exit(0)
+validate(doc)
+print(f"fuzz-api: the document is valid OpenAPI {doc['openapi']} ({len(doc['paths'])} paths)", file=sys.stderr)
+PY
 
 echo "== schemathesis against https://127.0.0.1:$http_port (up to $seconds s)" >&2
 status=0

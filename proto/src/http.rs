@@ -210,12 +210,21 @@ pub struct JobRef {
 #[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
 #[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
 pub struct JobFilter {
+    /// Only this worker's jobs (its id or name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker_id: Option<String>,
+    /// Only jobs in this state; `queued` lists them in queue order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "openapi",
+        param(pattern = "^(queued|running|unknown|succeeded|failed|stopped|lost)$")
+    )]
     pub state: Option<String>,
+    /// Jobs in a page, 1 to 1000 (smaller or larger values are taken as
+    /// the bound); default 100.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cursor: Option<String>,
 }
@@ -226,8 +235,10 @@ pub struct JobFilter {
 #[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
 #[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
 pub struct LogsQuery {
+    /// Keep the stream open, passing new output on, until the job ends.
     #[serde(default)]
     pub follow: bool,
+    /// The byte of the job's output to start from.
     #[serde(default)]
     pub offset: u64,
 }
@@ -313,6 +324,7 @@ pub struct GroupList {
 #[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
 #[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
 pub struct GroupLogsQuery {
+    /// Keep the stream open until every member has ended.
     #[serde(default)]
     pub follow: bool,
     /// `text` (default): `[worker] line`; `ndjson`: one [`GroupLogLine`] a line.
