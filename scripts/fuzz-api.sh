@@ -157,7 +157,8 @@ args=(
   --suppress-health-check all
 )
 [ -n "${FUZZ_SEED:-}" ] && args+=(--seed "$FUZZ_SEED")
-"$schemathesis" "${args[@]}" || status=$?
+# From the cluster's directory: schemathesis keeps a cache where it runs.
+(cd "$dir" && "$schemathesis" "${args[@]}") || status=$?
 if [ "$status" -ne 0 ]; then
   echo "fuzz-api: schemathesis found failures (exit $status); scheduler log:" >&2
   tail -n 40 "$dir/schedulerd.log" >&2
