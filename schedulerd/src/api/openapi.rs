@@ -50,8 +50,10 @@ without credentials. Unknown routes answer 404 `not_found`, a wrong method 405 \
         super::groups::stop,
         super::groups::logs,
         openapi_json,
-        // Routes added elsewhere (/metrics, /healthz, /readyz) are listed
-        // here too, each with its #[utoipa::path] on its handler.
+        // Every route of router() is listed here, with a #[utoipa::path]
+        // on its handler (the integration test fails otherwise): /metrics
+        // (`content_type = "text/plain"`), /healthz and /readyz (which take
+        // no credentials: `security(())` on their path attribute) go here.
     ),
     modifiers(&Common),
     security(("bearer" = []), ("client_certificate" = [])),
