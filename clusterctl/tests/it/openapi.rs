@@ -184,6 +184,29 @@ async fn the_openapi_document_lists_every_route_of_the_router() {
         );
     }
 
+    // The output streams' content types are the ones they are served with.
+    let job = cluster.start_job("w1", "count.sh", &["1", "0"]).await;
+    let reply = http
+        .get(format!("{}/v1/jobs/{job}/logs?follow=true", cluster.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), reqwest::StatusCode::OK);
+    let served = reply.headers()["content-type"].to_str().unwrap().to_owned();
+    let documented = &doc["paths"]["/v1/jobs/{id}/logs"]["get"]["responses"]["200"]["content"];
+    assert!(
+        documented.get(&served).is_some(),
+        "{served} not in {documented}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&reply.bytes().await.unwrap()),
+        "1\ndone\n"
+    );
+    let group = &doc["paths"]["/v1/groups/{id}/logs"]["get"]["responses"]["200"]["content"];
+    for media in ["text/plain", "application/x-ndjson"] {
+        assert!(group.get(media).is_some(), "{media} not in {group}");
+    }
+
     // A viewer token reads it; without credentials it is refused like
     // any other route.
     let anonymous = cluster.http_as(None);

@@ -225,7 +225,7 @@ pub(crate) async fn stop(
     tag = "jobs",
     params(("id" = uuid::Uuid, Path, description = "The job id."), LogsQuery),
     responses(
-        (status = 200, description = "The job's output bytes from `offset` (chunked); with `follow`, until the job ends. A stream cut by a failure ends without its last chunk: resume from the bytes received.", content_type = "application/octet-stream", body = [u8], headers(("X-Job-Id" = String, description = "The job."))),
+        (status = 200, description = "The job's output bytes from `offset` (chunked); with `follow`, until the job ends. A stream cut by a failure ends without its last chunk: resume from the bytes received.", content_type = "application/octet-stream", body = String, headers(("X-Job-Id" = String, description = "The job."))),
         (status = 400, description = "`invalid_job_id`, `invalid_query` (unknown or malformed parameter), `offset_out_of_range`.", body = jobcluster_proto::http::ErrorBody),
         (status = 404, description = "`job_not_found`, `worker_not_found` (its worker was removed).", body = jobcluster_proto::http::ErrorBody),
         (status = 410, description = "`output_expired`: the worker no longer keeps this output.", body = jobcluster_proto::http::ErrorBody),

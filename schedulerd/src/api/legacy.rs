@@ -102,7 +102,7 @@ pub(crate) async fn query(
     tag = "original",
     request_body = JobRef,
     responses(
-        (status = 200, description = "The job's output from its start, followed until the job ends (chunked; a cut stream ends without its last chunk).", content_type = "application/octet-stream", body = [u8], headers(("X-Job-Id" = String, description = "The job."))),
+        (status = 200, description = "The job's output from its start, followed until the job ends (chunked; a cut stream ends without its last chunk).", content_type = "application/octet-stream", body = String, headers(("X-Job-Id" = String, description = "The job."))),
         (status = 400, description = "`invalid_json`, `invalid_request`, `invalid_body`, `invalid_job_id` (not a UUID).", body = jobcluster_proto::http::ErrorBody),
         (status = 404, description = "`worker_not_found`, `job_not_found` (also for a job of another worker).", body = jobcluster_proto::http::ErrorBody),
         (status = 410, description = "`output_expired`: the worker no longer keeps this output.", body = jobcluster_proto::http::ErrorBody),
