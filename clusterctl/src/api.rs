@@ -121,12 +121,14 @@ impl ApiError {
     pub(crate) fn is_retryable(&self) -> bool {
         match self {
             ApiError::Transport { retryable, .. } => *retryable,
-            ApiError::Status { status, .. } => matches!(
-                *status,
-                StatusCode::BAD_GATEWAY
-                    | StatusCode::SERVICE_UNAVAILABLE
-                    | StatusCode::GATEWAY_TIMEOUT
-            ),
+            ApiError::Status { status, .. } => {
+                matches!(
+                    *status,
+                    StatusCode::BAD_GATEWAY
+                        | StatusCode::SERVICE_UNAVAILABLE
+                        | StatusCode::GATEWAY_TIMEOUT
+                ) || self.code() == Some("job_not_started")
+            }
             ApiError::Decode { .. } => false,
         }
     }

@@ -181,10 +181,11 @@ pub(crate) async fn stream_output<S: LogSource>(
         // A job whose worker cannot be asked now is `unknown`, not over:
         // wait for it as long as the scheduler has not given it up, and
         // end with the real outcome.
+        // `409 job_not_started`: queued, or its start not settled yet.
         let unavailable = matches!(
             &error,
             ApiError::Status { status, .. } if *status == reqwest::StatusCode::SERVICE_UNAVAILABLE
-        );
+        ) || error.code() == Some("job_not_started");
         if unavailable && follow {
             match source.job().await {
                 Ok(job) if job.state == "lost" => return Ok(Some(job)),

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 /// Every error answer: `{"error": "...", "code": "snake_case"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     pub error: String,
     pub code: String,
@@ -24,11 +25,13 @@ pub type Selector = BTreeMap<String, String>;
 
 /// A worker as the scheduler knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkerInfo {
     pub worker_id: String,
     pub name: String,
     pub address: String,
-    /// `ready`, `draining` (takes no new jobs), `down` or `left`.
+    /// `ready`, `draining` (takes no new jobs), `unresponsive` (its calls
+    /// time out; not yet down), `down` or `left`.
     pub state: String,
     pub plugins: Vec<String>,
     pub labels: BTreeMap<String, String>,
@@ -50,12 +53,14 @@ pub struct WorkerInfo {
 
 /// `GET /v1/workers`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkerList {
     pub workers: Vec<WorkerInfo>,
 }
 
 /// Answer to `DELETE /v1/workers/{id}`: `{"success": true}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Success {
     pub success: bool,
 }
@@ -64,6 +69,7 @@ pub struct Success {
 /// required).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StartJob {
     /// Worker id or name; empty or absent: the scheduler places the job.
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -76,6 +82,7 @@ pub struct StartJob {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<String>,
     /// Script path relative to the worker's scripts_dir.
+    #[cfg_attr(feature = "openapi", schema(example = "count.sh"))]
     pub path: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
@@ -104,6 +111,7 @@ fn is_zero(n: &i32) -> bool {
 
 /// Answer to a start: `201 {"job_id", "worker_id"}`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobStarted {
     pub job_id: String,
     pub worker_id: String,
@@ -123,6 +131,7 @@ pub struct JobStarted {
 /// A job record. Also the answer of `POST /query`, whose original fields
 /// (`done`, `error`, `error_text`) are all here.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobInfo {
     pub job_id: String,
     pub worker_id: String,
@@ -169,6 +178,7 @@ pub struct JobInfo {
 
 /// `GET /v1/jobs`: newest first; `next_cursor` fetches the next page.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobList {
     pub jobs: Vec<JobInfo>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -177,6 +187,7 @@ pub struct JobList {
 
 /// Answer to a stop: `{"success": true, "state"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StopResult {
     pub success: bool,
     pub state: String,
@@ -185,21 +196,35 @@ pub struct StopResult {
 /// Body of the original `POST /stop`, `/query` and `/stream`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobRef {
+    /// Worker id or name.
     pub worker_id: String,
+    #[cfg_attr(feature = "openapi", schema(format = Uuid))]
     pub job_id: String,
 }
 
 /// `GET /v1/jobs` query parameters.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
 pub struct JobFilter {
+    /// Only this worker's jobs (its id or name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker_id: Option<String>,
+    /// Only jobs in this state; `queued` lists them in queue order.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "openapi",
+        param(pattern = "^(queued|running|unknown|succeeded|failed|stopped|lost)$")
+    )]
     pub state: Option<String>,
+    /// Jobs in a page, 1 to 1000 (smaller or larger values are taken as
+    /// the bound); default 100.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<u32>,
+    /// `next_cursor` of the previous page.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cursor: Option<String>,
 }
@@ -207,9 +232,13 @@ pub struct JobFilter {
 /// `GET /v1/jobs/{id}/logs` query parameters.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
 pub struct LogsQuery {
+    /// Keep the stream open, passing new output on, until the job ends.
     #[serde(default)]
     pub follow: bool,
+    /// The byte of the job's output to start from.
     #[serde(default)]
     pub offset: u64,
 }
@@ -228,6 +257,7 @@ pub const JOB_STATES: [&str; 7] = [
 /// `POST /v1/groups`: one job per matching ready worker.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StartGroup {
     /// Every eligible worker (with `selector`, every eligible one matching it).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -237,6 +267,7 @@ pub struct StartGroup {
     pub selector: Selector,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<String>,
+    #[cfg_attr(feature = "openapi", schema(example = "count.sh"))]
     pub path: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
@@ -246,6 +277,7 @@ pub struct StartGroup {
 
 /// A worker of a fan-out that could not start its job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GroupFailure {
     pub worker_id: String,
     pub error: String,
@@ -253,6 +285,7 @@ pub struct GroupFailure {
 
 /// Answer to `POST /v1/groups`: `201`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GroupStarted {
     pub group_id: String,
     pub jobs: Vec<JobStarted>,
@@ -261,6 +294,7 @@ pub struct GroupStarted {
 
 /// `GET /v1/groups/{id}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GroupInfo {
     pub group_id: String,
     /// `running` while any job runs; then `succeeded` only if every job
@@ -279,6 +313,7 @@ pub struct GroupInfo {
 
 /// `GET /v1/groups`: newest first.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GroupList {
     pub groups: Vec<GroupInfo>,
 }
@@ -286,16 +321,21 @@ pub struct GroupList {
 /// `GET /v1/groups/{id}/logs` query parameters.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::IntoParams))]
+#[cfg_attr(feature = "openapi", into_params(parameter_in = Query))]
 pub struct GroupLogsQuery {
+    /// Keep the stream open until every member has ended.
     #[serde(default)]
     pub follow: bool,
     /// `text` (default): `[worker] line`; `ndjson`: one [`GroupLogLine`] a line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", param(pattern = "^(text|ndjson)$"))]
     pub format: Option<String>,
 }
 
 /// One line of `GET /v1/groups/{id}/logs?format=ndjson`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GroupLogLine {
     /// The worker's name.
     pub worker: String,

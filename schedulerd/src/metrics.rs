@@ -366,6 +366,14 @@ fn observe_http(route: String, method: &'static str, status: StatusCode, took: D
 
 /// `GET /metrics`: the Prometheus text format (0.0.4), or OpenMetrics for
 /// a scraper that asks for it.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Every metric in the Prometheus text format 0.0.4 (OpenMetrics 1.0 when `Accept` asks for `application/openmetrics-text`); see docs/OPERATIONS.md.", content_type = "text/plain", body = String),
+    ),
+)]
 pub(crate) async fn scrape(State(state): State<AppState>, headers: HeaderMap) -> Response {
     // Read before taking the lock: no lock is held across an await.
     let queued = state.store.queue_length().await;

@@ -661,6 +661,26 @@ impl Store {
         .await
     }
 
+    /// Ends a job whose start its worker refused for the job's own sake
+    /// `failed`, with `why`, and drops its queue entry; a job that started
+    /// or ended meanwhile is left alone.
+    pub async fn fail_unstarted(&self, job_id: &str, why: &str) -> Result<(), StoreError> {
+        let (id, why) = (job_id.to_owned(), why.to_owned());
+        self.write(move |c| {
+            let tx = c.transaction()?;
+            let now = now_ms() as i64;
+            tx.execute(
+                "UPDATE jobs SET state = 'failed', error_text = ?2, finished_at_ms = ?3,
+                   updated_at_ms = ?3
+                 WHERE job_id = ?1 AND state = 'unknown' AND started_at_ms = 0",
+                params![id, why, now],
+            )?;
+            tx.execute("DELETE FROM queue WHERE job_id = ?1", [&id])?;
+            tx.commit()
+        })
+        .await
+    }
+
     /// Applies a worker's reports about its jobs in one transaction: the
     /// worker is the authority on its running jobs, but a terminal state
     /// the scheduler recorded wins over any report that disagrees. Jobs the

@@ -15,6 +15,7 @@ mod http;
 mod hung;
 mod idempotency;
 mod metrics;
+mod openapi;
 mod placement;
 mod queue;
 mod removal;

@@ -718,3 +718,32 @@ async fn a_burst_through_two_scheduler_kills_runs_every_accepted_job_exactly_onc
         assert!(most <= 2, "worker {w} ran {most} jobs at once");
     }
 }
+
+/// A queued job its worker refuses for the job's own sake (a script it
+/// does not have) ends `failed` with the refusal, instead of going back
+/// into the queue for ever.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_queued_job_its_worker_refuses_fails_with_the_refusal() {
+    let cluster = Cluster::start_with(&["w1"], "", "max_jobs = 1\n---\n").await;
+    let busy = submit(
+        &cluster,
+        json!({"worker_id": "w1", "path": "count.sh", "args": ["3", "0.1"]}),
+    )
+    .await;
+    let missing = submit(&cluster, json!({"worker_id": "w1", "path": "nope.sh"})).await;
+    assert_eq!(missing.state.as_deref(), Some("queued"));
+    let jobs = all_done(
+        &cluster,
+        &[busy.job_id, missing.job_id],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(jobs[0].state, "succeeded");
+    assert_eq!(jobs[1].state, "failed", "{:?}", jobs[1]);
+    assert!(
+        jobs[1].error_text.contains("refused the job") && jobs[1].error_text.contains("nope.sh"),
+        "{:?}",
+        jobs[1].error_text
+    );
+    assert!(jobs[1].started_at.is_none(), "{:?}", jobs[1]);
+}

@@ -147,9 +147,10 @@ fn start(state: &AppState, row: JobRow, env: std::collections::BTreeMap<String, 
         state.queue.left();
         if let Err(e) = result {
             if e.nothing_started {
-                // Back in its place; the next tick tries again, not this
-                // instant, so a worker that keeps refusing is not hammered.
-                tracing::info!(%job_id, worker_id = %worker.id(), error = %e.error.message, "queued job not started; back in the queue");
+                // Back in its place (the next tick tries again, not this
+                // instant, so a busy worker is not hammered), or failed if
+                // the worker refused the job itself.
+                tracing::info!(%job_id, worker_id = %worker.id(), error = %e.error.message, "queued job not started");
             } else {
                 tracing::warn!(%job_id, worker_id = %worker.id(), error = %e.error.message, "dispatched job's start is in doubt; it stays unknown");
             }

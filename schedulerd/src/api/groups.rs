@@ -31,6 +31,24 @@ use crate::time::{now_ms, rfc3339};
 const MERGE_BUFFER: usize = 64;
 const LIST_LIMIT: u32 = 100;
 
+#[utoipa::path(
+    post,
+    path = "/v1/groups",
+    operation_id = "start_group",
+    tag = "groups",
+    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters; a request repeating it within 24 h gets the group it started and starts nothing.")),
+    request_body = StartGroup,
+    responses(
+        (status = 201, description = "Started on at least one worker; `failed` lists the workers that could not start it.", body = GroupStarted, headers(("Idempotent-Replayed" = String, description = "`true` when this repeats an earlier request's outcome (same Idempotency-Key)."))),
+        (status = 400, description = "`invalid_json`, `invalid_request` (a field is wrong, or neither `all` nor a `selector`), `invalid_body`, `invalid_idempotency_key`, `invalid_path`, or every worker's same refusal: `invalid_path`, `unknown_plugin`, `env_not_allowed`, `invalid_request`.", body = jobcluster_proto::http::ErrorBody),
+        (status = 409, description = "`no_eligible_worker` (no ready worker has the plugin or matches the selector), `idempotency_key_in_use`.", body = jobcluster_proto::http::ErrorBody),
+        (status = 413, description = "`request_too_large` (args or env over a bound) or `payload_too_large` (body over 1 MiB).", body = jobcluster_proto::http::ErrorBody),
+        (status = 422, description = "`idempotency_key_reused`: the key was used for another request within 24 h.", body = jobcluster_proto::http::ErrorBody),
+        (status = 429, description = "`worker_busy`: every worker refused, each running its `max_jobs`.", body = jobcluster_proto::http::ErrorBody),
+        (status = 500, description = "`internal`: the fan-out's task failed (a bug).", body = jobcluster_proto::http::ErrorBody),
+        (status = 503, description = "`group_failed` (no worker could start the job, not all for the same fault of the request; the message says why for each), `store_unavailable`.", body = jobcluster_proto::http::ErrorBody),
+    ),
+)]
 pub(crate) async fn create(
     State(state): State<AppState>,
     IdempotencyKey(key): IdempotencyKey,
@@ -173,12 +191,14 @@ async fn start_group(
         failed: Vec::new(),
     };
     let mut in_doubt = false;
+    let mut refusals = Vec::new();
     // A worker that fails to start does not hide the others.
     for (worker_id, result) in futures_util::future::join_all(starts).await {
         match result {
             Ok(job) => started.jobs.push(job),
             Err(e) => {
                 in_doubt |= e.code == "start_unconfirmed";
+                refusals.push((e.status, e.code.clone()));
                 started.failed.push(GroupFailure {
                     worker_id,
                     error: e.message,
@@ -196,9 +216,25 @@ async fn start_group(
             tracing::error!(%group_id, %error, "could not unbind the idempotency key of a group that started nothing");
         }
         let why: Vec<_> = started.failed.iter().map(|f| f.error.as_str()).collect();
+        // Every worker refused the request alike for what it asks (a
+        // script or plugin none has, a bad env, all busy): that is the
+        // answer, not a failure of the scheduler's.
+        let (status, code) = match refusals.first() {
+            Some((status, code))
+                if matches!(
+                    *status,
+                    StatusCode::BAD_REQUEST
+                        | StatusCode::PAYLOAD_TOO_LARGE
+                        | StatusCode::TOO_MANY_REQUESTS
+                ) && refusals.iter().all(|r| r == &refusals[0]) =>
+            {
+                (*status, code.as_str())
+            }
+            _ => (StatusCode::SERVICE_UNAVAILABLE, "group_failed"),
+        };
         return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "group_failed",
+            status,
+            code,
             format!("no worker could start the job: {}", why.join("; ")),
         ));
     }
@@ -258,6 +294,19 @@ async fn refreshed(state: &AppState, jobs: Vec<JobRow>) -> Vec<Seen> {
     futures_util::future::join_all(jobs.into_iter().map(|j| refresh(state, j))).await
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/groups/{id}",
+    operation_id = "show_group",
+    tag = "groups",
+    params(("id" = uuid::Uuid, Path, description = "The group id.")),
+    responses(
+        (status = 200, description = "The group and its jobs, asked of their workers first.", body = GroupInfo),
+        (status = 400, description = "`invalid_group_id`: not a UUID.", body = jobcluster_proto::http::ErrorBody),
+        (status = 404, description = "`group_not_found`.", body = jobcluster_proto::http::ErrorBody),
+        (status = 503, description = "`store_unavailable`.", body = jobcluster_proto::http::ErrorBody),
+    ),
+)]
 pub(crate) async fn show(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -267,6 +316,16 @@ pub(crate) async fn show(
     Ok(Json(group_info(group, &jobs, true)))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/groups",
+    operation_id = "list_groups",
+    tag = "groups",
+    responses(
+        (status = 200, description = "The newest 100 groups, without `args`.", body = GroupList),
+        (status = 503, description = "`store_unavailable`.", body = jobcluster_proto::http::ErrorBody),
+    ),
+)]
 pub(crate) async fn list(State(state): State<AppState>) -> Result<Json<GroupList>, ApiError> {
     let mut groups = Vec::new();
     for group in state.store.groups(LIST_LIMIT).await? {
@@ -281,6 +340,19 @@ pub(crate) async fn list(State(state): State<AppState>) -> Result<Json<GroupList
     Ok(Json(GroupList { groups }))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/groups/{id}/stop",
+    operation_id = "stop_group",
+    tag = "groups",
+    params(("id" = uuid::Uuid, Path, description = "The group id.")),
+    responses(
+        (status = 200, description = "Every member that could be stopped is; `state` is the group's.", body = StopResult),
+        (status = 400, description = "`invalid_group_id`: not a UUID.", body = jobcluster_proto::http::ErrorBody),
+        (status = 404, description = "`group_not_found`.", body = jobcluster_proto::http::ErrorBody),
+        (status = 503, description = "`store_unavailable`.", body = jobcluster_proto::http::ErrorBody),
+    ),
+)]
 pub(crate) async fn stop(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -305,6 +377,23 @@ pub(crate) async fn stop(
 /// Every member's output, line by line as lines complete, each line marked
 /// with its worker: `[w1] line` (text) or a [`GroupLogLine`] (ndjson). A
 /// member's partial last line is completed when its job ends.
+#[utoipa::path(
+    get,
+    path = "/v1/groups/{id}/logs",
+    operation_id = "group_logs",
+    tag = "groups",
+    params(("id" = uuid::Uuid, Path, description = "The group id."), GroupLogsQuery),
+    responses(
+        (status = 200, description = "Every member's output merged line by line as lines complete (chunked): `[worker] line` (text), or one GroupLogLine a line (`format=ndjson`).", content(
+            (String = "text/plain"),
+            (GroupLogLine = "application/x-ndjson"),
+        )),
+        (status = 400, description = "`invalid_group_id`, `invalid_query` (an unknown or malformed parameter, a format other than text or ndjson).", body = jobcluster_proto::http::ErrorBody),
+        (status = 404, description = "`group_not_found`.", body = jobcluster_proto::http::ErrorBody),
+        (status = 429, description = "`too_many_followers`: a member has as many open output streams as allowed.", body = jobcluster_proto::http::ErrorBody),
+        (status = 503, description = "`store_unavailable`.", body = jobcluster_proto::http::ErrorBody),
+    ),
+)]
 pub(crate) async fn logs(
     State(state): State<AppState>,
     Path(id): Path<String>,

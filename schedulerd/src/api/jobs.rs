@@ -27,6 +27,28 @@ use crate::time::{now_ms, rfc3339};
 const DEFAULT_PAGE: u32 = 100;
 const MAX_PAGE: u32 = 1000;
 
+#[utoipa::path(
+    post,
+    path = "/v1/jobs",
+    operation_id = "start_job",
+    tag = "jobs",
+    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters; a request repeating it within 24 h gets the job it started and starts nothing.")),
+    request_body = StartJob,
+    responses(
+        (status = 201, description = "Started.", body = JobStarted, headers(("Idempotent-Replayed" = String, description = "`true` when this repeats an earlier request's outcome (same Idempotency-Key); `state` then says where the job is now."))),
+        (status = 202, description = "Queued: no slot is free for it now (`state: queued`, `position`, `reason`); it starts when one is.", body = JobStarted, headers(("Idempotent-Replayed" = String, description = "`true` when this repeats an earlier request's outcome."))),
+        (status = 400, description = "`invalid_json`, `invalid_request` (a field is wrong), `invalid_body`, `invalid_idempotency_key`, `invalid_path`, `invalid_queue_timeout`, or the worker's refusal: `unknown_plugin`, `env_not_allowed`, `invalid_request`.", body = jobcluster_proto::http::ErrorBody),
+        (status = 404, description = "`worker_not_found`: the named worker is not known.", body = jobcluster_proto::http::ErrorBody),
+        (status = 409, description = "`no_eligible_worker` (no worker has the plugin or matches the selector, or, with `queue: false`, every one is busy), `worker_draining`, `idempotency_key_in_use`, `job_exists`.", body = jobcluster_proto::http::ErrorBody),
+        (status = 413, description = "`request_too_large` (args or env over a bound) or `payload_too_large` (body over 1 MiB).", body = jobcluster_proto::http::ErrorBody),
+        (status = 422, description = "`idempotency_key_reused`: the key was used for another request within 24 h.", body = jobcluster_proto::http::ErrorBody),
+        (status = 429, description = "`queue_full` (`[scheduler] max_queued` jobs wait already), `worker_busy` (with `queue: false`).", body = jobcluster_proto::http::ErrorBody),
+        (status = 500, description = "`internal`: the start's task failed (a bug).", body = jobcluster_proto::http::ErrorBody),
+        (status = 502, description = "`worker_storage`: the worker failed to write the job's files; `worker_job_id_refused`: a worker of the original design answered with a job id that is not a UUID or names another job.", body = jobcluster_proto::http::ErrorBody),
+        (status = 503, description = "`worker_down`, `worker_unavailable`, `worker_unresponsive` (the named worker cannot take it now; `wait_for_worker` queues instead), `job_starting`, `store_unavailable`, or `start_unconfirmed` (the job may be running: `job_id` says which; ask for it later).", body = jobcluster_proto::http::ErrorBody),
+        (status = 507, description = "`worker_storage_full`: the worker's disk is full.", body = jobcluster_proto::http::ErrorBody),
+    ),
+)]
 pub(crate) async fn create(
     State(state): State<AppState>,
     IdempotencyKey(key): IdempotencyKey,
@@ -141,6 +163,19 @@ fn start_unconfirmed(job_id: &str, worker: &str, why: &str) -> ApiError {
     .with_job(job_id)
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}",
+    operation_id = "show_job",
+    tag = "jobs",
+    params(("id" = uuid::Uuid, Path, description = "The job id.")),
+    responses(
+        (status = 200, description = "The job, asked of its worker first (`stale: true` when the worker could not answer in time).", body = JobInfo),
+        (status = 400, description = "`invalid_job_id`: not a UUID.", body = jobcluster_proto::http::ErrorBody),
+        (status = 404, description = "`job_not_found`.", body = jobcluster_proto::http::ErrorBody),
+        (status = 503, description = "`store_unavailable`.", body = jobcluster_proto::http::ErrorBody),
+    ),
+)]
 pub(crate) async fn show(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -161,6 +196,20 @@ fn with_queue(info: &mut JobInfo, entry: &QueueEntry, position: u64) {
     info.queued_at = Some(rfc3339(entry.queued_at_ms));
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{id}/stop",
+    operation_id = "stop_job",
+    tag = "jobs",
+    params(("id" = uuid::Uuid, Path, description = "The job id.")),
+    responses(
+        (status = 200, description = "The job is stopped, or had ended: its state (a queued job ends `stopped` without starting).", body = StopResult),
+        (status = 400, description = "`invalid_job_id`: not a UUID.", body = jobcluster_proto::http::ErrorBody),
+        (status = 404, description = "`job_not_found`, `worker_not_found` (its worker was removed).", body = jobcluster_proto::http::ErrorBody),
+        (status = 502, description = "The worker failed (`worker_storage`).", body = jobcluster_proto::http::ErrorBody),
+        (status = 503, description = "`worker_down`, `worker_unavailable`, `worker_unresponsive`, `job_starting`, `store_unavailable`.", body = jobcluster_proto::http::ErrorBody),
+    ),
+)]
 pub(crate) async fn stop(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -169,6 +218,24 @@ pub(crate) async fn stop(
     Ok(Json(stop_job(&state, row).await?))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}/logs",
+    operation_id = "job_logs",
+    tag = "jobs",
+    params(("id" = uuid::Uuid, Path, description = "The job id."), LogsQuery),
+    responses(
+        (status = 200, description = "The job's output bytes from `offset` (chunked); with `follow`, until the job ends. A stream cut by a failure ends without its last chunk: resume from the bytes received.", content_type = "application/octet-stream", body = String, headers(("X-Job-Id" = String, description = "The job."))),
+        (status = 400, description = "`invalid_job_id`, `invalid_query` (unknown or malformed parameter), `offset_out_of_range`.", body = jobcluster_proto::http::ErrorBody),
+        (status = 404, description = "`job_not_found`, `worker_not_found` (its worker was removed).", body = jobcluster_proto::http::ErrorBody),
+        (status = 410, description = "`output_expired`: the worker no longer keeps this output.", body = jobcluster_proto::http::ErrorBody),
+        (status = 429, description = "`too_many_followers`: the job has as many open output streams as allowed.", body = jobcluster_proto::http::ErrorBody),
+        (status = 501, description = "`output_unavailable`: the job runs on a worker of the original design, which keeps no output stream.", body = jobcluster_proto::http::ErrorBody),
+        (status = 502, description = "The worker failed (`worker_storage`).", body = jobcluster_proto::http::ErrorBody),
+        (status = 409, description = "`job_not_started`: the job is queued, or its start is not settled yet; try again once it runs (`job_id` says which).", body = jobcluster_proto::http::ErrorBody),
+        (status = 503, description = "`worker_down`, `worker_unavailable`, `worker_unresponsive`, `store_unavailable`.", body = jobcluster_proto::http::ErrorBody),
+    ),
+)]
 pub(crate) async fn logs(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -178,6 +245,19 @@ pub(crate) async fn logs(
     stream_output(&state, row, q.offset, q.follow).await
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/jobs",
+    operation_id = "list_jobs",
+    tag = "jobs",
+    params(JobFilter),
+    responses(
+        (status = 200, description = "Jobs, newest first (queued jobs in queue order with `state=queued`), without `args`; `next_cursor` fetches the next page.", body = JobList),
+        (status = 400, description = "`invalid_query`: an unknown or malformed parameter, a state that is none of the job states, a cursor this API did not give out.", body = jobcluster_proto::http::ErrorBody),
+        (status = 404, description = "`worker_not_found`: `worker_id` names no known worker.", body = jobcluster_proto::http::ErrorBody),
+        (status = 503, description = "`store_unavailable`.", body = jobcluster_proto::http::ErrorBody),
+    ),
+)]
 pub(crate) async fn list(
     State(state): State<AppState>,
     QueryParams(filter): QueryParams<JobFilter>,
@@ -757,6 +837,15 @@ pub(crate) async fn call_start(
             };
             let undone = match refusal {
                 Refusal::Forget => state.store.delete_unstarted_job(&job_id).await,
+                // A refusal of the job itself (a script, plugin or env the
+                // worker will not take) would be refused again on every
+                // try: the job ends `failed` with it, as a direct start
+                // would have answered it.
+                Refusal::Requeue if !PASS_ON.contains(&error.code.as_str()) => {
+                    let why = format!("worker {} refused the job: {}", w.name, error.message);
+                    tracing::info!(%job_id, worker = %w.name, code = %error.code, "queued job refused by its worker; it fails");
+                    state.store.fail_unstarted(&job_id, &why).await
+                }
                 Refusal::Requeue => {
                     let reason = format!("worker {}: {}", w.name, error.message);
                     state.store.requeue(&job_id, &reason).await.map(|_| ())
@@ -1219,9 +1308,11 @@ pub(crate) async fn stream_output(
     offset: u64,
     follow: bool,
 ) -> Result<Response, ApiError> {
+    // 409, not 503: the job's state, not the scheduler, is why there is
+    // no output yet.
     if row.state == JobState::Queued {
         return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::CONFLICT,
             "job_not_started",
             format!(
                 "job {} is queued: no worker runs it yet; try again once it started",
@@ -1259,7 +1350,7 @@ pub(crate) async fn stream_output(
             // the caller may wait for it (503), not give up on it (404).
             if status.code() == tonic::Code::NotFound && row.state == JobState::Unknown {
                 return Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
+                    StatusCode::CONFLICT,
                     "job_not_started",
                     format!(
                         "job {} is not running on worker {name} yet (its start is not settled); try again shortly",

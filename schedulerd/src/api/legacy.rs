@@ -6,7 +6,7 @@
 use axum::Json;
 use axum::extract::State;
 use axum::response::Response;
-use jobcluster_proto::http::{JobInfo, JobRef, StartJob, StopResult};
+use jobcluster_proto::http::{JobInfo, JobRef, JobStarted, StartJob, StopResult};
 use serde::Deserialize;
 
 use super::extract::JsonBody;
@@ -25,6 +25,28 @@ pub(crate) struct Lenient<T> {
     body: T,
 }
 
+#[utoipa::path(
+    post,
+    path = "/start",
+    operation_id = "legacy_start",
+    tag = "original",
+    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters; a request repeating it within 24 h gets the job it started and starts nothing.")),
+    request_body(content = StartJob, description = "As `POST /v1/jobs`, but `worker_id` and `command` are required, and the job waits in the queue only with `\"queue\": true`."),
+    responses(
+        (status = 201, description = "Started.", body = JobStarted, headers(("Idempotent-Replayed" = String, description = "`true` when this repeats an earlier request's outcome (same Idempotency-Key)."))),
+        (status = 202, description = "Queued (only with `\"queue\": true`): it starts when a slot is free.", body = JobStarted, headers(("Idempotent-Replayed" = String, description = "`true` when this repeats an earlier request's outcome."))),
+        (status = 400, description = "`invalid_json`, `invalid_request` (a field is wrong; `command` missing), `invalid_body`, `invalid_idempotency_key`, `invalid_path`, `start_refused` (a worker of the original design refused it), `invalid_queue_timeout`, or the worker's refusal: `unknown_plugin`, `env_not_allowed`, `invalid_request`.", body = jobcluster_proto::http::ErrorBody),
+        (status = 404, description = "`worker_not_found`.", body = jobcluster_proto::http::ErrorBody),
+        (status = 409, description = "`no_eligible_worker` (the worker does not match the selector), `worker_draining`, `idempotency_key_in_use`, `job_exists`.", body = jobcluster_proto::http::ErrorBody),
+        (status = 413, description = "`request_too_large` (args or env over a bound) or `payload_too_large` (body over 1 MiB).", body = jobcluster_proto::http::ErrorBody),
+        (status = 422, description = "`idempotency_key_reused`: the key was used for another request within 24 h.", body = jobcluster_proto::http::ErrorBody),
+        (status = 429, description = "`worker_busy` (no free slot and `queue` is not true), `queue_full`.", body = jobcluster_proto::http::ErrorBody),
+        (status = 500, description = "`internal`: the start's task failed (a bug).", body = jobcluster_proto::http::ErrorBody),
+        (status = 502, description = "`worker_storage`: the worker failed to write the job's files; `worker_job_id_refused`: a worker of the original design answered with a job id that is not a UUID or names another job.", body = jobcluster_proto::http::ErrorBody),
+        (status = 503, description = "`worker_down`, `worker_unavailable`, `worker_unresponsive`, `job_starting`, `store_unavailable`, or `start_unconfirmed` (the job may be running: `job_id` says which; ask for it later).", body = jobcluster_proto::http::ErrorBody),
+        (status = 507, description = "`worker_storage_full`: the worker's disk is full.", body = jobcluster_proto::http::ErrorBody),
+    ),
+)]
 pub(crate) async fn start(
     State(state): State<AppState>,
     IdempotencyKey(key): IdempotencyKey,
@@ -44,6 +66,20 @@ pub(crate) async fn start(
     start_once(&state, key, "/start", body).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/stop",
+    operation_id = "legacy_stop",
+    tag = "original",
+    request_body = JobRef,
+    responses(
+        (status = 200, description = "The job is stopped, or had ended: its state.", body = StopResult),
+        (status = 400, description = "`invalid_json`, `invalid_request`, `invalid_body`, `invalid_job_id` (not a UUID).", body = jobcluster_proto::http::ErrorBody),
+        (status = 404, description = "`worker_not_found`, `job_not_found` (also for a job of another worker).", body = jobcluster_proto::http::ErrorBody),
+        (status = 502, description = "The worker failed (`worker_storage`).", body = jobcluster_proto::http::ErrorBody),
+        (status = 503, description = "`worker_down`, `worker_unavailable`, `worker_unresponsive`, `job_starting`, `store_unavailable`.", body = jobcluster_proto::http::ErrorBody),
+    ),
+)]
 pub(crate) async fn stop(
     State(state): State<AppState>,
     JsonBody(Lenient { body }): JsonBody<Lenient<JobRef>>,
@@ -52,6 +88,19 @@ pub(crate) async fn stop(
     Ok(Json(stop_job(&state, row).await?))
 }
 
+#[utoipa::path(
+    post,
+    path = "/query",
+    operation_id = "legacy_query",
+    tag = "original",
+    request_body = JobRef,
+    responses(
+        (status = 200, description = "The job (`done`, `error`, `error_text` are the original fields).", body = JobInfo),
+        (status = 400, description = "`invalid_json`, `invalid_request`, `invalid_body`, `invalid_job_id` (not a UUID).", body = jobcluster_proto::http::ErrorBody),
+        (status = 404, description = "`worker_not_found`, `job_not_found` (also for a job of another worker).", body = jobcluster_proto::http::ErrorBody),
+        (status = 503, description = "`store_unavailable`.", body = jobcluster_proto::http::ErrorBody),
+    ),
+)]
 pub(crate) async fn query(
     State(state): State<AppState>,
     JsonBody(Lenient { body }): JsonBody<Lenient<JobRef>>,
@@ -64,6 +113,24 @@ pub(crate) async fn query(
     Ok(Json(info))
 }
 
+#[utoipa::path(
+    post,
+    path = "/stream",
+    operation_id = "legacy_stream",
+    tag = "original",
+    request_body = JobRef,
+    responses(
+        (status = 200, description = "The job's output from its start, followed until the job ends (chunked; a cut stream ends without its last chunk).", content_type = "application/octet-stream", body = String, headers(("X-Job-Id" = String, description = "The job."))),
+        (status = 400, description = "`invalid_json`, `invalid_request`, `invalid_body`, `invalid_job_id` (not a UUID).", body = jobcluster_proto::http::ErrorBody),
+        (status = 404, description = "`worker_not_found`, `job_not_found` (also for a job of another worker).", body = jobcluster_proto::http::ErrorBody),
+        (status = 410, description = "`output_expired`: the worker no longer keeps this output.", body = jobcluster_proto::http::ErrorBody),
+        (status = 429, description = "`too_many_followers`: the job has as many open output streams as allowed.", body = jobcluster_proto::http::ErrorBody),
+        (status = 501, description = "`output_unavailable`: the job runs on a worker of the original design, which keeps no output stream.", body = jobcluster_proto::http::ErrorBody),
+        (status = 502, description = "The worker failed (`worker_storage`).", body = jobcluster_proto::http::ErrorBody),
+        (status = 409, description = "`job_not_started`: the job is queued, or its start is not settled yet; try again once it runs (`job_id` says which).", body = jobcluster_proto::http::ErrorBody),
+        (status = 503, description = "`worker_down`, `worker_unavailable`, `worker_unresponsive`, `store_unavailable`.", body = jobcluster_proto::http::ErrorBody),
+    ),
+)]
 pub(crate) async fn stream(
     State(state): State<AppState>,
     JsonBody(Lenient { body }): JsonBody<Lenient<JobRef>>,

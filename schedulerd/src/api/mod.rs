@@ -11,6 +11,7 @@ mod groups;
 pub(crate) mod idempotency;
 pub(crate) mod jobs;
 mod legacy;
+pub(crate) mod openapi;
 pub(crate) mod serve;
 pub(crate) mod tls;
 mod workers;
@@ -134,6 +135,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/groups/{id}/stop", post(groups::stop))
         .route("/v1/groups/{id}/logs", get(groups::logs))
         .route("/metrics", get(crate::metrics::scrape))
+        .route("/v1/openapi.json", get(openapi::openapi_json))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))

@@ -13,14 +13,27 @@ use crate::state::WorkerState;
 use crate::store::WorkerRow;
 use crate::time::{now_ms, rfc3339};
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub(crate) struct ListQuery {
     /// Include workers that have left the cluster.
     #[serde(default)]
     all: bool,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/workers",
+    operation_id = "list_workers",
+    tag = "workers",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "The workers (without those that left, unless `all`).", body = WorkerList),
+        (status = 400, description = "`invalid_query`: an unknown or malformed parameter.", body = jobcluster_proto::http::ErrorBody),
+        (status = 503, description = "`store_unavailable`.", body = jobcluster_proto::http::ErrorBody),
+    ),
+)]
 pub(crate) async fn list(
     State(state): State<AppState>,
     QueryParams(q): QueryParams<ListQuery>,
@@ -43,6 +56,18 @@ pub(crate) async fn list(
     Ok(Json(WorkerList { workers }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/workers/{id}",
+    operation_id = "show_worker",
+    tag = "workers",
+    params(("id" = String, Path, description = "The worker's id or name.")),
+    responses(
+        (status = 200, description = "The worker.", body = WorkerInfo),
+        (status = 404, description = "`worker_not_found`.", body = jobcluster_proto::http::ErrorBody),
+        (status = 503, description = "`store_unavailable`.", body = jobcluster_proto::http::ErrorBody),
+    ),
+)]
 pub(crate) async fn show(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -61,6 +86,18 @@ pub(crate) async fn show(
     )))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/workers/{id}/drain",
+    operation_id = "drain_worker",
+    tag = "workers",
+    params(("id" = String, Path, description = "The worker's id or name.")),
+    responses(
+        (status = 200, description = "The worker, draining: it takes no new jobs; its running jobs finish.", body = WorkerInfo),
+        (status = 404, description = "`worker_not_found`.", body = jobcluster_proto::http::ErrorBody),
+        (status = 503, description = "`store_unavailable`.", body = jobcluster_proto::http::ErrorBody),
+    ),
+)]
 pub(crate) async fn drain(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -68,6 +105,18 @@ pub(crate) async fn drain(
     set_draining(&state, &id, true).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/workers/{id}/undrain",
+    operation_id = "undrain_worker",
+    tag = "workers",
+    params(("id" = String, Path, description = "The worker's id or name.")),
+    responses(
+        (status = 200, description = "The worker, taking jobs again.", body = WorkerInfo),
+        (status = 404, description = "`worker_not_found`.", body = jobcluster_proto::http::ErrorBody),
+        (status = 503, description = "`store_unavailable`.", body = jobcluster_proto::http::ErrorBody),
+    ),
+)]
 pub(crate) async fn undrain(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -78,6 +127,19 @@ pub(crate) async fn undrain(
 /// Forgets a worker that is `down` or `left`; its jobs' records stay. A
 /// live worker is refused: its record is the truth about a running
 /// process. If the worker comes back, it registers with a new id.
+#[utoipa::path(
+    delete,
+    path = "/v1/workers/{id}",
+    operation_id = "remove_worker",
+    tag = "workers",
+    params(("id" = String, Path, description = "The worker's id or name.")),
+    responses(
+        (status = 200, description = "Forgotten (it was `down` or `left`); its jobs' records stay.", body = Success),
+        (status = 404, description = "`worker_not_found`.", body = jobcluster_proto::http::ErrorBody),
+        (status = 409, description = "`worker_alive`: a ready worker cannot be removed.", body = jobcluster_proto::http::ErrorBody),
+        (status = 503, description = "`store_unavailable`.", body = jobcluster_proto::http::ErrorBody),
+    ),
+)]
 pub(crate) async fn remove(
     State(state): State<AppState>,
     Path(id): Path<String>,
