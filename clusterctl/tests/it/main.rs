@@ -14,6 +14,7 @@ mod harness;
 mod http;
 mod hung;
 mod idempotency;
+mod ops;
 mod placement;
 mod queue;
 mod removal;
