@@ -551,3 +551,32 @@ async fn another_grpc_implementation_sees_health_and_reflection() {
         );
     }
 }
+
+/// A worker whose scheduler is down does not tell systemd it is ready
+/// at once (it says it is registering), but does after 10 s, so a
+/// scheduler that is down never fails the worker's start.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_without_its_scheduler_is_ready_for_systemd_after_ten_seconds() {
+    let mut cluster = Cluster::start(&[]).await;
+    cluster.stop_scheduler(Signal::SIGTERM);
+    let socket = NotifySocket::bind(cluster.tmp.path(), "w2.notify");
+    let config = issue_worker(&cluster, "w2");
+    let started = Instant::now();
+    let _w2 = Daemon::spawn_with(
+        &bin("workerd"),
+        &["--config", config.to_str().unwrap()],
+        &["grpc"],
+        &[("NOTIFY_SOCKET", socket.path())],
+    );
+    let seen = socket.until("READY=1", Duration::from_secs(30)).await;
+    let waited = started.elapsed();
+    assert!(
+        seen.iter()
+            .any(|l| l == "STATUS=registering with the scheduler"),
+        "{seen:?}"
+    );
+    assert!(
+        waited >= Duration::from_secs(9),
+        "READY=1 after {waited:?}, before any registration"
+    );
+}
