@@ -3,36 +3,70 @@
 //! (`Type=notify`) that they serve and that they are stopping (without
 //! `$NOTIFY_SOCKET` that does nothing).
 
-use std::os::unix::net::UnixDatagram;
+use std::time::Duration;
+
+use sd_notify::NotifyState;
 
 /// `READY=1`: call once the daemon accepts requests.
 pub fn notify_ready() {
-    notify("READY=1");
+    notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
 }
 
 /// `STOPPING=1`: call when a shutdown begins.
 pub fn notify_stopping() {
-    notify("STOPPING=1");
+    notify(&[NotifyState::Stopping, NotifyState::Status("shutting down")]);
 }
 
-fn notify(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let result = UnixDatagram::unbound().and_then(|socket| {
-        let bytes = path.as_encoded_bytes();
-        if let Some(name) = bytes.strip_prefix(b"@") {
-            // An abstract socket: its name starts with a NUL, not '@'.
-            use std::os::linux::net::SocketAddrExt;
-            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
-            socket.send_to_addr(state.as_bytes(), &addr)
-        } else {
-            socket.send_to(state.as_bytes(), &path)
-        }
-    });
-    if let Err(error) = result {
-        tracing::warn!(%error, state, "could not notify systemd");
+/// `STATUS=...`: what the daemon is doing, shown by `systemctl status`.
+pub fn notify_status(status: &str) {
+    notify(&[NotifyState::Status(status)]);
+}
+
+fn notify(states: &[NotifyState<'_>]) {
+    if let Err(error) = send(states) {
+        tracing::warn!(%error, "could not notify systemd");
     }
+}
+
+/// Without `$NOTIFY_SOCKET` (not under systemd) this does nothing.
+fn send(states: &[NotifyState<'_>]) -> std::io::Result<()> {
+    match std::env::var_os("NOTIFY_SOCKET") {
+        // sd-notify connects to the path as given; an abstract socket
+        // (`@name`, as some systemd versions hand out) is named by a NUL
+        // byte instead of the '@'. Kept here so those hosts still work.
+        Some(path) if path.as_encoded_bytes().starts_with(b"@") => {
+            use std::os::linux::net::SocketAddrExt;
+            let name = &path.as_encoded_bytes()[1..];
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            let message: String = states.iter().map(|s| format!("{s}\n")).collect();
+            std::os::unix::net::UnixDatagram::unbound()?
+                .send_to_addr(message.as_bytes(), &addr)
+                .map(|_| ())
+        }
+        _ => sd_notify::notify(states),
+    }
+}
+
+/// Keep-alives for systemd's watchdog (`WatchdogSec=`): `WATCHDOG=1` at
+/// half the interval systemd gives in `$WATCHDOG_USEC` (meant for this
+/// process when `$WATCHDOG_PID` is set), so one late tick is not fatal.
+/// `None` when no watchdog is asked for. The keep-alives come from a task
+/// of the daemon's own runtime: a runtime that no longer runs its tasks
+/// stops them, and systemd restarts the daemon.
+pub fn watchdog() -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+    let interval = sd_notify::watchdog_enabled().filter(|d| !d.is_zero())?;
+    let period = (interval / 2).max(Duration::from_millis(1));
+    Some(async move {
+        tracing::debug!(?period, "systemd watchdog keep-alives");
+        let mut ticks = tokio::time::interval(period);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            if let Err(error) = send(&[NotifyState::Watchdog]) {
+                tracing::warn!(%error, "could not send the systemd watchdog keep-alive");
+            }
+        }
+    })
 }
 
 /// Raises this process's soft limit on open files to its hard limit: a
@@ -80,17 +114,38 @@ pub async fn reload_on_hangup(
     }
 }
 
-/// Logs to stderr, `RUST_LOG` filtering (default `info`), colours only on
-/// a terminal so journald and files get plain lines.
-pub fn init_logging() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+/// How log events are written to stderr.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line and event: `timestamp`, `level`, `target`,
+    /// `message` and the event's fields (`job_id`, `worker_id`, ...) at the
+    /// top level, for log shippers.
+    Json,
+}
+
+/// Logs to stderr in `format`, `RUST_LOG` filtering (default `info`),
+/// colours only on a terminal so journald and files get plain lines.
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder
+            .json()
+            .with_ansi(false)
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
 }
 
 /// Resolves on the first SIGTERM or SIGINT. The handlers are installed
@@ -117,6 +172,9 @@ pub struct Flags {
     /// Validate the config (and the certificates it names) and exit.
     #[arg(long)]
     pub check_config: bool,
+    /// Log format on stderr: `text` lines, or one JSON object per event.
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 }
 
 /// What a daemon's serving part returns.
@@ -137,7 +195,7 @@ pub fn main<C, Fut>(
 where
     Fut: std::future::Future<Output = ServeResult>,
 {
-    init_logging();
+    init_logging(flags.log_format);
     jobcluster_pki::install_crypto_provider();
     let result = (|| -> ServeResult {
         let config = load(&flags.config)?;
@@ -157,7 +215,12 @@ where
         runtime.block_on(async {
             let shutdown =
                 shutdown_signal().map_err(|e| format!("listening for SIGTERM and SIGINT: {e}"))?;
-            serve(config, Box::pin(shutdown)).await
+            let watchdog = watchdog().map(tokio::spawn);
+            let result = serve(config, Box::pin(shutdown)).await;
+            if let Some(watchdog) = watchdog {
+                watchdog.abort();
+            }
+            result
         })
     })();
     match result {
@@ -169,7 +232,11 @@ where
                 line.push_str(&format!(": {cause}"));
                 source = cause.source();
             }
-            eprintln!("{name}: {line}");
+            match flags.log_format {
+                LogFormat::Text => eprintln!("{name}: {line}"),
+                // Every line on stderr stays one JSON object.
+                LogFormat::Json => tracing::error!(error = %line, "{name} failed"),
+            }
             std::process::ExitCode::FAILURE
         }
     }

@@ -63,6 +63,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("grpc reflection: {0}")]
+    Reflection(#[from] jobcluster_proto::grpc_ops::ReflectionError),
 }
 
 /// The listeners the daemon serves on (bound by the caller, so tests and
@@ -154,14 +156,15 @@ pub async fn run(
     let mut reloader = None;
     let (worker_tls, grpc_incoming, http_listener) = match secure {
         Some((grpc_tls, http_tls)) => {
-            // Without tokens, a client without a certificate gets no answer
-            // at all; with tokens, it gets through the handshake and must
-            // show one.
-            let client_auth = if tokens.is_empty() {
-                jobcluster_pki::ClientAuth::Required
-            } else {
-                jobcluster_pki::ClientAuth::Optional
-            };
+            // A client without a certificate gets through the handshake:
+            // it may call the health probes, and every other route wants
+            // a bearer token from it (api::auth).
+            let client_auth = jobcluster_pki::ClientAuth::Optional;
+            if tokens.is_empty() {
+                tracing::info!(
+                    "no [auth] tokens: every API route but /healthz and /readyz wants a client certificate"
+                );
+            }
             let configs = move |grpc: &config::Tls, http: &config::Tls| {
                 Ok::<_, jobcluster_pki::PkiError>((
                     // Workers' certificates only: a client's or the
@@ -253,11 +256,17 @@ pub async fn run(
         config.call_timeout,
         stop.clone(),
     ));
+    let (grpc_health, health_service) =
+        jobcluster_proto::grpc_ops::health::<SchedulerServer<grpc::SchedulerService>>().await;
+    let (reflection, reflection_v1alpha) = jobcluster_proto::grpc_ops::reflection()?;
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         // A registration reports every job of the worker.
-        .add_service(SchedulerServer::new(service).max_decoding_message_size(64 << 20));
+        .add_service(SchedulerServer::new(service).max_decoding_message_size(64 << 20))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_v1alpha);
     let stopped = stop.clone().cancelled_owned();
     let grpc = match grpc_incoming {
         Incoming::Tls(incoming) => {
@@ -279,7 +288,9 @@ pub async fn run(
         placement_turn: Default::default(),
         claims: Default::default(),
         queue,
+        readiness: Default::default(),
     };
+    let readiness = app_state.readiness.clone();
     let dispatcher = tokio::spawn(api::dispatch::run(app_state.clone(), stop.clone()));
     let settler = tokio::spawn(api::jobs::settle_unknown(app_state.clone(), stop.clone()));
     let pruner = tokio::spawn(prune_history(
@@ -324,6 +335,8 @@ pub async fn run(
             SHUTDOWN_GRACE,
         )),
     };
+    readiness.set_serving(true);
+    grpc_health.serving().await;
     tracing::info!("scheduler ready");
     jobcluster_proto::daemon::notify_ready();
 
@@ -332,6 +345,8 @@ pub async fn run(
         reloader.abort();
     }
     jobcluster_proto::daemon::notify_stopping();
+    readiness.set_serving(false);
+    grpc_health.not_serving().await;
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
     stop.cancel();
     // Both servers bound their own drain by the grace period.

@@ -1006,6 +1006,37 @@ impl Store {
             .await
     }
 
+    /// A real write and its read-back, for readiness: the database file
+    /// takes a synced write (not full, not read-only, not locked for long).
+    pub async fn probe(&self) -> Result<(), StoreError> {
+        let stamp = crate::time::now_ms() as i64;
+        self.write(move |c| {
+            let tx = c.transaction()?;
+            // Made here rather than in the schema: only readiness uses it.
+            tx.execute_batch(
+                "CREATE TABLE IF NOT EXISTS health_probe (
+                    id INTEGER PRIMARY KEY CHECK (id = 1),
+                    at_ms INTEGER NOT NULL
+                )",
+            )?;
+            tx.execute(
+                "INSERT INTO health_probe (id, at_ms) VALUES (1, ?1)
+                 ON CONFLICT(id) DO UPDATE SET at_ms = ?1",
+                [stamp],
+            )?;
+            let read: i64 =
+                tx.query_row("SELECT at_ms FROM health_probe WHERE id = 1", [], |r| {
+                    r.get(0)
+                })?;
+            tx.commit()?;
+            if read != stamp {
+                return Err(rusqlite::Error::QueryReturnedNoRows);
+            }
+            Ok(())
+        })
+        .await
+    }
+
     pub async fn job(&self, job_id: &str) -> Result<Option<JobRow>, StoreError> {
         let id = job_id.to_owned();
         self.read(move |c| {

@@ -45,6 +45,9 @@ pub use config::Config;
 const SERVER_DRAIN: Duration = Duration::from_secs(5);
 /// Dialing the scheduler; registration retries after it.
 const REGISTER_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long systemd's start waits for the first registration before the
+/// worker says it is ready anyway.
+const READY_WAIT: Duration = Duration::from_secs(10);
 
 /// The daemon could not run.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +72,8 @@ pub enum Error {
     SchedulerAddr(#[source] transport::AddressError),
     #[error("grpc server: {0}")]
     Server(#[from] tonic::transport::Error),
+    #[error("grpc reflection: {0}")]
+    Reflection(#[from] jobcluster_proto::grpc_ops::ReflectionError),
 }
 
 /// Runs the worker on `listener` until `shutdown` resolves, then stops
@@ -171,13 +176,19 @@ pub async fn run(
         .clone()
         .unwrap_or_else(|| local.to_string());
     let stop_server = CancellationToken::new();
+    let (grpc_health, health_service) =
+        jobcluster_proto::grpc_ops::health::<WorkerServer<service::WorkerService>>().await;
+    let (reflection, reflection_v1alpha) = jobcluster_proto::grpc_ops::reflection()?;
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(WorkerServer::new(service::WorkerService::new(
             jobs.clone(),
             config.tls.is_none(),
-        )));
+        )))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_v1alpha);
     let stopped = stop_server.clone().cancelled_owned();
     let (scheduler, server, reloader) = match (&config.tls, &config.tls_files) {
         (Some(tls), Some(files)) => {
@@ -250,8 +261,9 @@ pub async fn run(
         &config.state_dir,
         jobs.clone(),
     );
+    grpc_health.serving().await;
     tracing::info!(worker = %config.name, "worker ready");
-    jobcluster_proto::daemon::notify_ready();
+    let ready = tokio::spawn(tell_systemd_ready(membership.registered()));
     let leave = CancellationToken::new();
     let member = {
         let membership = membership.clone();
@@ -269,7 +281,11 @@ pub async fn run(
     if let Some(reloader) = reloader {
         reloader.abort();
     }
+    ready.abort();
     jobcluster_proto::daemon::notify_stopping();
+    // The server still answers while running jobs stop: health checkers
+    // see the worker leave before its port closes.
+    grpc_health.not_serving().await;
     tracing::info!("shutting down: no new jobs, stopping running ones");
     jobs.shutdown().await;
     leave.cancel();
@@ -292,6 +308,24 @@ pub async fn run(
     }
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// Tells systemd (`Type=notify`) the worker is ready once the scheduler
+/// has accepted it, so units ordered after it find it in the cluster. A
+/// scheduler that is down must not fail the worker's start, though (it
+/// serves its jobs and keeps trying), so after [`READY_WAIT`] it is ready
+/// anyway.
+async fn tell_systemd_ready(mut registered: watch::Receiver<bool>) {
+    jobcluster_proto::daemon::notify_status("registering with the scheduler");
+    match tokio::time::timeout(READY_WAIT, registered.wait_for(|r| *r)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(_)) => return,
+        Err(_) => tracing::warn!(
+            waited = ?READY_WAIT,
+            "not registered with the scheduler yet; serving anyway and still trying"
+        ),
+    }
+    jobcluster_proto::daemon::notify_ready();
 }
 
 /// Housekeeping until `cancel` fires: retries writing the final records a

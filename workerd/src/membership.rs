@@ -31,6 +31,8 @@ pub(crate) struct Membership {
     id_file: PathBuf,
     reported_file: PathBuf,
     jobs: Arc<Jobs>,
+    /// Becomes true at the first registration the scheduler accepts.
+    registered: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 /// When the scheduler last acknowledged this worker's job reports, as kept
@@ -76,7 +78,13 @@ impl Membership {
             id_file: state_dir.join("worker_id"),
             reported_file: state_dir.join("reported_until"),
             jobs,
+            registered: Arc::new(tokio::sync::watch::Sender::new(false)),
         }
+    }
+
+    /// Becomes true once the scheduler has accepted this worker.
+    pub(crate) fn registered(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.registered.subscribe()
     }
 
     /// Stays a member until `cancel` fires; returns the worker id if the
@@ -186,6 +194,7 @@ impl Membership {
                         self.acknowledged(snapshot).await;
                     }
                     tracing::info!(worker_id = %reply.worker_id, advertised = %self.request.address, "registered with the scheduler");
+                    self.registered.send_replace(true);
                     return Some((reply.worker_id, interval(reply.heartbeat_interval_ms)));
                 }
                 Err(status) => {

@@ -190,6 +190,11 @@ impl Cluster {
 
     /// Starts a stopped scheduler again on the same ports with the same database.
     pub fn start_scheduler_again(&mut self) {
+        self.start_scheduler_again_with(&[], &[]);
+    }
+
+    /// Like [`Cluster::start_scheduler_again`], with extra flags and environment.
+    pub fn start_scheduler_again_with(&mut self, args: &[&str], env: &[(&str, &str)]) {
         let text = std::fs::read_to_string(self.tmp.path().join("scheduler.toml")).unwrap();
         let config = text.replacen("127.0.0.1:0", &self.grpc_addr, 1).replacen(
             "127.0.0.1:0",
@@ -198,12 +203,9 @@ impl Cluster {
         );
         let path = self.tmp.path().join("scheduler.toml");
         std::fs::write(&path, config).unwrap();
-        self.scheduler = Daemon::spawn_with(
-            &bin("schedulerd"),
-            &["--config", path.to_str().unwrap()],
-            &["grpc", "http"],
-            &[],
-        );
+        let mut all_args = vec!["--config", path.to_str().unwrap()];
+        all_args.extend_from_slice(args);
+        self.scheduler = Daemon::spawn_with(&bin("schedulerd"), &all_args, &["grpc", "http"], env);
     }
 
     /// The worker's own copy of a job's output.

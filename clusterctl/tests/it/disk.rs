@@ -522,3 +522,41 @@ async fn faults_disk_a_full_store_starts_nothing_without_a_record() {
         "{ended:?}"
     );
 }
+
+/// `/readyz` (anonymous) says `not ready` while the store takes no write,
+/// and `ok` again once it has room; `/healthz` says `ok` throughout.
+#[tokio::test(flavor = "multi_thread")]
+async fn faults_disk_readyz_follows_whether_the_store_takes_a_write() {
+    let Some(disk) = Tmpfs::mount("4m") else {
+        return;
+    };
+    let cluster = Cluster::start_with_store(&[], disk.path()).await;
+    let anonymous = cluster.http_as(None);
+    let probe = |path: &'static str| {
+        let request = anonymous.get(format!("{}{path}", cluster.url()));
+        async move {
+            let reply = request.send().await.unwrap();
+            (reply.status(), reply.text().await.unwrap())
+        }
+    };
+    assert_eq!(probe("/readyz").await, (StatusCode::OK, "ok\n".to_owned()));
+
+    let filler = disk.fill();
+    until(
+        Duration::from_secs(20),
+        "readyz 503 on a full store",
+        || async {
+            probe("/readyz").await == (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_owned())
+        },
+    )
+    .await;
+    assert_eq!(probe("/healthz").await, (StatusCode::OK, "ok\n".to_owned()));
+
+    std::fs::remove_file(filler).unwrap();
+    until(
+        Duration::from_secs(20),
+        "readyz ok with room again",
+        || async { probe("/readyz").await == (StatusCode::OK, "ok\n".to_owned()) },
+    )
+    .await;
+}

@@ -335,12 +335,17 @@ fn the_daemons_tell_systemd_when_they_serve() {
         &["grpc", "http"],
         &[("NOTIFY_SOCKET", socket_path.to_str().unwrap())],
     );
-    let mut buf = [0u8; 64];
-    let n = socket.recv(&mut buf).unwrap();
-    assert_eq!(&buf[..n], b"READY=1");
+    // One datagram per notification, newline-separated assignments.
+    let mut buf = [0u8; 256];
+    let mut next = || {
+        let n = socket.recv(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let ready = next();
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
     daemon.signal(Signal::SIGTERM);
-    let n = socket.recv(&mut buf).unwrap();
-    assert_eq!(&buf[..n], b"STOPPING=1");
+    let stopping = next();
+    assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping:?}");
     assert!(
         daemon.wait(Duration::from_secs(20)).success(),
         "schedulerd exits 0 on SIGTERM"

@@ -16,6 +16,7 @@ mod hung;
 mod idempotency;
 mod metrics;
 mod openapi;
+mod ops;
 mod placement;
 mod queue;
 mod removal;

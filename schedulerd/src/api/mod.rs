@@ -8,6 +8,7 @@ pub(crate) mod dispatch;
 mod error;
 mod extract;
 mod groups;
+pub(crate) mod health;
 pub(crate) mod idempotency;
 pub(crate) mod jobs;
 mod legacy;
@@ -49,6 +50,8 @@ pub(crate) struct AppState {
     /// Idempotency keys of starts in flight.
     pub(crate) claims: Arc<idempotency::Claims>,
     pub(crate) queue: Arc<crate::queue::Queue>,
+    /// What `/readyz` answers.
+    pub(crate) readiness: Arc<health::Readiness>,
 }
 
 /// Output streams open per job, bounded so one job's audience cannot take
@@ -143,6 +146,10 @@ pub(crate) fn router(state: AppState) -> Router {
             state.clone(),
             auth::authenticate,
         ))
+        // After the authentication layer, so it does not wrap them: probes
+        // need no credentials (and say nothing but ok or not ok).
+        .route("/healthz", get(health::alive))
+        .route("/readyz", get(health::ready))
         // Outermost, so that a request refused anywhere (authentication
         // included) still has its body received before the answer goes out.
         .layer(middleware::from_fn(body::answer_after_body))

@@ -55,6 +55,8 @@ without credentials. Unknown routes answer 404 `not_found`, a wrong method 405 \
         // and /readyz take no credentials: `security(())` on their path
         // attribute.
         crate::metrics::scrape,
+        super::health::alive,
+        super::health::ready,
     ),
     modifiers(&Common),
     security(("bearer" = []), ("client_certificate" = [])),

@@ -92,6 +92,9 @@ impl Daemon {
                         .unwrap_or_default()
                         .to_owned();
                     let _ = tx.send((kind, addr));
+                } else if let Some(listening) = json_listening(&line) {
+                    // `--log-format json`
+                    let _ = tx.send(listening);
                 }
                 sink.lock().unwrap().push_str(&line);
                 sink.lock().unwrap().push('\n');
@@ -162,6 +165,15 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// `(kind, addr)` of a JSON log line `{"message":"<kind> server listening","addr":...}`.
+fn json_listening(line: &str) -> Option<(String, String)> {
+    let event: serde_json::Value = serde_json::from_str(line).ok()?;
+    let kind = event["message"]
+        .as_str()?
+        .strip_suffix(" server listening")?;
+    Some((kind.to_owned(), event["addr"].as_str()?.to_owned()))
 }
 
 impl Drop for Daemon {
