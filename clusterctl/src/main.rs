@@ -18,6 +18,8 @@
 //! - `explain`: transport errors turned into one line that says what to do.
 //! - `follow`: the resumable output reader shared by `run` and `logs`, and
 //!   the job-to-exit-code mapping.
+//! - `interrupt`: Ctrl-C in `run` (stop the job, wait for its end) and
+//!   `logs -f` (stop following).
 //! - `output`: JSON/YAML, tables, key: value blocks, relative times.
 //! - `progress`: the terminal-only spinner.
 
@@ -29,6 +31,7 @@ mod cli;
 mod commands;
 mod explain;
 mod follow;
+mod interrupt;
 mod output;
 mod progress;
 #[cfg(test)]

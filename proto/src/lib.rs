@@ -4,7 +4,8 @@
 //! of the HTTP API shared by schedulerd and clusterctl ([`http`]), the
 //! config-file contract ([`config`]), the transport that carries gRPC
 //! (mTLS listener and dialer, [`transport`]), and the daemons' shared edges
-//! ([`daemon`]: logging, signals, systemd notify). Holds wire types,
+//! ([`daemon`]: logging, signals, systemd notify; [`man`]: manual pages
+//! from the clap definitions). Holds wire types,
 //! conversions and byte moving only: no job or worker logic, and no
 //! authorization policy (the daemons say which role a service wants).
 
@@ -33,4 +34,5 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 pub mod config;
 pub mod daemon;
 pub mod http;
+pub mod man;
 pub mod transport;

@@ -12,6 +12,7 @@ pub(crate) mod idempotency;
 pub(crate) mod jobs;
 mod legacy;
 pub(crate) mod serve;
+pub(crate) mod timeout;
 pub(crate) mod tls;
 mod workers;
 
@@ -133,6 +134,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/groups/{id}/logs", get(groups::logs))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(timeout::RequestTimeout::new(&state))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn_with_state(
             state.clone(),
