@@ -159,13 +159,6 @@ pub(crate) enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
-    /// Write the manual pages (clusterctl.1 and one per subcommand) to DIR.
-    /// Hidden: scripts/man.sh calls it.
-    #[command(hide = true)]
-    GenerateMan {
-        #[arg(value_name = "DIR")]
-        dir: PathBuf,
-    },
 }
 
 #[derive(Debug, Args)]

@@ -28,9 +28,6 @@ const MAX_LISTED_JOBS: usize = 10_000;
 pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Pki(pki) => self::pki(pki),
-        Command::GenerateMan { dir } => {
-            Ok(jobcluster_proto::man::generate(Cli::command(), "1", &dir))
-        }
         Command::Completion { shell } => {
             clap_complete::generate(
                 shell,
@@ -186,10 +183,7 @@ async fn api_command(global: &Global, command: Command) -> anyhow::Result<ExitCo
             offset,
             job,
         } => logs(&api, &job, offset, false).await,
-        Command::Pki(_)
-        | Command::Completion { .. }
-        | Command::GenerateMan { .. }
-        | Command::Bench(_) => {
+        Command::Pki(_) | Command::Completion { .. } | Command::Bench(_) => {
             anyhow::bail!("internal error: not a scheduler command")
         }
     }

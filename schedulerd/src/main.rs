@@ -27,7 +27,8 @@ fn main() -> ExitCode {
     // that `Args` itself cannot be built without.
     let matches = Args::command().get_matches();
     if let Some(dir) = matches.get_one::<std::path::PathBuf>("generate_man") {
-        return jobcluster_proto::man::generate(Args::command(), "8", dir);
+        // Named as installed, not as the package (jobcluster-schedulerd).
+        return jobcluster_proto::man::generate(Args::command().name("schedulerd"), "8", dir);
     }
     let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     daemon::main(

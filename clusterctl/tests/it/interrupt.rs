@@ -206,3 +206,39 @@ async fn a_second_ctrl_c_leaves_at_once_and_the_job_as_it_is() {
         let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ctrl_c_during_run_all_stops_every_job_of_the_group() {
+    let cluster = Cluster::start(&["w1", "w2"]).await;
+    let mut run = cluster
+        .ctl()
+        .args(["run", "--all", "count.sh", "--", "1000", "0.05"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = run.stdout.take().unwrap();
+    let mut err = BufReader::new(run.stderr.take().unwrap()).lines();
+    let said = stderr_until(&mut err, "started group").await;
+    let group_id = said
+        .lines()
+        .find_map(|l| l.strip_prefix("started group "))
+        .and_then(|rest| rest.split(':').next())
+        .unwrap()
+        .to_owned();
+    read_until(&mut out, "3\n").await;
+
+    interrupt(&run);
+    let status = tokio::time::timeout(Duration::from_secs(30), run.wait())
+        .await
+        .expect("clusterctl run --all did not end after Ctrl-C")
+        .unwrap();
+    let rest = stderr_until(&mut err, "interrupted").await;
+    assert_eq!(status.code(), Some(130), "stderr: {rest}");
+    assert!(rest.contains(&format!("group {group_id}")), "{rest}");
+    let group: jobcluster_proto::http::GroupInfo =
+        cluster.get_json(&format!("/v1/groups/{group_id}")).await;
+    assert_eq!(group.state, "stopped", "{group:?}");
+    assert_eq!(group.jobs.len(), 2);
+    assert!(group.jobs.iter().all(|j| j.state == "stopped"), "{group:?}");
+}

@@ -130,7 +130,13 @@ fn every_binary_and_subcommand_has_a_manual_page_that_man_reads() {
 }
 
 #[test]
-fn generate_man_stands_alone_on_the_daemons() {
+fn generate_man_takes_one_dir_and_nothing_else() {
+    for args in [&["generate-man"][..], &["generate-man", "a", "b"]] {
+        let out = Command::new(bin("clusterctl")).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+    }
+    let help = stdout(&run_ok(&["--help"]));
+    assert!(!help.contains("generate-man"), "{help}");
     let tmp = tempfile::tempdir().unwrap();
     let out = Command::new(bin("schedulerd"))
         .args(["--generate-man"])
