@@ -165,9 +165,23 @@ impl Membership {
             .with_jitter()
             .without_max_times();
         let mut attempt = 0u32;
-        let registering = (|| self.register_once(cancel))
+        // A pause ends early on `cancel`; the attempt after it then sees
+        // `cancel` before it takes anything from the jobs. Cancelling from
+        // outside instead could drop an attempt between the scheduler's
+        // answer and its bookkeeping.
+        let token = cancel.clone();
+        let pause = move |d| {
+            let token = token.clone();
+            async move {
+                tokio::select! {
+                    () = tokio::time::sleep(d) => {}
+                    () = token.cancelled_owned() => {}
+                }
+            }
+        };
+        (|| self.register_once(cancel))
             .retry(schedule)
-            .sleep(tokio::time::sleep)
+            .sleep(pause)
             .when(|e| matches!(e, Refused::Status(_)))
             .notify(|e, retry_in| {
                 attempt += 1;
@@ -179,14 +193,9 @@ impl Membership {
                 } else {
                     tracing::debug!(attempt, error = %status.message(), "scheduler registration failed");
                 }
-            });
-        tokio::select! {
-            // First: an attempt in flight when `cancel` fires sees it itself
-            // and puts its unsent reports back; only a pause is cut here.
-            biased;
-            registered = registering => registered.ok(),
-            () = cancel.cancelled() => None,
-        }
+            })
+            .await
+            .ok()
     }
 
     /// One registration attempt.
@@ -194,6 +203,9 @@ impl Membership {
         &self,
         cancel: &CancellationToken,
     ) -> Result<(String, Duration), Refused> {
+        if cancel.is_cancelled() {
+            return Err(Refused::Cancelled);
+        }
         let mut request = self.request.clone();
         request.previous_worker_id = tokio::fs::read_to_string(&self.id_file)
             .await
