@@ -172,15 +172,33 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The header that makes a start safe to send again.
 const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
 
-/// The pauses before each new attempt of a start that failed on the way
-/// (long enough together to ride out a scheduler restart).
-pub(crate) const START_RETRIES: [Duration; 5] = [
-    Duration::from_millis(500),
-    Duration::from_secs(1),
-    Duration::from_secs(2),
-    Duration::from_secs(4),
-    Duration::from_secs(8),
-];
+/// How often, and after which pauses, a call is sent again.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Retries {
+    /// The pause before the first new attempt; doubled before each next.
+    pub(crate) first: Duration,
+    /// New attempts after the first.
+    pub(crate) times: usize,
+}
+
+impl Retries {
+    /// The pauses as a backon schedule. No jitter: each pause is printed,
+    /// and one client's retries do not herd with anyone's.
+    fn backoff(&self) -> backon::ExponentialBuilder {
+        backon::ExponentialBuilder::default()
+            .with_min_delay(self.first)
+            .with_factor(2.0)
+            .with_max_delay(self.first * 16)
+            .with_max_times(self.times)
+    }
+}
+
+/// A start that failed on the way is sent again after 0.5, 1, 2, 4 and
+/// 8 s: together long enough to ride out a scheduler restart.
+pub(crate) const START_RETRIES: Retries = Retries {
+    first: Duration::from_millis(500),
+    times: 5,
+};
 
 /// A fresh idempotency key: one per invocation, shared by its retries.
 pub(crate) fn new_idempotency_key() -> String {
@@ -188,36 +206,32 @@ pub(crate) fn new_idempotency_key() -> String {
 }
 
 /// Runs `call` (a start carrying one idempotency key) until it succeeds,
-/// fails in a way another attempt cannot fix, or `pauses` run out; one
+/// fails in a way another attempt cannot fix, or the retries run out; one
 /// line on stderr per retry. The key makes a retry safe: the scheduler
 /// answers a start it already made with that job instead of a second one.
 pub(crate) async fn retry_start<T, F, Fut>(
     what: &str,
-    pauses: &[Duration],
-    mut call: F,
+    retries: &Retries,
+    call: F,
 ) -> Result<T, ApiError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, ApiError>>,
 {
-    let total = pauses.len();
-    let mut pauses = pauses.iter().enumerate();
-    loop {
-        let error = match call().await {
-            Ok(answer) => return Ok(answer),
-            Err(error) => error,
-        };
-        let Some((n, pause)) = pauses.next().filter(|_| error.is_retryable_start()) else {
-            return Err(error);
-        };
-        eprintln!(
-            "clusterctl: {error}; sending {what} again in {} with the same idempotency key (retry {}/{})",
-            humantime::format_duration(*pause),
-            n + 1,
-            total
-        );
-        tokio::time::sleep(*pause).await;
-    }
+    use backon::Retryable;
+    let mut retry = 0;
+    call.retry(retries.backoff())
+        .sleep(tokio::time::sleep)
+        .when(ApiError::is_retryable_start)
+        .notify(|error, pause| {
+            retry += 1;
+            eprintln!(
+                "clusterctl: {error}; sending {what} again in {} with the same idempotency key (retry {retry}/{})",
+                humantime::format_duration(pause),
+                retries.times
+            );
+        })
+        .await
 }
 
 /// Hint printed when the CA is missing.
@@ -742,7 +756,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_start_is_retried_with_its_pauses_then_gives_up() {
-        let no_wait = [Duration::ZERO; 3];
+        let no_wait = Retries {
+            first: Duration::ZERO,
+            times: 3,
+        };
         let calls = std::cell::Cell::new(0);
         let refused = || ApiError::Transport {
             message: "refused".into(),

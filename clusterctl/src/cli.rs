@@ -13,7 +13,8 @@ pub(crate) const DEFAULT_SCHEDULER: &str = "https://127.0.0.1:3000";
     name = "clusterctl",
     version,
     about = "Client of the job cluster",
-    propagate_version = true
+    propagate_version = true,
+    after_long_help = INTERRUPT_HELP
 )]
 pub(crate) struct Cli {
     #[command(flatten)]
@@ -73,6 +74,12 @@ pub(crate) enum Output {
     Yaml,
 }
 
+/// What Ctrl-C does (`--help`, and the manual page).
+const INTERRUPT_HELP: &str = "\
+Ctrl-C during `run` stops the job (or the group) it started, waits until it has ended and exits \
+130; a second Ctrl-C leaves at once (exit 130 too) and leaves the job as it is. Ctrl-C during \
+`logs -f` only stops following: the job runs on (exit 130).";
+
 /// How `start` and `run` survive a broken connection (`--help`).
 const START_RETRY_HELP: &str = "\
 Each invocation sends its start with a fresh Idempotency-Key. A start that fails on the way \
@@ -92,6 +99,10 @@ pub(crate) enum Command {
     Start(StartArgs),
     /// Start a job (or, with --all, a fan-out group), follow its output and
     /// exit with its exit code.
+    ///
+    /// Ctrl-C stops the job (every job of the group), waits until it has
+    /// ended and exits 130; a second Ctrl-C leaves at once, exit 130, and
+    /// leaves the job as it is.
     #[command(after_long_help = START_RETRY_HELP)]
     Run(StartArgs),
     /// Stop a job (its whole process group), or every job of a group.
@@ -119,6 +130,9 @@ pub(crate) enum Command {
     },
     /// Print a job's (or a group's) output; with -f, follow it and exit
     /// with the job's exit code.
+    ///
+    /// Ctrl-C while following only stops following (exit 130): the job
+    /// runs on.
     Logs {
         /// Follow the output until the job (every job of the group) has ended.
         #[arg(short, long)]
@@ -138,7 +152,9 @@ pub(crate) enum Command {
     /// Create and issue the cluster's certificates.
     #[command(subcommand)]
     Pki(PkiCommand),
-    /// Print a shell completion script.
+    /// Print a shell completion script (bash, zsh, fish, elvish or
+    /// powershell), e.g. `clusterctl completion bash >
+    /// /etc/bash_completion.d/clusterctl`.
     Completion {
         #[arg(value_enum)]
         shell: clap_complete::Shell,

@@ -17,6 +17,7 @@ use serde_json::Value;
 use crate::api::{self, Answer, Api, ApiError, ConnectOptions};
 use crate::cli::{Cli, Command, Global, Output, PkiCommand, StartArgs, WorkersCommand};
 use crate::follow::{self, JobLogs, Retry};
+use crate::interrupt;
 use crate::output::{self, print_stdout, print_structured};
 use crate::progress::Spinner;
 
@@ -157,17 +158,31 @@ async fn api_command(global: &Global, command: Command) -> anyhow::Result<ExitCo
         },
         Command::Start(args) if args.all => start_group(&api, format, &args).await,
         Command::Start(args) => start(&api, format, &args).await,
-        Command::Run(args) if args.all => run_group(&api, &args).await,
-        Command::Run(args) => run_job(&api, &args).await,
+        Command::Run(args) => {
+            let api = &api;
+            interrupt::run_stopping_on_interrupt(api, |started| async move {
+                if args.all {
+                    run_group(api, &args, &started).await
+                } else {
+                    run_job(api, &args, &started).await
+                }
+            })
+            .await
+        }
         Command::Stop { job } => stop(&api, format, &job).await,
         Command::Status { job } => status(&api, format, &job).await,
         Command::Jobs { worker, state } => jobs(&api, format, worker, state).await,
         Command::Groups => groups(&api, format).await,
         Command::Logs {
-            follow,
+            follow: true,
             offset,
             job,
-        } => logs(&api, &job, offset, follow).await,
+        } => interrupt::follow_until_interrupt(&job, logs(&api, &job, offset, true)).await,
+        Command::Logs {
+            follow: false,
+            offset,
+            job,
+        } => logs(&api, &job, offset, false).await,
         Command::Pki(_) | Command::Completion { .. } | Command::Bench(_) => {
             anyhow::bail!("internal error: not a scheduler command")
         }
@@ -322,10 +337,15 @@ async fn start(api: &Api, format: Output, args: &StartArgs) -> anyhow::Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
-async fn run_job(api: &Api, args: &StartArgs) -> anyhow::Result<ExitCode> {
+async fn run_job(
+    api: &Api,
+    args: &StartArgs,
+    tell: &interrupt::StartedSender,
+) -> anyhow::Result<ExitCode> {
     let job_id = match start_once(api, args).await? {
         Started::Job(answer) => {
             let mut started = answer.parsed;
+            tell.send_replace(Some(interrupt::Started::Job(started.job_id.clone())));
             if started.state.as_deref() == Some("queued") {
                 let line = format!(
                     "queued job {} (position {}: {})",
@@ -364,6 +384,7 @@ async fn run_job(api: &Api, args: &StartArgs) -> anyhow::Result<ExitCode> {
             started.job_id
         }
         Started::InDoubt { job_id, error } => {
+            tell.send_replace(Some(interrupt::Started::Job(job_id.clone())));
             eprintln!("clusterctl: job {job_id} is unknown: {error}; following it");
             wait_for_start(api, &job_id).await?;
             job_id
@@ -396,7 +417,7 @@ pub(crate) async fn wait_for_dispatch(
                         .unwrap_or("waiting for a free slot")
                 ));
             }
-            Err(e) if e.is_retryable() && failures < api::START_RETRIES.len() => failures += 1,
+            Err(e) if e.is_retryable() && failures < api::START_RETRIES.times => failures += 1,
             Err(e) => return Err(e),
         }
         tokio::time::sleep(pause).await;
@@ -415,7 +436,7 @@ async fn wait_for_start(api: &Api, job_id: &str) -> Result<(), ApiError> {
                 return Ok(());
             }
             Ok(_) => failures = 0,
-            Err(e) if e.is_retryable() && failures < api::START_RETRIES.len() => failures += 1,
+            Err(e) if e.is_retryable() && failures < api::START_RETRIES.times => failures += 1,
             Err(e) => return Err(e),
         }
         tokio::time::sleep(pause).await;
@@ -520,8 +541,13 @@ async fn start_group(api: &Api, format: Output, args: &StartArgs) -> anyhow::Res
     Ok(ExitCode::SUCCESS)
 }
 
-async fn run_group(api: &Api, args: &StartArgs) -> anyhow::Result<ExitCode> {
+async fn run_group(
+    api: &Api,
+    args: &StartArgs,
+    tell: &interrupt::StartedSender,
+) -> anyhow::Result<ExitCode> {
     let started = post_group(api, args).await?.parsed;
+    tell.send_replace(Some(interrupt::Started::Group(started.group_id.clone())));
     let names = worker_names(api).await;
     let on: Vec<String> = started
         .jobs

@@ -113,6 +113,10 @@ pub(crate) async fn stream_output<S: LogSource>(
     retry: &Retry,
 ) -> Result<Option<JobInfo>, FollowError> {
     let mut connected = false;
+    // Counted by hand rather than with a retry crate (backon, as starts
+    // use): the count starts again after a healthy connection, and a
+    // queued or unknown job is waited for without counting at all, which
+    // no retry combinator expresses.
     let mut failures = 0u32;
     let mut delay = retry.first_delay;
     // After the stream ended cleanly for a finished job, at most one more

@@ -18,6 +18,8 @@
 //! - `explain`: transport errors turned into one line that says what to do.
 //! - `follow`: the resumable output reader shared by `run` and `logs`, and
 //!   the job-to-exit-code mapping.
+//! - `interrupt`: Ctrl-C in `run` (stop the job, wait for its end) and
+//!   `logs -f` (stop following).
 //! - `output`: JSON/YAML, tables, key: value blocks, relative times.
 //! - `progress`: the terminal-only spinner.
 
@@ -29,6 +31,7 @@ mod cli;
 mod commands;
 mod explain;
 mod follow;
+mod interrupt;
 mod output;
 mod progress;
 #[cfg(test)]
@@ -36,9 +39,25 @@ mod tests;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 fn main() -> ExitCode {
+    // `clusterctl generate-man DIR` (scripts/man.sh) writes the manual
+    // pages. It is no command of the CLI: answered before clap parses, so
+    // no help, page or completion script offers it (clap_complete lists
+    // even hidden subcommands).
+    let mut args = std::env::args_os().skip(1);
+    if args.next().is_some_and(|a| a == "generate-man") {
+        return match (args.next(), args.next()) {
+            (Some(dir), None) => {
+                jobcluster_proto::man::generate(cli::Cli::command(), "1", dir.as_ref())
+            }
+            _ => {
+                eprintln!("usage: clusterctl generate-man DIR");
+                ExitCode::from(2)
+            }
+        };
+    }
     let cli = cli::Cli::parse();
     jobcluster_pki::install_crypto_provider();
     match commands::run(cli) {

@@ -5,7 +5,8 @@
 //! config-file contract ([`config`]), the transport that carries gRPC
 //! (mTLS listener and dialer, [`transport`]), and the daemons' shared edges
 //! ([`daemon`]: logging, signals, systemd notify; [`grpc_ops`]: gRPC
-//! health and reflection). Holds wire types,
+//! health and reflection; [`man`]: manual pages from the clap
+//! definitions). Holds wire types,
 //! conversions and byte moving only: no job or worker logic, and no
 //! authorization policy (the daemons say which role a service wants).
 
@@ -35,4 +36,5 @@ pub mod config;
 pub mod daemon;
 pub mod grpc_ops;
 pub mod http;
+pub mod man;
 pub mod transport;

@@ -7,7 +7,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use jobcluster_proto::daemon;
 
 /// Scheduler daemon of the job cluster: knows every worker and job and
@@ -17,12 +17,23 @@ use jobcluster_proto::daemon;
 struct Args {
     #[command(flatten)]
     flags: daemon::Flags,
+    /// Write the manual pages to DIR and exit (scripts/man.sh).
+    #[arg(long, value_name = "DIR", hide = true, exclusive = true)]
+    generate_man: Option<std::path::PathBuf>,
 }
 
 fn main() -> ExitCode {
+    // Matches first: --generate-man stands alone, without the --config
+    // that `Args` itself cannot be built without.
+    let matches = Args::command().get_matches();
+    if let Some(dir) = matches.get_one::<std::path::PathBuf>("generate_man") {
+        // Named as installed, not as the package (jobcluster-schedulerd).
+        return jobcluster_proto::man::generate(Args::command().name("schedulerd"), "8", dir);
+    }
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     daemon::main(
         "schedulerd",
-        Args::parse().flags,
+        args.flags,
         jobcluster_schedulerd::Config::load,
         |config| {
             config

@@ -19,10 +19,21 @@ use tonic::transport::Channel;
 use crate::job::{JobRecord, Jobs, now_ms, write_durably};
 use crate::service::to_pb_status;
 
+/// Registration retries: 200 ms, doubled up to 5 s, each pause jittered
+/// up to twice its length (so at most 10 s).
 const FIRST_RETRY: Duration = Duration::from_millis(200);
-const MAX_RETRY: Duration = Duration::from_secs(10);
+const MAX_RETRY: Duration = Duration::from_secs(5);
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// Why a registration attempt did not register.
+#[derive(Debug)]
+enum Refused {
+    /// The scheduler refused or could not be reached: try again.
+    Status(tonic::Status),
+    /// The worker is shutting down.
+    Cancelled,
+}
 
 #[derive(Debug, Clone)]
 pub(crate) struct Membership {
@@ -153,67 +164,98 @@ impl Membership {
     /// Registers, retrying with exponential backoff until the scheduler
     /// accepts or `cancel` fires. Returns the worker id and heartbeat interval.
     async fn register(&self, cancel: &CancellationToken) -> Option<(String, Duration)> {
-        let mut delay = FIRST_RETRY;
+        use backon::Retryable;
+        // Jittered: after a scheduler restart every worker registers again
+        // at once; random pauses (each between d and 2d) spread them out.
+        let schedule = backon::ExponentialBuilder::default()
+            .with_min_delay(FIRST_RETRY)
+            .with_max_delay(MAX_RETRY)
+            .with_jitter()
+            .without_max_times();
         let mut attempt = 0u32;
-        loop {
-            attempt += 1;
-            let mut request = self.request.clone();
-            request.previous_worker_id = tokio::fs::read_to_string(&self.id_file)
-                .await
-                .map(|s| s.trim().to_owned())
-                .unwrap_or_default();
-            // A registration reports every running job and the changes
-            // not yet acknowledged (in pages), never the whole history.
-            let snapshot = now_ms();
-            let (report, pending, partial) = self.jobs.registration_report();
-            request.jobs = reports(report);
-            request.partial_report = partial;
-            let mut client = self.client.clone();
-            let result = tokio::select! {
-                r = client.register_worker(call(request)) => r,
-                () = cancel.cancelled() => {
-                    self.jobs.mark_dirty(pending);
-                    return None;
-                }
-            };
-            match result {
-                Ok(reply) => {
-                    let reply = reply.into_inner();
-                    let (file, id) = (self.id_file.clone(), reply.worker_id.clone());
-                    let kept =
-                        tokio::task::spawn_blocking(move || write_durably(&file, id.as_bytes()))
-                            .await
-                            .map_err(std::io::Error::other)
-                            .and_then(|r| r);
-                    if let Err(error) = kept {
-                        tracing::warn!(%error, file = %self.id_file.display(), "could not keep the worker id");
-                    }
-                    self.jobs.acknowledge(&pending);
-                    self.jobs.give_up(&reply.kill_job_ids);
-                    if !partial {
-                        self.acknowledged(snapshot).await;
-                    }
-                    tracing::info!(worker_id = %reply.worker_id, advertised = %self.request.address, "registered with the scheduler");
-                    self.registered.send_replace(true);
-                    return Some((reply.worker_id, interval(reply.heartbeat_interval_ms)));
-                }
-                Err(status) => {
-                    self.jobs.mark_dirty(pending);
-                    // Say it loudly at first, then now and then: a scheduler
-                    // that starts after its workers is normal.
-                    if attempt <= 3 || attempt.is_multiple_of(10) {
-                        tracing::warn!(attempt, code = ?status.code(), error = %status.message(), retry_in = ?delay, "scheduler registration failed; retrying");
-                    } else {
-                        tracing::debug!(attempt, error = %status.message(), "scheduler registration failed");
-                    }
+        // A pause ends early on `cancel`; the attempt after it then sees
+        // `cancel` before it takes anything from the jobs. Cancelling from
+        // outside instead could drop an attempt between the scheduler's
+        // answer and its bookkeeping.
+        let token = cancel.clone();
+        let pause = move |d| {
+            let token = token.clone();
+            async move {
+                tokio::select! {
+                    () = tokio::time::sleep(d) => {}
+                    () = token.cancelled_owned() => {}
                 }
             }
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                () = cancel.cancelled() => return None,
-            }
-            delay = (delay * 2).min(MAX_RETRY);
+        };
+        (|| self.register_once(cancel))
+            .retry(schedule)
+            .sleep(pause)
+            .when(|e| matches!(e, Refused::Status(_)))
+            .notify(|e, retry_in| {
+                attempt += 1;
+                let Refused::Status(status) = e else { return };
+                // Say it loudly at first, then now and then: a scheduler
+                // that starts after its workers is normal.
+                if attempt <= 3 || attempt.is_multiple_of(10) {
+                    tracing::warn!(attempt, code = ?status.code(), error = %status.message(), ?retry_in, "scheduler registration failed; retrying");
+                } else {
+                    tracing::debug!(attempt, error = %status.message(), "scheduler registration failed");
+                }
+            })
+            .await
+            .ok()
+    }
+
+    /// One registration attempt.
+    async fn register_once(
+        &self,
+        cancel: &CancellationToken,
+    ) -> Result<(String, Duration), Refused> {
+        if cancel.is_cancelled() {
+            return Err(Refused::Cancelled);
         }
+        let mut request = self.request.clone();
+        request.previous_worker_id = tokio::fs::read_to_string(&self.id_file)
+            .await
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default();
+        // A registration reports every running job and the changes
+        // not yet acknowledged (in pages), never the whole history.
+        let snapshot = now_ms();
+        let (report, pending, partial) = self.jobs.registration_report();
+        request.jobs = reports(report);
+        request.partial_report = partial;
+        let mut client = self.client.clone();
+        let result = tokio::select! {
+            r = client.register_worker(call(request)) => r,
+            () = cancel.cancelled() => {
+                self.jobs.mark_dirty(pending);
+                return Err(Refused::Cancelled);
+            }
+        };
+        let reply = match result {
+            Ok(reply) => reply.into_inner(),
+            Err(status) => {
+                self.jobs.mark_dirty(pending);
+                return Err(Refused::Status(status));
+            }
+        };
+        let (file, id) = (self.id_file.clone(), reply.worker_id.clone());
+        let kept = tokio::task::spawn_blocking(move || write_durably(&file, id.as_bytes()))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r);
+        if let Err(error) = kept {
+            tracing::warn!(%error, file = %self.id_file.display(), "could not keep the worker id");
+        }
+        self.jobs.acknowledge(&pending);
+        self.jobs.give_up(&reply.kill_job_ids);
+        if !partial {
+            self.acknowledged(snapshot).await;
+        }
+        tracing::info!(worker_id = %reply.worker_id, advertised = %self.request.address, "registered with the scheduler");
+        self.registered.send_replace(true);
+        Ok((reply.worker_id, interval(reply.heartbeat_interval_ms)))
     }
 
     /// Keeps that every change queued before `snapshot_ms` reached the

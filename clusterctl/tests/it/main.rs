@@ -14,6 +14,8 @@ mod harness;
 mod http;
 mod hung;
 mod idempotency;
+mod interrupt;
+mod man;
 mod metrics;
 mod openapi;
 mod ops;

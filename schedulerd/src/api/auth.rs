@@ -1,7 +1,7 @@
 //! Who is calling the API, and may they do this: a `client` certificate
 //! (the TLS layer already checked it chains to the cluster CA), or a bearer
-//! token from `[auth] tokens`. Tokens are compared by their SHA-256 and
-//! never logged or echoed.
+//! token from `[auth] tokens`. Tokens are compared by their SHA-256, in
+//! constant time (`subtle`), and never logged or echoed.
 
 use std::sync::Arc;
 
@@ -11,6 +11,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use jobcluster_pki::Role;
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 use super::serve::ConnectionControl;
 use super::{ApiError, AppState, tls::PeerInfo};
@@ -42,15 +43,13 @@ impl Tokens {
 
     fn lookup(&self, token: &str) -> Option<(&str, TokenRole)> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        // Compare every entry in full, so timing says nothing about which
-        // bytes matched.
+        // Every entry is compared in full with subtle's constant-time
+        // equality (the compiler may not turn it into an early exit), and
+        // no entry ends the loop, so timing says nothing about which
+        // bytes or which entry matched.
         let mut found = None;
         for (name, hash, role) in &self.entries {
-            let diff = hash
-                .iter()
-                .zip(digest.iter())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-            if diff == 0 {
+            if bool::from(hash.ct_eq(&digest)) {
                 found = Some((name.as_str(), *role));
             }
         }
@@ -130,4 +129,43 @@ fn check(state: &AppState, peer: &PeerInfo, request: &Request) -> Result<(), Api
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn entry(name: &str, token: &str, role: TokenRole) -> TokenEntry {
+        let hex: String = Sha256::digest(token.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        TokenEntry {
+            name: name.into(),
+            sha256: hex,
+            role,
+        }
+    }
+
+    #[test]
+    fn a_token_finds_its_own_entry_and_nothing_else_does() {
+        let tokens = Tokens::new(&[
+            entry("ci", "secret-one", TokenRole::Operator),
+            entry("dashboard", "secret-two", TokenRole::Viewer),
+        ]);
+        assert_eq!(
+            tokens.lookup("secret-one"),
+            Some(("ci", TokenRole::Operator))
+        );
+        assert_eq!(
+            tokens.lookup("secret-two"),
+            Some(("dashboard", TokenRole::Viewer))
+        );
+        for wrong in ["", "secret-on", "secret-one ", "SECRET-ONE"] {
+            assert_eq!(tokens.lookup(wrong), None, "{wrong:?}");
+        }
+        assert_eq!(Tokens::default().lookup("secret-one"), None);
+    }
 }

@@ -611,13 +611,19 @@ impl Member {
         job: &JobRow,
         offset: u64,
     ) -> Option<tonic::Streaming<jobcluster_proto::pb::StreamJobResponse>> {
-        let mut pause = FIRST_PAUSE;
-        for _ in 0..RECONNECTS {
+        // backon's schedule, as an iterator of pauses: its retry combinator
+        // does not fit, as each pause also ends early when the reader left.
+        let pauses = backon::BackoffBuilder::build(
+            backon::ExponentialBuilder::default()
+                .with_min_delay(FIRST_PAUSE)
+                .with_max_delay(Duration::from_secs(3))
+                .with_max_times(RECONNECTS as usize),
+        );
+        for pause in pauses {
             tokio::select! {
                 () = tokio::time::sleep(pause) => {}
                 () = self.tx.closed() => return None,
             }
-            pause = (pause * 2).min(Duration::from_secs(3));
             let worker = self.state.registry.get(&job.worker_id)?;
             let request = StreamJobRequest {
                 job_id: job.job_id.clone(),

@@ -14,6 +14,7 @@ pub(crate) mod jobs;
 mod legacy;
 pub(crate) mod openapi;
 pub(crate) mod serve;
+pub(crate) mod timeout;
 pub(crate) mod tls;
 mod workers;
 
@@ -141,6 +142,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/openapi.json", get(openapi::openapi_json))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(timeout::RequestTimeout::new(&state))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn_with_state(
             state.clone(),
