@@ -116,6 +116,10 @@ impl utoipa::Modify for Common {
                 "413",
                 "`payload_too_large`: the request body is over 1 MiB.",
             ),
+            (
+                "504",
+                "`request_timeout`: no answer within the request deadline (70 s by default; a streamed body is never cut by it).",
+            ),
         ];
         for item in doc.paths.paths.values_mut() {
             let operations = [
@@ -126,6 +130,15 @@ impl utoipa::Modify for Common {
                 &mut item.patch,
             ];
             for operation in operations.into_iter().flatten() {
+                // The probes sit outside authentication, body limits and
+                // the request deadline: none of these answers applies.
+                let public = operation.security.as_ref().is_some_and(|s| {
+                    s.iter()
+                        .all(|r| r == &utoipa::openapi::security::SecurityRequirement::default())
+                });
+                if public {
+                    continue;
+                }
                 for (status, description) in common {
                     // A route's own description of the status (naming more
                     // codes) stays.
@@ -203,8 +216,13 @@ mod tests {
                 let id = op["operationId"].as_str().unwrap_or_default().to_owned();
                 assert!(ids.insert(id.clone()), "operationId {id} twice");
                 let responses = op["responses"].as_object().cloned().unwrap_or_default();
-                for status in ["401", "403", "408", "413"] {
-                    assert!(responses.contains_key(status), "{method} {path}: {status}");
+                let public = ["/healthz", "/readyz"].contains(&path.as_str());
+                for status in ["401", "403", "408", "413", "504"] {
+                    assert_eq!(
+                        responses.contains_key(status),
+                        !public,
+                        "{method} {path}: {status}"
+                    );
                 }
                 assert!(
                     responses.keys().any(|s| s.starts_with('2')),
