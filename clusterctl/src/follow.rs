@@ -233,7 +233,11 @@ pub(crate) async fn stream_output<S: LogSource>(
                 _ => {}
             }
         }
-        if !connected || !error.is_retryable() {
+        // A start still settling when the stream was asked for (a queued
+        // job just dispatched) is retried like a broken stream, not given
+        // up on because nothing was read yet.
+        let starting = matches!(error.code(), Some("job_starting" | "job_not_started"));
+        if (!connected && !starting) || !error.is_retryable() {
             return Err(error.into());
         }
         if offset > offset_before || opened_at.elapsed() >= retry.healthy_after {

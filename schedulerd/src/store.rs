@@ -1129,24 +1129,29 @@ impl Store {
         }
     }
 
-    /// Whether a queued job of `priority` or higher waits that a new job
-    /// of `priority` competes with (for `worker_id`: jobs placed or named
-    /// to that worker; else placed jobs): the new job must then queue
-    /// behind it rather than start first. Jobs waiting for other workers
-    /// do not hold it back.
-    pub async fn queued_at_or_above(
+    /// The first `limit` queued jobs of `priority` or higher, in queue
+    /// order, that a new job of `priority` might compete with: those named
+    /// to `worker_id` (when given) and the placed ones. Which of them
+    /// really compete (could run where the new job would) is the caller's
+    /// to judge.
+    pub async fn waiting_ahead(
         &self,
         priority: i32,
         worker_id: &str,
-    ) -> Result<bool, StoreError> {
+        limit: u32,
+    ) -> Result<Vec<(JobRow, QueueEntry)>, StoreError> {
         let worker_id = worker_id.to_owned();
         self.read(move |c| {
-            c.prepare(
-                "SELECT 1 FROM queue q CROSS JOIN jobs j ON j.job_id = q.job_id
+            let mut stmt = c.prepare(&format!(
+                "SELECT {QUEUED_JOB_COLUMNS} FROM queue q CROSS JOIN jobs j ON j.job_id = q.job_id
                  WHERE q.dispatching = 0 AND q.priority >= ?1 AND j.state = 'queued'
-                   AND (q.worker_id = '' OR q.worker_id = ?2) LIMIT 1",
-            )?
-            .exists(params![priority, worker_id])
+                   AND (q.worker_id = '' OR q.worker_id = ?2)
+                 ORDER BY q.priority DESC, q.seq LIMIT ?3"
+            ))?;
+            let rows = stmt
+                .query_map(params![priority, worker_id, limit], queued_job_row)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
         })
         .await
     }
@@ -1950,8 +1955,15 @@ mod tests {
         };
         assert_eq!(order(store.clone()).await, ["b", "a", "c"]);
         assert_eq!(store.queue_entry("c").await.unwrap().unwrap().1, 2);
-        assert!(store.queued_at_or_above(5, "").await.unwrap());
-        assert!(!store.queued_at_or_above(6, "w").await.unwrap());
+        let ahead = |p: i32, w: &'static str| {
+            let store = store.clone();
+            async move {
+                let rows = store.waiting_ahead(p, w, 10).await.unwrap();
+                rows.into_iter().map(|(j, _)| j.job_id).collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(ahead(5, "").await, ["b"]);
+        assert!(ahead(6, "w").await.is_empty());
 
         // Taken once: a second claim, and a stop, find it gone from the queue.
         let claimed = store

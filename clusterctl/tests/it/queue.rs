@@ -747,3 +747,32 @@ async fn a_queued_job_its_worker_refuses_fails_with_the_refusal() {
     );
     assert!(jobs[1].started_at.is_none(), "{:?}", jobs[1]);
 }
+
+/// A job that waits for a worker nobody has yet does not hold back starts
+/// that have a free slot: only queued jobs that could take the same slot
+/// go first.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_waiting_for_another_kind_of_worker_holds_nobody_back() {
+    let cluster = Cluster::start(&["w1"]).await;
+    let waiting = submit(
+        &cluster,
+        json!({"path": "count.sh", "args": ["1", "0"], "selector": {"zone": "nowhere"}, "wait_for_worker": true}),
+    )
+    .await;
+    assert_eq!(waiting.state.as_deref(), Some("queued"));
+    for body in [
+        json!({"worker_id": "w1", "path": "count.sh", "args": ["1", "0"]}),
+        json!({"path": "count.sh", "args": ["1", "0"]}),
+    ] {
+        let (status, answer) = post(&cluster, body).await;
+        assert_eq!(status, StatusCode::CREATED, "{answer}");
+    }
+    let (status, answer) = cluster
+        .post_json(
+            "/v1/groups",
+            &json!({"all": true, "path": "count.sh", "args": ["1", "0"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    assert_eq!(cluster.job(&waiting.job_id).await.state, "queued");
+}

@@ -380,11 +380,7 @@ pub(crate) async fn start_job(
             let reason = error.message.clone();
             return wait(body, w.worker_id, reason).await;
         }
-        if state
-            .store
-            .queued_at_or_above(body.priority, &w.worker_id)
-            .await?
-        {
+        if held_back(state, &body, std::slice::from_ref(&w)).await? {
             let reason = "jobs queued before it wait for worker slots".to_owned();
             return wait(body, w.worker_id, reason).await;
         }
@@ -433,7 +429,7 @@ pub(crate) async fn start_job(
             ));
         }
     };
-    if state.store.queued_at_or_above(body.priority, "").await? {
+    if held_back(state, &body, &eligible).await? {
         let reason = "jobs queued before it wait for worker slots".to_owned();
         return wait(body, String::new(), reason).await;
     }
@@ -465,6 +461,40 @@ pub(crate) async fn start_job(
         Err(Refused::Failed(error)) => Err(error),
         Ok(started) => Ok(started),
     }
+}
+
+/// Queued jobs looked at to decide whether a new start must queue behind
+/// them: the head of the queue, not all of it, so a start never reads a
+/// long queue. A job further back that could take the slot is found by
+/// the dispatcher instead.
+const AHEAD: u32 = 32;
+
+/// Whether a job of the same or a higher priority already waits for a
+/// slot that `body` could take on one of `workers`: then `body` queues
+/// behind it instead of starting first. Jobs that could not run there (a
+/// selector or plugin those workers do not match, another named worker)
+/// do not hold it back.
+async fn held_back(
+    state: &AppState,
+    body: &StartJob,
+    workers: &[crate::store::WorkerRow],
+) -> Result<bool, ApiError> {
+    let named = match workers {
+        [only] if !body.worker_id.is_empty() => only.worker_id.as_str(),
+        _ => "",
+    };
+    let ahead = state
+        .store
+        .waiting_ahead(body.priority, named, AHEAD)
+        .await?;
+    Ok(ahead.iter().any(|(row, entry)| {
+        if !entry.worker_id.is_empty() {
+            return true; // named to this very worker
+        }
+        let command = (!row.command.is_empty()).then_some(row.command.as_str());
+        crate::placement::eligible(workers, command, &row.path, &entry.selector)
+            .is_ok_and(|w| !w.is_empty())
+    }))
 }
 
 /// Errors of a start that certainly started nothing for a reason of the
