@@ -324,16 +324,35 @@ impl Api {
     }
 
     /// `GET /v1/workers[?all=true]`: the list of workers.
+    /// Every page of it, in name order.
     pub(crate) async fn workers(&self, all: bool) -> Result<Answer<Vec<WorkerInfo>>, ApiError> {
-        let mut req = self.client.get(self.url(&["v1", "workers"]));
-        if all {
-            req = req.query(&[("all", "true")]);
+        let (mut raw, mut parsed) = (Vec::new(), Vec::new());
+        let mut cursor = None;
+        loop {
+            let mut req = self
+                .client
+                .get(self.url(&["v1", "workers"]))
+                .query(&[("limit", "1000")]);
+            if all {
+                req = req.query(&[("all", "true")]);
+            }
+            if let Some(cursor) = &cursor {
+                req = req.query(&[("cursor", cursor)]);
+            }
+            let page = self.json("the worker list", req).await?;
+            let list: WorkerList = parse("the worker list", &page)?;
+            if let Value::Array(items) = field(page, "workers") {
+                raw.extend(items);
+            }
+            parsed.extend(list.workers);
+            match list.next_cursor {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
         }
-        let raw = self.json("the worker list", req).await?;
-        let list: WorkerList = parse("the worker list", &raw)?;
         Ok(Answer {
-            raw: field(raw, "workers"),
-            parsed: list.workers,
+            raw: Value::Array(raw),
+            parsed,
         })
     }
 

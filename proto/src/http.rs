@@ -51,11 +51,14 @@ pub struct WorkerInfo {
     pub free_slots: Option<u64>,
 }
 
-/// `GET /v1/workers`.
+/// `GET /v1/workers`: by name; `next_cursor` fetches the next page.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkerList {
     pub workers: Vec<WorkerInfo>,
+    /// The `cursor` of the next page; absent on the last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
 }
 
 /// Answer to `DELETE /v1/workers/{id}`: `{"success": true}`.

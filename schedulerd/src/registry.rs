@@ -98,7 +98,8 @@ impl WorkerEntry {
 #[derive(Debug, Default)]
 struct Maps {
     by_id: HashMap<String, Arc<WorkerEntry>>,
-    by_name: HashMap<String, String>,
+    /// Ordered, so the worker list is paged by name without a sort.
+    by_name: std::collections::BTreeMap<String, String>,
     /// Ids of removed workers, never given out again.
     removed: HashSet<String>,
 }
@@ -273,6 +274,30 @@ impl Registry {
     pub(crate) fn entries(&self) -> Vec<Arc<WorkerEntry>> {
         let maps = self.maps.read().unwrap_or_else(|e| e.into_inner());
         maps.by_id.values().cloned().collect()
+    }
+
+    /// Up to `limit` workers by name after `after`, with those that left
+    /// only if `with_left`; the flag says whether more follow.
+    pub(crate) fn page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        with_left: bool,
+    ) -> (Vec<Arc<WorkerEntry>>, bool) {
+        use std::ops::Bound;
+        let maps = self.maps.read().unwrap_or_else(|e| e.into_inner());
+        let from = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut page: Vec<Arc<WorkerEntry>> = maps
+            .by_name
+            .range::<str, _>((from, Bound::Unbounded))
+            .filter_map(|(_, id)| maps.by_id.get(id))
+            .filter(|e| with_left || e.row().state != WorkerState::Left)
+            .take(limit + 1)
+            .cloned()
+            .collect();
+        let more = page.len() > limit;
+        page.truncate(limit);
+        (page, more)
     }
 
     pub(crate) fn all(&self) -> Vec<WorkerRow> {

@@ -510,3 +510,25 @@ async fn bodies_over_the_limit_get_413_over_http1_and_http2() {
         assert_eq!(error.code, "payload_too_large");
     }
 }
+
+/// `GET /v1/workers` is paged by name like `/v1/jobs`; clusterctl reads
+/// every page.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_worker_list_is_paged_by_name() {
+    let cluster = Cluster::start(&["w3", "w1", "w2"]).await;
+    let first: WorkerList = cluster.get_json("/v1/workers?limit=2").await;
+    let names: Vec<&str> = first.workers.iter().map(|w| w.name.as_str()).collect();
+    assert_eq!(names, ["w1", "w2"]);
+    let cursor = first.next_cursor.clone().expect("a next page");
+    let second: WorkerList = cluster
+        .get_json(&format!("/v1/workers?limit=2&cursor={cursor}"))
+        .await;
+    let names: Vec<&str> = second.workers.iter().map(|w| w.name.as_str()).collect();
+    assert_eq!((names, second.next_cursor), (vec!["w3"], None));
+
+    let out = cluster.ctl_output(&["-o", "json", "workers"]).await;
+    assert!(out.status.success(), "{}", crate::cluster::stderr(&out));
+    let listed: Vec<serde_json::Value> =
+        serde_json::from_slice(&out.stdout).expect("a JSON array of workers");
+    assert_eq!(listed.len(), 3);
+}

@@ -24,8 +24,8 @@ use crate::state::{JobState, WorkerState};
 use crate::store::{JobQuery, JobRow, KeyRow, NewKey, QueueEntry, Store};
 use crate::time::{now_ms, rfc3339};
 
-const DEFAULT_PAGE: u32 = 100;
-const MAX_PAGE: u32 = 1000;
+pub(crate) const DEFAULT_PAGE: u32 = 100;
+pub(crate) const MAX_PAGE: u32 = 1000;
 
 #[utoipa::path(
     post,

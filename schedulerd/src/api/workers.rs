@@ -20,6 +20,10 @@ pub(crate) struct ListQuery {
     /// Include workers that have left the cluster.
     #[serde(default)]
     all: bool,
+    /// Workers per page: 1 to 1000, default 100.
+    limit: Option<u32>,
+    /// The `next_cursor` of the previous page.
+    cursor: Option<String>,
 }
 
 #[utoipa::path(
@@ -29,7 +33,7 @@ pub(crate) struct ListQuery {
     tag = "workers",
     params(ListQuery),
     responses(
-        (status = 200, description = "The workers (without those that left, unless `all`).", body = WorkerList),
+        (status = 200, description = "The workers by name, a page at a time (without those that left, unless `all`); `next_cursor` fetches the next page.", body = WorkerList),
         (status = 400, description = "`invalid_query`: an unknown or malformed parameter.", body = jobcluster_proto::http::ErrorBody),
         (status = 503, description = "`store_unavailable`.", body = jobcluster_proto::http::ErrorBody),
     ),
@@ -38,22 +42,29 @@ pub(crate) async fn list(
     State(state): State<AppState>,
     QueryParams(q): QueryParams<ListQuery>,
 ) -> Result<Json<WorkerList>, ApiError> {
-    let running = state.store.running_counts().await?;
-    let workers = state
+    let limit = q
+        .limit
+        .unwrap_or(super::jobs::DEFAULT_PAGE)
+        .clamp(1, super::jobs::MAX_PAGE);
+    let (page, more) = state
         .registry
-        .all()
+        .page(q.cursor.as_deref(), limit as usize, q.all);
+    let running = state.store.running_counts().await?;
+    let workers: Vec<WorkerInfo> = page
         .into_iter()
-        .filter(|w| q.all || w.state != WorkerState::Left)
-        .map(|w| {
+        .map(|entry| {
+            let w = entry.row();
             let n = running.get(&w.worker_id).copied().unwrap_or(0);
-            let unresponsive = state
-                .registry
-                .get(&w.worker_id)
-                .is_some_and(|e| e.unresponsive_since().is_some());
-            worker_info(w, n, unresponsive)
+            worker_info(w, n, entry.unresponsive_since().is_some())
         })
         .collect();
-    Ok(Json(WorkerList { workers }))
+    let next_cursor = more
+        .then(|| workers.last().map(|w| w.name.clone()))
+        .flatten();
+    Ok(Json(WorkerList {
+        workers,
+        next_cursor,
+    }))
 }
 
 #[utoipa::path(
