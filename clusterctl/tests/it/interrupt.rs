@@ -11,6 +11,27 @@ use tokio::process::Child;
 use crate::cluster::Cluster;
 use crate::harness::job_processes;
 
+/// A clusterctl running `args`, its stdout, and its stderr by lines.
+fn spawn_ctl(
+    cluster: &Cluster,
+    args: &[&str],
+) -> (
+    Child,
+    tokio::process::ChildStdout,
+    tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+) {
+    let mut child = cluster
+        .ctl()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let err = BufReader::new(child.stderr.take().unwrap()).lines();
+    (child, out, err)
+}
+
 fn interrupt(child: &Child) {
     let pid = child.id().expect("clusterctl already reaped");
     kill(Pid::from_raw(pid as i32), Signal::SIGINT).unwrap();
@@ -73,15 +94,10 @@ fn started_job(stderr: &str) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn ctrl_c_during_run_stops_the_job_waits_for_its_end_and_exits_130() {
     let cluster = Cluster::start(&["w1"]).await;
-    let mut run = cluster
-        .ctl()
-        .args(["run", "--worker", "w1", "count.sh", "--", "1000", "0.05"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = run.stdout.take().unwrap();
-    let mut err = BufReader::new(run.stderr.take().unwrap()).lines();
+    let (mut run, mut out, mut err) = spawn_ctl(
+        &cluster,
+        &["run", "--worker", "w1", "count.sh", "--", "1000", "0.05"],
+    );
     let said = stderr_until(&mut err, "started job").await;
     let job_id = started_job(&said);
     read_until(&mut out, "3\n").await;
@@ -111,14 +127,7 @@ async fn ctrl_c_during_run_stops_the_job_waits_for_its_end_and_exits_130() {
 async fn ctrl_c_during_logs_follow_only_detaches() {
     let cluster = Cluster::start(&["w1"]).await;
     let job_id = cluster.start_job("w1", "count.sh", &["1000", "0.05"]).await;
-    let mut follow = cluster
-        .ctl()
-        .args(["logs", "-f", &job_id])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = follow.stdout.take().unwrap();
+    let (mut follow, mut out, mut lines) = spawn_ctl(&cluster, &["logs", "-f", &job_id]);
     read_until(&mut out, "3\n").await;
 
     interrupt(&follow);
@@ -127,13 +136,10 @@ async fn ctrl_c_during_logs_follow_only_detaches() {
         .expect("clusterctl logs -f did not end after Ctrl-C")
         .unwrap();
     let mut err = String::new();
-    follow
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .await
-        .unwrap();
+    while let Some(line) = lines.next_line().await.unwrap() {
+        err.push_str(&line);
+        err.push('\n');
+    }
     assert_eq!(status.code(), Some(130), "stderr: {err}");
     assert!(err.contains("stopped following"), "{err}");
     // The job is untouched: still running, and still writing.
@@ -163,22 +169,17 @@ async fn a_second_ctrl_c_leaves_at_once_and_the_job_as_it_is() {
         "trap 'echo got TERM' TERM\necho ready\nfor i in $(seq 600); do sleep 0.1; done\n",
     )
     .unwrap();
-    let mut run = cluster
-        .ctl()
-        .args([
+    let (mut run, mut out, mut err) = spawn_ctl(
+        &cluster,
+        &[
             "run",
             "--worker",
             "w1",
             "--command",
             "stubborn",
             "stubborn.sh",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = run.stdout.take().unwrap();
-    let mut err = BufReader::new(run.stderr.take().unwrap()).lines();
+        ],
+    );
     let said = stderr_until(&mut err, "started job").await;
     let job_id = started_job(&said);
     read_until(&mut out, "ready\n").await;
@@ -210,15 +211,10 @@ async fn a_second_ctrl_c_leaves_at_once_and_the_job_as_it_is() {
 #[tokio::test(flavor = "multi_thread")]
 async fn ctrl_c_during_run_all_stops_every_job_of_the_group() {
     let cluster = Cluster::start(&["w1", "w2"]).await;
-    let mut run = cluster
-        .ctl()
-        .args(["run", "--all", "count.sh", "--", "1000", "0.05"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = run.stdout.take().unwrap();
-    let mut err = BufReader::new(run.stderr.take().unwrap()).lines();
+    let (mut run, mut out, mut err) = spawn_ctl(
+        &cluster,
+        &["run", "--all", "count.sh", "--", "1000", "0.05"],
+    );
     let said = stderr_until(&mut err, "started group").await;
     let group_id = said
         .lines()
