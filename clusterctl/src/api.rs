@@ -344,8 +344,18 @@ impl Api {
             if let Value::Array(items) = field(page, "workers") {
                 raw.extend(items);
             }
+            let empty = list.workers.is_empty();
             parsed.extend(list.workers);
             match list.next_cursor {
+                // A cursor that does not move on would page for ever.
+                Some(next) if empty || cursor.as_ref() == Some(&next) => {
+                    return Err(ApiError::Decode {
+                        what: "the worker list".to_owned(),
+                        detail: format!(
+                            "the scheduler gave a cursor that does not advance: {next:?}"
+                        ),
+                    });
+                }
                 Some(next) => cursor = Some(next),
                 None => break,
             }

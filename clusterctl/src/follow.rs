@@ -236,7 +236,7 @@ pub(crate) async fn stream_output<S: LogSource>(
         // A start still settling when the stream was asked for (a queued
         // job just dispatched) is retried like a broken stream, not given
         // up on because nothing was read yet.
-        let starting = matches!(error.code(), Some("job_starting" | "job_not_started"));
+        let starting = follow && matches!(error.code(), Some("job_starting" | "job_not_started"));
         if (!connected && !starting) || !error.is_retryable() {
             return Err(error.into());
         }

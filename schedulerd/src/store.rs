@@ -1156,6 +1156,16 @@ impl Store {
         .await
     }
 
+    /// Whether the job has a queue entry (waiting, or being dispatched).
+    pub async fn in_queue(&self, job_id: &str) -> Result<bool, StoreError> {
+        let id = job_id.to_owned();
+        self.read(move |c| {
+            c.prepare("SELECT 1 FROM queue WHERE job_id = ?1")?
+                .exists([&id])
+        })
+        .await
+    }
+
     /// A queued job's entry and position (how many queued jobs go first).
     pub async fn queue_entry(&self, job_id: &str) -> Result<Option<(QueueEntry, u64)>, StoreError> {
         let id = job_id.to_owned();

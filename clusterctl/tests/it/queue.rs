@@ -798,3 +798,67 @@ async fn a_job_waiting_for_another_kind_of_worker_holds_nobody_back() {
     assert_eq!(status, StatusCode::CREATED, "{answer}");
     assert_eq!(cluster.job(&waiting.job_id).await.state, "queued");
 }
+
+/// The merged output of a group ends when its queued member's worker is
+/// removed (the member ends `failed`), instead of waiting for ever; and
+/// `logs` without `-f` on a queued job says so at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_follower_moves_on_when_its_queued_members_worker_is_removed() {
+    let mut cluster = Cluster::start_with(&["w1", "w2"], "", "max_jobs = 1\n---\n").await;
+    submit(
+        &cluster,
+        json!({"worker_id": "w2", "path": "count.sh", "args": ["600", "0.1"]}),
+    )
+    .await;
+    let (status, answer) = cluster
+        .post_json(
+            "/v1/groups",
+            &json!({"all": true, "path": "count.sh", "args": ["1", "0"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let group: jobcluster_proto::http::GroupStarted = serde_json::from_value(answer).unwrap();
+    let queued = group
+        .jobs
+        .iter()
+        .find(|j| j.state.as_deref() == Some("queued"))
+        .expect("the member on w2 waits")
+        .job_id
+        .clone();
+
+    let out = cluster.ctl_output(&["logs", &queued]).await;
+    let err = crate::cluster::stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("queued"), "{err}");
+    assert!(!err.contains("reconnect"), "{err}");
+
+    let follower = cluster
+        .ctl()
+        .args(["logs", "-f", &group.group_id])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    cluster.worker("w2").signal(Signal::SIGKILL);
+    cluster.worker("w2").wait(Duration::from_secs(10));
+    cluster.wait_state("w2", "down").await;
+    let reply = cluster
+        .http()
+        .delete(format!("{}/v1/workers/w2", cluster.url()))
+        .send()
+        .await
+        .unwrap();
+    assert!(reply.status().is_success(), "{:?}", reply.text().await);
+    let out = tokio::time::timeout(Duration::from_secs(20), follower.wait_with_output())
+        .await
+        .expect("the group's output never ended")
+        .unwrap();
+    let lines = sorted_lines(&out);
+    assert_eq!(
+        lines,
+        ["[w1] 1", "[w1] done"],
+        "{}",
+        crate::cluster::stderr(&out)
+    );
+    assert_eq!(cluster.job(&queued).await.state, "failed");
+}

@@ -516,6 +516,16 @@ impl Member {
             match row.state {
                 JobState::Queued => {}
                 state if state.is_terminal() && row.started_at_ms == 0 => return None,
+                // Taken by the dispatcher, its start not settled: the
+                // worker may not know it yet. The dispatcher says when
+                // the queue entry is gone.
+                JobState::Unknown
+                    if self
+                        .state
+                        .store
+                        .in_queue(&row.job_id)
+                        .await
+                        .unwrap_or(false) => {}
                 _ => return Some(row),
             }
             tokio::select! {

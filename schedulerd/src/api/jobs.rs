@@ -373,6 +373,11 @@ pub(crate) async fn start_job(
     };
     if !body.worker_id.is_empty() {
         let (worker, w, unusable) = named_worker(state, &body)?;
+        if w.seed {
+            // A worker of the original design renames the jobs it starts:
+            // a queued job's id, already answered, would then name nothing.
+            return start_now(state, body, key, group).await;
+        }
         if let Some(error) = unusable {
             if !body.wait_for_worker {
                 return Err(error);
@@ -852,7 +857,12 @@ pub(crate) async fn call_start(
     let seed_refused = |status: &tonic::Status| w.seed && crate::seed::from_peer(status);
     let reply = match with_deadline(state.call_timeout, client.start_job(request)).await {
         Ok(reply) => reply.into_inner(),
-        Err(status) if answered(&status) || nothing_sent(&status) || seed_refused(&status) => {
+        // A worker still starting this very job (asked again after a
+        // restart) is no refusal: the start is in doubt, settled below.
+        Err(status)
+            if (answered(&status) || nothing_sent(&status) || seed_refused(&status))
+                && !worker_says(&status, "job_starting") =>
+        {
             // The worker refused, or was never reached: nothing started.
             if unreachable(&status) {
                 worker_unreachable(state, worker).await;
@@ -871,7 +881,10 @@ pub(crate) async fn call_start(
                 // worker will not take) would be refused again on every
                 // try: the job ends `failed` with it, as a direct start
                 // would have answered it.
-                Refusal::Requeue if !PASS_ON.contains(&error.code.as_str()) => {
+                Refusal::Requeue
+                    if !PASS_ON.contains(&error.code.as_str())
+                        && error.code != "worker_storage" =>
+                {
                     let why = format!("worker {} refused the job: {}", w.name, error.message);
                     tracing::info!(%job_id, worker = %w.name, code = %error.code, "queued job refused by its worker; it fails");
                     state.store.fail_unstarted(&job_id, &why).await
@@ -1018,6 +1031,14 @@ async fn dequeue(state: &AppState, job_id: &str) {
 pub(crate) fn settled_before(call_timeout: std::time::Duration) -> u64 {
     const MARGIN: std::time::Duration = std::time::Duration::from_secs(10);
     now_ms().saturating_sub((call_timeout + MARGIN).as_millis() as u64)
+}
+
+/// Whether the worker answered with the API error `code`.
+fn worker_says(status: &tonic::Status, code: &str) -> bool {
+    status
+        .metadata()
+        .get(jobcluster_proto::ERROR_CODE_METADATA)
+        .is_some_and(|v| v.as_bytes() == code.as_bytes())
 }
 
 /// The worker itself answered with an error (it carries the API code).

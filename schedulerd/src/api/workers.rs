@@ -173,6 +173,8 @@ pub(crate) async fn remove(
         .await
     {
         Ok(lost) => {
+            // Its queued jobs ended: readers waiting for them move on.
+            state.queue.left();
             tracing::info!(worker_id = %row.worker_id, worker = %row.name, state = %row.state, lost_jobs = lost.len(), "worker removed");
             Ok(Json(Success { success: true }))
         }
