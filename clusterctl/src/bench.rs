@@ -32,7 +32,7 @@ use serde::Serialize;
 use tokio::task::JoinSet;
 
 use crate::api::{Api, ConnectOptions};
-use crate::cli::{BenchCommand, BenchFollowArgs, BenchStartArgs, Output};
+use crate::cli::{BenchCommand, BenchFollowArgs, BenchStartArgs, BenchStatusArgs, Output};
 use crate::follow::{self, JobLogs, Retry};
 use crate::output::{self, print_stdout, print_structured};
 
@@ -47,7 +47,91 @@ pub(crate) async fn run(
     match command {
         BenchCommand::Start(args) => start(&opts, format, &args).await,
         BenchCommand::Follow(args) => follow(&opts, format, &args).await,
+        BenchCommand::Status(args) => status(&opts, format, &args).await,
     }
+}
+
+/// `bench status`: one client reading one job's status `requests` times
+/// on one kept connection (the first read opens it and is not counted).
+async fn status(
+    opts: &ConnectOptions,
+    format: Output,
+    args: &BenchStatusArgs,
+) -> anyhow::Result<ExitCode> {
+    let api = Api::new(opts)?;
+    let job = api
+        .job(&args.job)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read job {}: {e}", args.job))?
+        .parsed;
+    eprintln!(
+        "clusterctl: reading the status of job {} ({}) {} times",
+        job.job_id, job.state, args.requests
+    );
+    let mut latencies = Vec::with_capacity(usize::try_from(args.requests).unwrap_or(0));
+    let mut failed = 0u64;
+    let mut first_error = None;
+    let began = Instant::now();
+    for _ in 0..args.requests {
+        let sent = Instant::now();
+        match api.job(&job.job_id).await {
+            Ok(_) => latencies.push(sent.elapsed()),
+            Err(e) => {
+                failed += 1;
+                first_error.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+    let total = began.elapsed();
+    let report = StatusReport {
+        mode: "status",
+        job: job.job_id,
+        state: job.state,
+        requests: args.requests,
+        failed,
+        first_error,
+        total_seconds: round(total.as_secs_f64(), 3),
+        requests_per_second: round(per_second(latencies.len() as f64, total), 1),
+        latency_ms: LatencySummary::of(latencies).map(|s| s.in_ms()),
+    };
+    if !print_structured(format, &serde_json::to_value(&report)?)? {
+        let mut failed = report.failed.to_string();
+        if let Some(error) = &report.first_error {
+            failed.push_str(&format!(" (first: {error})"));
+        }
+        print_stdout(&format!(
+            "bench status: job {} ({}), {} on one connection\n{}",
+            report.job,
+            report.state,
+            plural(u64::from(report.requests), "request"),
+            output::key_values(&[
+                ("total", format!("{:.3} s", report.total_seconds)),
+                ("requests/s", format!("{:.1}", report.requests_per_second)),
+                ("latency", LatencyMs::text(report.latency_ms.as_ref())),
+                ("failed", failed),
+            ])
+        ))?;
+    }
+    Ok(if report.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The figures of `bench status`.
+#[derive(Debug, Serialize)]
+struct StatusReport {
+    mode: &'static str,
+    job: String,
+    state: String,
+    requests: u32,
+    failed: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    first_error: Option<String>,
+    total_seconds: f64,
+    requests_per_second: f64,
+    latency_ms: Option<LatencyMs>,
 }
 
 /// `count` clients, each connected and having looked up `worker` once.
@@ -187,13 +271,7 @@ struct StartReport {
 
 impl StartReport {
     fn text(&self) -> String {
-        let latency = match &self.latency_ms {
-            Some(l) => format!(
-                "p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-                l.p50, l.p90, l.p99, l.max
-            ),
-            None => "-".to_owned(),
-        };
+        let latency = LatencyMs::text(self.latency_ms.as_ref());
         let mut failed = self.failed.to_string();
         if let Some(error) = &self.first_error {
             failed.push_str(&format!(" (first: {error})"));
@@ -492,6 +570,19 @@ struct LatencyMs {
     p90: f64,
     p99: f64,
     max: f64,
+}
+
+impl LatencyMs {
+    /// One line for people; `-` when nothing succeeded.
+    fn text(latency: Option<&LatencyMs>) -> String {
+        match latency {
+            Some(l) => format!(
+                "p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                l.p50, l.p90, l.p99, l.max
+            ),
+            None => "-".to_owned(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -249,6 +249,24 @@ pub(crate) enum BenchCommand {
     /// Start one job writing S MiB and follow it with concurrent followers;
     /// report MiB/s.
     Follow(BenchFollowArgs),
+    /// Read one job's status over and over on one kept connection; report
+    /// the latency of `GET /v1/jobs/{id}`.
+    Status(BenchStatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchStatusArgs {
+    /// The job to read (a finished one measures the scheduler alone).
+    #[arg(long, value_name = "JOB")]
+    pub(crate) job: String,
+    /// Requests to send, one after the other.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 2000,
+        value_parser = clap::value_parser!(u32).range(1..=10_000_000)
+    )]
+    pub(crate) requests: u32,
 }
 
 #[derive(Debug, Args)]

@@ -198,3 +198,57 @@ async fn errors_are_one_line_and_say_what_to_do() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("nobody"), "{}", stderr(&out));
 }
+
+/// `bench status` reads a job's status on one kept connection and reports
+/// the latency, as JSON with `-o json`; an unknown job is one error line.
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_status_measures_reading_a_jobs_status() {
+    let cluster = Cluster::start(&["w1"]).await;
+    let out = cluster
+        .ctl_output(&["run", "--worker", "w1", "count.sh", "--", "1", "0"])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let jobs: Vec<JobInfo> =
+        serde_json::from_slice(&cluster.ctl_output(&["-o", "json", "jobs"]).await.stdout).unwrap();
+    let job = &jobs[0].job_id;
+    let out = cluster
+        .ctl_output(&[
+            "-o",
+            "json",
+            "bench",
+            "status",
+            "--job",
+            job,
+            "--requests",
+            "40",
+        ])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["mode"], "status");
+    assert_eq!(report["state"], "succeeded");
+    assert_eq!(
+        (report["requests"].as_u64(), report["failed"].as_u64()),
+        (Some(40), Some(0))
+    );
+    let p50 = report["latency_ms"]["p50"].as_f64().unwrap();
+    let max = report["latency_ms"]["max"].as_f64().unwrap();
+    assert!(p50 > 0.0 && p50 <= max, "{report}");
+
+    let out = cluster
+        .ctl_output(&["bench", "status", "--job", job, "--requests", "5"])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("requests/s"), "{}", stdout(&out));
+
+    let out = cluster
+        .ctl_output(&[
+            "bench",
+            "status",
+            "--job",
+            "00000000-0000-4000-8000-000000000000",
+        ])
+        .await;
+    assert!(!out.status.success());
+    assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+}
