@@ -168,6 +168,10 @@ async fn start(
     args: &BenchStartArgs,
 ) -> anyhow::Result<ExitCode> {
     let clients = connect(opts, args.clients, &args.worker).await?;
+    let floor = match args.floor {
+        true => Some(floor(args.jobs, args.clients).await?),
+        false => None,
+    };
     eprintln!(
         "clusterctl: starting {} ({}) on {} from {}",
         plural(u64::from(args.jobs), "job"),
@@ -237,6 +241,10 @@ async fn start(
         first_error: first_error.map(|(_, error)| error),
         total_seconds: round(total.as_secs_f64(), 3),
         starts_per_second: round(per_second(latencies.len() as f64, total), 1),
+        floor_per_second: floor.map(|f| round(f, 1)),
+        share_of_floor: floor
+            .filter(|f| *f > 0.0)
+            .map(|f| round(per_second(latencies.len() as f64, total) / f, 3)),
         latency_ms: LatencySummary::of(latencies).map(|s| s.in_ms()),
     };
     if !print_structured(format, &serde_json::to_value(&report)?)? {
@@ -247,6 +255,52 @@ async fn start(
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Processes per second this machine spawns and reaps running a no-op
+/// bash script, `at_once` at a time: what no scheduler on it can beat.
+async fn floor(jobs: u32, at_once: u32) -> anyhow::Result<f64> {
+    let dir = std::env::temp_dir().join(format!("clusterctl-floor-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    let script = dir.join("noop.sh");
+    std::fs::write(&script, ":\n")
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", script.display()))?;
+    eprintln!(
+        "clusterctl: measuring the floor: {} of local `bash noop.sh`, {at_once} at a time",
+        plural(u64::from(jobs), "run")
+    );
+    let next = Arc::new(AtomicU32::new(0));
+    let began = Instant::now();
+    let mut tasks = JoinSet::new();
+    for _ in 0..at_once {
+        let (next, script) = (Arc::clone(&next), script.clone());
+        tasks.spawn(async move {
+            while next.fetch_add(1, Ordering::Relaxed) < jobs {
+                let status = tokio::process::Command::new("bash")
+                    .arg(&script)
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .status()
+                    .await?;
+                if !status.success() {
+                    return Err(std::io::Error::other(format!("bash noop.sh: {status}")));
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut result = Ok(());
+    while let Some(joined) = tasks.join_next().await {
+        let done = joined.map_err(std::io::Error::other).and_then(|r| r);
+        if result.is_ok() {
+            result = done;
+        }
+    }
+    let elapsed = began.elapsed();
+    let _ = std::fs::remove_dir_all(&dir);
+    result.map_err(|e| anyhow::anyhow!("measuring the floor failed: {e}"))?;
+    Ok(per_second(f64::from(jobs), elapsed))
 }
 
 /// The figures of `bench start`.
@@ -265,6 +319,12 @@ struct StartReport {
     total_seconds: f64,
     /// Successful starts per second of `total_seconds`.
     starts_per_second: f64,
+    /// With `--floor`: local no-op bash runs per second, as many at once.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    floor_per_second: Option<f64>,
+    /// With `--floor`: `starts_per_second` as a share of the floor.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    share_of_floor: Option<f64>,
     /// Over the successful starts; absent if there was none.
     latency_ms: Option<LatencyMs>,
 }
@@ -283,13 +343,18 @@ impl StartReport {
             self.worker,
             plural(u64::from(self.clients), "client")
         );
-        head + &output::key_values(&[
+        let mut rows = vec![
             ("total", format!("{:.3} s", self.total_seconds)),
             ("started", self.started.to_string()),
             ("starts/s", format!("{:.1}", self.starts_per_second)),
-            ("latency", latency),
-            ("failed", failed),
-        ])
+        ];
+        if let (Some(floor), Some(share)) = (self.floor_per_second, self.share_of_floor) {
+            rows.push(("floor/s", format!("{floor:.1} (local bash noop.sh)")));
+            rows.push(("of floor", format!("{:.0} %", share * 100.0)));
+        }
+        rows.push(("latency", latency));
+        rows.push(("failed", failed));
+        head + &output::key_values(&rows)
     }
 }
 
@@ -716,6 +781,8 @@ mod tests {
             first_error: Some("worker w1 is not ready (worker_unavailable)".into()),
             total_seconds: 1.5,
             starts_per_second: 332.7,
+            floor_per_second: None,
+            share_of_floor: None,
             latency_ms: Some(LatencyMs {
                 p50: 20.0,
                 p90: 30.5,

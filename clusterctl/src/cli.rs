@@ -296,6 +296,11 @@ pub(crate) struct BenchStartArgs {
     /// Runner plugin; default: the plugin whose extensions match the script.
     #[arg(long, value_name = "PLUGIN")]
     pub(crate) command: Option<String>,
+    /// First measure the floor on this machine: as many local `bash
+    /// noop.sh` spawned and reaped, as many at a time as there are
+    /// clients; then report the cluster's rate as a share of it.
+    #[arg(long)]
+    pub(crate) floor: bool,
 }
 
 #[derive(Debug, Args)]
