@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 /// A config file could not be used.
@@ -146,5 +147,33 @@ mod tests {
         assert!(err.to_string().contains("port"), "{err}");
         let err = parse::<Outer>(file, "[server\n").unwrap_err();
         assert_eq!(err.key.as_deref(), Some("line 1"), "{err}");
+    }
+}
+
+/// `[metrics]` of both daemons: a plaintext listener for Prometheus
+/// scrapers, meant for loopback; absent: none.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Serves `GET /metrics` in plaintext without credentials.
+    pub addr: Option<String>,
+}
+
+impl MetricsSection {
+    /// The listener's address, checked: `metrics.addr` must be an IP
+    /// address and port (no names to resolve at start).
+    pub fn socket_addr(&self, file: &Path) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        self.addr
+            .as_deref()
+            .map(|addr| {
+                addr.parse().map_err(|_| {
+                    ConfigError::new(
+                        file,
+                        "metrics.addr",
+                        format!("{addr:?} must be an IP address and port, like 127.0.0.1:9464"),
+                    )
+                })
+            })
+            .transpose()
     }
 }

@@ -23,17 +23,7 @@ pub struct ConfigFile {
     #[serde(default)]
     pub scheduler: SchedulerSection,
     #[serde(default)]
-    pub metrics: MetricsSection,
-}
-
-/// A second listener for Prometheus scrapers.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MetricsSection {
-    /// Serves `GET /metrics` in plaintext without credentials (meant for
-    /// loopback, like `127.0.0.1:9464`); absent: no such listener (the
-    /// HTTPS API serves `/metrics` either way).
-    pub addr: Option<String>,
+    pub metrics: config::MetricsSection,
 }
 
 /// The job queue.
@@ -388,15 +378,7 @@ impl Config {
                 "must be more than 0".into(),
             ));
         }
-        let metrics_addr = match &file.metrics.addr {
-            None => None,
-            Some(addr) => Some(addr.parse().map_err(|_| {
-                err(
-                    "metrics.addr",
-                    format!("{addr:?} must be an IP address and port, like 127.0.0.1:9464"),
-                )
-            })?),
-        };
+        let metrics_addr = file.metrics.socket_addr(path)?;
         Ok(Config {
             metrics_addr,
             max_queued: file.scheduler.max_queued,

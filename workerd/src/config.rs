@@ -22,16 +22,7 @@ pub struct ConfigFile {
     #[serde(default)]
     pub retention: Retention,
     #[serde(default)]
-    pub metrics: MetricsSection,
-}
-
-/// A listener for Prometheus scrapers.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MetricsSection {
-    /// Serves `GET /metrics` in plaintext without credentials (meant for
-    /// loopback, like `127.0.0.1:9465`); absent: no metrics listener.
-    pub addr: Option<String>,
+    pub metrics: config::MetricsSection,
 }
 
 /// Limits on what is kept of finished jobs: their output (none by
@@ -523,15 +514,7 @@ impl Config {
             Some(n) => Some(n),
             None => Some(std::thread::available_parallelism().map_or(1, usize::from)),
         };
-        let metrics_addr = match &file.metrics.addr {
-            None => None,
-            Some(addr) => Some(addr.parse().map_err(|_| {
-                err(
-                    "metrics.addr",
-                    format!("{addr:?} must be an IP address and port, like 127.0.0.1:9465"),
-                )
-            })?),
-        };
+        let metrics_addr = file.metrics.socket_addr(path)?;
         Ok(Config {
             metrics_addr,
             run_as,
