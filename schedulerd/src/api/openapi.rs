@@ -109,6 +109,10 @@ impl utoipa::Modify for Common {
                 "`forbidden`: a certificate without the client role, or a viewer token on a route that changes something.",
             ),
             (
+                "405",
+                "`method_not_allowed`: a path parameter left empty makes the path another route's (`/v1/workers//drain` is `/v1/workers/{id}`), which does not take this method.",
+            ),
+            (
                 "408",
                 "`body_timeout`: the request body did not arrive within 30 s of its headers; the connection is closed.",
             ),
