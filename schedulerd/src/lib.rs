@@ -24,6 +24,7 @@
 mod api;
 pub mod config;
 mod convert;
+mod group_sync;
 mod grpc;
 mod metrics;
 mod placement;

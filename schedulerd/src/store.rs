@@ -1,7 +1,9 @@
 //! The scheduler's durable records: workers and jobs, in embedded SQLite.
 //!
-//! Every write is committed (WAL, `synchronous = FULL`) before the call
-//! returns, so what the API acknowledged survives a crash. SQLite calls
+//! Every write is committed and synced before the call returns, so what
+//! the API acknowledged survives a crash or a power loss; concurrent writes
+//! share one sync of the write-ahead log ([`crate::group_sync`]). The one
+//! exception, [`Store::update_started`], is named as such. SQLite calls
 //! block, so they run on the blocking pool: one writer connection (SQLite
 //! serializes writers anyway) and a few reader connections, each held only
 //! for one statement, never across a network call.
@@ -14,6 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::group_sync::GroupSync;
 use crate::state::{JobState, WorkerState};
 use crate::time::now_ms;
 
@@ -177,6 +180,13 @@ struct Inner {
     writer: Mutex<Connection>,
     readers: Mutex<Vec<Connection>>,
     path: PathBuf,
+    sync: Arc<GroupSync>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.sync.close();
+    }
 }
 
 const SCHEMA: &str = "
@@ -331,11 +341,53 @@ fn owner_only(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Statements run through SQLite's statement cache: parsing and planning
+/// a statement cost more than running most of them (a third of a start's
+/// store time when every call prepared its statement afresh).
+trait Cached {
+    fn exec(&self, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize>;
+    fn row<T>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T>;
+}
+
+impl Cached for Connection {
+    fn exec(&self, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
+        self.prepare_cached(sql)?.execute(params)
+    }
+
+    fn row<T>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        self.prepare_cached(sql)?.query_row(params, f)
+    }
+}
+
+/// Distinct statements the store runs, with room to spare: past it the
+/// cache evicts and statements are parsed again.
+const STATEMENT_CACHE: usize = 128;
+
 fn connect(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    // Plans that never depend on bound values: otherwise SQLite prepares a
+    // cached statement again on every new binding of a parameter that it
+    // compared against a partial index (the queue's), undoing the cache.
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
+    // Commits write the log without syncing it; the group sync makes them
+    // durable before a write returns (see `crate::group_sync`).
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     Ok(conn)
 }
@@ -358,34 +410,77 @@ impl Store {
         })?;
         let writer = connect(path).map_err(open_err)?;
         migrate(&writer).map_err(open_err)?;
+        // The migration is synced by SQLite's own rules (a new log's header);
+        // its directory entry is ours to sync.
+        writer
+            .execute_batch("PRAGMA wal_checkpoint(PASSIVE);")
+            .map_err(open_err)?;
+        if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
         let readers = (0..READERS)
             .map(|_| connect(path))
             .collect::<rusqlite::Result<Vec<_>>>()
             .map_err(open_err)?;
+        let mut wal = path.as_os_str().to_owned();
+        wal.push("-wal");
         Ok(Store {
             inner: Arc::new(Inner {
                 writer: Mutex::new(writer),
                 readers: Mutex::new(readers),
                 path: path.to_owned(),
+                sync: GroupSync::start(wal.into())?,
             }),
         })
     }
 
+    /// Runs `f` on the writer connection and returns once what it
+    /// committed is durable.
     async fn write<T: Send + 'static, F>(&self, f: F) -> Result<T, StoreError>
     where
         F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
     {
-        let inner = self.inner.clone();
         let started = std::time::Instant::now();
-        let result = tokio::task::spawn_blocking(move || {
+        let (result, seq) = self.commit(f, None).await?;
+        let synced = self.inner.sync.durable(seq).await;
+        crate::metrics::store_operation::<F>(started);
+        let value = result?;
+        synced?;
+        Ok(value)
+    }
+
+    /// Runs `f` on the writer connection; what it commits survives a crash
+    /// of this process, and a power loss only once a later write (or
+    /// [`Store::flush`]) has synced the log. Returns the commit's number.
+    /// Given `timed`, records the operation's duration as the commit's.
+    async fn commit<T: Send + 'static, F>(
+        &self,
+        f: F,
+        timed: Option<std::time::Instant>,
+    ) -> Result<(Result<T, StoreError>, u64), StoreError>
+    where
+        F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
             let mut conn = inner.writer.lock().unwrap_or_else(|e| e.into_inner());
             let result = f(&mut conn).map_err(StoreError::from);
+            let seq = inner.sync.committed();
             crate::metrics::store_write_done(result.is_ok());
-            result
+            (result, seq)
         })
-        .await;
-        crate::metrics::store_operation::<F>(started);
-        result.map_err(|e| StoreError::Task(e.to_string()))?
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))
+        .inspect(|_| {
+            if let Some(started) = timed {
+                crate::metrics::store_operation::<F>(started);
+            }
+        })
+    }
+
+    /// Waits until every write made so far is durable.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        Ok(self.inner.sync.flush().await?)
     }
 
     async fn read<T: Send + 'static, F>(&self, f: F) -> Result<T, StoreError>
@@ -423,11 +518,11 @@ impl Store {
             // The registry gave this name to this id; a row left under
             // another id (a removed worker whose deletion is still on its
             // way) must not block it.
-            tx.execute(
+            tx.exec(
                 "DELETE FROM workers WHERE name = ?1 AND worker_id <> ?2",
                 params![w.name, w.worker_id],
             )?;
-            tx.execute(
+            tx.exec(
                 "INSERT INTO workers (worker_id, name, address, state, plugins, labels, registered_at_ms,
                    last_seen_ms, cgroup_limits, extensions, draining, max_jobs, seed)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
@@ -468,14 +563,14 @@ impl Store {
         let (id, name) = (worker_id.to_owned(), name.to_owned());
         self.write(move |c| {
             let tx = c.transaction()?;
-            tx.execute("DELETE FROM workers WHERE worker_id = ?1", [&id])?;
-            tx.execute(
+            tx.exec("DELETE FROM workers WHERE worker_id = ?1", [&id])?;
+            tx.exec(
                 "INSERT OR REPLACE INTO removed_workers (worker_id, name, removed_at_ms)
                  VALUES (?1, ?2, ?3)",
                 params![id, name, now_ms as i64],
             )?;
             let lost = tx
-                .prepare(
+                .prepare_cached(
                     "UPDATE jobs SET state = 'lost', error_text = 'its worker was removed from the cluster',
                        finished_at_ms = ?2, updated_at_ms = ?2
                      WHERE worker_id = ?1 AND state IN ('running', 'unknown') RETURNING job_id, command",
@@ -486,14 +581,14 @@ impl Store {
                 })?
                 .collect::<rusqlite::Result<Vec<String>>>()?;
             // Jobs queued for this worker could never start: its id is gone.
-            tx.execute(
+            tx.exec(
                 "UPDATE jobs SET state = 'failed',
                    error_text = 'the worker it was queued for was removed from the cluster; it never started',
                    finished_at_ms = ?2, updated_at_ms = ?2
                  WHERE state = 'queued' AND job_id IN (SELECT job_id FROM queue WHERE worker_id = ?1)",
                 params![id, now_ms as i64],
             )?;
-            tx.execute(
+            tx.exec(
                 "DELETE FROM queue WHERE worker_id = ?1
                    AND job_id IN (SELECT job_id FROM jobs WHERE state = 'failed')",
                 [&id],
@@ -507,7 +602,7 @@ impl Store {
     /// The ids of removed workers.
     pub async fn removed_worker_ids(&self) -> Result<Vec<String>, StoreError> {
         self.read(|c| {
-            c.prepare("SELECT worker_id FROM removed_workers")?
+            c.prepare_cached("SELECT worker_id FROM removed_workers")?
                 .query_map([], |r| r.get(0))?
                 .collect()
         })
@@ -522,7 +617,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let id = worker_id.to_owned();
         self.write(move |c| {
-            c.execute(
+            c.exec(
                 "UPDATE workers SET state = ?2, last_seen_ms = ?3 WHERE worker_id = ?1",
                 params![id, state, last_seen_ms as i64],
             )?;
@@ -539,7 +634,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let id = worker_id.to_owned();
         self.write(move |c| {
-            c.execute(
+            c.exec(
                 "UPDATE workers SET draining = ?2 WHERE worker_id = ?1",
                 params![id, draining],
             )?;
@@ -550,7 +645,7 @@ impl Store {
 
     pub async fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
         self.read(|c| {
-            let mut stmt = c.prepare(
+            let mut stmt = c.prepare_cached(
                 "SELECT worker_id, name, address, state, plugins, labels, registered_at_ms, last_seen_ms,
                    cgroup_limits, extensions, draining, max_jobs, seed
                  FROM workers ORDER BY name",
@@ -604,6 +699,19 @@ impl Store {
         self.write(move |c| update_job(c, &j).map(|n| n > 0)).await
     }
 
+    /// [`Store::update_job`] for the answer to a start, returning without
+    /// waiting for the sync: the job's record, written and synced before
+    /// its worker was asked, is the durable promise. Lost to a power loss,
+    /// this update leaves that record awaiting its start's outcome, which
+    /// the worker's reports settle as they settle any start in doubt.
+    pub async fn update_started(&self, j: JobRow) -> Result<bool, StoreError> {
+        let started = Some(std::time::Instant::now());
+        let (result, _) = self
+            .commit(move |c| update_job(c, &j).map(|n| n > 0), started)
+            .await?;
+        result
+    }
+
     /// Forgets a job whose start certainly started nothing (the worker
     /// refused it), if it is still waiting for that outcome, and the
     /// idempotency key bound to it: a retry with that key tries again.
@@ -616,7 +724,7 @@ impl Store {
         self.write(move |c| {
             let tx = c.transaction()?;
             let taken = tx
-                .prepare("SELECT 1 FROM jobs WHERE job_id = ?1")?
+                .prepare_cached("SELECT 1 FROM jobs WHERE job_id = ?1")?
                 .exists([&new])?;
             if taken {
                 return Ok(false);
@@ -625,15 +733,15 @@ impl Store {
             // UPDATE CASCADE: checking is deferred to the commit, by which
             // time all three point at the new id.
             tx.pragma_update(None, "defer_foreign_keys", "ON")?;
-            let moved = tx.execute(
+            let moved = tx.exec(
                 "UPDATE jobs SET job_id = ?2 WHERE job_id = ?1",
                 params![old, new],
             )?;
-            tx.execute(
+            tx.exec(
                 "UPDATE queue SET job_id = ?2 WHERE job_id = ?1",
                 params![old, new],
             )?;
-            tx.execute(
+            tx.exec(
                 "UPDATE idempotency_keys SET job_id = ?2 WHERE job_id = ?1",
                 params![old, new],
             )?;
@@ -647,14 +755,14 @@ impl Store {
         let id = job_id.to_owned();
         self.write(move |c| {
             let tx = c.transaction()?;
-            let deleted = tx.execute(
+            let deleted = tx.exec(
                 "DELETE FROM jobs WHERE job_id = ?1 AND state = 'unknown' AND started_at_ms = 0",
                 [&id],
             )?;
             // Explicit, not left to the foreign key, so the key goes even
             // on a connection without foreign key enforcement.
             if deleted > 0 {
-                tx.execute("DELETE FROM idempotency_keys WHERE job_id = ?1", [&id])?;
+                tx.exec("DELETE FROM idempotency_keys WHERE job_id = ?1", [&id])?;
             }
             tx.commit()
         })
@@ -669,13 +777,13 @@ impl Store {
         self.write(move |c| {
             let tx = c.transaction()?;
             let now = now_ms() as i64;
-            tx.execute(
+            tx.exec(
                 "UPDATE jobs SET state = 'failed', error_text = ?2, finished_at_ms = ?3,
                    updated_at_ms = ?3
                  WHERE job_id = ?1 AND state = 'unknown' AND started_at_ms = 0",
                 params![id, why, now],
             )?;
-            tx.execute("DELETE FROM queue WHERE job_id = ?1", [&id])?;
+            tx.exec("DELETE FROM queue WHERE job_id = ?1", [&id])?;
             tx.commit()
         })
         .await
@@ -740,7 +848,7 @@ impl Store {
                 let reported: std::collections::HashSet<&str> =
                     reports.iter().map(|r| r.job_id.as_str()).collect();
                 let open: Vec<String> = tx
-                    .prepare(
+                    .prepare_cached(
                         "SELECT job_id FROM jobs WHERE worker_id = ?1
                            AND state IN ('running', 'unknown') AND created_at_ms < ?2
                            AND job_id NOT IN (SELECT job_id FROM queue)",
@@ -749,7 +857,7 @@ impl Store {
                     .collect::<rusqlite::Result<_>>()?;
                 let now = now_ms() as i64;
                 for job_id in open.iter().filter(|id| !reported.contains(id.as_str())) {
-                    let command: Option<String> = tx.query_row(
+                    let command: Option<String> = tx.row(
                         "UPDATE jobs SET state = 'lost', error_text = ?2, finished_at_ms = ?3, updated_at_ms = ?3
                          WHERE job_id = ?1 AND state IN ('running', 'unknown') RETURNING command",
                         params![job_id, "its worker came back without the job", now],
@@ -774,7 +882,7 @@ impl Store {
     ) -> Result<Vec<String>, StoreError> {
         let (worker_id, why) = (worker_id.to_owned(), why.to_owned());
         self.write(move |c| {
-            let mut stmt = c.prepare(
+            let mut stmt = c.prepare_cached(
                 "UPDATE jobs SET state = 'unknown', error_text = ?2, updated_at_ms = ?3
                  WHERE worker_id = ?1 AND state = 'running' RETURNING job_id",
             )?;
@@ -792,7 +900,7 @@ impl Store {
     pub async fn mark_lost(&self, worker_id: &str, why: &str) -> Result<Vec<String>, StoreError> {
         let (worker_id, why) = (worker_id.to_owned(), why.to_owned());
         self.write(move |c| {
-            let mut stmt = c.prepare(
+            let mut stmt = c.prepare_cached(
                 "UPDATE jobs SET state = 'lost', error_text = ?2, finished_at_ms = ?3, updated_at_ms = ?3
                  WHERE worker_id = ?1 AND state IN ('running', 'unknown')
                    AND EXISTS (SELECT 1 FROM workers w WHERE w.worker_id = ?1 AND w.state != 'ready')
@@ -839,7 +947,7 @@ impl Store {
     ) -> Result<Vec<JobRow>, StoreError> {
         let worker_id = worker_id.to_owned();
         self.read(move |c| {
-            let mut stmt = c.prepare(&format!(
+            let mut stmt = c.prepare_cached(&format!(
                 "SELECT {JOB_COLUMNS} FROM jobs WHERE worker_id = ?1 AND state = 'unknown'
                    AND created_at_ms < ?2 AND job_id NOT IN (SELECT job_id FROM queue)
                    ORDER BY seq LIMIT ?3"
@@ -859,7 +967,7 @@ impl Store {
         let bound = self
             .write(move |c| {
                 let tx = c.transaction()?;
-                tx.execute(
+                tx.exec(
                     "INSERT INTO groups (group_id, command, path, args, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
                     params![g.group_id, g.command, g.path, to_json(&g.args), g.created_at_ms as i64],
                 )?;
@@ -880,7 +988,7 @@ impl Store {
     pub async fn unbind_group_key(&self, key: &str, group_id: &str) -> Result<(), StoreError> {
         let (key, group_id) = (key.to_owned(), group_id.to_owned());
         self.write(move |c| {
-            c.execute(
+            c.exec(
                 "DELETE FROM idempotency_keys WHERE key = ?1 AND group_id = ?2",
                 [key, group_id],
             )?;
@@ -897,7 +1005,7 @@ impl Store {
     ) -> Result<Option<KeyRow>, StoreError> {
         let key = key.to_owned();
         self.read(move |c| {
-            c.query_row(
+            c.row(
                 "SELECT key, route, body_sha256, job_id, group_id, created_at_ms
                  FROM idempotency_keys WHERE key = ?1 AND created_at_ms >= ?2",
                 params![key, expired_before_ms as i64],
@@ -925,7 +1033,7 @@ impl Store {
         limit: u32,
     ) -> Result<usize, StoreError> {
         self.write(move |c| {
-            c.execute(
+            c.exec(
                 "DELETE FROM idempotency_keys WHERE rowid IN (
                    SELECT rowid FROM idempotency_keys WHERE created_at_ms < ?1 LIMIT ?2)",
                 params![expired_before_ms as i64, limit],
@@ -952,7 +1060,7 @@ impl Store {
             else {
                 return Ok(None);
             };
-            let mut stmt = c.prepare(&format!(
+            let mut stmt = c.prepare_cached(&format!(
                 "SELECT {JOB_COLUMNS_WITHOUT_ARGS} FROM jobs WHERE group_id = ?1 ORDER BY seq"
             ))?;
             let jobs = stmt.query_map([&id], job_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
@@ -964,7 +1072,7 @@ impl Store {
     /// Groups newest first, at most `limit`, without their `args`.
     pub async fn groups(&self, limit: u32) -> Result<Vec<GroupRow>, StoreError> {
         self.read(move |c| {
-            let mut stmt = c.prepare(
+            let mut stmt = c.prepare_cached(
                 "SELECT group_id, command, path, '[]', created_at_ms FROM groups ORDER BY seq DESC LIMIT ?1",
             )?;
             let rows = stmt.query_map([limit], group_row)?.collect::<rusqlite::Result<_>>()?;
@@ -979,7 +1087,7 @@ impl Store {
     pub async fn prune_finished(&self, before_ms: u64, batch: u32) -> Result<usize, StoreError> {
         self.write(move |c| {
             let tx = c.transaction()?;
-            let jobs = tx.execute(
+            let jobs = tx.exec(
                 "DELETE FROM jobs WHERE seq IN (
                    SELECT seq FROM jobs
                    WHERE state IN ('succeeded', 'failed', 'stopped', 'lost')
@@ -987,7 +1095,7 @@ impl Store {
                    LIMIT ?2)",
                 params![before_ms as i64, batch],
             )?;
-            tx.execute(
+            tx.exec(
                 "DELETE FROM groups WHERE seq IN (
                    SELECT seq FROM groups g WHERE created_at_ms < ?1
                      AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.group_id = g.group_id)
@@ -1019,15 +1127,14 @@ impl Store {
                     at_ms INTEGER NOT NULL
                 )",
             )?;
-            tx.execute(
+            tx.exec(
                 "INSERT INTO health_probe (id, at_ms) VALUES (1, ?1)
                  ON CONFLICT(id) DO UPDATE SET at_ms = ?1",
                 [stamp],
             )?;
-            let read: i64 =
-                tx.query_row("SELECT at_ms FROM health_probe WHERE id = 1", [], |r| {
-                    r.get(0)
-                })?;
+            let read: i64 = tx.row("SELECT at_ms FROM health_probe WHERE id = 1", [], |r| {
+                r.get(0)
+            })?;
             tx.commit()?;
             if read != stamp {
                 return Err(rusqlite::Error::QueryReturnedNoRows);
@@ -1040,7 +1147,7 @@ impl Store {
     pub async fn job(&self, job_id: &str) -> Result<Option<JobRow>, StoreError> {
         let id = job_id.to_owned();
         self.read(move |c| {
-            c.query_row(
+            c.row(
                 &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = ?1"),
                 [id],
                 job_row,
@@ -1055,7 +1162,7 @@ impl Store {
     /// if any.
     pub async fn jobs(&self, q: JobQuery) -> Result<(Vec<JobRow>, Option<i64>), StoreError> {
         self.read(move |c| {
-            let mut stmt = c.prepare(&format!(
+            let mut stmt = c.prepare_cached(&format!(
                 "SELECT {JOB_COLUMNS_WITHOUT_ARGS}, seq FROM jobs
                  WHERE (?1 IS NULL OR worker_id = ?1) AND (?2 IS NULL OR state = ?2)
                    AND (?3 IS NULL OR seq < ?3)
@@ -1093,12 +1200,12 @@ impl Store {
         let outcome = self
             .write(move |c| {
                 let tx = c.transaction()?;
-                let waiting: i64 = tx.query_row("SELECT COUNT(*) FROM queue", [], |r| r.get(0))?;
+                let waiting: i64 = tx.row("SELECT COUNT(*) FROM queue", [], |r| r.get(0))?;
                 if waiting as u64 >= max_queued {
                     return Ok(Err(false));
                 }
                 insert_job(&tx, &j)?;
-                tx.execute(
+                tx.exec(
                     "INSERT INTO queue (job_id, priority, queued_at_ms, worker_id, selector, env,
                        deadline_ms, reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                     params![
@@ -1142,7 +1249,7 @@ impl Store {
     ) -> Result<Vec<(JobRow, QueueEntry)>, StoreError> {
         let worker_id = worker_id.to_owned();
         self.read(move |c| {
-            let mut stmt = c.prepare(&format!(
+            let mut stmt = c.prepare_cached(&format!(
                 "SELECT {QUEUED_JOB_COLUMNS} FROM queue q CROSS JOIN jobs j ON j.job_id = q.job_id
                  WHERE q.dispatching = 0 AND q.priority >= ?1 AND j.state = 'queued'
                    AND (q.worker_id = '' OR q.worker_id = ?2)
@@ -1160,7 +1267,7 @@ impl Store {
     pub async fn in_queue(&self, job_id: &str) -> Result<bool, StoreError> {
         let id = job_id.to_owned();
         self.read(move |c| {
-            c.prepare("SELECT 1 FROM queue WHERE job_id = ?1")?
+            c.prepare_cached("SELECT 1 FROM queue WHERE job_id = ?1")?
                 .exists([&id])
         })
         .await
@@ -1194,7 +1301,7 @@ impl Store {
         worker_id: Option<String>,
     ) -> Result<Vec<(JobRow, QueueEntry)>, StoreError> {
         self.read(move |c| {
-            let mut stmt = c.prepare(&format!(
+            let mut stmt = c.prepare_cached(&format!(
                 "SELECT {QUEUED_JOB_COLUMNS} FROM queue q CROSS JOIN jobs j ON j.job_id = q.job_id
                  WHERE q.dispatching = 0 AND (?3 IS NULL OR q.worker_id = ?3)
                    AND j.state = 'queued'
@@ -1212,7 +1319,7 @@ impl Store {
     /// in flight, or one cut off by a scheduler restart).
     pub async fn dispatching(&self) -> Result<Vec<(JobRow, QueueEntry)>, StoreError> {
         self.read(move |c| {
-            let mut stmt = c.prepare(&format!(
+            let mut stmt = c.prepare_cached(&format!(
                 "SELECT {QUEUED_JOB_COLUMNS} FROM queue q JOIN jobs j ON j.job_id = q.job_id
                  WHERE q.dispatching = 1 ORDER BY q.seq"
             ))?;
@@ -1251,7 +1358,7 @@ impl Store {
                 )
                 .optional()?;
             if claimed.is_some() {
-                tx.execute("UPDATE queue SET dispatching = 1 WHERE job_id = ?1", [&id])?;
+                tx.exec("UPDATE queue SET dispatching = 1 WHERE job_id = ?1", [&id])?;
             }
             tx.commit()?;
             Ok(claimed)
@@ -1265,7 +1372,7 @@ impl Store {
         let (id, reason) = (job_id.to_owned(), reason.to_owned());
         self.write(move |c| {
             let tx = c.transaction()?;
-            let n = tx.execute(
+            let n = tx.exec(
                 "UPDATE jobs SET state = 'queued', error_text = '',
                    worker_id = (SELECT worker_id FROM queue WHERE job_id = ?1),
                    created_at_ms = (SELECT queued_at_ms FROM queue WHERE job_id = ?1),
@@ -1274,7 +1381,7 @@ impl Store {
                    AND EXISTS (SELECT 1 FROM queue WHERE job_id = ?1)",
                 params![id, now_ms() as i64],
             )?;
-            tx.execute(
+            tx.exec(
                 "UPDATE queue SET reason = ?2, dispatching = 0 WHERE job_id = ?1 AND ?3",
                 params![id, reason, n > 0],
             )?;
@@ -1289,7 +1396,7 @@ impl Store {
     pub async fn dequeue(&self, job_id: &str) -> Result<(), StoreError> {
         let id = job_id.to_owned();
         self.write(move |c| {
-            c.execute("DELETE FROM queue WHERE job_id = ?1", [&id])?;
+            c.exec("DELETE FROM queue WHERE job_id = ?1", [&id])?;
             Ok(())
         })
         .await
@@ -1299,7 +1406,7 @@ impl Store {
     pub async fn set_queue_reason(&self, job_id: &str, reason: &str) -> Result<(), StoreError> {
         let (id, reason) = (job_id.to_owned(), reason.to_owned());
         self.write(move |c| {
-            c.execute(
+            c.exec(
                 "UPDATE queue SET reason = ?2 WHERE job_id = ?1",
                 params![id, reason],
             )?;
@@ -1314,14 +1421,14 @@ impl Store {
         let id = job_id.to_owned();
         self.write(move |c| {
             let tx = c.transaction()?;
-            let n = tx.execute(
+            let n = tx.exec(
                 "UPDATE jobs SET state = 'stopped', error_text = 'stopped while queued; it never started',
                    finished_at_ms = ?2, updated_at_ms = ?2
                  WHERE job_id = ?1 AND state = 'queued'",
                 params![id, now_ms() as i64],
             )?;
             if n > 0 {
-                tx.execute("DELETE FROM queue WHERE job_id = ?1", [&id])?;
+                tx.exec("DELETE FROM queue WHERE job_id = ?1", [&id])?;
             }
             tx.commit()?;
             Ok(n > 0)
@@ -1335,7 +1442,7 @@ impl Store {
         self.write(move |c| {
             let tx = c.transaction()?;
             let due: Vec<(String, u64, u64)> = tx
-                .prepare(
+                .prepare_cached(
                     "SELECT q.job_id, q.queued_at_ms, q.deadline_ms FROM queue q
                      CROSS JOIN jobs j ON j.job_id = q.job_id
                      WHERE q.deadline_ms > 0 AND q.deadline_ms <= ?1 AND j.state = 'queued'",
@@ -1354,12 +1461,12 @@ impl Store {
                     "still queued after its queue_timeout of {}; it never started",
                     humantime::format_duration(waited)
                 );
-                tx.execute(
+                tx.exec(
                     "UPDATE jobs SET state = 'failed', error_text = ?2, finished_at_ms = ?3,
                        updated_at_ms = ?3 WHERE job_id = ?1 AND state = 'queued'",
                     params![id, why, now as i64],
                 )?;
-                tx.execute("DELETE FROM queue WHERE job_id = ?1", [id])?;
+                tx.exec("DELETE FROM queue WHERE job_id = ?1", [id])?;
             }
             tx.commit()?;
             Ok(due.into_iter().map(|(id, _, _)| id).collect())
@@ -1370,7 +1477,7 @@ impl Store {
     /// Jobs waiting in the queue (not those being dispatched).
     pub async fn queue_length(&self) -> Result<u64, StoreError> {
         self.read(|c| {
-            c.query_row(
+            c.row(
                 "SELECT COUNT(*) FROM queue q JOIN jobs j ON j.job_id = q.job_id
                  WHERE j.state = 'queued'",
                 [],
@@ -1385,7 +1492,7 @@ impl Store {
         &self,
     ) -> Result<std::collections::HashMap<String, u64>, StoreError> {
         self.read(|c| {
-            let mut stmt = c.prepare(
+            let mut stmt = c.prepare_cached(
                 "SELECT worker_id, COUNT(*) FROM jobs WHERE state IN ('running', 'unknown') GROUP BY worker_id",
             )?;
             let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
@@ -1416,7 +1523,7 @@ fn bound_or_taken(bound: bool, key: String) -> Result<(), StoreError> {
 /// API recorded the start (after a scheduler crash between the two): then
 /// the report's state stays and the API's request fields fill in.
 fn insert_job(c: &Connection, j: &JobRow) -> rusqlite::Result<()> {
-    c.execute(
+    c.exec(
         "INSERT INTO jobs (job_id, worker_id, command, path, args, state, error_text, exit_code,
                    signal, created_at_ms, started_at_ms, finished_at_ms, output_bytes, group_id,
                    updated_at_ms)
@@ -1454,7 +1561,7 @@ fn bind_key(
     job_id: Option<&str>,
     group_id: Option<&str>,
 ) -> rusqlite::Result<bool> {
-    let written = c.execute(
+    let written = c.exec(
         "INSERT INTO idempotency_keys (key, route, body_sha256, job_id, group_id, created_at_ms)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT(key) DO UPDATE SET route = excluded.route,
@@ -1479,7 +1586,7 @@ fn bind_key(
 /// state is a promise and never changes; `unknown` turns back into what
 /// the worker says.
 fn update_job(c: &Connection, j: &JobRow) -> rusqlite::Result<usize> {
-    let n = c.execute(
+    let n = c.exec(
         "UPDATE jobs SET state = ?2, error_text = ?3, exit_code = ?4, signal = ?5,
            started_at_ms = ?6, finished_at_ms = ?7, output_bytes = ?8, updated_at_ms = ?10,
            command = CASE WHEN command = '' THEN ?11 ELSE command END
@@ -1508,7 +1615,7 @@ fn update_job(c: &Connection, j: &JobRow) -> rusqlite::Result<usize> {
 
 /// How many queued jobs go before `job_id` (None: it is not queued).
 fn position(c: &Connection, job_id: &str) -> rusqlite::Result<Option<u64>> {
-    c.query_row(
+    c.row(
         // Two range counts on the queue's index, not one scan with an OR.
         "SELECT (SELECT COUNT(*) FROM queue q2 WHERE q2.dispatching = 0 AND q2.priority > q.priority)
               + (SELECT COUNT(*) FROM queue q3

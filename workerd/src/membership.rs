@@ -16,7 +16,7 @@ use jobcluster_proto::pb::{DeregisterWorkerRequest, HeartbeatRequest, RegisterWo
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::job::{JobRecord, Jobs, now_ms, write_durably};
+use crate::job::{JobRecord, Jobs, now_ms, write_atomically, write_durably};
 use crate::service::to_pb_status;
 
 /// Registration retries: 200 ms, doubled up to 5 s, each pause jittered
@@ -259,11 +259,12 @@ impl Membership {
     }
 
     /// Keeps that every change queued before `snapshot_ms` reached the
-    /// scheduler (best effort: without it, a restart reports more).
+    /// scheduler (best effort: without it, a restart reports more; so it is
+    /// not synced, which kept a sync on every report's path).
     async fn acknowledged(&self, snapshot_ms: u64) {
         let file = self.reported_file.clone();
         let text = snapshot_ms.to_string();
-        let kept = tokio::task::spawn_blocking(move || write_durably(&file, text.as_bytes()))
+        let kept = tokio::task::spawn_blocking(move || write_atomically(&file, text.as_bytes()))
             .await
             .map_err(std::io::Error::other)
             .and_then(|r| r);

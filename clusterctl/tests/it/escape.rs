@@ -60,3 +60,25 @@ async fn a_job_that_escapes_its_group_is_stopped_whole_and_killed_after_a_crash(
     )
     .await;
 }
+
+/// A job that ends on its own (exit 0) with daemons it double-forked out of
+/// its group and session: they are killed when it ends, found by walking
+/// the worker's own descendants (it is their subreaper), not by a scan of
+/// every process on the machine.
+#[tokio::test(flavor = "multi_thread")]
+async fn processes_a_job_left_behind_when_it_exited_are_killed() {
+    let cluster = Cluster::start(&["w1"]).await;
+    let script = "(setsid bash -c '(sleep 300 &); exec sleep 300' &)\n(setsid sleep 300 &)\nsleep 1\necho done\n";
+    std::fs::write(cluster.tmp.path().join("scripts/leave.sh"), script).unwrap();
+
+    let job = cluster.start_job("w1", "leave.sh", &[]).await;
+    until(Duration::from_secs(15), "the job succeeded", || async {
+        cluster.job(&job).await.state == "succeeded"
+    })
+    .await;
+    assert!(
+        eventually(Duration::from_secs(10), || job_processes(&job).is_empty()).await,
+        "processes the job left behind live on: {:?}",
+        job_processes(&job)
+    );
+}

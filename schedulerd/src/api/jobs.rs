@@ -939,7 +939,9 @@ pub(crate) async fn call_start(
             }
         }
     };
-    match state.store.update_job(row.clone()).await {
+    // The record written before the call is the durable promise; this
+    // update need not wait for a sync of its own.
+    match state.store.update_started(row.clone()).await {
         Ok(true) => {}
         // Given up meanwhile (its worker was cut off for lost_after): the
         // final state stands, and the worker is told to kill the job.

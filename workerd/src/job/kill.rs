@@ -49,14 +49,29 @@ pub(super) struct JobProcs {
     pub(super) started_at_ms: u64,
     /// The job's cgroup, where it has one.
     pub(super) cgroup: Option<PathBuf>,
+    /// Every process of the job is below this process: it was started here,
+    /// and orphans come back to us (we are a subreaper), so a scan need
+    /// only walk our descendants, not every process on the machine.
+    pub(super) in_tree: bool,
 }
 
 impl JobProcs {
+    /// A job found on disk, started by an earlier worker process: its
+    /// processes may be anywhere.
     pub(super) fn of(record: &JobRecord, cgroup: Option<PathBuf>) -> Self {
         JobProcs {
             id: record.id,
             started_at_ms: record.started_at_ms,
             cgroup,
+            in_tree: false,
+        }
+    }
+
+    /// A job this process spawned.
+    pub(super) fn spawned_here(record: &JobRecord, cgroup: Option<PathBuf>) -> Self {
+        JobProcs {
+            in_tree: super::reap::is_subreaper(),
+            ..JobProcs::of(record, cgroup)
         }
     }
 }
@@ -114,7 +129,13 @@ fn kill_blocking(job: &JobProcs) -> usize {
     let mut killed = BTreeSet::new();
     let mut pause = FIRST_PAUSE;
     for _ in 0..MAX_ROUNDS {
-        let found = find(job);
+        let mut found = find(job);
+        // A walk of the tree can miss a process that moves to us while it
+        // runs (its parent exiting just then); it cannot move twice, so a
+        // second empty walk is the proof.
+        if found.is_empty() && job.in_tree {
+            found = find(job);
+        }
         if found.is_empty() {
             return killed.len();
         }
@@ -206,6 +227,50 @@ pub(super) fn all_processes() -> Vec<ProcStat> {
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .filter_map(ProcStat::read)
         .collect()
+}
+
+/// The children of every thread of `pid`, from
+/// `/proc/<pid>/task/<tid>/children`; None where the kernel has no such
+/// file (built without `CONFIG_PROC_CHILDREN`) or the process is gone.
+pub(super) fn children(pid: i32) -> Option<Vec<i32>> {
+    let mut pids = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let list = match std::fs::read_to_string(task.path().join("children")) {
+            Ok(list) => list,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && task.path().exists() => {
+                return None;
+            }
+            // The thread ended meanwhile.
+            Err(_) => continue,
+        };
+        pids.extend(
+            list.split_ascii_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok()),
+        );
+    }
+    Some(pids)
+}
+
+/// Every process below `root` (not `root` itself), breadth first; None
+/// where the kernel does not list children.
+fn descendants(root: i32) -> Option<Vec<ProcStat>> {
+    let mut found = Vec::new();
+    let mut next = children(root)?;
+    let mut seen = std::collections::HashSet::new();
+    while let Some(pid) = next.pop() {
+        // Lists read at different moments may disagree; each pid once.
+        if !seen.insert(pid) {
+            continue;
+        }
+        if let Some(stat) = ProcStat::read(pid) {
+            found.push(stat);
+            next.extend(children(pid).unwrap_or_default());
+        }
+    }
+    Some(found)
 }
 
 /// Boot time in seconds since the epoch, from the text of `/proc/stat`.
@@ -312,7 +377,11 @@ fn find(job: &JobProcs) -> Vec<ProcStat> {
         .as_deref()
         .map(cgroup_members)
         .unwrap_or_default();
-    let candidates: Vec<Candidate> = all_processes()
+    let processes = match job.in_tree {
+        true => descendants(own).unwrap_or_else(all_processes),
+        false => all_processes(),
+    };
+    let candidates: Vec<Candidate> = processes
         .into_iter()
         // Never workerd itself or init, whatever their environment says.
         .filter(|s| !s.is_zombie() && s.pid > 1 && s.pid != own)

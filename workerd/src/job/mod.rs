@@ -35,7 +35,7 @@ use crate::confine::PathError;
 
 pub(crate) use output::read_at;
 pub(crate) use reap::{become_subreaper, reap_orphans};
-pub(crate) use record::{JobRecord, State, expire_output, now_ms, write_durably};
+pub(crate) use record::{JobRecord, State, expire_output, now_ms, write_atomically, write_durably};
 pub(crate) use registry::Jobs;
 
 /// Largest piece of output read or sent at once.

@@ -55,10 +55,16 @@ pub(crate) fn now_ms() -> u64 {
 const FINAL: &str = "job.json.final";
 
 /// Writes `bytes` into `dir/tmp_name` (reusing its blocks if it exists)
-/// and renames it over `dir/target`, syncing file and directory: a crash
-/// leaves the old file or the new one, never half of one, and a written
-/// one survives a power loss.
-fn replace_file(dir: &Path, tmp_name: &str, target: &str, bytes: &[u8]) -> std::io::Result<()> {
+/// and renames it over `dir/target`: a crash leaves the old file or the
+/// new one, never half of one. With `durable`, file and directory are
+/// synced, so a written one also survives a power loss.
+fn replace_file(
+    dir: &Path,
+    tmp_name: &str,
+    target: &str,
+    bytes: &[u8],
+    durable: bool,
+) -> std::io::Result<()> {
     use std::io::Write;
     let tmp = dir.join(tmp_name);
     // No truncation first: a reserved file's blocks are overwritten in
@@ -71,21 +77,47 @@ fn replace_file(dir: &Path, tmp_name: &str, target: &str, bytes: &[u8]) -> std::
         .open(&tmp)?;
     file.write_all(bytes)?;
     file.set_len(bytes.len() as u64)?;
-    file.sync_all()?;
+    if durable {
+        file.sync_all()?;
+    }
     std::fs::rename(&tmp, dir.join(target))?;
-    sync_dir(dir)
+    if durable {
+        sync_dir(dir)?;
+    }
+    Ok(())
 }
 
 /// Replaces a job's `job.json` in `dir` through `dir/tmp_name`.
 pub(super) fn replace(dir: &Path, tmp_name: &str, json: &[u8]) -> std::io::Result<()> {
-    replace_file(dir, tmp_name, "job.json", json)
+    replace_file(dir, tmp_name, "job.json", json, true)
+}
+
+/// Writes a new job's first record, atomically but not synced. It needs to
+/// survive a crash of this process (the job's process lives on, and the
+/// restarted worker must find it), not a power loss of this machine: that
+/// ends the job's process too, and the scheduler, which recorded the job
+/// durably before asking for it, finds it missing and marks it lost. This
+/// keeps every sync off the start's path; [`write_final`] syncs the
+/// job's directory entry along with its final record.
+pub(super) fn write_first(dir: &Path, json: &[u8]) -> std::io::Result<()> {
+    replace_file(dir, "job.json.tmp", "job.json", json, false)
 }
 
 /// Replaces the file at `path` with `bytes` atomically and durably.
 pub(crate) fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_whole(path, bytes, true)
+}
+
+/// Replaces the file at `path` with `bytes` atomically, not synced: for
+/// what may be lost to a power loss (a crash of this process keeps it).
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_whole(path, bytes, false)
+}
+
+fn write_whole(path: &Path, bytes: &[u8], durable: bool) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().unwrap_or_default().to_string_lossy();
-    replace_file(dir, &format!("{name}.tmp"), &name, bytes)
+    replace_file(dir, &format!("{name}.tmp"), &name, bytes, durable)
 }
 
 /// Makes a rename or a new file in `dir` durable.
@@ -112,12 +144,15 @@ pub(super) fn reserve_final(dir: &Path, record_len: usize) -> std::io::Result<()
 pub(super) async fn write_final(jobs_dir: &Path, record: &JobRecord) -> std::io::Result<()> {
     let dir = jobs_dir.join(record.id.to_string());
     let json = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+    let jobs_dir = jobs_dir.to_owned();
     tokio::task::spawn_blocking(move || {
         if dir.join(FINAL).exists() {
-            replace(&dir, FINAL, &json)
+            replace(&dir, FINAL, &json)?;
         } else {
-            replace(&dir, "job.json.tmp", &json)
+            replace(&dir, "job.json.tmp", &json)?;
         }
+        // The job's directory was created unsynced (see `write_first`).
+        sync_dir(&jobs_dir)
     })
     .await
     .map_err(std::io::Error::other)?

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::output::pump;
-use super::record::{now_ms, replace, reserve_final, sync_dir, write_final};
+use super::record::{now_ms, reserve_final, write_final, write_first};
 use super::supervise::{Supervision, supervise};
 use super::{Job, JobError, JobRecord, Jobs, Progress, StartRequest, State};
 
@@ -292,7 +292,7 @@ impl Jobs {
         dir: &Path,
         record: &JobRecord,
     ) -> Result<std::fs::File, JobError> {
-        let (dir, jobs_dir) = (dir.to_owned(), self.jobs_dir.clone());
+        let dir = dir.to_owned();
         let json = serde_json::to_vec(record).map_err(std::io::Error::other)?;
         let id = record.id;
         tokio::task::spawn_blocking(move || {
@@ -313,8 +313,7 @@ impl Jobs {
                 .open(dir.join("output.log"))
                 .map_err(JobError::storage)?;
             reserve_final(&dir, json.len()).map_err(JobError::storage)?;
-            replace(&dir, "job.json.tmp", &json).map_err(JobError::storage)?;
-            sync_dir(&jobs_dir).map_err(JobError::storage)?;
+            write_first(&dir, &json).map_err(JobError::storage)?;
             Ok(log)
         })
         .await

@@ -63,7 +63,7 @@ pub(super) async fn supervise(
     changes: &Changes,
 ) {
     let id = job.record().id;
-    let procs = kill::JobProcs::of(&job.record(), limits.cgroup.clone());
+    let procs = kill::JobProcs::spawned_here(&job.record(), limits.cgroup.clone());
     let timeout = async {
         match limits.timeout {
             Some(t) => tokio::time::sleep(t).await,
