@@ -410,11 +410,8 @@ impl Store {
         })?;
         let writer = connect(path).map_err(open_err)?;
         migrate(&writer).map_err(open_err)?;
-        // The migration is synced by SQLite's own rules (a new log's header);
-        // its directory entry is ours to sync.
-        writer
-            .execute_batch("PRAGMA wal_checkpoint(PASSIVE);")
-            .map_err(open_err)?;
+        // The log's directory entry is ours to sync: SQLite's syncs (which
+        // the group sync replaces) would not cover it either.
         if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::File::open(dir)?.sync_all()?;
         }

@@ -421,7 +421,7 @@ async fn metrics_count_jobs_requests_output_and_store_operations() {
         observations(
             &after,
             "schedulerd_store_operation_duration_seconds",
-            &[("operation", "update_job")]
+            &[("operation", "update_started")]
         ) >= 3.0
     );
     assert!(

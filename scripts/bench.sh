@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# Measures the cluster side by side in one run, on release binaries, and
+# prints every figure next to the floor measured in the same run:
+#
+#   scripts/bench.sh                 # everything, a few minutes
+#   scripts/bench.sh --quick         # fewer jobs and bytes, for a smoke run
+#
+# It builds the release binaries, creates a throwaway PKI and state in a
+# temporary directory, starts one schedulerd and two workerd on free
+# loopback ports (HTTPS with a client certificate, mTLS to the workers,
+# `max_jobs = 0` so that no start waits for a slot), runs `clusterctl bench`
+# and `clusterctl run true.sh`, and stops everything it started. The
+# figures go to standard output as JSON lines and a table; nothing is kept.
+# Figures vary by 20 % and more on a shared VM: take the median of runs.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+quick=0
+[ "${1:-}" = "--quick" ] && quick=1
+
+(cd "$root" && cargo build --release --workspace --bins --quiet)
+bin="$root/target/release"
+ctl="$bin/clusterctl"
+
+dir=$(mktemp -d /tmp/jobcluster-bench.XXXXXX)
+# Run as root, workerd runs jobs as nobody, who must reach the scripts.
+chmod 0755 "$dir"
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+http=$(free_port); grpc=$(free_port); p1=$(free_port); p2=$(free_port)
+
+mkdir -p "$dir/scripts" "$dir/state"
+cp "$root"/scripts/*.sh "$dir/scripts/"
+chmod -R a+rX "$dir/scripts"
+"$ctl" pki init "$dir/pki" >/dev/null 2>&1
+for w in w1 w2; do "$ctl" pki issue "$dir/pki" --role worker "$w" >/dev/null 2>&1; done
+
+cat >"$dir/scheduler.toml" <<TOML
+[grpc_server]
+addr = "127.0.0.1:$grpc"
+use_tls = true
+crt_file = "pki/scheduler.pem"
+key_file = "pki/scheduler-key.pem"
+ca_file = "pki/ca.pem"
+
+[http_server]
+addr = "127.0.0.1:$http"
+
+[store]
+path = "state/scheduler.db"
+TOML
+port_of() { if [ "$1" = w1 ]; then echo "$p1"; else echo "$p2"; fi; }
+for w in w1 w2; do
+  cat >"$dir/$w.toml" <<TOML
+[grpc_server]
+addr = "127.0.0.1:$(port_of "$w")"
+use_tls = true
+crt_file = "pki/$w.pem"
+key_file = "pki/$w-key.pem"
+ca_file = "pki/ca.pem"
+
+[scheduler]
+addr = "127.0.0.1:$grpc"
+
+[worker]
+name = "$w"
+scripts_dir = "$dir/scripts"
+state_dir = "state/$w"
+max_jobs = 0
+
+[plugins.bash]
+runner = "bash"
+extensions = ["sh"]
+TOML
+done
+
+cd "$dir"
+"$bin/schedulerd" --config scheduler.toml >scheduler.log 2>&1 &
+pids+=($!)
+for w in w1 w2; do
+  "$bin/workerd" --config "$w.toml" >"$w.log" 2>&1 &
+  pids+=($!)
+done
+export CLUSTERCTL_SCHEDULER="https://127.0.0.1:$http" CLUSTERCTL_CA="$dir/pki/ca.pem" \
+  CLUSTERCTL_CERT="$dir/pki/client.pem" CLUSTERCTL_KEY="$dir/pki/client-key.pem"
+for i in $(seq 1 100); do
+  ready=$("$ctl" workers -o json 2>/dev/null | grep -c '"ready"' || true)
+  [ "$ready" -ge 2 ] && break
+  [ "$i" -eq 100 ] && { echo "the workers did not register; see $dir/*.log" >&2; exit 1; }
+  sleep 0.1
+done
+
+jobs1=500 jobs16=2000 mib=256 runs=50
+[ $quick -eq 1 ] && { jobs1=100; jobs16=300; mib=32; runs=10; }
+
+bench() { "$ctl" -o json bench "$@" 2>/dev/null | tr -d '\n '; echo; }
+echo "== start, 1 client (HTTPS + client certificate, mTLS to the worker)" >&2
+start1=$(bench start --worker w1 --clients 1 --jobs $jobs1)
+echo "$start1"
+echo "== start, 16 clients, with the floor (local bash noop.sh, 16 at a time)" >&2
+start16=$(bench start --worker w1 --clients 16 --jobs $jobs16 --floor)
+echo "$start16"
+echo "== status of a finished job" >&2
+job=$("$ctl" -o json jobs --state succeeded | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["job_id"])')
+status=$(bench status --job "$job" --requests 5000)
+echo "$status"
+echo "== clusterctl run true.sh, $runs times, process start to exit" >&2
+times=()
+for _ in $(seq 1 $runs); do
+  t0=$EPOCHREALTIME
+  "$ctl" run --worker w1 true.sh >/dev/null 2>&1
+  t1=$EPOCHREALTIME
+  times+=("$(python3 -c "print(($t1-$t0)*1000)")")
+done
+run=$(printf '%s\n' "${times[@]}" | python3 -c '
+import json,sys
+t=sorted(float(x) for x in sys.stdin)
+print(json.dumps({"mode":"run","runs":len(t),"p50_ms":round(t[len(t)//2],2),"min_ms":round(t[0],2),"max_ms":round(t[-1],2)}))')
+echo "$run"
+echo "== follow ($mib MiB), 1 and 4 followers" >&2
+follow1=$(bench follow --worker w1 --mib $mib --followers 1)
+echo "$follow1"
+follow4=$(bench follow --worker w1 --mib $mib --followers 4)
+echo "$follow4"
+echo "== idle memory" >&2
+mem=$(for pid in "${pids[@]}"; do
+  printf '%s %s\n' "$(tr '\0' ' ' </proc/"$pid"/cmdline | awk '{print $1}' | xargs basename)" \
+    "$(awk '/VmRSS/{print $2}' /proc/"$pid"/status)"
+done | python3 -c '
+import json,sys
+print(json.dumps({"mode":"memory","rss_kib":[{"process":p,"kib":int(k)} for p,k in (l.split() for l in sys.stdin)]}))')
+echo "$mem"
+
+python3 - "$start1" "$start16" "$status" "$run" "$follow1" "$follow4" <<'PY' >&2
+import json, sys
+s1, s16, st, run, f1, f4 = (json.loads(a) for a in sys.argv[1:])
+def ms(d, k): return d["latency_ms"][k]
+print()
+print("| figure | this run | target |")
+print("|---|---|---|")
+print(f"| start, 1 client: p50 / p99 | {ms(s1,'p50'):.2f} / {ms(s1,'p99'):.2f} ms | <= 1.2 / 3 ms |")
+print(f"| start, 1 client | {s1['starts_per_second']:.0f}/s | |")
+floor = s16.get("floor_per_second")
+share = s16.get("share_of_floor")
+print(f"| start, 16 clients | {s16['starts_per_second']:.0f}/s (floor {floor:.0f}/s, {share*100:.0f} %) | >= 75 % of the floor |")
+print(f"| status: p50 / p99 | {st['latency_ms']['p50']:.3f} / {st['latency_ms']['p99']:.3f} ms | <= 0.15 / 0.3 ms |")
+print(f"| clusterctl run true.sh: p50 | {run['p50_ms']:.1f} ms | <= 6 ms |")
+print(f"| follow, 1 follower | {f1['total_mib_per_second']:.0f} MiB/s | >= 600 MiB/s |")
+print(f"| follow, 4 followers in all | {f4['total_mib_per_second']:.0f} MiB/s | >= 900 MiB/s |")
+PY
