@@ -372,13 +372,20 @@ async fn run_job(
                     );
                     return Ok(finished(job));
                 }
+                if started.worker_id != job.worker_id {
+                    started.worker_name = None;
+                }
                 started.worker_id = job.worker_id;
             }
-            // The scheduler answers with the worker's id; a name reads
-            // better and costs one best-effort lookup.
-            let worker = match api.worker(&started.worker_id).await {
-                Ok(answer) => answer.parsed.name,
-                Err(_) => started.worker_id.clone(),
+            // A name reads better than the id; the answer carries it unless
+            // the job waited in the queue for another worker, or the
+            // scheduler predates it: then one best-effort lookup.
+            let worker = match started.worker_name.take() {
+                Some(name) => name,
+                None => match api.worker(&started.worker_id).await {
+                    Ok(answer) => answer.parsed.name,
+                    Err(_) => started.worker_id.clone(),
+                },
             };
             eprintln!("started job {} on {worker}", started.job_id);
             started.job_id

@@ -118,6 +118,10 @@ fn is_zero(n: &i32) -> bool {
 pub struct JobStarted {
     pub job_id: String,
     pub worker_id: String,
+    /// The worker's name, where the answer knows it (a job started now, or
+    /// queued for a named worker), so a client need not look it up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_name: Option<String>,
     /// The job's current state, in the answer to a request that repeated
     /// an `Idempotency-Key` (header `Idempotent-Replayed: true`); absent
     /// from a first answer, whose job has just started.

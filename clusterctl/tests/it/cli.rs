@@ -39,6 +39,8 @@ async fn run_streams_every_line_and_exits_with_the_jobs_code() {
         .await;
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_eq!(stdout(&out), "1\n2\n3\ndone\n");
+    // The worker's name, as the start's answer carries it.
+    assert!(stderr(&out).contains(" on w2\n"), "{}", stderr(&out));
 
     let out = cluster
         .ctl_output(&["run", "--worker", "w1", "fail.sh"])

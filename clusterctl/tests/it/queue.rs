@@ -28,6 +28,14 @@ async fn submit(cluster: &Cluster, body: Value) -> JobStarted {
         status == StatusCode::ACCEPTED,
         started.state.as_deref() == Some("queued")
     );
+    // A job started now names its worker; a queued one does where its
+    // worker is known (named, or chosen), and never names another.
+    if status == StatusCode::CREATED {
+        assert!(started.worker_name.is_some(), "{started:?}");
+    }
+    if let Some(name) = &started.worker_name {
+        assert!(name.starts_with('w'), "{started:?}");
+    }
     started
 }
 

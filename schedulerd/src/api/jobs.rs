@@ -138,6 +138,7 @@ async fn replay_job(state: &AppState, bound: &KeyRow) -> Result<Response, ApiErr
         _ => None,
     };
     let started = JobStarted {
+        worker_name: state.registry.get(&row.worker_id).map(|w| w.row().name),
         job_id: row.job_id,
         worker_id: row.worker_id,
         state: Some(row.state.as_str().to_owned()),
@@ -639,6 +640,7 @@ async fn enqueue(
     state.queue.wake();
     tracing::info!(%job_id, %worker_id, priority = body.priority, position, %reason, "job queued");
     Ok(JobStarted {
+        worker_name: state.registry.get(&worker_id).map(|w| w.row().name),
         job_id,
         worker_id,
         state: Some(JobState::Queued.as_str().to_owned()),
@@ -965,6 +967,7 @@ pub(crate) async fn call_start(
     Ok(JobStarted {
         job_id,
         worker_id: w.worker_id,
+        worker_name: Some(w.name),
         ..Default::default()
     })
 }
