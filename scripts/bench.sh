@@ -4,6 +4,7 @@
 #
 #   scripts/bench.sh                 # everything, a few minutes
 #   scripts/bench.sh --quick         # fewer jobs and bytes, for a smoke run
+#   JOBCLUSTER_BENCH_BIN=/old/release scripts/bench.sh   # other daemons
 #
 # It builds the release binaries, creates a throwaway PKI and state in a
 # temporary directory, starts one schedulerd and two workerd on free
@@ -17,9 +18,17 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 quick=0
 [ "${1:-}" = "--quick" ] && quick=1
 
-(cd "$root" && cargo build --release --workspace --bins --quiet)
-bin="$root/target/release"
-ctl="$bin/clusterctl"
+# JOBCLUSTER_BENCH_BIN=DIR measures the binaries in DIR instead (an
+# earlier build, for a before/after in one sitting); the bench itself is
+# always this checkout's clusterctl.
+if [ -n "${JOBCLUSTER_BENCH_BIN:-}" ]; then
+  bin=$JOBCLUSTER_BENCH_BIN
+  (cd "$root" && cargo build --release -p jobcluster-clusterctl --bin clusterctl --quiet)
+else
+  (cd "$root" && cargo build --release --workspace --bins --quiet)
+  bin="$root/target/release"
+fi
+ctl="$root/target/release/clusterctl"
 
 dir=$(mktemp -d /tmp/jobcluster-bench.XXXXXX)
 # Run as root, workerd runs jobs as nobody, who must reach the scripts.
@@ -105,6 +114,33 @@ bench() { "$ctl" -o json bench "$@" 2>/dev/null | tr -d '\n '; echo; }
 echo "== start, 1 client (HTTPS + client certificate, mTLS to the worker)" >&2
 start1=$(bench start --worker w1 --clients 1 --jobs $jobs1)
 echo "$start1"
+# Where the scheduler spent a start's time: means over the run above, from
+# its own metrics (the process is fresh, so they hold little else).
+breakdown=$(curl -sS --cacert "$CLUSTERCTL_CA" --cert "$CLUSTERCTL_CERT" --key "$CLUSTERCTL_KEY" \
+  "$CLUSTERCTL_SCHEDULER/metrics" | python3 -c '
+import json, re, sys
+sums, counts = {}, {}
+for line in sys.stdin:
+    m = re.match(r"(\w+?)_(sum|count)\{(.*)\} (\S+)$", line.strip())
+    if not m:
+        continue
+    name, kind, labels, value = m.groups()
+    key = (name, labels)
+    (sums if kind == "sum" else counts)[key] = float(value)
+def mean_ms(name, want):
+    for (n, labels), total in sums.items():
+        if n == name and all(w in labels for w in want):
+            c = counts.get((n, labels), 0)
+            return round(total / c * 1000, 3) if c else None
+out = {"mode": "start_breakdown", "mean_ms": {
+    "http_post_v1_jobs": mean_ms("schedulerd_http_request_duration_seconds", ["route=\"/v1/jobs\"", "method=\"POST\""]),
+    "store_waiting_ahead": mean_ms("schedulerd_store_operation_duration_seconds", ["operation=\"waiting_ahead\""]),
+    "store_insert_job_synced": mean_ms("schedulerd_store_operation_duration_seconds", ["operation=\"insert_job\""]),
+    "request_to_worker_confirmed": mean_ms("schedulerd_job_start_latency_seconds", ["queued=\"false\""]),
+    "store_update_started": mean_ms("schedulerd_store_operation_duration_seconds", ["operation=\"update_started\""]),
+}}
+print(json.dumps(out))')
+echo "$breakdown"
 echo "== start, 16 clients, with the floor (local bash noop.sh, 16 at a time)" >&2
 start16=$(bench start --worker w1 --clients 16 --jobs $jobs16 --floor)
 echo "$start16"

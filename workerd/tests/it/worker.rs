@@ -884,7 +884,7 @@ async fn a_restart_after_kill_9_kills_escaped_descendants_and_records_the_job_lo
     );
     worker.restart();
     assert!(
-        eventually(Duration::from_secs(3), || job_processes(&job).is_empty()).await,
+        eventually(Duration::from_secs(10), || job_processes(&job).is_empty()).await,
         "left after the restart: {:?}",
         job_processes(&job)
     );
