@@ -251,6 +251,13 @@ pub struct AddressError {
 /// value (certificate reload), established ones keep theirs.
 pub type ClientConfigSource = watch::Receiver<Arc<rustls::ClientConfig>>;
 
+/// The largest HTTP/2 frame a peer may send on a channel (HTTP/2's default
+/// is 16 KiB). A worker's output comes in messages of up to 256 KiB; in
+/// 16 KiB frames each message wakes the reading task sixteen times and is
+/// copied into tonic's buffer piece by piece. The receiver buffers at most
+/// one frame per connection, so this bounds that buffer too.
+pub const MAX_FRAME_SIZE: u32 = 512 * 1024;
+
 /// A lazily connected channel to `addr` (`host:port`) over TLS with
 /// `config`. The server's certificate must name `addr`'s host. The channel
 /// reconnects by itself after a failure; calls on it fail fast while the
@@ -289,6 +296,7 @@ pub fn tls_channel_from(
         .map_err(|e| bad(&e.to_string()))?
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
+        .max_frame_size(MAX_FRAME_SIZE)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true);
@@ -355,6 +363,7 @@ pub fn plain_channel(addr: &str, connect_timeout: Duration) -> Result<Channel, A
         })?
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
+        .max_frame_size(MAX_FRAME_SIZE)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true);

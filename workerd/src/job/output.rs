@@ -3,12 +3,14 @@
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
+use bytes::Bytes;
+use nix::fcntl::{FcntlArg, fcntl};
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{CHUNK, Progress};
+use super::{PUMP_BUFFER, Progress};
 
 /// How a pump ended: the bytes kept in the log, and why writing stopped
 /// if it could not go on.
@@ -34,7 +36,12 @@ pub(super) async fn pump(
     write_failed: CancellationToken,
 ) -> Pumped {
     let file = Arc::new(file);
-    let mut buf = Vec::with_capacity(CHUNK);
+    let pipe_size = i32::try_from(PUMP_BUFFER).unwrap_or(i32::MAX);
+    if let Err(error) = fcntl(&reader, FcntlArg::F_SETPIPE_SZ(pipe_size)) {
+        // A smaller pipe only costs speed (e.g. past the user's pipe quota).
+        tracing::debug!(%error, "cannot enlarge the job's output pipe");
+    }
+    let mut buf = Vec::with_capacity(PUMP_BUFFER);
     let mut len = 0u64;
     let mut write_error = None;
     loop {
@@ -99,7 +106,7 @@ pub(crate) async fn read_at(
     file: Arc<std::fs::File>,
     offset: u64,
     max: usize,
-) -> std::io::Result<Vec<u8>> {
+) -> std::io::Result<Bytes> {
     tokio::task::spawn_blocking(move || {
         let mut buf = vec![0; max];
         let mut filled = 0;
@@ -112,7 +119,7 @@ pub(crate) async fn read_at(
             }
         }
         buf.truncate(filled);
-        Ok(buf)
+        Ok(Bytes::from(buf))
     })
     .await
     .map_err(std::io::Error::other)?
