@@ -603,7 +603,9 @@ impl Member {
                 pending.extend_from_slice(&rest[..take]);
                 pos += take as u64;
                 rest = &rest[take..];
-                if pending.len() >= MAX_LINE {
+                // A full piece waits for the next byte: a newline there
+                // makes it a whole line of exactly MAX_LINE bytes.
+                if pending.len() >= MAX_LINE && !rest.is_empty() {
                     if !self.emit(&pending, line_start, &job.job_id).await {
                         return;
                     }
