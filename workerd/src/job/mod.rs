@@ -46,11 +46,12 @@ pub(crate) use registry::Jobs;
 pub(crate) const CHUNK: usize = 256 * 1024;
 
 /// Largest piece the pump reads from a job's pipe and writes to its log at
-/// once, and the pipe's capacity it asks for (within the kernel's
-/// `fs.pipe-max-size`, 1 MiB by default). With the default 64 KiB pipe a
-/// job writing fast blocks and is woken every 64 KiB, and every piece costs
-/// a write on the blocking pool. The buffer is allocated once per job and
-/// only the pages a job's output reaches are ever touched.
+/// once, and the pipe's capacity it asks for once the job's output filled
+/// the default 64 KiB pipe (within the kernel's `fs.pipe-max-size`, 1 MiB
+/// by default). With the default pipe a job writing fast blocks and is
+/// woken every 64 KiB, and every piece costs a write on the blocking pool.
+/// The buffer is allocated once per job and only the pages a job's output
+/// reaches are ever touched.
 pub(crate) const PUMP_BUFFER: usize = 1024 * 1024;
 
 /// How far the output log has been written, and whether it is complete.
