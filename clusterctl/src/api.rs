@@ -312,6 +312,9 @@ impl Api {
             .http2_keep_alive_interval(Duration::from_secs(10))
             .http2_keep_alive_timeout(Duration::from_secs(20))
             .http2_keep_alive_while_idle(true)
+            // Output arrives in pieces of up to 256 KiB; in HTTP/2's default
+            // 16 KiB frames every piece would wake the reader sixteen times.
+            .http2_max_frame_size(jobcluster_proto::transport::MAX_FRAME_SIZE)
             .build()
             .map_err(|e| anyhow::anyhow!("cannot set up the HTTPS client: {e}"))?;
 

@@ -403,7 +403,11 @@ async fn follow(
         .mib
         .checked_mul(MIB)
         .ok_or_else(|| anyhow::anyhow!("--mib {} is too large", args.mib))?;
-    let clients = connect(opts, args.followers, &args.worker).await?;
+    let clients: Vec<Arc<Api>> = connect(opts, args.followers, &args.worker)
+        .await?
+        .into_iter()
+        .map(Arc::new)
+        .collect();
     let Some(first) = clients.first() else {
         anyhow::bail!("no followers");
     };
@@ -434,9 +438,60 @@ async fn follow(
         plural(u64::from(args.followers), "follower")
     );
 
+    let live = read_all(&clients, &job_id, true, expected, began).await?;
+    let replay = if args.replay {
+        // Every live follower returned once the job had ended, so its log
+        // is complete: this reads a finished job's log, without follow.
+        eprintln!("clusterctl: reading job {job_id}'s output back from byte 0");
+        let began = Instant::now();
+        Some(read_all(&clients, &job_id, false, expected, began).await?)
+    } else {
+        None
+    };
+
+    let failed = live.failed() + replay.as_ref().map_or(0, Pass::failed);
+    let first_error = live
+        .first_error()
+        .or_else(|| replay.as_ref().and_then(Pass::first_error));
+    let report = FollowReport {
+        mode: "follow",
+        worker: args.worker.clone(),
+        script: args.script.clone(),
+        job_id,
+        mib: args.mib,
+        bytes_per_follower: expected,
+        failed,
+        first_error,
+        total_seconds: live.total_seconds,
+        total_mib_per_second: live.total_mib_per_second,
+        followers: live.followers,
+        replay,
+    };
+    if !print_structured(format, &serde_json::to_value(&report)?)? {
+        print_stdout(&report.text())?;
+    }
+    Ok(if report.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Reads the job's output from byte 0 with every client at once, counting
+/// the bytes; times run from `began` to each client's last byte. With
+/// `follow`, each waits for the job's end and checks it succeeded; without,
+/// it reads what the log holds (all of it, for a finished job).
+async fn read_all(
+    clients: &[Arc<Api>],
+    job_id: &str,
+    follow: bool,
+    expected: u64,
+    began: Instant,
+) -> anyhow::Result<Pass> {
     let mut tasks = JoinSet::new();
-    for (index, api) in clients.into_iter().enumerate() {
-        let job_id = job_id.clone();
+    for (index, api) in clients.iter().enumerate() {
+        let api = api.clone();
+        let job_id = job_id.to_owned();
         tasks.spawn(async move {
             let source = JobLogs {
                 api: &api,
@@ -444,11 +499,17 @@ async fn follow(
             };
             let mut sink = CountingSink::default();
             let outcome =
-                follow::stream_output(&source, &job_id, 0, true, &mut sink, &Retry::default())
+                follow::stream_output(&source, &job_id, 0, follow, &mut sink, &Retry::default())
                     .await
                     .map_err(|e| e.to_string());
             let ended = sink.last_write.unwrap_or_else(Instant::now);
-            let verdict = outcome.and_then(|job| verify(job, sink.bytes, expected));
+            let verdict = outcome.and_then(|job| {
+                if follow {
+                    verify(job, sink.bytes, expected)
+                } else {
+                    verify_replay(sink.bytes, expected)
+                }
+            });
             (index, sink.bytes, ended, verdict)
         });
     }
@@ -470,29 +531,42 @@ async fn follow(
     followers.sort_by_key(|f| f.follower);
     let total = last_byte.duration_since(began);
     let received: u64 = followers.iter().map(|f| f.bytes).sum();
-    let failed = followers.iter().filter(|f| f.error.is_some()).count();
-
-    let report = FollowReport {
-        mode: "follow",
-        worker: args.worker.clone(),
-        script: args.script.clone(),
-        job_id,
-        mib: args.mib,
-        bytes_per_follower: expected,
-        failed,
-        first_error: followers.iter().find_map(|f| f.error.clone()),
+    Ok(Pass {
         total_seconds: round(total.as_secs_f64(), 3),
         total_mib_per_second: round(per_second(received as f64 / MIB as f64, total), 1),
         followers,
-    };
-    if !print_structured(format, &serde_json::to_value(&report)?)? {
-        print_stdout(&report.text())?;
-    }
-    Ok(if report.failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
     })
+}
+
+/// Whether a replay of the finished job's log got every byte of it.
+fn verify_replay(received: u64, expected: u64) -> Result<(), String> {
+    if received == expected {
+        Ok(())
+    } else {
+        Err(format!(
+            "read back {received} bytes of the finished job's log, expected {expected}"
+        ))
+    }
+}
+
+/// One pass of reading the output by every follower.
+#[derive(Debug, Serialize)]
+struct Pass {
+    /// Until the last byte of the last follower.
+    total_seconds: f64,
+    /// Bytes received by all followers over `total_seconds`.
+    total_mib_per_second: f64,
+    followers: Vec<FollowerReport>,
+}
+
+impl Pass {
+    fn failed(&self) -> usize {
+        self.followers.iter().filter(|f| f.error.is_some()).count()
+    }
+
+    fn first_error(&self) -> Option<String> {
+        self.followers.iter().find_map(|f| f.error.clone())
+    }
 }
 
 /// The figures of `bench follow`. Times run from the start request to the
@@ -512,6 +586,10 @@ struct FollowReport {
     /// Bytes received by all followers over `total_seconds`.
     total_mib_per_second: f64,
     followers: Vec<FollowerReport>,
+    /// With `--replay`: the finished job's log read back by every follower
+    /// at once, timed from the requests to the last byte.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replay: Option<Pass>,
 }
 
 #[derive(Debug, Serialize)]
@@ -527,32 +605,6 @@ struct FollowerReport {
 
 impl FollowReport {
     fn text(&self) -> String {
-        let result = |error: &Option<String>| error.clone().unwrap_or_else(|| "ok".to_owned());
-        let mut rows: Vec<Vec<String>> = self
-            .followers
-            .iter()
-            .map(|f| {
-                vec![
-                    f.follower.to_string(),
-                    format!("{:.1}", f.bytes as f64 / MIB as f64),
-                    format!("{:.3}", f.seconds),
-                    format!("{:.1}", f.mib_per_second),
-                    result(&f.error),
-                ]
-            })
-            .collect();
-        let received: u64 = self.followers.iter().map(|f| f.bytes).sum();
-        rows.push(vec![
-            "total".to_owned(),
-            format!("{:.1}", received as f64 / MIB as f64),
-            format!("{:.3}", self.total_seconds),
-            format!("{:.1}", self.total_mib_per_second),
-            if self.failed == 0 {
-                "ok".to_owned()
-            } else {
-                format!("{} failed", self.failed)
-            },
-        ]);
         let head = format!(
             "bench follow: {} MiB ({}) on {}, job {}, {}\n",
             self.mib,
@@ -561,8 +613,59 @@ impl FollowReport {
             self.job_id,
             plural(self.followers.len() as u64, "follower")
         );
-        head + &output::table(&["FOLLOWER", "MiB", "SECONDS", "MiB/s", "RESULT"], &rows)
+        let columns = ["FOLLOWER", "MiB", "SECONDS", "MiB/s", "RESULT"];
+        let live = pass_rows(
+            &self.followers,
+            self.total_seconds,
+            self.total_mib_per_second,
+        );
+        let mut text = head + &output::table(&columns, &live);
+        if let Some(replay) = &self.replay {
+            text.push_str("replay of the finished job's log:\n");
+            let rows = pass_rows(
+                &replay.followers,
+                replay.total_seconds,
+                replay.total_mib_per_second,
+            );
+            text.push_str(&output::table(&columns, &rows));
+        }
+        text
     }
+}
+
+/// A row per follower and one for the total.
+fn pass_rows(
+    followers: &[FollowerReport],
+    total_seconds: f64,
+    total_mib_per_second: f64,
+) -> Vec<Vec<String>> {
+    let result = |error: &Option<String>| error.clone().unwrap_or_else(|| "ok".to_owned());
+    let mut rows: Vec<Vec<String>> = followers
+        .iter()
+        .map(|f| {
+            vec![
+                f.follower.to_string(),
+                format!("{:.1}", f.bytes as f64 / MIB as f64),
+                format!("{:.3}", f.seconds),
+                format!("{:.1}", f.mib_per_second),
+                result(&f.error),
+            ]
+        })
+        .collect();
+    let received: u64 = followers.iter().map(|f| f.bytes).sum();
+    let failed = followers.iter().filter(|f| f.error.is_some()).count();
+    rows.push(vec![
+        "total".to_owned(),
+        format!("{:.1}", received as f64 / MIB as f64),
+        format!("{total_seconds:.3}"),
+        format!("{total_mib_per_second:.1}"),
+        if failed == 0 {
+            "ok".to_owned()
+        } else {
+            format!("{failed} failed")
+        },
+    ]);
+    rows
 }
 
 /// "1 client", "8 clients".
@@ -830,6 +933,7 @@ mod tests {
                     error: None,
                 },
             ],
+            replay: None,
         };
         assert_eq!(
             report.text(),
@@ -838,6 +942,58 @@ mod tests {
              1         2.0  0.250    8.0    ok\n\
              2         2.0  0.500    4.0    ok\n\
              total     4.0  0.500    8.0    ok\n"
+        );
+        assert!(
+            serde_json::to_value(&report)
+                .unwrap()
+                .get("replay")
+                .is_none()
+        );
+
+        let report = FollowReport {
+            followers: vec![FollowerReport {
+                follower: 1,
+                bytes: 2 * MIB,
+                seconds: 0.5,
+                mib_per_second: 4.0,
+                error: None,
+            }],
+            failed: 1,
+            replay: Some(Pass {
+                total_seconds: 0.25,
+                total_mib_per_second: 4.0,
+                followers: vec![FollowerReport {
+                    follower: 1,
+                    bytes: MIB,
+                    seconds: 0.25,
+                    mib_per_second: 4.0,
+                    error: Some("short".into()),
+                }],
+            }),
+            ..report
+        };
+        assert_eq!(
+            report.text(),
+            "bench follow: 2 MiB (blast.sh) on w1, job j1, 1 follower\n\
+             FOLLOWER  MiB  SECONDS  MiB/s  RESULT\n\
+             1         2.0  0.500    4.0    ok\n\
+             total     2.0  0.500    8.0    ok\n\
+             replay of the finished job's log:\n\
+             FOLLOWER  MiB  SECONDS  MiB/s  RESULT\n\
+             1         1.0  0.250    4.0    short\n\
+             total     1.0  0.250    4.0    1 failed\n"
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["replay"]["total_mib_per_second"], 4.0);
+        assert_eq!(json["replay"]["followers"][0]["error"], "short");
+    }
+
+    #[test]
+    fn a_replay_must_get_the_whole_log() {
+        assert_eq!(verify_replay(10, 10), Ok(()));
+        assert_eq!(
+            verify_replay(9, 10).unwrap_err(),
+            "read back 9 bytes of the finished job's log, expected 10"
         );
     }
 }

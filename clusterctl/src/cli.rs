@@ -327,6 +327,10 @@ pub(crate) struct BenchFollowArgs {
     /// Script that writes as many bytes as its first argument says.
     #[arg(long, value_name = "PATH", default_value = "blast.sh")]
     pub(crate) script: String,
+    /// Then read the finished job's output back from its first byte, with
+    /// every follower at once, and report that replay too.
+    #[arg(long)]
+    pub(crate) replay: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -18,8 +18,9 @@ use crate::job::{self, CHUNK, Job, JobError, JobRecord, Jobs, StartRequest, Stat
 /// learn that the stream is alive.
 const STREAM_KEEPALIVE: Duration = Duration::from_secs(5);
 /// Messages buffered per stream: enough to keep the link busy, small enough
-/// that a slow reader holds little memory.
-const STREAM_BUFFER: usize = 8;
+/// that a slow reader holds little memory (at most `STREAM_BUFFER` ×
+/// [`CHUNK`], 1 MiB, besides HTTP/2's send buffer).
+const STREAM_BUFFER: usize = 4;
 
 #[derive(Debug, Clone)]
 pub(crate) struct WorkerService {
@@ -240,7 +241,7 @@ async fn send_output(
         }
         if now.done {
             let message = StreamJobResponse {
-                output: Vec::new(),
+                output: Default::default(),
                 offset: pos,
                 final_status: Some(job_status(&job)),
             };
@@ -257,7 +258,7 @@ async fn send_output(
                 }
             }
             () = tokio::time::sleep(STREAM_KEEPALIVE) => {
-                let keepalive = StreamJobResponse { output: Vec::new(), offset: pos, final_status: None };
+                let keepalive = StreamJobResponse { output: Default::default(), offset: pos, final_status: None };
                 if tx.send(Ok(keepalive)).await.is_err() {
                     return;
                 }

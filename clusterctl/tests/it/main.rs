@@ -8,6 +8,7 @@ mod cluster;
 mod disk;
 mod escape;
 mod faults;
+mod follow;
 #[allow(dead_code)]
 #[path = "../../../workerd/tests/it/harness.rs"]
 mod harness;

@@ -7,7 +7,6 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
 use jobcluster_proto::http::{
     JOB_STATES, JobFilter, JobInfo, JobList, JobStarted, LogsQuery, StartJob, StopResult, limits,
 };
@@ -1434,7 +1433,7 @@ pub(crate) async fn stream_output(
                             record_status(&store, current.clone(), status).await;
                             return (!msg.output.is_empty()).then(|| {
                                 (
-                                    Ok::<_, std::io::Error>(Bytes::from(msg.output)),
+                                    Ok::<_, std::io::Error>(msg.output),
                                     (stream, None, store, slot),
                                 )
                             });
@@ -1442,10 +1441,7 @@ pub(crate) async fn stream_output(
                         if msg.output.is_empty() {
                             continue; // keepalive
                         }
-                        return Some((
-                            Ok(Bytes::from(msg.output)),
-                            (stream, Some(current), store, slot),
-                        ));
+                        return Some((Ok(msg.output), (stream, Some(current), store, slot)));
                     }
                     Ok(None) => return None,
                     Err(status) => {

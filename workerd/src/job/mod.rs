@@ -38,8 +38,21 @@ pub(crate) use reap::{become_subreaper, reap_orphans};
 pub(crate) use record::{JobRecord, State, expire_output, now_ms, write_atomically, write_durably};
 pub(crate) use registry::Jobs;
 
-/// Largest piece of output read or sent at once.
-pub(crate) const CHUNK: usize = 64 * 1024;
+/// Largest piece of output sent to a follower in one message. Each piece
+/// costs a read on the blocking pool, a channel hand-over and a wake-up of
+/// the connection's task at both ends of each hop, so pieces are large; a
+/// follower holds at most `STREAM_BUFFER` of them (service.rs) besides what
+/// HTTP/2 flow control lets through.
+pub(crate) const CHUNK: usize = 256 * 1024;
+
+/// Largest piece the pump reads from a job's pipe and writes to its log at
+/// once, and the pipe's capacity it asks for once the job's output filled
+/// the default 64 KiB pipe (within the kernel's `fs.pipe-max-size`, 1 MiB
+/// by default). With the default pipe a job writing fast blocks and is
+/// woken every 64 KiB, and every piece costs a write on the blocking pool.
+/// The buffer is allocated once per job and only the pages a job's output
+/// reaches are ever touched.
+pub(crate) const PUMP_BUFFER: usize = 1024 * 1024;
 
 /// How far the output log has been written, and whether it is complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

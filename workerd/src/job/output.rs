@@ -3,12 +3,17 @@
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
+use bytes::Bytes;
+use nix::fcntl::{FcntlArg, fcntl};
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::{CHUNK, Progress};
+use super::{PUMP_BUFFER, Progress};
+
+/// A pipe's capacity unless asked otherwise (Linux).
+const DEFAULT_PIPE: usize = 64 * 1024;
 
 /// How a pump ended: the bytes kept in the log, and why writing stopped
 /// if it could not go on.
@@ -34,14 +39,28 @@ pub(super) async fn pump(
     write_failed: CancellationToken,
 ) -> Pumped {
     let file = Arc::new(file);
-    let mut buf = Vec::with_capacity(CHUNK);
+    let mut buf = Vec::with_capacity(PUMP_BUFFER);
     let mut len = 0u64;
     let mut write_error = None;
+    let mut enlarged = false;
     loop {
         buf.clear();
         match reader.read_buf(&mut buf).await {
             Ok(0) => break,
-            Ok(_) => {}
+            Ok(n) => {
+                // Only a job whose output fills the default pipe gets a
+                // larger one: unprivileged, enlarged pipes count against
+                // the user's pipe quota (fs.pipe-user-pages-soft), past
+                // which the kernel gives every new pipe of the user 8 KiB.
+                if n >= DEFAULT_PIPE && !enlarged {
+                    enlarged = true;
+                    let size = i32::try_from(PUMP_BUFFER).unwrap_or(i32::MAX);
+                    if let Err(error) = fcntl(&reader, FcntlArg::F_SETPIPE_SZ(size)) {
+                        // A smaller pipe only costs speed.
+                        tracing::debug!(%error, "cannot enlarge the job's output pipe");
+                    }
+                }
+            }
             Err(error) => {
                 tracing::warn!(%error, "reading job output failed");
                 break;
@@ -99,7 +118,7 @@ pub(crate) async fn read_at(
     file: Arc<std::fs::File>,
     offset: u64,
     max: usize,
-) -> std::io::Result<Vec<u8>> {
+) -> std::io::Result<Bytes> {
     tokio::task::spawn_blocking(move || {
         let mut buf = vec![0; max];
         let mut filled = 0;
@@ -112,7 +131,7 @@ pub(crate) async fn read_at(
             }
         }
         buf.truncate(filled);
-        Ok(buf)
+        Ok(Bytes::from(buf))
     })
     .await
     .map_err(std::io::Error::other)?

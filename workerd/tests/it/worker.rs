@@ -321,7 +321,7 @@ async fn a_job_ignoring_sigterm_is_killed_after_the_grace_period() {
     let mut stream = open_followed(&mut client, &job, 0).await;
     // Wait until the trap is installed.
     let first = stream.message().await.unwrap().unwrap();
-    assert_eq!(first.output, b"ignoring\n");
+    assert_eq!(&first.output[..], b"ignoring\n");
     let state = client
         .stop_job(StopJobRequest {
             job_id: job.clone(),

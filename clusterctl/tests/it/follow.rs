@@ -1,0 +1,150 @@
+//! Following output through both hops: `bench follow --replay`, and the
+//! group stream's long lines whatever size the worker's pieces have.
+
+use jobcluster_proto::http::GroupLogLine;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::cluster::{Cluster, stderr, stdout};
+
+/// `bench follow --replay` follows the job live, then reads the finished
+/// job's log back from byte 0 with every follower, checks every byte came
+/// and reports both passes (JSON with `-o json`, two tables without).
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_follow_replays_the_finished_jobs_log() {
+    let cluster = Cluster::start(&["w1"]).await;
+    let scripts = cluster.tmp.path().join("scripts");
+    let blast = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/blast.sh");
+    std::fs::copy(blast, scripts.join("blast.sh")).unwrap();
+
+    let args = [
+        "bench",
+        "follow",
+        "--worker",
+        "w1",
+        "--mib",
+        "3",
+        "--followers",
+        "2",
+        "--replay",
+    ];
+    let out = cluster
+        .ctl_output(&[["-o", "json"].as_slice(), &args].concat())
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["failed"], 0, "{report}");
+    let bytes = |pass: &Value| -> Vec<u64> {
+        pass["followers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| {
+                assert!(f["error"].is_null(), "{report}");
+                f["bytes"].as_u64().unwrap()
+            })
+            .collect()
+    };
+    assert_eq!(bytes(&report), [3 << 20, 3 << 20]);
+    let replay = &report["replay"];
+    assert_eq!(bytes(replay), [3 << 20, 3 << 20]);
+    assert!(
+        replay["total_mib_per_second"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+    assert!(
+        stderr(&out).contains("reading job") && stderr(&out).contains("back from byte 0"),
+        "{}",
+        stderr(&out)
+    );
+    // The job really is finished and kept all of it.
+    let job = cluster.job(report["job_id"].as_str().unwrap()).await;
+    assert_eq!(
+        (job.state.as_str(), job.output_bytes),
+        ("succeeded", 3 << 20)
+    );
+
+    let out = cluster.ctl_output(&args).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("replay of the finished job's log:"), "{text}");
+    assert_eq!(text.matches("total ").count(), 2, "{text}");
+
+    // Without --replay there is no replay in the report.
+    let out = cluster
+        .ctl_output(&[
+            "-o", "json", "bench", "follow", "--worker", "w1", "--mib", "1",
+        ])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report.get("replay").is_none(), "{report}");
+}
+
+/// The group stream passes a line of up to 64 KiB whole and splits a
+/// longer one into pieces of exactly 64 KiB, wherever the worker's output
+/// pieces (now up to 256 KiB) happen to end.
+#[tokio::test(flavor = "multi_thread")]
+async fn group_lines_are_split_at_64_kib_whatever_the_pieces() {
+    let cluster = Cluster::start(&["w1"]).await;
+    std::fs::write(
+        cluster.tmp.path().join("scripts").join("long.sh"),
+        "head -c 300000 /dev/zero | tr '\\0' a; echo\n\
+         head -c 65536 /dev/zero | tr '\\0' b; echo\n\
+         echo end\n",
+    )
+    .unwrap();
+    let reply = cluster
+        .http()
+        .post(format!("{}/v1/groups", cluster.url()))
+        .json(&json!({"all": true, "path": "long.sh"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), StatusCode::CREATED);
+    let started: jobcluster_proto::http::GroupStarted = reply.json().await.unwrap();
+    let ndjson = cluster
+        .http()
+        .get(format!(
+            "{}/v1/groups/{}/logs?follow=true&format=ndjson",
+            cluster.url(),
+            started.group_id
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let lines: Vec<(u64, String)> = ndjson
+        .lines()
+        .map(|l| {
+            let line: GroupLogLine = serde_json::from_str(l).unwrap();
+            (line.offset, line.line.unwrap())
+        })
+        .collect();
+    let shape: Vec<(u64, usize, char)> = lines
+        .iter()
+        .map(|(offset, line)| (*offset, line.len(), line.chars().next().unwrap_or(' ')))
+        .collect();
+    const K64: u64 = 65536;
+    assert_eq!(
+        shape,
+        [
+            (0, 65536, 'a'),
+            (K64, 65536, 'a'),
+            (2 * K64, 65536, 'a'),
+            (3 * K64, 65536, 'a'),
+            (4 * K64, 300_000 - 4 * 65536, 'a'),
+            (300_001, 65536, 'b'),
+            (300_001 + K64 + 1, 3, 'e'),
+        ]
+    );
+    assert_eq!(lines.last().map(|(_, l)| l.as_str()), Some("end"));
+    assert!(
+        lines[..lines.len() - 1]
+            .iter()
+            .all(|(_, l)| l.bytes().all(|c| c == l.as_bytes()[0])),
+        "a line mixes characters"
+    );
+}
