@@ -134,13 +134,23 @@ struct StatusReport {
     latency_ms: Option<LatencyMs>,
 }
 
+/// Connections opened at once. The scheduler admits at most 512 connections
+/// that have not yet shown who they are (in their handshake or before their
+/// first request), so a thousand followers connect in waves.
+const CONNECTING_AT_ONCE: usize = 64;
+
 /// `count` clients, each connected and having looked up `worker` once.
 async fn connect(opts: &ConnectOptions, count: u32, worker: &str) -> anyhow::Result<Vec<Api>> {
     let mut tasks = JoinSet::new();
+    let connecting = Arc::new(tokio::sync::Semaphore::new(CONNECTING_AT_ONCE));
     for _ in 0..count {
         let api = Api::new(opts)?;
         let worker = worker.to_owned();
-        tasks.spawn(async move { api.worker(&worker).await.map(|_| api) });
+        let connecting = connecting.clone();
+        tasks.spawn(async move {
+            let _turn = connecting.acquire_owned().await;
+            api.worker(&worker).await.map(|_| api)
+        });
     }
     let mut clients = Vec::new();
     while let Some(joined) = tasks.join_next().await {

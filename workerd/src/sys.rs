@@ -163,3 +163,32 @@ pub(crate) fn pidfd_send_signal(pidfd: &OwnedFd, signal: Signal) -> nix::Result<
     };
     Errno::result(result).map(drop)
 }
+
+/// Free memory glibc's allocator may keep; past it, it goes back to the
+/// system.
+const KEEP_FREE_BYTES: usize = 16 << 20;
+
+/// Gives memory that glibc's allocator holds free back to the system when
+/// there is more than [`KEEP_FREE_BYTES`] of it; returns how much was free
+/// if it did. glibc keeps what a burst freed inside its heaps for reuse:
+/// after a thousand followers of one job (about 1 MiB of output in flight
+/// each) the worker stayed at 1.2 GB resident. mimalloc as the global
+/// allocator gave the pages back but doubled the idle worker (22 MB), so
+/// the allocator stays and is trimmed.
+#[cfg(target_env = "gnu")]
+pub(crate) fn trim_free_memory() -> Option<usize> {
+    // SAFETY: plain glibc calls without pointer arguments; they take the
+    // allocator's own locks.
+    let free = unsafe { libc::mallinfo2() }.fordblks;
+    if free <= KEEP_FREE_BYTES {
+        return None;
+    }
+    // SAFETY: as above.
+    unsafe { libc::malloc_trim(0) };
+    Some(free)
+}
+
+#[cfg(not(target_env = "gnu"))]
+pub(crate) fn trim_free_memory() -> Option<usize> {
+    None
+}
