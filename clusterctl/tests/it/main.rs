@@ -22,5 +22,6 @@ mod ops;
 mod placement;
 mod queue;
 mod removal;
+mod scale;
 mod security;
 mod seed;
