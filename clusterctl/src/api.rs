@@ -369,6 +369,15 @@ impl Api {
         })
     }
 
+    /// `GET /v1/workers?limit=N`: the first page only.
+    pub(crate) async fn workers_page(&self, limit: u32) -> Result<Answer<WorkerList>, ApiError> {
+        let req = self
+            .client
+            .get(self.url(&["v1", "workers"]))
+            .query(&[("limit", limit)]);
+        self.typed("the worker list", req).await
+    }
+
     /// `GET /v1/workers/{id-or-name}`.
     pub(crate) async fn worker(&self, worker: &str) -> Result<Answer<WorkerInfo>, ApiError> {
         let req = self.client.get(self.url(&["v1", "workers", worker]));

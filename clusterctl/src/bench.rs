@@ -7,6 +7,9 @@
 //!   it with concurrent followers through `GET /v1/jobs/{id}/logs?follow=true`
 //!   (counting the bytes, keeping none), checks that each follower got every
 //!   byte, and reports MiB/s.
+//! - `bench status` reads one job's status over and over.
+//! - `bench workers --simulate N` simulates N workers against the
+//!   scheduler's gRPC service (see [`workers`]).
 //!
 //! Only the report goes to stdout (a table for people, or `-o json|yaml`
 //! with the same figures); a progress line goes to stderr. Any failed
@@ -33,6 +36,8 @@ use tokio::task::JoinSet;
 
 use crate::api::{Api, ConnectOptions};
 use crate::cli::{BenchCommand, BenchFollowArgs, BenchStartArgs, BenchStatusArgs, Output};
+
+mod workers;
 use crate::follow::{self, JobLogs, Retry};
 use crate::output::{self, print_stdout, print_structured};
 
@@ -48,6 +53,7 @@ pub(crate) async fn run(
         BenchCommand::Start(args) => start(&opts, format, &args).await,
         BenchCommand::Follow(args) => follow(&opts, format, &args).await,
         BenchCommand::Status(args) => status(&opts, format, &args).await,
+        BenchCommand::Workers(args) => workers::run(&opts, format, &args).await,
     }
 }
 

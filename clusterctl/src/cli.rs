@@ -252,6 +252,74 @@ pub(crate) enum BenchCommand {
     /// Read one job's status over and over on one kept connection; report
     /// the latency of `GET /v1/jobs/{id}`.
     Status(BenchStatusArgs),
+    /// Simulate N workers (real certificates, registrations and heartbeats,
+    /// one connection each) against a live scheduler; report registrations
+    /// per second, the scheduler's CPU share and memory per worker, and API
+    /// latency without and with them.
+    Workers(BenchWorkersArgs),
+}
+
+/// Most simulated workers in one run: each holds a connection (a file
+/// descriptor here and in the scheduler) and a certificate in memory.
+pub(crate) const MAX_SIMULATED_WORKERS: u32 = 20_000;
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchWorkersArgs {
+    /// Workers to simulate, 1 to 20000.
+    #[arg(
+        long,
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_SIMULATED_WORKERS))
+    )]
+    pub(crate) simulate: u32,
+    /// Directory with the cluster CA (ca.pem and ca-key.pem, as written by
+    /// `clusterctl pki init`): each simulated worker gets a worker
+    /// certificate from it, in memory only.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) pki: PathBuf,
+    /// The scheduler's gRPC address (host:port), where workers register.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:50000")]
+    pub(crate) grpc: String,
+    /// The scheduler's process id, for its CPU time and memory
+    /// (/proc/PID/stat and status). Default: the only process named
+    /// schedulerd; without one, those figures are left out.
+    #[arg(long, value_name = "PID")]
+    pub(crate) scheduler_pid: Option<u32>,
+    /// Seconds of steady heartbeats over which the scheduler's CPU share
+    /// is measured (after one heartbeat interval to settle).
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 30,
+        value_parser = clap::value_parser!(u32).range(1..=86_400)
+    )]
+    pub(crate) steady: u32,
+    /// Also sample the scheduler's RSS every SECONDS during the steady window.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        value_parser = clap::value_parser!(u32).range(1..=3_600)
+    )]
+    pub(crate) sample_every: Option<u32>,
+    /// Requests per API route for each latency measurement.
+    #[arg(
+        long,
+        value_name = "R",
+        default_value_t = 200,
+        value_parser = clap::value_parser!(u32).range(1..=100_000)
+    )]
+    pub(crate) requests: u32,
+    /// Registrations in flight at once.
+    #[arg(
+        long,
+        value_name = "C",
+        default_value_t = 64,
+        value_parser = clap::value_parser!(u32).range(1..=4_096)
+    )]
+    pub(crate) concurrency: u32,
+    /// Simulated workers are named PREFIX-00001, PREFIX-00002, ...
+    #[arg(long, value_name = "PREFIX", default_value = "sim")]
+    pub(crate) prefix: String,
 }
 
 #[derive(Debug, Args)]

@@ -12,7 +12,8 @@
 //! # Layout
 //!
 //! - `cli`: the clap types of SPEC §8.
-//! - `bench`: `clusterctl bench`, a load tool (job starts, output streaming).
+//! - `bench`: `clusterctl bench`, a load tool (job starts, output streaming,
+//!   status reads, simulated workers).
 //! - `commands`: one function per subcommand.
 //! - `api`: the typed HTTPS client and its errors.
 //! - `explain`: transport errors turned into one line that says what to do.

@@ -91,6 +91,12 @@ pub fn raise_open_files_limit() -> u64 {
     }
 }
 
+/// This process's soft limit on open files now (0 if it cannot be read).
+pub fn open_files_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit};
+    getrlimit(Resource::RLIMIT_NOFILE).map_or(0, |(soft, _)| soft)
+}
+
 /// Starts listening for SIGHUP now, so a hangup that arrives before the
 /// reload task runs is not fatal.
 pub fn hangups() -> std::io::Result<tokio::signal::unix::Signal> {

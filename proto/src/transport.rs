@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_stream::wrappers::ReceiverStream;
@@ -183,6 +184,104 @@ impl Drop for Place {
     }
 }
 
+/// How many connections one listener may hold, so that one kind of peer
+/// can never take the file descriptors another needs (the workers' gRPC
+/// connections must leave room for the HTTPS API, and the other way round).
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    /// TLS handshakes in progress at once (a newcomer past it closes the
+    /// oldest silent one).
+    pub handshakes: usize,
+    /// Connections accepted and not yet closed, handshaking or served.
+    /// Once they are all taken the listener stops accepting, and newcomers
+    /// wait in the kernel's backlog (costing this process nothing) until a
+    /// connection closes. `None`: no bound here (the server bounds them).
+    pub connections: Option<Arc<Semaphore>>,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            handshakes: MAX_HANDSHAKES,
+            connections: None,
+        }
+    }
+}
+
+/// An accepted TLS connection; holds its place among the listener's
+/// connections until dropped.
+#[derive(Debug)]
+pub struct Accepted {
+    tls: TlsStream<TcpStream>,
+    _place: Option<OwnedSemaphorePermit>,
+}
+
+impl Accepted {
+    pub fn get_ref(&self) -> &TlsStream<TcpStream> {
+        &self.tls
+    }
+}
+
+impl AsyncRead for Accepted {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().tls).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Accepted {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().tls).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().tls).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tls.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().tls).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().tls).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for Accepted {
+    type ConnectInfo = <TlsStream<TcpStream> as tonic::transport::server::Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.tls.connect_info()
+    }
+}
+
+/// How often a failing `accept` (out of file descriptors) is logged.
+const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
+/// Pauses after a failed `accept`: doubled from the first up to the last,
+/// so an exhausted descriptor table is not polled in a hot loop.
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
+
 /// Accepts TCP connections on `listener` and completes the TLS handshake of
 /// each in its own task, so one slow client never delays the others: the
 /// loop only accepts, whatever the handshakes in progress do. A handshake
@@ -193,31 +292,63 @@ impl Drop for Place {
 pub fn tls_incoming(
     listener: TcpListener,
     config: ServerConfigSource,
-) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+) -> ReceiverStream<Result<Accepted, std::io::Error>> {
+    tls_incoming_with(listener, config, ConnectionLimits::default())
+}
+
+/// Like [`tls_incoming`], within `limits`.
+pub fn tls_incoming_with(
+    listener: TcpListener,
+    config: ServerConfigSource,
+    limits: ConnectionLimits,
+) -> ReceiverStream<Result<Accepted, std::io::Error>> {
     let (tx, rx) = mpsc::channel(ACCEPT_BACKLOG);
-    let handshaking = Crowd::new("unfinished TLS handshakes", MAX_HANDSHAKES);
+    let handshaking = Crowd::new("unfinished TLS handshakes", limits.handshakes);
     tokio::spawn(async move {
+        let mut backoff = ACCEPT_BACKOFF.0;
+        let mut failures = 0u64;
+        let mut last_warned: Option<std::time::Instant> = None;
         loop {
+            let place = match &limits.connections {
+                Some(places) => tokio::select! {
+                    place = places.clone().acquire_owned() => match place {
+                        Ok(place) => Some(place),
+                        Err(_) => return,
+                    },
+                    () = tx.closed() => return,
+                },
+                None => None,
+            };
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
                 () = tx.closed() => return,
             };
             let (tcp, peer) = match accepted {
-                Ok(conn) => conn,
+                Ok(conn) => {
+                    backoff = ACCEPT_BACKOFF.0;
+                    conn
+                }
                 Err(error) => {
-                    // Out of file descriptors and the like: back off briefly
-                    // instead of spinning on the error.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    // Out of file descriptors and the like: back off
+                    // (longer each time) instead of spinning on the error,
+                    // and say so now and then, not at every attempt.
+                    failures += 1;
+                    let now = std::time::Instant::now();
+                    if last_warned.is_none_or(|t| now.duration_since(t) >= ACCEPT_WARN_EVERY) {
+                        last_warned = Some(now);
+                        tracing::warn!(%error, failures, "accept failed; backing off");
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF.1);
                     continue;
                 }
             };
             let _ = tcp.set_nodelay(true);
             let acceptor = TlsAcceptor::from(config.borrow().clone());
             let tx = tx.clone();
-            let mut place = handshaking.enter();
+            let mut crowd_place = handshaking.enter();
             tokio::spawn(async move {
-                let speaker = place.speaker();
+                let speaker = crowd_place.speaker();
                 let handshake = async move {
                     // A peer that connects and sends nothing is the first
                     // to go when the crowd is full.
@@ -227,16 +358,16 @@ pub fn tls_incoming(
                 };
                 let result = tokio::select! {
                     result = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake) => result,
-                    () = place.pushed_out() => {
+                    () = crowd_place.pushed_out() => {
                         tracing::debug!(%peer, "unfinished tls handshake closed for a newer connection");
                         return;
                     }
                 };
-                drop(place);
+                drop(crowd_place);
                 match result {
                     Ok(Ok(mut tls)) => {
                         tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
-                        let _ = tx.send(Ok(tls)).await;
+                        let _ = tx.send(Ok(Accepted { tls, _place: place })).await;
                     }
                     Ok(Err(error)) => tracing::info!(%peer, %error, "tls handshake refused"),
                     Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
@@ -359,6 +490,23 @@ pub async fn bind(addr: &str) -> std::io::Result<(TcpListener, SocketAddr)> {
             format!("{addr} names no address"),
         )
     }))
+}
+
+/// A channel whose every call fails with `reason` (as if its peer could
+/// not be reached): for a target that cannot be dialled at all, where a
+/// caller needs a channel anyway.
+pub fn failing_channel(reason: String) -> Channel {
+    let reason = Arc::new(reason);
+    let dial = tower::service_fn(move |_uri| {
+        let reason = reason.clone();
+        async move {
+            Err::<TokioIo<TcpStream>, _>(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                reason.as_str().to_owned(),
+            ))
+        }
+    });
+    Endpoint::from_static("http://unreachable.invalid:9").connect_with_connector_lazy(dial)
 }
 
 /// A lazily connected plaintext channel, for insecure mode only: nothing

@@ -174,20 +174,22 @@ impl Scheduler for SchedulerService {
     ) -> Result<Response<HeartbeatResponse>, Status> {
         let caller = self.caller(&request, "Heartbeat")?;
         let r = request.into_inner();
+        // Every worker, every interval: nothing here copies the worker's
+        // record, and nothing is written to the store unless the worker
+        // reports a job whose state changed.
         let known = self
             .registry
             .get(&r.worker_id)
-            .filter(|e| e.id() == r.worker_id)
-            .map(|e| e.row().name);
-        if let (Some(name), Some(peer)) = (&known, &caller)
-            && *name != peer.name
+            .filter(|e| e.has_id(&r.worker_id));
+        if let (Some(entry), Some(peer)) = (&known, &caller)
+            && !entry.named(&peer.name)
         {
             tracing::warn!(peer = %peer.name, worker_id = %r.worker_id, "refused a heartbeat for another worker's id");
             return Err(Status::permission_denied(
                 "a worker may only heartbeat for itself",
             ));
         }
-        let Some((row, came_back)) =
+        let Some((entry, came_back)) =
             self.registry
                 .heartbeat(&r.worker_id, &r.instance_id, now_ms())
         else {
@@ -201,14 +203,15 @@ impl Scheduler for SchedulerService {
             // Its jobs read `unknown` while it was silent; a fresh
             // registration reports every running job's true state and
             // settles them.
-            tracing::info!(worker_id = %row.worker_id, worker = %row.name, "worker is back; asking it to register again");
+            let name = entry.with_row(|row| row.name.clone());
+            tracing::info!(worker_id = %r.worker_id, worker = %name, "worker is back; asking it to register again");
             return Ok(Response::new(HeartbeatResponse {
                 known: false,
                 heartbeat_interval_ms: self.heartbeat_interval.as_millis() as u64,
                 kill_job_ids: Vec::new(),
             }));
         }
-        let kill_job_ids = self.apply_reports(&row.worker_id, &r.jobs, false).await?;
+        let kill_job_ids = self.apply_reports(&r.worker_id, &r.jobs, false).await?;
         // A report may say a job ended, freeing its slot.
         if !r.jobs.is_empty() {
             self.queue.wake();
@@ -289,12 +292,14 @@ pub(crate) async fn watch_liveness(
             registry.touch_all(now);
             continue;
         }
+        // These passes run every second over every worker: a record is
+        // copied only for a worker whose state changes.
         for entry in registry.entries() {
-            let row = entry.row();
-            if row.state == WorkerState::Ready
-                && now.saturating_sub(row.last_seen_ms) > late
-                && entry.mark_unresponsive(now)
-            {
+            let silent = entry.with_row(|row| {
+                row.state == WorkerState::Ready && now.saturating_sub(row.last_seen_ms) > late
+            });
+            if silent && entry.mark_unresponsive(now) {
+                let row = entry.row();
                 let why = format!(
                     "worker {} has sent no heartbeat since {}; not yet given up",
                     row.name,
@@ -326,16 +331,17 @@ pub(crate) async fn watch_liveness(
             record_unknown(&store, &row, &why).await;
         }
         let lost_after = timing.lost_after.as_millis() as u64;
-        for row in registry.all() {
-            if row.state == WorkerState::Ready {
-                given_up.remove(&row.worker_id);
+        for entry in registry.entries() {
+            let Some(row) = entry.with_row(|row| {
+                if row.state == WorkerState::Ready {
+                    given_up.remove(&row.worker_id);
+                    return None;
+                }
+                let recent = now.saturating_sub(row.last_seen_ms) <= lost_after;
+                (!recent && !given_up.contains(&row.worker_id)).then(|| row.clone())
+            }) else {
                 continue;
-            }
-            if now.saturating_sub(row.last_seen_ms) <= lost_after
-                || given_up.contains(&row.worker_id)
-            {
-                continue;
-            }
+            };
             let why = format!(
                 "no news from worker {} since {} (lost_after {})",
                 row.name,

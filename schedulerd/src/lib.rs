@@ -68,6 +68,37 @@ pub enum Error {
     Reflection(#[from] jobcluster_proto::grpc_ops::ReflectionError),
 }
 
+/// File descriptors kept for everything but accepted connections: the
+/// store, the listeners, logs, and channels to the workers the scheduler
+/// calls.
+const RESERVED_FILES: u64 = 64;
+/// What the metrics listener may use, when there is one.
+const METRICS_FILES: usize = 64;
+
+/// How the open-files limit is shared out, so that running out of file
+/// descriptors never takes the API down: workers' gRPC connections get
+/// what is left after the API's share, and the API's listener never uses
+/// more than its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileBudget {
+    /// gRPC connections accepted at once (handshaking or served); more
+    /// wait in the kernel's backlog until one closes.
+    grpc: usize,
+    /// The HTTPS API's connections, handshakes included.
+    api: usize,
+}
+
+impl FileBudget {
+    fn of(limit: u64, metrics: bool) -> Self {
+        let reserved = RESERVED_FILES + if metrics { METRICS_FILES as u64 } else { 0 };
+        let available = usize::try_from(limit.saturating_sub(reserved)).unwrap_or(usize::MAX);
+        // A quarter for the API, within what its own bounds would use.
+        let api = (available / 4).clamp(16, api::serve::ConnectionShare::FULL.0);
+        let grpc = available.saturating_sub(api).max(16);
+        FileBudget { grpc, api }
+    }
+}
+
 /// The listeners the daemon serves on (bound by the caller, so tests and
 /// `main` choose the ports).
 #[derive(Debug)]
@@ -114,11 +145,7 @@ async fn prune_history(store: store::Store, keep: Duration, stop: CancellationTo
 
 /// Where gRPC connections come from.
 enum Incoming {
-    Tls(
-        tokio_stream::wrappers::ReceiverStream<
-            Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
-        >,
-    ),
+    Tls(tokio_stream::wrappers::ReceiverStream<Result<transport::Accepted, std::io::Error>>),
     Plain(tokio_stream::wrappers::TcpListenerStream),
 }
 
@@ -147,6 +174,16 @@ pub async fn run(
         ),
         None => None,
     };
+
+    let open_files = jobcluster_proto::daemon::open_files_limit();
+    let budget = FileBudget::of(open_files, config.metrics_addr.is_some());
+    tracing::info!(
+        open_files,
+        grpc_connections = budget.grpc,
+        api_connections = budget.api,
+        "connections bounded by the open files limit"
+    );
+    let api_share = api::serve::ConnectionShare(budget.api);
 
     let stop = CancellationToken::new();
     let tokens = Arc::new(api::auth::Tokens::new(&config.tokens));
@@ -213,9 +250,24 @@ pub async fn run(
             )));
             (
                 Some(worker_rx),
-                Incoming::Tls(transport::tls_incoming(listeners.grpc, grpc_rx)),
+                Incoming::Tls(transport::tls_incoming_with(
+                    listeners.grpc,
+                    grpc_rx,
+                    transport::ConnectionLimits {
+                        handshakes: transport::MAX_HANDSHAKES.min(budget.grpc),
+                        connections: Some(Arc::new(tokio::sync::Semaphore::new(budget.grpc))),
+                    },
+                )),
                 HttpListener::Tls(
-                    api::tls::TlsListener::new(listeners.http, http_rx).map_err(Error::Http)?,
+                    api::tls::TlsListener::new(
+                        listeners.http,
+                        http_rx,
+                        transport::ConnectionLimits {
+                            handshakes: api_share.handshakes(),
+                            connections: None,
+                        },
+                    )
+                    .map_err(Error::Http)?,
                 ),
             )
         }
@@ -314,6 +366,7 @@ pub async fn run(
             metrics::plain_router(app_state.clone()),
             stop.clone(),
             SHUTDOWN_GRACE,
+            api::serve::ConnectionShare(METRICS_FILES),
         ))
     });
     let app = api::router(app_state);
@@ -324,6 +377,7 @@ pub async fn run(
             app,
             stop.clone(),
             SHUTDOWN_GRACE,
+            api_share,
         )),
         HttpListener::Plain(listener) => tokio::spawn(api::serve::serve(
             listener,
@@ -334,6 +388,7 @@ pub async fn run(
             app,
             stop.clone(),
             SHUTDOWN_GRACE,
+            api_share,
         )),
     };
     readiness.set_serving(true);
@@ -372,4 +427,28 @@ pub async fn run(
     store.close().await?;
     tracing::info!("scheduler stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_open_files_limit_leaves_the_api_its_share() {
+        // The machine: 1,024.
+        let small = FileBudget::of(1024, false);
+        assert_eq!(
+            small,
+            FileBudget {
+                grpc: 720,
+                api: 240
+            }
+        );
+        // The shipped units' LimitNOFILE: the API's own bounds cap its share.
+        let large = FileBudget::of(65536, true);
+        assert_eq!(large.api, api::serve::ConnectionShare::FULL.0);
+        assert_eq!(large.grpc, 65536 - 128 - large.api);
+        // Tiny or unreadable limits still serve someone.
+        assert_eq!(FileBudget::of(0, false), FileBudget { grpc: 16, api: 16 });
+    }
 }

@@ -2,7 +2,7 @@
 //! that every request about that worker reuses.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use jobcluster_proto::pb::worker_client::WorkerClient;
@@ -14,6 +14,14 @@ use crate::store::WorkerRow;
 
 /// One worker: its record, the process instance that holds its name, and
 /// its channel.
+///
+/// Every worker costs the scheduler this entry for as long as it is
+/// known, so the entry holds no more than it must: the channel to the
+/// worker is made on the first call to it (a channel is a task and a
+/// request buffer of its own; most workers of a big cluster are called
+/// rarely, and a worker that is never given a job is never dialled), and
+/// the hot paths (heartbeats, the liveness sweep) read the record in place
+/// instead of cloning it.
 #[derive(Debug)]
 pub(crate) struct WorkerEntry {
     row: Mutex<WorkerRow>,
@@ -23,7 +31,26 @@ pub(crate) struct WorkerEntry {
     /// Since when (Unix ms) a call to this worker timed out, until it is
     /// heard from again: placement skips it and calls that need it fail fast.
     unresponsive_since: Mutex<Option<u64>>,
-    client: WorkerClient<Channel>,
+    client: OnceLock<WorkerClient<Channel>>,
+    dial: Arc<Dial>,
+}
+
+/// How the scheduler dials workers; shared by every entry.
+#[derive(Debug)]
+struct Dial {
+    /// `None` in insecure (plaintext) mode.
+    tls: Option<ClientConfigSource>,
+    connect_timeout: Duration,
+}
+
+impl Dial {
+    /// A lazily connected channel to `address`.
+    fn channel(&self, address: &str) -> Result<Channel, AddressError> {
+        match &self.tls {
+            Some(tls) => transport::tls_channel_from(address, tls.clone(), self.connect_timeout),
+            None => transport::plain_channel(address, self.connect_timeout),
+        }
+    }
 }
 
 /// Why a registration was refused.
@@ -42,11 +69,41 @@ impl WorkerEntry {
         self.row.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Reads the record in place (no copy of its strings and maps).
+    pub(crate) fn with_row<R>(&self, f: impl FnOnce(&WorkerRow) -> R) -> R {
+        f(&self.row.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub(crate) fn state(&self) -> WorkerState {
+        self.with_row(|r| r.state)
+    }
+
+    /// Whether this entry is the worker with id `id`.
+    pub(crate) fn has_id(&self, id: &str) -> bool {
+        self.with_row(|r| r.worker_id == id)
+    }
+
+    /// Whether the worker is named `name`.
+    pub(crate) fn named(&self, name: &str) -> bool {
+        self.with_row(|r| r.name == name)
+    }
+
     fn instance(&self) -> String {
         self.instance_id
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    fn instance_is_empty(&self) -> bool {
+        self.instance_id
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
+    fn instance_is(&self, id: &str) -> bool {
+        *self.instance_id.lock().unwrap_or_else(|e| e.into_inner()) == id
     }
 
     fn set_instance(&self, id: &str) {
@@ -75,23 +132,40 @@ impl WorkerEntry {
 
     /// Ready and answering: placement may use it.
     pub(crate) fn usable(&self) -> bool {
-        self.row().state == WorkerState::Ready && self.unresponsive_since().is_none()
+        self.state() == WorkerState::Ready && self.unresponsive_since().is_none()
     }
 
     pub(crate) fn id(&self) -> String {
-        self.row().worker_id
+        self.with_row(|r| r.worker_id.clone())
     }
 
     /// A handle on the worker's shared channel (cloning is cheap; the
-    /// connection is not duplicated).
+    /// connection is not duplicated), made on first use.
     pub(crate) fn client(&self) -> WorkerClient<Channel> {
-        self.client.clone()
+        self.client
+            .get_or_init(|| {
+                let address = self.with_row(|r| r.address.clone());
+                let channel = self.dial.channel(&address).unwrap_or_else(|error| {
+                    // Not expected: the same address made a channel when
+                    // the worker registered (or was loaded).
+                    tracing::error!(worker_id = %self.id(), %error, "cannot dial the worker");
+                    transport::failing_channel(error.to_string())
+                });
+                WorkerClient::new(channel)
+            })
+            .clone()
     }
 
     pub(crate) fn update(&self, f: impl FnOnce(&mut WorkerRow)) -> WorkerRow {
         let mut row = self.row.lock().unwrap_or_else(|e| e.into_inner());
         f(&mut row);
         row.clone()
+    }
+
+    /// Like [`update`](Self::update), returning what `f` returns instead
+    /// of a copy of the record.
+    pub(crate) fn modify<R>(&self, f: impl FnOnce(&mut WorkerRow) -> R) -> R {
+        f(&mut self.row.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
@@ -121,9 +195,7 @@ pub(crate) struct Registry {
     /// await), so a removal cannot fall between a registration's lookup of
     /// the name and its insert.
     membership: Mutex<()>,
-    /// `None` in insecure (plaintext) mode.
-    tls: Option<ClientConfigSource>,
-    connect_timeout: Duration,
+    dial: Arc<Dial>,
 }
 
 /// What a registering worker says about itself.
@@ -147,23 +219,23 @@ impl Registry {
         Registry {
             maps: RwLock::new(Maps::default()),
             membership: Mutex::new(()),
-            tls,
-            connect_timeout,
+            dial: Arc::new(Dial {
+                tls,
+                connect_timeout,
+            }),
         }
     }
 
+    /// An entry for `row`; its address must make a channel (the one made
+    /// here to check it is dropped: the entry dials on first use).
     fn entry(&self, row: WorkerRow) -> Result<Arc<WorkerEntry>, AddressError> {
-        let channel = match &self.tls {
-            Some(tls) => {
-                transport::tls_channel_from(&row.address, tls.clone(), self.connect_timeout)?
-            }
-            None => transport::plain_channel(&row.address, self.connect_timeout)?,
-        };
+        drop(self.dial.channel(&row.address)?);
         Ok(Arc::new(WorkerEntry {
             row: Mutex::new(row),
             instance_id: Mutex::new(String::new()),
             unresponsive_since: Mutex::new(None),
-            client: WorkerClient::new(channel),
+            client: OnceLock::new(),
+            dial: self.dial.clone(),
         }))
     }
 
@@ -263,7 +335,7 @@ impl Registry {
     /// nothing about the workers.
     pub(crate) fn touch_all(&self, now_ms: u64) {
         for entry in self.entries() {
-            entry.update(|r| {
+            entry.modify(|r| {
                 if r.state != WorkerState::Left {
                     r.last_seen_ms = now_ms;
                 }
@@ -291,7 +363,7 @@ impl Registry {
             .by_name
             .range::<str, _>((from, Bound::Unbounded))
             .filter_map(|(_, id)| maps.by_id.get(id))
-            .filter(|e| with_left || e.row().state != WorkerState::Left)
+            .filter(|e| with_left || e.state() != WorkerState::Left)
             .take(limit + 1)
             .cloned()
             .collect();
@@ -388,21 +460,23 @@ impl Registry {
     /// Otherwise the updated record and whether the worker was down or
     /// unresponsive until now (its jobs' records may then be behind: it
     /// must register again with a full report).
+    ///
+    /// The most frequent call of all (every worker, every interval): it
+    /// copies nothing.
     pub(crate) fn heartbeat(
         &self,
         worker_id: &str,
         instance_id: &str,
         now_ms: u64,
-    ) -> Option<(WorkerRow, bool)> {
-        let entry = self.get(worker_id).filter(|e| e.id() == worker_id)?;
-        let holder = entry.instance();
-        if holder.is_empty() {
+    ) -> Option<(Arc<WorkerEntry>, bool)> {
+        let entry = self.get(worker_id).filter(|e| e.has_id(worker_id))?;
+        if entry.instance_is_empty() {
             // First word from this worker since the scheduler started.
             entry.set_instance(instance_id);
-        } else if holder != instance_id {
+        } else if !entry.instance_is(instance_id) {
             return None;
         }
-        if entry.row().state == WorkerState::Left {
+        if entry.state() == WorkerState::Left {
             return None;
         }
         let was_unresponsive = entry
@@ -411,22 +485,22 @@ impl Registry {
             .unwrap_or_else(|e| e.into_inner())
             .take()
             .is_some();
-        let mut came_back = was_unresponsive;
-        let row = entry.update(|r| {
-            if r.state == WorkerState::Down {
-                came_back = true;
-                r.state = WorkerState::Ready;
-            }
+        let came_back = entry.modify(|r| {
             r.last_seen_ms = now_ms;
-        });
-        Some((row, came_back))
+            if r.state == WorkerState::Down {
+                r.state = WorkerState::Ready;
+                return true;
+            }
+            false
+        }) || was_unresponsive;
+        Some((entry, came_back))
     }
 
     /// A worker of the original contract answered the scheduler's check:
     /// as good as a heartbeat. `None` if it has left; else whether it was
     /// `down` until now (its state is then `ready` again, to be recorded).
     pub(crate) fn checked(&self, entry: &WorkerEntry, now_ms: u64) -> Option<bool> {
-        if entry.row().state == WorkerState::Left {
+        if entry.state() == WorkerState::Left {
             return None;
         }
         *entry
@@ -456,19 +530,18 @@ impl Registry {
             .cloned()
             .collect();
         let limit = down_after.as_millis() as u64;
+        // Runs every second over every worker: only those that went down
+        // are copied.
         entries
             .iter()
             .filter_map(|entry| {
-                let mut went_down = false;
-                let row = entry.update(|r| {
-                    if r.state == WorkerState::Ready
-                        && now_ms.saturating_sub(r.last_seen_ms) > limit
-                    {
-                        r.state = WorkerState::Down;
-                        went_down = true;
-                    }
-                });
-                went_down.then_some(row)
+                entry.modify(|r| {
+                    (r.state == WorkerState::Ready && now_ms.saturating_sub(r.last_seen_ms) > limit)
+                        .then(|| {
+                            r.state = WorkerState::Down;
+                            r.clone()
+                        })
+                })
             })
             .collect()
     }

@@ -109,9 +109,13 @@ pub(crate) async fn check_workers(
                 let due: Vec<_> = registry
                     .entries()
                     .into_iter()
+                    // Every worker, every interval: read in place, not copied.
                     .filter(|e| {
-                        let row = e.row();
-                        row.seed && row.state != WorkerState::Left && !busy.contains(&row.worker_id)
+                        e.with_row(|row| {
+                            row.seed
+                                && row.state != WorkerState::Left
+                                && !busy.contains(&row.worker_id)
+                        })
                     })
                     .collect();
                 for entry in due {

@@ -957,6 +957,22 @@ impl Store {
         .await
     }
 
+    /// The workers that have jobs in state `unknown` (one indexed query,
+    /// instead of one per worker: the settling pass runs every second).
+    pub async fn workers_with_unknown_jobs(
+        &self,
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        self.read(|c| {
+            let mut stmt =
+                c.prepare_cached("SELECT DISTINCT worker_id FROM jobs WHERE state = 'unknown'")?;
+            let ids = stmt
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(ids)
+        })
+        .await
+    }
+
     /// Records a group, and binds `key` to it in the same transaction: if
     /// the key is taken, nothing is written ([`StoreError::KeyTaken`]).
     pub async fn insert_group(&self, g: GroupRow, key: Option<NewKey>) -> Result<(), StoreError> {

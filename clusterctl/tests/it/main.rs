@@ -23,5 +23,6 @@ mod ops;
 mod placement;
 mod queue;
 mod removal;
+mod scale;
 mod security;
 mod seed;

@@ -1333,7 +1333,20 @@ pub(crate) async fn settle_unknown(state: AppState, stop: tokio_util::sync::Canc
             () = stop.cancelled() => return,
         }
         let before = settled_before(state.call_timeout);
-        for entry in state.registry.entries() {
+        // One query for the whole cluster, not one per worker: with
+        // thousands of workers, a query each per second was most of what
+        // the scheduler spent.
+        let workers = match state.store.workers_with_unknown_jobs().await {
+            Ok(workers) => workers,
+            Err(error) => {
+                tracing::error!(%error, "could not read unknown jobs");
+                continue;
+            }
+        };
+        for id in workers {
+            let Some(entry) = state.registry.get(&id).filter(|e| e.has_id(&id)) else {
+                continue;
+            };
             if !entry.usable() {
                 continue;
             }

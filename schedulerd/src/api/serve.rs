@@ -36,12 +36,40 @@ use super::tls::PeerInfo;
 
 /// Connections of authenticated peers (a cluster certificate, or a request
 /// that passed authentication) served at once; more are closed on arrival.
+/// At most half of the listener's share of file descriptors.
 const MAX_AUTHENTICATED: usize = 4096;
 /// Connections without an identity yet (no certificate, and no request
 /// that authenticated). A newcomer past it closes the oldest, so a flood
 /// neither takes the authenticated peers' slots nor keeps a token holder
-/// from getting in.
+/// from getting in. At most a quarter of the listener's share of file
+/// descriptors (the TLS handshakes in progress take the last quarter).
 const MAX_UNAUTHENTICATED: usize = 512;
+
+/// The file descriptors a listener may use for its connections, split
+/// between authenticated and unauthenticated ones (the handshakes before
+/// them are bounded by the listener, see [`handshakes`]).
+///
+/// [`handshakes`]: ConnectionShare::handshakes
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConnectionShare(pub(crate) usize);
+
+impl ConnectionShare {
+    fn authenticated(self) -> usize {
+        (self.0 / 2).clamp(1, MAX_AUTHENTICATED)
+    }
+
+    fn unauthenticated(self) -> usize {
+        (self.0 / 4).clamp(1, MAX_UNAUTHENTICATED)
+    }
+
+    /// TLS handshakes in progress at once.
+    pub(crate) fn handshakes(self) -> usize {
+        (self.0 / 4).clamp(1, jobcluster_proto::transport::MAX_HANDSHAKES)
+    }
+
+    /// What a listener with every default bound uses at most.
+    pub(crate) const FULL: ConnectionShare = ConnectionShare(MAX_AUTHENTICATED * 2);
+}
 /// How long a connection without an identity may stay open at all, however
 /// busy it keeps itself (requests refused for bad tokens, pings).
 const UNAUTHENTICATED_LIFETIME: Duration = Duration::from_secs(30);
@@ -328,7 +356,9 @@ pub(crate) async fn serve<L: Listener<Addr = SocketAddr>>(
     router: Router,
     stop: CancellationToken,
     grace: Duration,
+    share: ConnectionShare,
 ) {
+    let (max_authenticated, max_unauthenticated) = (share.authenticated(), share.unauthenticated());
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -341,8 +371,8 @@ pub(crate) async fn serve<L: Listener<Addr = SocketAddr>>(
         .keep_alive_timeout(H2_KEEPALIVE * 2)
         .max_concurrent_streams(H2_MAX_STREAMS);
     let connections = TaskTracker::new();
-    let authenticated = Arc::new(Semaphore::new(MAX_AUTHENTICATED));
-    let unauthenticated = Crowd::new("API connections without an identity", MAX_UNAUTHENTICATED);
+    let authenticated = Arc::new(Semaphore::new(max_authenticated));
+    let unauthenticated = Crowd::new("API connections without an identity", max_unauthenticated);
     loop {
         let (stream, addr) = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -353,7 +383,7 @@ pub(crate) async fn serve<L: Listener<Addr = SocketAddr>>(
         let standing = if peer.identity.is_some() {
             // The TLS layer checked the certificate chains to the cluster CA.
             let Ok(permit) = authenticated.clone().try_acquire_owned() else {
-                tracing::warn!(%addr, limit = MAX_AUTHENTICATED, "connection limit reached; closing a new connection");
+                tracing::warn!(%addr, limit = max_authenticated, "connection limit reached; closing a new connection");
                 continue;
             };
             Standing::Authenticated(permit)
@@ -441,7 +471,7 @@ pub(crate) async fn serve<L: Listener<Addr = SocketAddr>>(
                         Err(_) => {
                             // Stays among the unauthenticated, with their
                             // limits, rather than exceed the bound.
-                            tracing::warn!(%addr, limit = MAX_AUTHENTICATED, "connection limit reached; an authenticated connection keeps the limits of unauthenticated ones");
+                            tracing::warn!(%addr, limit = max_authenticated, "connection limit reached; an authenticated connection keeps the limits of unauthenticated ones");
                             activity.admitted.store(false, Ordering::Release);
                         }
                     },

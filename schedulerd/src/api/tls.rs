@@ -5,31 +5,34 @@ use std::net::SocketAddr;
 
 use axum::serve::Listener;
 use jobcluster_pki::PeerIdentity;
-use jobcluster_proto::transport::{self, ServerConfigSource};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::server::TlsStream;
+use jobcluster_proto::transport::{self, Accepted, ConnectionLimits, ServerConfigSource};
+use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
 /// Accepted, handshaken TLS connections.
 #[derive(Debug)]
 pub(crate) struct TlsListener {
-    incoming: ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>>,
+    incoming: ReceiverStream<Result<Accepted, std::io::Error>>,
     local: SocketAddr,
 }
 
 impl TlsListener {
-    pub(crate) fn new(listener: TcpListener, config: ServerConfigSource) -> std::io::Result<Self> {
+    pub(crate) fn new(
+        listener: TcpListener,
+        config: ServerConfigSource,
+        limits: ConnectionLimits,
+    ) -> std::io::Result<Self> {
         let local = listener.local_addr()?;
         Ok(TlsListener {
-            incoming: transport::tls_incoming(listener, config),
+            incoming: transport::tls_incoming_with(listener, config, limits),
             local,
         })
     }
 }
 
 impl Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
+    type Io = Accepted;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
@@ -37,6 +40,7 @@ impl Listener for TlsListener {
             match self.incoming.next().await {
                 Some(Ok(stream)) => {
                     let addr = stream
+                        .get_ref()
                         .get_ref()
                         .0
                         .peer_addr()
@@ -65,8 +69,9 @@ pub(crate) struct PeerInfo {
 
 impl PeerInfo {
     /// The identity in the connection's client certificate, if any.
-    pub(crate) fn of(stream: &TlsStream<TcpStream>, addr: SocketAddr) -> Self {
+    pub(crate) fn of(stream: &Accepted, addr: SocketAddr) -> Self {
         let identity = stream
+            .get_ref()
             .get_ref()
             .1
             .peer_certificates()

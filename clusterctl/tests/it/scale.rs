@@ -1,0 +1,220 @@
+//! Many workers: `bench workers --simulate`, and a scheduler out of file
+//! descriptors that still answers its API.
+
+use std::path::Path;
+use std::time::Duration;
+
+use jobcluster_proto::http::WorkerList;
+
+use crate::cluster::{Cluster, bin, run_ok, stderr};
+use crate::harness::Daemon;
+
+/// `bench workers --simulate 20` registers twenty workers with real
+/// certificates, keeps them heartbeating, reports figures as JSON, and
+/// deregisters them at the end.
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_workers_simulates_workers_that_register_heartbeat_and_leave() {
+    let cluster = Cluster::start(&[]).await;
+    let pid = cluster.scheduler.child.id().to_string();
+    let pki = cluster.pki();
+    let out = cluster
+        .ctl_output(&[
+            "-o",
+            "json",
+            "bench",
+            "workers",
+            "--simulate",
+            "20",
+            "--pki",
+            pki.to_str().unwrap(),
+            "--grpc",
+            &cluster.grpc_addr,
+            "--scheduler-pid",
+            &pid,
+            "--steady",
+            "2",
+            "--sample-every",
+            "1",
+            "--requests",
+            "5",
+        ])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["mode"], "workers", "{report}");
+    for (field, expected) in [
+        ("simulated", 20),
+        ("registered", 20),
+        ("failed_registrations", 0),
+        ("listed", 20),
+        ("failed_heartbeats", 0),
+        ("deregistered", 20),
+        // The test cluster's interval.
+        ("heartbeat_interval_ms", 250),
+    ] {
+        assert_eq!(report[field].as_u64(), Some(expected), "{field}: {report}");
+    }
+    assert!(report["heartbeats"].as_u64().unwrap() > 0, "{report}");
+    assert!(report["registrations_per_second"].as_f64().unwrap() > 0.0);
+    assert!(report["registration_latency_ms"]["p99"].as_f64().is_some());
+    let scheduler = &report["scheduler"];
+    assert_eq!(
+        scheduler["pid"].as_u64(),
+        Some(u64::from(cluster.scheduler.child.id()))
+    );
+    for field in [
+        "cpu_seconds",
+        "cpu_share_of_one_core",
+        "rss_before_kib",
+        "rss_after_kib",
+        "rss_per_worker_bytes",
+    ] {
+        assert!(scheduler[field].is_number(), "{field}: {report}");
+    }
+    assert!(scheduler["rss_samples"].as_array().unwrap().len() >= 2);
+    for phase in ["latency_without_workers", "latency_with_workers"] {
+        for route in ["workers_page_ms", "jobs_page_ms"] {
+            assert!(report[phase][route]["p50"].is_number(), "{phase}.{route}");
+        }
+    }
+
+    // They left cleanly: the scheduler lists them as left, none as ready.
+    let list: WorkerList = cluster.get_json("/v1/workers?all=true&limit=100").await;
+    let simulated: Vec<_> = list
+        .workers
+        .iter()
+        .filter(|w| w.name.starts_with("sim-"))
+        .collect();
+    assert_eq!(simulated.len(), 20);
+    assert!(simulated.iter().all(|w| w.state == "left"), "{simulated:?}");
+    assert_eq!(simulated[0].plugins, ["bench-simulated"]);
+
+    // A directory without a CA is one line saying so.
+    let out = cluster
+        .ctl_output(&[
+            "bench",
+            "workers",
+            "--simulate",
+            "2",
+            "--pki",
+            "/nonexistent",
+            "--grpc",
+            &cluster.grpc_addr,
+            "--scheduler-pid",
+            &pid,
+        ])
+        .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("--pki /nonexistent"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// The issue's failure: with the open-files limit at 1,024, 1,100 workers
+/// made `accept` fail and the HTTPS API unreachable for minutes. Here the
+/// scheduler runs with a limit it cannot raise (256) and far more gRPC
+/// connections than that are opened and held: the gRPC listener stops at
+/// its share and the API keeps answering new connections all along.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_answers_while_grpc_connections_exceed_the_open_files_limit() {
+    let prlimit = Path::new("/usr/bin/prlimit");
+    assert!(
+        prlimit.exists(),
+        "this test needs prlimit (util-linux) to start schedulerd with a low file limit"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = tmp.path().join("pki");
+    run_ok(&["pki", "init", pki.to_str().unwrap()]);
+    let config = tmp.path().join("scheduler.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[grpc_server]
+addr = "127.0.0.1:0"
+crt_file = "{pki}/scheduler.pem"
+key_file = "{pki}/scheduler-key.pem"
+ca_file = "{pki}/ca.pem"
+
+[store]
+path = "{state}/scheduler.db"
+
+[http_server]
+addr = "127.0.0.1:0"
+"#,
+            pki = pki.display(),
+            state = tmp.path().display()
+        ),
+    )
+    .unwrap();
+    let schedulerd = bin("schedulerd");
+    // Soft and hard limit alike: the daemon cannot raise it.
+    let scheduler = Daemon::spawn_with(
+        prlimit,
+        &[
+            "--nofile=256:256",
+            "--",
+            schedulerd.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        &["grpc", "http"],
+        &[],
+    );
+    // Logged once the limit is shared out, just after the listeners.
+    scheduler.wait_for_log("open_files=256", 0).await;
+    let (grpc, http) = (&scheduler.addrs["grpc"], &scheduler.addrs["http"]);
+
+    // Far more than the limit, held open and silent (each one the
+    // scheduler accepts stays until its handshake times out, 5 s; the
+    // rest wait in the kernel's backlog).
+    let mut flood = Vec::new();
+    for _ in 0..400 {
+        flood.push(tokio::net::TcpStream::connect(grpc).await.unwrap());
+    }
+
+    let roots = jobcluster_pki::Roots::load(&pki.join("ca.pem")).unwrap();
+    let identity =
+        jobcluster_pki::Identity::load(&pki.join("client.pem"), &pki.join("client-key.pem"))
+            .unwrap();
+    let tls =
+        jobcluster_pki::client_config(&roots, Some(&identity), &[b"h2", b"http/1.1"]).unwrap();
+    // Through two rounds of handshake timeouts, each probe on a new
+    // connection (the one thing an exhausted descriptor table refuses).
+    let mut failures = Vec::new();
+    let began = std::time::Instant::now();
+    let mut probes = 0;
+    while began.elapsed() < Duration::from_secs(12) {
+        let client = reqwest::Client::builder()
+            .tls_backend_preconfigured((*tls).clone())
+            .timeout(Duration::from_secs(3))
+            .build()
+            .unwrap();
+        probes += 1;
+        match client
+            .get(format!("https://{http}/v1/workers?limit=1"))
+            .send()
+            .await
+        {
+            Ok(reply) if reply.status() == reqwest::StatusCode::OK => {}
+            Ok(reply) => failures.push(format!("{:?}: {}", began.elapsed(), reply.status())),
+            Err(error) => failures.push(format!("{:?}: {error}", began.elapsed())),
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {probes} API requests failed while gRPC connections exceeded the limit: {failures:?}\n{}",
+        failures.len(),
+        scheduler.log()
+    );
+    // The gRPC listener stopped at its share instead of failing accepts.
+    assert!(
+        !scheduler.log().contains("Too many open files"),
+        "{}",
+        scheduler.log()
+    );
+    drop(flood);
+}
