@@ -174,11 +174,13 @@ async fn fifty_jobs_on_four_slots_all_run_in_queue_order_and_priority_overtakes(
 async fn queued_jobs_survive_a_killed_scheduler_and_run_exactly_once_in_order() {
     let mut cluster = Cluster::start_with(&["w1"], "", "max_jobs = 1\n---\n").await;
     let mut ids = Vec::new();
+    // Each job lasts a tenth of a second, so most are still queued when
+    // the scheduler is killed however fast the queue moves.
     for _ in 0..31 {
         ids.push(
             submit(
                 &cluster,
-                json!({"worker_id": "w1", "path": "count.sh", "args": ["1", "0"]}),
+                json!({"worker_id": "w1", "path": "count.sh", "args": ["1", "0.1"]}),
             )
             .await
             .job_id,
