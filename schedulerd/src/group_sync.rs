@@ -10,10 +10,20 @@
 //! itself before each checkpoint and the database file after it, so frames
 //! a checkpoint has moved out of the log are durable too.
 //!
+//! Under `FULL` a commit became visible to readers only after its sync;
+//! here readers see it at once, so a read waits for every commit begun
+//! before it ended ([`GroupSync::begun`]) to be durable: nothing the API
+//! shows can be undone by a power loss.
+//!
+//! The log is synced through one descriptor opened when the store opens,
+//! before anything is acknowledged: a writeback error is reported to every
+//! descriptor open when it happened, so none can be missed (a descriptor
+//! opened later would not see an error SQLite's own sync already took).
+//!
 //! Hand-written because the sync has to follow SQLite's own commits; no
 //! kept crate offers group commit over rusqlite.
 
-use std::path::PathBuf;
+use std::fs::File;
 use std::sync::{Arc, Condvar, Mutex};
 
 use tokio::sync::watch;
@@ -30,9 +40,12 @@ struct Synced {
 
 #[derive(Debug, Default)]
 struct Pending {
-    /// The number of the last commit (numbered in commit order).
+    /// Commits begun (numbered in the writer's order; a commit's number is
+    /// the count of commits begun, itself included).
+    begun: u64,
+    /// Commits ended; the ones up to here are written, maybe not synced.
     committed: u64,
-    /// The highest commit a caller waits for.
+    /// The highest commit someone waits for.
     wanted: u64,
     closed: bool,
 }
@@ -45,8 +58,8 @@ pub(crate) struct GroupSync {
 }
 
 impl GroupSync {
-    /// Starts the sync thread for the log at `wal`.
-    pub(crate) fn start(wal: PathBuf) -> std::io::Result<Arc<GroupSync>> {
+    /// Starts the sync thread for the log open as `wal`.
+    pub(crate) fn start(wal: File) -> std::io::Result<Arc<GroupSync>> {
         let sync = Arc::new(GroupSync {
             pending: Mutex::new(Pending::default()),
             wake: Condvar::new(),
@@ -59,16 +72,41 @@ impl GroupSync {
         Ok(sync)
     }
 
-    /// Numbers a commit; call while holding the writer connection, right
-    /// after the commit, so numbers follow commit order.
-    pub(crate) fn committed(&self) -> u64 {
+    /// Numbers a commit about to run; call while holding the writer
+    /// connection, before the commit. Refused once a sync has failed.
+    pub(crate) fn begin(&self) -> std::io::Result<u64> {
+        if let Some(why) = &self.synced.borrow().failed {
+            return Err(failed(why));
+        }
         let mut pending = self.lock();
-        pending.committed += 1;
-        pending.committed
+        pending.begun += 1;
+        Ok(pending.begun)
+    }
+
+    /// Marks the commit numbered `seq` ended (committed or rolled back);
+    /// call while still holding the writer connection.
+    pub(crate) fn ended(&self, seq: u64) {
+        let mut pending = self.lock();
+        pending.committed = seq;
+        if pending.wanted >= seq {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The number of the last commit begun: a reader waits for it after
+    /// reading, as it may have seen that commit.
+    pub(crate) fn begun(&self) -> u64 {
+        self.lock().begun
     }
 
     /// Waits until commit `seq` (and every one before it) is durable.
     pub(crate) async fn durable(&self, seq: u64) -> std::io::Result<()> {
+        {
+            let synced = self.synced.borrow();
+            if synced.failed.is_none() && synced.upto >= seq {
+                return Ok(());
+            }
+        }
         {
             let mut pending = self.lock();
             if pending.wanted < seq {
@@ -82,16 +120,14 @@ impl GroupSync {
             .await
             .map_err(|_| std::io::Error::other("the store's sync thread has stopped"))?;
         match &state.failed {
-            Some(why) => Err(std::io::Error::other(format!(
-                "the database log could not be synced earlier ({why}); restart the scheduler"
-            ))),
+            Some(why) => Err(failed(why)),
             None => Ok(()),
         }
     }
 
-    /// Waits until every commit made so far is durable.
+    /// Waits until every commit begun so far is durable.
     pub(crate) async fn flush(&self) -> std::io::Result<()> {
-        let seq = self.lock().committed;
+        let seq = self.begun();
         self.durable(seq).await
     }
 
@@ -105,13 +141,16 @@ impl GroupSync {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn run(&self, wal: &std::path::Path) {
+    fn run(&self, wal: &File) {
         loop {
             let target = {
                 let mut pending = self.lock();
                 loop {
                     let upto = self.synced.borrow().upto;
-                    if pending.wanted > upto {
+                    // Someone waits, and a commit they wait for has ended
+                    // (one still running is waited for: no sync can cover
+                    // it yet).
+                    if pending.wanted > upto && pending.committed > upto {
                         break;
                     }
                     if pending.closed {
@@ -119,13 +158,13 @@ impl GroupSync {
                     }
                     pending = self.wake.wait(pending).unwrap_or_else(|e| e.into_inner());
                 }
-                // Everything committed by now rides on this one sync.
+                // Everything ended by now rides on this one sync.
                 pending.committed
             };
-            match sync_file(wal) {
+            match wal.sync_data() {
                 Ok(()) => self.synced.send_modify(|s| s.upto = s.upto.max(target)),
                 Err(error) => {
-                    tracing::error!(%error, wal = %wal.display(), "the database log could not be synced; nothing more is acknowledged");
+                    tracing::error!(%error, "the database log could not be synced; nothing more is acknowledged");
                     self.synced
                         .send_modify(|s| s.failed = Some(error.to_string().into()));
                     return;
@@ -135,15 +174,10 @@ impl GroupSync {
     }
 }
 
-fn sync_file(path: &std::path::Path) -> std::io::Result<()> {
-    // Opened for each sync: SQLite may replace the file (it deletes the log
-    // when its last connection closes, after checkpointing it into the
-    // database and syncing that).
-    match std::fs::File::open(path) {
-        Ok(file) => file.sync_data(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    }
+fn failed(why: &str) -> std::io::Error {
+    std::io::Error::other(format!(
+        "the database log could not be synced earlier ({why}); restart the scheduler"
+    ))
 }
 
 #[cfg(test)]
@@ -155,12 +189,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let wal = dir.path().join("db-wal");
         std::fs::write(&wal, b"frames").unwrap();
-        let sync = GroupSync::start(wal).unwrap();
+        let sync = GroupSync::start(File::open(&wal).unwrap()).unwrap();
         let waiters: Vec<_> = (0..64)
             .map(|_| {
                 let sync = sync.clone();
                 tokio::spawn(async move {
-                    let seq = sync.committed();
+                    let seq = sync.begin().unwrap();
+                    sync.ended(seq);
                     sync.durable(seq).await
                 })
             })
@@ -173,16 +208,35 @@ mod tests {
         sync.close();
     }
 
-    #[tokio::test]
-    async fn a_failed_sync_fails_every_wait_after_it() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_still_running_is_waited_for_not_synced_around() {
         let dir = tempfile::tempdir().unwrap();
-        // A path under a plain file cannot be opened: the sync fails.
-        std::fs::write(dir.path().join("file"), b"").unwrap();
-        let sync = GroupSync::start(dir.path().join("file/db-wal")).unwrap();
-        let first = sync.committed();
+        let wal = dir.path().join("db-wal");
+        std::fs::write(&wal, b"frames").unwrap();
+        let sync = GroupSync::start(File::open(&wal).unwrap()).unwrap();
+        let seq = sync.begin().unwrap();
+        // A reader that may have seen the running commit waits for it.
+        let reader = {
+            let sync = sync.clone();
+            let seen = sync.begun();
+            tokio::spawn(async move { sync.durable(seen).await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!reader.is_finished(), "durable before the commit ended");
+        sync.ended(seq);
+        reader.await.unwrap().unwrap();
+        sync.close();
+    }
+
+    #[tokio::test]
+    async fn a_failed_sync_fails_every_wait_and_refuses_commits_after_it() {
+        // A pipe cannot be synced (EINVAL): the sync fails.
+        let (reader, _writer) = std::io::pipe().unwrap();
+        let sync = GroupSync::start(File::from(std::os::fd::OwnedFd::from(reader))).unwrap();
+        let first = sync.begin().unwrap();
+        sync.ended(first);
         assert!(sync.durable(first).await.is_err());
-        let later = sync.committed();
-        let error = sync.durable(later).await.unwrap_err();
+        let error = sync.begin().unwrap_err();
         assert!(
             error.to_string().contains("restart the scheduler"),
             "{error}"

@@ -419,14 +419,22 @@ impl Store {
             .map(|_| connect(path))
             .collect::<rusqlite::Result<Vec<_>>>()
             .map_err(open_err)?;
+        // The log exists from the migration on, and SQLite keeps it while
+        // its connections are open; it is synced through this descriptor.
         let mut wal = path.as_os_str().to_owned();
         wal.push("-wal");
+        let wal = std::fs::File::open(&wal).map_err(|e| {
+            StoreError::Io(std::io::Error::new(
+                e.kind(),
+                format!("{}: {e}", std::path::Path::new(&wal).display()),
+            ))
+        })?;
         Ok(Store {
             inner: Arc::new(Inner {
                 writer: Mutex::new(writer),
                 readers: Mutex::new(readers),
                 path: path.to_owned(),
-                sync: GroupSync::start(wal.into())?,
+                sync: GroupSync::start(wal)?,
             }),
         })
     }
@@ -459,16 +467,17 @@ impl Store {
         F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
     {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
+        let (result, seq) = tokio::task::spawn_blocking(move || {
             let mut conn = inner.writer.lock().unwrap_or_else(|e| e.into_inner());
+            let seq = inner.sync.begin()?;
             let result = f(&mut conn).map_err(StoreError::from);
-            let seq = inner.sync.committed();
+            inner.sync.ended(seq);
             crate::metrics::store_write_done(result.is_ok());
-            (result, seq)
+            Ok::<_, StoreError>((result, seq))
         })
         .await
-        .map_err(|e| StoreError::Task(e.to_string()))
-        .inspect(|_| {
+        .map_err(|e| StoreError::Task(e.to_string()))??;
+        Ok((result, seq)).inspect(|_| {
             if let Some(started) = timed {
                 crate::metrics::store_operation::<F>(started);
             }
@@ -497,16 +506,28 @@ impl Store {
                 None => connect(&inner.path)?,
             };
             let result = f(&conn);
+            // Whatever the read saw was begun by now.
+            let seen = inner.sync.begun();
             inner
                 .readers
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push(conn);
-            result.map_err(StoreError::from)
+            result.map(|value| (value, seen)).map_err(StoreError::from)
         })
         .await;
+        let result = result.map_err(|e| StoreError::Task(e.to_string()))?;
+        // A commit is visible before it is synced: what this read may show
+        // is answered only once it cannot be undone.
+        let value = match result {
+            Ok((value, seen)) => {
+                self.inner.sync.durable(seen).await?;
+                Ok(value)
+            }
+            Err(error) => Err(error),
+        };
         crate::metrics::store_operation::<F>(started);
-        result.map_err(|e| StoreError::Task(e.to_string()))?
+        value
     }
 
     pub async fn upsert_worker(&self, w: WorkerRow) -> Result<(), StoreError> {

@@ -50,8 +50,9 @@ pub(super) struct JobProcs {
     /// The job's cgroup, where it has one.
     pub(super) cgroup: Option<PathBuf>,
     /// Every process of the job is below this process: it was started here,
-    /// and orphans come back to us (we are a subreaper), so a scan need
-    /// only walk our descendants, not every process on the machine.
+    /// and orphans come back to us (we are a subreaper), so a round walks
+    /// our descendants to find them, and only the confirmation that none is
+    /// left scans every process on the machine.
     pub(super) in_tree: bool,
 }
 
@@ -130,11 +131,13 @@ fn kill_blocking(job: &JobProcs) -> usize {
     let mut pause = FIRST_PAUSE;
     for _ in 0..MAX_ROUNDS {
         let mut found = find(job);
-        // A walk of the tree can miss a process that moves to us while it
-        // runs (its parent exiting just then); it cannot move twice, so a
-        // second empty walk is the proof.
+        // A walk of the tree can miss processes that move while it runs
+        // (each exit of a parent moves its children, and the kernel's
+        // children lists are read piecewise): an empty walk is confirmed by
+        // one scan of every process, so a job end costs one full scan, not
+        // one per round and one per reaped child as before.
         if found.is_empty() && job.in_tree {
-            found = find(job);
+            found = find_everywhere(job);
         }
         if found.is_empty() {
             return killed.len();
@@ -238,7 +241,7 @@ pub(super) fn children(pid: i32) -> Option<Vec<i32>> {
         .ok()?
         .flatten()
     {
-        let list = match std::fs::read_to_string(task.path().join("children")) {
+        let list = match read_whole(&task.path().join("children")) {
             Ok(list) => list,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && task.path().exists() => {
                 return None;
@@ -252,6 +255,26 @@ pub(super) fn children(pid: i32) -> Option<Vec<i32>> {
         );
     }
     Some(pids)
+}
+
+/// A `/proc` list file in one `read`: the kernel resumes a list read in
+/// pieces by position, so a child leaving between two reads would hide
+/// the next one.
+fn read_whole(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut size = 64 * 1024;
+    loop {
+        let mut buf = vec![0; size];
+        let n = file.read(&mut buf)?;
+        if n < size {
+            buf.truncate(n);
+            return String::from_utf8(buf).map_err(std::io::Error::other);
+        }
+        // Full: read it again, whole, into a larger buffer.
+        size *= 4;
+        file = std::fs::File::open(path)?;
+    }
 }
 
 /// Every process below `root` (not `root` itself), breadth first; None
@@ -365,6 +388,14 @@ fn select(candidates: &[Candidate]) -> Vec<ProcStat> {
 }
 
 /// The job's live processes now.
+/// [`find`] over every process on the machine, whatever the job's origin.
+fn find_everywhere(job: &JobProcs) -> Vec<ProcStat> {
+    find(&JobProcs {
+        in_tree: false,
+        ..job.clone()
+    })
+}
+
 fn find(job: &JobProcs) -> Vec<ProcStat> {
     let Some(clock) = Clock::read() else {
         tracing::warn!(job_id = %job.id, "cannot read /proc/stat; the job's processes cannot be found");
