@@ -168,6 +168,24 @@ async fn connect(opts: &ConnectOptions, count: u32, worker: &str) -> anyhow::Res
     Ok(clients)
 }
 
+/// Prints a bench's figures as `format` asks (JSON/YAML, or `text` for
+/// people); the exit code says whether every request succeeded.
+pub(super) fn print_report<R: Serialize>(
+    format: Output,
+    report: &R,
+    text: String,
+    succeeded: bool,
+) -> anyhow::Result<ExitCode> {
+    if !print_structured(format, &serde_json::to_value(report)?)? {
+        print_stdout(&text)?;
+    }
+    Ok(if succeeded {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 /// What one `bench start` client saw.
 #[derive(Debug, Default)]
 struct ClientOutcome {
@@ -263,14 +281,7 @@ async fn start(
             .map(|f| round(per_second(latencies.len() as f64, total) / f, 3)),
         latency_ms: LatencySummary::of(latencies).map(|s| s.in_ms()),
     };
-    if !print_structured(format, &serde_json::to_value(&report)?)? {
-        print_stdout(&report.text())?;
-    }
-    Ok(if report.failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    print_report(format, &report, report.text(), report.failed == 0)
 }
 
 /// Processes per second this machine spawns and reaps running a no-op
@@ -483,14 +494,7 @@ async fn follow(
         followers: live.followers,
         replay,
     };
-    if !print_structured(format, &serde_json::to_value(&report)?)? {
-        print_stdout(&report.text())?;
-    }
-    Ok(if report.failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    print_report(format, &report, report.text(), report.failed == 0)
 }
 
 /// Reads the job's output from byte 0 with every client at once, counting

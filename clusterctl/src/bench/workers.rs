@@ -30,7 +30,7 @@ use tonic::transport::Channel;
 use super::{LatencyMs, LatencySummary, per_second, plural, round};
 use crate::api::{Api, ConnectOptions};
 use crate::cli::{BenchWorkersArgs, Output};
-use crate::output::{self, print_stdout, print_structured};
+use crate::output;
 
 /// Descriptors this process needs besides one per simulated worker
 /// (stdio, the API client, the runtime, certificate files).
@@ -281,16 +281,8 @@ pub(super) async fn run(
         latency_without_workers: without,
         latency_with_workers: with,
     };
-    if !print_structured(format, &serde_json::to_value(&report)?)? {
-        print_stdout(&report.text())?;
-    }
-    Ok(
-        if report.failed_registrations == 0 && report.failed_heartbeats == 0 {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        },
-    )
+    let succeeded = report.failed_registrations == 0 && report.failed_heartbeats == 0;
+    super::print_report(format, &report, report.text(), succeeded)
 }
 
 /// What the simulated workers share with the run.
@@ -385,23 +377,16 @@ async fn simulate(worker: Simulated, mut client: SchedulerClient<Channel>, mut s
                     }
                 }
             }
-            Ok(Err(status)) => {
+            failed => {
+                let why = match failed {
+                    Ok(Err(status)) => format!("heartbeat: {}", status.message()),
+                    _ => "heartbeat timed out".to_owned(),
+                };
                 shared
                     .tally
                     .failed_heartbeats
                     .fetch_add(1, Ordering::Relaxed);
-                shared
-                    .tally
-                    .error(format!("{}: heartbeat: {}", worker.name, status.message()));
-            }
-            Err(_) => {
-                shared
-                    .tally
-                    .failed_heartbeats
-                    .fetch_add(1, Ordering::Relaxed);
-                shared
-                    .tally
-                    .error(format!("{}: heartbeat timed out", worker.name));
+                shared.tally.error(format!("{}: {why}", worker.name));
             }
         }
     }
@@ -514,10 +499,20 @@ fn find_scheduler() -> anyhow::Result<Option<u32>> {
 
 /// utime + stime of every thread of `pid`, in clock ticks.
 fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read_to_string(&path)
+    read_proc(pid, "stat", parse_cpu_ticks, "unexpected format")
+}
+
+/// Parses `/proc/<pid>/<file>` of the scheduler with `parse`.
+fn read_proc(
+    pid: u32,
+    file: &str,
+    parse: fn(&str) -> Option<u64>,
+    unparsed: &str,
+) -> anyhow::Result<u64> {
+    let path = format!("/proc/{pid}/{file}");
+    let text = std::fs::read_to_string(&path)
         .map_err(|e| anyhow::anyhow!("cannot read {path} (is the scheduler running?): {e}"))?;
-    parse_cpu_ticks(&stat).ok_or_else(|| anyhow::anyhow!("{path}: unexpected format"))
+    parse(&text).ok_or_else(|| anyhow::anyhow!("{path}: {unparsed}"))
 }
 
 fn parse_cpu_ticks(stat: &str) -> Option<u64> {
@@ -533,10 +528,7 @@ fn parse_cpu_ticks(stat: &str) -> Option<u64> {
 
 /// Resident memory of `pid`, in KiB.
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let path = format!("/proc/{pid}/status");
-    let status = std::fs::read_to_string(&path)
-        .map_err(|e| anyhow::anyhow!("cannot read {path} (is the scheduler running?): {e}"))?;
-    parse_rss_kib(&status).ok_or_else(|| anyhow::anyhow!("{path}: no VmRSS line"))
+    read_proc(pid, "status", parse_rss_kib, "no VmRSS line")
 }
 
 fn parse_rss_kib(status: &str) -> Option<u64> {

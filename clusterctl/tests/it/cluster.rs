@@ -295,6 +295,21 @@ impl Cluster {
     }
 
     /// Starts a job over HTTP; returns its id.
+    /// A group's merged output as NDJSON, followed to the group's end.
+    pub async fn group_ndjson(&self, group_id: &str) -> String {
+        self.http()
+            .get(format!(
+                "{}/v1/groups/{group_id}/logs?follow=true&format=ndjson",
+                self.url()
+            ))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn start_job(&self, worker: &str, path: &str, args: &[&str]) -> String {
         let reply = self
             .http()

@@ -103,19 +103,7 @@ async fn group_lines_are_split_at_64_kib_whatever_the_pieces() {
         .unwrap();
     assert_eq!(reply.status(), StatusCode::CREATED);
     let started: jobcluster_proto::http::GroupStarted = reply.json().await.unwrap();
-    let ndjson = cluster
-        .http()
-        .get(format!(
-            "{}/v1/groups/{}/logs?follow=true&format=ndjson",
-            cluster.url(),
-            started.group_id
-        ))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let ndjson = cluster.group_ndjson(&started.group_id).await;
     let lines: Vec<(u64, String)> = ndjson
         .lines()
         .map(|l| {

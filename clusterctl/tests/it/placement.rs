@@ -241,19 +241,7 @@ async fn a_fan_out_streams_every_line_of_every_worker_and_stops_as_one() {
     )
     .await;
     assert_eq!(started.jobs.len(), 2);
-    let ndjson = cluster
-        .http()
-        .get(format!(
-            "{}/v1/groups/{}/logs?follow=true&format=ndjson",
-            cluster.url(),
-            started.group_id
-        ))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let ndjson = cluster.group_ndjson(&started.group_id).await;
     let lines: Vec<jobcluster_proto::http::GroupLogLine> = ndjson
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
