@@ -125,12 +125,6 @@ impl GroupSync {
         }
     }
 
-    /// Waits until every commit begun so far is durable.
-    pub(crate) async fn flush(&self) -> std::io::Result<()> {
-        let seq = self.begun();
-        self.durable(seq).await
-    }
-
     /// Ends the sync thread once it has nothing left to do.
     pub(crate) fn close(&self) {
         self.lock().closed = true;
@@ -204,7 +198,7 @@ mod tests {
             waiter.await.unwrap().unwrap();
         }
         assert_eq!(sync.synced.borrow().upto, 64);
-        sync.flush().await.unwrap();
+        sync.durable(sync.begun()).await.unwrap();
         sync.close();
     }
 

@@ -484,11 +484,6 @@ impl Store {
         })
     }
 
-    /// Waits until every write made so far is durable.
-    pub async fn flush(&self) -> Result<(), StoreError> {
-        Ok(self.inner.sync.flush().await?)
-    }
-
     async fn read<T: Send + 'static, F>(&self, f: F) -> Result<T, StoreError>
     where
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,

@@ -295,6 +295,12 @@ impl Cluster {
     }
 
     /// Starts a job over HTTP; returns its id.
+    /// Copies the repository's `scripts/NAME` into the workers' scripts.
+    pub fn add_repo_script(&self, name: &str) {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts");
+        std::fs::copy(repo.join(name), self.tmp.path().join("scripts").join(name)).unwrap();
+    }
+
     /// A group's merged output as NDJSON, followed to the group's end.
     pub async fn group_ndjson(&self, group_id: &str) -> String {
         self.http()

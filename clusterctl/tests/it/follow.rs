@@ -13,9 +13,7 @@ use crate::cluster::{Cluster, stderr, stdout};
 #[tokio::test(flavor = "multi_thread")]
 async fn bench_follow_replays_the_finished_jobs_log() {
     let cluster = Cluster::start(&["w1"]).await;
-    let scripts = cluster.tmp.path().join("scripts");
-    let blast = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/blast.sh");
-    std::fs::copy(blast, scripts.join("blast.sh")).unwrap();
+    cluster.add_repo_script("blast.sh");
 
     let args = [
         "bench",

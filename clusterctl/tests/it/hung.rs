@@ -323,3 +323,86 @@ async fn a_paused_scheduler_gives_up_no_job_when_it_wakes() {
     }
     assert!(!crate::harness::job_processes(&job_id).is_empty());
 }
+
+/// A worker keeps at most 1,000 finished jobs in memory: a job pushed out
+/// by a thousand later ones is still shown and its output still served,
+/// from its record and log on disk.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_pushed_out_of_worker_memory_is_still_served_from_disk() {
+    let cluster = Cluster::start(&["w1"]).await;
+    cluster.add_repo_script("true.sh");
+    let first = cluster.start_job("w1", "count.sh", &["3", "0"]).await;
+    crate::faults::until(Duration::from_secs(15), "the first job ended", || async {
+        cluster.job(&first).await.state == "succeeded"
+    })
+    .await;
+    let out = cluster
+        .ctl_output(&[
+            "-o",
+            "json",
+            "bench",
+            "start",
+            "--worker",
+            "w1",
+            "--clients",
+            "8",
+            "--jobs",
+            "1010",
+            "--script",
+            "true.sh",
+        ])
+        .await;
+    assert!(out.status.success(), "{}", crate::cluster::stderr(&out));
+    crate::faults::until(Duration::from_secs(60), "every job ended", || async {
+        let running: jobcluster_proto::http::JobList =
+            cluster.get_json("/v1/jobs?state=running&limit=1").await;
+        running.jobs.is_empty()
+    })
+    .await;
+    // The worker lets jobs leave memory every 2 s; two rounds.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    let out = cluster.ctl_output(&["logs", &first]).await;
+    assert!(out.status.success(), "{}", crate::cluster::stderr(&out));
+    assert_eq!(crate::cluster::stdout(&out), "1\n2\n3\ndone\n");
+    let out = cluster.ctl_output(&["-o", "json", "status", &first]).await;
+    let job: JobInfo = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((job.state.as_str(), job.exit_code), ("succeeded", Some(0)));
+}
+
+/// Memory a burst of followers needed goes back to the system once they
+/// are gone: the worker does not stay at its peak.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_gives_back_the_memory_of_a_burst_of_followers() {
+    let mut cluster = Cluster::start(&["w1"]).await;
+    cluster.add_repo_script("blast.sh");
+    let pid = cluster.worker("w1").child.id();
+    let idle = rss_kib(pid);
+    let out = cluster
+        .ctl_output(&[
+            "-o",
+            "json",
+            "bench",
+            "follow",
+            "--worker",
+            "w1",
+            "--mib",
+            "32",
+            "--followers",
+            "64",
+        ])
+        .await;
+    assert!(out.status.success(), "{}", crate::cluster::stderr(&out));
+    let peak = rss_kib(pid);
+    assert!(
+        peak > idle + 32 * 1024,
+        "the burst held too little to tell: {idle} KiB idle, {peak} KiB after"
+    );
+    let bound = idle + (peak - idle) / 2;
+    crate::faults::until(
+        Duration::from_secs(40),
+        "the worker gave memory back",
+        || async { rss_kib(pid) < bound },
+    )
+    .await;
+}

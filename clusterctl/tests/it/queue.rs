@@ -17,6 +17,19 @@ async fn post(cluster: &Cluster, body: Value) -> (StatusCode, Value) {
 }
 
 /// A start that the scheduler accepted (started or queued).
+/// `count.sh ARGS` on every worker as one group, answered 202: some member
+/// waits in the queue.
+async fn submit_group(cluster: &Cluster, args: &[&str]) -> jobcluster_proto::http::GroupStarted {
+    let (status, answer) = cluster
+        .post_json(
+            "/v1/groups",
+            &json!({"all": true, "path": "count.sh", "args": args}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    serde_json::from_value(answer).unwrap()
+}
+
 async fn submit(cluster: &Cluster, body: Value) -> JobStarted {
     let (status, answer) = post(cluster, body).await;
     assert!(
@@ -590,14 +603,7 @@ async fn a_group_queues_its_member_on_a_full_worker_and_follows_it_once_started(
     let busy = json!({"worker_id": "w1", "path": "count.sh", "args": ["10", "0.1"]});
     submit(&cluster, busy.clone()).await;
 
-    let (status, answer) = cluster
-        .post_json(
-            "/v1/groups",
-            &json!({"all": true, "path": "count.sh", "args": ["2", "0"]}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
-    let group: jobcluster_proto::http::GroupStarted = serde_json::from_value(answer).unwrap();
+    let group = submit_group(&cluster, &["2", "0"]).await;
     assert!(group.failed.is_empty(), "{:?}", group.failed);
     // The member on the full worker waits; the other starts.
     let queued: Vec<_> = group
@@ -820,14 +826,7 @@ async fn a_group_follower_moves_on_when_its_queued_members_worker_is_removed() {
         json!({"worker_id": "w2", "path": "count.sh", "args": ["600", "0.1"]}),
     )
     .await;
-    let (status, answer) = cluster
-        .post_json(
-            "/v1/groups",
-            &json!({"all": true, "path": "count.sh", "args": ["1", "0"]}),
-        )
-        .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
-    let group: jobcluster_proto::http::GroupStarted = serde_json::from_value(answer).unwrap();
+    let group = submit_group(&cluster, &["1", "0"]).await;
     let queued = group
         .jobs
         .iter()
