@@ -137,8 +137,15 @@ impl Default for HttpServer {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreSection {
-    #[serde(default = "default_store_path")]
-    pub path: PathBuf,
+    /// The SQLite database (the default store); not with `url`.
+    pub path: Option<PathBuf>,
+    /// A PostgreSQL database instead (`postgres://user@host:port/db`),
+    /// which several schedulers may share.
+    pub url: Option<String>,
+    /// The PostgreSQL password, read from this file (first line), so
+    /// that the URL and this config can be readable by more than the
+    /// scheduler's user.
+    pub password_file: Option<PathBuf>,
     /// Finished jobs (and groups whose jobs are all gone) are forgotten
     /// this long after they ended.
     #[serde(default = "default_keep_finished", with = "humantime_serde")]
@@ -148,7 +155,9 @@ pub struct StoreSection {
 impl Default for StoreSection {
     fn default() -> Self {
         StoreSection {
-            path: default_store_path(),
+            path: None,
+            url: None,
+            password_file: None,
             keep_finished: default_keep_finished(),
         }
     }
@@ -228,13 +237,20 @@ fn yes() -> bool {
     true
 }
 
+/// Where the scheduler keeps its records.
+#[derive(Debug, Clone)]
+pub enum StoreLocation {
+    Sqlite(PathBuf),
+    Postgres(crate::store::postgres::PgLocation),
+}
+
 /// A validated config with its TLS material loaded.
 #[derive(Debug)]
 pub struct Config {
     pub file: PathBuf,
     pub grpc_addr: String,
     pub http_addr: String,
-    pub store_path: PathBuf,
+    pub store: StoreLocation,
     pub keep_finished: Duration,
     pub call_timeout: Duration,
     pub connect_timeout: Duration,
@@ -260,6 +276,56 @@ pub struct Tls {
     pub identity: Identity,
     pub roots: Roots,
     pub files: TlsFiles,
+}
+
+/// `[store]`: SQLite at `path` (the default), or PostgreSQL at `url`.
+fn store_location(
+    path: &Path,
+    base: &Path,
+    store: &StoreSection,
+) -> Result<StoreLocation, ConfigError> {
+    let err = |key: &str, msg: String| ConfigError::new(path, key, msg);
+    let Some(url) = &store.url else {
+        if store.password_file.is_some() {
+            return Err(err(
+                "store.password_file",
+                "is for a PostgreSQL store: set store.url too".into(),
+            ));
+        }
+        let file = store.path.clone().unwrap_or_else(default_store_path);
+        return Ok(StoreLocation::Sqlite(base.join(file)));
+    };
+    if store.path.is_some() {
+        return Err(err(
+            "store.url",
+            "set one of store.path (SQLite) and store.url (PostgreSQL), not both".into(),
+        ));
+    }
+    let redacted = crate::store::postgres::redact(url);
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(err(
+            "store.url",
+            format!("{redacted:?} is not a postgres:// or postgresql:// URL"),
+        ));
+    }
+    if let Err(e) = url.parse::<tokio_postgres::Config>() {
+        return Err(err("store.url", format!("{redacted:?}: {e}")));
+    }
+    let password = match &store.password_file {
+        Some(file) => {
+            let file = base.join(file);
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| err("store.password_file", format!("{}: {e}", file.display())))?;
+            Some(text.lines().next().unwrap_or_default().to_owned())
+        }
+        None => None,
+    };
+    Ok(StoreLocation::Postgres(
+        crate::store::postgres::PgLocation {
+            url: url.clone(),
+            password,
+        },
+    ))
 }
 
 impl Config {
@@ -391,7 +457,7 @@ impl Config {
             file: path.to_owned(),
             grpc_addr: g.addr.clone(),
             http_addr: h.addr.clone(),
-            store_path: base.join(&file.store.path),
+            store: store_location(path, base, &file.store)?,
             keep_finished: file.store.keep_finished,
             call_timeout: file.workers.call_timeout,
             connect_timeout: file.workers.connect_timeout,

@@ -14,14 +14,14 @@ use tonic::{Request, Response, Status};
 use crate::convert::row_from_report;
 use crate::registry::{RegisterError, Registration, Registry};
 use crate::state::WorkerState;
-use crate::store::Store;
+use crate::store::SharedStore;
 use crate::time::{now_ms, rfc3339};
 
 #[derive(Debug, Clone)]
 pub(crate) struct SchedulerService {
     pub(crate) queue: Arc<crate::queue::Queue>,
     pub(crate) registry: Arc<Registry>,
-    pub(crate) store: Store,
+    pub(crate) store: SharedStore,
     pub(crate) heartbeat_interval: Duration,
     pub(crate) down_after: Duration,
     /// A registration's full report marks lost only the jobs created
@@ -261,7 +261,7 @@ impl Scheduler for SchedulerService {
 ///   recorded `lost` (then a final state: if it comes back, it kills them).
 pub(crate) async fn watch_liveness(
     registry: Arc<Registry>,
-    store: Store,
+    store: SharedStore,
     timing: Liveness,
     stop: tokio_util::sync::CancellationToken,
 ) {
@@ -372,7 +372,7 @@ pub(crate) struct Liveness {
 }
 
 /// Records a worker's running jobs `unknown`, saying why.
-pub(crate) async fn record_unknown(store: &Store, row: &crate::store::WorkerRow, why: &str) {
+pub(crate) async fn record_unknown(store: &SharedStore, row: &crate::store::WorkerRow, why: &str) {
     match store.mark_unknown(&row.worker_id, why).await {
         Ok(ids) if !ids.is_empty() => {
             tracing::warn!(worker_id = %row.worker_id, worker = %row.name, jobs = ?ids, why, "jobs unknown until their worker answers")

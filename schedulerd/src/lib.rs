@@ -110,7 +110,7 @@ pub struct Listeners {
 /// Forgets finished jobs older than `keep` (`[store] keep_finished`): at
 /// start and every ten minutes, in batches of a few hundred rows with a
 /// pause between them, so the store's writer is never held for long.
-async fn prune_history(store: store::Store, keep: Duration, stop: CancellationToken) {
+async fn prune_history(store: store::SharedStore, keep: Duration, stop: CancellationToken) {
     const EVERY: Duration = Duration::from_secs(600);
     const BATCH: u32 = 500;
     loop {
@@ -162,10 +162,21 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
-    let path = config.store_path.clone();
-    let store = tokio::task::spawn_blocking(move || store::Store::open(&path))
-        .await
-        .map_err(|e| store::StoreError::Task(e.to_string()))??;
+    let store: store::SharedStore = match &config.store {
+        config::StoreLocation::Sqlite(path) => {
+            let path = path.clone();
+            Arc::new(
+                tokio::task::spawn_blocking(move || store::SqliteStore::open(&path))
+                    .await
+                    .map_err(|e| store::StoreError::Task(e.to_string()))??,
+            )
+        }
+        config::StoreLocation::Postgres(location) => {
+            let store = store::postgres::PgStore::connect(location).await?;
+            tracing::info!(url = %location.redacted(), "store: PostgreSQL");
+            Arc::new(store)
+        }
+    };
     let metrics_listener = match config.metrics_addr {
         Some(addr) => Some(
             transport::bind(&addr.to_string())

@@ -255,30 +255,45 @@ pub(crate) fn job_started(worker_id: &str, command: &str, created_at_ms: u64, qu
         .observe(waited as f64 / 1000.0);
 }
 
+/// Jobs one store transaction recorded as ended (a final state), counted
+/// only once it commits, so a transaction rolled back ends nothing.
+#[derive(Debug, Default)]
+pub(crate) struct Ended(Vec<FinishedLabels>);
+
+impl Ended {
+    pub(crate) fn push(&mut self, state: JobState, worker_id: &str, command: &str) {
+        self.0.push(FinishedLabels {
+            state: state.as_str(),
+            worker: worker_id.to_owned(),
+            plugin: METRICS.plugin(command),
+        });
+    }
+
+    /// The transaction committed: count its jobs.
+    pub(crate) fn committed(self) {
+        for labels in &self.0 {
+            METRICS.jobs_finished.get_or_create(labels).inc();
+        }
+    }
+}
+
 thread_local! {
-    /// Jobs a store write in progress on this thread recorded as ended.
-    static ENDED: RefCell<Vec<FinishedLabels>> = const { RefCell::new(Vec::new()) };
+    /// Jobs a store write in progress on this thread recorded as ended
+    /// (the SQLite store's writes run whole on one blocking thread).
+    static ENDED: RefCell<Ended> = RefCell::default();
 }
 
 /// A started job's record reached a final state, in a store write on this
-/// thread: counted by [`store_write_done`] once that write succeeded, so a
-/// transaction rolled back ends nothing.
+/// thread: counted by [`store_write_done`] once that write succeeded.
 pub(crate) fn job_finished(state: JobState, worker_id: &str, command: &str) {
-    let labels = FinishedLabels {
-        state: state.as_str(),
-        worker: worker_id.to_owned(),
-        plugin: METRICS.plugin(command),
-    };
-    ENDED.with_borrow_mut(|ended| ended.push(labels));
+    ENDED.with_borrow_mut(|ended| ended.push(state, worker_id, command));
 }
 
 /// The store write on this thread is over; `ok`: it was committed.
 pub(crate) fn store_write_done(ok: bool) {
     let ended = ENDED.take();
     if ok {
-        for labels in &ended {
-            METRICS.jobs_finished.get_or_create(labels).inc();
-        }
+        ended.committed();
     }
 }
 
@@ -300,19 +315,47 @@ pub(crate) fn output_streamed(bytes: usize) {
 /// the label to the store's own (fixed) set of methods without naming each
 /// one at every call.
 pub(crate) fn store_operation<F>(started: Instant) {
-    let labels = OperationLabel {
+    drop(StoreTimer {
         operation: operation_name(std::any::type_name::<F>()),
-    };
-    METRICS
-        .store_duration
-        .get_or_create(&labels)
-        .observe(started.elapsed().as_secs_f64());
+        started,
+    });
 }
 
-/// `crate::store::Store::job::{{closure}}::{{closure}}` → `job`.
+/// Times the store method it was started in until dropped; made by the
+/// PostgreSQL store's `timed!`, which names a function inside the method.
+#[derive(Debug)]
+pub(crate) struct StoreTimer {
+    operation: &'static str,
+    started: Instant,
+}
+
+impl StoreTimer {
+    pub(crate) fn start(type_name: &'static str) -> StoreTimer {
+        StoreTimer {
+            operation: operation_name(type_name),
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Drop for StoreTimer {
+    fn drop(&mut self) {
+        let labels = OperationLabel {
+            operation: self.operation,
+        };
+        METRICS
+            .store_duration
+            .get_or_create(&labels)
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// `<crate::store::sqlite::SqliteStore as crate::store::Store>::job::{{closure}}::{{closure}}`
+/// → `job`.
 fn operation_name(type_name: &'static str) -> &'static str {
     type_name
-        .split_once("Store::")
+        .split_once("Store>::")
+        .or_else(|| type_name.split_once("Store::"))
         .and_then(|(_, rest)| rest.split("::").next())
         .filter(|name| !name.is_empty() && !name.starts_with('{'))
         .unwrap_or(OTHER)
@@ -485,6 +528,12 @@ mod tests {
                 "jobcluster_schedulerd::store::Store::update_job::{{closure}}::{{closure}}"
             ),
             "update_job"
+        );
+        assert_eq!(
+            operation_name(
+                "<jobcluster_schedulerd::store::postgres::PgStore as jobcluster_schedulerd::store::Store>::job::{{closure}}::here"
+            ),
+            "job"
         );
         assert_eq!(operation_name("something::else::{{closure}}"), OTHER);
         assert_eq!(operation_name("x::Store::{{closure}}"), OTHER);

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::registry::{Registry, WorkerEntry};
 use crate::state::WorkerState;
-use crate::store::Store;
+use crate::store::SharedStore;
 use crate::time::now_ms;
 
 /// The job id the liveness check asks about: the nil UUID, which names no
@@ -93,7 +93,7 @@ pub(crate) fn from_peer(status: &tonic::Status) -> bool {
 /// heartbeats stop. Workers that heartbeat are never checked.
 pub(crate) async fn check_workers(
     registry: Arc<Registry>,
-    store: Store,
+    store: SharedStore,
     every: Duration,
     call_timeout: Duration,
     stop: CancellationToken,
@@ -141,7 +141,7 @@ pub(crate) async fn check_workers(
 
 async fn check(
     registry: Arc<Registry>,
-    store: Store,
+    store: SharedStore,
     entry: Arc<WorkerEntry>,
     call_timeout: Duration,
 ) {

@@ -56,12 +56,38 @@ impl Cluster {
     }
 
     /// A cluster whose scheduler keeps its store in `store_dir` (a test may
-    /// put that on a small filesystem of its own).
+    /// put that on a small filesystem of its own), in SQLite whatever
+    /// `JOBCLUSTER_TEST_STORE` says.
     pub async fn start_with_store(worker_names: &[&str], store_dir: &Path) -> Cluster {
         let config = SCHEDULER_CONFIG.replacen(
-            "path = \"state/scheduler.db\"",
+            SQLITE_STORE,
             &format!("path = \"{}\"", store_dir.join("scheduler.db").display()),
             1,
+        );
+        Self::start_from(worker_names, &config, "").await
+    }
+
+    /// [`Cluster::start_with`], its scheduler on SQLite whatever
+    /// `JOBCLUSTER_TEST_STORE` says (for tests of the database file).
+    pub async fn start_with_on_sqlite(
+        worker_names: &[&str],
+        scheduler_extra: &str,
+        worker_extra: &str,
+    ) -> Cluster {
+        let config = format!("{SCHEDULER_CONFIG}{scheduler_extra}").replacen(
+            SQLITE_STORE,
+            &format!("{SQLITE_STORE} # always SQLite"),
+            1,
+        );
+        Self::start_from(worker_names, &config, worker_extra).await
+    }
+
+    /// A cluster whose scheduler keeps its records in PostgreSQL, in a new
+    /// database on this test process's throwaway server.
+    pub async fn start_on_postgres(worker_names: &[&str], scheduler_extra: &str) -> Cluster {
+        let config = format!(
+            "{}{scheduler_extra}",
+            postgres_store(SCHEDULER_CONFIG).await
         );
         Self::start_from(worker_names, &config, "").await
     }
@@ -81,6 +107,12 @@ impl Cluster {
         scheduler_config: &str,
         worker_extra: &str,
     ) -> Cluster {
+        // JOBCLUSTER_TEST_STORE=postgres runs the suite on PostgreSQL
+        // (a test that chose its store keeps it: the line is gone).
+        let scheduler_config = match std::env::var("JOBCLUSTER_TEST_STORE").as_deref() {
+            Ok("postgres") => postgres_store(scheduler_config).await,
+            _ => scheduler_config.to_owned(),
+        };
         let tmp = tempfile::tempdir().unwrap();
         let pki = tmp.path().join("pki");
         run_ok(&["pki", "init", pki.to_str().unwrap()]);
@@ -91,7 +123,7 @@ impl Cluster {
             std::fs::copy(repo_scripts.join(name), scripts.join(name)).unwrap();
         }
         open_to_jobs(tmp.path());
-        std::fs::write(tmp.path().join("scheduler.toml"), scheduler_config).unwrap();
+        std::fs::write(tmp.path().join("scheduler.toml"), &scheduler_config).unwrap();
         let scheduler = Daemon::spawn_with(
             &bin("schedulerd"),
             &[
@@ -466,6 +498,22 @@ runner = "python"
             .build()
             .unwrap()
     }
+}
+
+const SQLITE_STORE: &str = "path = \"state/scheduler.db\"";
+
+/// `config` with its SQLite store replaced by a new PostgreSQL database.
+pub async fn postgres_store(config: &str) -> String {
+    let server = crate::postgres::Postgres::shared().unwrap_or_else(|why| panic!("{why}"));
+    let url = tokio::task::spawn_blocking(|| server.database())
+        .await
+        .unwrap();
+    // A line that goes on (` # always SQLite`) is left alone.
+    config.replacen(
+        &format!("{SQLITE_STORE}\n"),
+        &format!("url = \"{url}\"\n"),
+        1,
+    )
 }
 
 /// `[http_server]` comes last so that a test's extra lines may add keys to it.

@@ -9,6 +9,7 @@ mod disk;
 mod escape;
 mod faults;
 mod follow;
+mod ha;
 #[allow(dead_code)]
 #[path = "../../../workerd/tests/it/harness.rs"]
 mod harness;
@@ -21,6 +22,9 @@ mod metrics;
 mod openapi;
 mod ops;
 mod placement;
+#[allow(dead_code)]
+#[path = "../../../schedulerd/testing/postgres.rs"]
+mod postgres;
 mod queue;
 mod removal;
 mod scale;

@@ -1734,7 +1734,7 @@ async fn still_serves(cluster: &Cluster) {
 #[tokio::test(flavor = "multi_thread")]
 async fn tokens_stay_out_of_ps_and_the_store_is_the_schedulers_alone() {
     use std::os::unix::fs::PermissionsExt;
-    let cluster = Cluster::start_with(&["w1"], &auth_config(), "").await;
+    let cluster = Cluster::start_with_on_sqlite(&["w1"], &auth_config(), "").await;
     let file = cluster.tmp.path().join("operator.token");
     std::fs::write(&file, format!("{OPERATOR_TOKEN}\n")).unwrap();
     let file = file.to_str().unwrap();

@@ -54,7 +54,7 @@ impl Readiness {
             .map(|(_, ok)| ok)
     }
 
-    async fn check(&self, store: &crate::store::Store) -> bool {
+    async fn check(&self, store: &crate::store::SharedStore) -> bool {
         if !self.serving.load(Ordering::Acquire) {
             return false;
         }

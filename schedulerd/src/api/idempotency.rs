@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use super::ApiError;
-use crate::store::{KeyRow, NewKey, Store};
+use crate::store::{KeyRow, NewKey, SharedStore};
 use crate::time::now_ms;
 
 /// How long a key is remembered.
@@ -127,7 +127,7 @@ impl Request {
     pub(crate) async fn claim(
         &self,
         claims: &Arc<Claims>,
-        store: &Store,
+        store: &SharedStore,
     ) -> Result<Result<Claim, KeyRow>, ApiError> {
         let claim = claims.claim(&self.key).ok_or_else(|| {
             ApiError::new(
@@ -208,7 +208,7 @@ pub(crate) fn replayed(answer: impl IntoResponse) -> Response {
 
 /// Deletes expired keys every minute, in small batches so a start never
 /// waits long for the writer, until `stop` fires.
-pub(crate) async fn prune_expired(store: Store, stop: CancellationToken) {
+pub(crate) async fn prune_expired(store: SharedStore, stop: CancellationToken) {
     const BATCH: u32 = 500;
     const EVERY: Duration = Duration::from_secs(60);
     loop {

@@ -20,7 +20,7 @@ use super::{ApiError, AppState, with_deadline};
 use crate::convert::{job_info, job_summary, merge_status};
 use crate::registry::WorkerEntry;
 use crate::state::{JobState, WorkerState};
-use crate::store::{JobQuery, JobRow, KeyRow, NewKey, QueueEntry, Store};
+use crate::store::{JobQuery, JobRow, KeyRow, NewKey, QueueEntry, SharedStore};
 use crate::time::{now_ms, rfc3339};
 
 pub(crate) const DEFAULT_PAGE: u32 = 100;
@@ -1225,7 +1225,7 @@ pub(crate) async fn refresh(state: &AppState, row: JobRow) -> Seen {
 /// show: what was stored. A state that could not be stored is not shown
 /// (it could not be kept as a promise): the stored record is, marked stale.
 pub(crate) async fn record_status(
-    store: &Store,
+    store: &SharedStore,
     mut row: JobRow,
     status: &pb::QueryJobResponse,
 ) -> Seen {

@@ -30,7 +30,7 @@ use axum::routing::{get, post};
 pub(crate) use error::ApiError;
 
 use crate::registry::Registry;
-use crate::store::Store;
+use crate::store::SharedStore;
 
 /// Request bodies are small JSON objects; anything bigger is refused.
 const BODY_LIMIT: usize = 1 << 20;
@@ -38,7 +38,7 @@ const BODY_LIMIT: usize = 1 << 20;
 #[derive(Debug, Clone)]
 pub(crate) struct AppState {
     pub(crate) registry: Arc<Registry>,
-    pub(crate) store: Store,
+    pub(crate) store: SharedStore,
     pub(crate) call_timeout: Duration,
     /// Reading a job's status waits this long for its worker.
     pub(crate) refresh_timeout: Duration,

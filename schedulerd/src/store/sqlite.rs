@@ -1,109 +1,26 @@
-//! The scheduler's durable records: workers and jobs, in embedded SQLite.
+//! The store in embedded SQLite: one scheduler, one file.
 //!
-//! Every write is committed and synced before the call returns, so what
-//! the API acknowledged survives a crash or a power loss; concurrent writes
-//! share one sync of the write-ahead log ([`crate::group_sync`]). The one
-//! exception, [`Store::update_started`], is named as such. SQLite calls
-//! block, so they run on the blocking pool: one writer connection (SQLite
-//! serializes writers anyway) and a few reader connections, each held only
-//! for one statement, never across a network call.
-//!
-//! The public methods are the whole storage interface of the scheduler; a
-//! PostgreSQL store would implement the same methods.
+//! Concurrent writes share one sync of the write-ahead log
+//! ([`crate::group_sync`]). SQLite calls block, so they run on the blocking
+//! pool: one writer connection (SQLite serializes writers anyway) and a few
+//! reader connections, each held only for one statement, never across a
+//! network call.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::{
+    GroupRow, JOB_COLUMNS, JOB_COLUMNS_WITHOUT_ARGS, JobQuery, JobRow, KeyRow, NewKey,
+    QUEUE_COLUMNS, QUEUED_JOB_COLUMNS, QueueEntry, Store, StoreError, WorkerRow, from_json,
+    to_json,
+};
 use crate::group_sync::GroupSync;
 use crate::state::{JobState, WorkerState};
 use crate::time::now_ms;
 
 const READERS: usize = 4;
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("database {path}: {source}")]
-    Open {
-        path: PathBuf,
-        #[source]
-        source: rusqlite::Error,
-    },
-    #[error("database: {0}")]
-    Sql(#[from] rusqlite::Error),
-    #[error("database: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("database task failed: {0}")]
-    Task(String),
-    /// The idempotency key is already bound (by a request that won a race
-    /// for it); nothing was written.
-    #[error("idempotency key {0:?} is already bound")]
-    KeyTaken(String),
-}
-
-/// A worker's durable record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WorkerRow {
-    pub worker_id: String,
-    pub name: String,
-    pub address: String,
-    pub state: WorkerState,
-    pub plugins: Vec<String>,
-    pub labels: std::collections::BTreeMap<String, String>,
-    pub registered_at_ms: u64,
-    pub last_seen_ms: u64,
-    /// Its job limits go through a delegated cgroup v2.
-    pub cgroup_limits: bool,
-    /// Script extensions each plugin runs (for placement by extension).
-    pub extensions: std::collections::BTreeMap<String, Vec<String>>,
-    /// Set by an operator: the worker takes no new jobs.
-    pub draining: bool,
-    /// Its slots: most jobs it runs at once; 0: unlimited.
-    pub max_jobs: u32,
-    /// Registered through the original design's contract (no instance id):
-    /// it sends no heartbeats, so the scheduler checks on it instead.
-    pub seed: bool,
-}
-
-impl WorkerRow {
-    /// Slots left when `taken` jobs hold one; `None`: unlimited.
-    pub fn free_slots(&self, taken: u64) -> Option<u64> {
-        (self.max_jobs > 0).then(|| u64::from(self.max_jobs).saturating_sub(taken))
-    }
-}
-
-/// A job's durable record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JobRow {
-    pub job_id: String,
-    pub worker_id: String,
-    pub command: String,
-    pub path: String,
-    pub args: Vec<String>,
-    pub state: JobState,
-    pub error_text: String,
-    pub exit_code: Option<i32>,
-    pub signal: Option<i32>,
-    pub created_at_ms: u64,
-    pub started_at_ms: u64,
-    pub finished_at_ms: u64,
-    pub output_bytes: u64,
-    /// The fan-out group the job belongs to.
-    pub group_id: Option<String>,
-    /// When the scheduler last wrote this record (what a stale answer is as of).
-    pub updated_at_ms: u64,
-}
-
-/// A fan-out group's durable record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GroupRow {
-    pub group_id: String,
-    pub command: String,
-    pub path: String,
-    pub args: Vec<String>,
-    pub created_at_ms: u64,
-}
 
 fn group_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<GroupRow> {
     Ok(GroupRow {
@@ -115,63 +32,8 @@ fn group_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<GroupRow> {
     })
 }
 
-/// An idempotency key to bind to the job or group being recorded, in the
-/// same transaction, so neither can exist without the other.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NewKey {
-    pub key: String,
-    /// The route it was used on (`/v1/jobs`, `/start`, `/v1/groups`).
-    pub route: String,
-    /// Hex SHA-256 of the route and the canonical request body.
-    pub body_sha256: String,
-    pub created_at_ms: u64,
-    /// A binding of the same key created before this has expired and is
-    /// replaced; a younger one makes the write fail with
-    /// [`StoreError::KeyTaken`].
-    pub expired_before_ms: u64,
-}
-
-/// An idempotency key and what it is bound to (a job or a group).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyRow {
-    pub key: String,
-    pub route: String,
-    pub body_sha256: String,
-    pub job_id: Option<String>,
-    pub group_id: Option<String>,
-    pub created_at_ms: u64,
-}
-
-/// What a queued job needs to be started later, beside its job record
-/// (which holds path, arguments and plugin, with state `queued`).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct QueueEntry {
-    pub job_id: String,
-    pub priority: i32,
-    pub queued_at_ms: u64,
-    /// The worker the request named; empty: any eligible worker.
-    pub worker_id: String,
-    pub selector: std::collections::BTreeMap<String, String>,
-    /// The request's environment, kept only until the job is dispatched.
-    pub env: std::collections::BTreeMap<String, String>,
-    /// Still queued then: `failed`. 0: no timeout.
-    pub deadline_ms: u64,
-    /// Why it waits, as last seen by whoever queued or skipped it.
-    pub reason: String,
-}
-
-/// Which jobs to list.
-#[derive(Debug, Clone, Default)]
-pub struct JobQuery {
-    pub worker_id: Option<String>,
-    pub state: Option<JobState>,
-    /// Only jobs older (in insertion order) than this cursor.
-    pub before: Option<i64>,
-    pub limit: u32,
-}
-
 #[derive(Debug, Clone)]
-pub struct Store {
+pub struct SqliteStore {
     inner: Arc<Inner>,
 }
 
@@ -298,8 +160,25 @@ CREATE INDEX IF NOT EXISTS idempotency_keys_by_job ON idempotency_keys (job_id);
 CREATE INDEX IF NOT EXISTS idempotency_keys_by_group ON idempotency_keys (group_id);
 ";
 
-/// Brings a database of any earlier version up to this schema.
-fn migrate(c: &Connection) -> rusqlite::Result<()> {
+/// The schema version this scheduler writes, kept in SQLite's
+/// `user_version`. Databases from before versions were recorded say 0 and
+/// are brought up by the idempotent steps below; a later change to the
+/// schema adds a step that runs when the version is lower, and raises this.
+const SCHEMA_VERSION: i64 = 1;
+
+/// Brings a database of any earlier version up to this schema, or refuses
+/// one a newer scheduler made.
+fn migrate(c: &Connection) -> Result<(), StoreError> {
+    let found: i64 = c.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::TooNew {
+            found,
+            known: SCHEMA_VERSION,
+        });
+    }
+    if found == SCHEMA_VERSION {
+        return Ok(());
+    }
     c.execute_batch(SCHEMA)?;
     for (table, column, declaration) in ADDED_COLUMNS {
         let present: bool = c
@@ -313,7 +192,9 @@ fn migrate(c: &Connection) -> rusqlite::Result<()> {
             ))?;
         }
     }
-    c.execute_batch(INDEXES)
+    c.execute_batch(INDEXES)?;
+    c.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    Ok(())
 }
 
 /// Makes the database file, and its journals if present, readable and
@@ -392,9 +273,9 @@ fn connect(path: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
-impl Store {
+impl SqliteStore {
     /// Opens (creating if needed) the database at `path`.
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
         let open_err = |source| StoreError::Open {
             path: path.to_owned(),
             source,
@@ -409,7 +290,10 @@ impl Store {
             ))
         })?;
         let writer = connect(path).map_err(open_err)?;
-        migrate(&writer).map_err(open_err)?;
+        migrate(&writer).map_err(|e| match e {
+            StoreError::Sql(source) => open_err(source),
+            other => other,
+        })?;
         // The log's directory entry is ours to sync: SQLite's syncs (which
         // the group sync replaces) would not cover it either.
         if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -429,7 +313,7 @@ impl Store {
                 format!("{}: {e}", std::path::Path::new(&wal).display()),
             ))
         })?;
-        Ok(Store {
+        Ok(SqliteStore {
             inner: Arc::new(Inner {
                 writer: Mutex::new(writer),
                 readers: Mutex::new(readers),
@@ -524,8 +408,11 @@ impl Store {
         crate::metrics::store_operation::<F>(started);
         value
     }
+}
 
-    pub async fn upsert_worker(&self, w: WorkerRow) -> Result<(), StoreError> {
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    async fn upsert_worker(&self, w: WorkerRow) -> Result<(), StoreError> {
         self.write(move |c| {
             let tx = c.transaction()?;
             // The registry gave this name to this id; a row left under
@@ -564,10 +451,7 @@ impl Store {
         .await
     }
 
-    /// Forgets a worker (its jobs' records stay) and remembers its id as
-    /// removed. Jobs still recorded running on it can never be settled by
-    /// it now, so they are recorded `lost`; returns their ids.
-    pub async fn delete_worker(
+    async fn delete_worker(
         &self,
         worker_id: &str,
         name: &str,
@@ -612,8 +496,7 @@ impl Store {
         .await
     }
 
-    /// The ids of removed workers.
-    pub async fn removed_worker_ids(&self) -> Result<Vec<String>, StoreError> {
+    async fn removed_worker_ids(&self) -> Result<Vec<String>, StoreError> {
         self.read(|c| {
             c.prepare_cached("SELECT worker_id FROM removed_workers")?
                 .query_map([], |r| r.get(0))?
@@ -622,7 +505,7 @@ impl Store {
         .await
     }
 
-    pub async fn set_worker_state(
+    async fn set_worker_state(
         &self,
         worker_id: &str,
         state: WorkerState,
@@ -639,12 +522,7 @@ impl Store {
         .await
     }
 
-    /// Sets only the drain flag, leaving the state the liveness check owns.
-    pub async fn set_worker_draining(
-        &self,
-        worker_id: &str,
-        draining: bool,
-    ) -> Result<(), StoreError> {
+    async fn set_worker_draining(&self, worker_id: &str, draining: bool) -> Result<(), StoreError> {
         let id = worker_id.to_owned();
         self.write(move |c| {
             c.exec(
@@ -656,7 +534,7 @@ impl Store {
         .await
     }
 
-    pub async fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
+    async fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
         self.read(|c| {
             let mut stmt = c.prepare_cached(
                 "SELECT worker_id, name, address, state, plugins, labels, registered_at_ms, last_seen_ms,
@@ -685,9 +563,7 @@ impl Store {
         .await
     }
 
-    /// Records a job, and binds `key` to it in the same transaction: if
-    /// the key is taken, nothing is written ([`StoreError::KeyTaken`]).
-    pub async fn insert_job(&self, j: JobRow, key: Option<NewKey>) -> Result<(), StoreError> {
+    async fn insert_job(&self, j: JobRow, key: Option<NewKey>) -> Result<(), StoreError> {
         let Some(key) = key else {
             return self.write(move |c| insert_job(c, &j)).await;
         };
@@ -706,18 +582,11 @@ impl Store {
         bound_or_taken(bound, name)
     }
 
-    /// Records a job's latest status, as its worker reported it. A terminal
-    /// state never changes: returns false if the record kept its own.
-    pub async fn update_job(&self, j: JobRow) -> Result<bool, StoreError> {
+    async fn update_job(&self, j: JobRow) -> Result<bool, StoreError> {
         self.write(move |c| update_job(c, &j).map(|n| n > 0)).await
     }
 
-    /// [`Store::update_job`] for the answer to a start, returning without
-    /// waiting for the sync: the job's record, written and synced before
-    /// its worker was asked, is the durable promise. Lost to a power loss,
-    /// this update leaves that record awaiting its start's outcome, which
-    /// the worker's reports settle as they settle any start in doubt.
-    pub async fn update_started(&self, j: JobRow) -> Result<bool, StoreError> {
+    async fn update_started(&self, j: JobRow) -> Result<bool, StoreError> {
         let started = Some(std::time::Instant::now());
         let (result, _) = self
             .commit(move |c| update_job(c, &j).map(|n| n > 0), started)
@@ -725,14 +594,7 @@ impl Store {
         result
     }
 
-    /// Forgets a job whose start certainly started nothing (the worker
-    /// refused it), if it is still waiting for that outcome, and the
-    /// idempotency key bound to it: a retry with that key tries again.
-    /// Gives a job the id its worker chose (a worker of the original
-    /// contract names its jobs itself): the record, its queue entry and its
-    /// idempotency key move to `new_id` in one transaction. False, changing
-    /// nothing, when `new_id` already names another job.
-    pub async fn rekey_job(&self, job_id: &str, new_id: &str) -> Result<bool, StoreError> {
+    async fn rekey_job(&self, job_id: &str, new_id: &str) -> Result<bool, StoreError> {
         let (old, new) = (job_id.to_owned(), new_id.to_owned());
         self.write(move |c| {
             let tx = c.transaction()?;
@@ -764,7 +626,7 @@ impl Store {
         .await
     }
 
-    pub async fn delete_unstarted_job(&self, job_id: &str) -> Result<(), StoreError> {
+    async fn delete_unstarted_job(&self, job_id: &str) -> Result<(), StoreError> {
         let id = job_id.to_owned();
         self.write(move |c| {
             let tx = c.transaction()?;
@@ -782,10 +644,7 @@ impl Store {
         .await
     }
 
-    /// Ends a job whose start its worker refused for the job's own sake
-    /// `failed`, with `why`, and drops its queue entry; a job that started
-    /// or ended meanwhile is left alone.
-    pub async fn fail_unstarted(&self, job_id: &str, why: &str) -> Result<(), StoreError> {
+    async fn fail_unstarted(&self, job_id: &str, why: &str) -> Result<(), StoreError> {
         let (id, why) = (job_id.to_owned(), why.to_owned());
         self.write(move |c| {
             let tx = c.transaction()?;
@@ -802,18 +661,7 @@ impl Store {
         .await
     }
 
-    /// Applies a worker's reports about its jobs in one transaction: the
-    /// worker is the authority on its running jobs, but a terminal state
-    /// the scheduler recorded wins over any report that disagrees. Jobs the
-    /// scheduler never recorded are added. With `complete` (a registration,
-    /// which reports every running job and every final state not yet
-    /// acknowledged), this worker's jobs that are running or unknown, were
-    /// created before `settled_before_ms` (so no start is still in flight)
-    /// and were not reported are recorded `lost`.
-    ///
-    /// Returns the jobs the worker reported running that the scheduler has
-    /// already recorded as ended: the worker must kill what is left of them.
-    pub async fn apply_reports(
+    async fn apply_reports(
         &self,
         worker_id: &str,
         reports: Vec<JobRow>,
@@ -835,26 +683,8 @@ impl Store {
                         |r| Ok((r.get(0)?, r.get(1)?)),
                     )
                     .optional()?;
-                match recorded {
-                    // Every job is recorded before it starts: one the
-                    // scheduler has no record of was pruned (or its
-                    // database replaced), and nobody could stop it.
-                    None if row.state == JobState::Running => {
-                        tracing::warn!(job_id = %row.job_id, %worker_id, "a worker runs a job the scheduler has no record of; telling it to kill it");
-                        kill.push(row.job_id.clone());
-                    }
-                    None => {}
-                    // A final state wins over any report. A job ended here
-                    // that the worker still runs (lost while it was cut
-                    // off, or its worker removed and back under a new id)
-                    // is killed.
-                    Some((state, owner)) if state.is_terminal() && state != row.state => {
-                        tracing::warn!(job_id = %row.job_id, %worker_id, %owner, recorded = %state, reported = %row.state, "a report disagrees with the job's final state; the final state stays");
-                        if row.state == JobState::Running {
-                            kill.push(row.job_id.clone());
-                        }
-                    }
-                    Some(_) => {}
+                if super::must_kill(&worker_id, row, recorded) {
+                    kill.push(row.job_id.clone());
                 }
             }
             if complete {
@@ -886,13 +716,7 @@ impl Store {
         .await
     }
 
-    /// Records the running jobs of a worker that cannot be asked now as
-    /// `unknown` (with `why`, which says since when); returns their ids.
-    pub async fn mark_unknown(
-        &self,
-        worker_id: &str,
-        why: &str,
-    ) -> Result<Vec<String>, StoreError> {
+    async fn mark_unknown(&self, worker_id: &str, why: &str) -> Result<Vec<String>, StoreError> {
         let (worker_id, why) = (worker_id.to_owned(), why.to_owned());
         self.write(move |c| {
             let mut stmt = c.prepare_cached(
@@ -907,10 +731,7 @@ impl Store {
         .await
     }
 
-    /// Gives up on a worker's running and unknown jobs: they become `lost`
-    /// with `why`; returns their ids. Only while the stored worker is not
-    /// `ready`: a registration that came in meanwhile wins.
-    pub async fn mark_lost(&self, worker_id: &str, why: &str) -> Result<Vec<String>, StoreError> {
+    async fn mark_lost(&self, worker_id: &str, why: &str) -> Result<Vec<String>, StoreError> {
         let (worker_id, why) = (worker_id.to_owned(), why.to_owned());
         self.write(move |c| {
             let mut stmt = c.prepare_cached(
@@ -930,8 +751,7 @@ impl Store {
         .await
     }
 
-    /// Gives up on one job (its worker answered that it does not know it).
-    pub async fn mark_job_lost(&self, job_id: &str, why: &str) -> Result<(), StoreError> {
+    async fn mark_job_lost(&self, job_id: &str, why: &str) -> Result<(), StoreError> {
         let (job_id, why) = (job_id.to_owned(), why.to_owned());
         self.write(move |c| {
             let ended: Option<(String, String)> = c
@@ -951,8 +771,7 @@ impl Store {
         .await
     }
 
-    /// A worker's `unknown` jobs created before `before_ms`, at most `limit`.
-    pub async fn unknown_jobs(
+    async fn unknown_jobs(
         &self,
         worker_id: &str,
         before_ms: u64,
@@ -973,9 +792,7 @@ impl Store {
         .await
     }
 
-    /// The workers that have jobs in state `unknown` (one indexed query,
-    /// instead of one per worker: the settling pass runs every second).
-    pub async fn workers_with_unknown_jobs(
+    async fn workers_with_unknown_jobs(
         &self,
     ) -> Result<std::collections::HashSet<String>, StoreError> {
         self.read(|c| {
@@ -989,9 +806,7 @@ impl Store {
         .await
     }
 
-    /// Records a group, and binds `key` to it in the same transaction: if
-    /// the key is taken, nothing is written ([`StoreError::KeyTaken`]).
-    pub async fn insert_group(&self, g: GroupRow, key: Option<NewKey>) -> Result<(), StoreError> {
+    async fn insert_group(&self, g: GroupRow, key: Option<NewKey>) -> Result<(), StoreError> {
         let name = key.as_ref().map(|k| k.key.clone()).unwrap_or_default();
         let bound = self
             .write(move |c| {
@@ -1012,9 +827,7 @@ impl Store {
         bound_or_taken(bound, name)
     }
 
-    /// Unbinds `key` from a group none of whose jobs started (the group's
-    /// record stays), so a retry with the key tries again.
-    pub async fn unbind_group_key(&self, key: &str, group_id: &str) -> Result<(), StoreError> {
+    async fn unbind_group_key(&self, key: &str, group_id: &str) -> Result<(), StoreError> {
         let (key, group_id) = (key.to_owned(), group_id.to_owned());
         self.write(move |c| {
             c.exec(
@@ -1026,8 +839,7 @@ impl Store {
         .await
     }
 
-    /// The binding of `key`, unless it was created before `expired_before_ms`.
-    pub async fn idempotency_key(
+    async fn idempotency_key(
         &self,
         key: &str,
         expired_before_ms: u64,
@@ -1054,9 +866,7 @@ impl Store {
         .await
     }
 
-    /// Deletes at most `limit` keys created before `expired_before_ms`;
-    /// returns how many. Small batches keep the writer free for starts.
-    pub async fn prune_idempotency_keys(
+    async fn prune_idempotency_keys(
         &self,
         expired_before_ms: u64,
         limit: u32,
@@ -1071,12 +881,7 @@ impl Store {
         .await
     }
 
-    /// A group and its jobs (in worker order of the fan-out), the jobs
-    /// without their `args` (they are the group's).
-    pub async fn group(
-        &self,
-        group_id: &str,
-    ) -> Result<Option<(GroupRow, Vec<JobRow>)>, StoreError> {
+    async fn group(&self, group_id: &str) -> Result<Option<(GroupRow, Vec<JobRow>)>, StoreError> {
         let id = group_id.to_owned();
         self.read(move |c| {
             let Some(group) = c
@@ -1098,8 +903,7 @@ impl Store {
         .await
     }
 
-    /// Groups newest first, at most `limit`, without their `args`.
-    pub async fn groups(&self, limit: u32) -> Result<Vec<GroupRow>, StoreError> {
+    async fn groups(&self, limit: u32) -> Result<Vec<GroupRow>, StoreError> {
         self.read(move |c| {
             let mut stmt = c.prepare_cached(
                 "SELECT group_id, command, path, '[]', created_at_ms FROM groups ORDER BY seq DESC LIMIT ?1",
@@ -1110,10 +914,7 @@ impl Store {
         .await
     }
 
-    /// Forgets up to `batch` jobs that ended before `before_ms`, and groups
-    /// created before then that have no jobs left. One short transaction
-    /// per call, so other writers wait little; returns how many jobs went.
-    pub async fn prune_finished(&self, before_ms: u64, batch: u32) -> Result<usize, StoreError> {
+    async fn prune_finished(&self, before_ms: u64, batch: u32) -> Result<usize, StoreError> {
         self.write(move |c| {
             let tx = c.transaction()?;
             let jobs = tx.exec(
@@ -1137,15 +938,12 @@ impl Store {
         .await
     }
 
-    /// Flushes the write-ahead log into the database file; call at shutdown.
-    pub async fn close(&self) -> Result<(), StoreError> {
+    async fn close(&self) -> Result<(), StoreError> {
         self.write(|c| c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);"))
             .await
     }
 
-    /// A real write and its read-back, for readiness: the database file
-    /// takes a synced write (not full, not read-only, not locked for long).
-    pub async fn probe(&self) -> Result<(), StoreError> {
+    async fn probe(&self) -> Result<(), StoreError> {
         let stamp = crate::time::now_ms() as i64;
         self.write(move |c| {
             let tx = c.transaction()?;
@@ -1173,7 +971,7 @@ impl Store {
         .await
     }
 
-    pub async fn job(&self, job_id: &str) -> Result<Option<JobRow>, StoreError> {
+    async fn job(&self, job_id: &str) -> Result<Option<JobRow>, StoreError> {
         let id = job_id.to_owned();
         self.read(move |c| {
             c.row(
@@ -1186,10 +984,7 @@ impl Store {
         .await
     }
 
-    /// Jobs newest first, without their `args` (a page of them would hold
-    /// up to 256 KiB per job in memory), and the cursor of the page after,
-    /// if any.
-    pub async fn jobs(&self, q: JobQuery) -> Result<(Vec<JobRow>, Option<i64>), StoreError> {
+    async fn jobs(&self, q: JobQuery) -> Result<(Vec<JobRow>, Option<i64>), StoreError> {
         self.read(move |c| {
             let mut stmt = c.prepare_cached(&format!(
                 "SELECT {JOB_COLUMNS_WITHOUT_ARGS}, seq FROM jobs
@@ -1215,10 +1010,7 @@ impl Store {
         .await
     }
 
-    /// Records a queued job with what starting it later needs (and binds
-    /// `key` to it), unless `max_queued` jobs wait already: then nothing is
-    /// written and the answer is `None`. Otherwise its position.
-    pub async fn enqueue_job(
+    async fn enqueue_job(
         &self,
         j: JobRow,
         q: QueueEntry,
@@ -1265,12 +1057,7 @@ impl Store {
         }
     }
 
-    /// The first `limit` queued jobs of `priority` or higher, in queue
-    /// order, that a new job of `priority` might compete with: those named
-    /// to `worker_id` (when given) and the placed ones. Which of them
-    /// really compete (could run where the new job would) is the caller's
-    /// to judge.
-    pub async fn waiting_ahead(
+    async fn waiting_ahead(
         &self,
         priority: i32,
         worker_id: &str,
@@ -1292,8 +1079,7 @@ impl Store {
         .await
     }
 
-    /// Whether the job has a queue entry (waiting, or being dispatched).
-    pub async fn in_queue(&self, job_id: &str) -> Result<bool, StoreError> {
+    async fn in_queue(&self, job_id: &str) -> Result<bool, StoreError> {
         let id = job_id.to_owned();
         self.read(move |c| {
             c.prepare_cached("SELECT 1 FROM queue WHERE job_id = ?1")?
@@ -1302,8 +1088,7 @@ impl Store {
         .await
     }
 
-    /// A queued job's entry and position (how many queued jobs go first).
-    pub async fn queue_entry(&self, job_id: &str) -> Result<Option<(QueueEntry, u64)>, StoreError> {
+    async fn queue_entry(&self, job_id: &str) -> Result<Option<(QueueEntry, u64)>, StoreError> {
         let id = job_id.to_owned();
         self.read(move |c| {
             let Some(entry) = c
@@ -1321,9 +1106,7 @@ impl Store {
         .await
     }
 
-    /// Queued jobs in queue order (priority, then arrival), skipping the
-    /// first `skip`, at most `limit`.
-    pub async fn queued(
+    async fn queued(
         &self,
         skip: u64,
         limit: u32,
@@ -1344,9 +1127,7 @@ impl Store {
         .await
     }
 
-    /// Jobs taken from the queue whose start has not been settled (a start
-    /// in flight, or one cut off by a scheduler restart).
-    pub async fn dispatching(&self) -> Result<Vec<(JobRow, QueueEntry)>, StoreError> {
+    async fn dispatching(&self) -> Result<Vec<(JobRow, QueueEntry)>, StoreError> {
         self.read(move |c| {
             let mut stmt = c.prepare_cached(&format!(
                 "SELECT {QUEUED_JOB_COLUMNS} FROM queue q JOIN jobs j ON j.job_id = q.job_id
@@ -1360,11 +1141,7 @@ impl Store {
         .await
     }
 
-    /// Takes a queued job for `worker_id`: the one step that makes dispatch
-    /// exactly once. Only a job still `queued` is taken (a stop or a
-    /// timeout may have ended it); it becomes `unknown` on that worker, as
-    /// any job whose start is in flight, and its record is returned.
-    pub async fn claim_queued(
+    async fn claim_queued(
         &self,
         job_id: &str,
         worker_id: &str,
@@ -1395,9 +1172,7 @@ impl Store {
         .await
     }
 
-    /// Puts a job whose start certainly started nothing back in the queue,
-    /// in the place it had; returns false if it was settled otherwise.
-    pub async fn requeue(&self, job_id: &str, reason: &str) -> Result<bool, StoreError> {
+    async fn requeue(&self, job_id: &str, reason: &str) -> Result<bool, StoreError> {
         let (id, reason) = (job_id.to_owned(), reason.to_owned());
         self.write(move |c| {
             let tx = c.transaction()?;
@@ -1420,9 +1195,7 @@ impl Store {
         .await
     }
 
-    /// Forgets a job's queue entry (and with it the request's environment)
-    /// once its start is settled or in doubt: it is never dispatched again.
-    pub async fn dequeue(&self, job_id: &str) -> Result<(), StoreError> {
+    async fn dequeue(&self, job_id: &str) -> Result<(), StoreError> {
         let id = job_id.to_owned();
         self.write(move |c| {
             c.exec("DELETE FROM queue WHERE job_id = ?1", [&id])?;
@@ -1431,8 +1204,7 @@ impl Store {
         .await
     }
 
-    /// Records why a queued job still waits.
-    pub async fn set_queue_reason(&self, job_id: &str, reason: &str) -> Result<(), StoreError> {
+    async fn set_queue_reason(&self, job_id: &str, reason: &str) -> Result<(), StoreError> {
         let (id, reason) = (job_id.to_owned(), reason.to_owned());
         self.write(move |c| {
             c.exec(
@@ -1444,9 +1216,7 @@ impl Store {
         .await
     }
 
-    /// Ends a job that is still queued `stopped`, without it ever starting;
-    /// false if it is not queued (any more).
-    pub async fn stop_queued(&self, job_id: &str) -> Result<bool, StoreError> {
+    async fn stop_queued(&self, job_id: &str) -> Result<bool, StoreError> {
         let id = job_id.to_owned();
         self.write(move |c| {
             let tx = c.transaction()?;
@@ -1465,9 +1235,7 @@ impl Store {
         .await
     }
 
-    /// Fails the queued jobs whose queue timeout passed by `now`; returns
-    /// their ids.
-    pub async fn expire_queued(&self, now: u64) -> Result<Vec<String>, StoreError> {
+    async fn expire_queued(&self, now: u64) -> Result<Vec<String>, StoreError> {
         self.write(move |c| {
             let tx = c.transaction()?;
             let due: Vec<(String, u64, u64)> = tx
@@ -1485,11 +1253,7 @@ impl Store {
                 })?
                 .collect::<rusqlite::Result<_>>()?;
             for (id, queued_at, deadline) in &due {
-                let waited = std::time::Duration::from_millis(deadline.saturating_sub(*queued_at));
-                let why = format!(
-                    "still queued after its queue_timeout of {}; it never started",
-                    humantime::format_duration(waited)
-                );
+                let why = super::queue_timeout_text(*queued_at, *deadline);
                 tx.exec(
                     "UPDATE jobs SET state = 'failed', error_text = ?2, finished_at_ms = ?3,
                        updated_at_ms = ?3 WHERE job_id = ?1 AND state = 'queued'",
@@ -1503,8 +1267,7 @@ impl Store {
         .await
     }
 
-    /// Jobs waiting in the queue (not those being dispatched).
-    pub async fn queue_length(&self) -> Result<u64, StoreError> {
+    async fn queue_length(&self) -> Result<u64, StoreError> {
         self.read(|c| {
             c.row(
                 "SELECT COUNT(*) FROM queue q JOIN jobs j ON j.job_id = q.job_id
@@ -1516,10 +1279,7 @@ impl Store {
         .await
     }
 
-    /// Number of jobs recorded as running (or unknown, which may be running), per worker id.
-    pub async fn running_counts(
-        &self,
-    ) -> Result<std::collections::HashMap<String, u64>, StoreError> {
+    async fn running_counts(&self) -> Result<std::collections::HashMap<String, u64>, StoreError> {
         self.read(|c| {
             let mut stmt = c.prepare_cached(
                 "SELECT worker_id, COUNT(*) FROM jobs WHERE state IN ('running', 'unknown') GROUP BY worker_id",
@@ -1657,9 +1417,6 @@ fn position(c: &Connection, job_id: &str) -> rusqlite::Result<Option<u64>> {
     .optional()
 }
 
-const QUEUE_COLUMNS: &str =
-    "q.job_id, q.priority, q.queued_at_ms, q.worker_id, q.selector, q.env, q.deadline_ms, q.reason";
-
 fn queue_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<QueueEntry> {
     queue_row_at(r, 0)
 }
@@ -1677,23 +1434,9 @@ fn queue_row_at(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<QueueEntry
     })
 }
 
-const QUEUED_JOB_COLUMNS: &str = "j.job_id, j.worker_id, j.command, j.path, j.args, j.state,
-    j.error_text, j.exit_code, j.signal, j.created_at_ms, j.started_at_ms, j.finished_at_ms,
-    j.output_bytes, j.group_id, j.updated_at_ms, q.job_id, q.priority, q.queued_at_ms,
-    q.worker_id, q.selector, q.env, q.deadline_ms, q.reason";
-
 fn queued_job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(JobRow, QueueEntry)> {
     Ok((job_row(r)?, queue_row_at(r, 15)?))
 }
-
-const JOB_COLUMNS: &str =
-    "job_id, worker_id, command, path, args, state, error_text, exit_code, signal,
-    created_at_ms, started_at_ms, finished_at_ms, output_bytes, group_id, updated_at_ms";
-
-/// As [`JOB_COLUMNS`], with `args` read as empty.
-const JOB_COLUMNS_WITHOUT_ARGS: &str =
-    "job_id, worker_id, command, path, '[]', state, error_text, exit_code, signal,
-    created_at_ms, started_at_ms, finished_at_ms, output_bytes, group_id, updated_at_ms";
 
 fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
     Ok(JobRow {
@@ -1715,19 +1458,11 @@ fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
     })
 }
 
-fn to_json<T: serde::Serialize>(value: &T) -> String {
-    // Vec<String> and BTreeMap<String, String> always serialize.
-    serde_json::to_string(value).unwrap_or_default()
-}
-
-fn from_json<T: serde::de::DeserializeOwned + Default>(text: &str) -> T {
-    serde_json::from_str(text).unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::store::suite::job;
 
     #[tokio::test]
     async fn the_database_and_its_journals_are_the_owners_alone() {
@@ -1739,7 +1474,7 @@ mod tests {
                 .ok()
         };
         // A new database.
-        let store = Store::open(&dir.path().join("new.db")).unwrap();
+        let store = SqliteStore::open(&dir.path().join("new.db")).unwrap();
         store
             .insert_job(job("j1", JobState::Running, 0), None)
             .await
@@ -1749,7 +1484,7 @@ mod tests {
         }
         // One an earlier version left readable by everyone.
         let old = dir.path().join("old.db");
-        drop(Store::open(&old).unwrap());
+        drop(SqliteStore::open(&old).unwrap());
         for suffix in ["", "-wal"] {
             let file = format!("{}{suffix}", old.display());
             std::fs::OpenOptions::new()
@@ -1759,7 +1494,7 @@ mod tests {
                 .unwrap();
             std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
         }
-        let store = Store::open(&old).unwrap();
+        let store = SqliteStore::open(&old).unwrap();
         store
             .insert_job(job("j2", JobState::Running, 0), None)
             .await
@@ -1767,437 +1502,5 @@ mod tests {
         for name in ["old.db", "old.db-wal", "old.db-shm"] {
             assert_eq!(mode(name), Some(0o600), "{name}");
         }
-    }
-
-    fn job(id: &str, state: JobState, finished_at_ms: u64) -> JobRow {
-        JobRow {
-            job_id: id.into(),
-            worker_id: "w".into(),
-            command: "bash".into(),
-            path: "x.sh".into(),
-            args: vec!["1".into()],
-            state,
-            error_text: String::new(),
-            exit_code: None,
-            signal: None,
-            created_at_ms: 1,
-            // A job not yet confirmed by its worker has not started.
-            started_at_ms: u64::from(state != JobState::Unknown),
-            finished_at_ms,
-            output_bytes: 0,
-            group_id: None,
-            updated_at_ms: 0,
-        }
-    }
-
-    impl Store {
-        async fn insert_job_plain(&self, j: JobRow) -> Result<(), StoreError> {
-            self.insert_job(j, None).await
-        }
-    }
-
-    fn store() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("s.db")).unwrap();
-        (dir, store)
-    }
-
-    #[tokio::test]
-    async fn a_terminal_state_never_changes_and_a_report_of_a_lost_job_running_asks_for_a_kill() {
-        let (_dir, store) = store();
-        store
-            .insert_job_plain(job("a", JobState::Running, 0))
-            .await
-            .unwrap();
-        store
-            .insert_job_plain(job("b", JobState::Running, 0))
-            .await
-            .unwrap();
-        assert!(
-            store
-                .update_job(job("a", JobState::Succeeded, 5))
-                .await
-                .unwrap()
-        );
-        assert!(
-            !store
-                .update_job(job("a", JobState::Running, 0))
-                .await
-                .unwrap()
-        );
-        assert!(
-            !store
-                .update_job(job("a", JobState::Failed, 6))
-                .await
-                .unwrap()
-        );
-        assert_eq!(
-            store.job("a").await.unwrap().unwrap().state,
-            JobState::Succeeded
-        );
-
-        store.mark_unknown("w", "cut off").await.unwrap();
-        assert_eq!(
-            store.job("b").await.unwrap().unwrap().state,
-            JobState::Unknown
-        );
-        // Unknown is not final: the worker's word brings it back.
-        let kill = store
-            .apply_reports("w", vec![job("b", JobState::Running, 0)], false, 0)
-            .await
-            .unwrap();
-        assert!(kill.is_empty());
-        assert_eq!(
-            store.job("b").await.unwrap().unwrap().state,
-            JobState::Running
-        );
-        // A worker registered meanwhile keeps its jobs; a down one loses them.
-        let mut worker = WorkerRow {
-            worker_id: "w".into(),
-            name: "w".into(),
-            address: "127.0.0.1:1".into(),
-            state: WorkerState::Ready,
-            plugins: Vec::new(),
-            labels: Default::default(),
-            registered_at_ms: 1,
-            last_seen_ms: 1,
-            cgroup_limits: false,
-            extensions: Default::default(),
-            draining: false,
-            max_jobs: 0,
-            seed: false,
-        };
-        store.upsert_worker(worker.clone()).await.unwrap();
-        assert!(store.mark_lost("w", "gone").await.unwrap().is_empty());
-        worker.state = WorkerState::Down;
-        store.upsert_worker(worker).await.unwrap();
-        assert_eq!(store.mark_lost("w", "gone").await.unwrap(), ["b"]);
-        let kill = store
-            .apply_reports("w", vec![job("b", JobState::Running, 0)], true, 10)
-            .await
-            .unwrap();
-        assert_eq!(kill, ["b"]);
-        assert_eq!(store.job("b").await.unwrap().unwrap().state, JobState::Lost);
-    }
-
-    #[tokio::test]
-    async fn a_full_report_loses_only_settled_jobs_it_does_not_name() {
-        let (_dir, store) = store();
-        let mut old = job("old", JobState::Unknown, 0);
-        old.created_at_ms = 100;
-        let mut starting = job("starting", JobState::Unknown, 0);
-        starting.created_at_ms = 1000;
-        store.insert_job_plain(old).await.unwrap();
-        store.insert_job_plain(starting).await.unwrap();
-        store.apply_reports("w", vec![], true, 500).await.unwrap();
-        assert_eq!(
-            store.job("old").await.unwrap().unwrap().state,
-            JobState::Lost
-        );
-        assert_eq!(
-            store.job("starting").await.unwrap().unwrap().state,
-            JobState::Unknown,
-            "a start still in flight is not lost"
-        );
-    }
-
-    #[tokio::test]
-    async fn pruning_forgets_only_old_finished_jobs_in_batches() {
-        let (_dir, store) = store();
-        for i in 0..5 {
-            store
-                .insert_job_plain(job(&format!("f{i}"), JobState::Succeeded, 10))
-                .await
-                .unwrap();
-        }
-        store
-            .insert_job_plain(job("new", JobState::Failed, 1000))
-            .await
-            .unwrap();
-        store
-            .insert_job_plain(job("run", JobState::Running, 0))
-            .await
-            .unwrap();
-        assert_eq!(store.prune_finished(500, 3).await.unwrap(), 3);
-        assert_eq!(store.prune_finished(500, 3).await.unwrap(), 2);
-        assert_eq!(store.prune_finished(500, 3).await.unwrap(), 0);
-        assert!(store.job("f0").await.unwrap().is_none());
-        assert!(store.job("new").await.unwrap().is_some());
-        assert!(store.job("run").await.unwrap().is_some());
-    }
-
-    fn key(created_at_ms: u64) -> NewKey {
-        NewKey {
-            key: "k".into(),
-            route: "/v1/jobs".into(),
-            body_sha256: "ab".into(),
-            created_at_ms,
-            expired_before_ms: 100,
-        }
-    }
-
-    #[tokio::test]
-    async fn a_key_lives_and_dies_with_its_job() {
-        let (_dir, store) = store();
-        store
-            .insert_job(job("j1", JobState::Unknown, 0), Some(key(500)))
-            .await
-            .unwrap();
-        let bound = store.idempotency_key("k", 0).await.unwrap().unwrap();
-        assert_eq!(bound.job_id.as_deref(), Some("j1"));
-
-        // A live binding holds the key: the second job is not written.
-        let taken = store
-            .insert_job(job("j2", JobState::Unknown, 0), Some(key(600)))
-            .await;
-        assert!(matches!(taken, Err(StoreError::KeyTaken(_))), "{taken:?}");
-        assert!(store.job("j2").await.unwrap().is_none());
-
-        // A refused start forgets the job and its key together.
-        store.delete_unstarted_job("j1").await.unwrap();
-        assert!(store.job("j1").await.unwrap().is_none());
-        assert!(store.idempotency_key("k", 0).await.unwrap().is_none());
-        store
-            .insert_job(job("j2", JobState::Unknown, 0), Some(key(600)))
-            .await
-            .unwrap();
-        let bound = store.idempotency_key("k", 0).await.unwrap().unwrap();
-        assert_eq!(bound.job_id.as_deref(), Some("j2"));
-
-        // Expired: not answered, replaced by a new binding, then pruned.
-        assert!(store.idempotency_key("k", 601).await.unwrap().is_none());
-        let later = NewKey {
-            expired_before_ms: 700,
-            ..key(700)
-        };
-        store
-            .insert_job(job("j3", JobState::Unknown, 0), Some(later))
-            .await
-            .unwrap();
-        let bound = store.idempotency_key("k", 0).await.unwrap().unwrap();
-        assert_eq!(
-            (bound.job_id.as_deref(), bound.created_at_ms),
-            (Some("j3"), 700)
-        );
-        assert_eq!(store.prune_idempotency_keys(700, 10).await.unwrap(), 0);
-        assert_eq!(store.prune_idempotency_keys(701, 10).await.unwrap(), 1);
-        assert!(store.job("j3").await.unwrap().is_some());
-    }
-
-    #[tokio::test]
-    async fn a_key_binds_a_group_and_can_be_unbound() {
-        let (_dir, store) = store();
-        let group = GroupRow {
-            group_id: "g1".into(),
-            command: String::new(),
-            path: "x.sh".into(),
-            args: Vec::new(),
-            created_at_ms: 1,
-        };
-        store
-            .insert_group(group.clone(), Some(key(500)))
-            .await
-            .unwrap();
-        let bound = store.idempotency_key("k", 0).await.unwrap().unwrap();
-        assert_eq!(
-            (bound.job_id, bound.group_id.as_deref()),
-            (None, Some("g1"))
-        );
-        let again = GroupRow {
-            group_id: "g2".into(),
-            ..group
-        };
-        let taken = store.insert_group(again.clone(), Some(key(500))).await;
-        assert!(matches!(taken, Err(StoreError::KeyTaken(_))), "{taken:?}");
-        assert!(store.group("g2").await.unwrap().is_none());
-        store.unbind_group_key("k", "g1").await.unwrap();
-        assert!(store.idempotency_key("k", 0).await.unwrap().is_none());
-        assert!(store.group("g1").await.unwrap().is_some());
-        store.insert_group(again, Some(key(500))).await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn a_job_takes_its_workers_id_with_its_queue_entry_and_key() {
-        let (_dir, store) = store();
-        let (row, entry) = queued("ours", 0, "w", 0);
-        store
-            .enqueue_job(row, entry, Some(key(500)), 10)
-            .await
-            .unwrap()
-            .unwrap();
-        store
-            .insert_job(job("other", JobState::Running, 0), None)
-            .await
-            .unwrap();
-        // An id that names another job is refused, and nothing moves.
-        assert!(!store.rekey_job("ours", "other").await.unwrap());
-        assert!(store.job("ours").await.unwrap().is_some());
-
-        assert!(store.rekey_job("ours", "theirs").await.unwrap());
-        assert!(store.job("ours").await.unwrap().is_none());
-        assert_eq!(store.job("theirs").await.unwrap().unwrap().job_id, "theirs");
-        assert!(store.queue_entry("theirs").await.unwrap().is_some());
-        let bound = store.idempotency_key("k", 0).await.unwrap().unwrap();
-        assert_eq!(bound.job_id.as_deref(), Some("theirs"));
-
-        // That the worker speaks the original contract outlives a restart:
-        // it will not register again to say so.
-        let seed = WorkerRow {
-            worker_id: "w".into(),
-            name: "seed-127.0.0.1-1".into(),
-            address: "127.0.0.1:1".into(),
-            state: WorkerState::Ready,
-            plugins: Vec::new(),
-            labels: Default::default(),
-            registered_at_ms: 1,
-            last_seen_ms: 1,
-            cgroup_limits: false,
-            extensions: Default::default(),
-            draining: false,
-            max_jobs: 0,
-            seed: true,
-        };
-        store.upsert_worker(seed.clone()).await.unwrap();
-        assert_eq!(store.workers().await.unwrap(), [seed]);
-    }
-
-    fn queued(id: &str, priority: i32, worker: &str, deadline_ms: u64) -> (JobRow, QueueEntry) {
-        let mut row = job(id, JobState::Queued, 0);
-        row.started_at_ms = 0;
-        row.worker_id = worker.into();
-        let entry = QueueEntry {
-            job_id: id.into(),
-            priority,
-            queued_at_ms: 1,
-            worker_id: worker.into(),
-            env: [("SECRET".to_owned(), "x".to_owned())].into(),
-            deadline_ms,
-            reason: "no free slot".into(),
-            ..Default::default()
-        };
-        (row, entry)
-    }
-
-    #[tokio::test]
-    async fn the_queue_keeps_its_order_and_a_job_is_taken_once() {
-        let (_dir, store) = store();
-        for (id, priority) in [("a", 0), ("b", 5), ("c", 0)] {
-            let (row, entry) = queued(id, priority, "", 0);
-            store
-                .enqueue_job(row, entry, None, 3)
-                .await
-                .unwrap()
-                .unwrap();
-        }
-        let (row, entry) = queued("d", 9, "", 0);
-        assert_eq!(
-            store.enqueue_job(row, entry, None, 3).await.unwrap(),
-            None,
-            "full"
-        );
-        let order = |store: Store| async move {
-            let rows = store.queued(0, 10, None).await.unwrap();
-            rows.into_iter().map(|(j, _)| j.job_id).collect::<Vec<_>>()
-        };
-        assert_eq!(order(store.clone()).await, ["b", "a", "c"]);
-        assert_eq!(store.queue_entry("c").await.unwrap().unwrap().1, 2);
-        let ahead = |p: i32, w: &'static str| {
-            let store = store.clone();
-            async move {
-                let rows = store.waiting_ahead(p, w, 10).await.unwrap();
-                rows.into_iter().map(|(j, _)| j.job_id).collect::<Vec<_>>()
-            }
-        };
-        assert_eq!(ahead(5, "").await, ["b"]);
-        assert!(ahead(6, "w").await.is_empty());
-
-        // Taken once: a second claim, and a stop, find it gone from the queue.
-        let claimed = store
-            .claim_queued("b", "w", "starting")
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            (claimed.state, claimed.worker_id.as_str()),
-            (JobState::Unknown, "w")
-        );
-        assert!(
-            store
-                .claim_queued("b", "w2", "starting")
-                .await
-                .unwrap()
-                .is_none()
-        );
-        assert!(!store.stop_queued("b").await.unwrap());
-        assert_eq!(order(store.clone()).await, ["a", "c"]);
-        // Its start is cut off: settling leaves it to the dispatcher.
-        assert_eq!(store.dispatching().await.unwrap().len(), 1);
-        store
-            .apply_reports("w", Vec::new(), true, u64::MAX)
-            .await
-            .unwrap();
-        store.mark_job_lost("b", "gone").await.unwrap();
-        assert_eq!(
-            store.job("b").await.unwrap().unwrap().state,
-            JobState::Unknown
-        );
-        // Refused by the worker: back in its place, with its record as queued.
-        assert!(store.requeue("b", "worker busy").await.unwrap());
-        assert_eq!(order(store.clone()).await, ["b", "a", "c"]);
-        let back = store.job("b").await.unwrap().unwrap();
-        assert_eq!(
-            (back.state, back.worker_id.as_str()),
-            (JobState::Queued, "")
-        );
-        // Started: the entry (and the env in it) goes.
-        store
-            .claim_queued("b", "w", "starting")
-            .await
-            .unwrap()
-            .unwrap();
-        store.dequeue("b").await.unwrap();
-        assert!(store.dispatching().await.unwrap().is_empty());
-
-        // Stopped while queued: never taken.
-        assert!(store.stop_queued("a").await.unwrap());
-        assert!(
-            store
-                .claim_queued("a", "w", "starting")
-                .await
-                .unwrap()
-                .is_none()
-        );
-        assert_eq!(
-            store.job("a").await.unwrap().unwrap().state,
-            JobState::Stopped
-        );
-        assert_eq!(order(store.clone()).await, ["c"]);
-    }
-
-    #[tokio::test]
-    async fn a_queue_timeout_fails_only_jobs_still_queued() {
-        let (_dir, store) = store();
-        for (id, deadline) in [("a", 100), ("b", 100), ("c", 0)] {
-            let (row, entry) = queued(id, 0, "w", deadline);
-            store.enqueue_job(row, entry, None, 10).await.unwrap();
-        }
-        store
-            .claim_queued("b", "w", "starting")
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(store.expire_queued(99).await.unwrap(), Vec::<String>::new());
-        assert_eq!(store.expire_queued(100).await.unwrap(), ["a"]);
-        let a = store.job("a").await.unwrap().unwrap();
-        assert_eq!(a.state, JobState::Failed);
-        assert!(a.error_text.contains("queue_timeout"), "{}", a.error_text);
-        assert_eq!(
-            store.job("b").await.unwrap().unwrap().state,
-            JobState::Unknown
-        );
-        assert_eq!(
-            store.job("c").await.unwrap().unwrap().state,
-            JobState::Queued
-        );
     }
 }

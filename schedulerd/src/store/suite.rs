@@ -1,0 +1,579 @@
+//! The store test suite: the same behaviour asked of every store, run
+//! against SQLite in a temporary file and against PostgreSQL in a
+//! throwaway server (`testing/postgres.rs`), a database of its own per
+//! test.
+
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+use crate::state::JobState;
+
+#[allow(unreachable_pub, dead_code)]
+#[path = "../../testing/postgres.rs"]
+mod throwaway;
+
+/// Each test, once per store.
+macro_rules! suite {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let dir = tempfile::tempdir().unwrap();
+                    let store = crate::store::SqliteStore::open(&dir.path().join("s.db")).unwrap();
+                    super::$name(std::sync::Arc::new(store)).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::postgres().await).await;
+                }
+            )*
+        }
+    };
+}
+
+suite!(
+    a_terminal_state_never_changes_and_a_report_of_a_lost_job_running_asks_for_a_kill,
+    a_full_report_loses_only_settled_jobs_it_does_not_name,
+    pruning_forgets_only_old_finished_jobs_in_batches,
+    a_key_lives_and_dies_with_its_job,
+    a_key_binds_a_group_and_can_be_unbound,
+    a_job_takes_its_workers_id_with_its_queue_entry_and_key,
+    the_queue_keeps_its_order_and_a_job_is_taken_once,
+    a_queue_timeout_fails_only_jobs_still_queued,
+);
+
+/// A PostgreSQL store on a new database of this process's throwaway server.
+async fn postgres() -> SharedStore {
+    let server = throwaway::Postgres::shared().unwrap_or_else(|why| panic!("{why}"));
+    let url = tokio::task::spawn_blocking(|| server.database())
+        .await
+        .unwrap();
+    let location = crate::store::postgres::PgLocation {
+        url,
+        password: None,
+    };
+    std::sync::Arc::new(
+        crate::store::postgres::PgStore::connect(&location)
+            .await
+            .unwrap(),
+    )
+}
+
+pub(super) fn job(id: &str, state: JobState, finished_at_ms: u64) -> JobRow {
+    JobRow {
+        job_id: id.into(),
+        worker_id: "w".into(),
+        command: "bash".into(),
+        path: "x.sh".into(),
+        args: vec!["1".into()],
+        state,
+        error_text: String::new(),
+        exit_code: None,
+        signal: None,
+        created_at_ms: 1,
+        // A job not yet confirmed by its worker has not started.
+        started_at_ms: u64::from(state != JobState::Unknown),
+        finished_at_ms,
+        output_bytes: 0,
+        group_id: None,
+        updated_at_ms: 0,
+    }
+}
+
+async fn a_terminal_state_never_changes_and_a_report_of_a_lost_job_running_asks_for_a_kill(
+    store: SharedStore,
+) {
+    store
+        .insert_job(job("a", JobState::Running, 0), None)
+        .await
+        .unwrap();
+    store
+        .insert_job(job("b", JobState::Running, 0), None)
+        .await
+        .unwrap();
+    assert!(
+        store
+            .update_job(job("a", JobState::Succeeded, 5))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .update_job(job("a", JobState::Running, 0))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .update_job(job("a", JobState::Failed, 6))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.job("a").await.unwrap().unwrap().state,
+        JobState::Succeeded
+    );
+
+    store.mark_unknown("w", "cut off").await.unwrap();
+    assert_eq!(
+        store.job("b").await.unwrap().unwrap().state,
+        JobState::Unknown
+    );
+    // Unknown is not final: the worker's word brings it back.
+    let kill = store
+        .apply_reports("w", vec![job("b", JobState::Running, 0)], false, 0)
+        .await
+        .unwrap();
+    assert!(kill.is_empty());
+    assert_eq!(
+        store.job("b").await.unwrap().unwrap().state,
+        JobState::Running
+    );
+    // A worker registered meanwhile keeps its jobs; a down one loses them.
+    let mut worker = WorkerRow {
+        worker_id: "w".into(),
+        name: "w".into(),
+        address: "127.0.0.1:1".into(),
+        state: WorkerState::Ready,
+        plugins: Vec::new(),
+        labels: Default::default(),
+        registered_at_ms: 1,
+        last_seen_ms: 1,
+        cgroup_limits: false,
+        extensions: Default::default(),
+        draining: false,
+        max_jobs: 0,
+        seed: false,
+    };
+    store.upsert_worker(worker.clone()).await.unwrap();
+    assert!(store.mark_lost("w", "gone").await.unwrap().is_empty());
+    worker.state = WorkerState::Down;
+    store.upsert_worker(worker).await.unwrap();
+    assert_eq!(store.mark_lost("w", "gone").await.unwrap(), ["b"]);
+    let kill = store
+        .apply_reports("w", vec![job("b", JobState::Running, 0)], true, 10)
+        .await
+        .unwrap();
+    assert_eq!(kill, ["b"]);
+    assert_eq!(store.job("b").await.unwrap().unwrap().state, JobState::Lost);
+}
+
+async fn a_full_report_loses_only_settled_jobs_it_does_not_name(store: SharedStore) {
+    let mut old = job("old", JobState::Unknown, 0);
+    old.created_at_ms = 100;
+    let mut starting = job("starting", JobState::Unknown, 0);
+    starting.created_at_ms = 1000;
+    store.insert_job(old, None).await.unwrap();
+    store.insert_job(starting, None).await.unwrap();
+    store.apply_reports("w", vec![], true, 500).await.unwrap();
+    assert_eq!(
+        store.job("old").await.unwrap().unwrap().state,
+        JobState::Lost
+    );
+    assert_eq!(
+        store.job("starting").await.unwrap().unwrap().state,
+        JobState::Unknown,
+        "a start still in flight is not lost"
+    );
+}
+
+async fn pruning_forgets_only_old_finished_jobs_in_batches(store: SharedStore) {
+    for i in 0..5 {
+        store
+            .insert_job(job(&format!("f{i}"), JobState::Succeeded, 10), None)
+            .await
+            .unwrap();
+    }
+    store
+        .insert_job(job("new", JobState::Failed, 1000), None)
+        .await
+        .unwrap();
+    store
+        .insert_job(job("run", JobState::Running, 0), None)
+        .await
+        .unwrap();
+    assert_eq!(store.prune_finished(500, 3).await.unwrap(), 3);
+    assert_eq!(store.prune_finished(500, 3).await.unwrap(), 2);
+    assert_eq!(store.prune_finished(500, 3).await.unwrap(), 0);
+    assert!(store.job("f0").await.unwrap().is_none());
+    assert!(store.job("new").await.unwrap().is_some());
+    assert!(store.job("run").await.unwrap().is_some());
+}
+
+fn key(created_at_ms: u64) -> NewKey {
+    NewKey {
+        key: "k".into(),
+        route: "/v1/jobs".into(),
+        body_sha256: "ab".into(),
+        created_at_ms,
+        expired_before_ms: 100,
+    }
+}
+
+async fn a_key_lives_and_dies_with_its_job(store: SharedStore) {
+    store
+        .insert_job(job("j1", JobState::Unknown, 0), Some(key(500)))
+        .await
+        .unwrap();
+    let bound = store.idempotency_key("k", 0).await.unwrap().unwrap();
+    assert_eq!(bound.job_id.as_deref(), Some("j1"));
+
+    // A live binding holds the key: the second job is not written.
+    let taken = store
+        .insert_job(job("j2", JobState::Unknown, 0), Some(key(600)))
+        .await;
+    assert!(matches!(taken, Err(StoreError::KeyTaken(_))), "{taken:?}");
+    assert!(store.job("j2").await.unwrap().is_none());
+
+    // A refused start forgets the job and its key together.
+    store.delete_unstarted_job("j1").await.unwrap();
+    assert!(store.job("j1").await.unwrap().is_none());
+    assert!(store.idempotency_key("k", 0).await.unwrap().is_none());
+    store
+        .insert_job(job("j2", JobState::Unknown, 0), Some(key(600)))
+        .await
+        .unwrap();
+    let bound = store.idempotency_key("k", 0).await.unwrap().unwrap();
+    assert_eq!(bound.job_id.as_deref(), Some("j2"));
+
+    // Expired: not answered, replaced by a new binding, then pruned.
+    assert!(store.idempotency_key("k", 601).await.unwrap().is_none());
+    let later = NewKey {
+        expired_before_ms: 700,
+        ..key(700)
+    };
+    store
+        .insert_job(job("j3", JobState::Unknown, 0), Some(later))
+        .await
+        .unwrap();
+    let bound = store.idempotency_key("k", 0).await.unwrap().unwrap();
+    assert_eq!(
+        (bound.job_id.as_deref(), bound.created_at_ms),
+        (Some("j3"), 700)
+    );
+    assert_eq!(store.prune_idempotency_keys(700, 10).await.unwrap(), 0);
+    assert_eq!(store.prune_idempotency_keys(701, 10).await.unwrap(), 1);
+    assert!(store.job("j3").await.unwrap().is_some());
+}
+
+async fn a_key_binds_a_group_and_can_be_unbound(store: SharedStore) {
+    let group = GroupRow {
+        group_id: "g1".into(),
+        command: String::new(),
+        path: "x.sh".into(),
+        args: Vec::new(),
+        created_at_ms: 1,
+    };
+    store
+        .insert_group(group.clone(), Some(key(500)))
+        .await
+        .unwrap();
+    let bound = store.idempotency_key("k", 0).await.unwrap().unwrap();
+    assert_eq!(
+        (bound.job_id, bound.group_id.as_deref()),
+        (None, Some("g1"))
+    );
+    let again = GroupRow {
+        group_id: "g2".into(),
+        ..group
+    };
+    let taken = store.insert_group(again.clone(), Some(key(500))).await;
+    assert!(matches!(taken, Err(StoreError::KeyTaken(_))), "{taken:?}");
+    assert!(store.group("g2").await.unwrap().is_none());
+    store.unbind_group_key("k", "g1").await.unwrap();
+    assert!(store.idempotency_key("k", 0).await.unwrap().is_none());
+    assert!(store.group("g1").await.unwrap().is_some());
+    store.insert_group(again, Some(key(500))).await.unwrap();
+}
+
+async fn a_job_takes_its_workers_id_with_its_queue_entry_and_key(store: SharedStore) {
+    let (row, entry) = queued("ours", 0, "w", 0);
+    store
+        .enqueue_job(row, entry, Some(key(500)), 10)
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .insert_job(job("other", JobState::Running, 0), None)
+        .await
+        .unwrap();
+    // An id that names another job is refused, and nothing moves.
+    assert!(!store.rekey_job("ours", "other").await.unwrap());
+    assert!(store.job("ours").await.unwrap().is_some());
+
+    assert!(store.rekey_job("ours", "theirs").await.unwrap());
+    assert!(store.job("ours").await.unwrap().is_none());
+    assert_eq!(store.job("theirs").await.unwrap().unwrap().job_id, "theirs");
+    assert!(store.queue_entry("theirs").await.unwrap().is_some());
+    let bound = store.idempotency_key("k", 0).await.unwrap().unwrap();
+    assert_eq!(bound.job_id.as_deref(), Some("theirs"));
+
+    // That the worker speaks the original contract outlives a restart:
+    // it will not register again to say so.
+    let seed = WorkerRow {
+        worker_id: "w".into(),
+        name: "seed-127.0.0.1-1".into(),
+        address: "127.0.0.1:1".into(),
+        state: WorkerState::Ready,
+        plugins: Vec::new(),
+        labels: Default::default(),
+        registered_at_ms: 1,
+        last_seen_ms: 1,
+        cgroup_limits: false,
+        extensions: Default::default(),
+        draining: false,
+        max_jobs: 0,
+        seed: true,
+    };
+    store.upsert_worker(seed.clone()).await.unwrap();
+    assert_eq!(store.workers().await.unwrap(), [seed]);
+}
+
+fn queued(id: &str, priority: i32, worker: &str, deadline_ms: u64) -> (JobRow, QueueEntry) {
+    let mut row = job(id, JobState::Queued, 0);
+    row.started_at_ms = 0;
+    row.worker_id = worker.into();
+    let entry = QueueEntry {
+        job_id: id.into(),
+        priority,
+        queued_at_ms: 1,
+        worker_id: worker.into(),
+        env: [("SECRET".to_owned(), "x".to_owned())].into(),
+        deadline_ms,
+        reason: "no free slot".into(),
+        ..Default::default()
+    };
+    (row, entry)
+}
+
+async fn the_queue_keeps_its_order_and_a_job_is_taken_once(store: SharedStore) {
+    for (id, priority) in [("a", 0), ("b", 5), ("c", 0)] {
+        let (row, entry) = queued(id, priority, "", 0);
+        store
+            .enqueue_job(row, entry, None, 3)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let (row, entry) = queued("d", 9, "", 0);
+    assert_eq!(
+        store.enqueue_job(row, entry, None, 3).await.unwrap(),
+        None,
+        "full"
+    );
+    let order = |store: SharedStore| async move {
+        let rows = store.queued(0, 10, None).await.unwrap();
+        rows.into_iter().map(|(j, _)| j.job_id).collect::<Vec<_>>()
+    };
+    assert_eq!(order(store.clone()).await, ["b", "a", "c"]);
+    assert_eq!(store.queue_entry("c").await.unwrap().unwrap().1, 2);
+    let ahead = |p: i32, w: &'static str| {
+        let store = store.clone();
+        async move {
+            let rows = store.waiting_ahead(p, w, 10).await.unwrap();
+            rows.into_iter().map(|(j, _)| j.job_id).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(ahead(5, "").await, ["b"]);
+    assert!(ahead(6, "w").await.is_empty());
+
+    // Taken once: a second claim, and a stop, find it gone from the queue.
+    let claimed = store
+        .claim_queued("b", "w", "starting")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (claimed.state, claimed.worker_id.as_str()),
+        (JobState::Unknown, "w")
+    );
+    assert!(
+        store
+            .claim_queued("b", "w2", "starting")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(!store.stop_queued("b").await.unwrap());
+    assert_eq!(order(store.clone()).await, ["a", "c"]);
+    // Its start is cut off: settling leaves it to the dispatcher.
+    assert_eq!(store.dispatching().await.unwrap().len(), 1);
+    store
+        .apply_reports("w", Vec::new(), true, u64::MAX)
+        .await
+        .unwrap();
+    store.mark_job_lost("b", "gone").await.unwrap();
+    assert_eq!(
+        store.job("b").await.unwrap().unwrap().state,
+        JobState::Unknown
+    );
+    // Refused by the worker: back in its place, with its record as queued.
+    assert!(store.requeue("b", "worker busy").await.unwrap());
+    assert_eq!(order(store.clone()).await, ["b", "a", "c"]);
+    let back = store.job("b").await.unwrap().unwrap();
+    assert_eq!(
+        (back.state, back.worker_id.as_str()),
+        (JobState::Queued, "")
+    );
+    // Started: the entry (and the env in it) goes.
+    store
+        .claim_queued("b", "w", "starting")
+        .await
+        .unwrap()
+        .unwrap();
+    store.dequeue("b").await.unwrap();
+    assert!(store.dispatching().await.unwrap().is_empty());
+
+    // Stopped while queued: never taken.
+    assert!(store.stop_queued("a").await.unwrap());
+    assert!(
+        store
+            .claim_queued("a", "w", "starting")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        store.job("a").await.unwrap().unwrap().state,
+        JobState::Stopped
+    );
+    assert_eq!(order(store.clone()).await, ["c"]);
+}
+
+async fn a_queue_timeout_fails_only_jobs_still_queued(store: SharedStore) {
+    for (id, deadline) in [("a", 100), ("b", 100), ("c", 0)] {
+        let (row, entry) = queued(id, 0, "w", deadline);
+        store.enqueue_job(row, entry, None, 10).await.unwrap();
+    }
+    store
+        .claim_queued("b", "w", "starting")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(store.expire_queued(99).await.unwrap(), Vec::<String>::new());
+    assert_eq!(store.expire_queued(100).await.unwrap(), ["a"]);
+    let a = store.job("a").await.unwrap().unwrap();
+    assert_eq!(a.state, JobState::Failed);
+    assert!(a.error_text.contains("queue_timeout"), "{}", a.error_text);
+    assert_eq!(
+        store.job("b").await.unwrap().unwrap().state,
+        JobState::Unknown
+    );
+    assert_eq!(
+        store.job("c").await.unwrap().unwrap().state,
+        JobState::Queued
+    );
+}
+
+#[tokio::test]
+async fn a_sqlite_database_newer_than_this_scheduler_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    drop(crate::store::SqliteStore::open(&path).unwrap());
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.pragma_update(None, "user_version", 99).unwrap();
+    drop(conn);
+    let error = crate::store::SqliteStore::open(&path).unwrap_err();
+    assert!(
+        matches!(error, StoreError::TooNew { found: 99, .. }),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn a_postgres_database_newer_than_this_scheduler_is_refused() {
+    let server = throwaway::Postgres::shared().unwrap_or_else(|why| panic!("{why}"));
+    let url = tokio::task::spawn_blocking(|| server.database())
+        .await
+        .unwrap();
+    let location = crate::store::postgres::PgLocation {
+        url: url.clone(),
+        password: None,
+    };
+    drop(
+        crate::store::postgres::PgStore::connect(&location)
+            .await
+            .unwrap(),
+    );
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .execute("UPDATE schema_version SET version = 99", &[])
+        .await
+        .unwrap();
+    let error = crate::store::postgres::PgStore::connect(&location)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, StoreError::TooNew { found: 99, .. }),
+        "{error}"
+    );
+}
+
+/// Two schedulers on one database, racing for every queued job: each is
+/// taken exactly once.
+#[tokio::test]
+async fn schedulers_sharing_a_database_take_each_queued_job_once() {
+    let server = throwaway::Postgres::shared().unwrap_or_else(|why| panic!("{why}"));
+    let url = tokio::task::spawn_blocking(|| server.database())
+        .await
+        .unwrap();
+    let location = crate::store::postgres::PgLocation {
+        url,
+        password: None,
+    };
+    // Both connect (and migrate) at once.
+    let (a, b) = tokio::join!(
+        crate::store::postgres::PgStore::connect(&location),
+        crate::store::postgres::PgStore::connect(&location)
+    );
+    let stores: [SharedStore; 2] = [
+        std::sync::Arc::new(a.unwrap()),
+        std::sync::Arc::new(b.unwrap()),
+    ];
+    const JOBS: usize = 40;
+    for i in 0..JOBS {
+        let (row, entry) = queued(&format!("j{i}"), 0, "", 0);
+        stores[i % 2]
+            .enqueue_job(row, entry, None, JOBS as u64)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let claim = |store: SharedStore, worker: &'static str| async move {
+        let mut won = Vec::new();
+        for i in 0..JOBS {
+            let id = format!("j{i}");
+            if store
+                .claim_queued(&id, worker, "starting")
+                .await
+                .unwrap()
+                .is_some()
+            {
+                won.push(id);
+            }
+        }
+        won
+    };
+    let (x, y) = tokio::join!(
+        tokio::spawn(claim(stores[0].clone(), "wa")),
+        tokio::spawn(claim(stores[1].clone(), "wb"))
+    );
+    let (x, y) = (x.unwrap(), y.unwrap());
+    assert_eq!(x.len() + y.len(), JOBS, "every job taken: {x:?} {y:?}");
+    let mut all: Vec<_> = x.iter().chain(&y).collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), JOBS, "none taken twice");
+    // And each record names the one worker that won it.
+    for id in &x {
+        assert_eq!(stores[1].job(id).await.unwrap().unwrap().worker_id, "wa");
+    }
+}

@@ -1,0 +1,161 @@
+//! A throwaway PostgreSQL server for tests: `initdb` and `pg_ctl` from the
+//! machine's PostgreSQL (Debian's `postgresql` package), in a fresh
+//! temporary directory, on a free loopback port, as an unprivileged user
+//! (`postgres` when the tests run as root: PostgreSQL refuses root).
+//!
+//! One server per test process, made on first use. It is stopped and its
+//! directory removed when the test process ends, however it ends: a shell
+//! holds the server and waits for the end of a pipe whose other end only
+//! this process holds (its lifeline); the kernel closes that end when the
+//! process exits, and the shell then stops the server and removes the
+//! directory. Each caller gets a database of its own.
+//!
+//! Shared by the scheduler's store tests and the end-to-end tests
+//! (included with `#[path]`); std only.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+/// A running throwaway server.
+pub struct Postgres {
+    pub port: u16,
+    bin: PathBuf,
+    /// Dropped only with the process: its end closing stops the server.
+    _lifeline: Mutex<(Child, ChildStdin)>,
+}
+
+/// The stand-in for the server's life: started, it prints `ready` and
+/// waits for its standard input to end.
+const SCRIPT: &str = r#"
+set -eu
+bin=$1; port=$2
+dir=$(mktemp -d /tmp/jobcluster-pg.XXXXXX)
+trap 'rm -rf "$dir"' EXIT
+"$bin/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --no-sync >"$dir/initdb.log" 2>&1 \
+  || { cat "$dir/initdb.log" >&2; exit 1; }
+"$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
+  -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=400" start >/dev/null \
+  || { cat "$dir/server.log" >&2; exit 1; }
+echo ready
+cat >/dev/null || true
+"$bin/pg_ctl" -D "$dir/data" -m immediate -w stop >/dev/null 2>&1 || true
+"#;
+
+impl Postgres {
+    /// The server of this test process, started on first call; `Err` says
+    /// why there is none (PostgreSQL not installed, say).
+    pub fn shared() -> Result<&'static Postgres, String> {
+        static SERVER: OnceLock<Result<Postgres, String>> = OnceLock::new();
+        SERVER
+            .get_or_init(Postgres::start)
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    fn start() -> Result<Postgres, String> {
+        let bin = bin_dir()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| format!("no free port: {e}"))?
+            .port();
+        let mut command = if nix_is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--", "sh", "-c", SCRIPT, "sh"]);
+            c
+        } else {
+            let mut c = Command::new("sh");
+            c.args(["-c", SCRIPT, "sh"]);
+            c
+        };
+        let mut child = command
+            .arg(&bin)
+            .arg(port.to_string())
+            .current_dir("/")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("could not start PostgreSQL's initdb/pg_ctl: {e}"))?;
+        let stdin = child.stdin.take().ok_or("no stdin")?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
+        if line.trim() != "ready" {
+            let _ = child.wait();
+            return Err("the throwaway PostgreSQL did not start (its log is above)".into());
+        }
+        Ok(Postgres {
+            port,
+            bin,
+            _lifeline: Mutex::new((child, stdin)),
+        })
+    }
+
+    /// A new, empty database; its URL.
+    pub fn database(&self) -> String {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "t{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let status = Command::new(self.bin.join("createdb"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .arg(&name)
+            .status();
+        assert!(
+            matches!(status, Ok(s) if s.success()),
+            "createdb {name}: {status:?}"
+        );
+        self.url(&name)
+    }
+
+    /// The URL of database `name` on this server.
+    pub fn url(&self, name: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
+    }
+}
+
+/// Where `initdb` and `pg_ctl` are: `$JOBCLUSTER_PG_BIN`, or the newest
+/// of Debian's `/usr/lib/postgresql/*/bin`.
+fn bin_dir() -> Result<PathBuf, String> {
+    if let Some(dir) = std::env::var_os("JOBCLUSTER_PG_BIN") {
+        return Ok(dir.into());
+    }
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((version, bin))
+        })
+        .collect();
+    found.sort();
+    found.pop().map(|(_, bin)| bin).ok_or_else(|| {
+        "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb): \
+         `apt-get install postgresql`, as scripts/test.sh and .ci/run do, \
+         or set JOBCLUSTER_PG_BIN"
+            .to_owned()
+    })
+}
+
+fn nix_is_root() -> bool {
+    // The owner of our own /proc entry is our effective user.
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
+}
