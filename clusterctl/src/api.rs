@@ -7,6 +7,8 @@
 //! API's objects unchanged, and parsed into the proto types for tables.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -156,15 +158,21 @@ pub(crate) struct Answer<T> {
     pub(crate) parsed: T,
 }
 
-/// A client of one scheduler.
+/// A client of the cluster's schedulers: one at a time, the next when a
+/// request to it cannot be delivered (several schedulers share a store,
+/// and any of them answers any request).
 #[derive(Debug, Clone)]
 pub(crate) struct Api {
     client: reqwest::Client,
-    base: Url,
-    /// The base URL as shown in messages.
-    shown: String,
+    /// The schedulers' base URLs, each with its form shown in messages.
+    bases: Arc<[(Url, String)]>,
+    /// The one requests go to now.
+    current: Arc<AtomicUsize>,
     authorization: Option<HeaderValue>,
 }
+
+/// Scheduler URLs one `--scheduler` may list at most.
+const MAX_SCHEDULERS: usize = 16;
 
 /// How long to wait for a TCP connection and the TLS handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -242,11 +250,26 @@ impl Api {
     /// Loads certificates and builds the client. Fails with a message naming
     /// the missing or unreadable file and the flag that sets it.
     pub(crate) fn new(opts: &ConnectOptions) -> anyhow::Result<Api> {
-        let base = parse_scheduler_url(&opts.scheduler)?;
-        let shown = base.as_str().trim_end_matches('/').to_owned();
+        let bases = parse_scheduler_urls(&opts.scheduler)?;
+        let shown = bases
+            .iter()
+            .map(|(_, shown)| shown.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let plaintext = bases[0].0.scheme() == "http";
+        if bases
+            .iter()
+            .any(|(url, _)| (url.scheme() == "http") != plaintext)
+        {
+            anyhow::bail!(
+                "the scheduler URLs {shown} (--scheduler / CLUSTERCTL_SCHEDULER) mix https:// and \
+                 http://: a cluster's schedulers are all one or the other"
+            );
+        }
+        let bases: Arc<[(Url, String)]> = bases.into();
         let authorization = bearer(opts)?;
 
-        if base.scheme() == "http" {
+        if plaintext {
             // A scheduler in insecure mode (use_tls = false, insecure = true).
             eprintln!(
                 "clusterctl: warning: plaintext connection to {shown}: nothing is encrypted or authenticated"
@@ -259,8 +282,8 @@ impl Api {
                 .map_err(|e| anyhow::anyhow!("cannot set up the HTTP client: {e}"))?;
             return Ok(Api {
                 client,
-                base,
-                shown,
+                bases,
+                current: Arc::default(),
                 authorization,
             });
         }
@@ -320,10 +343,16 @@ impl Api {
 
         Ok(Api {
             client,
-            base,
-            shown,
+            bases,
+            current: Arc::default(),
             authorization,
         })
+    }
+
+    /// The scheduler requests go to now: its base URL and its name in
+    /// messages.
+    fn base(&self) -> &(Url, String) {
+        &self.bases[self.current.load(Ordering::Relaxed) % self.bases.len()]
     }
 
     /// `GET /v1/workers[?all=true]`: the list of workers.
@@ -503,7 +532,7 @@ impl Api {
 
     /// A streamed body whose errors are [`ApiError::Transport`].
     fn body_stream(&self, resp: Response) -> BoxStream<'static, Result<Bytes, ApiError>> {
-        let shown = self.shown.clone();
+        let shown = self.base().1.clone();
         resp.bytes_stream()
             .map(move |item| {
                 item.map_err(|e| ApiError::Transport {
@@ -519,7 +548,7 @@ impl Api {
     }
 
     fn url(&self, segments: &[&str]) -> Url {
-        let mut url = self.base.clone();
+        let mut url = self.base().0.clone();
         // `new` made sure the base URL can have path segments; each segment
         // is percent-encoded, so an id cannot change the route.
         if let Ok(mut path) = url.path_segments_mut() {
@@ -529,14 +558,48 @@ impl Api {
     }
 
     /// Sends a request; any non-2xx answer becomes [`ApiError::Status`].
+    /// A request that cannot be delivered (no connection, a reset, a
+    /// timeout) goes to each other scheduler in turn, and the first that
+    /// takes it is the one used from then on. Sending again is safe: a
+    /// start carries its idempotency key, and every other request the
+    /// CLI makes is a read or a stop.
     async fn send(&self, mut req: RequestBuilder) -> Result<Response, ApiError> {
         if let Some(auth) = &self.authorization {
             req = req.header(AUTHORIZATION, auth.clone());
         }
-        let resp = req.send().await.map_err(|e| {
-            let (message, retryable) = explain::transport(&self.shown, &e);
+        let first = self.current.load(Ordering::Relaxed);
+        let from = self.base_of(first).0.clone();
+        let mut original = Some(req.build().map_err(|e| {
+            let (message, retryable) = explain::transport(&self.base().1, &e);
             ApiError::Transport { message, retryable }
-        })?;
+        })?);
+        let mut attempt = 0;
+        let resp = loop {
+            let at = (first + attempt) % self.bases.len();
+            let (base, shown) = &self.bases[at];
+            // JSON bodies copy; a body that does not gets one try.
+            let copy = original.as_ref().and_then(reqwest::Request::try_clone);
+            let final_try = copy.is_none() || attempt + 1 == self.bases.len();
+            let Some(mut this) = (if final_try { original.take() } else { copy }) else {
+                return Err(no_request_left());
+            };
+            *this.url_mut() = rebased(this.url(), &from, base);
+            match self.client.execute(this).await {
+                Ok(resp) => {
+                    self.current.store(at, Ordering::Relaxed);
+                    break resp;
+                }
+                Err(e) => {
+                    let (message, retryable) = explain::transport(shown, &e);
+                    if final_try {
+                        return Err(ApiError::Transport { message, retryable });
+                    }
+                    let next = &self.base_of(at + 1).1;
+                    eprintln!("clusterctl: {message}; trying the scheduler at {next}");
+                    attempt += 1;
+                }
+            }
+        };
         let status = resp.status();
         if status.is_success() {
             return Ok(resp);
@@ -554,10 +617,14 @@ impl Api {
         Err(ApiError::Status { status, body, text })
     }
 
+    fn base_of(&self, at: usize) -> &(Url, String) {
+        &self.bases[at % self.bases.len()]
+    }
+
     async fn json(&self, what: &str, req: RequestBuilder) -> Result<Value, ApiError> {
         let resp = self.send(req).await?;
         let bytes = resp.bytes().await.map_err(|e| {
-            let (message, retryable) = explain::transport(&self.shown, &e);
+            let (message, retryable) = explain::transport(&self.base().1, &e);
             ApiError::Transport { message, retryable }
         })?;
         serde_json::from_slice(&bytes).map_err(|e| ApiError::Decode {
@@ -603,6 +670,49 @@ fn bearer(opts: &ConnectOptions) -> anyhow::Result<Option<HeaderValue>> {
     })?;
     value.set_sensitive(true);
     Ok(Some(value))
+}
+
+/// The request `send` was given is gone: it cannot be, as the last try
+/// takes it and ends the loop.
+fn no_request_left() -> ApiError {
+    ApiError::Transport {
+        message: "internal: no request left to send".into(),
+        retryable: false,
+    }
+}
+
+/// `url`, made for the scheduler at `from`, for the one at `to`.
+fn rebased(url: &Url, from: &Url, to: &Url) -> Url {
+    let (from, to) = (
+        from.as_str().trim_end_matches('/'),
+        to.as_str().trim_end_matches('/'),
+    );
+    url.as_str()
+        .strip_prefix(from)
+        .and_then(|rest| Url::parse(&format!("{to}{rest}")).ok())
+        .unwrap_or_else(|| url.clone())
+}
+
+/// The scheduler URLs of `--scheduler`: one, or several separated by
+/// commas (schedulers sharing a store), each with its form for messages.
+fn parse_scheduler_urls(given: &str) -> anyhow::Result<Vec<(Url, String)>> {
+    let urls = given
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|one| {
+            let url = parse_scheduler_url(one)?;
+            let shown = url.as_str().trim_end_matches('/').to_owned();
+            Ok((url, shown))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if urls.is_empty() || urls.len() > MAX_SCHEDULERS {
+        anyhow::bail!(
+            "--scheduler / CLUSTERCTL_SCHEDULER {given:?}: give 1 to {MAX_SCHEDULERS} scheduler \
+             URLs, separated by commas"
+        );
+    }
+    Ok(urls)
 }
 
 /// The scheduler URL; `HOST:PORT` alone means `https://HOST:PORT`;

@@ -27,7 +27,9 @@ pub(crate) struct Cli {
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Global options")]
 pub(crate) struct Global {
-    /// Base URL of the scheduler's HTTPS API.
+    /// Base URL of the scheduler's HTTPS API; several, separated by commas,
+    /// when schedulers share a store: a request that cannot reach one goes
+    /// to the next.
     #[arg(
         long,
         global = true,

@@ -150,6 +150,11 @@ pub struct StoreSection {
     /// this long after they ended.
     #[serde(default = "default_keep_finished", with = "humantime_serde")]
     pub keep_finished: Duration,
+    /// Schedulers sharing a PostgreSQL store: how long the leader's lease
+    /// lasts. A dead leader is replaced within about this long plus a
+    /// fifth of it.
+    #[serde(default = "default_leader_lease", with = "humantime_serde")]
+    pub leader_lease: Duration,
 }
 
 impl Default for StoreSection {
@@ -159,8 +164,13 @@ impl Default for StoreSection {
             url: None,
             password_file: None,
             keep_finished: default_keep_finished(),
+            leader_lease: default_leader_lease(),
         }
     }
+}
+
+fn default_leader_lease() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_keep_finished() -> Duration {
@@ -252,6 +262,8 @@ pub struct Config {
     pub http_addr: String,
     pub store: StoreLocation,
     pub keep_finished: Duration,
+    /// `[store] leader_lease`.
+    pub leader_lease: Duration,
     pub call_timeout: Duration,
     pub connect_timeout: Duration,
     pub heartbeat_interval: Duration,
@@ -399,6 +411,12 @@ impl Config {
                 "must be longer than workers.heartbeat_interval (a few intervals is usual)".into(),
             ));
         }
+        if !(Duration::from_secs(1)..=Duration::from_secs(300)).contains(&file.store.leader_lease) {
+            return Err(err(
+                "store.leader_lease",
+                "must be between 1s and 5m".into(),
+            ));
+        }
         if file.store.keep_finished < Duration::from_secs(24 * 3600) {
             return Err(err(
                 "store.keep_finished",
@@ -459,6 +477,7 @@ impl Config {
             http_addr: h.addr.clone(),
             store: store_location(path, base, &file.store)?,
             keep_finished: file.store.keep_finished,
+            leader_lease: file.store.leader_lease,
             call_timeout: file.workers.call_timeout,
             connect_timeout: file.workers.connect_timeout,
             grpc_tls,

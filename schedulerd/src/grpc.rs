@@ -268,7 +268,8 @@ pub(crate) async fn watch_liveness(
     // Checking four times per timeout keeps detection within timeout + 25%.
     let every = (timing.down_after / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     // Late enough that a busy but healthy worker is not suspected.
-    let late = (timing.heartbeat_interval * 2 + Duration::from_secs(1)).as_millis() as u64;
+    let late =
+        (timing.heartbeat_interval * 2 + Duration::from_secs(1) + timing.lag).as_millis() as u64;
     // Workers whose jobs were given up during their current absence.
     let mut given_up = std::collections::HashSet::new();
     let mut last_tick = (std::time::Instant::now(), now_ms());
@@ -308,7 +309,7 @@ pub(crate) async fn watch_liveness(
                 record_unknown(&store, &row, &why).await;
             }
         }
-        for row in registry.sweep(now, timing.down_after) {
+        for row in registry.sweep(now, timing.down_after + timing.lag) {
             // It may have checked in since the sweep; then it is not down.
             let still_down = registry
                 .get(&row.worker_id)
@@ -330,7 +331,7 @@ pub(crate) async fn watch_liveness(
             );
             record_unknown(&store, &row, &why).await;
         }
-        let lost_after = timing.lost_after.as_millis() as u64;
+        let lost_after = (timing.lost_after + timing.lag).as_millis() as u64;
         for entry in registry.entries() {
             let Some(row) = entry.with_row(|row| {
                 if row.state == WorkerState::Ready {
@@ -369,6 +370,9 @@ pub(crate) struct Liveness {
     pub(crate) heartbeat_interval: Duration,
     pub(crate) down_after: Duration,
     pub(crate) lost_after: Duration,
+    /// How late news of a worker may reach this scheduler (from other
+    /// schedulers, through the store): added to every silence it judges.
+    pub(crate) lag: Duration,
 }
 
 /// Records a worker's running jobs `unknown`, saying why.

@@ -26,6 +26,7 @@ pub mod config;
 mod convert;
 mod group_sync;
 mod grpc;
+mod leader;
 mod metrics;
 mod placement;
 mod queue;
@@ -141,6 +142,12 @@ async fn prune_history(store: store::SharedStore, keep: Duration, stop: Cancella
             () = stop.cancelled() => return,
         }
     }
+}
+
+/// How often a scheduler on a shared store writes down which workers it
+/// heard from and reads what the others wrote.
+fn sync_every(heartbeat_interval: Duration) -> Duration {
+    (heartbeat_interval / 2).max(Duration::from_millis(50))
 }
 
 /// Where gRPC connections come from.
@@ -289,7 +296,13 @@ pub async fn run(
         ),
     };
 
+    // This process, as a candidate for the leader's lease.
+    let holder = uuid::Uuid::new_v4().to_string();
     let registry = Arc::new(registry::Registry::new(worker_tls, config.connect_timeout));
+    if store.shared() {
+        registry.keep_heard();
+        tracing::info!(%holder, "store shared with other schedulers: one of them leads");
+    }
     registry.load(store.workers().await?, time::now_ms());
     registry.load_removed(store.removed_worker_ids().await?);
 
@@ -303,23 +316,6 @@ pub async fn run(
         call_timeout: config.call_timeout,
         insecure: secure.is_none(),
     };
-    let liveness = tokio::spawn(grpc::watch_liveness(
-        registry.clone(),
-        store.clone(),
-        grpc::Liveness {
-            heartbeat_interval: config.heartbeat_interval,
-            down_after: config.down_after,
-            lost_after: config.lost_after,
-        },
-        stop.clone(),
-    ));
-    let seed_checks = tokio::spawn(seed::check_workers(
-        registry.clone(),
-        store.clone(),
-        config.heartbeat_interval,
-        config.call_timeout,
-        stop.clone(),
-    ));
     let (grpc_health, health_service) =
         jobcluster_proto::grpc_ops::health::<SchedulerServer<grpc::SchedulerService>>().await;
     let (reflection, reflection_v1alpha) = jobcluster_proto::grpc_ops::reflection()?;
@@ -355,14 +351,73 @@ pub async fn run(
         readiness: Default::default(),
     };
     let readiness = app_state.readiness.clone();
-    let dispatcher = tokio::spawn(api::dispatch::run(app_state.clone(), stop.clone()));
-    let settler = tokio::spawn(api::jobs::settle_unknown(app_state.clone(), stop.clone()));
-    let pruner = tokio::spawn(prune_history(
-        store.clone(),
-        config.keep_finished,
-        stop.clone(),
-    ));
-    let key_pruner = tokio::spawn(api::idempotency::prune_expired(store.clone(), stop.clone()));
+    // What must run once in the cluster: on the leader only, through a
+    // store fenced with its term.
+    let lead = {
+        let (app_state, registry) = (app_state.clone(), app_state.registry.clone());
+        let (keep, heartbeat_interval, call_timeout) = (
+            config.keep_finished,
+            config.heartbeat_interval,
+            config.call_timeout,
+        );
+        let liveness = grpc::Liveness {
+            heartbeat_interval: config.heartbeat_interval,
+            down_after: config.down_after,
+            lost_after: config.lost_after,
+            // What other schedulers heard reaches this one through the
+            // store, up to one sync later.
+            lag: if store.shared() {
+                sync_every(config.heartbeat_interval)
+            } else {
+                Duration::ZERO
+            },
+        };
+        let work = move |store: store::SharedStore, stop: CancellationToken| {
+            let state = api::AppState {
+                store: store.clone(),
+                ..app_state.clone()
+            };
+            vec![
+                tokio::spawn(grpc::watch_liveness(
+                    registry.clone(),
+                    store.clone(),
+                    liveness,
+                    stop.clone(),
+                )),
+                tokio::spawn(seed::check_workers(
+                    registry.clone(),
+                    store.clone(),
+                    heartbeat_interval,
+                    call_timeout,
+                    stop.clone(),
+                )),
+                tokio::spawn(api::dispatch::run(state.clone(), stop.clone())),
+                tokio::spawn(api::jobs::settle_unknown(state, stop.clone())),
+                tokio::spawn(prune_history(store.clone(), keep, stop.clone())),
+                tokio::spawn(api::idempotency::prune_expired(store, stop)),
+            ]
+        };
+        tokio::spawn(leader::run(
+            store.clone(),
+            holder.clone(),
+            leader::Lease {
+                ttl: config.leader_lease,
+            },
+            work,
+            stop.clone(),
+        ))
+    };
+    let syncing = store.shared().then(|| {
+        let (registry, store) = (app_state.registry.clone(), store.clone());
+        tokio::spawn(leader::every(
+            sync_every(config.heartbeat_interval),
+            stop.clone(),
+            move || {
+                let (registry, store) = (registry.clone(), store.clone());
+                async move { registry.sync(&store).await }
+            },
+        ))
+    });
     let metrics_server = metrics_listener.map(|(listener, addr)| {
         if !addr.ip().is_loopback() {
             tracing::warn!(%addr, "metrics.addr is not a loopback address: anyone who reaches it reads the metrics, without credentials");
@@ -429,12 +484,10 @@ pub async fn run(
     if let Some(metrics_server) = metrics_server {
         let _ = metrics_server.await;
     }
-    let _ = liveness.await;
-    let _ = seed_checks.await;
-    let _ = settler.await;
-    let _ = dispatcher.await;
-    let _ = pruner.await;
-    let _ = key_pruner.await;
+    let _ = lead.await;
+    if let Some(syncing) = syncing {
+        let _ = syncing.await;
+    }
     store.close().await?;
     tracing::info!("scheduler stopped");
     Ok(())

@@ -96,6 +96,7 @@ struct Metrics {
     http_requests: Family<RequestLabels, Counter>,
     http_duration: HistogramFamily<RouteLabels>,
     followers: Gauge,
+    leader: Gauge,
     output_streamed: Counter,
     store_duration: HistogramFamily<OperationLabel>,
     plugins: RwLock<HashSet<String>>,
@@ -145,6 +146,7 @@ impl Metrics {
             http_requests: Family::default(),
             http_duration: Family::new_with_constructor(http_histogram),
             followers: Gauge::default(),
+            leader: Gauge::default(),
             output_streamed: Counter::default(),
             store_duration: Family::new_with_constructor(store_histogram),
             plugins: RwLock::new(HashSet::new()),
@@ -196,6 +198,11 @@ impl Metrics {
             "http_request_duration_seconds",
             "Seconds from an API request's arrival to its response head (a streamed body may go on after it), by route template and method",
             m.http_duration.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this scheduler is the leader (runs the liveness rules, the queue and pruning), else 0",
+            m.leader.clone(),
         );
         registry.register(
             "followers",
@@ -295,6 +302,11 @@ pub(crate) fn store_write_done(ok: bool) {
     if ok {
         ended.committed();
     }
+}
+
+/// This scheduler became the leader (`true`) or stopped being it.
+pub(crate) fn set_leader(leading: bool) {
+    METRICS.leader.set(i64::from(leading));
 }
 
 /// An output stream to a client opened; [`follower_closed`] when it ends.

@@ -196,7 +196,18 @@ pub(crate) struct Registry {
     /// the name and its insert.
     membership: Mutex<()>,
     dial: Arc<Dial>,
+    /// On a shared store: the workers heard from since the last
+    /// [`Registry::take_heard`], for the store (the leader judges liveness
+    /// from it). `None`: not kept.
+    heard: Mutex<Option<HashSet<String>>>,
+    /// When (Unix ms) the last sync with a shared store began.
+    synced_at: std::sync::atomic::AtomicU64,
 }
+
+/// A lookup that misses syncs with a shared store at most this often, so
+/// requests naming unknown workers cannot turn into a read of every
+/// worker's record each.
+const RESYNC_ON_MISS_MS: u64 = 100;
 
 /// What a registering worker says about itself.
 #[derive(Debug, Clone)]
@@ -223,6 +234,137 @@ impl Registry {
                 tls,
                 connect_timeout,
             }),
+            heard: Mutex::new(None),
+            synced_at: Default::default(),
+        }
+    }
+
+    /// One sync with the schedulers sharing `store`: the workers heard here
+    /// are recorded as seen, and the registry takes the store's records.
+    pub(crate) async fn sync(&self, store: &crate::store::SharedStore) {
+        self.synced_at
+            .store(crate::time::now_ms(), std::sync::atomic::Ordering::Relaxed);
+        let heard = self.take_heard();
+        if !heard.is_empty()
+            && let Err(error) = store.touch_workers(heard, crate::time::now_ms()).await
+        {
+            tracing::warn!(%error, "could not record the workers heard from");
+        }
+        match tokio::try_join!(store.workers(), store.removed_worker_ids()) {
+            Ok((rows, removed)) => self.refresh(rows, removed),
+            Err(error) => {
+                tracing::warn!(%error, "could not read the workers other schedulers recorded")
+            }
+        }
+    }
+
+    /// A worker by id or by name; on a shared store, one this scheduler
+    /// does not know yet (registered with another a moment ago) is looked
+    /// for in the store too.
+    pub(crate) async fn find(
+        &self,
+        id_or_name: &str,
+        store: &crate::store::SharedStore,
+    ) -> Option<Arc<WorkerEntry>> {
+        if let Some(entry) = self.get(id_or_name) {
+            return Some(entry);
+        }
+        let last = self.synced_at.load(std::sync::atomic::Ordering::Relaxed);
+        if !store.shared() || crate::time::now_ms().saturating_sub(last) < RESYNC_ON_MISS_MS {
+            return None;
+        }
+        self.sync(store).await;
+        self.get(id_or_name)
+    }
+
+    /// Keeps the ids of the workers heard from, for [`Registry::take_heard`].
+    pub(crate) fn keep_heard(&self) {
+        *self.heard.lock().unwrap_or_else(|e| e.into_inner()) = Some(HashSet::new());
+    }
+
+    /// The workers heard from since the last call.
+    pub(crate) fn take_heard(&self) -> Vec<String> {
+        self.heard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+            .map(|heard| heard.drain().collect())
+            .unwrap_or_default()
+    }
+
+    fn heard_from(&self, worker_id: &str) {
+        if let Some(heard) = self
+            .heard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            heard.insert(worker_id.to_owned());
+        }
+    }
+
+    /// Brings the registry up to the store's records, which every
+    /// scheduler sharing the store writes: workers registered elsewhere
+    /// are added (or replaced, when they registered again since), states
+    /// the leader judged (`down`) and flags set elsewhere (drain) are
+    /// taken, a worker's last word is the latest any scheduler heard, and
+    /// workers removed elsewhere go.
+    pub(crate) fn refresh(&self, rows: Vec<WorkerRow>, removed: Vec<String>) {
+        let _membership = self.membership.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let mut maps = self.maps.write().unwrap_or_else(|e| e.into_inner());
+            for id in removed {
+                if let Some(entry) = maps.by_id.remove(&id) {
+                    let name = entry.with_row(|r| r.name.clone());
+                    if maps.by_name.get(&name) == Some(&id) {
+                        maps.by_name.remove(&name);
+                    }
+                }
+                maps.removed.insert(id);
+            }
+        }
+        for row in rows {
+            if self.is_removed(&row.worker_id) {
+                continue;
+            }
+            let known = self
+                .get(&row.worker_id)
+                .filter(|e| e.has_id(&row.worker_id));
+            match known {
+                Some(entry) => {
+                    let (again, moved) = entry.with_row(|r| {
+                        (
+                            row.registered_at_ms > r.registered_at_ms,
+                            r.address != row.address,
+                        )
+                    });
+                    if again && moved {
+                        // Its channel dials the old address: a new entry.
+                        if let Ok(fresh) = self.entry(row) {
+                            self.insert(fresh);
+                        }
+                        continue;
+                    }
+                    if again {
+                        // Registered again elsewhere, as another process
+                        // perhaps: whichever instance heartbeats here next
+                        // is the one.
+                        entry.set_instance("");
+                    }
+                    entry.modify(|r| {
+                        let seen = r.last_seen_ms.max(row.last_seen_ms);
+                        *r = row;
+                        r.last_seen_ms = seen;
+                    });
+                }
+                None => match self.entry(row) {
+                    Ok(entry) => {
+                        crate::metrics::plugins_declared(&entry.with_row(|r| r.plugins.clone()));
+                        self.insert(entry);
+                    }
+                    Err(error) => tracing::warn!(%error, "skipping a recorded worker"),
+                },
+            }
         }
     }
 
@@ -485,6 +627,7 @@ impl Registry {
             .unwrap_or_else(|e| e.into_inner())
             .take()
             .is_some();
+        self.heard_from(worker_id);
         let came_back = entry.modify(|r| {
             r.last_seen_ms = now_ms;
             if r.state == WorkerState::Down {

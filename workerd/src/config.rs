@@ -100,17 +100,34 @@ impl Default for GrpcServer {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SchedulerSection {
-    #[serde(default = "default_scheduler_addr")]
-    pub addr: String,
+    /// The scheduler (one); not with `addrs`.
+    pub addr: Option<String>,
+    /// Several schedulers sharing one store: the worker heartbeats one of
+    /// them and moves to the next when it fails.
+    pub addrs: Option<Vec<String>>,
 }
 
-impl Default for SchedulerSection {
-    fn default() -> Self {
-        SchedulerSection {
-            addr: default_scheduler_addr(),
+/// Schedulers a worker may be given at most.
+pub const MAX_SCHEDULERS: usize = 16;
+
+impl SchedulerSection {
+    fn addrs(&self, path: &Path) -> Result<Vec<String>, ConfigError> {
+        let err = |key: &str, msg: String| ConfigError::new(path, key, msg);
+        match (&self.addr, &self.addrs) {
+            (Some(_), Some(_)) => Err(err(
+                "scheduler.addrs",
+                "set one of scheduler.addr and scheduler.addrs, not both".into(),
+            )),
+            (Some(addr), None) => Ok(vec![addr.clone()]),
+            (None, None) => Ok(vec![default_scheduler_addr()]),
+            (None, Some(addrs)) if addrs.is_empty() || addrs.len() > MAX_SCHEDULERS => Err(err(
+                "scheduler.addrs",
+                format!("must list 1 to {MAX_SCHEDULERS} schedulers (host:port)"),
+            )),
+            (None, Some(addrs)) => Ok(addrs.clone()),
         }
     }
 }
@@ -153,7 +170,8 @@ pub struct Config {
     pub file: PathBuf,
     pub listen_addr: String,
     pub advertise_addr: Option<String>,
-    pub scheduler_addr: String,
+    /// `[scheduler] addr`, or `addrs`: tried in turn.
+    pub scheduler_addrs: Vec<String>,
     pub name: String,
     /// Canonical: symlinks resolved, so confinement compares real paths.
     pub scripts_dir: PathBuf,
@@ -522,7 +540,7 @@ impl Config {
             file: path.to_owned(),
             listen_addr: g.addr.clone(),
             advertise_addr: g.advertise_addr.clone(),
-            scheduler_addr: file.scheduler.addr.clone(),
+            scheduler_addrs: file.scheduler.addrs(path)?,
             name: w.name.clone(),
             scripts_dir,
             state_dir: resolve(&w.state_dir),

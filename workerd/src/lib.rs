@@ -199,12 +199,14 @@ pub async fn run(
                 &[b"h2"],
                 scheduler_peer(),
             )?);
-            let scheduler = transport::tls_channel_from(
-                &config.scheduler_addr,
-                client_rx,
-                REGISTER_CONNECT_TIMEOUT,
-            )
-            .map_err(Error::SchedulerAddr)?;
+            let scheduler = config
+                .scheduler_addrs
+                .iter()
+                .map(|addr| {
+                    transport::tls_channel_from(addr, client_rx.clone(), REGISTER_CONNECT_TIMEOUT)
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(Error::SchedulerAddr)?;
             let server_config = jobcluster_pki::server_config(&tls.identity, &tls.roots, &[b"h2"])?;
             let (server_tx, server_rx) = watch::channel(server_config);
             let incoming = transport::tls_incoming(listener, server_rx);
@@ -234,16 +236,23 @@ pub async fn run(
             (scheduler, server, Some(reloader))
         }
         _ => {
-            let scheduler =
-                transport::plain_channel(&config.scheduler_addr, REGISTER_CONNECT_TIMEOUT)
-                    .map_err(Error::SchedulerAddr)?;
+            let scheduler = config
+                .scheduler_addrs
+                .iter()
+                .map(|addr| transport::plain_channel(addr, REGISTER_CONNECT_TIMEOUT))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(Error::SchedulerAddr)?;
             let incoming = transport::plain_incoming(listener);
             let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped));
             (scheduler, server, None)
         }
     };
     let membership = membership::Membership::new(
-        SchedulerClient::new(scheduler),
+        scheduler
+            .into_iter()
+            .zip(&config.scheduler_addrs)
+            .map(|(channel, addr)| (addr.clone(), SchedulerClient::new(channel)))
+            .collect(),
         RegisterWorkerRequest {
             address: advertise,
             name: config.name.clone(),

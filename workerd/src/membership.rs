@@ -37,7 +37,11 @@ enum Refused {
 
 #[derive(Debug, Clone)]
 pub(crate) struct Membership {
-    client: SchedulerClient<Channel>,
+    /// Every scheduler this worker may talk to (several share one store),
+    /// with its address; any of them accepts it.
+    schedulers: Arc<[(String, SchedulerClient<Channel>)]>,
+    /// The one it talks to now; the next is tried when a call fails.
+    current: Arc<std::sync::atomic::AtomicUsize>,
     request: RegisterWorkerRequest,
     id_file: PathBuf,
     reported_file: PathBuf,
@@ -77,20 +81,48 @@ fn call<T>(message: T) -> tonic::Request<T> {
 
 impl Membership {
     pub(crate) fn new(
-        client: SchedulerClient<Channel>,
+        schedulers: Vec<(String, SchedulerClient<Channel>)>,
         mut request: RegisterWorkerRequest,
         state_dir: &std::path::Path,
         jobs: Arc<Jobs>,
     ) -> Self {
         request.instance_id = uuid::Uuid::new_v4().to_string();
         Membership {
-            client,
+            schedulers: schedulers.into(),
+            current: Arc::default(),
             request,
             id_file: state_dir.join("worker_id"),
             reported_file: state_dir.join("reported_until"),
             jobs,
             registered: Arc::new(tokio::sync::watch::Sender::new(false)),
         }
+    }
+
+    /// The scheduler to talk to now.
+    fn client(&self) -> SchedulerClient<Channel> {
+        let at = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        self.schedulers[at % self.schedulers.len()].1.clone()
+    }
+
+    /// A call to the current scheduler failed with `status`: if it was not
+    /// an answer (the scheduler is down, unreachable or too slow), the next
+    /// call goes to the next scheduler.
+    fn failed(&self, status: &tonic::Status) {
+        use tonic::Code::{Cancelled, DeadlineExceeded, Internal, Unavailable, Unknown};
+        if self.schedulers.len() < 2
+            || !matches!(
+                status.code(),
+                Unavailable | DeadlineExceeded | Unknown | Cancelled | Internal
+            )
+        {
+            return;
+        }
+        let at = self
+            .current
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        let next = &self.schedulers[at % self.schedulers.len()].0;
+        tracing::warn!(scheduler = %next, code = ?status.code(), "scheduler failed; moving to the next one");
     }
 
     /// Becomes true once the scheduler has accepted this worker.
@@ -137,7 +169,7 @@ impl Membership {
             instance_id: self.request.instance_id.clone(),
             jobs: reports(changed),
         };
-        let mut client = self.client.clone();
+        let mut client = self.client();
         match client.heartbeat(call(request)).await {
             Ok(reply) => {
                 let reply = reply.into_inner();
@@ -156,6 +188,7 @@ impl Membership {
             }
             Err(status) => {
                 self.jobs.mark_dirty(ids);
+                self.failed(&status);
                 Err(status)
             }
         }
@@ -225,7 +258,7 @@ impl Membership {
         let (report, pending, partial) = self.jobs.registration_report();
         request.jobs = reports(report);
         request.partial_report = partial;
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let result = tokio::select! {
             r = client.register_worker(call(request)) => r,
             () = cancel.cancelled() => {
@@ -237,6 +270,7 @@ impl Membership {
             Ok(reply) => reply.into_inner(),
             Err(status) => {
                 self.jobs.mark_dirty(pending);
+                self.failed(&status);
                 return Err(Refused::Status(status));
             }
         };
@@ -279,7 +313,7 @@ impl Membership {
         if let Err(status) = self.heartbeat(&worker_id).await {
             tracing::warn!(%worker_id, error = %status.message(), "could not report final job states");
         }
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let request = DeregisterWorkerRequest {
             worker_id: worker_id.clone(),
         };

@@ -25,6 +25,9 @@ pub struct Cluster {
     pub workers: Vec<(String, Daemon)>,
     pub http_addr: String,
     pub grpc_addr: String,
+    /// More schedulers on the same store (`ha`): their gRPC addresses go
+    /// into new workers' `[scheduler] addrs`, their URLs into clusterctl's.
+    pub more_schedulers: Vec<(String, String)>,
 }
 
 impl Cluster {
@@ -83,11 +86,13 @@ impl Cluster {
     }
 
     /// A cluster whose scheduler keeps its records in PostgreSQL, in a new
-    /// database on this test process's throwaway server.
-    pub async fn start_on_postgres(worker_names: &[&str], scheduler_extra: &str) -> Cluster {
-        let config = format!(
-            "{}{scheduler_extra}",
-            postgres_store(SCHEDULER_CONFIG).await
+    /// database on this test process's throwaway server, with more
+    /// `[store]` keys.
+    pub async fn start_on_postgres(worker_names: &[&str], store_keys: &str) -> Cluster {
+        let config = postgres_store(SCHEDULER_CONFIG).await.replacen(
+            "[store]\n",
+            &format!("[store]\n{store_keys}\n"),
+            1,
         );
         Self::start_from(worker_names, &config, "").await
     }
@@ -141,6 +146,7 @@ impl Cluster {
             workers: Vec::new(),
             http_addr,
             grpc_addr,
+            more_schedulers: Vec::new(),
         };
         for name in worker_names {
             cluster.add_worker_with(name, worker_extra);
@@ -394,7 +400,7 @@ key_file = "{key}"
 ca_file = "pki/ca.pem"
 
 [scheduler]
-addr = "{grpc}"
+{schedulers}
 
 [worker]
 name = "{name}"
@@ -410,7 +416,7 @@ stop_grace = "2s"
 runner = "python"
 {extra}
 "#,
-                grpc = self.grpc_addr
+                schedulers = self.worker_schedulers(),
             ),
         )
         .unwrap();
@@ -425,11 +431,35 @@ runner = "python"
         format!("https://{}", self.http_addr)
     }
 
+    /// Every scheduler's URL, for clusterctl's `--scheduler`.
+    pub fn urls(&self) -> String {
+        std::iter::once(self.url())
+            .chain(
+                self.more_schedulers
+                    .iter()
+                    .map(|(_, http)| format!("https://{http}")),
+            )
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// A worker config's `[scheduler]` keys.
+    fn worker_schedulers(&self) -> String {
+        if self.more_schedulers.is_empty() {
+            return format!("addr = \"{}\"", self.grpc_addr);
+        }
+        let addrs: Vec<String> = std::iter::once(&self.grpc_addr)
+            .chain(self.more_schedulers.iter().map(|(grpc, _)| grpc))
+            .map(|a| format!("\"{a}\""))
+            .collect();
+        format!("addrs = [{}]", addrs.join(", "))
+    }
+
     /// `clusterctl` with the scheduler URL and client certificate in its environment.
     pub fn ctl(&self) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(bin("clusterctl"));
         let pki = self.pki();
-        cmd.env("CLUSTERCTL_SCHEDULER", self.url())
+        cmd.env("CLUSTERCTL_SCHEDULER", self.urls())
             .env("CLUSTERCTL_CA", pki.join("ca.pem"))
             .env("CLUSTERCTL_CERT", pki.join("client.pem"))
             .env("CLUSTERCTL_KEY", pki.join("client-key.pem"))

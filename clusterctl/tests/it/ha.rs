@@ -1,7 +1,17 @@
-//! Schedulers on PostgreSQL (issue 14): the store shared by several
-//! schedulers, through the real binaries and a throwaway PostgreSQL.
+//! Several schedulers on one PostgreSQL (issue 14), through the real
+//! binaries and a throwaway PostgreSQL: one leads, any serves, and killing
+//! the leader loses nothing.
 
-use crate::cluster::{Cluster, stdout};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use crate::cluster::{Cluster, bin, stdout};
+use crate::harness::Daemon;
+
+/// Short, so a test sees a few takeovers within seconds.
+const LEASE: &str = "2s";
 
 async fn ctl_ok(cluster: &Cluster, args: &[&str]) -> String {
     let out = cluster.ctl_output(args).await;
@@ -26,7 +36,348 @@ async fn a_scheduler_on_postgres_runs_a_job_and_remembers_it_after_a_restart() {
     assert_eq!(out, "1\n2\n3\ndone\n");
     let listed = ctl_ok(&cluster, &["-o", "json", "jobs"]).await;
     assert!(listed.contains("succeeded"), "{listed}");
-    cluster.restart_scheduler(nix::sys::signal::Signal::SIGTERM);
+    cluster.restart_scheduler(Signal::SIGTERM);
     let again = ctl_ok(&cluster, &["-o", "json", "jobs"]).await;
     assert_eq!(listed, again);
+}
+
+/// `n` schedulers on one new PostgreSQL database, and workers that know
+/// them all. Scheduler 0 is `cluster.scheduler`; the others are returned,
+/// each with the config file that starts it again on its ports.
+async fn schedulers(n: usize, workers: &[&str], worker_extra: &str) -> (Cluster, Vec<Scheduler>) {
+    let mut cluster = Cluster::start_on_postgres(&[], &format!("leader_lease = \"{LEASE}\"")).await;
+    let text = std::fs::read_to_string(cluster.tmp.path().join("scheduler.toml")).unwrap();
+    let mut more = Vec::new();
+    for i in 1..n {
+        let config = cluster.tmp.path().join(format!("scheduler-{i}.toml"));
+        std::fs::write(&config, &text).unwrap();
+        let daemon = Daemon::spawn_with(
+            &bin("schedulerd"),
+            &["--config", config.to_str().unwrap()],
+            &["grpc", "http"],
+            &[],
+        );
+        let (grpc, http) = (daemon.addrs["grpc"].clone(), daemon.addrs["http"].clone());
+        // Fixed ports from now on, so it comes back where workers look.
+        let fixed = text
+            .replacen("127.0.0.1:0", &grpc, 1)
+            .replacen("127.0.0.1:0", &http, 1);
+        std::fs::write(&config, fixed).unwrap();
+        cluster.more_schedulers.push((grpc, http));
+        more.push(Scheduler { daemon, config });
+    }
+    for name in workers {
+        cluster.add_worker_with(name, worker_extra);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let listed = ctl_ok(&cluster, &["-o", "json", "workers"]).await;
+        let ready: Vec<serde_json::Value> = serde_json::from_str(&listed).unwrap();
+        let ready: BTreeSet<&str> = ready
+            .iter()
+            .filter(|w| w["state"] == "ready")
+            .filter_map(|w| w["name"].as_str())
+            .collect();
+        if workers.iter().all(|w| ready.contains(w)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "workers never ready: {listed}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (cluster, more)
+}
+
+struct Scheduler {
+    daemon: Daemon,
+    config: std::path::PathBuf,
+}
+
+impl Scheduler {
+    fn start_again(&mut self) {
+        self.daemon = Daemon::spawn_with(
+            &bin("schedulerd"),
+            &["--config", self.config.to_str().unwrap()],
+            &["grpc", "http"],
+            &[],
+        );
+    }
+}
+
+/// Whether a scheduler's log says it leads now (its last word on it).
+fn leads(log: &str) -> bool {
+    let became = log.rfind("this scheduler is the leader");
+    let ended = log.rfind("no longer the leader");
+    matches!((became, ended), (Some(b), e) if e.is_none_or(|e| e < b))
+}
+
+/// `clusterctl` aimed at the one scheduler at `http`.
+async fn ctl_at(cluster: &Cluster, http: &str, args: &[&str]) -> std::process::Output {
+    cluster
+        .ctl()
+        .env("CLUSTERCTL_SCHEDULER", format!("https://{http}"))
+        .args(args)
+        .output()
+        .await
+        .unwrap()
+}
+
+fn job_id(out: &std::process::Output) -> String {
+    let text = stdout(out);
+    let value: serde_json::Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+    value["job_id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn any_scheduler_serves_every_job_and_exactly_one_leads() {
+    let (cluster, more) = schedulers(2, &["w1"], "").await;
+    let (a, b) = (
+        cluster.http_addr.clone(),
+        more[0].daemon.addrs["http"].clone(),
+    );
+    // Started through b: seen, followed and stopped through a at once.
+    let out = ctl_at(
+        &cluster,
+        &b,
+        &[
+            "-o", "json", "start", "--worker", "w1", "count.sh", "--", "100", "0.05",
+        ],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = job_id(&out);
+    let shown = ctl_at(&cluster, &a, &["-o", "json", "status", &id]).await;
+    assert!(stdout(&shown).contains("\"running\""), "{}", stdout(&shown));
+    let mut follow = cluster
+        .ctl()
+        .env("CLUSTERCTL_SCHEDULER", format!("https://{a}"))
+        .args(["logs", "-f", &id])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stopped = ctl_at(&cluster, &a, &["stop", &id]).await;
+    assert!(
+        stopped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stopped.stderr)
+    );
+    let followed = tokio::time::timeout(Duration::from_secs(20), follow.wait())
+        .await
+        .expect("the follower ends when the job does")
+        .unwrap();
+    let _ = followed;
+    let state = ctl_at(&cluster, &b, &["-o", "json", "status", &id]).await;
+    assert!(stdout(&state).contains("\"stopped\""), "{}", stdout(&state));
+    // Exactly one of them leads.
+    let leaders = [cluster.scheduler.log(), more[0].daemon.log()]
+        .iter()
+        .filter(|log| leads(log))
+        .count();
+    assert_eq!(
+        leaders,
+        1,
+        "a: {}\nb: {}",
+        cluster.scheduler.log(),
+        more[0].daemon.log()
+    );
+}
+
+/// The issue's check, small: three schedulers, a start-and-follow load
+/// with a queue (two slots per worker), the leader killed (`kill -9`) and
+/// started again, twice. Every job that got a 201 or 202 runs exactly
+/// once (on one worker), ends `succeeded` with its whole output, and the
+/// follower of a long job gets every byte.
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_the_leader_under_load_loses_nothing_and_runs_nothing_twice() {
+    let (mut cluster, mut more) = schedulers(3, &["w1", "w2"], "max_jobs = 2\n---\n").await;
+    let long = job_id(
+        &ctl_ok_output(
+            &cluster,
+            &[
+                "-o", "json", "start", "--worker", "w1", "count.sh", "--", "120", "0.05",
+            ],
+        )
+        .await,
+    );
+    let mut follower = cluster
+        .ctl()
+        .args(["logs", "-f", &long])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let follower_out = follower.stdout.take().unwrap();
+    let followed = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut text = String::new();
+        let mut out = follower_out;
+        out.read_to_string(&mut text).await.unwrap();
+        text
+    });
+
+    // Two clients start short jobs, through every scheduler in turn (the
+    // CLI fails over), while the leader is killed twice.
+    let started = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stop_load = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let (ctl_env, started, stop_load) = (cluster.urls(), started.clone(), stop_load.clone());
+        let pki = cluster.pki();
+        clients.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            // Bounded, so the queue drains within seconds afterwards.
+            while !stop_load.load(std::sync::atomic::Ordering::Relaxed)
+                && started.lock().unwrap().len() < 150
+            {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                let out = tokio::process::Command::new(bin("clusterctl"))
+                    .env("CLUSTERCTL_SCHEDULER", &ctl_env)
+                    .env("CLUSTERCTL_CA", pki.join("ca.pem"))
+                    .env("CLUSTERCTL_CERT", pki.join("client.pem"))
+                    .env("CLUSTERCTL_KEY", pki.join("client-key.pem"))
+                    .args(["-o", "json", "start", "count.sh", "--", "4", "0.05"])
+                    .output()
+                    .await
+                    .unwrap();
+                if out.status.success() {
+                    started.lock().unwrap().push(job_id(&out));
+                } else {
+                    failures.push(String::from_utf8_lossy(&out.stderr).into_owned());
+                }
+            }
+            failures
+        }));
+    }
+
+    for round in 0..2 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let leader = find_leader(&cluster, &more).await;
+        match leader {
+            0 => {
+                cluster.scheduler.signal(Signal::SIGKILL);
+                cluster.scheduler.wait(Duration::from_secs(10));
+            }
+            i => {
+                more[i - 1].daemon.signal(Signal::SIGKILL);
+                more[i - 1].daemon.wait(Duration::from_secs(10));
+            }
+        }
+        let killed_at = Instant::now();
+        // Another takes over within 15 s.
+        let next = find_leader_except(&cluster, &more, leader).await;
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(15),
+            "round {round}: scheduler {next} took over only after {:?}",
+            killed_at.elapsed()
+        );
+        match leader {
+            0 => cluster.start_scheduler_again(),
+            i => more[i - 1].start_again(),
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop_load.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut failures = Vec::new();
+    for client in clients {
+        failures.extend(client.await.unwrap());
+    }
+    let started = started.lock().unwrap().clone();
+    assert!(
+        started.len() >= 10,
+        "too few starts: {started:?} {failures:?}"
+    );
+
+    // Every acknowledged job ends succeeded with its whole output.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut waiting: BTreeSet<&String> = started.iter().chain(std::iter::once(&long)).collect();
+    while !waiting.is_empty() {
+        let listed = ctl_ok(&cluster, &["-o", "json", "jobs"]).await;
+        let listed: Vec<serde_json::Value> = serde_json::from_str(&listed).unwrap();
+        for job in &listed {
+            let (Some(id), Some(state)) = (job["job_id"].as_str(), job["state"].as_str()) else {
+                continue;
+            };
+            if !waiting.contains(&id.to_owned()) {
+                continue;
+            }
+            assert!(
+                ["succeeded", "running", "queued", "unknown"].contains(&state),
+                "job {id} ended badly: {job}"
+            );
+            if state == "succeeded" {
+                waiting.remove(&id.to_owned());
+            }
+        }
+        assert!(Instant::now() < deadline, "jobs never ended: {waiting:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for id in &started {
+        let out = ctl_ok(&cluster, &["logs", id]).await;
+        assert_eq!(out, "1\n2\n3\n4\ndone\n", "job {id}");
+    }
+    let expected: String = (1..=120).map(|i| format!("{i}\n")).collect::<String>() + "done\n";
+    let followed = tokio::time::timeout(Duration::from_secs(60), followed)
+        .await
+        .expect("the follower ends with its job")
+        .unwrap();
+    assert_eq!(followed, expected, "the follower's bytes");
+
+    // Ran exactly once: each job is in exactly one worker's records.
+    let mut on: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for worker in ["w1", "w2"] {
+        let dir = cluster.tmp.path().join(format!("state/{worker}/jobs"));
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+            on.entry(name).or_default().insert(worker.to_owned());
+        }
+    }
+    for id in started.iter().chain(std::iter::once(&long)) {
+        assert_eq!(
+            on.get(id).map(BTreeSet::len),
+            Some(1),
+            "job {id} ran on {:?}",
+            on.get(id)
+        );
+    }
+}
+
+async fn ctl_ok_output(cluster: &Cluster, args: &[&str]) -> std::process::Output {
+    let out = cluster.ctl_output(args).await;
+    assert!(
+        out.status.success(),
+        "clusterctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn logs(cluster: &Cluster, more: &[Scheduler]) -> Vec<String> {
+    std::iter::once(cluster.scheduler.log())
+        .chain(more.iter().map(|s| s.daemon.log()))
+        .collect()
+}
+
+/// The index of the leading scheduler, waiting for one.
+async fn find_leader(cluster: &Cluster, more: &[Scheduler]) -> usize {
+    find_leader_except(cluster, more, usize::MAX).await
+}
+
+async fn find_leader_except(cluster: &Cluster, more: &[Scheduler], except: usize) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let logs = logs(cluster, more);
+        if let Some(i) = (0..logs.len()).find(|&i| i != except && leads(&logs[i])) {
+            return i;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no leader:\n{}",
+            logs.join("\n----\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

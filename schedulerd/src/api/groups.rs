@@ -477,7 +477,7 @@ impl Member {
             },
             _ => job,
         };
-        let Ok(worker) = worker_of(&self.state, &job) else {
+        let Ok(worker) = worker_of(&self.state, &job).await else {
             return; // its worker cannot be asked now: nothing to stream
         };
         self.worker = worker.row().name;

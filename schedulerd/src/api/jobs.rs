@@ -266,7 +266,8 @@ pub(crate) async fn list(
         Some(w) => Some(
             state
                 .registry
-                .get(w)
+                .find(w, &state.store)
+                .await
                 .ok_or_else(|| ApiError::worker_not_found(w))?
                 .id(),
         ),
@@ -372,7 +373,7 @@ pub(crate) async fn start_job(
         )
     };
     if !body.worker_id.is_empty() {
-        let (worker, w, unusable) = named_worker(state, &body)?;
+        let (worker, w, unusable) = named_worker(state, &body).await?;
         if w.seed {
             // A worker of the original design renames the jobs it starts:
             // a queued job's id, already answered, would then name nothing.
@@ -515,13 +516,14 @@ const PASS_ON: [&str; 5] = [
 /// The worker a start names: it must exist and carry the selector's
 /// labels; the third value says why it cannot take a job now (not ready,
 /// draining, unresponsive), if it cannot.
-fn named_worker(
+async fn named_worker(
     state: &AppState,
     body: &StartJob,
 ) -> Result<(Arc<WorkerEntry>, crate::store::WorkerRow, Option<ApiError>), ApiError> {
     let worker = state
         .registry
-        .get(&body.worker_id)
+        .find(&body.worker_id, &state.store)
+        .await
         .ok_or_else(|| ApiError::worker_not_found(&body.worker_id))?;
     let w = worker.row();
     if body
@@ -694,7 +696,7 @@ async fn start_now(
     group: Option<&str>,
 ) -> Result<JobStarted, ApiError> {
     if !body.worker_id.is_empty() {
-        let (worker, _, unusable) = named_worker(state, &body)?;
+        let (worker, _, unusable) = named_worker(state, &body).await?;
         if let Some(error) = unusable {
             return Err(error);
         }
@@ -1118,7 +1120,8 @@ pub(crate) async fn find_job(
     if let Some(worker) = worker {
         let entry = state
             .registry
-            .get(worker)
+            .find(worker, &state.store)
+            .await
             .ok_or_else(|| ApiError::worker_not_found(worker))?;
         if entry.id() != row.worker_id {
             return Err(ApiError::job_not_found(job_id));
@@ -1130,10 +1133,14 @@ pub(crate) async fn find_job(
 /// The worker that owns a job, if it can be asked now. A worker that is
 /// down, gone or unresponsive is answered for at once (503) instead of
 /// after a timeout.
-pub(crate) fn worker_of(state: &AppState, row: &JobRow) -> Result<Arc<WorkerEntry>, ApiError> {
+pub(crate) async fn worker_of(
+    state: &AppState,
+    row: &JobRow,
+) -> Result<Arc<WorkerEntry>, ApiError> {
     let worker = state
         .registry
-        .get(&row.worker_id)
+        .find(&row.worker_id, &state.store)
+        .await
         .ok_or_else(|| ApiError::worker_not_found(&row.worker_id))?;
     let w = worker.row();
     if w.state != WorkerState::Ready {
@@ -1172,7 +1179,7 @@ pub(crate) async fn refresh(state: &AppState, row: JobRow) -> Seen {
     if row.state.is_terminal() || row.state == JobState::Queued {
         return Seen { row, stale: false };
     }
-    let Ok(worker) = worker_of(state, &row) else {
+    let Ok(worker) = worker_of(state, &row).await else {
         return Seen { row, stale: true };
     };
     let mut client = worker.client();
@@ -1283,7 +1290,7 @@ pub(crate) async fn stop_job(state: &AppState, row: JobRow) -> Result<StopResult
             state: row.state.as_str().to_owned(),
         });
     }
-    let worker = worker_of(state, &row)?;
+    let worker = worker_of(state, &row).await?;
     let name = worker.row().name;
     let mut client = worker.client();
     let request = StopJobRequest {
@@ -1390,7 +1397,7 @@ pub(crate) async fn stream_output(
         .with_job(&row.job_id));
     }
     let slot = state.followers.enter(&row.job_id)?;
-    let worker = worker_of(state, &row)?;
+    let worker = worker_of(state, &row).await?;
     let name = worker.row().name;
     if worker.row().seed {
         return Err(ApiError::new(

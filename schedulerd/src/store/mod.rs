@@ -42,6 +42,10 @@ pub enum StoreError {
     },
     #[error("database: {0}")]
     Pool(String),
+    /// A write of the leader's work from a scheduler that no longer holds
+    /// the lease it was made under (fenced off; nothing was written).
+    #[error("this scheduler is no longer the leader (its lease was taken over or expired)")]
+    NotLeader,
     /// A value in the database this scheduler cannot read.
     #[error("database holds an unreadable {0}")]
     Corrupt(String),
@@ -184,6 +188,32 @@ pub struct JobQuery {
 /// returns, unless the method says otherwise.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Whether several schedulers may share this store: then one of them
+    /// leads (holds the lease) and runs what must run once.
+    fn shared(&self) -> bool;
+
+    /// Takes the leader lease for `holder`, or renews it, for `ttl`;
+    /// returns its term (a fencing token that grows with every change of
+    /// hands), or `None` while another holder's lease is live. A store
+    /// that is not shared answers every caller with the same term.
+    async fn lead(&self, holder: &str, ttl: std::time::Duration)
+    -> Result<Option<i64>, StoreError>;
+
+    /// Gives the lease up if `holder` has it, so another takes over at once.
+    async fn resign(&self, holder: &str) -> Result<(), StoreError>;
+
+    /// This store as the leader of `term` writes to it: every write checks,
+    /// in its own transaction, that `holder` still holds that term's live
+    /// lease, and fails with [`StoreError::NotLeader`] (writing nothing)
+    /// once it does not. A leader paused past its lease (or cut off) can
+    /// then do no harm when it resumes.
+    fn fenced(&self, holder: &str, term: i64) -> SharedStore;
+
+    /// Records that the workers `ids` were heard from at `now_ms` (their
+    /// heartbeats may reach any scheduler; the leader judges liveness from
+    /// the store). A later time recorded already stays.
+    async fn touch_workers(&self, ids: Vec<String>, now_ms: u64) -> Result<(), StoreError>;
+
     async fn upsert_worker(&self, w: WorkerRow) -> Result<(), StoreError>;
 
     /// Forgets a worker (its jobs' records stay) and remembers its id as

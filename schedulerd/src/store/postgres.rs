@@ -9,6 +9,7 @@
 //! on the row lock and exactly one wins.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
@@ -119,7 +120,25 @@ CREATE INDEX idempotency_keys_by_age ON idempotency_keys (created_at_ms);
 CREATE INDEX idempotency_keys_by_job ON idempotency_keys (job_id);
 CREATE INDEX idempotency_keys_by_group ON idempotency_keys (group_id);
 ",
+    // 2: the leader's lease. One row; `token` (the term) grows whenever
+    // the lease changes hands, and fences the leader's writes. Times are
+    // the database's own clock, the one clock every scheduler shares.
+    "
+CREATE TABLE leader (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    holder TEXT NOT NULL,
+    token BIGINT NOT NULL,
+    expires_at TIMESTAMPTZ NOT NULL
+);
+",
 ];
+
+/// The fence every write of a leader's fenced store checks first. `FOR
+/// SHARE` holds the lease row until the write commits, so a takeover
+/// (which updates the row) waits for it: no write of an old term can
+/// commit after a new term began.
+const FENCE: &str = "SELECT 1 FROM leader WHERE id = 1 AND holder = $1 AND token = $2
+    AND expires_at > clock_timestamp() FOR SHARE";
 
 /// The advisory lock that serializes migrations of schedulers starting
 /// at once (an arbitrary constant: "jobclstr" in ASCII).
@@ -128,6 +147,8 @@ const MIGRATION_LOCK: i64 = 0x6a6f_6263_6c73_7472;
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: Pool,
+    /// Set on the leader's handle: (holder, term) every write checks.
+    fence: Option<Arc<(String, i64)>>,
 }
 
 /// Where a PostgreSQL store is, from `[store]`.
@@ -199,13 +220,28 @@ impl PgStore {
             .create_timeout(Some(POOL_WAIT))
             .build()
             .map_err(|e| StoreError::Pool(e.to_string()))?;
-        let store = PgStore { pool };
+        let store = PgStore { pool, fence: None };
         let mut client = store.client().await.map_err(|e| match e {
             StoreError::Postgres(source) => connect_err(source),
             other => other,
         })?;
         migrate(&mut client).await?;
         Ok(store)
+    }
+
+    /// A transaction for a write, fenced on the leader's handle.
+    async fn begin<'a>(
+        &self,
+        c: &'a mut Object,
+    ) -> Result<deadpool_postgres::Transaction<'a>, StoreError> {
+        let tx = c.transaction().await?;
+        if let Some(fence) = &self.fence {
+            let (holder, term) = &**fence;
+            if tx.rows(FENCE, &[holder, term]).await?.is_empty() {
+                return Err(StoreError::NotLeader);
+            }
+        }
+        Ok(tx)
     }
 
     async fn client(&self) -> Result<Object, StoreError> {
@@ -258,10 +294,65 @@ macro_rules! timed {
 
 #[async_trait::async_trait]
 impl Store for PgStore {
+    fn shared(&self) -> bool {
+        true
+    }
+
+    async fn lead(&self, holder: &str, ttl: Duration) -> Result<Option<i64>, StoreError> {
+        let _timer = timed!();
+        let c = self.client().await?;
+        // Renewed by its holder while live, taken by anyone once expired;
+        // a new holder (or the old one after expiry) starts a new term.
+        let rows = c
+            .rows(
+                "INSERT INTO leader AS l (id, holder, token, expires_at)
+                 VALUES (1, $1, 1, clock_timestamp() + make_interval(secs => $2))
+                 ON CONFLICT (id) DO UPDATE SET
+                   token = CASE WHEN l.holder = $1 AND l.expires_at > clock_timestamp()
+                           THEN l.token ELSE l.token + 1 END,
+                   holder = $1,
+                   expires_at = clock_timestamp() + make_interval(secs => $2)
+                 WHERE (l.holder = $1 AND l.expires_at > clock_timestamp())
+                    OR l.expires_at <= clock_timestamp()
+                 RETURNING token",
+                &[&holder, &ttl.as_secs_f64()],
+            )
+            .await?;
+        rows.first().map(|r| Ok(r.try_get(0)?)).transpose()
+    }
+
+    async fn resign(&self, holder: &str) -> Result<(), StoreError> {
+        let c = self.client().await?;
+        c.exec(
+            "UPDATE leader SET expires_at = clock_timestamp() WHERE id = 1 AND holder = $1",
+            &[&holder],
+        )
+        .await?;
+        Ok(())
+    }
+
+    fn fenced(&self, holder: &str, term: i64) -> super::SharedStore {
+        Arc::new(PgStore {
+            pool: self.pool.clone(),
+            fence: Some(Arc::new((holder.to_owned(), term))),
+        })
+    }
+
+    async fn touch_workers(&self, ids: Vec<String>, now_ms: u64) -> Result<(), StoreError> {
+        let _timer = timed!();
+        let c = self.client().await?;
+        c.exec(
+            "UPDATE workers SET last_seen_ms = GREATEST(last_seen_ms, $2) WHERE worker_id = ANY($1)",
+            &[&ids, &(now_ms as i64)],
+        )
+        .await?;
+        Ok(())
+    }
+
     async fn upsert_worker(&self, w: WorkerRow) -> Result<(), StoreError> {
         let _timer = timed!();
         let mut c = self.client().await?;
-        let tx = c.transaction().await?;
+        let tx = self.begin(&mut c).await?;
         tx.exec(
             "DELETE FROM workers WHERE name = $1 AND worker_id <> $2",
             &[&w.name, &w.worker_id],
@@ -303,7 +394,7 @@ impl Store for PgStore {
         let _timer = timed!();
         let now = now_ms as i64;
         let mut c = self.client().await?;
-        let tx = c.transaction().await?;
+        let tx = self.begin(&mut c).await?;
         tx.exec("DELETE FROM workers WHERE worker_id = $1", &[&worker_id])
             .await?;
         tx.exec(
@@ -352,23 +443,27 @@ impl Store for PgStore {
         last_seen_ms: u64,
     ) -> Result<(), StoreError> {
         let _timer = timed!();
-        let c = self.client().await?;
-        c.exec(
+        let mut c = self.client().await?;
+        let tx = self.begin(&mut c).await?;
+        tx.exec(
             "UPDATE workers SET state = $2, last_seen_ms = $3 WHERE worker_id = $1",
             &[&worker_id, &state.as_str(), &(last_seen_ms as i64)],
         )
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
     async fn set_worker_draining(&self, worker_id: &str, draining: bool) -> Result<(), StoreError> {
         let _timer = timed!();
-        let c = self.client().await?;
-        c.exec(
+        let mut c = self.client().await?;
+        let tx = self.begin(&mut c).await?;
+        tx.exec(
             "UPDATE workers SET draining = $2 WHERE worker_id = $1",
             &[&worker_id, &draining],
         )
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -405,7 +500,7 @@ impl Store for PgStore {
     async fn insert_job(&self, j: JobRow, key: Option<NewKey>) -> Result<(), StoreError> {
         let _timer = timed!();
         let mut c = self.client().await?;
-        let tx = c.transaction().await?;
+        let tx = self.begin(&mut c).await?;
         insert_job(&tx, &j).await?;
         if let Some(key) = &key
             && !bind_key(&tx, key, Some(&j.job_id), None).await?
@@ -418,18 +513,22 @@ impl Store for PgStore {
 
     async fn update_job(&self, j: JobRow) -> Result<bool, StoreError> {
         let _timer = timed!();
-        let c = self.client().await?;
+        let mut c = self.client().await?;
+        let tx = self.begin(&mut c).await?;
         let mut ended = Ended::default();
-        let updated = update_job(&*c, &j, &mut ended).await? > 0;
+        let updated = update_job(&tx, &j, &mut ended).await? > 0;
+        tx.commit().await?;
         ended.committed();
         Ok(updated)
     }
 
     async fn update_started(&self, j: JobRow) -> Result<bool, StoreError> {
         let _timer = timed!();
-        let c = self.client().await?;
+        let mut c = self.client().await?;
+        let tx = self.begin(&mut c).await?;
         let mut ended = Ended::default();
-        let updated = update_job(&*c, &j, &mut ended).await? > 0;
+        let updated = update_job(&tx, &j, &mut ended).await? > 0;
+        tx.commit().await?;
         ended.committed();
         Ok(updated)
     }
@@ -437,7 +536,7 @@ impl Store for PgStore {
     async fn rekey_job(&self, job_id: &str, new_id: &str) -> Result<bool, StoreError> {
         let _timer = timed!();
         let mut c = self.client().await?;
-        let tx = c.transaction().await?;
+        let tx = self.begin(&mut c).await?;
         let taken = tx
             .rows("SELECT 1 FROM jobs WHERE job_id = $1", &[&new_id])
             .await?;
@@ -458,7 +557,7 @@ impl Store for PgStore {
     async fn delete_unstarted_job(&self, job_id: &str) -> Result<(), StoreError> {
         let _timer = timed!();
         let mut c = self.client().await?;
-        let tx = c.transaction().await?;
+        let tx = self.begin(&mut c).await?;
         let deleted = tx
             .exec(
                 "DELETE FROM jobs WHERE job_id = $1 AND state = 'unknown' AND started_at_ms = 0",
@@ -477,7 +576,7 @@ impl Store for PgStore {
         let _timer = timed!();
         let now = now_ms() as i64;
         let mut c = self.client().await?;
-        let tx = c.transaction().await?;
+        let tx = self.begin(&mut c).await?;
         tx.exec(
             "UPDATE jobs SET state = 'failed', error_text = $2, finished_at_ms = $3,
                updated_at_ms = $3
@@ -500,7 +599,7 @@ impl Store for PgStore {
     ) -> Result<Vec<String>, StoreError> {
         let _timer = timed!();
         let mut c = self.client().await?;
-        let tx = c.transaction().await?;
+        let tx = self.begin(&mut c).await?;
         let mut kill = Vec::new();
         let mut ended = Ended::default();
         for row in &reports {
@@ -553,21 +652,24 @@ impl Store for PgStore {
 
     async fn mark_unknown(&self, worker_id: &str, why: &str) -> Result<Vec<String>, StoreError> {
         let _timer = timed!();
-        let c = self.client().await?;
-        let rows = c
+        let mut c = self.client().await?;
+        let tx = self.begin(&mut c).await?;
+        let rows = tx
             .rows(
                 "UPDATE jobs SET state = 'unknown', error_text = $2, updated_at_ms = $3
              WHERE worker_id = $1 AND state = 'running' RETURNING job_id",
                 &[&worker_id, &text(why), &(now_ms() as i64)],
             )
             .await?;
+        tx.commit().await?;
         rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
     }
 
     async fn mark_lost(&self, worker_id: &str, why: &str) -> Result<Vec<String>, StoreError> {
         let _timer = timed!();
-        let c = self.client().await?;
-        let rows = c.rows("UPDATE jobs SET state = 'lost', error_text = $2, finished_at_ms = $3, updated_at_ms = $3
+        let mut c = self.client().await?;
+        let tx = self.begin(&mut c).await?;
+        let rows = tx.rows("UPDATE jobs SET state = 'lost', error_text = $2, finished_at_ms = $3, updated_at_ms = $3
              WHERE worker_id = $1 AND state IN ('running', 'unknown')
                AND EXISTS (SELECT 1 FROM workers w WHERE w.worker_id = $1 AND w.state <> 'ready')
              RETURNING job_id, command",
@@ -576,14 +678,16 @@ impl Store for PgStore {
         .await?;
         let mut ended = Ended::default();
         let lost = ended_ids(worker_id, &rows, &mut ended)?;
+        tx.commit().await?;
         ended.committed();
         Ok(lost)
     }
 
     async fn mark_job_lost(&self, job_id: &str, why: &str) -> Result<(), StoreError> {
         let _timer = timed!();
-        let c = self.client().await?;
-        let rows = c.rows("UPDATE jobs SET state = 'lost', error_text = $2, finished_at_ms = $3, updated_at_ms = $3
+        let mut c = self.client().await?;
+        let tx = self.begin(&mut c).await?;
+        let rows = tx.rows("UPDATE jobs SET state = 'lost', error_text = $2, finished_at_ms = $3, updated_at_ms = $3
              WHERE job_id = $1 AND state IN ('running', 'unknown')
                AND job_id NOT IN (SELECT job_id FROM queue) RETURNING worker_id, command",
             &[&job_id, &text(why), &(now_ms() as i64)],
@@ -593,6 +697,7 @@ impl Store for PgStore {
         for r in &rows {
             ended.push(JobState::Lost, r.try_get(0)?, r.try_get(1)?);
         }
+        tx.commit().await?;
         ended.committed();
         Ok(())
     }
@@ -633,7 +738,7 @@ impl Store for PgStore {
     async fn insert_group(&self, g: GroupRow, key: Option<NewKey>) -> Result<(), StoreError> {
         let _timer = timed!();
         let mut c = self.client().await?;
-        let tx = c.transaction().await?;
+        let tx = self.begin(&mut c).await?;
         tx.exec("INSERT INTO groups (group_id, command, path, args, created_at_ms) VALUES ($1, $2, $3, $4, $5)",
             &[&g.group_id, &text(&g.command), &text(&g.path), &to_json(&g.args), &(g.created_at_ms as i64)],
         )
@@ -649,12 +754,14 @@ impl Store for PgStore {
 
     async fn unbind_group_key(&self, key: &str, group_id: &str) -> Result<(), StoreError> {
         let _timer = timed!();
-        let c = self.client().await?;
-        c.exec(
+        let mut c = self.client().await?;
+        let tx = self.begin(&mut c).await?;
+        tx.exec(
             "DELETE FROM idempotency_keys WHERE key = $1 AND group_id = $2",
             &[&key, &group_id],
         )
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -692,14 +799,16 @@ impl Store for PgStore {
         limit: u32,
     ) -> Result<usize, StoreError> {
         let _timer = timed!();
-        let c = self.client().await?;
-        let n = c
+        let mut c = self.client().await?;
+        let tx = self.begin(&mut c).await?;
+        let n = tx
             .exec(
                 "DELETE FROM idempotency_keys WHERE key IN (
                SELECT key FROM idempotency_keys WHERE created_at_ms < $1 LIMIT $2)",
                 &[&(expired_before_ms as i64), &i64::from(limit)],
             )
             .await?;
+        tx.commit().await?;
         Ok(n as usize)
     }
 
@@ -740,7 +849,7 @@ impl Store for PgStore {
         let _timer = timed!();
         let (before, batch) = (before_ms as i64, i64::from(batch));
         let mut c = self.client().await?;
-        let tx = c.transaction().await?;
+        let tx = self.begin(&mut c).await?;
         let jobs = tx
             .exec(
                 "DELETE FROM jobs WHERE seq IN (
@@ -772,7 +881,7 @@ impl Store for PgStore {
         let _timer = timed!();
         let stamp = now_ms() as i64;
         let mut c = self.client().await?;
-        let tx = c.transaction().await?;
+        let tx = self.begin(&mut c).await?;
         tx.exec(
             "INSERT INTO health_probe (id, at_ms) VALUES (1, $1)
              ON CONFLICT (id) DO UPDATE SET at_ms = $1",
@@ -842,7 +951,7 @@ impl Store for PgStore {
     ) -> Result<Option<u64>, StoreError> {
         let _timer = timed!();
         let mut c = self.client().await?;
-        let tx = c.transaction().await?;
+        let tx = self.begin(&mut c).await?;
         // Schedulers enqueueing at once would each count the queue before
         // the other's insert and overshoot the bound: one at a time.
         tx.exec("LOCK TABLE queue IN SHARE ROW EXCLUSIVE MODE", &[])
@@ -975,7 +1084,7 @@ impl Store for PgStore {
     ) -> Result<Option<JobRow>, StoreError> {
         let _timer = timed!();
         let mut c = self.client().await?;
-        let tx = c.transaction().await?;
+        let tx = self.begin(&mut c).await?;
         let claimed = tx
             .rows(
                 &format!(
@@ -1001,7 +1110,7 @@ impl Store for PgStore {
     async fn requeue(&self, job_id: &str, reason: &str) -> Result<bool, StoreError> {
         let _timer = timed!();
         let mut c = self.client().await?;
-        let tx = c.transaction().await?;
+        let tx = self.begin(&mut c).await?;
         let n = tx
             .exec(
                 "UPDATE jobs SET state = 'queued', error_text = '',
@@ -1026,27 +1135,31 @@ impl Store for PgStore {
 
     async fn dequeue(&self, job_id: &str) -> Result<(), StoreError> {
         let _timer = timed!();
-        let c = self.client().await?;
-        c.exec("DELETE FROM queue WHERE job_id = $1", &[&job_id])
+        let mut c = self.client().await?;
+        let tx = self.begin(&mut c).await?;
+        tx.exec("DELETE FROM queue WHERE job_id = $1", &[&job_id])
             .await?;
+        tx.commit().await?;
         Ok(())
     }
 
     async fn set_queue_reason(&self, job_id: &str, reason: &str) -> Result<(), StoreError> {
         let _timer = timed!();
-        let c = self.client().await?;
-        c.exec(
+        let mut c = self.client().await?;
+        let tx = self.begin(&mut c).await?;
+        tx.exec(
             "UPDATE queue SET reason = $2 WHERE job_id = $1",
             &[&job_id, &text(reason)],
         )
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
     async fn stop_queued(&self, job_id: &str) -> Result<bool, StoreError> {
         let _timer = timed!();
         let mut c = self.client().await?;
-        let tx = c.transaction().await?;
+        let tx = self.begin(&mut c).await?;
         let n = tx.exec("UPDATE jobs SET state = 'stopped', error_text = 'stopped while queued; it never started',
                finished_at_ms = $2, updated_at_ms = $2
              WHERE job_id = $1 AND state = 'queued'",
@@ -1065,7 +1178,7 @@ impl Store for PgStore {
         let _timer = timed!();
         let now = now as i64;
         let mut c = self.client().await?;
-        let tx = c.transaction().await?;
+        let tx = self.begin(&mut c).await?;
         let due = tx
             .rows(
                 "SELECT q.job_id, q.queued_at_ms, q.deadline_ms FROM queue q

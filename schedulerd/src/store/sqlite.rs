@@ -412,6 +412,41 @@ impl SqliteStore {
 
 #[async_trait::async_trait]
 impl Store for SqliteStore {
+    /// One scheduler per file: it always leads.
+    fn shared(&self) -> bool {
+        false
+    }
+
+    async fn lead(
+        &self,
+        _holder: &str,
+        _ttl: std::time::Duration,
+    ) -> Result<Option<i64>, StoreError> {
+        Ok(Some(1))
+    }
+
+    async fn resign(&self, _holder: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn fenced(&self, _holder: &str, _term: i64) -> super::SharedStore {
+        Arc::new(self.clone())
+    }
+
+    async fn touch_workers(&self, ids: Vec<String>, now_ms: u64) -> Result<(), StoreError> {
+        self.write(move |c| {
+            let tx = c.transaction()?;
+            for id in &ids {
+                tx.exec(
+                    "UPDATE workers SET last_seen_ms = MAX(last_seen_ms, ?2) WHERE worker_id = ?1",
+                    params![id, now_ms as i64],
+                )?;
+            }
+            tx.commit()
+        })
+        .await
+    }
+
     async fn upsert_worker(&self, w: WorkerRow) -> Result<(), StoreError> {
         self.write(move |c| {
             let tx = c.transaction()?;

@@ -577,3 +577,73 @@ async fn schedulers_sharing_a_database_take_each_queued_job_once() {
         assert_eq!(stores[1].job(id).await.unwrap().unwrap().worker_id, "wa");
     }
 }
+
+/// A PostgreSQL store and a second handle on the same database, as two
+/// schedulers would hold.
+async fn two_postgres_schedulers() -> (SharedStore, SharedStore) {
+    let server = throwaway::Postgres::shared().unwrap_or_else(|why| panic!("{why}"));
+    let url = tokio::task::spawn_blocking(|| server.database())
+        .await
+        .unwrap();
+    let location = crate::store::postgres::PgLocation {
+        url,
+        password: None,
+    };
+    let a = crate::store::postgres::PgStore::connect(&location)
+        .await
+        .unwrap();
+    let b = crate::store::postgres::PgStore::connect(&location)
+        .await
+        .unwrap();
+    (std::sync::Arc::new(a), std::sync::Arc::new(b))
+}
+
+#[tokio::test]
+async fn the_lease_has_one_holder_and_passes_on_only_when_it_expires_or_is_given_up() {
+    let (a, b) = two_postgres_schedulers().await;
+    let ttl = std::time::Duration::from_millis(400);
+    assert_eq!(a.lead("a", ttl).await.unwrap(), Some(1));
+    assert_eq!(b.lead("b", ttl).await.unwrap(), None, "a holds it");
+    assert_eq!(
+        a.lead("a", ttl).await.unwrap(),
+        Some(1),
+        "renewed: same term"
+    );
+    tokio::time::sleep(ttl * 2).await;
+    assert_eq!(
+        b.lead("b", ttl).await.unwrap(),
+        Some(2),
+        "expired: taken over"
+    );
+    assert_eq!(a.lead("a", ttl).await.unwrap(), None);
+    b.resign("b").await.unwrap();
+    assert_eq!(
+        a.lead("a", ttl).await.unwrap(),
+        Some(3),
+        "given up: taken at once"
+    );
+}
+
+#[tokio::test]
+async fn a_leader_fenced_off_by_a_new_term_writes_nothing() {
+    let (a, b) = two_postgres_schedulers().await;
+    let ttl = std::time::Duration::from_millis(400);
+    a.insert_job(job("j", JobState::Running, 0), None)
+        .await
+        .unwrap();
+    let term = a.lead("a", ttl).await.unwrap().unwrap();
+    let old_leader = a.fenced("a", term);
+    assert!(old_leader.mark_unknown("w", "checking").await.unwrap() == ["j"]);
+    // Paused past its lease; b takes over.
+    tokio::time::sleep(ttl * 2).await;
+    let new_term = b.lead("b", ttl).await.unwrap().unwrap();
+    assert!(new_term > term);
+    let error = old_leader.mark_job_lost("j", "stale").await.unwrap_err();
+    assert!(matches!(error, StoreError::NotLeader), "{error}");
+    assert_eq!(b.job("j").await.unwrap().unwrap().state, JobState::Unknown);
+    // Unfenced writes (the API's) go on from any scheduler.
+    a.mark_job_lost("j", "its worker does not know it")
+        .await
+        .unwrap();
+    assert_eq!(b.job("j").await.unwrap().unwrap().state, JobState::Lost);
+}
