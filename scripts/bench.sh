@@ -4,6 +4,8 @@
 #
 #   scripts/bench.sh                 # everything, a few minutes
 #   scripts/bench.sh --quick         # fewer jobs and bytes, for a smoke run
+#   scripts/bench.sh --postgres      # the scheduler on PostgreSQL (a throwaway
+#                                    # server from Debian's postgresql package)
 #   JOBCLUSTER_BENCH_BIN=/old/release scripts/bench.sh   # other daemons
 #
 # It builds the release binaries, creates a throwaway PKI and state in a
@@ -15,8 +17,14 @@
 # Figures vary by 20 % and more on a shared VM: take the median of runs.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-quick=0
-[ "${1:-}" = "--quick" ] && quick=1
+quick=0 postgres=0
+for arg in "$@"; do
+  case $arg in
+    --quick) quick=1 ;;
+    --postgres) postgres=1 ;;
+    *) echo "usage: scripts/bench.sh [--quick] [--postgres]" >&2; exit 2 ;;
+  esac
+done
 
 # JOBCLUSTER_BENCH_BIN=DIR measures the binaries in DIR instead (an
 # earlier build, for a before/after in one sitting); the bench itself is
@@ -34,9 +42,13 @@ dir=$(mktemp -d /tmp/jobcluster-bench.XXXXXX)
 # Run as root, workerd runs jobs as nobody, who must reach the scripts.
 chmod 0755 "$dir"
 pids=()
+pg_ctl=""
+# PostgreSQL refuses to run as root: as root, its server runs as `postgres`.
+as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 cleanup() {
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  [ -n "$pg_ctl" ] && as_pg "$pg_ctl" -D "$dir/pg/data" -m fast -w stop >/dev/null 2>&1
   rm -rf "$dir"
 }
 trap cleanup EXIT
@@ -63,9 +75,21 @@ ca_file = "pki/ca.pem"
 [http_server]
 addr = "127.0.0.1:$http"
 
-[store]
-path = "state/scheduler.db"
 TOML
+if [ $postgres -eq 1 ]; then
+  pg_bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+  [ -x "$pg_bin/initdb" ] || { echo "--postgres needs Debian's postgresql package" >&2; exit 1; }
+  pg_port=$(free_port)
+  mkdir -p "$dir/pg"
+  [ "$(id -u)" = 0 ] && chown postgres "$dir/pg"
+  as_pg "$pg_bin/initdb" -D "$dir/pg/data" -U postgres --auth=trust -E UTF8 >/dev/null
+  pg_ctl="$pg_bin/pg_ctl"
+  as_pg "$pg_ctl" -D "$dir/pg/data" -l "$dir/pg/server.log" -w \
+    -o "-p $pg_port -k $dir/pg -c listen_addresses=127.0.0.1" start >/dev/null
+  printf '[store]\nurl = "postgres://postgres@127.0.0.1:%s/postgres"\n' "$pg_port" >>"$dir/scheduler.toml"
+else
+  printf '[store]\npath = "state/scheduler.db"\n' >>"$dir/scheduler.toml"
+fi
 port_of() { if [ "$1" = w1 ]; then echo "$p1"; else echo "$p2"; fi; }
 for w in w1 w2; do
   cat >"$dir/$w.toml" <<TOML

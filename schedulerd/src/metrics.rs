@@ -368,7 +368,9 @@ fn operation_name(type_name: &'static str) -> &'static str {
     type_name
         .split_once("Store>::")
         .or_else(|| type_name.split_once("Store::"))
+        // A trait method's generics (`insert_job<'_, '_>`) are not its name.
         .and_then(|(_, rest)| rest.split("::").next())
+        .and_then(|name| name.split('<').next())
         .filter(|name| !name.is_empty() && !name.starts_with('{'))
         .unwrap_or(OTHER)
 }
@@ -543,7 +545,7 @@ mod tests {
         );
         assert_eq!(
             operation_name(
-                "<jobcluster_schedulerd::store::postgres::PgStore as jobcluster_schedulerd::store::Store>::job::{{closure}}::here"
+                "<jobcluster_schedulerd::store::postgres::PgStore as jobcluster_schedulerd::store::Store>::job<'_, '_>::{{closure}}::here"
             ),
             "job"
         );

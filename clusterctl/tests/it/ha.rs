@@ -381,3 +381,54 @@ async fn find_leader_except(cluster: &Cluster, more: &[Scheduler], except: usize
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A leader paused (SIGSTOP) past its lease is replaced within 15 s; woken
+/// up, it finds its term over and steps down instead of acting on it, and
+/// the cluster goes on with one leader.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_leader_is_replaced_and_steps_down_when_it_wakes() {
+    let (cluster, more) = schedulers(2, &["w1"], "").await;
+    let leader = find_leader(&cluster, &more).await;
+    let paused = if leader == 0 {
+        &cluster.scheduler
+    } else {
+        &more[leader - 1].daemon
+    };
+    paused.signal(Signal::SIGSTOP);
+    let at = Instant::now();
+    let next = find_leader_except(&cluster, &more, leader).await;
+    assert!(
+        at.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        at.elapsed()
+    );
+    // Jobs start and run meanwhile, through the one that leads now.
+    let url = if next == 0 {
+        cluster.http_addr.clone()
+    } else {
+        more[next - 1].daemon.addrs["http"].clone()
+    };
+    let out = ctl_at(
+        &cluster,
+        &url,
+        &["run", "--worker", "w1", "count.sh", "--", "2", "0"],
+    )
+    .await;
+    assert_eq!(stdout(&out), "1\n2\ndone\n");
+    paused.signal(Signal::SIGCONT);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let logs = logs(&cluster, &more);
+        if !leads(&logs[leader]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the woken leader never stepped down:\n{}",
+            logs[leader]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let logs = logs(&cluster, &more);
+    assert_eq!(logs.iter().filter(|l| leads(l)).count(), 1);
+}
