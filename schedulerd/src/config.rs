@@ -146,6 +146,13 @@ pub struct StoreSection {
     /// that the URL and this config can be readable by more than the
     /// scheduler's user.
     pub password_file: Option<PathBuf>,
+    /// The CA PostgreSQL's server certificate must chain to: the
+    /// connection is then TLS, verified (name included). Required for a
+    /// server off this machine.
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate and key for PostgreSQL's `cert` authentication.
+    pub crt_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
     /// Finished jobs (and groups whose jobs are all gone) are forgotten
     /// this long after they ended.
     #[serde(default = "default_keep_finished", with = "humantime_serde")]
@@ -163,6 +170,9 @@ impl Default for StoreSection {
             path: None,
             url: None,
             password_file: None,
+            ca_file: None,
+            crt_file: None,
+            key_file: None,
             keep_finished: default_keep_finished(),
             leader_lease: default_leader_lease(),
         }
@@ -298,11 +308,18 @@ fn store_location(
 ) -> Result<StoreLocation, ConfigError> {
     let err = |key: &str, msg: String| ConfigError::new(path, key, msg);
     let Some(url) = &store.url else {
-        if store.password_file.is_some() {
-            return Err(err(
-                "store.password_file",
-                "is for a PostgreSQL store: set store.url too".into(),
-            ));
+        for (key, set) in [
+            ("store.password_file", store.password_file.is_some()),
+            ("store.ca_file", store.ca_file.is_some()),
+            ("store.crt_file", store.crt_file.is_some()),
+            ("store.key_file", store.key_file.is_some()),
+        ] {
+            if set {
+                return Err(err(
+                    key,
+                    "is for a PostgreSQL store: set store.url too".into(),
+                ));
+            }
         }
         let file = store.path.clone().unwrap_or_else(default_store_path);
         return Ok(StoreLocation::Sqlite(base.join(file)));
@@ -320,9 +337,55 @@ fn store_location(
             format!("{redacted:?} is not a postgres:// or postgresql:// URL"),
         ));
     }
-    if let Err(e) = url.parse::<tokio_postgres::Config>() {
-        return Err(err("store.url", format!("{redacted:?}: {e}")));
+    let parsed = match url.parse::<tokio_postgres::Config>() {
+        Ok(parsed) => parsed,
+        Err(e) => return Err(err("store.url", format!("{redacted:?}: {e}"))),
+    };
+    // Every connection of the cluster is TLS with a verified peer; a
+    // database on this machine (loopback, or a Unix socket) is the one
+    // exception, as the scheduler's own SQLite file would be.
+    let off_machine: Vec<String> = parsed
+        .get_hosts()
+        .iter()
+        .filter_map(|host| match host {
+            tokio_postgres::config::Host::Tcp(name) if !on_this_machine(name) => Some(name.clone()),
+            _ => None,
+        })
+        .collect();
+    if store.ca_file.is_none() && !off_machine.is_empty() {
+        return Err(err(
+            "store.url",
+            format!(
+                "{} is not on this machine: set store.ca_file (the CA its certificate chains to) \
+                 so the connection is TLS and the server verified",
+                off_machine.join(", ")
+            ),
+        ));
     }
+    let tls = match &store.ca_file {
+        None => None,
+        Some(ca) => {
+            let roots = jobcluster_pki::Roots::load(&base.join(ca))
+                .map_err(|e| err("store.ca_file", e.to_string()))?;
+            let identity = match (&store.crt_file, &store.key_file) {
+                (Some(crt), Some(key)) => Some(
+                    Identity::load(&base.join(crt), &base.join(key))
+                        .map_err(|e| err("store.crt_file", e.to_string()))?,
+                ),
+                (None, None) => None,
+                _ => {
+                    return Err(err(
+                        "store.crt_file",
+                        "set both store.crt_file and store.key_file, or neither".into(),
+                    ));
+                }
+            };
+            Some(
+                jobcluster_pki::client_config(&roots, identity.as_ref(), &[])
+                    .map_err(|e| err("store.ca_file", e.to_string()))?,
+            )
+        }
+    };
     let password = match &store.password_file {
         Some(file) => {
             let file = base.join(file);
@@ -336,8 +399,19 @@ fn store_location(
         crate::store::postgres::PgLocation {
             url: url.clone(),
             password,
+            tls,
         },
     ))
+}
+
+/// A host name or address that is this machine.
+fn on_this_machine(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 impl Config {

@@ -3,7 +3,8 @@
 //! temporary directory, on a free loopback port, as an unprivileged user
 //! (`postgres` when the tests run as root: PostgreSQL refuses root).
 //!
-//! One server per test process, made on first use. It is stopped and its
+//! One shared server per test process, made on first use (and servers of
+//! their own for tests that need one, stopped when dropped). It is stopped and its
 //! directory removed when the test process ends, however it ends: a shell
 //! holds the server and waits for the end of a pipe whose other end only
 //! this process holds (its lifeline); the kernel closes that end when the
@@ -23,12 +24,16 @@ use std::sync::{Mutex, OnceLock};
 pub struct Postgres {
     pub port: u16,
     bin: PathBuf,
+    /// Its directory, where its Unix socket is.
+    dir: String,
     /// Dropped only with the process: its end closing stops the server.
     _lifeline: Mutex<(Child, ChildStdin)>,
 }
 
-/// The stand-in for the server's life: started, it prints `ready` and
-/// waits for its standard input to end.
+/// The stand-in for the server's life: started, it prints `ready DIR` and
+/// waits for its standard input to end. With `PG_TLS_CERT` and
+/// `PG_TLS_KEY` (PEM) in its environment, TCP connections must be TLS
+/// (`hostssl` only); the Unix socket stays open for the harness.
 const SCRIPT: &str = r#"
 set -eu
 bin=$1; port=$2
@@ -36,10 +41,17 @@ dir=$(mktemp -d /tmp/jobcluster-pg.XXXXXX)
 trap 'rm -rf "$dir"' EXIT
 "$bin/initdb" -D "$dir/data" -U postgres --auth=trust -E UTF8 --no-sync >"$dir/initdb.log" 2>&1 \
   || { cat "$dir/initdb.log" >&2; exit 1; }
+tls=""
+if [ -n "${PG_TLS_CERT:-}" ]; then
+  printf '%s' "$PG_TLS_CERT" >"$dir/server.crt"
+  (umask 077 && printf '%s' "$PG_TLS_KEY" >"$dir/server.key")
+  printf 'local all all trust\nhostssl all all 127.0.0.1/32 trust\n' >"$dir/data/pg_hba.conf"
+  tls="-c ssl=on -c ssl_cert_file=$dir/server.crt -c ssl_key_file=$dir/server.key"
+fi
 "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
-  -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=400" start >/dev/null \
+  -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=400 $tls" start >/dev/null \
   || { cat "$dir/server.log" >&2; exit 1; }
-echo ready
+echo "ready $dir"
 cat >/dev/null || true
 "$bin/pg_ctl" -D "$dir/data" -m immediate -w stop >/dev/null 2>&1 || true
 "#;
@@ -55,7 +67,17 @@ impl Postgres {
             .map_err(Clone::clone)
     }
 
+    /// A server of its own whose TCP connections must be TLS, with this
+    /// certificate and key (PEM); stopped when dropped.
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Result<Postgres, String> {
+        Postgres::start_with(&[("PG_TLS_CERT", cert_pem), ("PG_TLS_KEY", key_pem)])
+    }
+
     fn start() -> Result<Postgres, String> {
+        Postgres::start_with(&[])
+    }
+
+    fn start_with(env: &[(&str, &str)]) -> Result<Postgres, String> {
         let bin = bin_dir()?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -74,6 +96,7 @@ impl Postgres {
             .arg(&bin)
             .arg(port.to_string())
             .current_dir("/")
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -85,13 +108,14 @@ impl Postgres {
         BufReader::new(stdout)
             .read_line(&mut line)
             .map_err(|e| e.to_string())?;
-        if line.trim() != "ready" {
+        let Some(dir) = line.trim().strip_prefix("ready ") else {
             let _ = child.wait();
             return Err("the throwaway PostgreSQL did not start (its log is above)".into());
-        }
+        };
         Ok(Postgres {
             port,
             bin,
+            dir: dir.to_owned(),
             _lifeline: Mutex::new((child, stdin)),
         })
     }

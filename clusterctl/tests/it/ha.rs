@@ -432,3 +432,112 @@ async fn a_paused_leader_is_replaced_and_steps_down_when_it_wakes() {
     let logs = logs(&cluster, &more);
     assert_eq!(logs.iter().filter(|l| leads(l)).count(), 1);
 }
+
+/// `[store]` and `[scheduler] addrs` are checked at start, with one line
+/// naming the key; a database off this machine needs TLS.
+#[test]
+fn store_and_scheduler_list_settings_are_checked_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir(tmp.path().join("scripts")).unwrap();
+    std::fs::write(tmp.path().join("pw"), "secret\n").unwrap();
+    let insecure = "[grpc_server]\nuse_tls = false\ninsecure = true\n";
+    let cases = [
+        ("url = \"postgres://u@127.0.0.1:5432/db\"", None),
+        (
+            "url = \"postgres://u@localhost/db\"\npassword_file = \"pw\"",
+            None,
+        ),
+        (
+            "url = \"postgres://u@db.example:5432/db\"",
+            Some("store.url"),
+        ),
+        ("url = \"mysql://u@127.0.0.1/db\"", Some("store.url")),
+        (
+            "url = \"postgres://u@127.0.0.1/db\"\npath = \"s.db\"",
+            Some("store.url"),
+        ),
+        ("password_file = \"pw\"", Some("store.password_file")),
+        (
+            "url = \"postgres://u@127.0.0.1/db\"\npassword_file = \"missing\"",
+            Some("store.password_file"),
+        ),
+        (
+            "url = \"postgres://u@127.0.0.1/db\"\nleader_lease = \"0s\"",
+            Some("store.leader_lease"),
+        ),
+    ];
+    let path = tmp.path().join("schedulerd.toml");
+    for (store, refused) in cases {
+        std::fs::write(&path, format!("{insecure}\n[store]\n{store}\n")).unwrap();
+        let out = std::process::Command::new(bin("schedulerd"))
+            .args(["--config", path.to_str().unwrap(), "--check-config"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.success(), refused.is_none(), "{store}: {stderr}");
+        if let Some(key) = refused {
+            assert!(stderr.contains(key), "{store}: {stderr}");
+            assert!(!stderr.contains("secret"), "{stderr}");
+        }
+    }
+    let worker = |scheduler: &str| {
+        format!(
+            "{insecure}\n[scheduler]\n{scheduler}\n[worker]\nname = \"w1\"\nscripts_dir = \"scripts\"\nstate_dir = \"state\"\n\n[plugins.bash]\nrunner = \"bash\"\n"
+        )
+    };
+    let path = tmp.path().join("workerd.toml");
+    for (scheduler, ok) in [
+        ("addrs = [\"127.0.0.1:1\", \"127.0.0.1:2\"]", true),
+        ("addrs = []", false),
+        ("addr = \"127.0.0.1:1\"\naddrs = [\"127.0.0.1:2\"]", false),
+    ] {
+        std::fs::write(&path, worker(scheduler)).unwrap();
+        let out = std::process::Command::new(bin("workerd"))
+            .args(["--config", path.to_str().unwrap(), "--check-config"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.success(), ok, "{scheduler}: {stderr}");
+        if !ok {
+            assert!(stderr.contains("scheduler.addrs"), "{scheduler}: {stderr}");
+        }
+    }
+}
+
+/// clusterctl takes several scheduler URLs and sends a request that
+/// cannot reach one to the next; a list it cannot use is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn clusterctl_tries_the_next_scheduler_when_one_cannot_be_reached() {
+    let cluster = Cluster::start(&["w1"]).await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("https://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let both = format!("{dead_url},{}", cluster.url());
+    let out = cluster
+        .ctl()
+        .env("CLUSTERCTL_SCHEDULER", &both)
+        .args(["run", "--worker", "w1", "count.sh", "--", "2", "0"])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stdout(&out), "1\n2\ndone\n");
+    assert!(stderr.contains("trying the scheduler at"), "{stderr}");
+    for bad in [
+        format!("http://127.0.0.1:1,{}", cluster.url()),
+        vec![cluster.url(); 17].join(","),
+        ",".to_owned(),
+    ] {
+        let out = cluster
+            .ctl()
+            .env("CLUSTERCTL_SCHEDULER", &bad)
+            .arg("workers")
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{bad}");
+        assert!(stderr.contains("CLUSTERCTL_SCHEDULER"), "{bad}: {stderr}");
+    }
+}

@@ -33,12 +33,13 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
     #[error("database: {0}")]
     Postgres(#[from] tokio_postgres::Error),
-    #[error("database {url}: {source}")]
+    /// A connection could not be made; `why` is the whole chain of causes
+    /// (a TLS handshake's, say: which certificate, why refused).
+    #[error("database {url}: {why}")]
     Connect {
         /// The URL without its password.
         url: String,
-        #[source]
-        source: tokio_postgres::Error,
+        why: String,
     },
     #[error("database: {0}")]
     Pool(String),

@@ -157,6 +157,9 @@ pub struct PgLocation {
     pub url: String,
     /// Read from `[store] password_file`, so the URL needs none.
     pub password: Option<String>,
+    /// `[store] ca_file` (and a client certificate): TLS, required and
+    /// verified. `None`: plaintext, for a server on this machine only.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl PgLocation {
@@ -188,9 +191,17 @@ impl PgStore {
     /// Connects, and brings the database's schema up to this version (or
     /// refuses one that is newer).
     pub async fn connect(location: &PgLocation) -> Result<PgStore, StoreError> {
-        let connect_err = |source| StoreError::Connect {
-            url: location.redacted(),
-            source,
+        let connect_err = |source: tokio_postgres::Error| {
+            let mut why = source.to_string();
+            let mut cause = std::error::Error::source(&source);
+            while let Some(inner) = cause {
+                why = format!("{why}: {inner}");
+                cause = inner.source();
+            }
+            StoreError::Connect {
+                url: location.redacted(),
+                why,
+            }
         };
         let mut config: tokio_postgres::Config = location.url.parse().map_err(connect_err)?;
         if let Some(password) = &location.password {
@@ -206,13 +217,17 @@ impl PgStore {
         if config.get_application_name().is_none() {
             config.application_name("schedulerd");
         }
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let recycling = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match &location.tls {
+            Some(tls) => {
+                config.ssl_mode(tokio_postgres::config::SslMode::Require);
+                let connect = tokio_postgres_rustls::MakeRustlsConnect::new((**tls).clone());
+                Manager::from_config(config, connect, recycling)
+            }
+            None => Manager::from_config(config, NoTls, recycling),
+        };
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
             .runtime(Runtime::Tokio1)

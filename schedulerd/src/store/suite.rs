@@ -56,6 +56,7 @@ async fn postgres() -> SharedStore {
     let location = crate::store::postgres::PgLocation {
         url,
         password: None,
+        tls: None,
     };
     std::sync::Arc::new(
         crate::store::postgres::PgStore::connect(&location)
@@ -494,6 +495,7 @@ async fn a_postgres_database_newer_than_this_scheduler_is_refused() {
     let location = crate::store::postgres::PgLocation {
         url: url.clone(),
         password: None,
+        tls: None,
     };
     drop(
         crate::store::postgres::PgStore::connect(&location)
@@ -528,6 +530,7 @@ async fn schedulers_sharing_a_database_take_each_queued_job_once() {
     let location = crate::store::postgres::PgLocation {
         url,
         password: None,
+        tls: None,
     };
     // Both connect (and migrate) at once.
     let (a, b) = tokio::join!(
@@ -588,6 +591,7 @@ async fn two_postgres_schedulers() -> (SharedStore, SharedStore) {
     let location = crate::store::postgres::PgLocation {
         url,
         password: None,
+        tls: None,
     };
     let a = crate::store::postgres::PgStore::connect(&location)
         .await
@@ -646,4 +650,60 @@ async fn a_leader_fenced_off_by_a_new_term_writes_nothing() {
         .await
         .unwrap();
     assert_eq!(b.job("j").await.unwrap().unwrap().state, JobState::Lost);
+}
+
+/// A PostgreSQL that takes only TLS on TCP: the store connects with the
+/// CA it is given and verifies the server; another CA's server is refused.
+#[tokio::test]
+async fn a_postgres_store_over_tls_verifies_its_server() {
+    use jobcluster_pki::{CertificateAuthority, Role, Roots};
+    let ca = CertificateAuthority::generate("db test CA").unwrap();
+    let server_cert = ca.issue(Role::Scheduler, "db", &[]).unwrap();
+    let server = tokio::task::spawn_blocking(move || {
+        throwaway::Postgres::start_tls(&server_cert.cert_pem, &server_cert.key_pem)
+    })
+    .await
+    .unwrap()
+    .unwrap_or_else(|why| panic!("{why}"));
+    let url = server.url("postgres");
+    let dir = tempfile::tempdir().unwrap();
+    let roots = |ca: &CertificateAuthority, name: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, ca.cert_pem()).unwrap();
+        Roots::load(&path).unwrap()
+    };
+    let with = |roots: &Roots| crate::store::postgres::PgLocation {
+        url: url.clone(),
+        password: None,
+        tls: Some(jobcluster_pki::client_config(roots, None, &[]).unwrap()),
+    };
+
+    let store = crate::store::postgres::PgStore::connect(&with(&roots(&ca, "ca.pem")))
+        .await
+        .unwrap();
+    store
+        .insert_job(job("j", JobState::Running, 0), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.job("j").await.unwrap().unwrap().state,
+        JobState::Running
+    );
+
+    let stranger = CertificateAuthority::generate("another CA").unwrap();
+    let error = crate::store::postgres::PgStore::connect(&with(&roots(&stranger, "other.pem")))
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("certificate"), "{error}");
+    // And without TLS the server takes nobody over TCP.
+    let plain = crate::store::postgres::PgLocation {
+        url: url.clone(),
+        password: None,
+        tls: None,
+    };
+    assert!(
+        crate::store::postgres::PgStore::connect(&plain)
+            .await
+            .is_err()
+    );
 }
