@@ -15,6 +15,7 @@ use std::sync::Arc;
 use crate::state::{JobState, WorkerState};
 
 pub mod postgres;
+mod rows;
 pub mod sqlite;
 #[cfg(test)]
 mod suite;
@@ -481,24 +482,6 @@ fn queue_timeout_text(queued_at_ms: u64, deadline_ms: u64) -> String {
         humantime::format_duration(waited)
     )
 }
-
-pub(crate) const QUEUE_COLUMNS: &str =
-    "q.job_id, q.priority, q.queued_at_ms, q.worker_id, q.selector, q.env, q.deadline_ms, q.reason";
-
-pub(crate) const QUEUED_JOB_COLUMNS: &str =
-    "j.job_id, j.worker_id, j.command, j.path, j.args, j.state,
-    j.error_text, j.exit_code, j.signal, j.created_at_ms, j.started_at_ms, j.finished_at_ms,
-    j.output_bytes, j.group_id, j.updated_at_ms, q.job_id, q.priority, q.queued_at_ms,
-    q.worker_id, q.selector, q.env, q.deadline_ms, q.reason";
-
-pub(crate) const JOB_COLUMNS: &str =
-    "job_id, worker_id, command, path, args, state, error_text, exit_code, signal,
-    created_at_ms, started_at_ms, finished_at_ms, output_bytes, group_id, updated_at_ms";
-
-/// As [`JOB_COLUMNS`], with `args` read as empty.
-pub(crate) const JOB_COLUMNS_WITHOUT_ARGS: &str =
-    "job_id, worker_id, command, path, '[]', state, error_text, exit_code, signal,
-    created_at_ms, started_at_ms, finished_at_ms, output_bytes, group_id, updated_at_ms";
 
 pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> String {
     // Vec<String> and BTreeMap<String, String> always serialize.

@@ -8,7 +8,7 @@
 //! conditional `UPDATE`s, so two schedulers racing for the same row settle
 //! on the row lock and exactly one wins.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,10 +16,13 @@ use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, R
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
+use super::rows::{
+    GROUP_COLUMNS, JOB_COLUMNS, JOB_COLUMNS_WITHOUT_ARGS, KEY_COLUMNS, QUEUE_COLUMNS,
+    QUEUED_JOB_COLUMNS, WORKER_COLUMNS, group_row, job_row, job_state, key_row, queue_row,
+    queued_job_row, worker_row,
+};
 use super::{
-    GroupRow, JOB_COLUMNS, JOB_COLUMNS_WITHOUT_ARGS, JobQuery, JobRow, KeyRow, NewKey,
-    QUEUE_COLUMNS, QUEUED_JOB_COLUMNS, QueueEntry, Store, StoreError, WorkerRow, from_json,
-    to_json,
+    GroupRow, JobQuery, JobRow, KeyRow, NewKey, QueueEntry, Store, StoreError, WorkerRow, to_json,
 };
 use crate::metrics::Ended;
 use crate::state::{JobState, WorkerState};
@@ -244,6 +247,20 @@ impl PgStore {
         Ok(store)
     }
 
+    /// One statement, written in a (fenced) transaction of its own; the
+    /// rows it changed.
+    async fn write_one(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, StoreError> {
+        let mut c = self.client().await?;
+        let tx = self.begin(&mut c).await?;
+        let n = tx.exec(sql, params).await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+
     /// A transaction for a write, fenced on the leader's handle.
     async fn begin<'a>(
         &self,
@@ -458,58 +475,34 @@ impl Store for PgStore {
         last_seen_ms: u64,
     ) -> Result<(), StoreError> {
         let _timer = timed!();
-        let mut c = self.client().await?;
-        let tx = self.begin(&mut c).await?;
-        tx.exec(
+        self.write_one(
             "UPDATE workers SET state = $2, last_seen_ms = $3 WHERE worker_id = $1",
             &[&worker_id, &state.as_str(), &(last_seen_ms as i64)],
         )
         .await?;
-        tx.commit().await?;
         Ok(())
     }
 
     async fn set_worker_draining(&self, worker_id: &str, draining: bool) -> Result<(), StoreError> {
         let _timer = timed!();
-        let mut c = self.client().await?;
-        let tx = self.begin(&mut c).await?;
-        tx.exec(
+        self.write_one(
             "UPDATE workers SET draining = $2 WHERE worker_id = $1",
             &[&worker_id, &draining],
         )
         .await?;
-        tx.commit().await?;
         Ok(())
     }
 
     async fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
         let _timer = timed!();
         let c = self.client().await?;
-        let rows = c.rows("SELECT worker_id, name, address, state, plugins, labels, registered_at_ms, last_seen_ms,
-               cgroup_limits, extensions, draining, max_jobs, seed
-             FROM workers ORDER BY name",
-            &[],
-        )
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(WorkerRow {
-                    worker_id: r.try_get(0)?,
-                    name: r.try_get(1)?,
-                    address: r.try_get(2)?,
-                    state: worker_state(r.try_get(3)?)?,
-                    plugins: from_json(r.try_get(4)?),
-                    labels: from_json(r.try_get(5)?),
-                    registered_at_ms: r.try_get::<_, i64>(6)? as u64,
-                    last_seen_ms: r.try_get::<_, i64>(7)? as u64,
-                    cgroup_limits: r.try_get(8)?,
-                    extensions: from_json(r.try_get(9)?),
-                    draining: r.try_get(10)?,
-                    max_jobs: u32::try_from(r.try_get::<_, i64>(11)?).unwrap_or(u32::MAX),
-                    seed: r.try_get(12)?,
-                })
-            })
-            .collect()
+        let rows = c
+            .rows(
+                &format!("SELECT {WORKER_COLUMNS} FROM workers ORDER BY name"),
+                &[],
+            )
+            .await?;
+        rows.iter().map(worker_row).collect()
     }
 
     async fn insert_job(&self, j: JobRow, key: Option<NewKey>) -> Result<(), StoreError> {
@@ -628,7 +621,7 @@ impl Store for PgStore {
                 )
                 .await?;
             let recorded = match recorded.first() {
-                Some(r) => Some((job_state(r.try_get(0)?)?, r.try_get::<_, String>(1)?)),
+                Some(r) => Some((job_state(r, 0)?, r.try_get::<_, String>(1)?)),
                 None => None,
             };
             if super::must_kill(worker_id, row, recorded) {
@@ -769,14 +762,11 @@ impl Store for PgStore {
 
     async fn unbind_group_key(&self, key: &str, group_id: &str) -> Result<(), StoreError> {
         let _timer = timed!();
-        let mut c = self.client().await?;
-        let tx = self.begin(&mut c).await?;
-        tx.exec(
+        self.write_one(
             "DELETE FROM idempotency_keys WHERE key = $1 AND group_id = $2",
             &[&key, &group_id],
         )
         .await?;
-        tx.commit().await?;
         Ok(())
     }
 
@@ -789,23 +779,13 @@ impl Store for PgStore {
         let c = self.client().await?;
         let rows = c
             .rows(
-                "SELECT key, route, body_sha256, job_id, group_id, created_at_ms
-             FROM idempotency_keys WHERE key = $1 AND created_at_ms >= $2",
-                &[&key, &(expired_before_ms as i64)],
-            )
-            .await?;
-        rows.first()
-            .map(|r| {
-                Ok(KeyRow {
-                    key: r.try_get(0)?,
-                    route: r.try_get(1)?,
-                    body_sha256: r.try_get(2)?,
-                    job_id: r.try_get(3)?,
-                    group_id: r.try_get(4)?,
-                    created_at_ms: r.try_get::<_, i64>(5)? as u64,
-                })
-            })
-            .transpose()
+                &format!(
+                "SELECT {KEY_COLUMNS} FROM idempotency_keys WHERE key = $1 AND created_at_ms >= $2"
+            ),
+            &[&key, &(expired_before_ms as i64)],
+        )
+        .await?;
+        rows.first().map(key_row).transpose()
     }
 
     async fn prune_idempotency_keys(
@@ -814,26 +794,25 @@ impl Store for PgStore {
         limit: u32,
     ) -> Result<usize, StoreError> {
         let _timer = timed!();
-        let mut c = self.client().await?;
-        let tx = self.begin(&mut c).await?;
-        let n = tx
-            .exec(
+        let n = self
+            .write_one(
                 "DELETE FROM idempotency_keys WHERE key IN (
-               SELECT key FROM idempotency_keys WHERE created_at_ms < $1 LIMIT $2)",
+                   SELECT key FROM idempotency_keys WHERE created_at_ms < $1 LIMIT $2)",
                 &[&(expired_before_ms as i64), &i64::from(limit)],
             )
             .await?;
-        tx.commit().await?;
         Ok(n as usize)
     }
 
     async fn group(&self, group_id: &str) -> Result<Option<(GroupRow, Vec<JobRow>)>, StoreError> {
         let _timer = timed!();
         let c = self.client().await?;
-        let groups = c.rows("SELECT group_id, command, path, args, created_at_ms FROM groups WHERE group_id = $1",
-            &[&group_id],
-        )
-        .await?;
+        let groups = c
+            .rows(
+                &format!("SELECT {GROUP_COLUMNS} FROM groups WHERE group_id = $1"),
+                &[&group_id],
+            )
+            .await?;
         let Some(group) = groups.first() else {
             return Ok(None);
         };
@@ -1050,7 +1029,7 @@ impl Store for PgStore {
         let Some(entry) = rows.first() else {
             return Ok(None);
         };
-        let entry = queue_row_at(entry, 0)?;
+        let entry = queue_row(entry)?;
         Ok(position(&*c, job_id).await?.map(|p| (entry, p)))
     }
 
@@ -1160,14 +1139,11 @@ impl Store for PgStore {
 
     async fn set_queue_reason(&self, job_id: &str, reason: &str) -> Result<(), StoreError> {
         let _timer = timed!();
-        let mut c = self.client().await?;
-        let tx = self.begin(&mut c).await?;
-        tx.exec(
+        self.write_one(
             "UPDATE queue SET reason = $2 WHERE job_id = $1",
             &[&job_id, &text(reason)],
         )
         .await?;
-        tx.commit().await?;
         Ok(())
     }
 
@@ -1426,59 +1402,4 @@ fn text(value: &str) -> std::borrow::Cow<'_, str> {
     } else {
         value.into()
     }
-}
-
-fn job_state(text: &str) -> Result<JobState, StoreError> {
-    JobState::parse(text).ok_or_else(|| StoreError::Corrupt(format!("job state {text:?}")))
-}
-
-fn worker_state(text: &str) -> Result<WorkerState, StoreError> {
-    WorkerState::parse(text).ok_or_else(|| StoreError::Corrupt(format!("worker state {text:?}")))
-}
-
-fn job_row(r: &Row) -> Result<JobRow, StoreError> {
-    Ok(JobRow {
-        job_id: r.try_get(0)?,
-        worker_id: r.try_get(1)?,
-        command: r.try_get(2)?,
-        path: r.try_get(3)?,
-        args: from_json(r.try_get(4)?),
-        state: job_state(r.try_get(5)?)?,
-        error_text: r.try_get(6)?,
-        exit_code: r.try_get(7)?,
-        signal: r.try_get(8)?,
-        created_at_ms: r.try_get::<_, i64>(9)? as u64,
-        started_at_ms: r.try_get::<_, i64>(10)? as u64,
-        finished_at_ms: r.try_get::<_, i64>(11)? as u64,
-        output_bytes: r.try_get::<_, i64>(12)? as u64,
-        group_id: r.try_get(13)?,
-        updated_at_ms: r.try_get::<_, i64>(14)? as u64,
-    })
-}
-
-fn group_row(r: &Row) -> Result<GroupRow, StoreError> {
-    Ok(GroupRow {
-        group_id: r.try_get(0)?,
-        command: r.try_get(1)?,
-        path: r.try_get(2)?,
-        args: from_json(r.try_get(3)?),
-        created_at_ms: r.try_get::<_, i64>(4)? as u64,
-    })
-}
-
-fn queue_row_at(r: &Row, at: usize) -> Result<QueueEntry, StoreError> {
-    Ok(QueueEntry {
-        job_id: r.try_get(at)?,
-        priority: r.try_get(at + 1)?,
-        queued_at_ms: r.try_get::<_, i64>(at + 2)? as u64,
-        worker_id: r.try_get(at + 3)?,
-        selector: from_json::<BTreeMap<String, String>>(r.try_get(at + 4)?),
-        env: from_json(r.try_get(at + 5)?),
-        deadline_ms: r.try_get::<_, i64>(at + 6)? as u64,
-        reason: r.try_get(at + 7)?,
-    })
-}
-
-fn queued_job_row(r: &Row) -> Result<(JobRow, QueueEntry), StoreError> {
-    Ok((job_row(r)?, queue_row_at(r, 15)?))
 }

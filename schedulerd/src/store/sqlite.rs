@@ -11,26 +11,19 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::rows::{
+    GROUP_COLUMNS, JOB_COLUMNS, JOB_COLUMNS_WITHOUT_ARGS, KEY_COLUMNS, QUEUE_COLUMNS,
+    QUEUED_JOB_COLUMNS, WORKER_COLUMNS, group_row, job_row, key_row, queue_row, queued_job_row,
+    worker_row,
+};
 use super::{
-    GroupRow, JOB_COLUMNS, JOB_COLUMNS_WITHOUT_ARGS, JobQuery, JobRow, KeyRow, NewKey,
-    QUEUE_COLUMNS, QUEUED_JOB_COLUMNS, QueueEntry, Store, StoreError, WorkerRow, from_json,
-    to_json,
+    GroupRow, JobQuery, JobRow, KeyRow, NewKey, QueueEntry, Store, StoreError, WorkerRow, to_json,
 };
 use crate::group_sync::GroupSync;
 use crate::state::{JobState, WorkerState};
 use crate::time::now_ms;
 
 const READERS: usize = 4;
-
-fn group_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<GroupRow> {
-    Ok(GroupRow {
-        group_id: r.get(0)?,
-        command: r.get(1)?,
-        path: r.get(2)?,
-        args: from_json(&r.get::<_, String>(3)?),
-        created_at_ms: r.get::<_, i64>(4)? as u64,
-    })
-}
 
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -571,28 +564,10 @@ impl Store for SqliteStore {
 
     async fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
         self.read(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT worker_id, name, address, state, plugins, labels, registered_at_ms, last_seen_ms,
-                   cgroup_limits, extensions, draining, max_jobs, seed
-                 FROM workers ORDER BY name",
-            )?;
-            let rows = stmt.query_map([], |r| {
-                Ok(WorkerRow {
-                    worker_id: r.get(0)?,
-                    name: r.get(1)?,
-                    address: r.get(2)?,
-                    state: r.get(3)?,
-                    plugins: from_json(&r.get::<_, String>(4)?),
-                    labels: from_json(&r.get::<_, String>(5)?),
-                    registered_at_ms: r.get::<_, i64>(6)? as u64,
-                    last_seen_ms: r.get::<_, i64>(7)? as u64,
-                    cgroup_limits: r.get(8)?,
-                    extensions: from_json(&r.get::<_, String>(9)?),
-                    draining: r.get(10)?,
-                    max_jobs: r.get(11)?,
-                    seed: r.get(12)?,
-                })
-            })?;
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {WORKER_COLUMNS} FROM workers ORDER BY name"
+            ))?;
+            let rows = stmt.query_map([], |r| worker_row(r))?;
             rows.collect()
         })
         .await
@@ -820,7 +795,7 @@ impl Store for SqliteStore {
                    ORDER BY seq LIMIT ?3"
             ))?;
             let rows = stmt
-                .query_map(params![worker_id, before_ms as i64, limit], job_row)?
+                .query_map(params![worker_id, before_ms as i64, limit], |r| job_row(r))?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
         })
@@ -882,19 +857,11 @@ impl Store for SqliteStore {
         let key = key.to_owned();
         self.read(move |c| {
             c.row(
-                "SELECT key, route, body_sha256, job_id, group_id, created_at_ms
-                 FROM idempotency_keys WHERE key = ?1 AND created_at_ms >= ?2",
+                &format!(
+                    "SELECT {KEY_COLUMNS} FROM idempotency_keys WHERE key = ?1 AND created_at_ms >= ?2"
+                ),
                 params![key, expired_before_ms as i64],
-                |r| {
-                    Ok(KeyRow {
-                        key: r.get(0)?,
-                        route: r.get(1)?,
-                        body_sha256: r.get(2)?,
-                        job_id: r.get(3)?,
-                        group_id: r.get(4)?,
-                        created_at_ms: r.get::<_, i64>(5)? as u64,
-                    })
-                },
+                |r| key_row(r),
             )
             .optional()
         })
@@ -921,9 +888,9 @@ impl Store for SqliteStore {
         self.read(move |c| {
             let Some(group) = c
                 .query_row(
-                    "SELECT group_id, command, path, args, created_at_ms FROM groups WHERE group_id = ?1",
+                    &format!("SELECT {GROUP_COLUMNS} FROM groups WHERE group_id = ?1"),
                     [&id],
-                    group_row,
+                    |r| group_row(r),
                 )
                 .optional()?
             else {
@@ -932,7 +899,9 @@ impl Store for SqliteStore {
             let mut stmt = c.prepare_cached(&format!(
                 "SELECT {JOB_COLUMNS_WITHOUT_ARGS} FROM jobs WHERE group_id = ?1 ORDER BY seq"
             ))?;
-            let jobs = stmt.query_map([&id], job_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+            let jobs = stmt
+                .query_map([&id], |r| job_row(r))?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(Some((group, jobs)))
         })
         .await
@@ -943,7 +912,7 @@ impl Store for SqliteStore {
             let mut stmt = c.prepare_cached(
                 "SELECT group_id, command, path, '[]', created_at_ms FROM groups ORDER BY seq DESC LIMIT ?1",
             )?;
-            let rows = stmt.query_map([limit], group_row)?.collect::<rusqlite::Result<_>>()?;
+            let rows = stmt.query_map([limit], |r| group_row(r))?.collect::<rusqlite::Result<_>>()?;
             Ok(rows)
         })
         .await
@@ -1012,7 +981,7 @@ impl Store for SqliteStore {
             c.row(
                 &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = ?1"),
                 [id],
-                job_row,
+                |r| job_row(r),
             )
             .optional()
         })
@@ -1107,7 +1076,7 @@ impl Store for SqliteStore {
                  ORDER BY q.priority DESC, q.seq LIMIT ?3"
             ))?;
             let rows = stmt
-                .query_map(params![priority, worker_id, limit], queued_job_row)?
+                .query_map(params![priority, worker_id, limit], |r| queued_job_row(r))?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
         })
@@ -1130,7 +1099,7 @@ impl Store for SqliteStore {
                 .query_row(
                     &format!("SELECT {QUEUE_COLUMNS} FROM queue q WHERE q.job_id = ?1"),
                     [&id],
-                    queue_row,
+                    |r| queue_row(r),
                 )
                 .optional()?
             else {
@@ -1155,7 +1124,9 @@ impl Store for SqliteStore {
                  ORDER BY q.priority DESC, q.seq LIMIT ?1 OFFSET ?2"
             ))?;
             let rows = stmt
-                .query_map(params![limit, skip as i64, worker_id], queued_job_row)?
+                .query_map(params![limit, skip as i64, worker_id], |r| {
+                    queued_job_row(r)
+                })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
         })
@@ -1169,7 +1140,7 @@ impl Store for SqliteStore {
                  WHERE q.dispatching = 1 ORDER BY q.seq"
             ))?;
             let rows = stmt
-                .query_map([], queued_job_row)?
+                .query_map([], |r| queued_job_row(r))?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(rows)
         })
@@ -1195,7 +1166,7 @@ impl Store for SqliteStore {
                          WHERE job_id = ?1 AND state = 'queued' RETURNING {JOB_COLUMNS}"
                     ),
                     params![id, worker, why, now_ms() as i64],
-                    job_row,
+                    |r| job_row(r),
                 )
                 .optional()?;
             if claimed.is_some() {
@@ -1450,47 +1421,6 @@ fn position(c: &Connection, job_id: &str) -> rusqlite::Result<Option<u64>> {
         |r| r.get::<_, i64>(0).map(|n| n as u64),
     )
     .optional()
-}
-
-fn queue_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<QueueEntry> {
-    queue_row_at(r, 0)
-}
-
-fn queue_row_at(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<QueueEntry> {
-    Ok(QueueEntry {
-        job_id: r.get(at)?,
-        priority: r.get(at + 1)?,
-        queued_at_ms: r.get::<_, i64>(at + 2)? as u64,
-        worker_id: r.get(at + 3)?,
-        selector: from_json(&r.get::<_, String>(at + 4)?),
-        env: from_json(&r.get::<_, String>(at + 5)?),
-        deadline_ms: r.get::<_, i64>(at + 6)? as u64,
-        reason: r.get(at + 7)?,
-    })
-}
-
-fn queued_job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(JobRow, QueueEntry)> {
-    Ok((job_row(r)?, queue_row_at(r, 15)?))
-}
-
-fn job_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
-    Ok(JobRow {
-        job_id: r.get(0)?,
-        worker_id: r.get(1)?,
-        command: r.get(2)?,
-        path: r.get(3)?,
-        args: from_json(&r.get::<_, String>(4)?),
-        state: r.get(5)?,
-        error_text: r.get(6)?,
-        exit_code: r.get(7)?,
-        signal: r.get(8)?,
-        created_at_ms: r.get::<_, i64>(9)? as u64,
-        started_at_ms: r.get::<_, i64>(10)? as u64,
-        finished_at_ms: r.get::<_, i64>(11)? as u64,
-        output_bytes: r.get::<_, i64>(12)? as u64,
-        group_id: r.get(13)?,
-        updated_at_ms: r.get::<_, i64>(14)? as u64,
-    })
 }
 
 #[cfg(test)]

@@ -47,17 +47,22 @@ suite!(
     a_queue_timeout_fails_only_jobs_still_queued,
 );
 
-/// A PostgreSQL store on a new database of this process's throwaway server.
-async fn postgres() -> SharedStore {
+/// A new database on this process's throwaway server.
+async fn new_database() -> crate::store::postgres::PgLocation {
     let server = throwaway::Postgres::shared().unwrap_or_else(|why| panic!("{why}"));
     let url = tokio::task::spawn_blocking(|| server.database())
         .await
         .unwrap();
-    let location = crate::store::postgres::PgLocation {
+    crate::store::postgres::PgLocation {
         url,
         password: None,
         tls: None,
-    };
+    }
+}
+
+/// A PostgreSQL store on a new database of this process's throwaway server.
+async fn postgres() -> SharedStore {
+    let location = new_database().await;
     std::sync::Arc::new(
         crate::store::postgres::PgStore::connect(&location)
             .await
@@ -488,21 +493,13 @@ async fn a_sqlite_database_newer_than_this_scheduler_is_refused() {
 
 #[tokio::test]
 async fn a_postgres_database_newer_than_this_scheduler_is_refused() {
-    let server = throwaway::Postgres::shared().unwrap_or_else(|why| panic!("{why}"));
-    let url = tokio::task::spawn_blocking(|| server.database())
-        .await
-        .unwrap();
-    let location = crate::store::postgres::PgLocation {
-        url: url.clone(),
-        password: None,
-        tls: None,
-    };
+    let location = new_database().await;
     drop(
         crate::store::postgres::PgStore::connect(&location)
             .await
             .unwrap(),
     );
-    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+    let (client, connection) = tokio_postgres::connect(&location.url, tokio_postgres::NoTls)
         .await
         .unwrap();
     tokio::spawn(connection);
@@ -523,15 +520,7 @@ async fn a_postgres_database_newer_than_this_scheduler_is_refused() {
 /// taken exactly once.
 #[tokio::test]
 async fn schedulers_sharing_a_database_take_each_queued_job_once() {
-    let server = throwaway::Postgres::shared().unwrap_or_else(|why| panic!("{why}"));
-    let url = tokio::task::spawn_blocking(|| server.database())
-        .await
-        .unwrap();
-    let location = crate::store::postgres::PgLocation {
-        url,
-        password: None,
-        tls: None,
-    };
+    let location = new_database().await;
     // Both connect (and migrate) at once.
     let (a, b) = tokio::join!(
         crate::store::postgres::PgStore::connect(&location),
@@ -584,15 +573,7 @@ async fn schedulers_sharing_a_database_take_each_queued_job_once() {
 /// A PostgreSQL store and a second handle on the same database, as two
 /// schedulers would hold.
 async fn two_postgres_schedulers() -> (SharedStore, SharedStore) {
-    let server = throwaway::Postgres::shared().unwrap_or_else(|why| panic!("{why}"));
-    let url = tokio::task::spawn_blocking(|| server.database())
-        .await
-        .unwrap();
-    let location = crate::store::postgres::PgLocation {
-        url,
-        password: None,
-        tls: None,
-    };
+    let location = new_database().await;
     let a = crate::store::postgres::PgStore::connect(&location)
         .await
         .unwrap();
