@@ -534,6 +534,11 @@ impl Store for PgStore {
         let _timer = timed!();
         let mut c = self.client().await?;
         let tx = self.begin(&mut c).await?;
+        // As on SQLite, the answer to a start does not wait for its flush
+        // (the job's record, flushed before the worker was asked, is the
+        // promise): it commits without waiting for the WAL's sync, and is
+        // visible to every scheduler at once.
+        tx.exec("SET LOCAL synchronous_commit TO OFF", &[]).await?;
         let mut ended = Ended::default();
         let updated = update_job(&tx, &j, &mut ended).await? > 0;
         tx.commit().await?;
