@@ -200,8 +200,8 @@ pub(crate) struct Registry {
     /// [`Registry::take_heard`], for the store (the leader judges liveness
     /// from it). `None`: not kept.
     heard: Mutex<Option<HashSet<String>>>,
-    /// When (Unix ms) the last sync with a shared store began.
-    synced_at: std::sync::atomic::AtomicU64,
+    /// When (Unix ms) a lookup that missed last synced with the store.
+    missed_at: std::sync::atomic::AtomicU64,
 }
 
 /// A lookup that misses syncs with a shared store at most this often, so
@@ -235,15 +235,13 @@ impl Registry {
                 connect_timeout,
             }),
             heard: Mutex::new(None),
-            synced_at: Default::default(),
+            missed_at: Default::default(),
         }
     }
 
     /// One sync with the schedulers sharing `store`: the workers heard here
     /// are recorded as seen, and the registry takes the store's records.
     pub(crate) async fn sync(&self, store: &crate::store::SharedStore) {
-        self.synced_at
-            .store(crate::time::now_ms(), std::sync::atomic::Ordering::Relaxed);
         let heard = self.take_heard();
         if !heard.is_empty()
             && let Err(error) = store.touch_workers(heard, crate::time::now_ms()).await
@@ -269,8 +267,11 @@ impl Registry {
         if let Some(entry) = self.get(id_or_name) {
             return Some(entry);
         }
-        let last = self.synced_at.load(std::sync::atomic::Ordering::Relaxed);
-        if !store.shared() || crate::time::now_ms().saturating_sub(last) < RESYNC_ON_MISS_MS {
+        let now = crate::time::now_ms();
+        let last = self
+            .missed_at
+            .swap(now, std::sync::atomic::Ordering::Relaxed);
+        if !store.shared() || now.saturating_sub(last) < RESYNC_ON_MISS_MS {
             return None;
         }
         self.sync(store).await;

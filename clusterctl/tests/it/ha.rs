@@ -326,7 +326,8 @@ async fn killing_the_leader_under_load_loses_nothing_and_runs_nothing_twice() {
         .unwrap();
     assert_eq!(followed, expected, "the follower's bytes");
 
-    // Ran exactly once: each job is in exactly one worker's records.
+    // Ran exactly once: each job is in exactly one worker's records; and
+    // what the schedulers say of it is what that worker holds, to the byte.
     let mut on: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for worker in ["w1", "w2"] {
         let dir = cluster.tmp.path().join(format!("state/{worker}/jobs"));
@@ -336,11 +337,24 @@ async fn killing_the_leader_under_load_loses_nothing_and_runs_nothing_twice() {
         }
     }
     for id in started.iter().chain(std::iter::once(&long)) {
+        let holders = on.get(id).cloned().unwrap_or_default();
+        assert_eq!(holders.len(), 1, "job {id} ran on {holders:?}");
+        let worker = holders.first().unwrap();
+        let dir = cluster.tmp.path().join(format!("state/{worker}/jobs/{id}"));
+        let held: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("job.json")).unwrap()).unwrap();
+        let said: serde_json::Value =
+            serde_json::from_str(&ctl_ok(&cluster, &["-o", "json", "status", id]).await).unwrap();
+        assert_eq!(said["state"], held["state"], "job {id}: {said} / {held}");
         assert_eq!(
-            on.get(id).map(BTreeSet::len),
-            Some(1),
-            "job {id} ran on {:?}",
-            on.get(id)
+            said["exit_code"], held["exit_code"],
+            "job {id}: {said} / {held}"
+        );
+        let bytes = std::fs::read(dir.join("output.log")).unwrap();
+        let served = cluster.ctl_output(&["logs", id]).await.stdout;
+        assert_eq!(
+            served, bytes,
+            "job {id}: the output served is what {worker} holds"
         );
     }
 }
