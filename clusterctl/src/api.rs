@@ -558,17 +558,17 @@ impl Api {
     }
 
     /// Sends a request; any non-2xx answer becomes [`ApiError::Status`].
-    /// A request that cannot be delivered (no connection, a reset, a
-    /// timeout) goes to each other scheduler in turn, and the first that
-    /// takes it is the one used from then on. Sending again is safe: a
-    /// start carries its idempotency key, and every other request the
-    /// CLI makes is a read or a stop.
+    /// A request that could not be delivered at all (no connection to its
+    /// scheduler) goes to each other scheduler in turn, and the first that
+    /// takes it is the one used from then on. Only then: a request that
+    /// may have arrived (a reset or a timeout after it was sent) is not
+    /// sent elsewhere here; starts are sent again by `retry_start`, with
+    /// their idempotency key, and followers resume from their offset.
     async fn send(&self, mut req: RequestBuilder) -> Result<Response, ApiError> {
         if let Some(auth) = &self.authorization {
             req = req.header(AUTHORIZATION, auth.clone());
         }
         let first = self.current.load(Ordering::Relaxed);
-        let from = self.base_of(first).0.clone();
         let mut original = Some(req.build().map_err(|e| {
             let (message, retryable) = explain::transport(&self.base().1, &e);
             ApiError::Transport { message, retryable }
@@ -583,7 +583,7 @@ impl Api {
             let Some(mut this) = (if final_try { original.take() } else { copy }) else {
                 return Err(no_request_left());
             };
-            *this.url_mut() = rebased(this.url(), &from, base);
+            *this.url_mut() = self.rebased(this.url(), base);
             match self.client.execute(this).await {
                 Ok(resp) => {
                     self.current.store(at, Ordering::Relaxed);
@@ -591,7 +591,7 @@ impl Api {
                 }
                 Err(e) => {
                     let (message, retryable) = explain::transport(shown, &e);
-                    if final_try {
+                    if final_try || !e.is_connect() {
                         return Err(ApiError::Transport { message, retryable });
                     }
                     let next = &self.base_of(at + 1).1;
@@ -615,6 +615,22 @@ impl Api {
             None => text.to_owned(),
         };
         Err(ApiError::Status { status, body, text })
+    }
+
+    /// `url`, made for one of the schedulers, for the one at `to`.
+    fn rebased(&self, url: &Url, to: &Url) -> Url {
+        let to = to.as_str().trim_end_matches('/');
+        self.bases
+            .iter()
+            .map(|(from, _)| from.as_str().trim_end_matches('/'))
+            // `https://h:1` is not a prefix of `https://h:10/...`.
+            .find_map(|from| {
+                url.as_str()
+                    .strip_prefix(from)
+                    .filter(|rest| rest.is_empty() || rest.starts_with(['/', '?']))
+            })
+            .and_then(|rest| Url::parse(&format!("{to}{rest}")).ok())
+            .unwrap_or_else(|| url.clone())
     }
 
     fn base_of(&self, at: usize) -> &(Url, String) {
@@ -679,18 +695,6 @@ fn no_request_left() -> ApiError {
         message: "internal: no request left to send".into(),
         retryable: false,
     }
-}
-
-/// `url`, made for the scheduler at `from`, for the one at `to`.
-fn rebased(url: &Url, from: &Url, to: &Url) -> Url {
-    let (from, to) = (
-        from.as_str().trim_end_matches('/'),
-        to.as_str().trim_end_matches('/'),
-    );
-    url.as_str()
-        .strip_prefix(from)
-        .and_then(|rest| Url::parse(&format!("{to}{rest}")).ok())
-        .unwrap_or_else(|| url.clone())
 }
 
 /// The scheduler URLs of `--scheduler`: one, or several separated by

@@ -11,6 +11,7 @@
 //! is fenced off by the store: its writes fail once another holds the lease.
 
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
@@ -38,10 +39,37 @@ impl Lease {
     }
 }
 
+/// Whether this scheduler may act as the leader at this instant: its term
+/// has not ended, and the lease it holds is not past the point where it
+/// must stop. Checked right before a leader's call to a worker (a start),
+/// which the store's fence cannot cover. The default always may: a
+/// scheduler alone on its store, or one answering a request.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Acting(Option<Arc<(CancellationToken, Mutex<std::time::Instant>)>>);
+
+impl Acting {
+    pub(crate) fn now(&self) -> bool {
+        match &self.0 {
+            None => true,
+            Some(term) => {
+                let until = *term.1.lock().unwrap_or_else(|e| e.into_inner());
+                !term.0.is_cancelled() && std::time::Instant::now() < until
+            }
+        }
+    }
+
+    fn extend(&self, until: Instant) {
+        if let Some(term) = &self.0 {
+            *term.1.lock().unwrap_or_else(|e| e.into_inner()) = until.into_std();
+        }
+    }
+}
+
 /// One term of leadership: its work and how to end it.
 struct Term {
     token: i64,
     stop: CancellationToken,
+    acting: Acting,
     work: Vec<JoinHandle<()>>,
 }
 
@@ -78,13 +106,13 @@ pub(crate) async fn run<W>(
     work: W,
     stop: CancellationToken,
 ) where
-    W: Fn(SharedStore, CancellationToken) -> Vec<JoinHandle<()>>,
+    W: Fn(SharedStore, CancellationToken, Acting) -> Vec<JoinHandle<()>>,
 {
     if !store.shared() {
         // Alone on its store: one term, from start to stop.
         crate::metrics::set_leader(true);
         let term = stop.child_token();
-        let tasks = work(store, term.clone());
+        let tasks = work(store, term.clone(), Acting::default());
         stop.cancelled().await;
         for task in tasks {
             let _ = task.await;
@@ -96,8 +124,14 @@ pub(crate) async fn run<W>(
     let mut until = Instant::now();
     loop {
         let asked = Instant::now();
+        // A leader waits for its renewal no longer than it may act.
+        let wait = if current.is_some() {
+            until.min(asked + lease.renew_every())
+        } else {
+            asked + lease.renew_every()
+        };
         let granted = tokio::select! {
-            granted = tokio::time::timeout(lease.renew_every(), store.lead(&holder, lease.ttl)) => granted,
+            granted = tokio::time::timeout_at(wait, store.lead(&holder, lease.ttl)) => granted,
             () = stop.cancelled() => break,
         };
         match granted {
@@ -109,16 +143,22 @@ pub(crate) async fn run<W>(
                         .await;
                 }
                 until = asked + lease.ttl - lease.margin();
-                if current.is_none() {
-                    tracing::info!(term = token, %holder, "this scheduler is the leader");
-                    crate::metrics::set_leader(true);
-                    let stop = stop.child_token();
-                    let fenced = store.fenced(&holder, token);
-                    current = Some(Term {
-                        token,
-                        work: work(fenced, stop.clone()),
-                        stop,
-                    });
+                match &current {
+                    Some(term) => term.acting.extend(until),
+                    None => {
+                        tracing::info!(term = token, %holder, "this scheduler is the leader");
+                        crate::metrics::set_leader(true);
+                        let stop = stop.child_token();
+                        let acting =
+                            Acting(Some(Arc::new((stop.clone(), Mutex::new(until.into_std())))));
+                        let fenced = store.fenced(&holder, token);
+                        current = Some(Term {
+                            token,
+                            work: work(fenced, stop.clone(), acting.clone()),
+                            acting,
+                            stop,
+                        });
+                    }
                 }
             }
             Ok(Ok(None)) => {
@@ -150,8 +190,10 @@ pub(crate) async fn run<W>(
     if let Some(old) = current.take() {
         old.end("the scheduler is stopping").await;
         // Handing over at once instead of after the lease runs out.
-        if let Err(error) = store.resign(&holder).await {
-            tracing::warn!(%error, "could not give the leader lease up");
+        match tokio::time::timeout(lease.renew_every(), store.resign(&holder)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "could not give the leader lease up"),
+            Err(_) => tracing::warn!("giving the leader lease up timed out; it expires by itself"),
         }
     }
 }

@@ -349,6 +349,7 @@ pub async fn run(
         claims: Default::default(),
         queue,
         readiness: Default::default(),
+        acting: Default::default(),
     };
     let readiness = app_state.readiness.clone();
     // What must run once in the cluster: on the leader only, through a
@@ -366,15 +367,18 @@ pub async fn run(
             lost_after: config.lost_after,
             // What other schedulers heard reaches this one through the
             // store, up to one sync later.
+            // (the scheduler that heard it writes it down at its next
+            // sync, this one reads it at its own: up to two syncs).
             lag: if store.shared() {
-                sync_every(config.heartbeat_interval)
+                sync_every(config.heartbeat_interval) * 2
             } else {
                 Duration::ZERO
             },
         };
-        let work = move |store: store::SharedStore, stop: CancellationToken| {
+        let work = move |store: store::SharedStore, stop: CancellationToken, acting| {
             let state = api::AppState {
                 store: store.clone(),
+                acting,
                 ..app_state.clone()
             };
             vec![

@@ -244,9 +244,14 @@ impl Registry {
     pub(crate) async fn sync(&self, store: &crate::store::SharedStore) {
         let heard = self.take_heard();
         if !heard.is_empty()
-            && let Err(error) = store.touch_workers(heard, crate::time::now_ms()).await
+            && let Err(error) = store
+                .touch_workers(heard.clone(), crate::time::now_ms())
+                .await
         {
-            tracing::warn!(%error, "could not record the workers heard from");
+            tracing::warn!(%error, "could not record the workers heard from; trying again at the next sync");
+            for id in &heard {
+                self.heard_from(id);
+            }
         }
         match tokio::try_join!(store.workers(), store.removed_worker_ids()) {
             Ok((rows, removed)) => self.refresh(rows, removed),
@@ -339,7 +344,17 @@ impl Registry {
                             r.address != row.address,
                         )
                     });
-                    if again && moved {
+                    // Heard from (by some scheduler) since this one found it
+                    // unresponsive: trusted again, as after a heartbeat here.
+                    let mut unresponsive = entry
+                        .unresponsive_since
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    if unresponsive.is_some_and(|since| row.last_seen_ms > since) {
+                        *unresponsive = None;
+                    }
+                    drop(unresponsive);
+                    if moved {
                         // Its channel dials the old address: a new entry.
                         if let Ok(fresh) = self.entry(row) {
                             self.insert(fresh);

@@ -142,7 +142,10 @@ impl Membership {
                     () = self.jobs.report_wanted() => {}
                     () = cancel.cancelled() => return Some(worker_id),
                 }
-                match self.heartbeat(&worker_id).await {
+                match self
+                    .heartbeat(&worker_id, self.beat_timeout(interval))
+                    .await
+                {
                     // More changes than one message carries: the rest now.
                     Ok(Some(_)) if self.jobs.has_dirty() => interval = Duration::ZERO,
                     Ok(Some(next)) => interval = next,
@@ -161,7 +164,21 @@ impl Membership {
     }
 
     /// One heartbeat with the jobs that changed. `Ok(None)`: unknown worker.
-    async fn heartbeat(&self, worker_id: &str) -> Result<Option<Duration>, tonic::Status> {
+    /// How long a heartbeat may take. With several schedulers, about one
+    /// interval (1 s to 5 s): a hung scheduler then costs this worker one
+    /// missed beat before it moves on, not a silence the leader judges.
+    fn beat_timeout(&self, interval: Duration) -> Duration {
+        if self.schedulers.len() < 2 {
+            return CALL_TIMEOUT;
+        }
+        interval.clamp(Duration::from_secs(1), CALL_TIMEOUT)
+    }
+
+    async fn heartbeat(
+        &self,
+        worker_id: &str,
+        timeout: Duration,
+    ) -> Result<Option<Duration>, tonic::Status> {
         let snapshot = now_ms();
         let (changed, ids) = self.jobs.take_dirty();
         let request = HeartbeatRequest {
@@ -170,7 +187,9 @@ impl Membership {
             jobs: reports(changed),
         };
         let mut client = self.client();
-        match client.heartbeat(call(request)).await {
+        let mut request = tonic::Request::new(request);
+        request.set_timeout(timeout);
+        match client.heartbeat(request).await {
             Ok(reply) => {
                 let reply = reply.into_inner();
                 if !reply.known {
@@ -310,7 +329,7 @@ impl Membership {
     /// Reports the final states of the jobs stopped at shutdown, then
     /// deregisters.
     pub(crate) async fn leave(&self, worker_id: String) {
-        if let Err(status) = self.heartbeat(&worker_id).await {
+        if let Err(status) = self.heartbeat(&worker_id, CALL_TIMEOUT).await {
             tracing::warn!(%worker_id, error = %status.message(), "could not report final job states");
         }
         let mut client = self.client();

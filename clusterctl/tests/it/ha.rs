@@ -422,13 +422,27 @@ async fn a_paused_leader_is_replaced_and_steps_down_when_it_wakes() {
     } else {
         more[next - 1].daemon.addrs["http"].clone()
     };
-    let out = ctl_at(
-        &cluster,
-        &url,
-        &["run", "--worker", "w1", "count.sh", "--", "2", "0"],
-    )
-    .await;
-    assert_eq!(stdout(&out), "1\n2\ndone\n");
+    // Once the worker has moved to a scheduler that answers (it timed out
+    // on the paused one), which the new leader sees.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let out = loop {
+        let out = ctl_at(
+            &cluster,
+            &url,
+            &["run", "--worker", "w1", "count.sh", "--", "2", "0"],
+        )
+        .await;
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        stdout(&out),
+        "1\n2\ndone\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     paused.signal(Signal::SIGCONT);
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {

@@ -97,7 +97,7 @@ async fn pass(state: &AppState) -> Result<(), StoreError> {
             };
             *taken.entry(worker.worker_id.clone()).or_default() += 1;
             tracing::info!(job_id = %row.job_id, worker_id = %worker.worker_id, worker = %worker.name, priority = entry.priority, "dispatching queued job");
-            let _ = start(state, claimed, entry.env);
+            let _ = start(state, claimed, entry.env, Refusal::Requeue);
         }
         if last_page {
             break;
@@ -123,7 +123,9 @@ async fn resume_cut_off(state: &AppState) -> Result<(), StoreError> {
             .is_some_and(|w| w.usable());
         if usable {
             let (job_id, worker_id) = (row.job_id.clone(), row.worker_id.clone());
-            if start(state, row, entry.env) {
+            // Taken under an earlier leader, whose start may still be on
+            // its way to this worker: it goes there or nowhere.
+            if start(state, row, entry.env, Refusal::Retry) {
                 tracing::info!(%job_id, %worker_id, "asking again about a dispatch cut off by a restart");
             }
         }
@@ -133,13 +135,24 @@ async fn resume_cut_off(state: &AppState) -> Result<(), StoreError> {
 
 /// Starts a taken job in a task of its own, so a slow worker holds up
 /// only its own jobs. False if its start is already under way.
-fn start(state: &AppState, row: JobRow, env: std::collections::BTreeMap<String, String>) -> bool {
+fn start(
+    state: &AppState,
+    row: JobRow,
+    env: std::collections::BTreeMap<String, String>,
+    refusal: Refusal,
+) -> bool {
     if !state.queue.begin(&row.job_id) {
         return false;
     }
     let state = state.clone();
     tokio::spawn(async move {
         let job_id = row.job_id.clone();
+        // A start outlives its pass; if this scheduler stopped leading
+        // meanwhile (paused, cut off), the next leader resumes the job.
+        if !state.acting.now() {
+            state.queue.end(&job_id);
+            return;
+        }
         let Some(worker) = state.registry.get(&row.worker_id) else {
             if let Err(error) = state.store.requeue(&job_id, "its worker is gone").await {
                 tracing::error!(%job_id, %error, "could not put a job back in the queue");
@@ -147,7 +160,7 @@ fn start(state: &AppState, row: JobRow, env: std::collections::BTreeMap<String, 
             state.queue.end(&job_id);
             return;
         };
-        let result = call_start(&state, &worker, row, env, Refusal::Requeue).await;
+        let result = call_start(&state, &worker, row, env, refusal).await;
         state.queue.end(&job_id);
         state.queue.left();
         if let Err(e) = result {

@@ -833,6 +833,10 @@ pub(crate) enum Refusal {
     Forget,
     /// It goes back to its place in the queue.
     Requeue,
+    /// It stays taken for this worker and is asked about again: it was
+    /// taken from the queue under an earlier leader, whose own start of it
+    /// may still reach the worker, so it may not go to another.
+    Retry,
 }
 
 /// Asks `worker` to start the job `row` records (`unknown` on that worker,
@@ -884,7 +888,7 @@ pub(crate) async fn call_start(
                 // worker will not take) would be refused again on every
                 // try: the job ends `failed` with it, as a direct start
                 // would have answered it.
-                Refusal::Requeue
+                Refusal::Requeue | Refusal::Retry
                     if !PASS_ON.contains(&error.code.as_str())
                         && error.code != "worker_storage" =>
                 {
@@ -896,6 +900,7 @@ pub(crate) async fn call_start(
                     let reason = format!("worker {}: {}", w.name, error.message);
                     state.store.requeue(&job_id, &reason).await.map(|_| ())
                 }
+                Refusal::Retry => Ok(()),
             };
             if let Err(error) = undone {
                 tracing::error!(%job_id, %error, ?refusal, "could not undo the record of a job that did not start");
@@ -910,7 +915,7 @@ pub(crate) async fn call_start(
                 worker_unreachable(state, worker).await;
             }
             tracing::warn!(%job_id, worker = %w.name, %status, "start outcome unknown");
-            if refusal == Refusal::Requeue {
+            if refusal != Refusal::Forget {
                 dequeue(state, &job_id).await;
             }
             return Err(StartError {
@@ -955,7 +960,7 @@ pub(crate) async fn call_start(
         // bring the record up to date.
         Err(error) => tracing::error!(%job_id, %error, "could not record the job's start"),
     }
-    if refusal == Refusal::Requeue {
+    if refusal != Refusal::Forget {
         dequeue(state, &job_id).await;
     }
     tracing::info!(job_id = %job_id, worker_id = %w.worker_id, worker = %w.name, path = %row.path, state = %row.state, "job started");
@@ -963,7 +968,7 @@ pub(crate) async fn call_start(
         &w.worker_id,
         &row.command,
         row.created_at_ms,
-        refusal == Refusal::Requeue,
+        refusal != Refusal::Forget,
     );
     Ok(JobStarted {
         job_id,
@@ -1010,7 +1015,7 @@ async fn adopt_job_id(
         }
     };
     tracing::error!(job_id = %ours, worker_id = %w.worker_id, why = %refused, "the job runs under an id the scheduler cannot take; recorded lost");
-    if refusal == Refusal::Requeue {
+    if refusal != Refusal::Forget {
         dequeue(state, &ours).await;
     }
     let why = format!("{refused}; it may run there, but cannot be followed");

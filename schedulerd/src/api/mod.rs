@@ -53,6 +53,8 @@ pub(crate) struct AppState {
     pub(crate) queue: Arc<crate::queue::Queue>,
     /// What `/readyz` answers.
     pub(crate) readiness: Arc<health::Readiness>,
+    /// In the leader's work: whether it may still act (always, elsewhere).
+    pub(crate) acting: crate::leader::Acting,
 }
 
 /// Output streams open per job, bounded so one job's audience cannot take

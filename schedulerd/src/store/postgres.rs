@@ -36,6 +36,12 @@ const POOL_SIZE: usize = 16;
 /// to be made, before it fails with an error the API turns into a 503.
 const POOL_WAIT: Duration = Duration::from_secs(5);
 
+/// Server-side bounds on every session: a transaction left idle (its
+/// scheduler paused) is ended after 2 s, a wait for a lock gives up after
+/// 3 s, a statement after 30 s.
+const SESSION_LIMITS: &str = "-c idle_in_transaction_session_timeout=2000 \
+    -c lock_timeout=3000 -c statement_timeout=30000";
+
 /// Every change to the schema, in order; a database records the last one
 /// applied (`schema_version`). Never edit one that shipped: add another.
 const MIGRATIONS: &[&str] = &[
@@ -143,6 +149,9 @@ CREATE TABLE leader (
 const FENCE: &str = "SELECT 1 FROM leader WHERE id = 1 AND holder = $1 AND token = $2
     AND expires_at > clock_timestamp() FOR SHARE";
 
+/// The advisory lock that serializes enqueues ("jobqueue").
+const ENQUEUE_LOCK: i64 = 0x6a6f_6271_7565_7565;
+
 /// The advisory lock that serializes migrations of schedulers starting
 /// at once (an arbitrary constant: "jobclstr" in ASCII).
 const MIGRATION_LOCK: i64 = 0x6a6f_6263_6c73_7472;
@@ -150,6 +159,8 @@ const MIGRATION_LOCK: i64 = 0x6a6f_6263_6c73_7472;
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: Pool,
+    /// For the lease alone (`lead`, `resign`).
+    lease: Pool,
     /// Set on the leader's handle: (holder, term) every write checks.
     fence: Option<Arc<(String, i64)>>,
 }
@@ -220,25 +231,41 @@ impl PgStore {
         if config.get_application_name().is_none() {
             config.application_name("schedulerd");
         }
-        let recycling = ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
+        // No session may hold locks for long: a scheduler paused (or cut
+        // off) inside a transaction holds the lease row or the queue's
+        // lock, and with it every other scheduler's takeover or enqueue.
+        // The server ends such a session; a wait for a lock, or a
+        // statement, gives up instead of hanging its caller.
+        config.options(SESSION_LIMITS);
+        if location.tls.is_some() {
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+        }
+        let pool = |size: usize| {
+            let recycling = ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            };
+            let manager = match &location.tls {
+                Some(tls) => {
+                    let connect = tokio_postgres_rustls::MakeRustlsConnect::new((**tls).clone());
+                    Manager::from_config(config.clone(), connect, recycling)
+                }
+                None => Manager::from_config(config.clone(), NoTls, recycling),
+            };
+            Pool::builder(manager)
+                .max_size(size)
+                .runtime(Runtime::Tokio1)
+                .wait_timeout(Some(POOL_WAIT))
+                .create_timeout(Some(POOL_WAIT))
+                .build()
+                .map_err(|e| StoreError::Pool(e.to_string()))
         };
-        let manager = match &location.tls {
-            Some(tls) => {
-                config.ssl_mode(tokio_postgres::config::SslMode::Require);
-                let connect = tokio_postgres_rustls::MakeRustlsConnect::new((**tls).clone());
-                Manager::from_config(config, connect, recycling)
-            }
-            None => Manager::from_config(config, NoTls, recycling),
+        // The lease has connections of its own: a pool busy with a burst
+        // of registrations must not cost the leader its lease.
+        let store = PgStore {
+            pool: pool(POOL_SIZE)?,
+            lease: pool(2)?,
+            fence: None,
         };
-        let pool = Pool::builder(manager)
-            .max_size(POOL_SIZE)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(POOL_WAIT))
-            .create_timeout(Some(POOL_WAIT))
-            .build()
-            .map_err(|e| StoreError::Pool(e.to_string()))?;
-        let store = PgStore { pool, fence: None };
         let mut client = store.client().await.map_err(|e| match e {
             StoreError::Postgres(source) => connect_err(source),
             other => other,
@@ -277,11 +304,15 @@ impl PgStore {
     }
 
     async fn client(&self) -> Result<Object, StoreError> {
-        self.pool.get().await.map_err(|e| match e {
-            deadpool_postgres::PoolError::Backend(e) => StoreError::Postgres(e),
-            other => StoreError::Pool(other.to_string()),
-        })
+        checkout(&self.pool).await
     }
+}
+
+async fn checkout(pool: &Pool) -> Result<Object, StoreError> {
+    pool.get().await.map_err(|e| match e {
+        deadpool_postgres::PoolError::Backend(e) => StoreError::Postgres(e),
+        other => StoreError::Pool(other.to_string()),
+    })
 }
 
 /// Applies the migrations the database has not seen, in one transaction
@@ -332,7 +363,7 @@ impl Store for PgStore {
 
     async fn lead(&self, holder: &str, ttl: Duration) -> Result<Option<i64>, StoreError> {
         let _timer = timed!();
-        let c = self.client().await?;
+        let c = checkout(&self.lease).await?;
         // Renewed by its holder while live, taken by anyone once expired;
         // a new holder (or the old one after expiry) starts a new term.
         let rows = c
@@ -354,7 +385,7 @@ impl Store for PgStore {
     }
 
     async fn resign(&self, holder: &str) -> Result<(), StoreError> {
-        let c = self.client().await?;
+        let c = checkout(&self.lease).await?;
         c.exec(
             "UPDATE leader SET expires_at = clock_timestamp() WHERE id = 1 AND holder = $1",
             &[&holder],
@@ -366,6 +397,7 @@ impl Store for PgStore {
     fn fenced(&self, holder: &str, term: i64) -> super::SharedStore {
         Arc::new(PgStore {
             pool: self.pool.clone(),
+            lease: self.lease.clone(),
             fence: Some(Arc::new((holder.to_owned(), term))),
         })
     }
@@ -682,6 +714,18 @@ impl Store for PgStore {
         let _timer = timed!();
         let mut c = self.client().await?;
         let tx = self.begin(&mut c).await?;
+        // The worker's row is locked first: a registration committing on
+        // another scheduler meanwhile is either seen (ready: nothing is
+        // lost) or waits for this transaction.
+        let ready = tx
+            .rows(
+                "SELECT 1 FROM workers WHERE worker_id = $1 AND state = 'ready' FOR SHARE",
+                &[&worker_id],
+            )
+            .await?;
+        if !ready.is_empty() {
+            return Ok(Vec::new());
+        }
         let rows = tx.rows("UPDATE jobs SET state = 'lost', error_text = $2, finished_at_ms = $3, updated_at_ms = $3
              WHERE worker_id = $1 AND state IN ('running', 'unknown')
                AND EXISTS (SELECT 1 FROM workers w WHERE w.worker_id = $1 AND w.state <> 'ready')
@@ -952,8 +996,9 @@ impl Store for PgStore {
         let mut c = self.client().await?;
         let tx = self.begin(&mut c).await?;
         // Schedulers enqueueing at once would each count the queue before
-        // the other's insert and overshoot the bound: one at a time.
-        tx.exec("LOCK TABLE queue IN SHARE ROW EXCLUSIVE MODE", &[])
+        // the other's insert and overshoot the bound: one enqueue at a time
+        // (a lock of enqueues alone; the queue's other writers go on).
+        tx.exec("SELECT pg_advisory_xact_lock($1)", &[&ENQUEUE_LOCK])
             .await?;
         let waiting: i64 = tx
             .rows("SELECT COUNT(*) FROM queue", &[])
