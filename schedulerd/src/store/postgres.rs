@@ -274,6 +274,15 @@ impl PgStore {
         Ok(store)
     }
 
+    /// One query on a connection of the pool.
+    async fn rows(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        self.client().await?.rows(sql, params).await
+    }
+
     /// One statement, written in a (fenced) transaction of its own; the
     /// rows it changed.
     async fn write_one(
@@ -404,8 +413,7 @@ impl Store for PgStore {
 
     async fn touch_workers(&self, ids: Vec<String>, now_ms: u64) -> Result<(), StoreError> {
         let _timer = timed!();
-        let c = self.client().await?;
-        c.exec(
+        self.write_one(
             "UPDATE workers SET last_seen_ms = GREATEST(last_seen_ms, $2) WHERE worker_id = ANY($1)",
             &[&ids, &(now_ms as i64)],
         )
@@ -495,8 +503,9 @@ impl Store for PgStore {
 
     async fn removed_worker_ids(&self) -> Result<Vec<String>, StoreError> {
         let _timer = timed!();
-        let c = self.client().await?;
-        let rows = c.rows("SELECT worker_id FROM removed_workers", &[]).await?;
+        let rows = self
+            .rows("SELECT worker_id FROM removed_workers", &[])
+            .await?;
         rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
     }
 
@@ -527,8 +536,7 @@ impl Store for PgStore {
 
     async fn workers(&self) -> Result<Vec<WorkerRow>, StoreError> {
         let _timer = timed!();
-        let c = self.client().await?;
-        let rows = c
+        let rows = self
             .rows(
                 &format!("SELECT {WORKER_COLUMNS} FROM workers ORDER BY name"),
                 &[],
@@ -766,8 +774,7 @@ impl Store for PgStore {
         limit: u32,
     ) -> Result<Vec<JobRow>, StoreError> {
         let _timer = timed!();
-        let c = self.client().await?;
-        let rows = c
+        let rows = self
             .rows(
                 &format!(
                     "SELECT {JOB_COLUMNS} FROM jobs WHERE worker_id = $1 AND state = 'unknown'
@@ -782,8 +789,7 @@ impl Store for PgStore {
 
     async fn workers_with_unknown_jobs(&self) -> Result<HashSet<String>, StoreError> {
         let _timer = timed!();
-        let c = self.client().await?;
-        let rows = c
+        let rows = self
             .rows(
                 "SELECT DISTINCT worker_id FROM jobs WHERE state = 'unknown'",
                 &[],
@@ -825,8 +831,7 @@ impl Store for PgStore {
         expired_before_ms: u64,
     ) -> Result<Option<KeyRow>, StoreError> {
         let _timer = timed!();
-        let c = self.client().await?;
-        let rows = c
+        let rows = self
             .rows(
                 &format!(
                 "SELECT {KEY_COLUMNS} FROM idempotency_keys WHERE key = $1 AND created_at_ms >= $2"
@@ -855,8 +860,7 @@ impl Store for PgStore {
 
     async fn group(&self, group_id: &str) -> Result<Option<(GroupRow, Vec<JobRow>)>, StoreError> {
         let _timer = timed!();
-        let c = self.client().await?;
-        let groups = c
+        let groups = self
             .rows(
                 &format!("SELECT {GROUP_COLUMNS} FROM groups WHERE group_id = $1"),
                 &[&group_id],
@@ -866,7 +870,7 @@ impl Store for PgStore {
             return Ok(None);
         };
         let group = group_row(group)?;
-        let jobs = c
+        let jobs = self
             .rows(
                 &format!(
                     "SELECT {JOB_COLUMNS_WITHOUT_ARGS} FROM jobs WHERE group_id = $1 ORDER BY seq"
@@ -880,8 +884,7 @@ impl Store for PgStore {
 
     async fn groups(&self, limit: u32) -> Result<Vec<GroupRow>, StoreError> {
         let _timer = timed!();
-        let c = self.client().await?;
-        let rows = c.rows("SELECT group_id, command, path, '[]', created_at_ms FROM groups ORDER BY seq DESC LIMIT $1",
+        let rows = self.rows("SELECT group_id, command, path, '[]', created_at_ms FROM groups ORDER BY seq DESC LIMIT $1",
             &[&i64::from(limit)],
         )
         .await?;
@@ -946,8 +949,7 @@ impl Store for PgStore {
 
     async fn job(&self, job_id: &str) -> Result<Option<JobRow>, StoreError> {
         let _timer = timed!();
-        let c = self.client().await?;
-        let rows = c
+        let rows = self
             .rows(
                 &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = $1"),
                 &[&job_id],
@@ -1043,8 +1045,7 @@ impl Store for PgStore {
         limit: u32,
     ) -> Result<Vec<(JobRow, QueueEntry)>, StoreError> {
         let _timer = timed!();
-        let c = self.client().await?;
-        let rows = c
+        let rows = self
             .rows(
                 &format!(
                     "SELECT {QUEUED_JOB_COLUMNS} FROM queue q JOIN jobs j ON j.job_id = q.job_id
@@ -1060,8 +1061,7 @@ impl Store for PgStore {
 
     async fn in_queue(&self, job_id: &str) -> Result<bool, StoreError> {
         let _timer = timed!();
-        let c = self.client().await?;
-        let rows = c
+        let rows = self
             .rows("SELECT 1 FROM queue WHERE job_id = $1", &[&job_id])
             .await?;
         Ok(!rows.is_empty())
@@ -1069,8 +1069,7 @@ impl Store for PgStore {
 
     async fn queue_entry(&self, job_id: &str) -> Result<Option<(QueueEntry, u64)>, StoreError> {
         let _timer = timed!();
-        let c = self.client().await?;
-        let rows = c
+        let rows = self
             .rows(
                 &format!("SELECT {QUEUE_COLUMNS} FROM queue q WHERE q.job_id = $1"),
                 &[&job_id],
@@ -1080,6 +1079,7 @@ impl Store for PgStore {
             return Ok(None);
         };
         let entry = queue_row(entry)?;
+        let c = self.client().await?;
         Ok(position(&*c, job_id).await?.map(|p| (entry, p)))
     }
 
@@ -1090,8 +1090,7 @@ impl Store for PgStore {
         worker_id: Option<String>,
     ) -> Result<Vec<(JobRow, QueueEntry)>, StoreError> {
         let _timer = timed!();
-        let c = self.client().await?;
-        let rows = c
+        let rows = self
             .rows(
                 &format!(
                     "SELECT {QUEUED_JOB_COLUMNS} FROM queue q JOIN jobs j ON j.job_id = q.job_id
@@ -1107,8 +1106,7 @@ impl Store for PgStore {
 
     async fn dispatching(&self) -> Result<Vec<(JobRow, QueueEntry)>, StoreError> {
         let _timer = timed!();
-        let c = self.client().await?;
-        let rows = c
+        let rows = self
             .rows(
                 &format!(
                     "SELECT {QUEUED_JOB_COLUMNS} FROM queue q JOIN jobs j ON j.job_id = q.job_id
@@ -1263,8 +1261,7 @@ impl Store for PgStore {
 
     async fn running_counts(&self) -> Result<HashMap<String, u64>, StoreError> {
         let _timer = timed!();
-        let c = self.client().await?;
-        let rows = c.rows("SELECT worker_id, COUNT(*) FROM jobs WHERE state IN ('running', 'unknown') GROUP BY worker_id",
+        let rows = self.rows("SELECT worker_id, COUNT(*) FROM jobs WHERE state IN ('running', 'unknown') GROUP BY worker_id",
             &[],
         )
         .await?;
