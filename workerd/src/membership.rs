@@ -135,9 +135,14 @@ impl Membership {
     pub(crate) async fn run(&self, cancel: CancellationToken) -> Option<String> {
         loop {
             let (worker_id, mut interval) = self.register(&cancel).await?;
+            // Until the next beat: the interval, or none when more is due.
+            let mut wait = interval;
+            // Beats failed in a row; with several schedulers, the next one
+            // is tried at once, each once, before the worker waits again.
+            let mut failed = 0;
             loop {
                 tokio::select! {
-                    () = tokio::time::sleep(interval) => {}
+                    () = tokio::time::sleep(wait) => {}
                     // A freed slot reaches the scheduler's queue at once.
                     () = self.jobs.report_wanted() => {}
                     () = cancel.cancelled() => return Some(worker_id),
@@ -146,9 +151,16 @@ impl Membership {
                     .heartbeat(&worker_id, self.beat_timeout(interval))
                     .await
                 {
-                    // More changes than one message carries: the rest now.
-                    Ok(Some(_)) if self.jobs.has_dirty() => interval = Duration::ZERO,
-                    Ok(Some(next)) => interval = next,
+                    Ok(Some(next)) => {
+                        interval = next;
+                        failed = 0;
+                        // More changes than one message carries: the rest now.
+                        wait = if self.jobs.has_dirty() {
+                            Duration::ZERO
+                        } else {
+                            interval
+                        };
+                    }
                     Ok(None) => {
                         tracing::warn!(%worker_id, "the scheduler no longer knows this worker; registering again");
                         break;
@@ -156,6 +168,13 @@ impl Membership {
                     // The scheduler may be restarting: keep beating, and
                     // register again once it answers that it forgot us.
                     Err(status) => {
+                        failed += 1;
+                        wait = if failed < self.schedulers.len() {
+                            Duration::ZERO
+                        } else {
+                            failed = 0;
+                            interval
+                        };
                         tracing::warn!(%worker_id, code = ?status.code(), error = %status.message(), "heartbeat failed");
                     }
                 }
