@@ -111,7 +111,12 @@ pub struct Listeners {
 /// Forgets finished jobs older than `keep` (`[store] keep_finished`): at
 /// start and every ten minutes, in batches of a few hundred rows with a
 /// pause between them, so the store's writer is never held for long.
-async fn prune_history(store: store::SharedStore, keep: Duration, stop: CancellationToken) {
+async fn prune_history(
+    store: store::SharedStore,
+    finished: Arc<api::finished::FinishedJobs>,
+    keep: Duration,
+    stop: CancellationToken,
+) {
     const EVERY: Duration = Duration::from_secs(600);
     const BATCH: u32 = 500;
     loop {
@@ -135,6 +140,7 @@ async fn prune_history(store: store::SharedStore, keep: Duration, stop: Cancella
             }
         }
         if pruned > 0 {
+            finished.clear();
             tracing::info!(jobs = pruned, keep = %humantime::format_duration(keep), "finished jobs pruned");
         }
         tokio::select! {
@@ -350,6 +356,7 @@ pub async fn run(
         queue,
         readiness: Default::default(),
         acting: Default::default(),
+        finished: Default::default(),
     };
     let readiness = app_state.readiness.clone();
     // What must run once in the cluster: on the leader only, through a
@@ -396,8 +403,13 @@ pub async fn run(
                     stop.clone(),
                 )),
                 tokio::spawn(api::dispatch::run(state.clone(), stop.clone())),
-                tokio::spawn(api::jobs::settle_unknown(state, stop.clone())),
-                tokio::spawn(prune_history(store.clone(), keep, stop.clone())),
+                tokio::spawn(api::jobs::settle_unknown(state.clone(), stop.clone())),
+                tokio::spawn(prune_history(
+                    store.clone(),
+                    state.finished.clone(),
+                    keep,
+                    stop.clone(),
+                )),
                 tokio::spawn(api::idempotency::prune_expired(store, stop)),
             ]
         };

@@ -1117,11 +1117,18 @@ pub(crate) async fn find_job(
             format!("{job_id:?} is not a job id (a UUID)"),
         ));
     }
-    let row = state
-        .store
-        .job(job_id)
-        .await?
-        .ok_or_else(|| ApiError::job_not_found(job_id))?;
+    let row = match state.finished.get(job_id) {
+        Some(row) => row,
+        None => {
+            let row = state
+                .store
+                .job(job_id)
+                .await?
+                .ok_or_else(|| ApiError::job_not_found(job_id))?;
+            state.finished.keep(&row);
+            row
+        }
+    };
     if let Some(worker) = worker {
         let entry = state
             .registry

@@ -7,6 +7,7 @@ mod body;
 pub(crate) mod dispatch;
 mod error;
 mod extract;
+pub(crate) mod finished;
 mod groups;
 pub(crate) mod health;
 pub(crate) mod idempotency;
@@ -55,6 +56,8 @@ pub(crate) struct AppState {
     pub(crate) readiness: Arc<health::Readiness>,
     /// In the leader's work: whether it may still act (always, elsewhere).
     pub(crate) acting: crate::leader::Acting,
+    /// Final job records read before.
+    pub(crate) finished: Arc<finished::FinishedJobs>,
 }
 
 /// Output streams open per job, bounded so one job's audience cannot take
