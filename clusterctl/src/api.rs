@@ -577,13 +577,21 @@ impl Api {
         let resp = loop {
             let at = (first + attempt) % self.bases.len();
             let (base, shown) = &self.bases[at];
-            // JSON bodies copy; a body that does not gets one try.
-            let copy = original.as_ref().and_then(reqwest::Request::try_clone);
-            let final_try = copy.is_none() || attempt + 1 == self.bases.len();
+            // Copied only while another scheduler is left to try (JSON
+            // bodies copy; a body that does not gets one try): with one
+            // scheduler, the request goes as it was built.
+            let copy = if attempt + 1 < self.bases.len() {
+                original.as_ref().and_then(reqwest::Request::try_clone)
+            } else {
+                None
+            };
+            let final_try = copy.is_none();
             let Some(mut this) = (if final_try { original.take() } else { copy }) else {
                 return Err(no_request_left());
             };
-            *this.url_mut() = self.rebased(this.url(), base);
+            if attempt > 0 {
+                *this.url_mut() = self.rebased(this.url(), base);
+            }
             match self.client.execute(this).await {
                 Ok(resp) => {
                     self.current.store(at, Ordering::Relaxed);

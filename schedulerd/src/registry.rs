@@ -375,7 +375,7 @@ impl Registry {
                 }
                 None => match self.entry(row) {
                     Ok(entry) => {
-                        crate::metrics::plugins_declared(&entry.with_row(|r| r.plugins.clone()));
+                        entry.with_row(|r| crate::metrics::plugins_declared(&r.plugins));
                         self.insert(entry);
                     }
                     Err(error) => tracing::warn!(%error, "skipping a recorded worker"),

@@ -468,6 +468,7 @@ fn store_and_scheduler_list_settings_are_checked_at_start() {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::create_dir(tmp.path().join("scripts")).unwrap();
     std::fs::write(tmp.path().join("pw"), "secret\n").unwrap();
+    crate::cluster::run_ok(&["pki", "init", tmp.path().join("pki").to_str().unwrap()]);
     let insecure = "[grpc_server]\nuse_tls = false\ninsecure = true\n";
     let cases = [
         ("url = \"postgres://u@127.0.0.1:5432/db\"", None),
@@ -493,6 +494,21 @@ fn store_and_scheduler_list_settings_are_checked_at_start() {
             "url = \"postgres://u@127.0.0.1/db\"\nleader_lease = \"0s\"",
             Some("store.leader_lease"),
         ),
+        // Off this machine with a CA: TLS, accepted; a certificate needs
+        // its key; the CA must load; and none of it without a URL.
+        (
+            "url = \"postgres://u@db.example/db\"\nca_file = \"pki/ca.pem\"",
+            None,
+        ),
+        (
+            "url = \"postgres://u@db.example/db\"\nca_file = \"pki/ca.pem\"\ncrt_file = \"pki/client.pem\"",
+            Some("store.crt_file"),
+        ),
+        (
+            "url = \"postgres://u@db.example/db\"\nca_file = \"pki/missing.pem\"",
+            Some("store.ca_file"),
+        ),
+        ("ca_file = \"pki/ca.pem\"", Some("store.ca_file")),
     ];
     let path = tmp.path().join("schedulerd.toml");
     for (store, refused) in cases {
@@ -514,9 +530,11 @@ fn store_and_scheduler_list_settings_are_checked_at_start() {
         )
     };
     let path = tmp.path().join("workerd.toml");
+    let seventeen = format!("addrs = [{}]", vec!["\"127.0.0.1:1\""; 17].join(", "));
     for (scheduler, ok) in [
         ("addrs = [\"127.0.0.1:1\", \"127.0.0.1:2\"]", true),
         ("addrs = []", false),
+        (seventeen.as_str(), false),
         ("addr = \"127.0.0.1:1\"\naddrs = [\"127.0.0.1:2\"]", false),
     ] {
         std::fs::write(&path, worker(scheduler)).unwrap();
