@@ -6,6 +6,9 @@
 #   scripts/bench.sh --quick         # fewer jobs and bytes, for a smoke run
 #   scripts/bench.sh --postgres      # the scheduler on PostgreSQL (a throwaway
 #                                    # server from Debian's postgresql package)
+#   scripts/bench.sh --serve         # start the same cluster, print its
+#                                    # CLUSTERCTL_* settings and pids, and keep
+#                                    # it up until interrupted (for profiling)
 #   JOBCLUSTER_BENCH_BIN=/old/release scripts/bench.sh   # other daemons
 #
 # It builds the release binaries, creates a throwaway PKI and state in a
@@ -17,12 +20,13 @@
 # Figures vary by 20 % and more on a shared VM: take the median of runs.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-quick=0 postgres=0
+quick=0 postgres=0 serve=0
 for arg in "$@"; do
   case $arg in
     --quick) quick=1 ;;
     --postgres) postgres=1 ;;
-    *) echo "usage: scripts/bench.sh [--quick] [--postgres]" >&2; exit 2 ;;
+    --serve) serve=1 ;;
+    *) echo "usage: scripts/bench.sh [--quick] [--postgres] [--serve]" >&2; exit 2 ;;
   esac
 done
 
@@ -130,6 +134,13 @@ for i in $(seq 1 100); do
   [ "$i" -eq 100 ] && { echo "the workers did not register; see $dir/*.log" >&2; exit 1; }
   sleep 0.1
 done
+
+if [ $serve -eq 1 ]; then
+  echo "export CLUSTERCTL_SCHEDULER=$CLUSTERCTL_SCHEDULER CLUSTERCTL_CA=$CLUSTERCTL_CA CLUSTERCTL_CERT=$CLUSTERCTL_CERT CLUSTERCTL_KEY=$CLUSTERCTL_KEY"
+  echo "# schedulerd, workerd w1, workerd w2: ${pids[*]}; interrupt to stop"
+  wait "${pids[0]}"
+  exit 0
+fi
 
 jobs1=500 jobs16=2000 mib=256 runs=50
 [ $quick -eq 1 ] && { jobs1=100; jobs16=300; mib=32; runs=10; }

@@ -13,55 +13,7 @@ use std::path::Path;
 use jobcluster_plugins::Limits;
 use nix::errno::Errno;
 use nix::libc;
-use nix::sys::resource::{Resource, setrlimit};
 use nix::sys::signal::Signal;
-
-/// Sets the plugin's resource limits on the job process just before it
-/// execs the interpreter; its children inherit them. With `cgroup_procs`
-/// (the job cgroup's `cgroup.procs`, opened by the parent) the process
-/// first moves itself into the job's cgroup, which then holds the memory
-/// and process limits; setrlimit holds the rest.
-pub(crate) fn set_limits(
-    cmd: &mut tokio::process::Command,
-    limits: Limits,
-    cgroup_procs: Option<OwnedFd>,
-) {
-    if limits == Limits::default() && cgroup_procs.is_none() {
-        return;
-    }
-    let in_cgroup = cgroup_procs.is_some();
-    let cpu_seconds = limits
-        .cpu_time
-        .map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0));
-    let wanted = [
-        (Resource::RLIMIT_AS, limits.memory.filter(|_| !in_cgroup)),
-        (Resource::RLIMIT_CPU, cpu_seconds),
-        (Resource::RLIMIT_NOFILE, limits.open_files),
-        (
-            Resource::RLIMIT_NPROC,
-            limits.processes.filter(|_| !in_cgroup),
-        ),
-    ];
-    // SAFETY: the closure runs in the forked child before exec. It only
-    // calls write(2) on an fd opened by the parent and setrlimit(2), both
-    // async-signal-safe, on values computed above; it allocates nothing and
-    // touches no lock. The fd is close-on-exec, so the job never sees it.
-    unsafe {
-        cmd.pre_exec(move || {
-            if let Some(procs) = &cgroup_procs {
-                // "0" moves the writing process: the job joins its cgroup
-                // before it can start anything.
-                nix::unistd::write(procs, b"0").map_err(std::io::Error::from)?;
-            }
-            for (resource, value) in wanted {
-                if let Some(value) = value {
-                    setrlimit(resource, value, value).map_err(std::io::Error::from)?;
-                }
-            }
-            Ok(())
-        });
-    }
-}
 
 /// What [`access_as`] asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -147,6 +99,19 @@ pub(crate) fn pidfd_open(pid: i32) -> nix::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// A pidfd for `pid`, registered with the runtime for readability (it
+/// becomes readable once the process ended).
+pub(crate) fn pidfd_async(pid: i32) -> std::io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    let pidfd = pidfd_open(pid)?;
+    // SAFETY: an `OwnedFd` returns the one descriptor it owns from
+    // `as_raw_fd`, and keeps it open (unchanged) until the `AsyncFd`,
+    // which owns it, drops it after deregistering.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
+    }
+    .map_err(std::io::Error::from)
+}
+
 /// Sends `signal` to the process behind a pidfd.
 pub(crate) fn pidfd_send_signal(pidfd: &OwnedFd, signal: Signal) -> nix::Result<()> {
     // SAFETY: pidfd_send_signal(2) gets a descriptor we own, a signal
@@ -191,4 +156,400 @@ pub(crate) fn trim_free_memory() -> Option<usize> {
 #[cfg(not(target_env = "gnu"))]
 pub(crate) fn trim_free_memory() -> Option<usize> {
     None
+}
+
+/// What a job's process is started with. The parent prepares all of it:
+/// the child shares the parent's memory until it execs and may not
+/// allocate.
+pub(crate) struct JobExec {
+    /// A path (the plugin resolved it), run without a `PATH` search.
+    pub(crate) program: std::path::PathBuf,
+    /// `argv[1..]`.
+    pub(crate) args: Vec<std::ffi::OsString>,
+    /// The whole environment, in order; a later entry of a name wins.
+    pub(crate) env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
+    pub(crate) cwd: std::path::PathBuf,
+    pub(crate) stdin: OwnedFd,
+    pub(crate) stdout: OwnedFd,
+    pub(crate) stderr: OwnedFd,
+    /// User and group to switch to (supplementary groups are dropped).
+    pub(crate) identity: Option<(u32, u32)>,
+    pub(crate) limits: Limits,
+    /// The job cgroup's `cgroup.procs`: the process moves itself in first.
+    pub(crate) cgroup_procs: Option<OwnedFd>,
+}
+
+/// Stack of the child between clone and exec: it runs a few system calls.
+const CHILD_STACK: usize = 64 << 10;
+
+/// What the child reads; the parent owns every pointer and keeps it alive
+/// until the child has exec'd or exited (the clone returns no earlier).
+#[repr(C)]
+struct ChildArgs {
+    program: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    cwd: *const libc::c_char,
+    fds: [RawFd; 3],
+    cgroup_procs: RawFd,
+    identity: Option<(libc::uid_t, libc::gid_t)>,
+    /// Drop supplementary groups (root only may, as std does).
+    drop_groups: bool,
+    limits: [(libc::c_int, Option<u64>); 4],
+    /// Set by the child when a step failed, before it exits.
+    errno: std::sync::atomic::AtomicI32,
+}
+
+/// Starts a job's process with `clone(CLONE_VM | CLONE_VFORK)`, as glibc's
+/// `posix_spawn` does, and returns its pid once it exec'd.
+///
+/// Why not std's `Command`: with a user to switch to or limits to set it
+/// forks, and a fork of workerd (tens of MB resident, many threads) cost
+/// 1–3 ms on the virtual machines measured, most of a start, in page table
+/// copies, copy-on-write faults and the teardown at exec; std's own
+/// vfork path (`posix_spawn`) cannot switch users or set limits. Here the
+/// child borrows the parent's memory for the few system calls before exec.
+///
+/// The child runs with every signal blocked, resets every handled signal
+/// (and SIGPIPE, which std ignores) to its default, and unblocks them only
+/// right before exec, so no handler of workerd's ever runs in it. It calls
+/// the kernel directly for setgroups/setgid/setuid: glibc's wrappers would
+/// signal workerd's threads to change theirs too.
+///
+/// Call with the reaper's lock held (`reap::spawn`), so the reaper never
+/// sees the pid before it is listed as workerd's own.
+pub(crate) fn spawn_job(exec: JobExec) -> std::io::Result<i32> {
+    use std::sync::atomic::Ordering;
+    let c = |bytes: &[u8]| {
+        CString::new(bytes).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a NUL byte in the command",
+            )
+        })
+    };
+    let program = c(exec.program.as_os_str().as_bytes())?;
+    let cwd = c(exec.cwd.as_os_str().as_bytes())?;
+    let mut argv_owned = vec![program.clone()];
+    for arg in &exec.args {
+        argv_owned.push(c(arg.as_bytes())?);
+    }
+    // Later entries win, as with Command::env; the order of first sight stays.
+    let mut env: Vec<(&std::ffi::OsStr, &std::ffi::OsStr)> = Vec::new();
+    for (key, value) in &exec.env {
+        match env.iter_mut().find(|(k, _)| k == key) {
+            Some(entry) => entry.1 = value,
+            None => env.push((key, value)),
+        }
+    }
+    let mut envp_owned = Vec::with_capacity(env.len());
+    for (key, value) in env {
+        let mut pair = key.as_bytes().to_vec();
+        pair.push(b'=');
+        pair.extend_from_slice(value.as_bytes());
+        envp_owned.push(c(&pair)?);
+    }
+    let argv: Vec<*const libc::c_char> = argv_owned
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let envp: Vec<*const libc::c_char> = envp_owned
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let in_cgroup = exec.cgroup_procs.is_some();
+    let cpu_seconds = exec
+        .limits
+        .cpu_time
+        .map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0));
+    let args = ChildArgs {
+        program: program.as_ptr(),
+        argv: argv.as_ptr(),
+        envp: envp.as_ptr(),
+        cwd: cwd.as_ptr(),
+        fds: [
+            exec.stdin.as_raw_fd(),
+            exec.stdout.as_raw_fd(),
+            exec.stderr.as_raw_fd(),
+        ],
+        cgroup_procs: exec.cgroup_procs.as_ref().map_or(-1, |fd| fd.as_raw_fd()),
+        identity: exec.identity,
+        // SAFETY: getuid(2) cannot fail and touches no memory.
+        drop_groups: unsafe { libc::getuid() } == 0,
+        limits: [
+            (
+                libc::RLIMIT_AS as libc::c_int,
+                exec.limits.memory.filter(|_| !in_cgroup),
+            ),
+            (libc::RLIMIT_CPU as libc::c_int, cpu_seconds),
+            (libc::RLIMIT_NOFILE as libc::c_int, exec.limits.open_files),
+            (
+                libc::RLIMIT_NPROC as libc::c_int,
+                exec.limits.processes.filter(|_| !in_cgroup),
+            ),
+        ],
+        errno: std::sync::atomic::AtomicI32::new(0),
+    };
+
+    let stack = ChildStack::new()?;
+    // SAFETY: sigfillset/pthread_sigmask write only the sets we pass.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    unsafe {
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+    }
+    // SAFETY: the child runs `child_main` on its own stack (mapped above,
+    // with a guard page) in our address space; with CLONE_VFORK this
+    // thread is suspended until the child exec'd or exited, so `args` and
+    // everything it points to outlive the child's use of them. The child
+    // only makes system calls (see `child_main`).
+    let pid = unsafe {
+        libc::clone(
+            child_main,
+            stack.top(),
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            std::ptr::from_ref(&args).cast_mut().cast(),
+        )
+    };
+    let clone_error = std::io::Error::last_os_error();
+    // SAFETY: restores this thread's own mask, saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    drop(stack);
+    if pid < 0 {
+        return Err(clone_error);
+    }
+    match args.errno.load(Ordering::Acquire) {
+        0 => Ok(pid),
+        errno => {
+            // The child exited without exec (the clone returned at its
+            // exit): reap it, or it stays a zombie the reaper skips.
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+            Err(std::io::Error::from_raw_os_error(errno))
+        }
+    }
+}
+
+/// The child's stack: mapped, with a guard page below it, and unmapped
+/// once the child no longer runs on it.
+struct ChildStack {
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+impl ChildStack {
+    fn new() -> std::io::Result<Self> {
+        let page = 4096;
+        let len = CHILD_STACK + page;
+        // SAFETY: a fresh anonymous private mapping; nothing else refers
+        // to it.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stack = ChildStack { base, len };
+        // SAFETY: the lowest page of our own mapping becomes the guard: an
+        // overflow faults instead of writing into other memory.
+        if unsafe { libc::mprotect(base, page, libc::PROT_NONE) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stack)
+    }
+
+    /// The highest address, 16-byte aligned: the stack grows down.
+    fn top(&self) -> *mut libc::c_void {
+        let top = (self.base as usize + self.len) & !15;
+        top as *mut libc::c_void
+    }
+}
+
+impl Drop for ChildStack {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping, no longer used (the child exec'd or
+        // exited before the clone returned).
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}
+
+/// The child between clone and exec. It shares workerd's memory and the
+/// calling thread's TLS, so it makes system calls only: no allocation, no
+/// lock, no panic (no indexing), nothing that could touch workerd's state.
+extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the parent's `ChildArgs`, alive and unchanged until
+    // this child execs or exits (CLONE_VFORK).
+    let a = unsafe { &*arg.cast::<ChildArgs>() };
+    let fail = || -> ! {
+        let errno = std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO);
+        a.errno
+            .store(errno.max(1), std::sync::atomic::Ordering::Release);
+        // SAFETY: ends this child at once, without exit handlers.
+        unsafe { libc::syscall(libc::SYS_exit, 127) };
+        // SAFETY: unreachable, exit does not return; `_exit` as a backstop.
+        unsafe { libc::_exit(127) }
+    };
+    // SAFETY (whole block): plain system calls on descriptors, paths and
+    // arrays the parent prepared; none allocates or takes a lock.
+    unsafe {
+        // Handlers of workerd's must not run here, in its memory.
+        for sig in 1..=libc::SIGRTMAX() {
+            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+                continue;
+            }
+            let mut action: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut action) != 0 {
+                continue; // glibc's own signals, never sent to this child
+            }
+            if sig == libc::SIGPIPE
+                || (action.sa_sigaction != libc::SIG_DFL && action.sa_sigaction != libc::SIG_IGN)
+            {
+                let mut default: libc::sigaction = std::mem::zeroed();
+                default.sa_sigaction = libc::SIG_DFL;
+                libc::sigaction(sig, &default, std::ptr::null_mut());
+            }
+        }
+        for (target, fd) in (0..).zip(a.fds) {
+            let done = if fd == target {
+                libc::fcntl(fd, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, target)
+            };
+            if done < 0 {
+                fail();
+            }
+        }
+        // std's order: the user, the directory (entered as the job's
+        // user), the group, then the cgroup and the limits.
+        if let Some((uid, gid)) = a.identity
+            && (libc::syscall(libc::SYS_setgid, gid) != 0
+                || (a.drop_groups
+                    && libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0)
+                || libc::syscall(libc::SYS_setuid, uid) != 0)
+        {
+            fail();
+        }
+        if libc::chdir(a.cwd) != 0 || libc::setpgid(0, 0) != 0 {
+            fail();
+        }
+        if a.cgroup_procs >= 0 {
+            // "0" moves the writing process: the job joins its cgroup
+            // before it can start anything.
+            if libc::write(a.cgroup_procs, b"0".as_ptr().cast(), 1) != 1 {
+                fail();
+            }
+        }
+        for (resource, value) in a.limits {
+            if let Some(value) = value {
+                let limit = libc::rlimit64 {
+                    rlim_cur: value,
+                    rlim_max: value,
+                };
+                if libc::syscall(
+                    libc::SYS_prlimit64,
+                    0,
+                    resource,
+                    &limit,
+                    std::ptr::null_mut::<libc::rlimit64>(),
+                ) != 0
+                {
+                    fail();
+                }
+            }
+        }
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        libc::execve(a.program, a.argv, a.envp);
+    }
+    fail()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::wait::{WaitStatus, waitpid};
+    use nix::unistd::Pid;
+
+    fn exec(program: &str, args: &[&str], cwd: &Path) -> (JobExec, std::fs::File) {
+        let (reader, writer) = std::io::pipe().unwrap();
+        let err = writer.try_clone().unwrap();
+        let exec = JobExec {
+            program: program.into(),
+            args: args.iter().map(Into::into).collect(),
+            env: vec![
+                ("A".into(), "first".into()),
+                ("B".into(), "kept".into()),
+                ("A".into(), "second".into()),
+            ],
+            cwd: cwd.to_owned(),
+            stdin: std::fs::File::open("/dev/null").unwrap().into(),
+            stdout: writer.into(),
+            stderr: err.into(),
+            identity: None,
+            limits: Limits {
+                open_files: Some(77),
+                ..Limits::default()
+            },
+            cgroup_procs: None,
+        };
+        (exec, std::fs::File::from(OwnedFd::from(reader)))
+    }
+
+    #[test]
+    fn a_spawned_job_gets_its_environment_directory_group_limits_and_default_signals() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = "echo \"$A $B $(pwd)\"; ulimit -n; \
+                      cut -d' ' -f5 /proc/$$/stat; echo $$; \
+                      grep -E '^Sig(Blk|Ign)' /proc/$$/status; exit 7";
+        let (job, mut out) = exec("/bin/sh", &["-c", script], dir.path());
+        let pid = spawn_job(job).unwrap();
+        let status = waitpid(Pid::from_raw(pid), None).unwrap();
+        assert_eq!(status, WaitStatus::Exited(Pid::from_raw(pid), 7));
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut out, &mut text).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let cwd = dir.path().canonicalize().unwrap();
+        assert_eq!(lines[0], format!("second kept {}", cwd.display()), "{text}");
+        assert_eq!(lines[1], "77", "the open files limit: {text}");
+        assert_eq!(lines[2], lines[3], "leads its own process group: {text}");
+        assert_eq!(lines[4], "SigBlk:\t0000000000000000", "{text}");
+        // What the parent ignores stays ignored, as with std, but SIGPIPE
+        // (std ignores it in Rust programs) is back to its default.
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let ignored = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigIgn:\t"))
+            .map(|hex| u64::from_str_radix(hex, 16).unwrap())
+            .unwrap();
+        let sigpipe = 1u64 << (libc::SIGPIPE - 1);
+        assert_ne!(ignored & sigpipe, 0, "the test itself ignores SIGPIPE");
+        assert_eq!(
+            lines[5],
+            format!("SigIgn:\t{:016x}", ignored & !sigpipe),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_spawn_that_cannot_exec_or_enter_its_directory_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let (job, _) = exec("/nonexistent/program", &[], dir.path());
+        let error = spawn_job(job).unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::NotFound, "{error}");
+        let (job, _) = exec("/bin/sh", &["-c", "true"], &dir.path().join("gone"));
+        let error = spawn_job(job).unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::NotFound, "{error}");
+    }
 }

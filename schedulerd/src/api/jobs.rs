@@ -949,18 +949,37 @@ pub(crate) async fn call_start(
     };
     // The record written before the call is the durable promise; this
     // update need not wait for a sync of its own.
-    match state.store.update_started(row.clone()).await {
-        Ok(true) => {}
-        // Given up meanwhile (its worker was cut off for lost_after): the
-        // final state stands, and the worker is told to kill the job.
-        Ok(false) => {
-            tracing::warn!(%job_id, worker = %w.name, "job started after it was recorded as ended")
+    let recorded = {
+        let (store, row, job_id, worker) = (
+            state.store.clone(),
+            row.clone(),
+            job_id.clone(),
+            w.name.clone(),
+        );
+        async move {
+            match store.update_started(row).await {
+                Ok(true) => {}
+                // Given up meanwhile (its worker was cut off for
+                // lost_after), or it ended and was reported before this
+                // update ran: the final state stands (a worker still
+                // running a given-up job is told to kill it).
+                Ok(false) => {
+                    tracing::info!(%job_id, %worker, "job's start recorded after its end; the end stands")
+                }
+                // The process runs: the answer says so; the worker's
+                // reports will bring the record up to date.
+                Err(error) => tracing::error!(%job_id, %error, "could not record the job's start"),
+            }
         }
-        // The process runs: the answer says so; the worker's reports will
-        // bring the record up to date.
-        Err(error) => tracing::error!(%job_id, %error, "could not record the job's start"),
-    }
-    if refusal != Refusal::Forget {
+    };
+    if refusal == Refusal::Forget {
+        // A direct start's answer does not wait for it either: until it
+        // lands the record says `unknown` on this worker, which a read of
+        // the job settles by asking the worker, as after a crash here.
+        // Saves a store round trip (0.3 ms) on every start's answer.
+        tokio::spawn(recorded);
+    } else {
+        recorded.await;
         dequeue(state, &job_id).await;
     }
     tracing::info!(job_id = %job_id, worker_id = %w.worker_id, worker = %w.name, path = %row.path, state = %row.state, "job started");

@@ -383,7 +383,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// order, that a new job of `priority` might compete with: those named
     /// to `worker_id` (when given) and the placed ones. Which of them
     /// really compete (could run where the new job would) is the caller's
-    /// to judge.
+    /// to judge. It may show commits not yet durable: the caller only
+    /// decides by it which record of the new job to write, and that
+    /// write's sync covers whatever this read saw.
     async fn waiting_ahead(
         &self,
         priority: i32,

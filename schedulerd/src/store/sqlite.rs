@@ -365,6 +365,24 @@ impl SqliteStore {
     where
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     {
+        self.read_then(f, true).await
+    }
+
+    /// A read whose result only decides a write of the caller's that
+    /// follows: that write's sync covers whatever this read saw, so it
+    /// need not wait for one of its own (on a start's path, that wait was
+    /// the sync of the previous start's outcome).
+    async fn read_unsynced<T: Send + 'static, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        self.read_then(f, false).await
+    }
+
+    async fn read_then<T: Send + 'static, F>(&self, f: F, synced: bool) -> Result<T, StoreError>
+    where
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
         let inner = self.inner.clone();
         let started = std::time::Instant::now();
         let result = tokio::task::spawn_blocking(move || {
@@ -393,7 +411,9 @@ impl SqliteStore {
         // is answered only once it cannot be undone.
         let value = match result {
             Ok((value, seen)) => {
-                self.inner.sync.durable(seen).await?;
+                if synced {
+                    self.inner.sync.durable(seen).await?;
+                }
                 Ok(value)
             }
             Err(error) => Err(error),
@@ -1068,7 +1088,7 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> Result<Vec<(JobRow, QueueEntry)>, StoreError> {
         let worker_id = worker_id.to_owned();
-        self.read(move |c| {
+        self.read_unsynced(move |c| {
             let mut stmt = c.prepare_cached(&format!(
                 "SELECT {QUEUED_JOB_COLUMNS} FROM queue q CROSS JOIN jobs j ON j.job_id = q.job_id
                  WHERE q.dispatching = 0 AND q.priority >= ?1 AND j.state = 'queued'

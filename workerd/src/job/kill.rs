@@ -211,7 +211,21 @@ impl ProcStat {
     }
 
     pub(super) fn read(pid: i32) -> Option<ProcStat> {
-        ProcStat::parse(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+        // In one read where it fits, as it always does (one line of at
+        // most about 1 KiB): `read_to_string` grows its buffer from 32
+        // bytes, six reads per process, and a job's end scans them all.
+        let mut file = std::fs::File::open(format!("/proc/{pid}/stat")).ok()?;
+        let mut buf = [0u8; 4096];
+        let mut len = 0;
+        while len < buf.len() {
+            match std::io::Read::read(&mut file, &mut buf[len..]) {
+                Ok(0) => return ProcStat::parse(std::str::from_utf8(&buf[..len]).ok()?),
+                Ok(n) => len += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return None,
+            }
+        }
+        None // longer than any stat line
     }
 
     /// Dead but not yet reaped, or dying: nothing left to signal.

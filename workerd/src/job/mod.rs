@@ -16,6 +16,7 @@
 
 mod kill;
 mod output;
+mod process;
 mod reap;
 mod record;
 mod registry;

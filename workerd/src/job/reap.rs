@@ -65,17 +65,32 @@ pub(crate) fn become_subreaper() {
     }
 }
 
-/// Spawns `cmd` and records the child as workerd's own before the reaper can
-/// look again.
-pub(super) fn spawn(cmd: &mut tokio::process::Command) -> std::io::Result<tokio::process::Child> {
+/// Starts a job's process and records it as workerd's own before the
+/// reaper can look again.
+pub(super) fn spawn(exec: crate::sys::JobExec) -> std::io::Result<super::process::Process> {
     let mut own = own();
-    let child = cmd.spawn()?;
-    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
-        // One small procfs read (no disk behind it), beside the fork and
-        // exec that spawn just waited for.
-        own.insert(pid, ProcStat::read(pid).map(|s| s.start_ticks));
+    let pid = crate::sys::spawn_job(exec)?;
+    // One small procfs read (no disk behind it), beside the exec that the
+    // spawn just waited for.
+    own.insert(pid, ProcStat::read(pid).map(|s| s.start_ticks));
+    match super::process::Process::new(pid) {
+        Ok(process) => Ok(process),
+        Err(error) => {
+            // Without a handle on it the job could not be supervised: it
+            // does not run at all.
+            own.remove(&pid);
+            drop(own);
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            let _ = waitpid(Pid::from_raw(pid), None);
+            Err(error)
+        }
     }
-    Ok(child)
+}
+
+/// Hands a process of workerd's own to the orphan reaper (its owner went
+/// without waiting for it).
+pub(super) fn disown(pid: i32) {
+    own().remove(&pid);
 }
 
 /// Reaps orphans re-parented to workerd until the task is dropped.

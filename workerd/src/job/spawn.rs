@@ -2,10 +2,10 @@
 //! files and spawning its process.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::output::pump;
-use super::record::{now_ms, reserve_final, write_final, write_first};
+use super::record::{load_record, now_ms, reserve_final, write_final, write_first};
 use super::supervise::{Supervision, supervise};
 use super::{Job, JobError, JobRecord, Jobs, Progress, StartRequest, State};
 
@@ -51,16 +51,16 @@ impl Drop for Starting<'_> {
 }
 
 /// A reserved place among the running jobs, returned on drop unless kept.
-struct RunningSlot<'a> {
-    running: &'a AtomicUsize,
+struct RunningSlot {
+    running: Arc<AtomicUsize>,
     kept: bool,
 }
 
-impl<'a> RunningSlot<'a> {
-    fn take(running: &'a AtomicUsize, max: Option<usize>) -> Result<Self, JobError> {
+impl RunningSlot {
+    fn take(running: &Arc<AtomicUsize>, max: Option<usize>) -> Result<Self, JobError> {
         let before = running.fetch_add(1, Ordering::AcqRel);
         let slot = RunningSlot {
-            running,
+            running: running.clone(),
             kept: false,
         };
         match max {
@@ -74,12 +74,32 @@ impl<'a> RunningSlot<'a> {
     }
 }
 
-impl Drop for RunningSlot<'_> {
+impl Drop for RunningSlot {
     fn drop(&mut self) {
         if !self.kept {
             self.running.fetch_sub(1, Ordering::AcqRel);
         }
     }
+}
+
+/// What the blocking part of a start made of it.
+enum Prepared {
+    /// The job exists already (on disk, finished): its record is the answer.
+    Exists(JobRecord),
+    /// Its files exist and its process was spawned, or could not be.
+    Made(Box<Made>),
+}
+
+struct Made {
+    record: JobRecord,
+    stop_grace: std::time::Duration,
+    timeout: Option<std::time::Duration>,
+    max_output: Option<u64>,
+    log_file: std::fs::File,
+    log_path: std::path::PathBuf,
+    cgroup_dir: Option<std::path::PathBuf>,
+    spawned: std::io::Result<(super::process::Process, pipe::Receiver)>,
+    slot: RunningSlot,
 }
 
 impl Jobs {
@@ -98,7 +118,7 @@ impl Jobs {
             .map_err(|e| JobError::Io(std::io::Error::other(e)))?
     }
 
-    async fn start_now(&self, req: StartRequest) -> Result<JobRecord, JobError> {
+    async fn start_now(self: Arc<Self>, req: StartRequest) -> Result<JobRecord, JobError> {
         if !self.accepting.load(Ordering::Acquire) {
             return Err(JobError::ShuttingDown);
         }
@@ -109,99 +129,34 @@ impl Jobs {
         } else {
             Uuid::parse_str(&req.job_id).map_err(|_| JobError::BadJobId(req.job_id.clone()))?
         };
-        // From memory, or from disk for a job that ended long ago.
-        match self.get(&id.to_string()).await {
-            Ok(job) => {
-                tracing::info!(job_id = %id, "repeated start; the job exists");
-                return Ok(job.record());
-            }
-            Err(JobError::UnknownJob(_)) => {}
-            Err(error) => return Err(error),
+        if let Some(job) = self.find(id) {
+            tracing::info!(job_id = %id, "repeated start; the job exists");
+            return Ok(job.record());
         }
         let _starting = Starting::claim(&self.starting, id)?;
-        let script = crate::confine::resolve_script(&self.scripts_dir, &req.path)?;
-        let plugin = self.plugin_for(&req.command, &req.path, &script)?;
-        validate_strings(&req.args, &req.env)?;
-        // The plugin's allow list, with the deny list under it: a refused
-        // variable refuses the whole request, so nothing runs half-configured.
-        if let Err(refused) = plugin.allow_env.check(req.env.keys().map(String::as_str)) {
-            tracing::info!(job_id = %id, plugin = %plugin.name, %refused, "start refused: request env");
-            return Err(JobError::EnvNotAllowed {
-                plugin: plugin.name.clone(),
-                refused,
-            });
-        }
-        // A slot is taken now, before any await, so concurrent starts cannot
-        // overshoot max_jobs; it is given back unless a process starts.
-        let slot = RunningSlot::take(&self.running, self.policy.max_jobs)?;
-
-        let now = now_ms();
-        let mut record = JobRecord {
-            id,
-            command: plugin.name.clone(),
-            path: req.path.clone(),
-            args: req.args.clone(),
-            state: State::Running,
-            exit_code: None,
-            signal: None,
-            error_text: String::new(),
-            created_at_ms: now,
-            started_at_ms: now,
-            finished_at_ms: 0,
-            output_bytes: 0,
-            output_expired: false,
+        // Everything else touches the disk or forks: one trip to the
+        // blocking pool for all of it, as each trip costs a start more
+        // than the work it carries (thread hand-offs on a busy machine),
+        // and a fork and exec must not hold up a runtime thread.
+        let jobs = self.clone();
+        let made = match tokio::task::spawn_blocking(move || jobs.prepare(id, &req))
+            .await
+            .map_err(|e| JobError::Io(std::io::Error::other(e)))??
+        {
+            Prepared::Exists(record) => return Ok(record),
+            Prepared::Made(made) => *made,
         };
-        // The job's files and its record exist before its process does: a
-        // worker that cannot write them refuses the job and leaves nothing.
-        let dir = self.jobs_dir.join(id.to_string());
-        let log_file = match self.create_files(&dir, &record).await {
-            Ok(file) => file,
-            // A start of the same id may have finished since we looked.
-            Err(JobError::Exists(id)) => {
-                return match self.find(id) {
-                    Some(job) => Ok(job.record()),
-                    None => Err(JobError::Exists(id)),
-                };
-            }
-            Err(error) => {
-                let cleanup = dir.clone();
-                let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(cleanup)).await;
-                tracing::warn!(job_id = %id, %error, "job refused: its files could not be created");
-                return Err(error);
-            }
-        };
-        let log_path = dir.join("output.log");
-
-        // The job's cgroup is made before the job exists, so it can join it
-        // before it runs anything.
-        let cgroup = match &self.policy.cgroups {
-            Some(cgroups) => {
-                let (cgroups, limits) = (cgroups.clone(), plugin.limits);
-                let created = tokio::task::spawn_blocking(move || {
-                    let dir = cgroups.create(id, &limits)?;
-                    let procs = crate::cgroup::Cgroups::procs_file(&dir)?;
-                    Ok::<_, std::io::Error>((dir, procs))
-                })
-                .await
-                .map_err(std::io::Error::other)
-                .and_then(|r| r);
-                match created {
-                    Ok(created) => Some(created),
-                    Err(error) => {
-                        // Refused: nothing of the job may stay behind.
-                        let cleanup = dir.clone();
-                        let _ =
-                            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(cleanup))
-                                .await;
-                        tracing::warn!(job_id = %id, %error, "job refused: its cgroup could not be made");
-                        return Err(JobError::Io(error));
-                    }
-                }
-            }
-            None => None,
-        };
-        let (cgroup_dir, cgroup_procs) = cgroup.map_or((None, None), |(d, p)| (Some(d), Some(p)));
-        let spawned = self.spawn(plugin, &script, &req, id, cgroup_procs);
+        let Made {
+            mut record,
+            stop_grace,
+            timeout,
+            max_output,
+            log_file,
+            log_path,
+            cgroup_dir,
+            spawned,
+            slot,
+        } = made;
         if spawned.is_ok() {
             // Counted from spawn to the end of supervision.
             slot.keep();
@@ -227,14 +182,14 @@ impl Jobs {
                     reader,
                     log_file,
                     job.progress.clone(),
-                    plugin.max_output_bytes,
+                    max_output,
                     over_limit.clone(),
                     write_failed.clone(),
                 ));
                 let limits = Supervision {
-                    grace: plugin.stop_grace,
-                    timeout: plugin.timeout,
-                    max_output: plugin.max_output_bytes,
+                    grace: stop_grace,
+                    timeout,
+                    max_output,
                     over_limit,
                     write_failed,
                     cgroup: cgroup_dir.clone(),
@@ -285,39 +240,106 @@ impl Jobs {
         Ok(record)
     }
 
-    /// Creates the job's directory, its empty output log, its first record
-    /// and the space for its final record; returns the log for writing.
-    async fn create_files(
-        &self,
-        dir: &Path,
-        record: &JobRecord,
-    ) -> Result<std::fs::File, JobError> {
-        let dir = dir.to_owned();
-        let json = serde_json::to_vec(record).map_err(std::io::Error::other)?;
-        let id = record.id;
-        tokio::task::spawn_blocking(move || {
-            match std::fs::create_dir(&dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    return Err(JobError::Exists(id));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    std::fs::create_dir_all(&dir).map_err(JobError::storage)?;
-                }
-                Err(e) => return Err(JobError::storage(e)),
+    /// The blocking part of a start, in order: a job this id names on
+    /// disk, the request's checks, a slot, the job's files and cgroup, and
+    /// its process. Whatever fails before the process is spawned leaves
+    /// nothing behind.
+    fn prepare(&self, id: Uuid, req: &StartRequest) -> Result<Prepared, JobError> {
+        // A job that ended long ago is on disk only; a record that says
+        // running belongs to a start under way, not a job yet.
+        let dir = self.jobs_dir.join(id.to_string());
+        match load_record(&dir) {
+            Ok((record, _)) if record.state != State::Running => {
+                tracing::info!(job_id = %id, "repeated start; the job exists");
+                return Ok(Prepared::Exists(record));
             }
-            let log = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(dir.join("output.log"))
-                .map_err(JobError::storage)?;
-            reserve_final(&dir, json.len()).map_err(JobError::storage)?;
-            write_first(&dir, &json).map_err(JobError::storage)?;
-            Ok(log)
-        })
-        .await
-        .map_err(|e| JobError::Io(std::io::Error::other(e)))?
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            // Not "unknown": the scheduler would give the job up.
+            Err(e) => return Err(JobError::Io(e)),
+        }
+        let script = crate::confine::resolve_script(&self.scripts_dir, &req.path)?;
+        let plugin = self.plugin_for(&req.command, &req.path, &script)?;
+        validate_strings(&req.args, &req.env)?;
+        // The plugin's allow list, with the deny list under it: a refused
+        // variable refuses the whole request, so nothing runs half-configured.
+        if let Err(refused) = plugin.allow_env.check(req.env.keys().map(String::as_str)) {
+            tracing::info!(job_id = %id, plugin = %plugin.name, %refused, "start refused: request env");
+            return Err(JobError::EnvNotAllowed {
+                plugin: plugin.name.clone(),
+                refused,
+            });
+        }
+        // A slot is taken now, before the files, so concurrent starts
+        // cannot overshoot max_jobs; it is given back unless a process starts.
+        let slot = RunningSlot::take(&self.running, self.policy.max_jobs)?;
+
+        let now = now_ms();
+        let record = JobRecord {
+            id,
+            command: plugin.name.clone(),
+            path: req.path.clone(),
+            args: req.args.clone(),
+            state: State::Running,
+            exit_code: None,
+            signal: None,
+            error_text: String::new(),
+            created_at_ms: now,
+            started_at_ms: now,
+            finished_at_ms: 0,
+            output_bytes: 0,
+            output_expired: false,
+        };
+        // The job's files and its record exist before its process does: a
+        // worker that cannot write them refuses the job and leaves nothing.
+        let log_file = match create_files(&dir, &record) {
+            Ok(file) => file,
+            // A start of the same id may have finished since we looked.
+            Err(JobError::Exists(id)) => {
+                return match self.find(id) {
+                    Some(job) => Ok(Prepared::Exists(job.record())),
+                    None => Err(JobError::Exists(id)),
+                };
+            }
+            Err(error) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                tracing::warn!(job_id = %id, %error, "job refused: its files could not be created");
+                return Err(error);
+            }
+        };
+        // The job's cgroup is made before the job exists, so it can join it
+        // before it runs anything.
+        let cgroup = match &self.policy.cgroups {
+            Some(cgroups) => {
+                let created = cgroups.create(id, &plugin.limits).and_then(|dir| {
+                    let procs = crate::cgroup::Cgroups::procs_file(&dir)?;
+                    Ok((dir, procs))
+                });
+                match created {
+                    Ok(created) => Some(created),
+                    Err(error) => {
+                        // Refused: nothing of the job may stay behind.
+                        let _ = std::fs::remove_dir_all(&dir);
+                        tracing::warn!(job_id = %id, %error, "job refused: its cgroup could not be made");
+                        return Err(JobError::Io(error));
+                    }
+                }
+            }
+            None => None,
+        };
+        let (cgroup_dir, cgroup_procs) = cgroup.map_or((None, None), |(d, p)| (Some(d), Some(p)));
+        let spawned = self.spawn(plugin, &script, req, id, cgroup_procs);
+        Ok(Prepared::Made(Box::new(Made {
+            record,
+            stop_grace: plugin.stop_grace,
+            timeout: plugin.timeout,
+            max_output: plugin.max_output_bytes,
+            log_file,
+            log_path: dir.join("output.log"),
+            cgroup_dir,
+            spawned,
+            slot,
+        })))
     }
 
     fn plugin_for(&self, command: &str, path: &str, script: &Path) -> Result<&Plugin, JobError> {
@@ -353,43 +375,43 @@ impl Jobs {
         req: &StartRequest,
         id: Uuid,
         cgroup_procs: Option<std::os::fd::OwnedFd>,
-    ) -> std::io::Result<(tokio::process::Child, pipe::Receiver)> {
+    ) -> std::io::Result<(super::process::Process, pipe::Receiver)> {
         let line = plugin.runner.command_line(script, &req.args);
         // One pipe for stdout and stderr keeps their relative order exact.
         let (reader, writer) = std::io::pipe()?;
         let writer_err = writer.try_clone()?;
-        let mut cmd = tokio::process::Command::new(&line.program);
-        cmd.args(&line.args).env_clear().env("PATH", DEFAULT_PATH);
+        let mut env: Vec<(OsString, OsString)> = vec![("PATH".into(), DEFAULT_PATH.into())];
         for key in INHERITED_ENV {
             if let Some(value) = std::env::var_os(key) {
-                cmd.env(key, value);
+                env.push((key.into(), value));
             }
         }
-        cmd.env("JOB_ID", id.to_string())
-            .env("WORKER_NAME", &self.worker_name)
-            .envs(line.env.iter().map(|(k, v)| (k, v)))
-            .envs(&req.env)
-            .current_dir(script.parent().unwrap_or(&self.scripts_dir))
-            .stdin(Stdio::null())
-            .stdout(writer)
-            .stderr(writer_err)
-            .process_group(0)
-            .kill_on_drop(false);
-        if let Some(run_as) = self.policy.run_as.get(&plugin.name) {
-            // std drops supplementary groups too when it switches user.
-            cmd.uid(run_as.uid)
-                .gid(run_as.gid)
-                .env("HOME", &run_as.home)
-                .env("USER", &run_as.user)
-                .env("LOGNAME", &run_as.user);
+        env.push(("JOB_ID".into(), id.to_string().into()));
+        env.push(("WORKER_NAME".into(), self.worker_name.clone().into()));
+        env.extend(line.env.iter().map(|(k, v)| (k.into(), v.into())));
+        env.extend(req.env.iter().map(|(k, v)| (k.into(), v.into())));
+        let run_as = self.policy.run_as.get(&plugin.name);
+        if let Some(run_as) = run_as {
+            env.push(("HOME".into(), run_as.home.clone().into()));
+            env.push(("USER".into(), run_as.user.clone().into()));
+            env.push(("LOGNAME".into(), run_as.user.clone().into()));
         }
-        crate::sys::set_limits(&mut cmd, plugin.limits, cgroup_procs);
-        let child = super::reap::spawn(&mut cmd)?;
-        // The command holds the parent's copies of the pipe's write end;
-        // dropping it lets the pump see EOF once the job's processes close theirs.
-        drop(cmd);
+        let process = super::reap::spawn(crate::sys::JobExec {
+            program: line.program,
+            args: line.args,
+            env,
+            cwd: script.parent().unwrap_or(&self.scripts_dir).to_owned(),
+            stdin: std::fs::File::open("/dev/null")?.into(),
+            stdout: writer.into(),
+            stderr: writer_err.into(),
+            identity: run_as.map(|r| (r.uid, r.gid)),
+            limits: plugin.limits,
+            cgroup_procs,
+        })?;
+        // The spawn closed the parent's copies of the pipe's write end, so
+        // the pump sees EOF once the job's processes close theirs.
         let reader = pipe::Receiver::from_owned_fd(OwnedFd::from(reader))?;
-        Ok((child, reader))
+        Ok((process, reader))
     }
 }
 
@@ -409,4 +431,29 @@ fn validate_strings(args: &[String], env: &BTreeMap<String, String>) -> Result<(
         }
     }
     Ok(())
+}
+
+/// Creates the job's directory, its empty output log, its first record and
+/// the space for its final record; returns the log for writing.
+fn create_files(dir: &Path, record: &JobRecord) -> Result<std::fs::File, JobError> {
+    let json = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+    match std::fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(JobError::Exists(record.id));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).map_err(JobError::storage)?;
+        }
+        Err(e) => return Err(JobError::storage(e)),
+    }
+    let log = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dir.join("output.log"))
+        .map_err(JobError::storage)?;
+    reserve_final(dir, json.len()).map_err(JobError::storage)?;
+    write_first(dir, &json).map_err(JobError::storage)?;
+    Ok(log)
 }

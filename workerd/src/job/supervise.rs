@@ -55,7 +55,7 @@ pub(super) struct Supervision {
 
 pub(super) async fn supervise(
     job: Arc<Job>,
-    mut child: tokio::process::Child,
+    mut child: super::process::Process,
     pgid: Option<i32>,
     mut pump: JoinHandle<Pumped>,
     limits: Supervision,
