@@ -182,6 +182,28 @@ pub(crate) struct JobExec {
 /// Stack of the child between clone and exec: it runs a few system calls.
 const CHILD_STACK: usize = 64 << 10;
 
+// The 32-bit ABIs' plain set*id calls take 16-bit ids.
+#[cfg(not(any(target_arch = "x86", target_arch = "arm")))]
+use libc::{SYS_setgid as SYS_SETGID, SYS_setgroups as SYS_SETGROUPS, SYS_setuid as SYS_SETUID};
+#[cfg(any(target_arch = "x86", target_arch = "arm"))]
+use libc::{
+    SYS_setgid32 as SYS_SETGID, SYS_setgroups32 as SYS_SETGROUPS, SYS_setuid32 as SYS_SETUID,
+};
+
+/// What the child was doing when a step failed, for the error's message.
+const STEPS: [&str; 6] = [
+    "setting up its standard descriptors",
+    "switching to its user",
+    "entering its directory",
+    "joining its cgroup",
+    "setting its limits",
+    "executing its interpreter",
+];
+
+/// `ChildArgs::errno` until the child reaches exec: a child that never
+/// gets there (killed by a signal) leaves it.
+const NOT_REACHED: i32 = -1;
+
 /// What the child reads; the parent owns every pointer and keeps it alive
 /// until the child has exec'd or exited (the clone returns no earlier).
 #[repr(C)]
@@ -196,8 +218,11 @@ struct ChildArgs {
     /// Drop supplementary groups (root only may, as std does).
     drop_groups: bool,
     limits: [(libc::c_int, Option<u64>); 4],
-    /// Set by the child when a step failed, before it exits.
+    /// [`NOT_REACHED`], 0 once the child calls exec, or the errno of the
+    /// step that failed.
     errno: std::sync::atomic::AtomicI32,
+    /// Index into [`STEPS`] of the step under way.
+    step: std::sync::atomic::AtomicUsize,
 }
 
 /// Starts a job's process with `clone(CLONE_VM | CLONE_VFORK)`, as glibc's
@@ -208,13 +233,17 @@ struct ChildArgs {
 /// 1–3 ms on the virtual machines measured, most of a start, in page table
 /// copies, copy-on-write faults and the teardown at exec; std's own
 /// vfork path (`posix_spawn`) cannot switch users or set limits. Here the
-/// child borrows the parent's memory for the few system calls before exec.
+/// child borrows the parent's memory for the few system calls before exec,
+/// in std's order: standard descriptors, user, directory, process group,
+/// then (what std's `pre_exec` hook did) cgroup and limits.
 ///
 /// The child runs with every signal blocked, resets every handled signal
 /// (and SIGPIPE, which std ignores) to its default, and unblocks them only
 /// right before exec, so no handler of workerd's ever runs in it. It calls
 /// the kernel directly for setgroups/setgid/setuid: glibc's wrappers would
-/// signal workerd's threads to change theirs too.
+/// signal workerd's threads to change theirs too. Its change of user clears
+/// the "dumpable" flag of the memory it shares with workerd, which the
+/// parent sets back.
 ///
 /// Call with the reaper's lock held (`reap::spawn`), so the reaper never
 /// sees the pid before it is listed as workerd's own.
@@ -259,6 +288,20 @@ pub(crate) fn spawn_job(exec: JobExec) -> std::io::Result<i32> {
         .map(|a| a.as_ptr())
         .chain(std::iter::once(std::ptr::null()))
         .collect();
+    // A source among 0–2 could be overwritten by an earlier dup2 onto it
+    // (a workerd started with those closed): such a one moves up first.
+    let above_stdio = |fd: OwnedFd| -> std::io::Result<OwnedFd> {
+        if fd.as_raw_fd() > 2 {
+            Ok(fd)
+        } else {
+            fd.try_clone() // F_DUPFD_CLOEXEC from 3 up
+        }
+    };
+    let stdio = [
+        above_stdio(exec.stdin)?,
+        above_stdio(exec.stdout)?,
+        above_stdio(exec.stderr)?,
+    ];
     let in_cgroup = exec.cgroup_procs.is_some();
     let cpu_seconds = exec
         .limits
@@ -269,11 +312,7 @@ pub(crate) fn spawn_job(exec: JobExec) -> std::io::Result<i32> {
         argv: argv.as_ptr(),
         envp: envp.as_ptr(),
         cwd: cwd.as_ptr(),
-        fds: [
-            exec.stdin.as_raw_fd(),
-            exec.stdout.as_raw_fd(),
-            exec.stderr.as_raw_fd(),
-        ],
+        fds: stdio.each_ref().map(|fd| fd.as_raw_fd()),
         cgroup_procs: exec.cgroup_procs.as_ref().map_or(-1, |fd| fd.as_raw_fd()),
         identity: exec.identity,
         // SAFETY: getuid(2) cannot fail and touches no memory.
@@ -290,10 +329,13 @@ pub(crate) fn spawn_job(exec: JobExec) -> std::io::Result<i32> {
                 exec.limits.processes.filter(|_| !in_cgroup),
             ),
         ],
-        errno: std::sync::atomic::AtomicI32::new(0),
+        errno: std::sync::atomic::AtomicI32::new(NOT_REACHED),
+        step: std::sync::atomic::AtomicUsize::new(0),
     };
 
     let stack = ChildStack::new()?;
+    // SAFETY: prctl(PR_GET_DUMPABLE) reads a flag of this process.
+    let dumpable = unsafe { libc::prctl(libc::PR_GET_DUMPABLE) };
     // SAFETY: sigfillset/pthread_sigmask write only the sets we pass.
     let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
     let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -315,19 +357,56 @@ pub(crate) fn spawn_job(exec: JobExec) -> std::io::Result<i32> {
         )
     };
     let clone_error = std::io::Error::last_os_error();
-    // SAFETY: restores this thread's own mask, saved above.
-    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    // SAFETY: restores this thread's own mask, saved above, and this
+    // process's dumpable flag, which the child's setuid cleared on the
+    // memory it shared (only 0 and 1 can be set; 2 is never changed).
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        if dumpable == 1 {
+            libc::prctl(libc::PR_SET_DUMPABLE, 1);
+        }
+    }
     drop(stack);
+    drop(stdio); // the parent's copies: the job holds the pipe's write end alone
     if pid < 0 {
         return Err(clone_error);
     }
-    match args.errno.load(Ordering::Acquire) {
-        0 => Ok(pid),
-        errno => {
-            // The child exited without exec (the clone returned at its
-            // exit): reap it, or it stays a zombie the reaper skips.
-            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
-            Err(std::io::Error::from_raw_os_error(errno))
+    let errno = args.errno.load(Ordering::Acquire);
+    if errno == 0 {
+        return Ok(pid);
+    }
+    // The child exited without exec (the clone returned at its exit): reap
+    // it, or it stays a zombie the reaper skips.
+    let _ = waitpid_raw(pid, false);
+    let step = STEPS
+        .get(args.step.load(Ordering::Acquire))
+        .copied()
+        .unwrap_or("starting");
+    Err(if errno == NOT_REACHED {
+        std::io::Error::other(format!("the job's process ended while {step}"))
+    } else {
+        let cause = std::io::Error::from_raw_os_error(errno);
+        std::io::Error::new(cause.kind(), format!("{step}: {cause}"))
+    })
+}
+
+/// `waitpid(pid)` with the raw status (`WNOHANG` when `nohang`): `None`
+/// while it runs. nix's `waitpid` fails on a real-time signal it has no
+/// name for, after the kernel has already reaped the process.
+pub(crate) fn waitpid_raw(pid: i32, nohang: bool) -> std::io::Result<Option<i32>> {
+    let mut status = 0;
+    let flags = if nohang { libc::WNOHANG } else { 0 };
+    loop {
+        // SAFETY: waitpid(2) writes the status into our local.
+        match unsafe { libc::waitpid(pid, &mut status, flags) } {
+            0 => return Ok(None),
+            -1 => {
+                let error = std::io::Error::last_os_error();
+                if error.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(error);
+                }
+            }
+            _ => return Ok(Some(status)),
         }
     }
 }
@@ -341,8 +420,12 @@ struct ChildStack {
 
 impl ChildStack {
     fn new() -> std::io::Result<Self> {
-        let page = 4096;
-        let len = CHILD_STACK + page;
+        // SAFETY: sysconf reads a constant of the system.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .ok()
+            .filter(|p| p.is_power_of_two())
+            .unwrap_or(4096);
+        let len = CHILD_STACK.div_ceil(page) * page + page;
         // SAFETY: a fresh anonymous private mapping; nothing else refers
         // to it.
         let base = unsafe {
@@ -386,15 +469,16 @@ impl Drop for ChildStack {
 /// calling thread's TLS, so it makes system calls only: no allocation, no
 /// lock, no panic (no indexing), nothing that could touch workerd's state.
 extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
+    use std::sync::atomic::Ordering;
     // SAFETY: `arg` is the parent's `ChildArgs`, alive and unchanged until
     // this child execs or exits (CLONE_VFORK).
     let a = unsafe { &*arg.cast::<ChildArgs>() };
-    let fail = || -> ! {
-        let errno = std::io::Error::last_os_error()
-            .raw_os_error()
+    let step = |n: usize| a.step.store(n, Ordering::Release);
+    let fail = |errno: Option<i32>| -> ! {
+        let errno = errno
+            .or_else(|| std::io::Error::last_os_error().raw_os_error())
             .unwrap_or(libc::EIO);
-        a.errno
-            .store(errno.max(1), std::sync::atomic::Ordering::Release);
+        a.errno.store(errno.max(1), Ordering::Release);
         // SAFETY: ends this child at once, without exit handlers.
         unsafe { libc::syscall(libc::SYS_exit, 127) };
         // SAFETY: unreachable, exit does not return; `_exit` as a backstop.
@@ -420,36 +504,37 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 libc::sigaction(sig, &default, std::ptr::null_mut());
             }
         }
+        step(0);
+        // The sources are all above 2 (the parent saw to it).
         for (target, fd) in (0..).zip(a.fds) {
-            let done = if fd == target {
-                libc::fcntl(fd, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(fd, target)
-            };
-            if done < 0 {
-                fail();
+            if libc::dup2(fd, target) < 0 {
+                fail(None);
             }
         }
-        // std's order: the user, the directory (entered as the job's
-        // user), the group, then the cgroup and the limits.
+        step(1);
         if let Some((uid, gid)) = a.identity
-            && (libc::syscall(libc::SYS_setgid, gid) != 0
+            && (libc::syscall(SYS_SETGID, gid) != 0
                 || (a.drop_groups
-                    && libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0)
-                || libc::syscall(libc::SYS_setuid, uid) != 0)
+                    && libc::syscall(SYS_SETGROUPS, 0, std::ptr::null::<libc::gid_t>()) != 0)
+                || libc::syscall(SYS_SETUID, uid) != 0)
         {
-            fail();
+            fail(None);
         }
+        step(2);
         if libc::chdir(a.cwd) != 0 || libc::setpgid(0, 0) != 0 {
-            fail();
+            fail(None);
         }
+        step(3);
+        // "0" moves the writing process: the job joins its cgroup before
+        // it can start anything.
         if a.cgroup_procs >= 0 {
-            // "0" moves the writing process: the job joins its cgroup
-            // before it can start anything.
-            if libc::write(a.cgroup_procs, b"0".as_ptr().cast(), 1) != 1 {
-                fail();
+            match libc::write(a.cgroup_procs, b"0".as_ptr().cast(), 1) {
+                1 => {}
+                -1 => fail(None),
+                _ => fail(Some(libc::EIO)),
             }
         }
+        step(4);
         for (resource, value) in a.limits {
             if let Some(value) = value {
                 let limit = libc::rlimit64 {
@@ -464,16 +549,20 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                     std::ptr::null_mut::<libc::rlimit64>(),
                 ) != 0
                 {
-                    fail();
+                    fail(None);
                 }
             }
         }
+        step(5);
         let mut none: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut none);
         libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        // Reached exec: from here the parent counts the job as started
+        // unless exec says otherwise below.
+        a.errno.store(0, Ordering::Release);
         libc::execve(a.program, a.argv, a.envp);
     }
-    fail()
+    fail(None)
 }
 
 #[cfg(test)]
@@ -510,9 +599,11 @@ mod tests {
     #[test]
     fn a_spawned_job_gets_its_environment_directory_group_limits_and_default_signals() {
         let dir = tempfile::tempdir().unwrap();
+        // The masks are read by a process the shell execs: a shell blocks
+        // signals of its own around the forks of its commands.
         let script = "echo \"$A $B $(pwd)\"; ulimit -n; \
                       cut -d' ' -f5 /proc/$$/stat; echo $$; \
-                      grep -E '^Sig(Blk|Ign)' /proc/$$/status; exit 7";
+                      exec sh -c \"grep -E '^Sig(Blk|Ign)' /proc/self/status; exit 7\"";
         let (job, mut out) = exec("/bin/sh", &["-c", script], dir.path());
         let pid = spawn_job(job).unwrap();
         let status = waitpid(Pid::from_raw(pid), None).unwrap();
@@ -540,6 +631,25 @@ mod tests {
             format!("SigIgn:\t{:016x}", ignored & !sigpipe),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_job_switching_user_leaves_workerd_dumpable() {
+        // SAFETY: getuid(2) cannot fail and touches no memory.
+        if unsafe { libc::getuid() } != 0 {
+            eprintln!("skipped: switching to another user needs root");
+            return;
+        }
+        let (mut job, _) = exec("/bin/true", &[], Path::new("/"));
+        job.identity = Some((65534, 65534));
+        // SAFETY: reads a flag of this process.
+        assert_eq!(unsafe { libc::prctl(libc::PR_GET_DUMPABLE) }, 1);
+        let pid = spawn_job(job).unwrap();
+        // The child's setuid cleared the flag on the memory it shared.
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::prctl(libc::PR_GET_DUMPABLE) }, 1);
+        let status = waitpid(Pid::from_raw(pid), None).unwrap();
+        assert_eq!(status, WaitStatus::Exited(Pid::from_raw(pid), 0));
     }
 
     #[test]

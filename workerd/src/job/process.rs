@@ -1,30 +1,45 @@
-//! A job's main process, as started by `sys::spawn_job`: its pid, a pidfd
-//! that says when it ended, and its exit status once reaped.
+//! A job's main process, as started by `sys::spawn_job`: its pid, what
+//! says when it ended (a pidfd, or SIGCHLD before Linux 5.3), and its exit
+//! status once reaped.
 
 use std::os::fd::OwnedFd;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
-use nix::unistd::Pid;
 use tokio::io::unix::AsyncFd;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 /// A process workerd spawned and alone reaps (the orphan reaper skips it).
 #[derive(Debug)]
 pub(crate) struct Process {
     pid: i32,
-    pidfd: AsyncFd<OwnedFd>,
+    ended: Ended,
     status: Option<ExitStatus>,
+}
+
+#[derive(Debug)]
+enum Ended {
+    /// Readable once the process ended.
+    Pidfd(AsyncFd<OwnedFd>),
+    /// Kernels without pidfd_open: every SIGCHLD since this was made is
+    /// kept until received, so none between a look and a wait is lost.
+    Sigchld(Signal),
 }
 
 impl Process {
     /// Takes charge of `pid`, a child of workerd not yet reaped (so the
     /// pid still names it).
     pub(super) fn new(pid: i32) -> std::io::Result<Self> {
-        let pidfd = crate::sys::pidfd_async(pid)?;
+        let ended = match crate::sys::pidfd_async(pid) {
+            Ok(pidfd) => Ended::Pidfd(pidfd),
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOSYS) => {
+                Ended::Sigchld(signal(SignalKind::child())?)
+            }
+            Err(e) => return Err(e),
+        };
         Ok(Process {
             pid,
-            pidfd,
+            ended,
             status: None,
         })
     }
@@ -41,27 +56,27 @@ impl Process {
         if let Some(status) = self.status {
             return Ok(Some(status));
         }
-        let status = match waitpid(Pid::from_raw(self.pid), Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(_, code)) => ExitStatus::from_raw((code & 0xff) << 8),
-            Ok(WaitStatus::Signaled(_, signal, core)) => {
-                ExitStatus::from_raw(signal as i32 | if core { 0x80 } else { 0 })
-            }
-            Ok(_) => return Ok(None),
-            Err(errno) => return Err(errno.into()),
+        let Some(raw) = crate::sys::waitpid_raw(self.pid, true)? else {
+            return Ok(None);
         };
+        let status = ExitStatus::from_raw(raw);
         self.status = Some(status);
         Ok(Some(status))
     }
 
-    /// Waits for the process to end (its pidfd becomes readable) and reaps
-    /// it. Cancel-safe: nothing is lost if the future is dropped.
+    /// Waits for the process to end and reaps it. Cancel-safe: nothing is
+    /// lost if the future is dropped.
     pub(crate) async fn wait(&mut self) -> std::io::Result<ExitStatus> {
         loop {
             if let Some(status) = self.try_wait()? {
                 return Ok(status);
             }
-            let mut ready = self.pidfd.readable().await?;
-            ready.clear_ready();
+            match &mut self.ended {
+                Ended::Pidfd(pidfd) => pidfd.readable().await?.clear_ready(),
+                Ended::Sigchld(signals) => {
+                    signals.recv().await;
+                }
+            }
         }
     }
 }
@@ -69,9 +84,14 @@ impl Process {
 impl Drop for Process {
     fn drop(&mut self) {
         // Not waited for: the orphan reaper takes it when it ends, as it
-        // would any other child of workerd's.
+        // would any other child of workerd's. Its lock may be held across
+        // a spawn, so a runtime thread hands the change to the blocking pool.
         if matches!(self.try_wait(), Ok(None)) {
-            super::reap::disown(self.pid);
+            let pid = self.pid;
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn_blocking(move || super::reap::disown(pid))),
+                Err(_) => super::reap::disown(pid),
+            }
         }
     }
 }

@@ -5,18 +5,19 @@
 //! their zombies become workerd's to reap.
 //!
 //! workerd's children are of two kinds, and their exit statuses have two
-//! owners. The jobs' main processes are tokio's: tokio waits for each by its
-//! pid, and a status taken from under it would lose the job's exit code. The
+//! owners. The jobs' main processes are their `Process`'s: it waits for
+//! each by its pid, and a status taken from under it would lose the job's
+//! exit code. The
 //! re-parented orphans are nobody's but ours. So the reaper never calls
 //! `waitpid(-1)`: on SIGCHLD (and now and then, as signals coalesce) it scans
 //! `/proc` for zombies whose parent is workerd and waits for those pids
 //! exactly, with `WNOHANG`, skipping the main processes.
 //!
 //! The main processes are known by [`OWN`]: pid and start time of every
-//! process workerd spawned. [`spawn`] holds its lock across the fork and the
+//! process workerd spawned. [`spawn`] holds its lock across the spawn and the
 //! insert, and the reaper holds it while it decides and waits, so the reaper
 //! can never see a main process that is not yet recorded. An entry goes stale
-//! once tokio has reaped its process; the start time tells a stale entry from
+//! once its `Process` has reaped it; the start time tells a stale entry from
 //! a new process under the same pid, so entries need no removal hook and a
 //! main process's status is never taken.
 
@@ -77,11 +78,11 @@ pub(super) fn spawn(exec: crate::sys::JobExec) -> std::io::Result<super::process
         Ok(process) => Ok(process),
         Err(error) => {
             // Without a handle on it the job could not be supervised: it
-            // does not run at all.
-            own.remove(&pid);
-            drop(own);
+            // does not run at all. Reaped under the lock, so the reaper
+            // cannot take it first and its pid cannot be reused meanwhile.
             let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-            let _ = waitpid(Pid::from_raw(pid), None);
+            let _ = crate::sys::waitpid_raw(pid, false);
+            own.remove(&pid);
             Err(error)
         }
     }
@@ -140,7 +141,7 @@ fn reap_once() -> usize {
         .collect();
     let mut own = own();
     // What stays names the process now under each pid: an entry whose
-    // process tokio has reaped (gone, or its pid taken by another process)
+    // process its `Process` has reaped (gone, or its pid taken by another process)
     // goes, and a spawn since the scan has replaced its pid's entry.
     own.retain(|pid, start| match (ProcStat::read(*pid), start) {
         (None, _) => false,

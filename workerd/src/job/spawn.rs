@@ -380,6 +380,9 @@ impl Jobs {
         // One pipe for stdout and stderr keeps their relative order exact.
         let (reader, writer) = std::io::pipe()?;
         let writer_err = writer.try_clone()?;
+        // Registered before the spawn: a failure after it would leave the
+        // job running with nobody reading its output.
+        let reader = pipe::Receiver::from_owned_fd(OwnedFd::from(reader))?;
         let mut env: Vec<(OsString, OsString)> = vec![("PATH".into(), DEFAULT_PATH.into())];
         for key in INHERITED_ENV {
             if let Some(value) = std::env::var_os(key) {
@@ -410,7 +413,6 @@ impl Jobs {
         })?;
         // The spawn closed the parent's copies of the pipe's write end, so
         // the pump sees EOF once the job's processes close theirs.
-        let reader = pipe::Receiver::from_owned_fd(OwnedFd::from(reader))?;
         Ok((process, reader))
     }
 }

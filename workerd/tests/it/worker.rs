@@ -58,6 +58,8 @@ const TEST_SCRIPTS: &[(&str, &str)] = &[
         "for i in $(seq 1 40); do echo \"line $i\"; sleep 0.05; done\n",
     ),
     ("env.sh", "echo \"$GREETING $1\"\n"),
+    // Ends itself with a real-time signal (one nix has no name for).
+    ("rtsig.sh", "echo going\nkill -s 40 $$\n"),
     // Leaves its process group and session: a setsid child whose own child
     // is double-forked (re-parented), and a double-forked setsid grandchild.
     (
@@ -264,6 +266,18 @@ async fn a_failing_script_is_failed_with_its_exit_code_and_all_output() {
     assert!(status.done && status.error);
     assert_eq!(status.exit_code, Some(3));
     assert_eq!(status.error_text, "exited with code 3");
+}
+
+#[tokio::test]
+async fn a_job_ended_by_a_real_time_signal_is_failed_with_that_signal() {
+    let worker = Worker::start();
+    let mut client = worker.client();
+    let job = start(&mut client, start_req("bash", "rtsig.sh", &[])).await;
+    let (out, status) = follow(&mut client, &job, 0).await;
+    assert_eq!(out, b"going\n");
+    assert_eq!(status.state(), JobState::Failed, "{status:?}");
+    assert_eq!(status.signal, Some(40), "{status:?}");
+    assert_eq!(status.exit_code, None, "{status:?}");
 }
 
 #[tokio::test]
