@@ -18,6 +18,10 @@
 # and `clusterctl run true.sh`, and stops everything it started. The
 # figures go to standard output as JSON lines and a table; nothing is kept.
 # Figures vary by 20 % and more on a shared VM: take the median of runs.
+# Leave two minutes between runs: each deletes thousands of job files at
+# its end, and on this VM's ext4 (no journal) creating files right after
+# that is slower (new inodes skip recently deleted ones), which a start
+# pays for.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 quick=0 postgres=0 serve=0
