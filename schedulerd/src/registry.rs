@@ -33,7 +33,14 @@ pub(crate) struct WorkerEntry {
     unresponsive_since: Mutex<Option<u64>>,
     client: OnceLock<WorkerClient<Channel>>,
     dial: Arc<Dial>,
+    /// [`LOCAL_CHANGES`] at this entry's last change made here.
+    changed: std::sync::atomic::AtomicU64,
 }
+
+/// Counts the changes this scheduler makes to its entries (a drain, a
+/// heartbeat), so that a sync does not put back a record of the store's
+/// read before such a change: the store's copy of it may be older.
+static LOCAL_CHANGES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// How the scheduler dials workers; shared by every entry.
 #[derive(Debug)]
@@ -159,6 +166,9 @@ impl WorkerEntry {
     pub(crate) fn update(&self, f: impl FnOnce(&mut WorkerRow)) -> WorkerRow {
         let mut row = self.row.lock().unwrap_or_else(|e| e.into_inner());
         f(&mut row);
+        let change = LOCAL_CHANGES.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
+        self.changed
+            .store(change, std::sync::atomic::Ordering::Release);
         row.clone()
     }
 
@@ -253,8 +263,10 @@ impl Registry {
                 self.heard_from(id);
             }
         }
+        // Changes made here from now on are newer than what is read next.
+        let since = LOCAL_CHANGES.load(std::sync::atomic::Ordering::Acquire);
         match tokio::try_join!(store.workers(), store.removed_worker_ids()) {
-            Ok((rows, removed)) => self.refresh(rows, removed),
+            Ok((rows, removed)) => self.refresh(rows, removed, since),
             Err(error) => {
                 tracing::warn!(%error, "could not read the workers other schedulers recorded")
             }
@@ -314,8 +326,9 @@ impl Registry {
     /// are added (or replaced, when they registered again since), states
     /// the leader judged (`down`) and flags set elsewhere (drain) are
     /// taken, a worker's last word is the latest any scheduler heard, and
-    /// workers removed elsewhere go.
-    pub(crate) fn refresh(&self, rows: Vec<WorkerRow>, removed: Vec<String>) {
+    /// workers removed elsewhere go. An entry changed here after `since`
+    /// (the reads began) keeps its record: the next sync brings the rest.
+    pub(crate) fn refresh(&self, rows: Vec<WorkerRow>, removed: Vec<String>, since: u64) {
         let _membership = self.membership.lock().unwrap_or_else(|e| e.into_inner());
         {
             let mut maps = self.maps.write().unwrap_or_else(|e| e.into_inner());
@@ -337,6 +350,9 @@ impl Registry {
                 .get(&row.worker_id)
                 .filter(|e| e.has_id(&row.worker_id));
             match known {
+                Some(entry) if entry.changed.load(std::sync::atomic::Ordering::Acquire) > since => {
+                    continue;
+                }
                 Some(entry) => {
                     let (again, moved) = entry.with_row(|r| {
                         (
@@ -394,6 +410,7 @@ impl Registry {
             unresponsive_since: Mutex::new(None),
             client: OnceLock::new(),
             dial: self.dial.clone(),
+            changed: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 

@@ -959,12 +959,11 @@ pub(crate) async fn call_start(
         async move {
             match store.update_started(row).await {
                 Ok(true) => {}
-                // Given up meanwhile (its worker was cut off for
-                // lost_after), or it ended and was reported before this
-                // update ran: the final state stands (a worker still
+                // Reported or marked since (running, ended, given up
+                // for lost_after): what came later stands (a worker still
                 // running a given-up job is told to kill it).
                 Ok(false) => {
-                    tracing::info!(%job_id, %worker, "job's start recorded after its end; the end stands")
+                    tracing::debug!(%job_id, %worker, "the record heard of the job before its start's answer; that stands")
                 }
                 // The process runs: the answer says so; the worker's
                 // reports will bring the record up to date.

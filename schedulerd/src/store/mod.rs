@@ -255,7 +255,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// waiting for the sync: the job's record, written and synced before
     /// its worker was asked, is the durable promise. Lost to a power loss,
     /// this update leaves that record awaiting its start's outcome, which
-    /// the worker's reports settle as they settle any start in doubt.
+    /// the worker's reports settle as they settle any start in doubt. It
+    /// changes only a record that heard nothing since it was written
+    /// (`unknown`, never started): the answer may land after a report of
+    /// the job or a mark of its worker, which are newer.
     async fn update_started(&self, j: JobRow) -> Result<bool, StoreError>;
 
     /// Gives a job the id its worker chose (a worker of the original

@@ -564,7 +564,7 @@ impl Store for PgStore {
         let mut c = self.client().await?;
         let tx = self.begin(&mut c).await?;
         let mut ended = Ended::default();
-        let updated = update_job(&tx, &j, &mut ended).await? > 0;
+        let updated = update_job(&tx, &j, false, &mut ended).await? > 0;
         tx.commit().await?;
         ended.committed();
         Ok(updated)
@@ -580,7 +580,7 @@ impl Store for PgStore {
         // visible to every scheduler at once.
         tx.exec("SET LOCAL synchronous_commit TO OFF", &[]).await?;
         let mut ended = Ended::default();
-        let updated = update_job(&tx, &j, &mut ended).await? > 0;
+        let updated = update_job(&tx, &j, true, &mut ended).await? > 0;
         tx.commit().await?;
         ended.committed();
         Ok(updated)
@@ -656,7 +656,7 @@ impl Store for PgStore {
         let mut kill = Vec::new();
         let mut ended = Ended::default();
         for row in &reports {
-            if update_job(&tx, row, &mut ended).await? > 0 {
+            if update_job(&tx, row, false, &mut ended).await? > 0 {
                 continue;
             }
             let recorded = tx
@@ -1383,14 +1383,20 @@ async fn bind_key(
 
 /// See the SQLite store's `update_job`: only the reporting worker's job,
 /// and never a terminal state.
-async fn update_job(c: &impl Cached, j: &JobRow, ended: &mut Ended) -> Result<u64, StoreError> {
+async fn update_job(
+    c: &impl Cached,
+    j: &JobRow,
+    first: bool,
+    ended: &mut Ended,
+) -> Result<u64, StoreError> {
     let n = c
         .exec(
             "UPDATE jobs SET state = $2, error_text = $3, exit_code = $4, signal = $5,
                started_at_ms = $6, finished_at_ms = $7, output_bytes = $8, updated_at_ms = $10,
                command = CASE WHEN command = '' THEN $11 ELSE command END
              WHERE job_id = $1 AND worker_id = $9
-               AND state NOT IN ('queued', 'succeeded', 'failed', 'stopped', 'lost')",
+               AND state NOT IN ('queued', 'succeeded', 'failed', 'stopped', 'lost')
+               AND (NOT $12 OR (state = 'unknown' AND started_at_ms = 0))",
             &[
                 &j.job_id,
                 &j.state.as_str(),
@@ -1403,6 +1409,7 @@ async fn update_job(c: &impl Cached, j: &JobRow, ended: &mut Ended) -> Result<u6
                 &j.worker_id,
                 &(now_ms() as i64),
                 &text(&j.command),
+                &first,
             ],
         )
         .await?;

@@ -613,13 +613,14 @@ impl Store for SqliteStore {
     }
 
     async fn update_job(&self, j: JobRow) -> Result<bool, StoreError> {
-        self.write(move |c| update_job(c, &j).map(|n| n > 0)).await
+        self.write(move |c| update_job(c, &j, false).map(|n| n > 0))
+            .await
     }
 
     async fn update_started(&self, j: JobRow) -> Result<bool, StoreError> {
         let started = Some(std::time::Instant::now());
         let (result, _) = self
-            .commit(move |c| update_job(c, &j).map(|n| n > 0), started)
+            .commit(move |c| update_job(c, &j, true).map(|n| n > 0), started)
             .await?;
         result
     }
@@ -703,7 +704,7 @@ impl Store for SqliteStore {
             let tx = c.transaction()?;
             let mut kill = Vec::new();
             for row in &reports {
-                if update_job(&tx, row)? > 0 {
+                if update_job(&tx, row, false)? > 0 {
                     continue;
                 }
                 let recorded: Option<(JobState, String)> = tx
@@ -1399,14 +1400,17 @@ fn bind_key(
 /// Updates a job from its worker's status; only that worker's job (a
 /// worker reporting another worker's job id changes nothing). A terminal
 /// state is a promise and never changes; `unknown` turns back into what
-/// the worker says.
-fn update_job(c: &Connection, j: &JobRow) -> rusqlite::Result<usize> {
+/// the worker says. With `first` (the answer to its start), only a record
+/// that has heard nothing since it was written: a report or a mark that
+/// came meanwhile is newer than that answer.
+fn update_job(c: &Connection, j: &JobRow, first: bool) -> rusqlite::Result<usize> {
     let n = c.exec(
         "UPDATE jobs SET state = ?2, error_text = ?3, exit_code = ?4, signal = ?5,
            started_at_ms = ?6, finished_at_ms = ?7, output_bytes = ?8, updated_at_ms = ?10,
            command = CASE WHEN command = '' THEN ?11 ELSE command END
          WHERE job_id = ?1 AND worker_id = ?9
-           AND state NOT IN ('queued', 'succeeded', 'failed', 'stopped', 'lost')",
+           AND state NOT IN ('queued', 'succeeded', 'failed', 'stopped', 'lost')
+           AND (NOT ?12 OR (state = 'unknown' AND started_at_ms = 0))",
         params![
             j.job_id,
             j.state,
@@ -1418,7 +1422,8 @@ fn update_job(c: &Connection, j: &JobRow) -> rusqlite::Result<usize> {
             j.output_bytes as i64,
             j.worker_id,
             now_ms() as i64,
-            j.command
+            j.command,
+            first
         ],
     )?;
     // Final records are never updated: this one just ended.

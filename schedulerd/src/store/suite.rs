@@ -45,7 +45,42 @@ suite!(
     a_job_takes_its_workers_id_with_its_queue_entry_and_key,
     the_queue_keeps_its_order_and_a_job_is_taken_once,
     a_queue_timeout_fails_only_jobs_still_queued,
+    a_starts_answer_changes_only_a_record_that_heard_nothing_since,
 );
+
+/// The answer to a start may be recorded after the job was reported (a
+/// direct start's answer does not wait for that write): what came later
+/// stands.
+async fn a_starts_answer_changes_only_a_record_that_heard_nothing_since(store: SharedStore) {
+    for id in ["fresh", "reported", "marked"] {
+        store
+            .insert_job(job(id, JobState::Unknown, 0), None)
+            .await
+            .unwrap();
+    }
+    let answer = |id: &str| job(id, JobState::Running, 0);
+    assert!(store.update_started(answer("fresh")).await.unwrap());
+    assert_eq!(
+        store.job("fresh").await.unwrap().unwrap().state,
+        JobState::Running
+    );
+
+    let mut report = job("reported", JobState::Running, 0);
+    report.output_bytes = 42;
+    assert!(store.update_job(report).await.unwrap());
+    assert!(!store.update_started(answer("reported")).await.unwrap());
+    assert_eq!(
+        store.job("reported").await.unwrap().unwrap().output_bytes,
+        42,
+        "the report's figures stay"
+    );
+
+    assert!(store.update_job(answer("marked")).await.unwrap());
+    store.mark_unknown("w", "cut off").await.unwrap();
+    assert!(!store.update_started(answer("marked")).await.unwrap());
+    let marked = store.job("marked").await.unwrap().unwrap();
+    assert_eq!(marked.state, JobState::Unknown, "the mark stays");
+}
 
 /// A new database on this process's throwaway server.
 async fn new_database() -> crate::store::postgres::PgLocation {

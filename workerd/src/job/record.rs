@@ -98,20 +98,12 @@ pub(super) fn replace(dir: &Path, tmp_name: &str, json: &[u8]) -> std::io::Resul
 /// ends the job's process too, and the scheduler, which recorded the job
 /// durably before asking for it, finds it missing and marks it lost. This
 /// keeps every sync off the start's path; [`write_final`] syncs the
-/// job's directory entry along with its final record.
-///
-/// The job's directory is new and nobody reads the record before the
-/// start ends, so it is written in place, without a temporary file and a
-/// rename (each a quarter of a millisecond on the disks measured): a
-/// crash in the middle leaves a record that does not parse, which a
-/// restart skips as it would a missing one.
+/// job's directory entry along with its final record. Through a temporary
+/// file, so a reader (a query of this id, a sweep) or a restart finds no
+/// record or a whole one, never a torn one it would take for a broken
+/// disk.
 pub(super) fn write_first(dir: &Path, json: &[u8]) -> std::io::Result<()> {
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(dir.join("job.json"))?;
-    std::io::Write::write_all(&mut file, json)
+    replace_file(dir, "job.json.tmp", "job.json", json, false)
 }
 
 /// Replaces the file at `path` with `bytes` atomically and durably.

@@ -134,6 +134,11 @@ impl Jobs {
             return Ok(job.record());
         }
         let _starting = Starting::claim(&self.starting, id)?;
+        // A start of the same id may have ended between the look above and
+        // the claim.
+        if let Some(job) = self.find(id) {
+            return Ok(job.record());
+        }
         // Everything else touches the disk or forks: one trip to the
         // blocking pool for all of it, as each trip costs a start more
         // than the work it carries (thread hand-offs on a busy machine),
