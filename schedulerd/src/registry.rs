@@ -321,6 +321,21 @@ impl Registry {
         }
     }
 
+    /// Sets a worker's drain flag under the membership lock, so a
+    /// registration under way (which carries the flag over to the entry
+    /// it makes) cannot put the old value back. The entry and its record,
+    /// or `None` for an unknown worker.
+    pub(crate) fn set_draining(
+        &self,
+        id_or_name: &str,
+        draining: bool,
+    ) -> Option<(Arc<WorkerEntry>, WorkerRow)> {
+        let _membership = self.membership.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = self.get(id_or_name)?;
+        let row = entry.update(|r| r.draining = draining);
+        Some((entry, row))
+    }
+
     /// Brings the registry up to the store's records, which every
     /// scheduler sharing the store writes: workers registered elsewhere
     /// are added (or replaced, when they registered again since), states

@@ -194,11 +194,10 @@ async fn set_draining(
     id: &str,
     draining: bool,
 ) -> Result<Json<WorkerInfo>, ApiError> {
-    let worker = state
+    let (worker, row) = state
         .registry
-        .get(id)
+        .set_draining(id, draining)
         .ok_or_else(|| ApiError::worker_not_found(id))?;
-    let row = worker.update(|r| r.draining = draining);
     state
         .store
         .set_worker_draining(&row.worker_id, draining)

@@ -216,6 +216,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// the store). A later time recorded already stays.
     async fn touch_workers(&self, ids: Vec<String>, now_ms: u64) -> Result<(), StoreError>;
 
+    /// Records a worker as it registered. The drain flag of a worker
+    /// already recorded stays as it is: only [`Store::set_worker_draining`]
+    /// changes it (a registration racing an undrain would put it back).
     async fn upsert_worker(&self, w: WorkerRow) -> Result<(), StoreError>;
 
     /// Forgets a worker (its jobs' records stay) and remembers its id as

@@ -476,7 +476,7 @@ impl Store for SqliteStore {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
                  ON CONFLICT(worker_id) DO UPDATE SET name = ?2, address = ?3, state = ?4,
                    plugins = ?5, labels = ?6, registered_at_ms = ?7, last_seen_ms = ?8,
-                   cgroup_limits = ?9, extensions = ?10, draining = ?11, max_jobs = ?12,
+                   cgroup_limits = ?9, extensions = ?10, max_jobs = ?12,
                    seed = ?13",
                 params![
                     w.worker_id,
