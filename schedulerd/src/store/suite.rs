@@ -46,6 +46,7 @@ suite!(
     the_queue_keeps_its_order_and_a_job_is_taken_once,
     a_queue_timeout_fails_only_jobs_still_queued,
     a_starts_answer_changes_only_a_record_that_heard_nothing_since,
+    a_registration_keeps_the_recorded_drain,
 );
 
 /// The answer to a start may be recorded after the job was reported (a
@@ -80,6 +81,35 @@ async fn a_starts_answer_changes_only_a_record_that_heard_nothing_since(store: S
     assert!(!store.update_started(answer("marked")).await.unwrap());
     let marked = store.job("marked").await.unwrap().unwrap();
     assert_eq!(marked.state, JobState::Unknown, "the mark stays");
+}
+
+/// Only a drain or an undrain changes the flag: a registration's record,
+/// made from what the registry held a moment before, may carry an old one.
+async fn a_registration_keeps_the_recorded_drain(store: SharedStore) {
+    let worker = WorkerRow {
+        worker_id: "w".into(),
+        name: "w".into(),
+        address: "127.0.0.1:1".into(),
+        state: WorkerState::Ready,
+        plugins: Vec::new(),
+        labels: Default::default(),
+        registered_at_ms: 1,
+        last_seen_ms: 1,
+        cgroup_limits: false,
+        extensions: Default::default(),
+        draining: true,
+        max_jobs: 0,
+        seed: false,
+    };
+    store.upsert_worker(worker.clone()).await.unwrap();
+    let draining = |store: SharedStore| async move { store.workers().await.unwrap()[0].draining };
+    assert!(
+        draining(store.clone()).await,
+        "a new worker's flag is written"
+    );
+    store.set_worker_draining("w", false).await.unwrap();
+    store.upsert_worker(worker).await.unwrap();
+    assert!(!draining(store.clone()).await, "the undrain stands");
 }
 
 /// A new database on this process's throwaway server.
