@@ -83,12 +83,11 @@ async fn a_starts_answer_changes_only_a_record_that_heard_nothing_since(store: S
     assert_eq!(marked.state, JobState::Unknown, "the mark stays");
 }
 
-/// Only a drain or an undrain changes the flag: a registration's record,
-/// made from what the registry held a moment before, may carry an old one.
-async fn a_registration_keeps_the_recorded_drain(store: SharedStore) {
-    let worker = WorkerRow {
-        worker_id: "w".into(),
-        name: "w".into(),
+/// A ready worker named and identified `id`.
+fn worker(id: &str) -> WorkerRow {
+    WorkerRow {
+        worker_id: id.into(),
+        name: id.into(),
         address: "127.0.0.1:1".into(),
         state: WorkerState::Ready,
         plugins: Vec::new(),
@@ -97,9 +96,18 @@ async fn a_registration_keeps_the_recorded_drain(store: SharedStore) {
         last_seen_ms: 1,
         cgroup_limits: false,
         extensions: Default::default(),
-        draining: true,
+        draining: false,
         max_jobs: 0,
         seed: false,
+    }
+}
+
+/// Only a drain or an undrain changes the flag: a registration's record,
+/// made from what the registry held a moment before, may carry an old one.
+async fn a_registration_keeps_the_recorded_drain(store: SharedStore) {
+    let worker = WorkerRow {
+        draining: true,
+        ..worker("w")
     };
     store.upsert_worker(worker.clone()).await.unwrap();
     let draining = |store: SharedStore| async move { store.workers().await.unwrap()[0].draining };
@@ -206,21 +214,7 @@ async fn a_terminal_state_never_changes_and_a_report_of_a_lost_job_running_asks_
         JobState::Running
     );
     // A worker registered meanwhile keeps its jobs; a down one loses them.
-    let mut worker = WorkerRow {
-        worker_id: "w".into(),
-        name: "w".into(),
-        address: "127.0.0.1:1".into(),
-        state: WorkerState::Ready,
-        plugins: Vec::new(),
-        labels: Default::default(),
-        registered_at_ms: 1,
-        last_seen_ms: 1,
-        cgroup_limits: false,
-        extensions: Default::default(),
-        draining: false,
-        max_jobs: 0,
-        seed: false,
-    };
+    let mut worker = worker("w");
     store.upsert_worker(worker.clone()).await.unwrap();
     assert!(store.mark_lost("w", "gone").await.unwrap().is_empty());
     worker.state = WorkerState::Down;
@@ -387,19 +381,9 @@ async fn a_job_takes_its_workers_id_with_its_queue_entry_and_key(store: SharedSt
     // That the worker speaks the original contract outlives a restart:
     // it will not register again to say so.
     let seed = WorkerRow {
-        worker_id: "w".into(),
         name: "seed-127.0.0.1-1".into(),
-        address: "127.0.0.1:1".into(),
-        state: WorkerState::Ready,
-        plugins: Vec::new(),
-        labels: Default::default(),
-        registered_at_ms: 1,
-        last_seen_ms: 1,
-        cgroup_limits: false,
-        extensions: Default::default(),
-        draining: false,
-        max_jobs: 0,
         seed: true,
+        ..worker("w")
     };
     store.upsert_worker(seed.clone()).await.unwrap();
     assert_eq!(store.workers().await.unwrap(), [seed]);
