@@ -194,14 +194,23 @@ async fn set_draining(
     id: &str,
     draining: bool,
 ) -> Result<Json<WorkerInfo>, ApiError> {
-    let (worker, row) = state
+    let worker_id = state
         .registry
-        .set_draining(id, draining)
-        .ok_or_else(|| ApiError::worker_not_found(id))?;
+        .get(id)
+        .ok_or_else(|| ApiError::worker_not_found(id))?
+        .id();
+    // The store first, then the registry: a sync of the registry with a
+    // shared store that read the old record before this write cannot put
+    // it back over the change below (it skips entries changed since its
+    // reads began), and a failed write changes nothing.
     state
         .store
-        .set_worker_draining(&row.worker_id, draining)
+        .set_worker_draining(&worker_id, draining)
         .await?;
+    let (worker, row) = state
+        .registry
+        .set_draining(&worker_id, draining)
+        .ok_or_else(|| ApiError::worker_not_found(id))?;
     tracing::info!(worker_id = %row.worker_id, worker = %row.name, draining, "worker drain changed");
     if !draining {
         state.queue.wake();
