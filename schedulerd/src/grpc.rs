@@ -154,6 +154,7 @@ impl Scheduler for SchedulerService {
             .upsert_worker(row.clone())
             .await
             .map_err(internal)?;
+        self.registry.written(&row.worker_id);
         let kill_job_ids = self
             .apply_reports(&row.worker_id, &r.jobs, !r.partial_report)
             .await?;
@@ -247,6 +248,7 @@ impl Scheduler for SchedulerService {
             .set_worker_state(&row.worker_id, row.state, row.last_seen_ms)
             .await
             .map_err(internal)?;
+        self.registry.written(&row.worker_id);
         tracing::info!(worker_id = %row.worker_id, worker = %row.name, "worker deregistered");
         Ok(Response::new(DeregisterWorkerResponse { success: true }))
     }
@@ -323,6 +325,7 @@ pub(crate) async fn watch_liveness(
             {
                 tracing::error!(worker_id = %row.worker_id, %error, "could not record worker down");
             }
+            registry.written(&row.worker_id);
             tracing::warn!(worker_id = %row.worker_id, worker = %row.name, "worker is down: no heartbeat");
             let why = format!(
                 "worker {} is down: no heartbeat since {}; not yet given up",

@@ -321,6 +321,19 @@ impl Registry {
         }
     }
 
+    /// Marks a worker's entry as changed here once more, after the store
+    /// write that follows a change of it: a sync whose reads began before
+    /// that write completed may have read the old record (see
+    /// [`Registry::refresh`]).
+    pub(crate) fn written(&self, worker_id: &str) {
+        if let Some(entry) = self.get(worker_id) {
+            let change = LOCAL_CHANGES.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
+            entry
+                .changed
+                .store(change, std::sync::atomic::Ordering::Release);
+        }
+    }
+
     /// Sets a worker's drain flag under the membership lock, so a
     /// registration under way (which carries the flag over to the entry
     /// it makes) cannot put the old value back. The entry and its record,

@@ -171,6 +171,7 @@ async fn check(
         {
             tracing::error!(worker_id = %row.worker_id, %error, "could not record worker ready");
         }
+        registry.written(&row.worker_id);
     }
 }
 

@@ -394,8 +394,10 @@ async fn a_worker_gives_back_the_memory_of_a_burst_of_followers() {
         .await;
     assert!(out.status.success(), "{}", crate::cluster::stderr(&out));
     let peak = rss_kib(pid);
+    // 16 MiB: what the worker's trim leaves in place; a trim may already
+    // have run by the time the bench returns on a busy machine.
     assert!(
-        peak > idle + 32 * 1024,
+        peak > idle + 16 * 1024,
         "the burst held too little to tell: {idle} KiB idle, {peak} KiB after"
     );
     let bound = idle + (peak - idle) / 2;
