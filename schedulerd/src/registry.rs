@@ -166,10 +166,16 @@ impl WorkerEntry {
     pub(crate) fn update(&self, f: impl FnOnce(&mut WorkerRow)) -> WorkerRow {
         let mut row = self.row.lock().unwrap_or_else(|e| e.into_inner());
         f(&mut row);
+        self.mark_changed();
+        row.clone()
+    }
+
+    /// Records that this scheduler changed the entry (or finished writing
+    /// a change of it to the store) now: see [`Registry::refresh`].
+    fn mark_changed(&self) {
         let change = LOCAL_CHANGES.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
         self.changed
             .store(change, std::sync::atomic::Ordering::Release);
-        row.clone()
     }
 
     /// Like [`update`](Self::update), returning what `f` returns instead
@@ -327,10 +333,7 @@ impl Registry {
     /// [`Registry::refresh`]).
     pub(crate) fn written(&self, worker_id: &str) {
         if let Some(entry) = self.get(worker_id) {
-            let change = LOCAL_CHANGES.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
-            entry
-                .changed
-                .store(change, std::sync::atomic::Ordering::Release);
+            entry.mark_changed();
         }
     }
 

@@ -227,11 +227,6 @@ impl Jobs {
                     r.error_text = format!("could not start: {error}");
                     r.finished_at_ms = now_ms();
                 });
-                if let Some(dir) = cgroup_dir {
-                    let _ =
-                        tokio::task::spawn_blocking(move || crate::cgroup::Cgroups::remove(&dir))
-                            .await;
-                }
                 job.progress.send_modify(|p| p.done = true);
                 self.insert(&job);
                 self.changes.ended(id);
@@ -334,6 +329,15 @@ impl Jobs {
         };
         let (cgroup_dir, cgroup_procs) = cgroup.map_or((None, None), |(d, p)| (Some(d), Some(p)));
         let spawned = self.spawn(plugin, &script, req, id, cgroup_procs);
+        // A job that did not start leaves no cgroup; removed here, already
+        // on the blocking pool.
+        let cgroup_dir = match (&spawned, cgroup_dir) {
+            (Err(_), Some(dir)) => {
+                crate::cgroup::Cgroups::remove(&dir);
+                None
+            }
+            (_, dir) => dir,
+        };
         Ok(Prepared::Made(Box::new(Made {
             record,
             stop_grace: plugin.stop_grace,
