@@ -984,6 +984,16 @@ async fn a_start_whose_caller_gives_up_is_supervised_or_leaves_nothing() {
                 .await
             {
                 Ok(_) => known.push(id.clone()),
+                // A start the caller left may still be under way.
+                Err(status) if status.code() == Code::Unavailable => {
+                    let code = status.metadata().get("jobcluster-code");
+                    assert_eq!(
+                        code.and_then(|c| c.to_str().ok()),
+                        Some("job_starting"),
+                        "{status:?}"
+                    );
+                    unsettled.push(id.clone());
+                }
                 Err(status) => {
                     assert_eq!(status.code(), Code::NotFound, "{status:?}");
                     let files = worker.state_dir().join("jobs").join(id).exists();
