@@ -99,6 +99,30 @@ pub(crate) fn pidfd_open(pid: i32) -> nix::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Renames `from` to `to` unless `to` exists (`EEXIST` then), atomically:
+/// `rename(2)` would replace an empty directory at `to`. Through the raw
+/// system call, as glibc wraps it only from 2.28 and nix only for glibc.
+pub(crate) fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    let from = CString::new(from.as_os_str().as_bytes())?;
+    let to = CString::new(to.as_os_str().as_bytes())?;
+    // SAFETY: renameat2(2) reads two NUL-terminated paths that live until
+    // it returns, takes the directory descriptors and flags by value and
+    // writes no memory of ours.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_renameat2,
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    Errno::result(result)
+        .map(drop)
+        .map_err(std::io::Error::from)
+}
+
 /// A pidfd for `pid`, registered with the runtime for readability (it
 /// becomes readable once the process ended).
 pub(crate) fn pidfd_async(pid: i32) -> std::io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {

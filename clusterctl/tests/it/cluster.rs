@@ -310,6 +310,16 @@ impl Cluster {
         reply.json::<WorkerInfo>().await.unwrap().state
     }
 
+    /// Waits (bounded) until the worker `name` is registered and ready.
+    pub async fn wait_ready(&self, name: &str) {
+        crate::faults::until(
+            Duration::from_secs(20),
+            &format!("{name} ready"),
+            || async { self.worker_state(name).await == "ready" },
+        )
+        .await;
+    }
+
     pub async fn worker_info(&self, name: &str) -> WorkerInfo {
         self.http()
             .get(format!("{}/v1/workers/{name}", self.url()))

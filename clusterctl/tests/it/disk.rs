@@ -136,15 +136,6 @@ async fn post_job(
     (status, answer)
 }
 
-async fn wait_ready(cluster: &Cluster, name: &str) {
-    until(
-        Duration::from_secs(20),
-        &format!("{name} ready"),
-        || async { cluster.worker_state(name).await == "ready" },
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn faults_disk_a_job_that_fills_its_workers_disk_fails_for_good() {
     let Some(disk) = Tmpfs::mount("4m") else {
@@ -152,7 +143,7 @@ async fn faults_disk_a_job_that_fills_its_workers_disk_fails_for_good() {
     };
     let mut cluster = Cluster::start(&[]).await;
     cluster.add_worker_in("w1", disk.path());
-    wait_ready(&cluster, "w1").await;
+    cluster.wait_ready("w1").await;
     // About 20 MB in pieces, so that followers attach while it writes.
     std::fs::write(
         cluster.tmp.path().join("scripts").join("big.sh"),
@@ -271,7 +262,7 @@ async fn faults_disk_a_job_that_fills_its_workers_disk_fails_for_good() {
             .scheduler
             .wait_for_log("worker registered", registered)
             .await;
-        wait_ready(&cluster, "w1").await;
+        cluster.wait_ready("w1").await;
         for _ in 0..10 {
             assert_eq!(
                 fields(&witness.job(&cluster, &id).await),
@@ -303,7 +294,7 @@ async fn faults_disk_a_start_on_a_full_worker_is_refused_and_placed_elsewhere() 
     };
     let mut cluster = Cluster::start(&["w2"]).await;
     cluster.add_worker_in("w1", disk.path());
-    wait_ready(&cluster, "w1").await;
+    cluster.wait_ready("w1").await;
     let w2_id = cluster.worker_info("w2").await.worker_id;
     let scripts = cluster.tmp.path().join("scripts");
     let witness = Witness::default();

@@ -130,8 +130,11 @@ async fn a_hung_worker_costs_nobody_else_and_its_job_is_unknown_until_it_answers
     }
 
     // The worker comes back within lost_after: its job goes on, reported
-    // truthfully, and can be stopped.
+    // truthfully, and can be stopped once the worker is back in the
+    // cluster (a read may reach it before it registers again, if it was
+    // paused long enough to be marked down).
     cluster.worker("w1").signal(Signal::SIGCONT);
+    cluster.wait_ready("w1").await;
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let (job, _) = read(&cluster, &on_w1, &mut promises).await;

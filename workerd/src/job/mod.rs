@@ -20,6 +20,7 @@ mod process;
 mod reap;
 mod record;
 mod registry;
+mod spare;
 mod spawn;
 mod supervise;
 

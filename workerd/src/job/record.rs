@@ -52,7 +52,11 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 /// Name of the file that holds disk space for a job's final record.
-const FINAL: &str = "job.json.final";
+pub(super) const FINAL: &str = "job.json.final";
+/// The file a new job's first record is written into, then renamed.
+pub(super) const FIRST_TMP: &str = "job.json.tmp";
+/// A job's output.
+pub(super) const LOG: &str = "output.log";
 
 /// Writes `bytes` into `dir/tmp_name` (reusing its blocks if it exists)
 /// and renames it over `dir/target`: a crash leaves the old file or the
@@ -103,7 +107,7 @@ pub(super) fn replace(dir: &Path, tmp_name: &str, json: &[u8]) -> std::io::Resul
 /// record or a whole one, never a torn one it would take for a broken
 /// disk.
 pub(super) fn write_first(dir: &Path, json: &[u8]) -> std::io::Result<()> {
-    replace_file(dir, "job.json.tmp", "job.json", json, false)
+    replace_file(dir, FIRST_TMP, "job.json", json, false)
 }
 
 /// Replaces the file at `path` with `bytes` atomically and durably.
@@ -133,12 +137,23 @@ pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
 /// overwrites these blocks instead of asking for new ones. Best effort:
 /// without it, the final write asks for space like any other.
 pub(super) fn reserve_final(dir: &Path, record_len: usize) -> std::io::Result<()> {
-    let size = record_len * 2 + 4096;
+    reserve(&dir.join(FINAL), final_size(record_len), true)
+}
+
+/// Bytes held for the final record of a job whose first record is
+/// `record_len` bytes: the final one adds an error text and counts.
+pub(super) fn final_size(record_len: usize) -> usize {
+    record_len * 2 + 4096
+}
+
+/// Holds `size` bytes of disk in the file at `path` (a new one with
+/// `create_new`), written out so the blocks are allocated now.
+pub(super) fn reserve(path: &Path, size: usize, create_new: bool) -> std::io::Result<()> {
     let file = std::fs::OpenOptions::new()
         .write(true)
-        .create_new(true)
+        .create_new(create_new)
         .mode(0o600)
-        .open(dir.join(FINAL))?;
+        .open(path)?;
     std::os::unix::fs::FileExt::write_all_at(&file, &vec![b' '; size], 0)
 }
 

@@ -36,6 +36,8 @@ pub(crate) struct Jobs {
     /// Jobs whose process runs now (for `max_jobs`).
     pub(super) running: Arc<AtomicUsize>,
     pub(super) policy: Policy,
+    /// Job directories made ahead of the starts that take them.
+    pub(super) spares: Arc<super::spare::Spares>,
 }
 
 /// What the worker must tell others about: jobs whose state changed since
@@ -173,6 +175,10 @@ impl Jobs {
                 }),
             );
         }
+        let tracker = TaskTracker::new();
+        let shutdown = CancellationToken::new();
+        let spares = Arc::new(super::spare::Spares::new(state_dir));
+        tracker.spawn(spares.clone().refill(shutdown.clone()));
         Ok(Jobs {
             jobs_dir,
             scripts_dir,
@@ -188,11 +194,12 @@ impl Jobs {
                 report: Notify::new(),
             }),
             accepting: AtomicBool::new(true),
-            tracker: TaskTracker::new(),
-            shutdown: CancellationToken::new(),
+            tracker,
+            shutdown,
             starting: Mutex::new(HashSet::new()),
             running: Arc::new(AtomicUsize::new(0)),
             policy,
+            spares,
         })
     }
 

@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::output::pump;
-use super::record::{load_record, now_ms, reserve_final, write_final, write_first};
+use super::record::{LOG, load_record, now_ms, reserve_final, write_final, write_first};
+use super::spare::Spares;
 use super::supervise::{Supervision, supervise};
 use super::{Job, JobError, JobRecord, Jobs, Progress, StartRequest, State};
 
@@ -292,7 +293,7 @@ impl Jobs {
         };
         // The job's files and its record exist before its process does: a
         // worker that cannot write them refuses the job and leaves nothing.
-        let log_file = match create_files(&dir, &record) {
+        let log_file = match create_files(&self.spares, &dir, &record) {
             Ok(file) => file,
             // A start of the same id may have finished since we looked.
             Err(JobError::Exists(id)) => {
@@ -344,7 +345,7 @@ impl Jobs {
             timeout: plugin.timeout,
             max_output: plugin.max_output_bytes,
             log_file,
-            log_path: dir.join("output.log"),
+            log_path: dir.join(LOG),
             cgroup_dir,
             spawned,
             slot,
@@ -446,8 +447,32 @@ fn validate_strings(args: &[String], env: &BTreeMap<String, String>) -> Result<(
 
 /// Creates the job's directory, its empty output log, its first record and
 /// the space for its final record; returns the log for writing.
-fn create_files(dir: &Path, record: &JobRecord) -> Result<std::fs::File, JobError> {
+fn create_files(
+    spares: &Spares,
+    dir: &Path,
+    record: &JobRecord,
+) -> Result<std::fs::File, JobError> {
     let json = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+    let open_log = |new: bool| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(new)
+            .mode(0o600)
+            .open(dir.join(LOG))
+            .map_err(JobError::storage)
+    };
+    match spares.take(dir, json.len()) {
+        Some(Ok(())) => {
+            let log = open_log(false)?;
+            write_first(dir, &json).map_err(JobError::storage)?;
+            return Ok(log);
+        }
+        Some(Err(e)) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(JobError::Exists(record.id));
+        }
+        Some(Err(e)) => return Err(JobError::storage(e)),
+        None => {}
+    }
     match std::fs::create_dir(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -458,12 +483,7 @@ fn create_files(dir: &Path, record: &JobRecord) -> Result<std::fs::File, JobErro
         }
         Err(e) => return Err(JobError::storage(e)),
     }
-    let log = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(dir.join("output.log"))
-        .map_err(JobError::storage)?;
+    let log = open_log(true)?;
     reserve_final(dir, json.len()).map_err(JobError::storage)?;
     write_first(dir, &json).map_err(JobError::storage)?;
     Ok(log)

@@ -1019,3 +1019,105 @@ async fn a_start_whose_caller_gives_up_is_supervised_or_leaves_nothing() {
         assert!(job_processes(id).is_empty());
     }
 }
+
+/// Names in a directory, sorted.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Job directories are made ahead of the starts that take them, in
+/// `state/spare` (never among the jobs): a started job's directory holds
+/// what a freshly made one would, its final record's reservation grown for
+/// long arguments, and what a stopped worker left among the spares is
+/// cleared when it starts again.
+#[tokio::test]
+async fn starts_take_job_directories_made_ahead_that_hold_what_a_new_one_would() {
+    use std::os::unix::fs::MetadataExt;
+    let mut worker = Worker::start();
+    let spare = worker.state_dir().join("spare");
+    let kept = || names_in(&spare).len() == 16;
+    assert!(
+        eventually(Duration::from_secs(10), kept).await,
+        "{:?}",
+        names_in(&spare)
+    );
+    let inode = |path: PathBuf| std::fs::metadata(path).unwrap().ino();
+    let made: Vec<u64> = names_in(&spare)
+        .into_iter()
+        .map(|n| inode(spare.join(n).join("output.log")))
+        .collect();
+    let mut client = worker.client();
+    let long = "x".repeat(6000);
+    let job = start(
+        &mut client,
+        start_req("bash", "count.sh", &["100", "0.1", &long]),
+    )
+    .await;
+    let dir = worker.state_dir().join("jobs").join(&job);
+    assert_eq!(names_in(&dir), ["job.json", "job.json.final", "output.log"]);
+    assert!(
+        made.contains(&inode(dir.join("output.log"))),
+        "a spare was taken"
+    );
+    for name in ["job.json", "job.json.final", "output.log"] {
+        let mode = std::fs::metadata(dir.join(name)).unwrap().mode();
+        assert_eq!(mode & 0o777, 0o600, "{name}");
+    }
+    let record = std::fs::read(dir.join("job.json")).unwrap();
+    let reserved = std::fs::metadata(dir.join("job.json.final")).unwrap().len();
+    assert!(
+        reserved >= 2 * record.len() as u64 + 4096,
+        "{reserved} bytes held for a record of {}",
+        record.len()
+    );
+    let stopped = client
+        .stop_job(StopJobRequest {
+            job_id: job.clone(),
+        })
+        .await
+        .unwrap();
+    drop(stopped);
+    let (_, status) = follow(&mut client, &job, 0).await;
+    assert_eq!(status.state(), JobState::Stopped);
+    assert_eq!(names_in(&dir), ["job.json", "output.log"]);
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("job.json")).unwrap()).unwrap();
+    assert_eq!(record["args"][2], long.as_str());
+    assert!(
+        eventually(Duration::from_secs(10), kept).await,
+        "{:?}",
+        names_in(&spare)
+    );
+
+    // A short job, then leftovers of a stopped worker: cleared at start.
+    let job = start(&mut client, start_req("bash", "count.sh", &["2", "0"])).await;
+    let (out, status) = follow(&mut client, &job, 0).await;
+    assert_eq!(status.state(), JobState::Succeeded);
+    assert_eq!(out, b"1\n2\ndone\n");
+    worker.daemon.signal(Signal::SIGTERM);
+    assert!(worker.daemon.wait(Duration::from_secs(20)).success());
+    std::fs::create_dir_all(spare.join("half-made")).unwrap();
+    std::fs::write(spare.join("half-made/output.log"), b"old").unwrap();
+    std::fs::write(spare.join("stray"), b"old").unwrap();
+    worker.restart();
+    let fresh = || {
+        let names = names_in(&spare);
+        names.len() == 16 && !names.iter().any(|n| n == "half-made" || n == "stray")
+    };
+    assert!(
+        eventually(Duration::from_secs(10), fresh).await,
+        "{:?}",
+        names_in(&spare)
+    );
+    let mut client = worker.client();
+    let (out, status) = follow(&mut client, &job, 0).await;
+    assert_eq!(status.state(), JobState::Succeeded);
+    assert_eq!(out, b"1\n2\ndone\n");
+}

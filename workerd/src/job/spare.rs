@@ -1,0 +1,168 @@
+//! Job directories made ahead of demand: a start moves one into place with
+//! a single rename instead of creating a directory and three files.
+//!
+//! Creating files is most of a start's disk work, and on ext4 it costs more
+//! the more files were deleted lately (a new inode skips recently deleted
+//! ones, reading their table blocks). Made here, off the start's path,
+//! while the worker waits for the next start. Spares live in
+//! `state_dir/spare`, on the jobs' filesystem (a rename cannot cross one),
+//! and never in `jobs/`, so nothing that reads jobs sees them; leftovers of
+//! an earlier run are deleted at start.
+
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::record::{FINAL, FIRST_TMP, LOG, final_size, reserve};
+
+/// Spares kept ready: starts that come faster than the refill fall back to
+/// making their files themselves, so this is a burst, not a limit.
+const KEPT: usize = 16;
+/// Bytes a spare holds for its job's final record: enough for the record
+/// of a job with a few KiB of arguments; a start that needs more grows it.
+const SPARE_RESERVE: usize = 8 * 1024;
+
+/// The spare directories of one worker.
+#[derive(Debug)]
+pub(super) struct Spares {
+    dir: PathBuf,
+    ready: Mutex<Vec<PathBuf>>,
+    made: AtomicU64,
+    wanted: Notify,
+}
+
+impl Spares {
+    pub(super) fn new(state_dir: &Path) -> Self {
+        Spares {
+            dir: state_dir.join("spare"),
+            ready: Mutex::new(Vec::with_capacity(KEPT)),
+            made: AtomicU64::new(0),
+            wanted: Notify::new(),
+        }
+    }
+
+    /// Moves a spare into place as the job directory `dir`, its final
+    /// record's reservation grown to fit a record of `record_len` bytes.
+    /// `None` when no spare could be used (none ready, or the rename failed
+    /// for a reason of the spare's own): the caller makes the files itself.
+    /// `Some(Err)` with `AlreadyExists` when `dir` exists; on any other
+    /// error the directory is in place, incomplete, for the caller to remove.
+    pub(super) fn take(&self, dir: &Path, record_len: usize) -> Option<std::io::Result<()>> {
+        let spare = self.ready.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+        self.wanted.notify_one();
+        let mut moved = crate::sys::rename_noreplace(&spare, dir);
+        // The first job of a new state directory makes `jobs/`.
+        if let (Err(e), Some(jobs)) = (&moved, dir.parent())
+            && e.kind() == std::io::ErrorKind::NotFound
+            && std::fs::create_dir_all(jobs).is_ok()
+        {
+            moved = crate::sys::rename_noreplace(&spare, dir);
+        }
+        match moved {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                self.ready
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(spare);
+                return Some(Err(e));
+            }
+            // The jobs directory gone, a kernel without renameat2: the
+            // caller's own path reports what is wrong, if anything.
+            Err(error) => {
+                tracing::debug!(%error, spare = %spare.display(), "spare job directory not used");
+                let _ = std::fs::remove_dir_all(&spare);
+                return None;
+            }
+        }
+        let size = final_size(record_len);
+        if size > SPARE_RESERVE {
+            return Some(reserve(&dir.join(FINAL), size, false));
+        }
+        Some(Ok(()))
+    }
+
+    /// Keeps [`KEPT`] spares ready until `stop`: deletes what an earlier
+    /// run left, then makes spares whenever a start took one. A disk that
+    /// refuses them (full, read-only) is logged once until it takes one
+    /// again; starts then make their own files and report the error.
+    pub(super) async fn refill(self: Arc<Self>, stop: CancellationToken) {
+        let mut failing = false;
+        let mut first = true;
+        loop {
+            let spares = self.clone();
+            let clear = std::mem::take(&mut first);
+            let filled = tokio::task::spawn_blocking(move || {
+                if clear {
+                    spares.clear()?;
+                }
+                spares.fill()
+            })
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r);
+            match filled {
+                Ok(()) => failing = false,
+                Err(error) if !failing => {
+                    failing = true;
+                    tracing::warn!(%error, dir = %self.dir.display(), "cannot make spare job directories; starts make their own");
+                }
+                Err(_) => {}
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = self.wanted.notified() => {}
+            }
+        }
+    }
+
+    fn clear(&self) -> std::io::Result<()> {
+        match std::fs::remove_dir_all(&self.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        std::fs::create_dir(&self.dir)
+    }
+
+    fn fill(&self) -> std::io::Result<()> {
+        while self.ready.lock().unwrap_or_else(|e| e.into_inner()).len() < KEPT {
+            let spare = self.make()?;
+            self.ready
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(spare);
+        }
+        Ok(())
+    }
+
+    /// A directory with what a new job's directory holds before its first
+    /// record: an empty log, the final record's reservation, and the empty
+    /// file the first record is written into and renamed from.
+    fn make(&self) -> std::io::Result<PathBuf> {
+        let n = self.made.fetch_add(1, Ordering::Relaxed);
+        let dir = self.dir.join(n.to_string());
+        let made = std::fs::create_dir(&dir).and_then(|()| {
+            for name in [LOG, FIRST_TMP] {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(dir.join(name))?;
+            }
+            reserve(&dir.join(FINAL), SPARE_RESERVE, true)
+        });
+        match made {
+            Ok(()) => Ok(dir),
+            Err(error) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(error)
+            }
+        }
+    }
+}
