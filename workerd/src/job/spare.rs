@@ -54,7 +54,6 @@ impl Spares {
     /// error the directory is in place, incomplete, for the caller to remove.
     pub(super) fn take(&self, dir: &Path, record_len: usize) -> Option<std::io::Result<()>> {
         let spare = self.ready.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
-        self.wanted.notify_one();
         let mut moved = crate::sys::rename_noreplace(&spare, dir);
         // The first job of a new state directory makes `jobs/`.
         if let (Err(e), Some(jobs)) = (&moved, dir.parent())
@@ -87,8 +86,19 @@ impl Spares {
         Some(Ok(()))
     }
 
+    /// Asks for a refill once half the spares are taken. Called after a
+    /// start's spawn, not when it takes its spare: a refill running beside
+    /// a start would compete with it for the CPU (the start waited for it
+    /// on a busy two-core machine), and making several at once costs one
+    /// thread hand-off instead of one per start.
+    pub(super) fn refill_if_low(&self) {
+        if self.ready.lock().unwrap_or_else(|e| e.into_inner()).len() <= KEPT / 2 {
+            self.wanted.notify_one();
+        }
+    }
+
     /// Keeps [`KEPT`] spares ready until `stop`: deletes what an earlier
-    /// run left, then makes spares whenever a start took one. A disk that
+    /// run left, then makes spares whenever asked. A disk that
     /// refuses them (full, read-only) is logged once until it takes one
     /// again; starts then make their own files and report the error.
     pub(super) async fn refill(self: Arc<Self>, stop: CancellationToken) {

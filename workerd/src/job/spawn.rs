@@ -330,6 +330,7 @@ impl Jobs {
         };
         let (cgroup_dir, cgroup_procs) = cgroup.map_or((None, None), |(d, p)| (Some(d), Some(p)));
         let spawned = self.spawn(plugin, &script, req, id, cgroup_procs);
+        self.spares.refill_if_low();
         // A job that did not start leaves no cgroup; removed here, already
         // on the blocking pool.
         let cgroup_dir = match (&spawned, cgroup_dir) {
