@@ -816,42 +816,14 @@ async fn start_and_record(
         group_id,
         updated_at_ms: 0,
     };
-    // Recorded first: if the record cannot be written, nothing starts.
-    // Without a key the worker is asked while the record is synced (the
-    // store says why that is safe); the answer waits for both.
-    let durable = match key {
-        None => state.store.insert_job_committed(row.clone()).await,
-        Some(key) => state
-            .store
-            .insert_job(row.clone(), Some(key))
-            .await
-            .map(|()| -> crate::store::Durable { Box::pin(std::future::ready(Ok(()))) }),
-    }
-    .map_err(|e| StartError::nothing_started(e.into()))?;
-    let (started, synced) = tokio::join!(
-        call_start(state, &worker, row, body.env, Refusal::Forget),
-        durable
-    );
-    match (started, synced) {
-        (Ok(_), Err(error)) => {
-            // The job runs, but its record may not outlive a power loss:
-            // no promise of it can be made.
-            tracing::error!(%job_id, worker = %w.name, %error, "the record of a started job could not be made durable");
-            let message = format!(
-                "job {job_id} started on worker {}, but the scheduler could not make its record durable ({error}); it reads unknown until the worker's reports settle it: GET /v1/jobs/{job_id}",
-                w.name
-            );
-            Err(StartError {
-                error: ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "start_unconfirmed",
-                    message,
-                ),
-                nothing_started: false,
-            })
-        }
-        (started, _) => started,
-    }
+    // Recorded first (with its key): if the record cannot be written,
+    // nothing starts.
+    state
+        .store
+        .insert_job(row.clone(), key)
+        .await
+        .map_err(|e| StartError::nothing_started(e.into()))?;
+    call_start(state, &worker, row, body.env, Refusal::Forget).await
 }
 
 /// What becomes of a recorded job whose start certainly started nothing.

@@ -250,20 +250,6 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// the key is taken, nothing is written ([`StoreError::KeyTaken`]).
     async fn insert_job(&self, j: JobRow, key: Option<NewKey>) -> Result<(), StoreError>;
 
-    /// Records a job as [`Store::insert_job`] does without a key, but
-    /// returns once the record is committed (every reader sees it, and it
-    /// outlives a crash of this process), with the wait for it to be
-    /// durable: a start asks its worker meanwhile and answers only after
-    /// both. A power loss before the sync can lose the record of a job its
-    /// worker started, which that worker's next registration reports and
-    /// so records again; with a key the record must be durable first (a
-    /// retry with the key would start the job twice), so keyed starts use
-    /// `insert_job`. A store whose commits are durable returns it done.
-    async fn insert_job_committed(&self, j: JobRow) -> Result<Durable, StoreError> {
-        self.insert_job(j, None).await?;
-        Ok(Box::pin(std::future::ready(Ok(()))))
-    }
-
     /// Records a job's latest status, as its worker reported it. A terminal
     /// state never changes: returns false if the record kept its own.
     async fn update_job(&self, j: JobRow) -> Result<bool, StoreError>;
@@ -471,11 +457,6 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
 /// The store every part of the scheduler shares.
 pub type SharedStore = Arc<dyn Store>;
-
-/// The wait for a committed write to be durable
-/// ([`Store::insert_job_committed`]).
-pub type Durable =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send>>;
 
 /// Whether a worker's report about a job it runs, which did not update the
 /// job's record, means the worker must kill what is left of it; `recorded`

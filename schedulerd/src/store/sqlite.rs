@@ -612,16 +612,6 @@ impl Store for SqliteStore {
         bound_or_taken(bound, name)
     }
 
-    async fn insert_job_committed(&self, j: JobRow) -> Result<super::Durable, StoreError> {
-        let started = Some(std::time::Instant::now());
-        let (result, seq) = self.commit(move |c| insert_job(c, &j), started).await?;
-        result?;
-        let inner = self.inner.clone();
-        Ok(Box::pin(async move {
-            inner.sync.durable(seq).await.map_err(StoreError::from)
-        }))
-    }
-
     async fn update_job(&self, j: JobRow) -> Result<bool, StoreError> {
         self.write(move |c| update_job(c, &j, false).map(|n| n > 0))
             .await

@@ -47,31 +47,7 @@ suite!(
     a_queue_timeout_fails_only_jobs_still_queued,
     a_starts_answer_changes_only_a_record_that_heard_nothing_since,
     a_registration_keeps_the_recorded_drain,
-    a_committed_record_is_read_at_once_and_its_wait_ends_durable,
 );
-
-/// A start's record without a key is committed, then synced while its
-/// worker is asked: readers see it at once (a read waits for the sync of
-/// what it saw), and it is a record like any other.
-async fn a_committed_record_is_read_at_once_and_its_wait_ends_durable(store: SharedStore) {
-    let durable = store
-        .insert_job_committed(job("c", JobState::Unknown, 0))
-        .await
-        .unwrap();
-    let (read, synced) = tokio::join!(store.job("c"), durable);
-    synced.unwrap();
-    assert_eq!(read.unwrap().unwrap().state, JobState::Unknown);
-    assert!(
-        store
-            .update_started(job("c", JobState::Running, 0))
-            .await
-            .unwrap()
-    );
-    assert_eq!(
-        store.job("c").await.unwrap().unwrap().state,
-        JobState::Running
-    );
-}
 
 /// The answer to a start may be recorded after the job was reported (a
 /// direct start's answer does not wait for that write): what came later
