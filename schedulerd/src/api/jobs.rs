@@ -386,10 +386,6 @@ pub(crate) async fn start_job(
             let reason = error.message.clone();
             return wait(body, w.worker_id, reason).await;
         }
-        if held_back(state, &body, std::slice::from_ref(&w)).await? {
-            let reason = "jobs queued before it wait for worker slots".to_owned();
-            return wait(body, w.worker_id, reason).await;
-        }
         // Only a worker with a slot count can be full: no count to read
         // for an unlimited one.
         let full = w.max_jobs > 0 && {
@@ -400,7 +396,21 @@ pub(crate) async fn start_job(
             let reason = no_slot_on(&w.name, w.max_jobs);
             return wait(body, w.worker_id, reason).await;
         }
-        return match start_on(state, &worker, body.clone(), group, key.clone()).await {
+        // Whether jobs queued before it hold it back is checked as its
+        // record is written.
+        let ahead = ahead_of(&body, std::slice::from_ref(&w));
+        let started = start_on(
+            state,
+            &worker,
+            body.clone(),
+            group,
+            key.clone(),
+            Some(ahead),
+        );
+        return match started.await {
+            Err(e) if e.nothing_started && e.error.code == HELD_BACK => {
+                wait(body, w.worker_id, HELD_BACK_REASON.to_owned()).await
+            }
             Err(e) if e.nothing_started && e.error.code == "worker_busy" => {
                 let reason = no_slot_on(&w.name, w.max_jobs);
                 wait(body, w.worker_id, reason).await
@@ -436,8 +446,7 @@ pub(crate) async fn start_job(
         }
     };
     if held_back(state, &body, &eligible).await? {
-        let reason = "jobs queued before it wait for worker slots".to_owned();
-        return wait(body, String::new(), reason).await;
+        return wait(body, String::new(), HELD_BACK_REASON.to_owned()).await;
     }
     let taken = state.store.running_counts().await?;
     let free: Vec<_> = eligible
@@ -485,23 +494,40 @@ async fn held_back(
     body: &StartJob,
     workers: &[crate::store::WorkerRow],
 ) -> Result<bool, ApiError> {
-    let named = match workers {
-        [only] if !body.worker_id.is_empty() => only.worker_id.as_str(),
-        _ => "",
-    };
-    let ahead = state
+    let ahead = ahead_of(body, workers);
+    let queued = state
         .store
-        .waiting_ahead(body.priority, named, AHEAD)
+        .waiting_ahead(ahead.priority, &ahead.worker_id, ahead.limit)
         .await?;
-    Ok(ahead.iter().any(|(row, entry)| {
-        if !entry.worker_id.is_empty() {
-            return true; // named to this very worker
-        }
-        let command = (!row.command.is_empty()).then_some(row.command.as_str());
-        crate::placement::eligible(workers, command, &row.path, &entry.selector)
-            .is_ok_and(|w| !w.is_empty())
-    }))
+    Ok(queued.iter().any(|(row, entry)| (ahead.holds)(row, entry)))
 }
+
+/// What [`held_back`] asks, for the store to answer as it records the job.
+fn ahead_of(body: &StartJob, workers: &[crate::store::WorkerRow]) -> crate::store::Ahead {
+    let named = match workers {
+        [only] if !body.worker_id.is_empty() => only.worker_id.clone(),
+        _ => String::new(),
+    };
+    let workers = workers.to_vec();
+    crate::store::Ahead {
+        priority: body.priority,
+        worker_id: named,
+        limit: AHEAD,
+        holds: Box::new(move |row, entry| {
+            if !entry.worker_id.is_empty() {
+                return true; // named to this very worker
+            }
+            let command = (!row.command.is_empty()).then_some(row.command.as_str());
+            crate::placement::eligible(&workers, command, &row.path, &entry.selector)
+                .is_ok_and(|w| !w.is_empty())
+        }),
+    }
+}
+
+/// The code of a start that was not recorded because jobs queued before
+/// it hold it back; it never reaches a client (the job queues instead).
+const HELD_BACK: &str = "held_back";
+const HELD_BACK_REASON: &str = "jobs queued before it wait for worker slots";
 
 /// Errors of a start that certainly started nothing for a reason of the
 /// worker's, not the job's: another worker, or a later try, may take it.
@@ -677,7 +703,7 @@ async fn try_in_order(
         let Some(worker) = state.registry.get(&row.worker_id) else {
             continue;
         };
-        match start_on(state, &worker, body.clone(), group, key.clone()).await {
+        match start_on(state, &worker, body.clone(), group, key.clone(), None).await {
             Err(e) if e.nothing_started && PASS_ON.contains(&e.error.code.as_str()) => {
                 passed_on.push(format!("{}: {}", row.name, e.error.message));
             }
@@ -700,7 +726,7 @@ async fn start_now(
         if let Some(error) = unusable {
             return Err(error);
         }
-        return start_on(state, &worker, body, group, key)
+        return start_on(state, &worker, body, group, key, None)
             .await
             .map_err(|e| e.error);
     }
@@ -763,6 +789,7 @@ pub(crate) async fn start_on(
     body: StartJob,
     group_id: Option<&str>,
     key: Option<NewKey>,
+    ahead: Option<crate::store::Ahead>,
 ) -> Result<JobStarted, StartError> {
     // In a task of its own: a client that hangs up must not cancel this
     // between recording the job, the worker starting it, and the outcome
@@ -773,6 +800,7 @@ pub(crate) async fn start_on(
         body,
         group_id.map(str::to_owned),
         key,
+        ahead,
     ));
     task.await.map_err(|e| StartError {
         error: ApiError::new(
@@ -790,6 +818,7 @@ async fn start_and_record(
     body: StartJob,
     group_id: Option<String>,
     key: Option<NewKey>,
+    ahead: Option<crate::store::Ahead>,
 ) -> Result<JobStarted, StartError> {
     let state = &state;
     let w = worker.row();
@@ -818,11 +847,25 @@ async fn start_and_record(
     };
     // Recorded first (with its key): if the record cannot be written,
     // nothing starts.
-    state
-        .store
-        .insert_job(row.clone(), key)
-        .await
-        .map_err(|e| StartError::nothing_started(e.into()))?;
+    let recorded = match ahead {
+        None => state
+            .store
+            .insert_job(row.clone(), key)
+            .await
+            .map(|()| true),
+        Some(ahead) => {
+            let store = &state.store;
+            store.insert_job_unless_ahead(row.clone(), key, ahead).await
+        }
+    }
+    .map_err(|e| StartError::nothing_started(e.into()))?;
+    if !recorded {
+        return Err(StartError::nothing_started(ApiError::new(
+            StatusCode::CONFLICT,
+            HELD_BACK,
+            HELD_BACK_REASON,
+        )));
+    }
     call_start(state, &worker, row, body.env, Refusal::Forget).await
 }
 

@@ -250,6 +250,18 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// the key is taken, nothing is written ([`StoreError::KeyTaken`]).
     async fn insert_job(&self, j: JobRow, key: Option<NewKey>) -> Result<(), StoreError>;
 
+    /// Records a job as [`Store::insert_job`] does, unless a job queued
+    /// ahead of it holds it back ([`Ahead`]), checked in the same
+    /// transaction: one trip to the store for a start, and nothing is
+    /// queued between the check and the record. Returns whether the job
+    /// was recorded.
+    async fn insert_job_unless_ahead(
+        &self,
+        j: JobRow,
+        key: Option<NewKey>,
+        ahead: Ahead,
+    ) -> Result<bool, StoreError>;
+
     /// Records a job's latest status, as its worker reported it. A terminal
     /// state never changes: returns false if the record kept its own.
     async fn update_job(&self, j: JobRow) -> Result<bool, StoreError>;
@@ -457,6 +469,30 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
 /// The store every part of the scheduler shares.
 pub type SharedStore = Arc<dyn Store>;
+
+/// The queued jobs a new job may have to wait behind: those of `priority`
+/// or higher not being dispatched, for any worker or for `worker_id`, the
+/// first `limit` in queue order (as [`Store::waiting_ahead`] reads them),
+/// and whether one of them holds the new job back.
+pub struct Ahead {
+    pub priority: i32,
+    pub worker_id: String,
+    pub limit: u32,
+    pub holds: Holds,
+}
+
+/// Whether a queued job (its record and queue entry) holds a new one back.
+pub type Holds = Box<dyn Fn(&JobRow, &QueueEntry) -> bool + Send + Sync>;
+
+impl std::fmt::Debug for Ahead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ahead")
+            .field("priority", &self.priority)
+            .field("worker_id", &self.worker_id)
+            .field("limit", &self.limit)
+            .finish_non_exhaustive()
+    }
+}
 
 /// Whether a worker's report about a job it runs, which did not update the
 /// job's record, means the worker must kill what is left of it; `recorded`

@@ -22,7 +22,8 @@ use super::rows::{
     queued_job_row, worker_row,
 };
 use super::{
-    GroupRow, JobQuery, JobRow, KeyRow, NewKey, QueueEntry, Store, StoreError, WorkerRow, to_json,
+    Ahead, GroupRow, JobQuery, JobRow, KeyRow, NewKey, QueueEntry, Store, StoreError, WorkerRow,
+    to_json,
 };
 use crate::metrics::Ended;
 use crate::state::{JobState, WorkerState};
@@ -559,6 +560,29 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn insert_job_unless_ahead(
+        &self,
+        j: JobRow,
+        key: Option<NewKey>,
+        ahead: Ahead,
+    ) -> Result<bool, StoreError> {
+        let _timer = timed!();
+        let mut c = self.client().await?;
+        let tx = self.begin(&mut c).await?;
+        let queued = waiting_ahead(&tx, ahead.priority, &ahead.worker_id, ahead.limit).await?;
+        if queued.iter().any(|(row, entry)| (ahead.holds)(row, entry)) {
+            return Ok(false); // dropping `tx` rolls back
+        }
+        insert_job(&tx, &j).await?;
+        if let Some(key) = &key
+            && !bind_key(&tx, key, Some(&j.job_id), None).await?
+        {
+            return Err(StoreError::KeyTaken(key.key.clone()));
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
     async fn update_job(&self, j: JobRow) -> Result<bool, StoreError> {
         let _timer = timed!();
         let mut c = self.client().await?;
@@ -1045,18 +1069,8 @@ impl Store for PgStore {
         limit: u32,
     ) -> Result<Vec<(JobRow, QueueEntry)>, StoreError> {
         let _timer = timed!();
-        let rows = self
-            .rows(
-                &format!(
-                    "SELECT {QUEUED_JOB_COLUMNS} FROM queue q JOIN jobs j ON j.job_id = q.job_id
-                 WHERE NOT q.dispatching AND q.priority >= $1 AND j.state = 'queued'
-                   AND (q.worker_id = '' OR q.worker_id = $2)
-                 ORDER BY q.priority DESC, q.seq LIMIT $3"
-                ),
-                &[&priority, &worker_id, &i64::from(limit)],
-            )
-            .await?;
-        rows.iter().map(queued_job_row).collect()
+        let c = self.client().await?;
+        waiting_ahead(&*c, priority, worker_id, limit).await
     }
 
     async fn in_queue(&self, job_id: &str) -> Result<bool, StoreError> {
@@ -1320,6 +1334,28 @@ cached!(deadpool_postgres::Transaction<'_>);
 
 /// See the SQLite store's `insert_job`: a report that arrived first keeps
 /// its state, and the request's fields fill in.
+/// The queued jobs a new job of `priority` for `worker_id` may wait behind
+/// ([`Ahead`]).
+async fn waiting_ahead(
+    c: &impl Cached,
+    priority: i32,
+    worker_id: &str,
+    limit: u32,
+) -> Result<Vec<(JobRow, QueueEntry)>, StoreError> {
+    let rows = c
+        .rows(
+            &format!(
+                "SELECT {QUEUED_JOB_COLUMNS} FROM queue q JOIN jobs j ON j.job_id = q.job_id
+                 WHERE NOT q.dispatching AND q.priority >= $1 AND j.state = 'queued'
+                   AND (q.worker_id = '' OR q.worker_id = $2)
+                 ORDER BY q.priority DESC, q.seq LIMIT $3"
+            ),
+            &[&priority, &worker_id, &i64::from(limit)],
+        )
+        .await?;
+    rows.iter().map(queued_job_row).collect()
+}
+
 async fn insert_job(c: &impl Cached, j: &JobRow) -> Result<(), StoreError> {
     c.exec(
         "INSERT INTO jobs (job_id, worker_id, command, path, args, state, error_text, exit_code,

@@ -17,7 +17,8 @@ use super::rows::{
     worker_row,
 };
 use super::{
-    GroupRow, JobQuery, JobRow, KeyRow, NewKey, QueueEntry, Store, StoreError, WorkerRow, to_json,
+    Ahead, GroupRow, JobQuery, JobRow, KeyRow, NewKey, QueueEntry, Store, StoreError, WorkerRow,
+    to_json,
 };
 use crate::group_sync::GroupSync;
 use crate::state::{JobState, WorkerState};
@@ -612,6 +613,36 @@ impl Store for SqliteStore {
         bound_or_taken(bound, name)
     }
 
+    async fn insert_job_unless_ahead(
+        &self,
+        j: JobRow,
+        key: Option<NewKey>,
+        ahead: Ahead,
+    ) -> Result<bool, StoreError> {
+        let name = key.as_ref().map(|k| k.key.clone());
+        let recorded = self
+            .write(move |c| {
+                let tx = c.transaction()?;
+                let queued = waiting_ahead(&tx, ahead.priority, &ahead.worker_id, ahead.limit)?;
+                if queued.iter().any(|(row, entry)| (ahead.holds)(row, entry)) {
+                    return Ok(Some(false));
+                }
+                insert_job(&tx, &j)?;
+                if let Some(key) = &key
+                    && !bind_key(&tx, key, Some(&j.job_id), None)?
+                {
+                    return Ok(None); // dropping `tx` rolls the job back
+                }
+                tx.commit()?;
+                Ok(Some(true))
+            })
+            .await?;
+        match (recorded, name) {
+            (Some(recorded), _) => Ok(recorded),
+            (None, name) => Err(StoreError::KeyTaken(name.unwrap_or_default())),
+        }
+    }
+
     async fn update_job(&self, j: JobRow) -> Result<bool, StoreError> {
         self.write(move |c| update_job(c, &j, false).map(|n| n > 0))
             .await
@@ -1089,19 +1120,8 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> Result<Vec<(JobRow, QueueEntry)>, StoreError> {
         let worker_id = worker_id.to_owned();
-        self.read_unsynced(move |c| {
-            let mut stmt = c.prepare_cached(&format!(
-                "SELECT {QUEUED_JOB_COLUMNS} FROM queue q CROSS JOIN jobs j ON j.job_id = q.job_id
-                 WHERE q.dispatching = 0 AND q.priority >= ?1 AND j.state = 'queued'
-                   AND (q.worker_id = '' OR q.worker_id = ?2)
-                 ORDER BY q.priority DESC, q.seq LIMIT ?3"
-            ))?;
-            let rows = stmt
-                .query_map(params![priority, worker_id, limit], |r| queued_job_row(r))?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(rows)
-        })
-        .await
+        self.read_unsynced(move |c| waiting_ahead(c, priority, &worker_id, limit))
+            .await
     }
 
     async fn in_queue(&self, job_id: &str) -> Result<bool, StoreError> {
@@ -1316,6 +1336,24 @@ impl Store for SqliteStore {
         })
         .await
     }
+}
+
+/// The queued jobs a new job of `priority` for `worker_id` may wait behind
+/// ([`Ahead`]).
+fn waiting_ahead(
+    c: &Connection,
+    priority: i32,
+    worker_id: &str,
+    limit: u32,
+) -> rusqlite::Result<Vec<(JobRow, QueueEntry)>> {
+    let mut stmt = c.prepare_cached(&format!(
+        "SELECT {QUEUED_JOB_COLUMNS} FROM queue q CROSS JOIN jobs j ON j.job_id = q.job_id
+         WHERE q.dispatching = 0 AND q.priority >= ?1 AND j.state = 'queued'
+           AND (q.worker_id = '' OR q.worker_id = ?2)
+         ORDER BY q.priority DESC, q.seq LIMIT ?3"
+    ))?;
+    stmt.query_map(params![priority, worker_id, limit], |r| queued_job_row(r))?
+        .collect()
 }
 
 /// Counts a job recorded `lost` (a final state) for the metrics.

@@ -47,7 +47,78 @@ suite!(
     a_queue_timeout_fails_only_jobs_still_queued,
     a_starts_answer_changes_only_a_record_that_heard_nothing_since,
     a_registration_keeps_the_recorded_drain,
+    a_job_is_recorded_unless_one_queued_ahead_holds_it_back,
 );
+
+/// The queue check of a start and its record are one transaction: a job
+/// held back by one queued ahead of it is not recorded (nor its key), and
+/// the check asks only about jobs of its priority or higher.
+async fn a_job_is_recorded_unless_one_queued_ahead_holds_it_back(store: SharedStore) {
+    let ahead = |priority: i32, holds: bool| Ahead {
+        priority,
+        worker_id: "w".into(),
+        limit: 10,
+        holds: Box::new(move |row, entry| {
+            assert_eq!((row.job_id.as_str(), entry.priority), ("q", 3));
+            holds
+        }),
+    };
+    let fresh = |id: &str| job(id, JobState::Unknown, 0);
+    // An empty queue holds nothing back, whatever the check would say.
+    assert!(
+        store
+            .insert_job_unless_ahead(fresh("first"), None, ahead(0, true))
+            .await
+            .unwrap()
+    );
+    assert!(store.job("first").await.unwrap().is_some());
+
+    let (row, entry) = queued("q", 3, "", 0);
+    store
+        .enqueue_job(row, entry, None, 10)
+        .await
+        .unwrap()
+        .unwrap();
+    let held = store
+        .insert_job_unless_ahead(fresh("held"), Some(key(500)), ahead(3, true))
+        .await
+        .unwrap();
+    assert!(!held);
+    assert!(store.job("held").await.unwrap().is_none());
+    assert!(
+        store.idempotency_key("k", 0).await.unwrap().is_none(),
+        "no key bound"
+    );
+
+    assert!(
+        store
+            .insert_job_unless_ahead(fresh("passes"), Some(key(500)), ahead(3, false))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store
+            .idempotency_key("k", 0)
+            .await
+            .unwrap()
+            .unwrap()
+            .job_id
+            .as_deref(),
+        Some("passes")
+    );
+    // A higher priority does not look at it; a key bound already refuses.
+    assert!(
+        store
+            .insert_job_unless_ahead(fresh("urgent"), None, ahead(4, true))
+            .await
+            .unwrap()
+    );
+    let taken = store
+        .insert_job_unless_ahead(fresh("again"), Some(key(500)), ahead(4, true))
+        .await;
+    assert!(matches!(taken, Err(StoreError::KeyTaken(_))), "{taken:?}");
+    assert!(store.job("again").await.unwrap().is_none());
+}
 
 /// The answer to a start may be recorded after the job was reported (a
 /// direct start's answer does not wait for that write): what came later
