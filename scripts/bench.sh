@@ -195,6 +195,7 @@ out = {"mode": "start_breakdown", "mean_ms": {
     "http_post_v1_jobs": mean_ms("schedulerd_http_request_duration_seconds", ["route=\"/v1/jobs\"", "method=\"POST\""]),
     "store_waiting_ahead": mean_ms("schedulerd_store_operation_duration_seconds", ["operation=\"waiting_ahead\""]),
     "store_insert_job_synced": mean_ms("schedulerd_store_operation_duration_seconds", ["operation=\"insert_job\""]),
+    "store_insert_job_unless_ahead_synced": mean_ms("schedulerd_store_operation_duration_seconds", ["operation=\"insert_job_unless_ahead\""]),
     "request_to_worker_confirmed": mean_ms("schedulerd_job_start_latency_seconds", ["queued=\"false\""]),
     "store_update_started": mean_ms("schedulerd_store_operation_duration_seconds", ["operation=\"update_started\""]),
 }}
