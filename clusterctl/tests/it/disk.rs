@@ -305,6 +305,16 @@ async fn faults_disk_a_start_on_a_full_worker_is_refused_and_placed_elsewhere() 
     })
     .await;
     assert_eq!(witness.job(&cluster, &first).await.state, "succeeded");
+    // The worker answers with a job's final state while it writes it
+    // (into the space reserved for it, then trimmed): filling the disk
+    // before that ends would leave the freed pages to the next start.
+    let reserved = disk.path().join("jobs").join(&first).join("job.json.final");
+    until(
+        Duration::from_secs(10),
+        "first job's record written",
+        || async { !reserved.exists() },
+    )
+    .await;
 
     let filler = disk.fill();
     let dirs = job_dirs(disk.path());

@@ -13,7 +13,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -34,6 +34,10 @@ pub(super) struct Spares {
     ready: Mutex<Vec<PathBuf>>,
     made: AtomicU64,
     wanted: Notify,
+    /// Set once a spare could not be moved into place for a reason that
+    /// would repeat (another filesystem, a kernel or filesystem without
+    /// `renameat2` flags): no more are made.
+    off: AtomicBool,
 }
 
 impl Spares {
@@ -43,16 +47,21 @@ impl Spares {
             ready: Mutex::new(Vec::with_capacity(KEPT)),
             made: AtomicU64::new(0),
             wanted: Notify::new(),
+            off: AtomicBool::new(false),
         }
     }
 
     /// Moves a spare into place as the job directory `dir`, its final
     /// record's reservation grown to fit a record of `record_len` bytes.
-    /// `None` when no spare could be used (none ready, or the rename failed
-    /// for a reason of the spare's own): the caller makes the files itself.
-    /// `Some(Err)` with `AlreadyExists` when `dir` exists; on any other
-    /// error the directory is in place, incomplete, for the caller to remove.
-    pub(super) fn take(&self, dir: &Path, record_len: usize) -> Option<std::io::Result<()>> {
+    /// `None` when no spare could be used (none ready, spares turned off,
+    /// or the rename failed): the caller makes the files itself.
+    /// `Some(Err)` with `AlreadyExists` when `dir` exists, or the error of
+    /// growing the reservation (the spare then went back). The path given
+    /// back is the spare's, for [`Spares::put_back`].
+    pub(super) fn take(&self, dir: &Path, record_len: usize) -> Option<std::io::Result<PathBuf>> {
+        if self.off.load(Ordering::Acquire) {
+            return None;
+        }
         let spare = self.ready.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
         let mut moved = crate::sys::rename_noreplace(&spare, dir);
         // The first job of a new state directory makes `jobs/`.
@@ -71,19 +80,54 @@ impl Spares {
                     .push(spare);
                 return Some(Err(e));
             }
-            // The jobs directory gone, a kernel without renameat2: the
-            // caller's own path reports what is wrong, if anything.
-            Err(error) => {
-                tracing::debug!(%error, spare = %spare.display(), "spare job directory not used");
-                let _ = std::fs::remove_dir_all(&spare);
+            // Another filesystem, or no renameat2 flags: every rename would
+            // fail the same way.
+            Err(error)
+                if matches!(
+                    error.raw_os_error(),
+                    Some(nix::libc::EXDEV | nix::libc::EINVAL | nix::libc::ENOSYS)
+                ) =>
+            {
+                if !self.off.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(%error, spare = %spare.display(), "spare job directories cannot be moved into place; starts make their own from now on");
+                }
+                let _ = std::fs::remove_dir_all(&self.dir);
+                return None;
+            }
+            // A full disk, a missing jobs directory that cannot be made:
+            // the caller's own path meets it again and reports it.
+            Err(_) => {
+                if spare.exists() {
+                    self.ready
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(spare);
+                }
                 return None;
             }
         }
         let size = final_size(record_len);
-        if size > SPARE_RESERVE {
-            return Some(reserve(&dir.join(FINAL), size, false));
+        if size > SPARE_RESERVE
+            && let Err(error) = reserve(&dir.join(FINAL), size, false)
+        {
+            self.put_back(dir, spare);
+            return Some(Err(error));
         }
-        Some(Ok(()))
+        Some(Ok(spare))
+    }
+
+    /// Moves a taken spare at `dir` back to where it was, after the start
+    /// that took it failed: deleting it would free its reservation, and on
+    /// a full disk the next start would write its record into that space
+    /// and run where nothing else can be written. What cannot go back is
+    /// left for the caller to remove.
+    pub(super) fn put_back(&self, dir: &Path, spare: PathBuf) {
+        if crate::sys::rename_noreplace(dir, &spare).is_ok() {
+            self.ready
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(spare);
+        }
     }
 
     /// Asks for a refill once half the spares are taken. Called after a
@@ -92,6 +136,9 @@ impl Spares {
     /// on a busy two-core machine), and making several at once costs one
     /// thread hand-off instead of one per start.
     pub(super) fn refill_if_low(&self) {
+        if self.off.load(Ordering::Acquire) {
+            return;
+        }
         if self.ready.lock().unwrap_or_else(|e| e.into_inner()).len() <= KEPT / 2 {
             self.wanted.notify_one();
         }

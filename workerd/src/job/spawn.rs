@@ -463,10 +463,15 @@ fn create_files(
             .map_err(JobError::storage)
     };
     match spares.take(dir, json.len()) {
-        Some(Ok(())) => {
-            let log = open_log(false)?;
-            write_first(dir, &json).map_err(JobError::storage)?;
-            return Ok(log);
+        Some(Ok(spare)) => {
+            let made = open_log(false).and_then(|log| {
+                write_first(dir, &json).map_err(JobError::storage)?;
+                Ok(log)
+            });
+            if made.is_err() {
+                spares.put_back(dir, spare);
+            }
+            return made;
         }
         Some(Err(e)) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             return Err(JobError::Exists(record.id));

@@ -1127,3 +1127,67 @@ async fn starts_take_job_directories_made_ahead_that_hold_what_a_new_one_would()
     assert_eq!(status.state(), JobState::Succeeded);
     assert_eq!(out, b"1\n2\ndone\n");
 }
+
+/// Unmounts (lazily, so a failing test cannot leave it) when dropped.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Where `jobs/` is another filesystem than the spares, a spare cannot be
+/// renamed into place: the worker says so once, stops making them, and
+/// every start makes its own directory.
+#[tokio::test]
+async fn spares_on_another_filesystem_than_the_jobs_are_turned_off() {
+    let uid = nix::unistd::geteuid();
+    if !uid.is_root() {
+        eprintln!("skipping: needs root to mount a tmpfs (running as uid {uid})");
+        return;
+    }
+    let mut worker = Worker::start();
+    worker.daemon.signal(Signal::SIGTERM);
+    assert!(worker.daemon.wait(Duration::from_secs(20)).success());
+    let jobs = worker.state_dir().join("jobs");
+    std::fs::create_dir_all(&jobs).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&jobs)
+        .status()
+        .unwrap();
+    if !mounted.success() {
+        eprintln!("skipping: cannot mount a tmpfs here");
+        return;
+    }
+    let _mount = Mounted(jobs.clone());
+    worker.restart();
+    let spare = worker.state_dir().join("spare");
+    let kept = || names_in(&spare).len() == 16;
+    assert!(
+        eventually(Duration::from_secs(10), kept).await,
+        "{:?}",
+        names_in(&spare)
+    );
+    let mut client = worker.client();
+    for _ in 0..3 {
+        let job = start(&mut client, start_req("bash", "count.sh", &["2", "0"])).await;
+        let (out, status) = follow(&mut client, &job, 0).await;
+        assert_eq!(status.state(), JobState::Succeeded);
+        assert_eq!(out, b"1\n2\ndone\n");
+        assert_eq!(names_in(&jobs.join(&job)), ["job.json", "output.log"]);
+    }
+    let log = worker.daemon.log();
+    assert_eq!(
+        log.matches("cannot be moved into place").count(),
+        1,
+        "{log}"
+    );
+    assert!(!spare.exists(), "{:?}", names_in(&spare));
+    worker.daemon.signal(Signal::SIGTERM);
+    assert!(worker.daemon.wait(Duration::from_secs(20)).success());
+}
