@@ -316,7 +316,13 @@ async fn faults_disk_a_start_on_a_full_worker_is_refused_and_placed_elsewhere() 
     )
     .await;
 
+    // Nearly full rather than full: two pages free, fewer than a new job's
+    // directory, log reservation and record take (a spare directory made
+    // ahead would need only one of them).
+    let slack = disk.path().join("slack");
+    std::fs::write(&slack, vec![0u8; 8192]).unwrap();
     let filler = disk.fill();
+    std::fs::remove_file(&slack).unwrap();
     let dirs = job_dirs(disk.path());
     let refused_before = cluster.worker("w1").log().matches("job refused").count();
     for _ in 0..3 {

@@ -854,8 +854,9 @@ async fn start_and_record(
             .await
             .map(|()| true),
         Some(ahead) => {
-            let store = &state.store;
-            store.insert_job_unless_ahead(row.clone(), key, ahead).await
+            (state.store)
+                .insert_job_unless_ahead(row.clone(), key, ahead)
+                .await
         }
     }
     .map_err(|e| StartError::nothing_started(e.into()))?;

@@ -298,6 +298,33 @@ impl PgStore {
         Ok(n)
     }
 
+    /// Records a job and binds `key` to it in one transaction, unless one
+    /// of the jobs queued ahead of it holds it back ([`Ahead`]): whether it
+    /// was recorded, or [`StoreError::KeyTaken`].
+    async fn record_job(
+        &self,
+        j: &JobRow,
+        key: Option<&NewKey>,
+        ahead: Option<&Ahead>,
+    ) -> Result<bool, StoreError> {
+        let mut c = self.client().await?;
+        let tx = self.begin(&mut c).await?;
+        if let Some(ahead) = ahead {
+            let queued = waiting_ahead(&tx, ahead.priority, &ahead.worker_id, ahead.limit).await?;
+            if queued.iter().any(|(row, entry)| (ahead.holds)(row, entry)) {
+                return Ok(false); // dropping `tx` rolls back
+            }
+        }
+        insert_job(&tx, j).await?;
+        if let Some(key) = key
+            && !bind_key(&tx, key, Some(&j.job_id), None).await?
+        {
+            return Err(StoreError::KeyTaken(key.key.clone()));
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
     /// A transaction for a write, fenced on the leader's handle.
     async fn begin<'a>(
         &self,
@@ -548,16 +575,7 @@ impl Store for PgStore {
 
     async fn insert_job(&self, j: JobRow, key: Option<NewKey>) -> Result<(), StoreError> {
         let _timer = timed!();
-        let mut c = self.client().await?;
-        let tx = self.begin(&mut c).await?;
-        insert_job(&tx, &j).await?;
-        if let Some(key) = &key
-            && !bind_key(&tx, key, Some(&j.job_id), None).await?
-        {
-            return Err(StoreError::KeyTaken(key.key.clone())); // dropping `tx` rolls back
-        }
-        tx.commit().await?;
-        Ok(())
+        self.record_job(&j, key.as_ref(), None).await.map(drop)
     }
 
     async fn insert_job_unless_ahead(
@@ -567,20 +585,7 @@ impl Store for PgStore {
         ahead: Ahead,
     ) -> Result<bool, StoreError> {
         let _timer = timed!();
-        let mut c = self.client().await?;
-        let tx = self.begin(&mut c).await?;
-        let queued = waiting_ahead(&tx, ahead.priority, &ahead.worker_id, ahead.limit).await?;
-        if queued.iter().any(|(row, entry)| (ahead.holds)(row, entry)) {
-            return Ok(false); // dropping `tx` rolls back
-        }
-        insert_job(&tx, &j).await?;
-        if let Some(key) = &key
-            && !bind_key(&tx, key, Some(&j.job_id), None).await?
-        {
-            return Err(StoreError::KeyTaken(key.key.clone()));
-        }
-        tx.commit().await?;
-        Ok(true)
+        self.record_job(&j, key.as_ref(), Some(&ahead)).await
     }
 
     async fn update_job(&self, j: JobRow) -> Result<bool, StoreError> {

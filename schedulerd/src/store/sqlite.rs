@@ -595,22 +595,10 @@ impl Store for SqliteStore {
     }
 
     async fn insert_job(&self, j: JobRow, key: Option<NewKey>) -> Result<(), StoreError> {
-        let Some(key) = key else {
-            return self.write(move |c| insert_job(c, &j)).await;
-        };
-        let name = key.key.clone();
-        let bound = self
-            .write(move |c| {
-                let tx = c.transaction()?;
-                insert_job(&tx, &j)?;
-                if !bind_key(&tx, &key, Some(&j.job_id), None)? {
-                    return Ok(false); // dropping `tx` rolls the job back
-                }
-                tx.commit()?;
-                Ok(true)
-            })
-            .await?;
-        bound_or_taken(bound, name)
+        self.write(move |c| record_job(c, &j, key.as_ref(), None))
+            .await?
+            .recorded()
+            .map(drop)
     }
 
     async fn insert_job_unless_ahead(
@@ -619,28 +607,9 @@ impl Store for SqliteStore {
         key: Option<NewKey>,
         ahead: Ahead,
     ) -> Result<bool, StoreError> {
-        let name = key.as_ref().map(|k| k.key.clone());
-        let recorded = self
-            .write(move |c| {
-                let tx = c.transaction()?;
-                let queued = waiting_ahead(&tx, ahead.priority, &ahead.worker_id, ahead.limit)?;
-                if queued.iter().any(|(row, entry)| (ahead.holds)(row, entry)) {
-                    return Ok(Some(false));
-                }
-                insert_job(&tx, &j)?;
-                if let Some(key) = &key
-                    && !bind_key(&tx, key, Some(&j.job_id), None)?
-                {
-                    return Ok(None); // dropping `tx` rolls the job back
-                }
-                tx.commit()?;
-                Ok(Some(true))
-            })
-            .await?;
-        match (recorded, name) {
-            (Some(recorded), _) => Ok(recorded),
-            (None, name) => Err(StoreError::KeyTaken(name.unwrap_or_default())),
-        }
+        self.write(move |c| record_job(c, &j, key.as_ref(), Some(&ahead)))
+            .await?
+            .recorded()
     }
 
     async fn update_job(&self, j: JobRow) -> Result<bool, StoreError> {
@@ -1361,6 +1330,56 @@ fn lost_metric(worker_id: &str, command: Option<String>) {
     if let Some(command) = command {
         crate::metrics::job_finished(JobState::Lost, worker_id, &command);
     }
+}
+
+/// What became of a new job's record ([`record_job`]).
+enum Recorded {
+    Yes,
+    /// A job queued ahead of it holds it back: nothing was written.
+    HeldBack,
+    /// A live binding holds the key: nothing was written.
+    KeyTaken(String),
+}
+
+impl Recorded {
+    /// Whether the job was recorded; a taken key is an error.
+    fn recorded(self) -> Result<bool, StoreError> {
+        match self {
+            Recorded::Yes => Ok(true),
+            Recorded::HeldBack => Ok(false),
+            Recorded::KeyTaken(key) => Err(StoreError::KeyTaken(key)),
+        }
+    }
+}
+
+/// Records a job and binds `key` to it in one transaction, unless one of
+/// the jobs queued ahead of it holds it back ([`Ahead`]). A job with
+/// neither is one statement, without a transaction around it.
+fn record_job(
+    c: &mut Connection,
+    j: &JobRow,
+    key: Option<&NewKey>,
+    ahead: Option<&Ahead>,
+) -> rusqlite::Result<Recorded> {
+    if key.is_none() && ahead.is_none() {
+        insert_job(c, j)?;
+        return Ok(Recorded::Yes);
+    }
+    let tx = c.transaction()?;
+    if let Some(ahead) = ahead {
+        let queued = waiting_ahead(&tx, ahead.priority, &ahead.worker_id, ahead.limit)?;
+        if queued.iter().any(|(row, entry)| (ahead.holds)(row, entry)) {
+            return Ok(Recorded::HeldBack);
+        }
+    }
+    insert_job(&tx, j)?;
+    if let Some(key) = key
+        && !bind_key(&tx, key, Some(&j.job_id), None)?
+    {
+        return Ok(Recorded::KeyTaken(key.key.clone())); // dropping `tx` rolls back
+    }
+    tx.commit()?;
+    Ok(Recorded::Yes)
 }
 
 /// A write that had to bind an idempotency key: done, or refused because a

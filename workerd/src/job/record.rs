@@ -132,12 +132,30 @@ pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// Holds disk space for the job's final record, so that a job whose disk
-/// fills while it runs can still be recorded as failed: the final record
-/// overwrites these blocks instead of asking for new ones. Best effort:
-/// without it, the final write asks for space like any other.
-pub(super) fn reserve_final(dir: &Path, record_len: usize) -> std::io::Result<()> {
-    reserve(&dir.join(FINAL), final_size(record_len), true)
+/// Makes a new job's directory with what it holds before its first
+/// record: an empty log, the empty file the first record is written into
+/// ([`write_first`]), and `reserve_bytes` of disk held for the final record,
+/// so that a job whose disk fills while it runs can still be recorded as
+/// failed (the final record overwrites these blocks instead of asking for
+/// new ones). An existing `dir` is `AlreadyExists` and left alone; what was
+/// made is removed again on any later error.
+pub(super) fn make_job_dir(dir: &Path, reserve_bytes: usize) -> std::io::Result<()> {
+    std::fs::create_dir(dir)?;
+    let made = [LOG, FIRST_TMP]
+        .into_iter()
+        .try_for_each(|name| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(dir.join(name))
+                .map(drop)
+        })
+        .and_then(|()| reserve(&dir.join(FINAL), reserve_bytes, true));
+    if made.is_err() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    made
 }
 
 /// Bytes held for the final record of a job whose first record is
@@ -167,7 +185,7 @@ pub(super) async fn write_final(jobs_dir: &Path, record: &JobRecord) -> std::io:
         if dir.join(FINAL).exists() {
             replace(&dir, FINAL, &json)?;
         } else {
-            replace(&dir, "job.json.tmp", &json)?;
+            replace(&dir, FIRST_TMP, &json)?;
         }
         // The job's directory was created unsynced (see `write_first`).
         sync_dir(&jobs_dir)
@@ -191,13 +209,13 @@ pub(crate) fn expire_output(dir: &Path) -> std::io::Result<bool> {
         // The record's age (what `max_record_age` counts) is when the job
         // ended, not when its output went: keep its time.
         let written = std::fs::metadata(dir.join("job.json"))?.modified()?;
-        replace(dir, "job.json.tmp", &json)?;
+        replace(dir, FIRST_TMP, &json)?;
         std::fs::File::options()
             .write(true)
             .open(dir.join("job.json"))?
             .set_modified(written)?;
     }
-    match std::fs::remove_file(dir.join("output.log")) {
+    match std::fs::remove_file(dir.join(LOG)) {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
         Err(e) => Err(e),
@@ -209,7 +227,7 @@ pub(super) fn load_record(dir: &Path) -> std::io::Result<(JobRecord, u64)> {
     let bytes = std::fs::read(dir.join("job.json"))?;
     let record = serde_json::from_slice::<JobRecord>(&bytes)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-    let len = std::fs::metadata(dir.join("output.log"))
+    let len = std::fs::metadata(dir.join(LOG))
         .map(|m| m.len())
         .unwrap_or(0);
     Ok((record, len))

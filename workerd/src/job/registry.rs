@@ -167,7 +167,7 @@ impl Jobs {
             map.insert(
                 id,
                 Arc::new(Job {
-                    log_path: jobs_dir.join(id.to_string()).join("output.log"),
+                    log_path: jobs_dir.join(id.to_string()).join(super::record::LOG),
                     record: Mutex::new(record),
                     progress,
                     stop: CancellationToken::new(),
@@ -419,7 +419,7 @@ impl Jobs {
             Ok((record, len)) if record.state != State::Running => {
                 let (progress, _) = watch::channel(Progress { len, done: true });
                 Ok(Arc::new(Job {
-                    log_path: self.jobs_dir.join(id).join("output.log"),
+                    log_path: self.jobs_dir.join(id).join(super::record::LOG),
                     record: Mutex::new(record),
                     progress,
                     stop: CancellationToken::new(),

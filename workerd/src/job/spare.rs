@@ -9,7 +9,6 @@
 //! and never in `jobs/`, so nothing that reads jobs sees them; leftovers of
 //! an earlier run are deleted at start.
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -18,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::record::{FINAL, FIRST_TMP, LOG, final_size, reserve};
+use super::record::{FINAL, final_size, make_job_dir, reserve};
 
 /// Spares kept ready: starts that come faster than the refill fall back to
 /// making their files themselves, so this is a burst, not a limit.
@@ -41,6 +40,11 @@ pub(super) struct Spares {
 }
 
 impl Spares {
+    fn ready(&self) -> std::sync::MutexGuard<'_, Vec<PathBuf>> {
+        // Poisoning only follows a panic elsewhere; the list is still whole.
+        self.ready.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub(super) fn new(state_dir: &Path) -> Self {
         Spares {
             dir: state_dir.join("spare"),
@@ -62,14 +66,15 @@ impl Spares {
         if self.off.load(Ordering::Acquire) {
             return None;
         }
+        let spare = self.ready().pop()?;
         // A spare needs one block for the record where a start without
         // one needs several: without this a start on a disk too full for
         // those would run, where the next write fails.
         let needed = final_size(record_len) + record_len + 2 * 4096;
         if !self.room_for(needed) {
+            self.ready().push(spare);
             return Some(Err(std::io::Error::from_raw_os_error(nix::libc::ENOSPC)));
         }
-        let spare = self.ready.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
         let mut moved = crate::sys::rename_noreplace(&spare, dir);
         // The first job of a new state directory makes `jobs/`.
         if let (Err(e), Some(jobs)) = (&moved, dir.parent())
@@ -81,10 +86,7 @@ impl Spares {
         match moved {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                self.ready
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(spare);
+                self.ready().push(spare);
                 return Some(Err(e));
             }
             // Another filesystem, or no renameat2 flags: every rename would
@@ -105,10 +107,7 @@ impl Spares {
             // the caller's own path meets it again and reports it.
             Err(_) => {
                 if spare.exists() {
-                    self.ready
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push(spare);
+                    self.ready().push(spare);
                 }
                 return None;
             }
@@ -146,10 +145,7 @@ impl Spares {
     /// left for the caller to remove.
     pub(super) fn put_back(&self, dir: &Path, spare: PathBuf) {
         if crate::sys::rename_noreplace(dir, &spare).is_ok() {
-            self.ready
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(spare);
+            self.ready().push(spare);
         }
     }
 
@@ -162,7 +158,7 @@ impl Spares {
         if self.off.load(Ordering::Acquire) {
             return;
         }
-        if self.ready.lock().unwrap_or_else(|e| e.into_inner()).len() <= KEPT / 2 {
+        if self.ready().len() <= KEPT / 2 {
             self.wanted.notify_one();
         }
     }
@@ -211,40 +207,19 @@ impl Spares {
     }
 
     fn fill(&self) -> std::io::Result<()> {
-        while !self.off.load(Ordering::Acquire)
-            && self.ready.lock().unwrap_or_else(|e| e.into_inner()).len() < KEPT
-        {
+        while !self.off.load(Ordering::Acquire) && self.ready().len() < KEPT {
             let spare = self.make()?;
-            self.ready
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(spare);
+            self.ready().push(spare);
         }
         Ok(())
     }
 
     /// A directory with what a new job's directory holds before its first
-    /// record: an empty log, the final record's reservation, and the empty
-    /// file the first record is written into and renamed from.
+    /// record.
     fn make(&self) -> std::io::Result<PathBuf> {
         let n = self.made.fetch_add(1, Ordering::Relaxed);
         let dir = self.dir.join(n.to_string());
-        let made = std::fs::create_dir(&dir).and_then(|()| {
-            for name in [LOG, FIRST_TMP] {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(dir.join(name))?;
-            }
-            reserve(&dir.join(FINAL), SPARE_RESERVE, true)
-        });
-        match made {
-            Ok(()) => Ok(dir),
-            Err(error) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                Err(error)
-            }
-        }
+        make_job_dir(&dir, SPARE_RESERVE)?;
+        Ok(dir)
     }
 }

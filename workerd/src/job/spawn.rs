@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::output::pump;
-use super::record::{LOG, load_record, now_ms, reserve_final, write_final, write_first};
+use super::record::{LOG, final_size, load_record, make_job_dir, now_ms, write_final, write_first};
 use super::spare::Spares;
 use super::supervise::{Supervision, supervise};
 use super::{Job, JobError, JobRecord, Jobs, Progress, StartRequest, State};
@@ -454,46 +453,43 @@ fn create_files(
     record: &JobRecord,
 ) -> Result<std::fs::File, JobError> {
     let json = serde_json::to_vec(record).map_err(std::io::Error::other)?;
-    let open_log = |new: bool| {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(new)
-            .mode(0o600)
-            .open(dir.join(LOG))
-            .map_err(JobError::storage)
-    };
-    match spares.take(dir, json.len()) {
-        Some(Ok(spare)) => {
-            let made = open_log(false).and_then(|log| {
-                // Made a while ago: retention judges a log's age by this.
-                log.set_modified(std::time::SystemTime::now())
-                    .map_err(JobError::storage)?;
-                write_first(dir, &json).map_err(JobError::storage)?;
-                Ok(log)
-            });
-            if made.is_err() {
-                spares.put_back(dir, spare);
-            }
-            return made;
-        }
-        Some(Err(e)) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            return Err(JobError::Exists(record.id));
-        }
+    let exists = |e: &std::io::Error| e.kind() == std::io::ErrorKind::AlreadyExists;
+    let spare = match spares.take(dir, json.len()) {
+        Some(Ok(spare)) => Some(spare),
+        Some(Err(e)) if exists(&e) => return Err(JobError::Exists(record.id)),
         Some(Err(e)) => return Err(JobError::storage(e)),
-        None => {}
-    }
-    match std::fs::create_dir(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            return Err(JobError::Exists(record.id));
+        None => {
+            let size = final_size(json.len());
+            let made = match make_job_dir(dir, size) {
+                // The first job of a new state directory makes `jobs/`.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => dir
+                    .parent()
+                    .map_or(Err(e), std::fs::create_dir_all)
+                    .and_then(|()| make_job_dir(dir, size)),
+                made => made,
+            };
+            match made {
+                Ok(()) => None,
+                Err(e) if exists(&e) => return Err(JobError::Exists(record.id)),
+                Err(e) => return Err(JobError::storage(e)),
+            }
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(dir).map_err(JobError::storage)?;
-        }
-        Err(e) => return Err(JobError::storage(e)),
+    };
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join(LOG))
+        .and_then(|log| {
+            // A spare was made a while ago: retention judges a log's age
+            // by its time.
+            if spare.is_some() {
+                log.set_modified(std::time::SystemTime::now())?;
+            }
+            write_first(dir, &json)?;
+            Ok(log)
+        })
+        .map_err(JobError::storage);
+    if let (Err(_), Some(spare)) = (&written, spare) {
+        spares.put_back(dir, spare);
     }
-    let log = open_log(true)?;
-    reserve_final(dir, json.len()).map_err(JobError::storage)?;
-    write_first(dir, &json).map_err(JobError::storage)?;
-    Ok(log)
+    written
 }
