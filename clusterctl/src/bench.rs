@@ -226,6 +226,7 @@ async fn start(
     // starts fewer jobs instead of holding the others back.
     let next = Arc::new(AtomicU32::new(0));
     let jobs = args.jobs;
+    let pause = Duration::from_millis(args.pause);
 
     let began = Instant::now();
     let mut tasks = JoinSet::new();
@@ -234,7 +235,12 @@ async fn start(
         let next = Arc::clone(&next);
         tasks.spawn(async move {
             let mut outcome = ClientOutcome::default();
+            let mut first = true;
             while next.fetch_add(1, Ordering::Relaxed) < jobs {
+                // Between this client's starts only: not after its last.
+                if !std::mem::take(&mut first) && !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
                 let sent = Instant::now();
                 match api.start(&request, None).await {
                     Ok(_) => outcome.latencies.push(sent.elapsed()),
@@ -270,6 +276,7 @@ async fn start(
         script: args.script.clone(),
         clients: args.clients,
         jobs: args.jobs,
+        pause_ms: args.pause,
         started: latencies.len() as u64,
         failed,
         first_error: first_error.map(|(_, error)| error),
@@ -338,6 +345,8 @@ struct StartReport {
     script: String,
     clients: u32,
     jobs: u32,
+    /// `--pause`: what each client waited after each answer.
+    pause_ms: u64,
     /// Jobs the scheduler answered 201 for.
     started: u64,
     failed: u64,
@@ -363,8 +372,12 @@ impl StartReport {
         if let Some(error) = &self.first_error {
             failed.push_str(&format!(" (first: {error})"));
         }
+        let apart = match self.pause_ms {
+            0 => String::new(),
+            ms => format!(", {ms} ms after each answer"),
+        };
         let head = format!(
-            "bench start: {} ({}) on {} from {}\n",
+            "bench start: {} ({}) on {} from {}{apart}\n",
             plural(u64::from(self.jobs), "job"),
             self.script,
             self.worker,
@@ -899,6 +912,7 @@ mod tests {
             script: "true.sh".into(),
             clients: 8,
             jobs: 500,
+            pause_ms: 0,
             started: 499,
             failed: 1,
             first_error: Some("worker w1 is not ready (worker_unavailable)".into()),

@@ -371,6 +371,17 @@ pub(crate) struct BenchStartArgs {
     /// clients; then report the cluster's rate as a share of it.
     #[arg(long)]
     pub(crate) floor: bool,
+    /// Each client waits MS milliseconds after each answer before its next
+    /// start, so that a start does not share the machine with the end of
+    /// the job before it (a no-op job ends within milliseconds); the rate
+    /// then counts the pauses too.
+    #[arg(
+        long,
+        value_name = "MS",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(u64).range(0..=60_000)
+    )]
+    pub(crate) pause: u64,
 }
 
 #[derive(Debug, Args)]

@@ -248,6 +248,15 @@ impl Cached for Connection {
 /// cache evicts and statements are parsed again.
 const STATEMENT_CACHE: usize = 128;
 
+/// When a commit must be durable: before its call returns, or once a
+/// later write or flush has synced the log (the instant is the
+/// operation's start, for its duration metric).
+#[derive(Debug, Clone, Copy)]
+enum Durable {
+    Now,
+    Later(std::time::Instant),
+}
+
 fn connect(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
@@ -324,8 +333,7 @@ impl SqliteStore {
         F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
     {
         let started = std::time::Instant::now();
-        let (result, seq) = self.commit(f, None).await?;
-        let synced = self.inner.sync.durable(seq).await;
+        let (result, synced) = self.commit(f, Durable::Now).await?;
         crate::metrics::store_operation::<F>(started);
         let value = result?;
         synced?;
@@ -333,33 +341,45 @@ impl SqliteStore {
     }
 
     /// Runs `f` on the writer connection; what it commits survives a crash
-    /// of this process, and a power loss only once a later write (or
-    /// [`Store::flush`]) has synced the log. Returns the commit's number.
-    /// Given `timed`, records the operation's duration as the commit's.
+    /// of this process, and a power loss once the log is synced past it:
+    /// before this returns ([`Durable::Now`], by this thread, so the write
+    /// costs one trip to the blocking pool), or by a later write or
+    /// [`Store::flush`] ([`Durable::Later`], which records the operation's
+    /// duration as the commit's from the instant given). Returns `f`'s
+    /// result and the sync's.
     async fn commit<T: Send + 'static, F>(
         &self,
         f: F,
-        timed: Option<std::time::Instant>,
-    ) -> Result<(Result<T, StoreError>, u64), StoreError>
+        durable: Durable,
+    ) -> Result<(Result<T, StoreError>, std::io::Result<()>), StoreError>
     where
         F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
     {
         let inner = self.inner.clone();
-        let (result, seq) = tokio::task::spawn_blocking(move || {
-            let mut conn = inner.writer.lock().unwrap_or_else(|e| e.into_inner());
-            let seq = inner.sync.begin()?;
-            let result = f(&mut conn).map_err(StoreError::from);
-            inner.sync.ended(seq);
-            crate::metrics::store_write_done(result.is_ok());
-            Ok::<_, StoreError>((result, seq))
+        let sync_now = matches!(durable, Durable::Now);
+        let done = tokio::task::spawn_blocking(move || {
+            let (result, seq) = {
+                let mut conn = inner.writer.lock().unwrap_or_else(|e| e.into_inner());
+                let seq = inner.sync.begin()?;
+                let result = f(&mut conn).map_err(StoreError::from);
+                inner.sync.ended(seq);
+                crate::metrics::store_write_done(result.is_ok());
+                (result, seq)
+            };
+            // The writer is free again while this thread syncs, so the
+            // next commits can ride on the sync after this one.
+            let synced = match sync_now {
+                true => inner.sync.sync_through(seq),
+                false => Ok(()),
+            };
+            Ok::<_, StoreError>((result, synced))
         })
         .await
         .map_err(|e| StoreError::Task(e.to_string()))??;
-        Ok((result, seq)).inspect(|_| {
-            if let Some(started) = timed {
-                crate::metrics::store_operation::<F>(started);
-            }
-        })
+        if let Durable::Later(started) = durable {
+            crate::metrics::store_operation::<F>(started);
+        }
+        Ok(done)
     }
 
     async fn read<T: Send + 'static, F>(&self, f: F) -> Result<T, StoreError>
@@ -618,9 +638,12 @@ impl Store for SqliteStore {
     }
 
     async fn update_started(&self, j: JobRow) -> Result<bool, StoreError> {
-        let started = Some(std::time::Instant::now());
+        let started = std::time::Instant::now();
         let (result, _) = self
-            .commit(move |c| update_job(c, &j, true).map(|n| n > 0), started)
+            .commit(
+                move |c| update_job(c, &j, true).map(|n| n > 0),
+                Durable::Later(started),
+            )
             .await?;
         result
     }

@@ -271,24 +271,17 @@ pub(super) fn children(pid: i32) -> Option<Vec<i32>> {
     Some(pids)
 }
 
-/// A `/proc` list file in one `read`: the kernel resumes a list read in
-/// pieces by position, so a child leaving between two reads would hide
-/// the next one.
+/// A `/proc` list file, whole. The kernel hands such a file out a page
+/// at a time (`seq_file`), so a list longer than a page (some 500 pids)
+/// takes several reads and can miss a child that left between two of
+/// them; the callers tolerate that (a sweep's empty walk is confirmed by a
+/// scan of all of `/proc`, the reaper looks again at the next signal).
+/// Most lists are empty or short: one read and the one that finds the end.
 fn read_whole(path: &Path) -> std::io::Result<String> {
     use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
-    let mut size = 64 * 1024;
-    loop {
-        let mut buf = vec![0; size];
-        let n = file.read(&mut buf)?;
-        if n < size {
-            buf.truncate(n);
-            return String::from_utf8(buf).map_err(std::io::Error::other);
-        }
-        // Full: read it again, whole, into a larger buffer.
-        size *= 4;
-        file = std::fs::File::open(path)?;
-    }
+    let mut list = Vec::with_capacity(4 * 1024);
+    std::fs::File::open(path)?.read_to_end(&mut list)?;
+    String::from_utf8(list).map_err(std::io::Error::other)
 }
 
 /// Every process below `root` (not `root` itself), breadth first; None

@@ -15,6 +15,8 @@ pub(crate) struct Process {
     pid: i32,
     ended: Ended,
     status: Option<ExitStatus>,
+    /// Tells the orphan reaper the pid is no longer ours to skip.
+    released: super::reap::Released,
 }
 
 #[derive(Debug)]
@@ -29,7 +31,7 @@ enum Ended {
 impl Process {
     /// Takes charge of `pid`, a child of workerd not yet reaped (so the
     /// pid still names it).
-    pub(super) fn new(pid: i32) -> std::io::Result<Self> {
+    pub(super) fn new(pid: i32, released: super::reap::Released) -> std::io::Result<Self> {
         let ended = match crate::sys::pidfd_async(pid) {
             Ok(pidfd) => Ended::Pidfd(pidfd),
             Err(e) if e.raw_os_error() == Some(nix::libc::ENOSYS) => {
@@ -41,6 +43,7 @@ impl Process {
             pid,
             ended,
             status: None,
+            released,
         })
     }
 
@@ -61,6 +64,8 @@ impl Process {
         };
         let status = ExitStatus::from_raw(raw);
         self.status = Some(status);
+        // Only after the reap: set before, the reaper could take the status.
+        self.released.set();
         Ok(Some(status))
     }
 
@@ -83,15 +88,9 @@ impl Process {
 
 impl Drop for Process {
     fn drop(&mut self) {
-        // Not waited for: the orphan reaper takes it when it ends, as it
-        // would any other child of workerd's. Its lock may be held across
-        // a spawn, so a runtime thread hands the change to the blocking pool.
-        if matches!(self.try_wait(), Ok(None)) {
-            let pid = self.pid;
-            match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => drop(runtime.spawn_blocking(move || super::reap::disown(pid))),
-                Err(_) => super::reap::disown(pid),
-            }
-        }
+        // Reaped here if it has ended; if not, the orphan reaper takes it
+        // when it ends, as it would any other child of workerd's.
+        let _ = self.try_wait();
+        self.released.set();
     }
 }

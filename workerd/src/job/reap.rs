@@ -13,16 +13,23 @@
 //! `/proc` for zombies whose parent is workerd and waits for those pids
 //! exactly, with `WNOHANG`, skipping the main processes.
 //!
-//! The main processes are known by [`OWN`]: pid and start time of every
-//! process workerd spawned. [`spawn`] holds its lock across the spawn and the
-//! insert, and the reaper holds it while it decides and waits, so the reaper
-//! can never see a main process that is not yet recorded. An entry goes stale
-//! once its `Process` has reaped it; the start time tells a stale entry from
-//! a new process under the same pid, so entries need no removal hook and a
-//! main process's status is never taken.
+//! The main processes are known by [`OWN`]: the pid of every process
+//! workerd spawned, with a flag its `Process` sets once it has reaped it (or
+//! gave it up). [`spawn`] holds the lock across the spawn and the insert,
+//! and the reaper holds it while it decides and waits, so the reaper can
+//! never see a main process that is not yet recorded. An entry whose flag
+//! is set is stale and goes at the next pass; a new spawn under the same pid
+//! replaces it with a fresh flag, so a main process's status is never taken.
+//!
+//! The flag replaced the process's start time (`/proc/<pid>/stat`), which
+//! told a stale entry from a new process under the same pid: that read
+//! waits for the child's `execve` to finish (the kernel's
+//! `exec_update_lock`), and so held every start's answer for the whole
+//! exec of the job's interpreter (1–2 ms on the development VM).
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -32,14 +39,30 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use super::kill::{ProcStat, all_processes, children};
 
-/// Pid → start ticks of the processes workerd spawned itself (`None` when
-/// its start could not be read: then the pid is never reaped while listed).
-static OWN: Mutex<BTreeMap<i32, Option<u64>>> = Mutex::new(BTreeMap::new());
+/// Pid → the released flag of each process workerd spawned itself: set by
+/// its `Process` once the status is taken or no longer wanted.
+static OWN: Mutex<BTreeMap<i32, Released>> = Mutex::new(BTreeMap::new());
+
+/// Set by a main process's owner once the reaper may forget it (reaped by
+/// the owner) or take it (the owner went without waiting). Lock-free, so
+/// an owner on a runtime thread never waits for a spawn holding [`OWN`].
+#[derive(Debug, Clone, Default)]
+pub(super) struct Released(Arc<AtomicBool>);
+
+impl Released {
+    pub(super) fn set(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    fn is_set(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
 
 /// A scan now and then, for SIGCHLDs merged into one or missed.
 const BACKSTOP: Duration = Duration::from_secs(10);
 
-fn own() -> MutexGuard<'static, BTreeMap<i32, Option<u64>>> {
+fn own() -> MutexGuard<'static, BTreeMap<i32, Released>> {
     // A panic elsewhere cannot leave the map half-written.
     OWN.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -71,10 +94,9 @@ pub(crate) fn become_subreaper() {
 pub(super) fn spawn(exec: crate::sys::JobExec) -> std::io::Result<super::process::Process> {
     let mut own = own();
     let pid = crate::sys::spawn_job(exec)?;
-    // One small procfs read (no disk behind it), beside the exec that the
-    // spawn just waited for.
-    own.insert(pid, ProcStat::read(pid).map(|s| s.start_ticks));
-    match super::process::Process::new(pid) {
+    let released = Released::default();
+    own.insert(pid, released.clone());
+    match super::process::Process::new(pid, released) {
         Ok(process) => Ok(process),
         Err(error) => {
             // Without a handle on it the job could not be supervised: it
@@ -86,12 +108,6 @@ pub(super) fn spawn(exec: crate::sys::JobExec) -> std::io::Result<super::process
             Err(error)
         }
     }
-}
-
-/// Hands a process of workerd's own to the orphan reaper (its owner went
-/// without waiting for it).
-pub(super) fn disown(pid: i32) {
-    own().remove(&pid);
 }
 
 /// Reaps orphans re-parented to workerd until the task is dropped.
@@ -140,14 +156,9 @@ fn reap_once() -> usize {
         .filter(|s| s.ppid == me && s.is_zombie())
         .collect();
     let mut own = own();
-    // What stays names the process now under each pid: an entry whose
-    // process its `Process` has reaped (gone, or its pid taken by another process)
-    // goes, and a spawn since the scan has replaced its pid's entry.
-    own.retain(|pid, start| match (ProcStat::read(*pid), start) {
-        (None, _) => false,
-        (Some(now), Some(start)) => now.start_ticks == *start,
-        (Some(_), None) => true,
-    });
+    // What stays are the main processes still owned: a spawn since the scan
+    // has replaced its pid's entry with an unset flag.
+    own.retain(|_, released| !released.is_set());
     let mut reaped = 0;
     for zombie in zombies {
         if own.contains_key(&zombie.pid) {

@@ -66,6 +66,11 @@ const TEST_SCRIPTS: &[(&str, &str)] = &[
         "escape.sh",
         "setsid bash -c '(sleep 300 &); exec sleep 300' &\n(setsid sleep 300 &)\necho started\nwait\n",
     ),
+    // Leaves an orphan that ends at about the same time, then exits with $1.
+    (
+        "orphan_exit.sh",
+        "(sleep 0.0$((RANDOM % 5)) &)\nexit \"$1\"\n",
+    ),
     // Leaves an orphan that exits on its own a little later.
     (
         "orphan.sh",
@@ -951,6 +956,43 @@ async fn orphans_re_parented_to_the_worker_are_reaped() {
         .into_inner()
         .state();
     assert_eq!(state, JobState::Stopped);
+}
+
+/// The orphan reaper runs on every SIGCHLD beside the jobs' own waits: it
+/// must never take a job's exit status, however their ends interleave.
+#[tokio::test]
+async fn every_job_keeps_its_own_exit_code_while_orphans_are_reaped_around_it() {
+    let worker = Worker::start();
+    let client = worker.client();
+    let mut jobs = tokio::task::JoinSet::new();
+    for code in 1..=40u8 {
+        let mut client = client.clone();
+        jobs.spawn(async move {
+            let job = start(
+                &mut client,
+                start_req("bash", "orphan_exit.sh", &[&code.to_string()]),
+            )
+            .await;
+            let (_, status) = follow(&mut client, &job, 0).await;
+            (code, status)
+        });
+    }
+    while let Some(ended) = jobs.join_next().await {
+        let (code, status) = ended.unwrap();
+        assert_eq!(
+            (status.state(), status.exit_code),
+            (JobState::Failed, Some(i32::from(code))),
+            "{status:?}"
+        );
+    }
+    let workerd = worker.daemon.child.id();
+    assert!(
+        eventually(Duration::from_secs(5), || zombie_children(workerd)
+            .is_empty())
+        .await,
+        "zombies left: {:?}",
+        zombie_children(workerd)
+    );
 }
 
 /// A caller that gives up on a start (its deadline passes mid-start) never
