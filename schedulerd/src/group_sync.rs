@@ -15,13 +15,13 @@
 //! before it ended ([`GroupSync::begun`]) to be durable: nothing the API
 //! shows can be undone by a power loss.
 //!
-//! A writer syncs from its own (blocking) thread ([`GroupSync::sync_through`]):
-//! it joins a sync under way or runs the next one itself, so a write costs
-//! no hand-off to another thread and back, which on a VM whose idle vCPUs
-//! halt is two wake-ups of tens of microseconds each. The sync thread
-//! serves readers, who wait on the async side ([`GroupSync::durable`]).
-//! Syncs never overlap: whoever syncs marks it, and the others wait for it
-//! and look again.
+//! A writer syncs from its own (blocking) thread when no sync is under way
+//! ([`GroupSync::try_sync_through`]), so a write costs no hand-off to
+//! another thread and back, which on a VM whose idle vCPUs halt is two
+//! wake-ups of tens of microseconds each. Otherwise it waits on the async
+//! side ([`GroupSync::durable`]) like a reader, and the sync thread runs
+//! the next sync: a stalled disk holds one thread in `fdatasync`, never
+//! one per waiting writer. Syncs never overlap: whoever syncs marks it.
 //!
 //! The log is synced through one descriptor opened when the store opens,
 //! before anything is acknowledged: a writeback error is reported to every
@@ -63,10 +63,8 @@ struct Pending {
 #[derive(Debug)]
 pub(crate) struct GroupSync {
     pending: Mutex<Pending>,
-    /// The sync thread's: a reader waits for a commit that has ended.
+    /// The sync thread's: someone waits for a commit that has ended.
     work: Condvar,
-    /// Writers waiting for a sync under way: it ended.
-    synced_one: Condvar,
     synced: watch::Sender<Synced>,
     wal: File,
 }
@@ -77,7 +75,6 @@ impl GroupSync {
         let sync = Arc::new(GroupSync {
             pending: Mutex::new(Pending::default()),
             work: Condvar::new(),
-            synced_one: Condvar::new(),
             synced: watch::Sender::new(Synced::default()),
             wal,
         });
@@ -110,33 +107,29 @@ impl GroupSync {
     }
 
     /// Makes commit `seq` (ended) and every one before it durable from the
-    /// calling thread, which may block: returns at once if a sync already
-    /// covered it, waits for a sync under way and looks again, or runs the
-    /// next sync itself (covering every commit ended by then).
-    pub(crate) fn sync_through(&self, seq: u64) -> std::io::Result<()> {
-        let mut pending = self.lock();
+    /// calling thread, which blocks in the sync: true once a sync covered
+    /// it (an earlier one, or the next one, run here over every commit
+    /// ended by then). False, at once, while another sync is under way:
+    /// the caller then waits with [`Self::durable`].
+    pub(crate) fn try_sync_through(&self, seq: u64) -> std::io::Result<bool> {
         loop {
+            let mut pending = self.lock();
             {
                 let synced = self.synced.borrow();
                 if let Some(why) = &synced.failed {
                     return Err(failed(why));
                 }
                 if synced.upto >= seq {
-                    return Ok(());
+                    return Ok(true);
                 }
             }
             if pending.syncing {
-                pending = self
-                    .synced_one
-                    .wait(pending)
-                    .unwrap_or_else(|e| e.into_inner());
-                continue;
+                return Ok(false);
             }
             pending.syncing = true;
             let target = pending.committed;
             drop(pending);
             self.sync(target);
-            pending = self.lock();
         }
     }
 
@@ -229,8 +222,7 @@ impl GroupSync {
         // After the news, so that whoever wakes sees what this sync covered.
         let mut pending = self.lock();
         pending.syncing = false;
-        self.synced_one.notify_all();
-        // The sync thread only when a reader still waits past this sync (it
+        // The sync thread only when someone still waits past this sync (it
         // held back while this one ran): on this VM every wake-up of an
         // idle thread costs tens of microseconds.
         let synced = self.synced.borrow();
@@ -274,8 +266,8 @@ mod tests {
         sync.close();
     }
 
-    #[test]
-    fn writers_syncing_on_their_own_threads_all_become_durable() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writers_syncing_on_their_own_threads_all_become_durable() {
         let dir = tempfile::tempdir().unwrap();
         let wal = dir.path().join("db-wal");
         std::fs::write(&wal, b"frames").unwrap();
@@ -286,22 +278,30 @@ mod tests {
         let writers: Vec<_> = (0..16)
             .map(|_| {
                 let (sync, writer) = (sync.clone(), writer.clone());
-                std::thread::spawn(move || {
+                tokio::spawn(async move {
                     for _ in 0..20 {
-                        let seq = {
-                            let _writer = writer.lock().unwrap();
-                            let seq = sync.begin().unwrap();
-                            sync.ended(seq);
-                            seq
-                        };
-                        sync.sync_through(seq).unwrap();
+                        let (s, w) = (sync.clone(), writer.clone());
+                        let (seq, synced) = tokio::task::spawn_blocking(move || {
+                            let seq = {
+                                let _writer = w.lock().unwrap();
+                                let seq = s.begin().unwrap();
+                                s.ended(seq);
+                                seq
+                            };
+                            (seq, s.try_sync_through(seq).unwrap())
+                        })
+                        .await
+                        .unwrap();
+                        if !synced {
+                            sync.durable(seq).await.unwrap();
+                        }
                         assert!(sync.synced.borrow().upto >= seq);
                     }
                 })
             })
             .collect();
         for writer in writers {
-            writer.join().unwrap();
+            writer.await.unwrap();
         }
         assert!(!sync.lock().syncing, "a sync left marked as running");
         sync.close();
@@ -334,7 +334,7 @@ mod tests {
         let sync = GroupSync::start(File::from(std::os::fd::OwnedFd::from(reader))).unwrap();
         let first = sync.begin().unwrap();
         sync.ended(first);
-        assert!(sync.sync_through(first).is_err());
+        assert!(sync.try_sync_through(first).is_err());
         assert!(sync.durable(first).await.is_err());
         let error = sync.begin().unwrap_err();
         assert!(

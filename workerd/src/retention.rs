@@ -98,7 +98,7 @@ pub(crate) fn sweep(
         if running.contains(&id) {
             continue;
         }
-        let Some((record_age, _)) = age_and_len(&dir.join("job.json"), now_ms) else {
+        let Some((record_age, _)) = age_and_len(&dir.join(crate::job::RECORD), now_ms) else {
             continue; // a start under way, or not a job's directory
         };
         if record_age > record_limit {
@@ -116,7 +116,7 @@ pub(crate) fn sweep(
         if !output_limits {
             continue;
         }
-        if let Some((age, len)) = age_and_len(&dir.join("output.log"), now_ms) {
+        if let Some((age, len)) = age_and_len(&dir.join(crate::job::LOG), now_ms) {
             outputs.push((age, len, id));
         }
     }

@@ -333,7 +333,12 @@ impl SqliteStore {
         F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
     {
         let started = std::time::Instant::now();
-        let (result, synced) = self.commit(f, Durable::Now).await?;
+        let (result, seq, synced) = self.commit(f, Durable::Now).await?;
+        // Another sync was under way: the sync thread runs the next one.
+        let synced = match synced {
+            Ok(false) => self.inner.sync.durable(seq).await,
+            other => other.map(drop),
+        };
         crate::metrics::store_operation::<F>(started);
         let value = result?;
         synced?;
@@ -342,16 +347,16 @@ impl SqliteStore {
 
     /// Runs `f` on the writer connection; what it commits survives a crash
     /// of this process, and a power loss once the log is synced past it:
-    /// before this returns ([`Durable::Now`], by this thread, so the write
-    /// costs one trip to the blocking pool), or by a later write or
+    /// by this thread when no sync is under way ([`Durable::Now`], so the
+    /// write costs one trip to the blocking pool), or by a later write or
     /// [`Store::flush`] ([`Durable::Later`], which records the operation's
     /// duration as the commit's from the instant given). Returns `f`'s
-    /// result and the sync's.
+    /// result, the commit's number and whether it was synced here.
     async fn commit<T: Send + 'static, F>(
         &self,
         f: F,
         durable: Durable,
-    ) -> Result<(Result<T, StoreError>, std::io::Result<()>), StoreError>
+    ) -> Result<(Result<T, StoreError>, u64, std::io::Result<bool>), StoreError>
     where
         F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
     {
@@ -369,10 +374,10 @@ impl SqliteStore {
             // The writer is free again while this thread syncs, so the
             // next commits can ride on the sync after this one.
             let synced = match sync_now {
-                true => inner.sync.sync_through(seq),
-                false => Ok(()),
+                true => inner.sync.try_sync_through(seq),
+                false => Ok(true),
             };
-            Ok::<_, StoreError>((result, synced))
+            Ok::<_, StoreError>((result, seq, synced))
         })
         .await
         .map_err(|e| StoreError::Task(e.to_string()))??;
@@ -639,7 +644,7 @@ impl Store for SqliteStore {
 
     async fn update_started(&self, j: JobRow) -> Result<bool, StoreError> {
         let started = std::time::Instant::now();
-        let (result, _) = self
+        let (result, _, _) = self
             .commit(
                 move |c| update_job(c, &j, true).map(|n| n > 0),
                 Durable::Later(started),

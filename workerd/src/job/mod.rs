@@ -38,6 +38,7 @@ use crate::confine::PathError;
 pub(crate) use output::read_at;
 pub(crate) use reap::{become_subreaper, reap_orphans};
 pub(crate) use record::{JobRecord, State, expire_output, now_ms, write_atomically, write_durably};
+pub(crate) use record::{LOG, RECORD};
 pub(crate) use registry::Jobs;
 
 /// Largest piece of output sent to a follower in one message. Each piece

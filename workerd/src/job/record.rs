@@ -56,7 +56,9 @@ pub(super) const FINAL: &str = "job.json.final";
 /// The file a new job's first record is written into, then renamed.
 pub(super) const FIRST_TMP: &str = "job.json.tmp";
 /// A job's output.
-pub(super) const LOG: &str = "output.log";
+pub(crate) const LOG: &str = "output.log";
+/// A job's record: its first, then its final one renamed over it.
+pub(crate) const RECORD: &str = "job.json";
 
 /// Writes `bytes` into `dir/tmp_name` (reusing its blocks if it exists)
 /// and renames it over `dir/target`: a crash leaves the old file or the
@@ -93,7 +95,7 @@ fn replace_file(
 
 /// Replaces a job's `job.json` in `dir` through `dir/tmp_name`.
 pub(super) fn replace(dir: &Path, tmp_name: &str, json: &[u8]) -> std::io::Result<()> {
-    replace_file(dir, tmp_name, "job.json", json, true)
+    replace_file(dir, tmp_name, RECORD, json, true)
 }
 
 /// Writes a new job's first record, atomically but not synced. It needs to
@@ -107,7 +109,7 @@ pub(super) fn replace(dir: &Path, tmp_name: &str, json: &[u8]) -> std::io::Resul
 /// record or a whole one, never a torn one it would take for a broken
 /// disk.
 pub(super) fn write_first(dir: &Path, json: &[u8]) -> std::io::Result<()> {
-    replace_file(dir, FIRST_TMP, "job.json", json, false)
+    replace_file(dir, FIRST_TMP, RECORD, json, false)
 }
 
 /// Replaces the file at `path` with `bytes` atomically and durably.
@@ -208,11 +210,11 @@ pub(crate) fn expire_output(dir: &Path) -> std::io::Result<bool> {
         let json = serde_json::to_vec(&record).map_err(std::io::Error::other)?;
         // The record's age (what `max_record_age` counts) is when the job
         // ended, not when its output went: keep its time.
-        let written = std::fs::metadata(dir.join("job.json"))?.modified()?;
+        let written = std::fs::metadata(dir.join(RECORD))?.modified()?;
         replace(dir, FIRST_TMP, &json)?;
         std::fs::File::options()
             .write(true)
-            .open(dir.join("job.json"))?
+            .open(dir.join(RECORD))?
             .set_modified(written)?;
     }
     match std::fs::remove_file(dir.join(LOG)) {
@@ -224,7 +226,7 @@ pub(crate) fn expire_output(dir: &Path) -> std::io::Result<bool> {
 
 /// Reads one job's record and the length of its output log.
 pub(super) fn load_record(dir: &Path) -> std::io::Result<(JobRecord, u64)> {
-    let bytes = std::fs::read(dir.join("job.json"))?;
+    let bytes = std::fs::read(dir.join(RECORD))?;
     let record = serde_json::from_slice::<JobRecord>(&bytes)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     let len = std::fs::metadata(dir.join(LOG))
