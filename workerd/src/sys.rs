@@ -87,6 +87,33 @@ pub(crate) fn access_as(
     }
 }
 
+/// A child of workerd's that has ended, left unreaped (`WNOWAIT`); None
+/// when there is none. One at a time: the same one until it is reaped.
+pub(crate) fn peek_ended_child() -> std::io::Result<Option<i32>> {
+    loop {
+        // SAFETY: waitid(2) writes a siginfo_t into our zeroed local.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+        // SAFETY: as above; P_ALL ignores the id.
+        match unsafe { libc::waitid(libc::P_ALL, 0, &mut info, flags) } {
+            0 => {
+                // SAFETY: waitid filled the siginfo of a child (or left it
+                // zeroed, pid 0, when none has ended).
+                let pid = unsafe { info.si_pid() };
+                return Ok((pid > 0).then_some(pid));
+            }
+            _ => {
+                let error = std::io::Error::last_os_error();
+                match error.raw_os_error() {
+                    Some(libc::ECHILD) => return Ok(None),
+                    Some(libc::EINTR) => {}
+                    _ => return Err(error),
+                }
+            }
+        }
+    }
+}
+
 /// A pidfd for `pid`: a handle on that one process, which a later reuse of
 /// the pid cannot redirect. `ENOSYS` before Linux 5.3.
 pub(crate) fn pidfd_open(pid: i32) -> nix::Result<OwnedFd> {

@@ -10,10 +10,12 @@
 //! cgroup, `cgroup.kill` reaches everything in it first; the scan follows in
 //! every case, for whatever left the cgroup.
 //!
-//! Processes can fork while they are being killed, so killing repeats the scan
-//! until a round finds nothing (bounded). Each process is signalled through a
-//! pidfd opened before its start time is checked again, so the signal reaches
-//! exactly the process that was found: a pid reused in between is never hit.
+//! Processes can fork while they are being killed, so killing repeats the
+//! look until a round finds nothing and can believe it (bounded): for a job
+//! started here, a walk of workerd's tree that saw nothing move while it ran.
+//! Each process is signalled through a pidfd opened before its start time is
+//! checked again, so the signal reaches exactly the process that was found: a
+//! pid reused in between is never hit.
 //!
 //! The limit: a process that clears `JOB_ID` from its environment *and*
 //! leaves the tree (its ancestors up to a carrier exit, so it is re-parented)
@@ -130,19 +132,15 @@ fn kill_blocking(job: &JobProcs) -> usize {
     let mut killed = BTreeSet::new();
     let mut pause = FIRST_PAUSE;
     for _ in 0..MAX_ROUNDS {
-        let mut found = find(job);
-        // A walk of the tree can miss processes that move while it runs
-        // (each exit of a parent moves its children, and the kernel's
-        // children lists are read piecewise): an empty walk is confirmed by
-        // one scan of every process, so a job end costs one full scan, not
-        // one per round and one per reaped child as before.
-        if found.is_empty() && job.in_tree {
-            found = find_everywhere(job);
-        }
-        if found.is_empty() {
+        let seen = look(job);
+        let seen = match seen.found.is_empty() {
+            true => confirm_none(job, seen),
+            false => seen,
+        };
+        if seen.found.is_empty() && seen.sure {
             return killed.len();
         }
-        for process in &found {
+        for process in &seen.found {
             if send(process, Signal::SIGKILL) {
                 killed.insert(process.pid);
             }
@@ -150,7 +148,7 @@ fn kill_blocking(job: &JobProcs) -> usize {
         std::thread::sleep(pause);
         pause = (pause * 2).min(MAX_PAUSE);
     }
-    tracing::warn!(job_id = %job.id, rounds = MAX_ROUNDS, "processes of the job still alive after every kill round");
+    tracing::warn!(job_id = %job.id, rounds = MAX_ROUNDS, "processes of the job still alive, or moving too fast to be sure none is, after every kill round");
     killed.len()
 }
 
@@ -188,9 +186,16 @@ pub(super) struct ProcStat {
     pub(super) state: char,
     pub(super) ppid: i32,
     pub(super) pgrp: i32,
+    /// Field 9: the kernel's flags of the process (`PF_*`).
+    pub(super) flags: u64,
     /// Field 22: clock ticks after boot.
     pub(super) start_ticks: u64,
 }
+
+/// The kernel's flag of a process that has begun to exit (set before it
+/// lets go of its memory, so its environment reads empty, and before its
+/// children go to workerd).
+const PF_EXITING: u64 = 0x4;
 
 impl ProcStat {
     /// Parses `/proc/<pid>/stat`. The command (field 2) may hold spaces and
@@ -206,6 +211,7 @@ impl ProcStat {
             state: field(3)?.chars().next()?,
             ppid: field(4)?.parse().ok()?,
             pgrp: field(5)?.parse().ok()?,
+            flags: field(9)?.parse().ok()?,
             start_ticks: field(22)?.parse().ok()?,
         })
     }
@@ -232,6 +238,12 @@ impl ProcStat {
     pub(super) fn is_zombie(&self) -> bool {
         matches!(self.state, 'Z' | 'X' | 'x')
     }
+
+    /// Exiting or dead: what it held (its environment, its children) may
+    /// already be gone.
+    fn is_ending(&self) -> bool {
+        self.is_zombie() || self.flags & PF_EXITING != 0
+    }
 }
 
 /// Every process now on the machine (those that vanish mid-scan are left out).
@@ -250,7 +262,19 @@ pub(super) fn all_processes() -> Vec<ProcStat> {
 /// `/proc/<pid>/task/<tid>/children`; None where the kernel has no such
 /// file (built without `CONFIG_PROC_CHILDREN`) or the process is gone.
 pub(super) fn children(pid: i32) -> Option<Vec<i32>> {
+    children_read(pid).map(|(pids, _)| pids)
+}
+
+/// The most of a children list the kernel hands out in one read: a page,
+/// less the room of one entry it would not split.
+const LIST_PAGE: usize = 4096 - 12;
+
+/// [`children`], and whether every thread's list was read whole: a thread
+/// that ended meanwhile handed its children to another, maybe one already
+/// read, and a list read in pieces may miss a child that moved between them.
+fn children_read(pid: i32) -> Option<(Vec<i32>, bool)> {
     let mut pids = Vec::new();
+    let mut whole = true;
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))
         .ok()?
         .flatten()
@@ -261,14 +285,19 @@ pub(super) fn children(pid: i32) -> Option<Vec<i32>> {
                 return None;
             }
             // The thread ended meanwhile.
-            Err(_) => continue,
+            Err(_) => {
+                whole = false;
+                continue;
+            }
         };
+        // Longer than one page, it came in pieces that may not agree.
+        whole &= list.len() <= LIST_PAGE;
         pids.extend(
             list.split_ascii_whitespace()
                 .filter_map(|p| p.parse::<i32>().ok()),
         );
     }
-    Some(pids)
+    Some((pids, whole))
 }
 
 /// A `/proc` list file, whole. The kernel hands such a file out a page
@@ -284,23 +313,70 @@ fn read_whole(path: &Path) -> std::io::Result<String> {
     String::from_utf8(list).map_err(std::io::Error::other)
 }
 
-/// Every process below `root` (not `root` itself), breadth first; None
-/// where the kernel does not list children.
-fn descendants(root: i32) -> Option<Vec<ProcStat>> {
+/// A walk of the processes below one.
+struct Walk {
+    processes: Vec<ProcStat>,
+    /// Those that were jobs' main processes when seen (see [`descendants`]).
+    spawns: BTreeSet<i32>,
+    /// A process it saw may have handed children to a list it had already
+    /// read (see [`descendants`]).
+    unsure: bool,
+}
+
+/// Every process below `root` (not `root` itself); None where the kernel
+/// does not list children.
+///
+/// The kernel's lists are read one after the other, and a process moves
+/// from one to another when its parent exits (to the subreaper, workerd,
+/// whose lists were read first) or a thread of its parent does. The walk
+/// reads a process's list before its state: one that is not exiting
+/// after its list was read had every child it then had in it (one it
+/// forks later comes from a live process the walk saw). It is `unsure`
+/// where that does not hold: a process gone before its list or state was
+/// read, a thread of one gone before its list was, a list read in pieces,
+/// or an exiting or dead process, unless that is the main process of a job
+/// (its children, all of that job, go to workerd when it exits, and a
+/// job's processes are never below another job's main process).
+fn descendants(root: i32) -> Option<Walk> {
     let mut found = Vec::new();
-    let mut next = children(root)?;
+    let mut spawns = BTreeSet::new();
+    let (mut next, mut whole) = children_read(root)?;
     let mut seen = std::collections::HashSet::new();
     while let Some(pid) = next.pop() {
         // Lists read at different moments may disagree; each pid once.
         if !seen.insert(pid) {
             continue;
         }
-        if let Some(stat) = ProcStat::read(pid) {
-            found.push(stat);
-            next.extend(children(pid).unwrap_or_default());
+        let list = children_read(pid);
+        let Some(stat) = ProcStat::read(pid) else {
+            whole = false;
+            continue;
+        };
+        match list {
+            Some((pids, all)) => {
+                next.extend(pids);
+                whole &= all;
+            }
+            None => whole = false,
         }
+        if super::reap::is_running_spawn(pid) {
+            spawns.insert(pid);
+        } else if stat.is_ending() {
+            whole = false;
+        }
+        found.push(stat);
     }
-    Some(found)
+    Some(Walk {
+        processes: found,
+        spawns,
+        unsure: !whole,
+    })
+}
+
+/// Whether a read of a process's `/proc` file failed because the process
+/// is gone.
+fn ended(error: &std::io::Error) -> bool {
+    error.kind() == std::io::ErrorKind::NotFound || error.raw_os_error() == Some(nix::libc::ESRCH)
 }
 
 /// Boot time in seconds since the epoch, from the text of `/proc/stat`.
@@ -394,19 +470,84 @@ fn select(candidates: &[Candidate]) -> Vec<ProcStat> {
     chosen
 }
 
-/// The job's live processes now.
-/// [`find`] over every process on the machine, whatever the job's origin.
-fn find_everywhere(job: &JobProcs) -> Vec<ProcStat> {
-    find(&JobProcs {
-        in_tree: false,
-        ..job.clone()
-    })
+/// Walks after one that found none of the job's processes but may have
+/// missed some, before the kill round ends and a later one looks again.
+const WALKS: usize = 3;
+
+/// What one look at the machine found of a job.
+struct Look {
+    /// The job's live processes.
+    found: Vec<ProcStat>,
+    /// Believed when it found none: a walk of workerd's tree that saw
+    /// nothing move (see [`descendants`]) and no process that might have
+    /// been the job's end before it could be told whose it was (see
+    /// [`select_job`]), or a scan of every process (see [`look_everywhere`]).
+    sure: bool,
 }
 
+fn look(job: &JobProcs) -> Look {
+    let own = i32::try_from(std::process::id()).unwrap_or(0);
+    match job.in_tree.then(|| descendants(own)).flatten() {
+        Some(walk) => {
+            let (found, told) = select_job(job, &walk.processes, &walk.spawns);
+            Look {
+                found,
+                sure: told && !walk.unsure,
+            }
+        }
+        None => look_everywhere(job),
+    }
+}
+
+/// [`look`] at every process on the machine, for a job whose processes
+/// may be anywhere. Believed when it finds none: on a busy machine some
+/// process always ends mid-scan, and waiting for a scan where none did
+/// would hold every such job's end for all the kill rounds.
+fn look_everywhere(job: &JobProcs) -> Look {
+    let (found, _) = select_job(job, &all_processes(), &BTreeSet::new());
+    Look { found, sure: true }
+}
+
+/// Looks again after a look that found none of the job's processes but
+/// may have missed some, up to [`WALKS`] times; returns the last look.
+///
+/// A scan of every process on the machine confirmed every empty walk
+/// before: one `/proc/<pid>/stat` per process at every job's end (two
+/// thirds of the files a job's end opened here), and no better a proof:
+/// a process it lists can be gone when its state is read, and the child
+/// it forked just before can have a pid the scan has passed (pids wrap).
+/// The walks stand on what the scan lacks: every process of the job is
+/// below workerd, its subreaper.
+fn confirm_none(job: &JobProcs, first: Look) -> Look {
+    let mut last = first;
+    for _ in 0..WALKS {
+        if last.sure || !last.found.is_empty() {
+            return last;
+        }
+        last = look(job);
+    }
+    last
+}
+
+/// The job's live processes now.
 fn find(job: &JobProcs) -> Vec<ProcStat> {
+    look(job).found
+}
+
+/// The job's live processes among `processes`, and whether every one that
+/// might have been the job's was told: one that began to exit before its
+/// environment was read (it may have forked after its list was read, and
+/// its children go up to workerd) was not, unless it was among `spawns`,
+/// jobs' main processes, which are never this job's once it is ending and
+/// hold no process of it.
+fn select_job(
+    job: &JobProcs,
+    processes: &[ProcStat],
+    spawns: &BTreeSet<i32>,
+) -> (Vec<ProcStat>, bool) {
     let Some(clock) = Clock::read() else {
         tracing::warn!(job_id = %job.id, "cannot read /proc/stat; the job's processes cannot be found");
-        return Vec::new();
+        return (Vec::new(), true);
     };
     let own = i32::try_from(std::process::id()).unwrap_or(0);
     let needle = format!("JOB_ID={}", job.id);
@@ -415,12 +556,10 @@ fn find(job: &JobProcs) -> Vec<ProcStat> {
         .as_deref()
         .map(cgroup_members)
         .unwrap_or_default();
-    let processes = match job.in_tree {
-        true => descendants(own).unwrap_or_else(all_processes),
-        false => all_processes(),
-    };
+    let mut told = true;
     let candidates: Vec<Candidate> = processes
-        .into_iter()
+        .iter()
+        .copied()
         // Never workerd itself or init, whatever their environment says.
         .filter(|s| !s.is_zombie() && s.pid > 1 && s.pid != own)
         .map(|stat| {
@@ -428,8 +567,24 @@ fn find(job: &JobProcs) -> Vec<ProcStat> {
             // Only the young can be the job's; old ones need no environ read.
             let marked = young
                 && (in_cgroup.contains(&stat.pid)
-                    || std::fs::read(format!("/proc/{}/environ", stat.pid))
-                        .is_ok_and(|env| environ_has(&env, needle.as_bytes())));
+                    || match std::fs::read(format!("/proc/{}/environ", stat.pid)) {
+                        Ok(env) if environ_has(&env, needle.as_bytes()) => true,
+                        // Without the mark, it is not the job's if it was
+                        // still alive after the read: an exiting process's
+                        // environment reads empty.
+                        Ok(_) => {
+                            told &= spawns.contains(&stat.pid)
+                                || ProcStat::read(stat.pid).is_some_and(|now| {
+                                    now.start_ticks == stat.start_ticks && !now.is_ending()
+                                });
+                            false
+                        }
+                        Err(e) if ended(&e) => {
+                            told &= spawns.contains(&stat.pid);
+                            false
+                        }
+                        Err(_) => false,
+                    });
             Candidate {
                 stat,
                 young,
@@ -437,7 +592,7 @@ fn find(job: &JobProcs) -> Vec<ProcStat> {
             }
         })
         .collect();
-    select(&candidates)
+    (select(&candidates), told)
 }
 
 /// Signals the process found as `found`, and only it. Returns whether the
@@ -475,11 +630,16 @@ mod tests {
                 state: 'S',
                 ppid: 17,
                 pgrp: 4242,
+                flags: 4194560,
                 start_ticks: 987654,
             })
         );
         let zombie = "7 (sleep) Z 1 5 5 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 55 0 0 0";
         assert!(ProcStat::parse(zombie).unwrap().is_zombie());
+        let exiting = "7 (sleep) R 1 5 5 0 -1 4194564 0 0 0 0 0 0 0 0 20 0 1 0 55 0 0 0";
+        let exiting = ProcStat::parse(exiting).unwrap();
+        assert!(!exiting.is_zombie() && exiting.is_ending());
+        assert!(!ProcStat::parse(text).unwrap().is_ending());
         assert_eq!(ProcStat::parse("7 (sleep) S 1 5"), None, "truncated");
         assert_eq!(ProcStat::parse("garbage"), None);
     }
@@ -507,6 +667,7 @@ mod tests {
                 state: 'S',
                 ppid,
                 pgrp: pid,
+                flags: 0,
                 start_ticks: 0,
             },
             young,

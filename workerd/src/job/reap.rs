@@ -7,11 +7,16 @@
 //! workerd's children are of two kinds, and their exit statuses have two
 //! owners. The jobs' main processes are their `Process`'s: it waits for
 //! each by its pid, and a status taken from under it would lose the job's
-//! exit code. The
-//! re-parented orphans are nobody's but ours. So the reaper never calls
-//! `waitpid(-1)`: on SIGCHLD (and now and then, as signals coalesce) it scans
-//! `/proc` for zombies whose parent is workerd and waits for those pids
-//! exactly, with `WNOHANG`, skipping the main processes.
+//! exit code. The re-parented orphans are nobody's but ours. So the
+//! reaper never reaps whatever `waitpid(-1)` would. On SIGCHLD it looks
+//! at the ended child `waitid` shows without reaping it (`WNOWAIT`),
+//! reaps it by pid if it is an orphan, and looks again; when nothing else
+//! has ended (the job's `Process` reaped its own first), that pass costs
+//! one system call. When `waitid` shows a main process not yet reaped (it
+//! would show that one again and again, and nothing behind it), and now
+//! and then as a backstop (signals coalesce), the reaper scans `/proc` for
+//! zombies whose parent is workerd and waits for those pids exactly, with
+//! `WNOHANG`, skipping the main processes.
 //!
 //! The main processes are known by [`OWN`]: the pid of every process
 //! workerd spawned, with a flag its `Process` sets once it has reaped it (or
@@ -76,6 +81,12 @@ pub(super) fn is_subreaper() -> bool {
     SUBREAPER.load(std::sync::atomic::Ordering::Acquire)
 }
 
+/// Whether `pid` is a job's main process that workerd spawned and has not
+/// reaped yet (so the pid still names it).
+pub(super) fn is_running_spawn(pid: i32) -> bool {
+    own().get(&pid).is_some_and(|released| !released.is_set())
+}
+
 /// Makes this process the reaper of its descendants' orphans.
 pub(crate) fn become_subreaper() {
     match nix::sys::prctl::set_child_subreaper(true) {
@@ -122,21 +133,55 @@ pub(crate) async fn reap_orphans() {
     let mut backstop = tokio::time::interval(BACKSTOP);
     backstop.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
+        let pass = tokio::select! {
             Some(()) = async {
                 match children.as_mut() {
                     Some(s) => s.recv().await,
                     None => std::future::pending().await,
                 }
-            } => {}
-            _ = backstop.tick() => {}
-        }
-        match tokio::task::spawn_blocking(reap_once).await {
+            } => reap_signalled as fn() -> usize,
+            _ = backstop.tick() => reap_once,
+        };
+        match tokio::task::spawn_blocking(pass).await {
             Ok(0) => {}
             Ok(reaped) => tracing::debug!(reaped, "reaped orphaned job processes"),
             Err(error) => tracing::warn!(%error, "orphan reaper failed"),
         }
     }
+}
+
+/// The pass after a SIGCHLD: reaps the ended children `waitid` shows, one
+/// by one, until none is left; hands over to [`reap_once`] at the first
+/// that is a main process still owned (`waitid` would show it again and
+/// again, and nothing behind it). Returns how many orphans were reaped.
+fn reap_signalled() -> usize {
+    let mut reaped = 0;
+    let mut own = own();
+    own.retain(|_, released| !released.is_set());
+    loop {
+        let pid = match crate::sys::peek_ended_child() {
+            Ok(Some(pid)) => pid,
+            Ok(None) => return reaped,
+            Err(error) => {
+                tracing::debug!(%error, "waitid on workerd's children failed");
+                break;
+            }
+        };
+        if own.get(&pid).is_some_and(|released| !released.is_set()) {
+            break;
+        }
+        match crate::sys::waitpid_raw(pid, true) {
+            Ok(Some(status)) => {
+                tracing::debug!(pid, status, "reaped an orphan");
+                reaped += 1;
+            }
+            // Shown as ended, so never still running; anything else would
+            // show it again: the scan takes over.
+            Ok(None) | Err(_) => break,
+        }
+    }
+    drop(own);
+    reaped + reap_once()
 }
 
 /// One pass: waits for every zombie child of workerd that is not one of its

@@ -71,6 +71,13 @@ const TEST_SCRIPTS: &[(&str, &str)] = &[
         "orphan_exit.sh",
         "(sleep 0.0$((RANDOM % 5)) &)\nexit \"$1\"\n",
     ),
+    // Exits at once and leaves eight chains behind, each of whose one live
+    // link forks the next and exits (at most 20,000 links), again and again,
+    // each in a process group of its own (job control).
+    (
+        "relay.sh",
+        "set -m\nhop() { [ \"$1\" -lt 20000 ] && hop $(($1 + 1)) & }\nfor i in 1 2 3 4 5 6 7 8; do hop 0; done\necho started\n",
+    ),
     // Leaves an orphan that exits on its own a little later.
     (
         "orphan.sh",
@@ -956,6 +963,44 @@ async fn orphans_re_parented_to_the_worker_are_reaped() {
         .into_inner()
         .state();
     assert_eq!(state, JobState::Stopped);
+}
+
+/// A job's end finds its processes by walking workerd's tree, where a
+/// process moves (to workerd) whenever its parent exits. A chain whose
+/// live link keeps starting the next and exiting moves all the time while
+/// the end looks for it, and still nothing of the job outlives it.
+#[tokio::test]
+async fn a_job_end_kills_a_chain_whose_live_link_keeps_moving() {
+    let worker = Worker::start();
+    let mut client = worker.client();
+    for _ in 0..10 {
+        let job = start(&mut client, start_req("bash", "relay.sh", &[])).await;
+        let _guard = KillOnDrop(job.clone());
+        let (_, status) = follow(&mut client, &job, 0).await;
+        assert_eq!(status.state(), JobState::Succeeded, "{status:?}");
+        let left = || {
+            job_processes(&job)
+                .into_iter()
+                .map(|pid| (pid, proc_stat(pid)))
+                .collect::<Vec<_>>()
+        };
+        // The end is recorded once the job's processes are gone, and none
+        // was hidden to come back later.
+        let workerd = worker.daemon.child.id();
+        assert_eq!(
+            left(),
+            [],
+            "left (workerd {workerd}): {}",
+            worker.daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            left(),
+            [],
+            "came back (workerd {workerd}): {}",
+            worker.daemon.log()
+        );
+    }
 }
 
 /// The orphan reaper runs on every SIGCHLD beside the jobs' own waits: it
