@@ -12,7 +12,8 @@
 //!
 //! Processes can fork while they are being killed, so killing repeats the
 //! look until a round finds nothing and can believe it (bounded): for a job
-//! started here, a walk of workerd's tree that saw nothing move while it ran.
+//! started here, a walk of workerd's tree (less the trees of other jobs'
+//! main processes) that saw nothing move while it ran.
 //! Each process is signalled through a pidfd opened before its start time is
 //! checked again, so the signal reaches exactly the process that was found: a
 //! pid reused in between is never hit.
@@ -53,9 +54,14 @@ pub(super) struct JobProcs {
     pub(super) cgroup: Option<PathBuf>,
     /// Every process of the job is below this process: it was started here,
     /// and orphans come back to us (we are a subreaper), so a round walks
-    /// our descendants to find them, and only the confirmation that none is
-    /// left scans every process on the machine.
+    /// our descendants to find them instead of scanning every process on
+    /// the machine.
     pub(super) in_tree: bool,
+    /// The job's main process while it runs: the one running spawn whose
+    /// tree is walked. Every other running spawn heads another job, and no
+    /// process of this job is below it: a process only ever moves up its
+    /// own line of ancestors, to workerd.
+    pub(super) main: Option<i32>,
 }
 
 impl JobProcs {
@@ -67,13 +73,19 @@ impl JobProcs {
             started_at_ms: record.started_at_ms,
             cgroup,
             in_tree: false,
+            main: None,
         }
     }
 
-    /// A job this process spawned.
-    pub(super) fn spawned_here(record: &JobRecord, cgroup: Option<PathBuf>) -> Self {
+    /// A job this process spawned, whose main process is `main`.
+    pub(super) fn spawned_here(
+        record: &JobRecord,
+        cgroup: Option<PathBuf>,
+        main: Option<i32>,
+    ) -> Self {
         JobProcs {
             in_tree: super::reap::is_subreaper(),
+            main,
             ..JobProcs::of(record, cgroup)
         }
     }
@@ -131,13 +143,14 @@ fn kill_blocking(job: &JobProcs) -> usize {
     }
     let mut killed = BTreeSet::new();
     let mut pause = FIRST_PAUSE;
+    let mut ending = Ending::new();
     for _ in 0..MAX_ROUNDS {
-        let seen = look(job);
+        let seen = look(job, &mut ending);
         let seen = match seen.found.is_empty() {
-            true => confirm_none(job, seen),
+            true => confirm_none(job, seen, &mut ending),
             false => seen,
         };
-        if seen.found.is_empty() && seen.sure {
+        if seen.found.is_empty() && seen.doubt == Doubt::None {
             return killed.len();
         }
         for process in &seen.found {
@@ -188,8 +201,15 @@ pub(super) struct ProcStat {
     pub(super) pgrp: i32,
     /// Field 9: the kernel's flags of the process (`PF_*`).
     pub(super) flags: u64,
+    /// Field 20.
+    pub(super) num_threads: u64,
     /// Field 22: clock ticks after boot.
     pub(super) start_ticks: u64,
+    /// Fields 50 and 51: where its environment lies in its memory; the end
+    /// is 0 while an `execve` has swapped in a new memory and not yet
+    /// written the environment into it (and when it has no memory).
+    pub(super) env_start: u64,
+    pub(super) env_end: u64,
 }
 
 /// The kernel's flag of a process that has begun to exit (set before it
@@ -212,15 +232,28 @@ impl ProcStat {
             ppid: field(4)?.parse().ok()?,
             pgrp: field(5)?.parse().ok()?,
             flags: field(9)?.parse().ok()?,
+            num_threads: field(20)?.parse().ok()?,
             start_ticks: field(22)?.parse().ok()?,
+            // Kernels before 3.5 lack them: read as "not known", 0.
+            env_start: field(50).and_then(|f| f.parse().ok()).unwrap_or(0),
+            env_end: field(51).and_then(|f| f.parse().ok()).unwrap_or(0),
         })
     }
 
     pub(super) fn read(pid: i32) -> Option<ProcStat> {
+        ProcStat::read_path(&format!("/proc/{pid}/stat"))
+    }
+
+    /// The state of one thread `tid` of process `pid`.
+    fn read_task(pid: i32, tid: i32) -> Option<ProcStat> {
+        ProcStat::read_path(&format!("/proc/{pid}/task/{tid}/stat"))
+    }
+
+    fn read_path(path: &str) -> Option<ProcStat> {
         // In one read where it fits, as it always does (one line of at
         // most about 1 KiB): `read_to_string` grows its buffer from 32
         // bytes, six reads per process, and a job's end scans them all.
-        let mut file = std::fs::File::open(format!("/proc/{pid}/stat")).ok()?;
+        let mut file = std::fs::File::open(path).ok()?;
         let mut buf = [0u8; 4096];
         let mut len = 0;
         while len < buf.len() {
@@ -234,15 +267,33 @@ impl ProcStat {
         None // longer than any stat line
     }
 
-    /// Dead but not yet reaped, or dying: nothing left to signal.
+    /// Dead but not yet reaped, or dying: nothing left to signal. A main
+    /// thread that ended alone (`pthread_exit`) shows its process as a
+    /// zombie while the other threads run on: that process is alive.
     pub(super) fn is_zombie(&self) -> bool {
+        self.is_dead_task() && self.num_threads <= 1
+    }
+
+    /// The process's main thread ended while others run on.
+    fn is_headless(&self) -> bool {
+        self.is_dead_task() && self.num_threads > 1
+    }
+
+    fn is_dead_task(&self) -> bool {
         matches!(self.state, 'Z' | 'X' | 'x')
     }
 
-    /// Exiting or dead: what it held (its environment, its children) may
-    /// already be gone.
+    /// This thread is exiting or dead: what it held (its environment, its
+    /// children) may already be gone.
+    fn is_task_ending(&self) -> bool {
+        self.is_dead_task() || self.flags & PF_EXITING != 0
+    }
+
+    /// The process is exiting or dead. One whose main thread alone ended
+    /// is not: its children went to its other threads, whose lists and
+    /// states a walk reads one by one.
     fn is_ending(&self) -> bool {
-        self.is_zombie() || self.flags & PF_EXITING != 0
+        !self.is_headless() && self.is_task_ending()
     }
 }
 
@@ -269,43 +320,69 @@ pub(super) fn children(pid: i32) -> Option<Vec<i32>> {
 /// less the room of one entry it would not split.
 const LIST_PAGE: usize = 4096 - 12;
 
-/// [`children`], and whether every thread's list was read whole: a thread
-/// that ended meanwhile handed its children to another, maybe one already
-/// read, and a list read in pieces may miss a child that moved between them.
-fn children_read(pid: i32) -> Option<(Vec<i32>, bool)> {
+/// How far a look that found none of the job's processes can be believed.
+/// Ordered: a look doubts as much as the most doubtful thing it saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Doubt {
+    /// Nothing it saw could have hidden a process from it.
+    None,
+    /// A children list longer than a page came in pieces, which may not
+    /// agree. Looking again does not settle that (the list stays long),
+    /// so after [`WALKS`] walks a scan of every process does.
+    LongList,
+    /// Something moved while it looked: a process or thread ended, or
+    /// began to, or could not yet be told whose it was. Looking again
+    /// settles it.
+    Moving,
+}
+
+/// [`children`], and how far the lists can be believed: a thread that
+/// ended (or began to) after its list was read may have handed a child it
+/// forked since to a list already read (an ended thread's list reads
+/// empty), and a list read in pieces may miss a child that moved between
+/// them. The main thread's state is the caller's to check, after this.
+fn children_read(pid: i32) -> Option<(Vec<i32>, Doubt)> {
     let mut pids = Vec::new();
-    let mut whole = true;
+    let mut doubt = Doubt::None;
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))
         .ok()?
         .flatten()
     {
-        let list = match read_whole(&task.path().join("children")) {
+        let path = task.path();
+        let list = match read_whole(&path.join("children")) {
             Ok(list) => list,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && task.path().exists() => {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && path.exists() => {
                 return None;
             }
             // The thread ended meanwhile.
             Err(_) => {
-                whole = false;
+                doubt = Doubt::Moving;
                 continue;
             }
         };
-        // Longer than one page, it came in pieces that may not agree.
-        whole &= list.len() <= LIST_PAGE;
+        if list.len() > LIST_PAGE {
+            doubt = doubt.max(Doubt::LongList);
+        }
+        let tid = task.file_name().to_str().and_then(|t| t.parse().ok());
+        if let Some(tid) = tid.filter(|tid| *tid != pid)
+            && ProcStat::read_task(pid, tid).is_none_or(|s| s.is_task_ending())
+        {
+            doubt = Doubt::Moving;
+        }
         pids.extend(
             list.split_ascii_whitespace()
                 .filter_map(|p| p.parse::<i32>().ok()),
         );
     }
-    Some((pids, whole))
+    Some((pids, doubt))
 }
 
 /// A `/proc` list file, whole. The kernel hands such a file out a page
 /// at a time (`seq_file`), so a list longer than a page (some 500 pids)
 /// takes several reads and can miss a child that left between two of
-/// them; the callers tolerate that (a sweep's empty walk is confirmed by a
-/// scan of all of `/proc`, the reaper looks again at the next signal).
-/// Most lists are empty or short: one read and the one that finds the end.
+/// them; the callers tolerate that (a walk doubts such a list, the reaper
+/// looks again at the next signal). Most lists are empty or short: one
+/// read and the one that finds the end.
 fn read_whole(path: &Path) -> std::io::Result<String> {
     use std::io::Read;
     let mut list = Vec::with_capacity(4 * 1024);
@@ -313,63 +390,74 @@ fn read_whole(path: &Path) -> std::io::Result<String> {
     String::from_utf8(list).map_err(std::io::Error::other)
 }
 
+/// Processes the walks of one job's end saw ending, by pid and start time,
+/// and whether each was dead then: what a walk doubts for the first time,
+/// the next may know (see [`descendants`]).
+type Ending = HashMap<(i32, u64), bool>;
+
 /// A walk of the processes below one.
 struct Walk {
     processes: Vec<ProcStat>,
-    /// Those that were jobs' main processes when seen (see [`descendants`]).
-    spawns: BTreeSet<i32>,
-    /// A process it saw may have handed children to a list it had already
-    /// read (see [`descendants`]).
-    unsure: bool,
+    /// Whether it may have missed a process (see [`descendants`]).
+    doubt: Doubt,
 }
 
-/// Every process below `root` (not `root` itself); None where the kernel
-/// does not list children.
+/// Every process below `root` (not `root` itself), but for the trees of
+/// running spawns other than `main` (other jobs' main processes: see
+/// [`JobProcs::main`]); None where the kernel does not list children.
 ///
 /// The kernel's lists are read one after the other, and a process moves
 /// from one to another when its parent exits (to the subreaper, workerd,
 /// whose lists were read first) or a thread of its parent does. The walk
 /// reads a process's list before its state: one that is not exiting
 /// after its list was read had every child it then had in it (one it
-/// forks later comes from a live process the walk saw). It is `unsure`
-/// where that does not hold: a process gone before its list or state was
-/// read, a thread of one gone before its list was, a list read in pieces,
-/// or an exiting or dead process, unless that is the main process of a job
-/// (its children, all of that job, go to workerd when it exits, and a
-/// job's processes are never below another job's main process).
-fn descendants(root: i32) -> Option<Walk> {
+/// forks later comes from a live process the walk saw). It doubts where
+/// that does not hold: a process gone before its list or state was read,
+/// a thread that ended, a list read in pieces, or an exiting or dead
+/// process, unless an earlier walk (recorded in `ending`) saw it so. Then
+/// it had begun to exit before this walk read its list, so it forked
+/// nothing since; and its children move only as it dies (with its death,
+/// under one lock), so only one that has died since may have moved some.
+fn descendants(root: i32, main: Option<i32>, ending: &mut Ending) -> Option<Walk> {
+    let (mut next, mut doubt) = children_read(root)?;
+    // Taken after the root's list, so every spawn in it is known. A main
+    // process reaped since keeps its pid for the walk: pids are handed out
+    // in turn, and reusing one so soon would take a wrap of all of them.
+    let mut others = super::reap::running_spawns();
+    if let Some(main) = main {
+        others.remove(&main);
+    }
     let mut found = Vec::new();
-    let mut spawns = BTreeSet::new();
-    let (mut next, mut whole) = children_read(root)?;
     let mut seen = std::collections::HashSet::new();
     while let Some(pid) = next.pop() {
         // Lists read at different moments may disagree; each pid once.
-        if !seen.insert(pid) {
+        if others.contains(&pid) || !seen.insert(pid) {
             continue;
         }
         let list = children_read(pid);
         let Some(stat) = ProcStat::read(pid) else {
-            whole = false;
+            doubt = Doubt::Moving;
             continue;
         };
         match list {
-            Some((pids, all)) => {
+            Some((pids, listed)) => {
                 next.extend(pids);
-                whole &= all;
+                doubt = doubt.max(listed);
             }
-            None => whole = false,
+            None => doubt = Doubt::Moving,
         }
-        if super::reap::is_running_spawn(pid) {
-            spawns.insert(pid);
-        } else if stat.is_ending() {
-            whole = false;
+        if stat.is_ending() {
+            let dead = stat.is_zombie();
+            let before = ending.insert((pid, stat.start_ticks), dead);
+            if !before.is_some_and(|was_dead| was_dead || !dead) {
+                doubt = Doubt::Moving;
+            }
         }
         found.push(stat);
     }
     Some(Walk {
         processes: found,
-        spawns,
-        unsure: !whole,
+        doubt,
     })
 }
 
@@ -392,6 +480,65 @@ fn parse_btime(proc_stat: &str) -> Option<u64> {
 /// Whether a `/proc/<pid>/environ` holds exactly `needle` (`NAME=value`).
 fn environ_has(environ: &[u8], needle: &[u8]) -> bool {
     environ.split(|b| *b == 0).any(|var| var == needle)
+}
+
+/// What a process's environment says of its job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mark {
+    Carries,
+    Lacks,
+    /// Not read: it was exiting, in an `execve`, or gone.
+    Unknown,
+}
+
+/// The thread whose memory a process's environment is read from: its
+/// main thread, or another where that one ended alone (its own memory is
+/// gone; the process's is not).
+fn voice(stat: &ProcStat) -> Option<i32> {
+    if !stat.is_headless() {
+        return Some(stat.pid);
+    }
+    std::fs::read_dir(format!("/proc/{}/task", stat.pid))
+        .ok()?
+        .flatten()
+        .filter_map(|t| t.file_name().to_str()?.parse::<i32>().ok())
+        .find(|tid| *tid != stat.pid)
+}
+
+/// Reads whether the process `stat` carries `needle` in its environment.
+///
+/// What reads without it may have been cut short: the environment comes
+/// in several reads, and one after the process let go of its memory
+/// (exiting) ends the file. It reads empty when the process is exiting,
+/// in an `execve` (a new memory whose environment is not written yet:
+/// `env_end` is 0) or has none at all (`env_start == env_end`). The state
+/// read after the environment tells which; one whose `execve` finished in
+/// between is read again.
+fn read_mark(stat: &ProcStat, needle: &[u8]) -> Mark {
+    let Some(tid) = voice(stat) else {
+        return Mark::Unknown;
+    };
+    for _ in 0..2 {
+        let env = match std::fs::read(format!("/proc/{}/task/{tid}/environ", stat.pid)) {
+            Ok(env) if environ_has(&env, needle) => return Mark::Carries,
+            Ok(env) => env,
+            Err(e) if ended(&e) => return Mark::Unknown,
+            // Not ours to read (another user's): told by its ancestors.
+            Err(_) => return Mark::Lacks,
+        };
+        let Some(now) = ProcStat::read_task(stat.pid, tid) else {
+            return Mark::Unknown;
+        };
+        // A thread's own start time differs from its process's.
+        let other = tid == stat.pid && now.start_ticks != stat.start_ticks;
+        if other || now.is_task_ending() || now.env_end == 0 {
+            return Mark::Unknown;
+        }
+        if !env.is_empty() || now.env_start == now.env_end {
+            return Mark::Lacks;
+        }
+    }
+    Mark::Unknown
 }
 
 /// Turns process start ticks into wall-clock milliseconds.
@@ -478,21 +625,29 @@ const WALKS: usize = 3;
 struct Look {
     /// The job's live processes.
     found: Vec<ProcStat>,
-    /// Believed when it found none: a walk of workerd's tree that saw
-    /// nothing move (see [`descendants`]) and no process that might have
-    /// been the job's end before it could be told whose it was (see
-    /// [`select_job`]), or a scan of every process (see [`look_everywhere`]).
-    sure: bool,
+    /// How far it can be believed when it found none: a walk of workerd's
+    /// tree is believed when it saw nothing move (see [`descendants`]) and
+    /// told whose every process that might have been the job's was (see
+    /// [`select_job`]); a scan of every process always is (see
+    /// [`look_everywhere`]).
+    doubt: Doubt,
 }
 
-fn look(job: &JobProcs) -> Look {
+fn look(job: &JobProcs, ending: &mut Ending) -> Look {
     let own = i32::try_from(std::process::id()).unwrap_or(0);
-    match job.in_tree.then(|| descendants(own)).flatten() {
+    match job
+        .in_tree
+        .then(|| descendants(own, job.main, ending))
+        .flatten()
+    {
         Some(walk) => {
-            let (found, told) = select_job(job, &walk.processes, &walk.spawns);
+            let (found, told) = select_job(job, &walk.processes);
             Look {
                 found,
-                sure: told && !walk.unsure,
+                doubt: match told {
+                    true => walk.doubt,
+                    false => Doubt::Moving,
+                },
             }
         }
         None => look_everywhere(job),
@@ -504,8 +659,11 @@ fn look(job: &JobProcs) -> Look {
 /// process always ends mid-scan, and waiting for a scan where none did
 /// would hold every such job's end for all the kill rounds.
 fn look_everywhere(job: &JobProcs) -> Look {
-    let (found, _) = select_job(job, &all_processes(), &BTreeSet::new());
-    Look { found, sure: true }
+    let (found, _) = select_job(job, &all_processes());
+    Look {
+        found,
+        doubt: Doubt::None,
+    }
 }
 
 /// Looks again after a look that found none of the job's processes but
@@ -517,34 +675,32 @@ fn look_everywhere(job: &JobProcs) -> Look {
 /// a process it lists can be gone when its state is read, and the child
 /// it forked just before can have a pid the scan has passed (pids wrap).
 /// The walks stand on what the scan lacks: every process of the job is
-/// below workerd, its subreaper.
-fn confirm_none(job: &JobProcs, first: Look) -> Look {
+/// below workerd, its subreaper. Only a list too long to be read at once
+/// still falls back on the scan, once the walks have settled all else.
+fn confirm_none(job: &JobProcs, first: Look, ending: &mut Ending) -> Look {
     let mut last = first;
     for _ in 0..WALKS {
-        if last.sure || !last.found.is_empty() {
+        if last.doubt == Doubt::None || !last.found.is_empty() {
             return last;
         }
-        last = look(job);
+        last = look(job, ending);
     }
-    last
+    match last.doubt {
+        Doubt::LongList if last.found.is_empty() => look_everywhere(job),
+        _ => last,
+    }
 }
 
 /// The job's live processes now.
 fn find(job: &JobProcs) -> Vec<ProcStat> {
-    look(job).found
+    look(job, &mut Ending::new()).found
 }
 
 /// The job's live processes among `processes`, and whether every one that
-/// might have been the job's was told: one that began to exit before its
-/// environment was read (it may have forked after its list was read, and
-/// its children go up to workerd) was not, unless it was among `spawns`,
-/// jobs' main processes, which are never this job's once it is ending and
-/// hold no process of it.
-fn select_job(
-    job: &JobProcs,
-    processes: &[ProcStat],
-    spawns: &BTreeSet<i32>,
-) -> (Vec<ProcStat>, bool) {
+/// might have been the job's was told: one whose environment could not be
+/// read because it was exiting (it may have forked after its list was
+/// read, and its children go up to workerd) or in an `execve` was not.
+fn select_job(job: &JobProcs, processes: &[ProcStat]) -> (Vec<ProcStat>, bool) {
     let Some(clock) = Clock::read() else {
         tracing::warn!(job_id = %job.id, "cannot read /proc/stat; the job's processes cannot be found");
         return (Vec::new(), true);
@@ -567,23 +723,13 @@ fn select_job(
             // Only the young can be the job's; old ones need no environ read.
             let marked = young
                 && (in_cgroup.contains(&stat.pid)
-                    || match std::fs::read(format!("/proc/{}/environ", stat.pid)) {
-                        Ok(env) if environ_has(&env, needle.as_bytes()) => true,
-                        // Without the mark, it is not the job's if it was
-                        // still alive after the read: an exiting process's
-                        // environment reads empty.
-                        Ok(_) => {
-                            told &= spawns.contains(&stat.pid)
-                                || ProcStat::read(stat.pid).is_some_and(|now| {
-                                    now.start_ticks == stat.start_ticks && !now.is_ending()
-                                });
+                    || match read_mark(&stat, needle.as_bytes()) {
+                        Mark::Carries => true,
+                        Mark::Lacks => false,
+                        Mark::Unknown => {
+                            told = false;
                             false
                         }
-                        Err(e) if ended(&e) => {
-                            told &= spawns.contains(&stat.pid);
-                            false
-                        }
-                        Err(_) => false,
                     });
             Candidate {
                 stat,
@@ -631,7 +777,10 @@ mod tests {
                 ppid: 17,
                 pgrp: 4242,
                 flags: 4194560,
+                num_threads: 1,
                 start_ticks: 987654,
+                env_start: 0,
+                env_end: 0,
             })
         );
         let zombie = "7 (sleep) Z 1 5 5 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 55 0 0 0";
@@ -640,6 +789,15 @@ mod tests {
         let exiting = ProcStat::parse(exiting).unwrap();
         assert!(!exiting.is_zombie() && exiting.is_ending());
         assert!(!ProcStat::parse(text).unwrap().is_ending());
+        // Its main thread gone (pthread_exit), three threads run on.
+        let headless = "7 (py) Z 1 5 5 0 -1 4194564 0 0 0 0 0 0 0 0 20 0 3 0 55 0 0 0";
+        let headless = ProcStat::parse(headless).unwrap();
+        assert!(!headless.is_zombie() && !headless.is_ending() && headless.is_headless());
+        // Fields 50 and 51: where the environment lies (0 in an execve).
+        let full = format!("{zombie}{} 100 200 0\n", " 0".repeat(24));
+        let full = ProcStat::parse(&full).unwrap();
+        assert_eq!((full.env_start, full.env_end), (100, 200));
+        assert_eq!(ProcStat::parse(zombie).unwrap().env_end, 0);
         assert_eq!(ProcStat::parse("7 (sleep) S 1 5"), None, "truncated");
         assert_eq!(ProcStat::parse("garbage"), None);
     }
@@ -668,7 +826,10 @@ mod tests {
                 ppid,
                 pgrp: pid,
                 flags: 0,
+                num_threads: 1,
                 start_ticks: 0,
+                env_start: 0,
+                env_end: 0,
             },
             young,
             marked,

@@ -81,10 +81,14 @@ pub(super) fn is_subreaper() -> bool {
     SUBREAPER.load(std::sync::atomic::Ordering::Acquire)
 }
 
-/// Whether `pid` is a job's main process that workerd spawned and has not
-/// reaped yet (so the pid still names it).
-pub(super) fn is_running_spawn(pid: i32) -> bool {
-    own().get(&pid).is_some_and(|released| !released.is_set())
+/// The jobs' main processes that workerd spawned and has not reaped yet
+/// (so each pid still names the process spawned), as of now.
+pub(super) fn running_spawns() -> std::collections::BTreeSet<i32> {
+    own()
+        .iter()
+        .filter(|(_, released)| !released.is_set())
+        .map(|(pid, _)| *pid)
+        .collect()
 }
 
 /// Makes this process the reaper of its descendants' orphans.

@@ -63,7 +63,8 @@ pub(super) async fn supervise(
     changes: &Changes,
 ) {
     let id = job.record().id;
-    let procs = kill::JobProcs::spawned_here(&job.record(), limits.cgroup.clone());
+    let main = child.id().and_then(|pid| i32::try_from(pid).ok());
+    let procs = kill::JobProcs::spawned_here(&job.record(), limits.cgroup.clone(), main);
     let timeout = async {
         match limits.timeout {
             Some(t) => tokio::time::sleep(t).await,

@@ -204,17 +204,33 @@ pub fn job_processes(job_id: &str) -> Vec<u32> {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
             continue;
         };
-        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+        // Zombies are gone but for their entry. A process whose main thread
+        // ended alone shows as one too, with more than one thread.
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let (state, threads) = (fields.first().copied(), fields.get(17).copied());
+        if state == Some("Z") && threads.is_none_or(|t| t == "1") {
             continue;
-        };
-        // Zombies have an empty environ; they are gone but for their entry.
-        if environ
-            .split(|b| *b == 0)
-            .any(|var| var == needle.as_bytes())
-        {
-            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-            if !stat.contains(") Z ") {
+        }
+        // Read from every thread (the main one may have ended) and a few
+        // times: in an `execve` the environment reads empty for a moment.
+        for _ in 0..3 {
+            let environs: Vec<Vec<u8>> = std::fs::read_dir(entry.path().join("task"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|task| std::fs::read(task.path().join("environ")).ok())
+                .collect();
+            let carries = |env: &Vec<u8>| env.split(|b| *b == 0).any(|v| v == needle.as_bytes());
+            if environs.iter().any(carries) {
                 pids.push(pid);
+                break;
+            }
+            if environs.iter().all(|env| !env.is_empty()) {
+                break;
             }
         }
     }

@@ -72,11 +72,33 @@ const TEST_SCRIPTS: &[(&str, &str)] = &[
         "(sleep 0.0$((RANDOM % 5)) &)\nexit \"$1\"\n",
     ),
     // Exits at once and leaves eight chains behind, each of whose one live
-    // link forks the next and exits (at most 20,000 links), again and again,
-    // each in a process group of its own (job control).
+    // link forks the next and exits, again and again (at most 20,000 links
+    // or 10 s). The first links have process groups of their own (job
+    // control; bash turns it off in the background subshells after them).
     (
         "relay.sh",
-        "set -m\nhop() { [ \"$1\" -lt 20000 ] && hop $(($1 + 1)) & }\nfor i in 1 2 3 4 5 6 7 8; do hop 0; done\necho started\n",
+        "set -m\nhop() { [ \"$1\" -lt 20000 ] && [ $SECONDS -lt 10 ] && hop $(($1 + 1)) & }\nfor i in 1 2 3 4 5 6 7 8; do hop 0; done\necho started\n",
+    ),
+    // Exits at once and leaves four orphans behind, out of its process
+    // group, that exec themselves over and over (for at most 10 s): each is
+    // often between the memory of one program and the environment of the
+    // next.
+    (
+        "execs.sh",
+        "if [ \"$1\" = again ]; then [ $SECONDS -lt 10 ] && exec bash \"$0\" again; exit; fi\nfor i in 1 2 3 4; do (setsid bash \"$0\" again &); done\necho started\n",
+    ),
+    // Leaves an orphan, out of its process group, whose main thread has
+    // ended (pthread_exit) while another runs on: the kernel shows the
+    // process as a zombie.
+    (
+        "headless.sh",
+        "mark=$(mktemp -u)\nsetsid python3 -c '\nimport ctypes, sys, threading, time\ndef linger():\n    while open(\"/proc/self/stat\").read().rsplit(\")\", 1)[1].split()[0] != \"Z\":\n        time.sleep(0.01)\n    open(sys.argv[1], \"w\").close()\n    time.sleep(300)\nthreading.Thread(target=linger).start()\nctypes.CDLL(None).pthread_exit(None)\n' \"$mark\" &\nwhile [ ! -e \"$mark\" ]; do sleep 0.01; done\nrm -f \"$mark\"\necho headless\n",
+    ),
+    // Runs on with two zombies it never reaps: a child of its main process
+    // and a child of an orphan it left.
+    (
+        "zombies.sh",
+        "( (sleep 0.01 & exec sleep 300) & )\nsleep 0.01 &\nsleep 0.2\necho started\nexec sleep 300\n",
     ),
     // Leaves an orphan that exits on its own a little later.
     (
@@ -815,8 +837,18 @@ struct KillOnDrop(String);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        for pid in job_processes(&self.0) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+        // Again while any is found: a chain's next link may be forked
+        // between a look and its kill.
+        for _ in 0..100 {
+            let left = job_processes(&self.0);
+            if left.is_empty() {
+                return;
+            }
+            for pid in left {
+                let _ =
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 }
@@ -965,16 +997,13 @@ async fn orphans_re_parented_to_the_worker_are_reaped() {
     assert_eq!(state, JobState::Stopped);
 }
 
-/// A job's end finds its processes by walking workerd's tree, where a
-/// process moves (to workerd) whenever its parent exits. A chain whose
-/// live link keeps starting the next and exiting moves all the time while
-/// the end looks for it, and still nothing of the job outlives it.
-#[tokio::test]
-async fn a_job_end_kills_a_chain_whose_live_link_keeps_moving() {
-    let worker = Worker::start();
+/// Runs `script` `times` times and checks after each that nothing of the
+/// job outlived its end, then or a little later, and that the end did not
+/// give up its kill rounds.
+async fn assert_job_ends_leave_nothing(worker: &Worker, script: &str, times: usize) {
     let mut client = worker.client();
-    for _ in 0..10 {
-        let job = start(&mut client, start_req("bash", "relay.sh", &[])).await;
+    for _ in 0..times {
+        let job = start(&mut client, start_req("bash", script, &[])).await;
         let _guard = KillOnDrop(job.clone());
         let (_, status) = follow(&mut client, &job, 0).await;
         assert_eq!(status.state(), JobState::Succeeded, "{status:?}");
@@ -1001,6 +1030,64 @@ async fn a_job_end_kills_a_chain_whose_live_link_keeps_moving() {
             worker.daemon.log()
         );
     }
+    assert!(
+        !worker.daemon.log().contains(GAVE_UP),
+        "{}",
+        worker.daemon.log()
+    );
+}
+
+/// What workerd logs when a job's end ran out of kill rounds.
+const GAVE_UP: &str = "after every kill round";
+
+/// A job's end finds its processes by walking workerd's tree, where a
+/// process moves (to workerd) whenever its parent exits. A chain whose
+/// live link keeps starting the next and exiting moves all the time while
+/// the end looks for it, and still nothing of the job outlives it.
+#[tokio::test]
+async fn a_job_end_kills_a_chain_whose_live_link_keeps_moving() {
+    assert_job_ends_leave_nothing(&Worker::start(), "relay.sh", 10).await;
+}
+
+/// A process in an `execve` has a new memory without its environment for a
+/// moment, so the environment that marks it as the job's reads empty.
+#[tokio::test]
+async fn a_job_end_kills_orphans_that_exec_again_and_again() {
+    assert_job_ends_leave_nothing(&Worker::start(), "execs.sh", 40).await;
+}
+
+/// A process whose main thread ended alone shows as a zombie, and its
+/// environment reads empty, while its other threads run on.
+#[tokio::test]
+async fn a_job_end_kills_an_orphan_whose_main_thread_ended() {
+    assert_job_ends_leave_nothing(&Worker::start(), "headless.sh", 3).await;
+}
+
+/// Zombies nobody reaps, in another job's tree or in an orphan it left,
+/// cannot move anything: the ends of other jobs need not doubt them.
+#[tokio::test]
+async fn zombies_of_a_running_job_do_not_hold_up_other_jobs_ends() {
+    let worker = Worker::start();
+    let mut client = worker.client();
+    let lingering = start(&mut client, start_req("bash", "zombies.sh", &[])).await;
+    let _guard = KillOnDrop(lingering.clone());
+    let mut stream = open_followed(&mut client, &lingering, 0).await;
+    let mut out = Vec::new();
+    while !out.ends_with(b"started\n") {
+        let msg = stream.message().await.unwrap().unwrap();
+        out.extend_from_slice(&msg.output);
+    }
+    assert_job_ends_leave_nothing(&worker, "env.sh", 3).await;
+    let state = client
+        .stop_job(StopJobRequest {
+            job_id: lingering.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .state();
+    assert_eq!(state, JobState::Stopped);
+    assert_eq!(job_processes(&lingering), Vec::<u32>::new());
 }
 
 /// The orphan reaper runs on every SIGCHLD beside the jobs' own waits: it
