@@ -194,8 +194,10 @@ pub(crate) async fn stream_output<S: LogSource>(
             match source.job().await {
                 Ok(job) if job.state == "lost" => return Ok(Some(job)),
                 // Its end is known; its worker cannot serve the rest of its
-                // output now. The outcome is what callers wait for.
-                Ok(job) if job.done => {
+                // output now. The outcome is what callers wait for. One
+                // whose start was only not settled when asked (a queued
+                // job just dispatched, quick to end) is asked again below.
+                Ok(job) if job.done && error.code() != Some("job_not_started") => {
                     if job.output_bytes > offset {
                         eprintln!(
                             "clusterctl: job {job_id} is {}, but its output from byte {offset} \
@@ -477,6 +479,8 @@ mod tests {
     /// What one `open` answers: chunks, then maybe a break.
     enum Answer {
         Refuse(bool),
+        /// `409 job_not_started`: the job's start was not settled yet.
+        NotStarted,
         Body(Vec<&'static [u8]>, bool),
     }
 
@@ -508,6 +512,15 @@ mod tests {
                 Some(Answer::Refuse(retryable)) => Err(ApiError::Transport {
                     message: "connection refused".into(),
                     retryable,
+                }),
+                Some(Answer::NotStarted) => Err(ApiError::Status {
+                    status: reqwest::StatusCode::CONFLICT,
+                    body: Some(jobcluster_proto::http::ErrorBody {
+                        error: "job j1 is not running on worker w1 yet".into(),
+                        code: "job_not_started".into(),
+                        job_id: Some("j1".into()),
+                    }),
+                    text: String::new(),
                 }),
                 Some(Answer::Body(sizes, breaks)) => {
                     // Each element's length says how many bytes to serve.
@@ -661,6 +674,24 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, FollowError::Api(_)), "{err}");
         assert_eq!(*lasting.offsets.borrow(), [0, 1]);
+    }
+
+    /// A queued job just dispatched can end before its start is settled
+    /// at the scheduler: its output is still there to read.
+    #[test]
+    fn a_job_that_ended_before_its_start_settled_is_asked_again() {
+        let fake = Fake {
+            answers: RefCell::new(VecDeque::from([Answer::NotStarted])),
+            offsets: RefCell::new(vec![]),
+            final_job: finished(),
+        };
+        let mut out = Vec::new();
+        let job = rt()
+            .block_on(stream_output(&fake, "j1", 0, true, &mut out, &fast()))
+            .unwrap()
+            .unwrap();
+        assert_eq!((out.as_slice(), job.state.as_str()), (OUTPUT, "succeeded"));
+        assert_eq!(*fake.offsets.borrow(), [0, 0]);
     }
 
     #[test]

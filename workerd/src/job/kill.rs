@@ -22,7 +22,7 @@
 //! leaves the tree (its ancestors up to a carrier exit, so it is re-parented)
 //! before a scan, outside any cgroup, is not found.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -143,11 +143,11 @@ fn kill_blocking(job: &JobProcs) -> usize {
     }
     let mut killed = BTreeSet::new();
     let mut pause = FIRST_PAUSE;
-    let mut ending = Ending::new();
+    let mut memory = Memory::default();
     for _ in 0..MAX_ROUNDS {
-        let seen = look(job, &mut ending);
+        let seen = look(job, &mut memory);
         let seen = match seen.found.is_empty() {
-            true => confirm_none(job, seen, &mut ending),
+            true => confirm_none(job, seen, &mut memory),
             false => seen,
         };
         if seen.found.is_empty() && seen.doubt == Doubt::None {
@@ -390,10 +390,17 @@ fn read_whole(path: &Path) -> std::io::Result<String> {
     String::from_utf8(list).map_err(std::io::Error::other)
 }
 
-/// Processes the walks of one job's end saw ending, by pid and start time,
-/// and whether each was dead then: what a walk doubts for the first time,
-/// the next may know (see [`descendants`]).
-type Ending = HashMap<(i32, u64), bool>;
+/// What the looks of one job's end learnt for the next ones: what one
+/// doubts for the first time, the next may know. Processes by pid and
+/// start time.
+#[derive(Debug, Default)]
+struct Memory {
+    /// Seen dead (zombies): such a process holds no children and forks
+    /// none (see [`descendants`]).
+    dead: HashSet<(i32, u64)>,
+    /// Seen with an empty environment (see [`read_mark`]).
+    no_environment: HashSet<(i32, u64)>,
+}
 
 /// A walk of the processes below one.
 struct Walk {
@@ -414,11 +421,13 @@ struct Walk {
 /// forks later comes from a live process the walk saw). It doubts where
 /// that does not hold: a process gone before its list or state was read,
 /// a thread that ended, a list read in pieces, or an exiting or dead
-/// process, unless an earlier walk (recorded in `ending`) saw it so. Then
-/// it had begun to exit before this walk read its list, so it forked
-/// nothing since; and its children move only as it dies (with its death,
-/// under one lock), so only one that has died since may have moved some.
-fn descendants(root: i32, main: Option<i32>, ending: &mut Ending) -> Option<Walk> {
+/// process, unless an earlier walk saw it dead too (recorded in
+/// `memory`): its children had moved (to workerd) before it was seen
+/// dead, so before this walk read workerd's list, and it forks no more.
+/// An exiting process that is not dead yet is doubted every time: the
+/// kernel moves its children before it marks it dead, and a reader of
+/// `/proc` can see the one without the other.
+fn descendants(root: i32, main: Option<i32>, memory: &mut Memory) -> Option<Walk> {
     let (mut next, mut doubt) = children_read(root)?;
     // Taken after the root's list, so every spawn in it is known. A main
     // process reaped since keeps its pid for the walk: pids are handed out
@@ -446,12 +455,9 @@ fn descendants(root: i32, main: Option<i32>, ending: &mut Ending) -> Option<Walk
             }
             None => doubt = Doubt::Moving,
         }
-        if stat.is_ending() {
-            let dead = stat.is_zombie();
-            let before = ending.insert((pid, stat.start_ticks), dead);
-            if !before.is_some_and(|was_dead| was_dead || !dead) {
-                doubt = Doubt::Moving;
-            }
+        let dead_before = stat.is_zombie() && !memory.dead.insert((pid, stat.start_ticks));
+        if stat.is_ending() && !dead_before {
+            doubt = Doubt::Moving;
         }
         found.push(stat);
     }
@@ -477,9 +483,48 @@ fn parse_btime(proc_stat: &str) -> Option<u64> {
         .ok()
 }
 
-/// Whether a `/proc/<pid>/environ` holds exactly `needle` (`NAME=value`).
-fn environ_has(environ: &[u8], needle: &[u8]) -> bool {
-    environ.split(|b| *b == 0).any(|var| var == needle)
+/// Whether a `/proc/<pid>/environ` holds exactly `name=value`. bash,
+/// importing its environment at start, writes a NUL over each `=` for a
+/// moment: `name` and `value` as two entries count too.
+fn environ_has(environ: &[u8], name: &[u8], value: &[u8]) -> bool {
+    let mut before: &[u8] = &[];
+    environ.split(|b| *b == 0).any(|var| {
+        let found = (before == name && var == value)
+            || var
+                .strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix(b"="))
+                .is_some_and(|rest| rest == value);
+        before = var;
+        found
+    })
+}
+
+/// The most of an environment read: the kernel's own limit on the
+/// arguments and environment of an `execve` is a quarter of the stack
+/// limit; past this, what was read is judged.
+const MAX_ENVIRONMENT: usize = 4 << 20;
+
+/// A process's environment, in one `read` where it fits: each call takes
+/// hold of the process's memory anew, so an `execve` between two calls
+/// would end the file early, cut short; one call copies all of it from
+/// one memory. (`std::fs::read` starts with 32 bytes.)
+fn read_environment(path: &str) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut size = 16 * 1024;
+    loop {
+        let mut buf = vec![0u8; size];
+        let len = loop {
+            match std::fs::File::open(path)?.read(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                other => break other?,
+            }
+        };
+        if len < size || size >= MAX_ENVIRONMENT {
+            buf.truncate(len);
+            return Ok(buf);
+        }
+        size *= 4;
+    }
 }
 
 /// What a process's environment says of its job.
@@ -505,22 +550,23 @@ fn voice(stat: &ProcStat) -> Option<i32> {
         .find(|tid| *tid != stat.pid)
 }
 
-/// Reads whether the process `stat` carries `needle` in its environment.
+/// Reads whether the process `stat` carries `JOB_ID=<id>` in its
+/// environment.
 ///
-/// What reads without it may have been cut short: the environment comes
-/// in several reads, and one after the process let go of its memory
-/// (exiting) ends the file. It reads empty when the process is exiting,
-/// in an `execve` (a new memory whose environment is not written yet:
-/// `env_end` is 0) or has none at all (`env_start == env_end`). The state
-/// read after the environment tells which; one whose `execve` finished in
-/// between is read again.
-fn read_mark(stat: &ProcStat, needle: &[u8]) -> Mark {
+/// An environment reads empty when the process is exiting (its memory
+/// gone), in an `execve` (a new memory whose environment is not written
+/// yet: `env_end` is 0, then `env_start == env_end` while the kernel
+/// writes it) or has none at all (`env_start == env_end` for good). The
+/// state read after the environment tells the first two; an empty one is
+/// believed once an earlier look of the same end saw it so too (it is in
+/// `memory`). One whose `execve` finished in between is read again.
+fn read_mark(stat: &ProcStat, id: &[u8], memory: &mut Memory) -> Mark {
     let Some(tid) = voice(stat) else {
         return Mark::Unknown;
     };
     for _ in 0..2 {
-        let env = match std::fs::read(format!("/proc/{}/task/{tid}/environ", stat.pid)) {
-            Ok(env) if environ_has(&env, needle) => return Mark::Carries,
+        let env = match read_environment(&format!("/proc/{}/task/{tid}/environ", stat.pid)) {
+            Ok(env) if environ_has(&env, b"JOB_ID", id) => return Mark::Carries,
             Ok(env) => env,
             Err(e) if ended(&e) => return Mark::Unknown,
             // Not ours to read (another user's): told by its ancestors.
@@ -534,8 +580,15 @@ fn read_mark(stat: &ProcStat, needle: &[u8]) -> Mark {
         if other || now.is_task_ending() || now.env_end == 0 {
             return Mark::Unknown;
         }
-        if !env.is_empty() || now.env_start == now.env_end {
+        if !env.is_empty() {
             return Mark::Lacks;
+        }
+        if now.env_start == now.env_end {
+            let key = (stat.pid, stat.start_ticks);
+            return match memory.no_environment.insert(key) {
+                true => Mark::Unknown,
+                false => Mark::Lacks,
+            };
         }
     }
     Mark::Unknown
@@ -633,15 +686,15 @@ struct Look {
     doubt: Doubt,
 }
 
-fn look(job: &JobProcs, ending: &mut Ending) -> Look {
+fn look(job: &JobProcs, memory: &mut Memory) -> Look {
     let own = i32::try_from(std::process::id()).unwrap_or(0);
     match job
         .in_tree
-        .then(|| descendants(own, job.main, ending))
+        .then(|| descendants(own, job.main, memory))
         .flatten()
     {
         Some(walk) => {
-            let (found, told) = select_job(job, &walk.processes);
+            let (found, told) = select_job(job, &walk.processes, memory);
             Look {
                 found,
                 doubt: match told {
@@ -650,7 +703,7 @@ fn look(job: &JobProcs, ending: &mut Ending) -> Look {
                 },
             }
         }
-        None => look_everywhere(job),
+        None => look_everywhere(job, memory),
     }
 }
 
@@ -658,8 +711,8 @@ fn look(job: &JobProcs, ending: &mut Ending) -> Look {
 /// may be anywhere. Believed when it finds none: on a busy machine some
 /// process always ends mid-scan, and waiting for a scan where none did
 /// would hold every such job's end for all the kill rounds.
-fn look_everywhere(job: &JobProcs) -> Look {
-    let (found, _) = select_job(job, &all_processes());
+fn look_everywhere(job: &JobProcs, memory: &mut Memory) -> Look {
+    let (found, _) = select_job(job, &all_processes(), memory);
     Look {
         found,
         doubt: Doubt::None,
@@ -677,36 +730,49 @@ fn look_everywhere(job: &JobProcs) -> Look {
 /// The walks stand on what the scan lacks: every process of the job is
 /// below workerd, its subreaper. Only a list too long to be read at once
 /// still falls back on the scan, once the walks have settled all else.
-fn confirm_none(job: &JobProcs, first: Look, ending: &mut Ending) -> Look {
+fn confirm_none(job: &JobProcs, first: Look, memory: &mut Memory) -> Look {
     let mut last = first;
     for _ in 0..WALKS {
         if last.doubt == Doubt::None || !last.found.is_empty() {
             return last;
         }
-        last = look(job, ending);
+        last = look(job, memory);
     }
-    match last.doubt {
-        Doubt::LongList if last.found.is_empty() => look_everywhere(job),
-        _ => last,
+    if last.doubt != Doubt::LongList || !last.found.is_empty() {
+        return last;
+    }
+    // Unlike a job adopted from an earlier worker process, this one's
+    // processes can still be told by their environments being readable.
+    let (found, told) = select_job(job, &all_processes(), memory);
+    Look {
+        found,
+        doubt: match told {
+            true => Doubt::None,
+            false => Doubt::Moving,
+        },
     }
 }
 
 /// The job's live processes now.
 fn find(job: &JobProcs) -> Vec<ProcStat> {
-    look(job, &mut Ending::new()).found
+    look(job, &mut Memory::default()).found
 }
 
 /// The job's live processes among `processes`, and whether every one that
 /// might have been the job's was told: one whose environment could not be
 /// read because it was exiting (it may have forked after its list was
 /// read, and its children go up to workerd) or in an `execve` was not.
-fn select_job(job: &JobProcs, processes: &[ProcStat]) -> (Vec<ProcStat>, bool) {
+fn select_job(
+    job: &JobProcs,
+    processes: &[ProcStat],
+    memory: &mut Memory,
+) -> (Vec<ProcStat>, bool) {
     let Some(clock) = Clock::read() else {
         tracing::warn!(job_id = %job.id, "cannot read /proc/stat; the job's processes cannot be found");
         return (Vec::new(), true);
     };
     let own = i32::try_from(std::process::id()).unwrap_or(0);
-    let needle = format!("JOB_ID={}", job.id);
+    let id = job.id.to_string();
     let in_cgroup = job
         .cgroup
         .as_deref()
@@ -723,7 +789,7 @@ fn select_job(job: &JobProcs, processes: &[ProcStat]) -> (Vec<ProcStat>, bool) {
             // Only the young can be the job's; old ones need no environ read.
             let marked = young
                 && (in_cgroup.contains(&stat.pid)
-                    || match read_mark(&stat, needle.as_bytes()) {
+                    || match read_mark(&stat, id.as_bytes(), memory) {
                         Mark::Carries => true,
                         Mark::Lacks => false,
                         Mark::Unknown => {
@@ -808,9 +874,12 @@ mod tests {
         assert_eq!(parse_btime(stat), Some(1_700_000_000));
         assert_eq!(parse_btime("cpu 1\n"), None);
         let env = b"PATH=/bin\0JOB_ID=abc\0X=JOB_ID=abcd\0";
-        assert!(environ_has(env, b"JOB_ID=abc"));
-        assert!(!environ_has(env, b"JOB_ID=ab"));
-        assert!(!environ_has(b"", b"JOB_ID=abc"));
+        assert!(environ_has(env, b"JOB_ID", b"abc"));
+        assert!(!environ_has(env, b"JOB_ID", b"ab"));
+        assert!(!environ_has(b"", b"JOB_ID", b"abc"));
+        // bash importing its environment: `=` overwritten for a moment.
+        assert!(environ_has(b"PATH=/bin\0JOB_ID\0abc\0", b"JOB_ID", b"abc"));
+        assert!(!environ_has(b"X=JOB_ID\0abc\0", b"JOB_ID", b"abc"));
         let clock = Clock {
             btime_s: 1000,
             ticks_per_s: 100,

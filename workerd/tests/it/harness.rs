@@ -198,7 +198,6 @@ pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> b
 /// Pids of live processes whose environment holds `JOB_ID=<job_id>`: every
 /// process of a job, children included, carries it.
 pub fn job_processes(job_id: &str) -> Vec<u32> {
-    let needle = format!("JOB_ID={job_id}");
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
@@ -217,15 +216,17 @@ pub fn job_processes(job_id: &str) -> Vec<u32> {
         }
         // Read from every thread (the main one may have ended) and a few
         // times: in an `execve` the environment reads empty for a moment.
-        for _ in 0..3 {
+        for attempt in 0..3 {
+            if attempt > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
             let environs: Vec<Vec<u8>> = std::fs::read_dir(entry.path().join("task"))
                 .into_iter()
                 .flatten()
                 .flatten()
-                .filter_map(|task| std::fs::read(task.path().join("environ")).ok())
+                .filter_map(|task| read_environment(&task.path().join("environ")))
                 .collect();
-            let carries = |env: &Vec<u8>| env.split(|b| *b == 0).any(|v| v == needle.as_bytes());
-            if environs.iter().any(carries) {
+            if environs.iter().any(|env| carries(env, job_id)) {
                 pids.push(pid);
                 break;
             }
@@ -235,4 +236,27 @@ pub fn job_processes(job_id: &str) -> Vec<u32> {
         }
     }
     pids
+}
+
+/// A process's environment in one read (as workerd reads it): an `execve`
+/// between two reads would cut it short.
+fn read_environment(path: &std::path::Path) -> Option<Vec<u8>> {
+    use std::io::Read;
+    // The tests' environments are a few KiB.
+    let mut buf = vec![0u8; 64 << 10];
+    let len = std::fs::File::open(path).ok()?.read(&mut buf).ok()?;
+    buf.truncate(len);
+    Some(buf)
+}
+
+/// Whether an environment holds `JOB_ID=<job_id>`, or `JOB_ID` and the id
+/// as two entries (bash, importing its environment, overwrites each `=`
+/// with a NUL for a moment).
+fn carries(environ: &[u8], job_id: &str) -> bool {
+    let needle = format!("JOB_ID={job_id}");
+    let vars: Vec<&[u8]> = environ.split(|b| *b == 0).collect();
+    vars.contains(&needle.as_bytes())
+        || vars
+            .windows(2)
+            .any(|w| w[0] == b"JOB_ID" && w[1] == job_id.as_bytes())
 }

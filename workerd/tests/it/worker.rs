@@ -80,12 +80,12 @@ const TEST_SCRIPTS: &[(&str, &str)] = &[
         "set -m\nhop() { [ \"$1\" -lt 20000 ] && [ $SECONDS -lt 10 ] && hop $(($1 + 1)) & }\nfor i in 1 2 3 4 5 6 7 8; do hop 0; done\necho started\n",
     ),
     // Exits at once and leaves four orphans behind, out of its process
-    // group, that exec themselves over and over (for at most 10 s): each is
-    // often between the memory of one program and the environment of the
-    // next.
+    // group, that exec themselves over and over (3,000 times, some
+    // seconds: bash's SECONDS starts again at each exec): each is often
+    // between the memory of one program and the environment of the next.
     (
         "execs.sh",
-        "if [ \"$1\" = again ]; then [ $SECONDS -lt 10 ] && exec bash \"$0\" again; exit; fi\nfor i in 1 2 3 4; do (setsid bash \"$0\" again &); done\necho started\n",
+        "if [ \"$1\" = again ]; then [ \"$2\" -gt 0 ] && exec bash \"$0\" again $(($2 - 1)); exit; fi\nfor i in 1 2 3 4; do (setsid bash \"$0\" again 3000 &); done\necho started\n",
     ),
     // Leaves an orphan, out of its process group, whose main thread has
     // ended (pthread_exit) while another runs on: the kernel shows the
