@@ -313,7 +313,7 @@ pub(super) fn all_processes() -> Vec<ProcStat> {
 /// `/proc/<pid>/task/<tid>/children`; None where the kernel has no such
 /// file (built without `CONFIG_PROC_CHILDREN`) or the process is gone.
 pub(super) fn children(pid: i32) -> Option<Vec<i32>> {
-    children_read(pid).map(|(pids, _)| pids)
+    children_read(pid, Threads::Trusted).map(|(pids, _)| pids)
 }
 
 /// The most of a children list the kernel hands out in one read: a page,
@@ -336,12 +336,25 @@ enum Doubt {
     Moving,
 }
 
+/// Whether the threads of a process whose children are listed are checked
+/// for having ended (see [`children_read`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Threads {
+    Checked,
+    /// workerd's own: orphans come to its first live thread, the main
+    /// one, which lasts as long as workerd; its other threads hold only
+    /// the main processes they spawned, whose trees a walk does not
+    /// enter (other jobs') or which are reaped (the job's own). Checking
+    /// them cost a `stat` read per thread of the runtime at every walk.
+    Trusted,
+}
+
 /// [`children`], and how far the lists can be believed: a thread that
 /// ended (or began to) after its list was read may have handed a child it
 /// forked since to a list already read (an ended thread's list reads
 /// empty), and a list read in pieces may miss a child that moved between
 /// them. The main thread's state is the caller's to check, after this.
-fn children_read(pid: i32) -> Option<(Vec<i32>, Doubt)> {
+fn children_read(pid: i32, threads: Threads) -> Option<(Vec<i32>, Doubt)> {
     let mut pids = Vec::new();
     let mut doubt = Doubt::None;
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -364,7 +377,7 @@ fn children_read(pid: i32) -> Option<(Vec<i32>, Doubt)> {
             doubt = doubt.max(Doubt::LongList);
         }
         let tid = task.file_name().to_str().and_then(|t| t.parse().ok());
-        if let Some(tid) = tid.filter(|tid| *tid != pid)
+        if let Some(tid) = tid.filter(|tid| *tid != pid && threads == Threads::Checked)
             && ProcStat::read_task(pid, tid).is_none_or(|s| s.is_task_ending())
         {
             doubt = Doubt::Moving;
@@ -428,7 +441,7 @@ struct Walk {
 /// kernel moves its children before it marks it dead, and a reader of
 /// `/proc` can see the one without the other.
 fn descendants(root: i32, main: Option<i32>, memory: &mut Memory) -> Option<Walk> {
-    let (mut next, mut doubt) = children_read(root)?;
+    let (mut next, mut doubt) = children_read(root, Threads::Trusted)?;
     // Taken after the root's list, so every spawn in it is known. A main
     // process reaped since keeps its pid for the walk: pids are handed out
     // in turn, and reusing one so soon would take a wrap of all of them.
@@ -443,7 +456,7 @@ fn descendants(root: i32, main: Option<i32>, memory: &mut Memory) -> Option<Walk
         if others.contains(&pid) || !seen.insert(pid) {
             continue;
         }
-        let list = children_read(pid);
+        let list = children_read(pid, Threads::Checked);
         let Some(stat) = ProcStat::read(pid) else {
             doubt = Doubt::Moving;
             continue;
