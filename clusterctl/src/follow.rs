@@ -501,6 +501,23 @@ mod tests {
         }
     }
 
+    impl Fake {
+        fn new<const N: usize>(answers: [Answer; N], final_job: JobInfo) -> Fake {
+            Fake {
+                answers: RefCell::new(VecDeque::from(answers)),
+                offsets: RefCell::new(vec![]),
+                final_job,
+            }
+        }
+
+        /// Follows the whole output from byte 0, with fast retries.
+        fn follow(&self) -> (Vec<u8>, Result<Option<JobInfo>, FollowError>) {
+            let mut out = Vec::new();
+            let result = rt().block_on(stream_output(self, "j1", 0, true, &mut out, &fast()));
+            (out, result)
+        }
+    }
+
     impl LogSource for Fake {
         async fn open(
             &self,
@@ -572,21 +589,17 @@ mod tests {
 
     #[test]
     fn resumes_after_drops_without_losing_or_repeating_bytes() {
-        let fake = Fake {
-            answers: RefCell::new(VecDeque::from([
+        let fake = Fake::new(
+            [
                 Answer::Body(vec![b"1234567"], true),
                 Answer::Refuse(true),
                 Answer::Body(vec![b"12", b"12345"], true),
                 Answer::Body(vec![], true),
-            ])),
-            offsets: RefCell::new(vec![]),
-            final_job: finished(),
-        };
-        let mut out = Vec::new();
-        let job = rt()
-            .block_on(stream_output(&fake, "j1", 0, true, &mut out, &fast()))
-            .unwrap()
-            .unwrap();
+            ],
+            finished(),
+        );
+        let (out, job) = fake.follow();
+        let job = job.unwrap().unwrap();
         assert_eq!(out, OUTPUT);
         assert_eq!(job.state, "succeeded");
         assert_eq!(*fake.offsets.borrow(), [0, 7, 7, 14, 14]);
@@ -594,11 +607,7 @@ mod tests {
 
     #[test]
     fn starts_at_the_given_offset_and_without_follow_ends_with_the_body() {
-        let fake = Fake {
-            answers: RefCell::new(VecDeque::new()),
-            offsets: RefCell::new(vec![]),
-            final_job: job("running", None, None),
-        };
+        let fake = Fake::new([], job("running", None, None));
         let mut out = Vec::new();
         let job = rt()
             .block_on(stream_output(&fake, "j1", 14, false, &mut out, &fast()))
@@ -609,20 +618,17 @@ mod tests {
 
     #[test]
     fn gives_up_after_the_attempts_and_says_how_to_resume() {
-        let fake = Fake {
-            answers: RefCell::new(VecDeque::from([
+        let fake = Fake::new(
+            [
                 Answer::Body(vec![b"1234567"], true),
                 Answer::Refuse(true),
                 Answer::Refuse(true),
                 Answer::Refuse(true),
-            ])),
-            offsets: RefCell::new(vec![]),
-            final_job: finished(),
-        };
-        let mut out = Vec::new();
-        let err = rt()
-            .block_on(stream_output(&fake, "j1", 0, true, &mut out, &fast()))
-            .unwrap_err();
+            ],
+            finished(),
+        );
+        let (out, err) = fake.follow();
+        let err = err.unwrap_err();
         assert!(
             matches!(err, FollowError::GaveUp { offset: 7, .. }),
             "{err}"
@@ -637,41 +643,15 @@ mod tests {
 
     #[test]
     fn the_first_request_and_lasting_errors_are_not_retried() {
-        let refused_first = Fake {
-            answers: RefCell::new(VecDeque::from([Answer::Refuse(true)])),
-            offsets: RefCell::new(vec![]),
-            final_job: finished(),
-        };
-        let err = rt()
-            .block_on(stream_output(
-                &refused_first,
-                "j1",
-                0,
-                true,
-                &mut Vec::new(),
-                &fast(),
-            ))
-            .unwrap_err();
+        let refused_first = Fake::new([Answer::Refuse(true)], finished());
+        let err = refused_first.follow().1.unwrap_err();
         assert!(matches!(err, FollowError::Api(_)), "{err}");
 
-        let lasting = Fake {
-            answers: RefCell::new(VecDeque::from([
-                Answer::Body(vec![b"1"], true),
-                Answer::Refuse(false),
-            ])),
-            offsets: RefCell::new(vec![]),
-            final_job: finished(),
-        };
-        let err = rt()
-            .block_on(stream_output(
-                &lasting,
-                "j1",
-                0,
-                true,
-                &mut Vec::new(),
-                &fast(),
-            ))
-            .unwrap_err();
+        let lasting = Fake::new(
+            [Answer::Body(vec![b"1"], true), Answer::Refuse(false)],
+            finished(),
+        );
+        let err = lasting.follow().1.unwrap_err();
         assert!(matches!(err, FollowError::Api(_)), "{err}");
         assert_eq!(*lasting.offsets.borrow(), [0, 1]);
     }
@@ -680,30 +660,18 @@ mod tests {
     /// at the scheduler: its output is still there to read.
     #[test]
     fn a_job_that_ended_before_its_start_settled_is_asked_again() {
-        let fake = Fake {
-            answers: RefCell::new(VecDeque::from([Answer::NotStarted])),
-            offsets: RefCell::new(vec![]),
-            final_job: finished(),
-        };
-        let mut out = Vec::new();
-        let job = rt()
-            .block_on(stream_output(&fake, "j1", 0, true, &mut out, &fast()))
-            .unwrap()
-            .unwrap();
+        let fake = Fake::new([Answer::NotStarted], finished());
+        let (out, job) = fake.follow();
+        let job = job.unwrap().unwrap();
         assert_eq!((out.as_slice(), job.state.as_str()), (OUTPUT, "succeeded"));
         assert_eq!(*fake.offsets.borrow(), [0, 0]);
     }
 
     #[test]
     fn a_clean_end_before_the_job_ended_is_resumed() {
-        let fake = Fake {
-            answers: RefCell::new(VecDeque::from([Answer::Body(vec![b"1234567"], false)])),
-            offsets: RefCell::new(vec![]),
-            final_job: finished(),
-        };
-        let mut out = Vec::new();
-        rt().block_on(stream_output(&fake, "j1", 0, true, &mut out, &fast()))
-            .unwrap();
+        let fake = Fake::new([Answer::Body(vec![b"1234567"], false)], finished());
+        let (out, result) = fake.follow();
+        result.unwrap();
         // The job says 21 bytes exist; the second request fetched the rest.
         assert_eq!(out, OUTPUT);
         assert_eq!(*fake.offsets.borrow(), [0, 7]);

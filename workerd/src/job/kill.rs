@@ -450,7 +450,7 @@ fn descendants(root: i32, main: Option<i32>, memory: &mut Memory) -> Option<Walk
         others.remove(&main);
     }
     let mut found = Vec::new();
-    let mut seen = std::collections::HashSet::new();
+    let mut seen = HashSet::new();
     while let Some(pid) = next.pop() {
         // Lists read at different moments may disagree; each pid once.
         if others.contains(&pid) || !seen.insert(pid) {
@@ -688,6 +688,7 @@ fn select(candidates: &[Candidate]) -> Vec<ProcStat> {
 const WALKS: usize = 3;
 
 /// What one look at the machine found of a job.
+#[derive(Debug)]
 struct Look {
     /// The job's live processes.
     found: Vec<ProcStat>,
@@ -699,6 +700,18 @@ struct Look {
     doubt: Doubt,
 }
 
+impl Look {
+    /// A look that found `found`, doubting as much as `otherwise` when
+    /// every process that might have been the job's was `told`.
+    fn new((found, told): (Vec<ProcStat>, bool), otherwise: Doubt) -> Look {
+        let doubt = match told {
+            true => otherwise,
+            false => Doubt::Moving,
+        };
+        Look { found, doubt }
+    }
+}
+
 fn look(job: &JobProcs, memory: &mut Memory) -> Look {
     let own = i32::try_from(std::process::id()).unwrap_or(0);
     match job
@@ -706,16 +719,7 @@ fn look(job: &JobProcs, memory: &mut Memory) -> Look {
         .then(|| descendants(own, job.main, memory))
         .flatten()
     {
-        Some(walk) => {
-            let (found, told) = select_job(job, &walk.processes, memory);
-            Look {
-                found,
-                doubt: match told {
-                    true => walk.doubt,
-                    false => Doubt::Moving,
-                },
-            }
-        }
+        Some(walk) => Look::new(select_job(job, &walk.processes, memory), walk.doubt),
         None => look_everywhere(job, memory),
     }
 }
@@ -754,16 +758,10 @@ fn confirm_none(job: &JobProcs, first: Look, memory: &mut Memory) -> Look {
     if last.doubt != Doubt::LongList || !last.found.is_empty() {
         return last;
     }
+    tracing::info!(job_id = %job.id, "a children list in workerd's tree is too long to read at once; scanning every process");
     // Unlike a job adopted from an earlier worker process, this one's
     // processes can still be told by their environments being readable.
-    let (found, told) = select_job(job, &all_processes(), memory);
-    Look {
-        found,
-        doubt: match told {
-            true => Doubt::None,
-            false => Doubt::Moving,
-        },
-    }
+    Look::new(select_job(job, &all_processes(), memory), Doubt::None)
 }
 
 /// The job's live processes now.

@@ -94,6 +94,12 @@ const TEST_SCRIPTS: &[(&str, &str)] = &[
         "headless.sh",
         "mark=$(mktemp -u)\nsetsid python3 -c '\nimport ctypes, sys, threading, time\ndef linger():\n    while open(\"/proc/self/stat\").read().rsplit(\")\", 1)[1].split()[0] != \"Z\":\n        time.sleep(0.01)\n    open(sys.argv[1], \"w\").close()\n    time.sleep(300)\nthreading.Thread(target=linger).start()\nctypes.CDLL(None).pthread_exit(None)\n' \"$mark\" &\nwhile [ ! -e \"$mark\" ]; do sleep 0.01; done\nrm -f \"$mark\"\necho headless\n",
     ),
+    // Leaves an orphan with 900 children, a list longer than the page the
+    // kernel hands out at once, and runs on.
+    (
+        "crowd.sh",
+        "mark=$(mktemp -u)\n(setsid bash -c 'for i in $(seq 1 900); do sleep 300 & done; touch \"$0\"; exec sleep 300' \"$mark\" &)\nwhile [ ! -e \"$mark\" ]; do sleep 0.01; done\nrm -f \"$mark\"\necho started\nexec sleep 300\n",
+    ),
     // Runs on with two zombies it never reaps: a child of its main process
     // and a child of an orphan it left.
     (
@@ -248,6 +254,16 @@ async fn follow(
     panic!("stream ended without a final status");
 }
 
+/// Stops `job` and returns the state the stop answered with.
+async fn stop(client: &mut WorkerClient<Channel>, job: impl Into<String>) -> JobState {
+    client
+        .stop_job(StopJobRequest { job_id: job.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .state()
+}
+
 async fn start(client: &mut WorkerClient<Channel>, req: StartJobRequest) -> String {
     client.start_job(req).await.unwrap().into_inner().job_id
 }
@@ -323,14 +339,7 @@ async fn stop_ends_the_whole_process_group_and_is_idempotent() {
         eventually(Duration::from_secs(10), || job_processes(&job).len() >= 3).await,
         "job and its two children should run"
     );
-    let state = client
-        .stop_job(StopJobRequest {
-            job_id: job.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .state();
+    let state = stop(&mut client, job.clone()).await;
     assert_eq!(state, JobState::Stopped);
     assert_eq!(
         job_processes(&job),
@@ -882,14 +891,7 @@ async fn stop_kills_descendants_that_left_the_process_group() {
     let worker = Worker::start();
     let mut client = worker.client();
     let (job, _guard) = start_escaping_job(&mut client).await;
-    let state = client
-        .stop_job(StopJobRequest {
-            job_id: job.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .state();
+    let state = stop(&mut client, job.clone()).await;
     assert_eq!(state, JobState::Stopped, "{}", worker.daemon.log());
     assert!(
         eventually(Duration::from_secs(3), || job_processes(&job).is_empty()).await,
@@ -988,12 +990,7 @@ async fn orphans_re_parented_to_the_worker_are_reaped() {
         proc_stat(orphan)
     );
     assert_eq!(zombie_children(workerd), Vec::<u32>::new());
-    let state = client
-        .stop_job(StopJobRequest { job_id: job })
-        .await
-        .unwrap()
-        .into_inner()
-        .state();
+    let state = stop(&mut client, job).await;
     assert_eq!(state, JobState::Stopped);
 }
 
@@ -1063,6 +1060,48 @@ async fn a_job_end_kills_an_orphan_whose_main_thread_ended() {
     assert_job_ends_leave_nothing(&Worker::start(), "headless.sh", 3).await;
 }
 
+/// A children list longer than one read of it can hold may miss a child
+/// that moves while it is read: another job's orphan with hundreds of
+/// children makes a job's end settle its walks with a scan of every
+/// process, and nothing of either job outlives its end.
+#[tokio::test]
+async fn a_children_list_too_long_to_read_at_once_is_settled_by_a_scan() {
+    // Their own plugin: 900 processes would hit the default process limit,
+    // which (as root, per job user) every other test's jobs share.
+    let user = match nix::unistd::geteuid().is_root() {
+        true => "user = \"root\"\n",
+        false => "",
+    };
+    let worker = Worker::start_with(&format!(
+        "\n[plugins.crowd]\nrunner = \"bash\"\n{user}limits = {{ processes = 0 }}\n"
+    ));
+    let mut client = worker.client();
+    let crowd = start(&mut client, start_req("crowd", "crowd.sh", &[])).await;
+    let _guard = KillOnDrop(crowd.clone());
+    wait_for_output(&mut client, &crowd, b"started\n").await;
+    assert_job_ends_leave_nothing(&worker, "env.sh", 1).await;
+    assert!(
+        worker.daemon.log().contains(SCANNED),
+        "{}",
+        worker.daemon.log()
+    );
+    assert_eq!(stop(&mut client, crowd.clone()).await, JobState::Stopped);
+    assert_eq!(job_processes(&crowd), Vec::<u32>::new());
+}
+
+/// What workerd logs when a list too long to read made it scan `/proc`.
+const SCANNED: &str = "too long to read at once";
+
+/// Reads the job's output until it ends with `tail`.
+async fn wait_for_output(client: &mut WorkerClient<Channel>, job: &str, tail: &[u8]) {
+    let mut stream = open_followed(client, job, 0).await;
+    let mut out = Vec::new();
+    while !out.ends_with(tail) {
+        let msg = stream.message().await.unwrap().unwrap();
+        out.extend_from_slice(&msg.output);
+    }
+}
+
 /// Zombies nobody reaps, in another job's tree or in an orphan it left,
 /// cannot move anything: the ends of other jobs need not doubt them.
 #[tokio::test]
@@ -1071,21 +1110,9 @@ async fn zombies_of_a_running_job_do_not_hold_up_other_jobs_ends() {
     let mut client = worker.client();
     let lingering = start(&mut client, start_req("bash", "zombies.sh", &[])).await;
     let _guard = KillOnDrop(lingering.clone());
-    let mut stream = open_followed(&mut client, &lingering, 0).await;
-    let mut out = Vec::new();
-    while !out.ends_with(b"started\n") {
-        let msg = stream.message().await.unwrap().unwrap();
-        out.extend_from_slice(&msg.output);
-    }
+    wait_for_output(&mut client, &lingering, b"started\n").await;
     assert_job_ends_leave_nothing(&worker, "env.sh", 3).await;
-    let state = client
-        .stop_job(StopJobRequest {
-            job_id: lingering.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .state();
+    let state = stop(&mut client, lingering.clone()).await;
     assert_eq!(state, JobState::Stopped);
     assert_eq!(job_processes(&lingering), Vec::<u32>::new());
 }
