@@ -140,7 +140,7 @@ impl Scheduler for SchedulerService {
                 .collect(),
             seed,
         };
-        let row = self
+        let (row, writing) = self
             .registry
             .register(registration, now_ms(), self.down_after)
             .map_err(|e| match e {
@@ -154,7 +154,7 @@ impl Scheduler for SchedulerService {
             .upsert_worker(row.clone())
             .await
             .map_err(internal)?;
-        self.registry.written(&row.worker_id);
+        drop(writing);
         let kill_job_ids = self
             .apply_reports(&row.worker_id, &r.jobs, !r.partial_report)
             .await?;
@@ -240,6 +240,7 @@ impl Scheduler for SchedulerService {
                 "a worker may only deregister itself",
             ));
         }
+        let writing = entry.writing();
         let row = entry.update(|r| {
             r.state = WorkerState::Left;
             r.last_seen_ms = now_ms();
@@ -248,7 +249,7 @@ impl Scheduler for SchedulerService {
             .set_worker_state(&row.worker_id, row.state, row.last_seen_ms)
             .await
             .map_err(internal)?;
-        self.registry.written(&row.worker_id);
+        drop(writing);
         tracing::info!(worker_id = %row.worker_id, worker = %row.name, "worker deregistered");
         Ok(Response::new(DeregisterWorkerResponse { success: true }))
     }
@@ -311,7 +312,7 @@ pub(crate) async fn watch_liveness(
                 record_unknown(&store, &row, &why).await;
             }
         }
-        for row in registry.sweep(now, timing.down_after + timing.lag) {
+        for (row, writing) in registry.sweep(now, timing.down_after + timing.lag) {
             // It may have checked in since the sweep; then it is not down.
             let still_down = registry
                 .get(&row.worker_id)
@@ -325,7 +326,7 @@ pub(crate) async fn watch_liveness(
             {
                 tracing::error!(worker_id = %row.worker_id, %error, "could not record worker down");
             }
-            registry.written(&row.worker_id);
+            drop(writing);
             tracing::warn!(worker_id = %row.worker_id, worker = %row.name, "worker is down: no heartbeat");
             let why = format!(
                 "worker {} is down: no heartbeat since {}; not yet given up",

@@ -35,6 +35,28 @@ pub(crate) struct WorkerEntry {
     dial: Arc<Dial>,
     /// [`LOCAL_CHANGES`] at this entry's last change made here.
     changed: std::sync::atomic::AtomicU64,
+    /// Store writes of changes made here that are under way ([`Writing`]).
+    writing: std::sync::atomic::AtomicU32,
+}
+
+/// A store write of a change to one entry, under way until dropped. While
+/// any is, a sync leaves the entry as it is: the sync's read of the store
+/// may have begun before the write landed, and would put back the record
+/// the change replaced (a worker that left listed `ready` again, one just
+/// registered `left`). Taken before the change, so no sync can fall
+/// between the change and the write.
+#[must_use = "the entry is guarded only until this is dropped, after its store write"]
+pub(crate) struct Writing(Arc<WorkerEntry>);
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        // Marked changed first: a sync that sees no write under way then
+        // sees the mark too, and keeps the entry if its reads began before.
+        self.0.mark_changed();
+        self.0
+            .writing
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// Counts the changes this scheduler makes to its entries (a drain, a
@@ -72,6 +94,22 @@ pub(crate) enum RegisterError {
 }
 
 impl WorkerEntry {
+    /// Guards this entry against syncs until the store write of a change
+    /// about to be made is done (see [`Writing`]).
+    pub(crate) fn writing(self: &Arc<Self>) -> Writing {
+        self.writing
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Writing(self.clone())
+    }
+
+    /// Whether a sync whose reads began at change `since` may put the
+    /// store's record over this entry's. Asked under the record's lock, so
+    /// no change made here falls between the answer and the overwrite.
+    fn stale_since(&self, since: u64) -> bool {
+        use std::sync::atomic::Ordering::Acquire;
+        self.writing.load(Acquire) == 0 && self.changed.load(Acquire) <= since
+    }
+
     pub(crate) fn row(&self) -> WorkerRow {
         self.row.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -225,6 +263,16 @@ pub(crate) struct Registry {
 /// worker's record each.
 const RESYNC_ON_MISS_MS: u64 = 100;
 
+/// What a sync did with one entry it knew.
+enum Took {
+    /// Changed here since the sync's reads began, or being written.
+    Kept,
+    /// The worker moved to another address (the record read).
+    Moved(WorkerRow),
+    /// The record read; `again`: registered again since.
+    Taken { again: bool },
+}
+
 /// What a registering worker says about itself.
 #[derive(Debug, Clone)]
 pub(crate) struct Registration {
@@ -327,16 +375,6 @@ impl Registry {
         }
     }
 
-    /// Marks a worker's entry as changed here once more, after the store
-    /// write that follows a change of it: a sync whose reads began before
-    /// that write completed may have read the old record (see
-    /// [`Registry::refresh`]).
-    pub(crate) fn written(&self, worker_id: &str) {
-        if let Some(entry) = self.get(worker_id) {
-            entry.mark_changed();
-        }
-    }
-
     /// Sets a worker's drain flag under the membership lock, so a
     /// registration under way (which carries the flag over to the entry
     /// it makes) cannot put the old value back. The entry and its record,
@@ -358,7 +396,8 @@ impl Registry {
     /// the leader judged (`down`) and flags set elsewhere (drain) are
     /// taken, a worker's last word is the latest any scheduler heard, and
     /// workers removed elsewhere go. An entry changed here after `since`
-    /// (the reads began) keeps its record: the next sync brings the rest.
+    /// (the reads began), or with a store write under way ([`Writing`]),
+    /// keeps its record: the next sync brings the rest.
     pub(crate) fn refresh(&self, rows: Vec<WorkerRow>, removed: Vec<String>, since: u64) {
         let _membership = self.membership.lock().unwrap_or_else(|e| e.into_inner());
         {
@@ -381,44 +420,48 @@ impl Registry {
                 .get(&row.worker_id)
                 .filter(|e| e.has_id(&row.worker_id));
             match known {
-                Some(entry) if entry.changed.load(std::sync::atomic::Ordering::Acquire) > since => {
-                    continue;
-                }
                 Some(entry) => {
-                    let (again, moved) = entry.with_row(|r| {
-                        (
-                            row.registered_at_ms > r.registered_at_ms,
-                            r.address != row.address,
-                        )
+                    let last_seen = row.last_seen_ms;
+                    let took = entry.modify(|r| {
+                        if !entry.stale_since(since) {
+                            return Took::Kept;
+                        }
+                        if r.address != row.address {
+                            return Took::Moved(row);
+                        }
+                        let again = row.registered_at_ms > r.registered_at_ms;
+                        let seen = r.last_seen_ms.max(row.last_seen_ms);
+                        *r = row;
+                        r.last_seen_ms = seen;
+                        Took::Taken { again }
                     });
+                    match took {
+                        Took::Kept => continue,
+                        Took::Moved(row) => {
+                            // Its channel dials the old address: a new entry.
+                            if let Ok(fresh) = self.entry(row) {
+                                self.insert(fresh);
+                            }
+                            continue;
+                        }
+                        Took::Taken { again } => {
+                            if again {
+                                // Registered again elsewhere, as another
+                                // process perhaps: whichever instance
+                                // heartbeats here next is the one.
+                                entry.set_instance("");
+                            }
+                        }
+                    }
                     // Heard from (by some scheduler) since this one found it
                     // unresponsive: trusted again, as after a heartbeat here.
                     let mut unresponsive = entry
                         .unresponsive_since
                         .lock()
                         .unwrap_or_else(|e| e.into_inner());
-                    if unresponsive.is_some_and(|since| row.last_seen_ms > since) {
+                    if unresponsive.is_some_and(|since| last_seen > since) {
                         *unresponsive = None;
                     }
-                    drop(unresponsive);
-                    if moved {
-                        // Its channel dials the old address: a new entry.
-                        if let Ok(fresh) = self.entry(row) {
-                            self.insert(fresh);
-                        }
-                        continue;
-                    }
-                    if again {
-                        // Registered again elsewhere, as another process
-                        // perhaps: whichever instance heartbeats here next
-                        // is the one.
-                        entry.set_instance("");
-                    }
-                    entry.modify(|r| {
-                        let seen = r.last_seen_ms.max(row.last_seen_ms);
-                        *r = row;
-                        r.last_seen_ms = seen;
-                    });
                 }
                 None => match self.entry(row) {
                     Ok(entry) => {
@@ -442,6 +485,7 @@ impl Registry {
             client: OnceLock::new(),
             dial: self.dial.clone(),
             changed: std::sync::atomic::AtomicU64::new(0),
+            writing: std::sync::atomic::AtomicU32::new(0),
         }))
     }
 
@@ -585,15 +629,16 @@ impl Registry {
         rows
     }
 
-    /// Registers a worker and returns its record. A worker keeps its id
-    /// across restarts: the id recorded for its name, else the id it
-    /// presents (the scheduler may have lost its records), else a new one.
+    /// Registers a worker and returns its record, to be written to the
+    /// store before the guard drops. A worker keeps its id across
+    /// restarts: the id recorded for its name, else the id it presents (the
+    /// scheduler may have lost its records), else a new one.
     pub(crate) fn register(
         &self,
         reg: Registration,
         now_ms: u64,
         down_after: Duration,
-    ) -> Result<WorkerRow, RegisterError> {
+    ) -> Result<(WorkerRow, Writing), RegisterError> {
         let _membership = self.membership.lock().unwrap_or_else(|e| e.into_inner());
         let existing = self.get(&reg.name).filter(|e| e.row().name == reg.name);
         if let Some(entry) = &existing {
@@ -644,6 +689,7 @@ impl Registry {
         match existing {
             // Same address: keep the channel (and its live connection).
             Some(entry) if entry.row().address == row.address => {
+                let writing = entry.writing();
                 entry.update(|r| *r = row.clone());
                 entry.set_instance(&reg.instance_id);
                 // It answered: a full report follows, so it is trusted again.
@@ -651,14 +697,16 @@ impl Registry {
                     .unresponsive_since
                     .lock()
                     .unwrap_or_else(|e| e.into_inner()) = None;
+                Ok((row, writing))
             }
             _ => {
                 let entry = self.entry(row.clone())?;
                 entry.set_instance(&reg.instance_id);
+                let writing = entry.writing();
                 self.insert(entry);
+                Ok((row, writing))
             }
         }
-        Ok(row)
     }
 
     /// A heartbeat from `worker_id`. `None` when the scheduler does not
@@ -726,8 +774,8 @@ impl Registry {
     }
 
     /// Marks `ready` workers not heard from for `down_after` as `down` and
-    /// returns them.
-    pub(crate) fn sweep(&self, now_ms: u64, down_after: Duration) -> Vec<WorkerRow> {
+    /// returns them, each to be recorded before its guard drops.
+    pub(crate) fn sweep(&self, now_ms: u64, down_after: Duration) -> Vec<(WorkerRow, Writing)> {
         let entries: Vec<_> = self
             .maps
             .read()
@@ -745,8 +793,9 @@ impl Registry {
                 entry.modify(|r| {
                     (r.state == WorkerState::Ready && now_ms.saturating_sub(r.last_seen_ms) > limit)
                         .then(|| {
+                            let writing = entry.writing();
                             r.state = WorkerState::Down;
-                            r.clone()
+                            (r.clone(), writing)
                         })
                 })
             })
@@ -777,7 +826,7 @@ mod tests {
     async fn only_a_worker_that_is_not_ready_is_removed_and_its_id_is_never_reused() {
         let registry = Registry::new(None, Duration::from_secs(1));
         let down_after = Duration::from_secs(2);
-        let first = registry
+        let (first, _) = registry
             .register(registration("w1", ""), 0, down_after)
             .unwrap();
         assert!(matches!(registry.remove("w1"), Err(RemoveError::Alive(name)) if name == "w1"));
@@ -794,10 +843,37 @@ mod tests {
         );
 
         // Back with the id it kept: a new one.
-        let again = registry
+        let (again, _) = registry
             .register(registration("w1", &first.worker_id), 10_002, down_after)
             .unwrap();
         assert_ne!(again.worker_id, first.worker_id);
         assert_eq!(registry.get("w1").map(|e| e.id()), Some(again.worker_id));
+    }
+
+    /// The failure this guards against: a worker deregistered while a sync
+    /// read the store, and the sync put its `ready` record back.
+    #[tokio::test]
+    async fn a_sync_never_puts_back_a_record_read_before_a_write_landed() {
+        let registry = Registry::new(None, Duration::from_secs(1));
+        let (ready, writing) = registry
+            .register(registration("w1", ""), 0, Duration::from_secs(2))
+            .unwrap();
+        drop(writing);
+        let entry = registry.get("w1").unwrap();
+        let since = LOCAL_CHANGES.load(std::sync::atomic::Ordering::Acquire);
+
+        // Left here, written; the sync read the old record meanwhile.
+        let writing = entry.writing();
+        entry.update(|r| r.state = WorkerState::Left);
+        registry.refresh(vec![ready.clone()], Vec::new(), u64::MAX);
+        assert_eq!(entry.state(), WorkerState::Left, "a write under way");
+        drop(writing);
+        registry.refresh(vec![ready.clone()], Vec::new(), since);
+        assert_eq!(entry.state(), WorkerState::Left, "a read begun before");
+
+        // A read begun after the write lands is the store's truth.
+        let since = LOCAL_CHANGES.load(std::sync::atomic::Ordering::Acquire);
+        registry.refresh(vec![ready], Vec::new(), since);
+        assert_eq!(entry.state(), WorkerState::Ready);
     }
 }

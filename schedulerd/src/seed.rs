@@ -162,6 +162,7 @@ async fn check(
         return;
     }
     let now = now_ms();
+    let writing = entry.writing();
     if registry.checked(&entry, now) == Some(true) {
         let row = entry.row();
         tracing::info!(worker_id = %row.worker_id, worker = %row.name, "worker of the original contract answers again; ready");
@@ -171,8 +172,8 @@ async fn check(
         {
             tracing::error!(worker_id = %row.worker_id, %error, "could not record worker ready");
         }
-        registry.written(&row.worker_id);
     }
+    drop(writing);
 }
 
 #[cfg(test)]
