@@ -150,11 +150,13 @@ impl Scheduler for SchedulerService {
                 }
                 RegisterError::Address(e) => Status::invalid_argument(e.to_string()),
             })?;
-        self.store
-            .upsert_worker(row.clone())
+        let store = self.store.clone();
+        let record = row.clone();
+        writing
+            .until(async move { store.upsert_worker(record).await })
             .await
+            .map_err(internal)?
             .map_err(internal)?;
-        drop(writing);
         let kill_job_ids = self
             .apply_reports(&row.worker_id, &r.jobs, !r.partial_report)
             .await?;
@@ -245,11 +247,17 @@ impl Scheduler for SchedulerService {
             r.state = WorkerState::Left;
             r.last_seen_ms = now_ms();
         });
-        self.store
-            .set_worker_state(&row.worker_id, row.state, row.last_seen_ms)
+        let store = self.store.clone();
+        let (id, seen) = (row.worker_id.clone(), row.last_seen_ms);
+        writing
+            .until(async move {
+                store
+                    .set_worker_state(&id, WorkerState::Left, seen, None)
+                    .await
+            })
             .await
+            .map_err(internal)?
             .map_err(internal)?;
-        drop(writing);
         tracing::info!(worker_id = %row.worker_id, worker = %row.name, "worker deregistered");
         Ok(Response::new(DeregisterWorkerResponse { success: true }))
     }
@@ -321,7 +329,12 @@ pub(crate) async fn watch_liveness(
                 continue;
             }
             if let Err(error) = store
-                .set_worker_state(&row.worker_id, WorkerState::Down, row.last_seen_ms)
+                .set_worker_state(
+                    &row.worker_id,
+                    WorkerState::Down,
+                    row.last_seen_ms,
+                    Some(row.registered_at_ms),
+                )
                 .await
             {
                 tracing::error!(worker_id = %row.worker_id, %error, "could not record worker down");

@@ -48,6 +48,25 @@ pub(crate) struct WorkerEntry {
 #[must_use = "the entry is guarded only until this is dropped, after its store write"]
 pub(crate) struct Writing(Arc<WorkerEntry>);
 
+impl Writing {
+    /// Runs `write`, the store write this guard covers, in a task of its
+    /// own and drops the guard when it ends. A caller that stops waiting
+    /// (a request whose client gave up) must not drop the guard while the
+    /// write may still land, or a sync could read the old record after
+    /// the guard is gone and before the write commits.
+    pub(crate) async fn until<T: Send + 'static>(
+        self,
+        write: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Result<T, tokio::task::JoinError> {
+        tokio::spawn(async move {
+            let done = write.await;
+            drop(self);
+            done
+        })
+        .await
+    }
+}
+
 impl Drop for Writing {
     fn drop(&mut self) {
         // Marked changed first: a sync that sees no write under way then
@@ -212,8 +231,10 @@ impl WorkerEntry {
     /// a change of it to the store) now: see [`Registry::refresh`].
     fn mark_changed(&self) {
         let change = LOCAL_CHANGES.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
+        // The larger of two marks racing wins: a guard's drop (no lock
+        // held) may fall between another change's number and its store.
         self.changed
-            .store(change, std::sync::atomic::Ordering::Release);
+            .fetch_max(change, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// Like [`update`](Self::update), returning what `f` returns instead

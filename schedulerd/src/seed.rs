@@ -167,7 +167,12 @@ async fn check(
         let row = entry.row();
         tracing::info!(worker_id = %row.worker_id, worker = %row.name, "worker of the original contract answers again; ready");
         if let Err(error) = store
-            .set_worker_state(&row.worker_id, WorkerState::Ready, now)
+            .set_worker_state(
+                &row.worker_id,
+                WorkerState::Ready,
+                now,
+                Some(row.registered_at_ms),
+            )
             .await
         {
             tracing::error!(worker_id = %row.worker_id, %error, "could not record worker ready");

@@ -234,11 +234,17 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// The ids of removed workers.
     async fn removed_worker_ids(&self) -> Result<Vec<String>, StoreError>;
 
+    /// Records a worker's state. With `registration` (its
+    /// `registered_at_ms`), only while the record is still of that
+    /// registration and the worker has not left: a judgement of liveness
+    /// (`down`, `ready` again) made before a deregistration or a new
+    /// registration whose write landed first must not overwrite it.
     async fn set_worker_state(
         &self,
         worker_id: &str,
         state: WorkerState,
         last_seen_ms: u64,
+        registration: Option<u64>,
     ) -> Result<(), StoreError>;
 
     /// Sets only the drain flag, leaving the state the liveness check owns.

@@ -542,11 +542,19 @@ impl Store for PgStore {
         worker_id: &str,
         state: WorkerState,
         last_seen_ms: u64,
+        registration: Option<u64>,
     ) -> Result<(), StoreError> {
         let _timer = timed!();
+        let registration = registration.map(|ms| ms as i64);
         self.write_one(
-            "UPDATE workers SET state = $2, last_seen_ms = $3 WHERE worker_id = $1",
-            &[&worker_id, &state.as_str(), &(last_seen_ms as i64)],
+            "UPDATE workers SET state = $2, last_seen_ms = $3 WHERE worker_id = $1
+               AND ($4::BIGINT IS NULL OR (registered_at_ms = $4 AND state <> 'left'))",
+            &[
+                &worker_id,
+                &state.as_str(),
+                &(last_seen_ms as i64),
+                &registration,
+            ],
         )
         .await?;
         Ok(())

@@ -584,12 +584,15 @@ impl Store for SqliteStore {
         worker_id: &str,
         state: WorkerState,
         last_seen_ms: u64,
+        registration: Option<u64>,
     ) -> Result<(), StoreError> {
         let id = worker_id.to_owned();
+        let registration = registration.map(|ms| ms as i64);
         self.write(move |c| {
             c.exec(
-                "UPDATE workers SET state = ?2, last_seen_ms = ?3 WHERE worker_id = ?1",
-                params![id, state, last_seen_ms as i64],
+                "UPDATE workers SET state = ?2, last_seen_ms = ?3 WHERE worker_id = ?1
+                   AND (?4 IS NULL OR (registered_at_ms = ?4 AND state <> 'left'))",
+                params![id, state, last_seen_ms as i64, registration],
             )?;
             Ok(())
         })

@@ -47,6 +47,7 @@ suite!(
     a_queue_timeout_fails_only_jobs_still_queued,
     a_starts_answer_changes_only_a_record_that_heard_nothing_since,
     a_registration_keeps_the_recorded_drain,
+    a_judgement_of_liveness_overwrites_neither_a_leave_nor_a_new_registration,
     a_job_is_recorded_unless_one_queued_ahead_holds_it_back,
 );
 
@@ -189,6 +190,53 @@ async fn a_registration_keeps_the_recorded_drain(store: SharedStore) {
     store.set_worker_draining("w", false).await.unwrap();
     store.upsert_worker(worker).await.unwrap();
     assert!(!draining(store.clone()).await, "the undrain stands");
+}
+
+/// `down` judged of one registration lands after the worker left, or
+/// after it registered again: neither is overwritten. A leave always is
+/// recorded.
+async fn a_judgement_of_liveness_overwrites_neither_a_leave_nor_a_new_registration(
+    store: SharedStore,
+) {
+    let state = |store: SharedStore| async move { store.workers().await.unwrap()[0].state };
+    store.upsert_worker(worker("w")).await.unwrap();
+    store
+        .set_worker_state("w", WorkerState::Down, 2, Some(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        state(store.clone()).await,
+        WorkerState::Down,
+        "the same registration"
+    );
+    store
+        .set_worker_state("w", WorkerState::Left, 3, None)
+        .await
+        .unwrap();
+    store
+        .set_worker_state("w", WorkerState::Ready, 4, Some(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        state(store.clone()).await,
+        WorkerState::Left,
+        "a leave stands"
+    );
+
+    let again = WorkerRow {
+        registered_at_ms: 5,
+        ..worker("w")
+    };
+    store.upsert_worker(again).await.unwrap();
+    store
+        .set_worker_state("w", WorkerState::Down, 6, Some(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        state(store.clone()).await,
+        WorkerState::Ready,
+        "a new registration stands"
+    );
 }
 
 /// A new database on this process's throwaway server.

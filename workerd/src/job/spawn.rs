@@ -50,10 +50,12 @@ impl Drop for Starting<'_> {
     }
 }
 
-/// A reserved place among the running jobs, returned on drop unless kept.
-struct RunningSlot {
+/// A place among the running jobs (`max_jobs`), taken before a start's
+/// files and held by its supervisor until the job's processes are gone;
+/// returned on drop.
+#[derive(Debug)]
+pub(super) struct RunningSlot {
     running: Arc<AtomicUsize>,
-    kept: bool,
 }
 
 impl RunningSlot {
@@ -61,24 +63,17 @@ impl RunningSlot {
         let before = running.fetch_add(1, Ordering::AcqRel);
         let slot = RunningSlot {
             running: running.clone(),
-            kept: false,
         };
         match max {
             Some(max) if before >= max => Err(JobError::Busy(max)),
             _ => Ok(slot),
         }
     }
-
-    fn keep(mut self) {
-        self.kept = true;
-    }
 }
 
 impl Drop for RunningSlot {
     fn drop(&mut self) {
-        if !self.kept {
-            self.running.fetch_sub(1, Ordering::AcqRel);
-        }
+        self.running.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -162,10 +157,6 @@ impl Jobs {
             spawned,
             slot,
         } = made;
-        if spawned.is_ok() {
-            // Counted from spawn to the end of supervision.
-            slot.keep();
-        }
         let (progress, _) = watch::channel(Progress {
             len: 0,
             done: false,
@@ -199,11 +190,11 @@ impl Jobs {
                     write_failed,
                     cgroup: cgroup_dir.clone(),
                     worker_shutdown: self.shutdown.clone(),
+                    slot,
                 };
                 let jobs_dir = self.jobs_dir.clone();
                 let supervised = job.clone();
                 let changes = self.changes.clone();
-                let running = self.running.clone();
                 self.tracker.spawn(async move {
                     supervise(supervised, child, pgid, pump, limits, jobs_dir, &changes).await;
                     if let Some(dir) = cgroup_dir {
@@ -212,7 +203,6 @@ impl Jobs {
                         })
                         .await;
                     }
-                    running.fetch_sub(1, Ordering::AcqRel);
                     changes.mark([id]);
                     changes.ended(id);
                     changes.finished.notify_one();

@@ -51,6 +51,7 @@ pub(super) struct Supervision {
     pub(super) cgroup: Option<PathBuf>,
     /// The worker's shutdown token: a stop it caused says so.
     pub(super) worker_shutdown: CancellationToken,
+    pub(super) slot: super::spawn::RunningSlot,
 }
 
 pub(super) async fn supervise(
@@ -138,6 +139,11 @@ pub(super) async fn supervise(
         }
         other => other,
     };
+    // The job runs no more: its slot is free before its final state can be
+    // read, so a start sent on that news (the scheduler's queue) finds the
+    // slot free instead of being refused busy and requeued behind later
+    // jobs.
+    drop(limits.slot);
     let record = job.update(|r| {
         r.finished_at_ms = now_ms();
         r.output_bytes = len;

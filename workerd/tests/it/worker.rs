@@ -138,6 +138,12 @@ impl Worker {
 
     /// A worker whose config ends with `extra` (whole tables).
     fn start_with(extra: &str) -> Self {
+        Self::start_from(BASE_CONFIG, extra)
+    }
+
+    /// A worker whose config is `base` (in place of [`BASE_CONFIG`]), the
+    /// test plugins and `extra`.
+    fn start_from(base: &str, extra: &str) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let pki = Pki::new(&tmp.path().join("pki"));
         pki.issue(Role::Worker, "w1");
@@ -163,7 +169,7 @@ impl Worker {
         std::fs::write(
             &config,
             format!(
-                "{BASE_CONFIG}\n[plugins.bash]\nrunner = \"bash\"\nstop_grace = \"1s\"\nallow_env = [\"GREETING\"]\n\n[plugins.python]\nrunner = \"python\"\n{extra}"
+                "{base}\n[plugins.bash]\nrunner = \"bash\"\nstop_grace = \"1s\"\nallow_env = [\"GREETING\"]\n\n[plugins.python]\nrunner = \"python\"\n{extra}"
             ),
         )
         .unwrap();
@@ -266,6 +272,54 @@ async fn stop(client: &mut WorkerClient<Channel>, job: impl Into<String>) -> Job
 
 async fn start(client: &mut WorkerClient<Channel>, req: StartJobRequest) -> String {
     client.start_job(req).await.unwrap().into_inner().job_id
+}
+
+/// `max_jobs` counts jobs whose processes run: once a job reads as ended,
+/// its slot is free, so the next start on that news is never refused busy.
+/// (A slot was given back only after the final record's syncs: the
+/// scheduler's queue, told of the end, sent its next job, was refused
+/// busy and requeued it behind later ones.)
+#[tokio::test]
+async fn a_job_that_reads_ended_has_given_back_its_slot() {
+    let worker = Worker::start_from(&BASE_CONFIG.replace("max_jobs = 0", "max_jobs = 1"), "");
+    let mut client = worker.client();
+    // Asked as fast as the worker answers, to land between the end and
+    // whatever follows it.
+    async fn ended(client: &mut WorkerClient<Channel>, job: &str) -> JobState {
+        loop {
+            let state = client
+                .query_job(QueryJobRequest {
+                    job_id: job.to_owned(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .state();
+            if state != JobState::Running {
+                return state;
+            }
+        }
+    }
+    let mut job = start(&mut client, start_req("bash", "fail.sh", &["0"])).await;
+    for round in 0..40 {
+        let state = ended(&mut client, &job).await;
+        assert_eq!(state, JobState::Succeeded, "round {round}");
+        job = match client.start_job(start_req("bash", "fail.sh", &["0"])).await {
+            Ok(started) => started.into_inner().job_id,
+            Err(status) => panic!(
+                "round {round}: a start after the last job read ended was refused: {status:?}"
+            ),
+        };
+    }
+    // The slot is held while a job runs.
+    ended(&mut client, &job).await;
+    let long = start(&mut client, start_req("bash", "ignores_term.sh", &[])).await;
+    let refused = client
+        .start_job(start_req("bash", "fail.sh", &["0"]))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    stop(&mut client, long).await;
 }
 
 #[tokio::test]
