@@ -328,18 +328,9 @@ pub(crate) async fn watch_liveness(
             if !still_down {
                 continue;
             }
-            if let Err(error) = store
-                .set_worker_state(
-                    &row.worker_id,
-                    WorkerState::Down,
-                    row.last_seen_ms,
-                    Some(row.registered_at_ms),
-                )
-                .await
-            {
-                tracing::error!(worker_id = %row.worker_id, %error, "could not record worker down");
-            }
-            drop(writing);
+            writing
+                .record_state(&store, &row, WorkerState::Down, row.last_seen_ms)
+                .await;
             tracing::warn!(worker_id = %row.worker_id, worker = %row.name, "worker is down: no heartbeat");
             let why = format!(
                 "worker {} is down: no heartbeat since {}; not yet given up",

@@ -65,6 +65,33 @@ impl Writing {
         })
         .await
     }
+
+    /// Records `state` (`down`, or `ready` again), judged of the
+    /// registration `row` holds, through [`Writing::until`]. A failure is
+    /// logged; the judgement stands in memory.
+    pub(crate) async fn record_state(
+        self,
+        store: &crate::store::SharedStore,
+        row: &WorkerRow,
+        state: WorkerState,
+        seen_ms: u64,
+    ) {
+        let (store, id) = (store.clone(), row.worker_id.clone());
+        let registration = Some(row.registered_at_ms);
+        let written = self
+            .until(async move {
+                store
+                    .set_worker_state(&id, state, seen_ms, registration)
+                    .await
+            })
+            .await;
+        let error = match written {
+            Ok(Ok(())) => return,
+            Ok(Err(error)) => error.to_string(),
+            Err(error) => error.to_string(),
+        };
+        tracing::error!(worker_id = %row.worker_id, worker = %row.name, state = state.as_str(), %error, "could not record the worker's state");
+    }
 }
 
 impl Drop for Writing {

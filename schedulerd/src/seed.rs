@@ -166,19 +166,10 @@ async fn check(
     if registry.checked(&entry, now) == Some(true) {
         let row = entry.row();
         tracing::info!(worker_id = %row.worker_id, worker = %row.name, "worker of the original contract answers again; ready");
-        if let Err(error) = store
-            .set_worker_state(
-                &row.worker_id,
-                WorkerState::Ready,
-                now,
-                Some(row.registered_at_ms),
-            )
-            .await
-        {
-            tracing::error!(worker_id = %row.worker_id, %error, "could not record worker ready");
-        }
+        writing
+            .record_state(&store, &row, WorkerState::Ready, now)
+            .await;
     }
-    drop(writing);
 }
 
 #[cfg(test)]

@@ -51,8 +51,8 @@ impl Drop for Starting<'_> {
 }
 
 /// A place among the running jobs (`max_jobs`), taken before a start's
-/// files and held by its supervisor until the job's processes are gone;
-/// returned on drop.
+/// files and held by its supervisor until the job's processes have been
+/// killed and its output drained; returned on drop.
 #[derive(Debug)]
 pub(super) struct RunningSlot {
     running: Arc<AtomicUsize>,
@@ -212,6 +212,8 @@ impl Jobs {
                 crate::metrics::job_started(&record.command);
             }
             Err(error) => {
+                // No process: the slot is free before the failure can be read.
+                drop(slot);
                 record = job.update(|r| {
                     r.state = State::Failed;
                     r.error_text = format!("could not start: {error}");
