@@ -150,12 +150,10 @@ impl Scheduler for SchedulerService {
                 }
                 RegisterError::Address(e) => Status::invalid_argument(e.to_string()),
             })?;
-        let store = self.store.clone();
-        let record = row.clone();
+        let (store, record) = (self.store.clone(), row.clone());
         writing
             .until(async move { store.upsert_worker(record).await })
             .await
-            .map_err(internal)?
             .map_err(internal)?;
         let kill_job_ids = self
             .apply_reports(&row.worker_id, &r.jobs, !r.partial_report)
@@ -247,16 +245,16 @@ impl Scheduler for SchedulerService {
             r.state = WorkerState::Left;
             r.last_seen_ms = now_ms();
         });
-        let store = self.store.clone();
-        let (id, seen) = (row.worker_id.clone(), row.last_seen_ms);
+        // A leave stands whatever was judged of the worker meanwhile.
         writing
-            .until(async move {
-                store
-                    .set_worker_state(&id, WorkerState::Left, seen, None)
-                    .await
-            })
+            .record_state(
+                &self.store,
+                &row.worker_id,
+                row.state,
+                row.last_seen_ms,
+                None,
+            )
             .await
-            .map_err(internal)?
             .map_err(internal)?;
         tracing::info!(worker_id = %row.worker_id, worker = %row.name, "worker deregistered");
         Ok(Response::new(DeregisterWorkerResponse { success: true }))
@@ -328,9 +326,18 @@ pub(crate) async fn watch_liveness(
             if !still_down {
                 continue;
             }
-            writing
-                .record_state(&store, &row, WorkerState::Down, row.last_seen_ms)
-                .await;
+            if let Err(error) = writing
+                .record_state(
+                    &store,
+                    &row.worker_id,
+                    WorkerState::Down,
+                    row.last_seen_ms,
+                    Some(row.registered_at_ms),
+                )
+                .await
+            {
+                tracing::error!(worker_id = %row.worker_id, %error, "could not record worker down");
+            }
             tracing::warn!(worker_id = %row.worker_id, worker = %row.name, "worker is down: no heartbeat");
             let why = format!(
                 "worker {} is down: no heartbeat since {}; not yet given up",

@@ -10,7 +10,7 @@ use jobcluster_proto::transport::{self, AddressError, ClientConfigSource};
 use tonic::transport::Channel;
 
 use crate::state::WorkerState;
-use crate::store::WorkerRow;
+use crate::store::{StoreError, WorkerRow};
 
 /// One worker: its record, the process instance that holds its name, and
 /// its channel.
@@ -56,41 +56,35 @@ impl Writing {
     /// the guard is gone and before the write commits.
     pub(crate) async fn until<T: Send + 'static>(
         self,
-        write: impl std::future::Future<Output = T> + Send + 'static,
-    ) -> Result<T, tokio::task::JoinError> {
+        write: impl std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+    ) -> Result<T, StoreError> {
         tokio::spawn(async move {
             let done = write.await;
             drop(self);
             done
         })
         .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
-    /// Records `state` (`down`, or `ready` again), judged of the
-    /// registration `row` holds, through [`Writing::until`]. A failure is
-    /// logged; the judgement stands in memory.
+    /// Records the state of worker `worker_id` through [`Writing::until`];
+    /// with `registration`, only while that registration stands (see
+    /// [`crate::store::Store::set_worker_state`]).
     pub(crate) async fn record_state(
         self,
         store: &crate::store::SharedStore,
-        row: &WorkerRow,
+        worker_id: &str,
         state: WorkerState,
         seen_ms: u64,
-    ) {
-        let (store, id) = (store.clone(), row.worker_id.clone());
-        let registration = Some(row.registered_at_ms);
-        let written = self
-            .until(async move {
-                store
-                    .set_worker_state(&id, state, seen_ms, registration)
-                    .await
-            })
-            .await;
-        let error = match written {
-            Ok(Ok(())) => return,
-            Ok(Err(error)) => error.to_string(),
-            Err(error) => error.to_string(),
-        };
-        tracing::error!(worker_id = %row.worker_id, worker = %row.name, state = state.as_str(), %error, "could not record the worker's state");
+        registration: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let (store, id) = (store.clone(), worker_id.to_owned());
+        self.until(async move {
+            store
+                .set_worker_state(&id, state, seen_ms, registration)
+                .await
+        })
+        .await
     }
 }
 
@@ -898,17 +892,29 @@ mod tests {
         assert_eq!(registry.get("w1").map(|e| e.id()), Some(again.worker_id));
     }
 
-    /// The failure this guards against: a worker deregistered while a sync
-    /// read the store, and the sync put its `ready` record back.
-    #[tokio::test]
-    async fn a_sync_never_puts_back_a_record_read_before_a_write_landed() {
+    /// A registry that has just registered `w1`: its entry, its record
+    /// and the registration's guard.
+    fn registered_w1() -> (Registry, Arc<WorkerEntry>, WorkerRow, Writing) {
         let registry = Registry::new(None, Duration::from_secs(1));
         let (ready, writing) = registry
             .register(registration("w1", ""), 0, Duration::from_secs(2))
             .unwrap();
-        drop(writing);
         let entry = registry.get("w1").unwrap();
-        let since = LOCAL_CHANGES.load(std::sync::atomic::Ordering::Acquire);
+        (registry, entry, ready, writing)
+    }
+
+    /// Where a sync whose reads begin now would stand.
+    fn changes_now() -> u64 {
+        LOCAL_CHANGES.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The failure this guards against: a worker deregistered while a sync
+    /// read the store, and the sync put its `ready` record back.
+    #[tokio::test]
+    async fn a_sync_never_puts_back_a_record_read_before_a_write_landed() {
+        let (registry, entry, ready, writing) = registered_w1();
+        drop(writing);
+        let since = changes_now();
 
         // Left here, written; the sync read the old record meanwhile.
         let writing = entry.writing();
@@ -920,8 +926,43 @@ mod tests {
         assert_eq!(entry.state(), WorkerState::Left, "a read begun before");
 
         // A read begun after the write lands is the store's truth.
-        let since = LOCAL_CHANGES.load(std::sync::atomic::Ordering::Acquire);
+        let since = changes_now();
         registry.refresh(vec![ready], Vec::new(), since);
         assert_eq!(entry.state(), WorkerState::Ready);
+    }
+
+    /// A caller that gives up waiting (a request whose client left) does
+    /// not take the guard with it: it lasts until the write itself ends.
+    #[tokio::test]
+    async fn a_guard_outlives_a_caller_that_stops_waiting_for_its_write() {
+        let (registry, entry, ready, writing) = registered_w1();
+        entry.update(|r| r.state = WorkerState::Left);
+        let (land, landed) = tokio::sync::oneshot::channel::<()>();
+        let (done, written) = tokio::sync::oneshot::channel();
+        let caller = writing.until(async move {
+            let _ = landed.await;
+            let _ = done.send(());
+            Ok(())
+        });
+        // The caller is dropped with its write under way.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), caller)
+                .await
+                .is_err()
+        );
+        registry.refresh(vec![ready.clone()], Vec::new(), u64::MAX);
+        assert_eq!(entry.state(), WorkerState::Left, "still guarded");
+
+        land.send(()).unwrap();
+        // One thread: the write's task, once it has said so, runs on to
+        // its end (the guard's drop) before this test is polled again.
+        written.await.unwrap();
+        let since = changes_now();
+        registry.refresh(vec![ready], Vec::new(), since);
+        assert_eq!(
+            entry.state(),
+            WorkerState::Ready,
+            "a sync after the write takes the store's record"
+        );
     }
 }

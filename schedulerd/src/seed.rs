@@ -166,9 +166,18 @@ async fn check(
     if registry.checked(&entry, now) == Some(true) {
         let row = entry.row();
         tracing::info!(worker_id = %row.worker_id, worker = %row.name, "worker of the original contract answers again; ready");
-        writing
-            .record_state(&store, &row, WorkerState::Ready, now)
-            .await;
+        if let Err(error) = writing
+            .record_state(
+                &store,
+                &row.worker_id,
+                WorkerState::Ready,
+                now,
+                Some(row.registered_at_ms),
+            )
+            .await
+        {
+            tracing::error!(worker_id = %row.worker_id, %error, "could not record worker ready");
+        }
     }
 }
 

@@ -198,27 +198,27 @@ async fn a_registration_keeps_the_recorded_drain(store: SharedStore) {
 async fn a_judgement_of_liveness_overwrites_neither_a_leave_nor_a_new_registration(
     store: SharedStore,
 ) {
-    let state = |store: SharedStore| async move { store.workers().await.unwrap()[0].state };
+    // Sets the state (`registration` as the liveness check passes it) and
+    // reads back what the store holds.
+    let set = |state, seen, registration| {
+        let store = store.clone();
+        async move {
+            store
+                .set_worker_state("w", state, seen, registration)
+                .await
+                .unwrap();
+            store.workers().await.unwrap()[0].state
+        }
+    };
     store.upsert_worker(worker("w")).await.unwrap();
-    store
-        .set_worker_state("w", WorkerState::Down, 2, Some(1))
-        .await
-        .unwrap();
     assert_eq!(
-        state(store.clone()).await,
+        set(WorkerState::Down, 2, Some(1)).await,
         WorkerState::Down,
         "the same registration"
     );
-    store
-        .set_worker_state("w", WorkerState::Left, 3, None)
-        .await
-        .unwrap();
-    store
-        .set_worker_state("w", WorkerState::Ready, 4, Some(1))
-        .await
-        .unwrap();
+    assert_eq!(set(WorkerState::Left, 3, None).await, WorkerState::Left);
     assert_eq!(
-        state(store.clone()).await,
+        set(WorkerState::Ready, 4, Some(1)).await,
         WorkerState::Left,
         "a leave stands"
     );
@@ -228,12 +228,8 @@ async fn a_judgement_of_liveness_overwrites_neither_a_leave_nor_a_new_registrati
         ..worker("w")
     };
     store.upsert_worker(again).await.unwrap();
-    store
-        .set_worker_state("w", WorkerState::Down, 6, Some(1))
-        .await
-        .unwrap();
     assert_eq!(
-        state(store.clone()).await,
+        set(WorkerState::Down, 6, Some(1)).await,
         WorkerState::Ready,
         "a new registration stands"
     );

@@ -140,9 +140,9 @@ pub(super) async fn supervise(
         other => other,
     };
     // The job is over (its processes killed, its output drained): its slot
-    // is free before its final state can be read, so a start sent on that news (the scheduler's queue) finds the
-    // slot free instead of being refused busy and requeued behind later
-    // jobs.
+    // is free before its final state can be read, so a start sent on that
+    // news (the scheduler's queue) finds the slot free instead of being
+    // refused busy and requeued behind later jobs.
     drop(limits.slot);
     let record = job.update(|r| {
         r.finished_at_ms = now_ms();

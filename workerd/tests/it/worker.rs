@@ -1017,13 +1017,9 @@ async fn orphans_re_parented_to_the_worker_are_reaped() {
     let mut client = worker.client();
     let job = start(&mut client, start_req("bash", "orphan.sh", &[])).await;
     let _guard = KillOnDrop(job.clone());
-    let mut stream = open_followed(&mut client, &job, 0).await;
-    let mut out = String::new();
-    while !out.contains("ready\n") {
-        let msg = stream.message().await.unwrap().unwrap();
-        out.push_str(std::str::from_utf8(&msg.output).unwrap());
-    }
-    let orphan: u32 = out
+    let out = wait_for_output(&mut client, &job, b"ready\n").await;
+    let orphan: u32 = String::from_utf8(out)
+        .unwrap()
         .lines()
         .find_map(|l| l.strip_prefix("orphan "))
         .unwrap()
@@ -1146,14 +1142,15 @@ async fn a_children_list_too_long_to_read_at_once_is_settled_by_a_scan() {
 /// What workerd logs when a list too long to read made it scan `/proc`.
 const SCANNED: &str = "too long to read at once";
 
-/// Reads the job's output until it ends with `tail`.
-async fn wait_for_output(client: &mut WorkerClient<Channel>, job: &str, tail: &[u8]) {
+/// Reads the job's output until it ends with `tail`, and returns it.
+async fn wait_for_output(client: &mut WorkerClient<Channel>, job: &str, tail: &[u8]) -> Vec<u8> {
     let mut stream = open_followed(client, job, 0).await;
     let mut out = Vec::new();
     while !out.ends_with(tail) {
         let msg = stream.message().await.unwrap().unwrap();
         out.extend_from_slice(&msg.output);
     }
+    out
 }
 
 /// Zombies nobody reaps, in another job's tree or in an orphan it left,
