@@ -216,6 +216,9 @@ pub(super) struct ProcStat {
 /// lets go of its memory, so its environment reads empty, and before its
 /// children go to workerd).
 const PF_EXITING: u64 = 0x4;
+/// The kernel's flag of its own threads (`kworker`s come and go all the
+/// time): no memory, no environment, never a job's.
+const PF_KTHREAD: u64 = 0x0020_0000;
 
 impl ProcStat {
     /// Parses `/proc/<pid>/stat`. The command (field 2) may hold spaces and
@@ -761,7 +764,35 @@ fn confirm_none(job: &JobProcs, first: Look, memory: &mut Memory) -> Look {
     tracing::info!(job_id = %job.id, "a children list in workerd's tree is too long to read at once; scanning every process");
     // Unlike a job adopted from an earlier worker process, this one's
     // processes can still be told by their environments being readable.
-    Look::new(select_job(job, &all_processes(), memory), Doubt::None)
+    let own = i32::try_from(std::process::id()).unwrap_or(0);
+    Look::new(
+        select_job(job, &below(own, all_processes()), memory),
+        Doubt::None,
+    )
+}
+
+/// The processes of a scan that may be below `root` (workerd): by the
+/// parents the scan read, their line of ancestors reaches `root`, or a
+/// process the scan did not see (one that ended or began meanwhile: where
+/// it stood is not known). Every process of a job started here is below
+/// workerd, its subreaper; the rest of the machine (another worker's jobs
+/// in an `execve`, say) can neither be the job's nor leave its end in
+/// doubt.
+fn below(root: i32, all: Vec<ProcStat>) -> Vec<ProcStat> {
+    let parents: HashMap<i32, i32> = all.iter().map(|s| (s.pid, s.ppid)).collect();
+    let reaches = |mut pid: i32| {
+        // Bounded: parents read at different moments may form a loop.
+        for _ in 0..=parents.len() {
+            match parents.get(&pid) {
+                Some(&parent) if parent == root => return true,
+                Some(&parent) if parent <= 1 => return false,
+                Some(&parent) => pid = parent,
+                None => return true,
+            }
+        }
+        true
+    };
+    all.into_iter().filter(|s| reaches(s.pid)).collect()
 }
 
 /// The job's live processes now.
@@ -793,8 +824,10 @@ fn select_job(
     let candidates: Vec<Candidate> = processes
         .iter()
         .copied()
-        // Never workerd itself or init, whatever their environment says.
-        .filter(|s| !s.is_zombie() && s.pid > 1 && s.pid != own)
+        // Never workerd itself or init, whatever their environment says,
+        // nor the kernel's threads (a young one's environment would read
+        // as one not written yet, and leave every look in doubt).
+        .filter(|s| !s.is_zombie() && s.pid > 1 && s.pid != own && s.flags & PF_KTHREAD == 0)
         .map(|stat| {
             let young = clock.started_ms(stat.start_ticks) + START_SLACK_MS >= job.started_at_ms;
             // Only the young can be the job's; old ones need no environ read.
@@ -843,6 +876,32 @@ fn send(found: &ProcStat, signal: Signal) -> bool {
 mod tests {
     use super::*;
 
+    /// Out of workerd's tree by the scan's own parents: another worker's
+    /// jobs, the kernel's threads. Kept: below workerd, or where the line
+    /// breaks at a process the scan did not see.
+    #[test]
+    fn a_scan_keeps_only_what_may_be_below_workerd() {
+        let stat = |pid: i32, ppid: i32| {
+            let line = format!("{pid} (p) S {ppid} 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 55");
+            ProcStat::parse(&line).unwrap()
+        };
+        let all = vec![
+            stat(1, 0),
+            stat(2, 0),
+            stat(9, 2),     // a kworker
+            stat(100, 1),   // workerd
+            stat(101, 100), // a job's main process
+            stat(102, 101), // its child
+            stat(103, 555), // its parent ended mid-scan
+            stat(200, 1),   // another worker
+            stat(201, 200), // its job
+            stat(300, 301), // parents read in a loop
+            stat(301, 300),
+        ];
+        let kept: Vec<i32> = below(100, all).iter().map(|s| s.pid).collect();
+        assert_eq!(kept, [101, 102, 103, 300, 301]);
+    }
+
     #[test]
     fn parses_stat_even_with_odd_command_names() {
         let text = "4242 (we ird) cmd)) S 17 4242 4242 0 -1 4194560 120 0 0 0 1 2 0 0 20 0 1 0 987654 10000 200 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0\n";
@@ -875,6 +934,9 @@ mod tests {
         let full = ProcStat::parse(&full).unwrap();
         assert_eq!((full.env_start, full.env_end), (100, 200));
         assert_eq!(ProcStat::parse(zombie).unwrap().env_end, 0);
+        let kworker = "9 (kworker/0:0) I 2 0 0 0 -1 69238880 0 0 0 0 0 0 0 0 20 0 1 0 55 0 0 0";
+        assert_ne!(ProcStat::parse(kworker).unwrap().flags & PF_KTHREAD, 0);
+        assert_eq!(ProcStat::parse(text).unwrap().flags & PF_KTHREAD, 0);
         assert_eq!(ProcStat::parse("7 (sleep) S 1 5"), None, "truncated");
         assert_eq!(ProcStat::parse("garbage"), None);
     }
