@@ -4,13 +4,15 @@
 //! of the HTTP API shared by schedulerd and clusterctl ([`http`]), the
 //! config-file contract ([`config`]), the transport that carries gRPC
 //! (mTLS listener and dialer, [`transport`]), and the daemons' shared edges
-//! ([`daemon`]: logging, signals, systemd notify; [`grpc_ops`]: gRPC
+//! ([`daemon`]: logging, signals, systemd notify; [`slice`]: the
+//! scheduling slice their threads ask for; [`grpc_ops`]: gRPC
 //! health and reflection; [`man`]: manual pages from the clap
 //! definitions). Holds wire types,
 //! conversions and byte moving only: no job or worker logic, and no
 //! authorization policy (the daemons say which role a service wants).
 
-#![forbid(unsafe_code)]
+// Denied, not forbidden: `slice` holds the two system calls nothing wraps.
+#![deny(unsafe_code)]
 
 /// Generated gRPC code for package `jobscheduler`.
 #[allow(
@@ -37,4 +39,5 @@ pub mod daemon;
 pub mod grpc_ops;
 pub mod http;
 pub mod man;
+pub mod slice;
 pub mod transport;

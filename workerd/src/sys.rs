@@ -269,6 +269,9 @@ struct ChildArgs {
     /// Drop supplementary groups (root only may, as std does).
     drop_groups: bool,
     limits: [(libc::c_int, Option<u64>); 4],
+    /// Give the job the kernel's default scheduling slice back
+    /// (`jobcluster_proto::slice`).
+    default_slice: bool,
     /// [`NOT_REACHED`], 0 once the child calls exec, or the errno of the
     /// step that failed.
     errno: std::sync::atomic::AtomicI32,
@@ -380,6 +383,7 @@ pub(crate) fn spawn_job(exec: JobExec) -> std::io::Result<i32> {
                 exec.limits.processes.filter(|_| !in_cgroup),
             ),
         ],
+        default_slice: jobcluster_proto::slice::shortened(),
         errno: std::sync::atomic::AtomicI32::new(NOT_REACHED),
         step: std::sync::atomic::AtomicUsize::new(0),
     };
@@ -554,6 +558,12 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 default.sa_sigaction = libc::SIG_DFL;
                 libc::sigaction(sig, &default, std::ptr::null_mut());
             }
+        }
+        // A job is not workerd: it gets the slice any process gets. Where
+        // that fails it keeps workerd's shorter one, which makes it
+        // preempted sooner, never wrong: not worth refusing the job for.
+        if a.default_slice {
+            jobcluster_proto::slice::restore_default();
         }
         step(0);
         // The sources are all above 2 (the parent saw to it).

@@ -589,3 +589,60 @@ async fn a_worker_without_its_scheduler_is_ready_for_systemd_after_ten_seconds()
         "READY=1 after {waited:?}, before any registration"
     );
 }
+
+/// The scheduling slice in a `/proc/PID/sched` (or `.../task/TID/sched`),
+/// in ns; `None` where the kernel does not show it.
+fn slice_in(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("se.slice"))?;
+    line.split(':').nth(1)?.trim().parse().ok()
+}
+
+/// Each slice of a process's threads.
+fn thread_slices(pid: u32) -> Vec<Option<u64>> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|task| {
+            let sched = std::fs::read_to_string(task.unwrap().path().join("sched"));
+            sched.ok().and_then(|text| slice_in(&text))
+        })
+        .collect()
+}
+
+/// A daemon's thread woken on the CPU a job runs on must not wait for the
+/// job's burst (a start's answer waited 1.9 ms for its job's `bash`): both
+/// daemons run every thread on the kernel's shortest slice, and a job runs
+/// on the default, as any process.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_daemons_run_on_short_slices_and_jobs_on_the_default() {
+    let own = std::fs::read_to_string("/proc/self/sched").unwrap_or_default();
+    let Some(default) = slice_in(&own) else {
+        eprintln!("skipped: this kernel shows no se.slice in /proc/PID/sched");
+        return;
+    };
+    let cluster = Cluster::start(&["w1"]).await;
+    std::fs::write(
+        cluster.tmp.path().join("scripts/slice.sh"),
+        "grep '^se.slice' /proc/$$/sched\n",
+    )
+    .unwrap();
+    let out = cluster
+        .ctl_output(&["run", "--worker", "w1", "slice.sh"])
+        .await;
+    assert!(out.status.success(), "{}", crate::cluster::stderr(&out));
+    let worker = &cluster.workers[0].1;
+    if worker.log().contains("one scheduling slice for all") {
+        eprintln!("skipped: this kernel keeps one slice for all (Linux < 6.12)");
+        return;
+    }
+    for (daemon, name) in [(&cluster.scheduler, "schedulerd"), (worker, "workerd")] {
+        let slices = thread_slices(daemon.child.id());
+        assert!(slices.len() > 2, "{name}: {slices:?}");
+        assert!(
+            slices.iter().all(|slice| *slice == Some(100_000)),
+            "{name}'s threads: {slices:?}\n{}",
+            daemon.log()
+        );
+    }
+    let job = crate::cluster::stdout(&out);
+    assert_eq!(slice_in(&job), Some(default), "the job's: {job}");
+}
