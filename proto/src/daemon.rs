@@ -201,8 +201,6 @@ pub fn main<C, Fut>(
 where
     Fut: std::future::Future<Output = ServeResult>,
 {
-    // First, while this is the only thread: every later one inherits it.
-    let slice = crate::slice::shorten();
     init_logging(flags.log_format);
     jobcluster_pki::install_crypto_provider();
     let result = (|| -> ServeResult {
@@ -216,7 +214,9 @@ where
                 "INSECURE MODE (grpc_server.use_tls = false): {what}; never use this outside a development machine"
             );
         }
-        crate::slice::log(&slice);
+        // Before the runtime, while this is the only thread: every later
+        // one inherits it.
+        crate::slice::log(&crate::slice::shorten());
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()

@@ -11,7 +11,8 @@
 //! conversions and byte moving only: no job or worker logic, and no
 //! authorization policy (the daemons say which role a service wants).
 
-// Denied, not forbidden: `slice` holds the two system calls nothing wraps.
+// Denied, not forbidden: `slice` holds the two system calls nothing wraps
+// (a crate of its own for them would change the fixed top level).
 #![deny(unsafe_code)]
 
 /// Generated gRPC code for package `jobscheduler`.

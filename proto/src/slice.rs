@@ -33,14 +33,18 @@ static SHORTENED: AtomicBool = AtomicBool::new(false);
 pub enum Slice {
     /// Every thread started from here on runs with this slice (ns).
     Shortened(u64),
-    /// The policy is not one with slices (real-time, or SCHED_IDLE): kept.
+    /// The policy is not one with slices (real-time, deadline, sched_ext or
+    /// SCHED_IDLE): kept.
     NotFair,
+    /// Reset on fork is set (`CPUSchedulingResetOnFork=`): threads started
+    /// later would not inherit a slice, so none is asked for.
+    ResetOnFork,
     /// The kernel keeps one slice for all (Linux before 6.12).
     Unsupported,
 }
 
 /// Asks for the shortest slice for the calling thread and so for every
-/// thread it starts later: call it before any other thread exists.
+/// thread it starts later: call it before the runtime's threads exist.
 /// Policy, nice value and priority stay as they are.
 pub fn shorten() -> std::io::Result<Slice> {
     let attr = this_thread().ok_or_else(std::io::Error::last_os_error)?;
@@ -51,18 +55,20 @@ pub fn shorten() -> std::io::Result<Slice> {
     if !fair {
         return Ok(Slice::NotFair);
     }
+    if attr.sched_flags & libc::SCHED_FLAG_RESET_ON_FORK as u64 != 0 {
+        return Ok(Slice::ResetOnFork);
+    }
     if !set_this_thread(attr, SHORT_SLICE_NS) {
         return Err(std::io::Error::last_os_error());
     }
     // Kernels before 6.12 accept the field and ignore it: they read back 0
     // (newer ones read back the slice in force, asked for or not).
-    match this_thread() {
-        Some(now) if now.sched_runtime == SHORT_SLICE_NS => {
-            SHORTENED.store(true, Ordering::Relaxed);
-            Ok(Slice::Shortened(now.sched_runtime))
-        }
-        _ => Ok(Slice::Unsupported),
+    let now = this_thread().ok_or_else(std::io::Error::last_os_error)?;
+    if now.sched_runtime != SHORT_SLICE_NS {
+        return Ok(Slice::Unsupported);
     }
+    SHORTENED.store(true, Ordering::Relaxed);
+    Ok(Slice::Shortened(now.sched_runtime))
 }
 
 /// Whether [`shorten`] gave this process the short slice.
@@ -87,6 +93,9 @@ pub fn log(outcome: &std::io::Result<Slice>) {
             );
         }
         Ok(Slice::NotFair) => tracing::info!("scheduling policy without slices: kept"),
+        Ok(Slice::ResetOnFork) => {
+            tracing::info!("scheduling reset on fork (CPUSchedulingResetOnFork=): slice kept");
+        }
         Ok(Slice::Unsupported) => tracing::info!(
             "one scheduling slice for all on this kernel (Linux < 6.12): a woken thread may wait for a job's burst of CPU"
         ),
