@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use nix::libc;
 
 /// The slice asked for, ns: the kernel's shortest.
-const SHORT_SLICE_NS: u64 = 100_000;
+pub const SHORT_SLICE_NS: u64 = 100_000;
 
 /// Set once this process's threads run with [`SHORT_SLICE_NS`].
 static SHORTENED: AtomicBool = AtomicBool::new(false);
@@ -31,8 +31,8 @@ static SHORTENED: AtomicBool = AtomicBool::new(false);
 /// What [`shorten`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Slice {
-    /// Every thread started from here on runs with this slice (ns).
-    Shortened(u64),
+    /// Every thread started from here on runs with [`SHORT_SLICE_NS`].
+    Shortened,
     /// The policy is not one with slices (real-time, deadline, sched_ext or
     /// SCHED_IDLE): kept.
     NotFair,
@@ -68,7 +68,7 @@ pub fn shorten() -> std::io::Result<Slice> {
         return Ok(Slice::Unsupported);
     }
     SHORTENED.store(true, Ordering::Relaxed);
-    Ok(Slice::Shortened(now.sched_runtime))
+    Ok(Slice::Shortened)
 }
 
 /// Whether [`shorten`] gave this process the short slice.
@@ -86,9 +86,9 @@ pub fn restore_default() -> bool {
 /// One line for the daemon's log on what [`shorten`] did.
 pub fn log(outcome: &std::io::Result<Slice>) {
     match outcome {
-        Ok(Slice::Shortened(ns)) => {
+        Ok(Slice::Shortened) => {
             tracing::info!(
-                slice_us = ns / 1000,
+                slice_us = SHORT_SLICE_NS / 1000,
                 "short scheduling slice for every thread"
             );
         }

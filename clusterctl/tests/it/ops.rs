@@ -666,11 +666,64 @@ async fn the_daemons_run_on_short_slices_and_jobs_on_the_default() {
         let slices = thread_slices(daemon.child.id());
         assert!(slices.len() >= 2, "{name}: {slices:?}");
         assert!(
-            slices.iter().all(|slice| *slice == Some(100_000)),
+            slices
+                .iter()
+                .all(|slice| *slice == Some(jobcluster_proto::slice::SHORT_SLICE_NS)),
             "{name}'s threads: {slices:?}\n{}",
             daemon.log()
         );
     }
     let job = crate::cluster::stdout(&out);
     assert_eq!(slice_in(&job), Some(default), "the job's: {job}");
+}
+
+/// Where an operator chose a policy without slices (`SCHED_IDLE`) or reset
+/// on fork (under which later threads would not inherit a slice), the
+/// daemon leaves its scheduling as it was and says so in its log.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_keeps_a_scheduling_it_cannot_shorten_and_says_so() {
+    if std::process::Command::new("chrt")
+        .arg("--help")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: no chrt (util-linux) on this machine");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("s.toml");
+    std::fs::write(
+        &config,
+        "[grpc_server]\naddr = \"127.0.0.1:0\"\nuse_tls = false\ninsecure = true\n[http_server]\naddr = \"127.0.0.1:0\"\n[store]\npath = \"s.db\"\n",
+    )
+    .unwrap();
+    let (schedulerd, config) = (bin("schedulerd"), config.to_str().unwrap().to_owned());
+    let (schedulerd, config) = (schedulerd.to_str().unwrap(), config.as_str());
+    for (chrt, said) in [
+        (
+            ["--idle", "0", schedulerd, "--config", config].as_slice(),
+            "scheduling policy without slices: kept",
+        ),
+        (
+            [
+                "--reset-on-fork",
+                "--other",
+                "0",
+                schedulerd,
+                "--config",
+                config,
+            ]
+            .as_slice(),
+            "scheduling reset on fork",
+        ),
+    ] {
+        let daemon = Daemon::spawn_with(Path::new("chrt"), chrt, &["grpc", "http"], &[]);
+        let log = daemon.log();
+        assert!(log.contains(said), "chrt {chrt:?}: {log}");
+        let slices = thread_slices(daemon.child.id());
+        assert!(
+            !slices.contains(&Some(jobcluster_proto::slice::SHORT_SLICE_NS)),
+            "chrt {chrt:?}: {slices:?}"
+        );
+    }
 }
