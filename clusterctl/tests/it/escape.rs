@@ -82,3 +82,45 @@ async fn processes_a_job_left_behind_when_it_exited_are_killed() {
         job_processes(&job)
     );
 }
+
+/// A stop's SIGTERM reaches the job's processes outside its group while
+/// the job's main process still runs (so they are still below it, not yet
+/// orphans of the worker): each gets its chance to clean up, not only the
+/// SIGKILL of the job's end.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_sends_sigterm_below_a_main_process_that_still_runs() {
+    use std::os::unix::fs::PermissionsExt;
+    let cluster = Cluster::start(&["w1"]).await;
+    // Whatever user the job runs as, it can leave its mark here.
+    let marks = cluster.tmp.path().join("marks");
+    std::fs::create_dir(&marks).unwrap();
+    std::fs::set_permissions(&marks, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let mark = marks.join("term");
+    // The daemon leaves the group and session; the main process, asked to
+    // stop, takes two seconds to go.
+    let script = format!(
+        "setsid bash -c 'trap \"echo term > {mark}; exit 0\" TERM; while :; do sleep 0.1; done' &\n\
+         trap 'sleep 2; exit 0' TERM\necho started\nwhile :; do sleep 0.1; done\n",
+        mark = mark.display()
+    );
+    std::fs::write(cluster.tmp.path().join("scripts/linger.sh"), script).unwrap();
+
+    let job = cluster.start_job("w1", "linger.sh", &[]).await;
+    assert!(
+        eventually(Duration::from_secs(10), || job_processes(&job).len() >= 3).await,
+        "the job never spread out"
+    );
+    let out = cluster.ctl_output(&["stop", &job]).await;
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        eventually(Duration::from_secs(10), || job_processes(&job).is_empty()).await,
+        "processes of a stopped job live on: {:?}",
+        job_processes(&job)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&mark).ok().as_deref(),
+        Some("term\n"),
+        "the process outside the job's group never had its SIGTERM"
+    );
+    assert_eq!(cluster.job(&job).await.state, "stopped");
+}

@@ -312,11 +312,37 @@ pub(super) fn all_processes() -> Vec<ProcStat> {
         .collect()
 }
 
-/// The children of every thread of `pid`, from
-/// `/proc/<pid>/task/<tid>/children`; None where the kernel has no such
-/// file (built without `CONFIG_PROC_CHILDREN`) or the process is gone.
-pub(super) fn children(pid: i32) -> Option<Vec<i32>> {
-    children_read(pid, Threads::Trusted).map(|(pids, _)| pids)
+/// workerd's orphans: the children of its main thread (`pid`'s thread
+/// `pid`), from `/proc/<pid>/task/<pid>/children`; None where the kernel
+/// has no such file (built without `CONFIG_PROC_CHILDREN`) or the process
+/// is gone. See [`orphans_read`].
+pub(super) fn orphans(pid: i32) -> Option<Vec<i32>> {
+    orphans_read(pid).map(|(pids, _)| pids)
+}
+
+/// [`orphans`], and whether the list came in pieces.
+///
+/// The kernel gives an orphan to the first live thread of its nearest
+/// subreaper: workerd's main thread, which lasts as long as workerd. Its
+/// other threads (the runtime's, and a blocking pool that grows to
+/// hundreds under load) hold only the main processes they spawned, whose
+/// trees a walk does not enter (other jobs') or which a walk enters by
+/// pid (the job's own, see [`descendants`]); when such a thread ends, its
+/// children go to the main thread too. Reading every thread's list cost
+/// a job's end an open and a read per thread: a fifth of the worker's
+/// time with 64 starts at once.
+fn orphans_read(pid: i32) -> Option<(Vec<i32>, Doubt)> {
+    let list = read_whole(Path::new(&format!("/proc/{pid}/task/{pid}/children"))).ok()?;
+    let doubt = match list.len() > LIST_PAGE {
+        true => Doubt::LongList,
+        false => Doubt::None,
+    };
+    Some((parse_pids(&list).collect(), doubt))
+}
+
+fn parse_pids(list: &str) -> impl Iterator<Item = i32> + '_ {
+    list.split_ascii_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
 }
 
 /// The most of a children list the kernel hands out in one read: a page,
@@ -339,25 +365,13 @@ enum Doubt {
     Moving,
 }
 
-/// Whether the threads of a process whose children are listed are checked
-/// for having ended (see [`children_read`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Threads {
-    Checked,
-    /// workerd's own: orphans come to its first live thread, the main
-    /// one, which lasts as long as workerd; its other threads hold only
-    /// the main processes they spawned, whose trees a walk does not
-    /// enter (other jobs') or which are reaped (the job's own). Checking
-    /// them cost a `stat` read per thread of the runtime at every walk.
-    Trusted,
-}
-
-/// [`children`], and how far the lists can be believed: a thread that
-/// ended (or began to) after its list was read may have handed a child it
-/// forked since to a list already read (an ended thread's list reads
-/// empty), and a list read in pieces may miss a child that moved between
-/// them. The main thread's state is the caller's to check, after this.
-fn children_read(pid: i32, threads: Threads) -> Option<(Vec<i32>, Doubt)> {
+/// The children of every thread of `pid`, and how far the lists can be
+/// believed: a thread that ended (or began to) after its list was read
+/// may have handed a child it forked since to a list already read (an
+/// ended thread's list reads empty), and a list read in pieces may miss a
+/// child that moved between them. The main thread's state is the caller's
+/// to check, after this.
+fn children_read(pid: i32) -> Option<(Vec<i32>, Doubt)> {
     let mut pids = Vec::new();
     let mut doubt = Doubt::None;
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -380,15 +394,12 @@ fn children_read(pid: i32, threads: Threads) -> Option<(Vec<i32>, Doubt)> {
             doubt = doubt.max(Doubt::LongList);
         }
         let tid = task.file_name().to_str().and_then(|t| t.parse().ok());
-        if let Some(tid) = tid.filter(|tid| *tid != pid && threads == Threads::Checked)
+        if let Some(tid) = tid.filter(|tid| *tid != pid)
             && ProcStat::read_task(pid, tid).is_none_or(|s| s.is_task_ending())
         {
             doubt = Doubt::Moving;
         }
-        pids.extend(
-            list.split_ascii_whitespace()
-                .filter_map(|p| p.parse::<i32>().ok()),
-        );
+        pids.extend(parse_pids(&list));
     }
     Some((pids, doubt))
 }
@@ -444,7 +455,13 @@ struct Walk {
 /// kernel moves its children before it marks it dead, and a reader of
 /// `/proc` can see the one without the other.
 fn descendants(root: i32, main: Option<i32>, memory: &mut Memory) -> Option<Walk> {
-    let (mut next, mut doubt) = children_read(root, Threads::Trusted)?;
+    // Taken before the root's list: a main process not running now was
+    // reaped, so it had died, and its children had gone to the root's main
+    // thread, before that list is read. One running is walked from its
+    // pid, wherever it is listed.
+    let main = main.filter(|main| super::reap::running_spawns().contains(main));
+    let (mut next, mut doubt) = orphans_read(root)?;
+    next.extend(main);
     // Taken after the root's list, so every spawn in it is known. A main
     // process reaped since keeps its pid for the walk: pids are handed out
     // in turn, and reusing one so soon would take a wrap of all of them.
@@ -459,7 +476,7 @@ fn descendants(root: i32, main: Option<i32>, memory: &mut Memory) -> Option<Walk
         if others.contains(&pid) || !seen.insert(pid) {
             continue;
         }
-        let list = children_read(pid, Threads::Checked);
+        let list = children_read(pid);
         let Some(stat) = ProcStat::read(pid) else {
             doubt = Doubt::Moving;
             continue;

@@ -42,7 +42,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use tokio::signal::unix::{SignalKind, signal};
 
-use super::kill::{ProcStat, all_processes, children};
+use super::kill::{ProcStat, all_processes, orphans};
 
 /// Pid → the released flag of each process workerd spawned itself: set by
 /// its `Process` once the status is taken or no longer wanted.
@@ -194,11 +194,11 @@ fn reap_signalled() -> usize {
 fn reap_once() -> usize {
     let me = i32::try_from(std::process::id()).unwrap_or(0);
     // The scan runs unlocked so spawns wait only for the decisions below.
-    // Our children alone, where the kernel lists them: a scan of every
-    // process on the machine for each SIGCHLD cost a third of the worker's
-    // time per job. A child missed by a list read during a reparenting is
-    // reaped at the next signal or backstop.
-    let zombies: Vec<ProcStat> = children(me)
+    // Our orphans alone (our main thread's children), where the kernel
+    // lists them: a scan of every process on the machine for each SIGCHLD
+    // cost a third of the worker's time per job. A child missed by a list
+    // read during a reparenting is reaped at the next signal or backstop.
+    let zombies: Vec<ProcStat> = orphans(me)
         .map(|pids| pids.into_iter().filter_map(ProcStat::read).collect())
         .unwrap_or_else(all_processes)
         .into_iter()
