@@ -96,19 +96,22 @@ async fn a_stop_sends_sigterm_below_a_main_process_that_still_runs() {
     std::fs::create_dir(&marks).unwrap();
     std::fs::set_permissions(&marks, std::fs::Permissions::from_mode(0o1777)).unwrap();
     let mark = marks.join("term");
+    let ready = marks.join("ready");
     // The daemon leaves the group and session; the main process, asked to
     // stop, takes two seconds to go.
     let script = format!(
-        "setsid bash -c 'trap \"echo term > {mark}; exit 0\" TERM; while :; do sleep 0.1; done' &\n\
+        "setsid bash -c 'trap \"echo term > {mark}; exit 0\" TERM; touch {ready}; while :; do sleep 0.1; done' &\n\
          trap 'sleep 2; exit 0' TERM\necho started\nwhile :; do sleep 0.1; done\n",
-        mark = mark.display()
+        mark = mark.display(),
+        ready = ready.display()
     );
     std::fs::write(cluster.tmp.path().join("scripts/linger.sh"), script).unwrap();
 
     let job = cluster.start_job("w1", "linger.sh", &[]).await;
+    // Its trap is set once it says so.
     assert!(
-        eventually(Duration::from_secs(10), || job_processes(&job).len() >= 3).await,
-        "the job never spread out"
+        eventually(Duration::from_secs(10), || ready.exists()).await,
+        "the job's daemon never started"
     );
     let out = cluster.ctl_output(&["stop", &job]).await;
     assert!(out.status.success(), "{out:?}");
@@ -123,4 +126,49 @@ async fn a_stop_sends_sigterm_below_a_main_process_that_still_runs() {
         "the process outside the job's group never had its SIGTERM"
     );
     assert_eq!(cluster.job(&job).await.state, "stopped");
+}
+
+/// A job's main process that clones a sibling (`clone(CLONE_PARENT)`, which
+/// any process may) gives it workerd's thread that spawned the job as its
+/// parent: neither below the job's main process nor an orphan of workerd's
+/// main thread. Out of the job's group and session too, it is still the
+/// job's, and ends with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sibling_a_job_clones_beside_its_main_process_ends_with_the_job() {
+    let cluster = Cluster::start(&["w1"]).await;
+    let script = r#"exec python3 -c '
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+clone = {"x86_64": 56, "aarch64": 220}[os.uname().machine]
+CLONE_PARENT, SIGCHLD = 0x8000, 17
+pid = libc.syscall(clone, CLONE_PARENT | SIGCHLD, 0, 0, 0, 0)
+if pid == 0:
+    os.setsid()
+    os.execv("/bin/sleep", ["sleep", "300"])
+print("sibling", pid, "errno", ctypes.get_errno(), flush=True)
+'
+"#;
+    std::fs::write(cluster.tmp.path().join("scripts/sibling.sh"), script).unwrap();
+
+    let job = cluster.start_job("w1", "sibling.sh", &[]).await;
+    until(Duration::from_secs(15), "the job succeeded", || async {
+        cluster.job(&job).await.state == "succeeded"
+    })
+    .await;
+    let out = cluster.ctl_output(&["logs", &job]).await;
+    let log = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        log.starts_with("sibling ") && !log.starts_with("sibling -1"),
+        "the job could not clone its sibling: {log}"
+    );
+    let ended = eventually(Duration::from_secs(10), || job_processes(&job).is_empty()).await;
+    // Not left behind for five minutes when the test fails.
+    let left = job_processes(&job);
+    for pid in &left {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    assert!(ended, "the sibling the job cloned lives on: {left:?}");
 }

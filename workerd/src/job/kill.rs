@@ -60,8 +60,13 @@ pub(super) struct JobProcs {
     /// The job's main process while it runs: the one running spawn whose
     /// tree is walked. Every other running spawn heads another job, and no
     /// process of this job is below it: a process only ever moves up its
-    /// own line of ancestors, to workerd.
+    /// own line of ancestors, to workerd (or is cloned as a sibling of one
+    /// of this job's, `CLONE_PARENT`: beside it, never below another job).
     pub(super) main: Option<i32>,
+    /// The thread of workerd that spawned the main process: a process the
+    /// main process clones as its sibling is that thread's child, not the
+    /// main thread's, until the thread ends.
+    pub(super) spawner: Option<i32>,
 }
 
 impl JobProcs {
@@ -74,18 +79,22 @@ impl JobProcs {
             cgroup,
             in_tree: false,
             main: None,
+            spawner: None,
         }
     }
 
-    /// A job this process spawned, whose main process is `main`.
+    /// A job this process spawned, whose main process is `main`, spawned
+    /// by workerd's thread `spawner`.
     pub(super) fn spawned_here(
         record: &JobRecord,
         cgroup: Option<PathBuf>,
         main: Option<i32>,
+        spawner: i32,
     ) -> Self {
         JobProcs {
             in_tree: super::reap::is_subreaper(),
             main,
+            spawner: Some(spawner),
             ..JobProcs::of(record, cgroup)
         }
     }
@@ -312,32 +321,38 @@ pub(super) fn all_processes() -> Vec<ProcStat> {
         .collect()
 }
 
-/// workerd's orphans: the children of its main thread (`pid`'s thread
-/// `pid`), from `/proc/<pid>/task/<pid>/children`; None where the kernel
-/// has no such file (built without `CONFIG_PROC_CHILDREN`) or the process
-/// is gone. See [`orphans_read`].
-pub(super) fn orphans(pid: i32) -> Option<Vec<i32>> {
-    orphans_read(pid).map(|(pids, _)| pids)
+/// The children of every thread of `pid`, from
+/// `/proc/<pid>/task/<tid>/children`; None where the kernel has no such
+/// file (built without `CONFIG_PROC_CHILDREN`) or the process is gone.
+pub(super) fn children(pid: i32) -> Option<Vec<i32>> {
+    children_read(pid).map(|(pids, _)| pids)
 }
 
-/// [`orphans`], and whether the list came in pieces.
+/// workerd's orphans: the children of its main thread (`pid`'s thread
+/// `pid`); None as for [`children`]. See [`thread_children_read`].
+pub(super) fn orphans(pid: i32) -> Option<Vec<i32>> {
+    thread_children_read(pid, pid).ok().map(|(pids, _)| pids)
+}
+
+/// The children of thread `tid` of process `pid`, and whether the list
+/// came in pieces.
 ///
 /// The kernel gives an orphan to the first live thread of its nearest
-/// subreaper: workerd's main thread, which lasts as long as workerd. Its
+/// subreaper: workerd's main thread, which lasts as long as workerd; and
+/// when one of workerd's threads ends, its children go there too. Its
 /// other threads (the runtime's, and a blocking pool that grows to
-/// hundreds under load) hold only the main processes they spawned, whose
-/// trees a walk does not enter (other jobs') or which a walk enters by
-/// pid (the job's own, see [`descendants`]); when such a thread ends, its
-/// children go to the main thread too. Reading every thread's list cost
-/// a job's end an open and a read per thread: a fifth of the worker's
-/// time with 64 starts at once.
-fn orphans_read(pid: i32) -> Option<(Vec<i32>, Doubt)> {
-    let list = read_whole(Path::new(&format!("/proc/{pid}/task/{pid}/children"))).ok()?;
+/// hundreds under load) hold the main processes they spawned, and what
+/// those clone as their siblings: a walk reads the job's own spawning
+/// thread beside the main thread (see [`descendants`]). Reading every
+/// thread's list cost a job's end an open and a read per thread: a fifth
+/// of the worker's time with 64 starts at once.
+fn thread_children_read(pid: i32, tid: i32) -> std::io::Result<(Vec<i32>, Doubt)> {
+    let list = read_whole(Path::new(&format!("/proc/{pid}/task/{tid}/children")))?;
     let doubt = match list.len() > LIST_PAGE {
         true => Doubt::LongList,
         false => Doubt::None,
     };
-    Some((parse_pids(&list).collect(), doubt))
+    Ok((parse_pids(&list).collect(), doubt))
 }
 
 fn parse_pids(list: &str) -> impl Iterator<Item = i32> + '_ {
@@ -436,9 +451,12 @@ struct Walk {
     doubt: Doubt,
 }
 
-/// Every process below `root` (not `root` itself), but for the trees of
-/// running spawns other than `main` (other jobs' main processes: see
-/// [`JobProcs::main`]); None where the kernel does not list children.
+/// Every process below `root` (workerd, not itself) where the job's can
+/// be: below its main thread (orphans), its thread that spawned the job
+/// (the main process and its siblings) and the job's main process while
+/// it runs, but for the trees of running spawns other than the job's
+/// (other jobs' main processes: see [`JobProcs::main`]); None where the
+/// kernel does not list children.
 ///
 /// The kernel's lists are read one after the other, and a process moves
 /// from one to another when its parent exits (to the subreaper, workerd,
@@ -454,14 +472,33 @@ struct Walk {
 /// An exiting process that is not dead yet is doubted every time: the
 /// kernel moves its children before it marks it dead, and a reader of
 /// `/proc` can see the one without the other.
-fn descendants(root: i32, main: Option<i32>, memory: &mut Memory) -> Option<Walk> {
-    // Taken before the root's list: a main process not running now was
+fn descendants(root: i32, job: &JobProcs, memory: &mut Memory) -> Option<Walk> {
+    // Taken before the root's lists: a main process not running now was
     // reaped, so it had died, and its children had gone to the root's main
     // thread, before that list is read. One running is walked from its
     // pid, wherever it is listed.
-    let main = main.filter(|main| super::reap::running_spawns().contains(main));
-    let (mut next, mut doubt) = orphans_read(root)?;
+    let main = job
+        .main
+        .filter(|main| super::reap::running_spawns().contains(main));
+    let mut next = Vec::new();
+    let mut doubt = Doubt::None;
+    // The spawning thread's list before the main thread's: if the thread
+    // ends in between, its children go to the main thread, read after.
+    if let Some(spawner) = job.spawner.filter(|tid| *tid != root) {
+        match thread_children_read(root, spawner) {
+            Ok((pids, listed)) => {
+                next.extend(pids);
+                doubt = listed;
+            }
+            // Ended: its children are the main thread's now.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(_) => doubt = Doubt::Moving,
+        }
+    }
+    let (orphans, listed) = thread_children_read(root, root).ok()?;
+    next.extend(orphans);
     next.extend(main);
+    doubt = doubt.max(listed);
     // Taken after the root's list, so every spawn in it is known. A main
     // process reaped since keeps its pid for the walk: pids are handed out
     // in turn, and reusing one so soon would take a wrap of all of them.
@@ -734,11 +771,7 @@ impl Look {
 
 fn look(job: &JobProcs, memory: &mut Memory) -> Look {
     let own = i32::try_from(std::process::id()).unwrap_or(0);
-    match job
-        .in_tree
-        .then(|| descendants(own, job.main, memory))
-        .flatten()
-    {
+    match job.in_tree.then(|| descendants(own, job, memory)).flatten() {
         Some(walk) => Look::new(select_job(job, &walk.processes, memory), walk.doubt),
         None => look_everywhere(job, memory),
     }

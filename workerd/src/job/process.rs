@@ -13,6 +13,8 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 #[derive(Debug)]
 pub(crate) struct Process {
     pid: i32,
+    /// The thread of workerd that spawned it (see [`Process::spawner`]).
+    spawner: i32,
     ended: Ended,
     status: Option<ExitStatus>,
     /// Tells the orphan reaper the pid is no longer ours to skip.
@@ -31,7 +33,11 @@ enum Ended {
 impl Process {
     /// Takes charge of `pid`, a child of workerd not yet reaped (so the
     /// pid still names it).
-    pub(super) fn new(pid: i32, released: super::reap::Released) -> std::io::Result<Self> {
+    pub(super) fn new(
+        pid: i32,
+        spawner: i32,
+        released: super::reap::Released,
+    ) -> std::io::Result<Self> {
         let ended = match crate::sys::pidfd_async(pid) {
             Ok(pidfd) => Ended::Pidfd(pidfd),
             Err(e) if e.raw_os_error() == Some(nix::libc::ENOSYS) => {
@@ -41,10 +47,18 @@ impl Process {
         };
         Ok(Process {
             pid,
+            spawner,
             ended,
             status: None,
             released,
         })
+    }
+
+    /// The thread of workerd that spawned this process, whose child it is
+    /// (not the main thread's) while that thread lives: so is a process
+    /// it clones as its sibling (`CLONE_PARENT`).
+    pub(crate) fn spawner(&self) -> i32 {
+        self.spawner
     }
 
     pub(crate) fn id(&self) -> Option<u32> {

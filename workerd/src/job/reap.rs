@@ -14,9 +14,11 @@
 //! has ended (the job's `Process` reaped its own first), that pass costs
 //! one system call. When `waitid` shows a main process not yet reaped (it
 //! would show that one again and again, and nothing behind it), and now
-//! and then as a backstop (signals coalesce), the reaper scans `/proc` for
-//! zombies whose parent is workerd and waits for those pids exactly, with
-//! `WNOHANG`, skipping the main processes.
+//! and then as a backstop (signals coalesce), the reaper reads workerd's
+//! children lists for zombies (the main thread's, where orphans go; every
+//! thread's in the backstop, for the zombies of released main processes
+//! and of processes cloned as their siblings) and waits for those pids
+//! exactly, with `WNOHANG`, skipping the main processes.
 //!
 //! The main processes are known by [`OWN`]: the pid of every process
 //! workerd spawned, with a flag its `Process` sets once it has reaped it (or
@@ -42,7 +44,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use tokio::signal::unix::{SignalKind, signal};
 
-use super::kill::{ProcStat, all_processes, orphans};
+use super::kill::{ProcStat, all_processes, children, orphans};
 
 /// Pid → the released flag of each process workerd spawned itself: set by
 /// its `Process` once the status is taken or no longer wanted.
@@ -111,7 +113,9 @@ pub(super) fn spawn(exec: crate::sys::JobExec) -> std::io::Result<super::process
     let pid = crate::sys::spawn_job(exec)?;
     let released = Released::default();
     own.insert(pid, released.clone());
-    match super::process::Process::new(pid, released) {
+    // The child's parent is this thread (not workerd's main one).
+    let spawner = nix::unistd::gettid().as_raw();
+    match super::process::Process::new(pid, spawner, released) {
         Ok(process) => Ok(process),
         Err(error) => {
             // Without a handle on it the job could not be supervised: it
@@ -144,7 +148,7 @@ pub(crate) async fn reap_orphans() {
                     None => std::future::pending().await,
                 }
             } => reap_signalled as fn() -> usize,
-            _ = backstop.tick() => reap_once,
+            _ = backstop.tick() => reap_backstop,
         };
         match tokio::task::spawn_blocking(pass).await {
             Ok(0) => {}
@@ -155,7 +159,7 @@ pub(crate) async fn reap_orphans() {
 }
 
 /// The pass after a SIGCHLD: reaps the ended children `waitid` shows, one
-/// by one, until none is left; hands over to [`reap_once`] at the first
+/// by one, until none is left; hands over to [`reap_listed`] at the first
 /// that is a main process still owned (`waitid` would show it again and
 /// again, and nothing behind it). Returns how many orphans were reaped.
 fn reap_signalled() -> usize {
@@ -185,20 +189,34 @@ fn reap_signalled() -> usize {
         }
     }
     drop(own);
-    reaped + reap_once()
+    reaped + reap_listed(orphans(me()))
 }
 
-/// One pass: waits for every zombie child of workerd that is not one of its
-/// own spawns, and forgets own spawns that are gone. Returns how many
-/// orphans were reaped.
-fn reap_once() -> usize {
-    let me = i32::try_from(std::process::id()).unwrap_or(0);
+/// The pass every [`BACKSTOP`]: [`reap_listed`] over the children of every
+/// thread of workerd. Besides orphans (its main thread's), a thread holds
+/// the main processes it spawned, a released one's zombie (its `Process`
+/// gave it up unreaped), and a process a job's main process cloned as its
+/// sibling (`CLONE_PARENT`); `waitid` shows those after a SIGCHLD, but
+/// not past a main process still owned.
+fn reap_backstop() -> usize {
+    reap_listed(children(me()))
+}
+
+fn me() -> i32 {
+    i32::try_from(std::process::id()).unwrap_or(0)
+}
+
+/// One pass: waits for every zombie among `listed` (workerd's children;
+/// every process on the machine where the kernel does not list children)
+/// that is not one of its own spawns. Returns how many were reaped.
+fn reap_listed(listed: Option<Vec<i32>>) -> usize {
+    let me = me();
     // The scan runs unlocked so spawns wait only for the decisions below.
-    // Our orphans alone (our main thread's children), where the kernel
-    // lists them: a scan of every process on the machine for each SIGCHLD
-    // cost a third of the worker's time per job. A child missed by a list
-    // read during a reparenting is reaped at the next signal or backstop.
-    let zombies: Vec<ProcStat> = orphans(me)
+    // Children lists where the kernel has them: a scan of every process
+    // on the machine for each SIGCHLD cost a third of the worker's time per
+    // job. A child missed by a list read during a reparenting is reaped at
+    // the next signal or backstop.
+    let zombies: Vec<ProcStat> = listed
         .map(|pids| pids.into_iter().filter_map(ProcStat::read).collect())
         .unwrap_or_else(all_processes)
         .into_iter()

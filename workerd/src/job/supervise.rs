@@ -65,7 +65,8 @@ pub(super) async fn supervise(
 ) {
     let id = job.record().id;
     let main = child.id().and_then(|pid| i32::try_from(pid).ok());
-    let procs = kill::JobProcs::spawned_here(&job.record(), limits.cgroup.clone(), main);
+    let procs =
+        kill::JobProcs::spawned_here(&job.record(), limits.cgroup.clone(), main, child.spawner());
     let timeout = async {
         match limits.timeout {
             Some(t) => tokio::time::sleep(t).await,
