@@ -98,16 +98,19 @@ async fn a_stop_sends_sigterm_below_a_main_process_that_still_runs() {
     let mark = marks.join("term");
     let ready = marks.join("ready");
     // The daemon leaves the group and session; the main process, asked to
-    // stop, takes two seconds to go.
+    // stop, takes two seconds to go (its trap is set before the daemon
+    // starts: a shell's traps do not pass to the commands it runs).
     let script = format!(
-        "setsid bash -c 'trap \"echo term > {mark}; exit 0\" TERM; touch {ready}; while :; do sleep 0.1; done' &\n\
-         trap 'sleep 2; exit 0' TERM\necho started\nwhile :; do sleep 0.1; done\n",
+        "trap 'sleep 2; exit 0' TERM\n\
+         setsid bash -c 'trap \"echo term > {mark}; exit 0\" TERM; touch {ready}; while :; do sleep 0.1; done' &\n\
+         echo started\nwhile :; do sleep 0.1; done\n",
         mark = mark.display(),
         ready = ready.display()
     );
     std::fs::write(cluster.tmp.path().join("scripts/linger.sh"), script).unwrap();
 
     let job = cluster.start_job("w1", "linger.sh", &[]).await;
+    let _left = KillLeft(job.clone());
     // Its trap is set once it says so.
     assert!(
         eventually(Duration::from_secs(10), || ready.exists()).await,
@@ -136,39 +139,57 @@ async fn a_stop_sends_sigterm_below_a_main_process_that_still_runs() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sibling_a_job_clones_beside_its_main_process_ends_with_the_job() {
     let cluster = Cluster::start(&["w1"]).await;
-    let script = r#"exec python3 -c '
+    let script = r#"command -v python3 >/dev/null || { echo "no python3"; exit 0; }
+exec python3 -c '
 import ctypes, os
+clone = {"x86_64": 56, "aarch64": 220}.get(os.uname().machine)
+if clone is None:
+    print("no clone number for", os.uname().machine)
+    raise SystemExit
 libc = ctypes.CDLL(None, use_errno=True)
-clone = {"x86_64": 56, "aarch64": 220}[os.uname().machine]
 CLONE_PARENT, SIGCHLD = 0x8000, 17
 pid = libc.syscall(clone, CLONE_PARENT | SIGCHLD, 0, 0, 0, 0)
 if pid == 0:
     os.setsid()
-    os.execv("/bin/sleep", ["sleep", "300"])
+    os.execvp("sleep", ["sleep", "300"])
 print("sibling", pid, "errno", ctypes.get_errno(), flush=True)
 '
 "#;
     std::fs::write(cluster.tmp.path().join("scripts/sibling.sh"), script).unwrap();
 
     let job = cluster.start_job("w1", "sibling.sh", &[]).await;
+    let _left = KillLeft(job.clone());
     until(Duration::from_secs(15), "the job succeeded", || async {
         cluster.job(&job).await.state == "succeeded"
     })
     .await;
     let out = cluster.ctl_output(&["logs", &job]).await;
     let log = String::from_utf8_lossy(&out.stdout).into_owned();
+    if log.starts_with("no ") {
+        eprintln!("skipped: the job cannot clone here ({})", log.trim());
+        return;
+    }
     assert!(
         log.starts_with("sibling ") && !log.starts_with("sibling -1"),
         "the job could not clone its sibling: {log}"
     );
-    let ended = eventually(Duration::from_secs(10), || job_processes(&job).is_empty()).await;
-    // Not left behind for five minutes when the test fails.
-    let left = job_processes(&job);
-    for pid in &left {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(*pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+    assert!(
+        eventually(Duration::from_secs(10), || job_processes(&job).is_empty()).await,
+        "the sibling the job cloned lives on: {:?}",
+        job_processes(&job)
+    );
+}
+
+/// Kills what is left of a job when a test ends, passed or failed: not
+/// left behind for minutes by a failure.
+struct KillLeft(String);
+
+impl Drop for KillLeft {
+    fn drop(&mut self) {
+        for pid in job_processes(&self.0) {
+            if let Ok(pid) = i32::try_from(pid) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
     }
-    assert!(ended, "the sibling the job cloned lives on: {left:?}");
 }

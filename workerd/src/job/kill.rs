@@ -329,8 +329,13 @@ pub(super) fn children(pid: i32) -> Option<Vec<i32>> {
 }
 
 /// workerd's orphans: the children of its main thread (`pid`'s thread
-/// `pid`); None as for [`children`]. See [`thread_children_read`].
+/// `pid`; every thread's before Linux 3.19, see
+/// [`orphans_go_to_main_thread`]); None as for [`children`]. See
+/// [`thread_children_read`].
 pub(super) fn orphans(pid: i32) -> Option<Vec<i32>> {
+    if !orphans_go_to_main_thread() {
+        return children(pid);
+    }
     thread_children_read(pid, pid).ok().map(|(pids, _)| pids)
 }
 
@@ -451,6 +456,54 @@ struct Walk {
     doubt: Doubt,
 }
 
+/// The children lists of workerd (`root`) where a job's processes can
+/// be: the thread that spawned its main process (`spawner`), then the main
+/// thread. In that order: if the spawning thread ends in between, its
+/// children go to the main thread, read after. None where a list cannot
+/// be read (the caller then scans every process).
+fn job_lists(root: i32, spawner: Option<i32>) -> Option<(Vec<i32>, Doubt)> {
+    let mut next = Vec::new();
+    let mut doubt = Doubt::None;
+    if let Some(spawner) = spawner.filter(|tid| *tid != root) {
+        match thread_children_read(root, spawner) {
+            Ok((pids, listed)) => {
+                next.extend(pids);
+                doubt = listed;
+            }
+            // Ended: its children are the main thread's now.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(_) => return None,
+        }
+    }
+    let (orphans, listed) = thread_children_read(root, root).ok()?;
+    next.extend(orphans);
+    Some((next, doubt.max(listed)))
+}
+
+/// Whether the kernel gives an orphan to the first live thread of its
+/// subreaper, and an ending thread's children to the first live thread of
+/// its process (`find_alive_thread`, Linux 3.19): workerd's main thread.
+/// Before, they went to the subreaper's thread that was the orphan's
+/// ancestor, or to the next thread, so every thread's list is read there.
+fn orphans_go_to_main_thread() -> bool {
+    static AT_LEAST_3_19: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AT_LEAST_3_19.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .ok()
+            .and_then(|release| kernel_at_least(&release, (3, 19)))
+            .unwrap_or(false)
+    })
+}
+
+/// Whether a kernel release (`6.18.44-fc`) is `at_least` (major, minor);
+/// None if it cannot be read as one.
+fn kernel_at_least(release: &str, at_least: (u32, u32)) -> Option<bool> {
+    let mut parts = release.trim().split(['.', '-']);
+    let major = parts.next()?.parse::<u32>().ok()?;
+    let minor = parts.next()?.parse::<u32>().ok()?;
+    Some((major, minor) >= at_least)
+}
+
 /// Every process below `root` (workerd, not itself) where the job's can
 /// be: below its main thread (orphans), its thread that spawned the job
 /// (the main process and its siblings) and the job's main process while
@@ -480,26 +533,12 @@ fn descendants(root: i32, job: &JobProcs, memory: &mut Memory) -> Option<Walk> {
     let main = job
         .main
         .filter(|main| super::reap::running_spawns().contains(main));
-    let mut next = Vec::new();
-    let mut doubt = Doubt::None;
-    // The spawning thread's list before the main thread's: if the thread
-    // ends in between, its children go to the main thread, read after.
-    if let Some(spawner) = job.spawner.filter(|tid| *tid != root) {
-        match thread_children_read(root, spawner) {
-            Ok((pids, listed)) => {
-                next.extend(pids);
-                doubt = listed;
-            }
-            // Ended: its children are the main thread's now.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(_) => doubt = Doubt::Moving,
-        }
-    }
-    let (orphans, listed) = thread_children_read(root, root).ok()?;
-    next.extend(orphans);
+    let (mut next, mut doubt) = match orphans_go_to_main_thread() {
+        true => job_lists(root, job.spawner)?,
+        false => children_read(root)?,
+    };
     next.extend(main);
-    doubt = doubt.max(listed);
-    // Taken after the root's list, so every spawn in it is known. A main
+    // Taken after the root's lists, so every spawn in them is known. A main
     // process reaped since keeps its pid for the walk: pids are handed out
     // in turn, and reusing one so soon would take a wrap of all of them.
     let mut others = super::reap::running_spawns();
@@ -925,6 +964,22 @@ fn send(found: &ProcStat, signal: Signal) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Where orphans go changed in Linux 3.19; releases read as written.
+    #[test]
+    fn kernel_releases_compare_by_major_and_minor() {
+        assert_eq!(kernel_at_least("6.18.44-fc-v1098\n", (3, 19)), Some(true));
+        assert_eq!(kernel_at_least("3.19.0", (3, 19)), Some(true));
+        assert_eq!(kernel_at_least("4.1-rc1", (3, 19)), Some(true));
+        assert_eq!(kernel_at_least("3.18.140", (3, 19)), Some(false));
+        assert_eq!(
+            kernel_at_least("3.10.0-1160.el7.x86_64", (3, 19)),
+            Some(false)
+        );
+        assert_eq!(kernel_at_least("2.6", (3, 19)), Some(false));
+        assert_eq!(kernel_at_least("", (3, 19)), None);
+        assert_eq!(kernel_at_least("six.x", (3, 19)), None);
+    }
 
     /// Out of workerd's tree by the scan's own parents: another worker's
     /// jobs, the kernel's threads. Kept: below workerd, or where the line
