@@ -34,17 +34,8 @@ for arg in "$@"; do
   esac
 done
 
-# JOBCLUSTER_BENCH_BIN=DIR measures the binaries in DIR instead (an
-# earlier build, for a before/after in one sitting); the bench itself is
-# always this checkout's clusterctl.
-if [ -n "${JOBCLUSTER_BENCH_BIN:-}" ]; then
-  bin=$JOBCLUSTER_BENCH_BIN
-  (cd "$root" && cargo build --release -p jobcluster-clusterctl --bin clusterctl --quiet)
-else
-  (cd "$root" && cargo build --release --workspace --bins --quiet)
-  bin="$root/target/release"
-fi
-ctl="$root/target/release/clusterctl"
+. "$root/scripts/bench-lib.sh"
+release_binaries
 
 dir=$(mktemp -d /tmp/jobcluster-bench.XXXXXX)
 # Run as root, workerd runs jobs as nobody, who must reach the scripts.
@@ -61,9 +52,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
 http=$(free_port); grpc=$(free_port); p1=$(free_port); p2=$(free_port)
 
 mkdir -p "$dir/scripts" "$dir/state"

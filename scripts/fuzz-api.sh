@@ -45,9 +45,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
+. "$root/scripts/bench-lib.sh"
 grpc_port=$(free_port)
 http_port=$(free_port)
 worker_port=$(free_port)

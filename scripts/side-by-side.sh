@@ -34,14 +34,8 @@ for tool in wrk go curl python3; do
 done
 [ -f "$original/scheduler/api.go" ] || { echo "side-by-side: $original holds no scheduler/api.go: not the original's sources" >&2; exit 1; }
 
-if [ -n "${JOBCLUSTER_BENCH_BIN:-}" ]; then
-  bin=$JOBCLUSTER_BENCH_BIN
-  (cd "$root" && cargo build --release -p jobcluster-clusterctl --bin clusterctl --quiet)
-else
-  (cd "$root" && cargo build --release --workspace --bins --quiet)
-  bin="$root/target/release"
-fi
-ctl="$root/target/release/clusterctl"
+. "$root/scripts/bench-lib.sh"
+release_binaries
 
 dir=$(mktemp -d /tmp/jobcluster-side.XXXXXX)
 chmod 0755 "$dir"
@@ -52,9 +46,6 @@ stop_all() {
   pids=()
 }
 trap 'stop_all; rm -rf "$dir"' EXIT
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
 printf 'true\n' >"$dir/noop.sh"
 
 # The original in GOPATH mode: its import path under a GOPATH of our own,

@@ -329,14 +329,10 @@ pub(super) fn children(pid: i32) -> Option<Vec<i32>> {
 }
 
 /// workerd's orphans: the children of its main thread (`pid`'s thread
-/// `pid`; every thread's before Linux 3.19, see
-/// [`orphans_go_to_main_thread`]); None as for [`children`]. See
-/// [`thread_children_read`].
+/// `pid`; every thread's before Linux 3.19, see [`workerd_lists`]); None
+/// as for [`children`]. See [`thread_children_read`].
 pub(super) fn orphans(pid: i32) -> Option<Vec<i32>> {
-    if !orphans_go_to_main_thread() {
-        return children(pid);
-    }
-    thread_children_read(pid, pid).ok().map(|(pids, _)| pids)
+    workerd_lists(pid, None).map(|(pids, _)| pids)
 }
 
 /// The children of thread `tid` of process `pid`, and whether the list
@@ -398,10 +394,12 @@ fn children_read(pid: i32) -> Option<(Vec<i32>, Doubt)> {
         .ok()?
         .flatten()
     {
-        let path = task.path();
-        let list = match read_whole(&path.join("children")) {
-            Ok(list) => list,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && path.exists() => {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        let (list, listed) = match thread_children_read(pid, tid) {
+            Ok(read) => read,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && task.path().exists() => {
                 return None;
             }
             // The thread ended meanwhile.
@@ -410,16 +408,11 @@ fn children_read(pid: i32) -> Option<(Vec<i32>, Doubt)> {
                 continue;
             }
         };
-        if list.len() > LIST_PAGE {
-            doubt = doubt.max(Doubt::LongList);
-        }
-        let tid = task.file_name().to_str().and_then(|t| t.parse().ok());
-        if let Some(tid) = tid.filter(|tid| *tid != pid)
-            && ProcStat::read_task(pid, tid).is_none_or(|s| s.is_task_ending())
-        {
+        doubt = doubt.max(listed);
+        if tid != pid && ProcStat::read_task(pid, tid).is_none_or(|s| s.is_task_ending()) {
             doubt = Doubt::Moving;
         }
-        pids.extend(parse_pids(&list));
+        pids.extend(list);
     }
     Some((pids, doubt))
 }
@@ -456,12 +449,16 @@ struct Walk {
     doubt: Doubt,
 }
 
-/// The children lists of workerd (`root`) where a job's processes can
-/// be: the thread that spawned its main process (`spawner`), then the main
-/// thread. In that order: if the spawning thread ends in between, its
-/// children go to the main thread, read after. None where a list cannot
-/// be read (the caller then scans every process).
-fn job_lists(root: i32, spawner: Option<i32>) -> Option<(Vec<i32>, Doubt)> {
+/// The children lists of workerd (`root`) where orphans and a job's
+/// processes can be: the thread that spawned the job's main process
+/// (`spawner`), then the main thread (every thread's before Linux 3.19).
+/// In that order: if the spawning thread ends in between, its children go
+/// to the main thread, read after. None where a list cannot be read (the
+/// caller then scans every process).
+fn workerd_lists(root: i32, spawner: Option<i32>) -> Option<(Vec<i32>, Doubt)> {
+    if !orphans_go_to_main_thread() {
+        return children_read(root);
+    }
     let mut next = Vec::new();
     let mut doubt = Doubt::None;
     if let Some(spawner) = spawner.filter(|tid| *tid != root) {
@@ -530,13 +527,8 @@ fn descendants(root: i32, job: &JobProcs, memory: &mut Memory) -> Option<Walk> {
     // reaped, so it had died, and its children had gone to the root's main
     // thread, before that list is read. One running is walked from its
     // pid, wherever it is listed.
-    let main = job
-        .main
-        .filter(|main| super::reap::running_spawns().contains(main));
-    let (mut next, mut doubt) = match orphans_go_to_main_thread() {
-        true => job_lists(root, job.spawner)?,
-        false => children_read(root)?,
-    };
+    let main = job.main.filter(|main| super::reap::is_running_spawn(*main));
+    let (mut next, mut doubt) = workerd_lists(root, job.spawner)?;
     next.extend(main);
     // Taken after the root's lists, so every spawn in them is known. A main
     // process reaped since keeps its pid for the walk: pids are handed out

@@ -93,6 +93,11 @@ pub(super) fn running_spawns() -> std::collections::BTreeSet<i32> {
         .collect()
 }
 
+/// Whether `pid` is a main process workerd spawned and has not reaped yet.
+pub(super) fn is_running_spawn(pid: i32) -> bool {
+    own().get(&pid).is_some_and(|released| !released.is_set())
+}
+
 /// Makes this process the reaper of its descendants' orphans.
 pub(crate) fn become_subreaper() {
     match nix::sys::prctl::set_child_subreaper(true) {
