@@ -140,7 +140,7 @@ impl Scheduler for SchedulerService {
                 .collect(),
             seed,
         };
-        let (row, writing) = self
+        let (row, writing, undo) = self
             .registry
             .register(registration, now_ms(), self.down_after)
             .map_err(|e| match e {
@@ -149,10 +149,23 @@ impl Scheduler for SchedulerService {
                     Status::already_exists(e.to_string())
                 }
                 RegisterError::Address(e) => Status::invalid_argument(e.to_string()),
+                RegisterError::InFlight { .. } => Status::unavailable(e.to_string()),
             })?;
-        let (store, record) = (self.store.clone(), row.clone());
+        let (store, registry, record) = (self.store.clone(), self.registry.clone(), row.clone());
         writing
-            .until(async move { store.upsert_worker(record).await })
+            .until(async move {
+                let written = store.upsert_worker(record.clone()).await;
+                // Not kept, so not shown: the API goes on showing what the
+                // store holds, and the worker tries again. Here, in the
+                // write's own task: a caller that gave up (the worker's
+                // deadline) must not leave it shown. `undo` drops at the
+                // end either way, letting the worker's next attempt in.
+                if written.is_err() {
+                    let undone = registry.undo_registration(&record, undo);
+                    tracing::warn!(worker = %record.name, address = %record.address, undone, "a registration the store could not record was undone");
+                }
+                written
+            })
             .await
             .map_err(internal)?;
         let kill_job_ids = self

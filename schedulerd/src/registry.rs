@@ -2,6 +2,7 @@
 //! that every request about that worker reuses.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Release};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
@@ -37,6 +38,9 @@ pub(crate) struct WorkerEntry {
     changed: std::sync::atomic::AtomicU64,
     /// Store writes of changes made here that are under way ([`Writing`]).
     writing: std::sync::atomic::AtomicU32,
+    /// The registration (numbered by [`Registry::register`]) this entry
+    /// holds; 0 for a record loaded from the store.
+    registration: std::sync::atomic::AtomicU64,
 }
 
 /// A store write of a change to one entry, under way until dropped. While
@@ -131,6 +135,10 @@ pub(crate) enum RegisterError {
         "a worker named {name:?} is already registered from {address} and alive; a second worker with the same name is refused"
     )]
     Duplicate { name: String, address: String },
+    #[error(
+        "a registration of worker {name:?} is still being recorded; try again once it is (bounded: one at a time per worker)"
+    )]
+    InFlight { name: String },
 }
 
 impl WorkerEntry {
@@ -274,6 +282,17 @@ struct Maps {
     removed: HashSet<String>,
 }
 
+impl Maps {
+    /// Takes worker `id` out of the maps, and its `name` if that still
+    /// names it.
+    fn detach(&mut self, id: &str, name: &str) {
+        self.by_id.remove(id);
+        if self.by_name.get(name).is_some_and(|held| held == id) {
+            self.by_name.remove(name);
+        }
+    }
+}
+
 /// Why a worker could not be removed.
 #[derive(Debug)]
 pub(crate) enum RemoveError {
@@ -298,6 +317,12 @@ pub(crate) struct Registry {
     heard: Mutex<Option<HashSet<String>>>,
     /// When (Unix ms) a lookup that missed last synced with the store.
     missed_at: std::sync::atomic::AtomicU64,
+    /// Registrations made here, to tell them apart ([`Undo`]).
+    registrations: std::sync::atomic::AtomicU64,
+    /// The workers (by name) whose registration's store write is under
+    /// way: one at a time per worker, so an undo only ever goes back to a
+    /// record the store holds. Emptied by each [`Undo`]'s drop.
+    registering: Arc<Mutex<HashSet<String>>>,
 }
 
 /// A lookup that misses syncs with a shared store at most this often, so
@@ -313,6 +338,47 @@ enum Took {
     Moved(WorkerRow),
     /// The record read; `again`: registered again since.
     Taken { again: bool },
+}
+
+/// How to undo a registration whose store write failed
+/// ([`Registry::undo_registration`]), so the API does not go on showing a
+/// registration the store does not hold. While it lives, the worker's
+/// next registration is refused ([`RegisterError::InFlight`]); dropped
+/// (after the write, whatever became of it, a panic included), it lets
+/// the next one in.
+#[derive(Debug)]
+pub(crate) struct Undo {
+    /// The registration's number.
+    registration: u64,
+    replaced: Replaced,
+    name: String,
+    registering: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        self.registering
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.name);
+    }
+}
+
+/// What a registration replaced.
+#[derive(Debug)]
+enum Replaced {
+    /// Nothing: the worker was new to this scheduler.
+    Nothing,
+    /// The same entry, changed in place (same address), as it was.
+    Record {
+        row: Box<WorkerRow>,
+        instance: String,
+        unresponsive_since: Option<u64>,
+        registration: u64,
+    },
+    /// The entry the registration's new one took the place of (a new
+    /// address: a new entry, with a channel of its own).
+    Entry(Arc<WorkerEntry>),
 }
 
 /// What a registering worker says about itself.
@@ -342,6 +408,8 @@ impl Registry {
             }),
             heard: Mutex::new(None),
             missed_at: Default::default(),
+            registrations: Default::default(),
+            registering: Default::default(),
         }
     }
 
@@ -528,6 +596,7 @@ impl Registry {
             dial: self.dial.clone(),
             changed: std::sync::atomic::AtomicU64::new(0),
             writing: std::sync::atomic::AtomicU32::new(0),
+            registration: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
@@ -577,10 +646,7 @@ impl Registry {
         if row.state == WorkerState::Ready {
             return Err(RemoveError::Alive(row.name));
         }
-        maps.by_id.remove(&id);
-        if maps.by_name.get(&row.name) == Some(&id) {
-            maps.by_name.remove(&row.name);
-        }
+        maps.detach(&id, &row.name);
         maps.removed.insert(id);
         Ok(entry)
     }
@@ -680,8 +746,11 @@ impl Registry {
         reg: Registration,
         now_ms: u64,
         down_after: Duration,
-    ) -> Result<(WorkerRow, Writing), RegisterError> {
+    ) -> Result<(WorkerRow, Writing, Undo), RegisterError> {
         let _membership = self.membership.lock().unwrap_or_else(|e| e.into_inner());
+        if self.registering().contains(&reg.name) {
+            return Err(RegisterError::InFlight { name: reg.name });
+        }
         let existing = self.get(&reg.name).filter(|e| e.row().name == reg.name);
         if let Some(entry) = &existing {
             let row = entry.row();
@@ -728,10 +797,17 @@ impl Registry {
             seed: reg.seed,
         };
         crate::metrics::plugins_declared(&row.plugins);
+        let registration = self.registrations.fetch_add(1, AcqRel) + 1;
         match existing {
             // Same address: keep the channel (and its live connection).
             Some(entry) if entry.row().address == row.address => {
                 let writing = entry.writing();
+                let replaced = Replaced::Record {
+                    row: Box::new(entry.row()),
+                    instance: entry.instance(),
+                    unresponsive_since: entry.unresponsive_since(),
+                    registration: entry.registration.swap(registration, AcqRel),
+                };
                 entry.update(|r| *r = row.clone());
                 entry.set_instance(&reg.instance_id);
                 // It answered: a full report follows, so it is trusted again.
@@ -739,16 +815,85 @@ impl Registry {
                     .unresponsive_since
                     .lock()
                     .unwrap_or_else(|e| e.into_inner()) = None;
-                Ok((row, writing))
+                let undo = self.in_flight(registration, replaced, &row.name);
+                Ok((row, writing, undo))
             }
-            _ => {
+            existing => {
                 let entry = self.entry(row.clone())?;
                 entry.set_instance(&reg.instance_id);
+                entry.registration.store(registration, Release);
                 let writing = entry.writing();
                 self.insert(entry);
-                Ok((row, writing))
+                let replaced = existing.map_or(Replaced::Nothing, Replaced::Entry);
+                let undo = self.in_flight(registration, replaced, &row.name);
+                Ok((row, writing, undo))
             }
         }
+    }
+
+    fn registering(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.registering.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks the worker `name`'s registration `registration` in flight
+    /// until the returned [`Undo`] drops.
+    fn in_flight(&self, registration: u64, replaced: Replaced, name: &str) -> Undo {
+        self.registering().insert(name.to_owned());
+        Undo {
+            registration,
+            replaced,
+            name: name.to_owned(),
+            registering: self.registering.clone(),
+        }
+    }
+
+    /// Undoes the registration that recorded `row`, whose store write
+    /// failed: what it replaced comes back (or a worker new here is
+    /// forgotten); true if so, false if the entry no longer holds it (a
+    /// sync or a removal took it since). A drain set meanwhile (written to
+    /// the store before the registry, see [`Registry::set_draining`]) is
+    /// kept. Call before the registration's [`Writing`] guard drops, so
+    /// that no sync falls between the failed write and the undo.
+    pub(crate) fn undo_registration(&self, row: &WorkerRow, mut undo: Undo) -> bool {
+        let _membership = self.membership.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(entry) = self
+            .get(&row.worker_id)
+            .filter(|e| e.registration.load(Acquire) == undo.registration)
+        else {
+            return false;
+        };
+        let replaced = std::mem::replace(&mut undo.replaced, Replaced::Nothing);
+        let draining = entry.with_row(|r| r.draining);
+        match replaced {
+            Replaced::Record {
+                row: before,
+                instance,
+                unresponsive_since,
+                registration,
+            } => {
+                entry.update(|r| {
+                    *r = WorkerRow {
+                        draining,
+                        ..*before
+                    }
+                });
+                entry.set_instance(&instance);
+                entry.registration.store(registration, Release);
+                *entry
+                    .unresponsive_since
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = unresponsive_since;
+            }
+            Replaced::Entry(before) => {
+                before.update(|r| r.draining = draining);
+                self.insert(before);
+            }
+            Replaced::Nothing => {
+                let mut maps = self.maps.write().unwrap_or_else(|e| e.into_inner());
+                maps.detach(&row.worker_id, &row.name);
+            }
+        }
+        true
     }
 
     /// A heartbeat from `worker_id`. `None` when the scheduler does not
@@ -868,7 +1013,7 @@ mod tests {
     async fn only_a_worker_that_is_not_ready_is_removed_and_its_id_is_never_reused() {
         let registry = Registry::new(None, Duration::from_secs(1));
         let down_after = Duration::from_secs(2);
-        let (first, _) = registry
+        let (first, _, _) = registry
             .register(registration("w1", ""), 0, down_after)
             .unwrap();
         assert!(matches!(registry.remove("w1"), Err(RemoveError::Alive(name)) if name == "w1"));
@@ -885,18 +1030,124 @@ mod tests {
         );
 
         // Back with the id it kept: a new one.
-        let (again, _) = registry
+        let (again, _, _) = registry
             .register(registration("w1", &first.worker_id), 10_002, down_after)
             .unwrap();
         assert_ne!(again.worker_id, first.worker_id);
         assert_eq!(registry.get("w1").map(|e| e.id()), Some(again.worker_id));
     }
 
+    /// A registration whose store write failed is undone: a new worker is
+    /// forgotten, a returning one gets back its record (same address) or
+    /// its entry (a new address) with a drain set meanwhile, and a later
+    /// registration is left alone.
+    #[tokio::test]
+    async fn a_registration_the_store_did_not_keep_is_undone() {
+        let registry = Registry::new(None, Duration::from_secs(1));
+        let down_after = Duration::from_secs(2);
+        let reg = registration("w1", "");
+        let (row, writing, undo) = registry.register(reg.clone(), 0, down_after).unwrap();
+        drop(writing);
+        registry.undo_registration(&row, undo);
+        assert!(registry.get("w1").is_none() && registry.get(&row.worker_id).is_none());
+
+        let (kept, writing, _) = registry.register(reg.clone(), 0, down_after).unwrap();
+        drop(writing);
+        let kept_entry = registry.get("w1").unwrap();
+
+        // Again from the same address, with another instance and limit;
+        // drained while its write was under way.
+        let again = Registration {
+            max_jobs: 7,
+            ..registration("w1", &kept.worker_id)
+        };
+        let (row, writing, undo) = registry.register(again, 10_000, down_after).unwrap();
+        assert_eq!(registry.get("w1").unwrap().row().max_jobs, 7);
+        registry.get("w1").unwrap().update(|r| r.draining = true);
+        registry.undo_registration(&row, undo);
+        drop(writing);
+        let entry = registry.get("w1").unwrap();
+        assert!(Arc::ptr_eq(&entry, &kept_entry));
+        assert_eq!(
+            entry.row(),
+            WorkerRow {
+                draining: true,
+                ..kept.clone()
+            }
+        );
+        assert!(entry.instance_is(&reg.instance_id));
+        entry.update(|r| r.draining = false);
+
+        // From a new address: a new entry, then the old one back.
+        let moved = Registration {
+            address: "127.0.0.1:2".to_owned(),
+            ..registration("w1", &kept.worker_id)
+        };
+        let (row, writing, undo) = registry.register(moved, 20_000, down_after).unwrap();
+        drop(writing);
+        assert_eq!(
+            registry.get(&kept.worker_id).unwrap().row().address,
+            "127.0.0.1:2"
+        );
+        registry.undo_registration(&row, undo);
+        assert!(Arc::ptr_eq(
+            &registry.get(&kept.worker_id).unwrap(),
+            &kept_entry
+        ));
+        assert_eq!(registry.get("w1").unwrap().row(), kept);
+
+        // An entry a sync or a removal took since is left alone.
+        let failed = registration("w1", &kept.worker_id);
+        let (row, writing, undo) = registry.register(failed, 30_000, down_after).unwrap();
+        drop(writing);
+        let standing = registry.get("w1").unwrap().row();
+        registry.get("w1").unwrap().registration.store(0, Release);
+        assert!(!registry.undo_registration(&row, undo));
+        assert_eq!(registry.get("w1").unwrap().row(), standing);
+    }
+
+    /// One registration per worker at a time: a worker whose deadline
+    /// dropped its call and tries again while the first write is under
+    /// way is refused until that write is settled (recorded, undone, or
+    /// its task gone), so an undo only ever goes back to what the store
+    /// holds. Other workers are not held back.
+    #[tokio::test]
+    async fn a_second_registration_waits_until_the_first_is_settled() {
+        let registry = Registry::new(None, Duration::from_secs(1));
+        let down_after = Duration::from_secs(2);
+        let reg = registration("w1", "");
+        let (first, _writing, undo) = registry.register(reg.clone(), 0, down_after).unwrap();
+        assert!(matches!(
+            registry.register(reg.clone(), 1, down_after),
+            Err(RegisterError::InFlight { name }) if name == "w1"
+        ));
+        let (_, _, other) = registry
+            .register(registration("w2", ""), 1, down_after)
+            .unwrap();
+        drop(other);
+
+        // Undone: back to nothing, and the next one is let in.
+        assert!(registry.undo_registration(&first, undo));
+        assert!(registry.get("w1").is_none());
+        let (second, _writing, undo) = registry.register(reg.clone(), 2, down_after).unwrap();
+        // Recorded (the guard dropped after the write landed): it stands.
+        drop(undo);
+        assert_eq!(registry.get("w1").unwrap().row(), second);
+        assert!(registry.registering().is_empty());
+
+        // A later registration's undo goes back to the recorded one.
+        let (third, _writing, undo) = registry.register(reg, 10_000, down_after).unwrap();
+        assert_ne!(third, second);
+        assert!(registry.undo_registration(&third, undo));
+        assert_eq!(registry.get("w1").unwrap().row(), second);
+        assert!(registry.registering().is_empty());
+    }
+
     /// A registry that has just registered `w1`: its entry, its record
     /// and the registration's guard.
     fn registered_w1() -> (Registry, Arc<WorkerEntry>, WorkerRow, Writing) {
         let registry = Registry::new(None, Duration::from_secs(1));
-        let (ready, writing) = registry
+        let (ready, writing, _) = registry
             .register(registration("w1", ""), 0, Duration::from_secs(2))
             .unwrap();
         let entry = registry.get("w1").unwrap();

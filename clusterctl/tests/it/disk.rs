@@ -567,3 +567,60 @@ async fn faults_disk_readyz_follows_whether_the_store_takes_a_write() {
     )
     .await;
 }
+
+/// A worker that registers while the store takes no write is refused and
+/// not shown: the scheduler undoes a registration it could not record, so
+/// the API never lists a worker its store does not hold. Once the store
+/// has room the worker registers, and a restarted scheduler still knows it.
+#[tokio::test(flavor = "multi_thread")]
+async fn faults_disk_a_registration_the_full_store_cannot_keep_is_not_shown() {
+    let Some(disk) = Tmpfs::mount("4m") else {
+        return;
+    };
+    let mut cluster = Cluster::start_with_store(&["w1"], disk.path()).await;
+    let anonymous = cluster.http_as(None);
+    let readyz = format!("{}/readyz", cluster.url());
+    let filler = disk.fill();
+    until(
+        Duration::from_secs(20),
+        "the store takes no write",
+        || async {
+            let reply = anonymous.get(&readyz).send().await.unwrap();
+            reply.status() == StatusCode::SERVICE_UNAVAILABLE
+        },
+    )
+    .await;
+
+    cluster.add_worker_with("w2", "");
+    cluster
+        .worker("w2")
+        .wait_for_log("scheduler registration failed", 0)
+        .await;
+    cluster
+        .scheduler
+        .wait_for_log("a registration the store could not record was undone", 0)
+        .await;
+    // No new attempt once it is gone; one still under way is undone too
+    // (in its write's task, even if the call was dropped).
+    cluster.worker("w2").signal(Signal::SIGKILL);
+    cluster.worker("w2").wait(Duration::from_secs(20));
+    until(Duration::from_secs(20), "w2 not shown", || async {
+        cluster.worker_state("w2").await.is_empty()
+    })
+    .await;
+    let names: Vec<String> = cluster
+        .get_json::<jobcluster_proto::http::WorkerList>("/v1/workers")
+        .await
+        .workers
+        .into_iter()
+        .map(|w| w.name)
+        .collect();
+    assert_eq!(names, ["w1"]);
+
+    std::fs::remove_file(filler).unwrap();
+    cluster.restart_worker("w2");
+    cluster.wait_ready("w2").await;
+    let id = cluster.worker_info("w2").await.worker_id;
+    cluster.restart_scheduler(Signal::SIGKILL);
+    assert_eq!(cluster.worker_info("w2").await.worker_id, id);
+}

@@ -1814,3 +1814,84 @@ async fn tokens_stay_out_of_ps_and_the_store_is_the_schedulers_alone() {
         assert_eq!(mode, 0o600, "{path}");
     }
 }
+
+/// A worker that gives up on its registration and sends another while the
+/// first is still being written (the store held by another writer) is
+/// refused, `unavailable`, until the first is settled: one registration
+/// per worker at a time, so none can pile up behind a slow store, and an
+/// undo only ever goes back to what the store holds. The first lands once
+/// the store is free, and the worker's next registration is taken.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_registration_sent_again_while_the_first_is_written_is_refused() {
+    let cluster = Cluster::start_with_on_sqlite(&["w1"], "", "").await;
+    crate::cluster::run_ok(&[
+        "pki",
+        "issue",
+        cluster.pki().to_str().unwrap(),
+        "--role",
+        "worker",
+        "w9",
+    ]);
+    let mut w9 = grpc_as(&cluster, &load_identity(&cluster, "w9"));
+    let request = || {
+        let mut request = tonic::Request::new(RegisterWorkerRequest {
+            name: "w9".into(),
+            address: "127.0.0.1:1".into(),
+            instance_id: "a1b2c3d4-0000-4000-8000-000000000009".into(),
+            plugins: vec!["bash".into()],
+            ..Default::default()
+        });
+        request.set_timeout(Duration::from_millis(300));
+        request
+    };
+
+    // Another writer holds the database for 3 s (the scheduler's writes
+    // wait up to 5 s for it).
+    let db = cluster.tmp.path().join("state").join("scheduler.db");
+    let mut holder = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3, sys, time\n\
+             c = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=10)\n\
+             c.execute('BEGIN IMMEDIATE')\n\
+             print('held', flush=True)\n\
+             time.sleep(3)\n\
+             c.execute('COMMIT')\n",
+        ])
+        .arg(&db)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kept open until the holder ends: it must not die of a closed pipe.
+    let mut said = holder.stdout.take().unwrap();
+    let mut held = [0u8; 5];
+    said.read_exact(&mut held).unwrap();
+    assert_eq!(&held, b"held\n");
+
+    let first = w9.register_worker(request()).await.unwrap_err();
+    assert_eq!(first.code(), tonic::Code::Cancelled, "{first:?}");
+    let again = w9.register_worker(request()).await.unwrap_err();
+    assert_eq!(again.code(), tonic::Code::Unavailable, "{again:?}");
+    assert!(
+        again.message().contains("still being recorded"),
+        "{again:?}"
+    );
+
+    assert!(holder.wait().unwrap().success());
+    drop(said);
+    let mut registered = None;
+    for _ in 0..100 {
+        match w9.register_worker(request()).await {
+            Ok(reply) => {
+                registered = Some(reply.into_inner().worker_id);
+                break;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    let id = registered.expect("registered once the store was free");
+    assert_eq!(cluster.worker_info("w9").await.worker_id, id);
+}
