@@ -306,35 +306,122 @@ async fn floor(jobs: u32, at_once: u32) -> anyhow::Result<f64> {
     );
     let next = Arc::new(AtomicU32::new(0));
     let began = Instant::now();
-    let mut tasks = JoinSet::new();
-    for _ in 0..at_once {
+    let result = all_at_once(at_once, move || {
         let (next, script) = (Arc::clone(&next), script.clone());
-        tasks.spawn(async move {
+        async move {
             while next.fetch_add(1, Ordering::Relaxed) < jobs {
                 let status = tokio::process::Command::new("bash")
                     .arg(&script)
                     .stdin(std::process::Stdio::null())
                     .stdout(std::process::Stdio::null())
                     .status()
-                    .await?;
+                    .await
+                    .map_err(|e| std::io::Error::new(e.kind(), format!("cannot run bash: {e}")))?;
                 if !status.success() {
                     return Err(std::io::Error::other(format!("bash noop.sh: {status}")));
                 }
             }
             Ok(())
-        });
-    }
-    let mut result = Ok(());
-    while let Some(joined) = tasks.join_next().await {
-        let done = joined.map_err(std::io::Error::other).and_then(|r| r);
-        if result.is_ok() {
-            result = done;
         }
-    }
+    })
+    .await;
     let elapsed = began.elapsed();
     let _ = std::fs::remove_dir_all(&dir);
     result.map_err(|e| anyhow::anyhow!("measuring the floor failed: {e}"))?;
     Ok(per_second(f64::from(jobs), elapsed))
+}
+
+/// At most this many pipes measure the floor of `bench follow` at once:
+/// each costs a `head` and a 1 MiB buffer here, and past about 64 pipes of
+/// 1 MiB the user's pipe quota makes new pipes small.
+const FLOOR_PIPES: u32 = 64;
+
+/// What each floor pipe is enlarged to: workerd's job pipes once full.
+const FLOOR_PIPE_SIZE: i32 = 1 << 20;
+
+/// MiB per second this machine moves from local `head -c BYTES /dev/zero`
+/// (what blast.sh runs) through pipes into this process, `at_once` pipes
+/// at a time, in total: what no follower through the cluster can beat.
+/// Each pipe is enlarged to 1 MiB and read 1 MiB at a time, as workerd
+/// does with a job's output; a pipe the user's pipe quota
+/// (`fs.pipe-user-pages-soft`) keeps small is counted and reported.
+async fn follow_floor(bytes: u64, at_once: u32) -> anyhow::Result<f64> {
+    eprintln!(
+        "clusterctl: measuring the floor: {} MiB from local `head -c {bytes} /dev/zero` \
+         through a pipe, {at_once} at a time",
+        bytes / MIB
+    );
+    let small = Arc::new(AtomicU32::new(0));
+    let began = Instant::now();
+    let counted = Arc::clone(&small);
+    all_at_once(at_once, move || {
+        let small = Arc::clone(&counted);
+        async move {
+            use tokio::io::AsyncReadExt;
+            let mut child = tokio::process::Command::new("head")
+                .arg("-c")
+                .arg(bytes.to_string())
+                .arg("/dev/zero")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot run head: {e}")))?;
+            let mut out = child
+                .stdout
+                .take()
+                .ok_or_else(|| std::io::Error::other("head has no stdout"))?;
+            if nix::fcntl::fcntl(&out, nix::fcntl::FcntlArg::F_SETPIPE_SZ(FLOOR_PIPE_SIZE)).is_err()
+            {
+                small.fetch_add(1, Ordering::Relaxed);
+            }
+            let mut buf = vec![0; MIB as usize];
+            let mut read = 0;
+            loop {
+                match out.read(&mut buf).await? {
+                    0 => break,
+                    n => read += n as u64,
+                }
+            }
+            let status = child.wait().await?;
+            if !status.success() || read != bytes {
+                return Err(std::io::Error::other(format!(
+                    "head -c {bytes} /dev/zero: {status}, {read} bytes read"
+                )));
+            }
+            Ok(())
+        }
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("measuring the floor failed: {e}"))?;
+    let elapsed = began.elapsed();
+    let small = small.load(Ordering::Relaxed);
+    if small > 0 {
+        eprintln!(
+            "clusterctl: {small} of {at_once} floor pipes could not be enlarged (the user's \
+             pipe quota, fs.pipe-user-pages-soft): the floor is below what this machine moves"
+        );
+    }
+    let total = bytes as f64 * f64::from(at_once) / MIB as f64;
+    Ok(per_second(total, elapsed))
+}
+
+/// Runs `at_once` tasks made by `task` together and waits for all of
+/// them; on the first error the others are dropped (which ends them) and
+/// that error returned.
+async fn all_at_once<F, T>(at_once: u32, task: F) -> std::io::Result<()>
+where
+    F: Fn() -> T,
+    T: std::future::Future<Output = std::io::Result<()>> + Send + 'static,
+{
+    let mut tasks = JoinSet::new();
+    for _ in 0..at_once {
+        tasks.spawn(task());
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined.map_err(std::io::Error::other).and_then(|r| r)?;
+    }
+    Ok(())
 }
 
 /// The figures of `bench start`.
@@ -451,6 +538,12 @@ async fn follow(
     let Some(first) = clients.first() else {
         anyhow::bail!("no followers");
     };
+    let floor_pipes = args.followers.min(FLOOR_PIPES);
+    let floor = if args.floor {
+        Some(follow_floor(expected, floor_pipes).await?)
+    } else {
+        None
+    };
 
     let began = Instant::now();
     let job_id = first
@@ -478,13 +571,13 @@ async fn follow(
         plural(u64::from(args.followers), "follower")
     );
 
-    let live = read_all(&clients, &job_id, true, expected, began).await?;
+    let live = read_all(&clients, &job_id, true, expected, began, floor).await?;
     let replay = if args.replay {
         // Every live follower returned once the job had ended, so its log
         // is complete: this reads a finished job's log, without follow.
         eprintln!("clusterctl: reading job {job_id}'s output back from byte 0");
         let began = Instant::now();
-        Some(read_all(&clients, &job_id, false, expected, began).await?)
+        Some(read_all(&clients, &job_id, false, expected, began, floor).await?)
     } else {
         None
     };
@@ -504,6 +597,9 @@ async fn follow(
         first_error,
         total_seconds: live.total_seconds,
         total_mib_per_second: live.total_mib_per_second,
+        floor_pipes: floor.map(|_| floor_pipes),
+        floor_mib_per_second: floor.map(|f| round(f, 1)),
+        share_of_floor: live.share_of_floor,
         followers: live.followers,
         replay,
     };
@@ -513,13 +609,15 @@ async fn follow(
 /// Reads the job's output from byte 0 with every client at once, counting
 /// the bytes; times run from `began` to each client's last byte. With
 /// `follow`, each waits for the job's end and checks it succeeded; without,
-/// it reads what the log holds (all of it, for a finished job).
+/// it reads what the log holds (all of it, for a finished job). With a
+/// `floor` (MiB/s), the total is given as a share of it too.
 async fn read_all(
     clients: &[Arc<Api>],
     job_id: &str,
     follow: bool,
     expected: u64,
     began: Instant,
+    floor: Option<f64>,
 ) -> anyhow::Result<Pass> {
     let mut tasks = JoinSet::new();
     for (index, api) in clients.iter().enumerate() {
@@ -564,9 +662,11 @@ async fn read_all(
     followers.sort_by_key(|f| f.follower);
     let total = last_byte.duration_since(began);
     let received: u64 = followers.iter().map(|f| f.bytes).sum();
+    let rate = per_second(received as f64 / MIB as f64, total);
     Ok(Pass {
         total_seconds: round(total.as_secs_f64(), 3),
-        total_mib_per_second: round(per_second(received as f64 / MIB as f64, total), 1),
+        total_mib_per_second: round(rate, 1),
+        share_of_floor: floor.filter(|f| *f > 0.0).map(|f| round(rate / f, 3)),
         followers,
     })
 }
@@ -589,6 +689,9 @@ struct Pass {
     total_seconds: f64,
     /// Bytes received by all followers over `total_seconds`.
     total_mib_per_second: f64,
+    /// With `--floor`: `total_mib_per_second` as a share of the floor.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    share_of_floor: Option<f64>,
     followers: Vec<FollowerReport>,
 }
 
@@ -618,6 +721,16 @@ struct FollowReport {
     total_seconds: f64,
     /// Bytes received by all followers over `total_seconds`.
     total_mib_per_second: f64,
+    /// With `--floor`: how many local pipes were read at once (as many as
+    /// there are followers, at most 64).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    floor_pipes: Option<u32>,
+    /// With `--floor`: those pipes' MiB/s in total.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    floor_mib_per_second: Option<f64>,
+    /// With `--floor`: `total_mib_per_second` as a share of the floor.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    share_of_floor: Option<f64>,
     followers: Vec<FollowerReport>,
     /// With `--replay`: the finished job's log read back by every follower
     /// at once, timed from the requests to the last byte.
@@ -653,6 +766,15 @@ impl FollowReport {
             self.total_mib_per_second,
         );
         let mut text = head + &output::table(&columns, &live);
+        let of_floor =
+            |share: Option<f64>| share.map_or("-".to_owned(), |s| format!("{:.0} %", s * 100.0));
+        if let (Some(floor), Some(pipes)) = (self.floor_mib_per_second, self.floor_pipes) {
+            text.push_str(&format!(
+                "floor: {floor:.1} MiB/s (local head -c through {} at once); live: {} of the floor\n",
+                plural(u64::from(pipes), "pipe"),
+                of_floor(self.share_of_floor)
+            ));
+        }
         if let Some(replay) = &self.replay {
             text.push_str("replay of the finished job's log:\n");
             let rows = pass_rows(
@@ -661,6 +783,12 @@ impl FollowReport {
                 replay.total_mib_per_second,
             );
             text.push_str(&output::table(&columns, &rows));
+            if self.floor_mib_per_second.is_some() {
+                text.push_str(&format!(
+                    "replay: {} of the floor\n",
+                    of_floor(replay.share_of_floor)
+                ));
+            }
         }
         text
     }
@@ -951,6 +1079,9 @@ mod tests {
             first_error: None,
             total_seconds: 0.5,
             total_mib_per_second: 8.0,
+            floor_pipes: None,
+            floor_mib_per_second: None,
+            share_of_floor: None,
             followers: vec![
                 FollowerReport {
                     follower: 1,
@@ -993,9 +1124,13 @@ mod tests {
                 error: None,
             }],
             failed: 1,
+            floor_pipes: Some(1),
+            floor_mib_per_second: Some(16.0),
+            share_of_floor: Some(0.5),
             replay: Some(Pass {
                 total_seconds: 0.25,
                 total_mib_per_second: 4.0,
+                share_of_floor: Some(0.25),
                 followers: vec![FollowerReport {
                     follower: 1,
                     bytes: MIB,
@@ -1012,12 +1147,16 @@ mod tests {
              FOLLOWER  MiB  SECONDS  MiB/s  RESULT\n\
              1         2.0  0.500    4.0    ok\n\
              total     2.0  0.500    8.0    ok\n\
+             floor: 16.0 MiB/s (local head -c through 1 pipe at once); live: 50 % of the floor\n\
              replay of the finished job's log:\n\
              FOLLOWER  MiB  SECONDS  MiB/s  RESULT\n\
              1         1.0  0.250    4.0    short\n\
-             total     1.0  0.250    4.0    1 failed\n"
+             total     1.0  0.250    4.0    1 failed\n\
+             replay: 25 % of the floor\n"
         );
         let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["share_of_floor"], 0.5);
+        assert_eq!(json["replay"]["share_of_floor"], 0.25);
         assert_eq!(json["replay"]["total_mib_per_second"], 4.0);
         assert_eq!(json["replay"]["followers"][0]["error"], "short");
     }

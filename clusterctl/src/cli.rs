@@ -412,6 +412,12 @@ pub(crate) struct BenchFollowArgs {
     /// every follower at once, and report that replay too.
     #[arg(long)]
     pub(crate) replay: bool,
+    /// First measure the floor on this machine: as many local `head -c
+    /// BYTES /dev/zero` (what blast.sh runs) read through pipes by this
+    /// process as there are followers (at most 64), all at once; then
+    /// report each pass as a share of it.
+    #[arg(long)]
+    pub(crate) floor: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -7,12 +7,14 @@ use serde_json::{Value, json};
 
 use crate::cluster::{Cluster, stderr, stdout};
 
-/// `bench follow --replay` follows the job live, then reads the finished
-/// job's log back from byte 0 with every follower, checks every byte came
-/// and reports both passes (JSON with `-o json`, two tables without).
+/// `bench follow --replay --floor` measures local pipes first, follows
+/// the job live, then reads the finished job's log back from byte 0 with
+/// every follower, checks every byte came and reports both passes as
+/// shares of the floor (JSON with `-o json`, two tables without).
 #[tokio::test(flavor = "multi_thread")]
 async fn bench_follow_replays_the_finished_jobs_log() {
-    let cluster = Cluster::start(&["w1"]).await;
+    // Room for more followers than floor pipes (64).
+    let cluster = Cluster::start_with(&["w1"], "max_followers_per_job = 65\n", "").await;
     cluster.add_repo_script("blast.sh");
 
     let args = [
@@ -25,6 +27,7 @@ async fn bench_follow_replays_the_finished_jobs_log() {
         "--followers",
         "2",
         "--replay",
+        "--floor",
     ];
     let out = cluster
         .ctl_output(&[["-o", "json"].as_slice(), &args].concat())
@@ -55,6 +58,22 @@ async fn bench_follow_replays_the_finished_jobs_log() {
         "{}",
         stderr(&out)
     );
+    // The floor: two local pipes of 3 MiB each, and each pass's total as a
+    // share of it.
+    assert!(
+        stderr(&out).contains("measuring the floor: 3 MiB from local `head -c 3145728"),
+        "{}",
+        stderr(&out)
+    );
+    let floor = report["floor_mib_per_second"].as_f64().unwrap();
+    // Two pipes of 3 MiB: more than 1 MiB/s, less than any memory moves.
+    assert!(floor > 1.0 && floor < 1e6, "{report}");
+    assert_eq!(report["floor_pipes"], 2, "{report}");
+    for pass in [&report, replay] {
+        let share = pass["share_of_floor"].as_f64().unwrap();
+        let rate = pass["total_mib_per_second"].as_f64().unwrap();
+        assert!((rate / floor - share).abs() < 0.01, "{report}");
+    }
     // The job really is finished and kept all of it.
     let job = cluster.job(report["job_id"].as_str().unwrap()).await;
     assert_eq!(
@@ -67,8 +86,38 @@ async fn bench_follow_replays_the_finished_jobs_log() {
     let text = stdout(&out);
     assert!(text.contains("replay of the finished job's log:"), "{text}");
     assert_eq!(text.matches("total ").count(), 2, "{text}");
+    assert_eq!(text.matches("% of the floor").count(), 2, "{text}");
 
-    // Without --replay there is no replay in the report.
+    // More followers than floor pipes: the floor reads at most 64.
+    let out = cluster
+        .ctl_output(&[
+            "-o",
+            "json",
+            "bench",
+            "follow",
+            "--worker",
+            "w1",
+            "--mib",
+            "1",
+            "--followers",
+            "65",
+            "--floor",
+        ])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (report["failed"].as_u64(), report["floor_pipes"].as_u64()),
+        (Some(0), Some(64)),
+        "{report}"
+    );
+    assert!(
+        stderr(&out).contains("through a pipe, 64 at a time"),
+        "{}",
+        stderr(&out)
+    );
+
+    // Without --replay and --floor, neither is in the report.
     let out = cluster
         .ctl_output(&[
             "-o", "json", "bench", "follow", "--worker", "w1", "--mib", "1",
@@ -77,6 +126,9 @@ async fn bench_follow_replays_the_finished_jobs_log() {
     assert!(out.status.success(), "{}", stderr(&out));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(report.get("replay").is_none(), "{report}");
+    for field in ["floor_pipes", "floor_mib_per_second", "share_of_floor"] {
+        assert!(report.get(field).is_none(), "{report}");
+    }
 }
 
 /// The group stream passes a line of up to 64 KiB whole and splits a
