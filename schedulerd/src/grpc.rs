@@ -149,20 +149,25 @@ impl Scheduler for SchedulerService {
                     Status::already_exists(e.to_string())
                 }
                 RegisterError::Address(e) => Status::invalid_argument(e.to_string()),
-                RegisterError::InFlight { .. } => Status::unavailable(e.to_string()),
+                // Not UNAVAILABLE: this scheduler answered, and a worker
+                // moves to its next scheduler on that code.
+                RegisterError::InFlight { .. } => Status::aborted(e.to_string()),
             })?;
         let (store, registry, record) = (self.store.clone(), self.registry.clone(), row.clone());
         writing
             .until(async move {
                 let written = store.upsert_worker(record.clone()).await;
-                // Not kept, so not shown: the API goes on showing what the
-                // store holds, and the worker tries again. Here, in the
+                // Not kept, so not shown: the API goes on showing what it
+                // showed before, and the worker tries again. Here, in the
                 // write's own task: a caller that gave up (the worker's
                 // deadline) must not leave it shown. `undo` drops at the
                 // end either way, letting the worker's next attempt in.
-                if written.is_err() {
-                    let undone = registry.undo_registration(&record, undo);
-                    tracing::warn!(worker = %record.name, address = %record.address, undone, "a registration the store could not record was undone");
+                match &written {
+                    Ok(()) => undo.recorded(),
+                    Err(_) => {
+                        let undone = registry.undo_registration(&record, undo);
+                        tracing::warn!(worker = %record.name, address = %record.address, undone, "a registration the store could not record was undone");
+                    }
                 }
                 written
             })

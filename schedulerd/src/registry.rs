@@ -41,6 +41,11 @@ pub(crate) struct WorkerEntry {
     /// The registration (numbered by [`Registry::register`]) this entry
     /// holds; 0 for a record loaded from the store.
     registration: std::sync::atomic::AtomicU64,
+    /// A worker new here whose first registration the store does not hold
+    /// yet: no job is placed on it and no drain is set, since an undo
+    /// ([`Registry::undo_registration`]) would forget the id they name.
+    /// Goes false once, when the write lands ([`Undo::recorded`]).
+    unrecorded: std::sync::atomic::AtomicBool,
 }
 
 /// A store write of a change to one entry, under way until dropped. While
@@ -223,9 +228,15 @@ impl WorkerEntry {
         newly
     }
 
-    /// Ready and answering: placement may use it.
+    /// Ready, answering and recorded: placement may use it.
     pub(crate) fn usable(&self) -> bool {
-        self.state() == WorkerState::Ready && self.unresponsive_since().is_none()
+        self.state() == WorkerState::Ready && self.unresponsive_since().is_none() && self.recorded()
+    }
+
+    /// Whether the store holds this worker (false only while a new
+    /// worker's first registration is written).
+    pub(crate) fn recorded(&self) -> bool {
+        !self.unrecorded.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub(crate) fn id(&self) -> String {
@@ -320,8 +331,8 @@ pub(crate) struct Registry {
     /// Registrations made here, to tell them apart ([`Undo`]).
     registrations: std::sync::atomic::AtomicU64,
     /// The workers (by name) whose registration's store write is under
-    /// way: one at a time per worker, so an undo only ever goes back to a
-    /// record the store holds. Emptied by each [`Undo`]'s drop.
+    /// way: one at a time per worker, so an undo never goes back over a
+    /// newer registration. Emptied by each [`Undo`]'s drop.
     registering: Arc<Mutex<HashSet<String>>>,
 }
 
@@ -350,9 +361,20 @@ enum Took {
 pub(crate) struct Undo {
     /// The registration's number.
     registration: u64,
-    replaced: Replaced,
+    /// Taken by the undo.
+    replaced: Option<Replaced>,
     name: String,
     registering: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Undo {
+    /// The registration's write landed: a worker new here may now take
+    /// jobs and drains.
+    pub(crate) fn recorded(self) {
+        if let Some(Replaced::Nothing(entry)) = &self.replaced {
+            entry.unrecorded.store(false, Release);
+        }
+    }
 }
 
 impl Drop for Undo {
@@ -367,8 +389,9 @@ impl Drop for Undo {
 /// What a registration replaced.
 #[derive(Debug)]
 enum Replaced {
-    /// Nothing: the worker was new to this scheduler.
-    Nothing,
+    /// Nothing: the worker was new to this scheduler; its new entry,
+    /// unrecorded until the write lands.
+    Nothing(Arc<WorkerEntry>),
     /// The same entry, changed in place (same address), as it was.
     Record {
         row: Box<WorkerRow>,
@@ -597,6 +620,7 @@ impl Registry {
             changed: std::sync::atomic::AtomicU64::new(0),
             writing: std::sync::atomic::AtomicU32::new(0),
             registration: std::sync::atomic::AtomicU64::new(0),
+            unrecorded: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -822,9 +846,12 @@ impl Registry {
                 let entry = self.entry(row.clone())?;
                 entry.set_instance(&reg.instance_id);
                 entry.registration.store(registration, Release);
+                // A new address keeps the recorded id; only a new worker
+                // waits for its record.
+                entry.unrecorded.store(existing.is_none(), Release);
                 let writing = entry.writing();
-                self.insert(entry);
-                let replaced = existing.map_or(Replaced::Nothing, Replaced::Entry);
+                self.insert(entry.clone());
+                let replaced = existing.map_or(Replaced::Nothing(entry), Replaced::Entry);
                 let undo = self.in_flight(registration, replaced, &row.name);
                 Ok((row, writing, undo))
             }
@@ -841,7 +868,7 @@ impl Registry {
         self.registering().insert(name.to_owned());
         Undo {
             registration,
-            replaced,
+            replaced: Some(replaced),
             name: name.to_owned(),
             registering: self.registering.clone(),
         }
@@ -862,33 +889,43 @@ impl Registry {
         else {
             return false;
         };
-        let replaced = std::mem::replace(&mut undo.replaced, Replaced::Nothing);
-        let draining = entry.with_row(|r| r.draining);
+        let Some(replaced) = undo.replaced.take() else {
+            return false;
+        };
+        // What happened meanwhile stays: a drain, a deregistration, a call
+        // that timed out. Only the registration's own change goes.
+        let (draining, left) = entry.with_row(|r| (r.draining, r.state == WorkerState::Left));
+        let timed_out = entry.unresponsive_since();
+        let carry = |r: &mut WorkerRow| {
+            r.draining = draining;
+            if left {
+                r.state = WorkerState::Left;
+            }
+        };
         match replaced {
             Replaced::Record {
-                row: before,
+                row: mut before,
                 instance,
                 unresponsive_since,
                 registration,
             } => {
-                entry.update(|r| {
-                    *r = WorkerRow {
-                        draining,
-                        ..*before
-                    }
-                });
+                carry(&mut before);
+                entry.update(|r| *r = *before);
                 entry.set_instance(&instance);
                 entry.registration.store(registration, Release);
                 *entry
                     .unresponsive_since
                     .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = unresponsive_since;
+                    .unwrap_or_else(|e| e.into_inner()) = timed_out.or(unresponsive_since);
             }
             Replaced::Entry(before) => {
-                before.update(|r| r.draining = draining);
+                before.update(carry);
+                if let Some(since) = timed_out {
+                    before.mark_unresponsive(since);
+                }
                 self.insert(before);
             }
-            Replaced::Nothing => {
+            Replaced::Nothing(_) => {
                 let mut maps = self.maps.write().unwrap_or_else(|e| e.into_inner());
                 maps.detach(&row.worker_id, &row.name);
             }
@@ -1048,12 +1085,19 @@ mod tests {
         let reg = registration("w1", "");
         let (row, writing, undo) = registry.register(reg.clone(), 0, down_after).unwrap();
         drop(writing);
+        // New here and not yet recorded: no job may name its id.
+        let unwritten = registry.get("w1").unwrap();
+        assert!(!unwritten.recorded() && !unwritten.usable());
         registry.undo_registration(&row, undo);
         assert!(registry.get("w1").is_none() && registry.get(&row.worker_id).is_none());
+        assert!(!unwritten.recorded());
 
-        let (kept, writing, _) = registry.register(reg.clone(), 0, down_after).unwrap();
+        let (kept, writing, undo) = registry.register(reg.clone(), 0, down_after).unwrap();
         drop(writing);
         let kept_entry = registry.get("w1").unwrap();
+        assert!(!kept_entry.recorded());
+        undo.recorded();
+        assert!(kept_entry.recorded() && kept_entry.usable());
 
         // Again from the same address, with another instance and limit;
         // drained while its write was under way.
@@ -1096,21 +1140,42 @@ mod tests {
         ));
         assert_eq!(registry.get("w1").unwrap().row(), kept);
 
-        // An entry a sync or a removal took since is left alone.
-        let failed = registration("w1", &kept.worker_id);
-        let (row, writing, undo) = registry.register(failed, 30_000, down_after).unwrap();
+        // A deregistration and a call that timed out meanwhile stay.
+        let (row, writing, undo) = registry
+            .register(registration("w1", &kept.worker_id), 30_000, down_after)
+            .unwrap();
+        kept_entry.update(|r| r.state = WorkerState::Left);
+        kept_entry.mark_unresponsive(30_001);
+        assert!(registry.undo_registration(&row, undo));
         drop(writing);
-        let standing = registry.get("w1").unwrap().row();
-        registry.get("w1").unwrap().registration.store(0, Release);
+        assert_eq!(
+            registry.get("w1").unwrap().row(),
+            WorkerRow {
+                state: WorkerState::Left,
+                ..kept.clone()
+            }
+        );
+        assert_eq!(kept_entry.unresponsive_since(), Some(30_001));
+
+        // An entry removed since (it left, then was removed) stays removed.
+        let (row, writing, undo) = registry
+            .register(registration("w1", &kept.worker_id), 40_000, down_after)
+            .unwrap();
+        registry
+            .get("w1")
+            .unwrap()
+            .update(|r| r.state = WorkerState::Left);
+        registry.remove("w1").unwrap();
         assert!(!registry.undo_registration(&row, undo));
-        assert_eq!(registry.get("w1").unwrap().row(), standing);
+        drop(writing);
+        assert!(registry.get("w1").is_none() && registry.get(&kept.worker_id).is_none());
     }
 
     /// One registration per worker at a time: a worker whose deadline
     /// dropped its call and tries again while the first write is under
     /// way is refused until that write is settled (recorded, undone, or
-    /// its task gone), so an undo only ever goes back to what the store
-    /// holds. Other workers are not held back.
+    /// its task gone), so an undo only ever goes back to what was there
+    /// before. Other workers are not held back.
     #[tokio::test]
     async fn a_second_registration_waits_until_the_first_is_settled() {
         let registry = Registry::new(None, Duration::from_secs(1));

@@ -1817,10 +1817,12 @@ async fn tokens_stay_out_of_ps_and_the_store_is_the_schedulers_alone() {
 
 /// A worker that gives up on its registration and sends another while the
 /// first is still being written (the store held by another writer) is
-/// refused, `unavailable`, until the first is settled: one registration
-/// per worker at a time, so none can pile up behind a slow store, and an
-/// undo only ever goes back to what the store holds. The first lands once
-/// the store is free, and the worker's next registration is taken.
+/// refused, `aborted`, until the first is settled: one registration per
+/// worker at a time, so none can pile up behind a slow store, and an undo
+/// only ever goes back to what it replaced. Meanwhile the new worker takes
+/// no job and no drain (an undo would forget the id they name). The first
+/// lands once the store is free, and the worker's next registration is
+/// taken; then it takes drains.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_registration_sent_again_while_the_first_is_written_is_refused() {
     let cluster = Cluster::start_with_on_sqlite(&["w1"], "", "").await;
@@ -1871,11 +1873,31 @@ async fn a_registration_sent_again_while_the_first_is_written_is_refused() {
     let first = w9.register_worker(request()).await.unwrap_err();
     assert_eq!(first.code(), tonic::Code::Cancelled, "{first:?}");
     let again = w9.register_worker(request()).await.unwrap_err();
-    assert_eq!(again.code(), tonic::Code::Unavailable, "{again:?}");
+    assert_eq!(again.code(), tonic::Code::Aborted, "{again:?}");
     assert!(
         again.message().contains("still being recorded"),
         "{again:?}"
     );
+    for (path, body) in [
+        ("/v1/jobs", json!({"worker_id": "w9", "path": "count.sh"})),
+        ("/v1/workers/w9/drain", json!({})),
+    ] {
+        let reply = cluster
+            .http()
+            .post(format!("{}{path}", cluster.url()))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = reply.status();
+        let error = reply.json::<ErrorBody>().await.unwrap();
+        assert_eq!(
+            (status, error.code.as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, "worker_unavailable"),
+            "{path}: {error:?}"
+        );
+        assert!(error.error.contains("still registering"), "{error:?}");
+    }
 
     assert!(holder.wait().unwrap().success());
     drop(said);
@@ -1887,11 +1909,13 @@ async fn a_registration_sent_again_while_the_first_is_written_is_refused() {
                 break;
             }
             Err(status) => {
-                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                assert_eq!(status.code(), tonic::Code::Aborted, "{status:?}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
     let id = registered.expect("registered once the store was free");
     assert_eq!(cluster.worker_info("w9").await.worker_id, id);
+    let out = cluster.ctl_output(&["workers", "drain", "w9"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
 }

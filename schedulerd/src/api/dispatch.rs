@@ -183,7 +183,7 @@ fn usable(state: &AppState, w: &WorkerRow) -> bool {
         && state
             .registry
             .get(&w.worker_id)
-            .is_some_and(|e| e.unresponsive_since().is_none())
+            .is_some_and(|e| e.unresponsive_since().is_none() && e.recorded())
 }
 
 fn has_slot(state: &AppState, w: &WorkerRow, taken: &HashMap<String, u64>) -> bool {

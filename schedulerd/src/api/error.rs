@@ -47,6 +47,18 @@ impl ApiError {
         )
     }
 
+    /// A worker new here whose registration is still being written: a job
+    /// or a drain naming its id now could outlive a failed write.
+    pub(crate) fn worker_registering(worker: &str) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "worker_unavailable",
+            format!(
+                "worker {worker} is still registering (its record is being written); try again"
+            ),
+        )
+    }
+
     pub(crate) fn bad_request(code: &str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
     }

@@ -570,6 +570,8 @@ async fn named_worker(
         Some(ApiError::worker_not_ready(&w))
     } else if w.draining {
         Some(draining(&w.name))
+    } else if !worker.recorded() {
+        Some(ApiError::worker_registering(&w.name))
     } else {
         worker
             .unresponsive_since()
@@ -825,6 +827,13 @@ async fn start_and_record(
     if let Some(since) = worker.unresponsive_since() {
         return Err(StartError::nothing_started(ApiError::worker_unresponsive(
             &w.name, since,
+        )));
+    }
+    // Checked before the job is recorded: once true it stays true, so the
+    // worker id the record names is one the store holds.
+    if !worker.recorded() {
+        return Err(StartError::nothing_started(ApiError::worker_registering(
+            &w.name,
         )));
     }
     let job_id = uuid::Uuid::new_v4().to_string();

@@ -194,11 +194,18 @@ async fn set_draining(
     id: &str,
     draining: bool,
 ) -> Result<Json<WorkerInfo>, ApiError> {
-    let worker_id = state
+    let entry = state
         .registry
         .get(id)
-        .ok_or_else(|| ApiError::worker_not_found(id))?
-        .id();
+        .ok_or_else(|| ApiError::worker_not_found(id))?;
+    // Its record's write would not carry the flag, and its undo would drop
+    // it: a drain answered now could be lost.
+    if !entry.recorded() {
+        return Err(ApiError::worker_registering(
+            &entry.with_row(|r| r.name.clone()),
+        ));
+    }
+    let worker_id = entry.id();
     // The store first, then the registry: a sync of the registry with a
     // shared store that read the old record before this write cannot put
     // it back over the change below (it skips entries changed since its
