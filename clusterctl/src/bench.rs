@@ -314,6 +314,8 @@ async fn floor(jobs: u32, at_once: u32) -> anyhow::Result<f64> {
                     .arg(&script)
                     .stdin(std::process::Stdio::null())
                     .stdout(std::process::Stdio::null())
+                    // A task dropped after another's error ends its bash.
+                    .kill_on_drop(true)
                     .status()
                     .await
                     .map_err(|e| std::io::Error::new(e.kind(), format!("cannot run bash: {e}")))?;
@@ -332,9 +334,20 @@ async fn floor(jobs: u32, at_once: u32) -> anyhow::Result<f64> {
 }
 
 /// At most this many pipes measure the floor of `bench follow` at once:
-/// each costs a `head` and a 1 MiB buffer here, and past about 64 pipes of
-/// 1 MiB the user's pipe quota makes new pipes small.
+/// each costs a `head` and a 1 MiB buffer here. Linux's default pipe quota
+/// for a user without CAP_SYS_RESOURCE (`fs.pipe-user-pages-soft`, 16,384
+/// pages) is 64 pipes of 1 MiB in all, counting the user's other pipes:
+/// one it keeps small is reported (`floor_small_pipes`).
 const FLOOR_PIPES: u32 = 64;
+
+/// The floor of `bench follow`.
+#[derive(Debug, Clone, Copy)]
+struct FollowFloor {
+    pipes: u32,
+    mib_per_second: f64,
+    /// Pipes the user's pipe quota kept at their default size.
+    small_pipes: u32,
+}
 
 /// What each floor pipe is enlarged to: workerd's job pipes once full.
 const FLOOR_PIPE_SIZE: i32 = 1 << 20;
@@ -345,7 +358,7 @@ const FLOOR_PIPE_SIZE: i32 = 1 << 20;
 /// Each pipe is enlarged to 1 MiB and read 1 MiB at a time, as workerd
 /// does with a job's output; a pipe the user's pipe quota
 /// (`fs.pipe-user-pages-soft`) keeps small is counted and reported.
-async fn follow_floor(bytes: u64, at_once: u32) -> anyhow::Result<f64> {
+async fn follow_floor(bytes: u64, at_once: u32) -> anyhow::Result<FollowFloor> {
     eprintln!(
         "clusterctl: measuring the floor: {} MiB from local `head -c {bytes} /dev/zero` \
          through a pipe, {at_once} at a time",
@@ -371,9 +384,17 @@ async fn follow_floor(bytes: u64, at_once: u32) -> anyhow::Result<f64> {
                 .stdout
                 .take()
                 .ok_or_else(|| std::io::Error::other("head has no stdout"))?;
-            if nix::fcntl::fcntl(&out, nix::fcntl::FcntlArg::F_SETPIPE_SZ(FLOOR_PIPE_SIZE)).is_err()
-            {
-                small.fetch_add(1, Ordering::Relaxed);
+            match nix::fcntl::fcntl(&out, nix::fcntl::FcntlArg::F_SETPIPE_SZ(FLOOR_PIPE_SIZE)) {
+                Ok(_) => {}
+                // The quota's answer; anything else is not a floor.
+                Err(nix::errno::Errno::EPERM) => {
+                    small.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    return Err(std::io::Error::other(format!(
+                        "cannot enlarge a pipe to {FLOOR_PIPE_SIZE} bytes: {e}"
+                    )));
+                }
             }
             let mut buf = vec![0; MIB as usize];
             let mut read = 0;
@@ -403,7 +424,11 @@ async fn follow_floor(bytes: u64, at_once: u32) -> anyhow::Result<f64> {
         );
     }
     let total = bytes as f64 * f64::from(at_once) / MIB as f64;
-    Ok(per_second(total, elapsed))
+    Ok(FollowFloor {
+        pipes: at_once,
+        mib_per_second: per_second(total, elapsed),
+        small_pipes: small,
+    })
 }
 
 /// Runs `at_once` tasks made by `task` together and waits for all of
@@ -530,6 +555,13 @@ async fn follow(
         .mib
         .checked_mul(MIB)
         .ok_or_else(|| anyhow::anyhow!("--mib {} is too large", args.mib))?;
+    // Before the connections: a long floor must not leave them idle past
+    // the scheduler's idle timeout.
+    let floor = if args.floor {
+        Some(follow_floor(expected, args.followers.min(FLOOR_PIPES)).await?)
+    } else {
+        None
+    };
     let clients: Vec<Arc<Api>> = connect(opts, args.followers, &args.worker)
         .await?
         .into_iter()
@@ -538,12 +570,7 @@ async fn follow(
     let Some(first) = clients.first() else {
         anyhow::bail!("no followers");
     };
-    let floor_pipes = args.followers.min(FLOOR_PIPES);
-    let floor = if args.floor {
-        Some(follow_floor(expected, floor_pipes).await?)
-    } else {
-        None
-    };
+    let floor_rate = floor.map(|f| f.mib_per_second);
 
     let began = Instant::now();
     let job_id = first
@@ -571,13 +598,13 @@ async fn follow(
         plural(u64::from(args.followers), "follower")
     );
 
-    let live = read_all(&clients, &job_id, true, expected, began, floor).await?;
+    let live = read_all(&clients, &job_id, true, expected, began, floor_rate).await?;
     let replay = if args.replay {
         // Every live follower returned once the job had ended, so its log
         // is complete: this reads a finished job's log, without follow.
         eprintln!("clusterctl: reading job {job_id}'s output back from byte 0");
         let began = Instant::now();
-        Some(read_all(&clients, &job_id, false, expected, began, floor).await?)
+        Some(read_all(&clients, &job_id, false, expected, began, floor_rate).await?)
     } else {
         None
     };
@@ -597,8 +624,9 @@ async fn follow(
         first_error,
         total_seconds: live.total_seconds,
         total_mib_per_second: live.total_mib_per_second,
-        floor_pipes: floor.map(|_| floor_pipes),
-        floor_mib_per_second: floor.map(|f| round(f, 1)),
+        floor_pipes: floor.map(|f| f.pipes),
+        floor_small_pipes: floor.map(|f| f.small_pipes),
+        floor_mib_per_second: floor.map(|f| round(f.mib_per_second, 1)),
         share_of_floor: live.share_of_floor,
         followers: live.followers,
         replay,
@@ -725,6 +753,10 @@ struct FollowReport {
     /// there are followers, at most 64).
     #[serde(skip_serializing_if = "Option::is_none")]
     floor_pipes: Option<u32>,
+    /// With `--floor`: how many of them stayed small (the user's pipe
+    /// quota); more than 0 means the floor is below what the machine moves.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    floor_small_pipes: Option<u32>,
     /// With `--floor`: those pipes' MiB/s in total.
     #[serde(skip_serializing_if = "Option::is_none")]
     floor_mib_per_second: Option<f64>,
@@ -769,8 +801,12 @@ impl FollowReport {
         let of_floor =
             |share: Option<f64>| share.map_or("-".to_owned(), |s| format!("{:.0} %", s * 100.0));
         if let (Some(floor), Some(pipes)) = (self.floor_mib_per_second, self.floor_pipes) {
+            let small = match self.floor_small_pipes {
+                Some(n) if n > 0 => format!(", {n} kept small by the pipe quota"),
+                _ => String::new(),
+            };
             text.push_str(&format!(
-                "floor: {floor:.1} MiB/s (local head -c through {} at once); live: {} of the floor\n",
+                "floor: {floor:.1} MiB/s (local head -c through {} at once{small}); live: {} of the floor\n",
                 plural(u64::from(pipes), "pipe"),
                 of_floor(self.share_of_floor)
             ));
@@ -1080,6 +1116,7 @@ mod tests {
             total_seconds: 0.5,
             total_mib_per_second: 8.0,
             floor_pipes: None,
+            floor_small_pipes: None,
             floor_mib_per_second: None,
             share_of_floor: None,
             followers: vec![
@@ -1125,6 +1162,7 @@ mod tests {
             }],
             failed: 1,
             floor_pipes: Some(1),
+            floor_small_pipes: Some(0),
             floor_mib_per_second: Some(16.0),
             share_of_floor: Some(0.5),
             replay: Some(Pass {
