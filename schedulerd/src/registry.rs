@@ -363,6 +363,8 @@ pub(crate) struct Undo {
     registration: u64,
     /// Taken by the undo.
     replaced: Option<Replaced>,
+    /// The entry the registration left in the registry.
+    entry: Arc<WorkerEntry>,
     name: String,
     registering: Arc<Mutex<HashSet<String>>>,
 }
@@ -371,9 +373,7 @@ impl Undo {
     /// The registration's write landed: a worker new here may now take
     /// jobs and drains.
     pub(crate) fn recorded(self) {
-        if let Some(Replaced::Nothing(entry)) = &self.replaced {
-            entry.unrecorded.store(false, Release);
-        }
+        self.entry.unrecorded.store(false, Release);
     }
 }
 
@@ -389,9 +389,8 @@ impl Drop for Undo {
 /// What a registration replaced.
 #[derive(Debug)]
 enum Replaced {
-    /// Nothing: the worker was new to this scheduler; its new entry,
-    /// unrecorded until the write lands.
-    Nothing(Arc<WorkerEntry>),
+    /// Nothing: the worker was new to this scheduler.
+    Nothing,
     /// The same entry, changed in place (same address), as it was.
     Record {
         row: Box<WorkerRow>,
@@ -839,7 +838,7 @@ impl Registry {
                     .unresponsive_since
                     .lock()
                     .unwrap_or_else(|e| e.into_inner()) = None;
-                let undo = self.in_flight(registration, replaced, &row.name);
+                let undo = self.in_flight(registration, replaced, entry);
                 Ok((row, writing, undo))
             }
             existing => {
@@ -848,11 +847,12 @@ impl Registry {
                 entry.registration.store(registration, Release);
                 // A new address keeps the recorded id; only a new worker
                 // waits for its record.
-                entry.unrecorded.store(existing.is_none(), Release);
+                let unrecorded = existing.as_ref().is_none_or(|e| !e.recorded());
+                entry.unrecorded.store(unrecorded, Release);
                 let writing = entry.writing();
                 self.insert(entry.clone());
-                let replaced = existing.map_or(Replaced::Nothing(entry), Replaced::Entry);
-                let undo = self.in_flight(registration, replaced, &row.name);
+                let replaced = existing.map_or(Replaced::Nothing, Replaced::Entry);
+                let undo = self.in_flight(registration, replaced, entry);
                 Ok((row, writing, undo))
             }
         }
@@ -864,12 +864,14 @@ impl Registry {
 
     /// Marks the worker `name`'s registration `registration` in flight
     /// until the returned [`Undo`] drops.
-    fn in_flight(&self, registration: u64, replaced: Replaced, name: &str) -> Undo {
-        self.registering().insert(name.to_owned());
+    fn in_flight(&self, registration: u64, replaced: Replaced, entry: Arc<WorkerEntry>) -> Undo {
+        let name = entry.with_row(|r| r.name.clone());
+        self.registering().insert(name.clone());
         Undo {
             registration,
             replaced: Some(replaced),
-            name: name.to_owned(),
+            entry,
+            name,
             registering: self.registering.clone(),
         }
     }
@@ -925,7 +927,7 @@ impl Registry {
                 }
                 self.insert(before);
             }
-            Replaced::Nothing(_) => {
+            Replaced::Nothing => {
                 let mut maps = self.maps.write().unwrap_or_else(|e| e.into_inner());
                 maps.detach(&row.worker_id, &row.name);
             }
@@ -1195,9 +1197,10 @@ mod tests {
         assert!(registry.undo_registration(&first, undo));
         assert!(registry.get("w1").is_none());
         let (second, _writing, undo) = registry.register(reg.clone(), 2, down_after).unwrap();
-        // Recorded (the guard dropped after the write landed): it stands.
-        drop(undo);
+        // Recorded: it stands, and takes jobs.
+        undo.recorded();
         assert_eq!(registry.get("w1").unwrap().row(), second);
+        assert!(registry.get("w1").unwrap().recorded());
         assert!(registry.registering().is_empty());
 
         // A later registration's undo goes back to the recorded one.
@@ -1212,9 +1215,10 @@ mod tests {
     /// and the registration's guard.
     fn registered_w1() -> (Registry, Arc<WorkerEntry>, WorkerRow, Writing) {
         let registry = Registry::new(None, Duration::from_secs(1));
-        let (ready, writing, _) = registry
+        let (ready, writing, undo) = registry
             .register(registration("w1", ""), 0, Duration::from_secs(2))
             .unwrap();
+        undo.recorded();
         let entry = registry.get("w1").unwrap();
         (registry, entry, ready, writing)
     }

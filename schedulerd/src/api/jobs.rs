@@ -380,7 +380,8 @@ pub(crate) async fn start_job(
             return start_now(state, body, key, group).await;
         }
         if let Some(error) = unusable {
-            if !body.wait_for_worker {
+            // A queued job would name an id the store may never hold.
+            if !body.wait_for_worker || !worker.recorded() {
                 return Err(error);
             }
             let reason = error.message.clone();
