@@ -311,6 +311,9 @@ pub(crate) enum RemoveError {
     /// It is `ready` (the worker's name): its record is still the truth
     /// about a live process.
     Alive(String),
+    /// Its registration's write is under way (the worker's name): the
+    /// write, landing after the removal's, would bring its row back.
+    Registering(String),
 }
 
 #[derive(Debug)]
@@ -668,6 +671,9 @@ impl Registry {
         let row = entry.row();
         if row.state == WorkerState::Ready {
             return Err(RemoveError::Alive(row.name));
+        }
+        if self.registering().contains(&row.name) {
+            return Err(RemoveError::Registering(row.name));
         }
         maps.detach(&id, &row.name);
         maps.removed.insert(id);
@@ -1159,7 +1165,8 @@ mod tests {
         );
         assert_eq!(kept_entry.unresponsive_since(), Some(30_001));
 
-        // An entry removed since (it left, then was removed) stays removed.
+        // Not removed while its registration is written (the write would
+        // bring its row back), even once it has left; removed after.
         let (row, writing, undo) = registry
             .register(registration("w1", &kept.worker_id), 40_000, down_after)
             .unwrap();
@@ -1167,9 +1174,13 @@ mod tests {
             .get("w1")
             .unwrap()
             .update(|r| r.state = WorkerState::Left);
-        registry.remove("w1").unwrap();
-        assert!(!registry.undo_registration(&row, undo));
+        assert!(matches!(
+            registry.remove("w1"),
+            Err(RemoveError::Registering(name)) if name == "w1"
+        ));
+        assert!(registry.undo_registration(&row, undo));
         drop(writing);
+        registry.remove("w1").unwrap();
         assert!(registry.get("w1").is_none() && registry.get(&kept.worker_id).is_none());
     }
 

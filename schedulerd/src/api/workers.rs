@@ -147,7 +147,7 @@ pub(crate) async fn undrain(
     responses(
         (status = 200, description = "Forgotten (it was `down` or `left`); its jobs' records stay.", body = Success),
         (status = 404, description = "`worker_not_found`.", body = jobcluster_proto::http::ErrorBody),
-        (status = 409, description = "`worker_alive`: a ready worker cannot be removed.", body = jobcluster_proto::http::ErrorBody),
+        (status = 409, description = "`worker_alive`: a ready worker, or one whose registration is being recorded, cannot be removed.", body = jobcluster_proto::http::ErrorBody),
         (status = 503, description = "`store_unavailable`.", body = jobcluster_proto::http::ErrorBody),
     ),
 )]
@@ -157,6 +157,14 @@ pub(crate) async fn remove(
 ) -> Result<Json<Success>, ApiError> {
     let entry = state.registry.remove(&id).map_err(|e| match e {
         RemoveError::NotFound => ApiError::worker_not_found(&id),
+        RemoveError::Registering(name) => ApiError::new(
+            StatusCode::CONFLICT,
+            "worker_alive",
+            format!(
+                "worker {name} is registering right now, so it cannot be removed: stop it \
+                 (it then leaves), then remove it"
+            ),
+        ),
         RemoveError::Alive(name) => ApiError::new(
             StatusCode::CONFLICT,
             "worker_alive",
