@@ -397,6 +397,17 @@ pub type ClientConfigSource = watch::Receiver<Arc<rustls::ClientConfig>>;
 /// one frame per connection, so this bounds that buffer too.
 pub const MAX_FRAME_SIZE: u32 = 512 * 1024;
 
+/// The HPACK table a channel lets its peer fill with the headers it
+/// answers with (HTTP/2's default is 4,096 bytes): none. hyper's server
+/// (tonic's) sends a `date` header with every response, a new value each
+/// second, and indexes each one: on a connection that lives for days, as a
+/// worker's to its scheduler does, both ends' tables fill to their limit
+/// with dates no one reads again (10-11 KB of heap per connection, in the
+/// scheduler for each worker, measured; docs/PERFORMANCE.md, "Steady
+/// heartbeats"). Without the table a response carries its few header
+/// bytes literally.
+pub const HEADER_TABLE_SIZE: u32 = 0;
+
 /// A lazily connected channel to `addr` (`host:port`) over TLS with
 /// `config`. The server's certificate must name `addr`'s host. The channel
 /// reconnects by itself after a failure; calls on it fail fast while the
@@ -436,6 +447,7 @@ pub fn tls_channel_from(
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
         .max_frame_size(MAX_FRAME_SIZE)
+        .http2_header_table_size(HEADER_TABLE_SIZE)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true);
@@ -520,6 +532,7 @@ pub fn plain_channel(addr: &str, connect_timeout: Duration) -> Result<Channel, A
         .connect_timeout(connect_timeout)
         .tcp_nodelay(true)
         .max_frame_size(MAX_FRAME_SIZE)
+        .http2_header_table_size(HEADER_TABLE_SIZE)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true);
