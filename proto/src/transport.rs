@@ -400,12 +400,12 @@ pub const MAX_FRAME_SIZE: u32 = 512 * 1024;
 /// The HPACK table a channel lets its peer fill with the headers it
 /// answers with (HTTP/2's default is 4,096 bytes): none. hyper's server
 /// (tonic's) sends a `date` header with every response, a new value each
-/// second, and indexes each one: on a connection that lives for days, as a
-/// worker's to its scheduler does, both ends' tables fill to their limit
-/// with dates no one reads again (10-11 KB of heap per connection, in the
-/// scheduler for each worker, measured; docs/PERFORMANCE.md, "Steady
-/// heartbeats"). Without the table a response carries its few header
-/// bytes literally.
+/// second, and h2's HPACK encoder indexes each one: on a connection that
+/// lives for days, as a worker's to its scheduler does, both ends' tables
+/// fill to their limit with dates no one reads again (10-11 KB of heap
+/// per connection, in the scheduler for each worker, measured;
+/// docs/PERFORMANCE.md, "Steady heartbeats"). Without the table a
+/// response carries its few header bytes literally.
 pub const HEADER_TABLE_SIZE: u32 = 0;
 
 /// A lazily connected channel to `addr` (`host:port`) over TLS with
