@@ -46,6 +46,11 @@ pub(crate) struct WorkerEntry {
     /// ([`Registry::undo_registration`]) would forget the id they name.
     /// Goes false once, when the write lands ([`Undo::recorded`]).
     unrecorded: std::sync::atomic::AtomicBool,
+    /// Woken when this entry's registration's write is settled (recorded
+    /// or not), for those waiting on [`WorkerEntry::wait_recorded`].
+    settled: tokio::sync::Notify,
+    /// A registration's write is under way for this entry.
+    pending: std::sync::atomic::AtomicBool,
 }
 
 /// A store write of a change to one entry, under way until dropped. While
@@ -239,6 +244,30 @@ impl WorkerEntry {
         !self.unrecorded.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// Whether the store holds this worker, waiting up to `limit` for a
+    /// registration's write under way: a worker just listed `ready` takes
+    /// a start at once, not a refusal, once its record lands (false if the
+    /// write failed or took longer).
+    pub(crate) async fn wait_recorded(&self, limit: Duration) -> bool {
+        use std::sync::atomic::Ordering::Acquire;
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            // Registered before the checks, so a wake-up between them and
+            // the wait is not missed.
+            let mut notified = std::pin::pin!(self.settled.notified());
+            notified.as_mut().enable();
+            if self.recorded() {
+                return true;
+            }
+            if !self.pending.load(Acquire) {
+                return false;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.recorded();
+            }
+        }
+    }
+
     pub(crate) fn id(&self) -> String {
         self.with_row(|r| r.worker_id.clone())
     }
@@ -386,6 +415,8 @@ impl Drop for Undo {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.name);
+        self.entry.pending.store(false, Release);
+        self.entry.settled.notify_waiters();
     }
 }
 
@@ -623,6 +654,8 @@ impl Registry {
             writing: std::sync::atomic::AtomicU32::new(0),
             registration: std::sync::atomic::AtomicU64::new(0),
             unrecorded: std::sync::atomic::AtomicBool::new(false),
+            settled: tokio::sync::Notify::new(),
+            pending: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -855,6 +888,7 @@ impl Registry {
                 // waits for its record.
                 let unrecorded = existing.as_ref().is_none_or(|e| !e.recorded());
                 entry.unrecorded.store(unrecorded, Release);
+                entry.pending.store(true, Release);
                 let writing = entry.writing();
                 self.insert(entry.clone());
                 let replaced = existing.map_or(Replaced::Nothing, Replaced::Entry);

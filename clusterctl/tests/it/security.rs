@@ -1819,10 +1819,11 @@ async fn tokens_stay_out_of_ps_and_the_store_is_the_schedulers_alone() {
 /// first is still being written (the store held by another writer) is
 /// refused, `aborted`, until the first is settled: one registration per
 /// worker at a time, so none can pile up behind a slow store, and an undo
-/// only ever goes back to what it replaced. Meanwhile the new worker takes
-/// no job and no drain (an undo would forget the id they name). The first
-/// lands once the store is free, and the worker's next registration is
-/// taken; then it takes drains.
+/// only ever goes back to what it replaced. Meanwhile a start and a drain
+/// naming the new worker wait for its record (an undo would forget the id
+/// they name). The first lands once the store is free; then the drain is
+/// kept, the start goes ahead, and the worker's next registration is
+/// taken.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_registration_sent_again_while_the_first_is_written_is_refused() {
     let cluster = Cluster::start_with_on_sqlite(&["w1"], "", "").await;
@@ -1878,32 +1879,39 @@ async fn a_registration_sent_again_while_the_first_is_written_is_refused() {
         again.message().contains("still being recorded"),
         "{again:?}"
     );
-    for (path, body) in [
-        ("/v1/jobs", json!({"worker_id": "w9", "path": "count.sh"})),
-        // Not queued either: the queue would keep the id.
-        (
-            "/v1/jobs",
-            json!({"worker_id": "w9", "path": "count.sh", "wait_for_worker": true}),
-        ),
-        ("/v1/workers/w9/drain", json!({})),
-    ] {
-        let reply = cluster
-            .http()
-            .post(format!("{}{path}", cluster.url()))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = reply.status();
-        let text = reply.text().await.unwrap();
-        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{path}: {text}");
-        let error: ErrorBody = serde_json::from_str(&text).unwrap();
-        assert_eq!(error.code, "worker_unavailable", "{path}: {error:?}");
-        assert!(error.error.contains("still registering"), "{error:?}");
-    }
-
+    // A drain and a start naming w9 now wait for its record: an answer
+    // before it lands could name an id the store never holds.
+    let ask = |path: &'static str, body: serde_json::Value| {
+        let (http, url) = (cluster.http(), cluster.url());
+        tokio::spawn(async move {
+            let reply = http
+                .post(format!("{url}{path}"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (reply.status(), reply.text().await.unwrap())
+        })
+    };
+    let drain = ask("/v1/workers/w9/drain", json!({}));
+    let start = ask("/v1/jobs", json!({"worker_id": "w9", "path": "count.sh"}));
+    // The store stays held for seconds more: neither can have answered.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!drain.is_finished() && !start.is_finished());
     assert!(holder.wait().unwrap().success());
     drop(said);
+    // Then the drain is kept, and the start reaches w9's (unreachable)
+    // address instead of being refused as still registering.
+    let (status, text) = drain.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let (status, text) = start.await.unwrap();
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+    let error: ErrorBody = serde_json::from_str(&text).unwrap();
+    assert!(
+        ["worker_unavailable", "worker_unresponsive"].contains(&error.code.as_str())
+            && !error.error.contains("still registering"),
+        "{error:?}"
+    );
     let mut registered = None;
     for _ in 0..100 {
         match w9.register_worker(request()).await {

@@ -571,7 +571,7 @@ async fn named_worker(
         Some(ApiError::worker_not_ready(&w))
     } else if w.draining {
         Some(draining(&w.name))
-    } else if !worker.recorded() {
+    } else if !worker.wait_recorded(state.call_timeout).await {
         Some(ApiError::worker_registering(&w.name))
     } else {
         worker
@@ -832,7 +832,7 @@ async fn start_and_record(
     }
     // Checked before the job is recorded: once true it stays true, so the
     // worker id the record names is one the store holds.
-    if !worker.recorded() {
+    if !worker.wait_recorded(state.call_timeout).await {
         return Err(StartError::nothing_started(ApiError::worker_registering(
             &w.name,
         )));

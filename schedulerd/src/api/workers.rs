@@ -106,7 +106,7 @@ pub(crate) async fn show(
     responses(
         (status = 200, description = "The worker, draining: it takes no new jobs; its running jobs finish.", body = WorkerInfo),
         (status = 404, description = "`worker_not_found`.", body = jobcluster_proto::http::ErrorBody),
-        (status = 503, description = "`store_unavailable`, or `worker_unavailable` (a worker new here whose registration is still being recorded; try again).", body = jobcluster_proto::http::ErrorBody),
+        (status = 503, description = "`store_unavailable`, or `worker_unavailable` (a worker new here whose registration could not be recorded in time; try again).", body = jobcluster_proto::http::ErrorBody),
     ),
 )]
 pub(crate) async fn drain(
@@ -125,7 +125,7 @@ pub(crate) async fn drain(
     responses(
         (status = 200, description = "The worker, taking jobs again.", body = WorkerInfo),
         (status = 404, description = "`worker_not_found`.", body = jobcluster_proto::http::ErrorBody),
-        (status = 503, description = "`store_unavailable`, or `worker_unavailable` (a worker new here whose registration is still being recorded; try again).", body = jobcluster_proto::http::ErrorBody),
+        (status = 503, description = "`store_unavailable`, or `worker_unavailable` (a worker new here whose registration could not be recorded in time; try again).", body = jobcluster_proto::http::ErrorBody),
     ),
 )]
 pub(crate) async fn undrain(
@@ -208,7 +208,7 @@ async fn set_draining(
         .ok_or_else(|| ApiError::worker_not_found(id))?;
     // Its record's write would not carry the flag, and its undo would drop
     // it: a drain answered now could be lost.
-    if !entry.recorded() {
+    if !entry.wait_recorded(state.call_timeout).await {
         return Err(ApiError::worker_registering(
             &entry.with_row(|r| r.name.clone()),
         ));
