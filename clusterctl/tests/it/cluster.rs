@@ -178,16 +178,21 @@ impl Cluster {
         self.add_worker_at(name, "", Some(state_dir));
     }
 
-    fn add_worker_at(&mut self, name: &str, extra: &str, state_dir: Option<&Path>) {
-        let pki = self.pki();
+    /// Issues a worker certificate for `name` from the cluster's CA
+    /// (`pki/NAME.pem`, `pki/NAME-key.pem`), as `clusterctl pki issue` does.
+    pub fn issue_worker_cert(&self, name: &str) {
         run_ok(&[
             "pki",
             "issue",
-            pki.to_str().unwrap(),
+            self.pki().to_str().unwrap(),
             "--role",
             "worker",
             name,
         ]);
+    }
+
+    fn add_worker_at(&mut self, name: &str, extra: &str, state_dir: Option<&Path>) {
+        self.issue_worker_cert(name);
         let config = self.write_worker_config_with(
             name,
             &format!("pki/{name}.pem"),

@@ -15,7 +15,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
-use crate::cluster::{Cluster, bin, run_ok};
+use crate::cluster::{Cluster, bin};
 use crate::harness::Daemon;
 
 /// A gRPC channel to `addr` presenting the cluster's *client* certificate
@@ -252,14 +252,7 @@ fn json_events(who: &str, log: &str) -> Vec<serde_json::Value> {
 
 /// Issues a worker certificate for `name` and writes its config.
 fn issue_worker(cluster: &Cluster, name: &str) -> std::path::PathBuf {
-    run_ok(&[
-        "pki",
-        "issue",
-        cluster.pki().to_str().unwrap(),
-        "--role",
-        "worker",
-        name,
-    ]);
+    cluster.issue_worker_cert(name);
     cluster.write_worker_config(
         name,
         &format!("pki/{name}.pem"),

@@ -1180,14 +1180,7 @@ async fn a_worker_dials_only_the_schedulers_certificate() {
     let cluster = Cluster::start(&["w1"]).await;
     // Point a new worker at w1's port, where a worker certificate answers.
     let w1_addr = cluster.worker_info("w1").await.address;
-    crate::cluster::run_ok(&[
-        "pki",
-        "issue",
-        cluster.pki().to_str().unwrap(),
-        "--role",
-        "worker",
-        "w9",
-    ]);
+    cluster.issue_worker_cert("w9");
     let config = cluster.write_worker_config("w9", "pki/w9.pem", "pki/w9-key.pem");
     let text = std::fs::read_to_string(&config).unwrap().replace(
         &format!("addr = \"{}\"", cluster.grpc_addr),
@@ -1206,14 +1199,7 @@ async fn a_worker_dials_only_the_schedulers_certificate() {
 async fn the_scheduler_refuses_a_worker_whose_certificate_does_not_name_its_address() {
     let mut cluster = Cluster::start(&["w1"]).await;
     // 127.0.0.2 is loopback too, but not among the certificate's names.
-    crate::cluster::run_ok(&[
-        "pki",
-        "issue",
-        cluster.pki().to_str().unwrap(),
-        "--role",
-        "worker",
-        "w5",
-    ]);
+    cluster.issue_worker_cert("w5");
     let config = cluster.write_worker_config("w5", "pki/w5.pem", "pki/w5-key.pem");
     let text = std::fs::read_to_string(&config)
         .unwrap()
@@ -1827,14 +1813,7 @@ async fn tokens_stay_out_of_ps_and_the_store_is_the_schedulers_alone() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_registration_sent_again_while_the_first_is_written_is_refused() {
     let cluster = Cluster::start_with_on_sqlite(&["w1"], "", "").await;
-    crate::cluster::run_ok(&[
-        "pki",
-        "issue",
-        cluster.pki().to_str().unwrap(),
-        "--role",
-        "worker",
-        "w9",
-    ]);
+    cluster.issue_worker_cert("w9");
     let mut w9 = grpc_as(&cluster, &load_identity(&cluster, "w9"));
     let request = || {
         let mut request = tonic::Request::new(RegisterWorkerRequest {
