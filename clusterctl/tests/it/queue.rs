@@ -171,11 +171,51 @@ async fn fifty_jobs_on_four_slots_all_run_in_queue_order_and_priority_overtakes(
         assert!(most <= 2, "worker {worker} ran {most} jobs at once");
     }
     // Dispatch order is the order of the start records (created_at is
-    // written when the dispatcher takes a job).
-    let taken: Vec<u128> = jobs.iter().map(|j| ms(&j.created_at)).collect();
-    for pair in taken[..50].windows(2) {
-        assert!(pair[0] <= pair[1], "first come, first served");
+    // written when the dispatcher takes a job). A job its worker handed
+    // back (busy after all) goes back to its place and is taken again
+    // later, after the jobs taken in the same pass: such jobs are left out
+    // (HTTP_API, "Queue"); the rest keep their order.
+    let log = cluster.scheduler.log();
+    let handed_back: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("queued job not started"))
+        .filter_map(|l| l.split("job_id=").nth(1)?.split_whitespace().next())
+        .collect();
+    let taken: Vec<(usize, u128)> = jobs[..50]
+        .iter()
+        .enumerate()
+        .filter(|(_, j)| !handed_back.contains(&j.job_id.as_str()))
+        .map(|(i, j)| (i, ms(&j.created_at)))
+        .collect();
+    for pair in taken.windows(2) {
+        let ((i, a), (k, b)) = (pair[0], pair[1]);
+        if a > b {
+            // What the daemons said about the two jobs tells why.
+            let mut said = String::new();
+            for (who, log) in std::iter::once(("scheduler".to_owned(), log.clone()))
+                .chain(cluster.workers.iter().map(|(n, w)| (n.clone(), w.log())))
+            {
+                let about = |l: &&str| {
+                    [
+                        jobs[i].job_id.as_str(),
+                        &jobs[k].job_id,
+                        "refused",
+                        "leader",
+                    ]
+                    .iter()
+                    .any(|s| l.contains(s))
+                };
+                for line in log.lines().filter(about) {
+                    said.push_str(&format!("{who}: {line}\n"));
+                }
+            }
+            panic!(
+                "first come, first served: job {i} was taken after job {k}: {:#?}\n{said}",
+                [&jobs[i], &jobs[k]]
+            );
+        }
     }
+    let taken: Vec<u128> = jobs.iter().map(|j| ms(&j.created_at)).collect();
     let urgent_taken = taken[50];
     assert!(
         urgent_taken <= taken[45],
@@ -502,7 +542,7 @@ async fn bench_ten_thousand_queued() {
     )
     .await;
     let mut next = None;
-    for _ in 0..200 {
+    for _ in 0..120 {
         let job = cluster.job(&first).await;
         if job.started_at.is_some() {
             next = Some(job);

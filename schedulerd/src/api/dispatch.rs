@@ -95,8 +95,11 @@ async fn pass(state: &AppState) -> Result<(), StoreError> {
             else {
                 continue; // stopped or timed out meanwhile
             };
-            *taken.entry(worker.worker_id.clone()).or_default() += 1;
-            tracing::info!(job_id = %row.job_id, worker_id = %worker.worker_id, worker = %worker.name, priority = entry.priority, "dispatching queued job");
+            let running = taken.entry(worker.worker_id.clone()).or_default();
+            *running += 1;
+            // With the jobs this pass counted on the worker, to tell a
+            // worker's "busy" from a count gone stale.
+            tracing::info!(job_id = %row.job_id, worker_id = %worker.worker_id, worker = %worker.name, priority = entry.priority, running = *running, "dispatching queued job");
             let _ = start(state, claimed, entry.env, Refusal::Requeue);
         }
         if last_page {

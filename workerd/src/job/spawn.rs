@@ -264,7 +264,9 @@ impl Jobs {
         }
         // A slot is taken now, before the files, so concurrent starts
         // cannot overshoot max_jobs; it is given back unless a process starts.
-        let slot = RunningSlot::take(&self.running, self.policy.max_jobs)?;
+        let slot = RunningSlot::take(&self.running, self.policy.max_jobs).inspect_err(|_| {
+            tracing::info!(job_id = %id, max_jobs = ?self.policy.max_jobs, "start refused: every slot is taken");
+        })?;
 
         let now = now_ms();
         let record = JobRecord {
