@@ -35,7 +35,7 @@ pub(crate) const MAX_PAGE: u32 = 1000;
     request_body = StartJob,
     responses(
         (status = 201, description = "Started.", body = JobStarted, headers(("Idempotent-Replayed" = String, description = "`true` when this repeats an earlier request's outcome (same Idempotency-Key); `state` then says where the job is now."))),
-        (status = 202, description = "Queued: no slot is free for it now (`state: queued`, `position`, `reason`); it starts when one is.", body = JobStarted, headers(("Idempotent-Replayed" = String, description = "`true` when this repeats an earlier request's outcome."))),
+        (status = 202, description = "Queued: no slot is free for it now, or queued jobs wait for the slots it could take (`state: queued`, `position`, `reason`); it starts when its turn comes and a slot is free.", body = JobStarted, headers(("Idempotent-Replayed" = String, description = "`true` when this repeats an earlier request's outcome."))),
         (status = 400, description = "`invalid_json`, `invalid_request` (a field is wrong), `invalid_body`, `invalid_idempotency_key`, `invalid_path`, `invalid_queue_timeout`, or the worker's refusal: `unknown_plugin`, `env_not_allowed`, `invalid_request`.", body = jobcluster_proto::http::ErrorBody),
         (status = 404, description = "`worker_not_found`: the named worker is not known.", body = jobcluster_proto::http::ErrorBody),
         (status = 409, description = "`no_eligible_worker` (no worker has the plugin or matches the selector, or, with `queue: false`, every one is busy), `worker_draining`, `idempotency_key_in_use`, `job_exists`.", body = jobcluster_proto::http::ErrorBody),
@@ -485,11 +485,17 @@ pub(crate) async fn start_job(
 /// the dispatcher instead.
 const AHEAD: u32 = 32;
 
-/// Whether a job of the same or a higher priority already waits for a
-/// slot that `body` could take on one of `workers`: then `body` queues
-/// behind it instead of starting first. Jobs that could not run there (a
-/// selector or plugin those workers do not match, another named worker)
-/// do not hold it back.
+/// Whether a queued job already waits for a slot that `body` could take
+/// on one of `workers`: then `body` is queued too, in its place by
+/// priority, instead of starting first. Whatever its priority: a start
+/// of its own would race the dispatcher for the slot that just freed (the
+/// worker refuses one of the two, and a refused queued job falls behind
+/// the jobs taken after it), so the dispatcher hands such slots out, a
+/// higher priority first. Jobs that could not run there (a selector or
+/// plugin those workers do not match, another named worker) do not hold
+/// it back; for a placed start, neither do jobs named to one of
+/// `workers`, which can still race it (the worker settles it: see
+/// docs/ARCHITECTURE.md, queue).
 async fn held_back(
     state: &AppState,
     body: &StartJob,
@@ -511,7 +517,8 @@ fn ahead_of(body: &StartJob, workers: &[crate::store::WorkerRow]) -> crate::stor
     };
     let workers = workers.to_vec();
     crate::store::Ahead {
-        priority: body.priority,
+        // Every waiting job counts, whatever its priority (see held_back).
+        priority: i32::MIN,
         worker_id: named,
         limit: AHEAD,
         holds: Box::new(move |row, entry| {
@@ -528,7 +535,7 @@ fn ahead_of(body: &StartJob, workers: &[crate::store::WorkerRow]) -> crate::stor
 /// The code of a start that was not recorded because jobs queued before
 /// it hold it back; it never reaches a client (the job queues instead).
 const HELD_BACK: &str = "held_back";
-const HELD_BACK_REASON: &str = "jobs queued before it wait for worker slots";
+const HELD_BACK_REASON: &str = "queued jobs wait for the slots it could take; the queue hands them out by priority, then arrival";
 
 /// Errors of a start that certainly started nothing for a reason of the
 /// worker's, not the job's: another worker, or a later try, may take it.
