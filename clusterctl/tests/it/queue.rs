@@ -579,6 +579,58 @@ async fn bench_ten_thousand_queued() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_start_takes_a_free_slot_only_if_no_queued_job_waits_for_it() {
+    let mut cluster = Cluster::start(&[]).await;
+    for (name, zone) in [("w1", "eu"), ("w2", "us")] {
+        cluster.add_worker_with(
+            name,
+            &format!("max_jobs = 1\nlabels = {{ zone = \"{zone}\" }}\n---\n"),
+        );
+    }
+    for name in ["w1", "w2"] {
+        cluster.wait_state(name, "ready").await;
+    }
+    let long = submit(
+        &cluster,
+        json!({"worker_id": "w1", "path": "count.sh", "args": ["600", "0.1"]}),
+    )
+    .await;
+    assert_ne!(long.state.as_deref(), Some("queued"), "{long:?}");
+    let eu = json!({"path": "count.sh", "args": ["1", "0"], "selector": {"zone": "eu"}});
+    let waiting = submit(&cluster, eu.clone()).await;
+    assert_eq!(waiting.state.as_deref(), Some("queued"));
+
+    // The queued job can only run on w1: w2's free slot is nobody's in
+    // the queue, so a start of the same priority takes it at once.
+    let anywhere = submit(&cluster, json!({"path": "count.sh", "args": ["1", "0"]})).await;
+    assert_ne!(anywhere.state.as_deref(), Some("queued"), "{anywhere:?}");
+    assert_eq!(anywhere.worker_name.as_deref(), Some("w2"));
+
+    // One that could only take w1's slot is queued, a higher priority
+    // ahead of the job waiting there, and gets the slot first.
+    let mut urgent = eu;
+    urgent["priority"] = json!(10);
+    let urgent = submit(&cluster, urgent).await;
+    assert_eq!(
+        (urgent.state.as_deref(), urgent.position),
+        (Some("queued"), Some(0))
+    );
+    let out = cluster.ctl_output(&["stop", &long.job_id]).await;
+    assert!(out.status.success(), "{}", crate::cluster::stderr(&out));
+    let jobs = all_done(
+        &cluster,
+        &[urgent.job_id, waiting.job_id, anywhere.job_id],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(jobs.iter().all(|j| j.state == "succeeded"), "{jobs:?}");
+    assert!(
+        ms(&jobs[0].created_at) <= ms(&jobs[1].created_at),
+        "the urgent job took w1's slot first: {jobs:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn wait_for_worker_queues_for_a_draining_worker_or_one_yet_to_come() {
     let mut cluster = Cluster::start(&["w1"]).await;
     // No worker carries zone=eu: refused at once, unless the job may wait.

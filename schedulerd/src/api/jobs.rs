@@ -399,7 +399,7 @@ pub(crate) async fn start_job(
         }
         // Whether jobs queued before it hold it back is checked as its
         // record is written.
-        let ahead = ahead_of(&body, std::slice::from_ref(&w));
+        let ahead = ahead_of(&w);
         let started = start_on(
             state,
             &worker,
@@ -446,23 +446,33 @@ pub(crate) async fn start_job(
             ));
         }
     };
-    if held_back(state, &body, &eligible).await? {
-        return wait(body, String::new(), HELD_BACK_REASON.to_owned()).await;
-    }
+    // Read before the slots: a queued job taken meanwhile is counted in
+    // them instead.
+    let wanted = wanted(state, &eligible).await?;
     let taken = state.store.running_counts().await?;
+    let mut held_back = false;
     let free: Vec<_> = eligible
         .into_iter()
         .filter(|w| {
             let slots = w.free_slots(taken.get(&w.worker_id).copied().unwrap_or(0));
-            slots != Some(0)
+            let free = slots != Some(0)
                 && state
                     .registry
                     .get(&w.worker_id)
-                    .is_some_and(|e| e.unresponsive_since().is_none())
+                    .is_some_and(|e| e.unresponsive_since().is_none());
+            if free && wanted.contains(&w.worker_id) {
+                held_back = true;
+                return false;
+            }
+            free
         })
         .collect();
     if free.is_empty() {
-        let reason = no_slot_matching(&body.selector);
+        let reason = if held_back {
+            HELD_BACK_REASON.to_owned()
+        } else {
+            no_slot_matching(&body.selector)
+        };
         return wait(body, String::new(), reason).await;
     }
     match try_in_order(state, &body, key.clone(), group, free, Vec::new(), &taken).await {
@@ -485,39 +495,38 @@ pub(crate) async fn start_job(
 /// the dispatcher instead.
 const AHEAD: u32 = 32;
 
-/// Whether a queued job already waits for a slot that `body` could take
-/// on one of `workers`: then `body` is queued too, in its place by
-/// priority, instead of starting first. Whatever its priority: a start
-/// of its own would race the dispatcher for the slot that just freed (the
-/// worker refuses one of the two, and a refused queued job falls behind
-/// the jobs taken after it), so the dispatcher hands such slots out, a
-/// higher priority first. Jobs that could not run there (a selector or
-/// plugin those workers do not match, another named worker) do not hold
-/// it back; for a placed start, neither do jobs named to one of
-/// `workers`, which can still race it (the worker settles it: see
-/// docs/ARCHITECTURE.md, queue).
-async fn held_back(
+/// The workers among `workers` that placed jobs at the head of the queue
+/// could run on: their free slots are the dispatcher's to hand out, by
+/// priority, then arrival, so a new placed start does not take one,
+/// whatever its priority. Otherwise it would race the dispatcher for the
+/// slot that just freed (the worker refuses one of the two, and a refused
+/// queued job falls behind the jobs taken after it), or overtake a job of
+/// its own priority. Workers of the original design are not wanted: the
+/// dispatcher never gives them a queued job. Jobs named to a worker are
+/// not read here; they can still race a placed start for their worker's
+/// slot, which the worker settles (docs/ARCHITECTURE.md, queue).
+async fn wanted(
     state: &AppState,
-    body: &StartJob,
     workers: &[crate::store::WorkerRow],
-) -> Result<bool, ApiError> {
-    let ahead = ahead_of(body, workers);
-    let queued = state
-        .store
-        .waiting_ahead(ahead.priority, &ahead.worker_id, ahead.limit)
-        .await?;
-    Ok(queued.iter().any(|(row, entry)| (ahead.holds)(row, entry)))
+) -> Result<std::collections::HashSet<String>, ApiError> {
+    let queued = state.store.waiting_ahead(i32::MIN, "", AHEAD).await?;
+    let mut wanted = std::collections::HashSet::new();
+    for (row, entry) in &queued {
+        let command = (!row.command.is_empty()).then_some(row.command.as_str());
+        if let Ok(on) = crate::placement::eligible(workers, command, &row.path, &entry.selector) {
+            wanted.extend(on.into_iter().filter(|w| !w.seed).map(|w| w.worker_id));
+        }
+    }
+    Ok(wanted)
 }
 
-/// What [`held_back`] asks, for the store to answer as it records the job.
-fn ahead_of(body: &StartJob, workers: &[crate::store::WorkerRow]) -> crate::store::Ahead {
-    let named = match workers {
-        [only] if !body.worker_id.is_empty() => only.worker_id.clone(),
-        _ => String::new(),
-    };
-    let workers = workers.to_vec();
+/// What a start naming one worker asks the store as it records the job:
+/// whether a queued job waits for that worker's slot (named to it, or
+/// placed and able to run there), whatever its priority (see [`wanted`]).
+fn ahead_of(worker: &crate::store::WorkerRow) -> crate::store::Ahead {
+    let named = worker.worker_id.clone();
+    let workers = vec![worker.clone()];
     crate::store::Ahead {
-        // Every waiting job counts, whatever its priority (see held_back).
         priority: i32::MIN,
         worker_id: named,
         limit: AHEAD,
