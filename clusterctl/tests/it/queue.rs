@@ -579,7 +579,7 @@ async fn bench_ten_thousand_queued() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_start_takes_a_free_slot_only_if_no_queued_job_waits_for_it() {
+async fn a_free_slot_no_queued_job_could_use_is_taken_at_once() {
     let mut cluster = Cluster::start(&[]).await;
     for (name, zone) in [("w1", "eu"), ("w2", "us")] {
         cluster.add_worker_with(

@@ -1107,7 +1107,7 @@ async fn adopt_job_id(
         dequeue(state, &ours).await;
     }
     let why = format!("{refused}; it may run there, but cannot be followed");
-    if let Err(error) = state.store.mark_job_lost(&ours, &why).await {
+    if let Err(error) = state.store.mark_job_lost(&ours, &w.worker_id, &why).await {
         tracing::error!(job_id = %ours, %error, "could not record a job lost");
     }
     Err(ApiError::new(StatusCode::BAD_GATEWAY, "worker_job_id_refused", why).with_job(&ours))
@@ -1301,7 +1301,11 @@ pub(crate) async fn refresh(state: &AppState, row: JobRow) -> Seen {
             }
             let why =
                 "its worker does not know the job (it never started there, or its record was lost)";
-            if let Err(error) = state.store.mark_job_lost(&row.job_id, why).await {
+            if let Err(error) = state
+                .store
+                .mark_job_lost(&row.job_id, &row.worker_id, why)
+                .await
+            {
                 tracing::error!(job_id = %row.job_id, %error, "could not record a job lost");
             }
             tracing::warn!(job_id = %row.job_id, worker_id = %row.worker_id, "job lost: its worker does not know it");

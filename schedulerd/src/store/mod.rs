@@ -328,8 +328,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// `ready`: a registration that came in meanwhile wins.
     async fn mark_lost(&self, worker_id: &str, why: &str) -> Result<Vec<String>, StoreError>;
 
-    /// Gives up on one job (its worker answered that it does not know it).
-    async fn mark_job_lost(&self, job_id: &str, why: &str) -> Result<(), StoreError>;
+    /// Gives up on one job on `worker_id` (that worker answered that it
+    /// does not know it). A job since put on another worker (handed back
+    /// and taken again from the queue) is left alone: the answer was about
+    /// a start that never reached the worker asked.
+    async fn mark_job_lost(
+        &self,
+        job_id: &str,
+        worker_id: &str,
+        why: &str,
+    ) -> Result<(), StoreError>;
 
     /// A worker's `unknown` jobs created before `before_ms`, at most `limit`.
     async fn unknown_jobs(

@@ -785,14 +785,19 @@ impl Store for PgStore {
         Ok(lost)
     }
 
-    async fn mark_job_lost(&self, job_id: &str, why: &str) -> Result<(), StoreError> {
+    async fn mark_job_lost(
+        &self,
+        job_id: &str,
+        worker_id: &str,
+        why: &str,
+    ) -> Result<(), StoreError> {
         let _timer = timed!();
         let mut c = self.client().await?;
         let tx = self.begin(&mut c).await?;
         let rows = tx.rows("UPDATE jobs SET state = 'lost', error_text = $2, finished_at_ms = $3, updated_at_ms = $3
-             WHERE job_id = $1 AND state IN ('running', 'unknown')
+             WHERE job_id = $1 AND worker_id = $4 AND state IN ('running', 'unknown')
                AND job_id NOT IN (SELECT job_id FROM queue) RETURNING worker_id, command",
-            &[&job_id, &text(why), &(now_ms() as i64)],
+            &[&job_id, &text(why), &(now_ms() as i64), &worker_id],
         )
         .await?;
         let mut ended = Ended::default();

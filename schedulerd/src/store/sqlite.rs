@@ -813,15 +813,20 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn mark_job_lost(&self, job_id: &str, why: &str) -> Result<(), StoreError> {
-        let (job_id, why) = (job_id.to_owned(), why.to_owned());
+    async fn mark_job_lost(
+        &self,
+        job_id: &str,
+        worker_id: &str,
+        why: &str,
+    ) -> Result<(), StoreError> {
+        let (job_id, worker_id, why) = (job_id.to_owned(), worker_id.to_owned(), why.to_owned());
         self.write(move |c| {
             let ended: Option<(String, String)> = c
                 .query_row(
                     "UPDATE jobs SET state = 'lost', error_text = ?2, finished_at_ms = ?3, updated_at_ms = ?3
-                     WHERE job_id = ?1 AND state IN ('running', 'unknown')
+                     WHERE job_id = ?1 AND worker_id = ?4 AND state IN ('running', 'unknown')
                        AND job_id NOT IN (SELECT job_id FROM queue) RETURNING worker_id, command",
-                    params![job_id, why, now_ms() as i64],
+                    params![job_id, why, now_ms() as i64, worker_id],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?;

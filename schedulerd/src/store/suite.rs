@@ -577,7 +577,7 @@ async fn the_queue_keeps_its_order_and_a_job_is_taken_once(store: SharedStore) {
         .apply_reports("w", Vec::new(), true, u64::MAX)
         .await
         .unwrap();
-    store.mark_job_lost("b", "gone").await.unwrap();
+    store.mark_job_lost("b", "w", "gone").await.unwrap();
     assert_eq!(
         store.job("b").await.unwrap().unwrap().state,
         JobState::Unknown
@@ -787,11 +787,19 @@ async fn a_leader_fenced_off_by_a_new_term_writes_nothing() {
     tokio::time::sleep(ttl * 2).await;
     let new_term = b.lead("b", ttl).await.unwrap().unwrap();
     assert!(new_term > term);
-    let error = old_leader.mark_job_lost("j", "stale").await.unwrap_err();
+    let error = old_leader
+        .mark_job_lost("j", "w", "stale")
+        .await
+        .unwrap_err();
     assert!(matches!(error, StoreError::NotLeader), "{error}");
     assert_eq!(b.job("j").await.unwrap().unwrap().state, JobState::Unknown);
     // Unfenced writes (the API's) go on from any scheduler.
-    a.mark_job_lost("j", "its worker does not know it")
+    // Only on the worker that was asked: the job is on w.
+    a.mark_job_lost("j", "w2", "w2 does not know it")
+        .await
+        .unwrap();
+    assert_eq!(b.job("j").await.unwrap().unwrap().state, JobState::Unknown);
+    a.mark_job_lost("j", "w", "its worker does not know it")
         .await
         .unwrap();
     assert_eq!(b.job("j").await.unwrap().unwrap().state, JobState::Lost);
