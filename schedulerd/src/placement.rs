@@ -13,7 +13,7 @@ use std::path::Path;
 use jobcluster_proto::http::Selector;
 
 use crate::state::WorkerState;
-use crate::store::WorkerRow;
+use crate::store::{JobRow, QueueEntry, WorkerRow};
 
 /// Why no worker can take the job, for a person.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +95,21 @@ pub(crate) fn eligible(
         )));
     }
     Ok(ready)
+}
+
+/// The workers that may take a queued job (its record and queue entry),
+/// as the queue places it: [`eligible`], less the workers of the original
+/// design, which rename the jobs they start (a queued job's id was
+/// answered already).
+pub(crate) fn eligible_queued(
+    workers: &[WorkerRow],
+    row: &JobRow,
+    entry: &QueueEntry,
+) -> Result<Vec<WorkerRow>, NoEligibleWorker> {
+    let command = (!row.command.is_empty()).then_some(row.command.as_str());
+    let mut eligible = eligible(workers, command, &row.path, &entry.selector)?;
+    eligible.retain(|w| !w.seed);
+    Ok(eligible)
 }
 
 /// Orders eligible workers: fewest running jobs first, the tied-fewest

@@ -250,6 +250,11 @@ impl WorkerEntry {
     /// write failed or took longer).
     pub(crate) async fn wait_recorded(&self, limit: Duration) -> bool {
         use std::sync::atomic::Ordering::Acquire;
+        // Every start asks: once recorded, an atomic load answers, without
+        // joining the waiters' list.
+        if self.recorded() {
+            return true;
+        }
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             // Registered before the checks, so a wake-up between them and

@@ -1801,6 +1801,97 @@ async fn tokens_stay_out_of_ps_and_the_store_is_the_schedulers_alone() {
     }
 }
 
+/// Another writer (python3's sqlite3) holds the scheduler's database for
+/// `seconds`, from the moment this returns. The pipe is the holder's
+/// stdout: keep it open until the holder ends, or it dies of it.
+fn hold_store(cluster: &Cluster, seconds: u32) -> (std::process::Child, std::process::ChildStdout) {
+    let db = cluster.tmp.path().join("state").join("scheduler.db");
+    let mut holder = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3, sys, time\n\
+             c = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=10)\n\
+             c.execute('BEGIN IMMEDIATE')\n\
+             print('held', flush=True)\n\
+             time.sleep(float(sys.argv[2]))\n\
+             c.execute('COMMIT')\n",
+        ])
+        .arg(&db)
+        .arg(seconds.to_string())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = holder.stdout.take().unwrap();
+    let mut held = [0u8; 5];
+    said.read_exact(&mut held).unwrap();
+    assert_eq!(&held, b"held\n");
+    (holder, said)
+}
+
+/// A worker new to the scheduler whose first registration the store
+/// cannot record (held by another writer past the 5 s a write waits) is
+/// not shown, and a start and a drain naming it, which waited for its
+/// record, are refused `503 worker_unavailable` once the write failed:
+/// nothing is recorded under an id the store never held.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_start_waiting_for_a_registration_the_store_cannot_record_is_refused() {
+    let cluster = Cluster::start_with_on_sqlite(&["w1"], "", "").await;
+    cluster.issue_worker_cert("w9");
+    let mut w9 = grpc_as(&cluster, &load_identity(&cluster, "w9"));
+    let (mut holder, said) = hold_store(&cluster, 8);
+    let mut request = tonic::Request::new(RegisterWorkerRequest {
+        name: "w9".into(),
+        address: "127.0.0.1:1".into(),
+        instance_id: "a1b2c3d4-0000-4000-8000-000000000019".into(),
+        plugins: vec!["bash".into()],
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_millis(300));
+    let first = w9.register_worker(request).await.unwrap_err();
+    assert_eq!(first.code(), tonic::Code::Cancelled, "{first:?}");
+    let ask = |path: &'static str, body: serde_json::Value| {
+        let (http, url) = (cluster.http(), cluster.url());
+        tokio::spawn(async move {
+            let reply = http
+                .post(format!("{url}{path}"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (reply.status(), reply.text().await.unwrap())
+        })
+    };
+    let drain = ask("/v1/workers/w9/drain", json!({}));
+    let start = ask("/v1/jobs", json!({"worker_id": "w9", "path": "count.sh"}));
+    // They wait for the write instead of being refused at once.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!drain.is_finished() && !start.is_finished());
+    for (what, answer) in [("drain", drain), ("start", start)] {
+        let (status, text) = answer.await.unwrap();
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{what}: {text}");
+        let error: ErrorBody = serde_json::from_str(&text).unwrap();
+        assert_eq!(error.code, "worker_unavailable", "{what}: {error:?}");
+        assert!(
+            error.error.contains("still registering"),
+            "{what}: {error:?}"
+        );
+    }
+    // Answered before the store was free: the write had failed.
+    assert!(
+        holder.try_wait().unwrap().is_none(),
+        "the holder ended first"
+    );
+    assert!(holder.wait().unwrap().success());
+    drop(said);
+    let workers: jobcluster_proto::http::WorkerList = cluster.get_json("/v1/workers").await;
+    assert!(
+        !workers.workers.iter().any(|w| w.name == "w9"),
+        "a worker the store does not hold is listed: {workers:?}"
+    );
+    let jobs: jobcluster_proto::http::JobList = cluster.get_json("/v1/jobs?limit=1000").await;
+    assert!(jobs.jobs.is_empty(), "{jobs:?}");
+}
+
 /// A worker that gives up on its registration and sends another while the
 /// first is still being written (the store held by another writer) is
 /// refused, `aborted`, until the first is settled: one registration per
@@ -1829,26 +1920,7 @@ async fn a_registration_sent_again_while_the_first_is_written_is_refused() {
 
     // Another writer holds the database for 4 s (the scheduler's writes
     // wait up to 5 s for it): the checks below take well under that.
-    let db = cluster.tmp.path().join("state").join("scheduler.db");
-    let mut holder = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import sqlite3, sys, time\n\
-             c = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=10)\n\
-             c.execute('BEGIN IMMEDIATE')\n\
-             print('held', flush=True)\n\
-             time.sleep(4)\n\
-             c.execute('COMMIT')\n",
-        ])
-        .arg(&db)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Kept open until the holder ends: it must not die of a closed pipe.
-    let mut said = holder.stdout.take().unwrap();
-    let mut held = [0u8; 5];
-    said.read_exact(&mut held).unwrap();
-    assert_eq!(&held, b"held\n");
+    let (mut holder, said) = hold_store(&cluster, 4);
 
     let first = w9.register_worker(request()).await.unwrap_err();
     assert_eq!(first.code(), tonic::Code::Cancelled, "{first:?}");

@@ -219,14 +219,10 @@ fn choose(
         }
         return Ok(w.clone());
     }
-    let command = (!row.command.is_empty()).then_some(row.command.as_str());
-    let eligible = crate::placement::eligible(workers, command, &row.path, &entry.selector)
-        .map_err(|why| why.0)?;
-    // Never a worker of the original design: it renames the jobs it
-    // starts, and a queued job's id was answered already.
+    let eligible = crate::placement::eligible_queued(workers, row, entry).map_err(|why| why.0)?;
     let free: Vec<WorkerRow> = eligible
         .into_iter()
-        .filter(|w| !w.seed && has_slot(state, w, taken))
+        .filter(|w| has_slot(state, w, taken))
         .collect();
     let turn = state
         .placement_turn

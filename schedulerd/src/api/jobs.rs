@@ -450,25 +450,19 @@ pub(crate) async fn start_job(
     // them instead.
     let wanted = wanted(state, &eligible).await?;
     let taken = state.store.running_counts().await?;
-    let mut held_back = false;
-    let free: Vec<_> = eligible
+    let (held_back, free): (Vec<_>, Vec<_>) = eligible
         .into_iter()
         .filter(|w| {
             let slots = w.free_slots(taken.get(&w.worker_id).copied().unwrap_or(0));
-            let free = slots != Some(0)
+            slots != Some(0)
                 && state
                     .registry
                     .get(&w.worker_id)
-                    .is_some_and(|e| e.unresponsive_since().is_none());
-            if free && wanted.contains(&w.worker_id) {
-                held_back = true;
-                return false;
-            }
-            free
+                    .is_some_and(|e| e.unresponsive_since().is_none())
         })
-        .collect();
+        .partition(|w| wanted.contains(&w.worker_id));
     if free.is_empty() {
-        let reason = if held_back {
+        let reason = if !held_back.is_empty() {
             HELD_BACK_REASON.to_owned()
         } else {
             no_slot_matching(&body.selector)
@@ -501,8 +495,8 @@ const AHEAD: u32 = 32;
 /// whatever its priority. Otherwise it would race the dispatcher for the
 /// slot that just freed (the worker refuses one of the two, and a refused
 /// queued job falls behind the jobs taken after it), or overtake a job of
-/// its own priority. Workers of the original design are not wanted: the
-/// dispatcher never gives them a queued job. Jobs named to a worker are
+/// its own priority. Placed as the queue places them
+/// ([`crate::placement::eligible_queued`]). Jobs named to a worker are
 /// not read here; they can still race a placed start for their worker's
 /// slot, which the worker settles (docs/ARCHITECTURE.md, queue).
 async fn wanted(
@@ -512,9 +506,8 @@ async fn wanted(
     let queued = state.store.waiting_ahead(i32::MIN, "", AHEAD).await?;
     let mut wanted = std::collections::HashSet::new();
     for (row, entry) in &queued {
-        let command = (!row.command.is_empty()).then_some(row.command.as_str());
-        if let Ok(on) = crate::placement::eligible(workers, command, &row.path, &entry.selector) {
-            wanted.extend(on.into_iter().filter(|w| !w.seed).map(|w| w.worker_id));
+        if let Ok(on) = crate::placement::eligible_queued(workers, row, entry) {
+            wanted.extend(on.into_iter().map(|w| w.worker_id));
         }
     }
     Ok(wanted)
@@ -534,9 +527,7 @@ fn ahead_of(worker: &crate::store::WorkerRow) -> crate::store::Ahead {
             if !entry.worker_id.is_empty() {
                 return true; // named to this very worker
             }
-            let command = (!row.command.is_empty()).then_some(row.command.as_str());
-            crate::placement::eligible(&workers, command, &row.path, &entry.selector)
-                .is_ok_and(|w| !w.is_empty())
+            crate::placement::eligible_queued(&workers, row, entry).is_ok_and(|w| !w.is_empty())
         }),
     }
 }
