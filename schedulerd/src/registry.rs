@@ -51,6 +51,10 @@ pub(crate) struct WorkerEntry {
     settled: tokio::sync::Notify,
     /// A registration's write is under way for this entry.
     pending: std::sync::atomic::AtomicBool,
+    /// Until when (Unix ms) the dispatcher passes this worker over: it
+    /// refused a start for its storage (full, or failing), which it would
+    /// refuse again for any job ([`WorkerEntry::refused_for_storage`]).
+    storage_refused_until: std::sync::atomic::AtomicU64,
 }
 
 /// A store write of a change to one entry, under way until dropped. While
@@ -233,6 +237,25 @@ impl WorkerEntry {
         newly
     }
 
+    /// Records that the worker refused a start for its storage: the
+    /// dispatcher leaves it out for [`STORAGE_REFUSAL_BACKOFF`]. Otherwise
+    /// a worker that can start nothing, having the fewest running jobs,
+    /// would be every pass's first choice for the head of the queue, which
+    /// it would refuse again while other workers have free slots.
+    pub(crate) fn refused_for_storage(&self, now_ms: u64) {
+        let until = now_ms.saturating_add(STORAGE_REFUSAL_BACKOFF.as_millis() as u64);
+        self.storage_refused_until
+            .fetch_max(until, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the worker refused a start for its storage within the last
+    /// [`STORAGE_REFUSAL_BACKOFF`].
+    pub(crate) fn storage_refusing(&self, now_ms: u64) -> bool {
+        self.storage_refused_until
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > now_ms
+    }
+
     /// Ready, answering and recorded: placement may use it.
     pub(crate) fn usable(&self) -> bool {
         self.state() == WorkerState::Ready && self.unresponsive_since().is_none() && self.recorded()
@@ -377,6 +400,12 @@ pub(crate) struct Registry {
 /// requests naming unknown workers cannot turn into a read of every
 /// worker's record each.
 const RESYNC_ON_MISS_MS: u64 = 100;
+
+/// How long the dispatcher passes over a worker that refused a start for
+/// its storage: two heartbeat intervals by default, long enough for the
+/// queue's head to go to another worker, short enough that a worker
+/// whose disk was freed gets queued jobs again soon.
+pub(crate) const STORAGE_REFUSAL_BACKOFF: Duration = Duration::from_secs(10);
 
 /// What a sync did with one entry it knew.
 enum Took {
@@ -661,6 +690,7 @@ impl Registry {
             unrecorded: std::sync::atomic::AtomicBool::new(false),
             settled: tokio::sync::Notify::new(),
             pending: std::sync::atomic::AtomicBool::new(false),
+            storage_refused_until: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 

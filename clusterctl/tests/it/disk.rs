@@ -392,6 +392,68 @@ async fn faults_disk_a_start_on_a_full_worker_is_refused_and_placed_elsewhere() 
     witness.jobs(&cluster).await;
 }
 
+/// A queued job goes to a worker with a free slot, not again and again to
+/// one whose disk is full: that one, running the fewest jobs, was every
+/// dispatcher pass's first choice, refused the job each time, and the job
+/// stayed queued for as long as the other worker's long job ran.
+#[tokio::test(flavor = "multi_thread")]
+async fn faults_disk_a_queued_job_goes_past_a_worker_whose_disk_is_full() {
+    let Some(disk) = Tmpfs::mount("4m") else {
+        return;
+    };
+    let mut cluster = Cluster::start_with(&["w2"], "", "max_jobs = 2\n---\n").await;
+    cluster.add_worker_in("w1", disk.path());
+    cluster.wait_ready("w1").await;
+    let w2_id = cluster.worker_info("w2").await.worker_id;
+    let witness = Witness::default();
+    disk.fill();
+
+    // w2's two slots: one for the whole test, one for two seconds.
+    let long = cluster.start_job("w2", "count.sh", &["600", "0.1"]).await;
+    let short = cluster.start_job("w2", "count.sh", &["2", "1"]).await;
+    let (status, answer) = post_job(
+        &cluster,
+        serde_json::json!({"path": "count.sh", "args": ["1", "0"]}),
+    )
+    .await;
+    let queued = answer.unwrap_or_else(|e| panic!("{status}: {e:?}"));
+    assert_eq!(status, StatusCode::ACCEPTED, "w1 refused it, w2 is full");
+
+    until(Duration::from_secs(15), "short job done", || async {
+        witness.job(&cluster, &short).await.done
+    })
+    .await;
+    until(
+        Duration::from_secs(15),
+        "queued job started on w2's free slot",
+        || async { witness.job(&cluster, &queued.job_id).await.state != "queued" },
+    )
+    .await;
+    let job = witness.job(&cluster, &queued.job_id).await;
+    assert_eq!(job.worker_id, w2_id, "{job:?}");
+    until(Duration::from_secs(10), "queued job done", || async {
+        witness.job(&cluster, &queued.job_id).await.done
+    })
+    .await;
+    assert_eq!(
+        witness.job(&cluster, &queued.job_id).await.state,
+        "succeeded"
+    );
+    assert!(
+        !witness.job(&cluster, &long).await.done,
+        "the slot it took was the short job's"
+    );
+    let refused = cluster.worker("w1").log().matches("job refused").count();
+    assert!(
+        refused <= 2,
+        "w1 was asked {refused} times: {}",
+        cluster.scheduler.log()
+    );
+    let out = cluster.ctl_output(&["stop", &long]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    witness.jobs(&cluster).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn faults_disk_a_full_store_starts_nothing_without_a_record() {
     let Some(disk) = Tmpfs::mount("4m") else {

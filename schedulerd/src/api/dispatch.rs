@@ -183,10 +183,11 @@ fn start(
 fn usable(state: &AppState, w: &WorkerRow) -> bool {
     w.state == WorkerState::Ready
         && !w.draining
-        && state
-            .registry
-            .get(&w.worker_id)
-            .is_some_and(|e| e.unresponsive_since().is_none() && e.recorded())
+        && state.registry.get(&w.worker_id).is_some_and(|e| {
+            e.unresponsive_since().is_none()
+                && e.recorded()
+                && !e.storage_refusing(crate::time::now_ms())
+        })
 }
 
 fn has_slot(state: &AppState, w: &WorkerRow, taken: &HashMap<String, u64>) -> bool {
@@ -212,7 +213,14 @@ fn choose(
             return Err(format!("worker {} is draining", w.name));
         }
         if !usable(state, w) {
-            return Err(format!("worker {} is unresponsive", w.name));
+            let refusing = state
+                .registry
+                .get(&w.worker_id)
+                .is_some_and(|e| e.storage_refusing(crate::time::now_ms()));
+            return Err(match refusing {
+                true => format!("worker {} refused its last start for its storage", w.name),
+                false => format!("worker {} is unresponsive", w.name),
+            });
         }
         if !has_slot(state, w, taken) {
             return Err(no_slot_on(&w.name, w.max_jobs));

@@ -537,6 +537,10 @@ fn ahead_of(worker: &crate::store::WorkerRow) -> crate::store::Ahead {
 const HELD_BACK: &str = "held_back";
 const HELD_BACK_REASON: &str = "queued jobs wait for the slots it could take; the queue hands them out by priority, then arrival";
 
+/// A worker's refusals for its storage: it would refuse any job the same
+/// way until its disk is freed or repaired.
+const STORAGE_REFUSALS: [&str; 2] = ["worker_storage_full", "worker_storage"];
+
 /// Errors of a start that certainly started nothing for a reason of the
 /// worker's, not the job's: another worker, or a later try, may take it.
 const PASS_ON: [&str; 5] = [
@@ -943,6 +947,10 @@ pub(crate) async fn call_start(
             } else {
                 ApiError::from_worker(status, &w.name)
             };
+            if STORAGE_REFUSALS.contains(&error.code.as_str()) {
+                worker.refused_for_storage(now_ms());
+                tracing::warn!(%job_id, worker_id = %w.worker_id, worker = %w.name, code = %error.code, "worker refused a start for its storage; queued jobs go to other workers for a while");
+            }
             let undone = match refusal {
                 Refusal::Forget => state.store.delete_unstarted_job(&job_id).await,
                 // A refusal of the job itself (a script, plugin or env the
