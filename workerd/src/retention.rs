@@ -84,7 +84,8 @@ pub(crate) fn sweep(
     let record_limit = limits.max_record_age.as_millis() as u64;
     // Without output limits (the default) no log needs looking at.
     let output_limits = limits.max_age.is_some() || limits.max_bytes.is_some();
-    // (age of the output, its length, the job), for the output limits.
+    // (time since the job ended, its output's length, the job), for the
+    // output limits.
     let mut outputs = Vec::new();
     for entry in entries {
         let dir = entry?.path();
@@ -116,8 +117,11 @@ pub(crate) fn sweep(
         if !output_limits {
             continue;
         }
-        if let Some((age, len)) = age_and_len(&dir.join(crate::job::LOG), now_ms) {
-            outputs.push((age, len, id));
+        // Its age is the job's end (its final record's time), not its
+        // log's last write: a job quiet for hours before it ended would
+        // otherwise lose its output as soon as it ended.
+        if let Some((_, len)) = age_and_len(&dir.join(crate::job::LOG), now_ms) {
+            outputs.push((record_age, len, id));
         }
     }
     if !output_limits {

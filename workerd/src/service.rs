@@ -185,10 +185,20 @@ impl Worker for WorkerService {
             }));
         }
         let path = job.log_path().to_owned();
-        let file = tokio::task::spawn_blocking(move || std::fs::File::open(path))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| status(JobError::Io(e)))?;
+        let file = tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::open(path)?;
+            let len = file.metadata()?.len();
+            Ok::<_, std::io::Error>((file, len))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?;
+        let file = match file {
+            Ok((_, len)) if job::output_cut(&record, len) => {
+                return Err(status(JobError::OutputExpired(record.id)));
+            }
+            Ok((file, _)) => file,
+            Err(e) => return Err(status(JobError::Io(e))),
+        };
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         tokio::spawn(send_output(job, Arc::new(file), r.offset, follow, tx));
         Ok(Response::new(ReceiverStream::new(rx)))

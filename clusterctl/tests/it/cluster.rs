@@ -178,6 +178,12 @@ impl Cluster {
         self.add_worker_at(name, "", Some(state_dir));
     }
 
+    /// [`Cluster::add_worker_in`] with `extra` config, as
+    /// [`Cluster::add_worker_with`] takes it.
+    pub fn add_worker_in_with(&mut self, name: &str, state_dir: &Path, extra: &str) {
+        self.add_worker_at(name, extra, Some(state_dir));
+    }
+
     /// Issues a worker certificate for `name` from the cluster's CA
     /// (`pki/NAME.pem`, `pki/NAME-key.pem`), as `clusterctl pki issue` does.
     pub fn issue_worker_cert(&self, name: &str) {

@@ -392,6 +392,68 @@ async fn faults_disk_a_start_on_a_full_worker_is_refused_and_placed_elsewhere() 
     witness.jobs(&cluster).await;
 }
 
+/// Retention frees a full disk: the record that says a job's output went
+/// needs a block of its own, which a full disk does not have, so the sweep
+/// failed for every job, freed nothing, and the worker refused every start
+/// until an operator came. The log is now emptied first.
+#[tokio::test(flavor = "multi_thread")]
+async fn faults_disk_retention_frees_a_full_disk() {
+    let Some(disk) = Tmpfs::mount("4m") else {
+        return;
+    };
+    let mut cluster = Cluster::start(&[]).await;
+    cluster.add_worker_in_with("w1", disk.path(), "[retention]\nmax_bytes = 65536\n");
+    cluster.wait_ready("w1").await;
+    std::fs::write(
+        cluster.tmp.path().join("scripts").join("big.sh"),
+        "head -c 8000000 /dev/zero\n",
+    )
+    .unwrap();
+    let witness = Witness::default();
+    let big = cluster.start_job("w1", "big.sh", &[]).await;
+    until(Duration::from_secs(20), "the filling job done", || async {
+        witness.job(&cluster, &big).await.done
+    })
+    .await;
+    // Every block taken (the job's final record may have left a few),
+    // before the sweep that follows a job's end (5 s after it).
+    disk.fill();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cluster
+        .worker("w1")
+        .log()
+        .contains("job output deleted by retention")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "output never deleted: {}",
+            cluster.worker("w1").log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = cluster.ctl_output(&["logs", &big]).await;
+    assert!(!out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("expired"), "{}", stderr(&out));
+
+    let again = cluster.start_job("w1", "count.sh", &["3", "0"]).await;
+    until(Duration::from_secs(10), "job on w1 done", || async {
+        witness.job(&cluster, &again).await.done
+    })
+    .await;
+    assert_eq!(witness.job(&cluster, &again).await.state, "succeeded");
+    let out = cluster.ctl_output(&["logs", &again]).await;
+    assert_eq!(out.stdout, b"1\n2\n3\ndone\n");
+    assert!(
+        !cluster
+            .worker("w1")
+            .log()
+            .contains("could not delete expired output"),
+        "{}",
+        cluster.worker("w1").log()
+    );
+    witness.jobs(&cluster).await;
+}
+
 /// A queued job goes to a worker with a free slot, not again and again to
 /// one whose disk is full: that one, running the fewest jobs, was every
 /// dispatcher pass's first choice, refused the job each time, and the job

@@ -293,6 +293,57 @@ async fn expired_output_answers_410_and_the_record_stays() {
     assert_eq!(stdout(&out), "1\n2\n3\n4\n5\ndone\n");
 }
 
+/// `max_age` counts from a job's end: a job that printed a line and then
+/// worked quietly for longer than `max_age` kept its output for seconds
+/// after it ended, because the sweep judged by the log's last write.
+#[tokio::test(flavor = "multi_thread")]
+async fn output_is_kept_max_age_after_its_job_ended() {
+    let mut cluster = Cluster::start(&[]).await;
+    // max_bytes only to sweep right after a job ends (5 s after it).
+    cluster.add_worker_with(
+        "w3",
+        "[retention]\nmax_age = \"8s\"\nmax_bytes = 1000000000\n",
+    );
+    cluster.wait_ready("w3").await;
+    std::fs::write(
+        cluster.tmp.path().join("scripts").join("quiet.sh"),
+        "echo hello\nsleep 10\n",
+    )
+    .unwrap();
+    let quiet = cluster.start_job("w3", "quiet.sh", &[]).await;
+    until(Duration::from_secs(30), "quiet job done", || async {
+        cluster.job(&quiet).await.done
+    })
+    .await;
+    // Past the sweep that follows its end; its output is 5 s old there.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let out = cluster.ctl_output(&["logs", &quiet]).await;
+    assert_eq!(stdout(&out), "hello\n", "{}", crate::cluster::stderr(&out));
+
+    // The next job's end sweeps again, past the 8 s.
+    let next = cluster.start_job("w3", "count.sh", &["1", "0"]).await;
+    until(Duration::from_secs(10), "next job done", || async {
+        cluster.job(&next).await.done
+    })
+    .await;
+    until(
+        Duration::from_secs(20),
+        "quiet job's output expired",
+        || async {
+            let reply = cluster
+                .http()
+                .get(format!("{}/v1/jobs/{quiet}/logs", cluster.url()))
+                .send()
+                .await
+                .unwrap();
+            reply.status() == StatusCode::GONE
+        },
+    )
+    .await;
+    let out = cluster.ctl_output(&["logs", &next]).await;
+    assert_eq!(stdout(&out), "1\ndone\n");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_worker_with_a_taken_name_is_refused() {
     let cluster = Cluster::start(&["w1"]).await;

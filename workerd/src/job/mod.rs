@@ -37,7 +37,9 @@ use crate::confine::PathError;
 
 pub(crate) use output::read_at;
 pub(crate) use reap::{become_subreaper, reap_orphans};
-pub(crate) use record::{JobRecord, State, expire_output, now_ms, write_atomically, write_durably};
+pub(crate) use record::{
+    JobRecord, State, expire_output, now_ms, output_cut, write_atomically, write_durably,
+};
 pub(crate) use record::{LOG, RECORD};
 pub(crate) use registry::Jobs;
 
@@ -147,11 +149,9 @@ impl JobError {
     /// A storage error while creating a job's files: "full" when the disk
     /// or quota is, so the caller knows to go elsewhere.
     fn storage(error: std::io::Error) -> JobError {
-        match error.raw_os_error() {
-            Some(code) if code == nix::libc::ENOSPC || code == nix::libc::EDQUOT => {
-                JobError::StorageFull(error)
-            }
-            _ => JobError::Io(error),
+        match record::storage_full(&error) {
+            true => JobError::StorageFull(error),
+            false => JobError::Io(error),
         }
     }
 }

@@ -208,6 +208,12 @@ pub(super) async fn write_final(jobs_dir: &Path, record: &JobRecord) -> std::io:
 /// first: a crash in between leaves a log that the next sweep deletes,
 /// never a record that points at a missing log). A job that runs (one
 /// started after the sweep looked) keeps its output: returns false.
+///
+/// On a disk too full for the new record, the log is emptied first, which
+/// frees its blocks: retention is how a worker whose disk filled gets
+/// back into service. A crash (or a record still not written) after that
+/// leaves a finished job whose log is shorter than its record says, which
+/// readers take as expired ([`output_cut`]).
 pub(crate) fn expire_output(dir: &Path) -> std::io::Result<bool> {
     let (mut record, _) = load_record(dir)?;
     if record.state == State::Running {
@@ -219,7 +225,16 @@ pub(crate) fn expire_output(dir: &Path) -> std::io::Result<bool> {
         // The record's age (what `max_record_age` counts) is when the job
         // ended, not when its output went: keep its time.
         let written = std::fs::metadata(dir.join(RECORD))?.modified()?;
-        replace(dir, FIRST_TMP, &json)?;
+        match replace(dir, FIRST_TMP, &json) {
+            Err(e) if storage_full(&e) => {
+                std::fs::File::options()
+                    .write(true)
+                    .open(dir.join(LOG))?
+                    .set_len(0)?;
+                replace(dir, FIRST_TMP, &json)?;
+            }
+            other => other?,
+        }
         std::fs::File::options()
             .write(true)
             .open(dir.join(RECORD))?
@@ -230,6 +245,21 @@ pub(crate) fn expire_output(dir: &Path) -> std::io::Result<bool> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
         Err(e) => Err(e),
     }
+}
+
+/// Whether `error` says the disk (or the user's quota) is full.
+pub(crate) fn storage_full(error: &std::io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(code) if code == nix::libc::ENOSPC || code == nix::libc::EDQUOT
+    )
+}
+
+/// Whether a finished job's log of `log_len` bytes lost output its record
+/// counts: retention emptied it on a full disk and the record saying so
+/// was not written ([`expire_output`]). Its output reads as expired.
+pub(crate) fn output_cut(record: &JobRecord, log_len: u64) -> bool {
+    record.state.is_done() && log_len < record.output_bytes
 }
 
 /// Reads one job's record and the length of its output log.
