@@ -131,6 +131,49 @@ async fn a_stop_sends_sigterm_below_a_main_process_that_still_runs() {
     assert_eq!(cluster.job(&job).await.state, "stopped");
 }
 
+/// A stop's grace period is the whole job's: a child that takes a second
+/// to clean up after SIGTERM finishes (and its last line is kept), though
+/// the main process, a shell without a trap, ends at once. The child was
+/// SIGKILLed as soon as the main process ended.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_gives_the_grace_period_to_every_process_of_the_job() {
+    use std::os::unix::fs::PermissionsExt;
+    let cluster = Cluster::start(&["w1"]).await;
+    let marks = cluster.tmp.path().join("marks");
+    std::fs::create_dir(&marks).unwrap();
+    std::fs::set_permissions(&marks, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let ready = marks.join("ready");
+    // The harness's bash plugin has stop_grace = "2s".
+    let script = format!(
+        "bash -c 'trap \"sleep 1; echo child cleaned up; exit 0\" TERM; touch {ready}; while :; do sleep 0.1; done' &\n\
+         wait\n",
+        ready = ready.display()
+    );
+    std::fs::write(cluster.tmp.path().join("scripts/cleanup.sh"), script).unwrap();
+
+    let job = cluster.start_job("w1", "cleanup.sh", &[]).await;
+    let _left = KillLeft(job.clone());
+    assert!(
+        eventually(Duration::from_secs(10), || ready.exists()).await,
+        "the job's child never set its trap"
+    );
+    let out = cluster.ctl_output(&["stop", &job]).await;
+    assert!(out.status.success(), "{out:?}");
+    until(Duration::from_secs(10), "the job stopped", || async {
+        cluster.job(&job).await.done
+    })
+    .await;
+    assert_eq!(cluster.job(&job).await.state, "stopped");
+    let out = cluster.ctl_output(&["logs", &job]).await;
+    // (Bash may say first that the `sleep` it waited for was terminated.)
+    let log = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        log.ends_with("child cleaned up\n"),
+        "the child's clean-up was cut short: {log:?}"
+    );
+    assert!(job_processes(&job).is_empty(), "{:?}", job_processes(&job));
+}
+
 /// A job's main process that clones a sibling (`clone(CLONE_PARENT)`, which
 /// any process may) gives it workerd's thread that spawned the job as its
 /// parent: neither below the job's main process nor an orphan of workerd's

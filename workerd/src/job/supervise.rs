@@ -89,10 +89,13 @@ pub(super) async fn supervise(
         }
         other => other,
     };
+    // The pump's end, if it came while the job was given its grace period.
+    let mut drained_in_grace = None;
     let (status, ending) = match ending {
         Err(status) => (status, None),
         Ok(ending) => {
             tracing::info!(job_id = %id, ?ending, "ending the job");
+            let asked = tokio::time::Instant::now();
             signal_group(pgid, Signal::SIGTERM);
             kill::signal_job(&procs, Signal::SIGTERM, pgid).await;
             let grace = limits.grace;
@@ -104,6 +107,17 @@ pub(super) async fn supervise(
                     child.wait().await
                 }
             };
+            // The grace period is the whole job's, not only its main
+            // process's (a shell without a trap ends at once, while the
+            // program it ran cleans up): what is left of it is waited out
+            // until the last holder of the output pipe is gone, which the
+            // pump's end tells without polling the processes.
+            let left = grace.saturating_sub(asked.elapsed());
+            if !left.is_zero()
+                && let Ok(pumped) = tokio::time::timeout(left, &mut pump).await
+            {
+                drained_in_grace = Some(pumped);
+            }
             (status, Some(ending))
         }
     };
@@ -114,7 +128,11 @@ pub(super) async fn supervise(
     if killed > 0 {
         tracing::info!(job_id = %id, killed, "killed processes the job left behind");
     }
-    let pumped = match tokio::time::timeout(DRAIN_TIMEOUT, &mut pump).await {
+    let drained = match drained_in_grace {
+        Some(pumped) => Ok(pumped),
+        None => tokio::time::timeout(DRAIN_TIMEOUT, &mut pump).await,
+    };
+    let pumped = match drained {
         Ok(Ok(pumped)) => pumped,
         Ok(Err(error)) => {
             tracing::error!(job_id = %id, %error, "output pump failed");
