@@ -68,10 +68,11 @@ fn age_and_len(path: &Path, now_ms: u64) -> Option<(u64, u64)> {
     Some((now_ms.saturating_sub(modified), meta.len()))
 }
 
-/// Applies `limits` to the finished jobs under `jobs_dir` (blocking).
+/// Applies `limits` to the finished jobs under `jobs_dir` (blocking),
+/// leaving alone the jobs in `kept` (running, or not yet reported).
 pub(crate) fn sweep(
     jobs_dir: &Path,
-    running: &HashSet<Uuid>,
+    kept: &HashSet<Uuid>,
     limits: Retention,
     now_ms: u64,
 ) -> std::io::Result<Swept> {
@@ -96,7 +97,7 @@ pub(crate) fn sweep(
         else {
             continue;
         };
-        if running.contains(&id) {
+        if kept.contains(&id) {
             continue;
         }
         let Some((record_age, _)) = age_and_len(&dir.join(crate::job::RECORD), now_ms) else {

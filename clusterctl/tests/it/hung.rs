@@ -327,6 +327,42 @@ async fn a_paused_scheduler_gives_up_no_job_when_it_wakes() {
     assert!(!crate::harness::job_processes(&job_id).is_empty());
 }
 
+/// A worker's retention keeps the record of a job whose end the scheduler
+/// has not heard of: with the scheduler down past `max_record_age`, the
+/// record went, and the scheduler, back, recorded the job `lost` (the
+/// worker registered without it) when it had succeeded.
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_keeps_a_record_the_scheduler_has_not_heard_of() {
+    let mut cluster = Cluster::start(&[]).await;
+    // max_bytes only to sweep right after a job ends (5 s after it).
+    cluster.add_worker_with(
+        "w3",
+        "[retention]\nmax_record_age = \"1s\"\nmax_bytes = 1000000000\n",
+    );
+    cluster.wait_ready("w3").await;
+    let job_id = cluster.start_job("w3", "count.sh", &["2", "0.5"]).await;
+    cluster.stop_scheduler(Signal::SIGKILL);
+    // The job ends about 1 s in; the sweep after it runs 5 s later.
+    let swept = cluster.worker("w3").log().matches("retention").count();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    cluster.start_scheduler_again();
+    crate::faults::until(
+        Duration::from_secs(20),
+        "the job's end recorded",
+        || async { cluster.job(&job_id).await.done },
+    )
+    .await;
+    let job = cluster.job(&job_id).await;
+    assert_eq!(job.state, "succeeded", "{job:?}");
+    assert_eq!(
+        cluster.worker("w3").log().matches("retention").count(),
+        swept,
+        "nothing deleted while unreported"
+    );
+    let out = cluster.ctl_output(&["logs", &job_id]).await;
+    assert_eq!(crate::cluster::stdout(&out), "1\n2\ndone\n");
+}
+
 /// A worker keeps at most 1,000 finished jobs in memory: a job pushed out
 /// by a thousand later ones is still shown and its output still served,
 /// from its record and log on disk.

@@ -346,7 +346,7 @@ impl Jobs {
     /// Ages come from file times (the log's last write, the record's last
     /// write), so the sweep reads no record it does not change.
     pub(crate) async fn apply_retention(&self, limits: crate::config::Retention) {
-        let running: HashSet<Uuid> = self
+        let mut kept: HashSet<Uuid> = self
             .map
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -354,9 +354,20 @@ impl Jobs {
             .filter(|(_, j)| !j.progress.borrow().done)
             .map(|(id, _)| *id)
             .collect();
+        // Jobs whose end the scheduler has not acknowledged, or whose final
+        // record is not on disk yet: deleting one would make the scheduler
+        // record it `lost` (a registration without it, or a query the
+        // worker answers "unknown job") when it ended in a known state.
+        for set in [
+            &self.changes.dirty,
+            &self.changes.in_flight,
+            &self.changes.unwritten,
+        ] {
+            kept.extend(set.lock().unwrap_or_else(|e| e.into_inner()).iter());
+        }
         let jobs_dir = self.jobs_dir.clone();
         let swept = tokio::task::spawn_blocking(move || {
-            crate::retention::sweep(&jobs_dir, &running, limits, now_ms())
+            crate::retention::sweep(&jobs_dir, &kept, limits, now_ms())
         })
         .await;
         let swept = match swept {
