@@ -159,6 +159,8 @@ async fn fifty_jobs_on_four_slots_all_run_in_queue_order_and_priority_overtakes(
         order, expected,
         "GET /v1/jobs?state=queued is in queue order"
     );
+    // A listing, like every other: without each job's args.
+    assert!(list.jobs.iter().all(|j| j.args.is_none()), "{list:?}");
 
     let mut all = ids.clone();
     all.push(urgent.job_id.clone());
@@ -219,6 +221,48 @@ async fn fifty_jobs_on_four_slots_all_run_in_queue_order_and_priority_overtakes(
         urgent_taken <= taken[45],
         "the urgent job overtook the jobs queued before it"
     );
+}
+
+/// A queued job starts with the args and env of its request, though the
+/// queue's reads (listings, the dispatcher's pass) leave both out: the
+/// dispatcher takes them with the job it claims.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_queued_job_starts_with_its_args_and_env() {
+    let cluster = Cluster::start_with(
+        &["w1"],
+        "",
+        "max_jobs = 1\n---\n[plugins.greet]\nrunner = \"bash\"\nextensions = []\nallow_env = [\"GREETING\"]\n",
+    )
+    .await;
+    std::fs::write(
+        cluster.tmp.path().join("scripts/greet.sh"),
+        "echo \"$GREETING|$1|$2\"\n",
+    )
+    .unwrap();
+    let blocker = submit(
+        &cluster,
+        json!({"worker_id": "w1", "path": "count.sh", "args": ["600", "0.1"]}),
+    )
+    .await;
+    let (status, answer) = post(
+        &cluster,
+        json!({"worker_id": "w1", "command": "greet", "path": "greet.sh",
+            "args": ["a b", "c"], "env": {"GREETING": "hi"}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let queued: JobStarted = serde_json::from_value(answer).unwrap();
+    let list: JobList = cluster.get_json("/v1/jobs?state=queued").await;
+    assert_eq!(list.jobs.len(), 1, "{list:?}");
+    assert_eq!(list.jobs[0].args, None, "a listing carries no args");
+    let shown = cluster.job(&queued.job_id).await;
+    assert_eq!(shown.args, Some(vec!["a b".to_owned(), "c".to_owned()]));
+
+    let out = cluster.ctl_output(&["stop", &blocker.job_id]).await;
+    assert!(out.status.success(), "{}", crate::cluster::stderr(&out));
+    let out = cluster.ctl_output(&["logs", "-f", &queued.job_id]).await;
+    assert!(out.status.success(), "{}", crate::cluster::stderr(&out));
+    assert_eq!(crate::cluster::stdout(&out), "hi|a b|c\n");
 }
 
 #[tokio::test(flavor = "multi_thread")]

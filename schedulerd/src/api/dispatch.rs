@@ -88,7 +88,7 @@ async fn pass(state: &AppState) -> Result<(), StoreError> {
                 }
             };
             let why = format!("starting on worker {}; its answer is awaited", worker.name);
-            let Some(claimed) = state
+            let Some((claimed, env)) = state
                 .store
                 .claim_queued(&row.job_id, &worker.worker_id, &why)
                 .await?
@@ -100,7 +100,7 @@ async fn pass(state: &AppState) -> Result<(), StoreError> {
             // With the jobs this pass counted on the worker, to tell a
             // worker's "busy" from a count gone stale.
             tracing::info!(job_id = %row.job_id, worker_id = %worker.worker_id, worker = %worker.name, priority = entry.priority, running = *running, "dispatching queued job");
-            let _ = start(state, claimed, entry.env, Refusal::Requeue);
+            let _ = start(state, claimed, env, Refusal::Requeue);
         }
         if last_page {
             break;

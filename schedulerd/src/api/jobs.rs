@@ -300,7 +300,8 @@ pub(crate) async fn list(
             .take(limit as usize)
             .enumerate()
             .map(|(i, (row, entry))| {
-                let mut info = job_info(row, false);
+                // Without `args`, as every listing (docs/HTTP_API.md).
+                let mut info = job_summary(row, false);
                 with_queue(&mut info, entry, skip + i as u64);
                 info
             })

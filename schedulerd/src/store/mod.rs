@@ -157,6 +157,9 @@ pub struct KeyRow {
     pub created_at_ms: u64,
 }
 
+/// A job's environment as its start request gave it.
+pub type Env = std::collections::BTreeMap<String, String>;
+
 /// What a queued job needs to be started later, beside its job record
 /// (which holds path, arguments and plugin, with state `queued`).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -168,7 +171,7 @@ pub struct QueueEntry {
     pub worker_id: String,
     pub selector: std::collections::BTreeMap<String, String>,
     /// The request's environment, kept only until the job is dispatched.
-    pub env: std::collections::BTreeMap<String, String>,
+    pub env: Env,
     /// Still queued then: `failed`. 0: no timeout.
     pub deadline_ms: u64,
     /// Why it waits, as last seen by whoever queued or skipped it.
@@ -417,7 +420,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// order, that a new job of `priority` might compete with: those named
     /// to `worker_id` (when given) and the placed ones. Which of them
     /// really compete (could run where the new job would) is the caller's
-    /// to judge. It may show commits not yet durable: the caller only
+    /// to judge. Without their `args` and `env`, as [`Store::queued`].
+    /// It may show commits not yet durable: the caller only
     /// decides by it which record of the new job to write, and that
     /// write's sync covers whatever this read saw.
     async fn waiting_ahead(
@@ -434,7 +438,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn queue_entry(&self, job_id: &str) -> Result<Option<(QueueEntry, u64)>, StoreError>;
 
     /// Queued jobs in queue order (priority, then arrival), skipping the
-    /// first `skip`, at most `limit`.
+    /// first `skip`, at most `limit`; without their `args` and `env`
+    /// (read as empty: see `rows::QUEUED_JOB_HEAD_COLUMNS`).
     async fn queued(
         &self,
         skip: u64,
@@ -449,13 +454,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Takes a queued job for `worker_id`: the one step that makes dispatch
     /// exactly once. Only a job still `queued` is taken (a stop or a
     /// timeout may have ended it); it becomes `unknown` on that worker, as
-    /// any job whose start is in flight, and its record is returned.
+    /// any job whose start is in flight, and its record is returned with
+    /// its env (which the reads of the queue leave out).
     async fn claim_queued(
         &self,
         job_id: &str,
         worker_id: &str,
         why: &str,
-    ) -> Result<Option<JobRow>, StoreError>;
+    ) -> Result<Option<(JobRow, Env)>, StoreError>;
 
     /// Puts a job whose start certainly started nothing back in the queue,
     /// in the place it had; returns false if it was settled otherwise.

@@ -18,8 +18,8 @@ use tokio_postgres::{NoTls, Row};
 
 use super::rows::{
     GROUP_COLUMNS, JOB_COLUMNS, JOB_COLUMNS_WITHOUT_ARGS, KEY_COLUMNS, QUEUE_COLUMNS,
-    QUEUED_JOB_COLUMNS, WORKER_COLUMNS, group_row, job_row, job_state, key_row, queue_row,
-    queued_job_row, worker_row,
+    QUEUED_JOB_COLUMNS, QUEUED_JOB_HEAD_COLUMNS, WORKER_COLUMNS, group_row, job_row, job_state,
+    key_row, queue_row, queued_job_row, worker_row,
 };
 use super::{
     Ahead, GroupRow, JobQuery, JobRow, KeyRow, NewKey, QueueEntry, Store, StoreError, WorkerRow,
@@ -1125,7 +1125,7 @@ impl Store for PgStore {
         let rows = self
             .rows(
                 &format!(
-                    "SELECT {QUEUED_JOB_COLUMNS} FROM queue q JOIN jobs j ON j.job_id = q.job_id
+                    "SELECT {QUEUED_JOB_HEAD_COLUMNS} FROM queue q JOIN jobs j ON j.job_id = q.job_id
                  WHERE NOT q.dispatching AND ($3::TEXT IS NULL OR q.worker_id = $3)
                    AND j.state = 'queued'
                  ORDER BY q.priority DESC, q.seq LIMIT $1 OFFSET $2"
@@ -1155,7 +1155,7 @@ impl Store for PgStore {
         job_id: &str,
         worker_id: &str,
         why: &str,
-    ) -> Result<Option<JobRow>, StoreError> {
+    ) -> Result<Option<(JobRow, super::Env)>, StoreError> {
         let _timer = timed!();
         let mut c = self.client().await?;
         let tx = self.begin(&mut c).await?;
@@ -1169,14 +1169,22 @@ impl Store for PgStore {
                 &[&job_id, &worker_id, &text(why), &(now_ms() as i64)],
             )
             .await?;
-        let claimed = claimed.first().map(job_row).transpose()?;
-        if claimed.is_some() {
-            tx.exec(
-                "UPDATE queue SET dispatching = true WHERE job_id = $1",
-                &[&job_id],
-            )
-            .await?;
-        }
+        let claimed = match claimed.first().map(job_row).transpose()? {
+            Some(row) => {
+                let rows = tx
+                    .rows(
+                        "UPDATE queue SET dispatching = true WHERE job_id = $1 RETURNING env",
+                        &[&job_id],
+                    )
+                    .await?;
+                let env: String = match rows.first() {
+                    Some(r) => r.try_get(0)?,
+                    None => String::new(),
+                };
+                Some((row, super::from_json(&env)))
+            }
+            None => None,
+        };
         tx.commit().await?;
         Ok(claimed)
     }
@@ -1361,7 +1369,7 @@ async fn waiting_ahead(
     let rows = c
         .rows(
             &format!(
-                "SELECT {QUEUED_JOB_COLUMNS} FROM queue q JOIN jobs j ON j.job_id = q.job_id
+                "SELECT {QUEUED_JOB_HEAD_COLUMNS} FROM queue q JOIN jobs j ON j.job_id = q.job_id
                  WHERE NOT q.dispatching AND q.priority >= $1 AND j.state = 'queued'
                    AND (q.worker_id = '' OR q.worker_id = $2)
                  ORDER BY q.priority DESC, q.seq LIMIT $3"

@@ -170,6 +170,18 @@ pub(crate) const QUEUED_JOB_COLUMNS: &str =
     j.output_bytes, j.group_id, j.updated_at_ms, q.job_id, q.priority, q.queued_at_ms,
     q.worker_id, q.selector, q.env, q.deadline_ms, q.reason";
 
+/// [`QUEUED_JOB_COLUMNS`] without the job's `args` and the entry's `env`
+/// (read as empty): what orders, places and lists queued jobs, which never
+/// needs them. Each may be hundreds of KiB, and these reads take up to a
+/// thousand rows (a listing page, a dispatcher pass), some inside a start's
+/// write transaction. The dispatcher takes the env of the job it claims
+/// ([`crate::store::Store::claim_queued`]).
+pub(crate) const QUEUED_JOB_HEAD_COLUMNS: &str =
+    "j.job_id, j.worker_id, j.command, j.path, CAST('[]' AS TEXT), j.state,
+    j.error_text, j.exit_code, j.signal, j.created_at_ms, j.started_at_ms, j.finished_at_ms,
+    j.output_bytes, j.group_id, j.updated_at_ms, q.job_id, q.priority, q.queued_at_ms,
+    q.worker_id, q.selector, CAST('{}' AS TEXT), q.deadline_ms, q.reason";
+
 pub(crate) fn queued_job_row<R: Columns>(r: &R) -> Result<(JobRow, QueueEntry), R::Error> {
     Ok((job_row(r)?, queue_row_at(r, 15)?))
 }

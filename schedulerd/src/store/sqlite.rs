@@ -13,8 +13,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::rows::{
     GROUP_COLUMNS, JOB_COLUMNS, JOB_COLUMNS_WITHOUT_ARGS, KEY_COLUMNS, QUEUE_COLUMNS,
-    QUEUED_JOB_COLUMNS, WORKER_COLUMNS, group_row, job_row, key_row, queue_row, queued_job_row,
-    worker_row,
+    QUEUED_JOB_COLUMNS, QUEUED_JOB_HEAD_COLUMNS, WORKER_COLUMNS, group_row, job_row, key_row,
+    queue_row, queued_job_row, worker_row,
 };
 use super::{
     Ahead, GroupRow, JobQuery, JobRow, KeyRow, NewKey, QueueEntry, Store, StoreError, WorkerRow,
@@ -1164,7 +1164,7 @@ impl Store for SqliteStore {
     ) -> Result<Vec<(JobRow, QueueEntry)>, StoreError> {
         self.read(move |c| {
             let mut stmt = c.prepare_cached(&format!(
-                "SELECT {QUEUED_JOB_COLUMNS} FROM queue q CROSS JOIN jobs j ON j.job_id = q.job_id
+                "SELECT {QUEUED_JOB_HEAD_COLUMNS} FROM queue q CROSS JOIN jobs j ON j.job_id = q.job_id
                  WHERE q.dispatching = 0 AND (?3 IS NULL OR q.worker_id = ?3)
                    AND j.state = 'queued'
                  ORDER BY q.priority DESC, q.seq LIMIT ?1 OFFSET ?2"
@@ -1198,7 +1198,7 @@ impl Store for SqliteStore {
         job_id: &str,
         worker_id: &str,
         why: &str,
-    ) -> Result<Option<JobRow>, StoreError> {
+    ) -> Result<Option<(JobRow, super::Env)>, StoreError> {
         let (id, worker, why) = (job_id.to_owned(), worker_id.to_owned(), why.to_owned());
         self.write(move |c| {
             let tx = c.transaction()?;
@@ -1215,9 +1215,17 @@ impl Store for SqliteStore {
                     |r| job_row(r),
                 )
                 .optional()?;
-            if claimed.is_some() {
-                tx.exec("UPDATE queue SET dispatching = 1 WHERE job_id = ?1", [&id])?;
-            }
+            let claimed = match claimed {
+                Some(row) => {
+                    let env: String = tx.row(
+                        "UPDATE queue SET dispatching = 1 WHERE job_id = ?1 RETURNING env",
+                        [&id],
+                        |r| r.get(0),
+                    )?;
+                    Some((row, super::from_json(&env)))
+                }
+                None => None,
+            };
             tx.commit()?;
             Ok(claimed)
         })
@@ -1352,7 +1360,7 @@ fn waiting_ahead(
     limit: u32,
 ) -> rusqlite::Result<Vec<(JobRow, QueueEntry)>> {
     let mut stmt = c.prepare_cached(&format!(
-        "SELECT {QUEUED_JOB_COLUMNS} FROM queue q CROSS JOIN jobs j ON j.job_id = q.job_id
+        "SELECT {QUEUED_JOB_HEAD_COLUMNS} FROM queue q CROSS JOIN jobs j ON j.job_id = q.job_id
          WHERE q.dispatching = 0 AND q.priority >= ?1 AND j.state = 'queued'
            AND (q.worker_id = '' OR q.worker_id = ?2)
          ORDER BY q.priority DESC, q.seq LIMIT ?3"

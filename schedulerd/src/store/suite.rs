@@ -553,7 +553,20 @@ async fn the_queue_keeps_its_order_and_a_job_is_taken_once(store: SharedStore) {
     assert!(ahead(6, "w").await.is_empty());
 
     // Taken once: a second claim, and a stop, find it gone from the queue.
-    let claimed = store
+    // The queue's reads leave out args and env; the claim gives the env.
+    let rows = store.queued(0, 10, None).await.unwrap();
+    assert!(
+        rows.iter()
+            .all(|(j, e)| j.args.is_empty() && e.env.is_empty()),
+        "{rows:?}"
+    );
+    let rows = store.waiting_ahead(i32::MIN, "", 10).await.unwrap();
+    assert!(
+        rows.iter()
+            .all(|(j, e)| j.args.is_empty() && e.env.is_empty()),
+        "{rows:?}"
+    );
+    let (claimed, env) = store
         .claim_queued("b", "w", "starting")
         .await
         .unwrap()
@@ -562,6 +575,8 @@ async fn the_queue_keeps_its_order_and_a_job_is_taken_once(store: SharedStore) {
         (claimed.state, claimed.worker_id.as_str()),
         (JobState::Unknown, "w")
     );
+    assert_eq!(claimed.args, queued("b", 5, "", 0).0.args);
+    assert_eq!(env, queued("b", 5, "", 0).1.env);
     assert!(
         store
             .claim_queued("b", "w2", "starting")
