@@ -95,8 +95,10 @@ impl ApiError {
     /// it: the request or its answer was lost on the way (connection
     /// refused or reset, timeout), a proxy or a restarting scheduler
     /// answered 502/503/504 without the API's error body, the scheduler's
-    /// store was briefly unavailable, or our own earlier attempt is still
-    /// being answered. Never a start in doubt: its job exists.
+    /// store was briefly unavailable, the scheduler's request deadline
+    /// passed (`504 request_timeout`; the keyed start goes on), or our own
+    /// earlier attempt is still being answered. Never a start in doubt:
+    /// its job exists.
     pub(crate) fn is_retryable_start(&self) -> bool {
         if self.job_in_doubt().is_some() {
             return false;
@@ -110,9 +112,11 @@ impl ApiError {
                         | StatusCode::SERVICE_UNAVAILABLE
                         | StatusCode::GATEWAY_TIMEOUT
                 ),
+                // `request_timeout`: the scheduler gave up answering, not
+                // starting; the start, keyed, goes on and is replayed.
                 Some(body) => matches!(
                     body.code.as_str(),
-                    "store_unavailable" | "idempotency_key_in_use"
+                    "store_unavailable" | "idempotency_key_in_use" | "request_timeout"
                 ),
             },
             ApiError::Decode { .. } => false,
@@ -902,6 +906,11 @@ mod tests {
         assert!(retried(answer(
             StatusCode::CONFLICT,
             Some("idempotency_key_in_use"),
+            None
+        )));
+        assert!(retried(answer(
+            StatusCode::GATEWAY_TIMEOUT,
+            Some("request_timeout"),
             None
         )));
         // The scheduler answered: another attempt would get the same.

@@ -657,10 +657,17 @@ async fn read_all(
                 job_id: &job_id,
             };
             let mut sink = CountingSink::default();
-            let outcome =
-                follow::stream_output(&source, &job_id, 0, follow, &mut sink, &Retry::default())
-                    .await
-                    .map_err(|e| e.to_string());
+            let outcome = follow::stream_output(
+                &source,
+                &job_id,
+                0,
+                follow,
+                true,
+                &mut sink,
+                &Retry::default(),
+            )
+            .await
+            .map_err(|e| e.to_string());
             let ended = sink.last_write.unwrap_or_else(Instant::now);
             let verdict = outcome.and_then(|job| {
                 if follow {

@@ -85,7 +85,8 @@ Ctrl-C during `run` stops the job (or the group) it started, waits until it has 
 /// How `start` and `run` survive a broken connection (`--help`).
 const START_RETRY_HELP: &str = "\
 Each invocation sends its start with a fresh Idempotency-Key. A start that fails on the way \
-(connection refused or reset, a timeout, 502/503/504 from a proxy or a restarting scheduler) is \
+(connection refused or reset, a timeout, 502/503/504 from a proxy or a restarting scheduler, \
+the scheduler's own request deadline) is \
 sent again with the same key, up to 5 times with growing pauses, with one line on stderr each: \
 the scheduler answers a start it already made with that job (or group) instead of starting a \
 second one. If the scheduler recorded the job but its worker did not confirm the start \

@@ -397,7 +397,7 @@ async fn run_job(
             job_id
         }
     };
-    let job = follow_to_stdout(api, &job_id, 0, true).await?;
+    let job = follow_to_stdout(api, &job_id, 0, true, true).await?;
     Ok(job.map_or(ExitCode::SUCCESS, finished))
 }
 
@@ -409,12 +409,12 @@ pub(crate) async fn wait_for_dispatch(
     spinner: &Spinner,
 ) -> Result<JobInfo, ApiError> {
     let mut pause = Duration::from_millis(100);
-    let mut failures = 0;
+    let mut outage = Outage::default();
     loop {
         match api.job(job_id).await {
             Ok(job) if job.parsed.state != "queued" => return Ok(job.parsed),
             Ok(job) => {
-                failures = 0;
+                outage = Outage::default();
                 spinner.set_message(format!(
                     "job {job_id} queued: position {} ({})",
                     job.parsed.position.unwrap_or(0),
@@ -424,8 +424,7 @@ pub(crate) async fn wait_for_dispatch(
                         .unwrap_or("waiting for a free slot")
                 ));
             }
-            Err(e) if e.is_retryable() && failures < api::START_RETRIES.times => failures += 1,
-            Err(e) => return Err(e),
+            Err(e) => outage.ride_out(e, job_id).await?,
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(1));
@@ -436,23 +435,51 @@ pub(crate) async fn wait_for_dispatch(
 /// job has started (or ended, or was given up as lost).
 async fn wait_for_start(api: &Api, job_id: &str) -> Result<(), ApiError> {
     let mut pause = Duration::from_millis(250);
-    let mut failures = 0;
+    let mut outage = Outage::default();
     loop {
         match api.job(job_id).await {
             Ok(job) if job.parsed.state != "unknown" || job.parsed.started_at.is_some() => {
                 return Ok(());
             }
-            Ok(_) => failures = 0,
-            Err(e) if e.is_retryable() && failures < api::START_RETRIES.times => failures += 1,
-            Err(e) => return Err(e),
+            Ok(_) => outage = Outage::default(),
+            Err(e) => outage.ride_out(e, job_id).await?,
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(2));
     }
 }
 
+/// Failed asks in a row about a job that exists (queued, or its start in
+/// doubt), while its scheduler is out of reach: ridden out as long as a
+/// follower rides out a broken stream ([`Retry::default`], about 30 s,
+/// long enough for a scheduler restart), with one line on stderr each.
+/// Giving up sooner would leave the job to start with nobody following it.
+#[derive(Debug, Default)]
+struct Outage {
+    failures: u32,
+}
+
+impl Outage {
+    async fn ride_out(&mut self, error: ApiError, job_id: &str) -> Result<(), ApiError> {
+        let retry = Retry::default();
+        if !error.is_retryable() || self.failures >= retry.attempts {
+            return Err(error);
+        }
+        let delay = (retry.first_delay * 2u32.pow(self.failures)).min(retry.max_delay);
+        self.failures += 1;
+        eprintln!(
+            "clusterctl: {error}; asking about job {job_id} again in {} (attempt {}/{})",
+            humantime::format_duration(delay),
+            self.failures,
+            retry.attempts
+        );
+        tokio::time::sleep(delay).await;
+        Ok(())
+    }
+}
+
 async fn logs(api: &Api, id: &str, offset: u64, follow: bool) -> anyhow::Result<ExitCode> {
-    let job_error = match follow_to_stdout(api, id, offset, follow).await {
+    let job_error = match follow_to_stdout(api, id, offset, follow, false).await {
         Ok(job) => return Ok(job.map_or(ExitCode::SUCCESS, finished)),
         // Refused before any byte was written: the id may be a group's.
         Err(follow::FollowError::Api(e)) if e.is_job_not_found() => e,
@@ -641,11 +668,14 @@ async fn report_group_failures(api: &Api, group: &GroupInfo, start_failures: usi
     }
 }
 
+/// `known`: the job exists (`run` started it), so a first request that
+/// cannot reach the scheduler is retried, not taken for a wrong id.
 async fn follow_to_stdout(
     api: &Api,
     job_id: &str,
     offset: u64,
     follow: bool,
+    known: bool,
 ) -> Result<Option<JobInfo>, follow::FollowError> {
     let source = JobLogs { api, job_id };
     let mut stdout = std::io::stdout().lock();
@@ -654,6 +684,7 @@ async fn follow_to_stdout(
         job_id,
         offset,
         follow,
+        known,
         &mut stdout,
         &Retry::default(),
     )

@@ -101,18 +101,20 @@ pub(crate) enum FollowError {
 /// and returns its final record; without, returns `None` once the output so
 /// far is written.
 ///
-/// Once the first request got an answer, a broken or refused connection is
-/// retried from the last byte written, after a growing delay, with one
-/// warning line on stderr each time.
+/// Once the first request got an answer, or from the start when the job
+/// is `known` to exist (its start was just answered), a broken or refused
+/// connection is retried from the last byte written, after a growing
+/// delay, with one warning line on stderr each time.
 pub(crate) async fn stream_output<S: LogSource>(
     source: &S,
     job_id: &str,
     mut offset: u64,
     follow: bool,
+    known: bool,
     out: &mut impl Write,
     retry: &Retry,
 ) -> Result<Option<JobInfo>, FollowError> {
-    let mut connected = false;
+    let mut connected = known;
     // Counted by hand rather than with a retry crate (backon, as starts
     // use): the count starts again after a healthy connection, and a
     // queued or unknown job is waited for without counting at all, which
@@ -198,14 +200,33 @@ pub(crate) async fn stream_output<S: LogSource>(
                 // whose start was only not settled when asked (a queued
                 // job just dispatched, quick to end) is asked again below.
                 Ok(job) if job.done && error.code() != Some("job_not_started") => {
-                    if job.output_bytes > offset {
+                    if job.output_bytes <= offset {
+                        return Ok(Some(job));
+                    }
+                    // The rest may be readable again in a moment (its
+                    // worker restarting, a blip): asked again within the
+                    // reconnect budget before the outcome is given alone.
+                    if failures < retry.attempts {
+                        failures += 1;
                         eprintln!(
                             "clusterctl: job {job_id} is {}, but its output from byte {offset} \
-                             (of {}) cannot be read now: {error}; later: clusterctl logs \
-                             --offset {offset} {job_id}",
-                            job.state, job.output_bytes
+                             (of {}) cannot be read now: {error}; trying again in {} (attempt \
+                             {failures}/{})",
+                            job.state,
+                            job.output_bytes,
+                            humantime::format_duration(delay),
+                            retry.attempts
                         );
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(retry.max_delay);
+                        continue;
                     }
+                    eprintln!(
+                        "clusterctl: job {job_id} is {}, but its output from byte {offset} \
+                         (of {}) cannot be read now: {error}; later: clusterctl logs \
+                         --offset {offset} {job_id}",
+                        job.state, job.output_bytes
+                    );
                     return Ok(Some(job));
                 }
                 // Not started yet: waits, quietly after one line.
@@ -479,6 +500,8 @@ mod tests {
     /// What one `open` answers: chunks, then maybe a break.
     enum Answer {
         Refuse(bool),
+        /// `503 worker_down`: the scheduler cannot reach the job's worker.
+        WorkerDown,
         /// `409 job_not_started`: the job's start was not settled yet.
         NotStarted,
         Body(Vec<&'static [u8]>, bool),
@@ -513,7 +536,8 @@ mod tests {
         /// Follows the whole output from byte 0, with fast retries.
         fn follow(&self) -> (Vec<u8>, Result<Option<JobInfo>, FollowError>) {
             let mut out = Vec::new();
-            let result = rt().block_on(stream_output(self, "j1", 0, true, &mut out, &fast()));
+            let result =
+                rt().block_on(stream_output(self, "j1", 0, true, false, &mut out, &fast()));
             (out, result)
         }
     }
@@ -529,6 +553,15 @@ mod tests {
                 Some(Answer::Refuse(retryable)) => Err(ApiError::Transport {
                     message: "connection refused".into(),
                     retryable,
+                }),
+                Some(Answer::WorkerDown) => Err(ApiError::Status {
+                    status: reqwest::StatusCode::SERVICE_UNAVAILABLE,
+                    body: Some(jobcluster_proto::http::ErrorBody {
+                        error: "worker w1 is down".into(),
+                        code: "worker_down".into(),
+                        job_id: None,
+                    }),
+                    text: String::new(),
                 }),
                 Some(Answer::NotStarted) => Err(ApiError::Status {
                     status: reqwest::StatusCode::CONFLICT,
@@ -610,7 +643,15 @@ mod tests {
         let fake = Fake::new([], job("running", None, None));
         let mut out = Vec::new();
         let job = rt()
-            .block_on(stream_output(&fake, "j1", 14, false, &mut out, &fast()))
+            .block_on(stream_output(
+                &fake,
+                "j1",
+                14,
+                false,
+                false,
+                &mut out,
+                &fast(),
+            ))
             .unwrap();
         assert!(job.is_none());
         assert_eq!(out, b"line 3\n");
@@ -646,6 +687,22 @@ mod tests {
         let refused_first = Fake::new([Answer::Refuse(true)], finished());
         let err = refused_first.follow().1.unwrap_err();
         assert!(matches!(err, FollowError::Api(_)), "{err}");
+        // Unless the job is known to exist (`run` just started it).
+        let known = Fake::new([Answer::Refuse(true)], finished());
+        let mut out = Vec::new();
+        let job = rt()
+            .block_on(stream_output(
+                &known,
+                "j1",
+                0,
+                true,
+                true,
+                &mut out,
+                &fast(),
+            ))
+            .unwrap()
+            .unwrap();
+        assert_eq!((out.as_slice(), job.state.as_str()), (OUTPUT, "succeeded"));
 
         let lasting = Fake::new(
             [Answer::Body(vec![b"1"], true), Answer::Refuse(false)],
@@ -665,6 +722,40 @@ mod tests {
         let job = job.unwrap().unwrap();
         assert_eq!((out.as_slice(), job.state.as_str()), (OUTPUT, "succeeded"));
         assert_eq!(*fake.offsets.borrow(), [0, 0]);
+    }
+
+    /// A finished job whose worker cannot serve the rest of its output for
+    /// a moment: the rest is asked for again, not given up at once with
+    /// the job's exit code and the output cut short.
+    #[test]
+    fn the_rest_of_a_finished_jobs_output_is_asked_for_again() {
+        let fake = Fake::new(
+            [
+                Answer::Body(vec![b"1234567"], true),
+                Answer::WorkerDown,
+                Answer::WorkerDown,
+            ],
+            finished(),
+        );
+        let (out, job) = fake.follow();
+        assert_eq!(job.unwrap().unwrap().state, "succeeded");
+        assert_eq!(out, OUTPUT);
+        assert_eq!(*fake.offsets.borrow(), [0, 7, 7, 7]);
+
+        // Past the budget, the outcome alone.
+        let fake = Fake::new(
+            [
+                Answer::Body(vec![b"1234567"], true),
+                Answer::WorkerDown,
+                Answer::WorkerDown,
+                Answer::WorkerDown,
+                Answer::WorkerDown,
+            ],
+            finished(),
+        );
+        let (out, job) = fake.follow();
+        assert_eq!(job.unwrap().unwrap().state, "succeeded");
+        assert_eq!(out, b"line 1\n");
     }
 
     #[test]

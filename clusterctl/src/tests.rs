@@ -221,7 +221,7 @@ async fn a_cut_body_is_resumed_from_the_last_byte() {
         api: &api,
         job_id: "j1",
     };
-    let job = stream_output(&source, "j1", 0, true, &mut out, &retry)
+    let job = stream_output(&source, "j1", 0, true, false, &mut out, &retry)
         .await
         .unwrap()
         .unwrap();

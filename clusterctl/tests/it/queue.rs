@@ -497,6 +497,47 @@ async fn run_waits_through_the_queue_then_follows() {
     assert!(err.contains("started"), "{err}");
 }
 
+/// `run` of a queued job rides out a scheduler restart of several seconds:
+/// it gave up after five failed asks (about five seconds) and exited 1,
+/// leaving its job to start later with nobody following it.
+#[tokio::test(flavor = "multi_thread")]
+async fn run_rides_out_a_scheduler_restart_while_its_job_is_queued() {
+    let mut cluster = Cluster::start_with(&["w1"], "", "max_jobs = 1\n---\n").await;
+    let blocker = submit(
+        &cluster,
+        json!({"worker_id": "w1", "path": "count.sh", "args": ["600", "0.1"]}),
+    )
+    .await;
+    let run = cluster
+        .ctl()
+        .args(["run", "--worker", "w1", "count.sh", "--", "2", "0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    crate::faults::until(Duration::from_secs(10), "run's job queued", || async {
+        let list: JobList = cluster.get_json("/v1/jobs?state=queued").await;
+        list.jobs.len() == 1
+    })
+    .await;
+    cluster.stop_scheduler(Signal::SIGKILL);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    cluster.start_scheduler_again();
+    crate::faults::until(Duration::from_secs(20), "the blocker stopped", || async {
+        let out = cluster.ctl_output(&["stop", &blocker.job_id]).await;
+        out.status.success()
+    })
+    .await;
+    let out = tokio::time::timeout(Duration::from_secs(60), run.wait_with_output())
+        .await
+        .expect("run ends")
+        .unwrap();
+    let err = crate::cluster::stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(crate::cluster::stdout(&out), "1\n2\ndone\n", "{err}");
+    assert!(err.contains("asking about job"), "{err}");
+}
+
 /// Not a test: with 10,000 jobs queued, how long a freed slot takes to
 /// start the next job and how fast the API answers. Run with
 /// `cargo test -p jobcluster-clusterctl --test it queue::bench -- --ignored --nocapture`.
