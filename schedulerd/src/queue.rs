@@ -60,6 +60,14 @@ impl Queue {
             .insert(job_id.to_owned())
     }
 
+    /// Whether a start of this job is in flight.
+    pub(crate) fn in_flight(&self, job_id: &str) -> bool {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(job_id)
+    }
+
     pub(crate) fn end(&self, job_id: &str) {
         self.in_flight
             .lock()

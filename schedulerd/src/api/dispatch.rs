@@ -77,6 +77,14 @@ async fn pass(state: &AppState) -> Result<(), StoreError> {
             if !workers.iter().any(|w| has_slot(state, w, &taken)) {
                 break 'pages; // nothing can start until a slot frees up
             }
+            // Put back by a start task that has not ended yet: claimed
+            // now, the new start would find the old one in flight and not
+            // run, leaving the job taken with no start under way. Ended
+            // after it put the job back, so the next pass takes it.
+            if state.queue.in_flight(&row.job_id) {
+                waiting += 1;
+                continue;
+            }
             let worker = match choose(state, &workers, &taken, &row, &entry) {
                 Ok(worker) => worker,
                 Err(reason) => {
@@ -100,6 +108,8 @@ async fn pass(state: &AppState) -> Result<(), StoreError> {
             // With the jobs this pass counted on the worker, to tell a
             // worker's "busy" from a count gone stale.
             tracing::info!(job_id = %row.job_id, worker_id = %worker.worker_id, worker = %worker.name, priority = entry.priority, running = *running, "dispatching queued job");
+            // Not in flight (checked above, and only this task begins
+            // starts), so this start runs.
             let _ = start(state, claimed, env, Refusal::Requeue);
         }
         if last_page {
