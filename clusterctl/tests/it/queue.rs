@@ -497,6 +497,128 @@ async fn run_waits_through_the_queue_then_follows() {
     assert!(err.contains("started"), "{err}");
 }
 
+/// A job that could start is found behind more than a thousand that
+/// cannot: a pass looked past 1,000 waiting jobs and stopped there, so a
+/// job for another kind of worker behind them never started, however long
+/// the slot it waited for stayed free.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_behind_a_thousand_that_cannot_start_is_found() {
+    use futures_util::StreamExt;
+    let mut cluster = Cluster::start(&[]).await;
+    for kind in ["gpu", "cpu"] {
+        cluster.add_worker_with(
+            &format!("w{kind}"),
+            &format!("max_jobs = 1\nlabels = {{ kind = \"{kind}\" }}\n---\n"),
+        );
+    }
+    for kind in ["gpu", "cpu"] {
+        cluster.wait_ready(&format!("w{kind}")).await;
+    }
+    let long = json!({"path": "count.sh", "args": ["600", "0.1"]});
+    let mut blockers = HashMap::new();
+    for kind in ["gpu", "cpu"] {
+        let mut body = long.clone();
+        body["worker_id"] = json!(format!("w{kind}"));
+        blockers.insert(kind, submit(&cluster, body).await.job_id);
+    }
+    let answers: Vec<StatusCode> = futures_util::stream::iter(0..1050)
+        .map(|_| {
+            post(
+                &cluster,
+                json!({"path": "count.sh", "args": ["1", "0"], "selector": {"kind": "gpu"}}),
+            )
+        })
+        .buffer_unordered(16)
+        .map(|(status, _)| status)
+        .collect()
+        .await;
+    assert!(
+        answers.iter().all(|s| *s == StatusCode::ACCEPTED),
+        "every gpu job queued"
+    );
+    let behind = submit(
+        &cluster,
+        json!({"path": "count.sh", "args": ["1", "0"], "selector": {"kind": "cpu"}}),
+    )
+    .await;
+    assert_eq!(behind.state.as_deref(), Some("queued"));
+    let out = cluster.ctl_output(&["stop", &blockers["cpu"]]).await;
+    assert!(out.status.success(), "{}", crate::cluster::stderr(&out));
+    crate::faults::until(Duration::from_secs(20), "the cpu job done", || async {
+        cluster.job(&behind.job_id).await.done
+    })
+    .await;
+    let job = cluster.job(&behind.job_id).await;
+    assert_eq!(job.state, "succeeded", "{job:?}");
+    assert_eq!(job.worker_id, cluster.worker_info("wcpu").await.worker_id);
+}
+
+/// Not a test: the scheduler's CPU while 10,000 queued jobs wait for a
+/// full worker and another worker's slot stays free (every dispatcher pass
+/// then reads the whole queue, passing over the jobs of one shape). Run
+/// with `cargo test --release -p jobcluster-clusterctl --test it
+/// queue::bench_a_free -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a benchmark"]
+async fn bench_a_free_slot_behind_ten_thousand_unfit() {
+    let mut cluster = Cluster::start(&[]).await;
+    for kind in ["gpu", "cpu"] {
+        cluster.add_worker_with(
+            &format!("w{kind}"),
+            &format!("max_jobs = 1\nlabels = {{ kind = \"{kind}\" }}\n---\n"),
+        );
+        cluster.wait_ready(&format!("w{kind}")).await;
+    }
+    submit(
+        &cluster,
+        json!({"worker_id": "wgpu", "path": "count.sh", "args": ["1000", "1"]}),
+    )
+    .await;
+    let cluster = std::sync::Arc::new(cluster);
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let cluster = cluster.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..625 {
+                let (status, _) = post(
+                    &cluster,
+                    json!({"path": "count.sh", "args": ["1", "0"], "selector": {"kind": "gpu"}}),
+                )
+                .await;
+                assert_eq!(status, StatusCode::ACCEPTED);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let pid = cluster.scheduler.child.id();
+    let cpu = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<u64> = stat
+            .rsplit_once(") ")
+            .unwrap()
+            .1
+            .split(' ')
+            .skip(11)
+            .take(2)
+            .map(|f| f.parse().unwrap())
+            .collect();
+        fields[0] + fields[1]
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (before, t) = (cpu(), std::time::Instant::now());
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let ticks = cpu() - before;
+    let share = ticks as f64 / 100.0 / t.elapsed().as_secs_f64() * 100.0;
+    println!(
+        "10,000 queued for a full worker, another's slot free: scheduler at {share:.1} % of a core"
+    );
+    let page = std::time::Instant::now();
+    let _: JobList = cluster.get_json("/v1/jobs?limit=100").await;
+    println!("GET /v1/jobs?limit=100 meanwhile: {:?}", page.elapsed());
+}
+
 /// `run` of a queued job rides out a scheduler restart of several seconds:
 /// it gave up after five failed asks (about five seconds) and exited 1,
 /// leaving its job to start later with nobody following it.

@@ -25,29 +25,67 @@ use crate::store::{JobRow, QueueEntry, StoreError, WorkerRow};
 /// jobs a busy or unreachable worker handed back (retried no faster).
 const TICK: Duration = Duration::from_secs(1);
 
-/// Waiting jobs looked past per pass (ones that cannot start now); the
-/// rest wait for the next pass.
+/// Waiting jobs at the head of the queue looked at one by one per pass
+/// (each may get its `reason` rewritten); past them, a job is looked at
+/// only if no job of its shape ([`Shape`]) could start in this pass.
 const BATCH: u32 = 1000;
 
-/// Queued jobs read at once.
-const PAGE: u32 = 32;
+/// Queued jobs a pass reads at most: past the head, jobs of shapes seen to
+/// wait are passed over without a look, so a job that could start is found
+/// behind thousands that cannot (twice `[scheduler] max_queued`'s default).
+const MAX_READ: u64 = 20_000;
 
-pub(crate) async fn run(state: AppState, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        if let Err(error) = pass(&state).await {
-            tracing::error!(%error, "dispatching queued jobs failed; retrying");
-        }
-        tokio::select! {
-            () = state.queue.woken() => {}
-            _ = tick.tick() => {}
-            () = stop.cancelled() => return,
+/// Queued jobs read at once, at first; pages grow up to [`MAX_PAGE`] as a
+/// pass goes deeper, so reading far costs few store reads.
+const PAGE: u32 = 32;
+const MAX_PAGE: u32 = 1024;
+
+/// What decides whether a queued job can start now, and where: jobs of one
+/// shape all fit or all wait within a pass (a pass only takes slots).
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Shape {
+    worker_id: String,
+    command: String,
+    extension: String,
+    selector: std::collections::BTreeMap<String, String>,
+}
+
+impl Shape {
+    fn of(row: &JobRow, entry: &QueueEntry) -> Shape {
+        let extension = std::path::Path::new(&row.path)
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or_default();
+        Shape {
+            worker_id: entry.worker_id.clone(),
+            command: row.command.clone(),
+            extension: extension.to_owned(),
+            selector: entry.selector.clone(),
         }
     }
 }
 
-async fn pass(state: &AppState) -> Result<(), StoreError> {
+pub(crate) async fn run(state: AppState, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut woken = true;
+    loop {
+        if let Err(error) = pass(&state, woken).await {
+            tracing::error!(%error, "dispatching queued jobs failed; retrying");
+        }
+        woken = tokio::select! {
+            () = state.queue.woken() => true,
+            _ = tick.tick() => false,
+            () = stop.cancelled() => return,
+        };
+    }
+}
+
+/// One pass over the queue. Only a `woken` pass (a job queued, a slot
+/// freed, a worker registered or undrained) reads past the head: the
+/// ticks in between would read the same thousands of jobs every second
+/// while a slot stays free that none of them can use.
+async fn pass(state: &AppState, woken: bool) -> Result<(), StoreError> {
     let expired = state.store.expire_queued(crate::time::now_ms()).await?;
     for job_id in &expired {
         tracing::info!(%job_id, "queued job failed: its queue timeout passed");
@@ -70,9 +108,14 @@ async fn pass(state: &AppState) -> Result<(), StoreError> {
     // a long queue reads little of it. Taken jobs leave the queued set;
     // only the ones left waiting count towards the next page's offset.
     let mut waiting = 0u64;
-    'pages: while waiting < u64::from(BATCH) {
-        let page = state.store.queued(waiting, PAGE, None).await?;
-        let last_page = page.len() < PAGE as usize;
+    let mut page_size = PAGE;
+    // Shapes of jobs that wait in this pass.
+    let mut waits = std::collections::HashSet::new();
+    let max_read = if woken { MAX_READ } else { u64::from(BATCH) };
+    'pages: while waiting < max_read && waits.len() < BATCH as usize {
+        let page = state.store.queued(waiting, page_size, None).await?;
+        let last_page = page.len() < page_size as usize;
+        page_size = (page_size * 2).min(MAX_PAGE);
         for (row, entry) in page {
             if !workers.iter().any(|w| has_slot(state, w, &taken)) {
                 break 'pages; // nothing can start until a slot frees up
@@ -85,11 +128,18 @@ async fn pass(state: &AppState) -> Result<(), StoreError> {
                 waiting += 1;
                 continue;
             }
+            let head = waiting < u64::from(BATCH);
+            let shape = Shape::of(&row, &entry);
+            if !head && waits.contains(&shape) {
+                waiting += 1;
+                continue;
+            }
             let worker = match choose(state, &workers, &taken, &row, &entry) {
                 Ok(worker) => worker,
                 Err(reason) => {
                     waiting += 1;
-                    if reason != entry.reason {
+                    waits.insert(shape);
+                    if head && reason != entry.reason {
                         state.store.set_queue_reason(&row.job_id, &reason).await?;
                     }
                     continue;
