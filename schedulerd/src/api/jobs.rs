@@ -515,8 +515,9 @@ async fn wanted(
 }
 
 /// What a start naming one worker asks the store as it records the job:
-/// whether a queued job waits for that worker's slot (named to it, or
-/// placed and able to run there), whatever its priority (see [`wanted`]).
+/// whether a queued job waits for that worker's slot (named to it, or one
+/// of the first [`AHEAD`] placed ones able to run there), whatever its
+/// priority (see [`wanted`]).
 fn ahead_of(worker: &crate::store::WorkerRow) -> crate::store::Ahead {
     let named = worker.worker_id.clone();
     let workers = vec![worker.clone()];
@@ -525,9 +526,6 @@ fn ahead_of(worker: &crate::store::WorkerRow) -> crate::store::Ahead {
         worker_id: named,
         limit: AHEAD,
         holds: Box::new(move |row, entry| {
-            if !entry.worker_id.is_empty() {
-                return true; // named to this very worker
-            }
             crate::placement::eligible_queued(&workers, row, entry).is_ok_and(|w| !w.is_empty())
         }),
     }
@@ -1403,6 +1401,23 @@ pub(crate) async fn stop_job(state: &AppState, row: JobRow) -> Result<StopResult
     if let Err(status) = with_deadline(state.call_timeout, client.stop_job(request)).await {
         if unreachable(&status) {
             worker_unreachable(state, &worker).await;
+        }
+        // A job whose start has not reached its worker yet (one the
+        // dispatcher just took) is not unknown to us: the caller may stop
+        // it again shortly, not give up on it as missing.
+        if status.code() == tonic::Code::NotFound
+            && row.state == JobState::Unknown
+            && row.started_at_ms == 0
+        {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "job_starting",
+                format!(
+                    "job {} is not running on worker {name} yet (its start is not settled); stop it again shortly",
+                    row.job_id
+                ),
+            )
+            .with_job(&row.job_id));
         }
         return Err(ApiError::from_worker(status, &name));
     }

@@ -492,10 +492,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 /// The store every part of the scheduler shares.
 pub type SharedStore = Arc<dyn Store>;
 
-/// The queued jobs a new job may have to wait behind: those of `priority`
-/// or higher not being dispatched, for any worker or for `worker_id`, the
-/// first `limit` in queue order (as [`Store::waiting_ahead`] reads them),
-/// and whether one of them holds the new job back.
+/// The queued jobs a new job may have to wait behind, of `priority` or
+/// higher and not being dispatched: any job named to `worker_id` (when
+/// given) holds it back, however far back it waits (a separate, indexed
+/// check: placed jobs before it do not hide it); of the placed jobs, the
+/// first `limit` in queue order are read and `holds` says whether one of
+/// them holds the new job back.
 pub struct Ahead {
     pub priority: i32,
     pub worker_id: String,

@@ -141,6 +141,11 @@ CREATE TABLE leader (
     expires_at TIMESTAMPTZ NOT NULL
 );
 ",
+    // 3: queued jobs named to a worker, found at once by a start naming
+    // it, however many placed jobs wait before them.
+    "
+CREATE INDEX queue_named ON queue (worker_id, priority) WHERE NOT dispatching AND worker_id <> '';
+",
 ];
 
 /// The fence every write of a leader's fenced store checks first. `FOR
@@ -310,9 +315,14 @@ impl PgStore {
         let mut c = self.client().await?;
         let tx = self.begin(&mut c).await?;
         if let Some(ahead) = ahead {
-            let queued = waiting_ahead(&tx, ahead.priority, &ahead.worker_id, ahead.limit).await?;
-            if queued.iter().any(|(row, entry)| (ahead.holds)(row, entry)) {
+            if !ahead.worker_id.is_empty()
+                && named_waiting(&tx, ahead.priority, &ahead.worker_id).await?
+            {
                 return Ok(false); // dropping `tx` rolls back
+            }
+            let queued = waiting_ahead(&tx, ahead.priority, "", ahead.limit).await?;
+            if queued.iter().any(|(row, entry)| (ahead.holds)(row, entry)) {
+                return Ok(false);
             }
         }
         insert_job(&tx, j).await?;
@@ -1360,6 +1370,23 @@ cached!(deadpool_postgres::Transaction<'_>);
 
 /// The queued jobs a new job of `priority` for `worker_id` may wait behind
 /// ([`Ahead`]).
+/// Whether a queued job of `priority` or higher named to `worker_id` waits
+/// (through the partial index `queue_named`).
+async fn named_waiting(
+    c: &impl Cached,
+    priority: i32,
+    worker_id: &str,
+) -> Result<bool, StoreError> {
+    let rows = c
+        .rows(
+            "SELECT 1 FROM queue WHERE NOT dispatching AND worker_id <> '' AND worker_id = $1
+               AND priority >= $2 LIMIT 1",
+            &[&worker_id, &priority],
+        )
+        .await?;
+    Ok(!rows.is_empty())
+}
+
 async fn waiting_ahead(
     c: &impl Cached,
     priority: i32,

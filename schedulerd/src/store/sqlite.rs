@@ -149,6 +149,7 @@ DROP INDEX IF EXISTS queue_order;
 CREATE INDEX IF NOT EXISTS queue_waiting ON queue (priority DESC, seq, worker_id) WHERE dispatching = 0;
 CREATE INDEX IF NOT EXISTS queue_dispatching ON queue (seq) WHERE dispatching = 1;
 CREATE INDEX IF NOT EXISTS queue_by_deadline ON queue (deadline_ms) WHERE deadline_ms > 0;
+CREATE INDEX IF NOT EXISTS queue_named ON queue (worker_id, priority) WHERE dispatching = 0 AND worker_id != '';
 CREATE INDEX IF NOT EXISTS idempotency_keys_by_age ON idempotency_keys (created_at_ms);
 CREATE INDEX IF NOT EXISTS idempotency_keys_by_job ON idempotency_keys (job_id);
 CREATE INDEX IF NOT EXISTS idempotency_keys_by_group ON idempotency_keys (group_id);
@@ -158,7 +159,8 @@ CREATE INDEX IF NOT EXISTS idempotency_keys_by_group ON idempotency_keys (group_
 /// `user_version`. Databases from before versions were recorded say 0 and
 /// are brought up by the idempotent steps below; a later change to the
 /// schema adds a step that runs when the version is lower, and raises this.
-const SCHEMA_VERSION: i64 = 1;
+/// 2: the index `queue_named`.
+const SCHEMA_VERSION: i64 = 2;
 
 /// Brings a database of any earlier version up to this schema, or refuses
 /// one a newer scheduler made.
@@ -1353,6 +1355,16 @@ impl Store for SqliteStore {
 
 /// The queued jobs a new job of `priority` for `worker_id` may wait behind
 /// ([`Ahead`]).
+/// Whether a queued job of `priority` or higher named to `worker_id` waits
+/// (through the partial index `queue_named`).
+fn named_waiting(c: &Connection, priority: i32, worker_id: &str) -> rusqlite::Result<bool> {
+    c.prepare_cached(
+        "SELECT 1 FROM queue WHERE dispatching = 0 AND worker_id != '' AND worker_id = ?1
+           AND priority >= ?2 LIMIT 1",
+    )?
+    .exists(params![worker_id, priority])
+}
+
 fn waiting_ahead(
     c: &Connection,
     priority: i32,
@@ -1411,7 +1423,10 @@ fn record_job(
     }
     let tx = c.transaction()?;
     if let Some(ahead) = ahead {
-        let queued = waiting_ahead(&tx, ahead.priority, &ahead.worker_id, ahead.limit)?;
+        if !ahead.worker_id.is_empty() && named_waiting(&tx, ahead.priority, &ahead.worker_id)? {
+            return Ok(Recorded::HeldBack);
+        }
+        let queued = waiting_ahead(&tx, ahead.priority, "", ahead.limit)?;
         if queued.iter().any(|(row, entry)| (ahead.holds)(row, entry)) {
             return Ok(Recorded::HeldBack);
         }

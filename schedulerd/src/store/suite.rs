@@ -49,6 +49,7 @@ suite!(
     a_registration_keeps_the_recorded_drain,
     a_judgement_of_liveness_overwrites_neither_a_leave_nor_a_new_registration,
     a_job_is_recorded_unless_one_queued_ahead_holds_it_back,
+    a_job_named_to_the_worker_holds_a_start_back_behind_any_number_of_placed_ones,
 );
 
 /// The queue check of a start and its record are one transaction: a job
@@ -119,6 +120,65 @@ async fn a_job_is_recorded_unless_one_queued_ahead_holds_it_back(store: SharedSt
         .await;
     assert!(matches!(taken, Err(StoreError::KeyTaken(_))), "{taken:?}");
     assert!(store.job("again").await.unwrap().is_none());
+}
+
+/// A start naming a worker is held back by a job queued for that worker
+/// however many placed jobs wait before it: the check read the first
+/// `limit` jobs, placed or named alike, so 32 placed ones hid it.
+async fn a_job_named_to_the_worker_holds_a_start_back_behind_any_number_of_placed_ones(
+    store: SharedStore,
+) {
+    for i in 0..40 {
+        let (row, entry) = queued(&format!("placed{i}"), 0, "", 0);
+        store
+            .enqueue_job(row, entry, None, 100)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let (row, entry) = queued("named", 0, "w", 0);
+    store
+        .enqueue_job(row, entry, None, 100)
+        .await
+        .unwrap()
+        .unwrap();
+    // Placed jobs that could not run on the worker hold nothing back.
+    let ahead = |worker: &str| Ahead {
+        priority: i32::MIN,
+        worker_id: worker.into(),
+        limit: 32,
+        holds: Box::new(|row, _| {
+            assert!(row.job_id.starts_with("placed"), "{}", row.job_id);
+            false
+        }),
+    };
+    let fresh = |id: &str| job(id, JobState::Unknown, 0);
+    assert!(
+        !store
+            .insert_job_unless_ahead(fresh("for-w"), None, ahead("w"))
+            .await
+            .unwrap(),
+        "held back by the job named to w"
+    );
+    assert!(store.job("for-w").await.unwrap().is_none());
+    assert!(
+        store
+            .insert_job_unless_ahead(fresh("for-w2"), None, ahead("w2"))
+            .await
+            .unwrap()
+    );
+    // Once it is taken, nothing holds a start for w back.
+    store
+        .claim_queued("named", "w", "starting")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        store
+            .insert_job_unless_ahead(fresh("for-w"), None, ahead("w"))
+            .await
+            .unwrap()
+    );
 }
 
 /// The answer to a start may be recorded after the job was reported (a
