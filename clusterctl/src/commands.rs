@@ -646,14 +646,24 @@ async fn group_finished(
             group.state
         );
     }
-    report_group_failures(api, &group, start_failures).await;
+    // The group keeps the workers that could not start its job: `logs -f`
+    // of a group started earlier counts them as `run --all` does.
+    // (`run --all` warned of its own as they came: they are only counted.)
+    let warned = start_failures > 0;
+    let start_failures = start_failures.max(group.failed.len());
+    report_group_failures(api, &group, start_failures, !warned).await;
     Ok(ExitCode::from(follow::group_exit_code(
         &group,
         start_failures,
     )))
 }
 
-async fn report_group_failures(api: &Api, group: &GroupInfo, start_failures: usize) {
+async fn report_group_failures(
+    api: &Api,
+    group: &GroupInfo,
+    start_failures: usize,
+    each_start_failure: bool,
+) {
     if group.jobs.iter().all(|j| j.state == "succeeded") && start_failures == 0 {
         return;
     }
@@ -663,7 +673,15 @@ async fn report_group_failures(api: &Api, group: &GroupInfo, start_failures: usi
             eprintln!("clusterctl: {}: {line}", name_of(&names, &job.worker_id));
         }
     }
-    if start_failures > 0 {
+    if each_start_failure {
+        for failure in &group.failed {
+            eprintln!(
+                "clusterctl: {}: could not start the job: {}",
+                name_of(&names, &failure.worker_id),
+                failure.error
+            );
+        }
+    } else if start_failures > 0 {
         eprintln!("clusterctl: {start_failures} worker(s) could not start the job");
     }
 }

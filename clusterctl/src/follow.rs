@@ -418,6 +418,7 @@ mod tests {
             path: "count.sh".into(),
             args: Some(vec![]),
             jobs,
+            failed: Vec::new(),
         }
     }
 

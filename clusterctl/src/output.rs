@@ -415,6 +415,7 @@ mod tests {
             path: "count.sh".into(),
             args: Some(vec!["-n".into(), "3".into()]),
             jobs,
+            failed: Vec::new(),
         }
     }
 

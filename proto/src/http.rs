@@ -316,6 +316,10 @@ pub struct GroupInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub args: Option<Vec<String>>,
     pub jobs: Vec<JobInfo>,
+    /// Workers the group's job could not be started on (as `POST
+    /// /v1/groups` answered them): the group then never `succeeded`.
+    #[serde(default)]
+    pub failed: Vec<GroupFailure>,
 }
 
 /// `GET /v1/groups`: newest first.

@@ -362,6 +362,62 @@ async fn a_fan_out_streams_every_line_of_every_worker_and_stops_as_one() {
     assert_eq!(reply.status(), StatusCode::NOT_FOUND);
 }
 
+/// A worker that could not start a group's job fails the group for good:
+/// `logs -f` of a group started earlier exited 0 once the other workers'
+/// jobs succeeded, and the group read `succeeded`, as if the job had run
+/// everywhere it was asked to.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_that_could_not_start_its_member_fails_the_group() {
+    let mut cluster = Cluster::start(&[]).await;
+    // Only w1's plugin passes GREETING: w2 refuses the request's env.
+    cluster.add_worker_with(
+        "w1",
+        "---\n[plugins.greet]\nrunner = \"bash\"\nextensions = []\nallow_env = [\"GREETING\"]\n",
+    );
+    cluster.add_worker_with(
+        "w2",
+        "---\n[plugins.greet]\nrunner = \"bash\"\nextensions = []\n",
+    );
+    for name in ["w1", "w2"] {
+        cluster.wait_state(name, "ready").await;
+    }
+    std::fs::write(
+        cluster.tmp.path().join("scripts/greet.sh"),
+        "echo \"$GREETING\"\n",
+    )
+    .unwrap();
+    let (status, answer) = cluster
+        .post_json(
+            "/v1/groups",
+            &json!({"all": true, "command": "greet", "path": "greet.sh", "env": {"GREETING": "hi"}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    let started: jobcluster_proto::http::GroupStarted = serde_json::from_value(answer).unwrap();
+    let w2 = cluster.worker_info("w2").await.worker_id;
+    assert_eq!(started.jobs.len(), 1);
+    assert_eq!(started.failed.len(), 1);
+    assert_eq!(started.failed[0].worker_id, w2);
+
+    let out = cluster.ctl_output(&["logs", "-f", &started.group_id]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "[w1] hi\n");
+    assert!(
+        stderr(&out).contains("w2: could not start the job"),
+        "{}",
+        stderr(&out)
+    );
+    let group: jobcluster_proto::http::GroupInfo = cluster
+        .get_json(&format!("/v1/groups/{}", started.group_id))
+        .await;
+    assert_eq!(group.state, "failed", "{group:?}");
+    assert!(group.done);
+    assert_eq!(group.jobs[0].state, "succeeded");
+    assert_eq!(group.failed.len(), 1);
+    assert_eq!(group.failed[0].worker_id, w2);
+    assert!(group.failed[0].error.contains("GREETING"), "{group:?}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn run_all_streams_with_prefixes_and_exits_with_the_groups_code() {
     let cluster = three_workers().await;

@@ -23,7 +23,7 @@ use super::idempotency::{self, IdempotencyKey};
 use super::jobs::{Seen, record_status, refresh, start_job, started_status, stop_job, worker_of};
 use super::{ApiError, AppState, FollowerSlot, with_deadline};
 use crate::state::JobState;
-use crate::store::{GroupRow, JobRow, KeyRow};
+use crate::store::{GroupRow, JobRow, KeyRow, MemberFailure};
 use crate::time::{now_ms, rfc3339};
 
 /// Merged lines buffered for the reader: a slow reader holds every job's
@@ -162,6 +162,7 @@ async fn start_group(
                 path: body.path.clone(),
                 args: body.args.clone(),
                 created_at_ms: now_ms(),
+                failed: Vec::new(),
             },
             request.as_ref().map(idempotency::Request::binding),
         )
@@ -207,6 +208,21 @@ async fn start_group(
         }
     }
     tracing::info!(group_id = %group_id, jobs = started.jobs.len(), failed = started.failed.len(), path = %body.path, "group started");
+    // Kept with the group: a worker that never started its job makes the
+    // group fail, for whoever reads or follows it later.
+    if !started.failed.is_empty() {
+        let failed = started
+            .failed
+            .iter()
+            .map(|f| MemberFailure {
+                worker_id: f.worker_id.clone(),
+                error: f.error.clone(),
+            })
+            .collect();
+        if let Err(error) = state.store.record_group_failures(&group_id, failed).await {
+            tracing::error!(%group_id, %error, "could not record the workers a group's job could not start on");
+        }
+    }
     if started.jobs.is_empty() {
         // Nothing started: a retry with the key tries again. A member
         // whose start is in doubt keeps the key on the group.
@@ -258,14 +274,18 @@ async fn find_group(state: &AppState, id: &str) -> Result<(GroupRow, Vec<JobRow>
 }
 
 /// `running` while any job runs (or may: `unknown`) or waits to
-/// (`queued`); then `succeeded` only
-/// if all succeeded, else `failed` (a job failed or was lost) or `stopped`.
-fn group_state<'a>(jobs: impl IntoIterator<Item = &'a JobRow>) -> &'static str {
+/// (`queued`); then `succeeded` only if all succeeded and every worker
+/// started its job, else `failed` (a job failed or was lost, or a worker
+/// could not start it) or `stopped`.
+fn group_state<'a>(
+    jobs: impl IntoIterator<Item = &'a JobRow>,
+    start_failures: usize,
+) -> &'static str {
     let states: Vec<JobState> = jobs.into_iter().map(|j| j.state).collect();
     let any = |s: &[JobState]| states.iter().any(|j| s.contains(j));
     if any(&[JobState::Running, JobState::Unknown, JobState::Queued]) {
         "running"
-    } else if any(&[JobState::Failed, JobState::Lost]) || states.is_empty() {
+    } else if any(&[JobState::Failed, JobState::Lost]) || states.is_empty() || start_failures > 0 {
         "failed"
     } else if any(&[JobState::Stopped]) {
         "stopped"
@@ -277,7 +297,7 @@ fn group_state<'a>(jobs: impl IntoIterator<Item = &'a JobRow>) -> &'static str {
 /// A group, with its `args` when `with_args` (one group shown) and never
 /// its jobs' (they are the group's).
 fn group_info(group: GroupRow, jobs: &[Seen], with_args: bool) -> GroupInfo {
-    let state = group_state(jobs.iter().map(|s| &s.row));
+    let state = group_state(jobs.iter().map(|s| &s.row), group.failed.len());
     GroupInfo {
         group_id: group.group_id,
         state: state.to_owned(),
@@ -287,6 +307,14 @@ fn group_info(group: GroupRow, jobs: &[Seen], with_args: bool) -> GroupInfo {
         path: group.path,
         args: with_args.then_some(group.args),
         jobs: jobs.iter().map(Seen::summary).collect(),
+        failed: group
+            .failed
+            .into_iter()
+            .map(|f| GroupFailure {
+                worker_id: f.worker_id,
+                error: f.error,
+            })
+            .collect(),
     }
 }
 
@@ -366,11 +394,11 @@ pub(crate) async fn stop(
             tracing::warn!(group_id = %id, error = %error.message, "could not stop a group member");
         }
     }
-    let (_, jobs) = find_group(&state, &id).await?;
+    let (group, jobs) = find_group(&state, &id).await?;
     let jobs = refreshed(&state, jobs).await;
     Ok(Json(StopResult {
         success: true,
-        state: group_state(jobs.iter().map(|s| &s.row)).to_owned(),
+        state: group_state(jobs.iter().map(|s| &s.row), group.failed.len()).to_owned(),
     }))
 }
 
@@ -722,7 +750,7 @@ mod tests {
 
     #[test]
     fn a_group_succeeds_only_if_every_job_did() {
-        let states = |s: &[&str]| group_state(&s.iter().map(|s| job(s)).collect::<Vec<_>>());
+        let states = |s: &[&str]| group_state(&s.iter().map(|s| job(s)).collect::<Vec<_>>(), 0);
         assert_eq!(states(&["succeeded", "running"]), "running");
         assert_eq!(states(&["succeeded", "unknown"]), "running");
         assert_eq!(states(&["succeeded", "queued"]), "running");
@@ -730,5 +758,9 @@ mod tests {
         assert_eq!(states(&["succeeded", "lost"]), "failed");
         assert_eq!(states(&["stopped", "failed"]), "failed");
         assert_eq!(states(&["stopped", "succeeded"]), "stopped");
+        // A worker that could not start its job fails the group.
+        let ended = [job("succeeded")];
+        assert_eq!(group_state(&ended, 1), "failed");
+        assert_eq!(group_state(&[job("running")], 1), "running");
     }
 }

@@ -128,6 +128,16 @@ pub struct GroupRow {
     pub path: String,
     pub args: Vec<String>,
     pub created_at_ms: u64,
+    /// Workers the group's job could not be started on, written once its
+    /// starts are settled ([`Store::record_group_failures`]).
+    pub failed: Vec<MemberFailure>,
+}
+
+/// A worker a group's job could not be started on, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct MemberFailure {
+    pub worker_id: String,
+    pub error: String,
 }
 
 /// An idempotency key to bind to the job or group being recorded, in the
@@ -382,6 +392,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// A group and its jobs (in worker order of the fan-out), the jobs
     /// without their `args` (they are the group's).
     async fn group(&self, group_id: &str) -> Result<Option<(GroupRow, Vec<JobRow>)>, StoreError>;
+
+    /// Records the workers a group's job could not be started on (it then
+    /// never reads `succeeded`, and `logs -f` of it exits non-zero).
+    async fn record_group_failures(
+        &self,
+        group_id: &str,
+        failed: Vec<MemberFailure>,
+    ) -> Result<(), StoreError>;
 
     /// Groups newest first, at most `limit`, without their `args`.
     async fn groups(&self, limit: u32) -> Result<Vec<GroupRow>, StoreError>;

@@ -17,9 +17,9 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
 use super::rows::{
-    GROUP_COLUMNS, JOB_COLUMNS, JOB_COLUMNS_WITHOUT_ARGS, KEY_COLUMNS, QUEUE_COLUMNS,
-    QUEUED_JOB_COLUMNS, QUEUED_JOB_HEAD_COLUMNS, WORKER_COLUMNS, group_row, job_row, job_state,
-    key_row, queue_row, queued_job_row, worker_row,
+    GROUP_COLUMNS, GROUP_COLUMNS_WITHOUT_ARGS, JOB_COLUMNS, JOB_COLUMNS_WITHOUT_ARGS, KEY_COLUMNS,
+    QUEUE_COLUMNS, QUEUED_JOB_COLUMNS, QUEUED_JOB_HEAD_COLUMNS, WORKER_COLUMNS, group_row, job_row,
+    job_state, key_row, queue_row, queued_job_row, worker_row,
 };
 use super::{
     Ahead, GroupRow, JobQuery, JobRow, KeyRow, NewKey, QueueEntry, Store, StoreError, WorkerRow,
@@ -145,6 +145,10 @@ CREATE TABLE leader (
     // it, however many placed jobs wait before them.
     "
 CREATE INDEX queue_named ON queue (worker_id, priority) WHERE NOT dispatching AND worker_id <> '';
+",
+    // 4: the workers a group's job could not be started on.
+    "
+ALTER TABLE groups ADD COLUMN failed TEXT NOT NULL DEFAULT '[]';
 ",
 ];
 
@@ -867,6 +871,20 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn record_group_failures(
+        &self,
+        group_id: &str,
+        failed: Vec<super::MemberFailure>,
+    ) -> Result<(), StoreError> {
+        let _timer = timed!();
+        self.write_one(
+            "UPDATE groups SET failed = $2 WHERE group_id = $1",
+            &[&group_id, &to_json(&failed)],
+        )
+        .await?;
+        Ok(())
+    }
+
     async fn unbind_group_key(&self, key: &str, group_id: &str) -> Result<(), StoreError> {
         let _timer = timed!();
         self.write_one(
@@ -936,10 +954,14 @@ impl Store for PgStore {
 
     async fn groups(&self, limit: u32) -> Result<Vec<GroupRow>, StoreError> {
         let _timer = timed!();
-        let rows = self.rows("SELECT group_id, command, path, '[]', created_at_ms FROM groups ORDER BY seq DESC LIMIT $1",
-            &[&i64::from(limit)],
-        )
-        .await?;
+        let rows = self
+            .rows(
+                &format!(
+                    "SELECT {GROUP_COLUMNS_WITHOUT_ARGS} FROM groups ORDER BY seq DESC LIMIT $1"
+                ),
+                &[&i64::from(limit)],
+            )
+            .await?;
         rows.iter().map(group_row).collect()
     }
 

@@ -131,7 +131,11 @@ pub(crate) fn job_row<R: Columns>(r: &R) -> Result<JobRow, R::Error> {
     })
 }
 
-pub(crate) const GROUP_COLUMNS: &str = "group_id, command, path, args, created_at_ms";
+pub(crate) const GROUP_COLUMNS: &str = "group_id, command, path, args, created_at_ms, failed";
+
+/// [`GROUP_COLUMNS`] without the args (read as empty), for listings.
+pub(crate) const GROUP_COLUMNS_WITHOUT_ARGS: &str =
+    "group_id, command, path, CAST('[]' AS TEXT), created_at_ms, failed";
 
 pub(crate) fn group_row<R: Columns>(r: &R) -> Result<GroupRow, R::Error> {
     Ok(GroupRow {
@@ -140,6 +144,7 @@ pub(crate) fn group_row<R: Columns>(r: &R) -> Result<GroupRow, R::Error> {
         path: r.text(2)?,
         args: from_json(&r.text(3)?),
         created_at_ms: ms(r, 4)?,
+        failed: from_json(&r.text(5)?),
     })
 }
 

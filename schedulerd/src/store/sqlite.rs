@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::rows::{
-    GROUP_COLUMNS, JOB_COLUMNS, JOB_COLUMNS_WITHOUT_ARGS, KEY_COLUMNS, QUEUE_COLUMNS,
-    QUEUED_JOB_COLUMNS, QUEUED_JOB_HEAD_COLUMNS, WORKER_COLUMNS, group_row, job_row, key_row,
-    queue_row, queued_job_row, worker_row,
+    GROUP_COLUMNS, GROUP_COLUMNS_WITHOUT_ARGS, JOB_COLUMNS, JOB_COLUMNS_WITHOUT_ARGS, KEY_COLUMNS,
+    QUEUE_COLUMNS, QUEUED_JOB_COLUMNS, QUEUED_JOB_HEAD_COLUMNS, WORKER_COLUMNS, group_row, job_row,
+    key_row, queue_row, queued_job_row, worker_row,
 };
 use super::{
     Ahead, GroupRow, JobQuery, JobRow, KeyRow, NewKey, QueueEntry, Store, StoreError, WorkerRow,
@@ -137,6 +137,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("jobs", "group_id", "TEXT"),
     ("jobs", "updated_at_ms", "INTEGER NOT NULL DEFAULT 0"),
     ("queue", "dispatching", "INTEGER NOT NULL DEFAULT 0"),
+    ("groups", "failed", "TEXT NOT NULL DEFAULT '[]'"),
 ];
 
 const INDEXES: &str = "
@@ -159,8 +160,8 @@ CREATE INDEX IF NOT EXISTS idempotency_keys_by_group ON idempotency_keys (group_
 /// `user_version`. Databases from before versions were recorded say 0 and
 /// are brought up by the idempotent steps below; a later change to the
 /// schema adds a step that runs when the version is lower, and raises this.
-/// 2: the index `queue_named`.
-const SCHEMA_VERSION: i64 = 2;
+/// 2: the index `queue_named`; 3: `groups.failed`.
+const SCHEMA_VERSION: i64 = 3;
 
 /// Brings a database of any earlier version up to this schema, or refuses
 /// one a newer scheduler made.
@@ -896,6 +897,22 @@ impl Store for SqliteStore {
         bound_or_taken(bound, name)
     }
 
+    async fn record_group_failures(
+        &self,
+        group_id: &str,
+        failed: Vec<super::MemberFailure>,
+    ) -> Result<(), StoreError> {
+        let group_id = group_id.to_owned();
+        self.write(move |c| {
+            c.exec(
+                "UPDATE groups SET failed = ?2 WHERE group_id = ?1",
+                params![group_id, to_json(&failed)],
+            )
+            .map(drop)
+        })
+        .await
+    }
+
     async fn unbind_group_key(&self, key: &str, group_id: &str) -> Result<(), StoreError> {
         let (key, group_id) = (key.to_owned(), group_id.to_owned());
         self.write(move |c| {
@@ -968,10 +985,12 @@ impl Store for SqliteStore {
 
     async fn groups(&self, limit: u32) -> Result<Vec<GroupRow>, StoreError> {
         self.read(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT group_id, command, path, '[]', created_at_ms FROM groups ORDER BY seq DESC LIMIT ?1",
-            )?;
-            let rows = stmt.query_map([limit], |r| group_row(r))?.collect::<rusqlite::Result<_>>()?;
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {GROUP_COLUMNS_WITHOUT_ARGS} FROM groups ORDER BY seq DESC LIMIT ?1"
+            ))?;
+            let rows = stmt
+                .query_map([limit], |r| group_row(r))?
+                .collect::<rusqlite::Result<_>>()?;
             Ok(rows)
         })
         .await

@@ -508,6 +508,7 @@ async fn a_key_binds_a_group_and_can_be_unbound(store: SharedStore) {
         path: "x.sh".into(),
         args: Vec::new(),
         created_at_ms: 1,
+        failed: Vec::new(),
     };
     store
         .insert_group(group.clone(), Some(key(500)))
@@ -529,6 +530,21 @@ async fn a_key_binds_a_group_and_can_be_unbound(store: SharedStore) {
     assert!(store.idempotency_key("k", 0).await.unwrap().is_none());
     assert!(store.group("g1").await.unwrap().is_some());
     store.insert_group(again, Some(key(500))).await.unwrap();
+
+    // The workers that could not start its job stay with it, listed too.
+    let failed = vec![crate::store::MemberFailure {
+        worker_id: "w2".into(),
+        error: "refused".into(),
+    }];
+    store
+        .record_group_failures("g1", failed.clone())
+        .await
+        .unwrap();
+    assert_eq!(store.group("g1").await.unwrap().unwrap().0.failed, failed);
+    let listed = store.groups(10).await.unwrap();
+    let g1 = listed.iter().find(|g| g.group_id == "g1").unwrap();
+    assert_eq!(g1.failed, failed);
+    assert!(listed.iter().all(|g| g.args.is_empty()));
 }
 
 async fn a_job_takes_its_workers_id_with_its_queue_entry_and_key(store: SharedStore) {
