@@ -193,7 +193,11 @@ pub(crate) async fn stream_output<S: LogSource>(
             ApiError::Status { status, .. } if *status == reqwest::StatusCode::SERVICE_UNAVAILABLE
         ) || error.code() == Some("job_not_started");
         if unavailable && follow {
-            match source.job().await {
+            let answer = source.job().await;
+            // The scheduler knows the job: from now on a connection it
+            // refuses (a restart) is ridden out, not taken for a wrong id.
+            connected |= answer.is_ok();
+            match answer {
                 Ok(job) if job.state == "lost" => return Ok(Some(job)),
                 // Its end is known; its worker cannot serve the rest of its
                 // output now. The outcome is what callers wait for. One
@@ -757,6 +761,18 @@ mod tests {
         let (out, job) = fake.follow();
         assert_eq!(job.unwrap().unwrap().state, "succeeded");
         assert_eq!(out, b"line 1\n");
+    }
+
+    /// Once the scheduler answered about the job (here: its start is not
+    /// settled yet), a connection it then refuses (a restart) is ridden
+    /// out, not taken for a wrong id.
+    #[test]
+    fn a_refusal_after_the_scheduler_knew_the_job_is_ridden_out() {
+        let fake = Fake::new([Answer::NotStarted, Answer::Refuse(true)], finished());
+        let (out, job) = fake.follow();
+        assert_eq!(job.unwrap().unwrap().state, "succeeded");
+        assert_eq!(out, OUTPUT);
+        assert_eq!(*fake.offsets.borrow(), [0, 0, 0]);
     }
 
     #[test]

@@ -69,10 +69,12 @@ fn age_and_len(path: &Path, now_ms: u64) -> Option<(u64, u64)> {
 }
 
 /// Applies `limits` to the finished jobs under `jobs_dir` (blocking),
-/// leaving alone the jobs in `kept` (running, or not yet reported).
+/// leaving alone the `running` jobs, and the records (not the output) of
+/// the `unreported` ones.
 pub(crate) fn sweep(
     jobs_dir: &Path,
-    kept: &HashSet<Uuid>,
+    running: &HashSet<Uuid>,
+    unreported: &HashSet<Uuid>,
     limits: Retention,
     now_ms: u64,
 ) -> std::io::Result<Swept> {
@@ -97,13 +99,13 @@ pub(crate) fn sweep(
         else {
             continue;
         };
-        if kept.contains(&id) {
+        if running.contains(&id) {
             continue;
         }
         let Some((record_age, _)) = age_and_len(&dir.join(crate::job::RECORD), now_ms) else {
             continue; // a start under way, or not a job's directory
         };
-        if record_age > record_limit {
+        if record_age > record_limit && !unreported.contains(&id) {
             match std::fs::remove_dir_all(&dir) {
                 Ok(()) => {
                     tracing::info!(job_id = %id, "job record deleted by retention");

@@ -177,13 +177,6 @@ impl Worker for WorkerService {
         if record.output_expired {
             return Err(status(JobError::OutputExpired(record.id)));
         }
-        let progress = *job.progress().borrow();
-        if progress.done && r.offset > progress.len {
-            return Err(status(JobError::OffsetPastEnd {
-                offset: r.offset,
-                len: progress.len,
-            }));
-        }
         let path = job.log_path().to_owned();
         let file = tokio::task::spawn_blocking(move || {
             let file = std::fs::File::open(path)?;
@@ -199,6 +192,13 @@ impl Worker for WorkerService {
             Ok((file, _)) => file,
             Err(e) => return Err(status(JobError::Io(e))),
         };
+        let progress = *job.progress().borrow();
+        if progress.done && r.offset > progress.len {
+            return Err(status(JobError::OffsetPastEnd {
+                offset: r.offset,
+                len: progress.len,
+            }));
+        }
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         tokio::spawn(send_output(job, Arc::new(file), r.offset, follow, tx));
         Ok(Response::new(ReceiverStream::new(rx)))

@@ -68,24 +68,36 @@ impl Shape {
 pub(crate) async fn run(state: AppState, stop: CancellationToken) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut woken = true;
+    let mut deep = true;
+    let mut ticks = 0u32;
     loop {
-        if let Err(error) = pass(&state, woken).await {
+        if let Err(error) = pass(&state, deep).await {
             tracing::error!(%error, "dispatching queued jobs failed; retrying");
         }
-        woken = tokio::select! {
+        deep = tokio::select! {
             () = state.queue.woken() => true,
-            _ = tick.tick() => false,
+            _ = tick.tick() => {
+                ticks = ticks.wrapping_add(1);
+                ticks.is_multiple_of(DEEP_EVERY)
+            }
             () = stop.cancelled() => return,
         };
     }
 }
 
-/// One pass over the queue. Only a `woken` pass (a job queued, a slot
-/// freed, a worker registered or undrained) reads past the head: the
-/// ticks in between would read the same thousands of jobs every second
-/// while a slot stays free that none of them can use.
-async fn pass(state: &AppState, woken: bool) -> Result<(), StoreError> {
+/// Every this many ticks a pass reads past the head even unwoken: what
+/// lets a job back in the queue, or a worker back in use, wake nothing (a
+/// start handed back, a storage backoff run out, a worker answering again
+/// with nothing to report), so a job past the head waits at most this many
+/// seconds for them.
+const DEEP_EVERY: u32 = 10;
+
+/// One pass over the queue. Only a `deep` pass (woken: a job queued, a
+/// slot freed, a worker registered or undrained; or every
+/// [`DEEP_EVERY`]th tick) reads past the head: every tick would read the
+/// same thousands of jobs each second while a slot stays free that none
+/// of them can use.
+async fn pass(state: &AppState, deep: bool) -> Result<(), StoreError> {
     let expired = state.store.expire_queued(crate::time::now_ms()).await?;
     for job_id in &expired {
         tracing::info!(%job_id, "queued job failed: its queue timeout passed");
@@ -111,7 +123,7 @@ async fn pass(state: &AppState, woken: bool) -> Result<(), StoreError> {
     let mut page_size = PAGE;
     // Shapes of jobs that wait in this pass.
     let mut waits = std::collections::HashSet::new();
-    let max_read = if woken { MAX_READ } else { u64::from(BATCH) };
+    let max_read = if deep { MAX_READ } else { u64::from(BATCH) };
     'pages: while waiting < max_read && waits.len() < BATCH as usize {
         let page = state.store.queued(waiting, page_size, None).await?;
         let last_page = page.len() < page_size as usize;

@@ -116,7 +116,14 @@ async fn replay_group(state: &AppState, bound: &KeyRow) -> Result<Response, ApiE
         Json(GroupStarted {
             group_id: group.group_id,
             jobs,
-            failed: Vec::new(),
+            failed: group
+                .failed
+                .into_iter()
+                .map(|f| GroupFailure {
+                    worker_id: f.worker_id,
+                    error: f.error,
+                })
+                .collect(),
         }),
     )))
 }
@@ -210,18 +217,22 @@ async fn start_group(
     tracing::info!(group_id = %group_id, jobs = started.jobs.len(), failed = started.failed.len(), path = %body.path, "group started");
     // Kept with the group: a worker that never started its job makes the
     // group fail, for whoever reads or follows it later.
-    if !started.failed.is_empty() {
-        let failed = started
-            .failed
-            .iter()
-            .map(|f| MemberFailure {
-                worker_id: f.worker_id.clone(),
-                error: f.error.clone(),
-            })
-            .collect();
-        if let Err(error) = state.store.record_group_failures(&group_id, failed).await {
-            tracing::error!(%group_id, %error, "could not record the workers a group's job could not start on");
-        }
+    // A member whose start is only in doubt is not one: its job is the
+    // group's, and ends as it ends.
+    let failed: Vec<MemberFailure> = started
+        .failed
+        .iter()
+        .zip(&refusals)
+        .filter(|(_, (_, code))| code != "start_unconfirmed")
+        .map(|(f, _)| MemberFailure {
+            worker_id: f.worker_id.clone(),
+            error: f.error.clone(),
+        })
+        .collect();
+    if !failed.is_empty()
+        && let Err(error) = state.store.record_group_failures(&group_id, failed).await
+    {
+        tracing::error!(%group_id, %error, "could not record the workers a group's job could not start on");
     }
     if started.jobs.is_empty() {
         // Nothing started: a retry with the key tries again. A member

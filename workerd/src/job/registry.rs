@@ -346,7 +346,7 @@ impl Jobs {
     /// Ages come from file times (the log's last write, the record's last
     /// write), so the sweep reads no record it does not change.
     pub(crate) async fn apply_retention(&self, limits: crate::config::Retention) {
-        let mut kept: HashSet<Uuid> = self
+        let running: HashSet<Uuid> = self
             .map
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -355,19 +355,21 @@ impl Jobs {
             .map(|(id, _)| *id)
             .collect();
         // Jobs whose end the scheduler has not acknowledged, or whose final
-        // record is not on disk yet: deleting one would make the scheduler
-        // record it `lost` (a registration without it, or a query the
-        // worker answers "unknown job") when it ended in a known state.
+        // record is not on disk yet: deleting one's record would make the
+        // scheduler record it `lost` (a registration without it, or a query
+        // the worker answers "unknown job") when it ended in a known state.
+        // Their output may still go: the record stays.
+        let mut unreported = HashSet::new();
         for set in [
             &self.changes.dirty,
             &self.changes.in_flight,
             &self.changes.unwritten,
         ] {
-            kept.extend(set.lock().unwrap_or_else(|e| e.into_inner()).iter());
+            unreported.extend(set.lock().unwrap_or_else(|e| e.into_inner()).iter());
         }
         let jobs_dir = self.jobs_dir.clone();
         let swept = tokio::task::spawn_blocking(move || {
-            crate::retention::sweep(&jobs_dir, &kept, limits, now_ms())
+            crate::retention::sweep(&jobs_dir, &running, &unreported, limits, now_ms())
         })
         .await;
         let swept = match swept {
@@ -428,6 +430,10 @@ impl Jobs {
             // A record on disk that says running belongs to a start under
             // way: not a job yet.
             Ok((record, len)) if record.state != State::Running => {
+                // A log that retention emptied on a full disk, before it
+                // could say so in the record, does not shrink what the job
+                // wrote: its output reads as expired (`output_cut`).
+                let len = len.max(record.output_bytes);
                 let (progress, _) = watch::channel(Progress { len, done: true });
                 Ok(Arc::new(Job {
                     log_path: self.jobs_dir.join(id).join(super::record::LOG),
