@@ -228,3 +228,27 @@ async fn a_cut_body_is_resumed_from_the_last_byte() {
     assert_eq!(String::from_utf8(out).unwrap(), "line 1\nline 2\nline 3\n");
     assert_eq!(crate::follow::exit_code_of(&job), 3);
 }
+
+/// A stop of a job whose start has not reached its worker yet (just
+/// dispatched) is asked again, not given up with the job left to run.
+#[tokio::test(flavor = "current_thread")]
+async fn a_stop_of_a_job_still_starting_is_asked_again() {
+    let pki = PkiDir::new("stop-starting");
+    let url = serve(&pki.0, |head, n| {
+        assert!(
+            head.starts_with("POST /v1/jobs/j1/stop HTTP/1.1\r\n"),
+            "{head}"
+        );
+        match n {
+            0 => json_response(
+                "503 Service Unavailable",
+                r#"{"error":"job j1 is not running on worker w1 yet","code":"job_starting","job_id":"j1"}"#,
+            ),
+            _ => json_response("200 OK", r#"{"success":true,"state":"stopped"}"#),
+        }
+    })
+    .await;
+    let api = client(url, &pki, &pki);
+    let answer = api.stop("j1").await.unwrap();
+    assert_eq!(answer.parsed.state, "stopped");
+}

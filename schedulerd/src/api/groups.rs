@@ -397,7 +397,7 @@ pub(crate) async fn stop(
     Path(id): Path<String>,
 ) -> Result<Json<StopResult>, ApiError> {
     let (_, jobs) = find_group(&state, &id).await?;
-    let stops = jobs.into_iter().map(|job| stop_job(&state, job));
+    let stops = jobs.into_iter().map(|job| stop_settled(&state, job));
     for result in futures_util::future::join_all(stops).await {
         // A member on a worker that is gone is lost, not stoppable; the
         // others are stopped regardless.
@@ -411,6 +411,26 @@ pub(crate) async fn stop(
         success: true,
         state: group_state(jobs.iter().map(|s| &s.row), group.failed.len()).to_owned(),
     }))
+}
+
+/// Stops a member; one whose start has not reached its worker yet (just
+/// dispatched: `job_starting`) is asked again until it has, for as long
+/// as a start may take.
+async fn stop_settled(state: &AppState, mut job: JobRow) -> Result<StopResult, ApiError> {
+    let until = tokio::time::Instant::now() + state.call_timeout;
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match stop_job(state, job.clone()).await {
+            Err(e) if e.code == "job_starting" && tokio::time::Instant::now() < until => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(500));
+                if let Some(row) = state.store.job(&job.job_id).await? {
+                    job = row;
+                }
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Every member's output, line by line as lines complete, each line marked
