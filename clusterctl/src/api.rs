@@ -181,8 +181,12 @@ const MAX_SCHEDULERS: usize = 16;
 /// How long to wait for a TCP connection and the TLS handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long a stop waits for a job's start to settle (`job_starting`).
-const STOP_SETTLE: Duration = Duration::from_secs(10);
+/// How a stop waits for a job's start to settle (`job_starting`): after
+/// 0.1, 0.2, … 1.6 s and then more, about 10 s in all.
+const STOP_SETTLE: Retries = Retries {
+    first: Duration::from_millis(100),
+    times: 10,
+};
 
 /// The header that makes a start safe to send again.
 const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
@@ -469,19 +473,15 @@ impl Api {
     /// worker yet (`503 job_starting`: just dispatched) is asked again,
     /// for up to about ten seconds, rather than left to run.
     pub(crate) async fn stop(&self, job: &str) -> Result<Answer<StopResult>, ApiError> {
-        let mut pause = Duration::from_millis(100);
-        let mut waited = Duration::ZERO;
-        loop {
+        use backon::Retryable;
+        let stop = || {
             let req = self.client.post(self.url(&["v1", "jobs", job, "stop"]));
-            match self.typed("the stop request", req).await {
-                Err(e) if e.code() == Some("job_starting") && waited < STOP_SETTLE => {
-                    tokio::time::sleep(pause).await;
-                    waited += pause;
-                    pause = (pause * 2).min(Duration::from_secs(1));
-                }
-                other => return other,
-            }
-        }
+            self.typed("the stop request", req)
+        };
+        stop.retry(STOP_SETTLE.backoff())
+            .sleep(tokio::time::sleep)
+            .when(|e: &ApiError| e.code() == Some("job_starting"))
+            .await
     }
 
     /// `GET /v1/jobs/{id}/logs`: the output bytes from `offset`, as they

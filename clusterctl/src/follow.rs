@@ -200,37 +200,25 @@ pub(crate) async fn stream_output<S: LogSource>(
             match answer {
                 Ok(job) if job.state == "lost" => return Ok(Some(job)),
                 // Its end is known; its worker cannot serve the rest of its
-                // output now. The outcome is what callers wait for. One
-                // whose start was only not settled when asked (a queued
-                // job just dispatched, quick to end) is asked again below.
-                Ok(job) if job.done && error.code() != Some("job_not_started") => {
-                    if job.output_bytes <= offset {
-                        return Ok(Some(job));
-                    }
-                    // The rest may be readable again in a moment (its
-                    // worker restarting, a blip): asked again within the
-                    // reconnect budget before the outcome is given alone.
-                    if failures < retry.attempts {
-                        failures += 1;
+                // output now, which may be readable again in a moment (its
+                // worker restarting, a blip): asked again below within the
+                // reconnect budget, then the outcome, which is what callers
+                // wait for, is given alone. One whose start was only not
+                // settled when asked (a queued job just dispatched, quick
+                // to end) is asked again below too.
+                Ok(job)
+                    if job.done
+                        && error.code() != Some("job_not_started")
+                        && (job.output_bytes <= offset || failures >= retry.attempts) =>
+                {
+                    if job.output_bytes > offset {
                         eprintln!(
                             "clusterctl: job {job_id} is {}, but its output from byte {offset} \
-                             (of {}) cannot be read now: {error}; trying again in {} (attempt \
-                             {failures}/{})",
-                            job.state,
-                            job.output_bytes,
-                            humantime::format_duration(delay),
-                            retry.attempts
+                             (of {}) cannot be read now: {error}; later: clusterctl logs \
+                             --offset {offset} {job_id}",
+                            job.state, job.output_bytes
                         );
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(retry.max_delay);
-                        continue;
                     }
-                    eprintln!(
-                        "clusterctl: job {job_id} is {}, but its output from byte {offset} \
-                         (of {}) cannot be read now: {error}; later: clusterctl logs \
-                         --offset {offset} {job_id}",
-                        job.state, job.output_bytes
-                    );
                     return Ok(Some(job));
                 }
                 // Not started yet: waits, quietly after one line.

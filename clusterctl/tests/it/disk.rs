@@ -89,6 +89,20 @@ impl Drop for Tmpfs {
     }
 }
 
+/// Starts `count.sh 3 0` on w1 and checks it succeeds with all its output:
+/// the worker's disk takes a job again. Its id.
+async fn runs_on_w1(cluster: &Cluster, witness: &Witness) -> String {
+    let again = cluster.start_job("w1", "count.sh", &["3", "0"]).await;
+    until(Duration::from_secs(10), "job on w1 done", || async {
+        witness.job(cluster, &again).await.done
+    })
+    .await;
+    assert_eq!(witness.job(cluster, &again).await.state, "succeeded");
+    let out = cluster.ctl_output(&["logs", &again]).await;
+    assert_eq!(out.stdout, b"1\n2\n3\ndone\n");
+    again
+}
+
 /// The job directories in `state_dir/jobs`.
 fn job_dirs(state_dir: &Path) -> BTreeSet<String> {
     match std::fs::read_dir(state_dir.join("jobs")) {
@@ -377,14 +391,7 @@ async fn faults_disk_a_start_on_a_full_worker_is_refused_and_placed_elsewhere() 
     assert_eq!(recorded, expected);
 
     std::fs::remove_file(filler).unwrap();
-    let again = cluster.start_job("w1", "count.sh", &["3", "0"]).await;
-    until(Duration::from_secs(10), "job on w1 done", || async {
-        witness.job(&cluster, &again).await.done
-    })
-    .await;
-    assert_eq!(witness.job(&cluster, &again).await.state, "succeeded");
-    let out = cluster.ctl_output(&["logs", &again]).await;
-    assert_eq!(out.stdout, b"1\n2\n3\ndone\n");
+    let again = runs_on_w1(&cluster, &witness).await;
     assert_eq!(
         job_dirs(disk.path()),
         dirs.iter().cloned().chain([again.clone()]).collect()
@@ -435,14 +442,7 @@ async fn faults_disk_retention_frees_a_full_disk() {
     assert!(!out.status.success(), "{}", stderr(&out));
     assert!(stderr(&out).contains("expired"), "{}", stderr(&out));
 
-    let again = cluster.start_job("w1", "count.sh", &["3", "0"]).await;
-    until(Duration::from_secs(10), "job on w1 done", || async {
-        witness.job(&cluster, &again).await.done
-    })
-    .await;
-    assert_eq!(witness.job(&cluster, &again).await.state, "succeeded");
-    let out = cluster.ctl_output(&["logs", &again]).await;
-    assert_eq!(out.stdout, b"1\n2\n3\ndone\n");
+    runs_on_w1(&cluster, &witness).await;
     assert!(
         !cluster
             .worker("w1")
@@ -514,6 +514,66 @@ async fn faults_disk_a_queued_job_goes_past_a_worker_whose_disk_is_full() {
     let out = cluster.ctl_output(&["stop", &long]).await;
     assert!(out.status.success(), "{}", stderr(&out));
     witness.jobs(&cluster).await;
+}
+
+/// A job deep in the queue (past the first 1,000 waiting) starts once the
+/// worker that refused it for its full disk may be asked again, though
+/// nothing wakes the dispatcher then: only woken passes read that far, so
+/// the job waited for some unrelated event, however long its slot was free.
+#[tokio::test(flavor = "multi_thread")]
+async fn faults_disk_a_job_deep_in_the_queue_starts_once_its_workers_disk_is_freed() {
+    use futures_util::StreamExt;
+    let Some(disk) = Tmpfs::mount("4m") else {
+        return;
+    };
+    let mut cluster = Cluster::start(&[]).await;
+    cluster.add_worker_with("wgpu", "max_jobs = 1\nlabels = { kind = \"gpu\" }\n---\n");
+    cluster.add_worker_in_with(
+        "wcpu",
+        disk.path(),
+        "max_jobs = 1\nlabels = { kind = \"cpu\" }\n---\n",
+    );
+    for name in ["wgpu", "wcpu"] {
+        cluster.wait_ready(name).await;
+    }
+    let witness = Witness::default();
+    let blocker = cluster.start_job("wgpu", "count.sh", &["600", "0.1"]).await;
+    let queued: Vec<StatusCode> = futures_util::stream::iter(0..1050)
+        .map(|_| {
+            post_job(
+                &cluster,
+                serde_json::json!({"path": "count.sh", "args": ["1", "0"], "selector": {"kind": "gpu"}}),
+            )
+        })
+        .buffer_unordered(16)
+        .map(|(status, _)| status)
+        .collect()
+        .await;
+    assert!(queued.iter().all(|s| *s == StatusCode::ACCEPTED));
+
+    let filler = disk.fill();
+    let (status, answer) = post_job(
+        &cluster,
+        serde_json::json!({"path": "count.sh", "args": ["1", "0"], "selector": {"kind": "cpu"}}),
+    )
+    .await;
+    let deep = answer.unwrap_or_else(|e| panic!("{status}: {e:?}"));
+    assert_eq!(
+        status,
+        StatusCode::ACCEPTED,
+        "wcpu refused it: its disk is full"
+    );
+    std::fs::remove_file(filler).unwrap();
+
+    // The refusal's backoff (10 s), then a tick that reads past the head.
+    until(Duration::from_secs(40), "the deep job done", || async {
+        witness.job(&cluster, &deep.job_id).await.done
+    })
+    .await;
+    let job = witness.job(&cluster, &deep.job_id).await;
+    assert_eq!(job.state, "succeeded", "{job:?}");
+    assert_eq!(job.worker_id, cluster.worker_info("wcpu").await.worker_id);
+    assert!(!witness.job(&cluster, &blocker).await.done);
 }
 
 #[tokio::test(flavor = "multi_thread")]

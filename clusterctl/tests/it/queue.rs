@@ -30,6 +30,22 @@ async fn submit_group(cluster: &Cluster, args: &[&str]) -> jobcluster_proto::htt
     serde_json::from_value(answer).unwrap()
 }
 
+/// Two workers of one slot each, `wgpu` labelled kind=gpu and `wcpu`
+/// labelled kind=cpu.
+async fn gpu_and_cpu_workers() -> Cluster {
+    let mut cluster = Cluster::start(&[]).await;
+    for kind in ["gpu", "cpu"] {
+        cluster.add_worker_with(
+            &format!("w{kind}"),
+            &format!("max_jobs = 1\nlabels = {{ kind = \"{kind}\" }}\n---\n"),
+        );
+    }
+    for kind in ["gpu", "cpu"] {
+        cluster.wait_ready(&format!("w{kind}")).await;
+    }
+    cluster
+}
+
 async fn submit(cluster: &Cluster, body: Value) -> JobStarted {
     let (status, answer) = post(cluster, body).await;
     assert!(
@@ -504,16 +520,7 @@ async fn run_waits_through_the_queue_then_follows() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_behind_a_thousand_that_cannot_start_is_found() {
     use futures_util::StreamExt;
-    let mut cluster = Cluster::start(&[]).await;
-    for kind in ["gpu", "cpu"] {
-        cluster.add_worker_with(
-            &format!("w{kind}"),
-            &format!("max_jobs = 1\nlabels = {{ kind = \"{kind}\" }}\n---\n"),
-        );
-    }
-    for kind in ["gpu", "cpu"] {
-        cluster.wait_ready(&format!("w{kind}")).await;
-    }
+    let cluster = gpu_and_cpu_workers().await;
     let long = json!({"path": "count.sh", "args": ["600", "0.1"]});
     let mut blockers = HashMap::new();
     for kind in ["gpu", "cpu"] {
@@ -561,14 +568,7 @@ async fn a_job_behind_a_thousand_that_cannot_start_is_found() {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "a benchmark"]
 async fn bench_a_free_slot_behind_ten_thousand_unfit() {
-    let mut cluster = Cluster::start(&[]).await;
-    for kind in ["gpu", "cpu"] {
-        cluster.add_worker_with(
-            &format!("w{kind}"),
-            &format!("max_jobs = 1\nlabels = {{ kind = \"{kind}\" }}\n---\n"),
-        );
-        cluster.wait_ready(&format!("w{kind}")).await;
-    }
+    let cluster = gpu_and_cpu_workers().await;
     submit(
         &cluster,
         json!({"worker_id": "wgpu", "path": "count.sh", "args": ["1000", "1"]}),

@@ -1801,6 +1801,25 @@ async fn tokens_stay_out_of_ps_and_the_store_is_the_schedulers_alone() {
     }
 }
 
+/// Posts `body` to `path` in a task of its own, so a test can see whether
+/// the answer waits; the task gives the status and the body.
+fn post_in_background(
+    cluster: &Cluster,
+    path: &'static str,
+    body: serde_json::Value,
+) -> tokio::task::JoinHandle<(StatusCode, String)> {
+    let (http, url) = (cluster.http(), cluster.url());
+    tokio::spawn(async move {
+        let reply = http
+            .post(format!("{url}{path}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (reply.status(), reply.text().await.unwrap())
+    })
+}
+
 /// Another writer (python3's sqlite3) holds the scheduler's database for
 /// `seconds`, from the moment this returns. The pipe is the holder's
 /// stdout: keep it open until the holder ends, or it dies of it.
@@ -1849,18 +1868,7 @@ async fn a_start_waiting_for_a_registration_the_store_cannot_record_is_refused()
     request.set_timeout(Duration::from_millis(300));
     let first = w9.register_worker(request).await.unwrap_err();
     assert_eq!(first.code(), tonic::Code::Cancelled, "{first:?}");
-    let ask = |path: &'static str, body: serde_json::Value| {
-        let (http, url) = (cluster.http(), cluster.url());
-        tokio::spawn(async move {
-            let reply = http
-                .post(format!("{url}{path}"))
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            (reply.status(), reply.text().await.unwrap())
-        })
-    };
+    let ask = |path, body| post_in_background(&cluster, path, body);
     let drain = ask("/v1/workers/w9/drain", json!({}));
     let start = ask("/v1/jobs", json!({"worker_id": "w9", "path": "count.sh"}));
     // They wait for the write instead of being refused at once.
@@ -1932,18 +1940,7 @@ async fn a_registration_sent_again_while_the_first_is_written_is_refused() {
     );
     // A drain and a start naming w9 now wait for its record: an answer
     // before it lands could name an id the store never holds.
-    let ask = |path: &'static str, body: serde_json::Value| {
-        let (http, url) = (cluster.http(), cluster.url());
-        tokio::spawn(async move {
-            let reply = http
-                .post(format!("{url}{path}"))
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            (reply.status(), reply.text().await.unwrap())
-        })
-    };
+    let ask = |path, body| post_in_background(&cluster, path, body);
     let drain = ask("/v1/workers/w9/drain", json!({}));
     let start = ask("/v1/jobs", json!({"worker_id": "w9", "path": "count.sh"}));
     // The store stays held for seconds more: neither can have answered.

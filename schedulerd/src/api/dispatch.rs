@@ -132,6 +132,11 @@ async fn pass(state: &AppState, deep: bool) -> Result<(), StoreError> {
             if !workers.iter().any(|w| has_slot(state, w, &taken)) {
                 break 'pages; // nothing can start until a slot frees up
             }
+            // Checked per job, not per page: pages grow, and a pass
+            // that reads the head only would read a thousand more.
+            if waiting >= max_read {
+                break 'pages;
+            }
             // Put back by a start task that has not ended yet: claimed
             // now, the new start would find the old one in flight and not
             // run, leaving the job taken with no start under way. Ended
@@ -140,9 +145,11 @@ async fn pass(state: &AppState, deep: bool) -> Result<(), StoreError> {
                 waiting += 1;
                 continue;
             }
+            // Past the head only, a job's shape is read before the job:
+            // at the head every job is looked at anyway.
             let head = waiting < u64::from(BATCH);
-            let shape = Shape::of(&row, &entry);
-            if !head && waits.contains(&shape) {
+            let shape = (!head).then(|| Shape::of(&row, &entry));
+            if shape.as_ref().is_some_and(|s| waits.contains(s)) {
                 waiting += 1;
                 continue;
             }
@@ -150,7 +157,7 @@ async fn pass(state: &AppState, deep: bool) -> Result<(), StoreError> {
                 Ok(worker) => worker,
                 Err(reason) => {
                     waiting += 1;
-                    waits.insert(shape);
+                    waits.insert(shape.unwrap_or_else(|| Shape::of(&row, &entry)));
                     if head && reason != entry.reason {
                         state.store.set_queue_reason(&row.job_id, &reason).await?;
                     }

@@ -116,14 +116,7 @@ async fn replay_group(state: &AppState, bound: &KeyRow) -> Result<Response, ApiE
         Json(GroupStarted {
             group_id: group.group_id,
             jobs,
-            failed: group
-                .failed
-                .into_iter()
-                .map(|f| GroupFailure {
-                    worker_id: f.worker_id,
-                    error: f.error,
-                })
-                .collect(),
+            failed: answered_failures(group.failed),
         }),
     )))
 }
@@ -318,15 +311,19 @@ fn group_info(group: GroupRow, jobs: &[Seen], with_args: bool) -> GroupInfo {
         path: group.path,
         args: with_args.then_some(group.args),
         jobs: jobs.iter().map(Seen::summary).collect(),
-        failed: group
-            .failed
-            .into_iter()
-            .map(|f| GroupFailure {
-                worker_id: f.worker_id,
-                error: f.error,
-            })
-            .collect(),
+        failed: answered_failures(group.failed),
     }
+}
+
+/// A group's recorded start failures as the API answers them.
+fn answered_failures(failed: Vec<MemberFailure>) -> Vec<GroupFailure> {
+    failed
+        .into_iter()
+        .map(|f| GroupFailure {
+            worker_id: f.worker_id,
+            error: f.error,
+        })
+        .collect()
 }
 
 async fn refreshed(state: &AppState, jobs: Vec<JobRow>) -> Vec<Seen> {
