@@ -43,6 +43,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser};
 
 fn main() -> ExitCode {
+    jobcluster_proto::alloc::keep_stream_buffers();
     // `clusterctl generate-man DIR` (scripts/man.sh) writes the manual
     // pages. It is no command of the CLI: answered before clap parses, so
     // no help, page or completion script offers it (clap_complete lists

@@ -201,6 +201,7 @@ pub fn main<C, Fut>(
 where
     Fut: std::future::Future<Output = ServeResult>,
 {
+    crate::alloc::keep_stream_buffers();
     init_logging(flags.log_format);
     jobcluster_pki::install_crypto_provider();
     let result = (|| -> ServeResult {
@@ -225,10 +226,12 @@ where
             let shutdown =
                 shutdown_signal().map_err(|e| format!("listening for SIGTERM and SIGINT: {e}"))?;
             let watchdog = watchdog().map(tokio::spawn);
+            let trimmer = tokio::spawn(crate::alloc::return_free_memory());
             let result = serve(config, Box::pin(shutdown)).await;
             if let Some(watchdog) = watchdog {
                 watchdog.abort();
             }
+            trimmer.abort();
             result
         })
     })();

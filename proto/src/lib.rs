@@ -5,14 +5,16 @@
 //! config-file contract ([`config`]), the transport that carries gRPC
 //! (mTLS listener and dialer, [`transport`]), and the daemons' shared edges
 //! ([`daemon`]: logging, signals, systemd notify; [`slice`]: the
-//! scheduling slice their threads ask for; [`grpc_ops`]: gRPC
+//! scheduling slice their threads ask for; [`alloc`]: glibc's allocator
+//! settings for moving output, and giving freed memory back; [`grpc_ops`]: gRPC
 //! health and reflection; [`man`]: manual pages from the clap
 //! definitions). Holds wire types,
 //! conversions and byte moving only: no job or worker logic, and no
 //! authorization policy (the daemons say which role a service wants).
 
-// Denied, not forbidden: `slice` holds the two system calls nothing wraps
-// (a crate of its own for them would change the fixed top level).
+// Denied, not forbidden: `slice` and `alloc` hold the system and glibc
+// calls nothing wraps (a crate of its own for them would change the fixed
+// top level).
 #![deny(unsafe_code)]
 
 /// Generated gRPC code for package `jobscheduler`.
@@ -35,6 +37,7 @@ pub const ERROR_CODE_METADATA: &str = "jobcluster-code";
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/jobscheduler_descriptor.bin"));
 
+pub mod alloc;
 pub mod config;
 pub mod daemon;
 pub mod grpc_ops;

@@ -92,7 +92,6 @@ pub async fn run(
     // they stay within reach of stop and are reaped here.
     job::become_subreaper();
     let _reaper = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(job::reap_orphans()));
-    let _trimmer = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(return_free_memory()));
     let plugin_names: Vec<String> = config.plugins.keys().cloned().collect();
     let plugin_info: Vec<_> = config
         .plugins
@@ -360,19 +359,5 @@ fn scheduler_peer() -> jobcluster_pki::ExpectedPeer {
     jobcluster_pki::ExpectedPeer {
         role: jobcluster_pki::Role::Scheduler,
         name: None,
-    }
-}
-
-/// Every 10 s, hands memory freed after a burst of followers back to the
-/// system (`sys::trim_free_memory`), so the worker's footprint follows what
-/// it holds, not its peak.
-async fn return_free_memory() {
-    let mut every = tokio::time::interval(std::time::Duration::from_secs(10));
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        every.tick().await;
-        if let Ok(Some(free)) = tokio::task::spawn_blocking(sys::trim_free_memory).await {
-            tracing::debug!(free_bytes = free, "returned free memory to the system");
-        }
     }
 }
