@@ -192,11 +192,15 @@ impl Worker for WorkerService {
             Ok((file, _)) => file,
             Err(e) => return Err(status(JobError::Io(e))),
         };
-        let progress = *job.progress().borrow();
-        if progress.done && r.offset > progress.len {
+        let (done, len) = {
+            let progress = job.progress();
+            let now = progress.borrow();
+            (now.done, now.len)
+        };
+        if done && r.offset > len {
             return Err(status(JobError::OffsetPastEnd {
                 offset: r.offset,
-                len: progress.len,
+                len,
             }));
         }
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
@@ -219,10 +223,16 @@ async fn send_output(
     let mut progress = job.progress();
     let mut pos = offset;
     loop {
-        let now = *progress.borrow_and_update();
+        let now = progress.borrow_and_update().clone();
         while pos < now.len {
             let want = usize::try_from(now.len - pos).unwrap_or(CHUNK).min(CHUNK);
-            let chunk = match job::read_at(file.clone(), pos, want).await {
+            // A follower that keeps up takes the pump's last piece as it
+            // is; one that is behind reads the log.
+            let read = match now.in_tail(pos, want) {
+                Some(piece) => Ok(piece),
+                None => job::read_at(file.clone(), pos, want).await,
+            };
+            let chunk = match read {
                 Ok(chunk) if !chunk.is_empty() => chunk,
                 Ok(_) => {
                     let _ = tx
@@ -249,7 +259,10 @@ async fn send_output(
             crate::metrics::output_streamed(n as usize);
             pos += n;
         }
-        if now.done {
+        // The piece is not held while waiting for the next one.
+        let done = now.done;
+        drop(now);
+        if done {
             let message = StreamJobResponse {
                 output: Default::default(),
                 offset: pos,

@@ -60,10 +60,29 @@ pub(crate) const CHUNK: usize = 256 * 1024;
 pub(crate) const PUMP_BUFFER: usize = 1024 * 1024;
 
 /// How far the output log has been written, and whether it is complete.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Progress {
     pub(crate) len: u64,
     pub(crate) done: bool,
+    /// The pump's last piece, the log's bytes up to `len`, while the job
+    /// runs: a follower that has everything before it sends it from here
+    /// instead of reading it back from the log (a trip to the blocking pool
+    /// and a copy per piece). Empty once the job is done, so a finished job
+    /// holds no output in memory.
+    pub(crate) tail: bytes::Bytes,
+}
+
+impl Progress {
+    /// Up to `max` bytes from `pos` out of [`Progress::tail`], if `pos` lies
+    /// in it.
+    pub(crate) fn in_tail(&self, pos: u64, max: usize) -> Option<bytes::Bytes> {
+        let start = self.len.checked_sub(self.tail.len() as u64)?;
+        let from = usize::try_from(pos.checked_sub(start)?).ok()?;
+        if from >= self.tail.len() {
+            return None;
+        }
+        Some(self.tail.slice(from..self.tail.len().min(from + max)))
+    }
 }
 
 /// Why a job request was refused.
@@ -174,4 +193,29 @@ pub(crate) struct Policy {
     pub(crate) max_jobs: Option<usize>,
     /// The delegated cgroup v2 jobs get their groups in, if there is one.
     pub(crate) cgroups: Option<crate::cgroup::Cgroups>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Progress;
+
+    #[test]
+    fn a_follower_takes_from_the_tail_only_what_lies_in_it() {
+        let p = Progress {
+            len: 110,
+            done: false,
+            tail: bytes::Bytes::from_static(b"0123456789"),
+        };
+        // The tail is bytes 100..110 of the log.
+        assert_eq!(p.in_tail(99, 64), None, "before the tail: read the log");
+        assert_eq!(p.in_tail(100, 64).as_deref(), Some(&b"0123456789"[..]));
+        assert_eq!(p.in_tail(104, 3).as_deref(), Some(&b"456"[..]));
+        assert_eq!(p.in_tail(110, 64), None, "nothing past len");
+        let empty = Progress {
+            len: 5,
+            ..Progress::default()
+        };
+        assert_eq!(empty.in_tail(0, 64), None);
+        assert_eq!(empty.in_tail(5, 64), None);
+    }
 }

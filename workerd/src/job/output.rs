@@ -3,7 +3,7 @@
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use nix::fcntl::{FcntlArg, fcntl};
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
@@ -39,12 +39,20 @@ pub(super) async fn pump(
     write_failed: CancellationToken,
 ) -> Pumped {
     let file = Arc::new(file);
-    let mut buf = Vec::with_capacity(PUMP_BUFFER);
+    // Each piece read is split off this buffer and published to followers
+    // as it is (`Progress::tail`); once they all dropped it, `reserve`
+    // takes the same memory back instead of allocating anew.
+    let mut buf = BytesMut::with_capacity(PUMP_BUFFER);
     let mut len = 0u64;
     let mut write_error = None;
     let mut enlarged = false;
     loop {
         buf.clear();
+        // A job writing little at a time fills one buffer piece by piece;
+        // a new one is only taken when too little is left for a full read.
+        if buf.capacity() < PUMP_BUFFER / 4 {
+            buf.reserve(PUMP_BUFFER);
+        }
         match reader.read_buf(&mut buf).await {
             Ok(0) => break,
             Ok(n) => {
@@ -76,10 +84,11 @@ pub(super) async fn pump(
             buf.truncate((limit - len) as usize);
             over_limit.cancel();
         }
+        let piece = buf.split().freeze();
         let f = file.clone();
-        let b = std::mem::take(&mut buf);
+        let b = piece.clone();
         let offset = len;
-        // File writes block; they go to the blocking pool, one chunk at a time.
+        // File writes block; they go to the blocking pool, one piece at a time.
         let result = tokio::task::spawn_blocking(move || {
             let r = f.write_all_at(&b, offset);
             if r.is_err() {
@@ -87,19 +96,20 @@ pub(super) async fn pump(
                 // keeps exactly what was published.
                 let _ = f.set_len(offset);
             }
-            (b, r)
+            r
         })
         .await;
         match result {
-            Ok((b, Ok(()))) => {
-                crate::metrics::output_written(b.len());
-                len += b.len() as u64;
-                buf = b;
-                progress.send_modify(|p| p.len = len);
+            Ok(Ok(())) => {
+                crate::metrics::output_written(piece.len());
+                len += piece.len() as u64;
+                progress.send_modify(|p| {
+                    p.len = len;
+                    p.tail = piece;
+                });
             }
-            Ok((b, Err(error))) => {
+            Ok(Err(error)) => {
                 tracing::error!(%error, kept = len, "writing job output failed; ending the job");
-                buf = b;
                 write_error = Some(error.to_string());
                 write_failed.cancel();
             }
@@ -120,18 +130,18 @@ pub(crate) async fn read_at(
     max: usize,
 ) -> std::io::Result<Bytes> {
     tokio::task::spawn_blocking(move || {
-        let mut buf = vec![0; max];
-        let mut filled = 0;
-        while filled < max {
-            match file.read_at(&mut buf[filled..], offset + filled as u64) {
+        let mut buf = BytesMut::with_capacity(max);
+        while buf.len() < max {
+            let at = offset + buf.len() as u64;
+            let rest = max - buf.len();
+            match crate::sys::pread_spare(&file, &mut buf, at, rest) {
                 Ok(0) => break,
-                Ok(n) => filled += n,
+                Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
-        buf.truncate(filled);
-        Ok(Bytes::from(buf))
+        Ok(buf.freeze())
     })
     .await
     .map_err(std::io::Error::other)?

@@ -162,7 +162,11 @@ impl Jobs {
                 dirty.insert(record.id);
             }
             finished.push_back((record.id, now));
-            let (progress, _) = watch::channel(Progress { len, done: true });
+            let (progress, _) = watch::channel(Progress {
+                len,
+                done: true,
+                ..Progress::default()
+            });
             let id = record.id;
             map.insert(
                 id,
@@ -434,7 +438,11 @@ impl Jobs {
                 // could say so in the record, does not shrink what the job
                 // wrote: its output reads as expired (`output_cut`).
                 let len = len.max(record.output_bytes);
-                let (progress, _) = watch::channel(Progress { len, done: true });
+                let (progress, _) = watch::channel(Progress {
+                    len,
+                    done: true,
+                    ..Progress::default()
+                });
                 Ok(Arc::new(Job {
                     log_path: self.jobs_dir.join(id).join(super::record::LOG),
                     record: Mutex::new(record),

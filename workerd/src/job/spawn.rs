@@ -157,10 +157,7 @@ impl Jobs {
             spawned,
             slot,
         } = made;
-        let (progress, _) = watch::channel(Progress {
-            len: 0,
-            done: false,
-        });
+        let (progress, _) = watch::channel(Progress::default());
         let job = Arc::new(Job {
             record: Mutex::new(record.clone()),
             progress,

@@ -190,6 +190,7 @@ pub(super) async fn supervise(
     job.progress.send_modify(|p| {
         p.len = len;
         p.done = true;
+        p.tail = bytes::Bytes::new();
     });
     tracing::info!(job_id = %id, state = ?record.state, exit_code = record.exit_code, signal = record.signal, "job finished");
     crate::metrics::job_finished(record.state, &record.command);
