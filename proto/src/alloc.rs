@@ -14,7 +14,10 @@
 //! and up to [`TRIM_THRESHOLD`] of free heap, so the pages are reused.
 //!
 //! What a burst freed beyond that is given back by [`return_free_memory`]
-//! (the daemons run it): glibc keeps freed memory inside its heaps.
+//! (the daemons run it): glibc keeps freed memory inside its heaps. While
+//! output streams, a trim may give back pages the thresholds would have
+//! kept; they fault in again once, at most every 10 s, which is nothing
+//! beside a fault per page received.
 //!
 //! The calls have no safe wrapper in nix or rustix, hence this module's
 //! `unsafe`.
@@ -33,18 +36,20 @@ pub const TRIM_THRESHOLD: usize = 4 << 20;
 pub const KEEP_FREE_BYTES: usize = 16 << 20;
 
 /// Sets glibc's thresholds to [`MMAP_THRESHOLD`] and [`TRIM_THRESHOLD`].
-/// Call it first thing in `main`, before other threads exist. Does nothing
-/// when the environment sets either through `GLIBC_TUNABLES` (the
-/// operator's choice wins) or off glibc.
+/// Call it early in `main`, before other threads exist. Does nothing when
+/// the environment sets either (`GLIBC_TUNABLES`, or the older
+/// `MALLOC_MMAP_THRESHOLD_` and `MALLOC_TRIM_THRESHOLD_`): the operator's
+/// choice wins. Off glibc, nothing to set.
 pub fn keep_stream_buffers() {
     let tunables = std::env::var_os("GLIBC_TUNABLES").unwrap_or_default();
     let tunables = tunables.to_string_lossy();
-    if tunables.contains("glibc.malloc.mmap_threshold")
+    let set_by_operator = tunables.contains("glibc.malloc.mmap_threshold")
         || tunables.contains("glibc.malloc.trim_threshold")
-    {
-        return;
+        || std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_some()
+        || std::env::var_os("MALLOC_TRIM_THRESHOLD_").is_some();
+    if !set_by_operator {
+        set_thresholds();
     }
-    set_thresholds();
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]

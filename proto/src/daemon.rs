@@ -201,8 +201,9 @@ pub fn main<C, Fut>(
 where
     Fut: std::future::Future<Output = ServeResult>,
 {
-    crate::alloc::keep_stream_buffers();
     init_logging(flags.log_format);
+    // While this is the only thread (logging starts none).
+    crate::alloc::keep_stream_buffers();
     jobcluster_pki::install_crypto_provider();
     let result = (|| -> ServeResult {
         let config = load(&flags.config)?;

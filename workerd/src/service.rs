@@ -223,12 +223,17 @@ async fn send_output(
     let mut progress = job.progress();
     let mut pos = offset;
     loop {
-        let now = progress.borrow_and_update().clone();
-        while pos < now.len {
-            let want = usize::try_from(now.len - pos).unwrap_or(CHUNK).min(CHUNK);
-            // A follower that keeps up takes the pump's last piece as it
-            // is; one that is behind reads the log.
-            let read = match now.in_tail(pos, want) {
+        let (len, done) = {
+            let now = progress.borrow_and_update();
+            (now.len, now.done)
+        };
+        while pos < len {
+            let want = usize::try_from(len - pos).unwrap_or(CHUNK).min(CHUNK);
+            // A follower that keeps up copies from the pump's last piece;
+            // one that is behind reads the log. (The latest piece: the log
+            // only grows, so anything in it up to `want` is published.)
+            let copied = progress.borrow().copy_of_tail(pos, want);
+            let read = match copied {
                 Some(piece) => Ok(piece),
                 None => job::read_at(file.clone(), pos, want).await,
             };
@@ -259,9 +264,6 @@ async fn send_output(
             crate::metrics::output_streamed(n as usize);
             pos += n;
         }
-        // The piece is not held while waiting for the next one.
-        let done = now.done;
-        drop(now);
         if done {
             let message = StreamJobResponse {
                 output: Default::default(),

@@ -190,14 +190,14 @@ pub(crate) fn pread_spare(
     offset: u64,
     max: usize,
 ) -> std::io::Result<usize> {
-    let offset = libc::off_t::try_from(offset)
+    let offset = libc::off64_t::try_from(offset)
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
     buf.reserve(max);
     let spare = buf.spare_capacity_mut();
     let len = spare.len().min(max);
     // SAFETY: the kernel writes at most `len <= spare.len()` bytes into
     // memory `buf` owns, and does not keep the pointer.
-    let n = unsafe { libc::pread(file.as_raw_fd(), spare.as_mut_ptr().cast(), len, offset) };
+    let n = unsafe { libc::pread64(file.as_raw_fd(), spare.as_mut_ptr().cast(), len, offset) };
     let n = usize::try_from(n).map_err(|_| std::io::Error::last_os_error())?;
     // SAFETY: the kernel initialized the first `n` bytes of the spare
     // capacity, and `n <= len <= spare.len()`.

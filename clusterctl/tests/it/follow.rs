@@ -196,3 +196,57 @@ async fn group_lines_are_split_at_64_kib_whatever_the_pieces() {
         "a line mixes characters"
     );
 }
+
+/// Followers attached while the job writes (who copy from the worker's
+/// last piece in memory while they keep up) and a read of the finished
+/// log all get exactly the bytes the job wrote, in order: single lines
+/// between bursts that fill the pipe.
+#[tokio::test(flavor = "multi_thread")]
+async fn live_followers_and_a_replay_get_every_byte_in_order() {
+    let cluster = Cluster::start(&["w1"]).await;
+    std::fs::write(
+        cluster.tmp.path().join("scripts").join("mixed.sh"),
+        "sleep 0.3\n\
+         for round in 1 2 3 4 5; do\n\
+           echo \"round $round\"\n\
+           sleep 0.05\n\
+           seq $((round * 1000000)) $((round * 1000000 + 150000))\n\
+           sleep 0.05\n\
+         done\n\
+         echo end\n",
+    )
+    .unwrap();
+    let mut expected = String::new();
+    for round in 1..=5u64 {
+        expected.push_str(&format!("round {round}\n"));
+        for n in round * 1_000_000..=round * 1_000_000 + 150_000 {
+            expected.push_str(&format!("{n}\n"));
+        }
+    }
+    expected.push_str("end\n");
+
+    let job = cluster.start_job("w1", "mixed.sh", &[]).await;
+    let follow = || {
+        cluster
+            .ctl()
+            .args(["logs", "-f", &job])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+            .wait_with_output()
+    };
+    let (first, second) = tokio::join!(follow(), follow());
+    for out in [first.unwrap(), second.unwrap()] {
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(
+            stdout(&out) == expected,
+            "a live follower got {} bytes, not the job's {} in order",
+            out.stdout.len(),
+            expected.len()
+        );
+    }
+    let replay = cluster.ctl_output(&["logs", &job]).await;
+    assert!(replay.status.success(), "{}", stderr(&replay));
+    assert!(stdout(&replay) == expected, "the replay differs");
+}

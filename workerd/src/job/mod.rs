@@ -56,7 +56,8 @@ pub(crate) const CHUNK: usize = 256 * 1024;
 /// by default). With the default pipe a job writing fast blocks and is
 /// woken every 64 KiB, and every piece costs a write on the blocking pool.
 /// The buffer is allocated once per job and only the pages a job's output
-/// reaches are ever touched.
+/// reaches are ever touched; while the job is followed, the piece last
+/// published may keep one more alive (`Progress::tail`).
 pub(crate) const PUMP_BUFFER: usize = 1024 * 1024;
 
 /// How far the output log has been written, and whether it is complete.
@@ -65,23 +66,25 @@ pub(crate) struct Progress {
     pub(crate) len: u64,
     pub(crate) done: bool,
     /// The pump's last piece, the log's bytes up to `len`, while the job
-    /// runs: a follower that has everything before it sends it from here
-    /// instead of reading it back from the log (a trip to the blocking pool
-    /// and a copy per piece). Empty once the job is done, so a finished job
-    /// holds no output in memory.
+    /// runs and someone may follow it: a follower that has everything
+    /// before it copies it from here instead of reading it back from the
+    /// log (a trip to the blocking pool and a system call per piece).
+    /// Empty once the job is done.
     pub(crate) tail: bytes::Bytes,
 }
 
 impl Progress {
-    /// Up to `max` bytes from `pos` out of [`Progress::tail`], if `pos` lies
-    /// in it.
-    pub(crate) fn in_tail(&self, pos: u64, max: usize) -> Option<bytes::Bytes> {
+    /// A copy of up to `max` bytes from `pos` out of [`Progress::tail`], if
+    /// `pos` lies in it. A copy, not a slice: a slice would keep the pump's
+    /// whole buffer (1 MiB) alive for as long as a slow follower holds it.
+    pub(crate) fn copy_of_tail(&self, pos: u64, max: usize) -> Option<bytes::Bytes> {
         let start = self.len.checked_sub(self.tail.len() as u64)?;
         let from = usize::try_from(pos.checked_sub(start)?).ok()?;
         if from >= self.tail.len() {
             return None;
         }
-        Some(self.tail.slice(from..self.tail.len().min(from + max)))
+        let to = self.tail.len().min(from.saturating_add(max));
+        Some(bytes::Bytes::copy_from_slice(&self.tail[from..to]))
     }
 }
 
@@ -207,15 +210,19 @@ mod tests {
             tail: bytes::Bytes::from_static(b"0123456789"),
         };
         // The tail is bytes 100..110 of the log.
-        assert_eq!(p.in_tail(99, 64), None, "before the tail: read the log");
-        assert_eq!(p.in_tail(100, 64).as_deref(), Some(&b"0123456789"[..]));
-        assert_eq!(p.in_tail(104, 3).as_deref(), Some(&b"456"[..]));
-        assert_eq!(p.in_tail(110, 64), None, "nothing past len");
+        assert_eq!(
+            p.copy_of_tail(99, 64),
+            None,
+            "before the tail: read the log"
+        );
+        assert_eq!(p.copy_of_tail(100, 64).as_deref(), Some(&b"0123456789"[..]));
+        assert_eq!(p.copy_of_tail(104, 3).as_deref(), Some(&b"456"[..]));
+        assert_eq!(p.copy_of_tail(110, 64), None, "nothing past len");
         let empty = Progress {
             len: 5,
             ..Progress::default()
         };
-        assert_eq!(empty.in_tail(0, 64), None);
-        assert_eq!(empty.in_tail(5, 64), None);
+        assert_eq!(empty.copy_of_tail(0, 64), None);
+        assert_eq!(empty.copy_of_tail(5, 64), None);
     }
 }

@@ -39,9 +39,11 @@ pub(super) async fn pump(
     write_failed: CancellationToken,
 ) -> Pumped {
     let file = Arc::new(file);
-    // Each piece read is split off this buffer and published to followers
-    // as it is (`Progress::tail`); once they all dropped it, `reserve`
-    // takes the same memory back instead of allocating anew.
+    // Each piece read is split off this buffer and, while the job is
+    // followed, published as it is (`Progress::tail`); the buffer fills on
+    // behind it, and when a quarter is left `reserve` takes the whole
+    // memory back if no piece holds it any more, or a new buffer if one
+    // does (the old one goes with the next piece published).
     let mut buf = BytesMut::with_capacity(PUMP_BUFFER);
     let mut len = 0u64;
     let mut write_error = None;
@@ -103,9 +105,17 @@ pub(super) async fn pump(
             Ok(Ok(())) => {
                 crate::metrics::output_written(piece.len());
                 len += piece.len() as u64;
+                // Kept only while someone may follow (a stream's
+                // subscription, or a request looking at the length for a
+                // moment); otherwise the piece goes now and the next
+                // `reserve` takes its memory back.
+                let tail = match progress.receiver_count() {
+                    0 => Bytes::new(),
+                    _ => piece,
+                };
                 progress.send_modify(|p| {
                     p.len = len;
-                    p.tail = piece;
+                    p.tail = tail;
                 });
             }
             Ok(Err(error)) => {
