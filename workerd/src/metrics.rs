@@ -59,6 +59,7 @@ struct Metrics {
     slots: Gauge,
     output_written: Counter,
     output_streamed: Counter,
+    output_from_memory: Counter,
     followers: Gauge,
 }
 
@@ -75,6 +76,7 @@ impl Metrics {
             slots: Gauge::default(),
             output_written: Counter::default(),
             output_streamed: Counter::default(),
+            output_from_memory: Counter::default(),
             followers: Gauge::default(),
         };
         // Counters get their `_total` suffix from the encoder.
@@ -107,6 +109,11 @@ impl Metrics {
             "output_streamed_bytes",
             "Bytes of job output sent to the scheduler's output streams",
             m.output_streamed.clone(),
+        );
+        registry.register(
+            "output_streamed_from_memory_bytes",
+            "Of the output streamed, bytes copied from the piece just written instead of read back from the log (followers that keep up)",
+            m.output_from_memory.clone(),
         );
         registry.register("followers", "Output streams open now", m.followers.clone());
         Metrics { registry, ..m }
@@ -150,6 +157,10 @@ pub(crate) fn output_written(bytes: usize) {
 
 pub(crate) fn output_streamed(bytes: usize) {
     METRICS.output_streamed.inc_by(bytes as u64);
+}
+
+pub(crate) fn output_from_memory(bytes: usize) {
+    METRICS.output_from_memory.inc_by(bytes as u64);
 }
 
 /// Counts an open output stream until dropped.

@@ -232,9 +232,10 @@ async fn send_output(
             // A follower that keeps up copies from the pump's last piece;
             // one that is behind reads the log. (The latest piece: the log
             // only grows, so anything in it up to `want` is published.)
-            let copied = progress.borrow().copy_of_tail(pos, want);
-            let read = match copied {
-                Some(piece) => Ok(piece),
+            let piece = progress.borrow().tail_at(pos, want);
+            let from_memory = piece.is_some();
+            let read = match piece {
+                Some(piece) => Ok(bytes::Bytes::copy_from_slice(&piece)),
                 None => job::read_at(file.clone(), pos, want).await,
             };
             let chunk = match read {
@@ -262,6 +263,9 @@ async fn send_output(
                 return; // the reader left
             }
             crate::metrics::output_streamed(n as usize);
+            if from_memory {
+                crate::metrics::output_from_memory(n as usize);
+            }
             pos += n;
         }
         if done {

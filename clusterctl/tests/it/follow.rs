@@ -203,15 +203,16 @@ async fn group_lines_are_split_at_64_kib_whatever_the_pieces() {
 /// between bursts that fill the pipe.
 #[tokio::test(flavor = "multi_thread")]
 async fn live_followers_and_a_replay_get_every_byte_in_order() {
-    let cluster = Cluster::start(&["w1"]).await;
+    let listener = format!("---{}", crate::metrics::METRICS_LISTENER);
+    let cluster = Cluster::start_with(&["w1"], "", &listener).await;
     std::fs::write(
         cluster.tmp.path().join("scripts").join("mixed.sh"),
         "sleep 0.3\n\
          for round in 1 2 3 4 5; do\n\
            echo \"round $round\"\n\
-           sleep 0.05\n\
+           sleep 0.2\n\
            seq $((round * 1000000)) $((round * 1000000 + 150000))\n\
-           sleep 0.05\n\
+           sleep 0.2\n\
          done\n\
          echo end\n",
     )
@@ -249,4 +250,23 @@ async fn live_followers_and_a_replay_get_every_byte_in_order() {
     let replay = cluster.ctl_output(&["logs", &job]).await;
     assert!(replay.status.success(), "{}", stderr(&replay));
     assert!(stdout(&replay) == expected, "the replay differs");
+
+    // The followers took at least the short lines from memory (each a
+    // piece of its own that a follower waiting for it finds there).
+    let addr = crate::metrics::metrics_addr(&cluster.workers[0].1.log());
+    let text = cluster
+        .http_as(None)
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let from_memory: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("workerd_output_streamed_from_memory_bytes_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no from-memory counter in:\n{text}"));
+    assert!(from_memory > 0, "no follower took output from memory");
 }

@@ -9,10 +9,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use crate::cluster::Cluster;
 use crate::security::{VIEWER_TOKEN, auth_config};
 
-const METRICS_LISTENER: &str = "\n[metrics]\naddr = \"127.0.0.1:0\"\n";
+pub(crate) const METRICS_LISTENER: &str = "\n[metrics]\naddr = \"127.0.0.1:0\"\n";
 
 /// The address a daemon logged for its `[metrics] addr` listener.
-fn metrics_addr(log: &str) -> String {
+pub(crate) fn metrics_addr(log: &str) -> String {
     log.lines()
         .find_map(|line| {
             line.split_once("metrics server listening addr=")?

@@ -55,9 +55,10 @@ pub(crate) const CHUNK: usize = 256 * 1024;
 /// the default 64 KiB pipe (within the kernel's `fs.pipe-max-size`, 1 MiB
 /// by default). With the default pipe a job writing fast blocks and is
 /// woken every 64 KiB, and every piece costs a write on the blocking pool.
-/// The buffer is allocated once per job and only the pages a job's output
-/// reaches are ever touched; while the job is followed, the piece last
-/// published may keep one more alive (`Progress::tail`).
+/// Unfollowed, a job's buffer is allocated once and only the pages its
+/// output reaches are ever touched; while it is followed, the piece last
+/// published (`Progress::tail`) holds the buffer it came from, so the
+/// pump takes a new one whenever a quarter is left: at most two per job.
 pub(crate) const PUMP_BUFFER: usize = 1024 * 1024;
 
 /// How far the output log has been written, and whether it is complete.
@@ -74,17 +75,19 @@ pub(crate) struct Progress {
 }
 
 impl Progress {
-    /// A copy of up to `max` bytes from `pos` out of [`Progress::tail`], if
-    /// `pos` lies in it. A copy, not a slice: a slice would keep the pump's
-    /// whole buffer (1 MiB) alive for as long as a slow follower holds it.
-    pub(crate) fn copy_of_tail(&self, pos: u64, max: usize) -> Option<bytes::Bytes> {
+    /// Up to `max` bytes from `pos` out of [`Progress::tail`], if `pos`
+    /// lies in it: a slice, which keeps the pump's whole buffer (1 MiB)
+    /// alive while held, so a follower copies it before sending.
+    pub(crate) fn tail_at(&self, pos: u64, max: usize) -> Option<bytes::Bytes> {
         let start = self.len.checked_sub(self.tail.len() as u64)?;
         let from = usize::try_from(pos.checked_sub(start)?).ok()?;
         if from >= self.tail.len() {
             return None;
         }
-        let to = self.tail.len().min(from.saturating_add(max));
-        Some(bytes::Bytes::copy_from_slice(&self.tail[from..to]))
+        Some(
+            self.tail
+                .slice(from..self.tail.len().min(from.saturating_add(max))),
+        )
     }
 }
 
@@ -210,19 +213,15 @@ mod tests {
             tail: bytes::Bytes::from_static(b"0123456789"),
         };
         // The tail is bytes 100..110 of the log.
-        assert_eq!(
-            p.copy_of_tail(99, 64),
-            None,
-            "before the tail: read the log"
-        );
-        assert_eq!(p.copy_of_tail(100, 64).as_deref(), Some(&b"0123456789"[..]));
-        assert_eq!(p.copy_of_tail(104, 3).as_deref(), Some(&b"456"[..]));
-        assert_eq!(p.copy_of_tail(110, 64), None, "nothing past len");
+        assert_eq!(p.tail_at(99, 64), None, "before the tail: read the log");
+        assert_eq!(p.tail_at(100, 64).as_deref(), Some(&b"0123456789"[..]));
+        assert_eq!(p.tail_at(104, 3).as_deref(), Some(&b"456"[..]));
+        assert_eq!(p.tail_at(110, 64), None, "nothing past len");
         let empty = Progress {
             len: 5,
             ..Progress::default()
         };
-        assert_eq!(empty.copy_of_tail(0, 64), None);
-        assert_eq!(empty.copy_of_tail(5, 64), None);
+        assert_eq!(empty.tail_at(0, 64), None);
+        assert_eq!(empty.tail_at(5, 64), None);
     }
 }

@@ -113,10 +113,13 @@ pub(super) async fn pump(
                     0 => Bytes::new(),
                     _ => piece,
                 };
+                let mut last = Bytes::new();
                 progress.send_modify(|p| {
                     p.len = len;
-                    p.tail = tail;
+                    last = std::mem::replace(&mut p.tail, tail);
                 });
+                // Freed (it may be a whole buffer) outside the channel's lock.
+                drop(last);
             }
             Ok(Err(error)) => {
                 tracing::error!(%error, kept = len, "writing job output failed; ending the job");
