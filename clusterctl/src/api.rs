@@ -468,7 +468,6 @@ impl Api {
         self.typed("the job", req).await
     }
 
-    /// `POST /v1/jobs/{id}/stop`.
     /// `POST /v1/jobs/{id}/stop`. A job whose start has not reached its
     /// worker yet (`503 job_starting`: just dispatched) is asked again,
     /// for up to about ten seconds, rather than left to run.

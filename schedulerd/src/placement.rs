@@ -45,6 +45,14 @@ fn show(selector: &Selector) -> String {
         .join(",")
 }
 
+/// The extension a plugin is chosen by when a job names none ("" without).
+pub(crate) fn extension(path: &str) -> &str {
+    Path::new(path)
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or_default()
+}
+
 /// The workers that may take a job of `command` (or, without one, for the
 /// script at `path`) under `selector`.
 pub(crate) fn eligible(
@@ -53,10 +61,7 @@ pub(crate) fn eligible(
     path: &str,
     selector: &Selector,
 ) -> Result<Vec<WorkerRow>, NoEligibleWorker> {
-    let extension = Path::new(path)
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or_default();
+    let extension = extension(path);
     let what = match command {
         Some(plugin) => format!("plugin {plugin:?}"),
         None => format!("{path:?} (no plugin named; by extension)"),

@@ -104,7 +104,7 @@ pub(crate) fn to_pb_status(r: &JobRecord, output_bytes: u64) -> QueryJobResponse
 }
 
 fn job_status(job: &Job) -> QueryJobResponse {
-    let len = job.progress().borrow().len;
+    let (len, _) = job.progress_now();
     to_pb_status(&job.record(), len)
 }
 
@@ -192,11 +192,7 @@ impl Worker for WorkerService {
             Ok((file, _)) => file,
             Err(e) => return Err(status(JobError::Io(e))),
         };
-        let (done, len) = {
-            let progress = job.progress();
-            let now = progress.borrow();
-            (now.done, now.len)
-        };
+        let (len, done) = job.progress_now();
         if done && r.offset > len {
             return Err(status(JobError::OffsetPastEnd {
                 offset: r.offset,

@@ -254,19 +254,13 @@ async fn live_followers_and_a_replay_get_every_byte_in_order() {
     // The followers took at least the short lines from memory (each a
     // piece of its own that a follower waiting for it finds there).
     let addr = crate::metrics::metrics_addr(&cluster.workers[0].1.log());
-    let text = cluster
-        .http_as(None)
-        .get(format!("http://{addr}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let from_memory: u64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("workerd_output_streamed_from_memory_bytes_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no from-memory counter in:\n{text}"));
-    assert!(from_memory > 0, "no follower took output from memory");
+    let scrape =
+        crate::metrics::scrape_with(&cluster.http_as(None), &format!("http://{addr}/metrics"))
+            .await;
+    let from_memory = crate::metrics::value(
+        &scrape,
+        "workerd_output_streamed_from_memory_bytes_total",
+        &[],
+    );
+    assert!(from_memory > 0.0, "no follower took output from memory");
 }

@@ -34,7 +34,7 @@ struct Sample {
 
 /// A parsed exposition: each family's type (from `# TYPE`) and every sample.
 #[derive(Debug)]
-struct Scrape {
+pub(crate) struct Scrape {
     types: HashMap<String, String>,
     samples: Vec<Sample>,
 }
@@ -251,7 +251,7 @@ fn typed_value(scrape: &Scrape, name: &str, kind: &str, labels: &[(&str, &str)])
     }
 }
 
-fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
     let kind = if name.ends_with("_total") {
         "counter"
     } else {
@@ -265,7 +265,7 @@ fn observations(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
     typed_value(scrape, &format!("{name}_count"), "histogram", labels)
 }
 
-async fn scrape_with(client: &reqwest::Client, url: &str) -> Scrape {
+pub(crate) async fn scrape_with(client: &reqwest::Client, url: &str) -> Scrape {
     let reply = client.get(url).send().await.unwrap();
     assert_eq!(reply.status(), StatusCode::OK, "{url}");
     let content_type = reply.headers()[reqwest::header::CONTENT_TYPE]

@@ -52,10 +52,7 @@ struct Shape {
 
 impl Shape {
     fn of(row: &JobRow, entry: &QueueEntry) -> Shape {
-        let extension = std::path::Path::new(&row.path)
-            .extension()
-            .and_then(|e| e.to_str())
-            .unwrap_or_default();
+        let extension = crate::placement::extension(&row.path);
         Shape {
             worker_id: entry.worker_id.clone(),
             command: row.command.clone(),

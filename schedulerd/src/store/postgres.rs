@@ -1390,8 +1390,6 @@ macro_rules! cached {
 cached!(deadpool_postgres::ClientWrapper);
 cached!(deadpool_postgres::Transaction<'_>);
 
-/// The queued jobs a new job of `priority` for `worker_id` may wait behind
-/// ([`Ahead`]).
 /// Whether a queued job of `priority` or higher named to `worker_id` waits
 /// (through the partial index `queue_named`).
 async fn named_waiting(
@@ -1409,6 +1407,8 @@ async fn named_waiting(
     Ok(!rows.is_empty())
 }
 
+/// The queued jobs a new job of `priority` for `worker_id` may wait behind
+/// ([`Ahead`]).
 async fn waiting_ahead(
     c: &impl Cached,
     priority: i32,

@@ -1372,8 +1372,6 @@ impl Store for SqliteStore {
     }
 }
 
-/// The queued jobs a new job of `priority` for `worker_id` may wait behind
-/// ([`Ahead`]).
 /// Whether a queued job of `priority` or higher named to `worker_id` waits
 /// (through the partial index `queue_named`).
 fn named_waiting(c: &Connection, priority: i32, worker_id: &str) -> rusqlite::Result<bool> {
@@ -1384,6 +1382,8 @@ fn named_waiting(c: &Connection, priority: i32, worker_id: &str) -> rusqlite::Re
     .exists(params![worker_id, priority])
 }
 
+/// The queued jobs a new job of `priority` for `worker_id` may wait behind
+/// ([`Ahead`]).
 fn waiting_ahead(
     c: &Connection,
     priority: i32,

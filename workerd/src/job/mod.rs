@@ -159,6 +159,14 @@ impl Job {
         self.progress.subscribe()
     }
 
+    /// The log's length now and whether it is complete, read without
+    /// subscribing: a subscriber counts as a possible follower, for whom
+    /// the pump keeps its last piece (`Progress::tail`).
+    pub(crate) fn progress_now(&self) -> (u64, bool) {
+        let now = self.progress.borrow();
+        (now.len, now.done)
+    }
+
     pub(crate) fn log_path(&self) -> &Path {
         &self.log_path
     }
