@@ -268,11 +268,39 @@ impl AsyncWrite for Accepted {
     }
 }
 
-impl tonic::transport::server::Connected for Accepted {
-    type ConnectInfo = <TlsStream<TcpStream> as tonic::transport::server::Connected>::ConnectInfo;
+/// Who is at the other end of a gRPC connection, read from its client
+/// certificate once when the connection is served; every request on it
+/// carries a clone. Keeping the certificate instead (tonic's own
+/// `TlsConnectInfo`) cost a copy of it per connection, beside rustls' own,
+/// and a parse of it on every call.
+#[derive(Clone, Debug)]
+pub struct Caller(Arc<CallerIdentity>);
 
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.tls.connect_info()
+#[derive(Debug)]
+enum CallerIdentity {
+    NoCertificate,
+    Unreadable(String),
+    Known(jobcluster_pki::PeerIdentity),
+}
+
+impl tonic::transport::server::Connected for Accepted {
+    type ConnectInfo = Caller;
+
+    fn connect_info(&self) -> Caller {
+        let leaf = self
+            .tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first());
+        let identity = match leaf {
+            None => CallerIdentity::NoCertificate,
+            Some(leaf) => match jobcluster_pki::peer_identity(leaf) {
+                Ok(peer) => CallerIdentity::Known(peer),
+                Err(e) => CallerIdentity::Unreadable(e.to_string()),
+            },
+        };
+        Caller(Arc::new(identity))
     }
 }
 
@@ -551,13 +579,23 @@ pub fn require_role<T>(
     role: jobcluster_pki::Role,
     rpc: &str,
 ) -> Result<jobcluster_pki::PeerIdentity, tonic::Status> {
-    let leaf = request
-        .peer_certs()
-        .and_then(|certs| certs.first().cloned())
-        .ok_or_else(|| tonic::Status::unauthenticated("a client certificate is required"))?;
-    let peer = jobcluster_pki::peer_identity(&leaf).map_err(|e| {
-        tonic::Status::permission_denied(format!("certificate has no cluster identity: {e}"))
-    })?;
+    let caller = request
+        .extensions()
+        .get::<Caller>()
+        .map(|caller| &*caller.0);
+    let peer = match caller {
+        None | Some(CallerIdentity::NoCertificate) => {
+            return Err(tonic::Status::unauthenticated(
+                "a client certificate is required",
+            ));
+        }
+        Some(CallerIdentity::Unreadable(e)) => {
+            return Err(tonic::Status::permission_denied(format!(
+                "certificate has no cluster identity: {e}"
+            )));
+        }
+        Some(CallerIdentity::Known(peer)) => peer,
+    };
     if peer.role != role {
         tracing::warn!(peer = %peer.name, role = %peer.role, rpc, expected = %role, "refused a caller with the wrong role");
         return Err(tonic::Status::permission_denied(format!(
@@ -565,7 +603,7 @@ pub fn require_role<T>(
             peer.role
         )));
     }
-    Ok(peer)
+    Ok(peer.clone())
 }
 
 #[cfg(test)]
