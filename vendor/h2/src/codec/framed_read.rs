@@ -444,8 +444,12 @@ where
             tracing::trace!("poll");
             // jobcluster: the read buffer is given back while the connection
             // waits with nothing buffered, and allocated again before a read.
+            // A new buffer, not a reserve on the empty one: a `BytesMut`
+            // grows by at least the capacity it was made with, and frames
+            // split off keep it shared, so an empty one would grow by exactly
+            // what each frame needs (a 9-byte read for every header).
             if self.inner.read_buffer().capacity() == 0 {
-                self.inner.read_buffer_mut().reserve(READ_BUFFER_CAPACITY);
+                *self.inner.read_buffer_mut() = BytesMut::with_capacity(READ_BUFFER_CAPACITY);
             }
             let polled = Pin::new(&mut self.inner).poll_next(cx);
             if polled.is_pending() && self.inner.read_buffer().is_empty() {
