@@ -15,32 +15,7 @@ use crate::harness::Daemon;
 #[tokio::test(flavor = "multi_thread")]
 async fn bench_workers_simulates_workers_that_register_heartbeat_and_leave() {
     let cluster = Cluster::start(&[]).await;
-    let pid = cluster.scheduler.child.id().to_string();
-    let pki = cluster.pki();
-    let out = cluster
-        .ctl_output(&[
-            "-o",
-            "json",
-            "bench",
-            "workers",
-            "--simulate",
-            "20",
-            "--pki",
-            pki.to_str().unwrap(),
-            "--grpc",
-            &cluster.grpc_addr,
-            "--scheduler-pid",
-            &pid,
-            "--steady",
-            "2",
-            "--sample-every",
-            "1",
-            "--requests",
-            "5",
-        ])
-        .await;
-    assert!(out.status.success(), "{}", stderr(&out));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = bench_workers(&cluster, "20", &["--steady", "2", "--sample-every", "1"]).await;
     assert_eq!(report["mode"], "workers", "{report}");
     for (field, expected) in [
         ("simulated", 20),
@@ -101,7 +76,7 @@ async fn bench_workers_simulates_workers_that_register_heartbeat_and_leave() {
             "--grpc",
             &cluster.grpc_addr,
             "--scheduler-pid",
-            &pid,
+            &cluster.scheduler.child.id().to_string(),
         ])
         .await;
     assert_eq!(out.status.code(), Some(1));
@@ -130,30 +105,7 @@ async fn idle_worker_connections_hold_no_http2_buffers() {
         ],
     )
     .await;
-    let pid = cluster.scheduler.child.id().to_string();
-    let pki = cluster.pki();
-    let out = cluster
-        .ctl_output(&[
-            "-o",
-            "json",
-            "bench",
-            "workers",
-            "--simulate",
-            "500",
-            "--pki",
-            pki.to_str().unwrap(),
-            "--grpc",
-            &cluster.grpc_addr,
-            "--scheduler-pid",
-            &pid,
-            "--steady",
-            "1",
-            "--requests",
-            "5",
-        ])
-        .await;
-    assert!(out.status.success(), "{}", stderr(&out));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = bench_workers(&cluster, "500", &["--steady", "1"]).await;
     assert_eq!(report["registered"].as_u64(), Some(500), "{report}");
     assert_eq!(report["failed_heartbeats"].as_u64(), Some(0), "{report}");
     let per_worker = report["scheduler"]["rss_per_worker_bytes"]
@@ -163,6 +115,34 @@ async fn idle_worker_connections_hold_no_http2_buffers() {
         per_worker < 30_000.0,
         "the scheduler holds {per_worker} bytes per idle worker connection: {report}"
     );
+}
+
+/// Runs `bench workers --simulate N` against the cluster's scheduler (its
+/// pid for CPU and memory, 5 requests per API route) and returns the JSON
+/// report.
+async fn bench_workers(cluster: &Cluster, simulate: &str, extra: &[&str]) -> serde_json::Value {
+    let pid = cluster.scheduler.child.id().to_string();
+    let pki = cluster.pki();
+    let mut args = vec![
+        "-o",
+        "json",
+        "bench",
+        "workers",
+        "--simulate",
+        simulate,
+        "--pki",
+        pki.to_str().unwrap(),
+        "--grpc",
+        &cluster.grpc_addr,
+        "--scheduler-pid",
+        &pid,
+        "--requests",
+        "5",
+    ];
+    args.extend_from_slice(extra);
+    let out = cluster.ctl_output(&args).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// The failure: with the open-files limit at 1,024, 1,100 workers
