@@ -15,8 +15,9 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use jobcluster_proto::http::{
-    ErrorBody, GroupInfo, GroupList, GroupLogsQuery, GroupStarted, JobFilter, JobInfo, JobList,
-    JobStarted, LogsQuery, StartGroup, StartJob, StopResult, Success, WorkerInfo, WorkerList,
+    ErrorBody, GroupInfo, GroupList, GroupLogsQuery, GroupStarted, JOB_TRAILER, JobFilter, JobInfo,
+    JobList, JobStarted, LogsQuery, StartGroup, StartJob, StopResult, Success, WorkerInfo,
+    WorkerList,
 };
 use reqwest::header::{AUTHORIZATION, HeaderValue};
 use reqwest::{RequestBuilder, Response, StatusCode, Url};
@@ -33,6 +34,15 @@ pub(crate) struct ConnectOptions {
     pub(crate) cert: Option<PathBuf>,
     pub(crate) key: Option<PathBuf>,
     pub(crate) token: Option<String>,
+}
+
+/// A piece of a job's output stream (`GET /v1/jobs/{id}/logs`).
+#[derive(Debug)]
+pub(crate) enum LogFrame {
+    Data(Bytes),
+    /// The job's final record, from the [`JOB_TRAILER`] that ends a stream
+    /// at the job's end.
+    End(Box<JobInfo>),
 }
 
 /// A failed API call. Its `Display` is the complete message for the user.
@@ -484,18 +494,39 @@ impl Api {
     }
 
     /// `GET /v1/jobs/{id}/logs`: the output bytes from `offset`, as they
-    /// arrive. A stream error means the body was cut short.
+    /// arrive, then the job's record if the stream ended at the job's end
+    /// (its `x-job` trailer). A stream error means the body was cut short.
     pub(crate) async fn logs(
         &self,
         job: &str,
         query: &LogsQuery,
-    ) -> Result<BoxStream<'static, Result<Bytes, ApiError>>, ApiError> {
+    ) -> Result<BoxStream<'static, Result<LogFrame, ApiError>>, ApiError> {
         let req = self
             .client
             .get(self.url(&["v1", "jobs", job, "logs"]))
             .query(query);
         let resp = self.send(req).await?;
-        Ok(self.body_stream(resp))
+        let broke = self.broke_off();
+        let frames = http_body_util::BodyStream::new(reqwest::Body::from(resp));
+        Ok(frames
+            .filter_map(move |frame| {
+                futures_util::future::ready(match frame {
+                    Ok(frame) => match frame.into_data() {
+                        Ok(data) => Some(Ok(LogFrame::Data(data))),
+                        // A trailer that does not parse is as good as none:
+                        // the follower asks for the record instead.
+                        Err(frame) => frame
+                            .into_trailers()
+                            .ok()
+                            .and_then(|trailers| {
+                                serde_json::from_slice(trailers.get(JOB_TRAILER)?.as_bytes()).ok()
+                            })
+                            .map(|job| Ok(LogFrame::End(Box::new(job)))),
+                    },
+                    Err(e) => Some(Err(broke(e))),
+                })
+            })
+            .boxed())
     }
 
     /// `POST /v1/groups`, with an `Idempotency-Key` if given.
@@ -552,19 +583,23 @@ impl Api {
 
     /// A streamed body whose errors are [`ApiError::Transport`].
     fn body_stream(&self, resp: Response) -> BoxStream<'static, Result<Bytes, ApiError>> {
-        let shown = self.base().1.clone();
+        let broke = self.broke_off();
         resp.bytes_stream()
-            .map(move |item| {
-                item.map_err(|e| ApiError::Transport {
-                    message: format!(
-                        "the output stream from {shown} broke off: {}",
-                        explain::innermost(&e)
-                    ),
-                    // Whatever broke a started body, a new request may work.
-                    retryable: true,
-                })
-            })
+            .map(move |item| item.map_err(&broke))
             .boxed()
+    }
+
+    /// The error of an output stream that broke off after it began.
+    fn broke_off(&self) -> impl Fn(reqwest::Error) -> ApiError + Send + 'static {
+        let shown = self.base().1.clone();
+        move |e| ApiError::Transport {
+            message: format!(
+                "the output stream from {shown} broke off: {}",
+                explain::innermost(&e)
+            ),
+            // Whatever broke a started body, a new request may work.
+            retryable: true,
+        }
     }
 
     fn url(&self, segments: &[&str]) -> Url {

@@ -15,16 +15,17 @@ use futures_util::stream::BoxStream;
 use jobcluster_proto::http::{GroupInfo, JobInfo, LogsQuery};
 use tokio::time::Instant;
 
-use crate::api::{Api, ApiError};
+use crate::api::{Api, ApiError, LogFrame};
 
 /// Where output comes from: the scheduler, or a fake in tests.
 pub(crate) trait LogSource {
-    /// The output from byte `offset`; with `follow`, until the job ended.
+    /// The output from byte `offset`; with `follow`, until the job ended,
+    /// and then its record if the stream carries it.
     async fn open(
         &self,
         offset: u64,
         follow: bool,
-    ) -> Result<BoxStream<'static, Result<Bytes, ApiError>>, ApiError>;
+    ) -> Result<BoxStream<'static, Result<LogFrame, ApiError>>, ApiError>;
     /// The job's record.
     async fn job(&self) -> Result<JobInfo, ApiError>;
 }
@@ -41,7 +42,7 @@ impl LogSource for JobLogs<'_> {
         &self,
         offset: u64,
         follow: bool,
-    ) -> Result<BoxStream<'static, Result<Bytes, ApiError>>, ApiError> {
+    ) -> Result<BoxStream<'static, Result<LogFrame, ApiError>>, ApiError> {
         self.api
             .logs(self.job_id, &LogsQuery { follow, offset })
             .await
@@ -138,13 +139,15 @@ pub(crate) async fn stream_output<S: LogSource>(
                     eprintln!("clusterctl: job {job_id} started");
                 }
                 let mut broke = None;
+                let mut ended = None;
                 while let Some(item) = body.next().await {
                     match item {
-                        Ok(chunk) => {
+                        Ok(LogFrame::Data(chunk)) => {
                             out.write_all(&chunk)?;
                             out.flush()?;
                             offset += chunk.len() as u64;
                         }
+                        Ok(LogFrame::End(job)) => ended = Some(*job),
                         Err(e) => {
                             broke = Some(e);
                             break;
@@ -154,32 +157,41 @@ pub(crate) async fn stream_output<S: LogSource>(
                 match broke {
                     Some(e) => e,
                     None if !follow => return Ok(None),
-                    None => match source.job().await {
-                        Ok(job) if job.done && (job.output_bytes <= offset || tail_checked) => {
-                            return Ok(Some(job));
-                        }
-                        Ok(job) => {
-                            tail_checked |= job.done;
-                            let message = if job.done {
-                                format!(
-                                    "the output stream ended at byte {offset} but the job wrote \
-                                     {} bytes",
-                                    job.output_bytes
-                                )
-                            } else {
-                                format!(
-                                    "the output stream ended at byte {offset} while the job is \
-                                     still {}",
-                                    job.state
-                                )
-                            };
-                            ApiError::Transport {
-                                message,
-                                retryable: true,
+                    // The stream's own end says how the job ended; without
+                    // it (an older scheduler, an end it could not record),
+                    // ask.
+                    None => {
+                        let answer = match ended {
+                            Some(job) => Ok(job),
+                            None => source.job().await,
+                        };
+                        match answer {
+                            Ok(job) if job.done && (job.output_bytes <= offset || tail_checked) => {
+                                return Ok(Some(job));
                             }
+                            Ok(job) => {
+                                tail_checked |= job.done;
+                                let message = if job.done {
+                                    format!(
+                                        "the output stream ended at byte {offset} but the job wrote \
+                                         {} bytes",
+                                        job.output_bytes
+                                    )
+                                } else {
+                                    format!(
+                                        "the output stream ended at byte {offset} while the job is \
+                                         still {}",
+                                        job.state
+                                    )
+                                };
+                                ApiError::Transport {
+                                    message,
+                                    retryable: true,
+                                }
+                            }
+                            Err(e) => e,
                         }
-                        Err(e) => e,
-                    },
+                    }
                 }
             }
         };
@@ -498,6 +510,8 @@ mod tests {
         /// `409 job_not_started`: the job's start was not settled yet.
         NotStarted,
         Body(Vec<&'static [u8]>, bool),
+        /// The rest of the output, then the job's record (the trailer).
+        Ended,
     }
 
     /// The whole output is `OUTPUT`; each answer serves from the offset it
@@ -506,6 +520,8 @@ mod tests {
         answers: RefCell<VecDeque<Answer>>,
         offsets: RefCell<Vec<u64>>,
         final_job: JobInfo,
+        /// Times the job's record was asked for.
+        asked: std::cell::Cell<u32>,
     }
 
     const OUTPUT: &[u8] = b"line 1\nline 2\nline 3\n";
@@ -523,6 +539,7 @@ mod tests {
                 answers: RefCell::new(VecDeque::from(answers)),
                 offsets: RefCell::new(vec![]),
                 final_job,
+                asked: std::cell::Cell::new(0),
             }
         }
 
@@ -540,7 +557,7 @@ mod tests {
             &self,
             offset: u64,
             _follow: bool,
-        ) -> Result<BoxStream<'static, Result<Bytes, ApiError>>, ApiError> {
+        ) -> Result<BoxStream<'static, Result<LogFrame, ApiError>>, ApiError> {
             self.offsets.borrow_mut().push(offset);
             match self.answers.borrow_mut().pop_front() {
                 Some(Answer::Refuse(retryable)) => Err(ApiError::Transport {
@@ -568,10 +585,10 @@ mod tests {
                 Some(Answer::Body(sizes, breaks)) => {
                     // Each element's length says how many bytes to serve.
                     let mut at = offset as usize;
-                    let mut items: Vec<Result<Bytes, ApiError>> = Vec::new();
+                    let mut items = Vec::new();
                     for size in sizes {
                         let end = (at + size.len()).min(OUTPUT.len());
-                        items.push(Ok(Bytes::from_static(&OUTPUT[at..end])));
+                        items.push(Ok(LogFrame::Data(Bytes::from_static(&OUTPUT[at..end]))));
                         at = end;
                     }
                     if breaks {
@@ -579,14 +596,24 @@ mod tests {
                     }
                     Ok(futures_util::stream::iter(items).boxed())
                 }
-                None => Ok(futures_util::stream::iter(vec![Ok(Bytes::from_static(
-                    &OUTPUT[offset as usize..],
-                ))])
+                Some(Answer::Ended) => Ok(futures_util::stream::iter([
+                    Ok(LogFrame::Data(Bytes::from_static(
+                        &OUTPUT[offset as usize..],
+                    ))),
+                    Ok(LogFrame::End(Box::new(self.final_job.clone()))),
+                ])
                 .boxed()),
+                None => Ok(
+                    futures_util::stream::iter([Ok(LogFrame::Data(Bytes::from_static(
+                        &OUTPUT[offset as usize..],
+                    )))])
+                    .boxed(),
+                ),
             }
         }
 
         async fn job(&self) -> Result<JobInfo, ApiError> {
+            self.asked.set(self.asked.get() + 1);
             Ok(self.final_job.clone())
         }
     }
@@ -611,6 +638,35 @@ mod tests {
             .enable_time()
             .build()
             .unwrap()
+    }
+
+    #[test]
+    fn a_stream_that_ends_with_the_jobs_record_needs_no_other_request() {
+        let fake = Fake::new([Answer::Ended], finished());
+        let (out, result) = fake.follow();
+        assert_eq!(out, OUTPUT);
+        assert_eq!(result.unwrap().unwrap(), finished());
+        assert_eq!(fake.asked.get(), 0);
+
+        // Without the record (an older scheduler), it is asked for.
+        let fake = Fake::new([], finished());
+        let (out, result) = fake.follow();
+        assert_eq!(out, OUTPUT);
+        assert_eq!(result.unwrap().unwrap(), finished());
+        assert_eq!(fake.asked.get(), 1);
+    }
+
+    #[test]
+    fn a_record_that_says_more_output_exists_resumes_the_stream() {
+        let mut job = finished();
+        job.output_bytes += 5;
+        let fake = Fake::new([Answer::Ended, Answer::Ended], job.clone());
+        let (out, result) = fake.follow();
+        assert_eq!(out, OUTPUT);
+        // Asked once more from where it stopped; the second record, still
+        // longer than what came, is taken as the end (the bytes are gone).
+        assert_eq!(*fake.offsets.borrow(), [0, OUTPUT.len() as u64]);
+        assert_eq!(result.unwrap().unwrap(), job);
     }
 
     #[test]

@@ -250,6 +250,18 @@ pub struct LogsQuery {
     pub offset: u64,
 }
 
+/// The trailer that ends a job's output stream (`GET /v1/jobs/{id}/logs`)
+/// when the stream ends at the job's end: the job's final record as JSON,
+/// as `GET /v1/jobs/{id}` answers it but without `args`, so that a
+/// follower learns the outcome without asking again. Left out when the
+/// scheduler could not record the end, or when the record is longer than
+/// [`JOB_TRAILER_MAX`]; a follower then asks for the record.
+pub const JOB_TRAILER: &str = "x-job";
+
+/// The [`JOB_TRAILER`]'s value at most, in bytes: far under the header
+/// limits of HTTP clients (hyper's 16 KiB in all, curl's 100 KiB).
+pub const JOB_TRAILER_MAX: usize = 4096;
+
 /// Job states, as they appear in JSON.
 pub const JOB_STATES: [&str; 7] = [
     "queued",

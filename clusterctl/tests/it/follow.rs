@@ -264,3 +264,102 @@ async fn live_followers_and_a_replay_get_every_byte_in_order() {
     );
     assert!(from_memory > 0.0, "no follower took output from memory");
 }
+
+/// The frames of a job's output stream: its bytes and its trailers.
+async fn read_stream(reply: reqwest::Response) -> (Vec<u8>, Option<reqwest::header::HeaderMap>) {
+    use http_body_util::BodyExt;
+    let mut body = reqwest::Body::from(reply);
+    let (mut bytes, mut trailers) = (Vec::new(), None);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.unwrap();
+        match frame.into_data() {
+            Ok(data) => bytes.extend_from_slice(&data),
+            Err(frame) => trailers = frame.into_trailers().ok(),
+        }
+    }
+    (bytes, trailers)
+}
+
+/// A job's output stream ends with the job's record in its `x-job`
+/// trailer (over HTTP/2, and over HTTP/1.1 to a client that accepts
+/// trailers), the very record `GET /v1/jobs/{id}` answers but its `args`;
+/// `clusterctl run` takes the outcome from it and asks for nothing else.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_output_stream_ends_with_the_jobs_record_and_run_asks_nothing_more() {
+    use crate::metrics::{scrape_with, value};
+    let cluster = Cluster::start_with(&["w1"], &crate::security::auth_config(), "").await;
+    let metrics = format!("{}/metrics", cluster.url());
+    let asked = |route: &'static str| {
+        move |scrape: &crate::metrics::Scrape| {
+            value(
+                scrape,
+                "schedulerd_http_requests_total",
+                &[("route", route), ("method", "GET"), ("status", "200")],
+            )
+        }
+    };
+    let (records, streams) = (asked("/v1/jobs/{id}"), asked("/v1/jobs/{id}/logs"));
+
+    let before = scrape_with(&cluster.http(), &metrics).await;
+    let ok = cluster
+        .ctl_output(&["run", "--worker", "w1", "count.sh", "--", "2", "0"])
+        .await;
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    assert_eq!(stdout(&ok), "1\n2\ndone\n");
+    let failed = cluster
+        .ctl_output(&["run", "--worker", "w1", "fail.sh", "--", "7"])
+        .await;
+    assert_eq!(failed.status.code(), Some(7), "{}", stderr(&failed));
+    assert!(
+        stderr(&failed).contains("failed with exit code 7"),
+        "{}",
+        stderr(&failed)
+    );
+    let after = scrape_with(&cluster.http(), &metrics).await;
+    assert_eq!(streams(&after) - streams(&before), 2.0);
+    assert_eq!(records(&after) - records(&before), 0.0);
+
+    // What the trailer says, over each protocol, against the record: the
+    // first stream follows the job to its end, the others read it back.
+    let job_id = cluster.start_job("w1", "fail.sh", &["5"]).await;
+    let url = format!("{}/v1/jobs/{job_id}/logs?follow=true", cluster.url());
+    let mut trailed = Vec::new();
+    for (client, te) in [
+        (cluster.http_version(true), false),
+        (cluster.http_version(false), true),
+        (cluster.http_version(false), false),
+    ] {
+        let mut request = client.get(&url);
+        if te {
+            request = request.header("te", "trailers");
+        }
+        let reply = request.send().await.unwrap();
+        assert_eq!(reply.status(), StatusCode::OK);
+        assert_eq!(reply.headers()["trailer"], "x-job");
+        let version = reply.version();
+        let (bytes, trailers) = read_stream(reply).await;
+        assert_eq!(bytes, b"about to fail\nfailing on purpose\n");
+        trailed.push((version, te, trailers));
+    }
+    let mut record: Value = cluster
+        .http()
+        .get(format!("{}/v1/jobs/{job_id}", cluster.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    record.as_object_mut().unwrap().remove("args");
+    assert_eq!(record["state"], "failed");
+    assert_eq!(record["exit_code"], 5);
+    for (version, te, trailers) in trailed {
+        if version == reqwest::Version::HTTP_11 && !te {
+            assert!(trailers.is_none(), "{trailers:?}");
+            continue;
+        }
+        let trailers = trailers.unwrap_or_else(|| panic!("no trailers over {version:?}"));
+        let job: Value = serde_json::from_slice(trailers["x-job"].as_bytes()).unwrap();
+        assert_eq!(job, record, "over {version:?}");
+    }
+}

@@ -5,10 +5,13 @@ use std::sync::Arc;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http_body::Frame;
 use jobcluster_proto::http::{
-    JOB_STATES, JobFilter, JobInfo, JobList, JobStarted, LogsQuery, StartJob, StopResult, limits,
+    JOB_STATES, JOB_TRAILER, JOB_TRAILER_MAX, JobFilter, JobInfo, JobList, JobStarted, LogsQuery,
+    StartJob, StopResult, limits,
 };
 use jobcluster_proto::pb::{
     self, QueryJobRequest, StartJobRequest, StopJobRequest, StreamJobRequest,
@@ -225,7 +228,7 @@ pub(crate) async fn stop(
     tag = "jobs",
     params(("id" = uuid::Uuid, Path, description = "The job id."), LogsQuery),
     responses(
-        (status = 200, description = "The job's output bytes from `offset` (chunked); with `follow`, until the job ends. A stream cut by a failure ends without its last chunk: resume from the bytes received.", content_type = "application/octet-stream", body = String, headers(("X-Job-Id" = String, description = "The job."))),
+        (status = 200, description = "The job's output bytes from `offset` (chunked); with `follow`, until the job ends. A stream cut by a failure ends without its last chunk: resume from the bytes received. A stream that ends at the job's end ends with the trailer `x-job`: the job's record as JSON (as `GET /v1/jobs/{id}` answers it, without `args`; left out if the end could not be recorded or the record passes 4 KiB; over HTTP/1.1 only with `TE: trailers`).", content_type = "application/octet-stream", body = String, headers(("X-Job-Id" = String, description = "The job."), ("Trailer" = String, description = "`x-job`: the trailer that may end the stream."))),
         (status = 400, description = "`invalid_job_id`, `invalid_query` (unknown or malformed parameter), `offset_out_of_range`.", body = jobcluster_proto::http::ErrorBody),
         (status = 404, description = "`job_not_found`, `worker_not_found` (its worker was removed).", body = jobcluster_proto::http::ErrorBody),
         (status = 410, description = "`output_expired`: the worker no longer keeps this output.", body = jobcluster_proto::http::ErrorBody),
@@ -1558,50 +1561,92 @@ pub(crate) async fn stream_output(
     };
     let store = state.store.clone();
     let job_id = row.job_id.clone();
-    let body = futures_util::stream::unfold(
-        (stream, Some(row), store, slot),
-        move |(mut stream, mut row, store, slot)| async move {
-            let current = row.take()?;
-            loop {
-                match stream.message().await {
-                    Ok(Some(msg)) => {
-                        crate::metrics::output_streamed(msg.output.len());
-                        if let Some(status) = &msg.final_status {
-                            // Record the final state before the body ends, so a
-                            // client that asks right after sees it.
-                            record_status(&store, current.clone(), status).await;
-                            return (!msg.output.is_empty()).then(|| {
-                                (
-                                    Ok::<_, std::io::Error>(msg.output),
-                                    (stream, None, store, slot),
-                                )
-                            });
-                        }
-                        if msg.output.is_empty() {
-                            continue; // keepalive
-                        }
-                        return Some((Ok(msg.output), (stream, Some(current), store, slot)));
-                    }
-                    Ok(None) => return None,
-                    Err(status) => {
-                        tracing::info!(job_id = %current.job_id, %status, "output stream from worker broke");
-                        // An error ends the body without its last chunk, so the
-                        // client sees a cut stream and can resume from its offset.
-                        return Some((
-                            Err(std::io::Error::other(status.message().to_owned())),
-                            (stream, None, store, slot),
-                        ));
-                    }
-                }
-            }
-        },
-    );
+    let relay = Relay {
+        stream,
+        row: Some(row),
+        end: None,
+        store,
+        _slot: slot,
+    };
+    let frames = futures_util::stream::unfold(relay, |mut relay| async move {
+        let frame = relay.next().await?;
+        Some((frame, relay))
+    });
     Ok((
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
             (header::HeaderName::from_static("x-job-id"), job_id),
+            // HTTP/1.1 sends only the trailers announced (to a client that
+            // accepts them); HTTP/2 always sends them.
+            (header::TRAILER, JOB_TRAILER.to_owned()),
         ],
-        Body::from_stream(body),
+        Body::new(http_body_util::StreamBody::new(frames)),
     )
         .into_response())
+}
+
+/// One output stream passed from its worker to an API client.
+struct Relay {
+    stream: tonic::Streaming<pb::StreamJobResponse>,
+    /// The job's record until its end came (or the stream broke).
+    row: Option<JobRow>,
+    /// The job's end recorded, sent after its last output.
+    end: Option<HeaderMap>,
+    store: SharedStore,
+    /// Held while the stream is open (the job's count of followers).
+    _slot: super::FollowerSlot,
+}
+
+impl Relay {
+    async fn next(&mut self) -> Option<Result<Frame<Bytes>, std::io::Error>> {
+        if let Some(end) = self.end.take() {
+            return Some(Ok(Frame::trailers(end)));
+        }
+        let current = self.row.take()?;
+        loop {
+            match self.stream.message().await {
+                Ok(Some(msg)) => {
+                    crate::metrics::output_streamed(msg.output.len());
+                    if let Some(status) = &msg.final_status {
+                        // Record the final state before the body ends, so a
+                        // client that asks right after sees it.
+                        let seen = record_status(&self.store, current, status).await;
+                        self.end = end_trailer(&seen);
+                        if msg.output.is_empty() {
+                            return self.end.take().map(|end| Ok(Frame::trailers(end)));
+                        }
+                        return Some(Ok(Frame::data(msg.output)));
+                    }
+                    if msg.output.is_empty() {
+                        continue; // keepalive
+                    }
+                    self.row = Some(current);
+                    return Some(Ok(Frame::data(msg.output)));
+                }
+                Ok(None) => return None,
+                Err(status) => {
+                    tracing::info!(job_id = %current.job_id, %status, "output stream from worker broke");
+                    // An error ends the body without its last chunk, so the
+                    // client sees a cut stream and can resume from its offset.
+                    return Some(Err(std::io::Error::other(status.message().to_owned())));
+                }
+            }
+        }
+    }
+}
+
+/// The [`JOB_TRAILER`] for a job's recorded end; none when it could not be
+/// recorded (the client then asks, and sees what the store holds).
+fn end_trailer(seen: &Seen) -> Option<HeaderMap> {
+    if seen.stale || !seen.row.state.is_terminal() {
+        return None;
+    }
+    let json = serde_json::to_vec(&job_summary(&seen.row, false)).ok()?;
+    if json.len() > JOB_TRAILER_MAX {
+        return None;
+    }
+    let value = HeaderValue::from_bytes(&json).ok()?;
+    let mut trailers = HeaderMap::with_capacity(1);
+    trailers.insert(JOB_TRAILER, value);
+    Some(trailers)
 }
