@@ -89,6 +89,111 @@ impl Drop for Tmpfs {
     }
 }
 
+/// An ext4 image on a loop device, mounted: a disk that `fsfreeze` can
+/// stall (every write to it then waits until it is thawed). Unmounted
+/// when dropped; declare it before the cluster that uses it, and its
+/// [`Frozen`] after, so that it is thawed before the daemons are stopped.
+struct LoopDisk {
+    dir: tempfile::TempDir,
+    _image: tempfile::TempDir,
+}
+
+impl LoopDisk {
+    /// Mounts a fresh 64 MiB ext4 image, or says why the test is skipped
+    /// and returns `None`.
+    fn mount() -> Option<LoopDisk> {
+        let uid = nix::unistd::geteuid();
+        if !uid.is_root() {
+            eprintln!("skipping: needs root to mount a loop device (running as uid {uid})");
+            return None;
+        }
+        let image_dir = tempfile::tempdir().unwrap();
+        let image = image_dir.path().join("disk.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let run = |program: &str, args: &[&std::ffi::OsStr]| match Command::new(program)
+            .args(args)
+            .output()
+        {
+            Ok(out) if out.status.success() => Ok(()),
+            Ok(out) => Err(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+            Err(error) => Err(error.to_string()),
+        };
+        let made = run(
+            "mkfs.ext4",
+            &["-q".as_ref(), "-F".as_ref(), image.as_os_str()],
+        )
+        .and_then(|()| {
+            run(
+                "mount",
+                &[
+                    "-o".as_ref(),
+                    "loop".as_ref(),
+                    image.as_os_str(),
+                    dir.path().as_os_str(),
+                ],
+            )
+        });
+        match made {
+            Ok(()) => Some(LoopDisk {
+                dir,
+                _image: image_dir,
+            }),
+            Err(why) => {
+                eprintln!("skipping: needs an ext4 image mounted on a loop device ({why})");
+                None
+            }
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Stalls every write to the disk until the guard is dropped.
+    fn freeze(&self) -> Frozen<'_> {
+        let frozen = Command::new("fsfreeze")
+            .arg("--freeze")
+            .arg(self.path())
+            .status()
+            .unwrap();
+        assert!(
+            frozen.success(),
+            "fsfreeze --freeze {}",
+            self.path().display()
+        );
+        Frozen(self)
+    }
+}
+
+impl Drop for LoopDisk {
+    fn drop(&mut self) {
+        let path = self.dir.path();
+        let unmounted = Command::new("umount")
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !unmounted {
+            let _ = Command::new("umount").arg("-l").arg(path).status();
+        }
+    }
+}
+
+/// A [`LoopDisk`] frozen; thawed when dropped (a failing test too).
+struct Frozen<'a>(&'a LoopDisk);
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze")
+            .arg("--unfreeze")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
 /// Starts `count.sh 3 0` on w1 and checks it succeeds with all its output:
 /// the worker's disk takes a job again. Its id.
 async fn runs_on_w1(cluster: &Cluster, witness: &Witness) -> String {
@@ -807,4 +912,92 @@ async fn faults_disk_a_registration_the_full_store_cannot_keep_is_not_shown() {
     let id = cluster.worker_info("w2").await.worker_id;
     cluster.restart_scheduler(Signal::SIGKILL);
     assert_eq!(cluster.worker_info("w2").await.worker_id, id);
+}
+
+/// A disk that stalls after a job ended, with its last output not yet
+/// written: the job does not read succeeded with its output cut. Five
+/// seconds after its end the worker records it failed, with the bytes the
+/// log holds, and that record stands once the disk takes writes again:
+/// the write that lands late adds nothing to its output, neither at once
+/// nor after the worker restarts.
+#[tokio::test(flavor = "multi_thread")]
+async fn faults_disk_a_disk_that_stalls_under_a_jobs_last_output_fails_the_job() {
+    let Some(disk) = LoopDisk::mount() else {
+        return;
+    };
+    // A worker whose disk stalls stops beating (it records what the
+    // scheduler acknowledged before the next beat): not given up on here
+    // before the disk is back.
+    let mut cluster = Cluster::start_tuned(&[], &[("lost_after", "60s")]).await;
+    cluster.add_worker_in("w1", disk.path());
+    cluster.wait_ready("w1").await;
+    // Its last output fits in the pipe, so the job ends whatever the pump
+    // does with it.
+    std::fs::write(
+        cluster.tmp.path().join("scripts").join("stall.sh"),
+        "echo before\nwhile [ ! -e go.flag ]; do sleep 0.02; done\nhead -c 10000 /dev/zero | tr '\\0' x\n",
+    )
+    .unwrap();
+    let witness = Witness::default();
+    let id = cluster.start_job("w1", "stall.sh", &[]).await;
+    until(
+        Duration::from_secs(10),
+        "the first line written",
+        || async { witness.job(&cluster, &id).await.output_bytes == "before\n".len() as u64 },
+    )
+    .await;
+
+    let frozen = disk.freeze();
+    std::fs::write(cluster.tmp.path().join("scripts").join("go.flag"), "").unwrap();
+    // Five seconds after the job's end, its pump is given up on.
+    until(Duration::from_secs(20), "the pump given up on", || async {
+        let log = cluster.workers[0].1.log();
+        log.contains("writing the job's output stalled") || log.contains("output pipe still open")
+    })
+    .await;
+    drop(frozen);
+
+    until(
+        Duration::from_secs(20),
+        "the job's end recorded",
+        || async { witness.job(&cluster, &id).await.done },
+    )
+    .await;
+    let job = witness.job(&cluster, &id).await;
+    assert_eq!(job.state, "failed", "{job:?}");
+    assert_eq!(job.exit_code, Some(0), "{job:?}");
+    assert_eq!(job.output_bytes, "before\n".len() as u64, "{job:?}");
+    assert!(
+        job.error_text.contains("stalled")
+            && job.error_text.contains("the first 7 bytes")
+            && !job.error_text.contains("was stopped"),
+        "{}",
+        job.error_text
+    );
+    let log = disk.path().join("jobs").join(&id).join("output.log");
+    for when in ["after the thaw", "after a restart"] {
+        let logs = cluster.ctl_output(&["logs", &id]).await;
+        assert!(logs.status.success(), "{when}: {}", stderr(&logs));
+        assert_eq!(
+            String::from_utf8_lossy(&logs.stdout[..logs.stdout.len().min(64)]),
+            "before\n",
+            "{when}: {} bytes",
+            logs.stdout.len()
+        );
+        // The late write may have landed in the log: it is not output.
+        let on_disk = std::fs::metadata(&log).unwrap().len();
+        assert!(on_disk >= job.output_bytes, "{when}: {on_disk}");
+        assert_eq!(witness.job(&cluster, &id).await.state, "failed", "{when}");
+        if when == "after the thaw" {
+            let registered = cluster.scheduler.log().matches("worker registered").count();
+            cluster.worker("w1").signal(Signal::SIGTERM);
+            cluster.worker("w1").wait(Duration::from_secs(20));
+            cluster.restart_worker("w1");
+            cluster
+                .scheduler
+                .wait_for_log("worker registered", registered)
+                .await;
+            cluster.wait_ready("w1").await;
+        }
+    }
 }

@@ -2,6 +2,7 @@
 
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use nix::fcntl::{FcntlArg, fcntl};
@@ -14,6 +15,19 @@ use super::{PUMP_BUFFER, Progress};
 
 /// A pipe's capacity unless asked otherwise (Linux).
 const DEFAULT_PIPE: usize = 64 * 1024;
+
+/// Set while a pump waits for a write of the log, so that a supervisor
+/// that gives up waiting for the pump can tell output cut by a stalled
+/// disk (a write under way) from a pipe that a lost process holds open
+/// (none: everything read was kept).
+#[derive(Debug, Default)]
+pub(super) struct Writing(AtomicBool);
+
+impl Writing {
+    pub(super) fn under_way(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
 
 /// How a pump ended: the bytes kept in the log, and why writing stopped
 /// if it could not go on.
@@ -37,6 +51,7 @@ pub(super) async fn pump(
     limit: Option<u64>,
     over_limit: CancellationToken,
     write_failed: CancellationToken,
+    writing: Arc<Writing>,
 ) -> Pumped {
     let file = Arc::new(file);
     // Each piece read is split off this buffer and, while the job is
@@ -91,6 +106,7 @@ pub(super) async fn pump(
         let b = piece.clone();
         let offset = len;
         // File writes block; they go to the blocking pool, one piece at a time.
+        writing.0.store(true, Ordering::Release);
         let result = tokio::task::spawn_blocking(move || {
             let r = f.write_all_at(&b, offset);
             if r.is_err() {
@@ -101,6 +117,7 @@ pub(super) async fn pump(
             r
         })
         .await;
+        writing.0.store(false, Ordering::Release);
         match result {
             Ok(Ok(())) => {
                 crate::metrics::output_written(piece.len());

@@ -162,8 +162,11 @@ impl Jobs {
                 dirty.insert(record.id);
             }
             finished.push_back((record.id, now));
+            // The record says how much output the job has: a log may be
+            // longer (a write that landed after its pump was given up on)
+            // or shorter (emptied by retention, read as expired).
             let (progress, _) = watch::channel(Progress {
-                len,
+                len: record.output_bytes,
                 done: true,
                 ..Progress::default()
             });
@@ -433,11 +436,14 @@ impl Jobs {
         match loaded {
             // A record on disk that says running belongs to a start under
             // way: not a job yet.
-            Ok((record, len)) if record.state != State::Running => {
-                // A log that retention emptied on a full disk, before it
-                // could say so in the record, does not shrink what the job
-                // wrote: its output reads as expired (`output_cut`).
-                let len = len.max(record.output_bytes);
+            Ok((record, _)) if record.state != State::Running => {
+                // The record says how much output the job has: a log that
+                // retention emptied on a full disk, before it could say so
+                // in the record, does not shrink what the job wrote (its
+                // output reads as expired, `output_cut`), and bytes of a
+                // write that landed after the job's end was recorded (a
+                // stalled disk) were never the job's output.
+                let len = record.output_bytes;
                 let (progress, _) = watch::channel(Progress {
                     len,
                     done: true,

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::output::pump;
+use super::output::{Writing, pump};
 use super::record::{LOG, final_size, load_record, make_job_dir, now_ms, write_final, write_first};
 use super::spare::Spares;
 use super::supervise::{Supervision, supervise};
@@ -171,6 +171,7 @@ impl Jobs {
                 self.insert(&job);
                 let over_limit = CancellationToken::new();
                 let write_failed = CancellationToken::new();
+                let writing = Arc::new(Writing::default());
                 let pump = tokio::spawn(pump(
                     reader,
                     log_file,
@@ -178,6 +179,7 @@ impl Jobs {
                     max_output,
                     over_limit.clone(),
                     write_failed.clone(),
+                    writing.clone(),
                 ));
                 let limits = Supervision {
                     grace: stop_grace,
@@ -185,6 +187,7 @@ impl Jobs {
                     max_output,
                     over_limit,
                     write_failed,
+                    writing,
                     cgroup: cgroup_dir.clone(),
                     worker_shutdown: self.shutdown.clone(),
                     slot,

@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::kill;
-use super::output::Pumped;
+use super::output::{Pumped, Writing};
 use super::record::{now_ms, write_final};
 use super::registry::Changes;
 use super::{Job, JobRecord, State};
@@ -47,6 +47,8 @@ pub(super) struct Supervision {
     pub(super) over_limit: CancellationToken,
     /// Fired by the pump when the output log cannot be written.
     pub(super) write_failed: CancellationToken,
+    /// Whether the pump waits for a write of the log.
+    pub(super) writing: Arc<Writing>,
     /// The job's cgroup, if it has one.
     pub(super) cgroup: Option<PathBuf>,
     /// The worker's shutdown token: a stop it caused says so.
@@ -142,11 +144,27 @@ pub(super) async fn supervise(
             }
         }
         Err(_) => {
-            tracing::warn!(job_id = %id, "output pipe still open after the job ended; closing it");
             pump.abort();
-            Pumped {
-                len: job.progress.borrow().len,
-                write_error: None,
+            let len = job.progress.borrow().len;
+            // A write still under way is output the log does not have: the
+            // disk stalled (or crawls). Without one, everything the pipe
+            // gave was kept, and what holds it open is a process the kill
+            // could not find.
+            if limits.writing.under_way() {
+                tracing::error!(job_id = %id, kept = len, waited = ?DRAIN_TIMEOUT, "writing the job's output stalled after it ended; the job fails with the output kept");
+                Pumped {
+                    len,
+                    write_error: Some(format!(
+                        "writing it stalled: {} after the job ended, the disk had not taken the rest",
+                        humantime::format_duration(DRAIN_TIMEOUT)
+                    )),
+                }
+            } else {
+                tracing::warn!(job_id = %id, "output pipe still open after the job ended; closing it");
+                Pumped {
+                    len,
+                    write_error: None,
+                }
             }
         }
     };
@@ -176,8 +194,14 @@ pub(super) async fn supervise(
             && ending != Some(Ending::GivenUp)
         {
             r.state = State::Failed;
+            // Stopped for it, or it had ended (a last write failed or
+            // stalled).
+            let stopped = match ending {
+                Some(Ending::OutputFailed) => "the job was stopped and ",
+                _ => "",
+            };
             r.error_text = format!(
-                "the worker could not write the job's output ({error}); the job was stopped and the first {len} bytes of its output were kept"
+                "the worker could not write the job's output ({error}); {stopped}the first {len} bytes of its output were kept"
             );
         }
     });
