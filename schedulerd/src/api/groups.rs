@@ -23,7 +23,7 @@ use super::idempotency::{self, IdempotencyKey};
 use super::jobs::{Seen, record_status, refresh, start_job, started_status, stop_job, worker_of};
 use super::{ApiError, AppState, FollowerSlot, with_deadline};
 use crate::state::JobState;
-use crate::store::{GroupRow, JobRow, KeyRow, MemberFailure};
+use crate::store::{GroupRow, JobRow, KeyRow};
 use crate::time::{now_ms, rfc3339};
 
 /// Merged lines buffered for the reader: a slow reader holds every job's
@@ -116,7 +116,7 @@ async fn replay_group(state: &AppState, bound: &KeyRow) -> Result<Response, ApiE
         Json(GroupStarted {
             group_id: group.group_id,
             jobs,
-            failed: answered_failures(group.failed),
+            failed: group.failed,
         }),
     )))
 }
@@ -212,15 +212,12 @@ async fn start_group(
     // group fail, for whoever reads or follows it later.
     // A member whose start is only in doubt is not one: its job is the
     // group's, and ends as it ends.
-    let failed: Vec<MemberFailure> = started
+    let failed: Vec<GroupFailure> = started
         .failed
         .iter()
         .zip(&refusals)
         .filter(|(_, (_, code))| code != "start_unconfirmed")
-        .map(|(f, _)| MemberFailure {
-            worker_id: f.worker_id.clone(),
-            error: f.error.clone(),
-        })
+        .map(|(f, _)| f.clone())
         .collect();
     if !failed.is_empty()
         && let Err(error) = state.store.record_group_failures(&group_id, failed).await
@@ -311,19 +308,8 @@ fn group_info(group: GroupRow, jobs: &[Seen], with_args: bool) -> GroupInfo {
         path: group.path,
         args: with_args.then_some(group.args),
         jobs: jobs.iter().map(Seen::summary).collect(),
-        failed: answered_failures(group.failed),
+        failed: group.failed,
     }
-}
-
-/// A group's recorded start failures as the API answers them.
-fn answered_failures(failed: Vec<MemberFailure>) -> Vec<GroupFailure> {
-    failed
-        .into_iter()
-        .map(|f| GroupFailure {
-            worker_id: f.worker_id,
-            error: f.error,
-        })
-        .collect()
 }
 
 async fn refreshed(state: &AppState, jobs: Vec<JobRow>) -> Vec<Seen> {

@@ -12,6 +12,8 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use jobcluster_proto::http::GroupFailure;
+
 use crate::state::{JobState, WorkerState};
 
 pub mod postgres;
@@ -129,15 +131,9 @@ pub struct GroupRow {
     pub args: Vec<String>,
     pub created_at_ms: u64,
     /// Workers the group's job could not be started on, written once its
-    /// starts are settled ([`Store::record_group_failures`]).
-    pub failed: Vec<MemberFailure>,
-}
-
-/// A worker a group's job could not be started on, and why.
-#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-pub struct MemberFailure {
-    pub worker_id: String,
-    pub error: String,
+    /// starts are settled ([`Store::record_group_failures`]), as the API
+    /// answers them (kept as that type's JSON).
+    pub failed: Vec<GroupFailure>,
 }
 
 /// An idempotency key to bind to the job or group being recorded, in the
@@ -398,7 +394,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn record_group_failures(
         &self,
         group_id: &str,
-        failed: Vec<MemberFailure>,
+        failed: Vec<GroupFailure>,
     ) -> Result<(), StoreError>;
 
     /// Groups newest first, at most `limit`, without their `args`.

@@ -874,7 +874,7 @@ impl Store for PgStore {
     async fn record_group_failures(
         &self,
         group_id: &str,
-        failed: Vec<super::MemberFailure>,
+        failed: Vec<jobcluster_proto::http::GroupFailure>,
     ) -> Result<(), StoreError> {
         let _timer = timed!();
         self.write_one(

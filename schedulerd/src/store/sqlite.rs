@@ -900,7 +900,7 @@ impl Store for SqliteStore {
     async fn record_group_failures(
         &self,
         group_id: &str,
-        failed: Vec<super::MemberFailure>,
+        failed: Vec<jobcluster_proto::http::GroupFailure>,
     ) -> Result<(), StoreError> {
         let group_id = group_id.to_owned();
         self.write(move |c| {

@@ -532,7 +532,7 @@ async fn a_key_binds_a_group_and_can_be_unbound(store: SharedStore) {
     store.insert_group(again, Some(key(500))).await.unwrap();
 
     // The workers that could not start its job stay with it, listed too.
-    let failed = vec![crate::store::MemberFailure {
+    let failed = vec![jobcluster_proto::http::GroupFailure {
         worker_id: "w2".into(),
         error: "refused".into(),
     }];
