@@ -1018,6 +1018,7 @@ pub(crate) async fn call_start(
             }
         }
     };
+    row.updated_at_ms = now_ms();
     // The record written before the call is the durable promise; this
     // update need not wait for a sync of its own.
     let recorded = {
@@ -1346,6 +1347,8 @@ pub(crate) async fn record_status(
     if row == before {
         return Seen { row, stale: false };
     }
+    // Written as of now: the row shown is then the record as stored.
+    row.updated_at_ms = now_ms();
     match store.update_job(row.clone()).await {
         Ok(true) => Seen { row, stale: false },
         // The record holds a final state that wins; show that.
@@ -1428,10 +1431,12 @@ pub(crate) async fn stop_job(state: &AppState, row: JobRow) -> Result<StopResult
     if worker.row().seed {
         // A worker of the original contract kills the process and then
         // only says it ended with an error; the stop is what ended it.
+        let now = now_ms();
         let stopped = JobRow {
             state: JobState::Stopped,
             error_text: "stopped by a request".to_owned(),
-            finished_at_ms: now_ms(),
+            finished_at_ms: now,
+            updated_at_ms: now,
             ..row.clone()
         };
         if let Err(error) = state.store.update_job(stopped).await {

@@ -279,11 +279,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         ahead: Ahead,
     ) -> Result<bool, StoreError>;
 
-    /// Records a job's latest status, as its worker reported it. A terminal
-    /// state never changes: returns false if the record kept its own.
+    /// Records a job's latest status, as its worker reported it, as of
+    /// `j.updated_at_ms` (so that the caller's row is the record written).
+    /// A terminal state never changes: returns false if the record kept
+    /// its own.
     async fn update_job(&self, j: JobRow) -> Result<bool, StoreError>;
 
-    /// [`Store::update_job`] for the answer to a start, returning without
+    /// [`Store::update_job`] (as of `j.updated_at_ms` too) for the answer
+    /// to a start, returning without
     /// waiting for the sync: the job's record, written and synced before
     /// its worker was asked, is the durable promise. Lost to a power loss,
     /// this update leaves that record awaiting its start's outcome, which

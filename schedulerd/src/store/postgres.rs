@@ -615,7 +615,7 @@ impl Store for PgStore {
         let mut c = self.client().await?;
         let tx = self.begin(&mut c).await?;
         let mut ended = Ended::default();
-        let updated = update_job(&tx, &j, false, &mut ended).await? > 0;
+        let updated = update_job(&tx, &j, false, j.updated_at_ms, &mut ended).await? > 0;
         tx.commit().await?;
         ended.committed();
         Ok(updated)
@@ -631,7 +631,7 @@ impl Store for PgStore {
         // visible to every scheduler at once.
         tx.exec("SET LOCAL synchronous_commit TO OFF", &[]).await?;
         let mut ended = Ended::default();
-        let updated = update_job(&tx, &j, true, &mut ended).await? > 0;
+        let updated = update_job(&tx, &j, true, j.updated_at_ms, &mut ended).await? > 0;
         tx.commit().await?;
         ended.committed();
         Ok(updated)
@@ -707,7 +707,7 @@ impl Store for PgStore {
         let mut kill = Vec::new();
         let mut ended = Ended::default();
         for row in &reports {
-            if update_job(&tx, row, false, &mut ended).await? > 0 {
+            if update_job(&tx, row, false, now_ms(), &mut ended).await? > 0 {
                 continue;
             }
             let recorded = tx
@@ -1493,11 +1493,12 @@ async fn bind_key(
 }
 
 /// See the SQLite store's `update_job`: only the reporting worker's job,
-/// and never a terminal state.
+/// and never a terminal state; `at` is the record's new `updated_at_ms`.
 async fn update_job(
     c: &impl Cached,
     j: &JobRow,
     first: bool,
+    at: u64,
     ended: &mut Ended,
 ) -> Result<u64, StoreError> {
     let n = c
@@ -1518,7 +1519,7 @@ async fn update_job(
                 &(j.finished_at_ms as i64),
                 &(j.output_bytes as i64),
                 &j.worker_id,
-                &(now_ms() as i64),
+                &(at as i64),
                 &text(&j.command),
                 &first,
             ],

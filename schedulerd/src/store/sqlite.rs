@@ -644,7 +644,7 @@ impl Store for SqliteStore {
     }
 
     async fn update_job(&self, j: JobRow) -> Result<bool, StoreError> {
-        self.write(move |c| update_job(c, &j, false).map(|n| n > 0))
+        self.write(move |c| update_job(c, &j, false, j.updated_at_ms).map(|n| n > 0))
             .await
     }
 
@@ -652,7 +652,7 @@ impl Store for SqliteStore {
         let started = std::time::Instant::now();
         let (result, _, _) = self
             .commit(
-                move |c| update_job(c, &j, true).map(|n| n > 0),
+                move |c| update_job(c, &j, true, j.updated_at_ms).map(|n| n > 0),
                 Durable::Later(started),
             )
             .await?;
@@ -738,7 +738,7 @@ impl Store for SqliteStore {
             let tx = c.transaction()?;
             let mut kill = Vec::new();
             for row in &reports {
-                if update_job(&tx, row, false)? > 0 {
+                if update_job(&tx, row, false, now_ms())? > 0 {
                     continue;
                 }
                 let recorded: Option<(JobState, String)> = tx
@@ -1538,7 +1538,8 @@ fn bind_key(
 /// the worker says. With `first` (the answer to its start), only a record
 /// that has heard nothing since it was written: a report or a mark that
 /// came meanwhile is newer than that answer.
-fn update_job(c: &Connection, j: &JobRow, first: bool) -> rusqlite::Result<usize> {
+/// `at`: the record's new `updated_at_ms`.
+fn update_job(c: &Connection, j: &JobRow, first: bool, at: u64) -> rusqlite::Result<usize> {
     let n = c.exec(
         "UPDATE jobs SET state = ?2, error_text = ?3, exit_code = ?4, signal = ?5,
            started_at_ms = ?6, finished_at_ms = ?7, output_bytes = ?8, updated_at_ms = ?10,
@@ -1556,7 +1557,7 @@ fn update_job(c: &Connection, j: &JobRow, first: bool) -> rusqlite::Result<usize
             j.finished_at_ms as i64,
             j.output_bytes as i64,
             j.worker_id,
-            now_ms() as i64,
+            at as i64,
             j.command,
             first
         ],
