@@ -224,6 +224,17 @@ impl Cluster {
         *self.worker(name) = daemon;
     }
 
+    /// Starts the worker `name` again and waits until the scheduler has
+    /// taken its registration and lists it ready.
+    pub async fn restart_worker_registered(&mut self, name: &str) {
+        let registered = self.scheduler.log().matches("worker registered").count();
+        self.restart_worker(name);
+        self.scheduler
+            .wait_for_log("worker registered", registered)
+            .await;
+        self.wait_ready(name).await;
+    }
+
     /// Stops the scheduler with `signal` and starts it again on the same
     /// ports with the same database.
     pub fn restart_scheduler(&mut self, signal: nix::sys::signal::Signal) {
@@ -353,11 +364,16 @@ impl Cluster {
             .unwrap()
     }
 
-    /// Starts a job over HTTP; returns its id.
     /// Copies the repository's `scripts/NAME` into the workers' scripts.
     pub fn add_repo_script(&self, name: &str) {
         let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts");
         std::fs::copy(repo.join(name), self.tmp.path().join("scripts").join(name)).unwrap();
+    }
+
+    /// Writes `text` as `NAME` in the workers' scripts directory (where
+    /// jobs also start).
+    pub fn add_script(&self, name: &str, text: &str) {
+        std::fs::write(self.tmp.path().join("scripts").join(name), text).unwrap();
     }
 
     /// A group's merged output as NDJSON, followed to the group's end.
@@ -375,6 +391,7 @@ impl Cluster {
             .unwrap()
     }
 
+    /// Starts a job over HTTP; returns its id.
     pub async fn start_job(&self, worker: &str, path: &str, args: &[&str]) -> String {
         let reply = self
             .http()

@@ -76,16 +76,19 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let path = self.dir.path();
-        let unmounted = Command::new("umount")
-            .arg(path)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !unmounted {
-            // Something still holds a file there: detach it now, so the
-            // mount never outlives the test.
-            let _ = Command::new("umount").arg("-l").arg(path).status();
-        }
+        unmount(self.dir.path());
+    }
+}
+
+/// Unmounts `path`; if something still holds a file there, detaches it,
+/// so that a mount never outlives its test.
+fn unmount(path: &Path) {
+    let unmounted = Command::new("umount")
+        .arg(path)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !unmounted {
+        let _ = Command::new("umount").arg("-l").arg(path).status();
     }
 }
 
@@ -171,14 +174,7 @@ impl LoopDisk {
 
 impl Drop for LoopDisk {
     fn drop(&mut self) {
-        let path = self.dir.path();
-        let unmounted = Command::new("umount")
-            .arg(path)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !unmounted {
-            let _ = Command::new("umount").arg("-l").arg(path).status();
-        }
+        unmount(self.dir.path());
     }
 }
 
@@ -264,11 +260,10 @@ async fn faults_disk_a_job_that_fills_its_workers_disk_fails_for_good() {
     cluster.add_worker_in("w1", disk.path());
     cluster.wait_ready("w1").await;
     // About 20 MB in pieces, so that followers attach while it writes.
-    std::fs::write(
-        cluster.tmp.path().join("scripts").join("big.sh"),
+    cluster.add_script(
+        "big.sh",
         "for i in $(seq 80); do head -c 262144 /dev/urandom; sleep 0.02; done\n",
-    )
-    .unwrap();
+    );
     let witness = Witness::default();
 
     let run = cluster
@@ -375,13 +370,7 @@ async fn faults_disk_a_job_that_fills_its_workers_disk_fails_for_good() {
             assert_eq!(fields(&witness.job(&cluster, &id).await), before);
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let registered = cluster.scheduler.log().matches("worker registered").count();
-        cluster.restart_worker("w1");
-        cluster
-            .scheduler
-            .wait_for_log("worker registered", registered)
-            .await;
-        cluster.wait_ready("w1").await;
+        cluster.restart_worker_registered("w1").await;
         for _ in 0..10 {
             assert_eq!(
                 fields(&witness.job(&cluster, &id).await),
@@ -516,11 +505,7 @@ async fn faults_disk_retention_frees_a_full_disk() {
     let mut cluster = Cluster::start(&[]).await;
     cluster.add_worker_in_with("w1", disk.path(), "[retention]\nmax_bytes = 65536\n");
     cluster.wait_ready("w1").await;
-    std::fs::write(
-        cluster.tmp.path().join("scripts").join("big.sh"),
-        "head -c 8000000 /dev/zero\n",
-    )
-    .unwrap();
+    cluster.add_script("big.sh", "head -c 8000000 /dev/zero\n");
     let witness = Witness::default();
     let big = cluster.start_job("w1", "big.sh", &[]).await;
     until(Duration::from_secs(20), "the filling job done", || async {
@@ -933,11 +918,12 @@ async fn faults_disk_a_disk_that_stalls_under_a_jobs_last_output_fails_the_job()
     cluster.wait_ready("w1").await;
     // Its last output fits in the pipe, so the job ends whatever the pump
     // does with it.
-    std::fs::write(
-        cluster.tmp.path().join("scripts").join("stall.sh"),
-        "echo before\nwhile [ ! -e go.flag ]; do sleep 0.02; done\nhead -c 10000 /dev/zero | tr '\\0' x\n",
-    )
-    .unwrap();
+    cluster.add_script(
+        "stall.sh",
+        "echo before\n\
+         while [ ! -e go.flag ]; do sleep 0.02; done\n\
+         head -c 10000 /dev/zero | tr '\\0' x\n",
+    );
     let witness = Witness::default();
     let id = cluster.start_job("w1", "stall.sh", &[]).await;
     until(
@@ -948,7 +934,7 @@ async fn faults_disk_a_disk_that_stalls_under_a_jobs_last_output_fails_the_job()
     .await;
 
     let frozen = disk.freeze();
-    std::fs::write(cluster.tmp.path().join("scripts").join("go.flag"), "").unwrap();
+    cluster.add_script("go.flag", "");
     // Five seconds after the job's end, its pump is given up on.
     until(Duration::from_secs(20), "the pump given up on", || async {
         let log = cluster.workers[0].1.log();
@@ -989,15 +975,9 @@ async fn faults_disk_a_disk_that_stalls_under_a_jobs_last_output_fails_the_job()
         assert!(on_disk >= job.output_bytes, "{when}: {on_disk}");
         assert_eq!(witness.job(&cluster, &id).await.state, "failed", "{when}");
         if when == "after the thaw" {
-            let registered = cluster.scheduler.log().matches("worker registered").count();
             cluster.worker("w1").signal(Signal::SIGTERM);
             cluster.worker("w1").wait(Duration::from_secs(20));
-            cluster.restart_worker("w1");
-            cluster
-                .scheduler
-                .wait_for_log("worker registered", registered)
-                .await;
-            cluster.wait_ready("w1").await;
+            cluster.restart_worker_registered("w1").await;
         }
     }
 }

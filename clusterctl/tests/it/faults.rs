@@ -305,11 +305,7 @@ async fn output_is_kept_max_age_after_its_job_ended() {
         "[retention]\nmax_age = \"8s\"\nmax_bytes = 1000000000\n",
     );
     cluster.wait_ready("w3").await;
-    std::fs::write(
-        cluster.tmp.path().join("scripts").join("quiet.sh"),
-        "echo hello\nsleep 10\n",
-    )
-    .unwrap();
+    cluster.add_script("quiet.sh", "echo hello\nsleep 10\n");
     let quiet = cluster.start_job("w3", "quiet.sh", &[]).await;
     until(Duration::from_secs(30), "quiet job done", || async {
         cluster.job(&quiet).await.done

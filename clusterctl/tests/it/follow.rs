@@ -147,13 +147,12 @@ async fn bench_follow_replays_the_finished_jobs_log() {
 #[tokio::test(flavor = "multi_thread")]
 async fn group_lines_are_split_at_64_kib_whatever_the_pieces() {
     let cluster = Cluster::start(&["w1"]).await;
-    std::fs::write(
-        cluster.tmp.path().join("scripts").join("long.sh"),
+    cluster.add_script(
+        "long.sh",
         "head -c 300000 /dev/zero | tr '\\0' a; echo\n\
          head -c 65536 /dev/zero | tr '\\0' b; echo\n\
          echo end\n",
-    )
-    .unwrap();
+    );
     let reply = cluster
         .http()
         .post(format!("{}/v1/groups", cluster.url()))
@@ -205,8 +204,8 @@ async fn group_lines_are_split_at_64_kib_whatever_the_pieces() {
 async fn live_followers_and_a_replay_get_every_byte_in_order() {
     let listener = format!("---{}", crate::metrics::METRICS_LISTENER);
     let cluster = Cluster::start_with(&["w1"], "", &listener).await;
-    std::fs::write(
-        cluster.tmp.path().join("scripts").join("mixed.sh"),
+    cluster.add_script(
+        "mixed.sh",
         "sleep 0.3\n\
          for round in 1 2 3 4 5; do\n\
            echo \"round $round\"\n\
@@ -215,8 +214,7 @@ async fn live_followers_and_a_replay_get_every_byte_in_order() {
            sleep 0.2\n\
          done\n\
          echo end\n",
-    )
-    .unwrap();
+    );
     let mut expected = String::new();
     for round in 1..=5u64 {
         expected.push_str(&format!("round {round}\n"));
@@ -341,15 +339,7 @@ async fn an_output_stream_ends_with_the_jobs_record_and_run_asks_nothing_more() 
         assert_eq!(bytes, b"about to fail\nfailing on purpose\n");
         trailed.push((version, te, trailers));
     }
-    let mut record: Value = cluster
-        .http()
-        .get(format!("{}/v1/jobs/{job_id}", cluster.url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let mut record: Value = cluster.get_json(&format!("/v1/jobs/{job_id}")).await;
     record.as_object_mut().unwrap().remove("args");
     assert_eq!(record["state"], "failed");
     assert_eq!(record["exit_code"], 5);
