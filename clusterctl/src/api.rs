@@ -504,6 +504,8 @@ impl Api {
         let req = self
             .client
             .get(self.url(&["v1", "jobs", job, "logs"]))
+            // HTTP/1.1 sends the trailer only to a client that asks.
+            .header(reqwest::header::TE, "trailers")
             .query(query);
         let resp = self.send(req).await?;
         let broke = self.broke_off();

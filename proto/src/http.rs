@@ -294,7 +294,9 @@ pub struct StartGroup {
     pub env: BTreeMap<String, String>,
 }
 
-/// A worker of a fan-out that could not start its job.
+/// A worker of a fan-out that could not start its job. The scheduler's
+/// store keeps a group's as this type's JSON: a change of its shape is a
+/// change of the stored format.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GroupFailure {

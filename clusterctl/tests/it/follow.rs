@@ -352,4 +352,18 @@ async fn an_output_stream_ends_with_the_jobs_record_and_run_asks_nothing_more() 
         let job: Value = serde_json::from_slice(trailers["x-job"].as_bytes()).unwrap();
         assert_eq!(job, record, "over {version:?}");
     }
+
+    // The original design's route keeps its contract: no trailer.
+    let reply = cluster
+        .http()
+        .post(format!("{}/stream", cluster.url()))
+        .json(&json!({"job_id": job_id, "worker_id": record["worker_id"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), StatusCode::OK);
+    assert!(reply.headers().get("trailer").is_none());
+    let (bytes, trailers) = read_stream(reply).await;
+    assert_eq!(bytes, b"about to fail\nfailing on purpose\n");
+    assert!(trailers.is_none(), "{trailers:?}");
 }

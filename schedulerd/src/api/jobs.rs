@@ -245,7 +245,7 @@ pub(crate) async fn logs(
     QueryParams(q): QueryParams<LogsQuery>,
 ) -> Result<Response, ApiError> {
     let row = find_job(&state, &id, None).await?;
-    stream_output(&state, row, q.offset, q.follow).await
+    stream_output(&state, row, q.offset, q.follow, Trailer::Record).await
 }
 
 #[utoipa::path(
@@ -1509,6 +1509,7 @@ pub(crate) async fn stream_output(
     row: JobRow,
     offset: u64,
     follow: bool,
+    trailer: Trailer,
 ) -> Result<Response, ApiError> {
     // 409, not 503: the job's state, not the scheduler, is why there is
     // no output yet.
@@ -1569,6 +1570,7 @@ pub(crate) async fn stream_output(
     let relay = Relay {
         stream,
         row: Some(row),
+        trailer,
         end: None,
         store,
         _slot: slot,
@@ -1577,17 +1579,31 @@ pub(crate) async fn stream_output(
         let frame = relay.next().await?;
         Some((frame, relay))
     });
-    Ok((
+    let mut response = (
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
             (header::HeaderName::from_static("x-job-id"), job_id),
-            // HTTP/1.1 sends only the trailers announced (to a client that
-            // accepts them); HTTP/2 always sends them.
-            (header::TRAILER, JOB_TRAILER.to_owned()),
         ],
         Body::new(http_body_util::StreamBody::new(frames)),
     )
-        .into_response())
+        .into_response();
+    if trailer == Trailer::Record {
+        // HTTP/1.1 sends only the trailers announced (to a client that
+        // accepts them); HTTP/2 always sends them.
+        response
+            .headers_mut()
+            .insert(header::TRAILER, HeaderValue::from_static(JOB_TRAILER));
+    }
+    Ok(response)
+}
+
+/// Whether an output stream ends with the job's record ([`JOB_TRAILER`]):
+/// `/v1` streams do; the original design's `/stream` keeps its own
+/// contract, which has none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Trailer {
+    Record,
+    None,
 }
 
 /// One output stream passed from its worker to an API client.
@@ -1595,6 +1611,7 @@ struct Relay {
     stream: tonic::Streaming<pb::StreamJobResponse>,
     /// The job's record until its end came (or the stream broke).
     row: Option<JobRow>,
+    trailer: Trailer,
     /// The job's end recorded, sent after its last output.
     end: Option<HeaderMap>,
     store: SharedStore,
@@ -1616,7 +1633,10 @@ impl Relay {
                         // Record the final state before the body ends, so a
                         // client that asks right after sees it.
                         let seen = record_status(&self.store, current, status).await;
-                        self.end = end_trailer(&seen);
+                        self.end = match self.trailer {
+                            Trailer::Record => end_trailer(&seen),
+                            Trailer::None => None,
+                        };
                         if msg.output.is_empty() {
                             return self.end.take().map(|end| Ok(Frame::trailers(end)));
                         }

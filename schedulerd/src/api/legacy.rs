@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::extract::JsonBody;
 use super::idempotency::IdempotencyKey;
-use super::jobs::{find_job, refresh, start_once, stop_job, stream_output};
+use super::jobs::{Trailer, find_job, refresh, start_once, stop_job, stream_output};
 use super::{ApiError, AppState};
 use crate::state::JobState;
 
@@ -136,7 +136,7 @@ pub(crate) async fn stream(
     JsonBody(Lenient { body }): JsonBody<Lenient<JobRef>>,
 ) -> Result<Response, ApiError> {
     let row = find_job(&state, &body.job_id, Some(&body.worker_id)).await?;
-    stream_output(&state, row, 0, true).await
+    stream_output(&state, row, 0, true, Trailer::None).await
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use nix::fcntl::{FcntlArg, fcntl};
@@ -16,16 +17,46 @@ use super::{PUMP_BUFFER, Progress};
 /// A pipe's capacity unless asked otherwise (Linux).
 const DEFAULT_PIPE: usize = 64 * 1024;
 
-/// Set while a pump waits for a write of the log, so that a supervisor
-/// that gives up waiting for the pump can tell output cut by a stalled
-/// disk (a write under way) from a pipe that a lost process holds open
-/// (none: everything read was kept).
-#[derive(Debug, Default)]
-pub(super) struct Writing(AtomicBool);
+/// When the write of the log that a pump waits for began, so that a
+/// supervisor that gives up waiting for the pump can tell output cut by a
+/// stalled disk (one write under way for long) from a pipe that a process
+/// the kill could not find holds open (no write, or a quick one).
+#[derive(Debug)]
+pub(super) struct Writing {
+    epoch: Instant,
+    /// Milliseconds from `epoch` to the write's start, plus one; 0: none.
+    began: AtomicU64,
+}
+
+impl Default for Writing {
+    fn default() -> Self {
+        Writing {
+            epoch: Instant::now(),
+            began: AtomicU64::new(0),
+        }
+    }
+}
 
 impl Writing {
-    pub(super) fn under_way(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+    fn begin(&self) {
+        let since = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.began.store(since + 1, Ordering::Release);
+    }
+
+    fn end(&self) {
+        self.began.store(0, Ordering::Release);
+    }
+
+    /// How long the write under way has taken so far.
+    pub(super) fn under_way_for(&self) -> Option<Duration> {
+        match self.began.load(Ordering::Acquire) {
+            0 => None,
+            began => Some(
+                self.epoch
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(began - 1)),
+            ),
+        }
     }
 }
 
@@ -106,7 +137,7 @@ pub(super) async fn pump(
         let b = piece.clone();
         let offset = len;
         // File writes block; they go to the blocking pool, one piece at a time.
-        writing.0.store(true, Ordering::Release);
+        writing.begin();
         let result = tokio::task::spawn_blocking(move || {
             let r = f.write_all_at(&b, offset);
             if r.is_err() {
@@ -117,7 +148,6 @@ pub(super) async fn pump(
             r
         })
         .await;
-        writing.0.store(false, Ordering::Release);
         match result {
             Ok(Ok(())) => {
                 crate::metrics::output_written(piece.len());
@@ -149,6 +179,9 @@ pub(super) async fn pump(
                 write_failed.cancel();
             }
         }
+        // Only now: a supervisor that sees no write under way sees its
+        // piece published.
+        writing.end();
     }
     Pumped { len, write_error }
 }

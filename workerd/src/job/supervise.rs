@@ -25,6 +25,9 @@ pub(super) const STOP_WAIT: Duration = Duration::from_secs(5);
 /// the pump may still drain the pipe (a process the scan cannot find may
 /// hold it open forever).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// A write of the log that takes this long is a disk in trouble, not the
+/// quick writes of a pipe's leftover writer.
+const STALLED_WRITE: Duration = Duration::from_secs(1);
 
 /// Why the supervisor ended a job that was still running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,25 +148,37 @@ pub(super) async fn supervise(
         }
         Err(_) => {
             pump.abort();
-            let len = job.progress.borrow().len;
-            // A write still under way is output the log does not have: the
-            // disk stalled (or crawls). Without one, everything the pipe
-            // gave was kept, and what holds it open is a process the kill
-            // could not find.
-            if limits.writing.under_way() {
-                tracing::error!(job_id = %id, kept = len, waited = ?DRAIN_TIMEOUT, "writing the job's output stalled after it ended; the job fails with the output kept");
-                Pumped {
-                    len,
-                    write_error: Some(format!(
-                        "writing it stalled: {} after the job ended, the disk had not taken the rest",
-                        humantime::format_duration(DRAIN_TIMEOUT)
-                    )),
-                }
-            } else {
-                tracing::warn!(job_id = %id, "output pipe still open after the job ended; closing it");
-                Pumped {
-                    len,
-                    write_error: None,
+            // The pump may be running on another thread: once its task is
+            // over (ended meanwhile, or dropped at an await), its length
+            // and its write under way change no more.
+            match (&mut pump).await {
+                Ok(pumped) => pumped,
+                Err(_) => {
+                    let len = job.progress.borrow().len;
+                    // A write under way for long is output the log does not
+                    // have: the disk stalled (or crawls). Without one,
+                    // everything the pipe gave was kept, and what holds it
+                    // open is a process the kill could not find (whose
+                    // writes go on, each quick).
+                    match limits.writing.under_way_for() {
+                        Some(took) if took >= STALLED_WRITE => {
+                            tracing::error!(job_id = %id, kept = len, ?took, "writing the job's output stalled after it ended; the job fails with the output kept");
+                            Pumped {
+                                len,
+                                write_error: Some(format!(
+                                    "writing it stalled: {} after the job ended, the disk had not taken the rest",
+                                    humantime::format_duration(DRAIN_TIMEOUT)
+                                )),
+                            }
+                        }
+                        _ => {
+                            tracing::warn!(job_id = %id, "output pipe still open after the job ended; closing it");
+                            Pumped {
+                                len,
+                                write_error: None,
+                            }
+                        }
+                    }
                 }
             }
         }
