@@ -9,7 +9,7 @@ use jobcluster_proto::http::{ErrorBody, JobInfo, JobList, WorkerList};
 use nix::sys::signal::Signal;
 use reqwest::StatusCode;
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 
 use crate::cluster::{Cluster, stderr, stdout};
 use crate::harness::{Daemon, eventually, job_processes};
@@ -425,4 +425,75 @@ async fn a_worker_cut_off_past_the_timeout_brings_its_running_jobs_back() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(cluster.job(&job).await.state, "stopped");
     assert!(job_processes(&job).is_empty());
+}
+
+/// A hostile job hands its output pipe to a process outside the job (over
+/// a unix socket) and exits; that process goes on writing into the pipe.
+/// The worker cannot kill what holds the pipe, so 5 s after the job's end
+/// it stops reading, and the job's outcome is its own: `succeeded`, with
+/// the output read until then kept. The outsider's quick writes are not
+/// taken for a stalled disk.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pipe_held_open_from_outside_the_job_is_closed_and_the_job_keeps_its_outcome() {
+    let cluster = Cluster::start(&["w1"]).await;
+    let scripts = cluster.tmp.path().join("scripts");
+    let socket = scripts.join("pipe.sock");
+    // Receives the job's stdout and writes into it, 20 lines a second,
+    // until the worker closes the pipe's other end.
+    let mut outsider = tokio::process::Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import os, socket, sys, time\n\
+             l = socket.socket(socket.AF_UNIX); l.bind(sys.argv[1]); os.chmod(sys.argv[1], 0o777)\n\
+             l.listen(1); print('ready', flush=True)\n\
+             c, _ = l.accept(); _, fds, _, _ = socket.recv_fds(c, 1, 1); c.send(b'k')\n\
+             try:\n\
+             \x20   while True:\n\
+             \x20       os.write(fds[0], b'outsider\\n'); time.sleep(0.05)\n\
+             except BrokenPipeError:\n\
+             \x20   print('closed', flush=True)\n",
+        )
+        .arg(&socket)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut said = tokio::io::BufReader::new(outsider.stdout.take().unwrap()).lines();
+    assert_eq!(said.next_line().await.unwrap().as_deref(), Some("ready"));
+    cluster.add_script(
+        "handoff.sh",
+        "echo before\n\
+         python3 -c 'import socket, sys; s = socket.socket(socket.AF_UNIX); \
+         s.connect(\"pipe.sock\"); socket.send_fds(s, [b\"x\"], [1]); s.recv(1)'\n",
+    );
+    let witness = Witness::default();
+    let id = cluster.start_job("w1", "handoff.sh", &[]).await;
+    until(
+        Duration::from_secs(30),
+        "the job's end recorded",
+        || async { witness.job(&cluster, &id).await.done },
+    )
+    .await;
+    let job = witness.job(&cluster, &id).await;
+    assert_eq!(
+        (job.state.as_str(), job.exit_code, job.error_text.as_str()),
+        ("succeeded", Some(0), ""),
+        "{job:?}"
+    );
+    let log = cluster.workers[0].1.log();
+    assert!(log.contains("output pipe still open"), "{log}");
+    assert!(!log.contains("stalled"), "{log}");
+    // The worker closed its end: the outsider's next write failed.
+    let closed = tokio::time::timeout(Duration::from_secs(10), said.next_line()).await;
+    assert_eq!(closed.unwrap().unwrap().as_deref(), Some("closed"));
+    let out = cluster.ctl_output(&["logs", &id]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(out.stdout.len() as u64, job.output_bytes);
+    assert!(out.stdout.starts_with(b"before\n"), "{}", stdout(&out));
+    // What the outsider wrote while the worker still read is kept with it.
+    assert!(
+        out.stdout.windows(9).any(|w| w == b"outsider\n"),
+        "{}",
+        stdout(&out)
+    );
 }

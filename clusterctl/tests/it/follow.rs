@@ -367,3 +367,55 @@ async fn an_output_stream_ends_with_the_jobs_record_and_run_asks_nothing_more() 
     assert_eq!(bytes, b"about to fail\nfailing on purpose\n");
     assert!(trailers.is_none(), "{trailers:?}");
 }
+
+/// A record longer than the trailer's bound (4 KiB: here a path of nearly
+/// 4,000 bytes) is left out of the stream's end; `run` then asks for it,
+/// once, and exits with the job's code all the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_record_too_long_for_the_trailer_is_asked_for_instead() {
+    use crate::metrics::{scrape_with, value};
+    let cluster = Cluster::start_with(&["w1"], &crate::security::auth_config(), "").await;
+    let deep = vec!["d".repeat(190); 20].join("/");
+    std::fs::create_dir_all(cluster.tmp.path().join("scripts").join(&deep)).unwrap();
+    let path = format!("{deep}/long.sh");
+    cluster.add_script(&path, "echo deep\nexit 3\n");
+    let metrics = format!("{}/metrics", cluster.url());
+    let records = |scrape: &crate::metrics::Scrape| {
+        value(
+            scrape,
+            "schedulerd_http_requests_total",
+            &[
+                ("route", "/v1/jobs/{id}"),
+                ("method", "GET"),
+                ("status", "200"),
+            ],
+        )
+    };
+
+    let before = scrape_with(&cluster.http(), &metrics).await;
+    let out = cluster.ctl_output(&["run", "--worker", "w1", &path]).await;
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "deep\n");
+    let after = scrape_with(&cluster.http(), &metrics).await;
+    assert_eq!(records(&after) - records(&before), 1.0);
+
+    let job_id = cluster.start_job("w1", &path, &[]).await;
+    let reply = cluster
+        .http()
+        .get(format!(
+            "{}/v1/jobs/{job_id}/logs?follow=true",
+            cluster.url()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), StatusCode::OK);
+    let (bytes, trailers) = read_stream(reply).await;
+    assert_eq!(bytes, b"deep\n");
+    assert!(
+        trailers.as_ref().is_none_or(|t| t.get("x-job").is_none()),
+        "{trailers:?}"
+    );
+    let job = cluster.job(&job_id).await;
+    assert_eq!((job.state.as_str(), job.exit_code), ("failed", Some(3)));
+}
