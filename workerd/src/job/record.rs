@@ -2,7 +2,7 @@
 //! directory and written atomically.
 
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -103,8 +103,8 @@ pub(super) fn replace(dir: &Path, tmp_name: &str, json: &[u8]) -> std::io::Resul
 /// restarted worker must find it), not a power loss of this machine: that
 /// ends the job's process too, and the scheduler, which recorded the job
 /// durably before asking for it, finds it missing and marks it lost. This
-/// keeps every sync off the start's path; [`write_final`] syncs the
-/// job's directory entry along with its final record. Through a temporary
+/// keeps every sync off the start's path; [`write_final`] makes the
+/// job's files durable along with its final record. Through a temporary
 /// file, so a reader (a query of this id, a sweep) or a restart finds no
 /// record or a whole one, never a torn one it would take for a broken
 /// disk.
@@ -174,34 +174,116 @@ pub(super) fn reserve(path: &Path, size: usize, create_new: bool) -> std::io::Re
         .create_new(create_new)
         .mode(0o600)
         .open(path)?;
-    std::os::unix::fs::FileExt::write_all_at(&file, &vec![b' '; size], 0)
+    // NUL, not spaces: a byte no JSON text holds, so a final record
+    // written over it in place that a power loss tore (a sector of it not
+    // written) never parses (`overwrite_final`).
+    std::os::unix::fs::FileExt::write_all_at(&file, &vec![0; size], 0)
 }
 
-/// Writes a job's final record into the space [`reserve_final`] held (or
-/// like any record if there is none), durably.
+/// Makes what a spare job directory holds durable, off every job's path
+/// ([`super::spare`] calls it while no start comes): the space held for
+/// the final record, with its blocks, and the names in `dir`. A job that
+/// takes it needs fewer syncs at its end ([`write_final`]).
+pub(super) fn sync_held(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir.join(FINAL))?.sync_all()?;
+    sync_dir(dir)
+}
+
+/// Where a job's directory came from: what its end syncs besides its
+/// record ([`write_final`]).
+#[derive(Debug, Clone, Default)]
+pub(super) struct Origin {
+    /// The spares' directory it was moved out of. Its end syncs that
+    /// removal too: without a journal a power loss could leave the job's
+    /// directory under both names, and the spares are cleared at start.
+    pub(super) spares: Option<PathBuf>,
+    /// Its files were synced while it was a spare ([`sync_held`]).
+    pub(super) files_synced: bool,
+}
+
+/// Writes a job's final record durably.
 ///
-/// Three syncs make it durable: the record, the job's directory (the
-/// record's rename), and the jobs directory (the job's own entry, made
-/// unsynced at its start, see [`write_first`]). The last needs nothing of
-/// the first two, so it runs beside them on another blocking thread: a
-/// job's end (and `clusterctl run`'s exit) waits for two syncs, not three.
-pub(super) async fn write_final(jobs_dir: &Path, record: &JobRecord) -> std::io::Result<()> {
+/// With `origin.files_synced` (the job's directory is a spare whose files were
+/// synced before it was taken, [`sync_held`]), the record is written into
+/// the space held for it in place and synced: the file's name and blocks
+/// are durable already, so nothing else needs a sync but the jobs
+/// directory, for the job's own entry (the spare's rename at its start),
+/// synced beside it. Only then is the record renamed over the first one,
+/// unsynced: a crash that undoes the rename (or the first record's) leaves
+/// the final record in [`FINAL`], where [`load_record`] finds it, and a
+/// torn write leaves a NUL byte in that file, which is then not JSON, and
+/// the first record standing, as if the job had not ended (nor been
+/// reported). Two syncs side by side (three with the spares' directory,
+/// see [`Origin`]).
+///
+/// Otherwise (a directory made by its start, a job started before this
+/// worker restarted, a start that failed, a record that does not fit the
+/// space), the record is synced, renamed and the rename synced, and the
+/// job's own entry in `jobs_dir` synced beside them: two syncs in a row.
+pub(super) async fn write_final(
+    jobs_dir: &Path,
+    record: &JobRecord,
+    origin: &Origin,
+) -> std::io::Result<()> {
     let dir = jobs_dir.join(record.id.to_string());
     let json = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+    let files_synced = origin.files_synced;
     let entry = tokio::task::spawn_blocking({
         let jobs_dir = jobs_dir.to_owned();
         move || sync_dir(&jobs_dir)
     });
-    let written = tokio::task::spawn_blocking(move || {
-        if dir.join(FINAL).exists() {
-            replace(&dir, FINAL, &json)
-        } else {
-            replace(&dir, FIRST_TMP, &json)
+    let left = async {
+        match origin.spares.clone() {
+            Some(spares) => tokio::task::spawn_blocking(move || sync_dir(&spares))
+                .await
+                .map_err(std::io::Error::other)?,
+            None => Ok(()),
         }
+    };
+    let written = tokio::task::spawn_blocking(move || {
+        if files_synced && overwrite_final(&dir, &json)? {
+            return Ok(());
+        }
+        replace_final(&dir, &json)
     });
-    let (entry, written) = tokio::join!(entry, written);
+    let (entry, left, written) = tokio::join!(entry, left, written);
     written.map_err(std::io::Error::other)??;
+    left?;
     entry.map_err(std::io::Error::other)?
+}
+
+/// Replaces a job's record with its final one through the space held for
+/// it (or like any record if there is none), synced with its rename.
+fn replace_final(dir: &Path, json: &[u8]) -> std::io::Result<()> {
+    if dir.join(FINAL).exists() {
+        replace(dir, FINAL, json)
+    } else {
+        replace(dir, FIRST_TMP, json)
+    }
+}
+
+/// Writes `json` over the space held for the final record in `dir`,
+/// syncs it and renames it over the first record; false, with nothing
+/// written, when there is no such space or `json` does not fit it.
+fn overwrite_final(dir: &Path, json: &[u8]) -> std::io::Result<bool> {
+    let path = dir.join(FINAL);
+    let file = match std::fs::OpenOptions::new().write(true).open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if file.metadata()?.len() < json.len() as u64 {
+        return Ok(false);
+    }
+    // Over the synced NUL bytes the space holds (`reserve`): whatever part
+    // of this write a power loss leaves unwritten leaves a NUL inside or
+    // after the record, which is then not JSON. Cut to the record and
+    // synced with its length and time (retention reads the time).
+    std::os::unix::fs::FileExt::write_all_at(&file, json, 0)?;
+    file.set_len(json.len() as u64)?;
+    file.sync_all()?;
+    std::fs::rename(&path, dir.join(RECORD))?;
+    Ok(true)
 }
 
 /// Deletes a finished job's output and records that it is gone (record
@@ -262,15 +344,50 @@ pub(crate) fn output_cut(record: &JobRecord, log_len: u64) -> bool {
     record.state.is_done() && log_len < record.output_bytes
 }
 
-/// Reads one job's record and the length of its output log.
+/// Reads one job's record and the length of its output log. A record
+/// that says the job runs (or none) gives way to a final one synced in
+/// place whose rename a crash undid ([`write_final`]).
 pub(super) fn load_record(dir: &Path) -> std::io::Result<(JobRecord, u64)> {
-    let bytes = std::fs::read(dir.join(RECORD))?;
-    let record = serde_json::from_slice::<JobRecord>(&bytes)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-    let len = std::fs::metadata(dir.join(LOG))
+    let (record, _) = read_either(dir)?;
+    Ok((record, log_len(dir)))
+}
+
+fn log_len(dir: &Path) -> u64 {
+    std::fs::metadata(dir.join(LOG))
         .map(|m| m.len())
-        .unwrap_or(0);
-    Ok((record, len))
+        .unwrap_or(0)
+}
+
+/// A job's record, and whether it is the final one in [`FINAL`]. Either
+/// must be of the job its directory names: a name a crash left unsynced
+/// may lead to a file the disk gave to another job since.
+fn read_either(dir: &Path) -> std::io::Result<(JobRecord, bool)> {
+    let id = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| Uuid::parse_str(n).ok());
+    let read = |name: &str| {
+        read_record(&dir.join(name)).and_then(|record| match id {
+            Some(id) if id != record.id => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{name} holds job {}'s record", record.id),
+            )),
+            _ => Ok(record),
+        })
+    };
+    match read(RECORD) {
+        Ok(record) if record.state.is_done() => Ok((record, false)),
+        first => match read(FINAL) {
+            Ok(last) if last.state.is_done() => Ok((last, true)),
+            _ => Ok((first?, false)),
+        },
+    }
+}
+
+fn read_record(path: &Path) -> std::io::Result<JobRecord> {
+    let bytes = std::fs::read(path)?;
+    serde_json::from_slice::<JobRecord>(&bytes)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 /// Reads every `jobs/<id>/job.json` one at a time and keeps those `keep`
@@ -290,8 +407,15 @@ pub(super) fn load_records(
     let mut seen = 0;
     for entry in entries {
         let dir = entry?.path();
-        match load_record(&dir) {
-            Ok((record, len)) => {
+        match read_either(&dir) {
+            Ok((record, from_final)) => {
+                // A final record a crash left in its space is renamed as
+                // its end would have: retention finds records by name.
+                if from_final && let Err(error) = std::fs::rename(dir.join(FINAL), dir.join(RECORD))
+                {
+                    tracing::warn!(dir = %dir.display(), %error, "could not rename a final job record left by a crash");
+                }
+                let len = log_len(&dir);
                 seen += 1;
                 if keep(&record) {
                     kept.push((record, len));

@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use super::kill::kill_leftovers;
-use super::record::{load_record, load_records, now_ms, write_final};
+use super::record::{Origin, load_record, load_records, now_ms, write_final};
 use super::supervise::STOP_WAIT;
 use super::{Job, JobError, JobRecord, Policy, Progress, State};
 
@@ -152,7 +152,7 @@ impl Jobs {
                 };
                 record.finished_at_ms = now_ms();
                 record.output_bytes = len;
-                if let Err(error) = write_final(&jobs_dir, &record).await {
+                if let Err(error) = write_final(&jobs_dir, &record, &Origin::default()).await {
                     tracing::error!(job_id = %record.id, %error, "could not record a job lost; kept in memory and retried");
                     unwritten.insert(record.id);
                 }
@@ -336,7 +336,7 @@ impl Jobs {
         .collect();
         for id in ids {
             let Some(job) = self.find(id) else { continue };
-            match write_final(&self.jobs_dir, &job.record()).await {
+            match write_final(&self.jobs_dir, &job.record(), &Origin::default()).await {
                 Ok(()) => tracing::info!(job_id = %id, "final state written at last"),
                 Err(error) => {
                     tracing::debug!(job_id = %id, %error, "final state still cannot be written");

@@ -15,7 +15,9 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::output::{Writing, pump};
-use super::record::{LOG, final_size, load_record, make_job_dir, now_ms, write_final, write_first};
+use super::record::{
+    LOG, Origin, final_size, load_record, make_job_dir, now_ms, write_final, write_first,
+};
 use super::spare::Spares;
 use super::supervise::{Supervision, supervise};
 use super::{Job, JobError, JobRecord, Jobs, Progress, StartRequest, State};
@@ -95,6 +97,8 @@ struct Made {
     cgroup_dir: Option<std::path::PathBuf>,
     spawned: std::io::Result<(super::process::Process, pipe::Receiver)>,
     slot: RunningSlot,
+    /// Where its directory came from, for its end's syncs.
+    origin: Origin,
 }
 
 impl Jobs {
@@ -156,6 +160,7 @@ impl Jobs {
             cgroup_dir,
             spawned,
             slot,
+            origin,
         } = made;
         let (progress, _) = watch::channel(Progress::default());
         let job = Arc::new(Job {
@@ -191,6 +196,7 @@ impl Jobs {
                     cgroup: cgroup_dir.clone(),
                     worker_shutdown: self.shutdown.clone(),
                     slot,
+                    origin,
                 };
                 let jobs_dir = self.jobs_dir.clone();
                 let supervised = job.clone();
@@ -223,7 +229,7 @@ impl Jobs {
                 self.insert(&job);
                 self.changes.ended(id);
                 tracing::warn!(job_id = %id, %error, "job could not start");
-                if let Err(error) = write_final(&self.jobs_dir, &record).await {
+                if let Err(error) = write_final(&self.jobs_dir, &record, &origin).await {
                     tracing::error!(job_id = %id, %error, "could not record the job's final state; kept in memory and retried");
                     self.changes.unwritten(id);
                 }
@@ -286,8 +292,8 @@ impl Jobs {
         };
         // The job's files and its record exist before its process does: a
         // worker that cannot write them refuses the job and leaves nothing.
-        let log_file = match create_files(&self.spares, &dir, &record) {
-            Ok(file) => file,
+        let (log_file, origin) = match create_files(&self.spares, &dir, &record) {
+            Ok(made) => made,
             // A start of the same id may have finished since we looked.
             Err(JobError::Exists(id)) => {
                 return match self.find(id) {
@@ -343,6 +349,7 @@ impl Jobs {
             cgroup_dir,
             spawned,
             slot,
+            origin,
         })))
     }
 
@@ -445,7 +452,7 @@ fn create_files(
     spares: &Spares,
     dir: &Path,
     record: &JobRecord,
-) -> Result<std::fs::File, JobError> {
+) -> Result<(std::fs::File, Origin), JobError> {
     let json = serde_json::to_vec(record).map_err(std::io::Error::other)?;
     let exists = |e: &std::io::Error| e.kind() == std::io::ErrorKind::AlreadyExists;
     let spare = match spares.take(dir, json.len()) {
@@ -479,11 +486,15 @@ fn create_files(
                 log.set_modified(std::time::SystemTime::now())?;
             }
             write_first(dir, &json)?;
-            Ok(log)
+            let origin = Origin {
+                spares: spare.as_ref().map(|_| spares.dir().to_owned()),
+                files_synced: spare.as_ref().is_some_and(|taken| taken.synced),
+            };
+            Ok((log, origin))
         })
         .map_err(JobError::storage);
-    if let (Err(_), Some(spare)) = (&written, spare) {
-        spares.put_back(dir, spare);
+    if let (Err(_), Some(taken)) = (&written, spare) {
+        spares.put_back(dir, taken.spare);
     }
     written
 }

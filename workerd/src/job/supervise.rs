@@ -57,6 +57,8 @@ pub(super) struct Supervision {
     /// The worker's shutdown token: a stop it caused says so.
     pub(super) worker_shutdown: CancellationToken,
     pub(super) slot: super::spawn::RunningSlot,
+    /// Where the job's directory came from, for its end's syncs.
+    pub(super) origin: super::record::Origin,
 }
 
 pub(super) async fn supervise(
@@ -220,7 +222,7 @@ pub(super) async fn supervise(
             );
         }
     });
-    if let Err(error) = write_final(&jobs_dir, &record).await {
+    if let Err(error) = write_final(&jobs_dir, &record, &limits.origin).await {
         // The state stands: it is served and reported from memory, and
         // written when the disk allows.
         tracing::error!(job_id = %id, %error, "could not record the job's final state; kept in memory and retried");

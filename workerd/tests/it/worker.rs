@@ -260,6 +260,17 @@ async fn follow(
     panic!("stream ended without a final status");
 }
 
+/// The worker's answer to a query of `job`.
+async fn query(client: &mut WorkerClient<Channel>, job: &str) -> QueryJobResponse {
+    client
+        .query_job(QueryJobRequest {
+            job_id: job.to_owned(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// Stops `job` and returns the state the stop answered with.
 async fn stop(client: &mut WorkerClient<Channel>, job: impl Into<String>) -> JobState {
     client
@@ -287,14 +298,7 @@ async fn a_job_that_reads_ended_has_given_back_its_slot() {
     // whatever follows it.
     async fn ended(client: &mut WorkerClient<Channel>, job: &str) -> JobState {
         loop {
-            let state = client
-                .query_job(QueryJobRequest {
-                    job_id: job.to_owned(),
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .state();
+            let state = query(client, job).await.state();
             if state != JobState::Running {
                 return state;
             }
@@ -335,13 +339,7 @@ async fn bash_and_python_jobs_stream_every_line_and_succeed() {
             "{script}"
         );
         assert_eq!(status.state(), JobState::Succeeded);
-        let q = client
-            .query_job(QueryJobRequest {
-                job_id: job.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let q = query(&mut client, &job).await;
         assert!(q.done && !q.error, "{q:?}");
         assert_eq!(q.exit_code, Some(0));
         assert_eq!(q.output_bytes, 15);
@@ -400,13 +398,7 @@ async fn stop_ends_the_whole_process_group_and_is_idempotent() {
         Vec::<u32>::new(),
         "no process of the job remains"
     );
-    let q = client
-        .query_job(QueryJobRequest {
-            job_id: job.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let q = query(&mut client, &job).await;
     assert_eq!(q.state(), JobState::Stopped);
     // Stopping again succeeds and changes nothing.
     let again = client
@@ -416,11 +408,7 @@ async fn stop_ends_the_whole_process_group_and_is_idempotent() {
         .await
         .unwrap();
     assert_eq!(again.into_inner().state(), JobState::Stopped);
-    let q2 = client
-        .query_job(QueryJobRequest { job_id: job })
-        .await
-        .unwrap()
-        .into_inner();
+    let q2 = query(&mut client, &job).await;
     assert_eq!(q, q2);
 }
 
@@ -440,13 +428,7 @@ async fn a_job_ignoring_sigterm_is_killed_after_the_grace_period() {
         .await
         .unwrap();
     assert_eq!(state.into_inner().state(), JobState::Stopped);
-    let q = client
-        .query_job(QueryJobRequest {
-            job_id: job.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let q = query(&mut client, &job).await;
     assert_eq!(q.signal, Some(9), "killed with SIGKILL: {q:?}");
     assert!(job_processes(&job).is_empty());
 }
@@ -664,18 +646,112 @@ async fn sigterm_stops_running_jobs_and_records_survive_a_restart() {
 
     worker.restart();
     let mut client = worker.client();
-    let q = client
-        .query_job(QueryJobRequest {
-            job_id: running.clone(),
-        })
-        .await
-        .unwrap();
-    assert_eq!(q.into_inner().state(), JobState::Stopped);
+    let q = query(&mut client, &running).await;
+    assert_eq!(q.state(), JobState::Stopped);
     let (out, status) = follow(&mut client, &done, 0).await;
     assert_eq!(
         (out.as_slice(), status.state()),
         (&b"1\n2\ndone\n"[..], JobState::Succeeded)
     );
+}
+
+/// A job in a spare directory (synced while no start came) has its final
+/// record written over the space held for it (`job.json.final`, NUL bytes)
+/// and synced, and only then renamed over its first record, unsynced. A
+/// crash that undoes that rename (or the first record's own, made unsynced
+/// at the start) leaves the final record beside a first one that says the
+/// job runs, or alone: the worker, started again, serves the end it had
+/// reported. A write the crash tore (a sector of it not written, so the
+/// space's own bytes in its place, here inside a string) is not a record,
+/// nor is a file that holds another job's: the job is as it was before its
+/// end, here lost with the worker. (The files are put as such a crash
+/// leaves them, the worker killed first.)
+#[tokio::test]
+async fn a_final_record_whose_rename_a_crash_undid_is_still_the_jobs_end() {
+    #[derive(Clone, Copy, PartialEq, Debug)]
+    enum Left {
+        BesideTheFirst,
+        Alone,
+        Torn,
+        AnotherJobs,
+    }
+    let mut worker = Worker::start();
+    let mut client = worker.client();
+    let mut jobs = Vec::new();
+    for left in [
+        Left::BesideTheFirst,
+        Left::Alone,
+        Left::Torn,
+        Left::AnotherJobs,
+    ] {
+        let job = start(&mut client, start_req("bash", "fail.sh", &["7"])).await;
+        follow(&mut client, &job, 0).await;
+        jobs.push((job, left));
+    }
+    let other = start(&mut client, start_req("bash", "fail.sh", &["9"])).await;
+    follow(&mut client, &other, 0).await;
+    let jobs_dir = worker.state_dir().join("jobs");
+    worker.daemon.signal(Signal::SIGKILL);
+    worker.daemon.wait(Duration::from_secs(10));
+    // What a sector the crash did not write holds: the space's own bytes,
+    // as a spare holds them.
+    let spares = worker.state_dir().join("spare");
+    let held = names_in(&spares)
+        .iter()
+        .filter_map(|name| std::fs::read(spares.join(name).join("job.json.final")).ok())
+        .find(|held| held.len() >= 4096)
+        .expect("a spare's space for a final record");
+    let other_record = std::fs::read(jobs_dir.join(&other).join("job.json")).unwrap();
+    for (job, left) in &jobs {
+        let dir = jobs_dir.join(job);
+        assert_eq!(names_in(&dir), ["job.json", "output.log"], "renamed");
+        let last = std::fs::read(dir.join("job.json")).unwrap();
+        let mut first: serde_json::Value = serde_json::from_slice(&last).unwrap();
+        assert_eq!(first["state"], "failed");
+        first["state"] = "running".into();
+        first["exit_code"] = serde_json::Value::Null;
+        first["finished_at_ms"] = 0.into();
+        match left {
+            Left::Alone => std::fs::remove_file(dir.join("job.json")).unwrap(),
+            _ => std::fs::write(dir.join("job.json"), serde_json::to_vec(&first).unwrap()).unwrap(),
+        }
+        let final_record = match left {
+            Left::Torn => {
+                let mut torn = held.clone();
+                torn[..last.len()].copy_from_slice(&last);
+                let path = last.windows(9).position(|w| w == b"\"fail.sh\"").unwrap();
+                torn[path + 1..path + 8].copy_from_slice(&held[..7]);
+                torn
+            }
+            Left::AnotherJobs => other_record.clone(),
+            _ => last.clone(),
+        };
+        std::fs::write(dir.join("job.json.final"), final_record).unwrap();
+    }
+    worker.restart();
+    let mut client = worker.client();
+    for (job, left) in &jobs {
+        let q = query(&mut client, job).await;
+        if matches!(left, Left::Torn | Left::AnotherJobs) {
+            assert_eq!(q.state(), JobState::Lost, "{left:?}: {q:?}");
+            continue;
+        }
+        assert_eq!(
+            (q.state(), q.exit_code),
+            (JobState::Failed, Some(7)),
+            "{left:?}: {q:?}"
+        );
+        let (out, status) = follow(&mut client, job, 0).await;
+        assert_eq!(
+            (out.as_slice(), status.state()),
+            (
+                &b"about to fail\nfailing on purpose\n"[..],
+                JobState::Failed
+            )
+        );
+        // Renamed into place when the worker started.
+        assert_eq!(names_in(&jobs_dir.join(job)), ["job.json", "output.log"]);
+    }
 }
 
 #[test]
@@ -1002,12 +1078,7 @@ async fn a_restart_after_kill_9_kills_escaped_descendants_and_records_the_job_lo
         "left after the restart: {:?}",
         job_processes(&job)
     );
-    let q = worker
-        .client()
-        .query_job(QueryJobRequest { job_id: job })
-        .await
-        .unwrap()
-        .into_inner();
+    let q = query(&mut worker.client(), &job).await;
     assert_eq!(q.state(), JobState::Lost, "{q:?}");
 }
 
