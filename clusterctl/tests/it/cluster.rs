@@ -364,6 +364,15 @@ impl Cluster {
             .unwrap()
     }
 
+    /// `GET /v1/jobs/{id}/logs?follow=true`, its answer as it comes.
+    pub async fn follow_job(&self, job_id: &str) -> reqwest::Response {
+        self.http()
+            .get(format!("{}/v1/jobs/{job_id}/logs?follow=true", self.url()))
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// Copies the repository's `scripts/NAME` into the workers' scripts.
     pub fn add_repo_script(&self, name: &str) {
         let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts");

@@ -408,11 +408,10 @@ async fn faults_disk_a_start_on_a_full_worker_is_refused_and_placed_elsewhere() 
     let witness = Witness::default();
 
     let first = cluster.start_job("w1", "count.sh", &["2", "0"]).await;
-    until(Duration::from_secs(10), "first job done", || async {
-        witness.job(&cluster, &first).await.done
-    })
-    .await;
-    assert_eq!(witness.job(&cluster, &first).await.state, "succeeded");
+    let job = witness
+        .ended(&cluster, &first, Duration::from_secs(10))
+        .await;
+    assert_eq!(job.state, "succeeded");
     // The worker answers with a job's final state while it writes it
     // (into the space reserved for it, then trimmed): filling the disk
     // before that ends would leave the freed pages to the next start.
@@ -943,13 +942,7 @@ async fn faults_disk_a_disk_that_stalls_under_a_jobs_last_output_fails_the_job()
     .await;
     drop(frozen);
 
-    until(
-        Duration::from_secs(20),
-        "the job's end recorded",
-        || async { witness.job(&cluster, &id).await.done },
-    )
-    .await;
-    let job = witness.job(&cluster, &id).await;
+    let job = witness.ended(&cluster, &id, Duration::from_secs(20)).await;
     assert_eq!(job.state, "failed", "{job:?}");
     assert_eq!(job.exit_code, Some(0), "{job:?}");
     assert_eq!(job.output_bytes, "before\n".len() as u64, "{job:?}");

@@ -58,6 +58,15 @@ impl Witness {
         job
     }
 
+    /// The job once the API answers it ended (within `timeout`), witnessed.
+    pub async fn ended(&self, cluster: &Cluster, job_id: &str, timeout: Duration) -> JobInfo {
+        until(timeout, "the job's end recorded", || async {
+            self.job(cluster, job_id).await.done
+        })
+        .await;
+        self.job(cluster, job_id).await
+    }
+
     /// `GET /v1/jobs` (up to 1000), witnessed.
     pub async fn jobs(&self, cluster: &Cluster) -> Vec<JobInfo> {
         let list: JobList = cluster.get_json("/v1/jobs?limit=1000").await;
@@ -468,13 +477,7 @@ async fn a_pipe_held_open_from_outside_the_job_is_closed_and_the_job_keeps_its_o
     );
     let witness = Witness::default();
     let id = cluster.start_job("w1", "handoff.sh", &[]).await;
-    until(
-        Duration::from_secs(30),
-        "the job's end recorded",
-        || async { witness.job(&cluster, &id).await.done },
-    )
-    .await;
-    let job = witness.job(&cluster, &id).await;
+    let job = witness.ended(&cluster, &id, Duration::from_secs(30)).await;
     assert_eq!(
         (job.state.as_str(), job.exit_code, job.error_text.as_str()),
         ("succeeded", Some(0), ""),

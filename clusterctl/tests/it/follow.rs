@@ -400,15 +400,7 @@ async fn a_record_too_long_for_the_trailer_is_asked_for_instead() {
     assert_eq!(records(&after) - records(&before), 1.0);
 
     let job_id = cluster.start_job("w1", &path, &[]).await;
-    let reply = cluster
-        .http()
-        .get(format!(
-            "{}/v1/jobs/{job_id}/logs?follow=true",
-            cluster.url()
-        ))
-        .send()
-        .await
-        .unwrap();
+    let reply = cluster.follow_job(&job_id).await;
     assert_eq!(reply.status(), StatusCode::OK);
     let (bytes, trailers) = read_stream(reply).await;
     assert_eq!(bytes, b"deep\n");

@@ -600,15 +600,7 @@ async fn metrics_follow_the_queue_slots_and_open_streams() {
         .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
     let queued = answer["job_id"].as_str().unwrap().to_owned();
-    let follower = cluster
-        .http()
-        .get(format!(
-            "{}/v1/jobs/{running}/logs?follow=true",
-            cluster.url()
-        ))
-        .send()
-        .await
-        .unwrap();
+    let follower = cluster.follow_job(&running).await;
     assert_eq!(follower.status(), StatusCode::OK);
 
     let during = scrape_with(&cluster.http(), &url).await;

@@ -232,7 +232,7 @@ pub(super) async fn write_final(
         let jobs_dir = jobs_dir.to_owned();
         move || sync_dir(&jobs_dir)
     });
-    let left = async {
+    let moved_out = async {
         match origin.spares.clone() {
             Some(spares) => tokio::task::spawn_blocking(move || sync_dir(&spares))
                 .await
@@ -246,9 +246,9 @@ pub(super) async fn write_final(
         }
         replace_final(&dir, &json)
     });
-    let (entry, left, written) = tokio::join!(entry, left, written);
+    let (entry, moved_out, written) = tokio::join!(entry, moved_out, written);
     written.map_err(std::io::Error::other)??;
-    left?;
+    moved_out?;
     entry.map_err(std::io::Error::other)?
 }
 
