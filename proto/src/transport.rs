@@ -1,8 +1,8 @@
 //! How the contract is carried: gRPC over mutual TLS on TCP.
 //!
 //! The TLS configs come from the pki crate; this module only moves bytes:
-//! it accepts and handshakes connections for a tonic server, and dials
-//! channels for tonic clients. It decides nothing about who may do what.
+//! it accepts and handshakes connections, serves gRPC routes on them
+//! ([`serve_grpc`]), and dials channels for tonic clients. It decides nothing about who may do what.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -315,8 +315,7 @@ const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duratio
 /// loop only accepts, whatever the handshakes in progress do. A handshake
 /// ends within [`HANDSHAKE_TIMEOUT`], and at most [`MAX_HANDSHAKES`] are in
 /// progress (a newcomer closes the oldest). The returned stream feeds
-/// `tonic::transport::Server::serve_with_incoming*`; when it is dropped the
-/// accept loop ends.
+/// [`serve_grpc`]; when it is dropped the accept loop ends.
 pub fn tls_incoming(
     listener: TcpListener,
     config: ServerConfigSource,
@@ -426,14 +425,17 @@ pub type ClientConfigSource = watch::Receiver<Arc<rustls::ClientConfig>>;
 pub const MAX_FRAME_SIZE: u32 = 512 * 1024;
 
 /// The HPACK table a channel lets its peer fill with the headers it
-/// answers with (HTTP/2's default is 4,096 bytes): none. hyper's server
+/// answers with, and [`serve_grpc`] with the headers of requests (HTTP/2's
+/// default is 4,096 bytes): none. hyper's server
 /// (tonic's) sends a `date` header with every response, a new value each
 /// second, and h2's HPACK encoder indexes each one: on a connection that
 /// lives for days, as a worker's to its scheduler does, both ends' tables
 /// fill to their limit with dates no one reads again (10-11 KB of heap
 /// per connection, in the scheduler for each worker, measured;
 /// docs/PERFORMANCE.md, "Steady heartbeats"). Without the table a
-/// response carries its few header bytes literally.
+/// response carries its few header bytes literally. A worker's heartbeat
+/// headers, the same every time, would keep 0.5 KB per worker in the
+/// scheduler for a few bytes saved on each call.
 pub const HEADER_TABLE_SIZE: u32 = 0;
 
 /// A lazily connected channel to `addr` (`host:port`) over TLS with
@@ -565,6 +567,97 @@ pub fn plain_channel(addr: &str, connect_timeout: Duration) -> Result<Channel, A
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true);
     Ok(endpoint.connect_lazy())
+}
+
+/// HTTP/2 pings on a served gRPC connection find a peer that went away
+/// without closing (a paused or cut-off worker).
+const GRPC_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// A ping unanswered this long closes the connection.
+const GRPC_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Serves gRPC `routes` on every connection `incoming` yields, HTTP/2
+/// only, until `stop` resolves; then accepts no more, asks every open
+/// connection to finish (GOAWAY) and returns once all have closed (the
+/// caller bounds that wait). Each request carries its connection's
+/// [`tonic::transport::server::Connected::connect_info`] (for TLS, the
+/// [`Caller`]) in its extensions, as tonic's own server puts it.
+///
+/// Kept instead of `tonic::transport::Server` for what a connection holds
+/// while idle, which with thousands of workers is the scheduler's memory:
+/// tonic spawns each connection in a task that also keeps what the
+/// connection was made from, around an HTTP/1-or-2 connection, and gives
+/// no way to refuse the peer an HPACK table (the headers of a worker's
+/// heartbeat, indexed and kept for the connection's life). Here a
+/// connection's task is the HTTP/2 connection and its shutdown watch, and
+/// the header table size is [`HEADER_TABLE_SIZE`]. The rest is as tonic's
+/// server has it: hyper's defaults (windows, frame size), no stream limit,
+/// pings every 10 s. A request's `grpc-timeout` is enforced by the
+/// caller's channel (tonic's client), which resets the stream, and a reset
+/// drops the handler, so tonic's server-side copy of that check is not
+/// missed. Errors of one connection are its own (logged at debug, as
+/// tonic does).
+pub async fn serve_grpc<I, IO>(
+    incoming: I,
+    routes: tonic::service::Routes,
+    stop: impl std::future::Future<Output = ()>,
+) where
+    I: tokio_stream::Stream<Item = std::io::Result<IO>>,
+    IO: AsyncRead + AsyncWrite + tonic::transport::server::Connected + Unpin + Send + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+{
+    use futures_util::FutureExt as _;
+    use tokio_stream::StreamExt as _;
+    use tower::ServiceExt as _;
+
+    let mut http2 = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    http2
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(GRPC_KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(GRPC_KEEPALIVE_TIMEOUT)
+        .header_table_size(HEADER_TABLE_SIZE)
+        // As tonic's server: a scheduler relays every follower of a job on
+        // its one connection to the worker (`max_followers_per_job`), and
+        // a peer here holds a cluster certificate.
+        .max_concurrent_streams(None);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let routes = routes.prepare();
+    {
+        let mut incoming = std::pin::pin!(incoming);
+        let mut stop = std::pin::pin!(stop);
+        loop {
+            let io = tokio::select! {
+                () = &mut stop => break,
+                io = incoming.next() => match io {
+                    Some(Ok(io)) => io,
+                    Some(Err(error)) => {
+                        tracing::debug!(%error, "grpc connection not accepted");
+                        continue;
+                    }
+                    None => break,
+                },
+            };
+            let info = io.connect_info();
+            let service = routes.clone().map_request(
+                move |mut request: hyper::Request<hyper::body::Incoming>| {
+                    request.extensions_mut().insert(info.clone());
+                    request
+                },
+            );
+            let connection = http2.serve_connection(
+                TokioIo::new(io),
+                hyper_util::service::TowerToHyperService::new(service),
+            );
+            // Combinators, not an async block, so the task holds the
+            // connection once.
+            tokio::spawn(graceful.watch(connection).map(|served| {
+                if let Err(error) = served {
+                    tracing::debug!(%error, "grpc connection failed");
+                }
+            }));
+        }
+        // `incoming` is dropped here, which ends its accept loop.
+    }
+    graceful.shutdown().await;
 }
 
 /// Accepted plaintext connections, for insecure mode only.

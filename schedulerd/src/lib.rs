@@ -325,22 +325,17 @@ pub async fn run(
     let (grpc_health, health_service) =
         jobcluster_proto::grpc_ops::health::<SchedulerServer<grpc::SchedulerService>>().await;
     let (reflection, reflection_v1alpha) = jobcluster_proto::grpc_ops::reflection()?;
-    let router = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+    let routes = tonic::service::Routes::new(
         // A registration reports every job of the worker.
-        .add_service(SchedulerServer::new(service).max_decoding_message_size(64 << 20))
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(reflection_v1alpha);
+        SchedulerServer::new(service).max_decoding_message_size(64 << 20),
+    )
+    .add_service(health_service)
+    .add_service(reflection)
+    .add_service(reflection_v1alpha);
     let stopped = stop.clone().cancelled_owned();
     let grpc = match grpc_incoming {
-        Incoming::Tls(incoming) => {
-            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
-        }
-        Incoming::Plain(incoming) => {
-            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
-        }
+        Incoming::Tls(incoming) => tokio::spawn(transport::serve_grpc(incoming, routes, stopped)),
+        Incoming::Plain(incoming) => tokio::spawn(transport::serve_grpc(incoming, routes, stopped)),
     };
 
     let app_state = api::AppState {
@@ -490,7 +485,7 @@ pub async fn run(
     // Both servers bound their own drain by the grace period.
     let (grpc, http) = tokio::join!(tokio::time::timeout(SHUTDOWN_GRACE, grpc), http);
     match grpc {
-        Ok(Ok(Err(error))) => tracing::error!(%error, "grpc server failed"),
+        Ok(Err(error)) => tracing::error!(%error, "grpc server task failed"),
         Err(_) => tracing::warn!("grpc streams still open after the shutdown grace"),
         _ => {}
     }

@@ -70,8 +70,6 @@ pub enum Error {
     },
     #[error("scheduler.addr: {0}")]
     SchedulerAddr(#[source] transport::AddressError),
-    #[error("grpc server: {0}")]
-    Server(#[from] tonic::transport::Error),
     #[error("grpc reflection: {0}")]
     Reflection(#[from] jobcluster_proto::grpc_ops::ReflectionError),
 }
@@ -179,16 +177,13 @@ pub async fn run(
     let (grpc_health, health_service) =
         jobcluster_proto::grpc_ops::health::<WorkerServer<service::WorkerService>>().await;
     let (reflection, reflection_v1alpha) = jobcluster_proto::grpc_ops::reflection()?;
-    let router = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .add_service(WorkerServer::new(service::WorkerService::new(
-            jobs.clone(),
-            config.tls.is_none(),
-        )))
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(reflection_v1alpha);
+    let routes = tonic::service::Routes::new(WorkerServer::new(service::WorkerService::new(
+        jobs.clone(),
+        config.tls.is_none(),
+    )))
+    .add_service(health_service)
+    .add_service(reflection)
+    .add_service(reflection_v1alpha);
     let stopped = stop_server.clone().cancelled_owned();
     let (scheduler, server, reloader) = match (&config.tls, &config.tls_files) {
         (Some(tls), Some(files)) => {
@@ -209,7 +204,7 @@ pub async fn run(
             let server_config = jobcluster_pki::server_config(&tls.identity, &tls.roots, &[b"h2"])?;
             let (server_tx, server_rx) = watch::channel(server_config);
             let incoming = transport::tls_incoming(listener, server_rx);
-            let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped));
+            let server = tokio::spawn(transport::serve_grpc(incoming, routes, stopped));
             let (file, files, name) = (config.file.clone(), files.clone(), config.name.clone());
             let hangups = jobcluster_proto::daemon::hangups().map_err(Error::Listener)?;
             let reloader = tokio::spawn(jobcluster_proto::daemon::reload_on_hangup(
@@ -242,7 +237,7 @@ pub async fn run(
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(Error::SchedulerAddr)?;
             let incoming = transport::plain_incoming(listener);
-            let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped));
+            let server = tokio::spawn(transport::serve_grpc(incoming, routes, stopped));
             (scheduler, server, None)
         }
     };
@@ -307,7 +302,7 @@ pub async fn run(
     }
     stop_server.cancel();
     match tokio::time::timeout(SERVER_DRAIN, server).await {
-        Ok(Ok(result)) => result?,
+        Ok(Ok(())) => {}
         Ok(Err(join)) => tracing::error!(error = %join, "grpc server task failed"),
         Err(_) => tracing::warn!("open streams did not finish in time; closing them"),
     }

@@ -89,7 +89,8 @@ async fn bench_workers_simulates_workers_that_register_heartbeat_and_leave() {
 
 /// A worker's connection idles between heartbeats, and an idle HTTP/2
 /// connection holds no buffers (vendor/h2): 500 simulated workers cost the
-/// scheduler about 21 KB each in this debug build. Upstream h2 allocates 28
+/// scheduler about 19 KB each in this debug build (21 KB before the gRPC
+/// server was our own, `transport::serve_grpc`). Upstream h2 allocates 28
 /// KiB more with every connection and keeps them (39–40 KB each here), so
 /// this fails without the patch.
 #[tokio::test(flavor = "multi_thread")]
@@ -250,4 +251,72 @@ addr = "127.0.0.1:0"
         scheduler.log()
     );
     drop(flood);
+}
+
+/// Both daemons' gRPC servers allow their peers no HPACK table (a worker's
+/// heartbeat headers, indexed, cost the scheduler 0.5 KB per worker) and
+/// set no stream limit (the scheduler relays every follower of a job on
+/// its one connection to the worker, `max_followers_per_job` of them).
+/// Read off the SETTINGS frame each server sends first, over real mTLS.
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_servers_allow_no_header_table_and_no_stream_limit() {
+    let cluster = Cluster::start(&["w1"]).await;
+    let worker = cluster.worker_info("w1").await.address;
+    for addr in [cluster.grpc_addr.as_str(), worker.as_str()] {
+        let settings = server_settings(&cluster.pki(), addr).await;
+        // SETTINGS_HEADER_TABLE_SIZE (0x1) and SETTINGS_MAX_CONCURRENT_STREAMS (0x3).
+        let table = settings.iter().find(|(id, _)| *id == 0x1).map(|(_, v)| *v);
+        assert_eq!(table, Some(0), "{addr} sent {settings:?}");
+        assert!(
+            settings.iter().all(|(id, _)| *id != 0x3),
+            "{addr} limits concurrent streams: {settings:?}"
+        );
+    }
+}
+
+/// The parameters of the first SETTINGS frame the HTTP/2 server at `addr`
+/// sends, after a TLS handshake with the client certificate and the
+/// client's connection preface.
+async fn server_settings(pki: &Path, addr: &str) -> Vec<(u16, u32)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let roots = jobcluster_pki::Roots::load(&pki.join("ca.pem")).unwrap();
+    let identity =
+        jobcluster_pki::Identity::load(&pki.join("client.pem"), &pki.join("client-key.pem"))
+            .unwrap();
+    let tls = jobcluster_pki::client_config(&roots, Some(&identity), &[b"h2"]).unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    // The preface, then an empty SETTINGS frame (length 0, type 0x4).
+    stream
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let read = async {
+        loop {
+            let mut header = [0u8; 9];
+            stream.read_exact(&mut header).await.unwrap();
+            let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            stream.read_exact(&mut payload).await.unwrap();
+            // A SETTINGS frame that is not an ACK (flag 0x1).
+            if header[3] == 0x4 && header[4] & 0x1 == 0 {
+                return payload
+                    .chunks_exact(6)
+                    .map(|p| {
+                        (
+                            u16::from_be_bytes([p[0], p[1]]),
+                            u32::from_be_bytes([p[2], p[3], p[4], p[5]]),
+                        )
+                    })
+                    .collect();
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("no SETTINGS frame within 10 s")
 }
