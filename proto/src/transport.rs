@@ -19,6 +19,8 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
+mod lean_tls;
+
 /// Encrypted bytes a server connection holds unsent (rustls' default is
 /// 64 KiB). A written piece of output (a message of up to 256 KiB) is then
 /// encrypted and handed to the socket in one `writev` instead of four, with
@@ -197,6 +199,12 @@ pub struct ConnectionLimits {
     /// wait in the kernel's backlog (costing this process nothing) until a
     /// connection closes. `None`: no bound here (the server bounds them).
     pub connections: Option<Arc<Semaphore>>,
+    /// Drive TLS with buffers that are freed while the connection idles
+    /// (`lean_tls`, over rustls's unbuffered API) instead of tokio-rustls,
+    /// whose rustls connection keeps a 4 KiB read buffer for life: for a
+    /// listener whose many connections idle most of the time (the
+    /// scheduler's, one per worker).
+    pub lean: bool,
 }
 
 impl Default for ConnectionLimits {
@@ -204,6 +212,7 @@ impl Default for ConnectionLimits {
         ConnectionLimits {
             handshakes: MAX_HANDSHAKES,
             connections: None,
+            lean: false,
         }
     }
 }
@@ -212,14 +221,47 @@ impl Default for ConnectionLimits {
 /// connections until dropped.
 #[derive(Debug)]
 pub struct Accepted {
-    tls: TlsStream<TcpStream>,
+    tls: Tls,
     _place: Option<OwnedSemaphorePermit>,
 }
 
+#[derive(Debug)]
+enum Tls {
+    Buffered(TlsStream<TcpStream>),
+    Lean(lean_tls::LeanTls),
+}
+
 impl Accepted {
-    pub fn get_ref(&self) -> &TlsStream<TcpStream> {
-        &self.tls
+    pub fn peer_addr(&self) -> std::io::Result<SocketAddr> {
+        match &self.tls {
+            Tls::Buffered(tls) => tls.get_ref().0.peer_addr(),
+            Tls::Lean(tls) => tls.get_ref().peer_addr(),
+        }
     }
+
+    /// The client's certificate chain, leaf first, if it sent one.
+    pub fn peer_certificates(&self) -> Option<&[rustls::pki_types::CertificateDer<'static>]> {
+        match &self.tls {
+            Tls::Buffered(tls) => tls.get_ref().1.peer_certificates(),
+            Tls::Lean(tls) => tls.peer_certificates(),
+        }
+    }
+}
+
+/// Forwards each call to whichever TLS stream the connection has.
+macro_rules! on_tls {
+    ($self:ident, $tls:ident => $call:expr) => {
+        match &mut $self.get_mut().tls {
+            Tls::Buffered($tls) => {
+                let $tls = std::pin::Pin::new($tls);
+                $call
+            }
+            Tls::Lean($tls) => {
+                let $tls = std::pin::Pin::new($tls);
+                $call
+            }
+        }
+    };
 }
 
 impl AsyncRead for Accepted {
@@ -228,7 +270,7 @@ impl AsyncRead for Accepted {
         cx: &mut std::task::Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().tls).poll_read(cx, buf)
+        on_tls!(self, tls => tls.poll_read(cx, buf))
     }
 }
 
@@ -238,7 +280,7 @@ impl AsyncWrite for Accepted {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().tls).poll_write(cx, buf)
+        on_tls!(self, tls => tls.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -246,25 +288,28 @@ impl AsyncWrite for Accepted {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.get_mut().tls).poll_write_vectored(cx, bufs)
+        on_tls!(self, tls => tls.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.tls.is_write_vectored()
+        match &self.tls {
+            Tls::Buffered(tls) => tls.is_write_vectored(),
+            Tls::Lean(tls) => tls.is_write_vectored(),
+        }
     }
 
     fn poll_flush(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().tls).poll_flush(cx)
+        on_tls!(self, tls => tls.poll_flush(cx))
     }
 
     fn poll_shutdown(
         self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.get_mut().tls).poll_shutdown(cx)
+        on_tls!(self, tls => tls.poll_shutdown(cx))
     }
 }
 
@@ -287,12 +332,7 @@ impl tonic::transport::server::Connected for Accepted {
     type ConnectInfo = Caller;
 
     fn connect_info(&self) -> Caller {
-        let leaf = self
-            .tls
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|certs| certs.first());
+        let leaf = self.peer_certificates().and_then(|certs| certs.first());
         let identity = match leaf {
             None => CallerIdentity::NoCertificate,
             Some(leaf) => match jobcluster_pki::peer_identity(leaf) {
@@ -371,7 +411,8 @@ pub fn tls_incoming_with(
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let acceptor = TlsAcceptor::from(config.borrow().clone());
+            let server_config = config.borrow().clone();
+            let lean = limits.lean;
             let tx = tx.clone();
             let mut crowd_place = handshaking.enter();
             tokio::spawn(async move {
@@ -381,7 +422,15 @@ pub fn tls_incoming_with(
                     // to go when the crowd is full.
                     tcp.readable().await?;
                     speaker.spoke();
-                    acceptor.accept(tcp).await
+                    if lean {
+                        lean_tls::accept(server_config, tcp, TLS_SEND_BUFFER)
+                            .await
+                            .map(Tls::Lean)
+                    } else {
+                        let mut tls = TlsAcceptor::from(server_config).accept(tcp).await?;
+                        tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
+                        Ok(Tls::Buffered(tls))
+                    }
                 };
                 let result = tokio::select! {
                     result = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake) => result,
@@ -392,8 +441,7 @@ pub fn tls_incoming_with(
                 };
                 drop(crowd_place);
                 match result {
-                    Ok(Ok(mut tls)) => {
-                        tls.get_mut().1.set_buffer_limit(Some(TLS_SEND_BUFFER));
+                    Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(Accepted { tls, _place: place })).await;
                     }
                     Ok(Err(error)) => tracing::info!(%peer, %error, "tls handshake refused"),
@@ -590,8 +638,10 @@ const GRPC_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// heartbeat, indexed and kept for the connection's life). Here a
 /// connection's task is the HTTP/2 connection and its shutdown watch, and
 /// the header table size is [`HEADER_TABLE_SIZE`]. The rest is as tonic's
-/// server has it: hyper's defaults (windows, frame size), no stream limit,
-/// pings every 10 s. A request's `grpc-timeout` is enforced by the
+/// server has it (hyper's windows and frame size, no stream limit, pings
+/// every 10 s) but for one bound tonic lifts: after 1,024 streams this
+/// end reset for the peer's errors, hyper's default, the connection is
+/// closed (GOAWAY). A request's `grpc-timeout` is enforced by the
 /// caller's channel (tonic's client), which resets the stream, and a reset
 /// drops the handler, so tonic's server-side copy of that check is not
 /// missed. Errors of one connection are its own (logged at debug, as

@@ -280,6 +280,8 @@ pub async fn run(
                     transport::ConnectionLimits {
                         handshakes: transport::MAX_HANDSHAKES.min(budget.grpc),
                         connections: Some(Arc::new(tokio::sync::Semaphore::new(budget.grpc))),
+                        // A connection per worker, idle between heartbeats.
+                        lean: true,
                     },
                 )),
                 HttpListener::Tls(
@@ -289,6 +291,7 @@ pub async fn run(
                         transport::ConnectionLimits {
                             handshakes: api_share.handshakes(),
                             connections: None,
+                            lean: false,
                         },
                     )
                     .map_err(Error::Http)?,

@@ -146,11 +146,13 @@ mod tests {
             address: String::new(),
             state,
             plugins: vec!["bash".into()],
-            labels: [("zone".to_owned(), zone.to_owned())].into(),
+            labels: [("zone".to_owned(), zone.to_owned())].into_iter().collect(),
             registered_at_ms: 0,
             last_seen_ms: 0,
             cgroup_limits: false,
-            extensions: [("bash".to_owned(), vec!["sh".to_owned()])].into(),
+            extensions: [("bash".to_owned(), vec!["sh".to_owned()])]
+                .into_iter()
+                .collect(),
             draining,
             max_jobs: 0,
             seed: false,

@@ -883,11 +883,11 @@ impl Registry {
             address: reg.address,
             state: WorkerState::Ready,
             plugins: reg.plugins,
-            labels: reg.labels,
+            labels: crate::store::small_map(reg.labels),
             registered_at_ms: now_ms,
             last_seen_ms: now_ms,
             cgroup_limits: reg.cgroup_limits,
-            extensions: reg.extensions,
+            extensions: crate::store::small_map(reg.extensions),
             // A drain outlives the worker's restarts; only undrain ends it.
             draining: existing.as_ref().is_some_and(|e| e.row().draining),
             max_jobs: reg.max_jobs,

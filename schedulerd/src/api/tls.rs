@@ -40,9 +40,6 @@ impl Listener for TlsListener {
             match self.incoming.next().await {
                 Some(Ok(stream)) => {
                     let addr = stream
-                        .get_ref()
-                        .get_ref()
-                        .0
                         .peer_addr()
                         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
                     return (stream, addr);
@@ -71,9 +68,6 @@ impl PeerInfo {
     /// The identity in the connection's client certificate, if any.
     pub(crate) fn of(stream: &Accepted, addr: SocketAddr) -> Self {
         let identity = stream
-            .get_ref()
-            .get_ref()
-            .1
             .peer_certificates()
             .and_then(|certs| certs.first())
             .and_then(|leaf| jobcluster_pki::peer_identity(leaf).ok());

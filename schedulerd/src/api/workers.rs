@@ -254,7 +254,7 @@ fn worker_info(w: WorkerRow, running_jobs: u64, unresponsive: bool) -> WorkerInf
         name: w.name,
         address: w.address,
         plugins: w.plugins,
-        labels: w.labels,
+        labels: w.labels.into_iter().collect(),
         running_jobs,
         last_seen: rfc3339(w.last_seen_ms),
         registered_at: rfc3339(w.registered_at_ms),

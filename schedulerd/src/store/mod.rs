@@ -77,13 +77,13 @@ pub struct WorkerRow {
     pub address: String,
     pub state: WorkerState,
     pub plugins: Vec<String>,
-    pub labels: std::collections::BTreeMap<String, String>,
+    pub labels: SmallMap<String>,
     pub registered_at_ms: u64,
     pub last_seen_ms: u64,
     /// Its job limits go through a delegated cgroup v2.
     pub cgroup_limits: bool,
     /// Script extensions each plugin runs (for placement by extension).
-    pub extensions: std::collections::BTreeMap<String, Vec<String>>,
+    pub extensions: SmallMap<Vec<String>>,
     /// Set by an operator: the worker takes no new jobs.
     pub draining: bool,
     /// Its slots: most jobs it runs at once; 0: unlimited.
@@ -91,6 +91,22 @@ pub struct WorkerRow {
     /// Registered through the original design's contract (no instance id):
     /// it sends no heartbeats, so the scheduler checks on it instead.
     pub seed: bool,
+}
+
+/// A worker's few labels or plugins' extensions, as one sorted vector of
+/// exactly their number: a `BTreeMap` allocates a node for eleven entries
+/// even for one (0.5 KB), held per worker for the scheduler's life. Reads
+/// are lookups and walks of a handful of entries; the JSON is the same map.
+pub type SmallMap<V> = litemap::LiteMap<String, V>;
+
+/// `map` as a [`SmallMap`] holding no spare room.
+pub fn small_map<V>(map: std::collections::BTreeMap<String, V>) -> SmallMap<V> {
+    let mut small = SmallMap::with_capacity(map.len());
+    for (key, value) in map {
+        // In order, so each is appended: none comes back.
+        let _ = small.try_append(key, value);
+    }
+    small
 }
 
 impl WorkerRow {

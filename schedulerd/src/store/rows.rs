@@ -2,7 +2,7 @@
 //! to read one column ([`Columns`]); which column is which field is here,
 //! with the column lists the queries select.
 
-use super::{GroupRow, JobRow, KeyRow, QueueEntry, WorkerRow, from_json};
+use super::{GroupRow, JobRow, KeyRow, QueueEntry, WorkerRow, from_json, small_map};
 use crate::state::{JobState, WorkerState};
 
 /// Reading one column of a result row, as a store's driver does it.
@@ -91,11 +91,11 @@ pub(crate) fn worker_row<R: Columns>(r: &R) -> Result<WorkerRow, R::Error> {
         state: WorkerState::parse(&state)
             .ok_or_else(|| R::unreadable(3, format!("worker state {state:?}")))?,
         plugins: from_json(&r.text(4)?),
-        labels: from_json(&r.text(5)?),
+        labels: small_map(from_json(&r.text(5)?)),
         registered_at_ms: ms(r, 6)?,
         last_seen_ms: ms(r, 7)?,
         cgroup_limits: r.flag(8)?,
-        extensions: from_json(&r.text(9)?),
+        extensions: small_map(from_json(&r.text(9)?)),
         draining: r.flag(10)?,
         max_jobs: u32::try_from(r.int(11)?).unwrap_or(u32::MAX),
         seed: r.flag(12)?,
