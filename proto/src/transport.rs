@@ -2,7 +2,8 @@
 //!
 //! The TLS configs come from the pki crate; this module only moves bytes:
 //! it accepts and handshakes connections, serves gRPC routes on them
-//! ([`serve_grpc`]), and dials channels for tonic clients. It decides nothing about who may do what.
+//! ([`serve_grpc`]), and dials channels for tonic clients. It decides
+//! nothing about who may do what.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -350,6 +351,45 @@ const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
 /// so an exhausted descriptor table is not polled in a hot loop.
 const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
 
+/// The failures of one listener's `accept` in a row (out of file
+/// descriptors and the like), so that the loop backs off, longer each
+/// time, instead of spinning on the error, and says so now and then rather
+/// than at every attempt.
+#[derive(Debug, Default)]
+struct AcceptFailures {
+    in_a_row: u32,
+    total: u64,
+    last_warned: Option<std::time::Instant>,
+}
+
+impl AcceptFailures {
+    /// The next accepted connection; failures wait and are retried.
+    async fn accept(&mut self, listener: &TcpListener) -> (TcpStream, SocketAddr) {
+        loop {
+            match listener.accept().await {
+                Ok(accepted) => {
+                    self.in_a_row = 0;
+                    return accepted;
+                }
+                Err(error) => {
+                    self.total += 1;
+                    let now = std::time::Instant::now();
+                    if self
+                        .last_warned
+                        .is_none_or(|t| now.duration_since(t) >= ACCEPT_WARN_EVERY)
+                    {
+                        self.last_warned = Some(now);
+                        tracing::warn!(%error, failures = self.total, "accept failed; backing off");
+                    }
+                    let pause = ACCEPT_BACKOFF.0 * 2u32.saturating_pow(self.in_a_row.min(16));
+                    self.in_a_row += 1;
+                    tokio::time::sleep(pause.min(ACCEPT_BACKOFF.1)).await;
+                }
+            }
+        }
+    }
+}
+
 /// Accepts TCP connections on `listener` and completes the TLS handshake of
 /// each in its own task, so one slow client never delays the others: the
 /// loop only accepts, whatever the handshakes in progress do. A handshake
@@ -372,9 +412,7 @@ pub fn tls_incoming_with(
     let (tx, rx) = mpsc::channel(ACCEPT_BACKLOG);
     let handshaking = Crowd::new("unfinished TLS handshakes", limits.handshakes);
     tokio::spawn(async move {
-        let mut backoff = ACCEPT_BACKOFF.0;
-        let mut failures = 0u64;
-        let mut last_warned: Option<std::time::Instant> = None;
+        let mut failing = AcceptFailures::default();
         loop {
             let place = match &limits.connections {
                 Some(places) => tokio::select! {
@@ -386,29 +424,9 @@ pub fn tls_incoming_with(
                 },
                 None => None,
             };
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
+            let (tcp, peer) = tokio::select! {
+                accepted = failing.accept(&listener) => accepted,
                 () = tx.closed() => return,
-            };
-            let (tcp, peer) = match accepted {
-                Ok(conn) => {
-                    backoff = ACCEPT_BACKOFF.0;
-                    conn
-                }
-                Err(error) => {
-                    // Out of file descriptors and the like: back off
-                    // (longer each time) instead of spinning on the error,
-                    // and say so now and then, not at every attempt.
-                    failures += 1;
-                    let now = std::time::Instant::now();
-                    if last_warned.is_none_or(|t| now.duration_since(t) >= ACCEPT_WARN_EVERY) {
-                        last_warned = Some(now);
-                        tracing::warn!(%error, failures, "accept failed; backing off");
-                    }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(ACCEPT_BACKOFF.1);
-                    continue;
-                }
             };
             let _ = tcp.set_nodelay(true);
             let server_config = config.borrow().clone();
@@ -711,8 +729,19 @@ pub async fn serve_grpc<I, IO>(
 }
 
 /// Accepted plaintext connections, for insecure mode only.
-pub fn plain_incoming(listener: TcpListener) -> tokio_stream::wrappers::TcpListenerStream {
-    tokio_stream::wrappers::TcpListenerStream::new(listener)
+pub type PlainIncoming =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = std::io::Result<TcpStream>> + Send>>;
+
+/// Accepted plaintext connections, for insecure mode only; a failing
+/// `accept` backs off as [`tls_incoming`]'s does.
+pub fn plain_incoming(listener: TcpListener) -> PlainIncoming {
+    Box::pin(futures_util::stream::unfold(
+        (listener, AcceptFailures::default()),
+        |(listener, mut failing)| async move {
+            let (tcp, _) = failing.accept(&listener).await;
+            Some((Ok(tcp), (listener, failing)))
+        },
+    ))
 }
 
 /// The caller's identity from its client certificate, which must carry

@@ -159,7 +159,7 @@ fn sync_every(heartbeat_interval: Duration) -> Duration {
 /// Where gRPC connections come from.
 enum Incoming {
     Tls(tokio_stream::wrappers::ReceiverStream<Result<transport::Accepted, std::io::Error>>),
-    Plain(tokio_stream::wrappers::TcpListenerStream),
+    Plain(transport::PlainIncoming),
 }
 
 /// Where API connections come from.

@@ -626,6 +626,25 @@ pub fn open_to_jobs(dir: &Path) {
 }
 
 /// Runs clusterctl synchronously and asserts success.
+/// CPU time (user and system) process `pid` has used, in seconds.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // utime and stime, fields 14 and 15, after the command's ")".
+    let ticks: u64 = stat
+        .rsplit_once(") ")
+        .unwrap()
+        .1
+        .split(' ')
+        .skip(11)
+        .take(2)
+        .map(|f| f.parse::<u64>().unwrap())
+        .sum();
+    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .unwrap()
+        .unwrap();
+    ticks as f64 / per_second as f64
+}
+
 pub fn run_ok(args: &[&str]) -> Output {
     let out = std::process::Command::new(bin("clusterctl"))
         .args(args)

@@ -593,24 +593,10 @@ async fn bench_a_free_slot_behind_ten_thousand_unfit() {
         t.await.unwrap();
     }
     let pid = cluster.scheduler.child.id();
-    let cpu = || {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        let fields: Vec<u64> = stat
-            .rsplit_once(") ")
-            .unwrap()
-            .1
-            .split(' ')
-            .skip(11)
-            .take(2)
-            .map(|f| f.parse().unwrap())
-            .collect();
-        fields[0] + fields[1]
-    };
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (before, t) = (cpu(), std::time::Instant::now());
+    let (before, t) = (crate::cluster::cpu_seconds(pid), std::time::Instant::now());
     tokio::time::sleep(Duration::from_secs(10)).await;
-    let ticks = cpu() - before;
-    let share = ticks as f64 / 100.0 / t.elapsed().as_secs_f64() * 100.0;
+    let share = (crate::cluster::cpu_seconds(pid) - before) / t.elapsed().as_secs_f64() * 100.0;
     println!(
         "10,000 queued for a full worker, another's slot free: scheduler at {share:.1} % of a core"
     );

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use jobcluster_proto::http::WorkerList;
 
-use crate::cluster::{Cluster, bin, run_ok, stderr};
+use crate::cluster::{Cluster, bin, cpu_seconds, run_ok, stderr};
 use crate::harness::Daemon;
 
 /// `bench workers --simulate 20` registers twenty workers with real
@@ -184,22 +184,7 @@ addr = "127.0.0.1:0"
         ),
     )
     .unwrap();
-    let schedulerd = bin("schedulerd");
-    // Soft and hard limit alike: the daemon cannot raise it.
-    let scheduler = Daemon::spawn_with(
-        prlimit,
-        &[
-            "--nofile=256:256",
-            "--",
-            schedulerd.to_str().unwrap(),
-            "--config",
-            config.to_str().unwrap(),
-        ],
-        &["grpc", "http"],
-        &[],
-    );
-    // Logged once the limit is shared out, just after the listeners.
-    scheduler.wait_for_log("open_files=256", 0).await;
+    let scheduler = scheduler_with_open_files(&config, 256).await;
     let (grpc, http) = (&scheduler.addrs["grpc"], &scheduler.addrs["http"]);
 
     // Far more than the limit, held open and silent (each one the
@@ -252,6 +237,76 @@ addr = "127.0.0.1:0"
         scheduler.log()
     );
     drop(flood);
+}
+
+/// In insecure mode the gRPC listener has no connection share: past the
+/// open-files limit its `accept` fails. It must back off (10 ms, doubling
+/// to 1 s) rather than retry at once: a retry loop on EMFILE burns a
+/// whole core for as long as the connections stay.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_insecure_grpc_listener_out_of_files_backs_off_instead_of_spinning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("scheduler.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[grpc_server]\naddr = \"127.0.0.1:0\"\nuse_tls = false\ninsecure = true\n\n\
+             [store]\npath = \"{}/scheduler.db\"\n\n[http_server]\naddr = \"127.0.0.1:0\"\n",
+            tmp.path().display()
+        ),
+    )
+    .unwrap();
+    let scheduler = scheduler_with_open_files(&config, 128).await;
+    let grpc = &scheduler.addrs["grpc"];
+    // More than the limit, held open: once the table is full every accept
+    // fails until they close.
+    let mut flood = Vec::new();
+    for _ in 0..200 {
+        flood.push(tokio::net::TcpStream::connect(grpc).await.unwrap());
+    }
+    scheduler
+        .wait_for_log("accept failed; backing off", 0)
+        .await;
+    let pid = scheduler.child.id();
+    let before = cpu_seconds(pid);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let used = cpu_seconds(pid) - before;
+    // A spinning loop uses about 3 s here; backing off, next to nothing.
+    assert!(
+        used < 1.0,
+        "schedulerd used {used:.2} s of CPU in 3 s while out of files\n{}",
+        scheduler.log()
+    );
+    drop(flood);
+}
+
+/// schedulerd with `config`, started under `prlimit` with an open-files
+/// limit of `limit`, soft and hard alike (the daemon cannot raise it),
+/// once it has shared the limit out (logged just after the listeners).
+async fn scheduler_with_open_files(config: &Path, limit: u32) -> Daemon {
+    let prlimit = Path::new("/usr/bin/prlimit");
+    assert!(
+        prlimit.exists(),
+        "this test needs prlimit (util-linux) to start schedulerd with a low file limit"
+    );
+    let schedulerd = bin("schedulerd");
+    let nofile = format!("--nofile={limit}:{limit}");
+    let scheduler = Daemon::spawn_with(
+        prlimit,
+        &[
+            &nofile,
+            "--",
+            schedulerd.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        &["grpc", "http"],
+        &[],
+    );
+    scheduler
+        .wait_for_log(&format!("open_files={limit}"), 0)
+        .await;
+    scheduler
 }
 
 /// Both daemons' gRPC servers allow their peers no HPACK table (a worker's
