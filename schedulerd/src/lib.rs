@@ -28,6 +28,7 @@ mod group_sync;
 mod grpc;
 mod leader;
 mod metrics;
+mod output_stream;
 mod placement;
 mod queue;
 mod registry;

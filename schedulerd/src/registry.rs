@@ -32,7 +32,7 @@ pub(crate) struct WorkerEntry {
     /// Since when (Unix ms) a call to this worker timed out, until it is
     /// heard from again: placement skips it and calls that need it fail fast.
     unresponsive_since: Mutex<Option<u64>>,
-    client: OnceLock<WorkerClient<Channel>>,
+    channel: OnceLock<Channel>,
     dial: Arc<Dial>,
     /// [`LOCAL_CHANGES`] at this entry's last change made here.
     changed: std::sync::atomic::AtomicU64,
@@ -303,16 +303,21 @@ impl WorkerEntry {
     /// A handle on the worker's shared channel (cloning is cheap; the
     /// connection is not duplicated), made on first use.
     pub(crate) fn client(&self) -> WorkerClient<Channel> {
-        self.client
+        WorkerClient::new(self.channel())
+    }
+
+    /// The worker's shared channel, for calls made without the generated
+    /// client ([`crate::output_stream`]).
+    pub(crate) fn channel(&self) -> Channel {
+        self.channel
             .get_or_init(|| {
                 let address = self.with_row(|r| r.address.clone());
-                let channel = self.dial.channel(&address).unwrap_or_else(|error| {
+                self.dial.channel(&address).unwrap_or_else(|error| {
                     // Not expected: the same address made a channel when
                     // the worker registered (or was loaded).
                     tracing::error!(worker_id = %self.id(), %error, "cannot dial the worker");
                     transport::failing_channel(error.to_string())
-                });
-                WorkerClient::new(channel)
+                })
             })
             .clone()
     }
@@ -682,7 +687,7 @@ impl Registry {
             row: Mutex::new(row),
             instance_id: Mutex::new(String::new()),
             unresponsive_since: Mutex::new(None),
-            client: OnceLock::new(),
+            channel: OnceLock::new(),
             dial: self.dial.clone(),
             changed: std::sync::atomic::AtomicU64::new(0),
             writing: std::sync::atomic::AtomicU32::new(0),

@@ -14,7 +14,8 @@
 //! - [`config`]: the TOML file and its validation.
 //! - `confine`: the path rules of SPEC §7.
 //! - [`job`]: spawning, supervising, stopping, the output log (one file per concern).
-//! - `service`: the gRPC surface.
+//! - `service`: the gRPC surface; `output_route`: its `StreamJob` messages
+//!   sent without tonic's encoding copy.
 //! - `metrics`: Prometheus metrics and the `[metrics] addr` listener.
 
 mod cgroup;
@@ -23,6 +24,7 @@ mod confine;
 mod job;
 mod membership;
 mod metrics;
+mod output_route;
 mod retention;
 mod service;
 mod sys;
@@ -177,10 +179,9 @@ pub async fn run(
     let (grpc_health, health_service) =
         jobcluster_proto::grpc_ops::health::<WorkerServer<service::WorkerService>>().await;
     let (reflection, reflection_v1alpha) = jobcluster_proto::grpc_ops::reflection()?;
-    let routes = tonic::service::Routes::new(WorkerServer::new(service::WorkerService::new(
-        jobs.clone(),
-        config.tls.is_none(),
-    )))
+    let routes = tonic::service::Routes::new(output_route::WorkerRoutes::new(
+        service::WorkerService::new(jobs.clone(), config.tls.is_none()),
+    ))
     .add_service(health_service)
     .add_service(reflection)
     .add_service(reflection_v1alpha);

@@ -108,7 +108,7 @@ fn job_status(job: &Job) -> QueryJobResponse {
     to_pb_status(&job.record(), len)
 }
 
-type StreamItem = Result<StreamJobResponse, Status>;
+pub(crate) type StreamItem = Result<StreamJobResponse, Status>;
 
 #[tonic::async_trait]
 impl Worker for WorkerService {

@@ -523,14 +523,14 @@ impl Member {
             return; // its worker cannot be asked now: nothing to stream
         };
         self.worker = worker.row().name;
-        let mut client = worker.client();
         let request = StreamJobRequest {
             job_id: job.job_id.clone(),
             offset: 0,
             follow: Some(self.follow),
         };
-        match with_deadline(self.state.call_timeout, client.stream_job(request)).await {
-            Ok(stream) => self.forward(stream.into_inner(), job).await,
+        let opening = crate::output_stream::open(worker.channel(), request);
+        match with_deadline(self.state.call_timeout, opening).await {
+            Ok(stream) => self.forward(stream, job).await,
             Err(status) => {
                 if super::jobs::unreachable(&status) {
                     super::jobs::worker_unreachable(&self.state, &worker).await;
@@ -577,11 +577,7 @@ impl Member {
         }
     }
 
-    async fn forward(
-        self,
-        mut stream: tonic::Streaming<jobcluster_proto::pb::StreamJobResponse>,
-        job: JobRow,
-    ) {
+    async fn forward(self, mut stream: crate::output_stream::Output, job: JobRow) {
         let mut pending: Vec<u8> = Vec::new();
         let mut line_start = 0u64;
         let mut pos = 0u64;
@@ -670,11 +666,7 @@ impl Member {
 
     /// Reopens the member's stream at `offset`, with backoff; `None` once
     /// the worker stays unreachable.
-    async fn reopen(
-        &self,
-        job: &JobRow,
-        offset: u64,
-    ) -> Option<tonic::Streaming<jobcluster_proto::pb::StreamJobResponse>> {
+    async fn reopen(&self, job: &JobRow, offset: u64) -> Option<crate::output_stream::Output> {
         // backon's schedule, as an iterator of pauses: its retry combinator
         // does not fit, as each pause also ends early when the reader left.
         let pauses = backon::BackoffBuilder::build(
@@ -694,11 +686,9 @@ impl Member {
                 offset,
                 follow: Some(true),
             };
-            let mut client = worker.client();
-            if let Ok(reply) =
-                with_deadline(self.state.call_timeout, client.stream_job(request)).await
-            {
-                return Some(reply.into_inner());
+            let opening = crate::output_stream::open(worker.channel(), request);
+            if let Ok(stream) = with_deadline(self.state.call_timeout, opening).await {
+                return Some(stream);
             }
         }
         tracing::warn!(job_id = %job.job_id, "gave up on a group member's output stream");

@@ -1537,14 +1537,14 @@ pub(crate) async fn stream_output(
         )
         .with_job(&row.job_id));
     }
-    let mut client = worker.client();
     let request = StreamJobRequest {
         job_id: row.job_id.clone(),
         offset,
         follow: Some(follow),
     };
-    let stream = match with_deadline(state.call_timeout, client.stream_job(request)).await {
-        Ok(stream) => stream.into_inner(),
+    let opening = crate::output_stream::open(worker.channel(), request);
+    let stream = match with_deadline(state.call_timeout, opening).await {
+        Ok(stream) => stream,
         Err(status) => {
             if unreachable(&status) {
                 worker_unreachable(state, &worker).await;
@@ -1608,7 +1608,7 @@ pub(crate) enum Trailer {
 
 /// One output stream passed from its worker to an API client.
 struct Relay {
-    stream: tonic::Streaming<pb::StreamJobResponse>,
+    stream: crate::output_stream::Output,
     /// The job's record until its end came (or the stream broke).
     row: Option<JobRow>,
     trailer: Trailer,
