@@ -7,13 +7,15 @@
 //! frame carried it whole. The scheduler only passes a worker's output on
 //! (to an HTTPS body, or a group's lines): here a message is decoded from
 //! the frames that brought it, and its output (a `Bytes` field) is a slice
-//! of the frame that holds it, which is the whole of a frame when the
-//! worker sends it as `workerd`'s `output_route` does. Nothing is copied
-//! but a field that crosses frames. Everything else keeps tonic's meaning:
-//! statuses come from the response's headers or trailers with tonic's own
-//! parsing, and a response that is not gRPC is read by tonic.
-//! Measured in docs/PERFORMANCE.md ("Following: the scheduler's relay
-//! without tonic's copy").
+//! of the frame that holds it. A worker sends each output as a frame of
+//! its own (`workerd`'s `output_route`), so that is usually the whole
+//! frame; an output that flow control split across frames is copied.
+//! Short frames are copied too, and at most [`MAX_HELD`] are held at once,
+//! so what a stream keeps alive of h2's buffers is bounded however a peer
+//! cuts its frames. Everything else keeps tonic's meaning: statuses come
+//! from the response's headers or trailers with tonic's own parsing, and a
+//! response that is not gRPC is read by tonic. Measured in
+//! docs/PERFORMANCE.md ("Following: no copies in tonic").
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -35,11 +37,17 @@ const HEADER: usize = 5;
 /// the largest piece a worker sends. Bounds what one stream buffers.
 pub(crate) const MAX_MESSAGE: usize = 4 * 1024 * 1024;
 
-/// The most frames one message may arrive in: every frame held costs a
-/// slot beside its bytes. A worker sends a message in two (a peer's
-/// smallest maximum frame, 16 KiB, would need 256 for [`MAX_MESSAGE`]);
-/// a peer sending a byte a frame is cut off here, not held.
-pub(crate) const MAX_FRAMES: usize = 1024;
+/// A received frame at least this long may be held as it came (a slice
+/// of h2's read buffer, which keeps that whole buffer alive); shorter ones
+/// are copied. A worker's output frames are up to 256 KiB; its heads are
+/// a few bytes.
+const HOLD_FROM: usize = 16 * 1024;
+
+/// The most received frames held as they came at once; others are copied.
+/// A worker's message holds one (its output), two when flow control split
+/// it. Bounds what one stream keeps alive of h2's buffers, however a peer
+/// cuts its frames.
+const MAX_HELD: usize = 2;
 
 const PATH: &str = "/jobscheduler.Worker/StreamJob";
 
@@ -156,33 +164,43 @@ impl Output {
                         continue;
                     };
                     self.ended = true;
-                    if self.frames.has_remaining() {
-                        return Err(Status::internal(
+                    return match Status::from_header_map(&trailers) {
+                        // The worker's error says more than a cut message.
+                        Some(status) if status.code() != Code::Ok => Err(status),
+                        _ if self.frames.has_remaining() => Err(Status::internal(
                             "the worker's stream ended inside a message",
-                        ));
-                    }
-                    match Status::from_header_map(&trailers) {
-                        Some(status) if status.code() == Code::Ok => return Ok(None),
-                        Some(status) => return Err(status),
-                        None => {
-                            return Err(Status::unknown(
-                                "the worker's stream ended without a gRPC status",
-                            ));
-                        }
-                    }
+                        )),
+                        Some(_) => Ok(None),
+                        None => Err(Status::unknown(
+                            "the worker's stream ended without a gRPC status",
+                        )),
+                    };
                 }
             }
         }
     }
 }
 
-/// Received frames, cut into messages without copying them.
+/// Received frames, cut into messages: long frames held as they came (at
+/// most [`MAX_HELD`]), the rest copied.
 #[derive(Debug, Default)]
 struct Frames {
-    /// Received and not yet taken, none empty.
-    segments: VecDeque<Bytes>,
-    /// Their bytes in all.
+    /// Received and not yet taken, none empty, in order; `tail` follows.
+    segments: VecDeque<Segment>,
+    /// Short frames (and long ones past [`MAX_HELD`]) copied, after
+    /// `segments`.
+    tail: BytesMut,
+    /// Of `segments`, those held as they came.
+    held: usize,
+    /// Bytes in all.
     len: usize,
+}
+
+#[derive(Debug)]
+struct Segment {
+    bytes: Bytes,
+    /// A received frame (or the rest of one), not a copy.
+    held: bool,
 }
 
 impl Frames {
@@ -191,9 +209,26 @@ impl Frames {
     }
 
     fn push(&mut self, data: Bytes) {
-        if !data.is_empty() {
-            self.len += data.len();
-            self.segments.push_back(data);
+        self.len += data.len();
+        if data.len() >= HOLD_FROM && self.held < MAX_HELD {
+            self.seal_tail();
+            self.held += 1;
+            self.segments.push_back(Segment {
+                bytes: data,
+                held: true,
+            });
+        } else {
+            self.tail.extend_from_slice(&data);
+        }
+    }
+
+    /// Moves what `tail` holds into `segments`.
+    fn seal_tail(&mut self) {
+        if !self.tail.is_empty() {
+            self.segments.push_back(Segment {
+                bytes: self.tail.split().freeze(),
+                held: false,
+            });
         }
     }
 
@@ -204,9 +239,10 @@ impl Frames {
         }
         let mut prefix = [0u8; HEADER];
         let mut filled = 0;
-        for segment in &self.segments {
-            let n = segment.len().min(HEADER - filled);
-            prefix[filled..filled + n].copy_from_slice(&segment[..n]);
+        let pieces = self.segments.iter().map(|s| &s.bytes[..]);
+        for piece in pieces.chain(std::iter::once(&self.tail[..])) {
+            let n = piece.len().min(HEADER - filled);
+            prefix[filled..filled + n].copy_from_slice(&piece[..n]);
             filled += n;
             if filled == HEADER {
                 break;
@@ -228,18 +264,14 @@ impl Frames {
             )));
         }
         if self.len < HEADER + len {
-            if self.segments.len() > MAX_FRAMES {
-                return Err(Status::out_of_range(format!(
-                    "a message from the worker in over {MAX_FRAMES} frames"
-                )));
-            }
             return Ok(None);
         }
+        self.seal_tail();
         self.split_off(HEADER);
         Ok(Some(self.split_off(len)))
     }
 
-    /// The first `n` bytes (there are as many), as slices of their frames.
+    /// The first `n` bytes of `segments` (they hold as many), as slices.
     fn split_off(&mut self, mut n: usize) -> Segments {
         let mut taken = Segments {
             segments: VecDeque::new(),
@@ -248,15 +280,16 @@ impl Frames {
         self.len -= n;
         while n > 0 {
             let Some(front) = self.segments.front_mut() else {
-                break; // not reached: `len` counts what `segments` hold
+                break; // not reached: `take` sealed the tail
             };
-            if front.len() > n {
-                taken.segments.push_back(front.split_to(n));
+            if front.bytes.len() > n {
+                taken.segments.push_back(front.bytes.split_to(n));
                 break;
             }
-            n -= front.len();
+            n -= front.bytes.len();
             if let Some(whole) = self.segments.pop_front() {
-                taken.segments.push_back(whole);
+                self.held -= usize::from(whole.held);
+                taken.segments.push_back(whole.bytes);
             }
         }
         taken
@@ -300,6 +333,7 @@ impl Buf for Segments {
     }
 
     fn copy_to_bytes(&mut self, len: usize) -> Bytes {
+        assert!(len <= self.remaining, "copy past the end of a message");
         if let Some(front) = self.segments.front_mut()
             && front.len() >= len
         {
@@ -350,13 +384,13 @@ mod tests {
 
     #[test]
     fn a_message_whole_in_its_frame_is_a_slice_of_it() {
-        let frame = message(&[7; 4096]);
+        let frame = message(&[7; HOLD_FROM]);
         let mut frames = Frames::default();
         frames.push(frame.clone());
         let output = StreamJobResponse::decode(frames.take().unwrap().unwrap())
             .unwrap()
             .output;
-        assert_eq!(output.len(), 4096);
+        assert_eq!(output.len(), HOLD_FROM);
         assert!(within(&output, &frame));
         assert!(!frames.has_remaining());
     }
@@ -397,7 +431,7 @@ mod tests {
         ]
         .concat();
         for cut in 1..all.len() {
-            for step in [4, 700, all.len()] {
+            for step in [1, 3, 700, all.len()] {
                 let mut frames = Frames::default();
                 let mut got = Vec::new();
                 let mut rest = &all[..];
@@ -429,22 +463,25 @@ mod tests {
         assert_eq!(status.code(), Code::OutOfRange);
     }
 
+    /// A peer cutting its frames small or long costs copies, never held
+    /// frames past the bound.
     #[test]
-    fn a_message_in_too_many_frames_is_refused() {
-        let all = message(&[1; 3000]);
+    fn no_more_than_max_held_frames_are_held_however_frames_come() {
+        let big = message(&[1; 3 * HOLD_FROM]);
         let mut frames = Frames::default();
-        let mut pushed = 0;
-        let status = loop {
-            frames.push(all.slice(pushed..pushed + 1));
-            pushed += 1;
-            match frames.take() {
-                Ok(None) => {}
-                Ok(Some(_)) => panic!("taken after {pushed} frames"),
-                Err(status) => break status,
-            }
-        };
-        assert_eq!(status.code(), Code::OutOfRange);
-        assert_eq!(pushed, MAX_FRAMES + 1);
+        for byte in 0..big.len() {
+            frames.push(big.slice(byte..byte + 1));
+            assert!(frames.segments.is_empty());
+        }
+        assert_eq!(outputs(&mut frames), vec![vec![1; 3 * HOLD_FROM]]);
+        let all: Vec<u8> = (0..4).flat_map(|_| big.to_vec()).collect();
+        let all = Bytes::from(all);
+        for piece in all.chunks(HOLD_FROM) {
+            frames.push(all.slice_ref(piece));
+            assert!(frames.held <= MAX_HELD);
+        }
+        assert_eq!(outputs(&mut frames).len(), 4);
+        assert_eq!((frames.held, frames.len), (0, 0));
     }
 
     #[test]
