@@ -248,12 +248,20 @@ mod tests {
         let wal = dir.path().join("db-wal");
         std::fs::write(&wal, b"frames").unwrap();
         let sync = GroupSync::start(File::open(&wal).unwrap()).unwrap();
+        // The store's writer connection: commits are numbered and ended in
+        // turn under it. Without it a commit could end after a later one
+        // and leave the later one never counted as ended (a hang).
+        let writer = Arc::new(Mutex::new(()));
         let waiters: Vec<_> = (0..64)
             .map(|_| {
-                let sync = sync.clone();
+                let (sync, writer) = (sync.clone(), writer.clone());
                 tokio::spawn(async move {
-                    let seq = sync.begin().unwrap();
-                    sync.ended(seq);
+                    let seq = {
+                        let _writer = writer.lock().unwrap();
+                        let seq = sync.begin().unwrap();
+                        sync.ended(seq);
+                        seq
+                    };
                     sync.durable(seq).await
                 })
             })
