@@ -14,6 +14,8 @@
 //! - `store`: durable records (the only SQL in the workspace).
 //! - `registry`: known workers and their channels.
 //! - `grpc`: the Scheduler service workers call.
+//! - `output_stream`: a worker's `StreamJob` answer read without tonic's
+//!   copies, for the output the API relays.
 //! - `seed`: workers of the original design (named by address, checked on
 //!   instead of heartbeating).
 //! - `api`: the HTTP routes, errors and the TLS listener.
