@@ -1,6 +1,8 @@
 //! Following output through both hops: `bench follow --replay`, and the
 //! group stream's long lines whatever size the worker's pieces have.
 
+use std::time::Duration;
+
 use jobcluster_proto::http::GroupLogLine;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -265,17 +267,65 @@ async fn live_followers_and_a_replay_get_every_byte_in_order() {
 
 /// The frames of a job's output stream: its bytes and its trailers.
 async fn read_stream(reply: reqwest::Response) -> (Vec<u8>, Option<reqwest::header::HeaderMap>) {
+    read_stream_pausing(reply, Duration::ZERO).await
+}
+
+/// As [`read_stream`], pausing `pause` after every data frame.
+async fn read_stream_pausing(
+    reply: reqwest::Response,
+    pause: Duration,
+) -> (Vec<u8>, Option<reqwest::header::HeaderMap>) {
     use http_body_util::BodyExt;
     let mut body = reqwest::Body::from(reply);
     let (mut bytes, mut trailers) = (Vec::new(), None);
     while let Some(frame) = body.frame().await {
         let frame = frame.unwrap();
         match frame.into_data() {
-            Ok(data) => bytes.extend_from_slice(&data),
+            Ok(data) => {
+                bytes.extend_from_slice(&data);
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
+            }
             Err(frame) => trailers = frame.into_trailers().ok(),
         }
     }
     (bytes, trailers)
+}
+
+/// A follower that reads slowly keeps both hops' windows shut, so the
+/// worker's messages (each output a frame of its own) reach the scheduler
+/// cut wherever a window ended, and it decodes them from the pieces: the
+/// follower still gets every byte in order, and the job's record last.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_follower_gets_every_byte_of_messages_cut_by_flow_control() {
+    let cluster = Cluster::start(&["w1"]).await;
+    cluster.add_script("burst.sh", "seq 1 700000\n");
+    let expected: String = (1..=700_000).map(|n| format!("{n}\n")).collect();
+    let job_id = cluster.start_job("w1", "burst.sh", &[]).await;
+    let reply = cluster
+        .http_version(true)
+        .get(format!(
+            "{}/v1/jobs/{job_id}/logs?follow=true",
+            cluster.url()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), StatusCode::OK);
+    let (bytes, trailers) = read_stream_pausing(reply, Duration::from_millis(2)).await;
+    assert!(
+        bytes == expected.as_bytes(),
+        "the slow follower got {} bytes, not the job's {} in order",
+        bytes.len(),
+        expected.len()
+    );
+    let trailers = trailers.expect("no trailers after the output");
+    let job: Value = serde_json::from_slice(trailers["x-job"].as_bytes()).unwrap();
+    assert_eq!(
+        (&job["state"], &job["exit_code"]),
+        (&json!("succeeded"), &json!(0))
+    );
 }
 
 /// A job's output stream ends with the job's record in its `x-job`
