@@ -1,5 +1,7 @@
 use crate::frame::*;
 
+use bytes::BufMut;
+
 #[derive(Debug, Eq, PartialEq)]
 pub struct Priority {
     stream_id: StreamId,
@@ -35,6 +37,14 @@ impl Priority {
     }
 }
 
+impl Priority {
+    pub fn encode<B: BufMut>(&self, dst: &mut B) {
+        let head = Head::new(Kind::Priority, 0, self.stream_id);
+        head.encode(5, dst);
+        self.dependency.encode(dst);
+    }
+}
+
 impl<B> From<Priority> for Frame<B> {
     fn from(src: Priority) -> Self {
         Frame::Priority(src)
@@ -66,7 +76,34 @@ impl StreamDependency {
         Ok(StreamDependency::new(dependency_id, weight, is_exclusive))
     }
 
+    pub fn encode<B: BufMut>(&self, dst: &mut B) {
+        let exclusive = if self.is_exclusive { 1 << 31 } else { 0 };
+        dst.put_u32(u32::from(self.dependency_id) | exclusive);
+        dst.put_u8(self.weight);
+    }
+
     pub fn dependency_id(&self) -> StreamId {
         self.dependency_id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_encoded_priority_loads_as_itself() {
+        for is_exclusive in [false, true] {
+            let frame = Priority {
+                stream_id: StreamId::from(3),
+                dependency: StreamDependency::new(StreamId::from(1), 200, is_exclusive),
+            };
+            let mut buf = Vec::new();
+            frame.encode(&mut buf);
+            assert_eq!(buf.len(), 9 + 5);
+            let head = Head::parse(&buf);
+            assert_eq!(head.kind(), Kind::Priority);
+            assert_eq!(Priority::load(head, &buf[9..]).unwrap(), frame);
+        }
     }
 }
