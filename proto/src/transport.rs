@@ -504,6 +504,21 @@ pub const MAX_FRAME_SIZE: u32 = 512 * 1024;
 /// scheduler for a few bytes saved on each call.
 pub const HEADER_TABLE_SIZE: u32 = 0;
 
+/// gRPC's message prefix: a compression flag and the message's length.
+pub const GRPC_PREFIX: usize = 5;
+
+/// The largest gRPC message the daemons' own encoders and decoders of
+/// `StreamJob` take (tonic's default for its decoders): 16 times the
+/// largest piece of output a worker sends.
+pub const GRPC_MAX_MESSAGE: usize = 4 * 1024 * 1024;
+
+/// The prefix of an uncompressed gRPC message of `len` bytes; `None` past
+/// what its 4-byte length can say.
+pub fn grpc_prefix(len: usize) -> Option<[u8; GRPC_PREFIX]> {
+    let [a, b, c, d] = u32::try_from(len).ok()?.to_be_bytes();
+    Some([0, a, b, c, d])
+}
+
 /// A lazily connected channel to `addr` (`host:port`) over TLS with
 /// `config`. The server's certificate must name `addr`'s host. The channel
 /// reconnects by itself after a failure; calls on it fail fast while the

@@ -24,18 +24,14 @@ use std::pin::Pin;
 use bytes::{Buf, BufMut as _, Bytes, BytesMut};
 use http_body::Body as _;
 use jobcluster_proto::pb::{self, StreamJobRequest, StreamJobResponse};
+use jobcluster_proto::transport::{
+    GRPC_MAX_MESSAGE as MAX_MESSAGE, GRPC_PREFIX as HEADER, grpc_prefix,
+};
 use prost::Message as _;
 use tonic::client::GrpcService;
 use tonic::codec::Codec as _;
 use tonic::codegen::http;
 use tonic::{Code, Status};
-
-/// gRPC's message prefix: a compression flag and a 4-byte length.
-const HEADER: usize = 5;
-
-/// The largest message accepted: tonic's default for a decoder, 16 times
-/// the largest piece a worker sends. Bounds what one stream buffers.
-pub(crate) const MAX_MESSAGE: usize = 4 * 1024 * 1024;
 
 /// A received frame at least this long may be held as it came (a slice
 /// of h2's read buffer, which keeps that whole buffer alive); shorter ones
@@ -63,14 +59,13 @@ where
     poll_fn(|cx| service.poll_ready(cx))
         .await
         .map_err(|e| Status::from_error(e.into()))?;
-    let mut frame = BytesMut::with_capacity(HEADER + request.encoded_len());
-    frame.extend_from_slice(&[0; HEADER]);
+    let len = request.encoded_len();
+    let prefix = grpc_prefix(len).ok_or_else(|| Status::internal("request too large to encode"))?;
+    let mut frame = BytesMut::with_capacity(HEADER + len);
+    frame.extend_from_slice(&prefix);
     request
         .encode(&mut frame)
         .map_err(|e| Status::internal(format!("encoding the request: {e}")))?;
-    let len = u32::try_from(frame.len() - HEADER)
-        .map_err(|_| Status::internal("request too large to encode"))?;
-    frame[1..HEADER].copy_from_slice(&len.to_be_bytes());
     let request = http::Request::builder()
         .method(http::Method::POST)
         .uri(PATH)

@@ -17,7 +17,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use bytes::{BufMut as _, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http_body::Frame;
 use jobcluster_proto::pb::worker_server::{Worker, WorkerServer};
 use jobcluster_proto::pb::{StreamJobRequest, StreamJobResponse};
@@ -29,15 +29,11 @@ use tonic::codegen::{BoxFuture, Service, http};
 use tonic::metadata::MetadataMap;
 use tonic::server::NamedService;
 
+use jobcluster_proto::transport::{GRPC_MAX_MESSAGE, GRPC_PREFIX as HEADER, grpc_prefix};
+
 use crate::service::{StreamItem, WorkerService};
 
 const STREAM_JOB: &str = "/jobscheduler.Worker/StreamJob";
-
-/// The largest request accepted: tonic's default for a decoder.
-const MAX_REQUEST: usize = 4 * 1024 * 1024;
-
-/// gRPC's message prefix: a compression flag and a 4-byte length.
-const HEADER: usize = 5;
 
 /// The Worker service's routes: `StreamJob` here, the rest generated.
 #[derive(Clone)]
@@ -97,7 +93,7 @@ async fn stream_job(
     let (parts, body) = request.into_parts();
     let decoder =
         tonic_prost::ProstCodec::<StreamJobResponse, StreamJobRequest>::default().decoder();
-    let mut incoming = tonic::Streaming::new_request(decoder, body, None, Some(MAX_REQUEST));
+    let mut incoming = tonic::Streaming::new_request(decoder, body, None, Some(GRPC_MAX_MESSAGE));
     let message = incoming
         .message()
         .await?
@@ -180,11 +176,10 @@ fn encode(mut message: StreamJobResponse) -> Result<(Bytes, Bytes), Status> {
     } else {
         prost::encoding::key_len(1) + prost::length_delimiter_len(output.len()) + output.len()
     };
-    let len = u32::try_from(rest + field)
-        .map_err(|_| Status::internal("an output message too large to send"))?;
+    let prefix = grpc_prefix(rest + field)
+        .ok_or_else(|| Status::internal("an output message too large to send"))?;
     let mut head = BytesMut::with_capacity(HEADER + rest + field - output.len());
-    head.put_u8(0);
-    head.put_u32(len);
+    head.extend_from_slice(&prefix);
     message
         .encode(&mut head)
         .map_err(|e| Status::internal(format!("encoding a message: {e}")))?;
