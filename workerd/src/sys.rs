@@ -190,14 +190,41 @@ pub(crate) fn pread_spare(
     offset: u64,
     max: usize,
 ) -> std::io::Result<usize> {
+    pread_spare_flags(file, buf, offset, max, 0)
+}
+
+/// As [`pread_spare`], but only what the page cache already holds: the
+/// kernel answers `WouldBlock` (or a short read) rather than wait for the
+/// disk (`RWF_NOWAIT`), so it may run on an async thread. Filesystems that
+/// cannot promise that answer `Unsupported`.
+pub(crate) fn pread_cached(
+    file: &std::fs::File,
+    buf: &mut bytes::BytesMut,
+    offset: u64,
+    max: usize,
+) -> std::io::Result<usize> {
+    pread_spare_flags(file, buf, offset, max, libc::RWF_NOWAIT)
+}
+
+fn pread_spare_flags(
+    file: &std::fs::File,
+    buf: &mut bytes::BytesMut,
+    offset: u64,
+    max: usize,
+    flags: libc::c_int,
+) -> std::io::Result<usize> {
     let offset = libc::off64_t::try_from(offset)
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
     buf.reserve(max);
     let spare = buf.spare_capacity_mut();
     let len = spare.len().min(max);
+    let iov = libc::iovec {
+        iov_base: spare.as_mut_ptr().cast(),
+        iov_len: len,
+    };
     // SAFETY: the kernel writes at most `len <= spare.len()` bytes into
     // memory `buf` owns, and does not keep the pointer.
-    let n = unsafe { libc::pread64(file.as_raw_fd(), spare.as_mut_ptr().cast(), len, offset) };
+    let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, offset, flags) };
     let n = usize::try_from(n).map_err(|_| std::io::Error::last_os_error())?;
     // SAFETY: the kernel initialized the first `n` bytes of the spare
     // capacity, and `n <= len <= spare.len()`.

@@ -186,14 +186,26 @@ pub(super) async fn pump(
     Pumped { len, write_error }
 }
 
-/// Reads up to `max` bytes of a log at `offset` on the blocking pool.
+/// Reads up to `max` bytes of a log at `offset`: what the page cache holds
+/// at once, on this thread; otherwise on the blocking pool. A log read back
+/// soon after it was written is in the cache, and a trip to the blocking
+/// pool for each piece (a thread woken, then this one) cost more than
+/// the copy.
 pub(crate) async fn read_at(
     file: Arc<std::fs::File>,
     offset: u64,
     max: usize,
 ) -> std::io::Result<Bytes> {
+    let mut buf = BytesMut::with_capacity(max);
+    // Anything read is returned, even short: the caller asks again from
+    // where it ended. Nothing read, for whatever reason (not cached, the
+    // end of the file, a filesystem without RWF_NOWAIT), goes to the
+    // blocking read, which tells those apart.
+    if let Ok(1..) = crate::sys::pread_cached(&file, &mut buf, offset, max) {
+        return Ok(buf.freeze());
+    }
+    buf.clear();
     tokio::task::spawn_blocking(move || {
-        let mut buf = BytesMut::with_capacity(max);
         while buf.len() < max {
             let at = offset + buf.len() as u64;
             let rest = max - buf.len();
@@ -208,4 +220,57 @@ pub(crate) async fn read_at(
     })
     .await
     .map_err(std::io::Error::other)?
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::io::Write;
+
+    use super::*;
+
+    /// A log read back gets its bytes whether the page cache holds them
+    /// (read on the caller's thread) or not (the blocking pool).
+    #[tokio::test]
+    async fn a_log_reads_back_the_same_from_the_cache_and_from_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("output.log");
+        let bytes: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
+        let mut file = std::fs::File::create(&path).unwrap();
+        file.write_all(&bytes).unwrap();
+        file.sync_all().unwrap();
+        let file = Arc::new(std::fs::File::open(&path).unwrap());
+
+        let read_all = |file: Arc<std::fs::File>| async move {
+            let mut got = Vec::new();
+            loop {
+                let piece = read_at(file.clone(), got.len() as u64, 256 * 1024)
+                    .await
+                    .unwrap();
+                if piece.is_empty() {
+                    return got;
+                }
+                got.extend_from_slice(&piece);
+            }
+        };
+        assert!(read_all(file.clone()).await == bytes, "from the cache");
+
+        // Synced pages can be dropped by anyone who can read the file.
+        nix::fcntl::posix_fadvise(
+            &*file,
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        )
+        .unwrap();
+        let mut probe = BytesMut::new();
+        let cached = crate::sys::pread_cached(&file, &mut probe, 0, 4096);
+        if !matches!(&cached, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock) {
+            // tmpfs keeps every page; the read below is then the same as
+            // above, which is still checked.
+            eprintln!("the page cache kept the log ({cached:?}): the disk read is not exercised");
+        }
+        assert!(read_all(file).await == bytes, "from the disk");
+    }
 }
