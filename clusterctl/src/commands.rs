@@ -619,7 +619,7 @@ async fn group_output_to_stdout(api: &Api, group_id: &str, follow: bool) -> anyh
             },
         )
         .await?;
-    let mut stdout = std::io::stdout().lock();
+    let mut stdout = crate::output::raw_stdout()?;
     follow::copy_group_output(body, group_id, &mut stdout).await
 }
 
@@ -696,7 +696,7 @@ async fn follow_to_stdout(
     known: bool,
 ) -> Result<Option<JobInfo>, follow::FollowError> {
     let source = JobLogs { api, job_id };
-    let mut stdout = std::io::stdout().lock();
+    let mut stdout = crate::output::raw_stdout()?;
     follow::stream_output(
         &source,
         job_id,

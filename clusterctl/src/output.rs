@@ -32,6 +32,19 @@ pub(crate) fn print_stdout(text: &str) -> std::io::Result<()> {
     out.flush()
 }
 
+/// Standard output without std's line buffer, for a job's output: it
+/// comes in large pieces, often without newlines, each written and flushed
+/// at once anyway, and `Stdout`'s `LineWriter` searched every piece for its
+/// last newline first (11 % of `clusterctl logs`'s CPU on such output,
+/// docs/PERFORMANCE.md). A duplicate of the descriptor, written directly;
+/// what std's buffer held goes out first.
+pub(crate) fn raw_stdout() -> std::io::Result<std::fs::File> {
+    use std::os::fd::AsFd;
+    let stdout = std::io::stdout();
+    stdout.lock().flush()?;
+    Ok(std::fs::File::from(stdout.as_fd().try_clone_to_owned()?))
+}
+
 /// Columns separated by two spaces, each as wide as its widest cell; no
 /// trailing spaces.
 pub(crate) fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
