@@ -1,5 +1,6 @@
-//! CPU per GiB of each AEAD that TLS may agree on here (ring, as rustls
-//! uses it): sealing 16 KiB records, TLS's largest. The figures behind
+//! Time per GiB of each AEAD that TLS may agree on here (ring, as rustls
+//! uses it): sealing 16 KiB records, TLS's largest, on one thread. Wall
+//! time, so run it on an idle machine: it is the CPU time then. The figures behind
 //! the suite order of `pki::tls` (docs/PERFORMANCE.md, session 24).
 //!
 //! Run: `cargo bench -p jobcluster-pki --bench ciphers [-- MIB]` (default 1024).
@@ -14,7 +15,7 @@ use ring::aead::{
 
 const RECORD: usize = 16 * 1024;
 
-/// Seconds of this thread's time to seal `mib` MiB as TLS records.
+/// Seconds to seal `mib` MiB as TLS records.
 fn seconds_to_seal(algorithm: &'static Algorithm, mib: usize) -> f64 {
     let key = LessSafeKey::new(UnboundKey::new(algorithm, &vec![7; algorithm.key_len()]).unwrap());
     let mut record = vec![0u8; RECORD];

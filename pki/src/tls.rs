@@ -24,13 +24,15 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
 fn provider() -> CryptoProvider {
     use rustls::CipherSuite;
     let mut provider = rustls::crypto::ring::default_provider();
+    // Within each version, as ring lists TLS 1.3's suites first.
     provider.cipher_suites.sort_by_key(|suite| {
-        !matches!(
+        let aes_128 = matches!(
             suite.suite(),
             CipherSuite::TLS13_AES_128_GCM_SHA256
                 | CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
                 | CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
-        )
+        );
+        (suite.tls13().is_none(), !aes_128)
     });
     provider
 }

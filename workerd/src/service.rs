@@ -179,7 +179,7 @@ impl Worker for WorkerService {
         }
         let path = job.log_path().to_owned();
         let file = tokio::task::spawn_blocking(move || {
-            let file = std::fs::File::open(path)?;
+            let file = job::open_log(&path)?;
             let len = file.metadata()?.len();
             Ok::<_, std::io::Error>((file, len))
         })

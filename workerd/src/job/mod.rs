@@ -35,7 +35,7 @@ use uuid::Uuid;
 use crate::config::RunAs;
 use crate::confine::PathError;
 
-pub(crate) use output::read_at;
+pub(crate) use output::{open_log, read_at};
 pub(crate) use reap::{become_subreaper, reap_orphans};
 pub(crate) use record::{
     JobRecord, State, expire_output, now_ms, output_cut, write_atomically, write_durably,
