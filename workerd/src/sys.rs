@@ -180,6 +180,18 @@ pub(crate) fn pidfd_send_signal(pidfd: &OwnedFd, signal: Signal) -> nix::Result<
     Errno::result(result).map(drop)
 }
 
+/// Where [`pread_spare`] may take a log's bytes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReadFrom {
+    /// The page cache or, for what it does not hold, the disk.
+    Disk,
+    /// Only what the page cache already holds: the kernel answers
+    /// `WouldBlock` (or a short read) rather than wait for the disk
+    /// (`RWF_NOWAIT`), so the call may run on an async thread. Filesystems
+    /// that cannot promise that answer `Unsupported`.
+    Cache,
+}
+
 /// Reads up to `max` bytes from `file` at `offset` into `buf`'s spare
 /// capacity, without zeroing it first as std's `read_at` needs (zeroing
 /// every piece a follower reads back was 5 % of the worker's CPU while
@@ -189,30 +201,12 @@ pub(crate) fn pread_spare(
     buf: &mut bytes::BytesMut,
     offset: u64,
     max: usize,
+    from: ReadFrom,
 ) -> std::io::Result<usize> {
-    pread_spare_flags(file, buf, offset, max, 0)
-}
-
-/// As [`pread_spare`], but only what the page cache already holds: the
-/// kernel answers `WouldBlock` (or a short read) rather than wait for the
-/// disk (`RWF_NOWAIT`), so it may run on an async thread. Filesystems that
-/// cannot promise that answer `Unsupported`.
-pub(crate) fn pread_cached(
-    file: &std::fs::File,
-    buf: &mut bytes::BytesMut,
-    offset: u64,
-    max: usize,
-) -> std::io::Result<usize> {
-    pread_spare_flags(file, buf, offset, max, libc::RWF_NOWAIT)
-}
-
-fn pread_spare_flags(
-    file: &std::fs::File,
-    buf: &mut bytes::BytesMut,
-    offset: u64,
-    max: usize,
-    flags: libc::c_int,
-) -> std::io::Result<usize> {
+    let flags = match from {
+        ReadFrom::Disk => 0,
+        ReadFrom::Cache => libc::RWF_NOWAIT,
+    };
     let offset = libc::off64_t::try_from(offset)
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
     buf.reserve(max);

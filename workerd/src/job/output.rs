@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{PUMP_BUFFER, Progress};
+use crate::sys::ReadFrom;
 
 /// A pipe's capacity unless asked otherwise (Linux).
 const DEFAULT_PIPE: usize = 64 * 1024;
@@ -219,7 +220,7 @@ pub(crate) async fn read_at(
     // it cached, none, the end of the file, a filesystem without
     // RWF_NOWAIT) goes on from what was read on the blocking pool, which
     // tells those apart: a piece is `max` bytes unless the log ends.
-    if let Err(error) = crate::sys::pread_cached(&file, &mut buf, offset, max) {
+    if let Err(error) = crate::sys::pread_spare(&file, &mut buf, offset, max, ReadFrom::Cache) {
         tracing::trace!(%error, "log piece not read from the page cache");
     }
     if buf.len() == max {
@@ -229,7 +230,7 @@ pub(crate) async fn read_at(
         while buf.len() < max {
             let at = offset + buf.len() as u64;
             let rest = max - buf.len();
-            match crate::sys::pread_spare(&file, &mut buf, at, rest) {
+            match crate::sys::pread_spare(&file, &mut buf, at, rest, ReadFrom::Disk) {
                 Ok(0) => break,
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -285,7 +286,7 @@ mod tests {
             }
         };
         let cached = |file: &std::fs::File, at: u64| {
-            crate::sys::pread_cached(file, &mut BytesMut::new(), at, 4096)
+            crate::sys::pread_spare(file, &mut BytesMut::new(), at, 4096, ReadFrom::Cache)
         };
         match cached(&file, 0) {
             Ok(4096) => {}
