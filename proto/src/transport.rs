@@ -490,6 +490,18 @@ pub type ClientConfigSource = watch::Receiver<Arc<rustls::ClientConfig>>;
 /// one frame per connection, so this bounds that buffer too.
 pub const MAX_FRAME_SIZE: u32 = 512 * 1024;
 
+/// Streams an HTTP/2 peer may reset before the server has taken them up,
+/// after which the connection is sent away (`GOAWAY`
+/// `ENHANCE_YOUR_CALM`): the rapid-reset attack (CVE-2023-44487) makes a
+/// server start work for requests nobody waits for. h2's own default,
+/// written here so an upgrade cannot loosen it unseen; every HTTP/2 server
+/// of both daemons sets it.
+pub const H2_MAX_PENDING_RESETS: usize = 20;
+/// Streams an HTTP/2 server may reset for the peer's errors before it
+/// sends the peer away (the "MadeYouReset" attack, CVE-2025-8671): h2's
+/// default, written here for the same reason.
+pub const H2_MAX_ERROR_RESETS: usize = 1024;
+
 /// The HPACK table a channel lets its peer fill with the headers it
 /// answers with, and [`serve_grpc`] with the headers of requests (HTTP/2's
 /// default is 4,096 bytes): none. hyper's server
@@ -698,6 +710,8 @@ pub async fn serve_grpc<I, IO>(
         .keep_alive_interval(GRPC_KEEPALIVE_INTERVAL)
         .keep_alive_timeout(GRPC_KEEPALIVE_TIMEOUT)
         .header_table_size(HEADER_TABLE_SIZE)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(H2_MAX_ERROR_RESETS)
         // As tonic's server: a scheduler relays every follower of a job on
         // its one connection to the worker (`max_followers_per_job`), and
         // a peer here holds a cluster certificate.

@@ -1523,6 +1523,91 @@ async fn grpc_ports_close_peers_without_a_cluster_certificate_at_the_handshake()
     }
 }
 
+/// HTTP/2's rapid reset (CVE-2023-44487): a peer holding a cluster
+/// certificate that opens streams and resets them at once, as fast as it
+/// can, is sent away with `GOAWAY` `ENHANCE_YOUR_CALM` well before its
+/// 5,000th stream, on the API and on both gRPC ports; the cluster goes on
+/// serving. The bound is h2's (20 streams reset before they were
+/// accepted), kept by each server's builder (docs/SECURITY.md, §7).
+#[tokio::test(flavor = "multi_thread")]
+async fn streams_reset_as_fast_as_they_open_get_their_connection_sent_away() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const STREAMS: u32 = 5_000;
+    const ENHANCE_YOUR_CALM: u32 = 0xb;
+    let cluster = Cluster::start(&["w1"]).await;
+    let w1_addr = cluster.worker_info("w1").await.address;
+    let roots = Roots::load(&cluster.pki().join("ca.pem")).unwrap();
+    for (port, addr, who) in [
+        ("API", &cluster.http_addr, "client"),
+        ("scheduler's gRPC", &cluster.grpc_addr, "w1"),
+        ("worker's gRPC", &w1_addr, "scheduler"),
+    ] {
+        let id = load_identity(&cluster, who);
+        let tls = jobcluster_pki::client_config(&roots, Some(&id), &[b"h2"]).unwrap();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let (mut rd, mut wr) = tokio::io::split(tls);
+        let flood = async move {
+            let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+            out.extend(h2_frame(4, 0, 0, &[]));
+            let request = h2_get("/v1/workers");
+            for i in 0..STREAMS {
+                let stream = 2 * i + 1;
+                let mut headers = request.clone();
+                headers[5..9].copy_from_slice(&stream.to_be_bytes());
+                out.extend(headers);
+                // RST_STREAM, CANCEL
+                out.extend(h2_frame(3, 0, stream, &8u32.to_be_bytes()));
+            }
+            // The server may close before it has read it all.
+            let _ = wr.write_all(&out).await;
+            let _ = wr.flush().await;
+            wr
+        };
+        let answer = async move {
+            let mut goaway = None;
+            let mut head = [0u8; 9];
+            while rd.read_exact(&mut head).await.is_ok() {
+                let len = (usize::from(head[0]) << 16)
+                    | (usize::from(head[1]) << 8)
+                    | usize::from(head[2]);
+                let mut payload = vec![0u8; len];
+                if rd.read_exact(&mut payload).await.is_err() {
+                    break;
+                }
+                if head[3] == 7 && len >= 8 {
+                    let last = u32::from_be_bytes(payload[0..4].try_into().unwrap());
+                    let code = u32::from_be_bytes(payload[4..8].try_into().unwrap());
+                    goaway = Some((last, code));
+                }
+            }
+            goaway
+        };
+        let (wr, goaway) = tokio::time::timeout(Duration::from_secs(20), async {
+            tokio::join!(flood, answer)
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{port}: the connection stayed open"));
+        drop(wr);
+        let (last, code) = goaway.unwrap_or_else(|| panic!("{port}: closed without GOAWAY"));
+        eprintln!("{port}: GOAWAY after stream {last}, code {code}");
+        assert_eq!(code, ENHANCE_YOUR_CALM, "{port}");
+        assert!(
+            last < 2 * STREAMS / 10,
+            "{port}: sent away only after stream {last}"
+        );
+    }
+    still_serves(&cluster).await;
+    let out = cluster
+        .ctl_output(&["run", "--worker", "w1", "count.sh", "--", "1", "0"])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
 /// A body that does not arrive within 30 s gets 408 `body_timeout` and
 /// its connection closed (HTTP/1.1 and HTTP/2); `args` and `env` over
 /// their bounds get 413 `request_too_large` on every start route, naming

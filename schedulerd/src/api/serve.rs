@@ -369,7 +369,9 @@ pub(crate) async fn serve<L: Listener<Addr = SocketAddr>>(
         .timer(TokioTimer::new())
         .keep_alive_interval(H2_KEEPALIVE)
         .keep_alive_timeout(H2_KEEPALIVE * 2)
-        .max_concurrent_streams(H2_MAX_STREAMS);
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .max_pending_accept_reset_streams(jobcluster_proto::transport::H2_MAX_PENDING_RESETS)
+        .max_local_error_reset_streams(jobcluster_proto::transport::H2_MAX_ERROR_RESETS);
     let connections = TaskTracker::new();
     let authenticated = Arc::new(Semaphore::new(max_authenticated));
     let unauthenticated = Crowd::new("API connections without an identity", max_unauthenticated);
