@@ -1608,6 +1608,77 @@ async fn streams_reset_as_fast_as_they_open_get_their_connection_sent_away() {
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
+/// A handshake message larger than TLS servers here accept (64 KiB, as
+/// rustls's own connection allows) closes the connection at once on every
+/// TLS port, including the scheduler's gRPC port, whose stream joins a
+/// handshake's records in a buffer of its own (`lean_tls`): a peer cannot
+/// make a server hold more of it. The cluster goes on serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversized_handshake_message_closes_the_connection_on_every_tls_port() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cluster = Cluster::start(&["w1"]).await;
+    let w1_addr = cluster.worker_info("w1").await.address;
+    // A ClientHello that says it is 16 MiB long, then a MiB of it, in
+    // records of 16 KiB; and one that says 70,000 bytes, all of it sent.
+    let record = |payload: &[u8]| {
+        let mut r = vec![0x16, 0x03, 0x01];
+        r.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        r.extend_from_slice(payload);
+        r
+    };
+    let hello = |declared: u32, total: usize| {
+        let mut message = vec![0x01];
+        message.extend_from_slice(&declared.to_be_bytes()[1..]);
+        message.resize(total, 0x42);
+        message
+            .chunks(16 * 1024)
+            .flat_map(record)
+            .collect::<Vec<u8>>()
+    };
+    let cases = [
+        ("declared 16 MiB", hello(0xFF_FFFF, 1024 * 1024)),
+        ("70,000 bytes", hello(70_000, 70_004)),
+    ];
+    for (port, addr) in [
+        ("API", &cluster.http_addr),
+        ("scheduler's gRPC", &cluster.grpc_addr),
+        ("worker's gRPC", &w1_addr),
+    ] {
+        for (what, bytes) in &cases {
+            let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            // Refused when the message's length is read, in milliseconds;
+            // a server that waited for the rest would close it only at the
+            // handshake's 5 s deadline.
+            let closed = tokio::time::timeout(Duration::from_secs(3), async {
+                // Refused before it is all read: the write may fail.
+                let (mut rd, mut wr) = tcp.split();
+                let send = async {
+                    let _ = wr.write_all(bytes).await;
+                };
+                let read = async {
+                    let mut answer = Vec::new();
+                    let _ = rd.read_to_end(&mut answer).await;
+                    answer
+                };
+                tokio::join!(send, read).1
+            })
+            .await
+            .unwrap_or_else(|_| panic!("{port}, {what}: the connection stayed open for 3 s"));
+            // Nothing but a TLS alert, if anything, comes back.
+            assert!(
+                closed.is_empty() || closed[0] == 0x15,
+                "{port}, {what}: answered {:?}",
+                &closed[..closed.len().min(16)]
+            );
+        }
+    }
+    still_serves(&cluster).await;
+    let out = cluster
+        .ctl_output(&["run", "--worker", "w1", "count.sh", "--", "1", "0"])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
 /// A body that does not arrive within 30 s gets 408 `body_timeout` and
 /// its connection closed (HTTP/1.1 and HTTP/2); `args` and `env` over
 /// their bounds get 413 `request_too_large` on every start route, naming
