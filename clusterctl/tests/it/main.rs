@@ -13,6 +13,7 @@ mod ha;
 #[allow(dead_code)]
 #[path = "../../../workerd/tests/it/harness.rs"]
 mod harness;
+mod hostile_worker;
 mod http;
 mod hung;
 mod idempotency;

@@ -1,0 +1,348 @@
+//! A worker that answers `StreamJob` in ways no workerd does, against the
+//! real scheduler: the bounds of `schedulerd`'s `output_stream` through
+//! the binary (docs/SECURITY.md, §7, "a worker's output stream as the
+//! scheduler reads it"). The worker runs in the test process, registered
+//! in insecure mode (the bounds are the same with TLS: only the channel
+//! differs), and runs no processes.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::Frame;
+use http_body_util::StreamBody;
+use jobcluster_proto::pb::{
+    JobState, PluginInfo, QueryJobRequest, QueryJobResponse, RegisterWorkerRequest,
+    RegisterWorkerResponse, StartJobRequest, StartJobResponse, StreamJobResponse,
+};
+use prost::Message;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tonic::Status;
+use tonic::body::Body;
+use tonic::codegen::{BoxFuture, Context, Poll, Service, http};
+use tonic_prost::ProstCodec;
+
+use crate::cluster::bin;
+use crate::harness::Daemon;
+
+/// How the worker answers `StreamJob`: the gRPC response body's DATA
+/// frames, then `grpc-status: 0`.
+type Answer = Arc<dyn Fn() -> Vec<Bytes> + Send + Sync>;
+
+#[derive(Clone)]
+struct HostileWorker {
+    jobs: Arc<Mutex<HashMap<String, QueryJobResponse>>>,
+    stream: Answer,
+}
+
+impl tonic::server::NamedService for HostileWorker {
+    const NAME: &'static str = "jobscheduler.Worker";
+}
+
+struct Handler<Req, Res>(Arc<dyn Fn(Req) -> Result<Res, Status> + Send + Sync>);
+
+impl<Req: Send + 'static, Res: Send + 'static> tonic::server::UnaryService<Req>
+    for Handler<Req, Res>
+{
+    type Response = Res;
+    type Future = BoxFuture<tonic::Response<Res>, Status>;
+
+    fn call(&mut self, request: tonic::Request<Req>) -> Self::Future {
+        let result = (self.0)(request.into_inner()).map(tonic::Response::new);
+        Box::pin(std::future::ready(result))
+    }
+}
+
+async fn unary<Req, Res>(
+    request: http::Request<Body>,
+    f: impl Fn(Req) -> Result<Res, Status> + Send + Sync + 'static,
+) -> http::Response<Body>
+where
+    Req: prost::Message + Default + Send + 'static,
+    Res: prost::Message + Send + 'static,
+{
+    let mut grpc = tonic::server::Grpc::new(ProstCodec::<Res, Req>::default());
+    grpc.unary(Handler(Arc::new(f)), request).await
+}
+
+impl Service<http::Request<Body>> for HostileWorker {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let jobs = this.jobs.clone();
+            let response = match request.uri().path() {
+                "/jobscheduler.Worker/StartJob" => {
+                    unary(request, move |r: StartJobRequest| {
+                        let status = QueryJobResponse {
+                            state: JobState::Running as i32,
+                            job_id: r.job_id.clone(),
+                            command: r.command,
+                            path: r.path,
+                            created_at_ms: 1,
+                            started_at_ms: 1,
+                            ..Default::default()
+                        };
+                        jobs.lock()
+                            .unwrap()
+                            .insert(r.job_id.clone(), status.clone());
+                        Ok(StartJobResponse {
+                            job_id: r.job_id,
+                            status: Some(status),
+                        })
+                    })
+                    .await
+                }
+                "/jobscheduler.Worker/QueryJob" => {
+                    unary(request, move |r: QueryJobRequest| {
+                        jobs.lock()
+                            .unwrap()
+                            .get(&r.job_id)
+                            .cloned()
+                            .ok_or_else(|| Status::not_found("unknown job"))
+                    })
+                    .await
+                }
+                "/jobscheduler.Worker/StreamJob" => {
+                    let frames = (this.stream)().into_iter().map(|b| Ok(Frame::data(b)));
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                    let frames =
+                        frames.chain(std::iter::once(Ok::<_, Status>(Frame::trailers(trailers))));
+                    let body = Body::new(StreamBody::new(tokio_stream::iter(frames)));
+                    http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .body(body)
+                        .unwrap()
+                }
+                _ => Status::unimplemented("").into_http(),
+            };
+            Ok(response)
+        })
+    }
+}
+
+/// One gRPC message: its 5-byte prefix and the message.
+fn grpc_message(message: &[u8]) -> Vec<u8> {
+    let mut framed = vec![0];
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(message);
+    framed
+}
+
+/// A scheduler in insecure mode and the hostile worker registered with it
+/// as `hostile`, which answers `StreamJob` with `stream`'s frames.
+async fn cluster_with(stream: Answer) -> (Daemon, tempfile::TempDir, reqwest::Client, String) {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("s.toml"),
+        format!(
+            "[grpc_server]\naddr = \"127.0.0.1:0\"\nuse_tls = false\ninsecure = true\n\
+             [http_server]\naddr = \"127.0.0.1:0\"\n[store]\npath = \"{}\"\n\
+             [workers]\nheartbeat_interval = \"10s\"\ndown_after = \"60s\"\nlost_after = \"120s\"\n",
+            tmp.path().join("s.db").display(),
+        ),
+    )
+    .unwrap();
+    let scheduler = Daemon::spawn_with(
+        &bin("schedulerd"),
+        &["--config", tmp.path().join("s.toml").to_str().unwrap()],
+        &["grpc", "http"],
+        &[],
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let worker = HostileWorker {
+        jobs: Arc::default(),
+        stream,
+    };
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(worker)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await;
+    });
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://{}", scheduler.addrs["grpc"]))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let registered: RegisterWorkerResponse = grpc
+        .unary(
+            tonic::Request::new(RegisterWorkerRequest {
+                address: addr.to_string(),
+                name: "hostile".into(),
+                plugins: vec!["bash".into()],
+                plugin_info: vec![PluginInfo {
+                    name: "bash".into(),
+                    extensions: vec!["sh".into()],
+                }],
+                instance_id: uuid::Uuid::new_v4().to_string(),
+                ..Default::default()
+            }),
+            http::uri::PathAndQuery::from_static("/jobscheduler.Scheduler/RegisterWorker"),
+            ProstCodec::<RegisterWorkerRequest, RegisterWorkerResponse>::default(),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(registered.success);
+    // Plain HTTP, but reqwest is built without a provider of its own.
+    jobcluster_pki::install_crypto_provider();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let url = format!("http://{}", scheduler.addrs["http"]);
+    (scheduler, tmp, http, url)
+}
+
+/// Starts a job on the hostile worker; its id.
+async fn start(http: &reqwest::Client, url: &str) -> String {
+    let reply = http
+        .post(format!("{url}/v1/jobs"))
+        .json(&json!({"worker_id": "hostile", "path": "count.sh"}))
+        .send()
+        .await
+        .unwrap();
+    let status = reply.status();
+    let body: Value = reply.json().await.unwrap();
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    body["job_id"].as_str().unwrap().to_owned()
+}
+
+/// The most memory the process has had resident so far.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A worker's message cut into many DATA frames reaches the reader whole
+/// and in order (the scheduler copies frames under 16 KiB instead of
+/// holding each, so small frames cost it copies, not memory). A worker
+/// that sends a flood of tiny frames is sent away by the scheduler's
+/// HTTP/2 (`GOAWAY` `ENHANCE_YOUR_CALM`: h2 allows about a hundred frames
+/// under 256 bytes in a row): the reader's stream is cut, and the
+/// scheduler goes on serving, that worker's jobs included.
+#[tokio::test(flavor = "multi_thread")]
+async fn output_in_small_frames_arrives_whole_and_a_flood_of_tiny_ones_is_refused() {
+    let output: Vec<u8> = (0..60_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let message = grpc_message(
+        &StreamJobResponse {
+            output: output.clone().into(),
+            offset: 0,
+            final_status: None,
+        }
+        .encode_to_vec(),
+    );
+    let frame_size = Arc::new(AtomicUsize::new(300));
+    let stream: Answer = Arc::new({
+        let frame_size = frame_size.clone();
+        move || {
+            message
+                .chunks(frame_size.load(Ordering::SeqCst))
+                .map(Bytes::copy_from_slice)
+                .collect()
+        }
+    });
+    let (scheduler, _tmp, http, url) = cluster_with(stream).await;
+    let job = start(&http, &url).await;
+    let logs = || async {
+        http.get(format!("{url}/v1/jobs/{job}/logs"))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .bytes()
+            .await
+            .map_err(|e| e.to_string())
+    };
+
+    // 200 frames of 300 bytes.
+    let got = logs()
+        .await
+        .unwrap_or_else(|e| panic!("{e}:\n{}", scheduler.log()));
+    assert!(
+        got[..] == output[..],
+        "{} bytes back of {}",
+        got.len(),
+        output.len()
+    );
+
+    // 60,005 frames of one byte.
+    frame_size.store(1, Ordering::SeqCst);
+    let cut = logs().await;
+    assert!(cut.is_err(), "the stream ended cleanly: {cut:?}");
+    assert!(
+        scheduler.log().contains("too_many_data_frames"),
+        "the scheduler says why:\n{}",
+        scheduler.log()
+    );
+
+    // The worker's next connection is served as before.
+    frame_size.store(16 * 1024, Ordering::SeqCst);
+    let got = logs()
+        .await
+        .unwrap_or_else(|e| panic!("{e}:\n{}", scheduler.log()));
+    assert!(got[..] == output[..], "{} bytes back", got.len());
+}
+
+/// A message longer than the scheduler reads (4 MiB) cuts the reader's
+/// stream, as a broken stream does, instead of being buffered; the
+/// scheduler's memory does not take it in, and it goes on serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_output_message_past_four_mib_cuts_the_stream_unread() {
+    const DECLARED: u32 = 64 * 1024 * 1024;
+    // The prefix says 64 MiB; 32 MiB of it follow, in 512 KiB frames, as
+    // fast as the scheduler's flow control lets them: one that read on
+    // would take them all in.
+    let stream: Answer = Arc::new(|| {
+        let mut frames = vec![Bytes::from(
+            [&[0u8][..], &DECLARED.to_be_bytes()[..]].concat(),
+        )];
+        frames.extend((0..64).map(|_| Bytes::from(vec![7u8; 512 * 1024])));
+        frames
+    });
+    let (scheduler, _tmp, http, url) = cluster_with(stream).await;
+    let pid = scheduler.child.id();
+    let before = peak_rss_kib(pid);
+    let job = start(&http, &url).await;
+    // Cut before its first byte: the answer's head may not have gone out
+    // either (HTTP/1.1 sends it with the first chunk).
+    let body = match http.get(format!("{url}/v1/jobs/{job}/logs")).send().await {
+        Ok(reply) => reply.bytes().await.map(|b| b.len()),
+        Err(e) => Err(e),
+    };
+    assert!(body.is_err(), "the stream ended cleanly: {body:?}");
+    let grew = peak_rss_kib(pid).saturating_sub(before);
+    assert!(grew < 16 * 1024, "the scheduler's peak grew by {grew} KiB");
+    // Still serving: the job's record, and another stream of it.
+    let shown = http
+        .get(format!("{url}/v1/jobs/{job}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(shown.status(), StatusCode::OK, "{}", scheduler.log());
+    assert!(
+        scheduler.log().contains("over the limit of 4194304"),
+        "the scheduler says why:\n{}",
+        scheduler.log()
+    );
+}
