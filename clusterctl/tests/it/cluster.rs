@@ -625,7 +625,18 @@ pub fn open_to_jobs(dir: &Path) {
     }
 }
 
-/// Runs clusterctl synchronously and asserts success.
+/// A size line of `/proc/PID/status` in KiB: `VmRSS` (resident now),
+/// `VmHWM` (the most it has been resident).
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
 /// CPU time (user and system) process `pid` has used, in seconds.
 pub fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();

@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::Frame;
@@ -23,10 +22,11 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tonic::Status;
 use tonic::body::Body;
-use tonic::codegen::{BoxFuture, Context, Poll, Service, http};
-use tonic_prost::ProstCodec;
+use tonic::codegen::{BoxFuture, http};
 
-use crate::cluster::bin;
+use crate::fake_grpc::{Routes, Served, call_scheduler, insecure_scheduler, plain_http, unary};
+
+use crate::cluster::status_kib;
 use crate::harness::Daemon;
 
 /// How the worker answers `StreamJob`: the gRPC response body's DATA
@@ -39,46 +39,8 @@ struct HostileWorker {
     stream: Answer,
 }
 
-impl tonic::server::NamedService for HostileWorker {
-    const NAME: &'static str = "jobscheduler.Worker";
-}
-
-struct Handler<Req, Res>(Arc<dyn Fn(Req) -> Result<Res, Status> + Send + Sync>);
-
-impl<Req: Send + 'static, Res: Send + 'static> tonic::server::UnaryService<Req>
-    for Handler<Req, Res>
-{
-    type Response = Res;
-    type Future = BoxFuture<tonic::Response<Res>, Status>;
-
-    fn call(&mut self, request: tonic::Request<Req>) -> Self::Future {
-        let result = (self.0)(request.into_inner()).map(tonic::Response::new);
-        Box::pin(std::future::ready(result))
-    }
-}
-
-async fn unary<Req, Res>(
-    request: http::Request<Body>,
-    f: impl Fn(Req) -> Result<Res, Status> + Send + Sync + 'static,
-) -> http::Response<Body>
-where
-    Req: prost::Message + Default + Send + 'static,
-    Res: prost::Message + Send + 'static,
-{
-    let mut grpc = tonic::server::Grpc::new(ProstCodec::<Res, Req>::default());
-    grpc.unary(Handler(Arc::new(f)), request).await
-}
-
-impl Service<http::Request<Body>> for HostileWorker {
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Infallible>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+impl Routes for HostileWorker {
+    fn route(&self, request: http::Request<Body>) -> BoxFuture<http::Response<Body>, Infallible> {
         let this = self.clone();
         Box::pin(async move {
             let jobs = this.jobs.clone();
@@ -142,73 +104,45 @@ fn grpc_message(message: &[u8]) -> Vec<u8> {
 }
 
 /// A scheduler in insecure mode and the hostile worker registered with it
-/// as `hostile`, which answers `StreamJob` with `stream`'s frames.
-async fn cluster_with(stream: Answer) -> (Daemon, tempfile::TempDir, reqwest::Client, String) {
-    let tmp = tempfile::tempdir().unwrap();
-    std::fs::write(
-        tmp.path().join("s.toml"),
-        format!(
-            "[grpc_server]\naddr = \"127.0.0.1:0\"\nuse_tls = false\ninsecure = true\n\
-             [http_server]\naddr = \"127.0.0.1:0\"\n[store]\npath = \"{}\"\n\
-             [workers]\nheartbeat_interval = \"10s\"\ndown_after = \"60s\"\nlost_after = \"120s\"\n",
-            tmp.path().join("s.db").display(),
-        ),
-    )
-    .unwrap();
-    let scheduler = Daemon::spawn_with(
-        &bin("schedulerd"),
-        &["--config", tmp.path().join("s.toml").to_str().unwrap()],
-        &["grpc", "http"],
-        &[],
+/// as `hostile`, which answers `StreamJob` with `stream`'s frames; the
+/// worker is served until its [`Served`] is dropped.
+async fn cluster_with(
+    stream: Answer,
+) -> (
+    Daemon,
+    tempfile::TempDir,
+    Served<HostileWorker>,
+    reqwest::Client,
+    String,
+) {
+    let (scheduler, tmp) = insecure_scheduler(
+        "heartbeat_interval = \"10s\"\ndown_after = \"60s\"\nlost_after = \"120s\"\n",
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let worker = HostileWorker {
+    let worker = Served::start(HostileWorker {
         jobs: Arc::default(),
         stream,
-    };
-    tokio::spawn(async move {
-        let _ = tonic::transport::Server::builder()
-            .add_service(worker)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await;
-    });
-    let channel =
-        tonic::transport::Channel::from_shared(format!("http://{}", scheduler.addrs["grpc"]))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.unwrap();
-    let registered: RegisterWorkerResponse = grpc
-        .unary(
-            tonic::Request::new(RegisterWorkerRequest {
-                address: addr.to_string(),
-                name: "hostile".into(),
-                plugins: vec!["bash".into()],
-                plugin_info: vec![PluginInfo {
-                    name: "bash".into(),
-                    extensions: vec!["sh".into()],
-                }],
-                instance_id: uuid::Uuid::new_v4().to_string(),
-                ..Default::default()
-            }),
-            http::uri::PathAndQuery::from_static("/jobscheduler.Scheduler/RegisterWorker"),
-            ProstCodec::<RegisterWorkerRequest, RegisterWorkerResponse>::default(),
-        )
-        .await
-        .unwrap()
-        .into_inner();
+    })
+    .await;
+    let registered: RegisterWorkerResponse = call_scheduler(
+        &scheduler.addrs["grpc"],
+        "/jobscheduler.Scheduler/RegisterWorker",
+        RegisterWorkerRequest {
+            address: worker.addr.to_string(),
+            name: "hostile".into(),
+            plugins: vec!["bash".into()],
+            plugin_info: vec![PluginInfo {
+                name: "bash".into(),
+                extensions: vec!["sh".into()],
+            }],
+            instance_id: uuid::Uuid::new_v4().to_string(),
+            ..Default::default()
+        },
+    )
+    .await;
     assert!(registered.success);
-    // Plain HTTP, but reqwest is built without a provider of its own.
-    jobcluster_pki::install_crypto_provider();
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .unwrap();
+    let http = plain_http();
     let url = format!("http://{}", scheduler.addrs["http"]);
-    (scheduler, tmp, http, url)
+    (scheduler, tmp, worker, http, url)
 }
 
 /// Starts a job on the hostile worker; its id.
@@ -223,16 +157,6 @@ async fn start(http: &reqwest::Client, url: &str) -> String {
     let body: Value = reply.json().await.unwrap();
     assert_eq!(status, StatusCode::CREATED, "{body}");
     body["job_id"].as_str().unwrap().to_owned()
-}
-
-/// The most memory the process has had resident so far.
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
 }
 
 /// A worker's message cut into many DATA frames reaches the reader whole
@@ -263,7 +187,7 @@ async fn output_in_small_frames_arrives_whole_and_a_flood_of_tiny_ones_is_refuse
                 .collect()
         }
     });
-    let (scheduler, _tmp, http, url) = cluster_with(stream).await;
+    let (scheduler, _tmp, _worker, http, url) = cluster_with(stream).await;
     let job = start(&http, &url).await;
     let logs = || async {
         http.get(format!("{url}/v1/jobs/{job}/logs"))
@@ -320,9 +244,9 @@ async fn an_output_message_past_four_mib_cuts_the_stream_unread() {
         frames.extend((0..64).map(|_| Bytes::from(vec![7u8; 512 * 1024])));
         frames
     });
-    let (scheduler, _tmp, http, url) = cluster_with(stream).await;
+    let (scheduler, _tmp, _worker, http, url) = cluster_with(stream).await;
     let pid = scheduler.child.id();
-    let before = peak_rss_kib(pid);
+    let before = status_kib(pid, "VmHWM");
     let job = start(&http, &url).await;
     // Cut before its first byte: the answer's head may not have gone out
     // either (HTTP/1.1 sends it with the first chunk).
@@ -331,7 +255,7 @@ async fn an_output_message_past_four_mib_cuts_the_stream_unread() {
         Err(e) => Err(e),
     };
     assert!(body.is_err(), "the stream ended cleanly: {body:?}");
-    let grew = peak_rss_kib(pid).saturating_sub(before);
+    let grew = status_kib(pid, "VmHWM").saturating_sub(before);
     assert!(grew < 16 * 1024, "the scheduler's peak grew by {grew} KiB");
     // Still serving: the job's record, and another stream of it.
     let shown = http

@@ -259,13 +259,7 @@ fn now_ms() -> u64 {
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
+    crate::cluster::status_kib(pid, "VmRSS")
 }
 
 #[tokio::test(flavor = "multi_thread")]

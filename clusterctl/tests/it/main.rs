@@ -7,6 +7,7 @@ mod cli;
 mod cluster;
 mod disk;
 mod escape;
+mod fake_grpc;
 mod faults;
 mod follow;
 mod ha;

@@ -788,16 +788,27 @@ async fn slow_clients_and_crowds_of_followers_starve_nobody() {
 
 /// The certificate a TLS server presents at `addr` now.
 async fn presented_cert(cluster: &Cluster, addr: &str, alpn: &[u8]) -> Vec<u8> {
+    let stream = tls_as(cluster, addr, "client", alpn).await;
+    stream.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// A TLS connection to `addr` with the certificate of `who` (a name in
+/// the cluster's PKI), offering `alpn`.
+async fn tls_as(
+    cluster: &Cluster,
+    addr: &str,
+    who: &str,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let roots = Roots::load(&cluster.pki().join("ca.pem")).unwrap();
-    let id = load_identity(cluster, "client");
+    let id = load_identity(cluster, who);
     let tls = jobcluster_pki::client_config(&roots, Some(&id), &[alpn]).unwrap();
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let stream = tokio_rustls::TlsConnector::from(tls)
+    tokio_rustls::TlsConnector::from(tls)
         .connect(name, tcp)
         .await
-        .unwrap();
-    stream.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+        .unwrap()
 }
 
 fn reissue(cluster: &Cluster, role: &str, name: &str) {
@@ -1239,12 +1250,7 @@ fn raise_open_files_limit() {
 
 /// A process's resident memory, in KiB.
 fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
+    crate::cluster::status_kib(pid, "VmRSS")
 }
 
 /// `n` TCP connections to `addr`, opened all at once, that never send a
@@ -1536,20 +1542,12 @@ async fn streams_reset_as_fast_as_they_open_get_their_connection_sent_away() {
     const ENHANCE_YOUR_CALM: u32 = 0xb;
     let cluster = Cluster::start(&["w1"]).await;
     let w1_addr = cluster.worker_info("w1").await.address;
-    let roots = Roots::load(&cluster.pki().join("ca.pem")).unwrap();
     for (port, addr, who) in [
         ("API", &cluster.http_addr, "client"),
         ("scheduler's gRPC", &cluster.grpc_addr, "w1"),
         ("worker's gRPC", &w1_addr, "scheduler"),
     ] {
-        let id = load_identity(&cluster, who);
-        let tls = jobcluster_pki::client_config(&roots, Some(&id), &[b"h2"]).unwrap();
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-        let tls = tokio_rustls::TlsConnector::from(tls)
-            .connect(name, tcp)
-            .await
-            .unwrap();
+        let tls = tls_as(&cluster, addr, who, b"h2").await;
         let (mut rd, mut wr) = tokio::io::split(tls);
         let flood = async move {
             let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
@@ -1601,11 +1599,7 @@ async fn streams_reset_as_fast_as_they_open_get_their_connection_sent_away() {
             "{port}: sent away only after stream {last}"
         );
     }
-    still_serves(&cluster).await;
-    let out = cluster
-        .ctl_output(&["run", "--worker", "w1", "count.sh", "--", "1", "0"])
-        .await;
-    assert!(out.status.success(), "{}", stderr(&out));
+    still_serves_and_runs(&cluster).await;
 }
 
 /// A handshake message larger than TLS servers here accept (64 KiB, as
@@ -1672,11 +1666,7 @@ async fn an_oversized_handshake_message_closes_the_connection_on_every_tls_port(
             );
         }
     }
-    still_serves(&cluster).await;
-    let out = cluster
-        .ctl_output(&["run", "--worker", "w1", "count.sh", "--", "1", "0"])
-        .await;
-    assert!(out.status.success(), "{}", stderr(&out));
+    still_serves_and_runs(&cluster).await;
 }
 
 /// A body that does not arrive within 30 s gets 408 `body_timeout` and
@@ -1858,6 +1848,15 @@ async fn slow_bodies_get_408_oversized_starts_413_and_listings_leave_args_out() 
         "answered after {took:?}"
     );
     still_serves(&cluster).await;
+}
+
+/// The API answers and a job still runs to its end on w1.
+async fn still_serves_and_runs(cluster: &Cluster) {
+    still_serves(cluster).await;
+    let out = cluster
+        .ctl_output(&["run", "--worker", "w1", "count.sh", "--", "1", "0"])
+        .await;
+    assert!(out.status.success(), "{}", stderr(&out));
 }
 
 async fn still_serves(cluster: &Cluster) {

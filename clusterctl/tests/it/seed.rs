@@ -16,11 +16,10 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tonic::Status;
 use tonic::body::Body;
-use tonic::codegen::{BoxFuture, Context, Poll, Service, http};
-use tonic_prost::ProstCodec;
+use tonic::codegen::{BoxFuture, http};
 
 use crate::cluster::{bin, stderr, stdout};
-use crate::harness::Daemon;
+use crate::fake_grpc::{Routes, Served, call_scheduler, insecure_scheduler, plain_http, unary};
 
 #[derive(Clone, PartialEq, prost::Message)]
 struct RegisterReq {
@@ -84,46 +83,8 @@ struct SeedState {
 #[derive(Clone, Default)]
 struct SeedWorker(Arc<Mutex<SeedState>>);
 
-impl tonic::server::NamedService for SeedWorker {
-    const NAME: &'static str = "jobscheduler.Worker";
-}
-
-struct Handler<Req, Res>(Arc<dyn Fn(Req) -> Result<Res, Status> + Send + Sync>);
-
-impl<Req: Send + 'static, Res: Send + 'static> tonic::server::UnaryService<Req>
-    for Handler<Req, Res>
-{
-    type Response = Res;
-    type Future = BoxFuture<tonic::Response<Res>, Status>;
-
-    fn call(&mut self, request: tonic::Request<Req>) -> Self::Future {
-        let result = (self.0)(request.into_inner()).map(tonic::Response::new);
-        Box::pin(std::future::ready(result))
-    }
-}
-
-async fn unary<Req, Res>(
-    request: http::Request<Body>,
-    f: impl Fn(Req) -> Result<Res, Status> + Send + Sync + 'static,
-) -> http::Response<Body>
-where
-    Req: prost::Message + Default + Send + 'static,
-    Res: prost::Message + Send + 'static,
-{
-    let mut grpc = tonic::server::Grpc::new(ProstCodec::<Res, Req>::default());
-    grpc.unary(Handler(Arc::new(f)), request).await
-}
-
-impl Service<http::Request<Body>> for SeedWorker {
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Infallible>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+impl Routes for SeedWorker {
+    fn route(&self, request: http::Request<Body>) -> BoxFuture<http::Response<Body>, Infallible> {
         let state = self.0.clone();
         Box::pin(async move {
             let response = match request.uri().path() {
@@ -206,80 +167,16 @@ impl SeedWorker {
     }
 }
 
-/// The worker served on a loopback port of its own until `stop` fires.
-struct Served {
-    worker: SeedWorker,
-    addr: std::net::SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Served {
-    async fn start() -> Served {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let worker = SeedWorker::default();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn({
-            let worker = worker.clone();
-            async move {
-                tonic::transport::Server::builder()
-                    .add_service(worker)
-                    .serve_with_incoming_shutdown(
-                        tokio_stream::wrappers::TcpListenerStream::new(listener),
-                        async {
-                            let _ = stopped.await;
-                        },
-                    )
-                    .await
-                    .unwrap();
-            }
-        });
-        Served {
-            worker,
-            addr,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    /// The worker is gone: its listener closed and its connections ended.
-    async fn kill(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        tokio::time::timeout(Duration::from_secs(10), &mut self.task)
-            .await
-            .expect("the worker's server stops")
-            .unwrap();
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 /// The original worker's registration: its address and nothing else.
 async fn register(scheduler: &str, address: &str) -> RegisterRes {
-    let channel = tonic::transport::Channel::from_shared(format!("http://{scheduler}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.unwrap();
-    grpc.unary(
-        tonic::Request::new(RegisterReq {
+    call_scheduler(
+        scheduler,
+        "/jobscheduler.Scheduler/RegisterWorker",
+        RegisterReq {
             address: address.to_owned(),
-        }),
-        http::uri::PathAndQuery::from_static("/jobscheduler.Scheduler/RegisterWorker"),
-        ProstCodec::<RegisterReq, RegisterRes>::default(),
+        },
     )
     .await
-    .unwrap()
-    .into_inner()
 }
 
 struct Api {
@@ -323,34 +220,15 @@ const DOWN_AFTER: Duration = Duration::from_millis(1500);
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_of_the_original_design_joins_runs_jobs_by_its_own_ids_and_goes_down_when_killed()
 {
-    let tmp = tempfile::tempdir().unwrap();
-    std::fs::write(
-        tmp.path().join("s.toml"),
-        format!(
-            "[grpc_server]\naddr = \"127.0.0.1:0\"\nuse_tls = false\ninsecure = true\n\
-             [http_server]\naddr = \"127.0.0.1:0\"\n[store]\npath = \"{}\"\n\
-             [workers]\nheartbeat_interval = \"250ms\"\ndown_after = \"{}ms\"\nlost_after = \"60s\"\n",
-            tmp.path().join("s.db").display(),
-            DOWN_AFTER.as_millis()
-        ),
-    )
-    .unwrap();
-    let scheduler = Daemon::spawn_with(
-        &bin("schedulerd"),
-        &["--config", tmp.path().join("s.toml").to_str().unwrap()],
-        &["grpc", "http"],
-        &[],
-    );
-    // Plain HTTP, but reqwest is built without a provider of its own.
-    jobcluster_pki::install_crypto_provider();
+    let (scheduler, _tmp) = insecure_scheduler(&format!(
+        "heartbeat_interval = \"250ms\"\ndown_after = \"{}ms\"\nlost_after = \"60s\"\n",
+        DOWN_AFTER.as_millis()
+    ));
     let api = Api {
         url: format!("http://{}", scheduler.addrs["http"]),
-        http: reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .unwrap(),
+        http: plain_http(),
     };
-    let mut seed = Served::start().await;
+    let mut seed = Served::start(SeedWorker::default()).await;
     let registered = register(&scheduler.addrs["grpc"], &seed.addr.to_string()).await;
     assert!(registered.success);
     let worker_id = registered.worker_id;
