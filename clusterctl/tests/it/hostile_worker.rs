@@ -1,9 +1,10 @@
-//! A worker that answers `StreamJob` in ways no workerd does, against the
-//! real scheduler: the bounds of `schedulerd`'s `output_stream` through
-//! the binary (docs/SECURITY.md, §7, "a worker's output stream as the
-//! scheduler reads it"). The worker runs in the test process, registered
-//! in insecure mode (the bounds are the same with TLS: only the channel
-//! differs), and runs no processes.
+//! A worker that says what no workerd says, against the real scheduler:
+//! output streams past the bounds of `schedulerd`'s `output_stream`
+//! (docs/SECURITY.md, §7, "a worker's output stream as the scheduler
+//! reads it"), and a job's end contradicted after the API reported it.
+//! The worker runs in the test process, registered in insecure mode (the
+//! scheduler's checks are the same with TLS: only the channel differs),
+//! and runs no processes.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -14,8 +15,9 @@ use bytes::Bytes;
 use http_body::Frame;
 use http_body_util::StreamBody;
 use jobcluster_proto::pb::{
-    JobState, PluginInfo, QueryJobRequest, QueryJobResponse, RegisterWorkerRequest,
-    RegisterWorkerResponse, StartJobRequest, StartJobResponse, StreamJobResponse,
+    HeartbeatRequest, HeartbeatResponse, JobState, PluginInfo, QueryJobRequest, QueryJobResponse,
+    RegisterWorkerRequest, RegisterWorkerResponse, StartJobRequest, StartJobResponse,
+    StreamJobResponse,
 };
 use prost::Message;
 use reqwest::StatusCode;
@@ -37,6 +39,8 @@ type Answer = Arc<dyn Fn() -> Vec<Bytes> + Send + Sync>;
 struct HostileWorker {
     jobs: Arc<Mutex<HashMap<String, QueryJobResponse>>>,
     stream: Answer,
+    /// The instance it registered as.
+    instance_id: String,
 }
 
 impl Routes for HostileWorker {
@@ -121,9 +125,24 @@ async fn cluster_with(
     let worker = Served::start(HostileWorker {
         jobs: Arc::default(),
         stream,
+        instance_id: uuid::Uuid::new_v4().to_string(),
     })
     .await;
-    let registered: RegisterWorkerResponse = call_scheduler(
+    let registered = register(&scheduler, &worker, Vec::new()).await;
+    assert!(registered.success);
+    let http = plain_http();
+    let url = format!("http://{}", scheduler.addrs["http"]);
+    (scheduler, tmp, worker, http, url)
+}
+
+/// Registers `worker` as `hostile` (again: the same instance), with the
+/// jobs it reports.
+async fn register(
+    scheduler: &Daemon,
+    worker: &Served<HostileWorker>,
+    jobs: Vec<QueryJobResponse>,
+) -> RegisterWorkerResponse {
+    call_scheduler(
         &scheduler.addrs["grpc"],
         "/jobscheduler.Scheduler/RegisterWorker",
         RegisterWorkerRequest {
@@ -134,15 +153,12 @@ async fn cluster_with(
                 name: "bash".into(),
                 extensions: vec!["sh".into()],
             }],
-            instance_id: uuid::Uuid::new_v4().to_string(),
+            instance_id: worker.worker.instance_id.clone(),
+            jobs,
             ..Default::default()
         },
     )
-    .await;
-    assert!(registered.success);
-    let http = plain_http();
-    let url = format!("http://{}", scheduler.addrs["http"]);
-    (scheduler, tmp, worker, http, url)
+    .await
 }
 
 /// Starts a job on the hostile worker; its id.
@@ -268,5 +284,91 @@ async fn an_output_message_past_four_mib_cuts_the_stream_unread() {
         scheduler.log().contains("over the limit of 4194304"),
         "the scheduler says why:\n{}",
         scheduler.log()
+    );
+}
+
+/// A job's end, once the API has said it, stays as said, whatever its
+/// worker says afterwards: asked about the job, in a heartbeat, or in a
+/// registration after a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reported_end_stays_whatever_the_worker_says_later() {
+    let ended = |job_id: &str, state: JobState, exit_code: i32| QueryJobResponse {
+        done: true,
+        state: state as i32,
+        exit_code: Some(exit_code),
+        job_id: job_id.to_owned(),
+        created_at_ms: 1,
+        started_at_ms: 1,
+        finished_at_ms: 2,
+        output_bytes: 3,
+        ..Default::default()
+    };
+    // The job's id is known only once it starts: the stream reads it then.
+    let job_id = Arc::new(Mutex::new(String::new()));
+    let stream: Answer = Arc::new({
+        let job_id = job_id.clone();
+        move || {
+            let id = job_id.lock().unwrap().clone();
+            let message = StreamJobResponse {
+                output: Bytes::from_static(b"hi\n"),
+                offset: 0,
+                final_status: Some(ended(&id, JobState::Succeeded, 0)),
+            };
+            vec![Bytes::from(grpc_message(&message.encode_to_vec()))]
+        }
+    });
+    let (scheduler, _tmp, worker, http, url) = cluster_with(stream).await;
+    let job = start(&http, &url).await;
+    *job_id.lock().unwrap() = job.clone();
+    let state = || async {
+        let reply = http.get(format!("{url}/v1/jobs/{job}")).send().await;
+        let shown: Value = reply.unwrap().json().await.unwrap();
+        (shown["state"].clone(), shown["exit_code"].clone())
+    };
+
+    // Followed to its end: the stream's last message says it succeeded.
+    let reply = http
+        .get(format!("{url}/v1/jobs/{job}/logs?follow=true"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(&reply.bytes().await.unwrap()[..], b"hi\n");
+    assert_eq!(state().await, (json!("succeeded"), json!(0)));
+
+    // The worker now says it failed, every way it can.
+    let failed = ended(&job, JobState::Failed, 3);
+    worker
+        .worker
+        .jobs
+        .lock()
+        .unwrap()
+        .insert(job.clone(), failed.clone());
+    assert_eq!(state().await, (json!("succeeded"), json!(0)), "asked");
+    // Registered again, as after a lost connection, with its jobs.
+    let registered = register(&scheduler, &worker, vec![failed.clone()]).await;
+    assert!(registered.success);
+    let _: HeartbeatResponse = call_scheduler(
+        &scheduler.addrs["grpc"],
+        "/jobscheduler.Scheduler/Heartbeat",
+        HeartbeatRequest {
+            worker_id: registered.worker_id,
+            instance_id: worker.worker.instance_id.clone(),
+            jobs: vec![failed],
+        },
+    )
+    .await;
+    assert_eq!(
+        state().await,
+        (json!("succeeded"), json!(0)),
+        "after a registration and a heartbeat:\n{}",
+        scheduler.log()
+    );
+    // Both reports were read, and said to disagree.
+    let log = scheduler.log();
+    assert_eq!(
+        log.matches("a report disagrees with the job's final state; the final state stays")
+            .count(),
+        2,
+        "{log}"
     );
 }
