@@ -656,6 +656,7 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / per_second as f64
 }
 
+/// Runs clusterctl synchronously and asserts success.
 pub fn run_ok(args: &[&str]) -> Output {
     let out = std::process::Command::new(bin("clusterctl"))
         .args(args)

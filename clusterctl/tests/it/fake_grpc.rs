@@ -148,7 +148,9 @@ where
 }
 
 /// A scheduler in insecure mode on loopback ports, its store in the
-/// returned directory, with `workers` as its `[workers]` section.
+/// returned directory, with `workers` as its `[workers]` section. Always
+/// SQLite, also in the suite's PostgreSQL pass: these tests are about what
+/// a worker says, not the store.
 pub fn insecure_scheduler(workers: &str) -> (Daemon, tempfile::TempDir) {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::write(
