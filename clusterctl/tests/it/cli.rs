@@ -294,3 +294,68 @@ async fn bench_start_reports_its_share_of_the_local_floor() {
         stderr(&out)
     );
 }
+
+/// A job's output written where it cannot go: to a full disk (`/dev/full`)
+/// `run` and `logs` fail and say so; to a pipe its reader closed they end
+/// quietly, as `| head` expects. Neither touches the job: `run` still
+/// started it, and it ends as it ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn output_to_a_full_disk_fails_with_the_reason_and_to_a_closed_pipe_quietly() {
+    let cluster = Cluster::start(&["w1"]).await;
+    let full = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap()
+    };
+    let closed_pipe = || {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        writer
+    };
+    let run = ["run", "--worker", "w1", "count.sh", "--", "2", "0"];
+    // `output()` would capture stdout whatever it was set to.
+    let with_stdout = |args: &[&str], stdout: std::process::Stdio| {
+        let child = cluster
+            .ctl()
+            .args(args)
+            .stdout(stdout)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.wait_with_output()
+    };
+
+    let out = with_stdout(&run, full().into()).await.unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let said = stderr(&out);
+    assert!(said.contains("No space left on device"), "{said}");
+    let job = said
+        .split_whitespace()
+        .skip_while(|w| *w != "job")
+        .nth(1)
+        .unwrap()
+        .to_owned();
+
+    let cases = [
+        ("a full disk", full().into(), true),
+        ("a closed pipe", closed_pipe().into(), false),
+    ];
+    for (to, stdout, says_why) in cases {
+        let out = with_stdout(&["logs", "-f", &job], stdout).await.unwrap();
+        assert_eq!(out.status.code(), Some(1), "logs to {to}");
+        assert_eq!(
+            stderr(&out).contains("No space left on device"),
+            says_why,
+            "logs to {to}: {}",
+            stderr(&out)
+        );
+    }
+    let out = with_stdout(&run, closed_pipe().into()).await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!stderr(&out).contains("clusterctl:"), "{}", stderr(&out));
+
+    // The job ran to its end all the same.
+    let out = cluster.ctl_output(&["logs", &job]).await;
+    assert_eq!(stdout(&out), "1\n2\ndone\n", "{}", stderr(&out));
+}

@@ -20,6 +20,7 @@ use jobcluster_proto::pb::{
     RegisterWorkerRequest, RegisterWorkerResponse, StartJobRequest, StartJobResponse,
     StreamJobResponse,
 };
+use jobcluster_proto::transport::grpc_prefix;
 use prost::Message;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -106,10 +107,7 @@ impl Routes for HostileWorker {
 
 /// One gRPC message: its 5-byte prefix and the message.
 fn grpc_message(message: &[u8]) -> Vec<u8> {
-    let mut framed = vec![0];
-    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    framed.extend_from_slice(message);
-    framed
+    [&grpc_prefix(message.len()).unwrap()[..], message].concat()
 }
 
 /// A scheduler in insecure mode and the hostile worker registered with it
@@ -267,14 +265,12 @@ async fn output_in_small_frames_arrives_whole_and_a_flood_of_tiny_ones_costs_not
 /// scheduler's memory does not take it in, and it goes on serving.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_output_message_past_four_mib_cuts_the_stream_unread() {
-    const DECLARED: u32 = 64 * 1024 * 1024;
+    const DECLARED: usize = 64 * 1024 * 1024;
     // The prefix says 64 MiB; 32 MiB of it follow, in 512 KiB frames, as
     // fast as the scheduler's flow control lets them: one that read on
     // would take them all in.
     let stream: Answer = Arc::new(|| {
-        let mut frames = vec![Bytes::from(
-            [&[0u8][..], &DECLARED.to_be_bytes()[..]].concat(),
-        )];
+        let mut frames = vec![Bytes::from(grpc_prefix(DECLARED).unwrap().to_vec())];
         frames.extend((0..64).map(|_| Bytes::from(vec![7u8; 512 * 1024])));
         frames
     });

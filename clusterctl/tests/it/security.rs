@@ -1280,16 +1280,22 @@ fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     frame
 }
 
-/// A `GET path` HEADERS frame on stream 1, without credentials (HPACK
-/// literals only, so no encoder is needed).
-fn h2_get(path: &str) -> Vec<u8> {
+/// A `GET path` HEADERS frame on `stream`, without credentials (HPACK
+/// literals only, so no encoder is needed), ending the stream.
+fn h2_get(stream: u32, path: &str) -> Vec<u8> {
+    h2_request(stream, &[(":path", path)])
+}
+
+/// A GET's HEADERS frame on `stream` with `headers` after `:method`,
+/// `:scheme` and `:authority` (each under 128 bytes), ending the stream.
+fn h2_request(stream: u32, headers: &[(&str, &str)]) -> Vec<u8> {
     let mut block = Vec::new();
-    for (name, value) in [
+    let fixed = [
         (":method", "GET"),
         (":scheme", "https"),
         (":authority", "127.0.0.1"),
-        (":path", path),
-    ] {
+    ];
+    for (name, value) in fixed.iter().chain(headers) {
         block.push(0);
         block.push(name.len() as u8);
         block.extend_from_slice(name.as_bytes());
@@ -1297,7 +1303,7 @@ fn h2_get(path: &str) -> Vec<u8> {
         block.extend_from_slice(value.as_bytes());
     }
     // END_STREAM | END_HEADERS
-    h2_frame(1, 0x5, 1, &block)
+    h2_frame(1, 0x5, stream, &block)
 }
 
 /// An HTTP/2 client without a certificate that (after one request without
@@ -1326,7 +1332,7 @@ async fn pinger(
     let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     hello.extend(h2_frame(4, 0, 0, &[]));
     if ask_first {
-        hello.extend(h2_get("/v1/workers"));
+        hello.extend(h2_get(1, "/v1/workers"));
     }
     if wr.write_all(&hello).await.is_err() {
         return Some(opened.elapsed());
@@ -1529,77 +1535,166 @@ async fn grpc_ports_close_peers_without_a_cluster_certificate_at_the_handshake()
     }
 }
 
-/// HTTP/2's rapid reset (CVE-2023-44487): a peer holding a cluster
-/// certificate that opens streams and resets them at once, as fast as it
-/// can, is sent away with `GOAWAY` `ENHANCE_YOUR_CALM` well before its
-/// 5,000th stream, on the API and on both gRPC ports; the cluster goes on
-/// serving. The bound is h2's (20 streams reset before they were
-/// accepted), kept by each server's builder (docs/SECURITY.md, §7).
+/// Streams a peer makes the server reset, as fast as it can, get its
+/// connection sent away with `GOAWAY` `ENHANCE_YOUR_CALM` well before its
+/// 5,000th stream, on the API and on both gRPC ports, whether it resets
+/// them itself (rapid reset, CVE-2023-44487: 20 streams reset before they
+/// were taken up) or sends requests the server resets for their errors
+/// ("MadeYouReset", CVE-2025-8671: 1,024), though it holds a cluster
+/// certificate; the cluster goes on serving. The bounds are
+/// `proto::transport`'s, set by each server's builder (docs/SECURITY.md,
+/// §7).
 #[tokio::test(flavor = "multi_thread")]
 async fn streams_reset_as_fast_as_they_open_get_their_connection_sent_away() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    const STREAMS: u32 = 5_000;
+    use jobcluster_proto::transport::{H2_MAX_ERROR_RESETS, H2_MAX_PENDING_RESETS};
     const ENHANCE_YOUR_CALM: u32 = 0xb;
     let cluster = Cluster::start(&["w1"]).await;
-    let w1_addr = cluster.worker_info("w1").await.address;
-    for (port, addr, who) in [
-        ("API", &cluster.http_addr, "client"),
-        ("scheduler's gRPC", &cluster.grpc_addr, "w1"),
-        ("worker's gRPC", &w1_addr, "scheduler"),
-    ] {
-        let tls = tls_as(&cluster, addr, who, b"h2").await;
-        let (mut rd, mut wr) = tokio::io::split(tls);
-        let flood = async move {
-            let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-            out.extend(h2_frame(4, 0, 0, &[]));
-            let request = h2_get("/v1/workers");
-            for i in 0..STREAMS {
-                let stream = 2 * i + 1;
-                let mut headers = request.clone();
-                headers[5..9].copy_from_slice(&stream.to_be_bytes());
-                out.extend(headers);
-                // RST_STREAM, CANCEL
-                out.extend(h2_frame(3, 0, stream, &8u32.to_be_bytes()));
-            }
-            // The server may close before it has read it all.
-            let _ = wr.write_all(&out).await;
-            let _ = wr.flush().await;
-            wr
-        };
-        let answer = async move {
-            let mut goaway = None;
-            let mut head = [0u8; 9];
-            while rd.read_exact(&mut head).await.is_ok() {
-                let len = (usize::from(head[0]) << 16)
-                    | (usize::from(head[1]) << 8)
-                    | usize::from(head[2]);
-                let mut payload = vec![0u8; len];
-                if rd.read_exact(&mut payload).await.is_err() {
-                    break;
-                }
-                if head[3] == 7 && len >= 8 {
-                    let last = u32::from_be_bytes(payload[0..4].try_into().unwrap());
-                    let code = u32::from_be_bytes(payload[4..8].try_into().unwrap());
-                    goaway = Some((last, code));
-                }
-            }
-            goaway
-        };
-        let (wr, goaway) = tokio::time::timeout(Duration::from_secs(20), async {
-            tokio::join!(flood, answer)
-        })
-        .await
-        .unwrap_or_else(|_| panic!("{port}: the connection stayed open"));
-        drop(wr);
-        let (last, code) = goaway.unwrap_or_else(|| panic!("{port}: closed without GOAWAY"));
-        eprintln!("{port}: GOAWAY after stream {last}, code {code}");
-        assert_eq!(code, ENHANCE_YOUR_CALM, "{port}");
-        assert!(
-            last < 2 * STREAMS / 10,
-            "{port}: sent away only after stream {last}"
-        );
+    // Each flood: the frames of its `n`th stream (odd ids from 1), and how
+    // many streams at most may pass before the connection goes.
+    let rapid_reset = |stream: u32| {
+        let mut frames = h2_get(stream, "/v1/workers");
+        // RST_STREAM, CANCEL
+        frames.extend(h2_frame(3, 0, stream, &8u32.to_be_bytes()));
+        frames
+    };
+    // A request that says it has a body and ends without one: malformed,
+    // so h2 resets it.
+    let made_you_reset =
+        |stream: u32| h2_request(stream, &[(":path", "/v1/workers"), ("content-length", "5")]);
+    let floods: [(&str, StreamFrames, usize); 2] = [
+        ("rapid reset", rapid_reset, H2_MAX_PENDING_RESETS),
+        ("made-you-reset", made_you_reset, H2_MAX_ERROR_RESETS),
+    ];
+    for (port, addr, who) in tls_ports(&cluster).await {
+        let addr = &addr;
+        for (kind, frames, bound) in floods {
+            let tls = tls_as(&cluster, addr, who, b"h2").await;
+            let (last, code) = flood_until_goaway(tls, 5_000, frames)
+                .await
+                .unwrap_or_else(|| panic!("{port}, {kind}: closed without GOAWAY"));
+            eprintln!("{port}, {kind}: GOAWAY after stream {last}, code {code}");
+            assert_eq!(code, ENHANCE_YOUR_CALM, "{port}, {kind}");
+            // Stream n's id is 2n - 1; a little past the bound for
+            // the streams already on their way.
+            let allowed = 2 * (bound as u32 + 64);
+            assert!(
+                last < allowed,
+                "{port}, {kind}: sent away only after stream {last}"
+            );
+        }
     }
     still_serves_and_runs(&cluster).await;
+}
+
+/// Every TLS port of `cluster` (the API, the scheduler's and w1's gRPC
+/// ports), each with its address and a name in the PKI whose certificate
+/// it takes.
+async fn tls_ports(cluster: &Cluster) -> [(&'static str, String, &'static str); 3] {
+    let w1_addr = cluster.worker_info("w1").await.address;
+    [
+        ("API", cluster.http_addr.clone(), "client"),
+        ("scheduler's gRPC", cluster.grpc_addr.clone(), "w1"),
+        ("worker's gRPC", w1_addr, "scheduler"),
+    ]
+}
+
+/// The HTTP/2 frames of a flood's stream with this id.
+type StreamFrames = fn(u32) -> Vec<u8>;
+
+/// Sends the HTTP/2 preface and `streams` streams of `frames` at once on
+/// `tls`, reading what comes back; the last `GOAWAY`'s last stream and
+/// error code, once the server has closed (within 20 s).
+async fn flood_until_goaway(
+    tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    streams: u32,
+    frames: StreamFrames,
+) -> Option<(u32, u32)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut rd, mut wr) = tokio::io::split(tls);
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(h2_frame(4, 0, 0, &[]));
+    for i in 0..streams {
+        out.extend(frames(2 * i + 1));
+    }
+    let flood = async move {
+        // The server may close before it has read it all.
+        let _ = wr.write_all(&out).await;
+        let _ = wr.flush().await;
+        wr
+    };
+    let answer = async move {
+        let mut goaway = None;
+        let mut head = [0u8; 9];
+        while rd.read_exact(&mut head).await.is_ok() {
+            let len =
+                (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+            let mut payload = vec![0u8; len];
+            if rd.read_exact(&mut payload).await.is_err() {
+                break;
+            }
+            if head[3] == 7 && len >= 8 {
+                let last = u32::from_be_bytes(payload[0..4].try_into().unwrap());
+                let code = u32::from_be_bytes(payload[4..8].try_into().unwrap());
+                goaway = Some((last, code));
+            }
+        }
+        goaway
+    };
+    let (_wr, goaway) = tokio::time::timeout(Duration::from_secs(20), async {
+        tokio::join!(flood, answer)
+    })
+    .await
+    .expect("the connection stayed open");
+    goaway
+}
+
+/// Every TLS port agrees on AES-128-GCM with the cluster's own clients
+/// (the daemons' suite order, `pki::tls`), and on AES-256-GCM with a
+/// client that puts it first (ring's own order): a server follows its
+/// client's order, so no client loses the suite it prefers.
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_ports_agree_on_aes_128_gcm_with_ours_and_on_the_clients_choice_with_others() {
+    use rustls::CipherSuite;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let cluster = Cluster::start(&["w1"]).await;
+    for (port, addr, who) in tls_ports(&cluster).await {
+        let addr = &addr;
+        let ours = tls_as(&cluster, addr, who, b"h2").await;
+        let agreed = ours.get_ref().1.negotiated_cipher_suite().unwrap().suite();
+        assert_eq!(agreed, CipherSuite::TLS13_AES_128_GCM_SHA256, "{port}");
+
+        let pki = cluster.pki();
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_file(pki.join("ca.pem")).unwrap())
+            .unwrap();
+        let chain = CertificateDer::pem_file_iter(pki.join(format!("{who}.pem")))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_file(pki.join(format!("{who}-key.pem"))).unwrap();
+        let ring_order = rustls::crypto::ring::default_provider();
+        let theirs = rustls::ClientConfig::builder_with_provider(Arc::new(ring_order))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let theirs = tokio_rustls::TlsConnector::from(Arc::new(theirs))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let agreed = theirs
+            .get_ref()
+            .1
+            .negotiated_cipher_suite()
+            .unwrap()
+            .suite();
+        assert_eq!(agreed, CipherSuite::TLS13_AES_256_GCM_SHA384, "{port}");
+    }
 }
 
 /// A handshake message larger than TLS servers here accept (64 KiB, as
@@ -1611,7 +1706,6 @@ async fn streams_reset_as_fast_as_they_open_get_their_connection_sent_away() {
 async fn an_oversized_handshake_message_closes_the_connection_on_every_tls_port() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let cluster = Cluster::start(&["w1"]).await;
-    let w1_addr = cluster.worker_info("w1").await.address;
     // A ClientHello that says it is 16 MiB long, then a MiB of it, in
     // records of 16 KiB; and one that says 70,000 bytes, all of it sent.
     let record = |payload: &[u8]| {
@@ -1633,11 +1727,8 @@ async fn an_oversized_handshake_message_closes_the_connection_on_every_tls_port(
         ("declared 16 MiB", hello(0xFF_FFFF, 1024 * 1024)),
         ("70,000 bytes", hello(70_000, 70_004)),
     ];
-    for (port, addr) in [
-        ("API", &cluster.http_addr),
-        ("scheduler's gRPC", &cluster.grpc_addr),
-        ("worker's gRPC", &w1_addr),
-    ] {
+    for (port, addr, _) in tls_ports(&cluster).await {
+        let addr = &addr;
         for (what, bytes) in &cases {
             let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
             // Refused when the message's length is read, in milliseconds;
