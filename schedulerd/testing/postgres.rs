@@ -9,7 +9,8 @@
 //! holds the server and waits for the end of a pipe whose other end only
 //! this process holds (its lifeline); the kernel closes that end when the
 //! process exits, and the shell then stops the server and removes the
-//! directory. Each caller gets a database of its own.
+//! directory. Each caller gets a database of its own, dropped when the
+//! caller is done with it: a suite run makes hundreds, 7.5 MB each.
 //!
 //! Shared by the scheduler's store tests and the end-to-end tests
 //! (included with `#[path]`); std only.
@@ -49,7 +50,7 @@ if [ -n "${PG_TLS_CERT:-}" ]; then
   tls="-c ssl=on -c ssl_cert_file=$dir/server.crt -c ssl_key_file=$dir/server.key"
 fi
 "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
-  -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=400 $tls" start >/dev/null \
+  -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=400 -c max_wal_size=96MB -c min_wal_size=32MB $tls" start >/dev/null \
   || { cat "$dir/server.log" >&2; exit 1; }
 echo "ready $dir"
 cat >/dev/null || true
@@ -120,35 +121,90 @@ impl Postgres {
         })
     }
 
-    /// A new, empty database; its URL.
-    pub fn database(&self) -> String {
+    /// A new, empty database, dropped with the value returned.
+    pub fn database(&'static self) -> Database {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let name = format!(
             "t{}_{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        let status = Command::new(self.bin.join("createdb"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-            ])
-            .arg(&name)
-            .status();
-        assert!(
-            matches!(status, Ok(s) if s.success()),
-            "createdb {name}: {status:?}"
-        );
-        self.url(&name)
+        let created = self.tool("createdb").arg(&name).output();
+        match created {
+            Ok(out) if out.status.success() => {}
+            // Its own words and the server's: a failure here fails every
+            // test after it, and only these say why.
+            Ok(out) => panic!(
+                "createdb {name} failed ({}): {}\n{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim(),
+                self.log_tail()
+            ),
+            Err(e) => panic!("could not run createdb: {e}"),
+        }
+        Database {
+            url: self.url(&name),
+            name,
+            server: self,
+        }
+    }
+
+    /// One of the server's client programs (`createdb`, `dropdb`), to its
+    /// superuser over TCP.
+    fn tool(&self, name: &str) -> Command {
+        let mut command = Command::new(self.bin.join(name));
+        command.args(["-h", "127.0.0.1", "-p", &self.port.to_string()]);
+        command.args(["-U", "postgres"]);
+        command
+    }
+
+    /// The last lines of the server's log, for a failure's message.
+    fn log_tail(&self) -> String {
+        match std::fs::read_to_string(format!("{}/server.log", self.dir)) {
+            Ok(log) => {
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+                format!("the server's log ends:\n{tail}")
+            }
+            Err(e) => format!("the server's log is unreadable: {e}"),
+        }
     }
 
     /// The URL of database `name` on this server.
     pub fn url(&self, name: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
+    }
+}
+
+/// A database of its own on the shared server; dropped (its sessions
+/// ended) when this is.
+pub struct Database {
+    pub url: String,
+    name: String,
+    server: &'static Postgres,
+}
+
+impl Database {
+    /// Its URL, the database kept until the server stops with the test
+    /// process: for stores the caller cannot outlive (a few per process).
+    pub fn keep(mut self) -> String {
+        let url = std::mem::take(&mut self.url);
+        std::mem::forget(self);
+        url
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        // `--force` ends the sessions of schedulers still running (a test
+        // that panicked, or schedulers the test held longer).
+        let _ = self
+            .server
+            .tool("dropdb")
+            .args(["--force", "--if-exists"])
+            .arg(&self.name)
+            .stderr(Stdio::null())
+            .status();
     }
 }
 

@@ -28,6 +28,9 @@ pub struct Cluster {
     /// More schedulers on the same store (`ha`): their gRPC addresses go
     /// into new workers' `[scheduler] addrs`, their URLs into clusterctl's.
     pub more_schedulers: Vec<(String, String)>,
+    /// Its PostgreSQL database, if its store is one; last, so that it is
+    /// dropped after the daemons.
+    _database: Option<crate::postgres::Database>,
 }
 
 impl Cluster {
@@ -55,7 +58,7 @@ impl Cluster {
                 None => config.replacen("[workers]\n", &format!("[workers]\n{new}\n"), 1),
             };
         }
-        Self::start_from(worker_names, &config, "").await
+        Self::start_from(worker_names, &config, "", None).await
     }
 
     /// A cluster whose scheduler keeps its store in `store_dir` (a test may
@@ -67,7 +70,7 @@ impl Cluster {
             &format!("path = \"{}\"", store_dir.join("scheduler.db").display()),
             1,
         );
-        Self::start_from(worker_names, &config, "").await
+        Self::start_from(worker_names, &config, "", None).await
     }
 
     /// [`Cluster::start_with`], its scheduler on SQLite whatever
@@ -82,19 +85,18 @@ impl Cluster {
             &format!("{SQLITE_STORE} # always SQLite"),
             1,
         );
-        Self::start_from(worker_names, &config, worker_extra).await
+        Self::start_from(worker_names, &config, worker_extra, None).await
     }
 
     /// A cluster whose scheduler keeps its records in PostgreSQL, in a new
     /// database on this test process's throwaway server, with more
     /// `[store]` keys.
     pub async fn start_on_postgres(worker_names: &[&str], store_keys: &str) -> Cluster {
-        let config = postgres_store(SCHEDULER_CONFIG).await.replacen(
-            "[store]\n",
-            &format!("[store]\n{store_keys}\n"),
-            1,
-        );
-        Self::start_from(worker_names, &config, "").await
+        let (config, database) = postgres_store(SCHEDULER_CONFIG)
+            .await
+            .expect("the scheduler's config keeps its store in SQLite");
+        let config = config.replacen("[store]\n", &format!("[store]\n{store_keys}\n"), 1);
+        Self::start_from(worker_names, &config, "", Some(database)).await
     }
 
     /// A cluster with extra scheduler config and extra config for every worker.
@@ -104,20 +106,26 @@ impl Cluster {
         worker_extra: &str,
     ) -> Cluster {
         let config = format!("{SCHEDULER_CONFIG}{scheduler_extra}");
-        Self::start_from(worker_names, &config, worker_extra).await
+        Self::start_from(worker_names, &config, worker_extra, None).await
     }
 
+    /// A cluster on `database` when given; else, with
+    /// JOBCLUSTER_TEST_STORE=postgres, on a new database unless the test
+    /// chose its store (the plain SQLite line is gone).
     async fn start_from(
         worker_names: &[&str],
         scheduler_config: &str,
         worker_extra: &str,
+        mut database: Option<crate::postgres::Database>,
     ) -> Cluster {
-        // JOBCLUSTER_TEST_STORE=postgres runs the suite on PostgreSQL
-        // (a test that chose its store keeps it: the line is gone).
-        let scheduler_config = match std::env::var("JOBCLUSTER_TEST_STORE").as_deref() {
-            Ok("postgres") => postgres_store(scheduler_config).await,
-            _ => scheduler_config.to_owned(),
-        };
+        let mut scheduler_config = scheduler_config.to_owned();
+        if database.is_none()
+            && std::env::var("JOBCLUSTER_TEST_STORE").as_deref() == Ok("postgres")
+            && let Some((config, db)) = postgres_store(&scheduler_config).await
+        {
+            scheduler_config = config;
+            database = Some(db);
+        }
         let tmp = tempfile::tempdir().unwrap();
         let pki = tmp.path().join("pki");
         run_ok(&["pki", "init", pki.to_str().unwrap()]);
@@ -147,6 +155,7 @@ impl Cluster {
             http_addr,
             grpc_addr,
             more_schedulers: Vec::new(),
+            _database: database,
         };
         for name in worker_names {
             cluster.add_worker_with(name, worker_extra);
@@ -579,18 +588,20 @@ runner = "python"
 
 const SQLITE_STORE: &str = "path = \"state/scheduler.db\"";
 
-/// `config` with its SQLite store replaced by a new PostgreSQL database.
-pub async fn postgres_store(config: &str) -> String {
+/// `config` with its SQLite store replaced by a new PostgreSQL database,
+/// and the database; `None` when its store is not the plain SQLite one (a
+/// line that goes on, ` # always SQLite`, is left alone).
+pub async fn postgres_store(config: &str) -> Option<(String, crate::postgres::Database)> {
+    let sqlite = format!("{SQLITE_STORE}\n");
+    if !config.contains(&sqlite) {
+        return None;
+    }
     let server = crate::postgres::Postgres::shared().unwrap_or_else(|why| panic!("{why}"));
-    let url = tokio::task::spawn_blocking(|| server.database())
+    let database = tokio::task::spawn_blocking(|| server.database())
         .await
         .unwrap();
-    // A line that goes on (` # always SQLite`) is left alone.
-    config.replacen(
-        &format!("{SQLITE_STORE}\n"),
-        &format!("url = \"{url}\"\n"),
-        1,
-    )
+    let config = config.replacen(&sqlite, &format!("url = \"{}\"\n", database.url), 1);
+    Some((config, database))
 }
 
 /// `[http_server]` comes last so that a test's extra lines may add keys to it.

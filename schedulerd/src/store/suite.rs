@@ -298,7 +298,7 @@ async fn a_judgement_of_liveness_overwrites_neither_a_leave_nor_a_new_registrati
 /// A new database on this process's throwaway server.
 async fn new_database() -> crate::store::postgres::PgLocation {
     let server = throwaway::Postgres::shared().unwrap_or_else(|why| panic!("{why}"));
-    let url = tokio::task::spawn_blocking(|| server.database())
+    let url = tokio::task::spawn_blocking(|| server.database().keep())
         .await
         .unwrap();
     crate::store::postgres::PgLocation {
