@@ -123,8 +123,10 @@ pub struct JobStarted {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker_name: Option<String>,
     /// The job's current state, in the answer to a request that repeated
-    /// an `Idempotency-Key` (header `Idempotent-Replayed: true`); absent
-    /// from a first answer, whose job has just started.
+    /// an `Idempotency-Key` (header `Idempotent-Replayed: true`), and
+    /// `unknown` for a group's member whose start its worker did not
+    /// confirm in time; else absent from a first answer, whose job has
+    /// just started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<String>,
     /// A queued job (`202`): how many queued jobs go before it.

@@ -1,7 +1,8 @@
 //! A worker that says what no workerd says, against the real scheduler:
 //! output streams past the bounds of `schedulerd`'s `output_stream`
 //! (docs/SECURITY.md, §7, "a worker's output stream as the scheduler
-//! reads it"), and a job's end contradicted after the API reported it.
+//! reads it"), a job's end contradicted after the API reported it, and a
+//! group member's stream that breaks.
 //! The worker runs in the test process, registered in insecure mode (the
 //! scheduler's checks are the same with TLS: only the channel differs),
 //! and runs no processes.
@@ -18,7 +19,7 @@ use http_body_util::StreamBody;
 use jobcluster_proto::pb::{
     HeartbeatRequest, HeartbeatResponse, JobState, PluginInfo, QueryJobRequest, QueryJobResponse,
     RegisterWorkerRequest, RegisterWorkerResponse, StartJobRequest, StartJobResponse,
-    StreamJobResponse,
+    StreamJobRequest, StreamJobResponse,
 };
 use jobcluster_proto::transport::grpc_prefix;
 use prost::Message;
@@ -34,9 +35,9 @@ use crate::cluster::status_kib;
 use crate::harness::Daemon;
 use crate::harness::eventually;
 
-/// How the worker answers `StreamJob`: the gRPC response body's DATA
-/// frames, then `grpc-status: 0`.
-type Answer = Arc<dyn Fn() -> Vec<Bytes> + Send + Sync>;
+/// How the worker answers a `StreamJob` request: the gRPC response body's
+/// DATA frames, then its `grpc-status`.
+type Answer = Arc<dyn Fn(&StreamJobRequest) -> (Vec<Bytes>, &'static str) + Send + Sync>;
 
 #[derive(Clone)]
 struct HostileWorker {
@@ -87,9 +88,17 @@ impl Routes for HostileWorker {
                     .await
                 }
                 "/jobscheduler.Worker/StreamJob" => {
-                    let frames = (this.stream)().into_iter().map(|b| Ok(Frame::data(b)));
+                    // One message: its 5-byte prefix, then the request.
+                    let body = http_body_util::BodyExt::collect(request.into_body())
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
+                    let asked = StreamJobRequest::decode(body.get(5..).unwrap_or_default())
+                        .unwrap_or_default();
+                    let (frames, status) = (this.stream)(&asked);
+                    let frames = frames.into_iter().map(|b| Ok(Frame::data(b)));
                     let mut trailers = http::HeaderMap::new();
-                    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                    trailers.insert("grpc-status", http::HeaderValue::from_static(status));
                     let frames =
                         frames.chain(std::iter::once(Ok::<_, Status>(Frame::trailers(trailers))));
                     let body = Body::new(StreamBody::new(tokio_stream::iter(frames)));
@@ -207,11 +216,12 @@ async fn output_in_small_frames_arrives_whole_and_a_flood_of_tiny_ones_costs_not
     let frame_size = Arc::new(AtomicUsize::new(300));
     let stream: Answer = Arc::new({
         let frame_size = frame_size.clone();
-        move || {
-            message
+        move |_: &StreamJobRequest| {
+            let frames = message
                 .chunks(frame_size.load(Ordering::SeqCst))
                 .map(Bytes::copy_from_slice)
-                .collect()
+                .collect();
+            (frames, "0")
         }
     });
     let (scheduler, _tmp, _worker, http, url) = cluster_with(stream).await;
@@ -269,10 +279,10 @@ async fn an_output_message_past_four_mib_cuts_the_stream_unread() {
     // The prefix says 64 MiB; 32 MiB of it follow, in 512 KiB frames, as
     // fast as the scheduler's flow control lets them: one that read on
     // would take them all in.
-    let stream: Answer = Arc::new(|| {
+    let stream: Answer = Arc::new(|_: &StreamJobRequest| {
         let mut frames = vec![Bytes::from(grpc_prefix(DECLARED).unwrap().to_vec())];
         frames.extend((0..64).map(|_| Bytes::from(vec![7u8; 512 * 1024])));
-        frames
+        (frames, "0")
     });
     let (scheduler, _tmp, _worker, http, url) = cluster_with(stream).await;
     let pid = scheduler.child.id();
@@ -322,14 +332,17 @@ async fn a_reported_end_stays_whatever_the_worker_says_later() {
     let job_id = Arc::new(Mutex::new(String::new()));
     let stream: Answer = Arc::new({
         let job_id = job_id.clone();
-        move || {
+        move |_: &StreamJobRequest| {
             let id = job_id.lock().unwrap().clone();
             let message = StreamJobResponse {
                 output: Bytes::from_static(b"hi\n"),
                 offset: 0,
                 final_status: Some(ended(&id, JobState::Succeeded, 0)),
             };
-            vec![Bytes::from(grpc_message(&message.encode_to_vec()))]
+            (
+                vec![Bytes::from(grpc_message(&message.encode_to_vec()))],
+                "0",
+            )
         }
     });
     let (scheduler, _tmp, worker, http, url) = cluster_with(stream).await;
@@ -399,4 +412,58 @@ async fn a_reported_end_stays_whatever_the_worker_says_later() {
         2,
         "{log}"
     );
+}
+
+/// A group's output read without following (`logs GROUP`) whose member's
+/// stream breaks is read on from the byte where it broke, still without
+/// following: a reader of what there is now is not held until the job
+/// ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_read_whose_member_stream_breaks_reads_on_without_following() {
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let stream: Answer = Arc::new({
+        let asked = asked.clone();
+        move |request: &StreamJobRequest| {
+            let mut asked = asked.lock().unwrap();
+            asked.push((request.offset, request.follow));
+            // The first stream breaks (UNAVAILABLE) after two lines; the
+            // second has the rest so far, and the job runs on.
+            let (output, status): (&'static [u8], _) = match asked.len() {
+                1 => (b"one\ntwo\n", "14"),
+                _ => (b"three\n", "0"),
+            };
+            let message = StreamJobResponse {
+                output: Bytes::from_static(output),
+                offset: request.offset,
+                final_status: None,
+            };
+            (
+                vec![Bytes::from(grpc_message(&message.encode_to_vec()))],
+                status,
+            )
+        }
+    });
+    let (_scheduler, _tmp, _worker, http, url) = cluster_with(stream).await;
+    let reply = http
+        .post(format!("{url}/v1/groups"))
+        .json(&json!({"all": true, "path": "count.sh"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), StatusCode::CREATED);
+    let started: Value = reply.json().await.unwrap();
+    let group = started["group_id"].as_str().unwrap();
+    let text = tokio::time::timeout(Duration::from_secs(20), async {
+        http.get(format!("{url}/v1/groups/{group}/logs"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    })
+    .await
+    .expect("a read of a group's output without follow never ended");
+    assert_eq!(text, "[hostile] one\n[hostile] two\n[hostile] three\n");
+    assert_eq!(*asked.lock().unwrap(), [(0, Some(false)), (8, Some(false))]);
 }

@@ -9,6 +9,8 @@ use nix::sys::signal::Signal;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
+use tokio::io::AsyncBufReadExt;
+
 use crate::cluster::{Cluster, stderr, stdout};
 use crate::harness::{eventually, job_processes};
 
@@ -228,6 +230,144 @@ async fn a_group_start_with_a_key_is_replayed() {
         .await
         .unwrap();
     assert_eq!(reply.status(), StatusCode::OK);
+}
+
+/// A group's member whose start its worker does not confirm in time (a
+/// paused worker) is in doubt, not refused: the first answer lists its job
+/// as `unknown`, as a replay of the key does. `logs -f` and `run --all`
+/// follow it until it is settled (it ran, or it is lost: the paused worker
+/// may never take a start the scheduler gave up on) and exit alike, with
+/// the group's code.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_member_whose_start_is_in_doubt_is_listed_and_followed() {
+    let mut cluster = Cluster::start_tuned(
+        &["w1", "w2"],
+        &[
+            ("call_timeout", "1s"),
+            ("refresh_timeout", "1s"),
+            ("down_after", "30s"),
+            ("lost_after", "60s"),
+        ],
+    )
+    .await;
+    let body = json!({"all": true, "command": "bash", "path": "count.sh", "args": ["2", "0.1"]});
+    cluster.worker("w2").signal(Signal::SIGSTOP);
+    let key = key();
+    let first = post(&cluster, "/v1/groups", Some(&key), &body).await;
+    let again = post(&cluster, "/v1/groups", Some(&key), &body).await;
+    cluster.worker("w2").signal(Signal::SIGCONT);
+    let ids = |reply: &Reply| -> BTreeSet<String> {
+        reply.body["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["job_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    for reply in [&first, &again] {
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+        assert_eq!(reply.body["failed"], json!([]), "{}", reply.body);
+        assert_eq!(ids(reply).len(), 2, "{}", reply.body);
+    }
+    assert!(again.replayed);
+    assert_eq!(ids(&again), ids(&first));
+    let in_doubt: Vec<&Value> = first.body["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["state"] == "unknown")
+        .collect();
+    assert_eq!(in_doubt.len(), 1, "{}", first.body);
+    assert_eq!(in_doubt[0]["worker_name"], "w2");
+    let w2 = in_doubt[0]["worker_id"].as_str().unwrap().to_owned();
+    let group = first.body["group_id"].as_str().unwrap();
+    let out = cluster.ctl_output(&["logs", "-f", group]).await;
+    told_as_recorded(
+        &cluster,
+        group,
+        &w2,
+        &out.status,
+        &stdout(&out),
+        &stderr(&out),
+    )
+    .await;
+
+    // `run --all`: its answer comes after the paused worker's timeout;
+    // the worker goes on once clusterctl has it.
+    cluster.worker("w2").signal(Signal::SIGSTOP);
+    let mut run = cluster
+        .ctl()
+        .args(["run", "--all", "count.sh", "--", "2", "0.1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut errors = tokio::io::BufReader::new(run.stderr.take().unwrap()).lines();
+    let mut said = String::new();
+    let mut group = None;
+    while let Ok(Some(line)) = errors.next_line().await {
+        said.push_str(&line);
+        said.push('\n');
+        if let Some(rest) = line.strip_prefix("started group ") {
+            group = rest.split(':').next().map(str::to_owned);
+            break;
+        }
+    }
+    cluster.worker("w2").signal(Signal::SIGCONT);
+    let group = group.unwrap_or_else(|| panic!("no group started: {said}"));
+    assert!(said.contains("2 job(s)"), "{said}");
+    let rest = tokio::spawn(async move {
+        while let Ok(Some(line)) = errors.next_line().await {
+            said.push_str(&line);
+            said.push('\n');
+        }
+        said
+    });
+    let out = tokio::time::timeout(Duration::from_secs(60), run.wait_with_output())
+        .await
+        .expect("run --all never ended")
+        .unwrap();
+    let said = rest.await.unwrap();
+    assert!(!said.contains("could not start"), "{said}");
+    told_as_recorded(&cluster, &group, &w2, &out.status, &stdout(&out), &said).await;
+    let again = cluster.ctl_output(&["logs", "-f", &group]).await;
+    assert_eq!(again.status.code(), out.status.code(), "{said}");
+}
+
+/// A followed group's output and exit `code` against its record: every
+/// line of w1's job, and of w2's job (`w2`) if it ran; exit 0 only if it
+/// did, else a line saying it was lost.
+async fn told_as_recorded(
+    cluster: &Cluster,
+    group: &str,
+    w2: &str,
+    code: &std::process::ExitStatus,
+    out: &str,
+    said: &str,
+) {
+    let status = cluster.ctl_output(&["status", "-o", "json", group]).await;
+    let info: jobcluster_proto::http::GroupInfo = serde_json::from_slice(&status.stdout).unwrap();
+    assert!(info.done, "{info:?}");
+    let lines_of = |w: &str| -> Vec<&str> {
+        out.lines()
+            .filter_map(|l| l.strip_prefix(&format!("[{w}] ")))
+            .collect()
+    };
+    assert_eq!(lines_of("w1"), ["1", "2", "done"], "{out}\n{said}");
+    let job = info.jobs.iter().find(|j| j.worker_id == w2).unwrap();
+    match job.state.as_str() {
+        "succeeded" => {
+            assert_eq!(lines_of("w2"), ["1", "2", "done"], "{out}\n{said}");
+            assert_eq!(code.code(), Some(0), "{said}");
+        }
+        "lost" => {
+            assert!(lines_of("w2").is_empty(), "{out}");
+            assert_ne!(code.code(), Some(0), "{said}");
+            assert!(said.contains("lost"), "{said}");
+        }
+        other => panic!("w2's job ended {other}: {said}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

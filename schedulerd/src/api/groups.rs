@@ -39,7 +39,7 @@ const LIST_LIMIT: u32 = 100;
     params(("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters; a request repeating it within 24 h gets the group it started and starts nothing.")),
     request_body = StartGroup,
     responses(
-        (status = 201, description = "Started on at least one worker; `failed` lists the workers that could not start it.", body = GroupStarted, headers(("Idempotent-Replayed" = String, description = "`true` when this repeats an earlier request's outcome (same Idempotency-Key)."))),
+        (status = 201, description = "Started on at least one worker; `failed` lists the workers that could not start it. A member whose worker did not confirm its start in time is listed with `state` `unknown`: its job may be running, and is the group's.", body = GroupStarted, headers(("Idempotent-Replayed" = String, description = "`true` when this repeats an earlier request's outcome (same Idempotency-Key)."))),
         (status = 400, description = "`invalid_json`, `invalid_request` (a field is wrong, or neither `all` nor a `selector`), `invalid_body`, `invalid_idempotency_key`, `invalid_path`, or every worker's same refusal: `invalid_path`, `unknown_plugin`, `env_not_allowed`, `invalid_request`.", body = jobcluster_proto::http::ErrorBody),
         (status = 409, description = "`no_eligible_worker` (no ready worker has the plugin or matches the selector), `idempotency_key_in_use`.", body = jobcluster_proto::http::ErrorBody),
         (status = 413, description = "`request_too_large` (args or env over a bound) or `payload_too_large` (body over 1 MiB).", body = jobcluster_proto::http::ErrorBody),
@@ -82,8 +82,9 @@ pub(crate) async fn create(
 }
 
 /// The answer to a request that repeats the key of the fan-out that made
-/// `bound`'s group: the group's jobs as they are now (`failed` is not
-/// kept, and a member whose start is unconfirmed is listed, `unknown`).
+/// `bound`'s group: the group's jobs as they are now (a member whose start
+/// is unconfirmed is listed, `unknown`, as the first answer lists it) and
+/// the refusals recorded with it.
 async fn replay_group(state: &AppState, bound: &KeyRow) -> Result<Response, ApiError> {
     let group_id = bound.group_id.as_deref().ok_or_else(|| {
         ApiError::new(
@@ -183,7 +184,7 @@ async fn start_group(
         };
         async move {
             let result = start_job(state, job, None, Some(group_id)).await;
-            (row.worker_id.clone(), result)
+            (row, result)
         }
     });
     let mut started = GroupStarted {
@@ -191,17 +192,30 @@ async fn start_group(
         jobs: Vec::new(),
         failed: Vec::new(),
     };
-    let mut in_doubt = false;
     let mut refusals = Vec::new();
     // A worker that fails to start does not hide the others.
-    for (worker_id, result) in futures_util::future::join_all(starts).await {
+    for (row, result) in futures_util::future::join_all(starts).await {
         match result {
             Ok(job) => started.jobs.push(job),
+            // A start in doubt is no refusal: its job is the group's, may
+            // be running, and ends as it ends. It is listed as a replay
+            // lists it, so that the answer does not depend on whether the
+            // client heard the first one.
+            Err(ApiError {
+                code,
+                job_id: Some(job_id),
+                ..
+            }) if code == "start_unconfirmed" => started.jobs.push(JobStarted {
+                job_id,
+                worker_id: row.worker_id.clone(),
+                worker_name: Some(row.name.clone()),
+                state: Some(JobState::Unknown.as_str().to_owned()),
+                ..Default::default()
+            }),
             Err(e) => {
-                in_doubt |= e.code == "start_unconfirmed";
                 refusals.push((e.status, e.code.clone()));
                 started.failed.push(GroupFailure {
-                    worker_id,
+                    worker_id: row.worker_id.clone(),
                     error: e.message,
                 });
             }
@@ -210,24 +224,17 @@ async fn start_group(
     tracing::info!(group_id = %group_id, jobs = started.jobs.len(), failed = started.failed.len(), path = %body.path, "group started");
     // Kept with the group: a worker that never started its job makes the
     // group fail, for whoever reads or follows it later.
-    // A member whose start is only in doubt is not one: its job is the
-    // group's, and ends as it ends.
-    let failed: Vec<GroupFailure> = started
-        .failed
-        .iter()
-        .zip(&refusals)
-        .filter(|(_, (_, code))| code != "start_unconfirmed")
-        .map(|(f, _)| f.clone())
-        .collect();
-    if !failed.is_empty()
-        && let Err(error) = state.store.record_group_failures(&group_id, failed).await
+    if !started.failed.is_empty()
+        && let Err(error) = state
+            .store
+            .record_group_failures(&group_id, started.failed.clone())
+            .await
     {
         tracing::error!(%group_id, %error, "could not record the workers a group's job could not start on");
     }
     if started.jobs.is_empty() {
-        // Nothing started: a retry with the key tries again. A member
-        // whose start is in doubt keeps the key on the group.
-        if let Some(request) = request.as_ref().filter(|_| !in_doubt)
+        // Nothing started (nor may have): a retry with the key tries again.
+        if let Some(request) = request.as_ref()
             && let Err(error) = state.store.unbind_group_key(&request.key, &group_id).await
         {
             tracing::error!(%group_id, %error, "could not unbind the idempotency key of a group that started nothing");
@@ -491,6 +498,18 @@ pub(crate) async fn logs(
 
 type Chunk = Result<Bytes, std::io::Error>;
 
+/// The pauses before each new try at a member's stream: backon's schedule
+/// as an iterator, as its retry combinator does not fit (each pause also
+/// ends early when the reader left).
+fn pauses() -> impl Iterator<Item = Duration> {
+    backon::BackoffBuilder::build(
+        backon::ExponentialBuilder::default()
+            .with_min_delay(FIRST_PAUSE)
+            .with_max_delay(Duration::from_secs(3))
+            .with_max_times(RECONNECTS as usize),
+    )
+}
+
 /// One member's share of a merged group stream.
 struct Member {
     worker: String,
@@ -513,16 +532,64 @@ impl Member {
     /// it; a member whose output cannot be opened adds nothing.
     async fn open_and_forward(mut self, job: JobRow) {
         let job = match job.state {
-            JobState::Queued => match self.started(job).await {
+            JobState::Queued | JobState::Unknown => match self.started(job).await {
                 Some(job) => job,
                 None => return,
             },
             _ => job,
         };
-        let Ok(worker) = worker_of(&self.state, &job).await else {
-            return; // its worker cannot be asked now: nothing to stream
+        if let Some(worker) = self.state.registry.get(&job.worker_id) {
+            self.worker = worker.row().name;
+        }
+        // A start in doubt (its worker did not confirm it in time) may not
+        // have reached its worker yet, and that worker may not answer for
+        // a while: it is asked again as a broken stream is, not dropped
+        // from the group's output at the first refusal.
+        let in_doubt = job.state == JobState::Unknown && job.started_at_ms == 0;
+        let opened = match self.open(&job).await {
+            Some(stream) => Some((stream, job)),
+            None if in_doubt && self.follow => self.settle_and_open(job).await,
+            None => None,
         };
-        self.worker = worker.row().name;
+        if let Some((stream, job)) = opened {
+            self.forward(stream, job).await;
+        }
+    }
+
+    /// A member in doubt, asked about (as `GET /v1/jobs/{id}` asks its
+    /// worker) and opened again with backoff: its stream once it started;
+    /// `None` once it is known never to have started, or its worker stays
+    /// out of reach.
+    async fn settle_and_open(
+        &self,
+        mut job: JobRow,
+    ) -> Option<(crate::output_stream::Output, JobRow)> {
+        for pause in pauses() {
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = self.tx.closed() => return None,
+            }
+            job = refresh(&self.state, job).await.row;
+            if job.state.is_terminal() && job.started_at_ms == 0 {
+                return None;
+            }
+            if let Some(stream) = self.open(&job).await {
+                return Some((stream, job));
+            }
+        }
+        tracing::warn!(job_id = %job.job_id, "gave up on a group member whose start stays in doubt");
+        None
+    }
+
+    /// The member's stream from its start, if its worker can be asked now.
+    async fn open(&self, job: &JobRow) -> Option<crate::output_stream::Output> {
+        let worker = match worker_of(&self.state, job).await {
+            Ok(worker) => worker,
+            Err(error) => {
+                tracing::info!(job_id = %job.job_id, error = %error.message, "group member's worker cannot be asked now");
+                return None;
+            }
+        };
         let request = StreamJobRequest {
             job_id: job.job_id.clone(),
             offset: 0,
@@ -530,12 +597,13 @@ impl Member {
         };
         let opening = crate::output_stream::open(worker.channel(), request);
         match with_deadline(self.state.call_timeout, opening).await {
-            Ok(stream) => self.forward(stream, job).await,
+            Ok(stream) => Some(stream),
             Err(status) => {
                 if super::jobs::unreachable(&status) {
                     super::jobs::worker_unreachable(&self.state, &worker).await;
                 }
                 tracing::info!(job_id = %job.job_id, %status, "group member's output unavailable");
+                None
             }
         }
     }
@@ -593,8 +661,8 @@ impl Member {
                 Ok(Some(msg)) => msg,
                 Ok(None) if !self.follow => break,
                 // A followed stream that ends without the final status, or
-                // breaks, is reopened at the byte where it stopped, so no
-                // line is lost or repeated.
+                // any stream that breaks, is reopened at the byte where it
+                // stopped, so no line is lost or repeated.
                 ended => {
                     let why = ended.err().map(|s| s.to_string()).unwrap_or_default();
                     tracing::info!(job_id = %job.job_id, error = %why, offset = pos, "group member's stream broke; reopening");
@@ -667,24 +735,18 @@ impl Member {
     /// Reopens the member's stream at `offset`, with backoff; `None` once
     /// the worker stays unreachable.
     async fn reopen(&self, job: &JobRow, offset: u64) -> Option<crate::output_stream::Output> {
-        // backon's schedule, as an iterator of pauses: its retry combinator
-        // does not fit, as each pause also ends early when the reader left.
-        let pauses = backon::BackoffBuilder::build(
-            backon::ExponentialBuilder::default()
-                .with_min_delay(FIRST_PAUSE)
-                .with_max_delay(Duration::from_secs(3))
-                .with_max_times(RECONNECTS as usize),
-        );
-        for pause in pauses {
+        for pause in pauses() {
             tokio::select! {
                 () = tokio::time::sleep(pause) => {}
                 () = self.tx.closed() => return None,
             }
             let worker = self.state.registry.get(&job.worker_id)?;
+            // A reader of what there is now gets the rest of it, not a
+            // follow until the job ends.
             let request = StreamJobRequest {
                 job_id: job.job_id.clone(),
                 offset,
-                follow: Some(true),
+                follow: Some(self.follow),
             };
             let opening = crate::output_stream::open(worker.channel(), request);
             if let Ok(stream) = with_deadline(self.state.call_timeout, opening).await {
