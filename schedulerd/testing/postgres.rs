@@ -186,7 +186,8 @@ pub struct Database {
 
 impl Database {
     /// Its URL, the database kept until the server stops with the test
-    /// process: for stores the caller cannot outlive (a few per process).
+    /// process: for stores the caller cannot outlive (the store suite's,
+    /// a few dozen per process).
     pub fn keep(mut self) -> String {
         let url = std::mem::take(&mut self.url);
         std::mem::forget(self);

@@ -526,21 +526,23 @@ const RECONNECTS: u32 = 8;
 /// The longest line passed on whole; longer runs are split.
 const MAX_LINE: usize = 64 * 1024;
 const FIRST_PAUSE: Duration = Duration::from_millis(200);
+/// How often a follower waiting for a member to leave the queue reads its
+/// record again without being told.
+const RECHECK: Duration = Duration::from_secs(1);
 
 impl Member {
     /// Waits for a queued member to start, opens its stream and forwards
     /// it; a member whose output cannot be opened adds nothing.
     async fn open_and_forward(mut self, job: JobRow) {
+        // Only a follower waits: a reader of what there is now reads an
+        // unsettled member as it is (a queued one was left out).
         let job = match job.state {
-            JobState::Queued | JobState::Unknown => match self.started(job).await {
+            JobState::Queued | JobState::Unknown if self.follow => match self.started(job).await {
                 Some(job) => job,
                 None => return,
             },
             _ => job,
         };
-        if let Some(worker) = self.state.registry.get(&job.worker_id) {
-            self.worker = worker.row().name;
-        }
         // A start in doubt (its worker did not confirm it in time) may not
         // have reached its worker yet, and that worker may not answer for
         // a while: it is asked again as a broken stream is, not dropped
@@ -561,7 +563,7 @@ impl Member {
     /// `None` once it is known never to have started, or its worker stays
     /// out of reach.
     async fn settle_and_open(
-        &self,
+        &mut self,
         mut job: JobRow,
     ) -> Option<(crate::output_stream::Output, JobRow)> {
         for pause in pauses() {
@@ -581,8 +583,9 @@ impl Member {
         None
     }
 
-    /// The member's stream from its start, if its worker can be asked now.
-    async fn open(&self, job: &JobRow) -> Option<crate::output_stream::Output> {
+    /// The member's stream from its start, if its worker can be asked now;
+    /// its lines are then that worker's.
+    async fn open(&mut self, job: &JobRow) -> Option<crate::output_stream::Output> {
         let worker = match worker_of(&self.state, job).await {
             Ok(worker) => worker,
             Err(error) => {
@@ -590,6 +593,7 @@ impl Member {
                 return None;
             }
         };
+        self.worker = worker.row().name;
         let request = StreamJobRequest {
             job_id: job.job_id.clone(),
             offset: 0,
@@ -640,6 +644,10 @@ impl Member {
             }
             tokio::select! {
                 () = &mut leaving => {}
+                // Only this scheduler's dispatcher says when; another
+                // one's (the leader's, sharing the store) says nothing
+                // here, so the record is read again now and then.
+                () = tokio::time::sleep(RECHECK) => {}
                 () = self.tx.closed() => return None,
             }
         }
