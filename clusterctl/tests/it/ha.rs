@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
+use tokio::io::AsyncBufReadExt;
 
 use crate::cluster::{Cluster, bin, stdout};
 use crate::harness::Daemon;
@@ -586,4 +587,65 @@ async fn clusterctl_tries_the_next_scheduler_when_one_cannot_be_reached() {
         assert!(!out.status.success(), "{bad}");
         assert!(stderr.contains("CLUSTERCTL_SCHEDULER"), "{bad}: {stderr}");
     }
+}
+
+/// A follower on a scheduler that does not lead (whose dispatcher is idle
+/// and tells it nothing) follows a group member queued on a full worker
+/// once the leader starts it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_queued_group_member_is_followed_through_a_scheduler_that_does_not_lead() {
+    let (cluster, more) = schedulers(2, &["w1"], "max_jobs = 1\n---\n").await;
+    let leader = find_leader(&cluster, &more).await;
+    let https = [
+        cluster.http_addr.clone(),
+        more[0].daemon.addrs["http"].clone(),
+    ];
+    let other = &https[1 - leader];
+    // The other scheduler knows the worker once it has synced with the
+    // store (every heartbeat interval).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !stdout(&ctl_at(&cluster, other, &["workers"]).await).contains("ready") {
+        assert!(Instant::now() < deadline, "{other} never knew w1");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let long = job_id(
+        &ctl_ok_output(
+            &cluster,
+            &[
+                "-o", "json", "start", "--worker", "w1", "count.sh", "--", "600", "0.1",
+            ],
+        )
+        .await,
+    );
+    let mut run = cluster
+        .ctl()
+        .env(
+            "CLUSTERCTL_SCHEDULER",
+            format!("https://{}", https[1 - leader]),
+        )
+        .args(["run", "--all", "count.sh", "--", "2", "0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut errors = tokio::io::BufReader::new(run.stderr.take().unwrap()).lines();
+    let mut said = String::new();
+    while let Ok(Some(line)) = errors.next_line().await {
+        said.push_str(&line);
+        said.push('\n');
+        if line.starts_with("started group") {
+            break;
+        }
+    }
+    assert!(said.contains("1 queued"), "{said}");
+    // The follower waits for the member before the leader starts it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ctl_ok(&cluster, &["stop", &long]).await;
+    let out = tokio::time::timeout(Duration::from_secs(30), run.wait_with_output())
+        .await
+        .expect("the follower never saw its member start")
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{said}");
+    assert_eq!(stdout(&out), "[w1] 1\n[w1] 2\n[w1] done\n");
 }
