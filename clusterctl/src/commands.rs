@@ -588,15 +588,27 @@ async fn run_group(
         .iter()
         .map(|j| name_of(&names, &j.worker_id))
         .collect();
-    let queued = started
-        .jobs
-        .iter()
-        .filter(|j| j.state.as_deref() == Some("queued"))
-        .count();
-    let waiting = if queued > 0 {
-        format!(" ({queued} queued for a free slot)")
-    } else {
+    let count = |state: &str| {
+        started
+            .jobs
+            .iter()
+            .filter(|j| j.state.as_deref() == Some(state))
+            .count()
+    };
+    let mut waiting = Vec::new();
+    match count("queued") {
+        0 => {}
+        n => waiting.push(format!("{n} queued for a free slot")),
+    }
+    // A start its worker did not confirm in time: followed once settled.
+    match count("unknown") {
+        0 => {}
+        n => waiting.push(format!("{n} not confirmed by its worker yet")),
+    }
+    let waiting = if waiting.is_empty() {
         String::new()
+    } else {
+        format!(" ({})", waiting.join("; "))
     };
     eprintln!(
         "started group {}: {} job(s) on {}{waiting}",

@@ -317,6 +317,10 @@ async fn a_group_member_whose_start_is_in_doubt_is_listed_and_followed() {
     cluster.worker("w2").signal(Signal::SIGCONT);
     let group = group.unwrap_or_else(|| panic!("no group started: {said}"));
     assert!(said.contains("2 job(s)"), "{said}");
+    assert!(
+        said.contains("(1 not confirmed by its worker yet)"),
+        "{said}"
+    );
     let rest = tokio::spawn(async move {
         while let Ok(Some(line)) = errors.next_line().await {
             said.push_str(&line);
