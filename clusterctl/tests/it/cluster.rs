@@ -688,3 +688,68 @@ pub fn stdout(out: &Output) -> String {
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// A `clusterctl` started with its output piped, whose stderr has been
+/// read up to a line the test waits for.
+pub struct Running {
+    child: tokio::process::Child,
+    errors: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
+    /// Its stderr so far.
+    pub said: String,
+    /// The line waited for, without the prefix it starts with.
+    pub line: Option<String>,
+}
+
+impl Running {
+    /// Starts `command` and reads its stderr up to the first line that
+    /// starts with `prefix` (or its end).
+    pub async fn until(command: &mut tokio::process::Command, prefix: &str) -> Running {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut errors = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut said = String::new();
+        let mut line = None;
+        while let Ok(Some(next)) = errors.next_line().await {
+            said.push_str(&next);
+            said.push('\n');
+            if let Some(rest) = next.strip_prefix(prefix) {
+                line = Some(rest.to_owned());
+                break;
+            }
+        }
+        Running {
+            child,
+            errors,
+            said,
+            line,
+        }
+    }
+
+    /// Waits up to `within` for its end: its status and stdout, and all it
+    /// said on stderr.
+    pub async fn finish(self, within: Duration) -> (Output, String) {
+        let Running {
+            child,
+            mut errors,
+            mut said,
+            ..
+        } = self;
+        let rest = tokio::spawn(async move {
+            while let Ok(Some(line)) = errors.next_line().await {
+                said.push_str(&line);
+                said.push('\n');
+            }
+            said
+        });
+        let out = tokio::time::timeout(within, child.wait_with_output())
+            .await
+            .expect("clusterctl never ended")
+            .unwrap();
+        (out, rest.await.unwrap())
+    }
+}

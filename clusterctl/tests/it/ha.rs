@@ -6,9 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use tokio::io::AsyncBufReadExt;
 
-use crate::cluster::{Cluster, bin, stdout};
+use crate::cluster::{Cluster, Running, bin, stdout};
 use crate::harness::Daemon;
 
 /// Short, so a test sees a few takeovers within seconds.
@@ -617,35 +616,19 @@ async fn a_queued_group_member_is_followed_through_a_scheduler_that_does_not_lea
         )
         .await,
     );
-    let mut run = cluster
-        .ctl()
-        .env(
-            "CLUSTERCTL_SCHEDULER",
-            format!("https://{}", https[1 - leader]),
-        )
-        .args(["run", "--all", "count.sh", "--", "2", "0"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut errors = tokio::io::BufReader::new(run.stderr.take().unwrap()).lines();
-    let mut said = String::new();
-    while let Ok(Some(line)) = errors.next_line().await {
-        said.push_str(&line);
-        said.push('\n');
-        if line.starts_with("started group") {
-            break;
-        }
-    }
-    assert!(said.contains("1 queued"), "{said}");
+    let run = Running::until(
+        cluster
+            .ctl()
+            .env("CLUSTERCTL_SCHEDULER", format!("https://{other}"))
+            .args(["run", "--all", "count.sh", "--", "2", "0"]),
+        "started group",
+    )
+    .await;
+    assert!(run.said.contains("1 queued"), "{}", run.said);
     // The follower waits for the member before the leader starts it.
     tokio::time::sleep(Duration::from_millis(500)).await;
     ctl_ok(&cluster, &["stop", &long]).await;
-    let out = tokio::time::timeout(Duration::from_secs(30), run.wait_with_output())
-        .await
-        .expect("the follower never saw its member start")
-        .unwrap();
+    let (out, said) = run.finish(Duration::from_secs(30)).await;
     assert_eq!(out.status.code(), Some(0), "{said}");
     assert_eq!(stdout(&out), "[w1] 1\n[w1] 2\n[w1] done\n");
 }

@@ -9,9 +9,7 @@ use nix::sys::signal::Signal;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use tokio::io::AsyncBufReadExt;
-
-use crate::cluster::{Cluster, stderr, stdout};
+use crate::cluster::{Cluster, Running, stderr, stdout};
 use crate::harness::{eventually, job_processes};
 
 struct Reply {
@@ -47,6 +45,16 @@ async fn post(cluster: &Cluster, route: &str, key: Option<&str>, body: &Value) -
 async fn job_ids(cluster: &Cluster) -> Vec<String> {
     let list: JobList = cluster.get_json("/v1/jobs").await;
     list.jobs.into_iter().map(|j| j.job_id).collect()
+}
+
+/// The ids of the jobs a group's answer lists.
+fn group_job_ids(reply: &Reply) -> BTreeSet<String> {
+    reply.body["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["job_id"].as_str().unwrap().to_owned())
+        .collect()
 }
 
 fn key() -> String {
@@ -195,21 +203,13 @@ async fn a_group_start_with_a_key_is_replayed() {
     let first = post(&cluster, "/v1/groups", Some(&key), &body).await;
     assert_eq!(first.status, StatusCode::CREATED, "{}", first.body);
     assert!(!first.replayed);
-    let jobs = |reply: &Reply| -> BTreeSet<String> {
-        reply.body["jobs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|j| j["job_id"].as_str().unwrap().to_owned())
-            .collect()
-    };
-    assert_eq!(jobs(&first).len(), 2, "{}", first.body);
+    assert_eq!(group_job_ids(&first).len(), 2, "{}", first.body);
 
     let again = post(&cluster, "/v1/groups", Some(&key), &body).await;
     assert_eq!(again.status, StatusCode::CREATED, "{}", again.body);
     assert!(again.replayed);
     assert_eq!(again.body["group_id"], first.body["group_id"]);
-    assert_eq!(jobs(&again), jobs(&first));
+    assert_eq!(group_job_ids(&again), group_job_ids(&first));
     for job in again.body["jobs"].as_array().unwrap() {
         assert_eq!(job["state"], "running", "{job}");
     }
@@ -256,21 +256,13 @@ async fn a_group_member_whose_start_is_in_doubt_is_listed_and_followed() {
     let first = post(&cluster, "/v1/groups", Some(&key), &body).await;
     let again = post(&cluster, "/v1/groups", Some(&key), &body).await;
     cluster.worker("w2").signal(Signal::SIGCONT);
-    let ids = |reply: &Reply| -> BTreeSet<String> {
-        reply.body["jobs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|j| j["job_id"].as_str().unwrap().to_owned())
-            .collect()
-    };
     for reply in [&first, &again] {
         assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
         assert_eq!(reply.body["failed"], json!([]), "{}", reply.body);
-        assert_eq!(ids(reply).len(), 2, "{}", reply.body);
+        assert_eq!(group_job_ids(reply).len(), 2, "{}", reply.body);
     }
     assert!(again.replayed);
-    assert_eq!(ids(&again), ids(&first));
+    assert_eq!(group_job_ids(&again), group_job_ids(&first));
     let in_doubt: Vec<&Value> = first.body["jobs"]
         .as_array()
         .unwrap()
@@ -295,44 +287,27 @@ async fn a_group_member_whose_start_is_in_doubt_is_listed_and_followed() {
     // `run --all`: its answer comes after the paused worker's timeout;
     // the worker goes on once clusterctl has it.
     cluster.worker("w2").signal(Signal::SIGSTOP);
-    let mut run = cluster
-        .ctl()
-        .args(["run", "--all", "count.sh", "--", "2", "0.1"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut errors = tokio::io::BufReader::new(run.stderr.take().unwrap()).lines();
-    let mut said = String::new();
-    let mut group = None;
-    while let Ok(Some(line)) = errors.next_line().await {
-        said.push_str(&line);
-        said.push('\n');
-        if let Some(rest) = line.strip_prefix("started group ") {
-            group = rest.split(':').next().map(str::to_owned);
-            break;
-        }
-    }
+    let run = Running::until(
+        cluster
+            .ctl()
+            .args(["run", "--all", "count.sh", "--", "2", "0.1"]),
+        "started group ",
+    )
+    .await;
     cluster.worker("w2").signal(Signal::SIGCONT);
-    let group = group.unwrap_or_else(|| panic!("no group started: {said}"));
+    let said = &run.said;
+    let group = run
+        .line
+        .as_deref()
+        .and_then(|l| l.split(':').next())
+        .unwrap_or_else(|| panic!("no group started: {said}"))
+        .to_owned();
     assert!(said.contains("2 job(s)"), "{said}");
     assert!(
         said.contains("(1 not confirmed by its worker yet)"),
         "{said}"
     );
-    let rest = tokio::spawn(async move {
-        while let Ok(Some(line)) = errors.next_line().await {
-            said.push_str(&line);
-            said.push('\n');
-        }
-        said
-    });
-    let out = tokio::time::timeout(Duration::from_secs(60), run.wait_with_output())
-        .await
-        .expect("run --all never ended")
-        .unwrap();
-    let said = rest.await.unwrap();
+    let (out, said) = run.finish(Duration::from_secs(60)).await;
     assert!(!said.contains("could not start"), "{said}");
     told_as_recorded(&cluster, &group, &w2, &out.status, &stdout(&out), &said).await;
     let again = cluster.ctl_output(&["logs", "-f", &group]).await;
