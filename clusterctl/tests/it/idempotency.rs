@@ -213,6 +213,17 @@ async fn a_group_start_with_a_key_is_replayed() {
     for job in again.body["jobs"].as_array().unwrap() {
         assert_eq!(job["state"], "running", "{job}");
     }
+    // Each job named by its worker's name, as in the first answer.
+    let names = |reply: &Reply| -> BTreeSet<String> {
+        reply.body["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| format!("{} {}", j["job_id"], j["worker_name"]))
+            .collect()
+    };
+    assert_eq!(names(&again), names(&first), "{}", again.body);
+    assert!(names(&first).iter().any(|n| n.ends_with("\"w2\"")));
     let groups: Value = cluster.get_json("/v1/groups").await;
     assert_eq!(groups["groups"].as_array().unwrap().len(), 1);
     assert_eq!(job_ids(&cluster).await.len(), 2);

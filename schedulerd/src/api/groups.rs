@@ -107,6 +107,10 @@ async fn replay_group(state: &AppState, bound: &KeyRow) -> Result<Response, ApiE
         .into_iter()
         .map(|seen| JobStarted {
             job_id: seen.row.job_id,
+            worker_name: state
+                .registry
+                .get(&seen.row.worker_id)
+                .map(|w| w.row().name),
             worker_id: seen.row.worker_id,
             state: Some(seen.row.state.as_str().to_owned()),
             ..Default::default()
