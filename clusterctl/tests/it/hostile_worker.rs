@@ -19,7 +19,7 @@ use http_body_util::StreamBody;
 use jobcluster_proto::pb::{
     HeartbeatRequest, HeartbeatResponse, JobState, PluginInfo, QueryJobRequest, QueryJobResponse,
     RegisterWorkerRequest, RegisterWorkerResponse, StartJobRequest, StartJobResponse,
-    StreamJobRequest, StreamJobResponse,
+    StopJobRequest, StopJobResponse, StreamJobRequest, StreamJobResponse,
 };
 use jobcluster_proto::transport::grpc_prefix;
 use prost::Message;
@@ -47,6 +47,10 @@ struct HostileWorker {
     instance_id: String,
     /// QueryJob calls answered.
     queries: Arc<AtomicUsize>,
+    /// When set, every StartJob is refused `worker_busy` after this long.
+    busy_after: Option<Duration>,
+    /// StartJob calls received.
+    starts: Arc<AtomicUsize>,
 }
 
 impl Routes for HostileWorker {
@@ -55,7 +59,33 @@ impl Routes for HostileWorker {
         Box::pin(async move {
             let jobs = this.jobs.clone();
             let response = match request.uri().path() {
+                "/jobscheduler.Worker/StartJob" if this.busy_after.is_some() => {
+                    this.starts.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(this.busy_after.unwrap_or_default()).await;
+                    unary(
+                        request,
+                        |_: StartJobRequest| -> Result<StartJobResponse, _> {
+                            let mut busy = Status::resource_exhausted("every slot is taken");
+                            busy.metadata_mut().insert(
+                                jobcluster_proto::ERROR_CODE_METADATA,
+                                tonic::metadata::MetadataValue::from_static("worker_busy"),
+                            );
+                            Err(busy)
+                        },
+                    )
+                    .await
+                }
+                "/jobscheduler.Worker/StopJob" => {
+                    unary(request, move |r: StopJobRequest| {
+                        match jobs.lock().unwrap().contains_key(&r.job_id) {
+                            true => Ok(StopJobResponse::default()),
+                            false => Err(Status::not_found("unknown job")),
+                        }
+                    })
+                    .await
+                }
                 "/jobscheduler.Worker/StartJob" => {
+                    this.starts.fetch_add(1, Ordering::SeqCst);
                     unary(request, move |r: StartJobRequest| {
                         let status = QueryJobResponse {
                             state: JobState::Running as i32,
@@ -131,16 +161,31 @@ async fn cluster_with(
     reqwest::Client,
     String,
 ) {
-    let (scheduler, tmp) = insecure_scheduler(
-        "heartbeat_interval = \"10s\"\ndown_after = \"60s\"\nlost_after = \"120s\"\n",
-    );
-    let worker = Served::start(HostileWorker {
+    cluster_of(HostileWorker {
         jobs: Arc::default(),
         stream,
         instance_id: uuid::Uuid::new_v4().to_string(),
         queries: Arc::default(),
+        busy_after: None,
+        starts: Arc::default(),
     })
-    .await;
+    .await
+}
+
+/// [`cluster_with`] with the worker given.
+async fn cluster_of(
+    worker: HostileWorker,
+) -> (
+    Daemon,
+    tempfile::TempDir,
+    Served<HostileWorker>,
+    reqwest::Client,
+    String,
+) {
+    let (scheduler, tmp) = insecure_scheduler(
+        "heartbeat_interval = \"10s\"\ndown_after = \"60s\"\nlost_after = \"120s\"\n",
+    );
+    let worker = Served::start(worker).await;
     let registered = register(&scheduler, &worker, Vec::new()).await;
     assert!(registered.success);
     let http = plain_http();
@@ -466,4 +511,67 @@ async fn a_group_read_whose_member_stream_breaks_reads_on_without_following() {
     .expect("a read of a group's output without follow never ended");
     assert_eq!(text, "[hostile] one\n[hostile] two\n[hostile] three\n");
     assert_eq!(*asked.lock().unwrap(), [(0, Some(false)), (8, Some(false))]);
+}
+
+/// A stop that reaches a queued job while the dispatcher is starting it
+/// (taken from the queue, its worker's answer awaited) is answered `503
+/// job_starting` rather than given up on; `clusterctl stop` asks again
+/// until the worker's refusal (busy) has put the job back in the queue,
+/// and the job ends `stopped`, never started.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_while_a_queued_job_is_being_dispatched_ends_it_stopped() {
+    let busy = HostileWorker {
+        jobs: Arc::default(),
+        stream: Arc::new(|_: &StreamJobRequest| (Vec::new(), "0")),
+        instance_id: uuid::Uuid::new_v4().to_string(),
+        queries: Arc::default(),
+        busy_after: Some(Duration::from_millis(1500)),
+        starts: Arc::default(),
+    };
+    let starts = busy.starts.clone();
+    let (_scheduler, _tmp, _worker, http, url) = cluster_of(busy).await;
+    let reply = http
+        .post(format!("{url}/v1/jobs"))
+        .json(&json!({"worker_id": "hostile", "path": "count.sh"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), StatusCode::ACCEPTED);
+    let queued: Value = reply.json().await.unwrap();
+    let job = queued["job_id"].as_str().unwrap().to_owned();
+    // The dispatcher takes it; the worker holds its answer.
+    assert!(
+        eventually(Duration::from_secs(20), || starts.load(Ordering::SeqCst)
+            >= 2)
+        .await
+    );
+    let stop = http
+        .post(format!("{url}/v1/jobs/{job}/stop"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stop.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let refused: Value = stop.json().await.unwrap();
+    assert_eq!(refused["code"], "job_starting", "{refused}");
+    let out = tokio::process::Command::new(crate::cluster::bin("clusterctl"))
+        .args(["stop", &job])
+        .env("CLUSTERCTL_SCHEDULER", &url)
+        .env_remove("CLUSTERCTL_CA")
+        .env_remove("CLUSTERCTL_CERT")
+        .env_remove("CLUSTERCTL_KEY")
+        .output()
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    let shown: Value = http
+        .get(format!("{url}/v1/jobs/{job}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(shown["state"], "stopped", "{shown}");
+    assert!(shown["started_at"].is_null(), "{shown}");
 }

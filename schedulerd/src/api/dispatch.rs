@@ -232,6 +232,25 @@ fn start(
             state.queue.end(&job_id);
             return;
         }
+        // A cut-off dispatch was read before `begin`: the start that took
+        // it may have ended since, after putting the job back in the queue
+        // or settling it. Read again now that no other start is in flight.
+        let row = if refusal == Refusal::Retry {
+            match state.store.job(&job_id).await {
+                Ok(Some(now)) if now.state == JobState::Unknown && now.started_at_ms == 0 => now,
+                Ok(_) => {
+                    state.queue.end(&job_id);
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(%job_id, %error, "could not read a cut-off dispatch again; the next pass tries");
+                    state.queue.end(&job_id);
+                    return;
+                }
+            }
+        } else {
+            row
+        };
         let Some(worker) = state.registry.get(&row.worker_id) else {
             if let Err(error) = state.store.requeue(&job_id, "its worker is gone").await {
                 tracing::error!(%job_id, %error, "could not put a job back in the queue");

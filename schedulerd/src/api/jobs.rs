@@ -1372,24 +1372,51 @@ pub(crate) async fn record_status(
     }
 }
 
-pub(crate) async fn stop_job(state: &AppState, row: JobRow) -> Result<StopResult, ApiError> {
+/// How often a stop tries to end a queued job the dispatcher keeps taking
+/// and putting back before it answers `job_starting`.
+const STOP_QUEUED_TRIES: usize = 3;
+
+/// `503 job_starting`: the job's start is not settled (just dispatched);
+/// a stop is asked again shortly.
+fn job_starting(row: &JobRow) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "job_starting",
+        format!(
+            "job {} is not running yet (its start is not settled); stop it again shortly",
+            row.job_id
+        ),
+    )
+    .with_job(&row.job_id)
+}
+
+pub(crate) async fn stop_job(state: &AppState, mut row: JobRow) -> Result<StopResult, ApiError> {
     // Unless the dispatcher took it meanwhile, it ends without starting.
-    if row.state == JobState::Queued && state.store.stop_queued(&row.job_id).await? {
-        tracing::info!(job_id = %row.job_id, "queued job stopped; it never started");
-        state.queue.left();
-        return Ok(StopResult {
-            success: true,
-            state: JobState::Stopped.as_str().to_owned(),
-        });
-    }
-    let row = match row.state {
-        JobState::Queued => state
+    // Taken, it may be put back at once (its worker busy): then it is
+    // queued again, and stopped as such.
+    for _ in 0..STOP_QUEUED_TRIES {
+        if row.state != JobState::Queued {
+            break;
+        }
+        if state.store.stop_queued(&row.job_id).await? {
+            tracing::info!(job_id = %row.job_id, "queued job stopped; it never started");
+            state.queue.left();
+            return Ok(StopResult {
+                success: true,
+                state: JobState::Stopped.as_str().to_owned(),
+            });
+        }
+        row = state
             .store
             .job(&row.job_id)
             .await?
-            .ok_or_else(|| ApiError::job_not_found(&row.job_id))?,
-        _ => row,
-    };
+            .ok_or_else(|| ApiError::job_not_found(&row.job_id))?;
+    }
+    if row.state == JobState::Queued {
+        // Taken and put back each time: a worker of it is not asked (it
+        // has nothing to stop), the caller asks again.
+        return Err(job_starting(&row));
+    }
     let seen = refresh(state, row).await;
     let row = seen.row;
     if row.state.is_terminal() {
@@ -1415,15 +1442,7 @@ pub(crate) async fn stop_job(state: &AppState, row: JobRow) -> Result<StopResult
             && row.state == JobState::Unknown
             && row.started_at_ms == 0
         {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "job_starting",
-                format!(
-                    "job {} is not running on worker {name} yet (its start is not settled); stop it again shortly",
-                    row.job_id
-                ),
-            )
-            .with_job(&row.job_id));
+            return Err(job_starting(&row));
         }
         return Err(ApiError::from_worker(status, &name));
     }
