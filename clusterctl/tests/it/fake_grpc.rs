@@ -172,6 +172,17 @@ pub fn insecure_scheduler(workers: &str) -> (Daemon, tempfile::TempDir) {
     (scheduler, tmp)
 }
 
+/// `clusterctl` for an insecure scheduler's API at `url`, with no PKI.
+pub fn plain_clusterctl(url: &str) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(bin("clusterctl"));
+    command
+        .env("CLUSTERCTL_SCHEDULER", url)
+        .env_remove("CLUSTERCTL_CA")
+        .env_remove("CLUSTERCTL_CERT")
+        .env_remove("CLUSTERCTL_KEY");
+    command
+}
+
 /// An HTTP client for an insecure scheduler's API.
 pub fn plain_http() -> reqwest::Client {
     // Plain HTTP, but reqwest is built without a provider of its own.

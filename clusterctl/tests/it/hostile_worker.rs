@@ -29,7 +29,9 @@ use tonic::Status;
 use tonic::body::Body;
 use tonic::codegen::{BoxFuture, http};
 
-use crate::fake_grpc::{Routes, Served, call_scheduler, insecure_scheduler, plain_http, unary};
+use crate::fake_grpc::{
+    Routes, Served, call_scheduler, insecure_scheduler, plain_clusterctl, plain_http, unary,
+};
 
 use crate::cluster::status_kib;
 use crate::harness::Daemon;
@@ -51,6 +53,20 @@ struct HostileWorker {
     busy_after: Option<Duration>,
     /// StartJob calls received.
     starts: Arc<AtomicUsize>,
+}
+
+impl HostileWorker {
+    /// A worker that starts every job and answers `StreamJob` with `stream`.
+    fn new(stream: Answer) -> Self {
+        HostileWorker {
+            jobs: Arc::default(),
+            stream,
+            instance_id: uuid::Uuid::new_v4().to_string(),
+            queries: Arc::default(),
+            busy_after: None,
+            starts: Arc::default(),
+        }
+    }
 }
 
 impl Routes for HostileWorker {
@@ -152,36 +168,22 @@ fn grpc_message(message: &[u8]) -> Vec<u8> {
 /// A scheduler in insecure mode and the hostile worker registered with it
 /// as `hostile`, which answers `StreamJob` with `stream`'s frames; the
 /// worker is served until its [`Served`] is dropped.
-async fn cluster_with(
-    stream: Answer,
-) -> (
-    Daemon,
-    tempfile::TempDir,
-    Served<HostileWorker>,
-    reqwest::Client,
-    String,
-) {
-    cluster_of(HostileWorker {
-        jobs: Arc::default(),
-        stream,
-        instance_id: uuid::Uuid::new_v4().to_string(),
-        queries: Arc::default(),
-        busy_after: None,
-        starts: Arc::default(),
-    })
-    .await
+async fn cluster_with(stream: Answer) -> Hosted {
+    cluster_of(HostileWorker::new(stream)).await
 }
 
-/// [`cluster_with`] with the worker given.
-async fn cluster_of(
-    worker: HostileWorker,
-) -> (
+/// The scheduler, its directory, the worker as served, an HTTP client and
+/// the scheduler's API URL.
+type Hosted = (
     Daemon,
     tempfile::TempDir,
     Served<HostileWorker>,
     reqwest::Client,
     String,
-) {
+);
+
+/// [`cluster_with`] with the worker given.
+async fn cluster_of(worker: HostileWorker) -> Hosted {
     let (scheduler, tmp) = insecure_scheduler(
         "heartbeat_interval = \"10s\"\ndown_after = \"60s\"\nlost_after = \"120s\"\n",
     );
@@ -225,16 +227,20 @@ async fn logs_soon(daemon: &Daemon, what: &str) -> bool {
     eventually(Duration::from_secs(5), || daemon.log().contains(what)).await
 }
 
-/// Starts a job on the hostile worker; its id.
-async fn start(http: &reqwest::Client, url: &str) -> String {
+/// `POST /v1/jobs` of a job named to the hostile worker: the answer.
+async fn post_start(http: &reqwest::Client, url: &str) -> (StatusCode, Value) {
     let reply = http
         .post(format!("{url}/v1/jobs"))
         .json(&json!({"worker_id": "hostile", "path": "count.sh"}))
         .send()
         .await
         .unwrap();
-    let status = reply.status();
-    let body: Value = reply.json().await.unwrap();
+    (reply.status(), reply.json().await.unwrap())
+}
+
+/// Starts a job on the hostile worker; its id.
+async fn start(http: &reqwest::Client, url: &str) -> String {
+    let (status, body) = post_start(http, url).await;
     assert_eq!(status, StatusCode::CREATED, "{body}");
     body["job_id"].as_str().unwrap().to_owned()
 }
@@ -521,23 +527,13 @@ async fn a_group_read_whose_member_stream_breaks_reads_on_without_following() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stop_while_a_queued_job_is_being_dispatched_ends_it_stopped() {
     let busy = HostileWorker {
-        jobs: Arc::default(),
-        stream: Arc::new(|_: &StreamJobRequest| (Vec::new(), "0")),
-        instance_id: uuid::Uuid::new_v4().to_string(),
-        queries: Arc::default(),
         busy_after: Some(Duration::from_millis(1500)),
-        starts: Arc::default(),
+        ..HostileWorker::new(Arc::new(|_: &StreamJobRequest| (Vec::new(), "0")))
     };
     let starts = busy.starts.clone();
     let (_scheduler, _tmp, _worker, http, url) = cluster_of(busy).await;
-    let reply = http
-        .post(format!("{url}/v1/jobs"))
-        .json(&json!({"worker_id": "hostile", "path": "count.sh"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(reply.status(), StatusCode::ACCEPTED);
-    let queued: Value = reply.json().await.unwrap();
+    let (status, queued) = post_start(&http, &url).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{queued}");
     let job = queued["job_id"].as_str().unwrap().to_owned();
     // The dispatcher takes it; the worker holds its answer.
     assert!(
@@ -553,12 +549,8 @@ async fn a_stop_while_a_queued_job_is_being_dispatched_ends_it_stopped() {
     assert_eq!(stop.status(), StatusCode::SERVICE_UNAVAILABLE);
     let refused: Value = stop.json().await.unwrap();
     assert_eq!(refused["code"], "job_starting", "{refused}");
-    let out = tokio::process::Command::new(crate::cluster::bin("clusterctl"))
+    let out = plain_clusterctl(&url)
         .args(["stop", &job])
-        .env("CLUSTERCTL_SCHEDULER", &url)
-        .env_remove("CLUSTERCTL_CA")
-        .env_remove("CLUSTERCTL_CERT")
-        .env_remove("CLUSTERCTL_KEY")
         .output()
         .await
         .unwrap();

@@ -18,8 +18,10 @@ use tonic::Status;
 use tonic::body::Body;
 use tonic::codegen::{BoxFuture, http};
 
-use crate::cluster::{bin, stderr, stdout};
-use crate::fake_grpc::{Routes, Served, call_scheduler, insecure_scheduler, plain_http, unary};
+use crate::cluster::{stderr, stdout};
+use crate::fake_grpc::{
+    Routes, Served, call_scheduler, insecure_scheduler, plain_clusterctl, plain_http, unary,
+};
 
 #[derive(Clone, PartialEq, prost::Message)]
 struct RegisterReq {
@@ -290,12 +292,8 @@ async fn a_worker_of_the_original_design_joins_runs_jobs_by_its_own_ids_and_goes
         (status, &shown["state"]),
         (StatusCode::OK, &json!("running"))
     );
-    let out = tokio::process::Command::new(bin("clusterctl"))
+    let out = plain_clusterctl(&api.url)
         .args(["-o", "json", "status", &job])
-        .env("CLUSTERCTL_SCHEDULER", &api.url)
-        .env_remove("CLUSTERCTL_CA")
-        .env_remove("CLUSTERCTL_CERT")
-        .env_remove("CLUSTERCTL_KEY")
         .output()
         .await
         .unwrap();
