@@ -7,7 +7,7 @@
 //! scheduler's checks are the same with TLS: only the channel differs),
 //! and runs no processes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -49,8 +49,10 @@ struct HostileWorker {
     instance_id: String,
     /// QueryJob calls answered.
     queries: Arc<AtomicUsize>,
-    /// When set, every StartJob is refused `worker_busy` after this long.
-    busy_after: Option<Duration>,
+    /// Refusals of the next StartJob calls, in turn: each held for its
+    /// pause, then refused with its code; once they run out, starts
+    /// succeed.
+    refusals: Arc<Mutex<VecDeque<(Duration, &'static str)>>>,
     /// StartJob calls received.
     starts: Arc<AtomicUsize>,
 }
@@ -63,7 +65,7 @@ impl HostileWorker {
             stream,
             instance_id: uuid::Uuid::new_v4().to_string(),
             queries: Arc::default(),
-            busy_after: None,
+            refusals: Arc::default(),
             starts: Arc::default(),
         }
     }
@@ -74,19 +76,27 @@ impl Routes for HostileWorker {
         let this = self.clone();
         Box::pin(async move {
             let jobs = this.jobs.clone();
-            let response = match request.uri().path() {
-                "/jobscheduler.Worker/StartJob" if this.busy_after.is_some() => {
+            let path = request.uri().path().to_owned();
+            let refusal = match path.as_str() {
+                "/jobscheduler.Worker/StartJob" => this.refusals.lock().unwrap().pop_front(),
+                _ => None,
+            };
+            let response = match path.as_str() {
+                "/jobscheduler.Worker/StartJob" if let Some((pause, code)) = refusal => {
                     this.starts.fetch_add(1, Ordering::SeqCst);
-                    tokio::time::sleep(this.busy_after.unwrap_or_default()).await;
+                    tokio::time::sleep(pause).await;
                     unary(
                         request,
-                        |_: StartJobRequest| -> Result<StartJobResponse, _> {
-                            let mut busy = Status::resource_exhausted("every slot is taken");
-                            busy.metadata_mut().insert(
+                        move |_: StartJobRequest| -> Result<StartJobResponse, _> {
+                            let mut refused = match code {
+                                "worker_busy" => Status::resource_exhausted("every slot is taken"),
+                                _ => Status::unavailable(code),
+                            };
+                            refused.metadata_mut().insert(
                                 jobcluster_proto::ERROR_CODE_METADATA,
-                                tonic::metadata::MetadataValue::from_static("worker_busy"),
+                                tonic::metadata::MetadataValue::from_static(code),
                             );
-                            Err(busy)
+                            Err(refused)
                         },
                     )
                     .await
@@ -526,10 +536,11 @@ async fn a_group_read_whose_member_stream_breaks_reads_on_without_following() {
 /// and the job ends `stopped`, never started.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stop_while_a_queued_job_is_being_dispatched_ends_it_stopped() {
-    let busy = HostileWorker {
-        busy_after: Some(Duration::from_millis(1500)),
-        ..HostileWorker::new(Arc::new(|_: &StreamJobRequest| (Vec::new(), "0")))
-    };
+    let busy = HostileWorker::new(Arc::new(|_: &StreamJobRequest| (Vec::new(), "0")));
+    busy.refusals
+        .lock()
+        .unwrap()
+        .extend([(Duration::from_millis(1500), "worker_busy"); 100]);
     let starts = busy.starts.clone();
     let (_scheduler, _tmp, _worker, http, url) = cluster_of(busy).await;
     let (status, queued) = post_start(&http, &url).await;
@@ -566,4 +577,40 @@ async fn a_stop_while_a_queued_job_is_being_dispatched_ends_it_stopped() {
         .unwrap();
     assert_eq!(shown["state"], "stopped", "{shown}");
     assert!(shown["started_at"].is_null(), "{shown}");
+}
+
+/// A dispatch its worker answers `job_starting` (a start of the same job
+/// still under way there, as after a restart or a leader change) keeps the
+/// job's place: the next pass asks again and the job runs, where it was
+/// left with no start, `unknown` until given up as lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dispatch_met_by_a_start_under_way_is_asked_again() {
+    let worker = HostileWorker::new(Arc::new(|_: &StreamJobRequest| (Vec::new(), "0")));
+    worker.refusals.lock().unwrap().extend([
+        (Duration::ZERO, "worker_busy"),
+        (Duration::ZERO, "job_starting"),
+    ]);
+    let starts = worker.starts.clone();
+    let (_scheduler, _tmp, _worker, http, url) = cluster_of(worker).await;
+    let (status, queued) = post_start(&http, &url).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{queued}");
+    let job = queued["job_id"].as_str().unwrap().to_owned();
+    let mut state = Value::Null;
+    for _ in 0..100 {
+        let shown: Value = http
+            .get(format!("{url}/v1/jobs/{job}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        state = shown["state"].clone();
+        if state == "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(state, "running");
+    assert_eq!(starts.load(Ordering::SeqCst), 3, "busy, starting, started");
 }

@@ -986,7 +986,12 @@ pub(crate) async fn call_start(
                 worker_unreachable(state, worker).await;
             }
             tracing::warn!(%job_id, worker = %w.name, %status, "start outcome unknown");
-            if refusal != Refusal::Forget {
+            // A worker still starting this very job (a start from before a
+            // restart or a leader change) has the outcome: the job keeps
+            // its queue row, so a later pass asks again, and a refusal of
+            // that start puts it back in the queue rather than leaving it
+            // with no start, to be given up as lost.
+            if refusal != Refusal::Forget && !worker_says(&status, "job_starting") {
                 dequeue(state, &job_id).await;
             }
             return Err(StartError {
