@@ -988,9 +988,9 @@ pub(crate) async fn call_start(
             tracing::warn!(%job_id, worker = %w.name, %status, "start outcome unknown");
             // A worker still starting this very job (a start from before a
             // restart or a leader change) has the outcome: the job keeps
-            // its queue row, so a later pass asks again, and a refusal of
-            // that start puts it back in the queue rather than leaving it
-            // with no start, to be given up as lost.
+            // its queue row, so a later pass asks that worker again (as
+            // for any cut-off dispatch) rather than leaving the job with
+            // no start, to be given up as lost.
             if refusal != Refusal::Forget && !worker_says(&status, "job_starting") {
                 dequeue(state, &job_id).await;
             }
