@@ -248,6 +248,17 @@ async fn post_start(http: &reqwest::Client, url: &str) -> (StatusCode, Value) {
     (reply.status(), reply.json().await.unwrap())
 }
 
+/// `GET /v1/jobs/{job}`'s answer.
+async fn job_json(http: &reqwest::Client, url: &str, job: &str) -> Value {
+    http.get(format!("{url}/v1/jobs/{job}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// Starts a job on the hostile worker; its id.
 async fn start(http: &reqwest::Client, url: &str) -> String {
     let (status, body) = post_start(http, url).await;
@@ -567,14 +578,7 @@ async fn a_stop_while_a_queued_job_is_being_dispatched_ends_it_stopped() {
         .unwrap();
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{said}");
-    let shown: Value = http
-        .get(format!("{url}/v1/jobs/{job}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let shown = job_json(&http, &url, &job).await;
     assert_eq!(shown["state"], "stopped", "{shown}");
     assert!(shown["started_at"].is_null(), "{shown}");
 }
@@ -597,15 +601,7 @@ async fn a_dispatch_met_by_a_start_under_way_is_asked_again() {
     let job = queued["job_id"].as_str().unwrap().to_owned();
     let mut state = Value::Null;
     for _ in 0..100 {
-        let shown: Value = http
-            .get(format!("{url}/v1/jobs/{job}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        state = shown["state"].clone();
+        state = job_json(&http, &url, &job).await["state"].clone();
         if state == "running" {
             break;
         }
