@@ -588,23 +588,22 @@ async fn run_group(
         .iter()
         .map(|j| name_of(&names, &j.worker_id))
         .collect();
-    let count = |state: &str| {
-        started
+    // `unknown`: a start its worker did not confirm in time, followed once
+    // settled.
+    let waiting: Vec<String> = [
+        ("queued", "queued for a free slot"),
+        ("unknown", "not confirmed by its worker yet"),
+    ]
+    .into_iter()
+    .filter_map(|(state, what)| {
+        let n = started
             .jobs
             .iter()
             .filter(|j| j.state.as_deref() == Some(state))
-            .count()
-    };
-    let mut waiting = Vec::new();
-    match count("queued") {
-        0 => {}
-        n => waiting.push(format!("{n} queued for a free slot")),
-    }
-    // A start its worker did not confirm in time: followed once settled.
-    match count("unknown") {
-        0 => {}
-        n => waiting.push(format!("{n} not confirmed by its worker yet")),
-    }
+            .count();
+        (n > 0).then(|| format!("{n} {what}"))
+    })
+    .collect();
     let waiting = if waiting.is_empty() {
         String::new()
     } else {

@@ -318,13 +318,7 @@ impl Cluster {
     }
 
     pub async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
-        let reply = self
-            .http()
-            .get(format!("{}{path}", self.url()))
-            .send()
-            .await
-            .unwrap();
-        reply.json().await.unwrap()
+        get_json(&self.http(), &format!("{}{path}", self.url())).await
     }
 
     /// The worker's state, or "" while the scheduler does not know it.
@@ -352,25 +346,11 @@ impl Cluster {
     }
 
     pub async fn worker_info(&self, name: &str) -> WorkerInfo {
-        self.http()
-            .get(format!("{}/v1/workers/{name}", self.url()))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        self.get_json(&format!("/v1/workers/{name}")).await
     }
 
     pub async fn job(&self, job_id: &str) -> jobcluster_proto::http::JobInfo {
-        self.http()
-            .get(format!("{}/v1/jobs/{job_id}", self.url()))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        self.get_json(&format!("/v1/jobs/{job_id}")).await
     }
 
     /// `GET /v1/jobs/{id}/logs?follow=true`, its answer as it comes.
@@ -679,6 +659,11 @@ pub fn run_ok(args: &[&str]) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+/// A `GET` of `url` with `http`, its JSON answer.
+pub async fn get_json<T: serde::de::DeserializeOwned>(http: &reqwest::Client, url: &str) -> T {
+    http.get(url).send().await.unwrap().json().await.unwrap()
 }
 
 pub fn stdout(out: &Output) -> String {

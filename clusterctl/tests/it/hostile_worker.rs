@@ -33,7 +33,7 @@ use crate::fake_grpc::{
     Routes, Served, call_scheduler, insecure_scheduler, plain_clusterctl, plain_http, unary,
 };
 
-use crate::cluster::status_kib;
+use crate::cluster::{get_json, status_kib};
 use crate::harness::Daemon;
 use crate::harness::eventually;
 
@@ -250,13 +250,7 @@ async fn post_start(http: &reqwest::Client, url: &str) -> (StatusCode, Value) {
 
 /// `GET /v1/jobs/{job}`'s answer.
 async fn job_json(http: &reqwest::Client, url: &str, job: &str) -> Value {
-    http.get(format!("{url}/v1/jobs/{job}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    get_json(http, &format!("{url}/v1/jobs/{job}")).await
 }
 
 /// Starts a job on the hostile worker; its id.

@@ -22,6 +22,7 @@ use super::extract::{JsonBody, QueryParams};
 use super::idempotency::{self, IdempotencyKey};
 use super::jobs::{Seen, record_status, refresh, start_job, started_status, stop_job, worker_of};
 use super::{ApiError, AppState, FollowerSlot, with_deadline};
+use crate::registry::WorkerEntry;
 use crate::state::JobState;
 use crate::store::{GroupRow, JobRow, KeyRow};
 use crate::time::{now_ms, rfc3339};
@@ -571,9 +572,8 @@ impl Member {
         mut job: JobRow,
     ) -> Option<(crate::output_stream::Output, JobRow)> {
         for pause in pauses() {
-            tokio::select! {
-                () = tokio::time::sleep(pause) => {}
-                () = self.tx.closed() => return None,
+            if !self.pause(pause).await {
+                return None;
             }
             job = refresh(&self.state, job).await.row;
             if job.state.is_terminal() && job.started_at_ms == 0 {
@@ -598,13 +598,7 @@ impl Member {
             }
         };
         self.worker = worker.row().name;
-        let request = StreamJobRequest {
-            job_id: job.job_id.clone(),
-            offset: 0,
-            follow: Some(self.follow),
-        };
-        let opening = crate::output_stream::open(worker.channel(), request);
-        match with_deadline(self.state.call_timeout, opening).await {
+        match self.open_on(&worker, job, 0).await {
             Ok(stream) => Some(stream),
             Err(status) => {
                 if super::jobs::unreachable(&status) {
@@ -613,6 +607,32 @@ impl Member {
                 tracing::info!(job_id = %job.job_id, %status, "group member's output unavailable");
                 None
             }
+        }
+    }
+
+    /// The member's stream on `worker` from `offset`, followed if the
+    /// reader follows (a reader of what there is now gets the rest of it,
+    /// not a follow until the job ends).
+    async fn open_on(
+        &self,
+        worker: &WorkerEntry,
+        job: &JobRow,
+        offset: u64,
+    ) -> Result<crate::output_stream::Output, tonic::Status> {
+        let request = StreamJobRequest {
+            job_id: job.job_id.clone(),
+            offset,
+            follow: Some(self.follow),
+        };
+        let opening = crate::output_stream::open(worker.channel(), request);
+        with_deadline(self.state.call_timeout, opening).await
+    }
+
+    /// Waits `pause`; false if the reader left first.
+    async fn pause(&self, pause: Duration) -> bool {
+        tokio::select! {
+            () = tokio::time::sleep(pause) => true,
+            () = self.tx.closed() => false,
         }
     }
 
@@ -748,20 +768,11 @@ impl Member {
     /// the worker stays unreachable.
     async fn reopen(&self, job: &JobRow, offset: u64) -> Option<crate::output_stream::Output> {
         for pause in pauses() {
-            tokio::select! {
-                () = tokio::time::sleep(pause) => {}
-                () = self.tx.closed() => return None,
+            if !self.pause(pause).await {
+                return None;
             }
             let worker = self.state.registry.get(&job.worker_id)?;
-            // A reader of what there is now gets the rest of it, not a
-            // follow until the job ends.
-            let request = StreamJobRequest {
-                job_id: job.job_id.clone(),
-                offset,
-                follow: Some(self.follow),
-            };
-            let opening = crate::output_stream::open(worker.channel(), request);
-            if let Ok(stream) = with_deadline(self.state.call_timeout, opening).await {
+            if let Ok(stream) = self.open_on(&worker, job, offset).await {
                 return Some(stream);
             }
         }
