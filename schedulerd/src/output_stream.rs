@@ -6,16 +6,17 @@
 //! what it already holds, which copies the message a second time when the
 //! frame carried it whole. The scheduler only passes a worker's output on
 //! (to an HTTPS body, or a group's lines): here a message is decoded from
-//! the frames that brought it, and its output (a `Bytes` field) is a slice
-//! of the frame that holds it. A worker sends each output as a frame of
+//! the frames that brought it, and its output is left in them, as slices
+//! of the frames that hold it. A worker sends each output as a frame of
 //! its own (`workerd`'s `output_route`), so that is usually the whole
-//! frame; an output that flow control split across frames is copied.
-//! Short frames are copied too, and at most [`MAX_HELD`] are held at once,
-//! so what a stream keeps alive of h2's buffers is bounded however a peer
-//! cuts its frames. Everything else keeps tonic's meaning: statuses come
-//! from the response's headers or trailers with tonic's own parsing, and a
-//! response that is not gRPC is read by tonic. Measured in
-//! docs/PERFORMANCE.md ("Following: no copies in tonic").
+//! frame, or two where flow control split it; the body it goes on in gets
+//! a frame per slice. Short frames are copied, and at most [`MAX_HELD`]
+//! are held at once, so what a stream keeps alive of h2's buffers is
+//! bounded however a peer cuts its frames. Everything else keeps tonic's
+//! meaning: statuses come from the response's headers or trailers with
+//! tonic's own parsing, and a response that is not gRPC is read by tonic.
+//! Measured in docs/PERFORMANCE.md ("Following: no copies in tonic", and
+//! "Following: a split output passed on, not copied").
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -128,11 +129,12 @@ impl Output {
     }
 
     /// The next message; `None` once the worker ended the stream with an
-    /// OK status. As tonic's `Streaming::message`.
-    pub(crate) async fn message(&mut self) -> Result<Option<pb::StreamJobResponse>, Status> {
+    /// OK status. As tonic's `Streaming::message`, with the output left in
+    /// the frames that brought it.
+    pub(crate) async fn message(&mut self) -> Result<Option<Message>, Status> {
         loop {
             if let Some(message) = self.frames.take()? {
-                return StreamJobResponse::decode(message)
+                return Message::decode(message)
                     .map(Some)
                     .map_err(|e| Status::internal(format!("decoding a message: {e}")));
             }
@@ -270,38 +272,127 @@ impl Frames {
     }
 
     /// The first `n` bytes of `segments` (they hold as many), as slices.
-    fn split_off(&mut self, mut n: usize) -> Segments {
-        let mut taken = Segments {
-            segments: VecDeque::new(),
-            remaining: n,
-        };
+    fn split_off(&mut self, n: usize) -> Segments {
         self.len -= n;
-        while n > 0 {
-            let Some(front) = self.segments.front_mut() else {
-                break; // not reached: `take` sealed the tail
-            };
-            if front.bytes.len() > n {
-                taken.segments.push_back(front.bytes.split_to(n));
-                break;
-            }
-            n -= front.bytes.len();
-            if let Some(whole) = self.segments.pop_front() {
-                taken.segments.push_back(whole.bytes);
-            }
+        Segments {
+            segments: split_front(&mut self.segments, n),
+            remaining: n,
         }
-        taken
     }
 }
 
-/// One message's bytes as its frames brought them. Its `copy_to_bytes`,
-/// which prost calls for a `Bytes` field, slices a frame instead of
-/// copying when the field lies within one: a worker sends a message's
-/// output field last, in a frame of its own.
+/// A piece of received bytes in a queue.
+trait Piece {
+    fn bytes(&mut self) -> &mut Bytes;
+}
+
+impl Piece for Segment {
+    fn bytes(&mut self) -> &mut Bytes {
+        &mut self.bytes
+    }
+}
+
+impl Piece for Bytes {
+    fn bytes(&mut self) -> &mut Bytes {
+        self
+    }
+}
+
+/// Takes the first `n` bytes off `queue` (it holds as many), as slices of
+/// its pieces, in order; none empty.
+fn split_front<T: Piece>(queue: &mut VecDeque<T>, mut n: usize) -> VecDeque<Bytes> {
+    let mut taken = VecDeque::new();
+    while n > 0 {
+        let Some(front) = queue.front_mut().map(Piece::bytes) else {
+            break; // not reached: the caller counted
+        };
+        if front.len() > n {
+            taken.push_back(front.split_to(n));
+            break;
+        }
+        n -= front.len();
+        taken.extend(
+            queue
+                .pop_front()
+                .map(|mut whole| std::mem::take(whole.bytes())),
+        );
+    }
+    taken
+}
+
+/// A message from a worker: its output as the frames brought it, and the
+/// fields the scheduler reads.
 #[derive(Debug)]
+pub(crate) struct Message {
+    /// The output in order, none empty: one slice of a frame, or several
+    /// where flow control split the output across frames (a few at most:
+    /// [`Frames`] holds few).
+    pub(crate) output: VecDeque<Bytes>,
+    pub(crate) final_status: Option<pb::QueryJobResponse>,
+}
+
+impl Message {
+    /// Decodes a message, leaving its output in the frames that brought
+    /// it. prost would make the output one `Bytes`, copying it whenever
+    /// flow control split it: in a replay a quarter of the 256 KiB outputs
+    /// came in two frames (the sender's window runs out mid-message once
+    /// in every window update, measured). The other fields, a few bytes,
+    /// are copied and decoded by prost. Walking the fields uses
+    /// `prost::encoding`, which prost's generated code calls, so it stays
+    /// as long as the generated code of this prost version works.
+    fn decode(mut message: Segments) -> Result<Message, prost::DecodeError> {
+        use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint, skip_field};
+        const OUTPUT: u32 = 1;
+        let mut output = VecDeque::new();
+        let mut head = BytesMut::new();
+        while message.has_remaining() {
+            let mut field = message.clone();
+            let (tag, wire_type) = decode_key(&mut message)?;
+            if tag == OUTPUT && wire_type == WireType::LengthDelimited {
+                // prost's own check of the length, and its error.
+                skip_field(
+                    wire_type,
+                    tag,
+                    &mut message.clone(),
+                    DecodeContext::default(),
+                )?;
+                let len = usize::try_from(decode_varint(&mut message)?)
+                    .map_or(message.remaining(), |len| len.min(message.remaining()));
+                // The last one wins, as prost merges a repeated scalar.
+                output = message.split_pieces(len);
+            } else {
+                skip_field(wire_type, tag, &mut message, DecodeContext::default())?;
+                let len = field.remaining() - message.remaining();
+                head.put((&mut field).take(len));
+            }
+        }
+        let head = StreamJobResponse::decode(head)?;
+        Ok(Message {
+            output,
+            final_status: head.final_status,
+        })
+    }
+
+    /// The output's length in bytes.
+    pub(crate) fn output_len(&self) -> usize {
+        self.output.iter().map(Bytes::len).sum()
+    }
+}
+
+/// One message's bytes as its frames brought them.
+#[derive(Debug, Clone)]
 struct Segments {
     /// None empty.
     segments: VecDeque<Bytes>,
     remaining: usize,
+}
+
+impl Segments {
+    /// The next `len` bytes (there are as many), as slices.
+    fn split_pieces(&mut self, len: usize) -> VecDeque<Bytes> {
+        self.remaining -= len;
+        split_front(&mut self.segments, len)
+    }
 }
 
 impl Buf for Segments {
@@ -328,23 +419,6 @@ impl Buf for Segments {
             self.segments.pop_front();
         }
     }
-
-    fn copy_to_bytes(&mut self, len: usize) -> Bytes {
-        assert!(len <= self.remaining, "copy past the end of a message");
-        if let Some(front) = self.segments.front_mut()
-            && front.len() >= len
-        {
-            let bytes = front.split_to(len);
-            if front.is_empty() {
-                self.segments.pop_front();
-            }
-            self.remaining -= len;
-            return bytes;
-        }
-        let mut copy = BytesMut::with_capacity(len);
-        copy.put((&mut *self).take(len));
-        copy.freeze()
-    }
 }
 
 #[cfg(test)]
@@ -367,11 +441,18 @@ mod tests {
     fn outputs(frames: &mut Frames) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
         while let Some(message) = frames.take().unwrap() {
-            let msg = StreamJobResponse::decode(message).unwrap();
-            assert_eq!(msg.offset, 9);
-            out.push(msg.output.to_vec());
+            let msg = Message::decode(message).unwrap();
+            assert!(msg.output.iter().all(|chunk| !chunk.is_empty()));
+            out.push(joined(&msg.output));
         }
         out
+    }
+
+    fn joined(output: &VecDeque<Bytes>) -> Vec<u8> {
+        output
+            .iter()
+            .flat_map(|chunk| chunk.iter().copied())
+            .collect()
     }
 
     fn within(inner: &Bytes, outer: &Bytes) -> bool {
@@ -384,21 +465,28 @@ mod tests {
         let frame = message(&[7; HOLD_FROM]);
         let mut frames = Frames::default();
         frames.push(frame.clone());
-        let output = StreamJobResponse::decode(frames.take().unwrap().unwrap())
+        let output = Message::decode(frames.take().unwrap().unwrap())
             .unwrap()
             .output;
-        assert_eq!(output.len(), HOLD_FROM);
-        assert!(within(&output, &frame));
+        assert_eq!(output.len(), 1);
+        assert_eq!(output[0].len(), HOLD_FROM);
+        assert!(within(&output[0], &frame));
         assert!(!frames.has_remaining());
     }
 
     /// As a worker sends it: the prefix and the other fields, then the
-    /// output's frame.
+    /// output's frame: the output is that frame; split by flow control, it
+    /// is the two frames' slices, not a copy.
     #[test]
-    fn an_output_in_a_frame_of_its_own_is_that_frame() {
+    fn an_output_in_frames_of_its_own_is_those_frames() {
         let output = Bytes::from(vec![3u8; 70_000]);
         let rest = StreamJobResponse {
             offset: 9,
+            final_status: Some(pb::QueryJobResponse {
+                done: true,
+                exit_code: Some(3),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let mut head = BytesMut::new();
@@ -408,14 +496,85 @@ mod tests {
         rest.encode(&mut head).unwrap();
         prost::encoding::encode_key(1, prost::encoding::WireType::LengthDelimited, &mut head);
         prost::encoding::encode_varint(output.len() as u64, &mut head);
-        let mut frames = Frames::default();
-        frames.push(head.freeze());
-        assert!(frames.take().unwrap().is_none());
-        frames.push(output.clone());
-        let msg = StreamJobResponse::decode(frames.take().unwrap().unwrap()).unwrap();
-        assert_eq!(msg.offset, 9);
-        assert_eq!(msg.output, output);
-        assert_eq!(msg.output.as_ptr(), output.as_ptr());
+        let head = head.freeze();
+        // Whole; split in two long frames; split as measured, a short
+        // second frame (copied with the frames after it).
+        for cut in [output.len(), 40_000, HOLD_FROM, output.len() - 112] {
+            let mut frames = Frames::default();
+            frames.push(head.clone());
+            assert!(frames.take().unwrap().is_none());
+            frames.push(output.slice(..cut));
+            if cut < output.len() {
+                assert!(frames.take().unwrap().is_none());
+                frames.push(output.slice(cut..));
+            }
+            let msg = Message::decode(frames.take().unwrap().unwrap()).unwrap();
+            assert_eq!(msg.final_status, rest.final_status);
+            assert_eq!(joined(&msg.output), output);
+            assert_eq!(msg.output[0].as_ptr(), output.as_ptr(), "cut {cut}");
+            if cut < output.len() {
+                assert_eq!(msg.output.len(), 2);
+                let held = output.len() - cut >= HOLD_FROM;
+                assert_eq!(within(&msg.output[1], &output), held, "cut {cut}");
+            }
+        }
+    }
+
+    /// prost's meaning where another encoder could differ: the output
+    /// first, a field unknown to the scheduler skipped, the output given
+    /// twice (the last one counts), a length past the message refused;
+    /// and the same whichever way the message is cut into segments.
+    #[test]
+    fn a_message_is_read_as_prost_reads_it() {
+        let mut body = BytesMut::new();
+        body.extend_from_slice(
+            &StreamJobResponse {
+                output: Bytes::from_static(b"first"),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        );
+        prost::encoding::encode_key(9, prost::encoding::WireType::SixtyFourBit, &mut body);
+        body.put_u64_le(7);
+        let status = pb::QueryJobResponse {
+            done: true,
+            error_text: "exited with code 3".into(),
+            exit_code: Some(3),
+            ..Default::default()
+        };
+        body.extend_from_slice(
+            &StreamJobResponse {
+                offset: 300,
+                output: Bytes::from(vec![b'x'; 200]),
+                final_status: Some(status.clone()),
+            }
+            .encode_to_vec(),
+        );
+        let body = body.freeze();
+        let segments = |body: &[u8]| Segments {
+            segments: VecDeque::from([Bytes::copy_from_slice(body)]),
+            remaining: body.len(),
+        };
+        let prosts = StreamJobResponse::decode(body.clone()).unwrap();
+        assert_eq!(prosts.output, vec![b'x'; 200]);
+        for step in [1, 2, 3, 7, body.len()] {
+            let cut = Segments {
+                segments: body.chunks(step).map(|c| body.slice_ref(c)).collect(),
+                remaining: body.len(),
+            };
+            let msg = Message::decode(cut).unwrap();
+            assert_eq!(joined(&msg.output), prosts.output, "step {step}");
+            assert_eq!(msg.final_status.as_ref(), Some(&status), "step {step}");
+        }
+        // The output last, its length one past the message's end.
+        let mut cut = BytesMut::new();
+        prost::encoding::encode_key(1, prost::encoding::WireType::LengthDelimited, &mut cut);
+        prost::encoding::encode_varint(4, &mut cut);
+        cut.extend_from_slice(b"abc");
+        let ours = Message::decode(segments(&cut)).unwrap_err().to_string();
+        let prosts = StreamJobResponse::decode(&cut[..]).unwrap_err().to_string();
+        assert!(ours.ends_with("buffer underflow"), "{ours}");
+        assert!(prosts.ends_with("buffer underflow"), "{prosts}");
     }
 
     #[test]

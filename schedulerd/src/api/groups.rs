@@ -716,39 +716,43 @@ impl Member {
                     }
                 }
             };
-            crate::metrics::output_streamed(msg.output.len());
-            let mut rest = &msg.output[..];
-            while !rest.is_empty() {
-                // A line of up to MAX_LINE bytes goes out whole; a job that
-                // writes no newlines must not grow `pending` without bound,
-                // so a longer run goes out in pieces of exactly MAX_LINE
-                // bytes. Where the pieces fall never depends on how the
-                // worker chunked the output.
-                let room = MAX_LINE - pending.len();
-                let window = &rest[..rest.len().min(room + 1)];
-                if let Some(nl) = window.iter().position(|b| *b == b'\n') {
-                    pending.extend_from_slice(&rest[..nl]);
-                    if !self.emit(&pending, line_start, &job.job_id).await {
-                        return;
+            crate::metrics::output_streamed(msg.output_len());
+            // Chunk by chunk is as one: a line spans chunks as it spans
+            // messages.
+            for chunk in &msg.output {
+                let mut rest = &chunk[..];
+                while !rest.is_empty() {
+                    // A line of up to MAX_LINE bytes goes out whole; a job that
+                    // writes no newlines must not grow `pending` without bound,
+                    // so a longer run goes out in pieces of exactly MAX_LINE
+                    // bytes. Where the pieces fall never depends on how the
+                    // worker chunked the output.
+                    let room = MAX_LINE - pending.len();
+                    let window = &rest[..rest.len().min(room + 1)];
+                    if let Some(nl) = window.iter().position(|b| *b == b'\n') {
+                        pending.extend_from_slice(&rest[..nl]);
+                        if !self.emit(&pending, line_start, &job.job_id).await {
+                            return;
+                        }
+                        pos += nl as u64 + 1;
+                        line_start = pos;
+                        pending.clear();
+                        rest = &rest[nl + 1..];
+                        continue;
                     }
-                    pos += nl as u64 + 1;
-                    line_start = pos;
-                    pending.clear();
-                    rest = &rest[nl + 1..];
-                    continue;
-                }
-                let take = rest.len().min(room);
-                pending.extend_from_slice(&rest[..take]);
-                pos += take as u64;
-                rest = &rest[take..];
-                // A full piece waits for the next byte: a newline there
-                // makes it a whole line of exactly MAX_LINE bytes.
-                if pending.len() >= MAX_LINE && !rest.is_empty() {
-                    if !self.emit(&pending, line_start, &job.job_id).await {
-                        return;
+                    let take = rest.len().min(room);
+                    pending.extend_from_slice(&rest[..take]);
+                    pos += take as u64;
+                    rest = &rest[take..];
+                    // A full piece waits for the next byte: a newline there
+                    // makes it a whole line of exactly MAX_LINE bytes.
+                    if pending.len() >= MAX_LINE && !rest.is_empty() {
+                        if !self.emit(&pending, line_start, &job.job_id).await {
+                            return;
+                        }
+                        line_start = pos;
+                        pending.clear();
                     }
-                    line_start = pos;
-                    pending.clear();
                 }
             }
             if let Some(status) = &msg.final_status {

@@ -1,5 +1,6 @@
 //! `/v1/jobs` routes, and the job operations the original routes share.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use axum::Json;
@@ -1596,6 +1597,7 @@ pub(crate) async fn stream_output(
         row: Some(row),
         trailer,
         end: None,
+        output: VecDeque::new(),
         store,
         _slot: slot,
     };
@@ -1638,6 +1640,8 @@ struct Relay {
     trailer: Trailer,
     /// The job's end recorded, sent after its last output.
     end: Option<HeaderMap>,
+    /// The rest of the last message's output, one frame per chunk.
+    output: VecDeque<Bytes>,
     store: SharedStore,
     /// Held while the stream is open (the job's count of followers).
     _slot: super::FollowerSlot,
@@ -1645,6 +1649,9 @@ struct Relay {
 
 impl Relay {
     async fn next(&mut self) -> Option<Result<Frame<Bytes>, std::io::Error>> {
+        if let Some(data) = self.output.pop_front() {
+            return Some(Ok(Frame::data(data)));
+        }
         if let Some(end) = self.end.take() {
             return Some(Ok(Frame::trailers(end)));
         }
@@ -1652,7 +1659,8 @@ impl Relay {
         loop {
             match self.stream.message().await {
                 Ok(Some(msg)) => {
-                    crate::metrics::output_streamed(msg.output.len());
+                    crate::metrics::output_streamed(msg.output_len());
+                    self.output = msg.output;
                     if let Some(status) = &msg.final_status {
                         // Record the final state before the body ends, so a
                         // client that asks right after sees it.
@@ -1661,16 +1669,16 @@ impl Relay {
                             Trailer::Record => end_trailer(&seen),
                             Trailer::None => None,
                         };
-                        if msg.output.is_empty() {
-                            return self.end.take().map(|end| Ok(Frame::trailers(end)));
-                        }
-                        return Some(Ok(Frame::data(msg.output)));
+                        return match self.output.pop_front() {
+                            Some(data) => Some(Ok(Frame::data(data))),
+                            None => self.end.take().map(|end| Ok(Frame::trailers(end))),
+                        };
                     }
-                    if msg.output.is_empty() {
+                    let Some(data) = self.output.pop_front() else {
                         continue; // keepalive
-                    }
+                    };
                     self.row = Some(current);
-                    return Some(Ok(Frame::data(msg.output)));
+                    return Some(Ok(Frame::data(data)));
                 }
                 Ok(None) => return None,
                 Err(status) => {
