@@ -525,3 +525,60 @@ async fn a_merged_stream_survives_a_member_worker_restart_without_losing_lines()
     }
     assert_eq!(group(&cluster, &started.group_id).await.state, "failed");
 }
+
+/// A finished group read while one member's worker is down: a worker
+/// back within seconds gives its lines, as a broken stream's does; one
+/// that stays down cuts the output short, where the member was left out
+/// of an output that ended cleanly.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_read_while_a_members_worker_is_down_waits_for_it_or_is_cut() {
+    let mut cluster = three_workers().await;
+    let started = start_group(
+        &cluster,
+        json!({"all": true, "path": "count.sh", "args": ["3", "0"]}),
+    )
+    .await;
+    let group_id = started.group_id.clone();
+    crate::faults::until(Duration::from_secs(30), "the group done", || async {
+        group(&cluster, &group_id).await.state == "succeeded"
+    })
+    .await;
+    let lines_of = |text: &str, w: &str| {
+        text.lines()
+            .filter_map(|l| l.strip_prefix(&format!("[{w}] ")))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let all = ["1", "2", "3", "done"].map(str::to_owned).to_vec();
+
+    cluster.worker("w2").signal(Signal::SIGKILL);
+    cluster.worker("w2").wait(Duration::from_secs(10));
+    let read = {
+        let mut command = cluster.ctl();
+        command.args(["logs", &group_id]);
+        command.output()
+    };
+    let (out, ()) = tokio::join!(read, async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        cluster.restart_worker("w2");
+    });
+    let out = out.unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    for w in ["w1", "w2", "w3"] {
+        assert_eq!(lines_of(&stdout(&out), w), all, "{w}: {}", stdout(&out));
+    }
+
+    cluster.worker("w2").signal(Signal::SIGKILL);
+    cluster.worker("w2").wait(Duration::from_secs(10));
+    let out = cluster.ctl_output(&["logs", &group_id]).await;
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("a group's output cannot be resumed"),
+        "{}",
+        stderr(&out)
+    );
+    for w in ["w1", "w3"] {
+        assert_eq!(lines_of(&stdout(&out), w), all, "{w}: {}", stdout(&out));
+    }
+    assert!(lines_of(&stdout(&out), "w2").is_empty(), "{}", stdout(&out));
+}

@@ -535,9 +535,21 @@ const FIRST_PAUSE: Duration = Duration::from_millis(200);
 /// record again without being told.
 const RECHECK: Duration = Duration::from_secs(1);
 
+/// Why a member's stream did not open.
+enum Unopened {
+    /// Its worker cannot be asked now (not ready, unresponsive, out of
+    /// reach).
+    ForNow,
+    /// Its worker answered (no such job, its output expired), or is no
+    /// longer known.
+    Answered,
+}
+
 impl Member {
     /// Waits for a queued member to start, opens its stream and forwards
-    /// it; a member whose output cannot be opened adds nothing.
+    /// it. A member whose worker answers that it has no output for it adds
+    /// nothing; one whose worker cannot be asked is asked again, and the
+    /// reader told if its output stays out of reach.
     async fn open_and_forward(mut self, job: JobRow) {
         // Only a follower waits: a reader of what there is now reads an
         // unsettled member as it is (a queued one was left out).
@@ -554,9 +566,16 @@ impl Member {
         // from the group's output at the first refusal.
         let in_doubt = job.state == JobState::Unknown && job.started_at_ms == 0;
         let opened = match self.open(&job).await {
-            Some(stream) => Some((stream, job)),
-            None if in_doubt && self.follow => self.settle_and_open(job).await,
-            None => None,
+            Ok(stream) => Some((stream, job)),
+            Err(_) if in_doubt && self.follow => self.settle_and_open(job).await,
+            // A started member's output is on its worker, which may be
+            // restarting: asked again as a broken stream is. Left out, its
+            // lines would be missing from an output that ends cleanly.
+            Err(Unopened::ForNow) if job.started_at_ms != 0 => match self.reopen(&job, 0).await {
+                Some(stream) => Some((stream, job)),
+                None => return self.lost(&job).await,
+            },
+            Err(_) => None,
         };
         if let Some((stream, job)) = opened {
             self.forward(stream, job).await;
@@ -579,7 +598,7 @@ impl Member {
             if job.state.is_terminal() && job.started_at_ms == 0 {
                 return None;
             }
-            if let Some(stream) = self.open(&job).await {
+            if let Ok(stream) = self.open(&job).await {
                 return Some((stream, job));
             }
         }
@@ -589,25 +608,42 @@ impl Member {
 
     /// The member's stream from its start, if its worker can be asked now;
     /// its lines are then that worker's.
-    async fn open(&mut self, job: &JobRow) -> Option<crate::output_stream::Output> {
+    async fn open(&mut self, job: &JobRow) -> Result<crate::output_stream::Output, Unopened> {
+        if let Some(worker) = self.state.registry.get(&job.worker_id) {
+            self.worker = worker.row().name;
+        }
         let worker = match worker_of(&self.state, job).await {
             Ok(worker) => worker,
             Err(error) => {
                 tracing::info!(job_id = %job.job_id, error = %error.message, "group member's worker cannot be asked now");
-                return None;
+                return Err(match self.state.registry.get(&job.worker_id) {
+                    Some(_) => Unopened::ForNow,
+                    None => Unopened::Answered,
+                });
             }
         };
         self.worker = worker.row().name;
         match self.open_on(&worker, job, 0).await {
-            Ok(stream) => Some(stream),
+            Ok(stream) => Ok(stream),
             Err(status) => {
+                tracing::info!(job_id = %job.job_id, %status, "group member's output unavailable");
                 if super::jobs::unreachable(&status) {
                     super::jobs::worker_unreachable(&self.state, &worker).await;
+                    return Err(Unopened::ForNow);
                 }
-                tracing::info!(job_id = %job.job_id, %status, "group member's output unavailable");
-                None
+                Err(Unopened::Answered)
             }
         }
+    }
+
+    /// Cuts the group's output short, so the reader sees that a member's
+    /// output is missing instead of a clean end.
+    async fn lost(&self, job: &JobRow) {
+        let cut = std::io::Error::other(format!(
+            "lost the output stream of job {} on {}",
+            job.job_id, self.worker
+        ));
+        let _ = self.tx.send(Err(cut)).await;
     }
 
     /// The member's stream on `worker` from `offset`, followed if the
@@ -703,16 +739,7 @@ impl Member {
                             stream = reopened;
                             continue;
                         }
-                        None => {
-                            // Cut the body short so the reader sees output
-                            // is missing instead of a clean end.
-                            let cut = std::io::Error::other(format!(
-                                "lost the output stream of job {} on {}",
-                                job.job_id, self.worker
-                            ));
-                            let _ = self.tx.send(Err(cut)).await;
-                            return;
-                        }
+                        None => return self.lost(&job).await,
                     }
                 }
             };
