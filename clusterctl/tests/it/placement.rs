@@ -528,8 +528,9 @@ async fn a_merged_stream_survives_a_member_worker_restart_without_losing_lines()
 
 /// A finished group read while one member's worker is down: a worker
 /// back within seconds gives its lines, as a broken stream's does; one
-/// that stays down cuts the output short, where the member was left out
-/// of an output that ended cleanly.
+/// that stays down cuts the output short, after the other members' lines
+/// (with `follow`, at once), where the member was left out of an output
+/// that ended cleanly.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_group_read_while_a_members_worker_is_down_waits_for_it_or_is_cut() {
     let mut cluster = three_workers().await;
@@ -567,6 +568,13 @@ async fn a_group_read_while_a_members_worker_is_down_waits_for_it_or_is_cut() {
     for w in ["w1", "w2", "w3"] {
         assert_eq!(lines_of(&stdout(&out), w), all, "{w}: {}", stdout(&out));
     }
+    // The read did find w2 down first.
+    let log = cluster.scheduler.log();
+    assert!(
+        log.contains("group member's output unavailable")
+            || log.contains("group member's worker cannot be asked now"),
+        "{log}"
+    );
 
     cluster.worker("w2").signal(Signal::SIGKILL);
     cluster.worker("w2").wait(Duration::from_secs(10));
@@ -581,4 +589,12 @@ async fn a_group_read_while_a_members_worker_is_down_waits_for_it_or_is_cut() {
         assert_eq!(lines_of(&stdout(&out), w), all, "{w}: {}", stdout(&out));
     }
     assert!(lines_of(&stdout(&out), "w2").is_empty(), "{}", stdout(&out));
+    // A follower is told too (at once, as it watches).
+    let out = cluster.ctl_output(&["logs", "-f", &group_id]).await;
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("a group's output cannot be resumed"),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -23,7 +23,7 @@ use super::idempotency::{self, IdempotencyKey};
 use super::jobs::{Seen, record_status, refresh, start_job, started_status, stop_job, worker_of};
 use super::{ApiError, AppState, FollowerSlot, with_deadline};
 use crate::registry::WorkerEntry;
-use crate::state::JobState;
+use crate::state::{JobState, WorkerState};
 use crate::store::{GroupRow, JobRow, KeyRow};
 use crate::time::{now_ms, rfc3339};
 
@@ -465,6 +465,7 @@ pub(crate) async fn logs(
     };
     let (_, jobs) = find_group(&state, &id).await?;
     let (tx, rx) = mpsc::channel(MERGE_BUFFER);
+    let missing = Missing::default();
     let mut opening = Vec::new();
     for job in jobs {
         // A member still queued has no output yet: a follower waits for
@@ -483,6 +484,7 @@ pub(crate) async fn logs(
             ndjson,
             follow: q.follow,
             tx: tx.clone(),
+            missing: missing.clone(),
             state: state.clone(),
             _slot: slot,
         };
@@ -494,14 +496,37 @@ pub(crate) async fn logs(
     } else {
         "text/plain; charset=utf-8"
     };
+    // Once every member is done: cut short if a member's output could not
+    // be read whole, after everything the others had.
+    use futures_util::StreamExt as _;
+    let end = futures_util::stream::once(async move { missing.take() }).filter_map(|missing| {
+        std::future::ready(missing.map(|why| Err(std::io::Error::other(why))))
+    });
     Ok((
         [(header::CONTENT_TYPE, content_type)],
-        Body::from_stream(ReceiverStream::new(rx)),
+        Body::from_stream(ReceiverStream::new(rx).chain(end)),
     )
         .into_response())
 }
 
 type Chunk = Result<Bytes, std::io::Error>;
+
+/// The first member whose output a merged stream without `follow` could
+/// not read whole: the body ends with it, cut short, after all the other
+/// members' lines.
+#[derive(Debug, Clone, Default)]
+struct Missing(std::sync::Arc<std::sync::Mutex<Option<String>>>);
+
+impl Missing {
+    fn note(&self, why: String) {
+        let mut first = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        first.get_or_insert(why);
+    }
+
+    fn take(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
 
 /// The pauses before each new try at a member's stream: backon's schedule
 /// as an iterator, as its retry combinator does not fit (each pause also
@@ -521,6 +546,7 @@ struct Member {
     ndjson: bool,
     follow: bool,
     tx: mpsc::Sender<Chunk>,
+    missing: Missing,
     state: AppState,
     _slot: FollowerSlot,
 }
@@ -537,11 +563,13 @@ const RECHECK: Duration = Duration::from_secs(1);
 
 /// Why a member's stream did not open.
 enum Unopened {
-    /// Its worker cannot be asked now (not ready, unresponsive, out of
-    /// reach).
+    /// Its worker is ready but cannot be asked now (unresponsive, or out
+    /// of reach: restarting).
     ForNow,
-    /// Its worker answered (no such job, its output expired), or is no
-    /// longer known.
+    /// Its worker is down or left.
+    OutOfReach,
+    /// Its worker answered without it (no such job, its output expired),
+    /// or was removed, and its output with it.
     Answered,
 }
 
@@ -568,13 +596,16 @@ impl Member {
         let opened = match self.open(&job).await {
             Ok(stream) => Some((stream, job)),
             Err(_) if in_doubt && self.follow => self.settle_and_open(job).await,
-            // A started member's output is on its worker, which may be
-            // restarting: asked again as a broken stream is. Left out, its
+            // A started member's output is on its worker: one that may be
+            // restarting, or is unresponsive, is asked again as a broken
+            // stream is; one that is down or left is not. Left out, its
             // lines would be missing from an output that ends cleanly.
-            Err(Unopened::ForNow) if job.started_at_ms != 0 => match self.reopen(&job, 0).await {
-                Some(stream) => Some((stream, job)),
-                None => return self.lost(&job).await,
+            Err(Unopened::ForNow) if job.started_at_ms != 0 => match self.open_again(&job).await {
+                Ok(stream) => Some((stream, job)),
+                Err(Unopened::Answered) => None,
+                Err(Unopened::ForNow | Unopened::OutOfReach) => return self.lost(&job).await,
             },
+            Err(Unopened::OutOfReach) if job.started_at_ms != 0 => return self.lost(&job).await,
             Err(_) => None,
         };
         if let Some((stream, job)) = opened {
@@ -609,16 +640,20 @@ impl Member {
     /// The member's stream from its start, if its worker can be asked now;
     /// its lines are then that worker's.
     async fn open(&mut self, job: &JobRow) -> Result<crate::output_stream::Output, Unopened> {
-        if let Some(worker) = self.state.registry.get(&job.worker_id) {
-            self.worker = worker.row().name;
-        }
         let worker = match worker_of(&self.state, job).await {
             Ok(worker) => worker,
             Err(error) => {
                 tracing::info!(job_id = %job.job_id, error = %error.message, "group member's worker cannot be asked now");
-                return Err(match self.state.registry.get(&job.worker_id) {
-                    Some(_) => Unopened::ForNow,
-                    None => Unopened::Answered,
+                // Removed: its output went with it. Ready but unresponsive:
+                // for now. Down or left: not before it comes back.
+                let Some(worker) = self.state.registry.get(&job.worker_id) else {
+                    return Err(Unopened::Answered);
+                };
+                let row = worker.row();
+                self.worker = row.name;
+                return Err(match row.state {
+                    WorkerState::Ready => Unopened::ForNow,
+                    _ => Unopened::OutOfReach,
                 });
             }
         };
@@ -636,14 +671,37 @@ impl Member {
         }
     }
 
-    /// Cuts the group's output short, so the reader sees that a member's
-    /// output is missing instead of a clean end.
+    /// A started member's stream asked for again with backoff while its
+    /// worker cannot be asked now (restarting, unresponsive); each try
+    /// asks the registry first, so a worker known unresponsive costs no
+    /// call. `Answered` also when the reader left.
+    async fn open_again(&mut self, job: &JobRow) -> Result<crate::output_stream::Output, Unopened> {
+        for pause in pauses() {
+            if !self.pause(pause).await {
+                return Err(Unopened::Answered);
+            }
+            match self.open(job).await {
+                Err(Unopened::ForNow) => {}
+                other => return other,
+            }
+        }
+        tracing::warn!(job_id = %job.job_id, "gave up on a group member's output stream");
+        Err(Unopened::ForNow)
+    }
+
+    /// This member's output could not be read whole: a follower is told
+    /// at once (the output is cut now, as it watches); a reader of what
+    /// there is gets every other member's lines first, then the cut.
     async fn lost(&self, job: &JobRow) {
-        let cut = std::io::Error::other(format!(
+        let why = format!(
             "lost the output stream of job {} on {}",
             job.job_id, self.worker
-        ));
-        let _ = self.tx.send(Err(cut)).await;
+        );
+        if self.follow {
+            let _ = self.tx.send(Err(std::io::Error::other(why))).await;
+        } else {
+            self.missing.note(why);
+        }
     }
 
     /// The member's stream on `worker` from `offset`, followed if the
