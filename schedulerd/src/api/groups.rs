@@ -23,7 +23,7 @@ use super::idempotency::{self, IdempotencyKey};
 use super::jobs::{Seen, record_status, refresh, start_job, started_status, stop_job, worker_of};
 use super::{ApiError, AppState, FollowerSlot, with_deadline};
 use crate::registry::WorkerEntry;
-use crate::state::{JobState, WorkerState};
+use crate::state::JobState;
 use crate::store::{GroupRow, JobRow, KeyRow};
 use crate::time::{now_ms, rfc3339};
 
@@ -563,10 +563,11 @@ const RECHECK: Duration = Duration::from_secs(1);
 
 /// Why a member's stream did not open.
 enum Unopened {
-    /// Its worker is ready but cannot be asked now (unresponsive, or out
-    /// of reach: restarting).
+    /// Its worker cannot be asked now: unresponsive, down, left (a
+    /// restart looks like any of them), or the call failed without an
+    /// answer.
     ForNow,
-    /// Its worker is down or left.
+    /// As `ForNow`, for a job already given up as lost: not waited for.
     OutOfReach,
     /// Its worker answered without it (no such job, its output expired),
     /// or was removed, and its output with it.
@@ -596,10 +597,10 @@ impl Member {
         let opened = match self.open(&job).await {
             Ok(stream) => Some((stream, job)),
             Err(_) if in_doubt && self.follow => self.settle_and_open(job).await,
-            // A started member's output is on its worker: one that may be
-            // restarting, or is unresponsive, is asked again as a broken
-            // stream is; one that is down or left is not. Left out, its
-            // lines would be missing from an output that ends cleanly.
+            // A started member's output is on its worker, which may be
+            // restarting: it is asked again as a broken stream is (unless
+            // its job was given up as lost). Left out, its lines would be
+            // missing from an output that ends cleanly.
             Err(Unopened::ForNow) if job.started_at_ms != 0 => match self.open_again(&job).await {
                 Ok(stream) => Some((stream, job)),
                 Err(Unopened::Answered) => None,
@@ -644,16 +645,14 @@ impl Member {
             Ok(worker) => worker,
             Err(error) => {
                 tracing::info!(job_id = %job.job_id, error = %error.message, "group member's worker cannot be asked now");
-                // Removed: its output went with it. Ready but unresponsive:
-                // for now. Down or left: not before it comes back.
+                // Removed: its output went with it.
                 let Some(worker) = self.state.registry.get(&job.worker_id) else {
                     return Err(Unopened::Answered);
                 };
-                let row = worker.row();
-                self.worker = row.name;
-                return Err(match row.state {
-                    WorkerState::Ready => Unopened::ForNow,
-                    _ => Unopened::OutOfReach,
+                self.worker = worker.row().name;
+                return Err(match job.state {
+                    JobState::Lost => Unopened::OutOfReach,
+                    _ => Unopened::ForNow,
                 });
             }
         };
@@ -664,17 +663,21 @@ impl Member {
                 tracing::info!(job_id = %job.job_id, %status, "group member's output unavailable");
                 if super::jobs::unreachable(&status) {
                     super::jobs::worker_unreachable(&self.state, &worker).await;
-                    return Err(Unopened::ForNow);
                 }
-                Err(Unopened::Answered)
+                // Only the worker's own answer says there is nothing to
+                // read; a call that broke says nothing.
+                match super::jobs::answered(&status) {
+                    true => Err(Unopened::Answered),
+                    false => Err(Unopened::ForNow),
+                }
             }
         }
     }
 
     /// A started member's stream asked for again with backoff while its
-    /// worker cannot be asked now (restarting, unresponsive); each try
-    /// asks the registry first, so a worker known unresponsive costs no
-    /// call. `Answered` also when the reader left.
+    /// worker cannot be asked now; each try asks the registry first, so a
+    /// worker known unresponsive or down costs no call. `Answered` also
+    /// when the reader left.
     async fn open_again(&mut self, job: &JobRow) -> Result<crate::output_stream::Output, Unopened> {
         for pause in pauses() {
             if !self.pause(pause).await {

@@ -1149,7 +1149,7 @@ fn worker_says(status: &tonic::Status, code: &str) -> bool {
 }
 
 /// The worker itself answered with an error (it carries the API code).
-fn answered(status: &tonic::Status) -> bool {
+pub(crate) fn answered(status: &tonic::Status) -> bool {
     status
         .metadata()
         .contains_key(jobcluster_proto::ERROR_CODE_METADATA)
