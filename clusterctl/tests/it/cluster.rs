@@ -566,6 +566,16 @@ runner = "python"
     }
 }
 
+/// For [`Cluster::start_tuned`], where a test pauses a worker (SIGSTOP):
+/// a call to it gives up after a second, and it is neither down nor its
+/// jobs lost while the test runs.
+pub const PAUSED_WORKER_TUNING: &[(&str, &str)] = &[
+    ("call_timeout", "1s"),
+    ("refresh_timeout", "1s"),
+    ("down_after", "30s"),
+    ("lost_after", "60s"),
+];
+
 const SQLITE_STORE: &str = "path = \"state/scheduler.db\"";
 
 /// `config` with its SQLite store replaced by a new PostgreSQL database,

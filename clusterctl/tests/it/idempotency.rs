@@ -251,16 +251,8 @@ async fn a_group_start_with_a_key_is_replayed() {
 /// the group's code.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_group_member_whose_start_is_in_doubt_is_listed_and_followed() {
-    let mut cluster = Cluster::start_tuned(
-        &["w1", "w2"],
-        &[
-            ("call_timeout", "1s"),
-            ("refresh_timeout", "1s"),
-            ("down_after", "30s"),
-            ("lost_after", "60s"),
-        ],
-    )
-    .await;
+    let mut cluster =
+        Cluster::start_tuned(&["w1", "w2"], crate::cluster::PAUSED_WORKER_TUNING).await;
     let body = json!({"all": true, "command": "bash", "path": "count.sh", "args": ["2", "0.1"]});
     cluster.worker("w2").signal(Signal::SIGSTOP);
     let key = key();
@@ -396,16 +388,7 @@ async fn clusterctl_run_retries_its_start_through_a_scheduler_restart() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_start_in_doubt_keeps_its_key_and_clusterctl_names_its_job() {
-    let mut cluster = Cluster::start_tuned(
-        &["w1"],
-        &[
-            ("call_timeout", "1s"),
-            ("refresh_timeout", "1s"),
-            ("down_after", "30s"),
-            ("lost_after", "60s"),
-        ],
-    )
-    .await;
+    let mut cluster = Cluster::start_tuned(&["w1"], crate::cluster::PAUSED_WORKER_TUNING).await;
     let body =
         json!({"worker_id": "w1", "command": "bash", "path": "count.sh", "args": ["30", "0.1"]});
     // A hung worker: the start reaches it but is never confirmed.

@@ -526,6 +526,21 @@ async fn a_merged_stream_survives_a_member_worker_restart_without_losing_lines()
     assert_eq!(group(&cluster, &started.group_id).await.state, "failed");
 }
 
+/// A group of `count.sh 3` on every worker, once it succeeded: its id.
+async fn counted_group(cluster: &Cluster) -> String {
+    let started = start_group(
+        cluster,
+        json!({"all": true, "path": "count.sh", "args": ["3", "0"]}),
+    )
+    .await;
+    let group_id = started.group_id;
+    crate::faults::until(Duration::from_secs(30), "the group done", || async {
+        group(cluster, &group_id).await.state == "succeeded"
+    })
+    .await;
+    group_id
+}
+
 /// A finished group read while one member's worker is down: a worker
 /// back within seconds gives its lines, as a broken stream's does; one
 /// that stays down cuts the output short, after the other members' lines
@@ -534,16 +549,7 @@ async fn a_merged_stream_survives_a_member_worker_restart_without_losing_lines()
 #[tokio::test(flavor = "multi_thread")]
 async fn a_group_read_while_a_members_worker_is_down_waits_for_it_or_is_cut() {
     let mut cluster = three_workers().await;
-    let started = start_group(
-        &cluster,
-        json!({"all": true, "path": "count.sh", "args": ["3", "0"]}),
-    )
-    .await;
-    let group_id = started.group_id.clone();
-    crate::faults::until(Duration::from_secs(30), "the group done", || async {
-        group(&cluster, &group_id).await.state == "succeeded"
-    })
-    .await;
+    let group_id = counted_group(&cluster).await;
     let lines_of = |text: &str, w: &str| {
         text.lines()
             .filter_map(|l| l.strip_prefix(&format!("[{w}] ")))
@@ -596,5 +602,42 @@ async fn a_group_read_while_a_members_worker_is_down_waits_for_it_or_is_cut() {
         stderr(&out).contains("a group's output cannot be resumed"),
         "{}",
         stderr(&out)
+    );
+}
+
+/// A finished group read while a member's worker is paused (SIGSTOP):
+/// the read's call times out, the worker is then known unresponsive and
+/// not called again until it is heard from, and once it goes on the read
+/// gets every line of every member.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_read_waits_out_a_paused_members_worker() {
+    let mut cluster =
+        Cluster::start_tuned(&["w1", "w2"], crate::cluster::PAUSED_WORKER_TUNING).await;
+    let group_id = counted_group(&cluster).await;
+
+    cluster.worker("w2").signal(Signal::SIGSTOP);
+    let read = {
+        let mut command = cluster.ctl();
+        command.args(["logs", &group_id]);
+        command.output()
+    };
+    let (out, ()) = tokio::join!(read, async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        cluster.worker("w2").signal(Signal::SIGCONT);
+    });
+    let out = out.unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    for w in ["w1", "w2"] {
+        let got: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("[{w}] ")))
+            .collect();
+        assert_eq!(got, ["1", "2", "3", "done"], "{w}: {text}");
+    }
+    let log = cluster.scheduler.log();
+    assert!(
+        log.contains("worker did not answer; marked unresponsive"),
+        "{log}"
     );
 }

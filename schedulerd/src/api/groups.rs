@@ -22,7 +22,6 @@ use super::extract::{JsonBody, QueryParams};
 use super::idempotency::{self, IdempotencyKey};
 use super::jobs::{Seen, record_status, refresh, start_job, started_status, stop_job, worker_of};
 use super::{ApiError, AppState, FollowerSlot, with_deadline};
-use crate::registry::WorkerEntry;
 use crate::state::JobState;
 use crate::store::{GroupRow, JobRow, KeyRow};
 use crate::time::{now_ms, rfc3339};
@@ -561,6 +560,18 @@ const FIRST_PAUSE: Duration = Duration::from_millis(200);
 /// record again without being told.
 const RECHECK: Duration = Duration::from_secs(1);
 
+/// A member's output cut into lines as it comes.
+#[derive(Debug, Default)]
+struct Lines {
+    /// The line being completed.
+    pending: Vec<u8>,
+    /// Its offset in the job's output.
+    line_start: u64,
+    /// Bytes of the job's output taken so far: where a reopened stream
+    /// goes on.
+    pos: u64,
+}
+
 /// Why a member's stream did not open.
 enum Unopened {
     /// Its worker cannot be asked now: unresponsive, down, left (a
@@ -594,14 +605,15 @@ impl Member {
         // a while: it is asked again as a broken stream is, not dropped
         // from the group's output at the first refusal.
         let in_doubt = job.state == JobState::Unknown && job.started_at_ms == 0;
-        let opened = match self.open(&job).await {
+        let opened = match self.open(&job, 0).await {
             Ok(stream) => Some((stream, job)),
             Err(_) if in_doubt && self.follow => self.settle_and_open(job).await,
             // A started member's output is on its worker, which may be
             // restarting: it is asked again as a broken stream is (unless
             // its job was given up as lost). Left out, its lines would be
             // missing from an output that ends cleanly.
-            Err(Unopened::ForNow) if job.started_at_ms != 0 => match self.open_again(&job).await {
+            Err(Unopened::ForNow) if job.started_at_ms != 0 => match self.open_again(&job, 0).await
+            {
                 Ok(stream) => Some((stream, job)),
                 Err(Unopened::Answered) => None,
                 Err(Unopened::ForNow | Unopened::OutOfReach) => return self.lost(&job).await,
@@ -630,7 +642,7 @@ impl Member {
             if job.state.is_terminal() && job.started_at_ms == 0 {
                 return None;
             }
-            if let Ok(stream) = self.open(&job).await {
+            if let Ok(stream) = self.open(&job, 0).await {
                 return Some((stream, job));
             }
         }
@@ -638,9 +650,13 @@ impl Member {
         None
     }
 
-    /// The member's stream from its start, if its worker can be asked now;
+    /// The member's stream from `offset`, if its worker can be asked now;
     /// its lines are then that worker's.
-    async fn open(&mut self, job: &JobRow) -> Result<crate::output_stream::Output, Unopened> {
+    async fn open(
+        &mut self,
+        job: &JobRow,
+        offset: u64,
+    ) -> Result<crate::output_stream::Output, Unopened> {
         let worker = match worker_of(&self.state, job).await {
             Ok(worker) => worker,
             Err(error) => {
@@ -657,7 +673,15 @@ impl Member {
             }
         };
         self.worker = worker.row().name;
-        match self.open_on(&worker, job, 0).await {
+        // Followed if the reader follows: a reader of what there is now
+        // gets the rest of it, not a follow until the job ends.
+        let request = StreamJobRequest {
+            job_id: job.job_id.clone(),
+            offset,
+            follow: Some(self.follow),
+        };
+        let opening = crate::output_stream::open(worker.channel(), request);
+        match with_deadline(self.state.call_timeout, opening).await {
             Ok(stream) => Ok(stream),
             Err(status) => {
                 tracing::info!(job_id = %job.job_id, %status, "group member's output unavailable");
@@ -674,16 +698,21 @@ impl Member {
         }
     }
 
-    /// A started member's stream asked for again with backoff while its
-    /// worker cannot be asked now; each try asks the registry first, so a
-    /// worker known unresponsive or down costs no call. `Answered` also
-    /// when the reader left.
-    async fn open_again(&mut self, job: &JobRow) -> Result<crate::output_stream::Output, Unopened> {
+    /// A started member's stream from `offset`, asked for again with
+    /// backoff while its worker cannot be asked now (a restarting worker
+    /// serves its logs again within seconds); each try asks the registry
+    /// first, so a worker known unresponsive or down costs no call.
+    /// `Answered` also when the reader left.
+    async fn open_again(
+        &mut self,
+        job: &JobRow,
+        offset: u64,
+    ) -> Result<crate::output_stream::Output, Unopened> {
         for pause in pauses() {
             if !self.pause(pause).await {
                 return Err(Unopened::Answered);
             }
-            match self.open(job).await {
+            match self.open(job, offset).await {
                 Err(Unopened::ForNow) => {}
                 other => return other,
             }
@@ -705,24 +734,6 @@ impl Member {
         } else {
             self.missing.note(why);
         }
-    }
-
-    /// The member's stream on `worker` from `offset`, followed if the
-    /// reader follows (a reader of what there is now gets the rest of it,
-    /// not a follow until the job ends).
-    async fn open_on(
-        &self,
-        worker: &WorkerEntry,
-        job: &JobRow,
-        offset: u64,
-    ) -> Result<crate::output_stream::Output, tonic::Status> {
-        let request = StreamJobRequest {
-            job_id: job.job_id.clone(),
-            offset,
-            follow: Some(self.follow),
-        };
-        let opening = crate::output_stream::open(worker.channel(), request);
-        with_deadline(self.state.call_timeout, opening).await
     }
 
     /// Waits `pause`; false if the reader left first.
@@ -774,10 +785,8 @@ impl Member {
         }
     }
 
-    async fn forward(self, mut stream: crate::output_stream::Output, job: JobRow) {
-        let mut pending: Vec<u8> = Vec::new();
-        let mut line_start = 0u64;
-        let mut pos = 0u64;
+    async fn forward(mut self, mut stream: crate::output_stream::Output, job: JobRow) {
+        let mut lines = Lines::default();
         let mut finished = false;
         loop {
             let next = tokio::select! {
@@ -794,13 +803,13 @@ impl Member {
                 // stopped, so no line is lost or repeated.
                 ended => {
                     let why = ended.err().map(|s| s.to_string()).unwrap_or_default();
-                    tracing::info!(job_id = %job.job_id, error = %why, offset = pos, "group member's stream broke; reopening");
-                    match self.reopen(&job, pos).await {
-                        Some(reopened) => {
+                    tracing::info!(job_id = %job.job_id, error = %why, offset = lines.pos, "group member's stream broke; reopening");
+                    match self.open_again(&job, lines.pos).await {
+                        Ok(reopened) => {
                             stream = reopened;
                             continue;
                         }
-                        None => return self.lost(&job).await,
+                        Err(_) => return self.lost(&job).await,
                     }
                 }
             };
@@ -808,39 +817,8 @@ impl Member {
             // Chunk by chunk is as one: a line spans chunks as it spans
             // messages.
             for chunk in &msg.output {
-                let mut rest = &chunk[..];
-                while !rest.is_empty() {
-                    // A line of up to MAX_LINE bytes goes out whole; a job that
-                    // writes no newlines must not grow `pending` without bound,
-                    // so a longer run goes out in pieces of exactly MAX_LINE
-                    // bytes. Where the pieces fall never depends on how the
-                    // worker chunked the output.
-                    let room = MAX_LINE - pending.len();
-                    let window = &rest[..rest.len().min(room + 1)];
-                    if let Some(nl) = window.iter().position(|b| *b == b'\n') {
-                        pending.extend_from_slice(&rest[..nl]);
-                        if !self.emit(&pending, line_start, &job.job_id).await {
-                            return;
-                        }
-                        pos += nl as u64 + 1;
-                        line_start = pos;
-                        pending.clear();
-                        rest = &rest[nl + 1..];
-                        continue;
-                    }
-                    let take = rest.len().min(room);
-                    pending.extend_from_slice(&rest[..take]);
-                    pos += take as u64;
-                    rest = &rest[take..];
-                    // A full piece waits for the next byte: a newline there
-                    // makes it a whole line of exactly MAX_LINE bytes.
-                    if pending.len() >= MAX_LINE && !rest.is_empty() {
-                        if !self.emit(&pending, line_start, &job.job_id).await {
-                            return;
-                        }
-                        line_start = pos;
-                        pending.clear();
-                    }
+                if !self.pass_on(&mut lines, chunk, &job.job_id).await {
+                    return;
                 }
             }
             if let Some(status) = &msg.final_status {
@@ -851,25 +829,50 @@ impl Member {
         }
         // The partial last line of an ended job is completed; that of a
         // job still running (without follow) is not a line yet.
-        if finished && !pending.is_empty() {
-            self.emit(&pending, line_start, &job.job_id).await;
+        if finished && !lines.pending.is_empty() {
+            self.emit(&lines.pending, lines.line_start, &job.job_id)
+                .await;
         }
     }
 
-    /// Reopens the member's stream at `offset`, with backoff; `None` once
-    /// the worker stays unreachable.
-    async fn reopen(&self, job: &JobRow, offset: u64) -> Option<crate::output_stream::Output> {
-        for pause in pauses() {
-            if !self.pause(pause).await {
-                return None;
+    /// Splits `chunk` into lines with what came before it and passes on
+    /// the lines it completes; false once the reader left.
+    async fn pass_on(&self, lines: &mut Lines, chunk: &[u8], job_id: &str) -> bool {
+        let mut rest = chunk;
+        while !rest.is_empty() {
+            // A line of up to MAX_LINE bytes goes out whole; a job that
+            // writes no newlines must not grow `pending` without bound,
+            // so a longer run goes out in pieces of exactly MAX_LINE
+            // bytes. Where the pieces fall never depends on how the
+            // worker chunked the output.
+            let room = MAX_LINE - lines.pending.len();
+            let window = &rest[..rest.len().min(room + 1)];
+            if let Some(nl) = window.iter().position(|b| *b == b'\n') {
+                lines.pending.extend_from_slice(&rest[..nl]);
+                if !self.emit(&lines.pending, lines.line_start, job_id).await {
+                    return false;
+                }
+                lines.pos += nl as u64 + 1;
+                lines.line_start = lines.pos;
+                lines.pending.clear();
+                rest = &rest[nl + 1..];
+                continue;
             }
-            let worker = self.state.registry.get(&job.worker_id)?;
-            if let Ok(stream) = self.open_on(&worker, job, offset).await {
-                return Some(stream);
+            let take = rest.len().min(room);
+            lines.pending.extend_from_slice(&rest[..take]);
+            lines.pos += take as u64;
+            rest = &rest[take..];
+            // A full piece waits for the next byte: a newline there
+            // makes it a whole line of exactly MAX_LINE bytes.
+            if lines.pending.len() >= MAX_LINE && !rest.is_empty() {
+                if !self.emit(&lines.pending, lines.line_start, job_id).await {
+                    return false;
+                }
+                lines.line_start = lines.pos;
+                lines.pending.clear();
             }
         }
-        tracing::warn!(job_id = %job.job_id, "gave up on a group member's output stream");
-        None
+        true
     }
 
     /// Sends one line (without its newline). False once the reader is gone.
