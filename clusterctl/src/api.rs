@@ -15,9 +15,9 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use jobcluster_proto::http::{
-    ErrorBody, GroupInfo, GroupList, GroupLogsQuery, GroupStarted, JOB_TRAILER, JobFilter, JobInfo,
-    JobList, JobStarted, LogsQuery, StartGroup, StartJob, StopResult, Success, WorkerInfo,
-    WorkerList,
+    ErrorBody, GROUP_TRAILER, GroupInfo, GroupList, GroupLogsQuery, GroupStarted, JOB_TRAILER,
+    JobFilter, JobInfo, JobList, JobStarted, LogsQuery, StartGroup, StartJob, StopResult, Success,
+    WorkerInfo, WorkerList,
 };
 use reqwest::header::{AUTHORIZATION, HeaderValue};
 use reqwest::{RequestBuilder, Response, StatusCode, Url};
@@ -43,6 +43,21 @@ pub(crate) enum LogFrame {
     /// The job's final record, from the [`JOB_TRAILER`] that ends a stream
     /// at the job's end.
     End(Box<JobInfo>),
+}
+
+/// A piece of a group's merged output (`GET /v1/groups/{id}/logs`).
+#[derive(Debug)]
+pub(crate) enum GroupFrame {
+    Data(Bytes),
+    /// The group's record, from the [`GROUP_TRAILER`] that ends an output
+    /// once every member's end is recorded.
+    End(Box<GroupInfo>),
+}
+
+/// A piece of a stream that may end with a record in a trailer.
+enum Trailed<T> {
+    Data(Bytes),
+    End(T),
 }
 
 /// A failed API call. Its `Display` is the complete message for the user.
@@ -508,24 +523,12 @@ impl Api {
             .header(reqwest::header::TE, "trailers")
             .query(query);
         let resp = self.send(req).await?;
-        let broke = self.broke_off();
-        let frames = http_body_util::BodyStream::new(reqwest::Body::from(resp));
-        Ok(frames
-            .filter_map(move |frame| {
-                futures_util::future::ready(match frame {
-                    Ok(frame) => match frame.into_data() {
-                        Ok(data) => Some(Ok(LogFrame::Data(data))),
-                        // A trailer that does not parse is as good as none:
-                        // the follower asks for the record instead.
-                        Err(frame) => frame
-                            .into_trailers()
-                            .ok()
-                            .and_then(|trailers| {
-                                serde_json::from_slice(trailers.get(JOB_TRAILER)?.as_bytes()).ok()
-                            })
-                            .map(|job| Ok(LogFrame::End(Box::new(job)))),
-                    },
-                    Err(e) => Some(Err(broke(e))),
+        Ok(self
+            .trailed_stream(resp, JOB_TRAILER)
+            .map(|frame| {
+                frame.map(|frame| match frame {
+                    Trailed::Data(data) => LogFrame::Data(data),
+                    Trailed::End(job) => LogFrame::End(Box::new(job)),
                 })
             })
             .boxed())
@@ -568,26 +571,59 @@ impl Api {
     }
 
     /// `GET /v1/groups/{id}/logs`: every job's lines, prefixed with the
-    /// worker's name, as they arrive. A stream error means the body was cut
-    /// short; group output has no offsets to resume from.
+    /// worker's name, as they arrive, then the group's record if every
+    /// member's end was recorded (its `x-group` trailer). A stream error
+    /// means the body was cut short; group output has no offsets to resume
+    /// from.
     pub(crate) async fn group_logs(
         &self,
         group: &str,
         query: &GroupLogsQuery,
-    ) -> Result<BoxStream<'static, Result<Bytes, ApiError>>, ApiError> {
+    ) -> Result<BoxStream<'static, Result<GroupFrame, ApiError>>, ApiError> {
         let req = self
             .client
             .get(self.url(&["v1", "groups", group, "logs"]))
+            // HTTP/1.1 sends the trailer only to a client that asks.
+            .header(reqwest::header::TE, "trailers")
             .query(query);
         let resp = self.send(req).await?;
-        Ok(self.body_stream(resp))
+        Ok(self
+            .trailed_stream(resp, GROUP_TRAILER)
+            .map(|frame| {
+                frame.map(|frame| match frame {
+                    Trailed::Data(data) => GroupFrame::Data(data),
+                    Trailed::End(group) => GroupFrame::End(Box::new(group)),
+                })
+            })
+            .boxed())
     }
 
-    /// A streamed body whose errors are [`ApiError::Transport`].
-    fn body_stream(&self, resp: Response) -> BoxStream<'static, Result<Bytes, ApiError>> {
+    /// A streamed body's data, then the record in its trailer `name` if it
+    /// parses; errors are [`ApiError::Transport`]. A trailer that does not
+    /// parse is as good as none: the follower asks for the record instead.
+    fn trailed_stream<T: DeserializeOwned + Send + 'static>(
+        &self,
+        resp: Response,
+        name: &'static str,
+    ) -> BoxStream<'static, Result<Trailed<T>, ApiError>> {
         let broke = self.broke_off();
-        resp.bytes_stream()
-            .map(move |item| item.map_err(&broke))
+        let frames = http_body_util::BodyStream::new(reqwest::Body::from(resp));
+        frames
+            .filter_map(move |frame| {
+                futures_util::future::ready(match frame {
+                    Ok(frame) => match frame.into_data() {
+                        Ok(data) => Some(Ok(Trailed::Data(data))),
+                        Err(frame) => frame
+                            .into_trailers()
+                            .ok()
+                            .and_then(|trailers| {
+                                serde_json::from_slice(trailers.get(name)?.as_bytes()).ok()
+                            })
+                            .map(|record| Ok(Trailed::End(record))),
+                    },
+                    Err(e) => Some(Err(broke(e))),
+                })
+            })
             .boxed()
     }
 

@@ -492,11 +492,11 @@ async fn logs(api: &Api, id: &str, offset: u64, follow: bool) -> anyhow::Result<
              offsets)"
         );
     }
-    group_output_to_stdout(api, &group.group_id, follow).await?;
+    let ended = group_output_to_stdout(api, &group.group_id, follow).await?;
     if !follow {
         return Ok(ExitCode::SUCCESS);
     }
-    group_finished(api, &group.group_id, 0).await
+    group_finished(api, &group.group_id, 0, ended).await
 }
 
 /// After `404 job_not_found` for an id, the answer of the group route for
@@ -616,11 +616,16 @@ async fn run_group(
         on.join(", ")
     );
     warn_failures(&started.failed, &names);
-    group_output_to_stdout(api, &started.group_id, true).await?;
-    group_finished(api, &started.group_id, started.failed.len()).await
+    let ended = group_output_to_stdout(api, &started.group_id, true).await?;
+    group_finished(api, &started.group_id, started.failed.len(), ended).await
 }
 
-async fn group_output_to_stdout(api: &Api, group_id: &str, follow: bool) -> anyhow::Result<()> {
+/// The group's record if its output ended with it.
+async fn group_output_to_stdout(
+    api: &Api,
+    group_id: &str,
+    follow: bool,
+) -> anyhow::Result<Option<GroupInfo>> {
     let body = api
         .group_logs(
             group_id,
@@ -634,16 +639,22 @@ async fn group_output_to_stdout(api: &Api, group_id: &str, follow: bool) -> anyh
     follow::copy_group_output(body, group_id, &mut stdout).await
 }
 
-/// After a followed group's output ended: its record, a line on stderr per
-/// job that did not succeed, and the exit code of [`follow::group_exit_code`].
+/// After a followed group's output ended: its record (from the output's
+/// trailer, else asked for), a line on stderr per job that did not
+/// succeed, and the exit code of [`follow::group_exit_code`].
 async fn group_finished(
     api: &Api,
     group_id: &str,
     start_failures: usize,
+    ended: Option<GroupInfo>,
 ) -> anyhow::Result<ExitCode> {
-    // The output ends when the last job ends; the record may say so a
-    // moment later.
-    let mut group = api.group(group_id).await?.parsed;
+    let mut group = match ended {
+        Some(group) if group.done => group,
+        _ => api.group(group_id).await?.parsed,
+    };
+    // Without the trailer (an older scheduler, a record past its bound),
+    // the record may say the group is done a moment after its output
+    // ended.
     for _ in 0..10 {
         if group.done {
             break;

@@ -9,13 +9,12 @@
 use std::io::Write;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use jobcluster_proto::http::{GroupInfo, JobInfo, LogsQuery};
 use tokio::time::Instant;
 
-use crate::api::{Api, ApiError, LogFrame};
+use crate::api::{Api, ApiError, GroupFrame, LogFrame};
 
 /// Where output comes from: the scheduler, or a fake in tests.
 pub(crate) trait LogSource {
@@ -312,25 +311,28 @@ pub(crate) fn exit_code_of(job: &JobInfo) -> u8 {
 }
 
 /// Writes a group's merged output (`GET /v1/groups/{id}/logs`) to `out`,
-/// flushing each chunk as it arrives. Group output has no offsets, so a
-/// broken stream is not resumed: it is an error that says so.
+/// flushing each chunk as it arrives; the group's record if the output
+/// ended with it. Group output has no offsets, so a broken stream is not
+/// resumed: it is an error that says so.
 pub(crate) async fn copy_group_output(
-    mut body: BoxStream<'static, Result<Bytes, ApiError>>,
+    mut body: BoxStream<'static, Result<GroupFrame, ApiError>>,
     group_id: &str,
     out: &mut impl Write,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<GroupInfo>> {
+    let mut end = None;
     while let Some(item) = body.next().await {
         match item {
-            Ok(chunk) => {
+            Ok(GroupFrame::Data(chunk)) => {
                 out.write_all(&chunk)?;
                 out.flush()?;
             }
+            Ok(GroupFrame::End(group)) => end = Some(*group),
             Err(e) => anyhow::bail!(
                 "{e}; a group's output cannot be resumed (see: clusterctl status {group_id})"
             ),
         }
     }
-    Ok(())
+    Ok(end)
 }
 
 /// The exit code `run --all` and `logs -f GROUP` end with: 0 only if every
@@ -371,6 +373,7 @@ mod tests {
     use std::collections::VecDeque;
 
     use super::*;
+    use bytes::Bytes;
 
     fn job(state: &str, exit_code: Option<i32>, signal: Option<i32>) -> JobInfo {
         JobInfo {
@@ -458,20 +461,34 @@ mod tests {
 
     #[test]
     fn group_output_is_copied_and_a_break_is_an_error() {
-        let chunks: Vec<Result<Bytes, ApiError>> = vec![
-            Ok(Bytes::from_static(b"[w1] a\n")),
-            Ok(Bytes::from_static(b"[w2] b\n")),
-        ];
+        let data = |line: &'static [u8]| Ok(GroupFrame::Data(Bytes::from_static(line)));
+        let chunks: Vec<Result<GroupFrame, ApiError>> = vec![data(b"[w1] a\n"), data(b"[w2] b\n")];
         let mut out = Vec::new();
-        rt().block_on(copy_group_output(
-            futures_util::stream::iter(chunks).boxed(),
-            "g1",
-            &mut out,
-        ))
-        .unwrap();
+        let ended = rt()
+            .block_on(copy_group_output(
+                futures_util::stream::iter(chunks).boxed(),
+                "g1",
+                &mut out,
+            ))
+            .unwrap();
         assert_eq!(out, b"[w1] a\n[w2] b\n");
+        assert!(ended.is_none());
 
-        let chunks = vec![Ok(Bytes::from_static(b"[w1] a\n")), Err(dropped())];
+        // The record in the trailer is the group's outcome.
+        let record = group(vec![job("succeeded", Some(0), None)]);
+        let chunks = vec![data(b"[w1] a\n"), Ok(GroupFrame::End(Box::new(record)))];
+        let mut out = Vec::new();
+        let ended = rt()
+            .block_on(copy_group_output(
+                futures_util::stream::iter(chunks).boxed(),
+                "g1",
+                &mut out,
+            ))
+            .unwrap();
+        assert_eq!(out, b"[w1] a\n");
+        assert_eq!(ended.map(|g| g.jobs.len()), Some(1));
+
+        let chunks = vec![data(b"[w1] a\n"), Err(dropped())];
         let mut out = Vec::new();
         let err = rt()
             .block_on(copy_group_output(

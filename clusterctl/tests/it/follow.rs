@@ -418,6 +418,127 @@ async fn an_output_stream_ends_with_the_jobs_record_and_run_asks_nothing_more() 
     assert!(trailers.is_none(), "{trailers:?}");
 }
 
+/// A group's merged output that ends once every member's end is recorded
+/// ends with the group's record as the trailer `x-group` (over HTTP/2, and
+/// over HTTP/1.1 when asked for), as a job's stream ends with `x-job`:
+/// `run --all` takes the group's outcome from it and asks for nothing more.
+/// An output that ends while a member still runs (read without following)
+/// has no trailer.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_output_ends_with_the_groups_record_and_run_all_asks_nothing_more() {
+    use crate::metrics::{scrape_with, value};
+    let cluster = Cluster::start_with(&["w1", "w2"], &crate::security::auth_config(), "").await;
+    let metrics = format!("{}/metrics", cluster.url());
+    let asked = |route: &'static str| {
+        move |scrape: &crate::metrics::Scrape| {
+            value(
+                scrape,
+                "schedulerd_http_requests_total",
+                &[("route", route), ("method", "GET"), ("status", "200")],
+            )
+        }
+    };
+    let (records, streams) = (asked("/v1/groups/{id}"), asked("/v1/groups/{id}/logs"));
+
+    let before = scrape_with(&cluster.http(), &metrics).await;
+    let ok = cluster
+        .ctl_output(&["run", "--all", "count.sh", "--", "2", "0"])
+        .await;
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    let text = stdout(&ok);
+    for w in ["w1", "w2"] {
+        let lines: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("[{w}] ")))
+            .collect();
+        assert_eq!(lines, ["1", "2", "done"], "{w}:\n{text}");
+    }
+    let failed = cluster
+        .ctl_output(&["run", "--all", "fail.sh", "--", "7"])
+        .await;
+    assert_eq!(failed.status.code(), Some(7), "{}", stderr(&failed));
+    for w in ["w1", "w2"] {
+        assert!(
+            stderr(&failed).contains(&format!("clusterctl: {w}: job ")),
+            "{}",
+            stderr(&failed)
+        );
+    }
+    let after = scrape_with(&cluster.http(), &metrics).await;
+    assert_eq!(streams(&after) - streams(&before), 2.0);
+    assert_eq!(records(&after) - records(&before), 0.0);
+
+    // What the trailer says, over each protocol, against the record: the
+    // first read follows the group to its end, the others read it back.
+    let (status, started) = cluster
+        .post_json(
+            "/v1/groups",
+            &json!({"all": true, "path": "fail.sh", "args": ["5"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{started}");
+    let group_id = started["group_id"].as_str().unwrap().to_owned();
+    let url = format!("{}/v1/groups/{group_id}/logs?follow=true", cluster.url());
+    let mut trailed = Vec::new();
+    for (client, te) in [
+        (cluster.http_version(true), false),
+        (cluster.http_version(false), true),
+        (cluster.http_version(false), false),
+    ] {
+        let mut request = client.get(&url);
+        if te {
+            request = request.header("te", "trailers");
+        }
+        let reply = request.send().await.unwrap();
+        assert_eq!(reply.status(), StatusCode::OK);
+        assert_eq!(reply.headers()["trailer"], "x-group");
+        let version = reply.version();
+        let (bytes, trailers) = read_stream(reply).await;
+        let text = String::from_utf8(bytes).unwrap();
+        for w in ["w1", "w2"] {
+            assert!(text.contains(&format!("[{w}] about to fail\n")), "{text}");
+        }
+        trailed.push((version, te, trailers));
+    }
+    let mut record: Value = cluster.get_json(&format!("/v1/groups/{group_id}")).await;
+    record.as_object_mut().unwrap().remove("args");
+    assert_eq!(
+        (record["state"].as_str(), record["done"].as_bool()),
+        (Some("failed"), Some(true))
+    );
+    assert_eq!(record["jobs"][0]["exit_code"], 5);
+    for (version, te, trailers) in trailed {
+        if version == reqwest::Version::HTTP_11 && !te {
+            assert!(trailers.is_none(), "{trailers:?}");
+            continue;
+        }
+        let trailers = trailers.unwrap_or_else(|| panic!("no trailers over {version:?}"));
+        let group: Value = serde_json::from_slice(trailers["x-group"].as_bytes()).unwrap();
+        assert_eq!(group, record, "over {version:?}");
+    }
+
+    // Read without following while its members run: no record to give.
+    let (status, started) = cluster
+        .post_json(
+            "/v1/groups",
+            &json!({"all": true, "path": "count.sh", "args": ["600", "0.1"]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{started}");
+    let group_id = started["group_id"].as_str().unwrap().to_owned();
+    let reply = cluster
+        .http()
+        .get(format!("{}/v1/groups/{group_id}/logs", cluster.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), StatusCode::OK);
+    let (_, trailers) = read_stream(reply).await;
+    assert!(trailers.is_none(), "{trailers:?}");
+    let out = cluster.ctl_output(&["stop", &group_id]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
 /// A record longer than the trailer's bound (4 KiB: here a path of nearly
 /// 4,000 bytes) is left out of the stream's end; `run` then asks for it,
 /// once, and exits with the job's code all the same.

@@ -6,13 +6,14 @@ use std::time::Duration;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use bytes::Bytes;
+use http_body::Frame;
 use jobcluster_proto::http::{
-    GroupFailure, GroupInfo, GroupList, GroupLogLine, GroupLogsQuery, GroupStarted, JobStarted,
-    StartGroup, StartJob, StopResult, limits,
+    GROUP_TRAILER, GROUP_TRAILER_MAX, GroupFailure, GroupInfo, GroupList, GroupLogLine,
+    GroupLogsQuery, GroupStarted, JobStarted, StartGroup, StartJob, StopResult, limits,
 };
 use jobcluster_proto::pb::StreamJobRequest;
 use tokio::sync::mpsc;
@@ -20,7 +21,9 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::extract::{JsonBody, QueryParams};
 use super::idempotency::{self, IdempotencyKey};
-use super::jobs::{Seen, record_status, refresh, start_job, started_status, stop_job, worker_of};
+use super::jobs::{
+    Seen, json_trailer, record_status, refresh, start_job, started_status, stop_job, worker_of,
+};
 use super::{ApiError, AppState, FollowerSlot, with_deadline};
 use crate::state::JobState;
 use crate::store::{GroupRow, JobRow, KeyRow};
@@ -437,10 +440,10 @@ async fn stop_settled(state: &AppState, mut job: JobRow) -> Result<StopResult, A
     tag = "groups",
     params(("id" = uuid::Uuid, Path, description = "The group id."), GroupLogsQuery),
     responses(
-        (status = 200, description = "Every member's output merged line by line as lines complete (chunked): `[worker] line` (text), or one GroupLogLine a line (`format=ndjson`).", content(
+        (status = 200, description = "Every member's output merged line by line as lines complete (chunked): `[worker] line` (text), or one GroupLogLine a line (`format=ndjson`). An output that ends whole once every member's end is recorded ends with the trailer `x-group`: the group as JSON (as `GET /v1/groups/{id}` answers it, without `args`; left out while a member is unsettled or past 12 KiB; over HTTP/1.1 only with `TE: trailers`).", content(
             (String = "text/plain"),
             (GroupLogLine = "application/x-ndjson"),
-        )),
+        ), headers(("Trailer" = String, description = "`x-group`: the trailer that may end the output."))),
         (status = 400, description = "`invalid_group_id`, `invalid_query` (an unknown or malformed parameter, a format other than text or ndjson).", body = jobcluster_proto::http::ErrorBody),
         (status = 404, description = "`group_not_found`.", body = jobcluster_proto::http::ErrorBody),
         (status = 429, description = "`too_many_followers`: a member has as many open output streams as allowed.", body = jobcluster_proto::http::ErrorBody),
@@ -496,16 +499,58 @@ pub(crate) async fn logs(
         "text/plain; charset=utf-8"
     };
     // Once every member is done: cut short if a member's output could not
-    // be read whole, after everything the others had.
+    // be read whole, after everything the others had; else the group's
+    // record, if it is settled.
     use futures_util::StreamExt as _;
-    let end = futures_util::stream::once(async move { missing.take() }).filter_map(|missing| {
-        std::future::ready(missing.map(|why| Err(std::io::Error::other(why))))
-    });
-    Ok((
+    let store = state.store.clone();
+    let end = futures_util::stream::once(async move {
+        match missing.take() {
+            Some(why) => Some(Err(std::io::Error::other(why))),
+            None => end_trailer(&store, &id)
+                .await
+                .map(|end| Ok(Frame::trailers(end))),
+        }
+    })
+    .filter_map(std::future::ready);
+    let lines = ReceiverStream::new(rx).map(|line| line.map(Frame::data));
+    let mut response = (
         [(header::CONTENT_TYPE, content_type)],
-        Body::from_stream(ReceiverStream::new(rx).chain(end)),
+        Body::new(http_body_util::StreamBody::new(lines.chain(end))),
     )
-        .into_response())
+        .into_response();
+    // HTTP/1.1 sends only the trailers announced (to a client that
+    // accepts them); HTTP/2 always sends them.
+    response
+        .headers_mut()
+        .insert(header::TRAILER, HeaderValue::from_static(GROUP_TRAILER));
+    Ok(response)
+}
+
+/// The [`GROUP_TRAILER`] of a merged output that ended whole: the group as
+/// `GET /v1/groups/{id}` answers it (without `args`) once every member's
+/// end is recorded, which each member's stream did before it ended; none
+/// while a member is unsettled (queued and skipped, its start in doubt).
+async fn end_trailer(store: &crate::store::SharedStore, id: &str) -> Option<HeaderMap> {
+    let (group, jobs) = match store.group(id).await {
+        Ok(found) => found?,
+        Err(error) => {
+            tracing::warn!(group_id = %id, %error, "could not read the group for its output's trailer");
+            return None;
+        }
+    };
+    if !jobs.iter().all(|job| job.state.is_terminal()) {
+        return None;
+    }
+    // A settled job's record is all there is: no worker is asked.
+    let seen: Vec<Seen> = jobs
+        .into_iter()
+        .map(|row| Seen { row, stale: false })
+        .collect();
+    json_trailer(
+        GROUP_TRAILER,
+        &group_info(group, &seen, false),
+        GROUP_TRAILER_MAX,
+    )
 }
 
 type Chunk = Result<Bytes, std::io::Error>;

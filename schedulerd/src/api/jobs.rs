@@ -1698,12 +1698,22 @@ fn end_trailer(seen: &Seen) -> Option<HeaderMap> {
     if seen.stale || !seen.row.state.is_terminal() {
         return None;
     }
-    let json = serde_json::to_vec(&job_summary(&seen.row, false)).ok()?;
-    if json.len() > JOB_TRAILER_MAX {
+    json_trailer(JOB_TRAILER, &job_summary(&seen.row, false), JOB_TRAILER_MAX)
+}
+
+/// One trailer whose value is `value` as JSON; none past `max` bytes (the
+/// client then asks for the record instead).
+pub(crate) fn json_trailer(
+    name: &'static str,
+    value: &impl serde::Serialize,
+    max: usize,
+) -> Option<HeaderMap> {
+    let json = serde_json::to_vec(value).ok()?;
+    if json.len() > max {
         return None;
     }
     let value = HeaderValue::from_bytes(&json).ok()?;
     let mut trailers = HeaderMap::with_capacity(1);
-    trailers.insert(JOB_TRAILER, value);
+    trailers.insert(name, value);
     Some(trailers)
 }
