@@ -36,29 +36,22 @@ pub(crate) struct ConnectOptions {
     pub(crate) token: Option<String>,
 }
 
-/// A piece of a job's output stream (`GET /v1/jobs/{id}/logs`).
+/// A piece of an output stream that may end with a record in a trailer.
 #[derive(Debug)]
-pub(crate) enum LogFrame {
+pub(crate) enum Trailed<T> {
     Data(Bytes),
-    /// The job's final record, from the [`JOB_TRAILER`] that ends a stream
-    /// at the job's end.
-    End(Box<JobInfo>),
+    /// The record the stream ended with.
+    End(Box<T>),
 }
 
-/// A piece of a group's merged output (`GET /v1/groups/{id}/logs`).
-#[derive(Debug)]
-pub(crate) enum GroupFrame {
-    Data(Bytes),
-    /// The group's record, from the [`GROUP_TRAILER`] that ends an output
-    /// once every member's end is recorded.
-    End(Box<GroupInfo>),
-}
+/// A piece of a job's output stream (`GET /v1/jobs/{id}/logs`); it ends
+/// with the job's final record (the [`JOB_TRAILER`]) at the job's end.
+pub(crate) type LogFrame = Trailed<JobInfo>;
 
-/// A piece of a stream that may end with a record in a trailer.
-enum Trailed<T> {
-    Data(Bytes),
-    End(T),
-}
+/// A piece of a group's merged output (`GET /v1/groups/{id}/logs`); a
+/// followed one ends with the group's record (the [`GROUP_TRAILER`]) once
+/// every member is settled.
+pub(crate) type GroupFrame = Trailed<GroupInfo>;
 
 /// A failed API call. Its `Display` is the complete message for the user.
 #[derive(Debug, thiserror::Error)]
@@ -523,15 +516,7 @@ impl Api {
             .header(reqwest::header::TE, "trailers")
             .query(query);
         let resp = self.send(req).await?;
-        Ok(self
-            .trailed_stream(resp, JOB_TRAILER)
-            .map(|frame| {
-                frame.map(|frame| match frame {
-                    Trailed::Data(data) => LogFrame::Data(data),
-                    Trailed::End(job) => LogFrame::End(Box::new(job)),
-                })
-            })
-            .boxed())
+        Ok(self.trailed_stream(resp, JOB_TRAILER))
     }
 
     /// `POST /v1/groups`, with an `Idempotency-Key` if given.
@@ -587,15 +572,7 @@ impl Api {
             .header(reqwest::header::TE, "trailers")
             .query(query);
         let resp = self.send(req).await?;
-        Ok(self
-            .trailed_stream(resp, GROUP_TRAILER)
-            .map(|frame| {
-                frame.map(|frame| match frame {
-                    Trailed::Data(data) => GroupFrame::Data(data),
-                    Trailed::End(group) => GroupFrame::End(Box::new(group)),
-                })
-            })
-            .boxed())
+        Ok(self.trailed_stream(resp, GROUP_TRAILER))
     }
 
     /// A streamed body's data, then the record in its trailer `name` if it
@@ -619,7 +596,7 @@ impl Api {
                             .and_then(|trailers| {
                                 serde_json::from_slice(trailers.get(name)?.as_bytes()).ok()
                             })
-                            .map(|record| Ok(Trailed::End(record))),
+                            .map(|record| Ok(Trailed::End(Box::new(record)))),
                     },
                     Err(e) => Some(Err(broke(e))),
                 })

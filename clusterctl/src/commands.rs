@@ -648,13 +648,13 @@ async fn group_finished(
     start_failures: usize,
     ended: Option<GroupInfo>,
 ) -> anyhow::Result<ExitCode> {
+    // Without the trailer (an older scheduler, a record past its bound, a
+    // store that failed, a proxy that drops trailers), the record is asked
+    // for, and may say the group is done a moment after its output ended.
     let mut group = match ended {
         Some(group) if group.done => group,
         _ => api.group(group_id).await?.parsed,
     };
-    // Without the trailer (an older scheduler, a record past its bound),
-    // the record may say the group is done a moment after its output
-    // ended.
     for _ in 0..10 {
         if group.done {
             break;

@@ -264,16 +264,17 @@ pub const JOB_TRAILER: &str = "x-job";
 /// limits of HTTP clients (hyper's 16 KiB in all, curl's 100 KiB).
 pub const JOB_TRAILER_MAX: usize = 4096;
 
-/// The trailer that ends a group's merged output (`GET
-/// /v1/groups/{id}/logs`) once every member's end is recorded: the group
-/// as `GET /v1/groups/{id}` answers it but without `args`, so that a
-/// follower learns the outcome without asking again. Left out while a
-/// member is not settled, when a member's output was cut, or when the
-/// record is longer than [`GROUP_TRAILER_MAX`]; a follower then asks.
+/// The trailer that ends a followed group's merged output (`GET
+/// /v1/groups/{id}/logs?follow=true`) once every member is settled: the
+/// group as `GET /v1/groups/{id}` answers it but without `args`, so that
+/// a follower learns the outcome without asking again. Left out when the
+/// output was cut, while a member is not settled, or when the record is
+/// longer than [`GROUP_TRAILER_MAX`]; a follower then asks.
 pub const GROUP_TRAILER: &str = "x-group";
 
-/// The [`GROUP_TRAILER`]'s value at most, in bytes: a group of a few
-/// dozen members; under hyper's 16 KiB of headers in all.
+/// The [`GROUP_TRAILER`]'s value at most, in bytes: about 25 members (a
+/// member's summary is about 460 bytes); under hyper's 16 KiB of headers
+/// in all.
 pub const GROUP_TRAILER_MAX: usize = 12 * 1024;
 
 /// Job states, as they appear in JSON.

@@ -6,7 +6,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use bytes::Bytes;
@@ -22,7 +22,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::extract::{JsonBody, QueryParams};
 use super::idempotency::{self, IdempotencyKey};
 use super::jobs::{
-    Seen, json_trailer, record_status, refresh, start_job, started_status, stop_job, worker_of,
+    Seen, announce_trailer, json_trailer, record_status, refresh, start_job, started_status,
+    stop_job, worker_of,
 };
 use super::{ApiError, AppState, FollowerSlot, with_deadline};
 use crate::state::JobState;
@@ -309,6 +310,16 @@ fn group_state<'a>(
     }
 }
 
+/// A group as its store rows say, without `args`: what a refresh gives
+/// for settled jobs, as no worker is asked.
+fn recorded_group_info(group: GroupRow, jobs: Vec<JobRow>) -> GroupInfo {
+    let jobs: Vec<Seen> = jobs
+        .into_iter()
+        .map(|row| Seen { row, stale: false })
+        .collect();
+    group_info(group, &jobs, false)
+}
+
 /// A group, with its `args` when `with_args` (one group shown) and never
 /// its jobs' (they are the group's).
 fn group_info(group: GroupRow, jobs: &[Seen], with_args: bool) -> GroupInfo {
@@ -366,11 +377,7 @@ pub(crate) async fn list(State(state): State<AppState>) -> Result<Json<GroupList
     let mut groups = Vec::new();
     for group in state.store.groups(LIST_LIMIT).await? {
         if let Some((group, jobs)) = state.store.group(&group.group_id).await? {
-            let jobs: Vec<Seen> = jobs
-                .into_iter()
-                .map(|row| Seen { row, stale: false })
-                .collect();
-            groups.push(group_info(group, &jobs, false));
+            groups.push(recorded_group_info(group, jobs));
         }
     }
     Ok(Json(GroupList { groups }))
@@ -440,10 +447,10 @@ async fn stop_settled(state: &AppState, mut job: JobRow) -> Result<StopResult, A
     tag = "groups",
     params(("id" = uuid::Uuid, Path, description = "The group id."), GroupLogsQuery),
     responses(
-        (status = 200, description = "Every member's output merged line by line as lines complete (chunked): `[worker] line` (text), or one GroupLogLine a line (`format=ndjson`). An output that ends whole once every member's end is recorded ends with the trailer `x-group`: the group as JSON (as `GET /v1/groups/{id}` answers it, without `args`; left out while a member is unsettled or past 12 KiB; over HTTP/1.1 only with `TE: trailers`).", content(
+        (status = 200, description = "Every member's output merged line by line as lines complete (chunked): `[worker] line` (text), or one GroupLogLine a line (`format=ndjson`). A followed output that ends whole ends with the trailer `x-group`: the group as JSON (as `GET /v1/groups/{id}` answers it, without `args`; left out while a member is unsettled or past 12 KiB; over HTTP/1.1 only with `TE: trailers`).", content(
             (String = "text/plain"),
             (GroupLogLine = "application/x-ndjson"),
-        ), headers(("Trailer" = String, description = "`x-group`: the trailer that may end the output."))),
+        ), headers(("Trailer" = String, description = "`x-group` (with `follow`): the trailer that may end the output."))),
         (status = 400, description = "`invalid_group_id`, `invalid_query` (an unknown or malformed parameter, a format other than text or ndjson).", body = jobcluster_proto::http::ErrorBody),
         (status = 404, description = "`group_not_found`.", body = jobcluster_proto::http::ErrorBody),
         (status = 429, description = "`too_many_followers`: a member has as many open output streams as allowed.", body = jobcluster_proto::http::ErrorBody),
@@ -499,16 +506,18 @@ pub(crate) async fn logs(
         "text/plain; charset=utf-8"
     };
     // Once every member is done: cut short if a member's output could not
-    // be read whole, after everything the others had; else the group's
-    // record, if it is settled.
+    // be read whole, after everything the others had; else, for a
+    // follower, the group's record.
     use futures_util::StreamExt as _;
     let store = state.store.clone();
+    let follow = q.follow;
     let end = futures_util::stream::once(async move {
         match missing.take() {
             Some(why) => Some(Err(std::io::Error::other(why))),
-            None => end_trailer(&store, &id)
+            None if follow => end_trailer(&store, &id)
                 .await
                 .map(|end| Ok(Frame::trailers(end))),
+            None => None,
         }
     })
     .filter_map(std::future::ready);
@@ -518,18 +527,18 @@ pub(crate) async fn logs(
         Body::new(http_body_util::StreamBody::new(lines.chain(end))),
     )
         .into_response();
-    // HTTP/1.1 sends only the trailers announced (to a client that
-    // accepts them); HTTP/2 always sends them.
-    response
-        .headers_mut()
-        .insert(header::TRAILER, HeaderValue::from_static(GROUP_TRAILER));
+    if follow {
+        announce_trailer(&mut response, GROUP_TRAILER);
+    }
     Ok(response)
 }
 
-/// The [`GROUP_TRAILER`] of a merged output that ended whole: the group as
-/// `GET /v1/groups/{id}` answers it (without `args`) once every member's
-/// end is recorded, which each member's stream did before it ended; none
-/// while a member is unsettled (queued and skipped, its start in doubt).
+/// The [`GROUP_TRAILER`] of a followed output that ended whole: the group
+/// as `GET /v1/groups/{id}` answers it (without `args`), once every member
+/// is settled. Only a follower's output qualifies: each of its members'
+/// streams ran to the job's recorded end (or to its worker's answer that
+/// there is none), where a reader of what there is stops at what there
+/// was. None for a group without members yet (its starts under way).
 async fn end_trailer(store: &crate::store::SharedStore, id: &str) -> Option<HeaderMap> {
     let (group, jobs) = match store.group(id).await {
         Ok(found) => found?,
@@ -538,17 +547,12 @@ async fn end_trailer(store: &crate::store::SharedStore, id: &str) -> Option<Head
             return None;
         }
     };
-    if !jobs.iter().all(|job| job.state.is_terminal()) {
+    if jobs.is_empty() || !jobs.iter().all(|job| job.state.is_terminal()) {
         return None;
     }
-    // A settled job's record is all there is: no worker is asked.
-    let seen: Vec<Seen> = jobs
-        .into_iter()
-        .map(|row| Seen { row, stale: false })
-        .collect();
     json_trailer(
         GROUP_TRAILER,
-        &group_info(group, &seen, false),
+        &recorded_group_info(group, jobs),
         GROUP_TRAILER_MAX,
     )
 }

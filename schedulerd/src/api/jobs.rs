@@ -1614,13 +1614,18 @@ pub(crate) async fn stream_output(
     )
         .into_response();
     if trailer == Trailer::Record {
-        // HTTP/1.1 sends only the trailers announced (to a client that
-        // accepts them); HTTP/2 always sends them.
-        response
-            .headers_mut()
-            .insert(header::TRAILER, HeaderValue::from_static(JOB_TRAILER));
+        announce_trailer(&mut response, JOB_TRAILER);
     }
     Ok(response)
+}
+
+/// Announces the trailer `name` that may end `response`'s body: HTTP/1.1
+/// sends only the trailers announced (to a client that accepts them);
+/// HTTP/2 always sends them.
+pub(crate) fn announce_trailer(response: &mut Response, name: &'static str) {
+    response
+        .headers_mut()
+        .insert(header::TRAILER, HeaderValue::from_static(name));
 }
 
 /// Whether an output stream ends with the job's record ([`JOB_TRAILER`]):
