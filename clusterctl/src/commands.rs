@@ -496,7 +496,7 @@ async fn logs(api: &Api, id: &str, offset: u64, follow: bool) -> anyhow::Result<
     if !follow {
         return Ok(ExitCode::SUCCESS);
     }
-    group_finished(api, &group.group_id, 0, ended).await
+    group_finished(api, &group.group_id, 0, ended, HashMap::new()).await
 }
 
 /// After `404 job_not_found` for an id, the answer of the group route for
@@ -520,6 +520,20 @@ async fn worker_names(api: &Api) -> HashMap<String, String> {
             .collect(),
         Err(_) => HashMap::new(),
     }
+}
+
+/// `known` names (from answers that carry them), with the scheduler's
+/// list added only if one of `ids` is not among them: a `run --all` whose
+/// every worker its start's answer named asks nothing more.
+async fn names_covering<'a>(
+    api: &Api,
+    mut known: HashMap<String, String>,
+    ids: impl IntoIterator<Item = &'a str>,
+) -> HashMap<String, String> {
+    if ids.into_iter().any(|id| !known.contains_key(id)) {
+        known.extend(worker_names(api).await);
+    }
+    known
 }
 
 fn name_of(names: &HashMap<String, String>, worker_id: &str) -> String {
@@ -582,7 +596,14 @@ async fn run_group(
 ) -> anyhow::Result<ExitCode> {
     let started = post_group(api, args).await?.parsed;
     tell.send_replace(Some(interrupt::Started::Group(started.group_id.clone())));
-    let names = worker_names(api).await;
+    let named = started
+        .jobs
+        .iter()
+        .filter_map(|j| Some((j.worker_id.clone(), j.worker_name.clone()?)))
+        .collect();
+    let ids = started.jobs.iter().map(|j| j.worker_id.as_str());
+    let failed = started.failed.iter().map(|f| f.worker_id.as_str());
+    let names = names_covering(api, named, ids.chain(failed)).await;
     let on: Vec<String> = started
         .jobs
         .iter()
@@ -617,7 +638,7 @@ async fn run_group(
     );
     warn_failures(&started.failed, &names);
     let ended = group_output_to_stdout(api, &started.group_id, true).await?;
-    group_finished(api, &started.group_id, started.failed.len(), ended).await
+    group_finished(api, &started.group_id, started.failed.len(), ended, names).await
 }
 
 /// The group's record if its output ended with it.
@@ -641,12 +662,14 @@ async fn group_output_to_stdout(
 
 /// After a followed group's output ended: its record (from the output's
 /// trailer, else asked for), a line on stderr per job that did not
-/// succeed, and the exit code of [`follow::group_exit_code`].
+/// succeed (its worker named from `names`, else asked), and the exit code
+/// of [`follow::group_exit_code`].
 async fn group_finished(
     api: &Api,
     group_id: &str,
     start_failures: usize,
     ended: Option<GroupInfo>,
+    names: HashMap<String, String>,
 ) -> anyhow::Result<ExitCode> {
     // Without the trailer (an older scheduler, a record past its bound, a
     // store that failed, a proxy that drops trailers), the record is asked
@@ -673,7 +696,7 @@ async fn group_finished(
     // (`run --all` warned of its own as they came: they are only counted.)
     let warned = start_failures > 0;
     let start_failures = start_failures.max(group.failed.len());
-    report_group_failures(api, &group, start_failures, !warned).await;
+    report_group_failures(api, &group, start_failures, !warned, names).await;
     Ok(ExitCode::from(follow::group_exit_code(
         &group,
         start_failures,
@@ -685,11 +708,14 @@ async fn report_group_failures(
     group: &GroupInfo,
     start_failures: usize,
     each_start_failure: bool,
+    names: HashMap<String, String>,
 ) {
     if group.jobs.iter().all(|j| j.state == "succeeded") && start_failures == 0 {
         return;
     }
-    let names = worker_names(api).await;
+    let ids = group.jobs.iter().map(|j| j.worker_id.as_str());
+    let failed = group.failed.iter().map(|f| f.worker_id.as_str());
+    let names = names_covering(api, names, ids.chain(failed)).await;
     for job in &group.jobs {
         if let Some(line) = follow::failure_summary(job) {
             eprintln!("clusterctl: {}: {line}", name_of(&names, &job.worker_id));

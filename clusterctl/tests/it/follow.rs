@@ -439,11 +439,15 @@ async fn a_group_output_ends_with_the_groups_record_and_run_all_asks_nothing_mor
         }
     };
     let (records, streams) = (asked("/v1/groups/{id}"), asked("/v1/groups/{id}/logs"));
+    let workers = asked("/v1/workers");
 
     let before = scrape_with(&cluster.http(), &metrics).await;
     let ok = cluster
         .ctl_output(&["run", "--all", "count.sh", "--", "2", "0"])
         .await;
+    // The start's answer named every worker: their names are not asked.
+    let between = scrape_with(&cluster.http(), &metrics).await;
+    assert_eq!(workers(&between) - workers(&before), 0.0);
     assert!(ok.status.success(), "{}", stderr(&ok));
     let text = stdout(&ok);
     for w in ["w1", "w2"] {
