@@ -222,7 +222,7 @@ follow4=$(bench follow --worker w1 --mib $mib --followers 4 --floor)
 echo "$follow4"
 floor_after=$(sync_floor)
 echo "$floor_after"
-echo "== idle memory" >&2
+echo "== memory at rest, after the benches (idle right after start: see PERFORMANCE.md)" >&2
 mem=$(for pid in "${pids[@]}"; do
   printf '%s %s\n' "$(tr '\0' ' ' </proc/"$pid"/cmdline | awk '{print $1}' | xargs basename)" \
     "$(awk '/VmRSS/{print $2}' /proc/"$pid"/status)"

@@ -459,46 +459,38 @@ mod tests {
         assert_eq!(group_exit_code(&group(vec![]), 0), 1);
     }
 
+    /// What [`copy_group_output`] wrote of `frames`, and what it returned.
+    fn copy_group(
+        frames: Vec<Result<GroupFrame, ApiError>>,
+    ) -> (Vec<u8>, anyhow::Result<Option<GroupInfo>>) {
+        let mut out = Vec::new();
+        let ended = rt().block_on(copy_group_output(
+            futures_util::stream::iter(frames).boxed(),
+            "g1",
+            &mut out,
+        ));
+        (out, ended)
+    }
+
     #[test]
     fn group_output_is_copied_and_a_break_is_an_error() {
         let data = |line: &'static [u8]| Ok(GroupFrame::Data(Bytes::from_static(line)));
-        let chunks: Vec<Result<GroupFrame, ApiError>> = vec![data(b"[w1] a\n"), data(b"[w2] b\n")];
-        let mut out = Vec::new();
-        let ended = rt()
-            .block_on(copy_group_output(
-                futures_util::stream::iter(chunks).boxed(),
-                "g1",
-                &mut out,
-            ))
-            .unwrap();
+        let (out, ended) = copy_group(vec![data(b"[w1] a\n"), data(b"[w2] b\n")]);
         assert_eq!(out, b"[w1] a\n[w2] b\n");
-        assert!(ended.is_none());
+        assert!(ended.unwrap().is_none());
 
         // The record in the trailer is the group's outcome.
         let record = group(vec![job("succeeded", Some(0), None)]);
-        let chunks = vec![data(b"[w1] a\n"), Ok(GroupFrame::End(Box::new(record)))];
-        let mut out = Vec::new();
-        let ended = rt()
-            .block_on(copy_group_output(
-                futures_util::stream::iter(chunks).boxed(),
-                "g1",
-                &mut out,
-            ))
-            .unwrap();
+        let (out, ended) = copy_group(vec![
+            data(b"[w1] a\n"),
+            Ok(GroupFrame::End(Box::new(record))),
+        ]);
         assert_eq!(out, b"[w1] a\n");
-        assert_eq!(ended.map(|g| g.jobs.len()), Some(1));
+        assert_eq!(ended.unwrap().map(|g| g.jobs.len()), Some(1));
 
-        let chunks = vec![data(b"[w1] a\n"), Err(dropped())];
-        let mut out = Vec::new();
-        let err = rt()
-            .block_on(copy_group_output(
-                futures_util::stream::iter(chunks).boxed(),
-                "g1",
-                &mut out,
-            ))
-            .unwrap_err();
+        let (out, ended) = copy_group(vec![data(b"[w1] a\n"), Err(dropped())]);
         assert_eq!(
-            err.to_string(),
+            ended.unwrap_err().to_string(),
             "connection reset; a group's output cannot be resumed (see: clusterctl status g1)"
         );
         assert_eq!(out, b"[w1] a\n");

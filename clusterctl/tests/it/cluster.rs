@@ -676,6 +676,14 @@ pub async fn get_json<T: serde::de::DeserializeOwned>(http: &reqwest::Client, ur
     http.get(url).send().await.unwrap().json().await.unwrap()
 }
 
+/// A group's merged text output: `worker`'s lines, without their prefix.
+pub fn lines_of<'a>(text: &'a str, worker: &str) -> Vec<&'a str> {
+    let prefix = format!("[{worker}] ");
+    text.lines()
+        .filter_map(|l| l.strip_prefix(prefix.as_str()))
+        .collect()
+}
+
 pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }

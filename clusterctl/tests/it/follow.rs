@@ -7,7 +7,7 @@ use jobcluster_proto::http::GroupLogLine;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::cluster::{Cluster, stderr, stdout};
+use crate::cluster::{Cluster, lines_of, stderr, stdout};
 
 /// `bench follow --replay --floor` measures local pipes first, follows
 /// the job live, then reads the finished job's log back from byte 0 with
@@ -293,6 +293,58 @@ async fn read_stream_pausing(
     (bytes, trailers)
 }
 
+/// What the trailer `name` of one output stream said when read over
+/// HTTP/2, over HTTP/1.1 asking for trailers, and over HTTP/1.1 without.
+struct Trailed {
+    name: &'static str,
+    reads: Vec<(reqwest::Version, bool, Option<reqwest::header::HeaderMap>)>,
+}
+
+impl Trailed {
+    /// Each read that may carry the trailer carried `record`, as JSON;
+    /// HTTP/1.1 without `TE: trailers` carried none.
+    fn say(self, record: &Value) {
+        for (version, te, trailers) in self.reads {
+            if version == reqwest::Version::HTTP_11 && !te {
+                assert!(trailers.is_none(), "{trailers:?}");
+                continue;
+            }
+            let trailers = trailers.unwrap_or_else(|| panic!("no trailers over {version:?}"));
+            let said: Value = serde_json::from_slice(trailers[self.name].as_bytes()).unwrap();
+            assert_eq!(&said, record, "over {version:?}");
+        }
+    }
+}
+
+/// Reads `url`, a stream announcing the trailer `name`, over each
+/// protocol; `check` sees each read's bytes.
+async fn over_each_protocol(
+    cluster: &Cluster,
+    url: &str,
+    name: &'static str,
+    check: impl Fn(&[u8]),
+) -> Trailed {
+    let mut reads = Vec::new();
+    for (client, te) in [
+        (cluster.http_version(true), false),
+        (cluster.http_version(false), true),
+        (cluster.http_version(false), false),
+    ] {
+        let mut request = client.get(url);
+        if te {
+            request = request.header("te", "trailers");
+        }
+        let reply = request.send().await.unwrap();
+        assert_eq!(reply.status(), StatusCode::OK);
+        assert_eq!(reply.headers()["trailer"], name);
+        let version = reply.version();
+        let (bytes, trailers) = read_stream(reply).await;
+        check(&bytes);
+        reads.push((version, te, trailers));
+    }
+    Trailed { name, reads }
+}
+
 /// A follower that reads slowly keeps both hops' windows shut, so the
 /// worker's messages (each output a frame of its own) reach the scheduler
 /// cut wherever a window ended, and it decodes them from the pieces: the
@@ -334,18 +386,10 @@ async fn a_slow_follower_gets_every_byte_of_messages_cut_by_flow_control() {
 /// `clusterctl run` takes the outcome from it and asks for nothing else.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_output_stream_ends_with_the_jobs_record_and_run_asks_nothing_more() {
-    use crate::metrics::{scrape_with, value};
+    use crate::metrics::scrape_with;
     let cluster = Cluster::start_with(&["w1"], &crate::security::auth_config(), "").await;
     let metrics = format!("{}/metrics", cluster.url());
-    let asked = |route: &'static str| {
-        move |scrape: &crate::metrics::Scrape| {
-            value(
-                scrape,
-                "schedulerd_http_requests_total",
-                &[("route", route), ("method", "GET"), ("status", "200")],
-            )
-        }
-    };
+    let asked = crate::metrics::gets_answered;
     let (records, streams) = (asked("/v1/jobs/{id}"), asked("/v1/jobs/{id}/logs"));
 
     let before = scrape_with(&cluster.http(), &metrics).await;
@@ -371,37 +415,15 @@ async fn an_output_stream_ends_with_the_jobs_record_and_run_asks_nothing_more() 
     // first stream follows the job to its end, the others read it back.
     let job_id = cluster.start_job("w1", "fail.sh", &["5"]).await;
     let url = format!("{}/v1/jobs/{job_id}/logs?follow=true", cluster.url());
-    let mut trailed = Vec::new();
-    for (client, te) in [
-        (cluster.http_version(true), false),
-        (cluster.http_version(false), true),
-        (cluster.http_version(false), false),
-    ] {
-        let mut request = client.get(&url);
-        if te {
-            request = request.header("te", "trailers");
-        }
-        let reply = request.send().await.unwrap();
-        assert_eq!(reply.status(), StatusCode::OK);
-        assert_eq!(reply.headers()["trailer"], "x-job");
-        let version = reply.version();
-        let (bytes, trailers) = read_stream(reply).await;
+    let trailed = over_each_protocol(&cluster, &url, "x-job", |bytes| {
         assert_eq!(bytes, b"about to fail\nfailing on purpose\n");
-        trailed.push((version, te, trailers));
-    }
+    })
+    .await;
     let mut record: Value = cluster.get_json(&format!("/v1/jobs/{job_id}")).await;
     record.as_object_mut().unwrap().remove("args");
     assert_eq!(record["state"], "failed");
     assert_eq!(record["exit_code"], 5);
-    for (version, te, trailers) in trailed {
-        if version == reqwest::Version::HTTP_11 && !te {
-            assert!(trailers.is_none(), "{trailers:?}");
-            continue;
-        }
-        let trailers = trailers.unwrap_or_else(|| panic!("no trailers over {version:?}"));
-        let job: Value = serde_json::from_slice(trailers["x-job"].as_bytes()).unwrap();
-        assert_eq!(job, record, "over {version:?}");
-    }
+    trailed.say(&record);
 
     // The original design's route keeps its contract: no trailer.
     let reply = cluster
@@ -426,18 +448,10 @@ async fn an_output_stream_ends_with_the_jobs_record_and_run_asks_nothing_more() 
 /// nothing of how the group ended: no trailer.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_group_output_ends_with_the_groups_record_and_run_all_asks_nothing_more() {
-    use crate::metrics::{scrape_with, value};
+    use crate::metrics::scrape_with;
     let cluster = Cluster::start_with(&["w1", "w2"], &crate::security::auth_config(), "").await;
     let metrics = format!("{}/metrics", cluster.url());
-    let asked = |route: &'static str| {
-        move |scrape: &crate::metrics::Scrape| {
-            value(
-                scrape,
-                "schedulerd_http_requests_total",
-                &[("route", route), ("method", "GET"), ("status", "200")],
-            )
-        }
-    };
+    let asked = crate::metrics::gets_answered;
     let (records, streams) = (asked("/v1/groups/{id}"), asked("/v1/groups/{id}/logs"));
     let workers = asked("/v1/workers");
 
@@ -451,10 +465,7 @@ async fn a_group_output_ends_with_the_groups_record_and_run_all_asks_nothing_mor
     assert!(ok.status.success(), "{}", stderr(&ok));
     let text = stdout(&ok);
     for w in ["w1", "w2"] {
-        let lines: Vec<&str> = text
-            .lines()
-            .filter_map(|l| l.strip_prefix(&format!("[{w}] ")))
-            .collect();
+        let lines = lines_of(&text, w);
         assert_eq!(lines, ["1", "2", "done"], "{w}:\n{text}");
     }
     let failed = cluster
@@ -483,27 +494,13 @@ async fn a_group_output_ends_with_the_groups_record_and_run_all_asks_nothing_mor
     assert_eq!(status, StatusCode::CREATED, "{started}");
     let group_id = started["group_id"].as_str().unwrap().to_owned();
     let url = format!("{}/v1/groups/{group_id}/logs?follow=true", cluster.url());
-    let mut trailed = Vec::new();
-    for (client, te) in [
-        (cluster.http_version(true), false),
-        (cluster.http_version(false), true),
-        (cluster.http_version(false), false),
-    ] {
-        let mut request = client.get(&url);
-        if te {
-            request = request.header("te", "trailers");
-        }
-        let reply = request.send().await.unwrap();
-        assert_eq!(reply.status(), StatusCode::OK);
-        assert_eq!(reply.headers()["trailer"], "x-group");
-        let version = reply.version();
-        let (bytes, trailers) = read_stream(reply).await;
-        let text = String::from_utf8(bytes).unwrap();
+    let trailed = over_each_protocol(&cluster, &url, "x-group", |bytes| {
+        let text = String::from_utf8_lossy(bytes);
         for w in ["w1", "w2"] {
             assert!(text.contains(&format!("[{w}] about to fail\n")), "{text}");
         }
-        trailed.push((version, te, trailers));
-    }
+    })
+    .await;
     let mut record: Value = cluster.get_json(&format!("/v1/groups/{group_id}")).await;
     record.as_object_mut().unwrap().remove("args");
     assert_eq!(
@@ -511,29 +508,10 @@ async fn a_group_output_ends_with_the_groups_record_and_run_all_asks_nothing_mor
         (Some("failed"), Some(true))
     );
     assert_eq!(record["jobs"][0]["exit_code"], 5);
-    for (version, te, trailers) in trailed {
-        if version == reqwest::Version::HTTP_11 && !te {
-            assert!(trailers.is_none(), "{trailers:?}");
-            continue;
-        }
-        let trailers = trailers.unwrap_or_else(|| panic!("no trailers over {version:?}"));
-        let group: Value = serde_json::from_slice(trailers["x-group"].as_bytes()).unwrap();
-        assert_eq!(group, record, "over {version:?}");
-    }
+    trailed.say(&record);
 
     // Read without following: what there was, and no record, whether the
-    // group ended (this one) or runs (the next).
-    let reply = cluster
-        .http()
-        .get(format!("{}/v1/groups/{group_id}/logs", cluster.url()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(reply.status(), StatusCode::OK);
-    assert!(reply.headers().get("trailer").is_none());
-    let (bytes, trailers) = read_stream(reply).await;
-    assert!(!bytes.is_empty());
-    assert!(trailers.is_none(), "{trailers:?}");
+    // group ended (the one above) or runs (a new one).
     let (status, started) = cluster
         .post_json(
             "/v1/groups",
@@ -541,18 +519,20 @@ async fn a_group_output_ends_with_the_groups_record_and_run_all_asks_nothing_mor
         )
         .await;
     assert_eq!(status, StatusCode::CREATED, "{started}");
-    let group_id = started["group_id"].as_str().unwrap().to_owned();
-    let reply = cluster
-        .http()
-        .get(format!("{}/v1/groups/{group_id}/logs", cluster.url()))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(reply.status(), StatusCode::OK);
-    assert!(reply.headers().get("trailer").is_none());
-    let (_, trailers) = read_stream(reply).await;
-    assert!(trailers.is_none(), "{trailers:?}");
-    let out = cluster.ctl_output(&["stop", &group_id]).await;
+    let running = started["group_id"].as_str().unwrap().to_owned();
+    for id in [&group_id, &running] {
+        let reply = cluster
+            .http()
+            .get(format!("{}/v1/groups/{id}/logs", cluster.url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), StatusCode::OK);
+        assert!(reply.headers().get("trailer").is_none());
+        let (_, trailers) = read_stream(reply).await;
+        assert!(trailers.is_none(), "{trailers:?}");
+    }
+    let out = cluster.ctl_output(&["stop", &running]).await;
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
@@ -561,24 +541,14 @@ async fn a_group_output_ends_with_the_groups_record_and_run_all_asks_nothing_mor
 /// once, and exits with the job's code all the same.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_record_too_long_for_the_trailer_is_asked_for_instead() {
-    use crate::metrics::{scrape_with, value};
+    use crate::metrics::scrape_with;
     let cluster = Cluster::start_with(&["w1"], &crate::security::auth_config(), "").await;
     let deep = vec!["d".repeat(190); 20].join("/");
     std::fs::create_dir_all(cluster.tmp.path().join("scripts").join(&deep)).unwrap();
     let path = format!("{deep}/long.sh");
     cluster.add_script(&path, "echo deep\nexit 3\n");
     let metrics = format!("{}/metrics", cluster.url());
-    let records = |scrape: &crate::metrics::Scrape| {
-        value(
-            scrape,
-            "schedulerd_http_requests_total",
-            &[
-                ("route", "/v1/jobs/{id}"),
-                ("method", "GET"),
-                ("status", "200"),
-            ],
-        )
-    };
+    let records = crate::metrics::gets_answered("/v1/jobs/{id}");
 
     let before = scrape_with(&cluster.http(), &metrics).await;
     let out = cluster.ctl_output(&["run", "--worker", "w1", &path]).await;

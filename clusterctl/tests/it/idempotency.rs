@@ -331,11 +331,7 @@ async fn told_as_recorded(
     let status = cluster.ctl_output(&["status", "-o", "json", group]).await;
     let info: jobcluster_proto::http::GroupInfo = serde_json::from_slice(&status.stdout).unwrap();
     assert!(info.done, "{info:?}");
-    let lines_of = |w: &str| -> Vec<&str> {
-        out.lines()
-            .filter_map(|l| l.strip_prefix(&format!("[{w}] ")))
-            .collect()
-    };
+    let lines_of = |w: &str| crate::cluster::lines_of(out, w);
     assert_eq!(lines_of("w1"), ["1", "2", "done"], "{out}\n{said}");
     let job = info.jobs.iter().find(|j| j.worker_id == w2).unwrap();
     match job.state.as_str() {

@@ -265,6 +265,18 @@ fn observations(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
     typed_value(scrape, &format!("{name}_count"), "histogram", labels)
 }
 
+/// The count of `GET route` answered 200 in a scrape: a route's pattern,
+/// as `/v1/jobs/{id}`.
+pub(crate) fn gets_answered(route: &'static str) -> impl Fn(&Scrape) -> f64 {
+    move |scrape| {
+        value(
+            scrape,
+            "schedulerd_http_requests_total",
+            &[("route", route), ("method", "GET"), ("status", "200")],
+        )
+    }
+}
+
 pub(crate) async fn scrape_with(client: &reqwest::Client, url: &str) -> Scrape {
     let reply = client.get(url).send().await.unwrap();
     assert_eq!(reply.status(), StatusCode::OK, "{url}");

@@ -8,7 +8,7 @@ use nix::sys::signal::Signal;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::cluster::{Cluster, stderr, stdout};
+use crate::cluster::{Cluster, lines_of, stderr, stdout};
 
 async fn three_workers() -> Cluster {
     let mut cluster = Cluster::start(&[]).await;
@@ -218,10 +218,7 @@ async fn a_fan_out_streams_every_line_of_every_worker_and_stops_as_one() {
         .await
         .unwrap();
     for w in ["w1", "w2", "w3"] {
-        let lines: Vec<&str> = text
-            .lines()
-            .filter_map(|l| l.strip_prefix(&format!("[{w}] ")))
-            .collect();
+        let lines = lines_of(&text, w);
         assert_eq!(lines, ["1", "2", "3", "4", "5", "done"], "{w} in:\n{text}");
     }
     assert_eq!(text.lines().count(), 18);
@@ -432,10 +429,7 @@ async fn run_all_streams_with_prefixes_and_exits_with_the_groups_code() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let text = stdout(&out);
     for w in ["w1", "w2", "w3"] {
-        let lines: Vec<&str> = text
-            .lines()
-            .filter_map(|l| l.strip_prefix(&format!("[{w}] ")))
-            .collect();
+        let lines = lines_of(&text, w);
         assert_eq!(lines, ["1", "2", "done"], "{w}:\n{text}");
     }
     let out = cluster
@@ -509,10 +503,7 @@ async fn a_merged_stream_survives_a_member_worker_restart_without_losing_lines()
     let w2_id = cluster.worker_info("w2").await.worker_id;
     let w2_job = started.jobs.iter().find(|j| j.worker_id == w2_id).unwrap();
     for (w, job) in [("w1", None), ("w3", None), ("w2", Some(&w2_job.job_id))] {
-        let got: Vec<&str> = text
-            .lines()
-            .filter_map(|l| l.strip_prefix(&format!("[{w}] ")))
-            .collect();
+        let got = lines_of(&text, w);
         match job {
             None => assert_eq!(got.len(), 41, "{w}: {got:?}"),
             Some(job) => {
@@ -550,13 +541,7 @@ async fn counted_group(cluster: &Cluster) -> String {
 async fn a_group_read_while_a_members_worker_is_down_waits_for_it_or_is_cut() {
     let mut cluster = three_workers().await;
     let group_id = counted_group(&cluster).await;
-    let lines_of = |text: &str, w: &str| {
-        text.lines()
-            .filter_map(|l| l.strip_prefix(&format!("[{w}] ")))
-            .map(str::to_owned)
-            .collect::<Vec<_>>()
-    };
-    let all = ["1", "2", "3", "done"].map(str::to_owned).to_vec();
+    let all = ["1", "2", "3", "done"];
 
     cluster.worker("w2").signal(Signal::SIGKILL);
     cluster.worker("w2").wait(Duration::from_secs(10));
@@ -629,10 +614,7 @@ async fn a_group_read_waits_out_a_paused_members_worker() {
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     for w in ["w1", "w2"] {
-        let got: Vec<&str> = text
-            .lines()
-            .filter_map(|l| l.strip_prefix(&format!("[{w}] ")))
-            .collect();
+        let got = lines_of(&text, w);
         assert_eq!(got, ["1", "2", "3", "done"], "{w}: {text}");
     }
     let log = cluster.scheduler.log();
