@@ -495,7 +495,7 @@ async fn a_group_output_ends_with_the_groups_record_and_run_all_asks_nothing_mor
     let group_id = started["group_id"].as_str().unwrap().to_owned();
     let url = format!("{}/v1/groups/{group_id}/logs?follow=true", cluster.url());
     let trailed = over_each_protocol(&cluster, &url, "x-group", |bytes| {
-        let text = String::from_utf8_lossy(bytes);
+        let text = String::from_utf8(bytes.to_vec()).unwrap();
         for w in ["w1", "w2"] {
             assert!(text.contains(&format!("[{w}] about to fail\n")), "{text}");
         }
@@ -529,7 +529,8 @@ async fn a_group_output_ends_with_the_groups_record_and_run_all_asks_nothing_mor
             .unwrap();
         assert_eq!(reply.status(), StatusCode::OK);
         assert!(reply.headers().get("trailer").is_none());
-        let (_, trailers) = read_stream(reply).await;
+        let (bytes, trailers) = read_stream(reply).await;
+        assert!(id == &running || !bytes.is_empty());
         assert!(trailers.is_none(), "{trailers:?}");
     }
     let out = cluster.ctl_output(&["stop", &running]).await;
