@@ -262,6 +262,17 @@ pub(crate) enum BenchCommand {
     Workers(BenchWorkersArgs),
 }
 
+impl BenchCommand {
+    /// Whether the bench is one client making one request at a time.
+    pub(crate) fn one_client(&self) -> bool {
+        match self {
+            BenchCommand::Status(_) => true,
+            BenchCommand::Start(args) => args.clients == 1,
+            BenchCommand::Follow(_) | BenchCommand::Workers(_) => false,
+        }
+    }
+}
+
 /// Most simulated workers in one run: each holds a connection (a file
 /// descriptor here and in the scheduler) and a certificate in memory.
 pub(crate) const MAX_SIMULATED_WORKERS: u32 = 20_000;

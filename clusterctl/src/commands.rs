@@ -40,8 +40,18 @@ pub(crate) fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(bench) => {
             // Many clients at once: their TLS and HTTP work has to spread
             // over every core like that of separate clients would, or the
-            // bench measures its own single thread.
-            let runtime = tokio::runtime::Builder::new_multi_thread()
+            // bench measures its own single thread. One client at a time
+            // runs on one thread, as this tool's other commands do: on
+            // several, its requests and its connection's task would hand
+            // each request from thread to thread, a wake-up each way that
+            // a one-client program does not pay (12 µs of a status read's
+            // 160 here; docs/PERFORMANCE.md).
+            let mut builder = if bench.one_client() {
+                tokio::runtime::Builder::new_current_thread()
+            } else {
+                tokio::runtime::Builder::new_multi_thread()
+            };
+            let runtime = builder
                 .enable_all()
                 .build()
                 .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))?;

@@ -256,43 +256,46 @@ async fn bench_status_measures_reading_a_jobs_status() {
 }
 
 /// `bench start --floor` measures local no-op bash runs first and reports
-/// the cluster's start rate as a share of that floor.
+/// the cluster's start rate as a share of that floor, from several clients
+/// (a thread each core) and from one (one thread).
 #[tokio::test(flavor = "multi_thread")]
 async fn bench_start_reports_its_share_of_the_local_floor() {
     let cluster = Cluster::start(&["w1"]).await;
-    let out = cluster
-        .ctl_output(&[
-            "-o",
-            "json",
-            "bench",
-            "start",
-            "--worker",
-            "w1",
-            "--clients",
-            "2",
-            "--jobs",
-            "8",
-            "--script",
-            "count.sh",
-            "--floor",
-        ])
-        .await;
-    assert!(out.status.success(), "{}", stderr(&out));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(
-        (report["started"].as_u64(), report["failed"].as_u64()),
-        (Some(8), Some(0))
-    );
-    let floor = report["floor_per_second"].as_f64().unwrap();
-    let share = report["share_of_floor"].as_f64().unwrap();
-    let rate = report["starts_per_second"].as_f64().unwrap();
-    assert!(floor > 0.0 && share > 0.0, "{report}");
-    assert!((rate / floor - share).abs() < 0.01, "{report}");
-    assert!(
-        stderr(&out).contains("measuring the floor"),
-        "{}",
-        stderr(&out)
-    );
+    for clients in ["2", "1"] {
+        let out = cluster
+            .ctl_output(&[
+                "-o",
+                "json",
+                "bench",
+                "start",
+                "--worker",
+                "w1",
+                "--clients",
+                clients,
+                "--jobs",
+                "8",
+                "--script",
+                "count.sh",
+                "--floor",
+            ])
+            .await;
+        assert!(out.status.success(), "{}", stderr(&out));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            (report["started"].as_u64(), report["failed"].as_u64()),
+            (Some(8), Some(0))
+        );
+        let floor = report["floor_per_second"].as_f64().unwrap();
+        let share = report["share_of_floor"].as_f64().unwrap();
+        let rate = report["starts_per_second"].as_f64().unwrap();
+        assert!(floor > 0.0 && share > 0.0, "{report}");
+        assert!((rate / floor - share).abs() < 0.01, "{report}");
+        assert!(
+            stderr(&out).contains("measuring the floor"),
+            "{}",
+            stderr(&out)
+        );
+    }
 }
 
 /// A job's output written where it cannot go: to a full disk (`/dev/full`)
