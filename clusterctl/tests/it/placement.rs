@@ -532,6 +532,28 @@ async fn counted_group(cluster: &Cluster) -> String {
     group_id
 }
 
+/// A read's output, run beside `meanwhile` (what happens to a worker
+/// while the read goes on); the read must succeed.
+async fn read_beside(
+    read: impl std::future::Future<Output = std::io::Result<std::process::Output>>,
+    meanwhile: impl std::future::Future<Output = ()>,
+) -> std::process::Output {
+    let (out, ()) = tokio::join!(read, meanwhile);
+    let out = out.unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    out
+}
+
+/// A group read cut short: it fails, saying its output cannot be resumed.
+fn assert_cut(out: &std::process::Output) {
+    assert!(!out.status.success(), "{}", stdout(out));
+    assert!(
+        stderr(out).contains("a group's output cannot be resumed"),
+        "{}",
+        stderr(out)
+    );
+}
+
 /// A finished group read while one member's worker is down: a worker
 /// back within seconds gives its lines, as a broken stream's does; one
 /// that stays down cuts the output short, after the other members' lines
@@ -550,12 +572,11 @@ async fn a_group_read_while_a_members_worker_is_down_waits_for_it_or_is_cut() {
         command.args(["logs", &group_id]);
         command.output()
     };
-    let (out, ()) = tokio::join!(read, async {
+    let out = read_beside(read, async {
         tokio::time::sleep(Duration::from_secs(1)).await;
         cluster.restart_worker("w2");
-    });
-    let out = out.unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+    })
+    .await;
     for w in ["w1", "w2", "w3"] {
         assert_eq!(lines_of(&stdout(&out), w), all, "{w}: {}", stdout(&out));
     }
@@ -570,24 +591,14 @@ async fn a_group_read_while_a_members_worker_is_down_waits_for_it_or_is_cut() {
     cluster.worker("w2").signal(Signal::SIGKILL);
     cluster.worker("w2").wait(Duration::from_secs(10));
     let out = cluster.ctl_output(&["logs", &group_id]).await;
-    assert!(!out.status.success(), "{}", stdout(&out));
-    assert!(
-        stderr(&out).contains("a group's output cannot be resumed"),
-        "{}",
-        stderr(&out)
-    );
+    assert_cut(&out);
     for w in ["w1", "w3"] {
         assert_eq!(lines_of(&stdout(&out), w), all, "{w}: {}", stdout(&out));
     }
     assert!(lines_of(&stdout(&out), "w2").is_empty(), "{}", stdout(&out));
     // A follower is told too (at once, as it watches).
     let out = cluster.ctl_output(&["logs", "-f", &group_id]).await;
-    assert!(!out.status.success(), "{}", stdout(&out));
-    assert!(
-        stderr(&out).contains("a group's output cannot be resumed"),
-        "{}",
-        stderr(&out)
-    );
+    assert_cut(&out);
 }
 
 /// A finished group read while a member's worker is paused (SIGSTOP):
@@ -606,12 +617,11 @@ async fn a_group_read_waits_out_a_paused_members_worker() {
         command.args(["logs", &group_id]);
         command.output()
     };
-    let (out, ()) = tokio::join!(read, async {
+    let out = read_beside(read, async {
         tokio::time::sleep(Duration::from_secs(3)).await;
         cluster.worker("w2").signal(Signal::SIGCONT);
-    });
-    let out = out.unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+    })
+    .await;
     let text = stdout(&out);
     for w in ["w1", "w2"] {
         let got = lines_of(&text, w);
