@@ -532,6 +532,16 @@ async fn counted_group(cluster: &Cluster) -> String {
     group_id
 }
 
+/// `clusterctl logs GROUP`, started now, to be run beside something else.
+fn group_logs(
+    cluster: &Cluster,
+    group_id: &str,
+) -> impl std::future::Future<Output = std::io::Result<std::process::Output>> + use<> {
+    let mut command = cluster.ctl();
+    command.args(["logs", group_id]);
+    command.output()
+}
+
 /// A read's output, run beside `meanwhile` (what happens to a worker
 /// while the read goes on); the read must succeed.
 async fn read_beside(
@@ -567,11 +577,7 @@ async fn a_group_read_while_a_members_worker_is_down_waits_for_it_or_is_cut() {
 
     cluster.worker("w2").signal(Signal::SIGKILL);
     cluster.worker("w2").wait(Duration::from_secs(10));
-    let read = {
-        let mut command = cluster.ctl();
-        command.args(["logs", &group_id]);
-        command.output()
-    };
+    let read = group_logs(&cluster, &group_id);
     let out = read_beside(read, async {
         tokio::time::sleep(Duration::from_secs(1)).await;
         cluster.restart_worker("w2");
@@ -612,11 +618,7 @@ async fn a_group_read_waits_out_a_paused_members_worker() {
     let group_id = counted_group(&cluster).await;
 
     cluster.worker("w2").signal(Signal::SIGSTOP);
-    let read = {
-        let mut command = cluster.ctl();
-        command.args(["logs", &group_id]);
-        command.output()
-    };
+    let read = group_logs(&cluster, &group_id);
     let out = read_beside(read, async {
         tokio::time::sleep(Duration::from_secs(3)).await;
         cluster.worker("w2").signal(Signal::SIGCONT);
