@@ -39,6 +39,7 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 
 pub mod alloc;
 pub mod config;
+pub mod copy;
 pub mod daemon;
 pub mod grpc_ops;
 pub mod http;
