@@ -17,63 +17,136 @@
 //! The fix an operator could make, `GLIBC_TUNABLES` raising the threshold,
 //! is read by the dynamic loader before `main`, so a program cannot set it
 //! for itself, and `clusterctl` is started by people and CI, not by units
-//! we ship. Defining `memcpy` in the program takes every call to it from
-//! Rust code and the C linked into it (SQLite) before glibc's: a copy at
-//! one of those distances goes to glibc as chunks under the threshold,
-//! which glibc copies with vector loads and stores; every other copy goes
-//! to glibc whole. `memmove` is left to glibc (its callers here move
-//! little: a buffer's unread tail to its front), and glibc's own calls
-//! inside libc are its own.
+//! we ship. Defining `memcpy` in the program takes every call to it before
+//! glibc's: from Rust code, from the C linked into it (SQLite), and, as the
+//! symbol is in the program's dynamic table, from the shared libraries it
+//! loads (libgcc_s, NSS modules). On an AMD CPU of family 0x19 or later
+//! (Zen 3 and after; the slow case was measured on Zen 4), a copy of
+//! [`CHECKED_FROM`] to [`CHECKED_UP_TO`] bytes at one of those distances
+//! goes to glibc's `memmove` as pieces under the threshold, which glibc
+//! copies with vector loads and stores; every other copy goes to glibc's
+//! `memmove` whole, a few comparisons and a jump (glibc's `memcpy` is
+//! that same function on x86-64, so overlapping ranges, undefined for
+//! `memcpy`, still come out as they did). `memmove` is left to glibc: its
+//! callers here move a buffer's unread tail to its front, rarely at that
+//! distance. Nothing in this module may copy memory by any other means
+//! than glibc's `memmove`, or the program's `memcpy` would call itself.
 //!
-//! Only on x86-64 Linux with glibc; elsewhere the platform's `memcpy`
-//! serves.
+//! Only on x86-64 Linux with a dynamically linked glibc; elsewhere the
+//! platform's `memcpy` serves.
 
 /// Copies this size and larger are checked for the slow distance: under
 /// glibc's smallest default threshold (2,048 bytes times the vector size
 /// over 16, raised to 0x840 with FSRM) no copy uses `rep movsb`.
 pub const CHECKED_FROM: usize = 2048;
 
+/// Copies larger than this go to glibc whole: its largest copies use
+/// non-temporal stores, not `rep movsb`, and a program here copies nothing
+/// that large on a path that matters. The probe found the slow case up to
+/// 1 MB.
+pub const CHECKED_UP_TO: usize = 4 << 20;
+
 /// Each piece of a copy at a slow distance: under every default threshold,
 /// so glibc copies it with vector instructions.
 pub const PIECE: usize = 2048;
 
 /// Whether glibc's `rep movsb` would be slow copying `len` bytes from
-/// `src` to `dst`: the destination 1 to 15 bytes past the source modulo a
-/// 4 KiB page.
+/// `src` to `dst` on an affected CPU: the destination 1 to 15 bytes past
+/// the source modulo a 4 KiB page, the ranges apart, the size in range.
+/// Plain integer operations only: it runs inside `memcpy`.
+#[inline(always)]
+// Comparisons, not `contains`: a debug build calls `contains` out of line,
+// and nothing generic should run inside `memcpy`.
+#[allow(clippy::manual_range_contains)]
 pub fn slow_distance(dst: usize, src: usize, len: usize) -> bool {
-    let distance = dst.wrapping_sub(src) & 4095;
-    len >= CHECKED_FROM && (1..16).contains(&distance)
+    let apart = dst.wrapping_sub(src);
+    let distance = apart & 4095;
+    // `apart < len`: the destination starts inside the source, so the
+    // copy runs backwards in glibc (no `rep movsb`) and must stay whole.
+    len >= CHECKED_FROM && len <= CHECKED_UP_TO && distance.wrapping_sub(1) < 15 && apart >= len
 }
 
-#[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+#[cfg(all(
+    target_arch = "x86_64",
+    target_os = "linux",
+    target_env = "gnu",
+    not(target_feature = "crt-static")
+))]
 pub mod glibc {
     #![allow(unsafe_code)]
 
+    use std::sync::atomic::{AtomicU8, Ordering};
+
     use nix::libc::{c_void, memmove};
+
+    /// 0: not asked yet; 1: an affected CPU; 2: another.
+    static AFFECTED: AtomicU8 = AtomicU8::new(0);
+
+    /// Whether this CPU is an AMD of family 0x19 or later, asked once (the
+    /// answer cannot change; threads racing to ask get the same one).
+    #[inline(always)]
+    fn affected() -> bool {
+        match AFFECTED.load(Ordering::Relaxed) {
+            1 => true,
+            2 => false,
+            _ => {
+                let yes = amd_zen3_or_later();
+                AFFECTED.store(if yes { 1 } else { 2 }, Ordering::Relaxed);
+                yes
+            }
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn amd_zen3_or_later() -> bool {
+        use std::arch::x86_64::__cpuid;
+        #[allow(unused_unsafe)] // `__cpuid` is safe from Rust 1.89
+        // SAFETY: CPUID exists on every x86-64 CPU.
+        let (vendor, version) = unsafe { (__cpuid(0), __cpuid(1)) };
+        // "AuthenticAMD", in EBX, EDX, ECX.
+        let amd =
+            vendor.ebx == 0x6874_7541 && vendor.edx == 0x6974_6e65 && vendor.ecx == 0x444d_4163;
+        let base = (version.eax >> 8) & 0xf;
+        let family = if base == 0xf {
+            base + ((version.eax >> 20) & 0xff)
+        } else {
+            base
+        };
+        amd && family >= 0x19
+    }
 
     /// # Safety
     ///
-    /// As C's `memcpy`: `src` readable and `dst` writable for `n` bytes,
-    /// the two not overlapping.
+    /// As C's `memcpy`: `src` readable and `dst` writable for `n` bytes.
     #[unsafe(no_mangle)]
     pub unsafe extern "C" fn memcpy(dst: *mut c_void, src: *const c_void, n: usize) -> *mut c_void {
-        if super::slow_distance(dst as usize, src as usize, n) {
+        if super::slow_distance(dst as usize, src as usize, n) && affected() {
             // SAFETY: the caller's promise, passed on.
             unsafe { in_pieces(dst, src, n) };
             return dst;
         }
         // SAFETY: the caller's promise; `memmove` asks less of it.
-        // glibc's `memcpy` and `memmove` are one function on x86-64.
         unsafe { memmove(dst, src, n) }
     }
 
-    /// Out of line, so the common case above is a check and a jump.
+    /// Copies `n` bytes from `src` to `dst` as [`super::PIECE`]-byte
+    /// `memmove`s in order, the last one shorter.
+    ///
+    /// # Safety
+    ///
+    /// As C's `memcpy`, and `dst` not inside `src`'s range (a forward
+    /// copy in pieces would overwrite source bytes not yet copied).
     #[cold]
     #[inline(never)]
-    unsafe fn in_pieces(dst: *mut c_void, src: *const c_void, n: usize) {
+    pub unsafe fn in_pieces(dst: *mut c_void, src: *const c_void, n: usize) {
         let (mut to, mut from, mut left) = (dst.cast::<u8>(), src.cast::<u8>(), n);
         while left > 0 {
-            let piece = left.min(super::PIECE);
+            let piece = if left < super::PIECE {
+                left
+            } else {
+                super::PIECE
+            };
             // SAFETY: inside the caller's `n` bytes of each; pieces go in
             // order, as the whole would.
             unsafe {
@@ -88,68 +161,133 @@ pub mod glibc {
 
 #[cfg(test)]
 mod tests {
+    #![allow(unsafe_code)]
+
     use super::*;
 
     #[test]
-    fn only_copies_of_2_kib_or_more_1_to_15_bytes_past_modulo_a_page_are_slow() {
+    fn only_copies_of_2_kib_to_4_mib_1_to_15_bytes_past_modulo_a_page_and_apart_are_slow() {
         let base = 0x7f00_0000_1005usize;
         for distance in 1..16 {
-            assert!(slow_distance(base + distance, base, 16_384), "{distance}");
+            assert!(
+                slow_distance(base + 8192 + distance, base, 8192),
+                "{distance}"
+            );
             assert!(slow_distance(base + 4096 * 3 + distance, base, 2048));
-            assert!(!slow_distance(base + distance, base, 2047));
+            assert!(!slow_distance(base + 8192 + distance, base, 2047));
+            assert!(!slow_distance(
+                base + (8 << 20) + distance,
+                base,
+                (4 << 20) + 1
+            ));
+            // Overlapping, the destination inside the source: glibc copies
+            // backwards, and a copy in pieces would read what it wrote.
+            assert!(!slow_distance(base + distance, base, 2048));
         }
+        assert!(slow_distance(base + (8 << 20) + 3, base, 4 << 20));
         for distance in [0, 16, 17, 4095, 2048] {
-            assert!(!slow_distance(base + distance, base, 16_384), "{distance}");
+            assert!(
+                !slow_distance(base + 8192 + distance, base, 4096),
+                "{distance}"
+            );
         }
         // Below the source, as a page past it is the same distance.
         assert!(slow_distance(base - 4096 + 5, base, 4096));
         assert!(!slow_distance(base - 5, base, 4096));
     }
 
-    /// The program's `memcpy`: where it is ours, the one every caller
-    /// links to.
-    fn copy(to: &mut [u8], from: &[u8]) {
-        #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
-        {
-            #[allow(unsafe_code)]
-            // SAFETY: two slices of one length, one borrowed mutably.
-            unsafe {
-                nix::libc::memcpy(to.as_mut_ptr().cast(), from.as_ptr().cast(), from.len());
+    #[cfg(all(
+        target_arch = "x86_64",
+        target_os = "linux",
+        target_env = "gnu",
+        not(target_feature = "crt-static")
+    ))]
+    mod ours {
+        use super::*;
+
+        /// Copies `from` to `to` through `copy`, at every distance around
+        /// the slow ones, every length around a piece and three source
+        /// alignments, checking every byte and that nothing around the
+        /// destination was written.
+        fn at_every_distance(copy: impl Fn(&mut [u8], &[u8])) {
+            let source: Vec<u8> = (0..3 * 4096 + 64)
+                .map(|i: usize| (i.wrapping_mul(131) >> 3) as u8)
+                .collect();
+            let mut target = vec![0u8; 3 * 4096 + 4096 + 64];
+            let lengths = [0, 1, 2047, 2048, 2049, 4095, 4096, 4097, 6143, 3 * 4096];
+            for src_at in [0usize, 5, 4091] {
+                for distance in 0..20usize {
+                    for &len in &lengths {
+                        let len = std::hint::black_box(len);
+                        let from = &source[src_at..src_at + len.min(source.len() - src_at)];
+                        let src_addr = from.as_ptr() as usize;
+                        // Where in `target` the destination is this
+                        // distance past the source modulo a page.
+                        let dst_at =
+                            (src_addr + distance).wrapping_sub(target.as_ptr() as usize) & 4095;
+                        target.fill(0xAA);
+                        let to = &mut target[dst_at..dst_at + from.len()];
+                        copy(to, from);
+                        assert_eq!(to, from, "src_at {src_at} distance {distance} len {len}");
+                        assert!(target[..dst_at].iter().all(|&b| b == 0xAA));
+                        assert!(target[dst_at + from.len()..].iter().all(|&b| b == 0xAA));
+                    }
+                }
             }
-            // Ours, not glibc's, is what the program calls memcpy.
+        }
+
+        /// The program's `memcpy` is ours (what every caller in the
+        /// program links to), and copies every byte wherever it falls.
+        #[test]
+        fn the_programs_memcpy_is_ours_and_copies_at_every_distance() {
             let linked = nix::libc::memcpy as *const () as usize;
             assert_eq!(linked, glibc::memcpy as *const () as usize);
-        }
-        #[cfg(not(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu")))]
-        to.copy_from_slice(from);
-    }
-
-    /// Every byte arrives, in every alignment around the slow distances
-    /// and every length around a piece.
-    #[test]
-    fn copies_at_every_distance_and_length_give_the_same_bytes() {
-        let source: Vec<u8> = (0..3 * 4096 + 64)
-            .map(|i: usize| (i.wrapping_mul(131) >> 3) as u8)
-            .collect();
-        let mut target = vec![0u8; 3 * 4096 + 4096 + 64];
-        let lengths = [0, 1, 2047, 2048, 2049, 4095, 4096, 4097, 6143, 3 * 4096];
-        for src_at in [0usize, 5, 4091] {
-            for distance in 0..20usize {
-                for &len in &lengths {
-                    let len = std::hint::black_box(len);
-                    let from = &source[src_at..src_at + len.min(source.len() - src_at)];
-                    let src_addr = from.as_ptr() as usize;
-                    // Where in `target` the destination is this distance
-                    // past the source modulo a page.
-                    let dst_at =
-                        (src_addr + distance).wrapping_sub(target.as_ptr() as usize) & 4095;
-                    target.fill(0xAA);
-                    let to = &mut target[dst_at..dst_at + from.len()];
-                    copy(to, from);
-                    assert_eq!(to, from, "src_at {src_at} distance {distance} len {len}");
-                    assert!(target[..dst_at].iter().all(|&b| b == 0xAA));
-                    assert!(target[dst_at + from.len()..].iter().all(|&b| b == 0xAA));
+            at_every_distance(|to, from| {
+                // SAFETY: two slices of one length, one borrowed mutably.
+                unsafe {
+                    nix::libc::memcpy(to.as_mut_ptr().cast(), from.as_ptr().cast(), from.len());
                 }
+            });
+        }
+
+        /// The pieces, whatever this CPU: every byte, in order, the last
+        /// piece shorter.
+        #[test]
+        fn a_copy_in_pieces_copies_every_byte() {
+            at_every_distance(|to, from| {
+                // SAFETY: two slices of one length, apart.
+                unsafe {
+                    glibc::in_pieces(to.as_mut_ptr().cast(), from.as_ptr().cast(), from.len())
+                }
+            });
+        }
+
+        /// A caller that overlaps its ranges (undefined for `memcpy`, but
+        /// C code in the process may) gets what glibc's gave: `memmove`'s
+        /// result, also at the slow distances.
+        #[test]
+        fn overlapping_ranges_come_out_as_memmove_makes_them() {
+            let original: Vec<u8> = (0..16_384usize).map(|i| (i * 7 + i / 251) as u8).collect();
+            for shift in [1usize, 5, 15, 16, 4097] {
+                let len = 8192;
+                let mut buf = original.clone();
+                let base = buf.as_mut_ptr();
+                // SAFETY: both ranges inside `buf`.
+                unsafe { nix::libc::memcpy(base.add(shift).cast(), base.cast(), len) };
+                assert_eq!(
+                    &buf[shift..shift + len],
+                    &original[..len],
+                    "forward {shift}"
+                );
+                let mut buf = original.clone();
+                let base = buf.as_mut_ptr();
+                // SAFETY: both ranges inside `buf`.
+                unsafe { nix::libc::memcpy(base.cast(), base.add(shift).cast(), len) };
+                assert_eq!(
+                    &buf[..len],
+                    &original[shift..shift + len],
+                    "backward {shift}"
+                );
             }
         }
     }

@@ -6,14 +6,15 @@
 //! (mTLS listener and dialer, [`transport`]), and the daemons' shared edges
 //! ([`daemon`]: logging, signals, systemd notify; [`slice`]: the
 //! scheduling slice their threads ask for; [`alloc`]: glibc's allocator
-//! settings for moving output, and giving freed memory back; [`grpc_ops`]: gRPC
+//! settings for moving output, and giving freed memory back; [`copy`]: the
+//! programs' `memcpy`, around a slow case of glibc's; [`grpc_ops`]: gRPC
 //! health and reflection; [`man`]: manual pages from the clap
 //! definitions). Holds wire types,
 //! conversions and byte moving only: no job or worker logic, and no
 //! authorization policy (the daemons say which role a service wants).
 
-// Denied, not forbidden: `slice` and `alloc` hold the system and glibc
-// calls nothing wraps (a crate of its own for them would change the fixed
+// Denied, not forbidden: `slice`, `alloc` and `copy` hold the system and
+// glibc calls nothing wraps (a crate of its own for them would change the fixed
 // top level).
 #![deny(unsafe_code)]
 

@@ -14,8 +14,8 @@
 //! more preemptions of a daemon's own long bursts (copying output), did not
 //! show in the output benchmarks (docs/PERFORMANCE.md).
 //!
-//! The system calls have no safe wrapper in nix or rustix, hence the one
-//! `unsafe` of this crate.
+//! The system calls have no safe wrapper in nix or rustix, hence this
+//! module's `unsafe`.
 #![allow(unsafe_code)]
 
 use std::sync::atomic::{AtomicBool, Ordering};
