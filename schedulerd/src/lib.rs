@@ -351,6 +351,7 @@ pub async fn run(
         refresh_timeout: config.refresh_timeout,
         tokens,
         followers: Arc::new(api::Followers::new(config.max_followers_per_job)),
+        taps: Arc::default(),
         insecure: secure.is_none(),
         placement_turn: Default::default(),
         claims: Default::default(),

@@ -98,6 +98,7 @@ struct Metrics {
     followers: Gauge,
     leader: Gauge,
     output_streamed: Counter,
+    output_worker_streams: Counter,
     store_duration: HistogramFamily<OperationLabel>,
     plugins: RwLock<HashSet<String>>,
     /// Scrapes set the mirrored gauges and encode under it, so two at once
@@ -148,6 +149,7 @@ impl Metrics {
             followers: Gauge::default(),
             leader: Gauge::default(),
             output_streamed: Counter::default(),
+            output_worker_streams: Counter::default(),
             store_duration: Family::new_with_constructor(store_histogram),
             plugins: RwLock::new(HashSet::new()),
             scrape: Mutex::new(()),
@@ -213,6 +215,11 @@ impl Metrics {
             "output_streamed_bytes",
             "Bytes of job output passed from workers to API clients",
             m.output_streamed.clone(),
+        );
+        registry.register(
+            "output_worker_streams",
+            "Worker output streams opened for API clients (followers that read together share one)",
+            m.output_worker_streams.clone(),
         );
         registry.register(
             "store_operation_duration_seconds",
@@ -320,6 +327,10 @@ pub(crate) fn follower_closed() {
 
 pub(crate) fn output_streamed(bytes: usize) {
     METRICS.output_streamed.inc_by(bytes as u64);
+}
+
+pub(crate) fn output_worker_stream_opened() {
+    METRICS.output_worker_streams.inc();
 }
 
 /// Times a store operation. `F` is the closure a `Store` method hands to

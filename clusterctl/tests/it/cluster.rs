@@ -533,6 +533,12 @@ runner = "python"
     /// A client with the client certificate that speaks only HTTP/1.1, or
     /// only HTTP/2.
     pub fn http_version(&self, http2: bool) -> reqwest::Client {
+        self.http_version_within(http2, Some(Duration::from_secs(30)))
+    }
+
+    /// As [`Cluster::http_version`], with `timeout` for a whole request
+    /// (none: a body read as slowly as the test means to).
+    pub fn http_version_within(&self, http2: bool, timeout: Option<Duration>) -> reqwest::Client {
         let pki = self.pki();
         let roots = jobcluster_pki::Roots::load(&pki.join("ca.pem")).unwrap();
         let identity =
@@ -540,9 +546,10 @@ runner = "python"
                 .unwrap();
         let alpn: &[&[u8]] = if http2 { &[b"h2"] } else { &[b"http/1.1"] };
         let tls = jobcluster_pki::client_config(&roots, Some(&identity), alpn).unwrap();
-        let builder = reqwest::Client::builder()
-            .tls_backend_preconfigured((*tls).clone())
-            .timeout(Duration::from_secs(30));
+        let mut builder = reqwest::Client::builder().tls_backend_preconfigured((*tls).clone());
+        if let Some(timeout) = timeout {
+            builder = builder.timeout(timeout);
+        }
         let builder = if http2 {
             builder.http2_prior_knowledge()
         } else {

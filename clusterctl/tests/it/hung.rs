@@ -404,28 +404,46 @@ async fn a_job_pushed_out_of_worker_memory_is_still_served_from_disk() {
 }
 
 /// Memory a burst of followers needed goes back to the system once they
-/// are gone: the worker does not stay at its peak.
+/// are gone: the worker does not stay at its peak. The followers read a
+/// finished log from 64 offsets 512 KiB apart, so the scheduler opens a
+/// worker stream for each (followers from one offset would share one).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_gives_back_the_memory_of_a_burst_of_followers() {
     let mut cluster = Cluster::start(&["w1"]).await;
     cluster.add_repo_script("blast.sh");
     let pid = cluster.worker("w1").child.id();
     let idle = rss_kib(pid);
-    let out = cluster
-        .ctl_output(&[
-            "-o",
-            "json",
-            "bench",
-            "follow",
-            "--worker",
-            "w1",
-            "--mib",
-            "32",
-            "--followers",
-            "64",
-        ])
+    let size = 32 << 20;
+    let job = cluster
+        .start_job("w1", "blast.sh", &[&size.to_string()])
         .await;
-    assert!(out.status.success(), "{}", crate::cluster::stderr(&out));
+    crate::faults::until(Duration::from_secs(30), "the job ended", || async {
+        cluster.job(&job).await.state == "succeeded"
+    })
+    .await;
+    let reads = (0..64u64).map(|i| {
+        let url = format!(
+            "{}/v1/jobs/{job}/logs?offset={}",
+            cluster.url(),
+            i * (512 << 10)
+        );
+        // A connection each, as separate clients come.
+        let client = cluster.http();
+        async move {
+            client
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap()
+                .len() as u64
+        }
+    });
+    let read = futures_util::future::join_all(reads).await;
+    let expected: Vec<u64> = (0..64u64).map(|i| size - i * (512 << 10)).collect();
+    assert_eq!(read, expected);
     let peak = rss_kib(pid);
     // 16 MiB: what the worker's trim leaves in place; a trim may already
     // have run by the time the bench returns on a busy machine.

@@ -688,3 +688,52 @@ async fn a_job_given_up_with_its_worker_is_counted_lost_and_the_worker_down() {
         0.0
     );
 }
+
+/// Followers of one job read one worker stream together, and one that
+/// stops reading neither holds the others back nor loses a byte: it falls
+/// behind, goes on from where it was on a stream of its own, and gets the
+/// whole output in order like the rest.
+#[tokio::test(flavor = "multi_thread")]
+async fn followers_of_one_job_share_its_worker_stream_and_one_that_stalls_goes_on_alone() {
+    let cluster = Cluster::start(&["w1"]).await;
+    let url = format!("{}/metrics", cluster.url());
+    let streams = |scrape: &Scrape| value(scrape, "schedulerd_output_worker_streams_total", &[]);
+    // 79 MB of distinct lines, far past the 32 MiB a shared stream holds
+    // behind its fastest follower, after a pause in which all three
+    // followers arrive.
+    let lines = 10_000_000;
+    cluster.add_script("later.sh", "#!/bin/bash\nsleep 2\nseq 1 \"$1\"\n");
+    let job = cluster
+        .start_job("w1", "later.sh", &[&lines.to_string()])
+        .await;
+    let before = streams(&scrape_with(&cluster.http(), &url).await);
+    // The one that stalls speaks HTTP/1.1: with no stream window of its
+    // own, what it does not read is held only by the sockets' buffers, a
+    // few MiB, so it falls behind for certain. Its client has no deadline:
+    // it reads only once the others are done.
+    let stalled = cluster
+        .http_version_within(false, None)
+        .get(format!("{}/v1/jobs/{job}/logs?follow=true", cluster.url()))
+        .send();
+    let (a, b, stalled) = tokio::join!(cluster.follow_job(&job), cluster.follow_job(&job), stalled);
+    let stalled = stalled.unwrap();
+    for follower in [&a, &b, &stalled] {
+        assert_eq!(follower.status(), StatusCode::OK);
+    }
+    let together = streams(&scrape_with(&cluster.http(), &url).await);
+    assert_eq!(together - before, 1.0, "three followers, one worker stream");
+
+    let expected: String = (1..=lines).map(|i| format!("{i}\n")).collect();
+    let (a, b) = tokio::join!(a.bytes(), b.bytes());
+    for read in [a.unwrap(), b.unwrap()] {
+        assert!(read == expected.as_bytes(), "a follower that kept up");
+    }
+    assert_eq!(wait_ended(&cluster, &job).await, "succeeded");
+    // The stalled follower left the shared stream behind; reading now, it
+    // goes on from its offset on a stream of its own.
+    let late = stalled.bytes().await.unwrap();
+    assert_eq!(late.len(), expected.len());
+    assert!(late == expected.as_bytes(), "the follower that stalled");
+    let after = streams(&scrape_with(&cluster.http(), &url).await);
+    assert_eq!(after - before, 2.0, "the stalled follower's own stream");
+}

@@ -1,6 +1,5 @@
 //! `/v1/jobs` routes, and the job operations the original routes share.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use axum::Json;
@@ -20,6 +19,7 @@ use jobcluster_proto::pb::{
 
 use super::extract::{JsonBody, QueryParams};
 use super::idempotency::{self, IdempotencyKey};
+use super::tap::{Joined, Piece, Taps, Worker as TapWorker};
 use super::{ApiError, AppState, with_deadline};
 use crate::convert::{job_info, job_summary, merge_status};
 use crate::registry::WorkerEntry;
@@ -1525,10 +1525,13 @@ pub(crate) async fn settle_unknown(state: AppState, stop: tokio_util::sync::Canc
     }
 }
 
-/// Passes the worker's output stream through as a chunked body. The body
-/// pulls from the gRPC stream only as the client reads, so a slow reader
-/// holds the worker back through flow control instead of filling memory,
-/// and a reader that leaves drops the stream, which cancels it on the worker.
+/// Passes the worker's output stream through as a chunked body, on a
+/// worker stream shared with the job's other followers where one holds
+/// the bytes it starts from (`api::tap`). The body pulls from the stream
+/// only as the client reads: a lone slow reader holds the worker back
+/// through flow control, and one sharing a stream holds at most
+/// `tap::WINDOW` before it goes on alone. When the last reader of a
+/// stream leaves, the stream is dropped, which cancels it on the worker.
 pub(crate) async fn stream_output(
     state: &AppState,
     row: JobRow,
@@ -1550,7 +1553,62 @@ pub(crate) async fn stream_output(
         .with_job(&row.job_id));
     }
     let slot = state.followers.enter(&row.job_id)?;
-    let worker = worker_of(state, &row).await?;
+    // Followers of one job, and readers of a finished job's log, share a
+    // worker stream where one already holds their bytes (`tap`); a read of
+    // a running job without `follow` stops at what there was when it
+    // asked, so it reads on its own.
+    let shared = follow || row.state.is_terminal();
+    let joined = match shared {
+        true => state.taps.join(&row.job_id, follow, offset).await,
+        false => Joined::Alone,
+    };
+    let tap = match joined {
+        Joined::Tap(tap) => tap,
+        Joined::Open(opener) => {
+            let (output, worker) = open_stream(state, &row, offset, follow).await?;
+            opener.opened(offset, output, worker)
+        }
+        Joined::Alone => {
+            let (output, worker) = open_stream(state, &row, offset, follow).await?;
+            Taps::alone(&row.job_id, follow, offset, output, worker)
+        }
+    };
+    let store = state.store.clone();
+    let job_id = row.job_id.clone();
+    let relay = Relay {
+        tap,
+        row: Some(row),
+        trailer,
+        store,
+        _slot: slot,
+    };
+    let frames = futures_util::stream::unfold(relay, |mut relay| async move {
+        let frame = relay.next().await?;
+        Some((frame, relay))
+    });
+    let mut response = (
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+            (header::HeaderName::from_static("x-job-id"), job_id),
+        ],
+        Body::new(http_body_util::StreamBody::new(frames)),
+    )
+        .into_response();
+    if trailer == Trailer::Record {
+        announce_trailer(&mut response, JOB_TRAILER);
+    }
+    Ok(response)
+}
+
+/// Opens a worker stream of `row`'s output from `offset`; with where it
+/// came from, for a follower that falls behind a shared one.
+async fn open_stream(
+    state: &AppState,
+    row: &JobRow,
+    offset: u64,
+    follow: bool,
+) -> Result<(crate::output_stream::Output, TapWorker), ApiError> {
+    let worker = worker_of(state, row).await?;
     let name = worker.row().name;
     if worker.row().seed {
         return Err(ApiError::new(
@@ -1590,33 +1648,11 @@ pub(crate) async fn stream_output(
             return Err(ApiError::from_worker(status, &name));
         }
     };
-    let store = state.store.clone();
-    let job_id = row.job_id.clone();
-    let relay = Relay {
-        stream,
-        row: Some(row),
-        trailer,
-        end: None,
-        output: VecDeque::new(),
-        store,
-        _slot: slot,
+    let source = TapWorker {
+        channel: worker.channel(),
+        timeout: state.call_timeout,
     };
-    let frames = futures_util::stream::unfold(relay, |mut relay| async move {
-        let frame = relay.next().await?;
-        Some((frame, relay))
-    });
-    let mut response = (
-        [
-            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
-            (header::HeaderName::from_static("x-job-id"), job_id),
-        ],
-        Body::new(http_body_util::StreamBody::new(frames)),
-    )
-        .into_response();
-    if trailer == Trailer::Record {
-        announce_trailer(&mut response, JOB_TRAILER);
-    }
-    Ok(response)
+    Ok((stream, source))
 }
 
 /// Announces the trailer `name` that may end `response`'s body: HTTP/1.1
@@ -1639,14 +1675,10 @@ pub(crate) enum Trailer {
 
 /// One output stream passed from its worker to an API client.
 struct Relay {
-    stream: crate::output_stream::Output,
+    tap: super::tap::Tap,
     /// The job's record until its end came (or the stream broke).
     row: Option<JobRow>,
     trailer: Trailer,
-    /// The job's end recorded, sent after its last output.
-    end: Option<HeaderMap>,
-    /// The rest of the last message's output, one frame per chunk.
-    output: VecDeque<Bytes>,
     store: SharedStore,
     /// Held while the stream is open (the job's count of followers).
     _slot: super::FollowerSlot,
@@ -1654,44 +1686,28 @@ struct Relay {
 
 impl Relay {
     async fn next(&mut self) -> Option<Result<Frame<Bytes>, std::io::Error>> {
-        if let Some(data) = self.output.pop_front() {
-            return Some(Ok(Frame::data(data)));
-        }
-        if let Some(end) = self.end.take() {
-            return Some(Ok(Frame::trailers(end)));
-        }
         let current = self.row.take()?;
-        loop {
-            match self.stream.message().await {
-                Ok(Some(msg)) => {
-                    crate::metrics::output_streamed(msg.output_len());
-                    self.output = msg.output;
-                    if let Some(status) = &msg.final_status {
-                        // Record the final state before the body ends, so a
-                        // client that asks right after sees it.
-                        let seen = record_status(&self.store, current, status).await;
-                        self.end = match self.trailer {
-                            Trailer::Record => end_trailer(&seen),
-                            Trailer::None => None,
-                        };
-                        return match self.output.pop_front() {
-                            Some(data) => Some(Ok(Frame::data(data))),
-                            None => self.end.take().map(|end| Ok(Frame::trailers(end))),
-                        };
-                    }
-                    let Some(data) = self.output.pop_front() else {
-                        continue; // keepalive
-                    };
-                    self.row = Some(current);
-                    return Some(Ok(Frame::data(data)));
+        match self.tap.next().await {
+            Ok(Piece::Data(data)) => {
+                crate::metrics::output_streamed(data.len());
+                self.row = Some(current);
+                Some(Ok(Frame::data(data)))
+            }
+            Ok(Piece::Final(status)) => {
+                // Record the final state before the body ends, so a client
+                // that asks right after sees it.
+                let seen = record_status(&self.store, current, &status).await;
+                match self.trailer {
+                    Trailer::Record => end_trailer(&seen).map(|end| Ok(Frame::trailers(end))),
+                    Trailer::None => None,
                 }
-                Ok(None) => return None,
-                Err(status) => {
-                    tracing::info!(job_id = %current.job_id, %status, "output stream from worker broke");
-                    // An error ends the body without its last chunk, so the
-                    // client sees a cut stream and can resume from its offset.
-                    return Some(Err(std::io::Error::other(status.message().to_owned())));
-                }
+            }
+            Ok(Piece::Ended) => None,
+            Err(status) => {
+                tracing::info!(job_id = %current.job_id, %status, "output stream from worker broke");
+                // An error ends the body without its last chunk, so the
+                // client sees a cut stream and can resume from its offset.
+                Some(Err(std::io::Error::other(status.message().to_owned())))
             }
         }
     }

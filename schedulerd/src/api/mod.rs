@@ -15,6 +15,7 @@ pub(crate) mod jobs;
 mod legacy;
 pub(crate) mod openapi;
 pub(crate) mod serve;
+pub(crate) mod tap;
 pub(crate) mod timeout;
 pub(crate) mod tls;
 mod workers;
@@ -45,6 +46,8 @@ pub(crate) struct AppState {
     pub(crate) refresh_timeout: Duration,
     pub(crate) tokens: Arc<auth::Tokens>,
     pub(crate) followers: Arc<Followers>,
+    /// Worker streams of output open for followers to share.
+    pub(crate) taps: Arc<tap::Taps>,
     /// Plaintext mode: no identities to check.
     pub(crate) insecure: bool,
     /// Round-robin position among equally loaded workers.
