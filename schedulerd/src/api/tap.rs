@@ -15,11 +15,12 @@
 //! leaves the source and goes on from its offset on a stream of its own,
 //! so a slow client neither holds the others back nor makes this process
 //! hold more than [`WINDOW`] of output per shared stream, nor more than
-//! [`BUDGET`] in all.
+//! [`BUDGET`] in all (each plus a message).
 //!
-//! A followed source keeps the last [`KEEP`] bytes it read in its first
-//! [`KEEP_FOR`] (while all hold under half the [`BUDGET`]) for followers
-//! who come a moment later. A follower
+//! A followed source keeps the last [`KEEP`] bytes it read (and the
+//! chunk that reaches past them) for followers who come a moment later,
+//! until its first read after [`KEEP_FOR`], while all hold under half the
+//! [`BUDGET`]. A follower
 //! joins an open source ([`Taps::join`]) only if the source still holds
 //! the byte it starts from, and only where the bytes cannot
 //! differ: a followed stream, or a finished job's log. A read of a running
@@ -187,7 +188,7 @@ impl Taps {
         output: Output,
         worker: Worker,
     ) -> Tap {
-        let source = Source::new((job_id.to_owned(), follow), offset, output, worker);
+        let source = Source::new((job_id.to_owned(), follow), offset, output, worker, false);
         Tap::first(source, offset)
     }
 }
@@ -206,7 +207,7 @@ impl Opener {
     /// The first tap on `output`, the worker's stream from `offset` over
     /// `worker`, offered to later followers.
     pub(crate) fn opened(mut self, offset: u64, output: Output, worker: Worker) -> Tap {
-        let source = Source::new(self.key.clone(), offset, output, worker);
+        let source = Source::new(self.key.clone(), offset, output, worker, true);
         let tap = Tap::first(source.clone(), offset);
         lock(&self.taps.open).insert(self.key.clone(), Entry::Open(Arc::downgrade(&source)));
         self.done = None;
@@ -269,9 +270,17 @@ struct Inner {
 }
 
 impl Source {
-    fn new(key: (String, bool), offset: u64, output: Output, worker: Worker) -> Arc<Source> {
+    /// `joinable`: offered to later followers (a source opened for one
+    /// follower alone keeps nothing for them).
+    fn new(
+        key: (String, bool),
+        offset: u64,
+        output: Output,
+        worker: Worker,
+        joinable: bool,
+    ) -> Arc<Source> {
         crate::metrics::output_worker_stream_opened();
-        let follow = key.1;
+        let keep = joinable && key.1;
         Arc::new(Source {
             key,
             worker,
@@ -286,7 +295,7 @@ impl Source {
                 end: None,
                 // Readers of a finished log that start together come
                 // while the first opens the stream, and wait for it.
-                keep_until: follow.then(|| Instant::now() + KEEP_FOR),
+                keep_until: keep.then(|| Instant::now() + KEEP_FOR),
             }),
             changed: Notify::new(),
         })
@@ -519,7 +528,7 @@ impl Tap {
         let output = tokio::time::timeout(worker.timeout, opening)
             .await
             .map_err(|_| Status::deadline_exceeded("the worker did not answer in time"))??;
-        let source = Source::new((job_id, follow), self.at, output, worker);
+        let source = Source::new((job_id, follow), self.at, output, worker, false);
         // This tap's old place was already taken off its source.
         self.id = lock(&source.inner).enter(self.at);
         self.source = source;
