@@ -737,3 +737,46 @@ async fn followers_of_one_job_share_its_worker_stream_and_one_that_stalls_goes_o
     let after = streams(&scrape_with(&cluster.http(), &url).await);
     assert_eq!(after - before, 2.0, "the stalled follower's own stream");
 }
+
+/// On a shared worker stream, a follower that leaves mid-stream (its
+/// client gone, perhaps while it was reading for the others) cuts no one:
+/// the other reads every line on the same stream. A worker killed under a
+/// shared stream cuts every follower on it, as it cuts a lone one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follower_leaving_a_shared_stream_cuts_no_one_and_a_killed_worker_cuts_all() {
+    let mut cluster = Cluster::start(&["w1"]).await;
+    let url = format!("{}/metrics", cluster.url());
+    let streams = |scrape: &Scrape| value(scrape, "schedulerd_output_worker_streams_total", &[]);
+    cluster.add_script(
+        "slow.sh",
+        "#!/bin/bash\nsleep 1\nfor i in $(seq 1 \"$1\"); do echo \"$i\"; sleep 0.05; done\n",
+    );
+    let job = cluster.start_job("w1", "slow.sh", &["40"]).await;
+    let before = streams(&scrape_with(&cluster.http(), &url).await);
+    let (mut leaving, staying) = tokio::join!(cluster.follow_job(&job), cluster.follow_job(&job));
+    let start = leaving.chunk().await.unwrap().unwrap();
+    assert!(start.starts_with(b"1\n"), "{start:?}");
+    drop(leaving);
+    let expected: String = (1..=40).map(|i| format!("{i}\n")).collect();
+    assert_eq!(staying.text().await.unwrap(), expected);
+    let after = streams(&scrape_with(&cluster.http(), &url).await);
+    assert_eq!(after - before, 1.0, "both on one worker stream to the end");
+
+    let job = cluster.start_job("w1", "slow.sh", &["1000"]).await;
+    let (mut first, mut second) = tokio::join!(cluster.follow_job(&job), cluster.follow_job(&job));
+    for follower in [&mut first, &mut second] {
+        let output = follower.chunk().await.unwrap().unwrap();
+        assert!(output.starts_with(b"1\n"), "{output:?}");
+    }
+    cluster
+        .worker("w1")
+        .signal(nix::sys::signal::Signal::SIGKILL);
+    // Cut at once for both, not left waiting until the client gives up.
+    let (first, second) = tokio::join!(first.bytes(), second.bytes());
+    for read in [first, second] {
+        assert!(
+            read.as_ref().is_err_and(|e| !e.is_timeout()),
+            "a cut stream, not an end or a wait: {read:?}"
+        );
+    }
+}

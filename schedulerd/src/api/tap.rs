@@ -241,7 +241,7 @@ pub(crate) struct Worker {
 #[derive(Debug)]
 struct Source {
     /// The job and whether the stream follows it.
-    key: (String, bool),
+    key: Key,
     worker: Worker,
     inner: Mutex<Inner>,
     /// Output came, the stream ended, or its reader let it go.
@@ -272,13 +272,7 @@ struct Inner {
 impl Source {
     /// `joinable`: offered to later followers (a source opened for one
     /// follower alone keeps nothing for them).
-    fn new(
-        key: (String, bool),
-        offset: u64,
-        output: Output,
-        worker: Worker,
-        joinable: bool,
-    ) -> Arc<Source> {
+    fn new(key: Key, offset: u64, output: Output, worker: Worker, joinable: bool) -> Arc<Source> {
         crate::metrics::output_worker_stream_opened();
         let keep = joinable && key.1;
         Arc::new(Source {
@@ -331,10 +325,13 @@ impl Inner {
     /// under half the [`BUDGET`].
     fn trim(&mut self) {
         let mut lowest = self.at.values().copied().min().unwrap_or(self.head);
-        if self.keep_until.is_some_and(|until| Instant::now() < until)
-            && HELD.load(Ordering::Relaxed) < BUDGET / 2
-        {
-            lowest = lowest.min(self.head.saturating_sub(KEEP));
+        if let Some(until) = self.keep_until {
+            if Instant::now() >= until {
+                // Past it for good: no clock read on later pieces.
+                self.keep_until = None;
+            } else if HELD.load(Ordering::Relaxed) < BUDGET / 2 {
+                lowest = lowest.min(self.head.saturating_sub(KEEP));
+            }
         }
         while let Some(first) = self.chunks.front() {
             let end = self.base + first.len() as u64;
@@ -525,13 +522,11 @@ impl Tap {
         };
         let worker = self.source.worker.clone();
         let opening = crate::output_stream::open(worker.channel.clone(), request);
-        let output = tokio::time::timeout(worker.timeout, opening)
-            .await
-            .map_err(|_| Status::deadline_exceeded("the worker did not answer in time"))??;
+        let output = super::with_deadline(worker.timeout, opening).await?;
         let source = Source::new((job_id, follow), self.at, output, worker, false);
-        // This tap's old place was already taken off its source.
-        self.id = lock(&source.inner).enter(self.at);
-        self.source = source;
+        // The old place goes with the old tap (it was already taken off
+        // its source's followers).
+        *self = Tap::first(source, self.at);
         Ok(())
     }
 }
