@@ -4,6 +4,8 @@
 #
 #   scripts/bench.sh                 # everything, a few minutes
 #   scripts/bench.sh --quick         # fewer jobs and bytes, for a smoke run
+#   scripts/bench.sh --rounds 5      # every figure 5 times on the one
+#                                    # cluster, then medians (and ranges)
 #   scripts/bench.sh --postgres      # the scheduler on PostgreSQL (a throwaway
 #                                    # server from Debian's postgresql package)
 #   scripts/bench.sh --serve         # start the same cluster, print its
@@ -24,14 +26,21 @@
 # pays for.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-quick=0 postgres=0 serve=0
-for arg in "$@"; do
-  case $arg in
+quick=0 postgres=0 serve=0 rounds=1
+usage() { echo "usage: scripts/bench.sh [--quick] [--postgres] [--serve] [--rounds N]" >&2; exit 2; }
+while [ $# -gt 0 ]; do
+  case $1 in
     --quick) quick=1 ;;
     --postgres) postgres=1 ;;
     --serve) serve=1 ;;
-    *) echo "usage: scripts/bench.sh [--quick] [--postgres] [--serve]" >&2; exit 2 ;;
+    --rounds)
+      shift
+      # Bounded: each round starts thousands of jobs and streams a GiB.
+      case ${1:-} in [1-9] | [1-4][0-9] | 50) rounds=$1 ;; *) echo "--rounds takes 1 to 50" >&2; usage ;; esac
+      ;;
+    *) usage ;;
   esac
+  shift
 done
 
 . "$root/scripts/bench-lib.sh"
@@ -155,73 +164,95 @@ os.close(fd); os.unlink(path); t.sort()
 print(json.dumps({"mode": "sync_floor", "fdatasync_ms": {"p50": round(t[100], 3), "p99": round(t[198], 3)}}))
 PY
 }
-echo "== the disk's sync floor (4 KiB write + fdatasync)" >&2
-floor_before=$(sync_floor)
-echo "$floor_before"
-echo "== start, 1 client (HTTPS + client certificate, mTLS to the worker)" >&2
-start1=$(bench start --worker w1 --clients 1 --jobs $jobs1)
-echo "$start1"
-# Where the scheduler spent a start's time: means over the run above, from
-# its own metrics (the process is fresh, so they hold little else).
-breakdown=$(curl -sS --cacert "$CLUSTERCTL_CA" --cert "$CLUSTERCTL_CERT" --key "$CLUSTERCTL_KEY" \
-  "$CLUSTERCTL_SCHEDULER/metrics" | python3 -c '
+scrape() {
+  curl -sS --cacert "$CLUSTERCTL_CA" --cert "$CLUSTERCTL_CERT" --key "$CLUSTERCTL_KEY" \
+    "$CLUSTERCTL_SCHEDULER/metrics"
+}
+# Means (ms) of the scheduler's own timings of a start between two scrapes.
+start_breakdown() {
+  python3 - "$1" "$2" <<'PY'
 import json, re, sys
-sums, counts = {}, {}
-for line in sys.stdin:
-    m = re.match(r"(\w+?)_(sum|count)\{(.*)\} (\S+)$", line.strip())
-    if not m:
-        continue
-    name, kind, labels, value = m.groups()
-    key = (name, labels)
-    (sums if kind == "sum" else counts)[key] = float(value)
+def parse(text):
+    sums, counts = {}, {}
+    for line in text.splitlines():
+        m = re.match(r"(\w+?)_(sum|count)\{(.*)\} (\S+)$", line.strip())
+        if not m:
+            continue
+        name, kind, labels, value = m.groups()
+        (sums if kind == "sum" else counts)[(name, labels)] = float(value)
+    return sums, counts
+(s0, c0), (s1, c1) = parse(sys.argv[1]), parse(sys.argv[2])
 def mean_ms(name, want):
-    for (n, labels), total in sums.items():
+    for (n, labels), total in s1.items():
         if n == name and all(w in labels for w in want):
-            c = counts.get((n, labels), 0)
-            return round(total / c * 1000, 3) if c else None
-out = {"mode": "start_breakdown", "mean_ms": {
+            key = (n, labels)
+            c = c1.get(key, 0) - c0.get(key, 0)
+            return round((total - s0.get(key, 0)) / c * 1000, 3) if c else None
+print(json.dumps({"mode": "start_breakdown", "mean_ms": {
     "http_post_v1_jobs": mean_ms("schedulerd_http_request_duration_seconds", ["route=\"/v1/jobs\"", "method=\"POST\""]),
     "store_waiting_ahead": mean_ms("schedulerd_store_operation_duration_seconds", ["operation=\"waiting_ahead\""]),
     "store_insert_job_synced": mean_ms("schedulerd_store_operation_duration_seconds", ["operation=\"insert_job\""]),
     "store_insert_job_unless_ahead_synced": mean_ms("schedulerd_store_operation_duration_seconds", ["operation=\"insert_job_unless_ahead\""]),
     "request_to_worker_confirmed": mean_ms("schedulerd_job_start_latency_seconds", ["queued=\"false\""]),
     "store_update_started": mean_ms("schedulerd_store_operation_duration_seconds", ["operation=\"update_started\""]),
-}}
-print(json.dumps(out))')
-echo "$breakdown"
-# Back to back, each start shares the two cores with the end of the job
-# before it (its process scan, final record and report): spaced out, the
-# start's own latency.
-echo "== start, 1 client, 20 ms after each answer" >&2
-start1apart=$(bench start --worker w1 --clients 1 --jobs $apart --pause 20)
-echo "$start1apart"
-echo "== start, 16 clients, with the floor (local bash noop.sh, 16 at a time)" >&2
-start16=$(bench start --worker w1 --clients 16 --jobs $jobs16 --floor)
-echo "$start16"
-echo "== status of a finished job" >&2
-job=$("$ctl" -o json jobs --state succeeded | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["job_id"])')
-status=$(bench status --job "$job" --requests 5000)
-echo "$status"
-echo "== clusterctl run true.sh, $runs times, process start to exit" >&2
-times=()
-for _ in $(seq 1 $runs); do
-  t0=$EPOCHREALTIME
-  "$ctl" run --worker w1 true.sh >/dev/null 2>&1
-  t1=$EPOCHREALTIME
-  times+=("$(python3 -c "print(($t1-$t0)*1000)")")
-done
-run=$(printf '%s\n' "${times[@]}" | python3 -c '
+}}))
+PY
+}
+one_round() {
+  echo "== the disk's sync floor (4 KiB write + fdatasync)" >&2
+  floor_before=$(sync_floor)
+  echo "$floor_before"
+  echo "== start, 1 client (HTTPS + client certificate, mTLS to the worker)" >&2
+  metrics_before=$(scrape)
+  start1=$(bench start --worker w1 --clients 1 --jobs $jobs1)
+  echo "$start1"
+  # Where the scheduler spent a start's time: means over the run above, from
+  # its own metrics, as the difference of a scrape before and after it.
+  breakdown=$(start_breakdown "$metrics_before" "$(scrape)")
+  echo "$breakdown"
+  # Back to back, each start shares the two cores with the end of the job
+  # before it (its process scan, final record and report): spaced out, the
+  # start's own latency.
+  echo "== start, 1 client, 20 ms after each answer" >&2
+  start1apart=$(bench start --worker w1 --clients 1 --jobs $apart --pause 20)
+  echo "$start1apart"
+  echo "== start, 16 clients, with the floor (local bash noop.sh, 16 at a time)" >&2
+  start16=$(bench start --worker w1 --clients 16 --jobs $jobs16 --floor)
+  echo "$start16"
+  echo "== status of a finished job" >&2
+  job=$("$ctl" -o json jobs --state succeeded | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["job_id"])')
+  status=$(bench status --job "$job" --requests 5000)
+  echo "$status"
+  echo "== clusterctl run true.sh, $runs times, process start to exit" >&2
+  times=()
+  for _ in $(seq 1 $runs); do
+    t0=$EPOCHREALTIME
+    "$ctl" run --worker w1 true.sh >/dev/null 2>&1
+    t1=$EPOCHREALTIME
+    times+=("$(python3 -c "print(($t1-$t0)*1000)")")
+  done
+  run=$(printf '%s\n' "${times[@]}" | python3 -c '
 import json,sys
 t=sorted(float(x) for x in sys.stdin)
 print(json.dumps({"mode":"run","runs":len(t),"p50_ms":round(t[len(t)//2],2),"min_ms":round(t[0],2),"max_ms":round(t[-1],2)}))')
-echo "$run"
-echo "== follow ($mib MiB), 1 and 4 followers" >&2
-follow1=$(bench follow --worker w1 --mib $mib --followers 1 --replay --floor)
-echo "$follow1"
-follow4=$(bench follow --worker w1 --mib $mib --followers 4 --floor)
-echo "$follow4"
-floor_after=$(sync_floor)
-echo "$floor_after"
+  echo "$run"
+  echo "== follow ($mib MiB), 1 and 4 followers" >&2
+  follow1=$(bench follow --worker w1 --mib $mib --followers 1 --replay --floor)
+  echo "$follow1"
+  follow4=$(bench follow --worker w1 --mib $mib --followers 4 --floor)
+  echo "$follow4"
+  floor_after=$(sync_floor)
+  echo "$floor_after"
+}
+# Every figure of a round, one JSON object per line, per figure.
+declare -A got
+for round in $(seq 1 "$rounds"); do
+  [ "$rounds" -gt 1 ] && echo "== round $round of $rounds" >&2
+  one_round
+  for name in start1 start1apart start16 status run follow1 follow4 floor_before floor_after breakdown; do
+    got[$name]+="${!name}"$'\n'
+  done
+done
 echo "== memory at rest, after the benches (idle right after start: see PERFORMANCE.md)" >&2
 mem=$(for pid in "${pids[@]}"; do
   printf '%s %s\n' "$(tr '\0' ' ' </proc/"$pid"/cmdline | awk '{print $1}' | xargs basename)" \
@@ -231,27 +262,38 @@ import json,sys
 print(json.dumps({"mode":"memory","rss_kib":[{"process":p,"kib":int(k)} for p,k in (l.split() for l in sys.stdin)]}))')
 echo "$mem"
 
-python3 - "$start1" "$start16" "$status" "$run" "$follow1" "$follow4" "$floor_before" "$floor_after" "$breakdown" "$start1apart" <<'PY' >&2
-import json, sys
-s1, s16, st, run, f1, f4, fb, fa, bd, s1a = (json.loads(a) for a in sys.argv[1:])
-def ms(d, k): return d["latency_ms"][k]
+python3 - "$rounds" "${got[start1]}" "${got[start16]}" "${got[status]}" "${got[run]}" "${got[follow1]}" \
+  "${got[follow4]}" "${got[floor_before]}" "${got[floor_after]}" "${got[breakdown]}" "${got[start1apart]}" <<'PY' >&2
+import json, statistics, sys
+rounds = int(sys.argv[1])
+s1, s16, st, run, f1, f4, fb, fa, bd, s1a = (
+    [json.loads(l) for l in a.splitlines() if l.strip()] for a in sys.argv[2:])
+def fig(values, fmt):
+    """The median of the rounds, and their range when there are several."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    mid = format(statistics.median(values), fmt)
+    if len(values) == 1:
+        return mid
+    return f"{mid} ({format(min(values), fmt)}-{format(max(values), fmt)})"
+def ms(runs, k): return [d["latency_ms"][k] for d in runs]
 print()
-print("| figure | this run | target |")
+print(f"| figure | {'this run' if rounds == 1 else f'median of {rounds} rounds (range)'} | target |")
 print("|---|---|---|")
-print(f"| start, 1 client: p50 / p99 | {ms(s1,'p50'):.2f} / {ms(s1,'p99'):.2f} ms | <= 1.2 / 3 ms |")
-print(f"| start, 1 client | {s1['starts_per_second']:.0f}/s | |")
-print(f"| start, 1 client, 20 ms after each answer: p50 / p99 | {ms(s1a,'p50'):.2f} / {ms(s1a,'p99'):.2f} ms | |")
-print(f"| fdatasync of 4 KiB, before / after the benches: p50 | {fb['fdatasync_ms']['p50']:.2f} / {fa['fdatasync_ms']['p50']:.2f} ms | (the disk's floor) |")
-means = ", ".join(f"{k} {v}" for k, v in bd["mean_ms"].items())
+print(f"| start, 1 client: p50 / p99 | {fig(ms(s1,'p50'), '.2f')} / {fig(ms(s1,'p99'), '.2f')} ms | <= 1.2 / 3 ms |")
+print(f"| start, 1 client | {fig([d['starts_per_second'] for d in s1], '.0f')}/s | |")
+print(f"| start, 1 client, 20 ms after each answer: p50 / p99 | {fig(ms(s1a,'p50'), '.2f')} / {fig(ms(s1a,'p99'), '.2f')} ms | |")
+print(f"| fdatasync of 4 KiB, before / after the benches: p50 | {fig([d['fdatasync_ms']['p50'] for d in fb], '.2f')} / {fig([d['fdatasync_ms']['p50'] for d in fa], '.2f')} ms | (the disk's floor) |")
+means = ", ".join(f"{k} {fig([d['mean_ms'][k] for d in bd], '.3f')}" for k in bd[0]["mean_ms"])
 print(f"| start, 1 client: scheduler means (ms) | {means} | |")
-floor = s16.get("floor_per_second")
-share = s16.get("share_of_floor")
-print(f"| start, 16 clients | {s16['starts_per_second']:.0f}/s (floor {floor:.0f}/s, {share*100:.0f} %) | >= 75 % of the floor |")
-print(f"| status: p50 / p99 | {st['latency_ms']['p50']:.3f} / {st['latency_ms']['p99']:.3f} ms | <= 0.15 / 0.3 ms |")
-print(f"| clusterctl run true.sh: p50 | {run['p50_ms']:.1f} ms | <= 6 ms |")
-def fol(d):
-    return f"{d['total_mib_per_second']:.0f} MiB/s ({d['share_of_floor']*100:.0f} % of the floor)"
-print(f"| follow, 1 follower | {fol(f1)}; floor: 1 local pipe {f1['floor_mib_per_second']:.0f} MiB/s | >= 600 MiB/s |")
-print(f"| follow, 4 followers in all | {fol(f4)}; floor: 4 local pipes {f4['floor_mib_per_second']:.0f} MiB/s | >= 900 MiB/s |")
-print(f"| replay of a finished log, 1 follower | {fol(f1['replay'])} | >= 1 GiB/s |")
+print(f"| start, 16 clients | {fig([d['starts_per_second'] for d in s16], '.0f')}/s (floor {fig([d['floor_per_second'] for d in s16], '.0f')}/s, {fig([d['share_of_floor'] * 100 for d in s16], '.0f')} %) | >= 75 % of the floor |")
+print(f"| status: p50 / p99 | {fig([d['latency_ms']['p50'] for d in st], '.3f')} / {fig([d['latency_ms']['p99'] for d in st], '.3f')} ms | <= 0.15 / 0.3 ms |")
+print(f"| clusterctl run true.sh: p50 | {fig([d['p50_ms'] for d in run], '.1f')} ms | <= 6 ms |")
+def fol(runs):
+    return (f"{fig([d['total_mib_per_second'] for d in runs], '.0f')} MiB/s "
+            f"({fig([d['share_of_floor'] * 100 for d in runs], '.0f')} % of the floor)")
+print(f"| follow, 1 follower | {fol(f1)}; floor: 1 local pipe {fig([d['floor_mib_per_second'] for d in f1], '.0f')} MiB/s | >= 600 MiB/s |")
+print(f"| follow, 4 followers in all | {fol(f4)}; floor: 4 local pipes {fig([d['floor_mib_per_second'] for d in f4], '.0f')} MiB/s | >= 900 MiB/s |")
+print(f"| replay of a finished log, 1 follower | {fol([d['replay'] for d in f1])} | >= 1 GiB/s |")
 PY

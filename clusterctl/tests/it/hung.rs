@@ -469,3 +469,89 @@ async fn a_worker_gives_back_the_memory_of_a_burst_of_followers() {
     )
     .await;
 }
+
+/// Two `clusterctl logs -f` of one job, sharing its worker stream in the
+/// scheduler, while the worker is paused (SIGSTOP) for longer than a call
+/// to it may take and then goes on: each follower prints every line once
+/// and in order, and exits with the job's code. A pause is no end: nobody
+/// is told the output is complete, and nobody gives up.
+#[tokio::test(flavor = "multi_thread")]
+async fn followers_on_one_worker_stream_ride_out_a_paused_worker() {
+    let mut cluster = Cluster::start_tuned(&["w1"], crate::cluster::PAUSED_WORKER_TUNING).await;
+    cluster.add_script(
+        "slow.sh",
+        "#!/bin/bash\nsleep 1\nfor i in $(seq 1 \"$1\"); do echo \"$i\"; sleep 0.02; done\n",
+    );
+    let worker =
+        nix::unistd::Pid::from_raw(i32::try_from(cluster.worker("w1").child.id()).unwrap());
+    let lines = 200;
+    let job = cluster
+        .start_job("w1", "slow.sh", &[&lines.to_string()])
+        .await;
+    let follow = || {
+        let mut ctl = cluster.ctl();
+        ctl.args(["logs", "-f", &job]).kill_on_drop(true).output()
+    };
+    let pause = async {
+        crate::faults::until(Duration::from_secs(10), "output flowing", || async {
+            cluster.job(&job).await.output_bytes > 20
+        })
+        .await;
+        nix::sys::signal::kill(worker, Signal::SIGSTOP).unwrap();
+        // Past call_timeout (1 s): a call to the worker, and a read of
+        // its stream, would have given up meanwhile.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        nix::sys::signal::kill(worker, Signal::SIGCONT).unwrap();
+    };
+    let (a, b, ()) = tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::join!(follow(), follow(), pause)
+    })
+    .await
+    .expect("the followers never ended");
+    let expected: String = (1..=lines).map(|i| format!("{i}\n")).collect();
+    for out in [a.unwrap(), b.unwrap()] {
+        assert!(
+            out.status.success(),
+            "{:?}: {}",
+            out.status,
+            crate::cluster::stderr(&out)
+        );
+        assert_eq!(crate::cluster::stdout(&out), expected);
+    }
+    assert_eq!(cluster.job(&job).await.state, "succeeded");
+}
+
+/// Followers who arrive together at a job of a hung worker (SIGSTOP,
+/// still `ready` to the scheduler) wait on the one of them that opens its
+/// worker stream; when that open gives up (`call_timeout`), each is told
+/// at once, with an error rather than an output that ends or a wait until
+/// its client gives up, and so is a follower who comes after.
+#[tokio::test(flavor = "multi_thread")]
+async fn followers_waiting_on_an_open_that_fails_are_each_told_at_once() {
+    let mut cluster = Cluster::start_tuned(&["w1"], crate::cluster::PAUSED_WORKER_TUNING).await;
+    let job = cluster.start_job("w1", "count.sh", &["600", "0.1"]).await;
+    cluster.worker("w1").signal(Signal::SIGSTOP);
+    let follow = || async {
+        let started = Instant::now();
+        let outcome = match cluster.follow_job(&job).await {
+            response if response.status() != StatusCode::OK => Err(response.status().to_string()),
+            response => match response.bytes().await {
+                Ok(body) => Ok(body),
+                Err(error) => Err(error.to_string()),
+            },
+        };
+        (outcome, started.elapsed())
+    };
+    let together = tokio::join!(follow(), follow(), follow());
+    let after = follow().await;
+    cluster.worker("w1").signal(Signal::SIGCONT);
+    for (outcome, took) in [together.0, together.1, together.2, after] {
+        assert!(
+            outcome.is_err(),
+            "an output from a hung worker: {outcome:?}"
+        );
+        // call_timeout is 1 s: a bound no healthy run misses, well under
+        // the client's own 30 s.
+        assert!(took < Duration::from_secs(8), "told after {took:?}");
+    }
+}

@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# Compares two builds on this machine with both clusters up at once, one
+# measurement of each in turn, so that the machine's drift (a shared VM's
+# figures move by a fifth within minutes) falls on both alike:
+#
+#   scripts/ab.sh DIR_A DIR_B [ROUNDS]    # default 5 rounds
+#
+# Each DIR holds a release schedulerd, workerd and clusterctl (each build
+# is measured through its own clusterctl). Each cluster is the one
+# `scripts/bench.sh --serve` starts. Per round and build: a start's p50
+# spaced 20 ms apart (100 starts) and back to back (200), starts per second
+# with 16 clients (600), `clusterctl run true.sh` (median of 30), and one
+# replay of a 256 MiB log through `clusterctl logs` with the CPU it cost
+# the scheduler and the worker (ticks of 10 ms, /proc/PID/stat). Prints a
+# line per round and build, then the medians. Nothing is kept.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+[ $# -ge 2 ] || { echo "usage: scripts/ab.sh DIR_A DIR_B [ROUNDS]" >&2; exit 2; }
+a=$1 b=$2 rounds=${3:-5}
+case $rounds in [1-9] | [1-4][0-9] | 50) ;; *) echo "ROUNDS takes 1 to 50" >&2; exit 2 ;; esac
+for d in "$a" "$b"; do
+  for f in schedulerd workerd clusterctl; do
+    [ -x "$d/$f" ] || { echo "$d/$f: not an executable" >&2; exit 2; }
+  done
+done
+
+tmp=$(mktemp -d /tmp/jobcluster-ab.XXXXXX)
+serving=()
+cleanup() {
+  for pid in "${serving[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
+  for pid in "${serving[@]}"; do
+    while kill -0 -- "-$pid" 2>/dev/null; do sleep 0.1; done
+  done
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+# Starts a cluster of `$1`'s daemons; `$2` names its files in $tmp.
+serve() {
+  JOBCLUSTER_BENCH_BIN=$1 setsid "$root/scripts/bench.sh" --serve >"$tmp/$2.log" 2>&1 &
+  serving+=($!)
+  for _ in $(seq 1 600); do
+    grep -q '^# schedulerd' "$tmp/$2.log" 2>/dev/null && return 0
+    kill -0 "$!" 2>/dev/null || break
+    sleep 0.5
+  done
+  echo "the cluster of $1 did not come up; see:" >&2
+  cat "$tmp/$2.log" >&2
+  exit 1
+}
+serve "$a" a
+serve "$b" b
+
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+# One round of every figure against the cluster named `$2`, through `$1`'s
+# clusterctl; one JSON object.
+round() {
+  local dir=$1 name=$2 env pids sched worker job
+  env=$(head -1 "$tmp/$name.log")
+  eval "$env"
+  read -r sched worker _ < <(sed -n 2p "$tmp/$name.log" | awk '{print $(NF-5), $(NF-4), $(NF-3)}')
+  local ctl="$dir/clusterctl"
+  job=$(cat "$tmp/$name.job" 2>/dev/null || true)
+  if [ -z "$job" ]; then
+    job=$("$ctl" -o json bench follow --worker w1 --mib 256 --followers 1 2>/dev/null |
+      python3 -c 'import json,sys; print(json.load(sys.stdin)["job_id"])')
+    echo "$job" >"$tmp/$name.job"
+  fi
+  local spaced back c16 run s0 w0 s1 w1 t0 t1
+  spaced=$("$ctl" -o json bench start --worker w1 --clients 1 --jobs 100 --pause 20 2>/dev/null)
+  back=$("$ctl" -o json bench start --worker w1 --clients 1 --jobs 200 2>/dev/null)
+  c16=$("$ctl" -o json bench start --worker w1 --clients 16 --jobs 600 2>/dev/null)
+  run=$(python3 - "$ctl" <<'PY'
+import statistics, subprocess, sys, time
+t = []
+for _ in range(33):
+    a = time.perf_counter()
+    subprocess.run([sys.argv[1], "run", "--worker", "w1", "true.sh"],
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    t.append((time.perf_counter() - a) * 1000)
+print(statistics.median(t[3:]))
+PY
+)
+  s0=$(ticks "$sched"); w0=$(ticks "$worker"); t0=$EPOCHREALTIME
+  "$ctl" logs "$job" >/dev/null
+  t1=$EPOCHREALTIME; s1=$(ticks "$sched"); w1=$(ticks "$worker")
+  python3 - "$spaced" "$back" "$c16" "$run" "$t0" "$t1" "$((s1 - s0))" "$((w1 - w0))" <<'PY'
+import json, sys
+spaced, back, c16 = (json.loads(x) for x in sys.argv[1:4])
+print(json.dumps({
+    "spaced_p50_ms": spaced["latency_ms"]["p50"],
+    "back_to_back_p50_ms": back["latency_ms"]["p50"],
+    "clients16_per_s": c16["starts_per_second"],
+    "run_true_ms": round(float(sys.argv[4]), 2),
+    "replay_mib_per_s": round(256 / (float(sys.argv[6]) - float(sys.argv[5])), 1),
+    "replay_scheduler_ticks": int(sys.argv[7]),
+    "replay_worker_ticks": int(sys.argv[8]),
+}))
+PY
+}
+
+for r in $(seq 1 "$rounds"); do
+  for name in a b; do
+    if [ $name = a ]; then dir=$a; else dir=$b; fi
+    line=$(round "$dir" $name)
+    echo "$line" >>"$tmp/$name.rounds"
+    echo "round $r $name ($dir): $line"
+  done
+done
+python3 - "$tmp/a.rounds" "$tmp/b.rounds" "$a" "$b" <<'PY'
+import json, statistics, sys
+a, b = ([json.loads(l) for l in open(p)] for p in sys.argv[1:3])
+print()
+print(f"| median of {len(a)} rounds | A: {sys.argv[3]} | B: {sys.argv[4]} |")
+print("|---|---|---|")
+for key in a[0]:
+    ma, mb = (statistics.median(r[key] for r in runs) for runs in (a, b))
+    print(f"| {key} | {ma:g} | {mb:g} |")
+PY
