@@ -188,14 +188,16 @@ pub type ServeResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
 /// A daemon's `main` around its own parts: logging and the crypto provider;
 /// `load` reads the config (`--check-config` stops there); `insecure` says
-/// what to warn about at every start in plaintext mode; `serve` binds and
-/// runs on a multi-threaded runtime until the shutdown signal it is given.
+/// what to warn about at every start in plaintext mode; `threads` how many
+/// threads the multi-threaded runtime runs (`None`: one per CPU); `serve`
+/// binds and runs on that runtime until the shutdown signal it is given.
 /// Any error is printed as one line, `NAME: what went wrong: why`.
 pub fn main<C, Fut>(
     name: &str,
     flags: Flags,
     load: impl FnOnce(&std::path::Path) -> Result<C, crate::config::ConfigError>,
     insecure: impl FnOnce(&C) -> Option<&'static str>,
+    threads: impl FnOnce(&C) -> Option<usize>,
     serve: impl FnOnce(C, std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Fut,
 ) -> std::process::ExitCode
 where
@@ -219,7 +221,11 @@ where
         // Before the runtime, while this is the only thread: every later
         // one inherits it.
         crate::slice::log(&crate::slice::shorten());
-        let runtime = tokio::runtime::Builder::new_multi_thread()
+        let mut runtime = tokio::runtime::Builder::new_multi_thread();
+        if let Some(threads) = threads(&config) {
+            runtime.worker_threads(threads);
+        }
+        let runtime = runtime
             .enable_all()
             .build()
             .map_err(|e| format!("starting the async runtime: {e}"))?;

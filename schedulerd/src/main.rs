@@ -41,6 +41,8 @@ fn main() -> ExitCode {
                 .is_none()
                 .then_some("gRPC and the HTTP API are plaintext and nothing is authenticated")
         },
+        // One thread per CPU: the scheduler serves every client and worker.
+        |_| None,
         |config, shutdown| async move {
             let open_files = daemon::raise_open_files_limit();
             tracing::debug!(open_files, "open files limit");

@@ -148,7 +148,22 @@ pub struct WorkerSection {
     pub run_as_user: Option<String>,
     /// ... and this group (default: the user's primary group).
     pub run_as_group: Option<String>,
+    /// Threads of workerd's async runtime; absent: [`DEFAULT_RUNTIME_THREADS`];
+    /// `0`: one per CPU.
+    pub runtime_threads: Option<usize>,
 }
+
+/// workerd's async runtime threads unless `[worker] runtime_threads` says
+/// otherwise. One: what they run is mostly serial anyway (one HTTP/2
+/// connection per scheduler carries every stream, jobs are processes of
+/// their own, file work and spawns go to the blocking pool), and a second
+/// thread mostly hands that work back and forth between CPUs and takes one
+/// from the jobs: on two CPUs it cost 12 % more CPU per output replayed and
+/// sped nothing up (docs/PERFORMANCE.md, "The worker on one runtime thread").
+pub const DEFAULT_RUNTIME_THREADS: usize = 1;
+
+/// The most `[worker] runtime_threads` may ask for.
+pub const MAX_RUNTIME_THREADS: usize = 1024;
 
 /// Whom jobs run as when workerd is root and the config names nobody else.
 pub const DEFAULT_RUN_AS_USER: &str = "nobody";
@@ -182,6 +197,8 @@ pub struct Config {
     /// (always, when workerd runs as root).
     pub run_as: BTreeMap<String, RunAs>,
     pub max_jobs: Option<usize>,
+    /// Threads of the async runtime; `None`: one per CPU.
+    pub runtime_threads: Option<usize>,
     pub retention: Retention,
     /// `[metrics] addr`.
     pub metrics_addr: Option<std::net::SocketAddr>,
@@ -532,11 +549,23 @@ impl Config {
             Some(n) => Some(n),
             None => Some(std::thread::available_parallelism().map_or(1, usize::from)),
         };
+        let runtime_threads = match w.runtime_threads {
+            None => Some(DEFAULT_RUNTIME_THREADS),
+            Some(0) => None,
+            Some(n) if n <= MAX_RUNTIME_THREADS => Some(n),
+            Some(n) => {
+                return Err(err(
+                    "worker.runtime_threads",
+                    format!("{n} is too many: at most {MAX_RUNTIME_THREADS} (0: one per CPU)"),
+                ));
+            }
+        };
         let metrics_addr = file.metrics.socket_addr(path)?;
         Ok(Config {
             metrics_addr,
             run_as,
             max_jobs,
+            runtime_threads,
             file: path.to_owned(),
             listen_addr: g.addr.clone(),
             advertise_addr: g.advertise_addr.clone(),

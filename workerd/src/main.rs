@@ -41,6 +41,7 @@ fn main() -> ExitCode {
                 .is_none()
                 .then_some("gRPC is plaintext and any caller may run jobs")
         },
+        |config| config.runtime_threads,
         |config, shutdown| async move {
             let (listener, addr) = jobcluster_proto::transport::bind(&config.listen_addr)
                 .await

@@ -794,6 +794,23 @@ fn bad_configs_are_refused_with_file_and_key() {
             "[plugins.bash]\nrunner = \"bash\"\nlimits = { open_files = 99999999999 }\n",
             Some("plugins.bash.limits.open_files"),
         ),
+        // Any number of runtime threads up to 1024; 0: one per CPU.
+        (
+            "runtime_threads = 0\n[plugins.bash]\nrunner = \"bash\"\n",
+            None,
+        ),
+        (
+            "runtime_threads = 4\n[plugins.bash]\nrunner = \"bash\"\n",
+            None,
+        ),
+        (
+            "runtime_threads = 5000\n[plugins.bash]\nrunner = \"bash\"\n",
+            Some("worker.runtime_threads"),
+        ),
+        (
+            "runtime_threads = -1\n[plugins.bash]\nrunner = \"bash\"\n",
+            Some("runtime_threads"),
+        ),
     ];
     for (extra, key) in cases {
         let config = tmp.path().join("w.toml");
