@@ -14,22 +14,28 @@
 # the scheduler and the worker (ticks of 10 ms, /proc/PID/stat). Prints a
 # line per round and build, then the medians. Nothing is kept.
 set -euo pipefail
+# A failure inside a round's $(...) stops the comparison too.
+shopt -s inherit_errexit
 root=$(cd "$(dirname "$0")/.." && pwd)
-[ $# -ge 2 ] || { echo "usage: scripts/ab.sh DIR_A DIR_B [ROUNDS]" >&2; exit 2; }
-a=$1 b=$2 rounds=${3:-5}
+[ $# -ge 2 ] && [ $# -le 3 ] || { echo "usage: scripts/ab.sh DIR_A DIR_B [ROUNDS]" >&2; exit 2; }
+rounds=${3:-5}
 case $rounds in [1-9] | [1-4][0-9] | 50) ;; *) echo "ROUNDS takes 1 to 50" >&2; exit 2 ;; esac
-for d in "$a" "$b"; do
+for d in "$1" "$2"; do
   for f in schedulerd workerd clusterctl; do
     [ -x "$d/$f" ] || { echo "$d/$f: not an executable" >&2; exit 2; }
   done
 done
+# Absolute: bench.sh runs the daemons from its own directory.
+a=$(cd "$1" && pwd) b=$(cd "$2" && pwd)
 
 tmp=$(mktemp -d /tmp/jobcluster-ab.XXXXXX)
 serving=()
 cleanup() {
   for pid in "${serving[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
   for pid in "${serving[@]}"; do
-    while kill -0 -- "-$pid" 2>/dev/null; do sleep 0.1; done
+    # 30 s for a cluster to stop, then it is killed.
+    for _ in $(seq 1 300); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL -- "-$pid" 2>/dev/null || true
   done
   rm -rf "$tmp"
 }
@@ -38,10 +44,19 @@ trap cleanup EXIT
 # Starts a cluster of `$1`'s daemons; `$2` names its files in $tmp.
 serve() {
   JOBCLUSTER_BENCH_BIN=$1 setsid "$root/scripts/bench.sh" --serve >"$tmp/$2.log" 2>&1 &
-  serving+=($!)
+  local pid=$!
+  serving+=("$pid")
   for _ in $(seq 1 600); do
-    grep -q '^# schedulerd' "$tmp/$2.log" 2>/dev/null && return 0
-    kill -0 "$!" 2>/dev/null || break
+    if grep -q '^# schedulerd' "$tmp/$2.log" 2>/dev/null; then
+      # setsid made it a process group of its own (the group stopped at
+      # the end), as it does when this script runs without job control.
+      [ "$(ps -o pgid= -p "$pid" | tr -d ' ')" = "$pid" ] || {
+        echo "the cluster of $1 is not a process group of its own" >&2
+        exit 1
+      }
+      return 0
+    fi
+    kill -0 "$pid" 2>/dev/null || break
     sleep 0.5
   done
   echo "the cluster of $1 did not come up; see:" >&2
@@ -57,9 +72,9 @@ ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 # clusterctl; one JSON object.
 round() {
   local dir=$1 name=$2 env pids sched worker job
-  env=$(head -1 "$tmp/$name.log")
+  env=$(grep -m1 '^export CLUSTERCTL_' "$tmp/$name.log")
   eval "$env"
-  read -r sched worker _ < <(sed -n 2p "$tmp/$name.log" | awk '{print $(NF-5), $(NF-4), $(NF-3)}')
+  read -r sched worker _ < <(grep -m1 '^# schedulerd' "$tmp/$name.log" | awk '{print $(NF-5), $(NF-4), $(NF-3)}')
   local ctl="$dir/clusterctl"
   job=$(cat "$tmp/$name.job" 2>/dev/null || true)
   if [ -z "$job" ]; then
@@ -82,12 +97,17 @@ for _ in range(33):
 print(statistics.median(t[3:]))
 PY
 )
+  local bytes
   s0=$(ticks "$sched"); w0=$(ticks "$worker"); t0=$EPOCHREALTIME
-  "$ctl" logs "$job" >/dev/null
+  bytes=$("$ctl" logs "$job" | wc -c)
   t1=$EPOCHREALTIME; s1=$(ticks "$sched"); w1=$(ticks "$worker")
+  [ "$bytes" -eq $((256 << 20)) ] || { echo "the replay gave $bytes bytes, not 256 MiB" >&2; exit 1; }
   python3 - "$spaced" "$back" "$c16" "$run" "$t0" "$t1" "$((s1 - s0))" "$((w1 - w0))" <<'PY'
 import json, sys
 spaced, back, c16 = (json.loads(x) for x in sys.argv[1:4])
+for bench in (spaced, back, c16):
+    if bench.get("failed"):
+        sys.exit(f"{bench['failed']} starts failed: {bench.get('first_error')}")
 print(json.dumps({
     "spaced_p50_ms": spaced["latency_ms"]["p50"],
     "back_to_back_p50_ms": back["latency_ms"]["p50"],
@@ -101,7 +121,10 @@ PY
 }
 
 for r in $(seq 1 "$rounds"); do
-  for name in a b; do
+  # A, B in odd rounds and B, A in even ones: neither always goes first.
+  order="a b"
+  [ $((r % 2)) -eq 0 ] && order="b a"
+  for name in $order; do
     if [ $name = a ]; then dir=$a; else dir=$b; fi
     line=$(round "$dir" $name)
     echo "$line" >>"$tmp/$name.rounds"

@@ -164,11 +164,14 @@ os.close(fd); os.unlink(path); t.sort()
 print(json.dumps({"mode": "sync_floor", "fdatasync_ms": {"p50": round(t[100], 3), "p99": round(t[198], 3)}}))
 PY
 }
+# The scheduler's metrics into the file `$1` (files, not arguments: a
+# scrape may pass the kernel's limit on one argument).
 scrape() {
   curl -sS --cacert "$CLUSTERCTL_CA" --cert "$CLUSTERCTL_CERT" --key "$CLUSTERCTL_KEY" \
-    "$CLUSTERCTL_SCHEDULER/metrics"
+    "$CLUSTERCTL_SCHEDULER/metrics" >"$1"
 }
-# Means (ms) of the scheduler's own timings of a start between two scrapes.
+# Means (ms) of the scheduler's own timings of a start between two scrapes
+# (files).
 start_breakdown() {
   python3 - "$1" "$2" <<'PY'
 import json, re, sys
@@ -181,7 +184,7 @@ def parse(text):
         name, kind, labels, value = m.groups()
         (sums if kind == "sum" else counts)[(name, labels)] = float(value)
     return sums, counts
-(s0, c0), (s1, c1) = parse(sys.argv[1]), parse(sys.argv[2])
+(s0, c0), (s1, c1) = (parse(open(path).read()) for path in sys.argv[1:3])
 def mean_ms(name, want):
     for (n, labels), total in s1.items():
         if n == name and all(w in labels for w in want):
@@ -203,12 +206,13 @@ one_round() {
   floor_before=$(sync_floor)
   echo "$floor_before"
   echo "== start, 1 client (HTTPS + client certificate, mTLS to the worker)" >&2
-  metrics_before=$(scrape)
+  scrape "$dir/metrics-before"
   start1=$(bench start --worker w1 --clients 1 --jobs $jobs1)
   echo "$start1"
   # Where the scheduler spent a start's time: means over the run above, from
   # its own metrics, as the difference of a scrape before and after it.
-  breakdown=$(start_breakdown "$metrics_before" "$(scrape)")
+  scrape "$dir/metrics-after"
+  breakdown=$(start_breakdown "$dir/metrics-before" "$dir/metrics-after")
   echo "$breakdown"
   # Back to back, each start shares the two cores with the end of the job
   # before it (its process scan, final record and report): spaced out, the

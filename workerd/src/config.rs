@@ -158,8 +158,9 @@ pub struct WorkerSection {
 /// connection per scheduler carries every stream, jobs are processes of
 /// their own, file work and spawns go to the blocking pool), and a second
 /// thread mostly hands that work back and forth between CPUs and takes one
-/// from the jobs: on two CPUs it cost 12 % more CPU per output replayed and
-/// sped nothing up (docs/PERFORMANCE.md, "The worker on one runtime thread").
+/// from the jobs: on two CPUs it cost 10–12 % more CPU per output replayed
+/// and made starts no faster (docs/PERFORMANCE.md, "The worker on one
+/// runtime thread").
 pub const DEFAULT_RUNTIME_THREADS: usize = 1;
 
 /// The most `[worker] runtime_threads` may ask for.

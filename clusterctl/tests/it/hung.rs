@@ -472,60 +472,85 @@ async fn a_worker_gives_back_the_memory_of_a_burst_of_followers() {
 
 /// Two `clusterctl logs -f` of one job, sharing its worker stream in the
 /// scheduler, while the worker is paused (SIGSTOP) for longer than a call
-/// to it may take and then goes on: each follower prints every line once
-/// and in order, and exits with the job's code. A pause is no end: nobody
-/// is told the output is complete, and nobody gives up.
+/// to it may take and then goes on: the shared stream waits through the
+/// pause (no follower is cut and resumes), and each follower prints every
+/// line once and in order and exits with the job's code. A pause is no
+/// end: nobody is told the output is complete, and nobody gives up.
 #[tokio::test(flavor = "multi_thread")]
 async fn followers_on_one_worker_stream_ride_out_a_paused_worker() {
+    use tokio::io::AsyncBufReadExt;
     let mut cluster = Cluster::start_tuned(&["w1"], crate::cluster::PAUSED_WORKER_TUNING).await;
+    let worker =
+        nix::unistd::Pid::from_raw(i32::try_from(cluster.worker("w1").child.id()).unwrap());
+    let url = format!("{}/metrics", cluster.url());
+    let streams = || async {
+        let scrape = crate::metrics::scrape_with(&cluster.http(), &url).await;
+        crate::metrics::value(&scrape, "schedulerd_output_worker_streams_total", &[])
+    };
+    // Quiet for a second, so both followers are there before its output.
     cluster.add_script(
         "slow.sh",
         "#!/bin/bash\nsleep 1\nfor i in $(seq 1 \"$1\"); do echo \"$i\"; sleep 0.02; done\n",
     );
-    let worker =
-        nix::unistd::Pid::from_raw(i32::try_from(cluster.worker("w1").child.id()).unwrap());
     let lines = 200;
     let job = cluster
         .start_job("w1", "slow.sh", &[&lines.to_string()])
         .await;
+    let before = streams().await;
     let follow = || {
-        let mut ctl = cluster.ctl();
-        ctl.args(["logs", "-f", &job]).kill_on_drop(true).output()
+        cluster
+            .ctl()
+            .args(["logs", "-f", &job])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
     };
-    let pause = async {
-        crate::faults::until(Duration::from_secs(10), "output flowing", || async {
-            cluster.job(&job).await.output_bytes > 20
-        })
-        .await;
-        nix::sys::signal::kill(worker, Signal::SIGSTOP).unwrap();
-        // Past call_timeout (1 s): a call to the worker, and a read of
-        // its stream, would have given up meanwhile.
-        tokio::time::sleep(Duration::from_secs(4)).await;
-        nix::sys::signal::kill(worker, Signal::SIGCONT).unwrap();
-    };
-    let (a, b, ()) = tokio::time::timeout(Duration::from_secs(60), async {
-        tokio::join!(follow(), follow(), pause)
-    })
-    .await
-    .expect("the followers never ended");
+    let mut followers = [follow(), follow()];
+    let mut outputs = Vec::new();
+    for follower in &mut followers {
+        let mut out = tokio::io::BufReader::new(follower.stdout.take().unwrap());
+        let mut first = String::new();
+        tokio::time::timeout(Duration::from_secs(20), out.read_line(&mut first))
+            .await
+            .expect("no output within 20 s")
+            .unwrap();
+        assert_eq!(first, "1\n");
+        outputs.push((first, out));
+    }
+    // Both are reading: the worker pauses, past call_timeout (1 s), in
+    // which a call to it, or a read of its stream, would have given up.
+    nix::sys::signal::kill(worker, Signal::SIGSTOP).unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    nix::sys::signal::kill(worker, Signal::SIGCONT).unwrap();
     let expected: String = (1..=lines).map(|i| format!("{i}\n")).collect();
-    for out in [a.unwrap(), b.unwrap()] {
-        assert!(
-            out.status.success(),
-            "{:?}: {}",
-            out.status,
-            crate::cluster::stderr(&out)
-        );
-        assert_eq!(crate::cluster::stdout(&out), expected);
+    for (follower, (mut text, mut out)) in followers.into_iter().zip(outputs) {
+        let read = async {
+            tokio::io::AsyncReadExt::read_to_string(&mut out, &mut text)
+                .await
+                .unwrap();
+            follower.wait_with_output().await.unwrap()
+        };
+        let done = tokio::time::timeout(Duration::from_secs(60), read)
+            .await
+            .expect("a follower never ended");
+        let said = crate::cluster::stderr(&done);
+        assert!(done.status.success(), "{:?}: {said}", done.status);
+        assert!(!said.contains("resuming"), "cut during the pause: {said}");
+        assert!(text == expected, "a follower's output differs: {text:?}");
     }
     assert_eq!(cluster.job(&job).await.state, "succeeded");
+    assert_eq!(streams().await - before, 1.0, "both on one worker stream");
 }
 
 /// Followers who arrive together at a job of a hung worker (SIGSTOP,
 /// still `ready` to the scheduler) wait on the one of them that opens its
-/// worker stream; when that open gives up (`call_timeout`), each is told
-/// at once, with an error rather than an output that ends or a wait until
-/// its client gives up, and so is a follower who comes after.
+/// worker stream. When that open gives up (`call_timeout`), the others are
+/// let go (each then tries on its own, and finds the worker unresponsive):
+/// every one is told with an error soon after, rather than an output that
+/// ends or a wait until its client gives up, and so is a follower who comes
+/// after.
 #[tokio::test(flavor = "multi_thread")]
 async fn followers_waiting_on_an_open_that_fails_are_each_told_at_once() {
     let mut cluster = Cluster::start_tuned(&["w1"], crate::cluster::PAUSED_WORKER_TUNING).await;

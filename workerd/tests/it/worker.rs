@@ -504,6 +504,46 @@ async fn callers_without_the_scheduler_certificate_get_nothing() {
     assert_eq!(err.code(), Code::NotFound);
 }
 
+/// workerd runs its runtime on one thread unless told otherwise; on
+/// several (`runtime_threads = 4`), where its tasks run in parallel, jobs
+/// started and followed at once still each give every byte.
+#[tokio::test]
+async fn a_worker_on_several_runtime_threads_runs_and_streams_jobs_at_once() {
+    let worker = Worker::start_from(
+        &BASE_CONFIG.replace("max_jobs = 0", "max_jobs = 0\nruntime_threads = 4"),
+        "",
+    );
+    let client = worker.client();
+    let expected: Vec<u8> = (0..50 * 4096).flat_map(|_| 0..=255u8).collect();
+    let runs: Vec<_> = (0..4)
+        .map(|i| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let (plugin, script, args) = if i % 2 == 0 {
+                    ("python", "blob.py", vec![])
+                } else {
+                    ("bash", "count.sh", vec!["20", "0.01"])
+                };
+                let job = start(&mut client, start_req(plugin, script, &args)).await;
+                let (mut one, mut two) = (client.clone(), client.clone());
+                let both = tokio::join!(follow(&mut one, &job, 0), follow(&mut two, &job, 0));
+                (i, both)
+            })
+        })
+        .collect();
+    for run in runs {
+        let (i, ((out, status), (again, _))) = run.await.unwrap();
+        assert_eq!(status.state(), JobState::Succeeded, "{i}: {status:?}");
+        assert_eq!(out, again, "{i}: two followers differ");
+        if i % 2 == 0 {
+            assert_eq!(Sha256::digest(&out), Sha256::digest(&expected), "{i}");
+        } else {
+            let lines: String = (1..=20).map(|n| format!("{n}\n")).collect();
+            assert_eq!(String::from_utf8(out).unwrap(), format!("{lines}done\n"));
+        }
+    }
+}
+
 #[tokio::test]
 async fn late_followers_get_identical_bytes() {
     let worker = Worker::start();
