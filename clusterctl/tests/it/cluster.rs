@@ -508,6 +508,16 @@ runner = "python"
         self.ctl().args(args).output().await.unwrap()
     }
 
+    /// `clusterctl logs -f JOB` running, its stdout and stderr piped.
+    pub fn spawn_follow(&self, job_id: &str) -> tokio::process::Child {
+        self.ctl()
+            .args(["logs", "-f", job_id])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
     fn workers_blocking(&self) -> Vec<WorkerInfo> {
         let out = std::process::Command::new(bin("clusterctl"))
             .args(["-o", "json", "workers"])

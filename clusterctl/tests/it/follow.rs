@@ -227,16 +227,7 @@ async fn live_followers_and_a_replay_get_every_byte_in_order() {
     expected.push_str("end\n");
 
     let job = cluster.start_job("w1", "mixed.sh", &[]).await;
-    let follow = || {
-        cluster
-            .ctl()
-            .args(["logs", "-f", &job])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
-            .wait_with_output()
-    };
+    let follow = || cluster.spawn_follow(&job).wait_with_output();
     let (first, second) = tokio::join!(follow(), follow());
     for out in [first.unwrap(), second.unwrap()] {
         assert!(out.status.success(), "{}", stderr(&out));

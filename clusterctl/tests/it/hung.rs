@@ -497,17 +497,7 @@ async fn followers_on_one_worker_stream_ride_out_a_paused_worker() {
         .start_job("w1", "slow.sh", &[&lines.to_string()])
         .await;
     let before = streams().await;
-    let follow = || {
-        cluster
-            .ctl()
-            .args(["logs", "-f", &job])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap()
-    };
-    let mut followers = [follow(), follow()];
+    let mut followers = [cluster.spawn_follow(&job), cluster.spawn_follow(&job)];
     let mut outputs = Vec::new();
     for follower in &mut followers {
         let mut out = tokio::io::BufReader::new(follower.stdout.take().unwrap());
