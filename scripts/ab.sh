@@ -9,7 +9,8 @@
 # is measured through its own clusterctl). Each cluster is the one
 # `scripts/bench.sh --serve` starts. Per round and build: a start's p50
 # spaced 20 ms apart (100 starts) and back to back (200), starts per second
-# with 16 clients (600), `clusterctl run true.sh` (median of 30), and one
+# with 16 clients (600), `clusterctl run true.sh` (median of 30, as
+# bench.sh times it), and one
 # replay of a 256 MiB log through `clusterctl logs` with the CPU it cost
 # the scheduler and the worker (ticks of 10 ms, /proc/PID/stat). Prints a
 # line per round and build, then the medians. Nothing is kept.
@@ -17,6 +18,7 @@ set -euo pipefail
 # A failure inside a round's $(...) stops the comparison too.
 shopt -s inherit_errexit
 root=$(cd "$(dirname "$0")/.." && pwd)
+. "$root/scripts/bench-lib.sh"
 [ $# -ge 2 ] && [ $# -le 3 ] || { echo "usage: scripts/ab.sh DIR_A DIR_B [ROUNDS]" >&2; exit 2; }
 rounds=${3:-5}
 case $rounds in [1-9] | [1-4][0-9] | 50) ;; *) echo "ROUNDS takes 1 to 50" >&2; exit 2 ;; esac
@@ -86,17 +88,7 @@ round() {
   spaced=$("$ctl" -o json bench start --worker w1 --clients 1 --jobs 100 --pause 20 2>/dev/null)
   back=$("$ctl" -o json bench start --worker w1 --clients 1 --jobs 200 2>/dev/null)
   c16=$("$ctl" -o json bench start --worker w1 --clients 16 --jobs 600 2>/dev/null)
-  run=$(python3 - "$ctl" <<'PY'
-import statistics, subprocess, sys, time
-t = []
-for _ in range(33):
-    a = time.perf_counter()
-    subprocess.run([sys.argv[1], "run", "--worker", "w1", "true.sh"],
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
-    t.append((time.perf_counter() - a) * 1000)
-print(statistics.median(t[3:]))
-PY
-)
+  run=$(run_times "$ctl" 30 | python3 -c 'import json,sys; print(json.load(sys.stdin)["p50_ms"])')
   local bytes
   s0=$(ticks "$sched"); w0=$(ticks "$worker"); t0=$EPOCHREALTIME
   bytes=$("$ctl" logs "$job" | wc -c)

@@ -21,3 +21,25 @@ release_binaries() {
   fi
   ctl="$root/target/release/clusterctl"
 }
+
+# `clusterctl run --worker w1 true.sh` through the clusterctl `$1`, `$2`
+# times, each timed from its process's start to its exit as a shell runs
+# it; prints one JSON object: the runs' p50, min and max (ms). A run that
+# fails stops the bench (its time would say nothing).
+run_times() {
+  local ctl=$1 runs=$2 t0 t1 spans=()
+  for _ in $(seq 1 "$runs"); do
+    t0=$EPOCHREALTIME
+    "$ctl" run --worker w1 true.sh >/dev/null 2>&1 || {
+      echo "clusterctl run --worker w1 true.sh failed" >&2
+      return 1
+    }
+    t1=$EPOCHREALTIME
+    spans+=("$t0 $t1")
+  done
+  printf '%s\n' "${spans[@]}" | python3 -c '
+import json, sys
+t = sorted((float(b) - float(a)) * 1000 for a, b in (l.split() for l in sys.stdin))
+print(json.dumps({"mode": "run", "runs": len(t), "p50_ms": round(t[len(t) // 2], 2),
+                  "min_ms": round(t[0], 2), "max_ms": round(t[-1], 2)}))'
+}

@@ -228,17 +228,7 @@ one_round() {
   status=$(bench status --job "$job" --requests 5000)
   echo "$status"
   echo "== clusterctl run true.sh, $runs times, process start to exit" >&2
-  times=()
-  for _ in $(seq 1 $runs); do
-    t0=$EPOCHREALTIME
-    "$ctl" run --worker w1 true.sh >/dev/null 2>&1
-    t1=$EPOCHREALTIME
-    times+=("$(python3 -c "print(($t1-$t0)*1000)")")
-  done
-  run=$(printf '%s\n' "${times[@]}" | python3 -c '
-import json,sys
-t=sorted(float(x) for x in sys.stdin)
-print(json.dumps({"mode":"run","runs":len(t),"p50_ms":round(t[len(t)//2],2),"min_ms":round(t[0],2),"max_ms":round(t[-1],2)}))')
+  run=$(run_times "$ctl" "$runs")
   echo "$run"
   echo "== follow ($mib MiB), 1 and 4 followers" >&2
   follow1=$(bench follow --worker w1 --mib $mib --followers 1 --replay --floor)

@@ -19,7 +19,7 @@ use jobcluster_proto::pb::{
 
 use super::extract::{JsonBody, QueryParams};
 use super::idempotency::{self, IdempotencyKey};
-use super::tap::{Joined, Piece, Taps, Worker as TapWorker};
+use super::tap::{Joined, Piece, Reopen, Taps};
 use super::{ApiError, AppState, with_deadline};
 use crate::convert::{job_info, job_summary, merge_status};
 use crate::registry::WorkerEntry;
@@ -1564,13 +1564,13 @@ pub(crate) async fn stream_output(
     };
     let tap = match joined {
         Joined::Tap(tap) => tap,
-        Joined::Open(opener) => {
-            let (output, worker) = open_stream(state, &row, offset, follow).await?;
-            opener.opened(offset, output, worker)
-        }
-        Joined::Alone => {
-            let (output, worker) = open_stream(state, &row, offset, follow).await?;
-            Taps::alone(&row.job_id, follow, offset, output, worker)
+        joined => {
+            let output = open_stream(state, &row, offset, follow).await?;
+            let reopen = reopener(state, &row, follow);
+            match joined {
+                Joined::Open(opener) => opener.opened(offset, output, reopen),
+                _ => Taps::alone(&row.job_id, follow, offset, output, reopen),
+            }
         }
     };
     let store = state.store.clone();
@@ -1600,14 +1600,13 @@ pub(crate) async fn stream_output(
     Ok(response)
 }
 
-/// Opens a worker stream of `row`'s output from `offset`; with where it
-/// came from, for a follower that falls behind a shared one.
+/// Opens a worker stream of `row`'s output from `offset`.
 async fn open_stream(
     state: &AppState,
     row: &JobRow,
     offset: u64,
     follow: bool,
-) -> Result<(crate::output_stream::Output, TapWorker), ApiError> {
+) -> Result<crate::output_stream::Output, ApiError> {
     let worker = worker_of(state, row).await?;
     let name = worker.row().name;
     if worker.row().seed {
@@ -1648,11 +1647,22 @@ async fn open_stream(
             return Err(ApiError::from_worker(status, &name));
         }
     };
-    let source = TapWorker {
-        channel: worker.channel(),
-        timeout: state.call_timeout,
-    };
-    Ok((stream, source))
+    Ok(stream)
+}
+
+/// [`open_stream`] again from another offset, for a follower that falls
+/// behind a shared stream: the same checks, deadline and news of a worker
+/// that cannot be reached; a failure cuts that follower's body.
+fn reopener(state: &AppState, row: &JobRow, follow: bool) -> Reopen {
+    let (state, row) = (state.clone(), row.clone());
+    Arc::new(move |offset| {
+        let (state, row) = (state.clone(), row.clone());
+        Box::pin(async move {
+            open_stream(&state, &row, offset, follow)
+                .await
+                .map_err(|error| tonic::Status::unavailable(error.message))
+        })
+    })
 }
 
 /// Announces the trailer `name` that may end `response`'s body: HTTP/1.1

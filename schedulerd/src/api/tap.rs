@@ -34,16 +34,17 @@
 //! counts output bytes; the h2 read buffers they are slices of may be
 //! larger.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use jobcluster_proto::pb::{self, StreamJobRequest};
+use jobcluster_proto::pb;
 use tokio::sync::{Notify, watch};
 use tonic::Status;
-use tonic::transport::Channel;
 
 use crate::output_stream::Output;
 
@@ -180,15 +181,16 @@ impl Taps {
     }
 
     /// A tap on `output`, the worker's stream of `job_id` from `offset`
-    /// over `worker`, for a follower that reads alone.
+    /// (opened again from elsewhere by `reopen`), for a follower that reads
+    /// alone.
     pub(crate) fn alone(
         job_id: &str,
         follow: bool,
         offset: u64,
         output: Output,
-        worker: Worker,
+        reopen: Reopen,
     ) -> Tap {
-        let source = Source::new((job_id.to_owned(), follow), offset, output, worker, false);
+        let source = Source::new((job_id.to_owned(), follow), offset, output, reopen, false);
         Tap::first(source, offset)
     }
 }
@@ -204,10 +206,11 @@ pub(crate) struct Opener {
 }
 
 impl Opener {
-    /// The first tap on `output`, the worker's stream from `offset` over
-    /// `worker`, offered to later followers.
-    pub(crate) fn opened(mut self, offset: u64, output: Output, worker: Worker) -> Tap {
-        let source = Source::new(self.key.clone(), offset, output, worker, true);
+    /// The first tap on `output`, the worker's stream from `offset`
+    /// (opened again from elsewhere by `reopen`), offered to later
+    /// followers.
+    pub(crate) fn opened(mut self, offset: u64, output: Output, reopen: Reopen) -> Tap {
+        let source = Source::new(self.key.clone(), offset, output, reopen, true);
         let tap = Tap::first(source.clone(), offset);
         lock(&self.taps.open).insert(self.key.clone(), Entry::Open(Arc::downgrade(&source)));
         self.done = None;
@@ -228,24 +231,30 @@ impl Drop for Opener {
     }
 }
 
-/// Where a source's worker stream came from, for a follower that leaves
-/// it to open its own.
-#[derive(Debug, Clone)]
-pub(crate) struct Worker {
-    pub(crate) channel: Channel,
-    /// The most the worker may take to answer.
-    pub(crate) timeout: Duration,
-}
+/// Opens the worker's stream of the job again from an offset, for a
+/// follower that leaves a source to go on alone: the same open as the
+/// first (`api::jobs`), with its deadline and its news of a worker that
+/// cannot be reached.
+pub(crate) type Reopen =
+    Arc<dyn Fn(u64) -> Pin<Box<dyn Future<Output = Result<Output, Status>> + Send>> + Send + Sync>;
 
 /// One worker stream and the output its followers have not all read.
-#[derive(Debug)]
 struct Source {
     /// The job and whether the stream follows it.
     key: Key,
-    worker: Worker,
+    reopen: Reopen,
     inner: Mutex<Inner>,
     /// Output came, the stream ended, or its reader let it go.
     changed: Notify,
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source")
+            .field("key", &self.key)
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
@@ -256,11 +265,9 @@ struct Inner {
     base: u64,
     /// The offset past the last byte of `chunks`.
     head: u64,
-    /// Where each follower on the source is.
+    /// Where each follower on the source is. A follower that fell
+    /// [`WINDOW`] behind is no longer here: it leaves when it next reads.
     at: HashMap<u64, u64>,
-    /// Followers that fell [`WINDOW`] behind: they leave when they next
-    /// read.
-    left: HashSet<u64>,
     next_id: u64,
     /// The worker's stream while no follower is reading it.
     output: Option<Output>,
@@ -272,18 +279,17 @@ struct Inner {
 impl Source {
     /// `joinable`: offered to later followers (a source opened for one
     /// follower alone keeps nothing for them).
-    fn new(key: Key, offset: u64, output: Output, worker: Worker, joinable: bool) -> Arc<Source> {
+    fn new(key: Key, offset: u64, output: Output, reopen: Reopen, joinable: bool) -> Arc<Source> {
         crate::metrics::output_worker_stream_opened();
         let keep = joinable && key.1;
         Arc::new(Source {
             key,
-            worker,
+            reopen,
             inner: Mutex::new(Inner {
                 chunks: VecDeque::new(),
                 base: offset,
                 head: offset,
                 at: HashMap::new(),
-                left: HashSet::new(),
                 next_id: 0,
                 output: Some(output),
                 end: None,
@@ -368,7 +374,6 @@ impl Inner {
                 .collect();
             for id in slow {
                 self.at.remove(&id);
-                self.left.insert(id);
                 tracing::debug!(
                     job_id,
                     "follower fell behind a shared output stream; it goes on alone"
@@ -445,7 +450,7 @@ impl Tap {
             tokio::pin!(changed);
             let step = {
                 let mut inner = lock(&source.inner);
-                if inner.left.remove(&self.id) {
+                if !inner.at.contains_key(&self.id) {
                     Step::Alone
                 } else if self.at < inner.head {
                     let piece = inner.piece_at(self.at);
@@ -483,12 +488,9 @@ impl Tap {
             // This follower reads the next message for all of them.
             let mut reading = Reading {
                 source: &source,
-                output: Some(output),
+                output: None,
             };
-            let message = match reading.output.as_mut() {
-                Some(output) => output.message().await,
-                None => continue,
-            };
+            let message = reading.output.insert(output).message().await;
             let mut inner = lock(&source.inner);
             inner.output = reading.output.take();
             match message {
@@ -514,16 +516,9 @@ impl Tap {
     /// Leaves a source this follower fell behind on, for a worker stream
     /// of its own from where it is.
     async fn go_alone(&mut self) -> Result<(), Status> {
-        let (job_id, follow) = self.source.key.clone();
-        let request = StreamJobRequest {
-            job_id: job_id.clone(),
-            offset: self.at,
-            follow: Some(follow),
-        };
-        let worker = self.source.worker.clone();
-        let opening = crate::output_stream::open(worker.channel.clone(), request);
-        let output = super::with_deadline(worker.timeout, opening).await?;
-        let source = Source::new((job_id, follow), self.at, output, worker, false);
+        let output = (self.source.reopen)(self.at).await?;
+        let reopen = self.source.reopen.clone();
+        let source = Source::new(self.source.key.clone(), self.at, output, reopen, false);
         // The old place goes with the old tap (it was already taken off
         // its source's followers).
         *self = Tap::first(source, self.at);
@@ -535,7 +530,6 @@ impl Drop for Tap {
     fn drop(&mut self) {
         let mut inner = lock(&self.source.inner);
         inner.at.remove(&self.id);
-        inner.left.remove(&self.id);
         inner.trim();
     }
 }
@@ -577,7 +571,6 @@ mod tests {
             base: 0,
             head,
             at: HashMap::new(),
-            left: HashSet::new(),
             next_id: 0,
             output: None,
             end: None,
@@ -589,10 +582,11 @@ mod tests {
         inner
     }
 
+    /// The followers sent off the source (entered, and no longer on it).
     fn left(inner: &Inner) -> Vec<u64> {
-        let mut left: Vec<u64> = inner.left.iter().copied().collect();
-        left.sort_unstable();
-        left
+        (0..inner.next_id)
+            .filter(|id| !inner.at.contains_key(id))
+            .collect()
     }
 
     /// One test, as they share the process's count of held bytes.
