@@ -106,6 +106,22 @@ impl GroupSync {
         }
     }
 
+    /// Marks the commit numbered `seq` ended having written nothing (a
+    /// pass that found nothing to change): it is durable as soon as every
+    /// commit before it is, so once they are it needs no sync of its own.
+    /// On this VM each `fdatasync` is a flush request to the host; the
+    /// dispatcher's pass after every job's end was one each.
+    pub(crate) fn ended_unwritten(&self, seq: u64) {
+        self.ended(seq);
+        self.synced.send_if_modified(|s| {
+            let covered = s.failed.is_none() && s.upto < seq && s.upto + 1 >= seq;
+            if covered {
+                s.upto = seq;
+            }
+            covered
+        });
+    }
+
     /// Makes commit `seq` (ended) and every one before it durable from the
     /// calling thread, which blocks in the sync: true once a sync covered
     /// it (an earlier one, or the next one, run here over every commit
@@ -332,6 +348,26 @@ mod tests {
         assert!(!reader.is_finished(), "durable before the commit ended");
         sync.ended(seq);
         reader.await.unwrap().unwrap();
+        sync.close();
+    }
+
+    #[tokio::test]
+    async fn a_commit_that_wrote_nothing_needs_no_sync_once_those_before_are_durable() {
+        // A pipe cannot be synced (EINVAL): any sync attempted fails.
+        let (reader, _writer) = std::io::pipe().unwrap();
+        let sync = GroupSync::start(File::from(std::os::fd::OwnedFd::from(reader))).unwrap();
+        let first = sync.begin().unwrap();
+        sync.ended_unwritten(first);
+        assert!(sync.try_sync_through(first).unwrap(), "covered at once");
+        sync.durable(first).await.unwrap();
+        // One that wrote, then one that did not: the second is durable only
+        // with the first, which takes a sync (here, a failed one).
+        let wrote = sync.begin().unwrap();
+        sync.ended(wrote);
+        let unwritten = sync.begin().unwrap();
+        sync.ended_unwritten(unwritten);
+        assert!(sync.try_sync_through(unwritten).is_err());
+        assert!(sync.durable(unwritten).await.is_err());
         sync.close();
     }
 

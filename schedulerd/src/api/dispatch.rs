@@ -95,6 +95,12 @@ const DEEP_EVERY: u32 = 10;
 /// same thousands of jobs each second while a slot stays free that none
 /// of them can use.
 async fn pass(state: &AppState, deep: bool) -> Result<(), StoreError> {
+    // Nothing queued or being dispatched (the usual case, and a pass runs
+    // after every job's end): one read, where the steps below are a write
+    // and two reads that would each find nothing.
+    if state.store.queue_is_empty().await? {
+        return Ok(());
+    }
     let expired = state.store.expire_queued(crate::time::now_ms()).await?;
     for job_id in &expired {
         tracing::info!(%job_id, "queued job failed: its queue timeout passed");

@@ -518,6 +518,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Jobs waiting in the queue (not those being dispatched).
     async fn queue_length(&self) -> Result<u64, StoreError>;
 
+    /// True when no job waits in the queue or is being dispatched: a
+    /// dispatcher pass then has nothing to do.
+    async fn queue_is_empty(&self) -> Result<bool, StoreError>;
+
     /// Number of jobs recorded as running (or unknown, which may be running), per worker id.
     async fn running_counts(&self) -> Result<std::collections::HashMap<String, u64>, StoreError>;
 }

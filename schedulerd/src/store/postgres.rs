@@ -1317,6 +1317,14 @@ impl Store for PgStore {
         Ok(expired)
     }
 
+    async fn queue_is_empty(&self) -> Result<bool, StoreError> {
+        let _timer = timed!();
+        let c = self.client().await?;
+        Ok(c.query_one("SELECT NOT EXISTS (SELECT 1 FROM queue)", &[])
+            .await?
+            .try_get(0)?)
+    }
+
     async fn queue_length(&self) -> Result<u64, StoreError> {
         let _timer = timed!();
         let c = self.client().await?;
