@@ -19,6 +19,7 @@ set -euo pipefail
 shopt -s inherit_errexit
 root=$(cd "$(dirname "$0")/.." && pwd)
 . "$root/scripts/bench-lib.sh"
+warn_recent_deletion
 [ $# -ge 2 ] && [ $# -le 3 ] || { echo "usage: scripts/ab.sh DIR_A DIR_B [ROUNDS]" >&2; exit 2; }
 rounds=${3:-5}
 case $rounds in [1-9] | [1-4][0-9] | 50) ;; *) echo "ROUNDS takes 1 to 50" >&2; exit 2 ;; esac

@@ -6,6 +6,29 @@ free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
+# Creating files on ext4 without a journal (this VM's root filesystem) is
+# slower for minutes after thousands were deleted nearby: a new inode
+# skips the free ones deleted in the last 60 s, or 360 s while their inode
+# table block is dirty (which the new files' own inodes keep it), looking
+# each one's block up. A bench deletes its jobs' files at its end, so a
+# run started within those minutes starts fewer jobs per second
+# (docs/PERFORMANCE.md, session 30). The
+# scripts mark their deletion and warn the run that follows too soon.
+deleted_mark="$root/target/.bench-deleted"
+delete_marked() {
+  rm -rf "$@"
+  mkdir -p "$root/target" && date +%s >"$deleted_mark"
+}
+warn_recent_deletion() {
+  local then ago
+  then=$(cat "$deleted_mark" 2>/dev/null) || return 0
+  case $then in '' | *[!0-9]*) return 0 ;; esac
+  ago=$(($(date +%s) - then))
+  if [ "$ago" -ge 0 ] && [ "$ago" -lt 360 ]; then
+    echo "note: an earlier bench deleted its files ${ago} s ago; on ext4 without a journal, creating files (every start) stays slower for up to $((360 - ago)) s more, so this run's start figures may be low (docs/PERFORMANCE.md)" >&2
+  fi
+}
+
 # Sets `bin` to the release daemons to measure and `ctl` to this
 # checkout's release clusterctl, building what is needed.
 # JOBCLUSTER_BENCH_BIN=DIR measures the daemons in DIR instead (an earlier

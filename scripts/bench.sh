@@ -44,6 +44,7 @@ while [ $# -gt 0 ]; do
 done
 
 . "$root/scripts/bench-lib.sh"
+warn_recent_deletion
 release_binaries
 
 dir=$(mktemp -d /tmp/jobcluster-bench.XXXXXX)
@@ -57,7 +58,7 @@ cleanup() {
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
   [ -n "$pg_ctl" ] && as_pg "$pg_ctl" -D "$dir/pg/data" -m fast -w stop >/dev/null 2>&1
-  rm -rf "$dir"
+  delete_marked "$dir"
 }
 trap cleanup EXIT
 

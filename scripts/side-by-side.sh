@@ -43,6 +43,7 @@ done
 [ -f "$original/scheduler/api.go" ] || { echo "side-by-side: $original holds no scheduler/api.go: not the original's sources" >&2; exit 1; }
 
 . "$root/scripts/bench-lib.sh"
+warn_recent_deletion
 release_binaries
 
 dir=$(mktemp -d /tmp/jobcluster-side.XXXXXX)
@@ -53,7 +54,7 @@ stop_all() {
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
   pids=()
 }
-trap 'stop_all; rm -rf "$dir"' EXIT
+trap 'stop_all; delete_marked "$dir"' EXIT
 printf 'true\n' >"$dir/noop.sh"
 
 # The original in GOPATH mode: its import path under a GOPATH of our own,
