@@ -20,10 +20,10 @@
 # and `clusterctl run true.sh`, and stops everything it started. The
 # figures go to standard output as JSON lines and a table; nothing is kept.
 # Figures vary by 20 % and more on a shared VM: take the median of runs.
-# Leave two minutes between runs: each deletes thousands of job files at
-# its end, and on this VM's ext4 (no journal) creating files right after
-# that is slower (new inodes skip recently deleted ones), which a start
-# pays for.
+# Leave six minutes between runs: each deletes thousands of job files at
+# its end, and on this VM's ext4 (no journal) creating files for minutes
+# after that is slower (new inodes skip recently deleted ones), which
+# starts pay for; a run that starts sooner says so (bench-lib.sh).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 quick=0 postgres=0 serve=0 rounds=1
@@ -44,8 +44,8 @@ while [ $# -gt 0 ]; do
 done
 
 . "$root/scripts/bench-lib.sh"
-warn_recent_deletion
 release_binaries
+warn_recent_deletion
 
 dir=$(mktemp -d /tmp/jobcluster-bench.XXXXXX)
 # Run as root, workerd runs jobs as nobody, who must reach the scripts.

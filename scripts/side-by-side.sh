@@ -43,8 +43,8 @@ done
 [ -f "$original/scheduler/api.go" ] || { echo "side-by-side: $original holds no scheduler/api.go: not the original's sources" >&2; exit 1; }
 
 . "$root/scripts/bench-lib.sh"
-warn_recent_deletion
 release_binaries
+warn_recent_deletion
 
 dir=$(mktemp -d /tmp/jobcluster-side.XXXXXX)
 chmod 0755 "$dir"

@@ -67,16 +67,23 @@ pub(crate) struct GroupSync {
     work: Condvar,
     synced: watch::Sender<Synced>,
     wal: File,
+    /// Syncs run, for the store's tests.
+    #[cfg(test)]
+    pub(crate) syncs: std::sync::atomic::AtomicU64,
 }
 
 impl GroupSync {
-    /// Starts the sync thread for the log open as `wal`.
+    /// Starts the sync thread for the log open as `wal`, which the caller
+    /// synced first: commit numbers start from a durable log, which a
+    /// commit that wrote nothing relies on ([`Self::ended_unwritten`]).
     pub(crate) fn start(wal: File) -> std::io::Result<Arc<GroupSync>> {
         let sync = Arc::new(GroupSync {
             pending: Mutex::new(Pending::default()),
             work: Condvar::new(),
             synced: watch::Sender::new(Synced::default()),
             wal,
+            #[cfg(test)]
+            syncs: Default::default(),
         });
         let worker = sync.clone();
         std::thread::Builder::new()
@@ -109,8 +116,8 @@ impl GroupSync {
     /// Marks the commit numbered `seq` ended having written nothing (a
     /// pass that found nothing to change): it is durable as soon as every
     /// commit before it is, so once they are it needs no sync of its own.
-    /// On this VM each `fdatasync` is a flush request to the host; the
-    /// dispatcher's pass after every job's end was one each.
+    /// On this VM each `fdatasync` is a flush request to the host, and the
+    /// dispatcher's passes after jobs' ends each asked for one.
     pub(crate) fn ended_unwritten(&self, seq: u64) {
         self.ended(seq);
         self.synced.send_if_modified(|s| {
@@ -227,6 +234,9 @@ impl GroupSync {
     /// One `fdatasync` covering every commit up to `target`, marked as
     /// running by the caller; tells everyone who waits.
     fn sync(&self, target: u64) {
+        #[cfg(test)]
+        self.syncs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match self.wal.sync_data() {
             Ok(()) => self.synced.send_modify(|s| s.upto = s.upto.max(target)),
             Err(error) => {

@@ -313,12 +313,17 @@ impl SqliteStore {
         // its connections are open; it is synced through this descriptor.
         let mut wal = path.as_os_str().to_owned();
         wal.push("-wal");
-        let wal = std::fs::File::open(&wal).map_err(|e| {
-            StoreError::Io(std::io::Error::new(
-                e.kind(),
-                format!("{}: {e}", std::path::Path::new(&wal).display()),
-            ))
-        })?;
+        // Synced before anything is answered: it may hold commits no sync
+        // covered (the migration's, a crashed predecessor's), and a commit
+        // that writes nothing counts as durable once those before it are.
+        let wal = std::fs::File::open(&wal)
+            .and_then(|file| file.sync_data().map(|()| file))
+            .map_err(|e| {
+                StoreError::Io(std::io::Error::new(
+                    e.kind(),
+                    format!("{}: {e}", std::path::Path::new(&wal).display()),
+                ))
+            })?;
         Ok(SqliteStore {
             inner: Arc::new(Inner {
                 writer: Mutex::new(writer),
@@ -371,6 +376,10 @@ impl SqliteStore {
                 let seq = inner.sync.begin()?;
                 // Counts every row an INSERT, UPDATE or DELETE touched, even
                 // one rolled back after: unchanged, the commit wrote nothing.
+                // A write that changes the database otherwise (DDL alone, a
+                // PRAGMA, an `INSERT OR IGNORE` that moves a sequence) would
+                // not be counted: none does today, and one that did must
+                // also touch a row, or sync itself.
                 let changes = conn.total_changes();
                 let result = f(&mut conn).map_err(StoreError::from);
                 if conn.total_changes() == changes {
@@ -1604,6 +1613,31 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::store::suite::job;
+
+    #[tokio::test]
+    async fn a_write_that_changes_nothing_costs_no_sync() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("s.db")).unwrap();
+        let syncs = || store.inner.sync.syncs.load(Ordering::Relaxed);
+        store
+            .insert_job(job("j1", JobState::Running, 0), None)
+            .await
+            .unwrap();
+        let after_insert = syncs();
+        assert!(after_insert >= 1, "the insert was synced");
+        // Nothing queued to expire: no row changes, no sync.
+        assert!(store.expire_queued(u64::MAX).await.unwrap().is_empty());
+        // An update that matches no row (no such worker).
+        store.set_worker_draining("w", true).await.unwrap();
+        assert_eq!(syncs(), after_insert);
+        // A write that does change a row is synced as before.
+        store
+            .insert_job(job("j2", JobState::Running, 0), None)
+            .await
+            .unwrap();
+        assert!(syncs() > after_insert);
+    }
 
     #[tokio::test]
     async fn the_database_and_its_journals_are_the_owners_alone() {

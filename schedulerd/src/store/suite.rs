@@ -598,6 +598,7 @@ fn queued(id: &str, priority: i32, worker: &str, deadline_ms: u64) -> (JobRow, Q
 }
 
 async fn the_queue_keeps_its_order_and_a_job_is_taken_once(store: SharedStore) {
+    assert!(store.queue_is_empty().await.unwrap());
     for (id, priority) in [("a", 0), ("b", 5), ("c", 0)] {
         let (row, entry) = queued(id, priority, "", 0);
         store
@@ -689,6 +690,7 @@ async fn the_queue_keeps_its_order_and_a_job_is_taken_once(store: SharedStore) {
         .unwrap();
     store.dequeue("b").await.unwrap();
     assert!(store.dispatching().await.unwrap().is_empty());
+    assert!(!store.queue_is_empty().await.unwrap());
 
     // Stopped while queued: never taken.
     assert!(store.stop_queued("a").await.unwrap());
@@ -704,6 +706,16 @@ async fn the_queue_keeps_its_order_and_a_job_is_taken_once(store: SharedStore) {
         JobState::Stopped
     );
     assert_eq!(order(store.clone()).await, ["c"]);
+    // A job being dispatched, and none waiting: a pass still has work.
+    store
+        .claim_queued("c", "w", "starting")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(order(store.clone()).await.is_empty());
+    assert!(!store.queue_is_empty().await.unwrap());
+    store.dequeue("c").await.unwrap();
+    assert!(store.queue_is_empty().await.unwrap());
 }
 
 async fn a_queue_timeout_fails_only_jobs_still_queued(store: SharedStore) {

@@ -14,6 +14,7 @@
 //! - `reap`: workerd as a child subreaper, reaping orphaned job processes.
 //! - `registry`: [`Jobs`], the worker's jobs and what changed among them.
 
+mod dirsync;
 mod kill;
 mod output;
 mod process;

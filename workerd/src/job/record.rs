@@ -228,15 +228,11 @@ pub(super) async fn write_final(
     let dir = jobs_dir.join(record.id.to_string());
     let json = serde_json::to_vec(record).map_err(std::io::Error::other)?;
     let files_synced = origin.files_synced;
-    let entry = tokio::task::spawn_blocking({
-        let jobs_dir = jobs_dir.to_owned();
-        move || sync_dir(&jobs_dir)
-    });
+    // Shared with the other jobs ending meanwhile (`dirsync`).
+    let entry = super::dirsync::sync_dir_shared(jobs_dir);
     let moved_out = async {
-        match origin.spares.clone() {
-            Some(spares) => tokio::task::spawn_blocking(move || sync_dir(&spares))
-                .await
-                .map_err(std::io::Error::other)?,
+        match &origin.spares {
+            Some(spares) => super::dirsync::sync_dir_shared(spares).await,
             None => Ok(()),
         }
     };
@@ -249,7 +245,7 @@ pub(super) async fn write_final(
     let (entry, moved_out, written) = tokio::join!(entry, moved_out, written);
     written.map_err(std::io::Error::other)??;
     moved_out?;
-    entry.map_err(std::io::Error::other)?
+    entry
 }
 
 /// Replaces a job's record with its final one through the space held for

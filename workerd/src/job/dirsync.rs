@@ -1,0 +1,256 @@
+//! Syncs of a directory shared by everyone who needs one at once.
+//!
+//! Every job's end makes its entry in `jobs/` durable (and, for a job that
+//! took a spare, the spare's removal from `spare/`): a sync of the whole
+//! directory, which covers every change made in it before the sync began.
+//! Under load many jobs end at once, each wanting a sync of the same two
+//! directories; one sync that begins after all their changes serves them
+//! all. Each `fsync` is a flush request to the disk, and a blocking thread
+//! woken and put back to sleep.
+//!
+//! Keyed by the directory's path, process-wide: a sync of a directory
+//! serves whoever changed it, whichever part of the worker that was. An
+//! entry lives only while syncs of its directory are wanted.
+//!
+//! Hand-written: the sharing has to follow the callers' own changes, which
+//! no kept crate knows of.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+
+use tokio::sync::watch;
+
+use super::record::sync_dir;
+
+/// The directories with syncs wanted or under way.
+static SHARED: LazyLock<Mutex<HashMap<PathBuf, Arc<Mutex<Requests>>>>> =
+    LazyLock::new(Default::default);
+
+/// One sync, and everyone who waits for it: its outcome is theirs alone.
+/// A failed sync is never answered for by a later one that succeeded (the
+/// kernel may have dropped what the failed one was to write).
+type Outcome = watch::Sender<Option<Result<(), Arc<str>>>>;
+
+#[derive(Debug, Default)]
+struct Requests {
+    /// The sync not begun yet that callers wait for: it begins after
+    /// every one of their changes.
+    next: Option<Arc<Outcome>>,
+    /// A task runs the syncs.
+    running: bool,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Poisoning only follows a panic elsewhere; what is guarded stays whole.
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Makes every change made in `dir` before this call durable: returns once
+/// a sync of `dir` that began after the call ended, shared with every
+/// caller who came while the sync before it ran.
+pub(super) async fn sync_dir_shared(dir: &Path) -> std::io::Result<()> {
+    let (outcome, start) = {
+        let mut map = lock(&SHARED);
+        let requests = map.entry(dir.to_owned()).or_default().clone();
+        let mut requests = lock(&requests);
+        // A sync under way may have begun before the caller's change: the
+        // next one to begin is the first sure to cover it.
+        let outcome = requests.next.get_or_insert_with(Default::default).clone();
+        let start = !requests.running;
+        requests.running = true;
+        (outcome, start)
+    };
+    if start {
+        tokio::spawn(run(dir.to_owned()));
+    }
+    let mut told = outcome.subscribe();
+    let told = told
+        .wait_for(Option::is_some)
+        .await
+        .map_err(|_| std::io::Error::other("a directory's sync was dropped"))?;
+    match told.as_ref() {
+        Some(Ok(())) => Ok(()),
+        Some(Err(why)) => Err(std::io::Error::other(format!(
+            "syncing {} failed: {why}",
+            dir.display()
+        ))),
+        None => Err(std::io::Error::other("a directory's sync was dropped")),
+    }
+}
+
+/// Runs the syncs of `dir` one after another while any is wanted.
+async fn run(dir: PathBuf) {
+    // Ended early (the runtime shutting down), it tells whoever waits and
+    // lets the next caller start afresh.
+    let mut guard = Running {
+        dir: dir.clone(),
+        current: None,
+    };
+    loop {
+        let outcome = {
+            let mut map = lock(&SHARED);
+            let Some(requests) = map.get(&dir).cloned() else {
+                return;
+            };
+            let mut requests = lock(&requests);
+            match requests.next.take() {
+                Some(outcome) => outcome,
+                None => {
+                    // Everyone who came has been told.
+                    requests.running = false;
+                    drop(requests);
+                    map.remove(&dir);
+                    guard.dir = PathBuf::new();
+                    return;
+                }
+            }
+        };
+        guard.current = Some(outcome.clone());
+        #[cfg(test)]
+        tests::before_sync(&dir).await;
+        let path = dir.clone();
+        let result = match tokio::task::spawn_blocking(move || sync_dir(&path)).await {
+            Ok(result) => result,
+            Err(e) => Err(std::io::Error::other(e)),
+        };
+        outcome.send_replace(Some(result.map_err(|e| e.to_string().into())));
+        guard.current = None;
+    }
+}
+
+/// The syncing task of a directory, as long as it runs.
+struct Running {
+    /// Empty once the task ended having told everyone.
+    dir: PathBuf,
+    /// The sync under way.
+    current: Option<Arc<Outcome>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.dir.as_os_str().is_empty() {
+            return;
+        }
+        let dropped = || Some(Err(Arc::from("the worker is stopping")));
+        if let Some(current) = self.current.take() {
+            current.send_replace(dropped());
+        }
+        let mut map = lock(&SHARED);
+        if let Some(requests) = map.remove(&self.dir)
+            && let Some(next) = lock(&requests).next.take()
+        {
+            next.send_replace(dropped());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::Semaphore;
+
+    /// Every sync run, by directory.
+    static SYNCED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    /// Directories whose syncs each wait for a permit first.
+    static GATES: LazyLock<Mutex<HashMap<PathBuf, Arc<Semaphore>>>> =
+        LazyLock::new(Default::default);
+
+    pub(super) async fn before_sync(dir: &Path) {
+        lock(&SYNCED).push(dir.to_owned());
+        let gate = lock(&GATES).get(dir).cloned();
+        if let Some(gate) = gate {
+            gate.acquire().await.unwrap().forget();
+        }
+    }
+
+    fn syncs(dir: &Path) -> usize {
+        lock(&SYNCED).iter().filter(|d| *d == dir).count()
+    }
+
+    fn gated(dir: &Path) -> Arc<Semaphore> {
+        let gate = Arc::new(Semaphore::new(0));
+        lock(&GATES).insert(dir.to_owned(), gate.clone());
+        gate
+    }
+
+    /// Waits until `n` syncs of `dir` have begun.
+    async fn begun(dir: &Path, n: usize) {
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while syncs(dir) < n {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn callers_who_come_while_a_sync_runs_share_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_owned();
+        let gate = gated(&path);
+        let first = tokio::spawn({
+            let path = path.clone();
+            async move { sync_dir_shared(&path).await }
+        });
+        begun(&path, 1).await;
+        // These come while the first sync runs: it may have begun before
+        // their changes, so they wait for the next one, all of them.
+        let later: Vec<_> = (0..16)
+            .map(|_| {
+                let path = path.clone();
+                tokio::spawn(async move { sync_dir_shared(&path).await })
+            })
+            .collect();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        gate.add_permits(1);
+        first.await.unwrap().unwrap();
+        begun(&path, 2).await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(
+            later.iter().all(|c| !c.is_finished()),
+            "told by the first sync"
+        );
+        gate.add_permits(1);
+        for call in later {
+            call.await.unwrap().unwrap();
+        }
+        assert_eq!(syncs(&path), 2);
+        // All told: the directory's entry goes once its task ends.
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while lock(&SHARED).contains_key(&path) {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_sync_fails_its_callers_though_the_next_one_succeeds() {
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path().join("d");
+        std::fs::create_dir(&path).unwrap();
+        let gate = gated(&path);
+        let first = tokio::spawn({
+            let path = path.clone();
+            async move { sync_dir_shared(&path).await }
+        });
+        begun(&path, 1).await;
+        let second = tokio::spawn({
+            let path = path.clone();
+            async move { sync_dir_shared(&path).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // The first sync finds the directory gone; the second, back.
+        std::fs::remove_dir(&path).unwrap();
+        gate.add_permits(1);
+        begun(&path, 2).await;
+        std::fs::create_dir(&path).unwrap();
+        gate.add_permits(1);
+        second.await.unwrap().unwrap();
+        let error = first.await.unwrap().unwrap_err();
+        assert!(error.to_string().contains("No such file"), "{error}");
+    }
+}
