@@ -361,11 +361,17 @@ mod tests {
         sync.close();
     }
 
+    /// A group sync over a pipe, which cannot be synced (EINVAL): any sync
+    /// attempted fails. The pipe's other end goes with the caller's.
+    fn unsyncable() -> (Arc<GroupSync>, std::io::PipeWriter) {
+        let (reader, writer) = std::io::pipe().unwrap();
+        let sync = GroupSync::start(File::from(std::os::fd::OwnedFd::from(reader))).unwrap();
+        (sync, writer)
+    }
+
     #[tokio::test]
     async fn a_commit_that_wrote_nothing_needs_no_sync_once_those_before_are_durable() {
-        // A pipe cannot be synced (EINVAL): any sync attempted fails.
-        let (reader, _writer) = std::io::pipe().unwrap();
-        let sync = GroupSync::start(File::from(std::os::fd::OwnedFd::from(reader))).unwrap();
+        let (sync, _writer) = unsyncable();
         let first = sync.begin().unwrap();
         sync.ended_unwritten(first);
         assert!(sync.try_sync_through(first).unwrap(), "covered at once");
@@ -383,9 +389,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_sync_fails_every_wait_and_refuses_commits_after_it() {
-        // A pipe cannot be synced (EINVAL): the sync fails.
-        let (reader, _writer) = std::io::pipe().unwrap();
-        let sync = GroupSync::start(File::from(std::os::fd::OwnedFd::from(reader))).unwrap();
+        let (sync, _writer) = unsyncable();
         let first = sync.begin().unwrap();
         sync.ended(first);
         assert!(sync.try_sync_through(first).is_err());

@@ -174,15 +174,21 @@ mod tests {
         gate
     }
 
-    /// Waits until `n` syncs of `dir` have begun.
-    async fn begun(dir: &Path, n: usize) {
+    /// Waits (10 s at most) until `holds` does: what is watched here is
+    /// the syncing task's inner state, which tells no one.
+    async fn until(holds: impl Fn() -> bool) {
         tokio::time::timeout(std::time::Duration::from_secs(10), async {
-            while syncs(dir) < n {
+            while !holds() {
                 tokio::time::sleep(std::time::Duration::from_millis(1)).await;
             }
         })
         .await
         .unwrap();
+    }
+
+    /// Waits until `n` syncs of `dir` have begun.
+    async fn begun(dir: &Path, n: usize) {
+        until(|| syncs(dir) >= n).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,13 +224,7 @@ mod tests {
         }
         assert_eq!(syncs(&path), 2);
         // All told: the directory's entry goes once its task ends.
-        tokio::time::timeout(std::time::Duration::from_secs(10), async {
-            while lock(&SHARED).contains_key(&path) {
-                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-            }
-        })
-        .await
-        .unwrap();
+        until(|| !lock(&SHARED).contains_key(&path)).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
