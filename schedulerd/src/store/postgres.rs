@@ -1077,7 +1077,7 @@ impl Store for PgStore {
         tx.exec("SELECT pg_advisory_xact_lock($1)", &[&ENQUEUE_LOCK])
             .await?;
         let waiting: i64 = tx
-            .rows("SELECT COUNT(*) FROM queue", &[])
+            .rows("SELECT COUNT(*) FROM queue WHERE NOT dispatching", &[])
             .await?
             .first()
             .map(|r| r.try_get(0))

@@ -1119,7 +1119,12 @@ impl Store for SqliteStore {
         let outcome = self
             .write(move |c| {
                 let tx = c.transaction()?;
-                let waiting: i64 = tx.row("SELECT COUNT(*) FROM queue", [], |r| r.get(0))?;
+                // Waiting only: a job being dispatched waits no more.
+                let waiting: i64 = tx.row(
+                    "SELECT COUNT(*) FROM queue WHERE dispatching = 0",
+                    [],
+                    |r| r.get(0),
+                )?;
                 if waiting as u64 >= max_queued {
                     return Ok(Err(false));
                 }

@@ -50,6 +50,7 @@ suite!(
     a_judgement_of_liveness_overwrites_neither_a_leave_nor_a_new_registration,
     a_job_is_recorded_unless_one_queued_ahead_holds_it_back,
     a_job_named_to_the_worker_holds_a_start_back_behind_any_number_of_placed_ones,
+    max_queued_counts_the_jobs_waiting_not_those_being_dispatched,
 );
 
 /// The queue check of a start and its record are one transaction: a job
@@ -716,6 +717,47 @@ async fn the_queue_keeps_its_order_and_a_job_is_taken_once(store: SharedStore) {
     assert!(!store.queue_is_empty().await.unwrap());
     store.dequeue("c").await.unwrap();
     assert!(store.queue_is_empty().await.unwrap());
+}
+
+/// `[scheduler] max_queued` bounds the jobs waiting: one taken by the
+/// dispatcher, its start not settled, waits no more.
+async fn max_queued_counts_the_jobs_waiting_not_those_being_dispatched(store: SharedStore) {
+    for id in ["a", "b"] {
+        let (row, entry) = queued(id, 0, "", 0);
+        assert!(
+            store
+                .enqueue_job(row, entry, None, 2)
+                .await
+                .unwrap()
+                .is_some()
+        );
+    }
+    let (row, entry) = queued("c", 0, "", 0);
+    assert_eq!(
+        store.enqueue_job(row, entry, None, 2).await.unwrap(),
+        None,
+        "full"
+    );
+    store
+        .claim_queued("a", "w", "starting")
+        .await
+        .unwrap()
+        .unwrap();
+    let (row, entry) = queued("c", 0, "", 0);
+    assert!(
+        store
+            .enqueue_job(row, entry, None, 2)
+            .await
+            .unwrap()
+            .is_some(),
+        "one waits, one is being dispatched: room for one more"
+    );
+    let (row, entry) = queued("d", 0, "", 0);
+    assert_eq!(
+        store.enqueue_job(row, entry, None, 2).await.unwrap(),
+        None,
+        "full again"
+    );
 }
 
 async fn a_queue_timeout_fails_only_jobs_still_queued(store: SharedStore) {
