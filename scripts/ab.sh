@@ -19,15 +19,15 @@ set -euo pipefail
 shopt -s inherit_errexit
 root=$(cd "$(dirname "$0")/.." && pwd)
 . "$root/scripts/bench-lib.sh"
-warn_recent_deletion
 [ $# -ge 2 ] && [ $# -le 3 ] || { echo "usage: scripts/ab.sh DIR_A DIR_B [ROUNDS]" >&2; exit 2; }
 rounds=${3:-5}
-case $rounds in [1-9] | [1-4][0-9] | 50) ;; *) echo "ROUNDS takes 1 to 50" >&2; exit 2 ;; esac
+check_rounds "$rounds" || exit 2
 for d in "$1" "$2"; do
   for f in schedulerd workerd clusterctl; do
     [ -x "$d/$f" ] || { echo "$d/$f: not an executable" >&2; exit 2; }
   done
 done
+warn_recent_deletion
 # Absolute: bench.sh runs the daemons from its own directory.
 a=$(cd "$1" && pwd) b=$(cd "$2" && pwd)
 
@@ -69,38 +69,40 @@ serve() {
 serve "$a" a
 serve "$b" b
 
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-
 # One round of every figure against the cluster named `$2`, through `$1`'s
 # clusterctl; one JSON object.
 round() {
-  local dir=$1 name=$2 env pids sched worker job
+  local dir=$1 name=$2 env sched worker job
   env=$(grep -m1 '^export CLUSTERCTL_' "$tmp/$name.log")
   eval "$env"
   read -r sched worker _ < <(grep -m1 '^# schedulerd' "$tmp/$name.log" | awk '{print $(NF-5), $(NF-4), $(NF-3)}')
   local ctl="$dir/clusterctl"
   job=$(cat "$tmp/$name.job" 2>/dev/null || true)
   if [ -z "$job" ]; then
-    job=$("$ctl" -o json bench follow --worker w1 --mib 256 --followers 1 2>/dev/null |
-      python3 -c 'import json,sys; print(json.load(sys.stdin)["job_id"])')
+    # A bench that fails exits non-zero with its JSON (`first_error`) on
+    # standard output: said, then the comparison stops.
+    job=$("$ctl" -o json bench follow --worker w1 --mib 256 --followers 1 2>/dev/null) ||
+      { echo "$name: bench follow failed: $job" >&2; exit 1; }
+    job=$(python3 -c 'import json,sys; print(json.load(sys.stdin)["job_id"])' <<<"$job")
     echo "$job" >"$tmp/$name.job"
   fi
   local spaced back c16 run s0 w0 s1 w1 t0 t1
-  spaced=$("$ctl" -o json bench start --worker w1 --clients 1 --jobs 100 --pause 20 2>/dev/null)
-  back=$("$ctl" -o json bench start --worker w1 --clients 1 --jobs 200 2>/dev/null)
-  c16=$("$ctl" -o json bench start --worker w1 --clients 16 --jobs 600 2>/dev/null)
+  starts() {
+    "$ctl" -o json bench start --worker w1 "$@" 2>/dev/null ||
+      { echo "$name: bench start $* failed" >&2; return 1; }
+  }
+  spaced=$(starts --clients 1 --jobs 100 --pause 20)
+  back=$(starts --clients 1 --jobs 200)
+  c16=$(starts --clients 16 --jobs 600)
   run=$(run_times "$ctl" 30 | python3 -c 'import json,sys; print(json.load(sys.stdin)["p50_ms"])')
   local bytes
-  s0=$(ticks "$sched"); w0=$(ticks "$worker"); t0=$EPOCHREALTIME
+  s0=$(cpu_of "$sched"); w0=$(cpu_of "$worker"); t0=$EPOCHREALTIME
   bytes=$("$ctl" logs "$job" | wc -c)
-  t1=$EPOCHREALTIME; s1=$(ticks "$sched"); w1=$(ticks "$worker")
+  t1=$EPOCHREALTIME; s1=$(cpu_of "$sched"); w1=$(cpu_of "$worker")
   [ "$bytes" -eq $((256 << 20)) ] || { echo "the replay gave $bytes bytes, not 256 MiB" >&2; exit 1; }
   python3 - "$spaced" "$back" "$c16" "$run" "$t0" "$t1" "$((s1 - s0))" "$((w1 - w0))" <<'PY'
 import json, sys
 spaced, back, c16 = (json.loads(x) for x in sys.argv[1:4])
-for bench in (spaced, back, c16):
-    if bench.get("failed"):
-        sys.exit(f"{bench['failed']} starts failed: {bench.get('first_error')}")
 print(json.dumps({
     "spaced_p50_ms": spaced["latency_ms"]["p50"],
     "back_to_back_p50_ms": back["latency_ms"]["p50"],

@@ -30,6 +30,16 @@ warn_recent_deletion() {
   fi
 }
 
+# CPU ticks (user + system, 10 ms each) process `$1` used so far; 0 once
+# it is gone.
+cpu_of() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+
+# Checks a `--rounds`/ROUNDS value: every round starts thousands of jobs
+# and streams a GiB, so 1 to 50.
+check_rounds() {
+  case ${1:-} in [1-9] | [1-4][0-9] | 50) ;; *) echo "rounds take 1 to 50" >&2; return 2 ;; esac
+}
+
 # Sets `bin` to the release daemons to measure and `ctl` to this
 # checkout's release clusterctl, building what is needed.
 # JOBCLUSTER_BENCH_BIN=DIR measures the daemons in DIR instead (an earlier

@@ -27,6 +27,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 quick=0 postgres=0 serve=0 rounds=1
+. "$root/scripts/bench-lib.sh"
 usage() { echo "usage: scripts/bench.sh [--quick] [--postgres] [--serve] [--rounds N]" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case $1 in
@@ -35,15 +36,14 @@ while [ $# -gt 0 ]; do
     --serve) serve=1 ;;
     --rounds)
       shift
-      # Bounded: each round starts thousands of jobs and streams a GiB.
-      case ${1:-} in [1-9] | [1-4][0-9] | 50) rounds=$1 ;; *) echo "--rounds takes 1 to 50" >&2; usage ;; esac
+      check_rounds "${1:-}" || usage
+      rounds=$1
       ;;
     *) usage ;;
   esac
   shift
 done
 
-. "$root/scripts/bench-lib.sh"
 release_binaries
 warn_recent_deletion
 

@@ -68,7 +68,6 @@ ln -s "$original" "$gopath/src/github.com/koraygocmen/scheduler-worker-grpc"
   GO111MODULE=off GOPATH="$gopath:/usr/share/gocode" GOCACHE="$dir/go-cache" GOFLAGS= \
     go build -o "$dir/original-worker" ./worker)
 
-cpu_of() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 machine_cpu() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 
 # load URL BODY TOKEN LABEL: wrk on URL/start with 1, 16 and 64

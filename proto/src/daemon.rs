@@ -108,19 +108,17 @@ pub fn hangups() -> std::io::Result<tokio::signal::unix::Signal> {
 /// keeps the material in force.
 pub async fn reload_on_hangup(
     mut hangups: tokio::signal::unix::Signal,
-    reload: impl FnMut() -> Result<(), String> + Send + 'static,
+    reload: impl Fn() -> Result<(), String> + Send + Sync + 'static,
 ) {
     // Reading and parsing the files blocks: on the blocking pool, so a
-    // runtime thread (workerd has one) goes on serving meanwhile.
-    let reload = std::sync::Arc::new(std::sync::Mutex::new(reload));
+    // runtime thread (workerd has one) goes on serving meanwhile. One
+    // reload at a time: each is awaited before the next hangup is read.
+    let reload = std::sync::Arc::new(reload);
     while hangups.recv().await.is_some() {
         let reload = reload.clone();
-        let reloaded = tokio::task::spawn_blocking(move || {
-            let mut reload = reload.lock().unwrap_or_else(|e| e.into_inner());
-            reload()
-        })
-        .await
-        .unwrap_or_else(|e| Err(format!("the reload task failed: {e}")));
+        let reloaded = tokio::task::spawn_blocking(move || reload())
+            .await
+            .unwrap_or_else(|e| Err(format!("the reload task failed: {e}")));
         match reloaded {
             Ok(()) => tracing::info!("SIGHUP: certificates reloaded"),
             Err(error) => {

@@ -480,13 +480,12 @@ async fn a_worker_gives_back_the_memory_of_a_burst_of_followers() {
 async fn followers_on_one_worker_stream_ride_out_a_paused_worker() {
     use tokio::io::AsyncBufReadExt;
     let mut cluster = Cluster::start_tuned(&["w1"], crate::cluster::PAUSED_WORKER_TUNING).await;
-    let worker =
-        nix::unistd::Pid::from_raw(i32::try_from(cluster.worker("w1").child.id()).unwrap());
-    let url = format!("{}/metrics", cluster.url());
-    let streams = || async {
+    // Worker streams the scheduler opened so far.
+    async fn streams(cluster: &Cluster) -> f64 {
+        let url = format!("{}/metrics", cluster.url());
         let scrape = crate::metrics::scrape_with(&cluster.http(), &url).await;
         crate::metrics::value(&scrape, "schedulerd_output_worker_streams_total", &[])
-    };
+    }
     // Quiet for a second, so both followers are there before its output.
     cluster.add_script(
         "slow.sh",
@@ -496,7 +495,7 @@ async fn followers_on_one_worker_stream_ride_out_a_paused_worker() {
     let job = cluster
         .start_job("w1", "slow.sh", &[&lines.to_string()])
         .await;
-    let before = streams().await;
+    let before = streams(&cluster).await;
     let mut followers = [cluster.spawn_follow(&job), cluster.spawn_follow(&job)];
     let mut outputs = Vec::new();
     for follower in &mut followers {
@@ -511,9 +510,9 @@ async fn followers_on_one_worker_stream_ride_out_a_paused_worker() {
     }
     // Both are reading: the worker pauses, past call_timeout (1 s), in
     // which a call to it, or a read of its stream, would have given up.
-    nix::sys::signal::kill(worker, Signal::SIGSTOP).unwrap();
+    cluster.worker("w1").signal(Signal::SIGSTOP);
     tokio::time::sleep(Duration::from_secs(4)).await;
-    nix::sys::signal::kill(worker, Signal::SIGCONT).unwrap();
+    cluster.worker("w1").signal(Signal::SIGCONT);
     let expected: String = (1..=lines).map(|i| format!("{i}\n")).collect();
     for (follower, (mut text, mut out)) in followers.into_iter().zip(outputs) {
         let read = async {
@@ -531,7 +530,11 @@ async fn followers_on_one_worker_stream_ride_out_a_paused_worker() {
         assert!(text == expected, "a follower's output differs: {text:?}");
     }
     assert_eq!(cluster.job(&job).await.state, "succeeded");
-    assert_eq!(streams().await - before, 1.0, "both on one worker stream");
+    assert_eq!(
+        streams(&cluster).await - before,
+        1.0,
+        "both on one worker stream"
+    );
 }
 
 /// Followers who arrive together at a job of a hung worker (SIGSTOP,

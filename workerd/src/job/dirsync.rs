@@ -23,23 +23,16 @@ use tokio::sync::watch;
 
 use super::record::sync_dir;
 
-/// The directories with syncs wanted or under way.
-static SHARED: LazyLock<Mutex<HashMap<PathBuf, Arc<Mutex<Requests>>>>> =
+/// The directories whose syncs a task runs now (one task each, which
+/// removes its entry when it ends), with the sync not begun yet that
+/// callers wait for: it begins after every one of their changes.
+static SHARED: LazyLock<Mutex<HashMap<PathBuf, Option<Arc<Outcome>>>>> =
     LazyLock::new(Default::default);
 
 /// One sync, and everyone who waits for it: its outcome is theirs alone.
 /// A failed sync is never answered for by a later one that succeeded (the
 /// kernel may have dropped what the failed one was to write).
 type Outcome = watch::Sender<Option<Result<(), Arc<str>>>>;
-
-#[derive(Debug, Default)]
-struct Requests {
-    /// The sync not begun yet that callers wait for: it begins after
-    /// every one of their changes.
-    next: Option<Arc<Outcome>>,
-    /// A task runs the syncs.
-    running: bool,
-}
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Poisoning only follows a panic elsewhere; what is guarded stays whole.
@@ -52,31 +45,24 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 pub(super) async fn sync_dir_shared(dir: &Path) -> std::io::Result<()> {
     let (outcome, start) = {
         let mut map = lock(&SHARED);
-        let requests = map.entry(dir.to_owned()).or_default().clone();
-        let mut requests = lock(&requests);
+        let start = !map.contains_key(dir);
         // A sync under way may have begun before the caller's change: the
         // next one to begin is the first sure to cover it.
-        let outcome = requests.next.get_or_insert_with(Default::default).clone();
-        let start = !requests.running;
-        requests.running = true;
-        (outcome, start)
+        let next = map.entry(dir.to_owned()).or_default();
+        (next.get_or_insert_with(Default::default).clone(), start)
     };
     if start {
         tokio::spawn(run(dir.to_owned()));
     }
-    let mut told = outcome.subscribe();
-    let told = told
+    // The caller holds the sender too: the wait ends only with an outcome.
+    let told = outcome
+        .subscribe()
         .wait_for(Option::is_some)
         .await
-        .map_err(|_| std::io::Error::other("a directory's sync was dropped"))?;
-    match told.as_ref() {
-        Some(Ok(())) => Ok(()),
-        Some(Err(why)) => Err(std::io::Error::other(format!(
-            "syncing {} failed: {why}",
-            dir.display()
-        ))),
-        None => Err(std::io::Error::other("a directory's sync was dropped")),
-    }
+        .ok()
+        .and_then(|told| told.clone());
+    told.unwrap_or_else(|| Err(Arc::from("its sync was dropped")))
+        .map_err(|why| std::io::Error::other(format!("syncing {} failed: {why}", dir.display())))
 }
 
 /// Runs the syncs of `dir` one after another while any is wanted.
@@ -86,22 +72,17 @@ async fn run(dir: PathBuf) {
     let mut guard = Running {
         dir: dir.clone(),
         current: None,
+        told_all: false,
     };
     loop {
         let outcome = {
             let mut map = lock(&SHARED);
-            let Some(requests) = map.get(&dir).cloned() else {
-                return;
-            };
-            let mut requests = lock(&requests);
-            match requests.next.take() {
+            match map.get_mut(&dir).and_then(Option::take) {
                 Some(outcome) => outcome,
                 None => {
                     // Everyone who came has been told.
-                    requests.running = false;
-                    drop(requests);
                     map.remove(&dir);
-                    guard.dir = PathBuf::new();
+                    guard.told_all = true;
                     return;
                 }
             }
@@ -121,25 +102,23 @@ async fn run(dir: PathBuf) {
 
 /// The syncing task of a directory, as long as it runs.
 struct Running {
-    /// Empty once the task ended having told everyone.
     dir: PathBuf,
     /// The sync under way.
     current: Option<Arc<Outcome>>,
+    /// The task ended having told everyone who came.
+    told_all: bool,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        if self.dir.as_os_str().is_empty() {
+        if self.told_all {
             return;
         }
         let dropped = || Some(Err(Arc::from("the worker is stopping")));
         if let Some(current) = self.current.take() {
             current.send_replace(dropped());
         }
-        let mut map = lock(&SHARED);
-        if let Some(requests) = map.remove(&self.dir)
-            && let Some(next) = lock(&requests).next.take()
-        {
+        if let Some(Some(next)) = lock(&SHARED).remove(&self.dir) {
             next.send_replace(dropped());
         }
     }

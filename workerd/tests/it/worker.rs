@@ -731,16 +731,24 @@ async fn a_final_record_whose_rename_a_crash_undid_is_still_the_jobs_end() {
     let other = start(&mut client, start_req("bash", "fail.sh", &["9"])).await;
     follow(&mut client, &other, 0).await;
     let jobs_dir = worker.state_dir().join("jobs");
+    // What a sector the crash did not write holds: the space's own bytes,
+    // as a spare holds them. Spares are made after the worker starts, off
+    // the starts' path: on a loaded machine the jobs above may have come
+    // first, so the test waits for one (10 s at most) before the crash.
+    let spares = worker.state_dir().join("spare");
+    let spare_space = || {
+        names_in(&spares)
+            .iter()
+            .filter_map(|name| std::fs::read(spares.join(name).join("job.json.final")).ok())
+            .find(|held| held.len() >= 4096)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while spare_space().is_none() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     worker.daemon.signal(Signal::SIGKILL);
     worker.daemon.wait(Duration::from_secs(10));
-    // What a sector the crash did not write holds: the space's own bytes,
-    // as a spare holds them.
-    let spares = worker.state_dir().join("spare");
-    let held = names_in(&spares)
-        .iter()
-        .filter_map(|name| std::fs::read(spares.join(name).join("job.json.final")).ok())
-        .find(|held| held.len() >= 4096)
-        .expect("a spare's space for a final record");
+    let held = spare_space().expect("a spare's space for a final record");
     let other_record = std::fs::read(jobs_dir.join(&other).join("job.json")).unwrap();
     for (job, left) in &jobs {
         let dir = jobs_dir.join(job);
@@ -844,8 +852,16 @@ fn bad_configs_are_refused_with_file_and_key() {
             None,
         ),
         (
-            "runtime_threads = 5000\n[plugins.bash]\nrunner = \"bash\"\n",
+            "runtime_threads = 1024\n[plugins.bash]\nrunner = \"bash\"\n",
+            None,
+        ),
+        (
+            "runtime_threads = 1025\n[plugins.bash]\nrunner = \"bash\"\n",
             Some("worker.runtime_threads"),
+        ),
+        (
+            "runtime_threads = 5000\n[plugins.bash]\nrunner = \"bash\"\n",
+            Some("at most 1024"),
         ),
         (
             "runtime_threads = -1\n[plugins.bash]\nrunner = \"bash\"\n",
