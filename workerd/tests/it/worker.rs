@@ -94,11 +94,14 @@ const TEST_SCRIPTS: &[(&str, &str)] = &[
         "headless.sh",
         "mark=$(mktemp -u)\nsetsid python3 -c '\nimport ctypes, sys, threading, time\ndef linger():\n    while open(\"/proc/self/stat\").read().rsplit(\")\", 1)[1].split()[0] != \"Z\":\n        time.sleep(0.01)\n    open(sys.argv[1], \"w\").close()\n    time.sleep(300)\nthreading.Thread(target=linger).start()\nctypes.CDLL(None).pthread_exit(None)\n' \"$mark\" &\nwhile [ ! -e \"$mark\" ]; do sleep 0.01; done\nrm -f \"$mark\"\necho headless\n",
     ),
-    // Leaves an orphan with 900 children, a list longer than the page the
-    // kernel hands out at once, and runs on.
+    // Leaves an orphan with 1,100 children, a list longer than the page the
+    // kernel hands out at once, and runs on. Its length is in the pids'
+    // digits: after pids wrap (at 32,768 by default) they start again at
+    // 300, so each takes at least four bytes with its space. 900 did not
+    // fill the page when most of them came after a wrap.
     (
         "crowd.sh",
-        "mark=$(mktemp -u)\n(setsid bash -c 'for i in $(seq 1 900); do sleep 300 & done; touch \"$0\"; exec sleep 300' \"$mark\" &)\nwhile [ ! -e \"$mark\" ]; do sleep 0.01; done\nrm -f \"$mark\"\necho started\nexec sleep 300\n",
+        "mark=$(mktemp -u)\n(setsid bash -c 'for i in $(seq 1 1100); do sleep 300 & done; touch \"$0\"; exec sleep 300' \"$mark\" &)\nwhile [ ! -e \"$mark\" ]; do sleep 0.01; done\nrm -f \"$mark\"\necho started\nexec sleep 300\n",
     ),
     // Runs on with two zombies it never reaps: a child of its main process
     // and a child of an orphan it left.
@@ -1260,7 +1263,7 @@ async fn a_job_end_kills_an_orphan_whose_main_thread_ended() {
 /// process, and nothing of either job outlives its end.
 #[tokio::test]
 async fn a_children_list_too_long_to_read_at_once_is_settled_by_a_scan() {
-    // Their own plugin: 900 processes would hit the default process limit,
+    // Their own plugin: 1,100 processes would hit the default process limit,
     // which (as root, per job user) every other test's jobs share.
     let user = match nix::unistd::geteuid().is_root() {
         true => "user = \"root\"\n",
