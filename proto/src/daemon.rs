@@ -237,6 +237,12 @@ where
             .enable_all()
             .build()
             .map_err(|e| format!("starting the async runtime: {e}"))?;
+        // What the runtime took, not what was asked: `0` and an absent key
+        // leave it to the CPUs and `TOKIO_WORKER_THREADS`.
+        tracing::info!(
+            threads = runtime.metrics().num_workers(),
+            "async runtime started"
+        );
         runtime.block_on(async {
             let shutdown =
                 shutdown_signal().map_err(|e| format!("listening for SIGTERM and SIGINT: {e}"))?;

@@ -147,6 +147,11 @@ impl Worker {
     /// A worker whose config is `base` (in place of [`BASE_CONFIG`]), the
     /// test plugins and `extra`.
     fn start_from(base: &str, extra: &str) -> Self {
+        Self::start_in(base, extra, &[])
+    }
+
+    /// [`Worker::start_from`], with `env` in workerd's environment.
+    fn start_in(base: &str, extra: &str, env: &[(&str, &str)]) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let pki = Pki::new(&tmp.path().join("pki"));
         pki.issue(Role::Worker, "w1");
@@ -176,7 +181,12 @@ impl Worker {
             ),
         )
         .unwrap();
-        let daemon = Daemon::spawn(Path::new(WORKERD), &["--config", config.to_str().unwrap()]);
+        let daemon = Daemon::spawn_with(
+            Path::new(WORKERD),
+            &["--config", config.to_str().unwrap()],
+            &["grpc"],
+            env,
+        );
         Worker { tmp, pki, daemon }
     }
 
@@ -507,6 +517,35 @@ async fn callers_without_the_scheduler_certificate_get_nothing() {
     assert_eq!(err.code(), Code::NotFound);
 }
 
+/// `runtime_threads` is the count the runtime takes: one when absent,
+/// whatever `TOKIO_WORKER_THREADS` says, which only `0` leaves it to.
+#[tokio::test]
+async fn runtime_threads_is_what_the_runtime_takes_and_zero_leaves_it_to_tokio() {
+    let env = [("TOKIO_WORKER_THREADS", "3")];
+    for (setting, threads) in [
+        ("", 1),
+        ("runtime_threads = 2", 2),
+        ("runtime_threads = 0", 3),
+    ] {
+        let base = BASE_CONFIG.replace("max_jobs = 0", &format!("max_jobs = 0\n{setting}"));
+        let worker = Worker::start_in(&base, "", &env);
+        assert_eq!(runtime_threads(&worker), threads, "{setting:?}");
+    }
+}
+
+/// How many threads workerd's async runtime took, as it logged at start.
+fn runtime_threads(worker: &Worker) -> usize {
+    let log = worker.daemon.log();
+    log.lines()
+        .find_map(|l| {
+            l.split_once("async runtime started threads=")?
+                .1
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no runtime thread count logged:\n{log}"))
+}
+
 /// workerd runs its runtime on one thread unless told otherwise; on
 /// several (`runtime_threads = 4`), where its tasks run in parallel, jobs
 /// started and followed at once still each give every byte.
@@ -516,6 +555,7 @@ async fn a_worker_on_several_runtime_threads_runs_and_streams_jobs_at_once() {
         &BASE_CONFIG.replace("max_jobs = 0", "max_jobs = 0\nruntime_threads = 4"),
         "",
     );
+    assert_eq!(runtime_threads(&worker), 4);
     let client = worker.client();
     let expected: Vec<u8> = (0..50 * 4096).flat_map(|_| 0..=255u8).collect();
     let runs: Vec<_> = (0..4)
