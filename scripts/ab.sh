@@ -75,7 +75,11 @@ round() {
   local dir=$1 name=$2 env sched worker job
   env=$(grep -m1 '^export CLUSTERCTL_' "$tmp/$name.log")
   eval "$env"
-  read -r sched worker _ < <(grep -m1 '^# schedulerd' "$tmp/$name.log" | awk '{print $(NF-5), $(NF-4), $(NF-3)}')
+  # bench.sh --serve: "# schedulerd, workerd w1, workerd w2: PIDS; interrupt to stop"
+  read -r sched worker _ < <(sed -n 's/^# schedulerd[^:]*: \([0-9 ]*\);.*/\1/p' "$tmp/$name.log" | head -1)
+  case "$sched:$worker" in
+    :* | *: | *[!0-9:]*) echo "ab: no pids in $tmp/$name.log's '# schedulerd' line" >&2; exit 1 ;;
+  esac
   local ctl="$dir/clusterctl"
   job=$(cat "$tmp/$name.job" 2>/dev/null || true)
   if [ -z "$job" ]; then
