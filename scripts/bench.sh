@@ -43,6 +43,10 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+if [ "$serve" = 1 ] && [ "$rounds" != 1 ]; then
+  echo "bench: --serve only starts a cluster; --rounds goes with the benches" >&2
+  exit 2
+fi
 
 release_binaries
 warn_recent_deletion
