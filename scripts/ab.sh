@@ -92,14 +92,21 @@ round() {
   fi
   local spaced back c16 run s0 w0 s1 w1 t0 t1
   starts() {
-    "$ctl" -o json bench start --worker w1 "$@" 2>/dev/null ||
-      { echo "$name: bench start $* failed" >&2; return 1; }
+    local out
+    out=$("$ctl" -o json bench start --worker w1 "$@" 2>/dev/null) ||
+      { echo "$name: bench start $* failed: $out" >&2; return 1; }
+    echo "$out"
   }
   spaced=$(starts --clients 1 --jobs 100 --pause 20)
   back=$(starts --clients 1 --jobs 200)
   c16=$(starts --clients 16 --jobs 600)
   run=$(run_times "$ctl" 30 | python3 -c 'import json,sys; print(json.load(sys.stdin)["p50_ms"])')
   local bytes
+  # cpu_of reads 0 for a process gone: a daemon that died is said, not
+  # measured as idle.
+  for pid in "$sched" "$worker"; do
+    [ -e "/proc/$pid/stat" ] || { echo "$name: process $pid is gone" >&2; exit 1; }
+  done
   s0=$(cpu_of "$sched"); w0=$(cpu_of "$worker"); t0=$EPOCHREALTIME
   bytes=$("$ctl" logs "$job" | wc -c)
   t1=$EPOCHREALTIME; s1=$(cpu_of "$sched"); w1=$(cpu_of "$worker")

@@ -378,7 +378,8 @@ impl SqliteStore {
                 // one rolled back after: unchanged, the commit wrote nothing.
                 // A write that changes the database otherwise (DDL alone, a
                 // PRAGMA, an `INSERT OR IGNORE` that moves a sequence) would
-                // not be counted: none does today, and one that did must
+                // not be counted: only `close`'s checkpoint does today, and
+                // a checkpoint syncs what it writes itself; any other must
                 // also touch a row, or sync itself.
                 let changes = conn.total_changes();
                 let result = f(&mut conn).map_err(StoreError::from);

@@ -758,6 +758,13 @@ async fn max_queued_counts_the_jobs_waiting_not_those_being_dispatched(store: Sh
         None,
         "full again"
     );
+    // A start that started nothing puts its job back, past the bound if
+    // need be: an accepted job is never dropped. New ones wait until the
+    // queue is below it again.
+    assert!(store.requeue("a", "the worker refused").await.unwrap());
+    assert_eq!(store.queued(0, 10, None).await.unwrap().len(), 3);
+    let (row, entry) = queued("d", 0, "", 0);
+    assert_eq!(store.enqueue_job(row, entry, None, 2).await.unwrap(), None);
 }
 
 async fn a_queue_timeout_fails_only_jobs_still_queued(store: SharedStore) {

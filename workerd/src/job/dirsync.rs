@@ -26,12 +26,11 @@ use super::record::sync_dir;
 /// The directories whose syncs a task runs now (one task each, which
 /// removes its entry when it ends), with the sync not begun yet that
 /// callers wait for: it begins after every one of their changes.
-static SHARED: LazyLock<Mutex<HashMap<PathBuf, Option<Arc<Outcome>>>>> =
-    LazyLock::new(Default::default);
+static SHARED: LazyLock<Mutex<HashMap<PathBuf, Option<Outcome>>>> = LazyLock::new(Default::default);
 
-/// One sync, and everyone who waits for it: its outcome is theirs alone.
-/// A failed sync is never answered for by a later one that succeeded (the
-/// kernel may have dropped what the failed one was to write).
+/// One sync, told to everyone who waits for it: its outcome is theirs
+/// alone. Dropped untold (its task ended early: the runtime stopping),
+/// its waiters hear so.
 type Outcome = watch::Sender<Option<Result<(), Arc<str>>>>;
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -43,51 +42,57 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// a sync of `dir` that began after the call ended, shared with every
 /// caller who came while the sync before it ran.
 pub(super) async fn sync_dir_shared(dir: &Path) -> std::io::Result<()> {
-    let (outcome, start) = {
+    let (mut told, start) = {
         let mut map = lock(&SHARED);
-        let start = !map.contains_key(dir);
         // A sync under way may have begun before the caller's change: the
         // next one to begin is the first sure to cover it.
-        let next = map.entry(dir.to_owned()).or_default();
-        (next.get_or_insert_with(Default::default).clone(), start)
+        let (next, start) = match map.get_mut(dir) {
+            Some(next) => (next, None),
+            None => {
+                let next = map.entry(dir.to_owned()).or_default();
+                // Made here, before the task can be dropped unpolled: its
+                // entry goes whatever becomes of the task.
+                let running = Running {
+                    dir: dir.to_owned(),
+                    ended: false,
+                };
+                (next, Some(running))
+            }
+        };
+        let told = next
+            .get_or_insert_with(|| watch::channel(None).0)
+            .subscribe();
+        (told, start)
     };
-    if start {
-        tokio::spawn(run(dir.to_owned()));
+    if let Some(running) = start {
+        tokio::spawn(run(running));
     }
-    // The caller holds the sender too: the wait ends only with an outcome.
-    let told = outcome
-        .subscribe()
-        .wait_for(Option::is_some)
-        .await
-        .ok()
-        .and_then(|told| told.clone());
-    told.unwrap_or_else(|| Err(Arc::from("its sync was dropped")))
+    let outcome = match told.wait_for(Option::is_some).await {
+        Ok(outcome) => outcome.clone(),
+        Err(_) => None,
+    };
+    outcome
+        .unwrap_or_else(|| Err(Arc::from("its sync was dropped: the worker is stopping")))
         .map_err(|why| std::io::Error::other(format!("syncing {} failed: {why}", dir.display())))
 }
 
-/// Runs the syncs of `dir` one after another while any is wanted.
-async fn run(dir: PathBuf) {
-    // Ended early (the runtime shutting down), it tells whoever waits and
-    // lets the next caller start afresh.
-    let mut guard = Running {
-        dir: dir.clone(),
-        current: None,
-        told_all: false,
-    };
+/// Runs the syncs of a directory one after another while any is wanted.
+async fn run(mut running: Running) {
+    let dir = running.dir.clone();
     loop {
         let outcome = {
             let mut map = lock(&SHARED);
             match map.get_mut(&dir).and_then(Option::take) {
                 Some(outcome) => outcome,
                 None => {
-                    // Everyone who came has been told.
+                    // Everyone who came has been told; under the same lock,
+                    // so no caller joins an entry about to go.
                     map.remove(&dir);
-                    guard.told_all = true;
+                    running.ended = true;
                     return;
                 }
             }
         };
-        guard.current = Some(outcome.clone());
         #[cfg(test)]
         tests::before_sync(&dir).await;
         let path = dir.clone();
@@ -95,31 +100,33 @@ async fn run(dir: PathBuf) {
             Ok(result) => result,
             Err(e) => Err(std::io::Error::other(e)),
         };
-        outcome.send_replace(Some(result.map_err(|e| e.to_string().into())));
-        guard.current = None;
+        let result = result.map_err(|e| Arc::<str>::from(e.to_string()));
+        if let Err(why) = &result {
+            // Those who came while it ran changed the directory meanwhile:
+            // the failed writeback may have taken their changes with it,
+            // which a later sync that succeeds would not tell. They fail
+            // too; whoever comes next gets a sync of their own.
+            if let Some(next) = lock(&SHARED).get_mut(&dir).and_then(Option::take) {
+                next.send_replace(Some(Err(why.clone())));
+            }
+        }
+        outcome.send_replace(Some(result));
     }
 }
 
-/// The syncing task of a directory, as long as it runs.
+/// A directory's syncing task, from before it is spawned until it ends:
+/// dropped any other way than by ending, it takes the directory's entry
+/// away, and with it the sync its waiters wait for, which tells them.
 struct Running {
     dir: PathBuf,
-    /// The sync under way.
-    current: Option<Arc<Outcome>>,
-    /// The task ended having told everyone who came.
-    told_all: bool,
+    /// Ended having told everyone who came, its entry removed.
+    ended: bool,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        if self.told_all {
-            return;
-        }
-        let dropped = || Some(Err(Arc::from("the worker is stopping")));
-        if let Some(current) = self.current.take() {
-            current.send_replace(dropped());
-        }
-        if let Some(Some(next)) = lock(&SHARED).remove(&self.dir) {
-            next.send_replace(dropped());
+        if !self.ended {
+            lock(&SHARED).remove(&self.dir);
         }
     }
 }
@@ -165,6 +172,14 @@ mod tests {
         .unwrap();
     }
 
+    /// Callers waiting for the next sync of `dir`, not begun yet.
+    fn waiting(dir: &Path) -> usize {
+        lock(&SHARED)
+            .get(dir)
+            .and_then(Option::as_ref)
+            .map_or(0, |next| next.receiver_count())
+    }
+
     /// Waits until `n` syncs of `dir` have begun.
     async fn begun(dir: &Path, n: usize) {
         until(|| syncs(dir) >= n).await;
@@ -188,7 +203,7 @@ mod tests {
                 tokio::spawn(async move { sync_dir_shared(&path).await })
             })
             .collect();
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        until(|| waiting(&path) == 16).await;
         gate.add_permits(1);
         first.await.unwrap().unwrap();
         begun(&path, 2).await;
@@ -217,19 +232,87 @@ mod tests {
             async move { sync_dir_shared(&path).await }
         });
         begun(&path, 1).await;
+        // The first sync finds the directory gone; the next, back.
+        std::fs::remove_dir(&path).unwrap();
+        gate.add_permits(1);
+        let error = first.await.unwrap().unwrap_err();
+        std::fs::create_dir(&path).unwrap();
         let second = tokio::spawn({
             let path = path.clone();
             async move { sync_dir_shared(&path).await }
         });
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        // The first sync finds the directory gone; the second, back.
-        std::fs::remove_dir(&path).unwrap();
-        gate.add_permits(1);
         begun(&path, 2).await;
-        std::fs::create_dir(&path).unwrap();
         gate.add_permits(1);
         second.await.unwrap().unwrap();
-        let error = first.await.unwrap().unwrap_err();
         assert!(error.to_string().contains("No such file"), "{error}");
+    }
+
+    /// Callers who came while a sync failed changed the directory while
+    /// its writeback may have failed: a later sync that succeeds would not
+    /// tell them, so they are told the failure, and no second sync runs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn callers_who_came_while_a_sync_failed_are_told_it_failed() {
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path().join("d");
+        std::fs::create_dir(&path).unwrap();
+        let gate = gated(&path);
+        let first = tokio::spawn({
+            let path = path.clone();
+            async move { sync_dir_shared(&path).await }
+        });
+        begun(&path, 1).await;
+        let later = tokio::spawn({
+            let path = path.clone();
+            async move { sync_dir_shared(&path).await }
+        });
+        until(|| waiting(&path) == 1).await;
+        std::fs::remove_dir(&path).unwrap();
+        gate.add_permits(1);
+        assert!(first.await.unwrap().is_err());
+        let error = tokio::time::timeout(std::time::Duration::from_secs(10), later)
+            .await
+            .expect("told with the failed sync, not left for another")
+            .unwrap()
+            .unwrap_err();
+        assert!(error.to_string().contains("No such file"), "{error}");
+        until(|| !lock(&SHARED).contains_key(&path)).await;
+        assert_eq!(syncs(&path), 1);
+    }
+
+    /// A syncing task that ends early (its runtime stopping) tells whoever
+    /// waits, for the sync under way and for the next, and leaves no entry
+    /// behind: the next caller starts afresh.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn callers_hear_when_the_syncing_task_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_owned();
+        let gate = gated(&path);
+        // The first caller, and so the syncing task, on a runtime of their own.
+        let other = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let first = other.spawn({
+            let path = path.clone();
+            async move { sync_dir_shared(&path).await }
+        });
+        begun(&path, 1).await;
+        let later = tokio::spawn({
+            let path = path.clone();
+            async move { sync_dir_shared(&path).await }
+        });
+        until(|| waiting(&path) == 1).await;
+        other.shutdown_background();
+        assert!(first.await.is_err(), "dropped with its runtime");
+        let error = tokio::time::timeout(std::time::Duration::from_secs(10), later)
+            .await
+            .expect("told, not left waiting")
+            .unwrap()
+            .unwrap_err();
+        assert!(error.to_string().contains("dropped"), "{error}");
+        assert!(!lock(&SHARED).contains_key(&path));
+        gate.add_permits(1);
+        sync_dir_shared(&path).await.unwrap();
     }
 }

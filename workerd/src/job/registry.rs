@@ -334,9 +334,17 @@ impl Jobs {
         )
         .into_iter()
         .collect();
+        // Whether the job's directory came from a spare is not kept: the
+        // spares' directory is synced for every one (a sync shared among
+        // them), so a removal from it whose sync failed is made durable
+        // before the spares are cleared at the next start.
+        let origin = Origin {
+            spares: Some(self.spares.dir().to_owned()),
+            files_synced: false,
+        };
         for id in ids {
             let Some(job) = self.find(id) else { continue };
-            match write_final(&self.jobs_dir, &job.record(), &Origin::default()).await {
+            match write_final(&self.jobs_dir, &job.record(), &origin).await {
                 Ok(()) => tracing::info!(job_id = %id, "final state written at last"),
                 Err(error) => {
                     tracing::debug!(job_id = %id, %error, "final state still cannot be written");

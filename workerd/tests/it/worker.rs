@@ -785,10 +785,7 @@ async fn a_final_record_whose_rename_a_crash_undid_is_still_the_jobs_end() {
             .filter_map(|name| std::fs::read(spares.join(name).join("job.json.final")).ok())
             .find(|held| held.len() >= 4096)
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while spare_space().is_none() && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(Duration::from_secs(10), || spare_space().is_some()).await;
     worker.daemon.signal(Signal::SIGKILL);
     worker.daemon.wait(Duration::from_secs(10));
     let held = spare_space().expect("a spare's space for a final record");
