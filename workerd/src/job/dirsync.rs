@@ -180,6 +180,23 @@ mod tests {
             .map_or(0, |next| next.receiver_count())
     }
 
+    /// A caller of [`sync_dir_shared`] for `path`, spawned here.
+    fn call(path: &Path) -> tokio::task::JoinHandle<std::io::Result<()>> {
+        tokio::spawn(call_owned(path.to_owned()))
+    }
+
+    async fn call_owned(path: PathBuf) -> std::io::Result<()> {
+        sync_dir_shared(&path).await
+    }
+
+    /// A directory `d` made under `root` whose syncs wait at a gate.
+    fn gated_dir(root: &Path) -> (PathBuf, Arc<Semaphore>) {
+        let path = root.join("d");
+        std::fs::create_dir(&path).unwrap();
+        let gate = gated(&path);
+        (path, gate)
+    }
+
     /// Waits until `n` syncs of `dir` have begun.
     async fn begun(dir: &Path, n: usize) {
         until(|| syncs(dir) >= n).await;
@@ -190,19 +207,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().to_owned();
         let gate = gated(&path);
-        let first = tokio::spawn({
-            let path = path.clone();
-            async move { sync_dir_shared(&path).await }
-        });
+        let first = call(&path);
         begun(&path, 1).await;
         // These come while the first sync runs: it may have begun before
         // their changes, so they wait for the next one, all of them.
-        let later: Vec<_> = (0..16)
-            .map(|_| {
-                let path = path.clone();
-                tokio::spawn(async move { sync_dir_shared(&path).await })
-            })
-            .collect();
+        let later: Vec<_> = (0..16).map(|_| call(&path)).collect();
         until(|| waiting(&path) == 16).await;
         gate.add_permits(1);
         first.await.unwrap().unwrap();
@@ -224,23 +233,15 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_sync_fails_its_callers_though_the_next_one_succeeds() {
         let root = tempfile::tempdir().unwrap();
-        let path = root.path().join("d");
-        std::fs::create_dir(&path).unwrap();
-        let gate = gated(&path);
-        let first = tokio::spawn({
-            let path = path.clone();
-            async move { sync_dir_shared(&path).await }
-        });
+        let (path, gate) = gated_dir(root.path());
+        let first = call(&path);
         begun(&path, 1).await;
         // The first sync finds the directory gone; the next, back.
         std::fs::remove_dir(&path).unwrap();
         gate.add_permits(1);
         let error = first.await.unwrap().unwrap_err();
         std::fs::create_dir(&path).unwrap();
-        let second = tokio::spawn({
-            let path = path.clone();
-            async move { sync_dir_shared(&path).await }
-        });
+        let second = call(&path);
         begun(&path, 2).await;
         gate.add_permits(1);
         second.await.unwrap().unwrap();
@@ -253,18 +254,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn callers_who_came_while_a_sync_failed_are_told_it_failed() {
         let root = tempfile::tempdir().unwrap();
-        let path = root.path().join("d");
-        std::fs::create_dir(&path).unwrap();
-        let gate = gated(&path);
-        let first = tokio::spawn({
-            let path = path.clone();
-            async move { sync_dir_shared(&path).await }
-        });
+        let (path, gate) = gated_dir(root.path());
+        let first = call(&path);
         begun(&path, 1).await;
-        let later = tokio::spawn({
-            let path = path.clone();
-            async move { sync_dir_shared(&path).await }
-        });
+        let later = call(&path);
         until(|| waiting(&path) == 1).await;
         std::fs::remove_dir(&path).unwrap();
         gate.add_permits(1);
@@ -293,15 +286,9 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        let first = other.spawn({
-            let path = path.clone();
-            async move { sync_dir_shared(&path).await }
-        });
+        let first = other.spawn(call_owned(path.clone()));
         begun(&path, 1).await;
-        let later = tokio::spawn({
-            let path = path.clone();
-            async move { sync_dir_shared(&path).await }
-        });
+        let later = call(&path);
         until(|| waiting(&path) == 1).await;
         other.shutdown_background();
         assert!(first.await.is_err(), "dropped with its runtime");
