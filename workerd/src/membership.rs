@@ -16,7 +16,7 @@ use jobcluster_proto::pb::{DeregisterWorkerRequest, HeartbeatRequest, RegisterWo
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::job::{JobRecord, Jobs, now_ms, write_atomically, write_durably};
+use crate::job::{JobRecord, Jobs, REPORTS_PER_CALL, now_ms, write_atomically, write_durably};
 use crate::service::to_pb_status;
 
 /// Registration retries: 200 ms, doubled up to 5 s, each pause jittered
@@ -33,6 +33,14 @@ enum Refused {
     Status(tonic::Status),
     /// The worker is shutting down.
     Cancelled,
+}
+
+/// A heartbeat the scheduler answered.
+struct Beat {
+    /// Until the next one.
+    interval: Duration,
+    /// It carried as many reports as one may: more may wait.
+    full: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -151,15 +159,21 @@ impl Membership {
                     .heartbeat(&worker_id, self.beat_timeout(interval))
                     .await
                 {
-                    Ok(Some(next)) => {
+                    Ok(Some(Beat {
+                        interval: next,
+                        full,
+                    })) => {
                         interval = next;
                         failed = 0;
-                        // More changes than one message carries: the rest now.
-                        wait = if self.jobs.has_dirty() {
-                            Duration::ZERO
-                        } else {
-                            interval
-                        };
+                        // More changes than one message carries: the rest
+                        // now. Anything else that changed meanwhile waits:
+                        // an end has notified `report_wanted` (its slot
+                        // matters now), and a start's `running` the
+                        // scheduler has from the start's answer. Beating
+                        // again for it cost every job a second heartbeat
+                        // (a store transaction on the scheduler) while
+                        // starts came one after another.
+                        wait = if full { Duration::ZERO } else { interval };
                     }
                     Ok(None) => {
                         tracing::warn!(%worker_id, "the scheduler no longer knows this worker; registering again");
@@ -197,7 +211,7 @@ impl Membership {
         &self,
         worker_id: &str,
         timeout: Duration,
-    ) -> Result<Option<Duration>, tonic::Status> {
+    ) -> Result<Option<Beat>, tonic::Status> {
         let snapshot = now_ms();
         let (changed, ids) = self.jobs.take_dirty();
         let request = HeartbeatRequest {
@@ -222,7 +236,10 @@ impl Membership {
                 if !ids.is_empty() && !self.jobs.has_dirty() {
                     self.acknowledged(snapshot).await;
                 }
-                Ok(Some(interval(reply.heartbeat_interval_ms)))
+                Ok(Some(Beat {
+                    interval: interval(reply.heartbeat_interval_ms),
+                    full: ids.len() >= REPORTS_PER_CALL,
+                }))
             }
             Err(status) => {
                 self.jobs.mark_dirty(ids);

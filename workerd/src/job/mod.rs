@@ -42,7 +42,7 @@ pub(crate) use record::{
     JobRecord, State, expire_output, now_ms, output_cut, write_atomically, write_durably,
 };
 pub(crate) use record::{LOG, RECORD};
-pub(crate) use registry::Jobs;
+pub(crate) use registry::{Jobs, REPORTS_PER_CALL};
 
 /// Largest piece of output sent to a follower in one message. Each piece
 /// costs a read on the blocking pool, a channel hand-over and a wake-up of

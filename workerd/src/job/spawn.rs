@@ -228,6 +228,9 @@ impl Jobs {
                 job.progress.send_modify(|p| p.done = true);
                 self.insert(&job);
                 self.changes.ended(id);
+                // An end like any other: reported at once, not with the
+                // next beat.
+                self.changes.report.notify_one();
                 tracing::warn!(job_id = %id, %error, "job could not start");
                 if let Err(error) = write_final(&self.jobs_dir, &record, &origin).await {
                     tracing::error!(job_id = %id, %error, "could not record the job's final state; kept in memory and retried");
