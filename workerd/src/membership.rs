@@ -143,8 +143,14 @@ impl Membership {
     pub(crate) async fn run(&self, cancel: CancellationToken) -> Option<String> {
         loop {
             let (worker_id, mut interval) = self.register(&cancel).await?;
-            // Until the next beat: the interval, or none when more is due.
-            let mut wait = interval;
+            // Until the next beat: the interval, or none when more is due
+            // (a registration carries one call's worth of changes; a
+            // restart after many unreported ends leaves the rest).
+            let mut wait = if self.jobs.has_dirty() {
+                Duration::ZERO
+            } else {
+                interval
+            };
             // Beats failed in a row; with several schedulers, the next one
             // is tried at once, each once, before the worker waits again.
             let mut failed = 0;

@@ -781,6 +781,16 @@ async fn a_follower_leaving_a_shared_stream_cuts_no_one_and_a_killed_worker_cuts
     }
 }
 
+/// Job reports the scheduler's store took (one per heartbeat or
+/// registration with jobs in it).
+fn reports(scrape: &Scrape) -> f64 {
+    observations(
+        scrape,
+        "schedulerd_store_operation_duration_seconds",
+        &[("operation", "apply_reports")],
+    )
+}
+
 /// A worker reports each job's end at once, and starts that come while
 /// that report is under way wait for the next one: they cost no
 /// heartbeat of their own (the scheduler has their `running` from their
@@ -792,13 +802,6 @@ async fn starts_one_after_another_cost_one_report_per_job_end() {
     const JOBS: usize = 60;
     let cluster = Cluster::start(&["w1"]).await;
     let url = format!("{}/metrics", cluster.url());
-    let reports = |scrape: &Scrape| {
-        observations(
-            scrape,
-            "schedulerd_store_operation_duration_seconds",
-            &[("operation", "apply_reports")],
-        )
-    };
     let before = scrape_with(&cluster.http(), &url).await;
     let began = std::time::Instant::now();
     let mut jobs = Vec::with_capacity(JOBS);
@@ -818,4 +821,58 @@ async fn starts_one_after_another_cost_one_report_per_job_end() {
         "{reported} reports for {JOBS} jobs in {:?} (at most {most})",
         began.elapsed()
     );
+}
+
+/// A worker with more unreported ends than one call carries (a restart
+/// after many) reports all of them at once: its registration carries the
+/// first 1,000, and a call that carried all it may is followed at once by
+/// the next, not after the heartbeat interval (30 s here).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_with_more_ends_than_a_call_carries_reports_them_without_waiting() {
+    const ENDS: usize = 2_100;
+    let mut cluster = Cluster::start_tuned(
+        &["w1"],
+        &[
+            ("heartbeat_interval", "30s"),
+            ("down_after", "90s"),
+            ("lost_after", "180s"),
+        ],
+    )
+    .await;
+    // Stopped, it leaves the scheduler: the same name registers again.
+    cluster
+        .worker("w1")
+        .signal(nix::sys::signal::Signal::SIGTERM);
+    cluster.worker("w1").wait(Duration::from_secs(10));
+    // Ends the worker recorded just before it stopped, never reported:
+    // with no `reported_until`, the latest 10 s of ends are news.
+    let state = cluster.tmp.path().join("state/w1");
+    let _ = std::fs::remove_file(state.join("reported_until"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    for _ in 0..ENDS {
+        let id = uuid::Uuid::new_v4();
+        let dir = state.join("jobs").join(id.to_string());
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("output.log"), b"").unwrap();
+        let record = serde_json::json!({
+            "id": id, "command": "bash", "path": "count.sh", "args": [],
+            "state": "succeeded", "exit_code": 0, "signal": null, "error_text": "",
+            "created_at_ms": now, "started_at_ms": now, "finished_at_ms": now,
+            "output_bytes": 0,
+        });
+        std::fs::write(dir.join("job.json"), record.to_string()).unwrap();
+    }
+    let url = format!("{}/metrics", cluster.url());
+    let client = cluster.http();
+    let before = reports(&scrape_with(&client, &url).await);
+    cluster.restart_worker("w1");
+    // The registration, a full heartbeat, and one with the last 100: all
+    // well within one interval.
+    crate::faults::until(Duration::from_secs(15), "three reports", || async {
+        reports(&scrape_with(&client, &url).await) - before >= 3.0
+    })
+    .await;
 }

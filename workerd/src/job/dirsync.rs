@@ -189,12 +189,37 @@ mod tests {
         sync_dir_shared(&path).await
     }
 
-    /// A directory `d` made under `root` whose syncs wait at a gate.
-    fn gated_dir(root: &Path) -> (PathBuf, Arc<Semaphore>) {
+    /// A directory `d` made under `root` whose syncs wait at a gate, and
+    /// a caller whose sync of it has begun, held at the gate.
+    async fn sync_under_way(
+        root: &Path,
+    ) -> (
+        PathBuf,
+        Arc<Semaphore>,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    ) {
         let path = root.join("d");
         std::fs::create_dir(&path).unwrap();
         let gate = gated(&path);
-        (path, gate)
+        let first = call(&path);
+        begun(&path, 1).await;
+        (path, gate, first)
+    }
+
+    /// A caller spawned now, once it waits for the next sync of `path`.
+    async fn caller_waiting(path: &Path) -> tokio::task::JoinHandle<std::io::Result<()>> {
+        let caller = call(path);
+        until(|| waiting(path) == 1).await;
+        caller
+    }
+
+    /// The error a waiting caller is told, within 10 s (not left waiting).
+    async fn told_error(caller: tokio::task::JoinHandle<std::io::Result<()>>) -> std::io::Error {
+        tokio::time::timeout(std::time::Duration::from_secs(10), caller)
+            .await
+            .expect("told, not left waiting")
+            .unwrap()
+            .unwrap_err()
     }
 
     /// Waits until `n` syncs of `dir` have begun.
@@ -233,9 +258,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_sync_fails_its_callers_though_the_next_one_succeeds() {
         let root = tempfile::tempdir().unwrap();
-        let (path, gate) = gated_dir(root.path());
-        let first = call(&path);
-        begun(&path, 1).await;
+        let (path, gate, first) = sync_under_way(root.path()).await;
         // The first sync finds the directory gone; the next, back.
         std::fs::remove_dir(&path).unwrap();
         gate.add_permits(1);
@@ -254,19 +277,12 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn callers_who_came_while_a_sync_failed_are_told_it_failed() {
         let root = tempfile::tempdir().unwrap();
-        let (path, gate) = gated_dir(root.path());
-        let first = call(&path);
-        begun(&path, 1).await;
-        let later = call(&path);
-        until(|| waiting(&path) == 1).await;
+        let (path, gate, first) = sync_under_way(root.path()).await;
+        let later = caller_waiting(&path).await;
         std::fs::remove_dir(&path).unwrap();
         gate.add_permits(1);
         assert!(first.await.unwrap().is_err());
-        let error = tokio::time::timeout(std::time::Duration::from_secs(10), later)
-            .await
-            .expect("told with the failed sync, not left for another")
-            .unwrap()
-            .unwrap_err();
+        let error = told_error(later).await;
         assert!(error.to_string().contains("No such file"), "{error}");
         until(|| !lock(&SHARED).contains_key(&path)).await;
         assert_eq!(syncs(&path), 1);
@@ -288,15 +304,10 @@ mod tests {
             .unwrap();
         let first = other.spawn(call_owned(path.clone()));
         begun(&path, 1).await;
-        let later = call(&path);
-        until(|| waiting(&path) == 1).await;
+        let later = caller_waiting(&path).await;
         other.shutdown_background();
         assert!(first.await.is_err(), "dropped with its runtime");
-        let error = tokio::time::timeout(std::time::Duration::from_secs(10), later)
-            .await
-            .expect("told, not left waiting")
-            .unwrap()
-            .unwrap_err();
+        let error = told_error(later).await;
         assert!(error.to_string().contains("dropped"), "{error}");
         assert!(!lock(&SHARED).contains_key(&path));
         gate.add_permits(1);
