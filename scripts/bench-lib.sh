@@ -41,19 +41,19 @@ check_rounds() {
 }
 
 # Sets `bin` to the release daemons to measure and `ctl` to this
-# checkout's release clusterctl, building what is needed.
+# checkout's release clusterctl (as scripts/release.sh builds it: static
+# on Linux with glibc), building what is needed.
 # JOBCLUSTER_BENCH_BIN=DIR measures the daemons in DIR instead (an earlier
 # build, for a before/after in one sitting); the bench itself is always
 # this checkout's clusterctl.
 release_binaries() {
   if [ -n "${JOBCLUSTER_BENCH_BIN:-}" ]; then
     bin=$JOBCLUSTER_BENCH_BIN
-    (cd "$root" && cargo build --release -p jobcluster-clusterctl --bin clusterctl --quiet)
+    ctl=$("$root/scripts/release.sh" clusterctl | tail -1)
   else
-    (cd "$root" && cargo build --release --workspace --bins --quiet)
+    ctl=$("$root/scripts/release.sh" | tail -1)
     bin="$root/target/release"
   fi
-  ctl="$root/target/release/clusterctl"
 }
 
 # `clusterctl run --worker w1 true.sh` through the clusterctl `$1`, `$2`

@@ -8,9 +8,21 @@ use jobcluster_proto::http::{WorkerInfo, WorkerList};
 
 use crate::harness::{Daemon, eventually};
 
+/// A binary of this build, by name. `JOBCLUSTER_CLUSTERCTL=PATH` puts
+/// another clusterctl under the same tests: CI runs the CLI's tests with
+/// the release clusterctl, which is linked on its own (scripts/release.sh).
 pub fn bin(name: &str) -> PathBuf {
-    let ctl = PathBuf::from(env!("CARGO_BIN_EXE_clusterctl"));
-    let path = ctl.with_file_name(name);
+    if let Some(other) = std::env::var_os("JOBCLUSTER_CLUSTERCTL").filter(|_| name == "clusterctl")
+    {
+        let path = PathBuf::from(other);
+        assert!(
+            path.exists(),
+            "JOBCLUSTER_CLUSTERCTL={} is missing",
+            path.display()
+        );
+        return path;
+    }
+    let path = PathBuf::from(env!("CARGO_BIN_EXE_clusterctl")).with_file_name(name);
     assert!(
         path.exists(),
         "{} is missing: build every binary first (`cargo build --workspace --bins`, as scripts/test.sh does)",
