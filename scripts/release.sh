@@ -5,17 +5,18 @@
 #   scripts/release.sh clusterctl   # clusterctl only
 #
 # schedulerd and workerd: target/release/. clusterctl: on a *-linux-gnu
-# host, target/<host>/release/clusterctl, linked statically (glibc's
-# static-pie); elsewhere target/release/clusterctl.
+# host, target/<host>/release/clusterctl (x86_64-unknown-linux-gnu here),
+# linked statically (glibc's static-pie); elsewhere target/release/.
 #
 # Why static: CI runs clusterctl once per step, and each run starts a
 # process. Without the dynamic loader (three libraries mapped and bound,
 # and libgcc_s's CPU probe, which traps to the host on a VM) a start costs
-# about 0.5 ms less on the development machine (docs/PERFORMANCE.md,
-# "clusterctl linked statically"), and the one file runs on any Linux of
-# its architecture. What it gives up: host names resolve through glibc's
-# built-in `files` and `dns` sources only; NSS modules that /etc/nsswitch.conf
-# names besides (`resolve`, `mdns`, `ldap`, ...) are not loaded.
+# 0.3-0.6 ms less on the development machine (docs/PERFORMANCE.md,
+# "clusterctl linked statically"). What it gives up: glibc still loads
+# the NSS modules /etc/nsswitch.conf names besides its built-in `files`
+# and `dns` (`resolve`, `mdns`, `ldap`, ...) with dlopen, and those must
+# come from the glibc version it was built with: build it on the
+# distribution it runs on.
 #
 # The daemons stay dynamic: they start once. Only an explicit --target
 # keeps the static flag off the build's proc-macros and build scripts,
@@ -24,7 +25,11 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+target_dir=${CARGO_TARGET_DIR:-$root/target}
 case ${1:-all} in
+  # The whole workspace, as the tests build it, so the daemons get the
+  # same dependency features as always; it also leaves a dynamic
+  # target/release/clusterctl, which is not the one to install.
   all) cargo build --release --workspace --bins --quiet ;;
   clusterctl) ;;
   *) echo "usage: scripts/release.sh [clusterctl]" >&2; exit 2 ;;
@@ -32,12 +37,12 @@ esac
 host=$(rustc -vV | sed -n 's/^host: //p')
 case $host in
   *-linux-gnu)
-    RUSTFLAGS="-C target-feature=+crt-static" \
+    RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
       cargo build --release --target "$host" -p jobcluster-clusterctl --bin clusterctl --quiet
-    echo "$root/target/$host/release/clusterctl"
+    echo "$target_dir/$host/release/clusterctl"
     ;;
   *)
     cargo build --release -p jobcluster-clusterctl --bin clusterctl --quiet
-    echo "$root/target/release/clusterctl"
+    echo "$target_dir/release/clusterctl"
     ;;
 esac

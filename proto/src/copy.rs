@@ -18,9 +18,9 @@
 //! is read by the dynamic loader before `main`, so a program cannot set it
 //! for itself, and `clusterctl` is started by people and CI, not by units
 //! we ship. Defining `memcpy` in the program takes every call to it before
-//! glibc's: from Rust code, from the C linked into it (SQLite), and, as the
-//! symbol is in the program's dynamic table, from the shared libraries it
-//! loads (libgcc_s, NSS modules). On an AMD CPU of family 0x19 or later
+//! glibc's: from Rust code, from the C linked into it (SQLite), and, in a
+//! dynamically linked program, where the symbol is in its dynamic table,
+//! from the shared libraries it loads (libgcc_s, NSS modules). On an AMD CPU of family 0x19 or later
 //! (Zen 3 and after; the slow case was measured on Zen 4), a copy of
 //! [`CHECKED_FROM`] to [`CHECKED_UP_TO`] bytes at one of those distances
 //! goes to glibc's `memmove` as pieces under the threshold, which glibc
@@ -35,11 +35,11 @@
 //! Only on x86-64 Linux with glibc; elsewhere the platform's `memcpy`
 //! serves. Linked statically (the release clusterctl, scripts/release.sh),
 //! this `memcpy` keeps glibc's own out of the link (its `memcpy` is its
-//! own object in `libc.a`, `memmove` another) and glibc's internal calls
-//! come here too. That is safe from the first one: glibc's own `memcpy`
-//! is an IFUNC as `memmove` is, so a static glibc resolves its IFUNCs
-//! before it copies anything, and the jump to `memmove` below is ready by
-//! then.
+//! own object in `libc.a`, `memmove` another), and glibc's own calls of
+//! `memcpy` come here too (not `__mempcpy` or `__memcpy_chk`, which stay
+//! glibc's). That is safe from the first one: glibc's own `memcpy` is an
+//! IFUNC as `memmove` is, so a static glibc resolves its IFUNCs before it
+//! copies anything, and the jump to `memmove` below is ready by then.
 
 /// Copies this size and larger are checked for the slow distance: under
 /// glibc's smallest default threshold (2,048 bytes times the vector size
