@@ -225,11 +225,16 @@ async fn a_killed_worker_s_job_reads_unknown_at_once_and_placement_moves_on() {
 }
 
 /// Writes `n` finished jobs' records into a worker's state directory, as
-/// years of history would leave them; the first `big` carry 1 MB of
+/// years of history (or a crash right after many ends) would leave them,
+/// each finished at `finished_at_ms`; the first `big` carry 1 MB of
 /// arguments each.
-fn write_history(state_dir: &std::path::Path, n: usize, big: usize) {
+pub(crate) fn write_history(
+    state_dir: &std::path::Path,
+    n: usize,
+    big: usize,
+    finished_at_ms: u64,
+) {
     let jobs = state_dir.join("jobs");
-    let long_ago = now_ms() - 2 * 24 * 3600 * 1000;
     let large = "x".repeat(1 << 20);
     for i in 0..n {
         let id = uuid::Uuid::new_v4();
@@ -243,15 +248,15 @@ fn write_history(state_dir: &std::path::Path, n: usize, big: usize) {
         let record = json!({
             "id": id, "command": "bash", "path": "count.sh", "args": args,
             "state": "succeeded", "exit_code": 0, "signal": null, "error_text": "",
-            "created_at_ms": long_ago, "started_at_ms": long_ago,
-            "finished_at_ms": long_ago, "pgid": null, "output_bytes": 2,
+            "created_at_ms": finished_at_ms, "started_at_ms": finished_at_ms,
+            "finished_at_ms": finished_at_ms, "pgid": null, "output_bytes": 2,
         });
         std::fs::write(dir.join("job.json"), serde_json::to_vec(&record).unwrap()).unwrap();
         std::fs::write(dir.join("output.log"), "1\n").unwrap();
     }
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -276,7 +281,7 @@ async fn a_worker_with_a_long_history_registers_in_seconds_and_does_not_hold_it_
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000);
     let state_dir = cluster.tmp.path().join("state/w1");
-    write_history(&state_dir, n, 100);
+    write_history(&state_dir, n, 100, now_ms() - 2 * 24 * 3600 * 1000);
 
     let started = Instant::now();
     cluster.restart_worker("w1");

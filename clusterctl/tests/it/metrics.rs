@@ -848,23 +848,7 @@ async fn a_restart_with_more_ends_than_a_call_carries_reports_them_without_waiti
     // with no `reported_until`, the latest 10 s of ends are news.
     let state = cluster.tmp.path().join("state/w1");
     let _ = std::fs::remove_file(state.join("reported_until"));
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    for _ in 0..ENDS {
-        let id = uuid::Uuid::new_v4();
-        let dir = state.join("jobs").join(id.to_string());
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("output.log"), b"").unwrap();
-        let record = serde_json::json!({
-            "id": id, "command": "bash", "path": "count.sh", "args": [],
-            "state": "succeeded", "exit_code": 0, "signal": null, "error_text": "",
-            "created_at_ms": now, "started_at_ms": now, "finished_at_ms": now,
-            "output_bytes": 0,
-        });
-        std::fs::write(dir.join("job.json"), record.to_string()).unwrap();
-    }
+    crate::hung::write_history(&state, ENDS, 0, crate::hung::now_ms());
     let url = format!("{}/metrics", cluster.url());
     let client = cluster.http();
     let before = reports(&scrape_with(&client, &url).await);
