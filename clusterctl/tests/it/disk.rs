@@ -1,6 +1,7 @@
 //! Full disks: a worker's `state_dir` that fills while a job writes, a start
 //! on a full worker, and a scheduler whose store fills. Each disk is a small
-//! tmpfs, so these tests need root; without it they say so and pass.
+//! tmpfs, so these tests need root; without it they say so and pass. And a
+//! scheduler whose disk fails its syncs (a preload library built with `cc`).
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -973,4 +974,131 @@ async fn faults_disk_a_disk_that_stalls_under_a_jobs_last_output_fails_the_job()
             cluster.restart_worker_registered("w1").await;
         }
     }
+}
+
+/// A preload library that makes `fdatasync` and `fsync` of a file whose
+/// name ends in `-wal` (the store's log) fail with `EIO` while the file
+/// named by `JOBCLUSTER_FAIL_SYNC` exists: a disk that takes the write
+/// into the page cache and then fails to keep it. (This kernel has no
+/// device-mapper, whose `error` target would do it below the filesystem.)
+const FAIL_SYNC_C: &str = r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static int armed(int fd) {
+    const char *flag = getenv("JOBCLUSTER_FAIL_SYNC");
+    if (flag == NULL || access(flag, F_OK) != 0) return 0;
+    char link[64], path[4096];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, path, sizeof path - 1);
+    return n > 4 && memcmp(path + n - 4, "-wal", 4) == 0;
+}
+
+int fdatasync(int fd) {
+    if (armed(fd)) { errno = EIO; return -1; }
+    int (*real)(int) = (int (*)(int))dlsym(RTLD_NEXT, "fdatasync");
+    return real(fd);
+}
+
+int fsync(int fd) {
+    if (armed(fd)) { errno = EIO; return -1; }
+    int (*real)(int) = (int (*)(int))dlsym(RTLD_NEXT, "fsync");
+    return real(fd);
+}
+"#;
+
+/// Builds [`FAIL_SYNC_C`] in `dir`, or says why not.
+fn fail_sync_library(dir: &Path) -> Option<PathBuf> {
+    let source = dir.join("failsync.c");
+    let library = dir.join("failsync.so");
+    std::fs::write(&source, FAIL_SYNC_C).unwrap();
+    let built = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O2", "-o"])
+        .arg(&library)
+        .arg(&source)
+        .arg("-ldl")
+        .output();
+    match built {
+        Ok(out) if out.status.success() => Some(library),
+        Ok(out) => {
+            eprintln!(
+                "skipping: cc could not build the preload library: {}",
+                stderr(&out)
+            );
+            None
+        }
+        Err(error) => {
+            eprintln!("skipping: needs a C compiler (cc) for the preload library: {error}");
+            None
+        }
+    }
+}
+
+/// A start whose record the scheduler cannot sync is refused before any
+/// worker is asked (`store_unavailable`): no job runs that a power loss
+/// could leave without a record. Once the scheduler runs again on a disk
+/// that keeps its writes, jobs start again.
+#[tokio::test(flavor = "multi_thread")]
+async fn faults_disk_a_start_whose_record_cannot_be_synced_starts_nothing() {
+    // The log under test is SQLite's (PostgreSQL's commit is its sync).
+    let mut cluster = Cluster::start_with_on_sqlite(&["w1"], "", "").await;
+    let Some(library) = fail_sync_library(cluster.tmp.path()) else {
+        return;
+    };
+    let state_dir = cluster.tmp.path().join("state").join("w1");
+    let scripts = cluster.tmp.path().join("scripts");
+    cluster.add_script("hold.sh", "#!/bin/bash\nsleep 120\n");
+    let flag = cluster.tmp.path().join("fail-sync");
+    cluster.stop_scheduler(Signal::SIGTERM);
+    cluster.start_scheduler_again_with(
+        &[],
+        &[
+            ("LD_PRELOAD", library.to_str().unwrap()),
+            ("JOBCLUSTER_FAIL_SYNC", flag.to_str().unwrap()),
+        ],
+    );
+    cluster.wait_ready("w1").await;
+    let witness = Witness::default();
+    // A first start on the fresh log: SQLite syncs a log it starts anew
+    // itself, and that sync is not the one under test.
+    runs_on_w1(&cluster, &witness).await;
+    let dirs = job_dirs(&state_dir);
+
+    std::fs::write(&flag, b"").unwrap();
+    for _ in 0..3 {
+        let (status, answer) = post_job(
+            &cluster,
+            serde_json::json!({"worker_id": "w1", "path": "hold.sh"}),
+        )
+        .await;
+        let error = match answer {
+            Ok(job) => panic!("a start on a store that cannot sync answered {status}: {job:?}"),
+            Err(error) => error,
+        };
+        assert_eq!(
+            (status, error.code.as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            "{}",
+            error.error
+        );
+    }
+    // The worker was never asked: no job directory, no process.
+    assert_eq!(job_dirs(&state_dir), dirs);
+    assert_eq!(processes_in(&scripts), Vec::<u32>::new());
+    assert!(
+        cluster.scheduler.log().contains("could not be synced"),
+        "{}",
+        cluster.scheduler.log()
+    );
+
+    std::fs::remove_file(&flag).unwrap();
+    cluster.stop_scheduler(Signal::SIGKILL);
+    cluster.start_scheduler_again();
+    cluster.wait_ready("w1").await;
+    runs_on_w1(&cluster, &witness).await;
 }
