@@ -252,7 +252,7 @@ impl Cached for Connection {
 const STATEMENT_CACHE: usize = 128;
 
 /// When a commit must be durable: before its call returns, or once a
-/// later write or flush has synced the log (the instant is the
+/// later write or read has had the log synced (the instant is the
 /// operation's start, for its duration metric).
 #[derive(Debug, Clone, Copy)]
 enum Durable {
@@ -356,9 +356,9 @@ impl SqliteStore {
     /// Runs `f` on the writer connection; what it commits survives a crash
     /// of this process, and a power loss once the log is synced past it:
     /// by this thread when no sync is under way ([`Durable::Now`], so the
-    /// write costs one trip to the blocking pool), or by a later write or
-    /// [`Store::flush`] ([`Durable::Later`], which records the operation's
-    /// duration as the commit's from the instant given). Returns `f`'s
+    /// write costs one trip to the blocking pool), or by the sync a later
+    /// write or read waits for ([`Durable::Later`], which records the
+    /// operation's duration as the commit's from the instant given). Returns `f`'s
     /// result, the commit's number and whether it was synced here.
     async fn commit<T: Send + 'static, F>(
         &self,
