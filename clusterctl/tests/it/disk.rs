@@ -806,6 +806,17 @@ async fn faults_disk_a_full_store_starts_nothing_without_a_record() {
     );
 }
 
+/// An anonymous `GET` of the health route `path`: its status and body.
+async fn probe(cluster: &Cluster, path: &str) -> (StatusCode, String) {
+    let reply = cluster
+        .http_as(None)
+        .get(format!("{}{path}", cluster.url()))
+        .send()
+        .await
+        .unwrap();
+    (reply.status(), reply.text().await.unwrap())
+}
+
 /// `/readyz` (anonymous) says `not ready` while the store takes no write,
 /// and `ok` again once it has room; `/healthz` says `ok` throughout.
 #[tokio::test(flavor = "multi_thread")]
@@ -814,32 +825,31 @@ async fn faults_disk_readyz_follows_whether_the_store_takes_a_write() {
         return;
     };
     let cluster = Cluster::start_with_store(&[], disk.path()).await;
-    let anonymous = cluster.http_as(None);
-    let probe = |path: &'static str| {
-        let request = anonymous.get(format!("{}{path}", cluster.url()));
-        async move {
-            let reply = request.send().await.unwrap();
-            (reply.status(), reply.text().await.unwrap())
-        }
-    };
-    assert_eq!(probe("/readyz").await, (StatusCode::OK, "ok\n".to_owned()));
+    assert_eq!(
+        probe(&cluster, "/readyz").await,
+        (StatusCode::OK, "ok\n".to_owned())
+    );
 
     let filler = disk.fill();
     until(
         Duration::from_secs(20),
         "readyz 503 on a full store",
         || async {
-            probe("/readyz").await == (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_owned())
+            probe(&cluster, "/readyz").await
+                == (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_owned())
         },
     )
     .await;
-    assert_eq!(probe("/healthz").await, (StatusCode::OK, "ok\n".to_owned()));
+    assert_eq!(
+        probe(&cluster, "/healthz").await,
+        (StatusCode::OK, "ok\n".to_owned())
+    );
 
     std::fs::remove_file(filler).unwrap();
     until(
         Duration::from_secs(20),
         "readyz ok with room again",
-        || async { probe("/readyz").await == (StatusCode::OK, "ok\n".to_owned()) },
+        || async { probe(&cluster, "/readyz").await == (StatusCode::OK, "ok\n".to_owned()) },
     )
     .await;
 }
@@ -1001,17 +1011,15 @@ static int armed(int fd) {
     return n > 4 && memcmp(path + n - 4, "-wal", 4) == 0;
 }
 
-int fdatasync(int fd) {
+/* The libc function `name`, unless the flag fails it. */
+static int sync_unless_armed(int fd, const char *name) {
     if (armed(fd)) { errno = EIO; return -1; }
-    int (*real)(int) = (int (*)(int))dlsym(RTLD_NEXT, "fdatasync");
+    int (*real)(int) = (int (*)(int))dlsym(RTLD_NEXT, name);
     return real(fd);
 }
 
-int fsync(int fd) {
-    if (armed(fd)) { errno = EIO; return -1; }
-    int (*real)(int) = (int (*)(int))dlsym(RTLD_NEXT, "fsync");
-    return real(fd);
-}
+int fdatasync(int fd) { return sync_unless_armed(fd, "fdatasync"); }
+int fsync(int fd) { return sync_unless_armed(fd, "fsync"); }
 "#;
 
 /// Builds [`FAIL_SYNC_C`] in `dir`, or says why not.
@@ -1100,6 +1108,28 @@ async fn faults_disk_a_start_whose_record_cannot_be_synced_starts_nothing() {
         .scheduler
         .wait_for_log("could not be synced", 0)
         .await;
+    // Nothing more is acknowledged, and a load balancer is told so; the
+    // process stays alive for an operator to restart.
+    until(
+        Duration::from_secs(20),
+        "readyz 503 once a sync failed",
+        || async {
+            probe(&cluster, "/readyz").await
+                == (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_owned())
+        },
+    )
+    .await;
+    assert_eq!(
+        probe(&cluster, "/healthz").await,
+        (StatusCode::OK, "ok\n".to_owned())
+    );
+    let listed = cluster
+        .http()
+        .get(format!("{}/v1/jobs", cluster.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed.status(), StatusCode::SERVICE_UNAVAILABLE);
 
     std::fs::remove_file(&flag).unwrap();
     cluster.stop_scheduler(Signal::SIGKILL);
