@@ -817,6 +817,21 @@ async fn probe(cluster: &Cluster, path: &str) -> (StatusCode, String) {
     (reply.status(), reply.text().await.unwrap())
 }
 
+/// Waits until `/readyz` says `not ready` (`what` names the wait), then
+/// checks that `/healthz` still says `ok`: a scheduler whose store takes
+/// no write is taken out of rotation, not restarted by its supervisor.
+async fn not_ready_but_alive(cluster: &Cluster, what: &str) {
+    until(Duration::from_secs(20), what, || async {
+        probe(cluster, "/readyz").await
+            == (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_owned())
+    })
+    .await;
+    assert_eq!(
+        probe(cluster, "/healthz").await,
+        (StatusCode::OK, "ok\n".to_owned())
+    );
+}
+
 /// `/readyz` (anonymous) says `not ready` while the store takes no write,
 /// and `ok` again once it has room; `/healthz` says `ok` throughout.
 #[tokio::test(flavor = "multi_thread")]
@@ -831,19 +846,7 @@ async fn faults_disk_readyz_follows_whether_the_store_takes_a_write() {
     );
 
     let filler = disk.fill();
-    until(
-        Duration::from_secs(20),
-        "readyz 503 on a full store",
-        || async {
-            probe(&cluster, "/readyz").await
-                == (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_owned())
-        },
-    )
-    .await;
-    assert_eq!(
-        probe(&cluster, "/healthz").await,
-        (StatusCode::OK, "ok\n".to_owned())
-    );
+    not_ready_but_alive(&cluster, "readyz 503 on a full store").await;
 
     std::fs::remove_file(filler).unwrap();
     until(
@@ -1110,19 +1113,7 @@ async fn faults_disk_a_start_whose_record_cannot_be_synced_starts_nothing() {
         .await;
     // Nothing more is acknowledged, and a load balancer is told so; the
     // process stays alive for an operator to restart.
-    until(
-        Duration::from_secs(20),
-        "readyz 503 once a sync failed",
-        || async {
-            probe(&cluster, "/readyz").await
-                == (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_owned())
-        },
-    )
-    .await;
-    assert_eq!(
-        probe(&cluster, "/healthz").await,
-        (StatusCode::OK, "ok\n".to_owned())
-    );
+    not_ready_but_alive(&cluster, "readyz 503 once a sync failed").await;
     let listed = cluster
         .http()
         .get(format!("{}/v1/jobs", cluster.url()))
