@@ -844,11 +844,14 @@ async fn a_restart_with_more_ends_than_a_call_carries_reports_them_without_waiti
         .worker("w1")
         .signal(nix::sys::signal::Signal::SIGTERM);
     cluster.worker("w1").wait(Duration::from_secs(10));
-    // Ends the worker recorded just before it stopped, never reported:
-    // with no `reported_until`, the latest 10 s of ends are news.
+    // Ends the worker recorded after the scheduler last acknowledged its
+    // reports (a minute before), never reported. The acknowledgement is
+    // named, not left to "the latest 10 s": writing 2,100 records on a
+    // loaded machine once took long enough to age them out of that window.
     let state = cluster.tmp.path().join("state/w1");
-    let _ = std::fs::remove_file(state.join("reported_until"));
-    crate::hung::write_history(&state, ENDS, 0, crate::hung::now_ms());
+    let now = crate::hung::now_ms();
+    std::fs::write(state.join("reported_until"), (now - 60_000).to_string()).unwrap();
+    crate::hung::write_history(&state, ENDS, 0, now);
     let url = format!("{}/metrics", cluster.url());
     let client = cluster.http();
     let before = reports(&scrape_with(&client, &url).await);
