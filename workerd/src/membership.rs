@@ -320,12 +320,22 @@ impl Membership {
         request.jobs = reports(report);
         request.partial_report = partial;
         let mut client = self.client();
+        let registering = client.register_worker(call(request));
+        tokio::pin!(registering);
         let result = tokio::select! {
-            r = client.register_worker(call(request)) => r,
-            () = cancel.cancelled() => {
-                self.jobs.mark_dirty(pending);
-                return Err(Refused::Cancelled);
-            }
+            r = &mut registering => r,
+            // Stopping while the scheduler may already have recorded this
+            // registration: its answer is waited for (bounded), so that the
+            // worker leaves under the id it was given. Dropped, it left the
+            // name registered and alive on the scheduler until `down_after`,
+            // which refused the worker's own restart meanwhile.
+            () = cancel.cancelled() => match tokio::time::timeout(CALL_TIMEOUT, registering).await {
+                Ok(r) => r,
+                Err(_) => {
+                    self.jobs.mark_dirty(pending);
+                    return Err(Refused::Cancelled);
+                }
+            },
         };
         let reply = match result {
             Ok(reply) => reply.into_inner(),

@@ -597,8 +597,13 @@ runner = "python"
 
 /// For [`Cluster::start_tuned`], where a test pauses a worker (SIGSTOP):
 /// a call to it gives up after a second, and it is neither down nor its
-/// jobs lost while the test runs.
+/// jobs lost while the test runs. Heartbeats every 2 s put the liveness
+/// check's suspicion (unresponsive: two intervals + 1 s of silence) at 5 s,
+/// well after the call's timeout: with the default 250 ms it came 1.5 s
+/// after the pause, which a loaded machine could reach before the call
+/// the test makes of the paused worker.
 pub const PAUSED_WORKER_TUNING: &[(&str, &str)] = &[
+    ("heartbeat_interval", "2s"),
     ("call_timeout", "1s"),
     ("refresh_timeout", "1s"),
     ("down_after", "30s"),

@@ -285,7 +285,11 @@ async fn a_worker_with_a_long_history_registers_in_seconds_and_does_not_hold_it_
 
     let started = Instant::now();
     cluster.restart_worker("w1");
-    cluster.wait_state("w1", "ready").await;
+    // Longer than `wait_state`'s 10 s: the bound asserted below is 20 s.
+    crate::faults::until(Duration::from_secs(30), "w1 ready", || async {
+        cluster.worker_state("w1").await == "ready"
+    })
+    .await;
     let took = started.elapsed();
     eprintln!("a worker with {n} finished jobs registered in {took:?}");
     assert!(took < Duration::from_secs(20), "registration took {took:?}");
@@ -491,10 +495,10 @@ async fn followers_on_one_worker_stream_ride_out_a_paused_worker() {
         let scrape = crate::metrics::scrape_with(&cluster.http(), &url).await;
         crate::metrics::value(&scrape, "schedulerd_output_worker_streams_total", &[])
     }
-    // Quiet for a second, so both followers are there before its output.
+    // Quiet until both followers are there, so they share one stream.
     cluster.add_script(
         "slow.sh",
-        "#!/bin/bash\nsleep 1\nfor i in $(seq 1 \"$1\"); do echo \"$i\"; sleep 0.02; done\n",
+        "#!/bin/bash\nwhile [ ! -e go.flag ]; do sleep 0.02; done\nfor i in $(seq 1 \"$1\"); do echo \"$i\"; sleep 0.02; done\n",
     );
     let lines = 200;
     let job = cluster
@@ -502,6 +506,13 @@ async fn followers_on_one_worker_stream_ride_out_a_paused_worker() {
         .await;
     let before = streams(&cluster).await;
     let mut followers = [cluster.spawn_follow(&job), cluster.spawn_follow(&job)];
+    crate::faults::until(Duration::from_secs(20), "two followers", || async {
+        let url = format!("{}/metrics", cluster.url());
+        let scrape = crate::metrics::scrape_with(&cluster.http(), &url).await;
+        crate::metrics::value(&scrape, "schedulerd_followers", &[]) >= 2.0
+    })
+    .await;
+    cluster.add_script("go.flag", "");
     let mut outputs = Vec::new();
     for follower in &mut followers {
         let mut out = tokio::io::BufReader::new(follower.stdout.take().unwrap());
@@ -514,9 +525,10 @@ async fn followers_on_one_worker_stream_ride_out_a_paused_worker() {
         outputs.push((first, out));
     }
     // Both are reading: the worker pauses, past call_timeout (1 s), in
-    // which a call to it, or a read of its stream, would have given up.
+    // which a call to it, or a read of its stream, would have given up,
+    // and past the 5 s after which the liveness check suspects it.
     cluster.worker("w1").signal(Signal::SIGSTOP);
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
     cluster.worker("w1").signal(Signal::SIGCONT);
     let expected: String = (1..=lines).map(|i| format!("{i}\n")).collect();
     for (follower, (mut text, mut out)) in followers.into_iter().zip(outputs) {

@@ -699,10 +699,12 @@ async fn followers_of_one_job_share_its_worker_stream_and_one_that_stalls_goes_o
     let url = format!("{}/metrics", cluster.url());
     let streams = |scrape: &Scrape| value(scrape, "schedulerd_output_worker_streams_total", &[]);
     // 79 MB of distinct lines, far past the 32 MiB a shared stream holds
-    // behind its fastest follower, after a pause in which all three
-    // followers arrive.
+    // behind its fastest follower, once all three followers are there.
     let lines = 10_000_000;
-    cluster.add_script("later.sh", "#!/bin/bash\nsleep 2\nseq 1 \"$1\"\n");
+    cluster.add_script(
+        "later.sh",
+        "#!/bin/bash\nwhile [ ! -e go.flag ]; do sleep 0.02; done\nseq 1 \"$1\"\n",
+    );
     let job = cluster
         .start_job("w1", "later.sh", &[&lines.to_string()])
         .await;
@@ -720,6 +722,7 @@ async fn followers_of_one_job_share_its_worker_stream_and_one_that_stalls_goes_o
     for follower in [&a, &b, &stalled] {
         assert_eq!(follower.status(), StatusCode::OK);
     }
+    cluster.add_script("go.flag", "");
     let together = streams(&scrape_with(&cluster.http(), &url).await);
     assert_eq!(together - before, 1.0, "three followers, one worker stream");
 
@@ -747,13 +750,15 @@ async fn a_follower_leaving_a_shared_stream_cuts_no_one_and_a_killed_worker_cuts
     let mut cluster = Cluster::start(&["w1"]).await;
     let url = format!("{}/metrics", cluster.url());
     let streams = |scrape: &Scrape| value(scrape, "schedulerd_output_worker_streams_total", &[]);
+    // Its output waits for both followers (later jobs find the flag).
     cluster.add_script(
         "slow.sh",
-        "#!/bin/bash\nsleep 1\nfor i in $(seq 1 \"$1\"); do echo \"$i\"; sleep 0.05; done\n",
+        "#!/bin/bash\nwhile [ ! -e go.flag ]; do sleep 0.02; done\nfor i in $(seq 1 \"$1\"); do echo \"$i\"; sleep 0.05; done\n",
     );
     let job = cluster.start_job("w1", "slow.sh", &["40"]).await;
     let before = streams(&scrape_with(&cluster.http(), &url).await);
     let (mut leaving, staying) = tokio::join!(cluster.follow_job(&job), cluster.follow_job(&job));
+    cluster.add_script("go.flag", "");
     let start = leaving.chunk().await.unwrap().unwrap();
     assert!(start.starts_with(b"1\n"), "{start:?}");
     drop(leaving);

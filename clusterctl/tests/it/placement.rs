@@ -577,22 +577,25 @@ async fn a_group_read_while_a_members_worker_is_down_waits_for_it_or_is_cut() {
 
     cluster.worker("w2").signal(Signal::SIGKILL);
     cluster.worker("w2").wait(Duration::from_secs(10));
-    let read = group_logs(&cluster, &group_id);
-    let out = read_beside(read, async {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        cluster.restart_worker("w2");
-    })
+    let read = tokio::spawn(group_logs(&cluster, &group_id));
+    // w2 comes back once the read has found it down (not after a fixed
+    // time, which a loaded machine's clusterctl could take to get there).
+    crate::faults::until(
+        Duration::from_secs(20),
+        "the read to find w2 down",
+        || async {
+            let log = cluster.scheduler.log();
+            log.contains("group member's output unavailable")
+                || log.contains("group member's worker cannot be asked now")
+        },
+    )
     .await;
+    cluster.restart_worker("w2");
+    let out = read.await.unwrap().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
     for w in ["w1", "w2", "w3"] {
         assert_eq!(lines_of(&stdout(&out), w), all, "{w}: {}", stdout(&out));
     }
-    // The read did find w2 down first.
-    let log = cluster.scheduler.log();
-    assert!(
-        log.contains("group member's output unavailable")
-            || log.contains("group member's worker cannot be asked now"),
-        "{log}"
-    );
 
     cluster.worker("w2").signal(Signal::SIGKILL);
     cluster.worker("w2").wait(Duration::from_secs(10));

@@ -2066,31 +2066,46 @@ fn post_in_background(
     })
 }
 
-/// Another writer (python3's sqlite3) holds the scheduler's database for
-/// `seconds`, from the moment this returns. The pipe is the holder's
-/// stdout: keep it open until the holder ends, or it dies of it.
-fn hold_store(cluster: &Cluster, seconds: u32) -> (std::process::Child, std::process::ChildStdout) {
+/// Another writer (python3's sqlite3) holds the scheduler's database from
+/// the moment this returns until [`Holder::release`] (or the test's end:
+/// its stdin closes), so no check races a fixed hold time on a loaded
+/// machine.
+pub(crate) fn hold_store(cluster: &Cluster) -> Holder {
     let db = cluster.tmp.path().join("state").join("scheduler.db");
-    let mut holder = std::process::Command::new("python3")
+    let mut child = std::process::Command::new("python3")
         .args([
             "-c",
-            "import sqlite3, sys, time\n\
+            "import sqlite3, sys\n\
              c = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=10)\n\
              c.execute('BEGIN IMMEDIATE')\n\
              print('held', flush=True)\n\
-             time.sleep(float(sys.argv[2]))\n\
+             sys.stdin.readline()\n\
              c.execute('COMMIT')\n",
         ])
         .arg(&db)
-        .arg(seconds.to_string())
+        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut said = holder.stdout.take().unwrap();
+    let mut said = child.stdout.take().unwrap();
     let mut held = [0u8; 5];
     said.read_exact(&mut held).unwrap();
     assert_eq!(&held, b"held\n");
-    (holder, said)
+    let stdin = child.stdin.take();
+    Holder { child, stdin }
+}
+
+pub(crate) struct Holder {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+}
+
+impl Holder {
+    /// Lets the store go: the holder commits and ends.
+    pub(crate) fn release(mut self) {
+        drop(self.stdin.take());
+        assert!(self.child.wait().unwrap().success());
+    }
 }
 
 /// A worker new to the scheduler whose first registration the store
@@ -2103,7 +2118,7 @@ async fn a_start_waiting_for_a_registration_the_store_cannot_record_is_refused()
     let cluster = Cluster::start_with_on_sqlite(&["w1"], "", "").await;
     cluster.issue_worker_cert("w9");
     let mut w9 = grpc_as(&cluster, &load_identity(&cluster, "w9"));
-    let (mut holder, said) = hold_store(&cluster, 8);
+    let holder = hold_store(&cluster);
     let mut request = tonic::Request::new(RegisterWorkerRequest {
         name: "w9".into(),
         address: "127.0.0.1:1".into(),
@@ -2130,13 +2145,8 @@ async fn a_start_waiting_for_a_registration_the_store_cannot_record_is_refused()
             "{what}: {error:?}"
         );
     }
-    // Answered before the store was free: the write had failed.
-    assert!(
-        holder.try_wait().unwrap().is_none(),
-        "the holder ended first"
-    );
-    assert!(holder.wait().unwrap().success());
-    drop(said);
+    // Answered while the store was still held: the write had failed.
+    holder.release();
     let workers: jobcluster_proto::http::WorkerList = cluster.get_json("/v1/workers").await;
     assert!(
         !workers.workers.iter().any(|w| w.name == "w9"),
@@ -2172,9 +2182,10 @@ async fn a_registration_sent_again_while_the_first_is_written_is_refused() {
         request
     };
 
-    // Another writer holds the database for 4 s (the scheduler's writes
-    // wait up to 5 s for it): the checks below take well under that.
-    let (mut holder, said) = hold_store(&cluster, 4);
+    // Another writer holds the database until the checks below are done
+    // (the scheduler's writes wait up to 5 s for it; the checks take about
+    // a second).
+    let holder = hold_store(&cluster);
 
     let first = w9.register_worker(request()).await.unwrap_err();
     assert_eq!(first.code(), tonic::Code::Cancelled, "{first:?}");
@@ -2189,11 +2200,10 @@ async fn a_registration_sent_again_while_the_first_is_written_is_refused() {
     let ask = |path, body| post_in_background(&cluster, path, body);
     let drain = ask("/v1/workers/w9/drain", json!({}));
     let start = ask("/v1/jobs", json!({"worker_id": "w9", "path": "count.sh"}));
-    // The store stays held for seconds more: neither can have answered.
+    // The store is still held: neither can have answered.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!drain.is_finished() && !start.is_finished());
-    assert!(holder.wait().unwrap().success());
-    drop(said);
+    holder.release();
     // Then the drain is kept, and the start reaches w9's (unreachable)
     // address instead of being refused as still registering.
     let (status, text) = drain.await.unwrap();
