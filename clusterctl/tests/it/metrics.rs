@@ -851,8 +851,8 @@ async fn a_restart_with_more_ends_than_a_call_carries_reports_them_without_waiti
     cluster.worker("w1").wait(Duration::from_secs(10));
     // Ends the worker recorded after the scheduler last acknowledged its
     // reports (a minute before), never reported. The acknowledgement is
-    // named, not left to "the latest 10 s": writing 2,100 records on a
-    // loaded machine once took long enough to age them out of that window.
+    // named, not left to "the latest 10 s", a window that writing 2,100
+    // records and a restart on a loaded machine could outlast.
     let state = cluster.tmp.path().join("state/w1");
     let now = crate::hung::now_ms();
     std::fs::write(state.join("reported_until"), (now - 60_000).to_string()).unwrap();
