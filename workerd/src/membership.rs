@@ -143,6 +143,10 @@ impl Membership {
     pub(crate) async fn run(&self, cancel: CancellationToken) -> Option<String> {
         loop {
             let (worker_id, mut interval) = self.register(&cancel).await?;
+            // Answered after the stop: leave now, not after another beat.
+            if cancel.is_cancelled() {
+                return Some(worker_id);
+            }
             // Until the next beat: the interval, or none when more is due
             // (a registration carries one call's worth of changes; a
             // restart after many unreported ends leaves the rest).
@@ -329,9 +333,10 @@ impl Membership {
             // worker leaves under the id it was given. Dropped, it left the
             // name registered and alive on the scheduler until `down_after`,
             // which refused the worker's own restart meanwhile.
+            // Past that (or refused), it stops unregistered, as before.
             () = cancel.cancelled() => match tokio::time::timeout(CALL_TIMEOUT, registering).await {
-                Ok(r) => r,
-                Err(_) => {
+                Ok(Ok(reply)) => Ok(reply),
+                Ok(Err(_)) | Err(_) => {
                     self.jobs.mark_dirty(pending);
                     return Err(Refused::Cancelled);
                 }

@@ -90,12 +90,13 @@ async fn a_worker_stopped_while_its_registration_is_recorded_leaves() {
     cluster.add_worker_with("w1", "");
     cluster.worker("w1").wait_for_log("worker ready", 0).await;
     // It registers as it starts: give the call time to reach the
-    // scheduler, which waits for the store (up to 5 s).
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // scheduler, which waits for the store (up to 5 s from then: the
+    // store is released well within that).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     cluster.worker("w1").signal(Signal::SIGTERM);
     cluster.worker("w1").wait_for_log("shutting down", 0).await;
     // Time for a worker that drops its registration to be gone.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     holder.release();
     cluster.worker("w1").wait(Duration::from_secs(15));
     let mut state = String::new();
@@ -140,9 +141,9 @@ async fn a_killed_worker_goes_down_its_jobs_are_lost_and_it_comes_back_clean() {
         .await
     );
 
+    let killed_at = Instant::now();
     cluster.worker("w1").signal(Signal::SIGKILL);
     cluster.worker("w1").wait(Duration::from_secs(10));
-    let killed_at = Instant::now();
     // Down after down_after (1.5 s), its job unknown (not given up); lost
     // after lost_after (10 s), not before.
     until(
@@ -160,8 +161,8 @@ async fn a_killed_worker_goes_down_its_jobs_are_lost_and_it_comes_back_clean() {
         cluster.job(&running).await.state == "lost"
     })
     .await;
-    // Last heard up to a heartbeat before the kill.
-    assert!(killed_at.elapsed() >= Duration::from_secs(9));
+    // Last heard up to a heartbeat (and a late one) before the kill.
+    assert!(killed_at.elapsed() >= Duration::from_secs(8));
 
     // A down worker is answered for at once.
     let started = Instant::now();
