@@ -329,14 +329,16 @@ impl Membership {
         let result = tokio::select! {
             r = &mut registering => r,
             // Stopping while the scheduler may already have recorded this
-            // registration: its answer is waited for (bounded), so that the
-            // worker leaves under the id it was given. Dropped, it left the
-            // name registered and alive on the scheduler until `down_after`,
-            // which refused the worker's own restart meanwhile.
-            // Past that (or refused), it stops unregistered, as before.
-            () = cancel.cancelled() => match tokio::time::timeout(CALL_TIMEOUT, registering).await {
-                Ok(Ok(reply)) => Ok(reply),
-                Ok(Err(_)) | Err(_) => {
+            // registration: its answer is waited for, so that the worker
+            // leaves under the id it was given. Dropped, it left the name
+            // registered and alive on the scheduler until `down_after`,
+            // which refused the worker's own restart meanwhile. The call's
+            // own deadline (`CALL_TIMEOUT`, which tonic's client keeps)
+            // bounds the wait; past it, or refused, the worker stops
+            // unregistered, as before.
+            () = cancel.cancelled() => match registering.await {
+                Ok(reply) => Ok(reply),
+                Err(_) => {
                     self.jobs.mark_dirty(pending);
                     return Err(Refused::Cancelled);
                 }

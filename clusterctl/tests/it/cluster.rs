@@ -386,6 +386,11 @@ impl Cluster {
         std::fs::write(self.tmp.path().join("scripts").join(name), text).unwrap();
     }
 
+    /// Lets a job past its [`WAIT_TO_GO`] line.
+    pub fn let_go(&self) {
+        self.add_script("go.flag", "");
+    }
+
     /// A group's merged output as NDJSON, followed to the group's end.
     pub async fn group_ndjson(&self, group_id: &str) -> String {
         self.http()
@@ -594,6 +599,11 @@ runner = "python"
             .unwrap()
     }
 }
+
+/// A line of a job's script that waits until the test calls
+/// [`Cluster::let_go`] (a file in the scripts directory, where jobs start);
+/// jobs started after that go straight on.
+pub const WAIT_TO_GO: &str = "while [ ! -e go.flag ]; do sleep 0.02; done\n";
 
 /// For [`Cluster::start_tuned`], where a test pauses a worker (SIGSTOP):
 /// a call to it gives up after a second, and it is neither down nor its

@@ -935,9 +935,10 @@ async fn faults_disk_a_disk_that_stalls_under_a_jobs_last_output_fails_the_job()
     // does with it.
     cluster.add_script(
         "stall.sh",
-        "echo before\n\
-         while [ ! -e go.flag ]; do sleep 0.02; done\n\
-         head -c 10000 /dev/zero | tr '\\0' x\n",
+        &format!(
+            "echo before\n{}head -c 10000 /dev/zero | tr '\\0' x\n",
+            crate::cluster::WAIT_TO_GO
+        ),
     );
     let witness = Witness::default();
     let id = cluster.start_job("w1", "stall.sh", &[]).await;
@@ -949,7 +950,7 @@ async fn faults_disk_a_disk_that_stalls_under_a_jobs_last_output_fails_the_job()
     .await;
 
     let frozen = disk.freeze();
-    cluster.add_script("go.flag", "");
+    cluster.let_go();
     // Five seconds after the job's end, its pump is given up on.
     until(Duration::from_secs(20), "the pump given up on", || async {
         let log = cluster.workers[0].1.log();

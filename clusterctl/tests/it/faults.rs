@@ -84,31 +84,15 @@ impl Witness {
 /// (alive, its name taken) until `down_after`.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_stopped_while_its_registration_is_recorded_leaves() {
-    // SQLite whatever the suite's store: another writer holds it.
-    let mut cluster = Cluster::start_with_on_sqlite(&[], "", "").await;
-    let holder = crate::security::hold_store(&cluster);
-    cluster.add_worker_with("w1", "");
-    cluster.worker("w1").wait_for_log("worker ready", 0).await;
-    // It registers as it starts: give the call time to reach the
-    // scheduler, which waits for the store (up to 5 s from then: the
-    // store is released well within that).
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (mut cluster, holder) = registering_worker().await;
     cluster.worker("w1").signal(Signal::SIGTERM);
     cluster.worker("w1").wait_for_log("shutting down", 0).await;
     // Time for a worker that drops its registration to be gone.
     tokio::time::sleep(Duration::from_millis(500)).await;
     holder.release();
     cluster.worker("w1").wait(Duration::from_secs(15));
-    let mut state = String::new();
-    for _ in 0..50 {
-        state = cluster.worker_state("w1").await;
-        if state == "left" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    cluster.wait_state("w1", "left").await;
     let log = cluster.scheduler.log();
-    assert_eq!(state, "left", "{log}");
     assert!(log.contains("worker deregistered"), "{log}");
     cluster.restart_worker("w1");
     cluster.wait_ready("w1").await;
@@ -117,6 +101,39 @@ async fn a_worker_stopped_while_its_registration_is_recorded_leaves() {
         "{}",
         cluster.scheduler.log()
     );
+}
+
+/// A cluster (on SQLite, whatever the suite's store) whose worker `w1` has
+/// sent its registration, which the scheduler is writing while another
+/// writer holds the store: until the holder is released, for up to 5 s
+/// (the store's busy wait) from the call's arrival.
+async fn registering_worker() -> (Cluster, crate::security::Holder) {
+    let mut cluster = Cluster::start_with_on_sqlite(&[], "", "").await;
+    let holder = crate::security::hold_store(&cluster);
+    cluster.add_worker_with("w1", "");
+    cluster.worker("w1").wait_for_log("worker ready", 0).await;
+    // It registers as it starts: time for the call to reach the scheduler.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    (cluster, holder)
+}
+
+/// A worker stopped while a scheduler that no longer answers (paused,
+/// SIGSTOP) holds its registration still exits, within the time it waits
+/// for the answer: a stop never hangs on a peer.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_stopped_while_a_paused_scheduler_holds_its_registration_exits() {
+    let (mut cluster, holder) = registering_worker().await;
+    cluster.scheduler.signal(Signal::SIGSTOP);
+    holder.release();
+    cluster.worker("w1").signal(Signal::SIGTERM);
+    let status = cluster.worker("w1").wait(Duration::from_secs(20));
+    cluster.scheduler.signal(Signal::SIGCONT);
+    assert!(
+        status.success(),
+        "{status:?}: {}",
+        cluster.worker("w1").log()
+    );
+    assert!(!cluster.worker("w1").log().contains("deregistered"));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -489,30 +489,33 @@ async fn a_worker_gives_back_the_memory_of_a_burst_of_followers() {
 async fn followers_on_one_worker_stream_ride_out_a_paused_worker() {
     use tokio::io::AsyncBufReadExt;
     let mut cluster = Cluster::start_tuned(&["w1"], crate::cluster::PAUSED_WORKER_TUNING).await;
-    // Worker streams the scheduler opened so far.
-    async fn streams(cluster: &Cluster) -> f64 {
+    // The scheduler's metric `name` now.
+    async fn metric(cluster: &Cluster, name: &str) -> f64 {
         let url = format!("{}/metrics", cluster.url());
         let scrape = crate::metrics::scrape_with(&cluster.http(), &url).await;
-        crate::metrics::value(&scrape, "schedulerd_output_worker_streams_total", &[])
+        crate::metrics::value(&scrape, name, &[])
     }
+    // Worker streams the scheduler opened so far.
+    const STREAMS: &str = "schedulerd_output_worker_streams_total";
     // Quiet until both followers are there, so they share one stream.
     cluster.add_script(
         "slow.sh",
-        "#!/bin/bash\nwhile [ ! -e go.flag ]; do sleep 0.02; done\nfor i in $(seq 1 \"$1\"); do echo \"$i\"; sleep 0.02; done\n",
+        &format!(
+            "#!/bin/bash\n{}for i in $(seq 1 \"$1\"); do echo \"$i\"; sleep 0.02; done\n",
+            crate::cluster::WAIT_TO_GO
+        ),
     );
     let lines = 200;
     let job = cluster
         .start_job("w1", "slow.sh", &[&lines.to_string()])
         .await;
-    let before = streams(&cluster).await;
+    let before = metric(&cluster, STREAMS).await;
     let mut followers = [cluster.spawn_follow(&job), cluster.spawn_follow(&job)];
     crate::faults::until(Duration::from_secs(20), "two followers", || async {
-        let url = format!("{}/metrics", cluster.url());
-        let scrape = crate::metrics::scrape_with(&cluster.http(), &url).await;
-        crate::metrics::value(&scrape, "schedulerd_followers", &[]) >= 2.0
+        metric(&cluster, "schedulerd_followers").await >= 2.0
     })
     .await;
-    cluster.add_script("go.flag", "");
+    cluster.let_go();
     let mut outputs = Vec::new();
     for follower in &mut followers {
         let mut out = tokio::io::BufReader::new(follower.stdout.take().unwrap());
@@ -548,7 +551,7 @@ async fn followers_on_one_worker_stream_ride_out_a_paused_worker() {
     }
     assert_eq!(cluster.job(&job).await.state, "succeeded");
     assert_eq!(
-        streams(&cluster).await - before,
+        metric(&cluster, STREAMS).await - before,
         1.0,
         "both on one worker stream"
     );

@@ -703,7 +703,7 @@ async fn followers_of_one_job_share_its_worker_stream_and_one_that_stalls_goes_o
     let lines = 10_000_000;
     cluster.add_script(
         "later.sh",
-        "#!/bin/bash\nwhile [ ! -e go.flag ]; do sleep 0.02; done\nseq 1 \"$1\"\n",
+        &format!("#!/bin/bash\n{}seq 1 \"$1\"\n", crate::cluster::WAIT_TO_GO),
     );
     let job = cluster
         .start_job("w1", "later.sh", &[&lines.to_string()])
@@ -722,7 +722,7 @@ async fn followers_of_one_job_share_its_worker_stream_and_one_that_stalls_goes_o
     for follower in [&a, &b, &stalled] {
         assert_eq!(follower.status(), StatusCode::OK);
     }
-    cluster.add_script("go.flag", "");
+    cluster.let_go();
     let together = streams(&scrape_with(&cluster.http(), &url).await);
     assert_eq!(together - before, 1.0, "three followers, one worker stream");
 
@@ -753,12 +753,15 @@ async fn a_follower_leaving_a_shared_stream_cuts_no_one_and_a_killed_worker_cuts
     // Its output waits for both followers (later jobs find the flag).
     cluster.add_script(
         "slow.sh",
-        "#!/bin/bash\nwhile [ ! -e go.flag ]; do sleep 0.02; done\nfor i in $(seq 1 \"$1\"); do echo \"$i\"; sleep 0.05; done\n",
+        &format!(
+            "#!/bin/bash\n{}for i in $(seq 1 \"$1\"); do echo \"$i\"; sleep 0.05; done\n",
+            crate::cluster::WAIT_TO_GO
+        ),
     );
     let job = cluster.start_job("w1", "slow.sh", &["40"]).await;
     let before = streams(&scrape_with(&cluster.http(), &url).await);
     let (mut leaving, staying) = tokio::join!(cluster.follow_job(&job), cluster.follow_job(&job));
-    cluster.add_script("go.flag", "");
+    cluster.let_go();
     let start = leaving.chunk().await.unwrap().unwrap();
     assert!(start.starts_with(b"1\n"), "{start:?}");
     drop(leaving);
